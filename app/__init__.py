@@ -1,0 +1,1 @@
+"""sdserve's HTTP front end. Never imports torch or diffusers."""

@@ -1,0 +1,189 @@
+"""The HTTP front end: validates requests, queues jobs, reports them and serves their images."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+import redis
+from fastapi import FastAPI, HTTPException, Path, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.jobs import SEED_MAX, JobStore, JobView, Status, Txt2ImgRequest, is_job_id
+
+MAX_BODY_BYTES = 64 * 1024
+RETRY_AFTER_S = 5
+
+API_DESCRIPTION = """
+Asynchronous text-to-image. `POST /v1/txt2img` answers `202` at once with a job id; poll
+`GET /jobs/{id}` until `status` is `succeeded`, then download `GET /jobs/{id}/images/{k}.png`.
+
+Requests of the same width, height, steps and scheduler run together in one GPU batch; every
+other parameter is per image. A seed gives the same image whether the request ran alone or
+beside others (exactly on the CPU and within one batch size on a GPU; across batch sizes the
+pixels may differ by rounding).
+"""
+
+
+class Accepted(BaseModel):
+    id: str
+    status: Literal["queued"]
+    url: str
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": Detail, "description": description}}
+
+
+_NOT_FOUND = _error(404, "No such job (or a malformed id).")
+_UNAVAILABLE = _error(503, "The queue (Redis) is unreachable; retry after `Retry-After` seconds.")
+
+
+class BodyLimit:
+    """Refuse request bodies over a size before anything parses them (413)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            status = 413 if declared.isdigit() else 400
+            response = JSONResponse({"detail": self._message(declared)}, status_code=status)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            # A chunked body has no length up front: count it as it arrives.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._message(None))
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self, declared: bytes | None) -> str:
+        if declared is not None and not declared.isdigit():
+            return "Content-Length is not a number"
+        return f"request body is larger than {self.max_bytes} bytes"
+
+
+def create_app(store: JobStore) -> FastAPI:
+    app = FastAPI(
+        title="sdserve",
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        responses=_UNAVAILABLE,
+    )
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(_request: Request, _exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "the job queue is unavailable"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    @app.post(
+        "/v1/txt2img",
+        status_code=202,
+        response_model=Accepted,
+        responses={**_error(413, "Body over 64 KiB."), 422: {"description": "Invalid field."}},
+        summary="Queue a text-to-image job",
+    )
+    def txt2img(request: Txt2ImgRequest, response: Response) -> Accepted:
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        job_id = store.submit(request.model_copy(update={"seed": seed}))
+        url = f"/jobs/{job_id}"
+        response.headers["Location"] = url
+        return Accepted(id=job_id, status="queued", url=url)
+
+    @app.get("/jobs/{job_id}", response_model=JobView, responses=_NOT_FOUND, summary="A job")
+    def get_job(job_id: str) -> JobView:
+        return _job(store, job_id)
+
+    @app.delete(
+        "/jobs/{job_id}",
+        response_model=JobView,
+        responses={**_NOT_FOUND, **_error(409, "The job had already ended.")},
+        summary="Cancel a job",
+        description="A queued job is canceled at once; a running one stops at its next step.",
+    )
+    def cancel_job(job_id: str) -> JobView:
+        _job(store, job_id)  # an unknown id is a 404, not a 409
+        if not store.cancel(job_id):
+            raise HTTPException(409, f"job already {_job(store, job_id).status.value}")
+        return _job(store, job_id)
+
+    @app.get(
+        "/jobs/{job_id}/images/{index}.png",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "The PNG."},
+            **_NOT_FOUND,
+            **_error(409, "The job has not succeeded (yet)."),
+            **_error(410, "The images have expired."),
+        },
+        summary="One image of a finished job",
+    )
+    def get_image(job_id: str, index: int = Path(ge=0, le=7)) -> Response:
+        view = _job(store, job_id)
+        if view.status is Status.EXPIRED:
+            raise HTTPException(410, "the images of this job have expired")
+        if view.status is not Status.SUCCEEDED:
+            raise HTTPException(409, f"job is {view.status.value}; images exist once it succeeded")
+        if index >= len(view.images):
+            raise HTTPException(404, f"no image {index}: the job has {len(view.images)}")
+        data = store.image(job_id, index)
+        if data is None:
+            raise HTTPException(410, "the images of this job have expired")
+        return Response(data, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: Redis answers and a worker's heartbeat is fresh",
+        responses=_error(503, "Not ready; `detail` says why."),
+    )
+    def readyz() -> JSONResponse:
+        try:
+            workers = store.live_workers() if store.ping() else []
+        except redis.RedisError:
+            return _not_ready("redis unreachable")
+        if not workers:
+            return _not_ready("no live worker")
+        return JSONResponse({"status": "ready", "workers": len(workers)})
+
+    return app
+
+
+def _not_ready(reason: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": reason}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+def _job(store: JobStore, job_id: str) -> JobView:
+    view = store.view(job_id) if is_job_id(job_id) else None
+    if view is None:
+        raise HTTPException(404, "job not found")
+    return view

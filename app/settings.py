@@ -1,0 +1,61 @@
+"""Settings from the environment (prefix SDSERVE_), validated before a process does anything."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "SDSERVE_"
+
+
+class CommonSettings(BaseSettings):
+    """What the API and the workers both read."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis (or Valkey) server URL."
+    )
+    result_ttl_s: int = Field(
+        default=86400, ge=1, description="Seconds a finished job's images are kept."
+    )
+    log_json: bool = Field(default=False, description="Log one JSON object per line.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
+
+
+class ApiSettings(CommonSettings):
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0, le=30, description="Seconds before an unanswered Redis call is a 503."
+    )
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def cache_dir() -> Path:
+    """Where sdserve keeps what it builds locally (the tiny model, `sdserve dev`'s Redis data)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdserve"
+
+
+def load(cls: type[S]) -> S:
+    """Read the settings or stop the process, naming each bad variable."""
+    try:
+        return cls()
+    except ValidationError as e:
+        lines = [f"sdserve: invalid settings ({e.error_count()}):"]
+        for err in e.errors():
+            name = PREFIX + "_".join(str(part) for part in err["loc"]).upper()
+            lines.append(f"  {name}={err.get('input')!r}: {err['msg']}")
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(2) from None

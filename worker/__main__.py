@@ -1,0 +1,3 @@
+from worker.runner import main
+
+main()

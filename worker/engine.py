@@ -1,0 +1,167 @@
+"""The resident model and the batched denoising loop.
+
+One CLIP + UNet + VAE stack stays loaded. A batch is any set of images that share width, height,
+steps and scheduler; prompt, negative prompt, guidance scale and seed are per image. The loop is
+ours (not `pipe(...)`) so that guidance can differ per row: cond and uncond go through the UNet
+in one call and guidance is a (B, 1, 1, 1) tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
+
+log = logging.getLogger("sdserve.engine")
+
+# Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
+# not depend on how many other prompts arrived with it.
+ENCODE_CHUNK = 8
+EMBEDDING_CACHE_SIZE = 512
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What differs between the images of one batch."""
+
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What the images of one batch share."""
+
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+
+
+# Called after each step with the number of steps done; returning False abandons the batch.
+StepCallback = Callable[[int], bool]
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"SDSERVE_DEVICE={setting} but no CUDA device is available")
+    return device
+
+
+class Engine:
+    def __init__(self, model: str, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        # fp16 on GPUs; the CPU has no fast fp16 kernels.
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        self.text_encoder = self._place(
+            CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=self.dtype)
+        )
+        self.unet = self._place(
+            UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=self.dtype)
+        )
+        self.vae = self._place(
+            AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype)
+        )
+        self.scheduler_config = load_schedule(model)
+        self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def _place(self, module: torch.nn.Module) -> Any:
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def warm_up(self) -> None:
+        """One small batch through every part, so the first job pays no first-call costs."""
+        spec = ImageSpec(prompt="warm-up", negative_prompt="", guidance_scale=7.5, seed=0)
+        self.generate([spec, spec], BatchShape(64, 64, 2, "dpmpp_2m"))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        specs: Sequence[ImageSpec],
+        shape: BatchShape,
+        on_step: StepCallback | None = None,
+    ) -> list[np.ndarray | None] | None:
+        """HxWx3 uint8 pixels per spec, in order; None for an image that came out non-finite.
+
+        Returns None when `on_step` abandoned the batch.
+        """
+        sampler = SAMPLERS[shape.scheduler]
+        scheduler = make_scheduler(shape.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(shape.steps, device=self.device)
+        batch = len(specs)
+        # One generator per image: its noise, ancestral noise included, is its own.
+        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+        latents = randn_tensor(
+            (
+                batch,
+                self.unet.config.in_channels,
+                shape.height // self.latent_scale,
+                shape.width // self.latent_scale,
+            ),
+            generator=generators,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        latents = latents * scheduler.init_noise_sigma
+        context = self.encode([s.negative_prompt for s in specs] + [s.prompt for s in specs])
+        guidance = torch.tensor(
+            [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
+        ).view(batch, 1, 1, 1)
+        step_options = {"generator": generators} if sampler.ancestral else {}
+
+        for k, t in enumerate(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            noise = self.unet(model_input, t, encoder_hidden_states=context).sample
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, **step_options).prev_sample
+            if on_step is not None and not on_step(k + 1):
+                return None
+        return self.decode(latents)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP embeddings, (len(prompts), 77, dim); repeated prompts come from the cache."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
+        for start in range(0, len(missing), ENCODE_CHUNK):
+            chunk = missing[start : start + ENCODE_CHUNK]
+            padded = chunk + [""] * (ENCODE_CHUNK - len(chunk))
+            ids = self.tokenizer(
+                padded,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            hidden = self.text_encoder(ids)[0]
+            for prompt, row in zip(chunk, hidden, strict=False):
+                self._embeddings[prompt] = row
+        for p in prompts:
+            self._embeddings.move_to_end(p)
+        embeddings = torch.stack([self._embeddings[p] for p in prompts])
+        while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return embeddings
+
+    def decode(self, latents: torch.Tensor) -> list[np.ndarray | None]:
+        pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        finite = torch.isfinite(pixels).flatten(1).all(dim=1).tolist()
+        images = (pixels / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+        return [a if ok else None for a, ok in zip(arrays, finite, strict=True)]

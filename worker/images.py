@@ -1,0 +1,40 @@
+"""PNG encoding with A1111's `parameters` text chunk, so other tools read how it was made."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from app.jobs import Txt2ImgRequest
+from worker.schedulers import SAMPLERS
+
+
+def parameters(request: Txt2ImgRequest, seed: int, model: str) -> str:
+    """A1111's infotext: prompt, optional negative line, then comma-separated settings."""
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    settings = {
+        "Steps": request.steps,
+        "Sampler": SAMPLERS[request.scheduler].a1111_name,
+        "CFG scale": request.guidance_scale,
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model": model,
+    }
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    return "\n".join(lines)
+
+
+def encode_png(pixels: np.ndarray, text: str) -> bytes:
+    """HxWx3 uint8 to PNG bytes."""
+    info = PngInfo()
+    info.add_text("parameters", text)
+    out = io.BytesIO()
+    # Level 1: several times faster than the default 6 for ~10% larger files; encoding runs
+    # beside the GPU loop and must keep up with it.
+    Image.fromarray(pixels, "RGB").save(out, format="PNG", pnginfo=info, compress_level=1)
+    return out.getvalue()

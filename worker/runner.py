@@ -1,0 +1,271 @@
+"""The worker process: take jobs from the stream, run them in batches, store the results.
+
+Three threads: the GPU loop (this module's `Runner.run`), a reporter that writes progress,
+notices cancellations and sends heartbeats, and a small pool that encodes PNGs and writes the
+results, so that neither Redis nor PNG encoding holds the GPU up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+import numpy as np
+import redis
+
+from app import logs
+from app.jobs import Delivery, ErrorCode, Job, JobStore
+from app.settings import load
+from worker.batching import Assembly, Slot, chunks, group
+from worker.engine import BatchShape, Engine, ImageSpec, resolve_device
+from worker.images import encode_png, parameters
+from worker.settings import TINY_MODEL_DIR, WorkerSettings
+
+log = logging.getLogger("sdserve.worker")
+R = TypeVar("R")
+
+REPORT_INTERVAL_S = 0.25
+READ_BLOCK_MS = 1000
+MAX_BACKOFF_S = 10.0
+
+
+class Tracker:
+    """The jobs on the GPU now, their step, and which of them ended elsewhere (canceled).
+
+    Written by the GPU loop and read by the reporter thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._steps: dict[str, int] = {}
+        self._gone: set[str] = set()
+
+    def begin(self, job_ids: set[str]) -> None:
+        with self._lock:
+            self._steps = dict.fromkeys(job_ids, 0)
+
+    def advance(self, step: int) -> bool:
+        """Record a finished step; False once every job of the batch has ended elsewhere."""
+        with self._lock:
+            self._steps = dict.fromkeys(self._steps, step)
+            return not self._steps.keys() <= self._gone
+
+    def end(self) -> None:
+        with self._lock:
+            self._steps = {}
+
+    def running(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._steps)
+
+    def mark_gone(self, job_ids: set[str]) -> None:
+        with self._lock:
+            self._gone |= job_ids
+
+    def is_gone(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._gone
+
+    def forget(self, job_ids: set[str]) -> None:
+        with self._lock:
+            self._gone -= job_ids
+
+
+class Runner:
+    def __init__(self, settings: WorkerSettings, store: JobStore, engine: Engine) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.name = settings.worker_name
+        self.model_name = Path(engine.model).name
+        self.stopping = threading.Event()
+        self.tracker = Tracker()
+        self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
+
+    def run(self) -> None:
+        """Serve until `stopping` is set; the batch in hand is finished and written first."""
+        self._redis(self.store.ensure_group)
+        self._redis(self._heartbeat)
+        threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
+        log.info("worker %s ready on %s", self.name, self.engine.device)
+        # Entries this consumer took before a restart and never acked come first.
+        backlog = self._redis(partial(self.store.read, self.name, None, None, pending=True)) or []
+        while not self.stopping.is_set():
+            deliveries = backlog or self._collect()
+            backlog = []
+            if deliveries:
+                self._process(deliveries)
+        self._completions.shutdown(wait=True)
+        self._redis(partial(self.store.retire, self.name))
+        log.info("worker %s stopped", self.name)
+
+    def _collect(self) -> list[Delivery]:
+        """Up to max_batch entries: block for the first, then wait the window for company."""
+        limit = self.settings.max_batch
+        batch = self._redis(partial(self.store.read, self.name, limit, READ_BLOCK_MS)) or []
+        if not batch:
+            return []
+        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
+        while len(batch) < limit and (left := deadline - time.monotonic()) > 0:
+            # BLOCK 0 would wait forever: at least 1 ms.
+            wait_ms = max(1, int(left * 1000))
+            more = self._redis(partial(self.store.read, self.name, limit - len(batch), wait_ms))
+            batch += more or []
+        return batch
+
+    def _process(self, deliveries: list[Delivery]) -> None:
+        jobs = self._redis(partial(self.store.start, deliveries, self.name)) or []
+        for compatible in group(jobs):
+            self._run_group(compatible)
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        request = jobs[0].request
+        shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
+        assembly: Assembly[np.ndarray | None] = Assembly(jobs)
+        for chunk in chunks(jobs, self.settings.max_batch):
+            rows = [s for s in chunk if not self.tracker.is_gone(s.job.id)]
+            if rows:
+                self._run_batch(rows, shape, assembly)
+        self.tracker.forget({job.id for job in jobs})
+
+    def _run_batch(
+        self, rows: list[Slot], shape: BatchShape, assembly: Assembly[np.ndarray | None]
+    ) -> None:
+        jobs = list({s.job.id: s.job for s in rows}.values())
+        specs = [_spec(s) for s in rows]
+        self.tracker.begin({job.id for job in jobs})
+        started = time.perf_counter()
+        try:
+            images = self.engine.generate(specs, shape, self.tracker.advance)
+        except Exception as e:  # the worker lives on; these jobs fail with the reason
+            log.exception("batch of %d images failed", len(rows))
+            self.tracker.mark_gone({job.id for job in jobs})
+            for job in jobs:
+                self._fail_later(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+            return
+        finally:
+            self.tracker.end()
+        log.info(
+            "batch of %d images (%d jobs) %dx%d %d steps %s in %.2fs",
+            len(rows),
+            len(jobs),
+            shape.width,
+            shape.height,
+            shape.steps,
+            shape.scheduler,
+            time.perf_counter() - started,
+        )
+        if images is None:  # every job of the batch was canceled meanwhile
+            for job in jobs:
+                self._redis(partial(self.store.ack, job.delivery))
+            return
+        for job in assembly.add(rows, images):
+            self._completions.submit(self._succeed, job, assembly.take(job))
+
+    def _fail_later(self, job: Job, code: ErrorCode, message: str) -> None:
+        self._completions.submit(self._fail, job, code, message)
+
+    def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
+        log.warning("failed (%s): %s", code.value, message, extra={"job_id": job.id})
+        self._redis(partial(self.store.fail, job.delivery, code, message))
+
+    def _succeed(self, job: Job, images: list[np.ndarray | None]) -> None:
+        """Encode and store one job's images (pool thread); its entry is acked after that."""
+        if any(image is None for image in images):
+            self._fail(job, ErrorCode.NUMERICAL, "the model produced non-finite pixels")
+            return
+        pngs = [
+            encode_png(image, parameters(job.request, seed, self.model_name))
+            for image, seed in zip(images, job.request.seeds(), strict=True)
+            if image is not None
+        ]
+        if self._redis(partial(self.store.succeed, job.delivery, pngs)):
+            log.info("succeeded: %d images", len(pngs), extra={"job_id": job.id})
+        else:
+            log.info("had ended meanwhile (canceled): result dropped", extra={"job_id": job.id})
+
+    def _report_loop(self) -> None:
+        next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
+        while not self.stopping.wait(REPORT_INTERVAL_S):
+            try:
+                running = self.tracker.running()
+                if running:
+                    self.tracker.mark_gone(self.store.report(running))
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
+            except redis.RedisError as e:
+                log.warning("reporter: redis unavailable: %s", e)
+
+    def _heartbeat(self) -> None:
+        info = json.dumps({"device": str(self.engine.device), "model": self.model_name})
+        self.store.heartbeat(self.name, self.settings.heartbeat_ttl_s, info)
+
+    def _redis(self, call: Callable[[], R]) -> R | None:
+        """Run a Redis call, retrying with backoff while Redis is away; None once stopping."""
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except redis.RedisError as e:
+                log.warning("redis unavailable (%s); retrying in %.1fs", e, delay)
+                if self.stopping.wait(delay):
+                    return None
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+
+def _spec(slot: Slot) -> ImageSpec:
+    r = slot.job.request
+    return ImageSpec(r.prompt, r.negative_prompt, r.guidance_scale, slot.seed)
+
+
+def prepare_model(model: str) -> str:
+    """The model to load; the default tiny model is built on first use."""
+    if model == str(TINY_MODEL_DIR) and not (TINY_MODEL_DIR / "model_index.json").exists():
+        from worker.tiny import build_tiny_model
+
+        TINY_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+        # Built aside, then renamed: a crash or a second worker never sees half a model.
+        with tempfile.TemporaryDirectory(dir=TINY_MODEL_DIR.parent) as tmp:
+            build_tiny_model(Path(tmp) / "model")
+            with contextlib.suppress(OSError):  # another worker won the race: use its model
+                (Path(tmp) / "model").rename(TINY_MODEL_DIR)
+        log.info("built the tiny model in %s", TINY_MODEL_DIR)
+    return model
+
+
+def main() -> None:
+    settings = load(WorkerSettings)
+    logs.configure(settings.log_json)
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError as e:
+        raise SystemExit(f"sdserve: {e}") from None
+    started = time.perf_counter()
+    engine = Engine(prepare_model(settings.model), device)
+    engine.warm_up()
+    log.info(
+        "model %s loaded and warmed up in %.1fs", settings.model, time.perf_counter() - started
+    )
+    # A read blocks up to READ_BLOCK_MS: the socket must wait longer than that.
+    store = JobStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5)
+    runner = Runner(settings, store, engine)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
+        runner.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    runner.run()

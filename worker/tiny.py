@@ -1,0 +1,113 @@
+"""A tiny random-weight Stable Diffusion model in diffusers layout, built offline from code.
+
+It has the real model's structure (CLIP tokenizer and text encoder, a cross-attention UNet, an
+8x VAE, SD's noise schedule) at a size a CPU runs in a second, so the local run and the tests
+load it through the same `from_pretrained` path as real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Stable Diffusion 1.x's noise schedule and default scheduler.
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+}
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes that CLIP's byte-level BPE works on."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + shifted))
+            shifted += 1
+    return out
+
+
+def _tokenizer(workdir: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer with no merges: every byte is a token (plus an end-of-word form)."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [BOS, EOS]
+    (workdir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (workdir / "merges.txt").write_text("#version: 0.2\n")
+    # transformers 5 reads vocab/merges only through from_pretrained, not the constructor.
+    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(str(workdir), model_max_length=77)
+    return tokenizer
+
+
+def build_tiny_model(target: Path) -> Path:
+    """Write the tiny model to `target` (created if missing) and return its path."""
+    target = Path(target)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = _tokenizer(Path(work))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+            eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+            pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        # Attention only at the lowest resolution: at 512 px a 64x64 self-attention would cost
+        # a CPU seconds per step, and the tiny model must stay fast there.
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        # Four blocks: three downsamplings, the 8x latent scale of the real VAE.
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=512,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULE),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(target))
+    return target
