@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import redis
 from fastapi import FastAPI, HTTPException, Path, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -91,6 +92,12 @@ def create_app(store: JobStore) -> FastAPI:
         responses=_UNAVAILABLE,
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The offending input is not echoed: it may be huge, or NaN, which JSON cannot carry.
+        errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(_request: Request, _exc: redis.RedisError) -> JSONResponse:

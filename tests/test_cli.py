@@ -1,0 +1,96 @@
+"""The `sdserve` command: settings validation, the tiny model, import boundaries, `sdserve dev`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, sdserve_env, wait_for
+
+SDSERVE = str(Path(sys.executable).parent / "sdserve")
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        ("worker", "SDSERVE_MAX_BATCH", "0"),
+        ("worker", "SDSERVE_DEVICE", "tpu"),
+        ("worker", "SDSERVE_BATCH_WINDOW_MS", "soon"),
+        ("api", "SDSERVE_REDIS_URL", "http://localhost:6379"),
+        ("api", "SDSERVE_RESULT_TTL_S", "-1"),
+    ],
+)
+def test_invalid_settings_stop_the_process_naming_the_variable(
+    command: str, variable: str, value: str
+) -> None:
+    env = {**sdserve_env("redis://127.0.0.1:1/0"), variable: value}
+    done = subprocess.run([SDSERVE, command], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{variable}={value!r}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_make_tiny_model_writes_a_diffusers_folder(tmp_path: Path) -> None:
+    target = tmp_path / "tiny"
+    subprocess.run([SDSERVE, "make-tiny-model", str(target)], check=True, timeout=120)
+    index = json.loads((target / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
+        assert (target / part).is_dir() and index[part][1]
+    assert (target / "tokenizer" / "tokenizer.json").is_file()
+
+
+def _imports(modules: list[str]) -> set[str]:
+    code = f"import sys; import {', '.join(modules)}; print(' '.join(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {name.split(".")[0] for name in done.stdout.split()}
+
+
+def test_app_never_imports_torch_and_worker_never_imports_fastapi() -> None:
+    api_side = _imports(["app.api", "app.cli", "app.dev", "app.jobs", "app.settings", "app.logs"])
+    assert not api_side & {"torch", "diffusers", "transformers", "worker"}
+    worker_side = _imports(["worker.runner", "worker.engine", "worker.tiny", "worker.images"])
+    assert not worker_side & {"fastapi", "starlette", "uvicorn"}
+
+
+def test_dev_serves_a_png_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**sdserve_env("redis://unused"), "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("SDSERVE_REDIS_URL")
+    log = tmp_path / "dev.log"
+    with log.open("w") as out:
+        dev = subprocess.Popen(
+            [SDSERVE, "dev", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "sdserve is ready" in log.read_text(), 180, "sdserve dev")
+        assert "curl -s -X POST" in log.read_text()
+        assert (tmp_path / "sdserve" / "tiny-model" / "model_index.json").is_file()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            body = {"prompt": "a lighthouse at dusk", "seed": 42, "steps": 4}
+            job = client.post("/v1/txt2img", json=body).json()
+
+            def done() -> str | None:
+                images: list[str] = client.get(job["url"]).json()["images"]
+                return images[0] if images else None
+
+            image = client.get(wait_for(done, 120, "the image"))
+            assert image.headers["content-type"] == "image/png" and image.content[:4] == b"\x89PNG"
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(60) == 0
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+    with pytest.raises(httpx.ConnectError):  # the API is gone
+        httpx.get(f"http://127.0.0.1:{port}/healthz")
+    time.sleep(0.5)
+    valkey = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert [pid for pid in valkey.stdout.split() if int(pid) != os.getpid()] == []

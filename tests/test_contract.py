@@ -1,0 +1,82 @@
+"""The job contract: request validation limits, seeds, ids (pure; no Redis, no model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from app.jobs import SCHEDULERS, Txt2ImgRequest, is_job_id, new_job_id
+
+
+def error_fields(body: dict[str, Any]) -> set[str]:
+    try:
+        Txt2ImgRequest.model_validate(body)
+    except ValidationError as e:
+        return {str(err["loc"][0]) for err in e.errors()}
+    return set()
+
+
+def test_defaults_match_the_contract() -> None:
+    r = Txt2ImgRequest(prompt="x")
+    assert (r.negative_prompt, r.width, r.height, r.steps) == ("", 512, 512, 25)
+    assert (r.guidance_scale, r.scheduler, r.seed, r.n) == (7.5, "dpmpp_2m", None, 1)
+
+
+@pytest.mark.parametrize(
+    ("field", "ok", "bad"),
+    [
+        ("width", [64, 1024, 520], [56, 1032, 100, 0]),
+        ("height", [64, 1024], [63, 1025]),
+        ("steps", [1, 100], [0, 101]),
+        ("guidance_scale", [0, 0.0, 30, 30.0], [-0.01, 30.01]),
+        ("seed", [0, 2**32 - 1], [-1, 2**32]),
+        ("n", [1, 8], [0, 9]),
+        ("prompt", ["x", "y" * 2000], ["", "y" * 2001]),
+        ("negative_prompt", ["", "y" * 2000], ["y" * 2001]),
+        ("scheduler", list(SCHEDULERS), ["DDIM", "euler-a", ""]),
+    ],
+)
+def test_each_limit_at_its_edge(field: str, ok: list[Any], bad: list[Any]) -> None:
+    base = {"prompt": "x"}
+    for value in ok:
+        assert error_fields({**base, field: value}) == set(), (field, value)
+    for value in bad:
+        assert error_fields({**base, field: value}) == {field}, (field, value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", "25"), ("steps", 25.0), ("n", True), ("prompt", 5), ("seed", "1"), ("width", None)],
+)
+def test_wrong_types_are_refused_not_coerced(field: str, value: Any) -> None:
+    assert error_fields({"prompt": "x", field: value}) == {field}
+
+
+def test_unknown_fields_and_missing_prompt_are_named() -> None:
+    assert error_fields({"prompt": "x", "sampler": "ddim"}) == {"sampler"}
+    assert error_fields({}) == {"prompt"}
+
+
+def test_seeds_count_up_and_wrap_at_32_bits() -> None:
+    assert Txt2ImgRequest(prompt="x", seed=7, n=3).seeds() == [7, 8, 9]
+    assert Txt2ImgRequest(prompt="x", seed=2**32 - 1, n=2).seeds() == [2**32 - 1, 0]
+    with pytest.raises(ValueError, match="normalized"):
+        Txt2ImgRequest(prompt="x").seeds()
+
+
+def test_batch_shape_ignores_per_image_parameters() -> None:
+    a = Txt2ImgRequest(prompt="a", negative_prompt="b", guidance_scale=3, seed=1, n=2)
+    b = Txt2ImgRequest(prompt="c", seed=9, n=8)
+    assert a.batch_shape() == b.batch_shape()
+    assert a.batch_shape() != Txt2ImgRequest(prompt="a", steps=24).batch_shape()
+    assert a.batch_shape() != Txt2ImgRequest(prompt="a", scheduler="ddim").batch_shape()
+
+
+def test_job_ids_are_128_bit_url_safe() -> None:
+    ids = {new_job_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(is_job_id(i) and len(i) == 22 for i in ids)
+    for bad in ["", "x" * 21, "x" * 23, "../../etc/passwd00000", "a" * 21 + "/", "a" * 21 + "="]:
+        assert not is_job_id(bad)

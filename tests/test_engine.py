@@ -1,0 +1,131 @@
+"""The engine on the CPU with the tiny model: per-image parameters, seeds, samplers, NaN."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from app.jobs import SCHEDULERS
+from worker.engine import BatchShape, Engine, ImageSpec
+from worker.schedulers import SAMPLERS, make_scheduler
+
+SHAPE = BatchShape(width=64, height=96, steps=4, scheduler="dpmpp_2m")
+
+
+def generate(engine: Engine, specs: list[ImageSpec], shape: BatchShape = SHAPE) -> list[np.ndarray]:
+    images = engine.generate(specs, shape)
+    assert images is not None and all(i is not None for i in images)
+    return [i for i in images if i is not None]
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_every_api_scheduler_has_a_sampler() -> None:
+    assert set(SAMPLERS) == set(SCHEDULERS)
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a", "ddim"])
+def test_matches_the_diffusers_pipeline(engine: Engine, tiny_model: Path, scheduler: str) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        ["a cat", "a cow"],
+        negative_prompt=["", "blurry"],
+        height=96,
+        width=64,
+        num_inference_steps=5,
+        guidance_scale=6.0,
+        generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
+        output_type="np",
+    ).images
+    reference = (reference * 255).round().astype(np.uint8)
+    ours = generate(
+        engine,
+        [ImageSpec("a cat", "", 6.0, 11), ImageSpec("a cow", "blurry", 6.0, 12)],
+        BatchShape(64, 96, 5, scheduler),
+    )
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert max_diff(mine, theirs) <= 1
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
+def test_each_row_equals_its_request_run_alone(engine: Engine, scheduler: str) -> None:
+    specs = [
+        ImageSpec("a red fox", "", 7.5, 1),
+        ImageSpec("a blue whale", "cartoon", 3.0, 2),
+        ImageSpec("a red fox", "", 12.0, 1),  # same seed and prompt, other guidance
+        ImageSpec("a green frog", "dark", 0.0, 4_000_000_000),
+    ]
+    shape = BatchShape(64, 96, 4, scheduler)
+    together = generate(engine, specs, shape)
+    for spec, image in zip(specs, together, strict=True):
+        [alone] = generate(engine, [spec], shape)
+        assert image.shape == (96, 64, 3)
+        assert max_diff(image, alone) <= 1, spec  # fp32 CPU: ~1e-6 apart before rounding
+    assert max_diff(together[0], together[2]) > 2  # guidance really is per image
+
+
+def test_same_seed_same_image_other_seed_other_image(engine: Engine) -> None:
+    [a] = generate(engine, [ImageSpec("a house", "", 7.5, 42)])
+    [b] = generate(engine, [ImageSpec("a house", "", 7.5, 42)])
+    [c] = generate(engine, [ImageSpec("a house", "", 7.5, 43)])
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 5
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_every_scheduler_runs_any_step_count_and_size(
+    engine: Engine, scheduler: str, steps: int
+) -> None:
+    specs = [ImageSpec("x", "", 7.5, 1), ImageSpec("y", "z", 2.0, 2)]
+    # 72x136 is a multiple of 8 but not of the UNet's 32: sizes in between must work.
+    images = generate(engine, specs, BatchShape(72, 136, steps, scheduler))
+    assert [i.shape for i in images] == [(136, 72, 3)] * 2
+    assert all(np.isfinite(i).all() and i.std() > 0 for i in images)
+
+
+def test_progress_callback_sees_every_step_and_can_abandon(engine: Engine) -> None:
+    seen: list[int] = []
+
+    def until(last: int) -> Callable[[int], bool]:
+        def on_step(k: int) -> bool:
+            seen.append(k)
+            return k < last
+
+        return on_step
+
+    assert engine.generate([ImageSpec("x", "", 7.5, 1)], SHAPE, until(99)) is not None
+    assert seen == [1, 2, 3, 4]
+    seen.clear()
+    assert engine.generate([ImageSpec("x", "", 7.5, 1)], SHAPE, until(2)) is None
+    assert seen == [1, 2]
+
+
+def test_non_finite_pixels_are_reported_not_rounded_to_black(engine: Engine) -> None:
+    def poison_first_row(_m: torch.nn.Module, _a: object, output: torch.Tensor) -> torch.Tensor:
+        output[0] = float("nan")
+        return output
+
+    hook = engine.vae.decoder.register_forward_hook(poison_first_row)
+    try:
+        images = engine.generate([ImageSpec("x", "", 7.5, 1), ImageSpec("y", "", 7.5, 2)], SHAPE)
+    finally:
+        hook.remove()
+    assert images is not None and images[0] is None and images[1] is not None
+
+
+def test_prompt_embeddings_do_not_depend_on_their_company(engine: Engine) -> None:
+    alone = engine.encode(["a lighthouse"]).clone()
+    crowd = engine.encode([f"prompt {i}" for i in range(11)] + ["a lighthouse"])
+    engine._embeddings.clear()
+    fresh = engine.encode([f"other {i}" for i in range(5)] + ["a lighthouse"])
+    assert torch.equal(crowd[-1], alone[0]) and torch.equal(fresh[-1], alone[0])

@@ -1,0 +1,148 @@
+"""The queue on a real Redis-protocol server: atomic enqueue, delivery, acks, terminal states."""
+
+from __future__ import annotations
+
+import redis
+
+from app.jobs import (
+    GROUP,
+    QUEUED,
+    STREAM,
+    ErrorCode,
+    JobStore,
+    Status,
+    Txt2ImgRequest,
+    image_key,
+    job_key,
+)
+
+
+def request(**kw: object) -> Txt2ImgRequest:
+    return Txt2ImgRequest.model_validate({"prompt": "x", "seed": 5, **kw})
+
+
+def pending(r: redis.Redis) -> int:
+    return int(r.xpending(STREAM, GROUP)["pending"])
+
+
+def test_submit_stores_record_position_and_entry_together(store: JobStore, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    job_id = store.submit(request(n=2))
+    assert r.hget(job_key(job_id), "status") == b"queued"
+    assert r.zrank(QUEUED, job_id) == 0
+    [(_entry_id, fields)] = r.xrange(STREAM)  # type: ignore[misc]
+    assert fields == {b"job": job_id.encode()}
+    assert r.ttl(job_key(job_id)) == -1  # nothing queued ever expires
+
+
+def test_work_flows_queued_running_succeeded_and_is_acked(store: JobStore, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    store.ensure_group()
+    ids = [store.submit(request(prompt=f"p{i}")) for i in range(3)]
+    deliveries = store.read("w1", count=10, block_ms=100)
+    assert [d.job_id for d in deliveries] == ids  # first come, first served
+    jobs = store.start(deliveries, "w1")
+    assert [j.request.prompt for j in jobs] == ["p0", "p1", "p2"]
+    view = store.view(ids[0])
+    assert view is not None and view.status is Status.RUNNING and view.position is None
+    assert view.progress is not None and (view.progress.step, view.progress.steps) == (0, 25)
+    assert store.report({ids[0]: 7}) == set()
+    view = store.view(ids[0])
+    assert view is not None and view.progress is not None and view.progress.step == 7
+    assert pending(r) == 3
+
+    assert store.succeed(jobs[0].delivery, [b"png0"])
+    assert pending(r) == 2  # acked only with the result
+    view = store.view(ids[0])
+    assert view is not None and view.status is Status.SUCCEEDED
+    assert view.images == [f"/jobs/{ids[0]}/images/0.png"]
+    assert store.image(ids[0], 0) == b"png0"
+    assert 0 < r.ttl(image_key(ids[0], 0)) <= 3600
+    assert r.ttl(job_key(ids[0])) > r.ttl(image_key(ids[0], 0))  # the record outlives images
+
+
+def test_terminal_states_never_change(store: JobStore) -> None:
+    store.ensure_group()
+    job_id = store.submit(request())
+    [job] = store.start(store.read("w1", 1, 100), "w1")
+    assert store.fail(job.delivery, ErrorCode.NUMERICAL, "nan")
+    assert not store.succeed(job.delivery, [b"late"])  # a late or repeated completion
+    assert not store.cancel(job_id)
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.FAILED and view.images == []
+    assert view.error is not None and view.error.code == "numerical"
+    assert store.image(job_id, 0) is None
+
+
+def test_cancel_while_queued_skips_the_work(store: JobStore, redis_url: str) -> None:
+    store.ensure_group()
+    canceled, kept = store.submit(request()), store.submit(request())
+    assert store.cancel(canceled)
+    deliveries = store.read("w1", 10, 100)
+    jobs = store.start(deliveries, "w1")
+    assert [j.id for j in jobs] == [kept]
+    assert pending(redis.Redis.from_url(redis_url)) == 1  # the canceled entry was acked
+
+
+def test_cancel_while_running_is_reported_to_the_worker(store: JobStore) -> None:
+    store.ensure_group()
+    job_id = store.submit(request())
+    [job] = store.start(store.read("w1", 1, 100), "w1")
+    assert store.cancel(job_id)
+    assert store.report({job_id: 3}) == {job_id}
+    assert not store.succeed(job.delivery, [b"png"])
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.CANCELED and store.image(job_id, 0) is None
+
+
+def test_unacked_entries_come_back_to_their_consumer(store: JobStore) -> None:
+    store.ensure_group()
+    job_id = store.submit(request())
+    [first] = store.read("w1", 1, 100)
+    store.start([first], "w1")
+    # The worker died before storing a result; restarted under its name it finds the entry.
+    assert store.read("w1", 1, 100) == []
+    [again] = store.read("w1", None, None, pending=True)
+    assert again == first
+    [job] = store.start([again], "w1")  # a running job is run again, not dropped
+    assert store.succeed(job.delivery, [b"png"])
+    assert store.read("w1", None, None, pending=True) == []
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.SUCCEEDED
+
+
+def test_jobs_queued_before_any_worker_existed_are_read(store: JobStore) -> None:
+    job_id = store.submit(request())  # no group yet
+    store.ensure_group()
+    store.ensure_group()  # idempotent
+    assert [d.job_id for d in store.read("w1", 10, 100)] == [job_id]
+
+
+def test_a_lost_group_is_made_again(store: JobStore, redis_url: str) -> None:
+    store.ensure_group()
+    redis.Redis.from_url(redis_url).xgroup_destroy(STREAM, GROUP)
+    job_id = store.submit(request())
+    assert [d.job_id for d in store.read("w1", 10, 100)] == [job_id]
+
+
+def test_succeeded_jobs_say_expired_after_the_ttl(store: JobStore) -> None:
+    store.ensure_group()
+    job_id = store.submit(request())
+    [job] = store.start(store.read("w1", 1, 100), "w1")
+    store.succeed(job.delivery, [b"png"])
+    view = store.view(job_id)
+    assert view is not None and view.finished_at is not None
+    later = view.finished_at.timestamp() + store.result_ttl_s + 1
+    expired = store.view(job_id, now=later)
+    assert expired is not None and expired.status is Status.EXPIRED and expired.images == []
+
+
+def test_unreadable_request_fails_the_job_instead_of_the_worker(
+    store: JobStore, redis_url: str
+) -> None:
+    store.ensure_group()
+    job_id = store.submit(request())
+    redis.Redis.from_url(redis_url).hset(job_key(job_id), "request", '{"prompt": 3}')
+    assert store.start(store.read("w1", 1, 100), "w1") == []
+    status = redis.Redis.from_url(redis_url).hmget(job_key(job_id), "status", "error_code")
+    assert status == [b"failed", b"invalid_request"]

