@@ -22,10 +22,10 @@ API_DESCRIPTION = """
 Asynchronous text-to-image. `POST /v1/txt2img` answers `202` at once with a job id; poll
 `GET /jobs/{id}` until `status` is `succeeded`, then download `GET /jobs/{id}/images/{k}.png`.
 
-Requests of the same width, height, steps and scheduler run together in one GPU batch; every
-other parameter is per image. A seed gives the same image whether the request ran alone or
-beside others (exactly on the CPU and within one batch size on a GPU; across batch sizes the
-pixels may differ by rounding).
+Requests of the same width, height, steps and scheduler run together in one batch; prompt,
+negative prompt, guidance scale and seed are per image, each image with its own random
+generator. The same request and seed give the same image, alone or beside other requests (to
+within rounding: one level of 8-bit colour on the CPU).
 """
 
 
