@@ -368,6 +368,17 @@ class JobStore:
     def fail(self, delivery: Delivery, code: ErrorCode, message: str) -> bool:
         return self._complete(delivery, Status.FAILED, [], code.value, message)
 
+    def requeue(self, deliveries: list[Delivery]) -> None:
+        """Give entries a worker read but never started back to the stream, for any worker.
+
+        The jobs stay queued in place: their position comes from their creation time.
+        """
+        tx = self._r.pipeline(transaction=True)
+        for d in deliveries:
+            tx.xadd(STREAM, {"job": d.job_id})
+            tx.xack(STREAM, GROUP, d.entry_id)
+        tx.execute()
+
     def ack(self, delivery: Delivery) -> None:
         """Release an entry whose job had already ended (canceled) without writing anything."""
         self._r.xack(STREAM, GROUP, delivery.entry_id)

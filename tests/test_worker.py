@@ -207,3 +207,19 @@ def test_an_engine_error_fails_its_batch_and_the_worker_goes_on(
     assert failed.status is Status.FAILED and failed.error.code == "engine_error"
     assert "injected fault" in failed.error.message
     assert succeeded is not None and succeeded.status is Status.SUCCEEDED
+
+
+def test_close_hands_back_entries_read_but_not_run(
+    store: JobStore, engine: Engine, redis_url: str
+) -> None:
+    ids = [submit(store, prompt=f"p{i}") for i in range(5)]
+    r = runner(store, engine, redis_url, max_batch=2, batch_window_ms=0)
+    r.open()
+    assert r.step() == 2
+    wait_for(lambda: r.inbox.room() == 0, 10, "the next batch to be gathered")
+    r.close()
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+    views = [store.view(i) for i in ids]
+    assert [v.status if v else None for v in views] == [Status.SUCCEEDED] * 2 + [Status.QUEUED] * 3
+    assert [v.position if v else None for v in views[2:]] == [0, 1, 2]
+    assert sorted(d.job_id for d in store.read("another", 10, 100)) == sorted(ids[2:])

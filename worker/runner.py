@@ -1,8 +1,9 @@
 """The worker process: take jobs from the stream, run them in batches, store the results.
 
-Three threads: the GPU loop (this module's `Runner.run`), a reporter that writes progress,
-notices cancellations and sends heartbeats, and a small pool that encodes PNGs and writes the
-results, so that neither Redis nor PNG encoding holds the GPU up.
+Threads: the GPU loop (`Runner.run`); a reader that keeps the next batch's entries gathered
+while the GPU works; a reporter that writes progress, notices cancellations and sends
+heartbeats; and a small pool that encodes PNGs and writes results. Neither Redis nor PNG
+encoding holds the GPU up.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from app.jobs import Delivery, ErrorCode, Job, JobStore
 from worker.batching import Assembly, Slot, chunks, group
 from worker.engine import BatchShape, Engine, ImageSpec, resolve_device
 from worker.images import encode_png, parameters
+from worker.inbox import Inbox
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
 
 log = logging.getLogger("sdserve.worker")
@@ -91,7 +93,11 @@ class Runner:
         self.stopping = threading.Event()
         self.tracker = Tracker()
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
-        self._backlog: list[Delivery] = []
+        self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
+        self._threads = [
+            threading.Thread(target=self._read_loop, name="reader", daemon=True),
+            threading.Thread(target=self._report_loop, name="reporter", daemon=True),
+        ]
 
     def run(self) -> None:
         """Serve until `stopping` is set; the batch in hand is finished and written first."""
@@ -103,41 +109,40 @@ class Runner:
     def open(self) -> None:
         self._redis(self.store.ensure_group)
         self._redis(self._heartbeat)
-        threading.Thread(target=self._report_loop, name="reporter", daemon=True).start()
         # Entries this consumer took before a restart and never acked come first.
-        self._backlog = (
+        self.inbox.put(
             self._redis(partial(self.store.read, self.name, None, None, pending=True)) or []
         )
+        for thread in self._threads:
+            thread.start()
         log.info("worker %s ready on %s", self.name, self.engine.device)
 
     def step(self) -> int:
-        """Take one batch of entries and run it; returns how many entries it took."""
-        deliveries = self._backlog or self._collect()
-        self._backlog = []
+        """Run the next batch of entries, if any came; returns how many entries it took."""
+        window_s = self.settings.batch_window_ms / 1000
+        deliveries = self.inbox.take(window_s, timeout_s=READ_BLOCK_MS / 1000)
         if deliveries:
             self._process(deliveries)
         return len(deliveries)
 
     def close(self) -> None:
-        """Wait for the results in flight to be stored, then leave."""
+        """Hand back what was read but not run, wait for results in flight, then leave."""
         self.stopping.set()
+        for thread in self._threads:
+            thread.join()
+        unrun = self.inbox.drain()
+        if unrun:  # back in the stream at once, for any worker: not stranded until we return
+            self._redis(partial(self.store.requeue, unrun))
         self._completions.shutdown(wait=True)
         self._redis(partial(self.store.retire, self.name))
         log.info("worker %s stopped", self.name)
 
-    def _collect(self) -> list[Delivery]:
-        """Up to max_batch entries: block for the first, then wait the window for company."""
-        limit = self.settings.max_batch
-        batch = self._redis(partial(self.store.read, self.name, limit, READ_BLOCK_MS)) or []
-        if not batch:
-            return []
-        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
-        while len(batch) < limit and (left := deadline - time.monotonic()) > 0:
-            # BLOCK 0 would wait forever: at least 1 ms.
-            wait_ms = max(1, int(left * 1000))
-            more = self._redis(partial(self.store.read, self.name, limit - len(batch), wait_ms))
-            batch += more or []
-        return batch
+    def _read_loop(self) -> None:
+        """Keep the inbox topped up, so the next batch is gathered while this one runs."""
+        while not self.stopping.is_set():
+            if self.inbox.wait_for_room(READ_BLOCK_MS / 1000):
+                read = partial(self.store.read, self.name, self.inbox.room(), READ_BLOCK_MS)
+                self.inbox.put(self._redis(read) or [])
 
     def _process(self, deliveries: list[Delivery]) -> None:
         jobs = self._redis(partial(self.store.start, deliveries, self.name)) or []
