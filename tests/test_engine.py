@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from app.jobs import SCHEDULERS
-from worker.engine import BatchShape, Engine, ImageSpec
+from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.schedulers import SAMPLERS, make_scheduler
 
 SHAPE = BatchShape(width=64, height=96, steps=4, scheduler="dpmpp_2m")
@@ -111,15 +111,20 @@ def test_progress_callback_sees_every_step_and_can_abandon(engine: Engine) -> No
 
 
 def test_non_finite_pixels_are_reported_not_rounded_to_black(engine: Engine) -> None:
-    def poison_first_row(_m: torch.nn.Module, _a: object, output: torch.Tensor) -> torch.Tensor:
-        output[0] = float("nan")
-        return output
+    decoded: list[int] = []
 
-    hook = engine.vae.decoder.register_forward_hook(poison_first_row)
+    def poison_the_first_image(
+        _m: torch.nn.Module, _a: object, output: torch.Tensor
+    ) -> torch.Tensor:
+        decoded.append(len(output))
+        return output * float("nan") if len(decoded) == 1 else output
+
+    hook = engine.vae.decoder.register_forward_hook(poison_the_first_image)
     try:
         images = engine.generate([ImageSpec("x", "", 7.5, 1), ImageSpec("y", "", 7.5, 2)], SHAPE)
     finally:
         hook.remove()
+    assert sum(decoded) == 2
     assert images is not None and images[0] is None and images[1] is not None
 
 
@@ -129,3 +134,44 @@ def test_prompt_embeddings_do_not_depend_on_their_company(engine: Engine) -> Non
     engine._embeddings.clear()
     fresh = engine.encode([f"other {i}" for i in range(5)] + ["a lighthouse"])
     assert torch.equal(crowd[-1], alone[0]) and torch.equal(fresh[-1], alone[0])
+
+
+def test_buckets_are_powers_of_two_up_to_max_batch() -> None:
+    assert Tuning(max_batch=8).buckets() == [1, 2, 4, 8]
+    assert Tuning(max_batch=12).buckets() == [1, 2, 4, 8, 12]
+    assert Tuning(max_batch=1).buckets() == [1]
+    assert [Tuning(max_batch=12).bucket(n) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+    with pytest.raises(ValueError, match="exceeds max_batch"):
+        Tuning(max_batch=4).bucket(5)
+
+
+SPECS = [
+    ImageSpec("a cat", "", 7.5, 1),
+    ImageSpec("a dog", "ugly", 3.0, 2),
+    ImageSpec("c", "", 9, 3),
+]
+
+
+def test_the_gpu_layout_changes_nothing_but_rounding(engine: Engine, tiny_model: Path) -> None:
+    fused = Engine(str(tiny_model), torch.device("cpu"), Tuning(fuse=True))
+    for a, b in zip(generate(fused, SPECS), generate(engine, SPECS), strict=True):
+        assert max_diff(a, b) <= 1
+
+
+def test_compiled_engine_matches_eager_without_recompiling_per_batch_size(
+    engine: Engine, tiny_model: Path
+) -> None:
+    from torch._dynamo.utils import counters
+
+    tuning = Tuning(max_batch=4, fuse=True, compile=True, compiled_sizes=((64, 96),))
+    compiled = Engine(str(tiny_model), torch.device("cpu"), tuning)
+    compiled.warm_up()  # every bucket: 1, 2, 4
+    graphs = counters["stats"]["unique_graphs"]
+    for count in (1, 2, 3):
+        shape = BatchShape(64, 96, 3, "euler_a")  # another sampler: float timesteps
+        fast, eager = (
+            generate(compiled, SPECS[:count], shape),
+            generate(engine, SPECS[:count], shape),
+        )
+        assert all(max_diff(a, b) <= 1 for a, b in zip(fast, eager, strict=True))
+    assert counters["stats"]["unique_graphs"] == graphs  # no compilation after warm-up

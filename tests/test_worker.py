@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,30 +16,43 @@ from PIL import Image
 
 from app.jobs import GROUP, STREAM, JobStore, Status, Txt2ImgRequest
 from tests.conftest import wait_for
-from worker.engine import BatchShape, Engine, ImageSpec, StepCallback
+from worker.engine import BatchShape, Engine, ImageSpec, StepCallback, Tuning
 from worker.runner import Runner
 from worker.settings import WorkerSettings
 
 
-@pytest.fixture
-def batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Records the size of every batch the engine runs (the engine still runs them)."""
-    sizes: list[int] = []
-    generate = engine.generate
+def runner(store: JobStore, model: Path, redis_url: str, **settings: Any) -> Runner:
+    options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker", **settings}
+    worker_settings = WorkerSettings(redis_url=redis_url, **options)
+    engine = Engine(str(model), torch.device("cpu"), Tuning(max_batch=worker_settings.max_batch))
+    return Runner(worker_settings, store, engine)
+
+
+@dataclass
+class Batch:
+    size: int
+    steps: list[int] = field(default_factory=list)
+
+
+def record_batches(r: Runner, monkeypatch: pytest.MonkeyPatch) -> list[Batch]:
+    """Every batch the engine runs (it still runs them): its size and the steps it went through."""
+    batches: list[Batch] = []
+    generate = r.engine.generate
 
     def recording(
         specs: list[ImageSpec], shape: BatchShape, on_step: StepCallback | None = None
     ) -> list[np.ndarray | None] | None:
-        sizes.append(len(specs))
-        return generate(specs, shape, on_step)
+        batch = Batch(len(specs))
+        batches.append(batch)
 
-    monkeypatch.setattr(engine, "generate", recording)
-    yield sizes
+        def counted(k: int) -> bool:
+            batch.steps.append(k)
+            return on_step is None or on_step(k)
 
+        return generate(specs, shape, counted)
 
-def runner(store: JobStore, engine: Engine, redis_url: str, **settings: Any) -> Runner:
-    options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker", **settings}
-    return Runner(WorkerSettings(redis_url=redis_url, **options), store, engine)
+    monkeypatch.setattr(r.engine, "generate", recording)
+    return batches
 
 
 def run_once(r: Runner) -> int:
@@ -77,7 +91,11 @@ def alone(engine: Engine, store: JobStore, job_id: str, k: int) -> np.ndarray:
 
 
 def test_mixed_requests_run_as_one_batch_and_land_on_their_own_jobs(
-    store: JobStore, engine: Engine, redis_url: str, batches: list[int]
+    store: JobStore,
+    engine: Engine,
+    tiny_model: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ids = [
         submit(store, prompt="a red fox", seed=7, n=1),
@@ -87,8 +105,10 @@ def test_mixed_requests_run_as_one_batch_and_land_on_their_own_jobs(
         submit(store, prompt="a green frog", seed=1000, n=2, guidance_scale=12),
         submit(store, prompt="a red fox", seed=8, n=1, scheduler="dpmpp_2m"),
     ]
-    assert run_once(runner(store, engine, redis_url)) == 4
-    assert batches == [7]  # one UNet batch for all seven images
+    r = runner(store, tiny_model, redis_url)
+    batches = record_batches(r, monkeypatch)
+    assert run_once(r) == 4
+    assert [b.size for b in batches] == [7]  # one UNet batch for all seven images
     for job_id in ids:
         view = store.view(job_id)
         assert view is not None and view.status is Status.SUCCEEDED, view
@@ -103,22 +123,30 @@ def test_mixed_requests_run_as_one_batch_and_land_on_their_own_jobs(
 
 
 def test_incompatible_requests_run_in_separate_batches(
-    store: JobStore, engine: Engine, redis_url: str, batches: list[int]
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     submit(store, n=2)
     submit(store, steps=3)
     submit(store, scheduler="euler", n=3)
     submit(store, n=1)
-    assert run_once(runner(store, engine, redis_url)) == 4
-    assert sorted(batches) == [1, 3, 3]
+    r = runner(store, tiny_model, redis_url)
+    batches = record_batches(r, monkeypatch)
+    assert run_once(r) == 4
+    assert sorted(b.size for b in batches) == [1, 3, 3]
 
 
 def test_a_request_larger_than_max_batch_spans_batches(
-    store: JobStore, engine: Engine, redis_url: str, batches: list[int]
+    store: JobStore,
+    engine: Engine,
+    tiny_model: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job_id = submit(store, n=5, seed=50)
-    run_once(runner(store, engine, redis_url, max_batch=2))
-    assert batches == [2, 2, 1]
+    r = runner(store, tiny_model, redis_url, max_batch=2)
+    batches = record_batches(r, monkeypatch)
+    run_once(r)
+    assert [b.size for b in batches] == [2, 2, 1]
     view = store.view(job_id)
     assert view is not None and view.status is Status.SUCCEEDED and len(view.images) == 5
     for k in range(5):
@@ -126,26 +154,12 @@ def test_a_request_larger_than_max_batch_spans_batches(
 
 
 def test_progress_shows_and_cancel_stops_a_running_job(
-    store: JobStore, engine: Engine, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    steps_run: list[int] = []
-    generate = engine.generate
-
-    def counting(
-        specs: list[ImageSpec], shape: BatchShape, on_step: StepCallback | None = None
-    ) -> list[np.ndarray | None] | None:
-        assert on_step is not None
-
-        def counted(k: int) -> bool:
-            steps_run.append(k)
-            return on_step(k)
-
-        return generate(specs, shape, counted)
-
-    monkeypatch.setattr(engine, "generate", counting)
     job_id = submit(store, width=512, height=512, steps=100)
     other = submit(store, steps=2)
-    r = runner(store, engine, redis_url)
+    r = runner(store, tiny_model, redis_url)
+    batches = record_batches(r, monkeypatch)
     r.open()
     worker = threading.Thread(target=r.step)
     worker.start()
@@ -157,7 +171,7 @@ def test_progress_shows_and_cancel_stops_a_running_job(
     wait_for(progressing, 60, "progress")
     assert store.cancel(job_id)
     worker.join(60)
-    assert steps_run[-1] < 100  # abandoned at a step, not run to the end
+    assert batches[0].steps[-1] < 100  # abandoned at a step, not run to the end
     r.step()  # the worker lives on
     r.close()
     view = store.view(job_id)
@@ -169,32 +183,30 @@ def test_progress_shows_and_cancel_stops_a_running_job(
 
 
 def test_non_finite_pixels_fail_the_job_with_a_typed_error(
-    store: JobStore, engine: Engine, redis_url: str
+    store: JobStore, tiny_model: Path, redis_url: str
 ) -> None:
     def nan(_m: torch.nn.Module, _a: object, output: torch.Tensor) -> torch.Tensor:
         return output * float("nan")
 
     job_id = submit(store)
-    hook = engine.vae.decoder.register_forward_hook(nan)
-    try:
-        run_once(runner(store, engine, redis_url))
-    finally:
-        hook.remove()
+    r = runner(store, tiny_model, redis_url)
+    r.engine.vae.decoder.register_forward_hook(nan)
+    run_once(r)
     view = store.view(job_id)
     assert view is not None and view.status is Status.FAILED and view.images == []
     assert view.error is not None and view.error.code == "numerical"
 
 
 def test_an_engine_error_fails_its_batch_and_the_worker_goes_on(
-    store: JobStore, engine: Engine, redis_url: str
+    store: JobStore, tiny_model: Path, redis_url: str
 ) -> None:
     def explode(_m: torch.nn.Module, _a: object) -> None:
         raise RuntimeError("injected fault")
 
     broken = submit(store)
-    r = runner(store, engine, redis_url)
+    r = runner(store, tiny_model, redis_url)
     r.open()
-    hook = engine.unet.register_forward_pre_hook(explode)
+    hook = r.engine.unet.register_forward_pre_hook(explode)
     try:
         r.step()
     finally:
@@ -210,10 +222,10 @@ def test_an_engine_error_fails_its_batch_and_the_worker_goes_on(
 
 
 def test_close_hands_back_entries_read_but_not_run(
-    store: JobStore, engine: Engine, redis_url: str
+    store: JobStore, tiny_model: Path, redis_url: str
 ) -> None:
     ids = [submit(store, prompt=f"p{i}") for i in range(5)]
-    r = runner(store, engine, redis_url, max_batch=2, batch_window_ms=0)
+    r = runner(store, tiny_model, redis_url, max_batch=2, batch_window_ms=0)
     r.open()
     assert r.step() == 2
     wait_for(lambda: r.inbox.room() == 0, 10, "the next batch to be gathered")

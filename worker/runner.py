@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -28,7 +29,7 @@ import redis
 from app import logs
 from app.jobs import Delivery, ErrorCode, Job, JobStore
 from worker.batching import Assembly, Slot, chunks, group
-from worker.engine import BatchShape, Engine, ImageSpec, resolve_device
+from worker.engine import BatchShape, Engine, ImageSpec, Tuning, resolve_device
 from worker.images import encode_png, parameters
 from worker.inbox import Inbox
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
@@ -153,7 +154,7 @@ class Runner:
         request = jobs[0].request
         shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
         assembly: Assembly[np.ndarray | None] = Assembly(jobs)
-        for chunk in chunks(jobs, self.settings.max_batch):
+        for chunk in chunks(jobs, self.engine.tuning.max_batch):
             rows = [s for s in chunk if not self.tracker.is_gone(s.job.id)]
             if rows:
                 self._run_batch(rows, shape, assembly)
@@ -272,8 +273,18 @@ def serve(settings: WorkerSettings) -> None:
         device = resolve_device(settings.device)
     except RuntimeError as e:
         raise SystemExit(f"sdserve: {e}") from None
+    cuda = device.type == "cuda"
+    tuning = Tuning(
+        max_batch=settings.max_batch,
+        fuse=cuda,
+        compile=settings.compile == "on" or (settings.compile == "auto" and cuda),
+        compiled_sizes=tuple(settings.compiled_sizes),
+        vae_chunk=settings.vae_chunk,
+    )
+    # Compiled kernels are reused from here by the next start: seconds instead of minutes.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
     started = time.perf_counter()
-    engine = Engine(prepare_model(settings.model), device)
+    engine = Engine(prepare_model(settings.model), device, tuning)
     engine.warm_up()
     log.info(
         "model %s loaded and warmed up in %.1fs", settings.model, time.perf_counter() - started

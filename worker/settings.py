@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from app.settings import CommonSettings, cache_dir
 
@@ -30,8 +32,29 @@ class WorkerSettings(CommonSettings):
     heartbeat_ttl_s: int = Field(
         default=15, ge=3, le=600, description="A worker silent this long counts as gone."
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="torch.compile + CUDA graphs for the UNet and VAE (auto: on CUDA).",
+    )
+    compiled_sizes: list[tuple[int, int]] = Field(
+        default=[(512, 512)],
+        description="Sizes compiled at start, JSON [[width, height], ...]; others run eagerly.",
+    )
+    compile_cache: Path = Field(
+        default=cache_dir() / "inductor",
+        description="Compiled kernels, kept across restarts (a volume in containers).",
+    )
+    vae_chunk: int = Field(default=1, ge=1, le=64, description="Images per VAE decode call.")
     worker_name: str = Field(
         default_factory=socket.gethostname,
         pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
         description="Consumer name; unique per worker (several workers on one host: set it).",
     )
+
+    @field_validator("compiled_sizes")
+    @classmethod
+    def _image_sizes(cls, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for width, height in sizes:
+            if not (64 <= width <= 1024 and 64 <= height <= 1024 and width % 8 == height % 8 == 0):
+                raise ValueError(f"{width}x{height}: sides must be multiples of 8 in 64..1024")
+        return sizes
