@@ -23,8 +23,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
     sub.add_parser("worker", help="run one GPU (or CPU) worker")
-    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight model (diffusers)")
+    tiny = sub.add_parser("make-tiny-model", help="write a random-weight model (diffusers)")
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--arch",
+        choices=["tiny", "sd15"],
+        default="tiny",
+        help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "api":
@@ -43,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from worker.tiny import build_tiny_model
 
-        print(build_tiny_model(args.dir))
+        print(build_tiny_model(args.dir, args.arch))
 
 
 def serve_api(host: str, port: int) -> None:

@@ -189,7 +189,7 @@ class Engine:
 
         for k, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = self._unet(model_input, t, context, compiled)
+            noise = self.run_unet(model_input, t, context, compiled)
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, **step_options).prev_sample
@@ -197,7 +197,7 @@ class Engine:
                 return None
         return self.decode(latents, compiled)[:count]
 
-    def _unet(
+    def run_unet(
         self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool
     ) -> torch.Tensor:
         # Samplers differ in the timestep's dtype (int or float); one dtype keeps one graph.

@@ -26,8 +26,9 @@ class WorkerSettings(CommonSettings):
         description="auto (CUDA when present), cpu, cuda or cuda:N.",
     )
     max_batch: int = Field(default=8, ge=1, le=256, description="Images per UNet batch.")
+    # Only an idle GPU waits: under load the next batch is gathered while the last one runs.
     batch_window_ms: int = Field(
-        default=50, ge=0, le=10_000, description="How long a batch waits to fill up."
+        default=10, ge=0, le=10_000, description="How long an idle GPU waits for company."
     )
     heartbeat_ttl_s: int = Field(
         default=15, ge=3, le=600, description="A worker silent this long counts as gone."

@@ -1,4 +1,4 @@
-"""A tiny random-weight Stable Diffusion model in diffusers layout, built offline from code.
+"""Random-weight Stable Diffusion models in diffusers layout, built offline from code.
 
 It has the real model's structure (CLIP tokenizer and text encoder, a cross-attention UNet, an
 8x VAE, SD's noise schedule) at a size a CPU runs in a second, so the local run and the tests
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -53,51 +54,38 @@ def _tokenizer(workdir: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def build_tiny_model(target: Path) -> Path:
-    """Write the tiny model to `target` (created if missing) and return its path."""
+def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
+    """Write a random-weight model to `target` (created if missing) and return its path.
+
+    `tiny`: seconds on a CPU, for tests and local runs. `sd15`: Stable Diffusion 1.5's sizes
+    (UNet 860M parameters, CLIP ViT-L/14 text encoder, the SD VAE), for benchmarks: the same
+    compute as the real weights, stored in fp16.
+    """
     target = Path(target)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as work:
         tokenizer = _tokenizer(Path(work))
+    sizes = ARCHITECTURES[arch]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **sizes["text_encoder"],
             max_position_embeddings=77,
-            projection_dim=32,
             bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
             eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
             pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        # Attention only at the lowest resolution: at 512 px a 64x64 self-attention would cost
-        # a CPU seconds per step, and the tiny model must stay fast there.
-        block_out_channels=(32, 32, 64),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    assert text_encoder.config.vocab_size >= len(tokenizer)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, **sizes["unet"])
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
+        sample_size=512,
         # Four blocks: three downsamplings, the 8x latent scale of the real VAE.
-        block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=512,
+        **sizes["vae"],
     )
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -109,5 +97,58 @@ def build_tiny_model(target: Path) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if arch != "tiny":
+        pipeline.to(torch.float16)  # half the bytes to write and to load
     pipeline.save_pretrained(str(target))
     return target
+
+
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "text_encoder": {
+            "vocab_size": 514,  # the byte-level tokenizer's size
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 32,
+        },
+        "unet": {
+            "layers_per_block": 1,
+            # Attention only at the lowest resolution: at 512 px a 64x64 self-attention would
+            # cost a CPU seconds per step, and the tiny model must stay fast there.
+            "block_out_channels": (32, 32, 64),
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+    },
+    "sd15": {
+        "text_encoder": {
+            "vocab_size": 49408,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+        "unet": {
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+        },
+    },
+}
