@@ -81,6 +81,7 @@ class Tuning:
     # torch.compile with CUDA graphs, for the (width, height) sizes in `compiled_sizes`; other
     # sizes run eagerly rather than stall the GPU for a compilation.
     compile: bool = False
+    compile_mode: str = "reduce-overhead"
     compiled_sizes: tuple[tuple[int, int], ...] = ((512, 512),)
     # Images per VAE decode call: its memory grows with the pixels, not the latents.
     vae_chunk: int = 1
@@ -125,7 +126,9 @@ class Engine:
         if self.tuning.compile:
             # Recompiling per batch size would cost minutes: the batch dimension is dynamic
             # (marked on every call), and CUDA graphs are recorded once per bucket.
-            self._fast_unet = torch.compile(self.unet, mode="reduce-overhead", fullgraph=True)
+            self._fast_unet = torch.compile(
+                self.unet, mode=self.tuning.compile_mode, fullgraph=True
+            )
             self._fast_decode = torch.compile(self.vae.decode, fullgraph=True)
 
     def _place(self, module: torch.nn.Module) -> Any:
