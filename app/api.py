@@ -24,8 +24,9 @@ Asynchronous text-to-image. `POST /v1/txt2img` answers `202` at once with a job 
 
 Requests of the same width, height, steps and scheduler run together in one batch; prompt,
 negative prompt, guidance scale and seed are per image, each image with its own random
-generator. The same request and seed give the same image, alone or beside other requests (to
-within rounding: one level of 8-bit colour on the CPU).
+generator. The same request and seed give the same image, alone or beside other requests: what
+the neighbours ask for never matters, and the batch's size and the image's place in it change a
+pixel by at most one level of 8-bit colour.
 """
 
 

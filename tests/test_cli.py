@@ -24,6 +24,8 @@ SDSERVE = str(Path(sys.executable).parent / "sdserve")
         ("worker", "SDSERVE_MAX_BATCH", "0"),
         ("worker", "SDSERVE_DEVICE", "tpu"),
         ("worker", "SDSERVE_BATCH_WINDOW_MS", "soon"),
+        ("worker", "SDSERVE_COMPILED_SIZES", "[[100, 100]]"),
+        ("worker", "SDSERVE_COMPILE", "sometimes"),
         ("api", "SDSERVE_REDIS_URL", "http://localhost:6379"),
         ("api", "SDSERVE_RESULT_TTL_S", "-1"),
     ],
@@ -34,7 +36,7 @@ def test_invalid_settings_stop_the_process_naming_the_variable(
     env = {**sdserve_env("redis://127.0.0.1:1/0"), variable: value}
     done = subprocess.run([SDSERVE, command], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert f"{variable}={value!r}" in done.stderr
+    assert f"  {variable}=" in done.stderr
     assert "Traceback" not in done.stderr
 
 
