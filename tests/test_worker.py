@@ -235,3 +235,22 @@ def test_close_hands_back_entries_read_but_not_run(
     assert [v.status if v else None for v in views] == [Status.SUCCEEDED] * 2 + [Status.QUEUED] * 3
     assert [v.position if v else None for v in views[2:]] == [0, 1, 2]
     assert sorted(d.job_id for d in store.read("another", 10, 100)) == sorted(ids[2:])
+
+
+def test_cancel_between_the_batches_of_one_request_skips_the_rest(
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = submit(store, width=512, height=512, steps=60, n=3)
+    r = runner(store, tiny_model, redis_url, max_batch=1)
+    batches = record_batches(r, monkeypatch)
+    r.open()
+    worker = threading.Thread(target=r.step)
+    worker.start()
+    wait_for(lambda: batches and batches[0].steps, 60, "the first batch to run")
+    assert store.cancel(job_id)
+    worker.join(60)
+    r.close()
+    assert len(batches) == 1  # images 1 and 2 never ran
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.CANCELED
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0

@@ -154,15 +154,20 @@ class Runner:
         request = jobs[0].request
         shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
         assembly: Assembly[np.ndarray | None] = Assembly(jobs)
+        settled: set[str] = set()  # outcome handed to the pool, which acks after writing it
         for chunk in chunks(jobs, self.engine.tuning.max_batch):
-            rows = [s for s in chunk if not self.tracker.is_gone(s.job.id)]
+            rows = [s for s in chunk if not (s.job.id in settled or self.tracker.is_gone(s.job.id))]
             if rows:
-                self._run_batch(rows, shape, assembly)
+                settled |= self._run_batch(rows, shape, assembly)
+        for job in jobs:
+            if job.id not in settled:  # ended elsewhere (canceled): nothing to write, only ack
+                self._redis(partial(self.store.ack, job.delivery))
         self.tracker.forget({job.id for job in jobs})
 
     def _run_batch(
         self, rows: list[Slot], shape: BatchShape, assembly: Assembly[np.ndarray | None]
-    ) -> None:
+    ) -> set[str]:
+        """Run one batch; returns the jobs whose outcome it handed to the pool."""
         jobs = list({s.job.id: s.job for s in rows}.values())
         specs = [_spec(s) for s in rows]
         self.tracker.begin({job.id for job in jobs})
@@ -171,10 +176,11 @@ class Runner:
             images = self.engine.generate(specs, shape, self.tracker.advance)
         except Exception as e:  # the worker lives on; these jobs fail with the reason
             log.exception("batch of %d images failed", len(rows))
-            self.tracker.mark_gone({job.id for job in jobs})
             for job in jobs:
-                self._fail_later(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
-            return
+                self._completions.submit(
+                    self._fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}"
+                )
+            return {job.id for job in jobs}
         finally:
             self.tracker.end()
         log.info(
@@ -188,14 +194,11 @@ class Runner:
             time.perf_counter() - started,
         )
         if images is None:  # every job of the batch was canceled meanwhile
-            for job in jobs:
-                self._redis(partial(self.store.ack, job.delivery))
-            return
-        for job in assembly.add(rows, images):
+            return set()
+        whole = assembly.add(rows, images)
+        for job in whole:
             self._completions.submit(self._succeed, job, assembly.take(job))
-
-    def _fail_later(self, job: Job, code: ErrorCode, message: str) -> None:
-        self._completions.submit(self._fail, job, code, message)
+        return {job.id for job in whole}
 
     def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         log.warning("failed (%s): %s", code.value, message, extra={"job_id": job.id})
