@@ -160,8 +160,8 @@ class Engine:
         """HxWx3 uint8 pixels per spec, in order; None for an image that came out non-finite.
 
         Returns None when `on_step` abandoned the batch. The batch is padded to its bucket size
-        (copies of the last spec, whose outputs are dropped), so that an image's pixels depend
-        only on its own spec and the bucket, not on how many strangers came along.
+        (copies of the last spec, whose outputs are dropped): how many strangers came along
+        does not change the shapes the kernels see, and what they asked for never matters.
         """
         count = len(specs)
         specs = [*specs, *[specs[-1]] * (self.tuning.bucket(count) - count)]
