@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-from typing import Any, Literal
+from typing import Any
 
 import redis
-from fastapi import FastAPI, HTTPException, Path, Response
+from fastapi import FastAPI, Header, HTTPException, Path, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.jobs import SEED_MAX, JobStore, JobView, Status, Txt2ImgRequest, is_job_id
+from app.jobs import SEED_MAX, JobStore, JobView, Status, Submission, Txt2ImgRequest, is_job_id
+from app.settings import ApiSettings
 
 MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = 5
@@ -32,7 +34,7 @@ pixel by at most one level of 8-bit colour.
 
 class Accepted(BaseModel):
     id: str
-    status: Literal["queued"]
+    status: Status = Field(description="`queued`, or where a replay's job has got to.")
     url: str
 
 
@@ -85,7 +87,7 @@ class BodyLimit:
         return f"request body is larger than {self.max_bytes} bytes"
 
 
-def create_app(store: JobStore) -> FastAPI:
+def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
     app = FastAPI(
         title="sdserve",
         version="0.1.0",
@@ -112,15 +114,48 @@ def create_app(store: JobStore) -> FastAPI:
         "/v1/txt2img",
         status_code=202,
         response_model=Accepted,
-        responses={**_error(413, "Body over 64 KiB."), 422: {"description": "Invalid field."}},
+        responses={
+            **_error(409, "This Idempotency-Key came with another request."),
+            **_error(413, "Body over 64 KiB."),
+            422: {"description": "Invalid field."},
+            **_error(429, "The queue is full; retry after `Retry-After` seconds."),
+        },
         summary="Queue a text-to-image job",
+        description="With an `Idempotency-Key` header, sending the same request again (a retry "
+        "after a lost answer) answers the job the first one made, instead of a second job.",
     )
-    def txt2img(request: Txt2ImgRequest, response: Response) -> Accepted:
-        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        job_id = store.submit(request.model_copy(update={"seed": seed}))
+    def txt2img(
+        request: Txt2ImgRequest,
+        response: Response,
+        idempotency_key: str | None = Header(
+            default=None, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"
+        ),
+    ) -> Accepted:
+        # What the client sent, before the server fills anything in, identifies a retry.
+        sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        normalized = request.model_copy(
+            update={
+                "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
+                "timeout_s": request.timeout_s or settings.job_timeout_s,
+            }
+        )
+        idempotency = (idempotency_key, sent) if idempotency_key is not None else None
+        outcome, job_id = store.submit(normalized, settings.max_queue, idempotency)
+        if outcome is Submission.FULL:
+            raise HTTPException(
+                429,
+                f"the queue is full ({settings.max_queue} jobs waiting)",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        if outcome is Submission.CONFLICT:
+            raise HTTPException(409, "this Idempotency-Key was used with another request")
         url = f"/jobs/{job_id}"
         response.headers["Location"] = url
-        return Accepted(id=job_id, status="queued", url=url)
+        status = Status.QUEUED
+        if outcome is Submission.REPLAYED:
+            response.headers["Idempotent-Replayed"] = "true"
+            status = _job(store, job_id).status
+        return Accepted(id=job_id, status=status, url=url)
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses=_NOT_FOUND, summary="A job")
     def get_job(job_id: str) -> JobView:

@@ -62,4 +62,4 @@ def serve_api(host: str, port: int) -> None:
     logs.configure(settings.log_json)
     store = JobStore.connect(settings.redis_url, settings.result_ttl_s, settings.redis_timeout_s)
     logging.getLogger("sdserve.api").info("serving on http://%s:%d", host, port)
-    uvicorn.run(create_app(store), host=host, port=port, log_config=None)
+    uvicorn.run(create_app(store, settings), host=host, port=port, log_config=None)

@@ -10,10 +10,13 @@ Layout in Redis (all keys under the ``sdserve:`` prefix):
 - ``sdserve:job:<id>:image:<k>`` PNG bytes of image k, with the result TTL
 - ``sdserve:worker:<name>``    heartbeat of a live worker, with a TTL
 - ``sdserve:workers``          set of worker names that have sent a heartbeat
+- ``sdserve:dead``             stream of dead-lettered (poison) entries
+- ``sdserve:idempotency:<sha256 of the key>``  "<job id> <sha256 of the request>"
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -24,6 +27,8 @@ from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc")
 SchedulerName = Literal[
@@ -35,6 +40,7 @@ STREAM = "sdserve:queue"
 GROUP = "workers"
 QUEUED = "sdserve:queued"
 WORKERS = "sdserve:workers"
+DEAD = "sdserve:dead"
 
 # A finished job's record outlives its images by this long, so that it can say "expired".
 RECORD_GRACE_S = 7 * 86400
@@ -52,6 +58,11 @@ def image_key(job_id: str, index: int) -> str:
 
 def worker_key(name: str) -> str:
     return f"sdserve:worker:{name}"
+
+
+def idempotency_key(key: str) -> str:
+    # Hashed: a client's key is arbitrary text and never lands in Redis as given.
+    return f"sdserve:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def new_job_id() -> str:
@@ -75,8 +86,11 @@ class Status(StrEnum):
 class ErrorCode(StrEnum):
     """Typed reasons a job fails; clients branch on these, never on messages."""
 
-    NUMERICAL = "numerical"  # the model produced NaN/inf pixels
+    NUMERICAL = "numerical"  # the model produced NaN/inf pixels, even decoded in fp32
     ENGINE = "engine_error"  # the model raised while generating
+    OUT_OF_MEMORY = "out_of_memory"  # one image alone does not fit on the GPU
+    DEADLINE = "deadline_exceeded"  # its timeout_s passed before a worker took it
+    POISON = "poison"  # its workers died every time it ran: dead-lettered
     INVALID = "invalid_request"  # a record the worker could not read as a request
 
 
@@ -119,6 +133,13 @@ class Txt2ImgRequest(BaseModel):
         description="Seed of image 0; image k uses (seed + k) mod 2^32. Chosen when absent.",
     )
     n: int = Field(default=1, ge=1, le=8, description="Number of images.")
+    timeout_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=86400,
+        description="Seconds after submission when the job, if not yet taken by a worker, fails"
+        " `deadline_exceeded` without using the GPU. The server's default when absent.",
+    )
 
     def seeds(self) -> list[int]:
         """One seed per image; each one, sent back alone with n=1, reproduces that image."""
@@ -159,10 +180,23 @@ class JobView(BaseModel):
 
 @dataclass(frozen=True)
 class Delivery:
-    """One stream entry handed to a worker."""
+    """One stream entry handed to a worker, for the `deliveries`-th time."""
 
     entry_id: str
     job_id: str
+    deliveries: int = 1
+
+    @property
+    def suspect(self) -> bool:
+        """Its workers died twice with it: it runs alone, so it takes no stranger down."""
+        return self.deliveries > 2
+
+
+class Submission(StrEnum):
+    QUEUED = "queued"
+    REPLAYED = "replayed"  # the same Idempotency-Key and request: the job made the first time
+    CONFLICT = "conflict"  # the same Idempotency-Key with another request
+    FULL = "full"  # the queue holds its maximum of jobs
 
 
 @dataclass(frozen=True)
@@ -177,15 +211,33 @@ class Job:
         return self.delivery.job_id
 
 
-# KEYS: job, queued. ARGV: job id, now, worker. A running job comes back after its worker died.
+# KEYS: job, queued, stream[, idempotency]. ARGV: job id, now, request, deadline, max queued,
+# request hash, idempotency ttl. One atomic step: a replay, a full queue, or the job recorded
+# and queued. Answers {outcome, job id and request hash of a replay}.
+_SUBMIT = """
+if KEYS[4] then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then return {'seen', seen} end
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {'full', ''} end
+redis.call('HSET', KEYS[1], 'request', ARGV[3], 'status', 'queued', 'created_at', ARGV[2],
+  'deadline', ARGV[4], 'runs', 0)
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[6], 'EX', ARGV[7]) end
+return {'queued', ARGV[1]}
+"""
+
+# KEYS: job, queued. ARGV: job id, now, worker. A running job comes back after its worker
+# died. Answers 1 to run it, 0 if it ended meanwhile, 2 if its deadline passed.
 _START = """
 local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'queued' then
-  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
-elseif s ~= 'running' then
-  return 0
-end
+if s ~= 'queued' and s ~= 'running' then return 0 end
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
+if deadline and tonumber(ARGV[2]) > deadline then return 2 end
+if s == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'step', 0, 'worker', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
@@ -201,6 +253,7 @@ for i = 3, #KEYS do
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'images', #KEYS - 2,
   'expires_at', ARGV[3] + ARGV[4], 'error_code', ARGV[6], 'error_message', ARGV[7])
+redis.call('HINCRBY', KEYS[1], 'completions', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
@@ -213,13 +266,19 @@ class JobStore:
     def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
         self._r = client
         self.result_ttl_s = result_ttl_s
+        self._submit = client.register_script(_SUBMIT)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
     @classmethod
     def connect(cls, url: str, result_ttl_s: int, timeout_s: float) -> JobStore:
+        """No retries inside redis-py: a call fails within `timeout_s`, and callers decide
+        (the API answers 503, the worker backs off)."""
         client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
         )
         return cls(client, result_ttl_s)
 
@@ -228,26 +287,38 @@ class JobStore:
 
     # -- API side -------------------------------------------------------------------------
 
-    def submit(self, request: Txt2ImgRequest) -> str:
-        """Record the job and queue it atomically; returns its id once both are stored."""
-        if request.seed is None:
-            raise ValueError("submit() needs a normalized request (seed set)")
-        job_id = new_job_id()
-        now = time.time()
-        tx = self._r.pipeline(transaction=True)
-        tx.hset(
-            job_key(job_id),
-            mapping={
-                "request": request.model_dump_json(),
-                "status": Status.QUEUED.value,
-                "created_at": repr(now),
-                "steps": request.steps,
-            },
-        )
-        tx.zadd(QUEUED, {job_id: now})
-        tx.xadd(STREAM, {"job": job_id})
-        tx.execute()
-        return job_id
+    def submit(
+        self,
+        request: Txt2ImgRequest,
+        max_queued: int,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Submission, str]:
+        """Record the job and queue it in one atomic step; answers the outcome and job id.
+
+        `request` is normalized (seed and timeout set). `idempotency` is (the client's key, a
+        hash of what the client sent): the same pair again answers the first job.
+        """
+        if request.seed is None or request.timeout_s is None:
+            raise ValueError("submit() needs a normalized request (seed and timeout set)")
+        job_id, now = new_job_id(), time.time()
+        keys = [job_key(job_id), QUEUED, STREAM]
+        if idempotency is not None:
+            keys.append(idempotency_key(idempotency[0]))
+        outcome, value = self._submit(
+            keys=keys,
+            args=[job_id, repr(now), request.model_dump_json(), repr(now + request.timeout_s),
+                  max_queued, idempotency[1] if idempotency else "", self._record_ttl()],
+        )  # fmt: skip
+        if outcome == b"full":
+            return Submission.FULL, ""
+        if outcome == b"queued":
+            return Submission.QUEUED, job_id
+        first_job, first_hash = value.decode().split(" ")
+        same = idempotency is not None and first_hash == idempotency[1]
+        return (Submission.REPLAYED if same else Submission.CONFLICT), first_job
+
+    def queued(self) -> int:
+        return int(self._r.zcard(QUEUED))
 
     def view(self, job_id: str, now: float | None = None) -> JobView | None:
         tx = self._r.pipeline(transaction=True)
@@ -302,11 +373,9 @@ class JobStore:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def read(
-        self, consumer: str, count: int | None, block_ms: int | None, pending: bool = False
-    ) -> list[Delivery]:
-        """New entries for this consumer, or (pending=True) those it took and has not acked."""
-        streams: dict[Any, Any] = {STREAM: "0" if pending else ">"}
+    def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """New entries for this consumer: up to `count`, waiting up to `block_ms` for one."""
+        streams: dict[Any, Any] = {STREAM: ">"}
         reply: Any
         try:
             reply = self._r.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
@@ -326,8 +395,80 @@ class JobStore:
                 out.append(Delivery(entry_id.decode(), job.decode()))
         return out
 
+    def reclaim(
+        self, consumer: str, min_idle_ms: int, cap: int, count: int, owner: str | None = None
+    ) -> list[Delivery]:
+        """Take over entries no live worker has touched for `min_idle_ms` (or, with `owner`,
+        that worker's own), to run them again; bury those delivered `cap` times already.
+
+        Live workers touch their entries with every heartbeat, so only a dead (or hung)
+        worker's entries go idle. Suspects (delivered twice) are taken one at a time, so that
+        each runs alone: a poison job then takes no stranger down with it.
+        """
+        # redis-py's reply types are unions of every shape a reply can take: read as Any.
+        pending: Any = self._r.xpending_range(
+            STREAM, GROUP, "-", "+", count, consumername=owner, idle=min_idle_ms
+        )
+        chosen: list[tuple[bytes, int]] = []
+        suspects = 0
+        for entry in pending:
+            times = int(entry["times_delivered"])
+            if 1 < times < cap:
+                if suspects:
+                    continue
+                suspects += 1
+            chosen.append((entry["message_id"], times))
+        if not chosen:
+            return []
+        # XCLAIM honours min_idle_ms again: of two workers reclaiming at once, one gets each.
+        claimed: Any = self._r.xclaim(STREAM, GROUP, consumer, min_idle_ms, [e for e, _ in chosen])
+        times_by_id = dict(chosen)
+        out = []
+        for entry_id, fields in claimed:
+            job = fields.get(b"job") if fields else None
+            if job is None:
+                self._r.xack(STREAM, GROUP, entry_id)
+                continue
+            delivery = Delivery(entry_id.decode(), job.decode(), times_by_id[entry_id] + 1)
+            if delivery.deliveries > cap:
+                self.bury(delivery)
+            else:
+                out.append(delivery)
+        return out
+
+    def touch(self, consumer: str) -> None:
+        """Reset the idle time of this consumer's entries: they are in hand, not abandoned."""
+        pending: Any = self._r.xpending_range(
+            STREAM, GROUP, "-", "+", 10_000, consumername=consumer
+        )
+        ids = [entry["message_id"] for entry in pending]
+        if ids:
+            self._r.xclaim(STREAM, GROUP, consumer, 0, ids, justid=True)
+
+    def bury(self, delivery: Delivery) -> None:
+        """Dead-letter an entry whose workers kept dying with it; its job fails `poison`."""
+        self._r.xadd(
+            DEAD,
+            {"job": delivery.job_id, "entry": delivery.entry_id,
+             "deliveries": delivery.deliveries - 1, "at": repr(time.time())},
+        )  # fmt: skip
+        message = f"its worker died each of the {delivery.deliveries - 1} times it ran"
+        self.fail(delivery, ErrorCode.POISON, message)
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        entries: Any = self._r.xrange(DEAD)
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _id, fields in entries]
+
+    def forget_consumers(self, min_idle_ms: int) -> None:
+        """Drop group members long silent and holding nothing (workers gone for good)."""
+        consumers: Any = self._r.xinfo_consumers(STREAM, GROUP)
+        for consumer in consumers:
+            if consumer["pending"] == 0 and consumer["idle"] > min_idle_ms:
+                self._r.xgroup_delconsumer(STREAM, GROUP, consumer["name"])
+
     def start(self, deliveries: list[Delivery], worker: str) -> list[Job]:
-        """Mark the jobs running; those canceled meanwhile are acked and left out."""
+        """Mark the jobs running. Those that ended meanwhile (canceled) are acked and left out;
+        those past their deadline fail without GPU time."""
         now = repr(time.time())
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
@@ -337,8 +478,11 @@ class JobStore:
         jobs, skipped = [], []
         for i, d in enumerate(deliveries):
             started, request = replies[2 * i], replies[2 * i + 1]
-            if not started:
+            if started == 0:
                 skipped.append(d.entry_id)
+                continue
+            if started == 2:
+                self.fail(d, ErrorCode.DEADLINE, "its timeout_s passed before a worker took it")
                 continue
             try:
                 jobs.append(Job(d, Txt2ImgRequest.model_validate_json(request)))

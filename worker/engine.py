@@ -8,6 +8,7 @@ in one call and guidance is a (B, 1, 1, 1) tensor.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import OrderedDict
@@ -121,6 +122,7 @@ class Engine:
             for module in (self.unet, self.vae):
                 module.fuse_qkv_projections()
                 module.to(memory_format=torch.channels_last)
+        self._vae_fp32: Any = None
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
         if self.tuning.compile:
@@ -239,7 +241,9 @@ class Engine:
 
     def decode(self, latents: torch.Tensor, compiled: bool = False) -> list[np.ndarray | None]:
         """Pixels per latent, decoded in fixed-size chunks (padded): a chunk's shape, and so
-        its kernels and rounding, never depend on the batch around it."""
+        its kernels and rounding, never depend on the batch around it. An image that comes
+        out non-finite is decoded once more in fp32 (fp16 VAEs overflow on some latents);
+        None if that fails too."""
         chunk = self.tuning.vae_chunk
         decode = (
             self._fast_decode if compiled and self._fast_decode is not None else self.vae.decode
@@ -249,9 +253,28 @@ class Engine:
         for start in range(0, len(scaled), chunk):
             part = scaled[start : start + chunk]
             padded = torch.cat([part, part[-1:].expand(chunk - len(part), *part.shape[1:])])
-            pixels = decode(padded).sample[: len(part)]
-            finite = torch.isfinite(pixels).flatten(1).all(dim=1).tolist()
-            images = (pixels / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-            arrays = images.permute(0, 2, 3, 1).cpu().numpy()
-            out += [a if ok else None for a, ok in zip(arrays, finite, strict=True)]
+            for row, pixels in zip(part, decode(padded).sample, strict=False):
+                if not torch.isfinite(pixels).all():
+                    log.warning("non-finite pixels: decoding again in fp32")
+                    pixels = self._fp32_vae().decode(row[None].float()).sample[0]
+                out.append(_to_uint8(pixels) if torch.isfinite(pixels).all() else None)
         return out
+
+    def _fp32_vae(self) -> Any:
+        """The VAE in fp32, made on first need (most deployments never need it)."""
+        if self._vae_fp32 is None:
+            fp32 = self.dtype == torch.float32
+            self._vae_fp32 = self.vae if fp32 else copy.deepcopy(self.vae).float()
+        return self._vae_fp32
+
+    def release_memory(self) -> None:
+        """Give cached GPU memory back after an out-of-memory error, before retrying smaller."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] to HxWx3 uint8, rounded as diffusers does."""
+    image = (pixels / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    array: np.ndarray = image.permute(1, 2, 0).cpu().numpy()
+    return array

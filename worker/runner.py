@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import tempfile
@@ -25,6 +26,7 @@ from typing import TypeVar
 
 import numpy as np
 import redis
+import torch
 
 from app import logs
 from app.jobs import Delivery, ErrorCode, Job, JobStore
@@ -94,28 +96,34 @@ class Runner:
         self.stopping = threading.Event()
         self.tracker = Tracker()
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
+        self._grace_ends = math.inf
         self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
-        self._threads = [
-            threading.Thread(target=self._read_loop, name="reader", daemon=True),
-            threading.Thread(target=self._report_loop, name="reporter", daemon=True),
-        ]
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
+        self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
 
     def run(self) -> None:
-        """Serve until `stopping` is set; the batch in hand is finished and written first."""
+        """Serve until `stop()`; the batch in hand is finished and written first."""
         self.open()
         while not self.stopping.is_set():
             self.step()
         self.close()
 
+    def stop(self) -> None:
+        """Stop reading; the batch in hand has `stop_grace_s` to finish."""
+        self._grace_ends = time.monotonic() + self.settings.stop_grace_s
+        self.stopping.set()
+
     def open(self) -> None:
         self._redis(self.store.ensure_group)
         self._redis(self._heartbeat)
         # Entries this consumer took before a restart and never acked come first.
-        self.inbox.put(
-            self._redis(partial(self.store.read, self.name, None, None, pending=True)) or []
+        mine = partial(
+            self.store.reclaim, self.name, 0, self.settings.delivery_cap, 1000, owner=self.name
         )
-        for thread in self._threads:
-            thread.start()
+        self.inbox.put(self._redis(mine) or [])
+        self._reader.start()
+        self._reporter.start()
         log.info("worker %s ready on %s", self.name, self.engine.device)
 
     def step(self) -> int:
@@ -128,13 +136,15 @@ class Runner:
 
     def close(self) -> None:
         """Hand back what was read but not run, wait for results in flight, then leave."""
-        self.stopping.set()
-        for thread in self._threads:
-            thread.join()
+        if not self.stopping.is_set():
+            self.stop()
+        self._reader.join()
         unrun = self.inbox.drain()
         if unrun:  # back in the stream at once, for any worker: not stranded until we return
             self._redis(partial(self.store.requeue, unrun))
         self._completions.shutdown(wait=True)
+        self._closed.set()
+        self._reporter.join()
         self._redis(partial(self.store.retire, self.name))
         log.info("worker %s stopped", self.name)
 
@@ -147,8 +157,14 @@ class Runner:
 
     def _process(self, deliveries: list[Delivery]) -> None:
         jobs = self._redis(partial(self.store.start, deliveries, self.name)) or []
-        for compatible in group(jobs):
-            self._run_group(compatible)
+        # A suspect (its workers died with it twice) runs alone: if it kills this worker too,
+        # no stranger's delivery count goes up with it.
+        suspects = [job for job in jobs if job.delivery.suspect]
+        for batch in [
+            *group([j for j in jobs if not j.delivery.suspect]),
+            *([j] for j in suspects),
+        ]:
+            self._run_group(batch)
 
     def _run_group(self, jobs: list[Job]) -> None:
         request = jobs[0].request
@@ -157,12 +173,25 @@ class Runner:
         settled: set[str] = set()  # outcome handed to the pool, which acks after writing it
         for chunk in chunks(jobs, self.engine.tuning.max_batch):
             rows = [s for s in chunk if not (s.job.id in settled or self.tracker.is_gone(s.job.id))]
-            if rows:
+            if rows and not self._out_of_grace():
                 settled |= self._run_batch(rows, shape, assembly)
-        for job in jobs:
-            if job.id not in settled:  # ended elsewhere (canceled): nothing to write, only ack
-                self._redis(partial(self.store.ack, job.delivery))
+        unsettled = [job for job in jobs if job.id not in settled]
+        # Ended elsewhere (canceled): nothing to write, only ack. Cut short by the stop
+        # grace: back to the queue, for another worker.
+        for job in (j for j in unsettled if self.tracker.is_gone(j.id)):
+            self._redis(partial(self.store.ack, job.delivery))
+        cut = [job.delivery for job in unsettled if not self.tracker.is_gone(job.id)]
+        if cut:
+            log.warning("stop grace over: %d jobs go back to the queue", len(cut))
+            self._redis(partial(self.store.requeue, cut))
         self.tracker.forget({job.id for job in jobs})
+
+    def _out_of_grace(self) -> bool:
+        return self.stopping.is_set() and time.monotonic() > self._grace_ends
+
+    def _keep_going(self, step: int) -> bool:
+        """After each step: go on unless every job ended elsewhere or the stop grace is over."""
+        return self.tracker.advance(step) and not self._out_of_grace()
 
     def _run_batch(
         self, rows: list[Slot], shape: BatchShape, assembly: Assembly[np.ndarray | None]
@@ -173,7 +202,10 @@ class Runner:
         self.tracker.begin({job.id for job in jobs})
         started = time.perf_counter()
         try:
-            images = self.engine.generate(specs, shape, self.tracker.advance)
+            images = self.engine.generate(specs, shape, self._keep_going)
+        except torch.cuda.OutOfMemoryError:
+            self.tracker.end()
+            return self._split(rows, shape, assembly)
         except Exception as e:  # the worker lives on; these jobs fail with the reason
             log.exception("batch of %d images failed", len(rows))
             for job in jobs:
@@ -193,12 +225,29 @@ class Runner:
             shape.scheduler,
             time.perf_counter() - started,
         )
-        if images is None:  # every job of the batch was canceled meanwhile
+        if images is None:  # every job ended elsewhere, or the stop grace ran out
             return set()
         whole = assembly.add(rows, images)
         for job in whole:
             self._completions.submit(self._succeed, job, assembly.take(job))
         return {job.id for job in whole}
+
+    def _split(
+        self, rows: list[Slot], shape: BatchShape, assembly: Assembly[np.ndarray | None]
+    ) -> set[str]:
+        """Out of GPU memory: retry in halves, down to one image, which then fails alone."""
+        self.engine.release_memory()
+        if len(rows) == 1:
+            job = rows[0].job
+            message = f"one {shape.width}x{shape.height} image does not fit in GPU memory"
+            self._completions.submit(self._fail, job, ErrorCode.OUT_OF_MEMORY, message)
+            return {job.id}
+        half = len(rows) // 2
+        log.warning("out of GPU memory at %d images: retrying as %d + %d", len(rows), half,
+                    len(rows) - half)  # fmt: skip
+        settled = self._run_batch(rows[:half], shape, assembly)
+        rest = [s for s in rows[half:] if s.job.id not in settled]
+        return settled | (self._run_batch(rest, shape, assembly) if rest else set())
 
     def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         log.warning("failed (%s): %s", code.value, message, extra={"job_id": job.id})
@@ -220,8 +269,13 @@ class Runner:
             log.info("had ended meanwhile (canceled): result dropped", extra={"job_id": job.id})
 
     def _report_loop(self) -> None:
+        """Progress and cancellations often; heartbeat, touching and reclaiming with each beat.
+
+        Runs until the worker has closed, so a batch finishing in its stop grace still reports
+        and still counts as alive.
+        """
         next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
-        while not self.stopping.wait(REPORT_INTERVAL_S):
+        while not self._closed.wait(REPORT_INTERVAL_S):
             try:
                 running = self.tracker.running()
                 if running:
@@ -235,6 +289,15 @@ class Runner:
     def _heartbeat(self) -> None:
         info = json.dumps({"device": str(self.engine.device), "model": self.model_name})
         self.store.heartbeat(self.name, self.settings.heartbeat_ttl_s, info)
+        self.store.touch(self.name)
+        claim_idle_ms = self.settings.claim_idle_s * 1000
+        room = self.inbox.room()
+        if room > 0 and not self.stopping.is_set():
+            taken = self.store.reclaim(self.name, claim_idle_ms, self.settings.delivery_cap, room)
+            if taken:
+                log.warning("took over %d entries of a worker gone silent", len(taken))
+                self.inbox.put(taken)
+        self.store.forget_consumers(claim_idle_ms)
 
     def _redis(self, call: Callable[[], R]) -> R | None:
         """Run a Redis call, retrying with backoff while Redis is away; None once stopping."""

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from app.settings import CommonSettings, cache_dir
 
@@ -32,6 +32,27 @@ class WorkerSettings(CommonSettings):
     )
     heartbeat_ttl_s: int = Field(
         default=15, ge=3, le=600, description="A worker silent this long counts as gone."
+    )
+    claim_idle_s: int = Field(
+        default=30,
+        ge=3,
+        le=3600,
+        description="Entries untouched this long belong to a dead worker and are taken over"
+        " (live workers touch theirs with every heartbeat).",
+    )
+    delivery_cap: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Runs a job may crash its worker before it is"
+        " dead-lettered and fails `poison`.",
+    )
+    stop_grace_s: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description="After SIGTERM, the batch in hand may run this long; past it the batch is"
+        " abandoned and its jobs go back to the queue.",
     )
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
@@ -59,3 +80,12 @@ class WorkerSettings(CommonSettings):
             if not (64 <= width <= 1024 and 64 <= height <= 1024 and width % 8 == height % 8 == 0):
                 raise ValueError(f"{width}x{height}: sides must be multiples of 8 in 64..1024")
         return sizes
+
+    @model_validator(mode="after")
+    def _claim_after_heartbeat(self) -> WorkerSettings:
+        if self.claim_idle_s < self.heartbeat_ttl_s:
+            raise ValueError(
+                "SDSERVE_CLAIM_IDLE_S must be at least SDSERVE_HEARTBEAT_TTL_S: a live worker"
+                " touches its entries only once a heartbeat"
+            )
+        return self
