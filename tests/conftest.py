@@ -108,8 +108,9 @@ def serving(app: FastAPI) -> Iterator[str]:
 
 
 @pytest.fixture
-def api_settings(redis_url: str) -> ApiSettings:
-    return ApiSettings(redis_url=redis_url)
+def api_settings(redis_url: str, request: pytest.FixtureRequest) -> ApiSettings:
+    """The API's settings; a test may override some with indirect parametrization."""
+    return ApiSettings(redis_url=redis_url, **getattr(request, "param", {}))
 
 
 @pytest.fixture

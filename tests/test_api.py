@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,9 +11,9 @@ import httpx
 import pytest
 
 from app.api import create_app
-from app.jobs import JobStore
+from app.jobs import JobStore, Txt2ImgRequest
 from app.settings import ApiSettings
-from tests.conftest import free_port, serving
+from tests.conftest import enqueue, free_port, serving
 
 VALID = {"prompt": "a red fox", "seed": 1}
 
@@ -167,3 +168,53 @@ def test_openapi_documents_the_contract(api: httpx.Client) -> None:
     request = schema["components"]["schemas"]["Txt2ImgRequest"]
     assert request["additionalProperties"] is False and request["examples"]
     assert api.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("api_settings", [{"max_queue": 2}], indirect=True)
+def test_a_full_queue_answers_429_with_retry_after(api: httpx.Client) -> None:
+    codes = [api.post("/v1/txt2img", json=VALID).status_code for _ in range(4)]
+    assert codes == [202, 202, 429, 429]
+    r = api.post("/v1/txt2img", json=VALID)
+    assert int(r.headers["retry-after"]) > 0 and "queue is full" in r.json()["detail"]
+
+
+def test_an_idempotency_key_replays_its_first_job(api: httpx.Client) -> None:
+    headers = {"Idempotency-Key": "order-42"}
+    body = {"prompt": "a red fox", "n": 2}  # no seed: the server's choice must not matter
+    first = api.post("/v1/txt2img", json=body, headers=headers)
+    again = api.post("/v1/txt2img", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    other = api.post("/v1/txt2img", json={**body, "n": 3}, headers=headers)
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    fresh = api.post("/v1/txt2img", json=body, headers={"Idempotency-Key": "order-43"})
+    assert fresh.json()["id"] != first.json()["id"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "with space", "tab\there"])
+def test_a_malformed_idempotency_key_is_named(api: httpx.Client, key: str) -> None:
+    r = api.post("/v1/txt2img", json=VALID, headers={"Idempotency-Key": key})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["header", "idempotency-key"]
+
+
+def test_timeout_is_filled_from_the_default_and_bounded(api: httpx.Client) -> None:
+    job = api.post("/v1/txt2img", json={**VALID, "timeout_s": 30}).json()
+    assert api.get(job["url"]).json()["request"]["timeout_s"] == 30
+    assert "timeout_s" in fields(api.post("/v1/txt2img", json={**VALID, "timeout_s": 0}))
+    assert "timeout_s" in fields(api.post("/v1/txt2img", json={**VALID, "timeout_s": 86401}))
+
+
+def test_expired_images_answer_410(redis_url: str) -> None:
+    store = JobStore.connect(redis_url, result_ttl_s=1, timeout_s=5)
+    store.ensure_group()
+    job_id = enqueue(store, Txt2ImgRequest(prompt="x", seed=1))
+    [job] = store.start(store.read("w1", 1, 100), "w1")
+    store.succeed(job.delivery, [b"\x89PNG..."])
+    settings = ApiSettings(redis_url=redis_url)
+    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
+        assert client.get(f"/jobs/{job_id}/images/0.png").status_code == 200
+        time.sleep(1.2)
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "expired"
+        assert client.get(f"/jobs/{job_id}/images/0.png").status_code == 410

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,3 +255,98 @@ def test_cancel_between_the_batches_of_one_request_skips_the_rest(
     view = store.view(job_id)
     assert view is not None and view.status is Status.CANCELED
     assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+
+
+def oom_above(rows: int) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
+    """A UNet pre-hook that runs out of memory for more than `rows` images (CFG: 2 rows each)."""
+
+    def hook(_m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if len(args[0]) > 2 * rows:
+            raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
+
+    return hook
+
+
+def test_out_of_memory_splits_the_batch_down_to_what_fits(
+    store: JobStore,
+    engine: Engine,
+    tiny_model: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [submit(store, prompt=f"p{i}", seed=i, n=2) for i in range(3)]
+    r = runner(store, tiny_model, redis_url, max_batch=8)
+    batches = record_batches(r, monkeypatch)
+    r.engine.unet.register_forward_pre_hook(oom_above(2))
+    run_once(r)
+    # 6 images: out of memory; 3 + 3: each again; then 1 + 2, 1 + 2 of which the 2s fit.
+    assert [b.size for b in batches] == [6, 3, 1, 2, 3, 1, 2]
+    for job_id in ids:
+        view = store.view(job_id)
+        assert view is not None and view.status is Status.SUCCEEDED, view
+        for k in range(2):
+            assert max_diff(png(store, job_id, k), alone(engine, store, job_id, k)) <= 1
+
+
+def test_one_image_that_does_not_fit_fails_alone(
+    store: JobStore, tiny_model: Path, redis_url: str
+) -> None:
+    too_big = submit(store, width=512, height=512, seed=1)
+    fits = submit(store, seed=2)
+    r = runner(store, tiny_model, redis_url)
+
+    def oom_at_512(_m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if args[0].shape[-1] == 64:  # latents of 512 px
+            raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
+
+    r.engine.unet.register_forward_pre_hook(oom_at_512)
+    run_once(r)
+    failed, ok = store.view(too_big), store.view(fits)
+    assert failed is not None and failed.error is not None
+    assert failed.status is Status.FAILED and failed.error.code == "out_of_memory"
+    assert ok is not None and ok.status is Status.SUCCEEDED
+
+
+def test_past_the_stop_grace_the_batch_goes_back_to_the_queue(
+    store: JobStore, tiny_model: Path, redis_url: str
+) -> None:
+    job_id = submit(store, width=512, height=512, steps=100)
+    r = runner(store, tiny_model, redis_url, stop_grace_s=0)
+    r.open()
+    worker = threading.Thread(target=r.step)
+    worker.start()
+
+    def progressing() -> bool:
+        view = store.view(job_id)
+        return view is not None and view.progress is not None and view.progress.step > 0
+
+    wait_for(progressing, 60, "progress")
+    r.stop()
+    worker.join(60)
+    r.close()
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+    [again] = store.read("next-worker", 10, 100)  # in the stream again, for anyone
+    assert again.job_id == job_id
+    [job] = store.start([again], "next-worker")
+    assert job.id == job_id
+
+
+def test_suspects_are_taken_over_one_at_a_time_and_run_alone(
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [submit(store, prompt=f"p{i}") for i in range(3)]
+    store.ensure_group()
+    store.read("died-once", 10, 100)
+    store.reclaim("died-twice", 0, cap=3, count=10)  # delivered twice now, all three
+    options = {"heartbeat_ttl_s": 3, "claim_idle_s": 3, "worker_name": "third"}
+    r = runner(store, tiny_model, redis_url, **options)
+    batches = record_batches(r, monkeypatch)
+    r.open()
+
+    def all_ended() -> bool:
+        r.step()
+        return all(v is not None and v.status is Status.SUCCEEDED for v in map(store.view, ids))
+
+    wait_for(all_ended, 60, "the suspects to be taken over and run")
+    r.close()
+    assert [b.size for b in batches] == [1, 1, 1]
