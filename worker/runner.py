@@ -97,6 +97,8 @@ class Runner:
         self.tracker = Tracker()
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
         self._grace_ends = math.inf
+        self._lock = threading.Lock()
+        self._suspects: set[str] = set()  # at most one: a suspect runs alone
         self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
         self._closed = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
@@ -116,12 +118,13 @@ class Runner:
 
     def open(self) -> None:
         self._redis(self.store.ensure_group)
-        self._redis(self._heartbeat)
-        # Entries this consumer took before a restart and never acked come first.
+        # Entries this consumer took before a restart and never acked come first (before the
+        # first heartbeat takes over other workers' entries, which are then ours too).
         mine = partial(
             self.store.reclaim, self.name, 0, self.settings.delivery_cap, 1000, owner=self.name
         )
-        self.inbox.put(self._redis(mine) or [])
+        self._take(self._redis(mine) or [])
+        self._redis(self._heartbeat)
         self._reader.start()
         self._reporter.start()
         log.info("worker %s ready on %s", self.name, self.engine.device)
@@ -157,6 +160,8 @@ class Runner:
 
     def _process(self, deliveries: list[Delivery]) -> None:
         jobs = self._redis(partial(self.store.start, deliveries, self.name)) or []
+        with self._lock:  # suspects that will not run (ended meanwhile) are out of hand
+            self._suspects -= {d.job_id for d in deliveries} - {job.id for job in jobs}
         # A suspect (its workers died with it twice) runs alone: if it kills this worker too,
         # no stranger's delivery count goes up with it.
         suspects = [job for job in jobs if job.delivery.suspect]
@@ -185,6 +190,8 @@ class Runner:
             log.warning("stop grace over: %d jobs go back to the queue", len(cut))
             self._redis(partial(self.store.requeue, cut))
         self.tracker.forget({job.id for job in jobs})
+        with self._lock:
+            self._suspects -= {job.id for job in jobs}
 
     def _out_of_grace(self) -> bool:
         return self.stopping.is_set() and time.monotonic() > self._grace_ends
@@ -293,11 +300,19 @@ class Runner:
         claim_idle_ms = self.settings.claim_idle_s * 1000
         room = self.inbox.room()
         if room > 0 and not self.stopping.is_set():
-            taken = self.store.reclaim(self.name, claim_idle_ms, self.settings.delivery_cap, room)
+            taken = self.store.reclaim(
+                self.name, claim_idle_ms, self.settings.delivery_cap, room,
+                suspect=not self._suspects,
+            )  # fmt: skip
             if taken:
                 log.warning("took over %d entries of a worker gone silent", len(taken))
-                self.inbox.put(taken)
+                self._take(taken)
         self.store.forget_consumers(claim_idle_ms)
+
+    def _take(self, deliveries: list[Delivery]) -> None:
+        with self._lock:
+            self._suspects |= {d.job_id for d in deliveries if d.suspect}
+        self.inbox.put(deliveries)
 
     def _redis(self, call: Callable[[], R]) -> R | None:
         """Run a Redis call, retrying with backoff while Redis is away; None once stopping."""
