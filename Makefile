@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install clean
+.PHONY: run test chaos install clean
 
 run: install
 	$(BIN)/sdserve dev --host $(HOST) --port $(PORT)
@@ -19,6 +19,10 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The fault tests alone (make test runs them too); both print the faults table at the end.
+chaos: install
+	$(BIN)/pytest tests/test_chaos.py
 
 install: $(VENV)/.installed
 
