@@ -56,6 +56,19 @@ def record_batches(r: Runner, monkeypatch: pytest.MonkeyPatch) -> list[Batch]:
     return batches
 
 
+def step_until_progress(r: Runner, store: JobStore, job_id: str) -> threading.Thread:
+    """Run one step in a thread; return once `job_id` is past its first denoising step."""
+    worker = threading.Thread(target=r.step)
+    worker.start()
+
+    def progressing() -> bool:
+        view = store.view(job_id)
+        return view is not None and view.progress is not None and view.progress.step > 0
+
+    wait_for(progressing, 60, "progress")
+    return worker
+
+
 def run_once(r: Runner) -> int:
     r.open()
     try:
@@ -162,14 +175,7 @@ def test_progress_shows_and_cancel_stops_a_running_job(
     r = runner(store, tiny_model, redis_url)
     batches = record_batches(r, monkeypatch)
     r.open()
-    worker = threading.Thread(target=r.step)
-    worker.start()
-
-    def progressing() -> bool:
-        view = store.view(job_id)
-        return view is not None and view.progress is not None and view.progress.step > 0
-
-    wait_for(progressing, 60, "progress")
+    worker = step_until_progress(r, store, job_id)
     assert store.cancel(job_id)
     worker.join(60)
     assert batches[0].steps[-1] < 100  # abandoned at a step, not run to the end
@@ -313,14 +319,7 @@ def test_past_the_stop_grace_the_batch_goes_back_to_the_queue(
     job_id = submit(store, width=512, height=512, steps=100)
     r = runner(store, tiny_model, redis_url, stop_grace_s=0)
     r.open()
-    worker = threading.Thread(target=r.step)
-    worker.start()
-
-    def progressing() -> bool:
-        view = store.view(job_id)
-        return view is not None and view.progress is not None and view.progress.step > 0
-
-    wait_for(progressing, 60, "progress")
+    worker = step_until_progress(r, store, job_id)
     r.stop()
     worker.join(60)
     r.close()
