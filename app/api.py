@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import secrets
 from typing import Any
 
 import redis
-from fastapi import FastAPI, Header, HTTPException, Path, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Response, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import ANONYMOUS, Caller
 from app.jobs import SEED_MAX, JobStore, JobView, Status, Submission, Txt2ImgRequest, is_job_id
 from app.settings import ApiSettings
+
+log = logging.getLogger("sdserve.api")
 
 MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = 5
@@ -46,8 +54,24 @@ def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": Detail, "description": description}}
 
 
-_NOT_FOUND = _error(404, "No such job (or a malformed id).")
+_NOT_FOUND = _error(404, "No such job for this API key (or a malformed id).")
+_UNAUTHORIZED = _error(401, "Missing, malformed or unknown API key (`WWW-Authenticate: Bearer`).")
 _UNAVAILABLE = _error(503, "The queue (Redis) is unreachable; retry after `Retry-After` seconds.")
+
+
+class NoSniff:
+    """`X-Content-Type-Options: nosniff` on every answer: a browser never guesses a type."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 class BodyLimit:
@@ -93,8 +117,42 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         version="0.1.0",
         description=API_DESCRIPTION,
         responses=_UNAVAILABLE,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(NoSniff)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
+        )
+    keyring = settings.keyring()
+    bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+    def authenticate(
+        credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+    ) -> Caller:
+        if settings.auth == "off":
+            return ANONYMOUS
+        caller = keyring.find(credentials.credentials) if credentials else None
+        if caller is None:
+            challenge = 'Bearer error="invalid_token"' if credentials else "Bearer"
+            what = "unknown API key" if credentials else "missing API key: Authorization: Bearer"
+            raise HTTPException(401, what, headers={"WWW-Authenticate": challenge})
+        return caller
+
+    authenticated = Depends(authenticate)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Logged here, in full; the client learns nothing of the inside.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,10 +173,15 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         status_code=202,
         response_model=Accepted,
         responses={
+            **_UNAUTHORIZED,
             **_error(409, "This Idempotency-Key came with another request."),
             **_error(413, "Body over 64 KiB."),
             422: {"description": "Invalid field."},
-            **_error(429, "The queue is full; retry after `Retry-After` seconds."),
+            **_error(
+                429,
+                "The queue is full, or this key's rate or jobs in flight are at their limit;"
+                " retry after `Retry-After` seconds.",
+            ),
         },
         summary="Queue a text-to-image job",
         description="With an `Idempotency-Key` header, sending the same request again (a retry "
@@ -127,10 +190,19 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
     def txt2img(
         request: Txt2ImgRequest,
         response: Response,
+        caller: Caller = authenticated,
         idempotency_key: str | None = Header(
             default=None, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"
         ),
     ) -> Accepted:
+        if caller.rate_per_s:
+            wait = store.take_token(caller.key_id, caller.rate_per_s, caller.burst)
+            if wait > 0:
+                raise HTTPException(
+                    429,
+                    f"rate limit: {caller.rate_per_s:g} submissions a second for this key",
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
         # What the client sent, before the server fills anything in, identifies a retry.
         sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         normalized = request.model_copy(
@@ -140,11 +212,19 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             }
         )
         idempotency = (idempotency_key, sent) if idempotency_key is not None else None
-        outcome, job_id = store.submit(normalized, settings.max_queue, idempotency)
+        outcome, job_id = store.submit(
+            normalized, settings.max_queue, caller.key_id, caller.max_in_flight, idempotency
+        )
         if outcome is Submission.FULL:
             raise HTTPException(
                 429,
                 f"the queue is full ({settings.max_queue} jobs waiting)",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        if outcome is Submission.BUSY:
+            raise HTTPException(
+                429,
+                f"this key has {caller.max_in_flight} jobs queued or running, its limit",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         if outcome is Submission.CONFLICT:
@@ -154,39 +234,47 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         status = Status.QUEUED
         if outcome is Submission.REPLAYED:
             response.headers["Idempotent-Replayed"] = "true"
-            status = _job(store, job_id).status
+            status = _job(store, job_id, caller).status
         return Accepted(id=job_id, status=status, url=url)
 
-    @app.get("/jobs/{job_id}", response_model=JobView, responses=_NOT_FOUND, summary="A job")
-    def get_job(job_id: str) -> JobView:
-        return _job(store, job_id)
+    @app.get(
+        "/jobs/{job_id}",
+        response_model=JobView,
+        responses={**_UNAUTHORIZED, **_NOT_FOUND},
+        summary="A job",
+    )
+    def get_job(job_id: str, caller: Caller = authenticated) -> JobView:
+        return _job(store, job_id, caller)
 
     @app.delete(
         "/jobs/{job_id}",
         response_model=JobView,
-        responses={**_NOT_FOUND, **_error(409, "The job had already ended.")},
+        responses={**_UNAUTHORIZED, **_NOT_FOUND, **_error(409, "The job had already ended.")},
         summary="Cancel a job",
         description="A queued job is canceled at once; a running one stops at its next step.",
     )
-    def cancel_job(job_id: str) -> JobView:
-        _job(store, job_id)  # an unknown id is a 404, not a 409
-        if not store.cancel(job_id):
-            raise HTTPException(409, f"job already {_job(store, job_id).status.value}")
-        return _job(store, job_id)
+    def cancel_job(job_id: str, caller: Caller = authenticated) -> JobView:
+        _job(store, job_id, caller)  # an unknown id (or another key's) is a 404, not a 409
+        if not store.cancel(job_id, caller.key_id):
+            raise HTTPException(409, f"job already {_job(store, job_id, caller).status.value}")
+        return _job(store, job_id, caller)
 
     @app.get(
         "/jobs/{job_id}/images/{index}.png",
         response_class=Response,
         responses={
             200: {"content": {"image/png": {}}, "description": "The PNG."},
+            **_UNAUTHORIZED,
             **_NOT_FOUND,
             **_error(409, "The job has not succeeded (yet)."),
             **_error(410, "The images have expired."),
         },
         summary="One image of a finished job",
     )
-    def get_image(job_id: str, index: int = Path(ge=0, le=7)) -> Response:
-        view = _job(store, job_id)
+    def get_image(
+        job_id: str, index: int = Path(ge=0, le=7), caller: Caller = authenticated
+    ) -> Response:
+        view = _job(store, job_id, caller)
         if view.status is Status.EXPIRED:
             raise HTTPException(410, "the images of this job have expired")
         if view.status is not Status.SUCCEEDED:
@@ -196,7 +284,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         data = store.image(job_id, index)
         if data is None:
             raise HTTPException(410, "the images of this job have expired")
-        return Response(data, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+        return Response(data, media_type="image/png")
 
     @app.get("/healthz", summary="Liveness: the process answers")
     def healthz() -> dict[str, str]:
@@ -225,8 +313,9 @@ def _not_ready(reason: str) -> JSONResponse:
     )
 
 
-def _job(store: JobStore, job_id: str) -> JobView:
-    view = store.view(job_id) if is_job_id(job_id) else None
+def _job(store: JobStore, job_id: str, caller: Caller) -> JobView:
+    """The job, if this caller owns it; another key's job is as unknown as a missing one."""
+    view = store.view(job_id, caller.key_id) if is_job_id(job_id) else None
     if view is None:
         raise HTTPException(404, "job not found")
     return view

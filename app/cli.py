@@ -10,7 +10,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from app import logs
+from app.auth import is_loopback, new_key
 from app.settings import ApiSettings, load
 
 
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         default="tiny",
         help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks",
     )
+    key = sub.add_parser("make-key", help="make an API key; prints it once, and its config line")
+    key.add_argument("id", help="the key's id: what job records and logs will show")
     args = parser.parse_args(argv)
 
     if args.command == "api":
@@ -46,10 +51,23 @@ def main(argv: list[str] | None = None) -> None:
         from app.dev import run_dev
 
         raise SystemExit(run_dev(args.host, args.port))
+    elif args.command == "make-key":
+        make_key(args.id)
     else:
         from worker.tiny import build_tiny_model
 
         print(build_tiny_model(args.dir, args.arch))
+
+
+def make_key(key_id: str) -> None:
+    try:
+        key, config = new_key(key_id)
+    except ValidationError:
+        raise SystemExit("sdserve: a key id is 1-64 letters, digits, '_', '.' or '-'") from None
+    print(f"API key for {key_id} (shown this once; only its hash is kept):\n  {key}")
+    print("Add this line to SDSERVE_API_KEYS_FILE (optional fields: rate_per_s, burst,")
+    print("max_in_flight):")
+    print(f"  {config.model_dump_json(exclude_none=True)}")
 
 
 def serve_api(host: str, port: int) -> None:
@@ -59,7 +77,14 @@ def serve_api(host: str, port: int) -> None:
     from app.jobs import JobStore
 
     settings = load(ApiSettings)
+    if settings.auth == "off" and not is_loopback(host):
+        raise SystemExit(
+            f"sdserve: SDSERVE_AUTH=off is refused on {host}: without API keys, serve on a"
+            " loopback address (127.0.0.1) only"
+        )
     logs.configure(settings.log_json)
+    if settings.auth == "off":
+        logging.getLogger("sdserve.api").warning("SDSERVE_AUTH=off: anyone on this host may call")
     store = JobStore.connect(settings.redis_url, settings.result_ttl_s, settings.redis_timeout_s)
     logging.getLogger("sdserve.api").info("serving on http://%s:%d", host, port)
     uvicorn.run(create_app(store, settings), host=host, port=port, log_config=None)

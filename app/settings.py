@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.auth import ApiKey, Keyring, read_keys_file
 
 PREFIX = "SDSERVE_"
 
@@ -47,6 +49,41 @@ class ApiSettings(CommonSettings):
         le=86400,
         description="A job's timeout_s when the request gives none.",
     )
+    auth: Literal["on", "off"] = Field(
+        default="on", description="API keys required; off is refused unless bound to loopback."
+    )
+    api_keys: list[ApiKey] = Field(
+        default=[], description='JSON list of {"id", "sha256", ...}; see `sdserve make-key`.'
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A file of such keys, one JSON object a line."
+    )
+    rate_per_s: float = Field(
+        default=5.0, gt=0, le=10_000, description="Submissions a second per key (token bucket)."
+    )
+    rate_burst: int = Field(default=20, ge=1, le=100_000, description="The bucket's size.")
+    max_in_flight: int = Field(
+        default=100, ge=1, le=1_000_000, description="Queued and running jobs per key."
+    )
+    docs: bool = Field(default=True, description="Serve /docs, /redoc and /openapi.json.")
+    cors_origins: list[str] = Field(
+        default=[], description="Origins allowed by CORS (JSON list); none: no CORS headers."
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> ApiSettings:
+        if self.api_keys_file is not None:
+            self.api_keys = [*self.api_keys, *read_keys_file(self.api_keys_file)]
+        if self.auth == "on" and not self.api_keys:
+            raise ValueError(
+                "SDSERVE_AUTH=on needs API keys: set SDSERVE_API_KEYS or SDSERVE_API_KEYS_FILE"
+                " (`sdserve make-key ID` makes one), or SDSERVE_AUTH=off on a loopback address"
+            )
+        self.keyring()  # ids and hashes unique
+        return self
+
+    def keyring(self) -> Keyring:
+        return Keyring(self.api_keys, self.rate_per_s, self.rate_burst, self.max_in_flight)
 
 
 S = TypeVar("S", bound=BaseSettings)

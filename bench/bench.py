@@ -314,8 +314,13 @@ def service_stage(
 ) -> dict[str, Any]:
     redis_server = ValkeyServer(data_dir=work / f"valkey-{gpus}", appendonly="yes")
     redis_server.start()
-    env = {**os.environ, "SDSERVE_REDIS_URL": f"{redis_server.connection_url}/0",
-           "SDSERVE_MODEL": model, "SDSERVE_MAX_BATCH": str(max_batch)}  # fmt: skip
+    env = {
+        **os.environ,
+        "SDSERVE_REDIS_URL": f"{redis_server.connection_url}/0",
+        "SDSERVE_MODEL": model,
+        "SDSERVE_MAX_BATCH": str(max_batch),
+        "SDSERVE_AUTH": "off",
+    }  # fmt: skip  (the API binds 127.0.0.1)
     port = 8800 + gpus
     logs = [open(work / f"api-{gpus}.log", "wb")]  # noqa: SIM115 - closed below
     children = [subprocess.Popen([sys.executable, "-m", "app", "api", "--port", str(port)],

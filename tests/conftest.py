@@ -137,7 +137,7 @@ def serving(app: FastAPI) -> Iterator[str]:
 @pytest.fixture
 def api_settings(redis_url: str, request: pytest.FixtureRequest) -> ApiSettings:
     """The API's settings; a test may override some with indirect parametrization."""
-    return ApiSettings(redis_url=redis_url, **getattr(request, "param", {}))
+    return ApiSettings(redis_url=redis_url, **{"auth": "off", **getattr(request, "param", {})})
 
 
 @pytest.fixture
@@ -151,6 +151,7 @@ def api(store: JobStore, api_settings: ApiSettings) -> Iterator[httpx.Client]:
 def sdserve_env(redis_url: str, model: Path | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
     env["SDSERVE_REDIS_URL"] = redis_url
+    env["SDSERVE_AUTH"] = "off"  # the API binds 127.0.0.1 in tests; auth has tests of its own
     if model is not None:
         env["SDSERVE_MODEL"] = str(model)
     env.update({f"SDSERVE_{k.upper()}": v for k, v in extra.items()})

@@ -147,7 +147,7 @@ def test_readiness_needs_a_live_worker(api: httpx.Client, store: JobStore) -> No
 
 def test_redis_unreachable_is_503_with_retry_after() -> None:
     dead = JobStore.connect(f"redis://127.0.0.1:{free_port()}/0", 60, timeout_s=1)
-    settings = ApiSettings(redis_url="redis://127.0.0.1:1/0")
+    settings = ApiSettings(redis_url="redis://127.0.0.1:1/0", auth="off")
     with serving(create_app(dead, settings)) as url, httpx.Client(base_url=url) as client:
         for r in [
             client.post("/v1/txt2img", json=VALID),
@@ -211,8 +211,8 @@ def test_expired_images_answer_410(redis_url: str) -> None:
     store.ensure_group()
     job_id = enqueue(store, Txt2ImgRequest(prompt="x", seed=1))
     [job] = store.start(store.read("w1", 1, 100), "w1")
-    store.succeed(job.delivery, [b"\x89PNG..."])
-    settings = ApiSettings(redis_url=redis_url)
+    store.succeed(job, [b"\x89PNG..."])
+    settings = ApiSettings(redis_url=redis_url, auth="off")
     with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
         assert client.get(f"/jobs/{job_id}/images/0.png").status_code == 200
         time.sleep(1.2)

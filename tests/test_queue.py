@@ -55,7 +55,7 @@ def test_work_flows_queued_running_succeeded_and_is_acked(store: JobStore, redis
     assert view is not None and view.progress is not None and view.progress.step == 7
     assert pending(r) == 3
 
-    assert store.succeed(jobs[0].delivery, [b"png0"])
+    assert store.succeed(jobs[0], [b"png0"])
     assert pending(r) == 2  # acked only with the result
     view = store.view(ids[0])
     assert view is not None and view.status is Status.SUCCEEDED
@@ -69,8 +69,8 @@ def test_terminal_states_never_change(store: JobStore) -> None:
     store.ensure_group()
     job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
-    assert store.fail(job.delivery, ErrorCode.NUMERICAL, "nan")
-    assert not store.succeed(job.delivery, [b"late"])  # a late or repeated completion
+    assert store.fail(job, ErrorCode.NUMERICAL, "nan")
+    assert not store.succeed(job, [b"late"])  # a late or repeated completion
     assert not store.cancel(job_id)
     view = store.view(job_id)
     assert view is not None and view.status is Status.FAILED and view.images == []
@@ -94,7 +94,7 @@ def test_cancel_while_running_is_reported_to_the_worker(store: JobStore) -> None
     [job] = store.start(store.read("w1", 1, 100), "w1")
     assert store.cancel(job_id)
     assert store.report({job_id: 3}) == {job_id}
-    assert not store.succeed(job.delivery, [b"png"])
+    assert not store.succeed(job, [b"png"])
     view = store.view(job_id)
     assert view is not None and view.status is Status.CANCELED and store.image(job_id, 0) is None
 
@@ -109,7 +109,7 @@ def test_unacked_entries_come_back_to_their_consumer(store: JobStore) -> None:
     [again] = store.reclaim("w1", 0, cap=3, count=10, owner="w1")
     assert (again.entry_id, again.job_id, again.deliveries) == (first.entry_id, job_id, 2)
     [job] = store.start([again], "w1")  # a running job is run again, not dropped
-    assert store.succeed(job.delivery, [b"png"])
+    assert store.succeed(job, [b"png"])
     assert store.reclaim("w1", 0, cap=3, count=10, owner="w1") == []
     view = store.view(job_id)
     assert view is not None and view.status is Status.SUCCEEDED
@@ -164,11 +164,17 @@ def test_the_queue_cap_refuses_exactly_the_excess(store: JobStore) -> None:
 
 def test_idempotency_replays_the_first_job_and_refuses_another_request(store: JobStore) -> None:
     normalized = request(timeout_s=60)
-    first = store.submit(normalized, 10, ("key-1", "hash-a"))
+    first = store.submit(normalized, 10, idempotency=("key-1", "hash-a"))
     assert first[0] is Submission.QUEUED
-    assert store.submit(normalized, 10, ("key-1", "hash-a")) == (Submission.REPLAYED, first[1])
-    assert store.submit(normalized, 10, ("key-1", "hash-b")) == (Submission.CONFLICT, first[1])
-    assert store.submit(normalized, 10, ("key-2", "hash-a"))[0] is Submission.QUEUED
+    assert store.submit(normalized, 10, idempotency=("key-1", "hash-a")) == (
+        Submission.REPLAYED,
+        first[1],
+    )
+    assert store.submit(normalized, 10, idempotency=("key-1", "hash-b")) == (
+        Submission.CONFLICT,
+        first[1],
+    )
+    assert store.submit(normalized, 10, idempotency=("key-2", "hash-a"))[0] is Submission.QUEUED
     assert store.queued() == 2
 
 
@@ -208,7 +214,7 @@ def test_succeeded_jobs_say_expired_after_the_ttl(store: JobStore) -> None:
     store.ensure_group()
     job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
-    store.succeed(job.delivery, [b"png"])
+    store.succeed(job, [b"png"])
     view = store.view(job_id)
     assert view is not None and view.finished_at is not None
     later = view.finished_at.timestamp() + store.result_ttl_s + 1

@@ -258,7 +258,7 @@ class Runner:
 
     def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         log.warning("failed (%s): %s", code.value, message, extra={"job_id": job.id})
-        self._redis(partial(self.store.fail, job.delivery, code, message))
+        self._redis(partial(self.store.fail, job, code, message))
 
     def _succeed(self, job: Job, images: list[np.ndarray | None]) -> None:
         """Encode and store one job's images (pool thread); its entry is acked after that."""
@@ -270,7 +270,7 @@ class Runner:
             for image, seed in zip(images, job.request.seeds(), strict=True)
             if image is not None
         ]
-        if self._redis(partial(self.store.succeed, job.delivery, pngs)):
+        if self._redis(partial(self.store.succeed, job, pngs)):
             log.info("succeeded: %d images", len(pngs), extra={"job_id": job.id})
         else:
             log.info("had ended meanwhile (canceled): result dropped", extra={"job_id": job.id})
