@@ -10,12 +10,14 @@ from typing import Any
 
 import redis
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Response, Security
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -159,6 +161,15 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         # The offending input is not echoed: it may be huge, or NaN, which JSON cannot carry.
         errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot even decode (not UTF-8): for a client that
+            # is one more malformed body, the same 422 as broken JSON.
+            error = {"loc": ["body"], "msg": "body is not valid UTF-8 JSON", "type": "json_invalid"}
+            return JSONResponse({"detail": [error]}, status_code=422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(_request: Request, _exc: redis.RedisError) -> JSONResponse:

