@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import ANONYMOUS, Caller
 from app.jobs import SEED_MAX, JobStore, JobView, Status, Submission, Txt2ImgRequest, is_job_id
+from app.metrics import ApiMetrics, HttpMetrics
 from app.settings import ApiSettings
 
 log = logging.getLogger("sdserve.api")
@@ -123,8 +125,10 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         redoc_url="/redoc" if settings.docs else None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
+    metrics = ApiMetrics(store)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_middleware(NoSniff)
+    app.add_middleware(HttpMetrics, metrics=metrics)  # outermost: it sees every answer
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -200,6 +204,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
     )
     def txt2img(
         request: Txt2ImgRequest,
+        http: Request,
         response: Response,
         caller: Caller = authenticated,
         idempotency_key: str | None = Header(
@@ -209,6 +214,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         if caller.rate_per_s:
             wait = store.take_token(caller.key_id, caller.rate_per_s, caller.burst)
             if wait > 0:
+                http.state.rejected = "rate_limited"
                 raise HTTPException(
                     429,
                     f"rate limit: {caller.rate_per_s:g} submissions a second for this key",
@@ -227,12 +233,14 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             normalized, settings.max_queue, caller.key_id, caller.max_in_flight, idempotency
         )
         if outcome is Submission.FULL:
+            http.state.rejected = "queue_full"
             raise HTTPException(
                 429,
                 f"the queue is full ({settings.max_queue} jobs waiting)",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         if outcome is Submission.BUSY:
+            http.state.rejected = "in_flight"
             raise HTTPException(
                 429,
                 f"this key has {caller.max_in_flight} jobs queued or running, its limit",
@@ -244,6 +252,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         response.headers["Location"] = url
         status = Status.QUEUED
         if outcome is Submission.REPLAYED:
+            http.state.replayed = True
             response.headers["Idempotent-Replayed"] = "true"
             status = _job(store, job_id, caller).status
         return Accepted(id=job_id, status=status, url=url)
@@ -296,6 +305,10 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         if data is None:
             raise HTTPException(410, "the images of this job have expired")
         return Response(data, media_type="image/png")
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", summary="Liveness: the process answers")
     def healthz() -> dict[str, str]:

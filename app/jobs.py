@@ -14,6 +14,7 @@ Layout in Redis (all keys under the ``sdserve:`` prefix):
 - ``sdserve:idempotency:<sha256 of caller and key>``  "<job id> <sha256 of the request>"
 - ``sdserve:inflight:<key id>``  set of an API key's queued and running jobs
 - ``sdserve:ratelimit:<key id>`` token bucket of an API key's submissions
+- ``sdserve:stats:job_seconds``   histogram of accepted-to-finished times, by final status
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ GROUP = "workers"
 QUEUED = "sdserve:queued"
 WORKERS = "sdserve:workers"
 DEAD = "sdserve:dead"
+JOB_SECONDS = "sdserve:stats:job_seconds"
+
+# Seconds from accepted to finished: explicit, up to five minutes (the defaults stop at 10 s).
+JOB_SECONDS_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 # A finished job's record outlives its images by this long, so that it can say "expired".
 RECORD_GRACE_S = 7 * 86400
@@ -219,6 +224,7 @@ class Job:
     delivery: Delivery
     request: Txt2ImgRequest
     owner: str = ""
+    created_at: float = 0.0
 
     @property
     def id(self) -> str:
@@ -276,16 +282,27 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: job, queued, owner's in-flight set, image 0..n-1. ARGV: job id, status, now, result
-# ttl, record ttl, error code, error message, png 0..n-1. A terminal state never changes: a
-# late or repeated completion writes nothing.
+# KEYS: job, queued, owner's in-flight set, duration histogram, image 0..n-1. ARGV: job id,
+# status, now, result ttl, record ttl, error code, error message, histogram bounds ("0.5,1.0,
+# ..."), png 0..n-1. A terminal state never changes: a late or repeated completion writes
+# nothing, and counts nothing.
 _FINISH = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'queued' and s ~= 'running' then return 0 end
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   redis.call('SET', KEYS[i], ARGV[i + 4], 'EX', ARGV[4])
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'images', #KEYS - 3,
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_at'))
+if created then
+  local seconds = tonumber(ARGV[3]) - created
+  local bucket = '+Inf'
+  for bound in string.gmatch(ARGV[8], '[^,]+') do
+    if seconds <= tonumber(bound) then bucket = bound break end
+  end
+  redis.call('HINCRBY', KEYS[4], ARGV[2] .. '|' .. bucket, 1)
+  redis.call('HINCRBYFLOAT', KEYS[4], ARGV[2] .. '|sum', seconds)
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'images', #KEYS - 4,
   'expires_at', ARGV[3] + ARGV[4], 'error_code', ARGV[6], 'error_message', ARGV[7])
 redis.call('HINCRBY', KEYS[1], 'completions', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -363,6 +380,23 @@ class JobStore:
 
     def queued(self) -> int:
         return int(self._r.zcard(QUEUED))
+
+    def queue_state(self) -> QueueState:
+        tx = self._r.pipeline(transaction=False)
+        tx.zcard(QUEUED)
+        tx.xlen(DEAD)
+        tx.hgetall(JOB_SECONDS)
+        tx.exists(STREAM)
+        queued, dead, durations, stream = tx.execute()
+        groups: Any = self._r.xinfo_groups(STREAM) if stream else []
+        lag = next((g.get("lag") or 0 for g in groups if g["name"] == GROUP.encode()), 0)
+        return QueueState(
+            queued=int(queued),
+            lag=int(lag),
+            workers=len(self.live_workers()),
+            dead_letters=int(dead),
+            durations=_durations(durations),
+        )
 
     def view(self, job_id: str, owner: str = "", now: float | None = None) -> JobView | None:
         """The job as `owner` may see it: None for an unknown job or another key's."""
@@ -520,11 +554,11 @@ class JobStore:
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
             self._start(keys=[job_key(d.job_id), QUEUED], args=[d.job_id, now, worker], client=tx)
-            tx.hmget(job_key(d.job_id), ["request", "owner"])
+            tx.hmget(job_key(d.job_id), ["request", "owner", "created_at"])
         replies = tx.execute()
         jobs, skipped = [], []
         for i, d in enumerate(deliveries):
-            started, (request, raw_owner) = replies[2 * i], replies[2 * i + 1]
+            started, (raw_request, raw_owner, created) = replies[2 * i], replies[2 * i + 1]
             owner = raw_owner.decode() if raw_owner else ""
             if started == 0:
                 skipped.append(d.entry_id)
@@ -535,7 +569,8 @@ class JobStore:
                                ErrorCode.DEADLINE.value, message)  # fmt: skip
                 continue
             try:
-                jobs.append(Job(d, Txt2ImgRequest.model_validate_json(request), owner))
+                request = Txt2ImgRequest.model_validate_json(raw_request)
+                jobs.append(Job(d, request, owner, float(created or 0)))
             except ValueError as e:
                 self._complete(d.job_id, d.entry_id, owner, Status.FAILED, [],
                                ErrorCode.INVALID.value, f"unreadable request: {e}")  # fmt: skip
@@ -609,17 +644,47 @@ class JobStore:
     ) -> bool:
         """Write the outcome, then ack the entry (if a worker holds one) in the same
         transaction: the ack never comes before the result is stored."""
-        keys = [job_key(job_id), QUEUED, inflight_key(owner)]
+        keys = [job_key(job_id), QUEUED, inflight_key(owner), JOB_SECONDS]
         keys += [image_key(job_id, k) for k in range(len(pngs))]
         args: list[str | int | bytes] = [job_id, status.value, repr(time.time()),
                                          self.result_ttl_s, self._record_ttl(), code, message,
-                                         *pngs]  # fmt: skip
+                                         _BOUNDS, *pngs]  # fmt: skip
         tx = self._r.pipeline(transaction=True)
         self._finish(keys=keys, args=args, client=tx)
         if entry_id is not None:
             tx.xack(STREAM, GROUP, entry_id)
         written = tx.execute()[0]
         return bool(written)
+
+
+_BOUNDS = ",".join(str(bound) for bound in JOB_SECONDS_BUCKETS)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What the whole queue looks like now: for metrics."""
+
+    queued: int
+    lag: int
+    workers: int
+    dead_letters: int
+    # status -> (cumulative buckets [(le, count)...] ending with "+Inf", sum of seconds)
+    durations: dict[str, tuple[list[tuple[str, float]], float]]
+
+
+def _durations(raw: dict[bytes, bytes]) -> dict[str, tuple[list[tuple[str, float]], float]]:
+    counts: dict[str, dict[str, float]] = {}
+    for field, value in raw.items():
+        status, bucket = field.decode().split("|")
+        counts.setdefault(status, {})[bucket] = float(value)
+    out = {}
+    for status, by_bucket in counts.items():
+        cumulative, running = [], 0.0
+        for le in [*_BOUNDS.split(","), "+Inf"]:
+            running += by_bucket.get(le, 0.0)
+            cumulative.append((le, running))
+        out[status] = (cumulative, by_bucket.get("sum", 0.0))
+    return out
 
 
 def _timestamp(record: dict[str, str], field: str) -> datetime | None:

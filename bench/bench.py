@@ -330,7 +330,8 @@ def service_stage(
         log = open(work / f"worker-{gpus}-{gpu}.log", "wb")  # noqa: SIM115 - closed below
         logs.append(log)
         device = f"cuda:{gpu}" if DEVICE.type == "cuda" else "cpu"
-        worker_env = {**env, "SDSERVE_DEVICE": device, "SDSERVE_WORKER_NAME": f"gpu{gpu}"}
+        worker_env = {**env, "SDSERVE_DEVICE": device, "SDSERVE_WORKER_NAME": f"gpu{gpu}",
+                      "SDSERVE_METRICS_PORT": str(9400 + gpu)}  # fmt: skip
         children.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], env=worker_env,
                                          stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
     url = f"http://127.0.0.1:{port}"

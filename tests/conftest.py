@@ -152,6 +152,7 @@ def sdserve_env(redis_url: str, model: Path | None = None, **extra: str) -> dict
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
     env["SDSERVE_REDIS_URL"] = redis_url
     env["SDSERVE_AUTH"] = "off"  # the API binds 127.0.0.1 in tests; auth has tests of its own
+    env["SDSERVE_METRICS_PORT"] = "0"  # several workers share this host; metrics tests set one
     if model is not None:
         env["SDSERVE_MODEL"] = str(model)
     env.update({f"SDSERVE_{k.upper()}": v for k, v in extra.items()})

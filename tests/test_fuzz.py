@@ -97,7 +97,7 @@ def base_url(redis_server: ValkeyServer) -> Iterator[str]:
 
 @schema.parametrize()
 @settings(deadline=None)
-def test_the_api_keeps_its_schema(case: schemathesis.Case, base_url: str) -> None:
+def test_the_api_keeps_its_schema(case: schemathesis.Case[Any], base_url: str) -> None:
     """No 5xx, every answer documented and shaped as documented, for valid and invalid input."""
     case.call_and_validate(
         base_url=base_url,

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -61,6 +61,14 @@ class BatchShape:
 
 # Called after each step with the number of steps done; returning False abandons the batch.
 StepCallback = Callable[[int], bool]
+
+
+class Observer(Protocol):
+    """Told how long the parts of each batch took (metrics)."""
+
+    def denoised(self, seconds: float, steps: int) -> None: ...
+
+    def decoded(self, seconds: float) -> None: ...
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -123,6 +131,7 @@ class Engine:
                 module.fuse_qkv_projections()
                 module.to(memory_format=torch.channels_last)
         self._vae_fp32: Any = None
+        self.observer: Observer | None = None
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
         if self.tuning.compile:
@@ -192,6 +201,7 @@ class Engine:
         step_options = {"generator": generators} if sampler.ancestral else {}
         compiled = (shape.width, shape.height) in self.tuning.compiled_sizes
 
+        started = time.perf_counter()
         for k, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             noise = self.run_unet(model_input, t, context, compiled)
@@ -200,7 +210,17 @@ class Engine:
             latents = scheduler.step(noise, t, latents, **step_options).prev_sample
             if on_step is not None and not on_step(k + 1):
                 return None
-        return self.decode(latents, compiled)[:count]
+        self._synchronize()  # the GPU runs behind the host: wait, so the times are the GPU's
+        denoised = time.perf_counter()
+        images = self.decode(latents, compiled)
+        if self.observer is not None:
+            self.observer.denoised(denoised - started, shape.steps)
+            self.observer.decoded(time.perf_counter() - denoised)
+        return images[:count]
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def run_unet(
         self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool

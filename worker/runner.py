@@ -34,6 +34,7 @@ from worker.batching import Assembly, Slot, chunks, group
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning, resolve_device
 from worker.images import encode_png, parameters
 from worker.inbox import Inbox
+from worker.metrics import WorkerMetrics
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
 
 log = logging.getLogger("sdserve.worker")
@@ -95,6 +96,8 @@ class Runner:
         self.model_name = Path(engine.model).name
         self.stopping = threading.Event()
         self.tracker = Tracker()
+        self.metrics = WorkerMetrics(settings.max_batch, engine.tuning.buckets())
+        engine.observer = self.metrics
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
         self._grace_ends = math.inf
         self._lock = threading.Lock()
@@ -160,6 +163,9 @@ class Runner:
 
     def _process(self, deliveries: list[Delivery]) -> None:
         jobs = self._redis(partial(self.store.start, deliveries, self.name)) or []
+        now = time.time()
+        for job in jobs:
+            self.metrics.queue_wait.observe(now - job.created_at)
         with self._lock:  # suspects that will not run (ended meanwhile) are out of hand
             self._suspects -= {d.job_id for d in deliveries} - {job.id for job in jobs}
         # A suspect (its workers died with it twice) runs alone: if it kills this worker too,
@@ -222,6 +228,9 @@ class Runner:
             return {job.id for job in jobs}
         finally:
             self.tracker.end()
+        seconds = time.perf_counter() - started
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.batch_size.observe(len(rows))
         log.info(
             "batch of %d images (%d jobs) %dx%d %d steps %s in %.2fs",
             len(rows),
@@ -230,7 +239,7 @@ class Runner:
             shape.height,
             shape.steps,
             shape.scheduler,
-            time.perf_counter() - started,
+            seconds,
         )
         if images is None:  # every job ended elsewhere, or the stop grace ran out
             return set()
@@ -244,6 +253,7 @@ class Runner:
     ) -> set[str]:
         """Out of GPU memory: retry in halves, down to one image, which then fails alone."""
         self.engine.release_memory()
+        self.metrics.oom_splits.inc()
         if len(rows) == 1:
             job = rows[0].job
             message = f"one {shape.width}x{shape.height} image does not fit in GPU memory"
@@ -258,19 +268,21 @@ class Runner:
 
     def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         log.warning("failed (%s): %s", code.value, message, extra={"job_id": job.id})
+        self.metrics.failures.labels(code.value).inc()
         self._redis(partial(self.store.fail, job, code, message))
 
     def _succeed(self, job: Job, images: list[np.ndarray | None]) -> None:
         """Encode and store one job's images (pool thread); its entry is acked after that."""
-        if any(image is None for image in images):
+        finite = [image for image in images if image is not None]
+        if len(finite) < len(images):
             self._fail(job, ErrorCode.NUMERICAL, "the model produced non-finite pixels")
             return
-        pngs = [
-            encode_png(image, parameters(job.request, seed, self.model_name))
-            for image, seed in zip(images, job.request.seeds(), strict=True)
-            if image is not None
-        ]
+        pngs = []
+        for image, seed in zip(finite, job.request.seeds(), strict=True):
+            with self.metrics.png_encode.time():
+                pngs.append(encode_png(image, parameters(job.request, seed, self.model_name)))
         if self._redis(partial(self.store.succeed, job, pngs)):
+            self.metrics.images.inc(len(pngs))
             log.info("succeeded: %d images", len(pngs), extra={"job_id": job.id})
         else:
             log.info("had ended meanwhile (canceled): result dropped", extra={"job_id": job.id})
@@ -296,6 +308,7 @@ class Runner:
     def _heartbeat(self) -> None:
         info = json.dumps({"device": str(self.engine.device), "model": self.model_name})
         self.store.heartbeat(self.name, self.settings.heartbeat_ttl_s, info)
+        self.metrics.last_heartbeat.set_to_current_time()
         self.store.touch(self.name)
         claim_idle_ms = self.settings.claim_idle_s * 1000
         room = self.inbox.room()
@@ -366,13 +379,21 @@ def serve(settings: WorkerSettings) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
     started = time.perf_counter()
     engine = Engine(prepare_model(settings.model), device, tuning)
+    loaded = time.perf_counter()
     engine.warm_up()
-    log.info(
-        "model %s loaded and warmed up in %.1fs", settings.model, time.perf_counter() - started
-    )
+    warmed = time.perf_counter()
+    log.info("model %s loaded in %.1fs, warmed up in %.1fs", settings.model, loaded - started,
+             warmed - loaded)  # fmt: skip
     # A read blocks up to READ_BLOCK_MS: the socket must wait longer than that.
     store = JobStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5)
     runner = Runner(settings, store, engine)
+    runner.metrics.model_load.set(loaded - started)
+    runner.metrics.warm_up.set(warmed - loaded)
+    if device.type == "cuda":
+        runner.metrics.gpu_memory.set_function(lambda: torch.cuda.memory_allocated(device))
+        runner.metrics.gpu_memory_peak.set_function(lambda: torch.cuda.max_memory_allocated(device))
+    if settings.metrics_port:
+        runner.metrics.serve(settings.metrics_port)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: finishing the batch in hand, then exiting", signal.Signals(signum).name)

@@ -67,6 +67,9 @@ class WorkerSettings(CommonSettings):
         description="Compiled kernels, kept across restarts (a volume in containers).",
     )
     vae_chunk: int = Field(default=1, ge=1, le=64, description="Images per VAE decode call.")
+    metrics_port: int = Field(
+        default=9400, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."
+    )
     worker_name: str = Field(
         default_factory=socket.gethostname,
         pattern=r"^[A-Za-z0-9_.:-]{1,100}$",

@@ -1,0 +1,96 @@
+"""The worker's Prometheus metrics, served on a port of its own (`SDSERVE_METRICS_PORT`).
+
+One process per GPU, no multiprocess mode. Names follow Prometheus conventions: `sdserve_worker_`
+prefix, base units, counters end in `_total` (prometheus_client adds it).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from app.jobs import JOB_SECONDS_BUCKETS
+
+# Seconds a step or a decode takes: milliseconds on a GPU, up to seconds on a CPU.
+STEP_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class WorkerMetrics:
+    def __init__(self, max_batch: int, buckets: list[int]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_wait = Histogram(
+            "sdserve_worker_queue_wait_seconds",
+            "Accepted to taken by a worker.",
+            buckets=JOB_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "sdserve_worker_batch_seconds",
+            "Wall time of one batch on the GPU: all its steps and its decode.",
+            buckets=JOB_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.unet_step = Histogram(
+            "sdserve_worker_unet_step_seconds",
+            "One denoising step of a batch (UNet call and sampler step).",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.vae_decode = Histogram(
+            "sdserve_worker_vae_decode_seconds",
+            "VAE decode of a batch's images.",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.png_encode = Histogram(
+            "sdserve_worker_png_encode_seconds",
+            "Encoding one PNG.",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "sdserve_worker_batch_size",
+            "Images in a batch (before padding to its bucket).",
+            buckets=[float(b) for b in sorted({*buckets, max_batch})],
+            registry=r,
+        )
+        self.images = Counter("sdserve_worker_images", "Images generated and stored.", registry=r)
+        self.failures = Counter(
+            "sdserve_worker_failures", "Jobs failed, by error code.", ["code"], registry=r
+        )
+        self.oom_splits = Counter(
+            "sdserve_worker_oom_splits", "Batches split in two after running out of GPU memory.",
+            registry=r,
+        )  # fmt: skip
+        self.model_load = Gauge(
+            "sdserve_worker_model_load_seconds", "Time to load the model at start.", registry=r
+        )
+        self.warm_up = Gauge(
+            "sdserve_worker_warm_up_seconds",
+            "Time to warm up at start (compilation included).",
+            registry=r,
+        )
+        self.gpu_memory = Gauge(
+            "sdserve_worker_gpu_memory_bytes", "GPU memory allocated now.", registry=r
+        )
+        self.gpu_memory_peak = Gauge(
+            "sdserve_worker_gpu_memory_peak_bytes",
+            "Most GPU memory allocated since start.",
+            registry=r,
+        )
+        self.last_heartbeat = Gauge(
+            "sdserve_worker_last_heartbeat_timestamp_seconds",
+            "When the worker last told Redis it lives (Unix time).",
+            registry=r,
+        )
+
+    # The engine reports its timings here (see worker.engine.Observer).
+    def denoised(self, seconds: float, steps: int) -> None:
+        self.unet_step.observe(seconds / steps)
+
+    def decoded(self, seconds: float) -> None:
+        self.vae_decode.observe(seconds)
+
+    def serve(self, port: int) -> None:
+        """Serve /metrics on `port` in a background thread."""
+        start_http_server(port, registry=self.registry)
