@@ -9,12 +9,12 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test chaos install clean
+.PHONY: run test chaos install tools clean
 
 run: install
 	$(BIN)/sdserve dev --host $(HOST) --port $(PORT)
 
-test: install
+test: install tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -25,6 +25,12 @@ chaos: install
 	$(BIN)/pytest tests/test_chaos.py
 
 install: $(VENV)/.installed
+
+# promtool (Debian's prometheus package) checks the alert rules in the tests.
+tools:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	  >/dev/null; } || { echo "make test needs promtool: apt-get install prometheus"; exit 1; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

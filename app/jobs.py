@@ -23,6 +23,7 @@ import hashlib
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -547,9 +548,14 @@ class JobStore:
             if consumer["pending"] == 0 and consumer["idle"] > min_idle_ms:
                 self._r.xgroup_delconsumer(STREAM, GROUP, consumer["name"])
 
-    def start(self, deliveries: list[Delivery], worker: str) -> list[Job]:
+    def start(
+        self,
+        deliveries: list[Delivery],
+        worker: str,
+        failed: Callable[[ErrorCode], None] | None = None,
+    ) -> list[Job]:
         """Mark the jobs running. Those that ended meanwhile (canceled) are acked and left out;
-        those past their deadline fail without GPU time."""
+        those past their deadline (or unreadable) fail without GPU time, told to `failed`."""
         now = repr(time.time())
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
@@ -563,17 +569,17 @@ class JobStore:
             if started == 0:
                 skipped.append(d.entry_id)
                 continue
-            if started == 2:
-                message = "its timeout_s passed before a worker took it"
-                self._complete(d.job_id, d.entry_id, owner, Status.FAILED, [],
-                               ErrorCode.DEADLINE.value, message)  # fmt: skip
-                continue
-            try:
-                request = Txt2ImgRequest.model_validate_json(raw_request)
-                jobs.append(Job(d, request, owner, float(created or 0)))
-            except ValueError as e:
-                self._complete(d.job_id, d.entry_id, owner, Status.FAILED, [],
-                               ErrorCode.INVALID.value, f"unreadable request: {e}")  # fmt: skip
+            code, message = ErrorCode.DEADLINE, "its timeout_s passed before a worker took it"
+            if started == 1:
+                try:
+                    request = Txt2ImgRequest.model_validate_json(raw_request)
+                    jobs.append(Job(d, request, owner, float(created or 0)))
+                    continue
+                except ValueError as e:
+                    code, message = ErrorCode.INVALID, f"unreadable request: {e}"
+            self._complete(d.job_id, d.entry_id, owner, Status.FAILED, [], code.value, message)
+            if failed is not None:
+                failed(code)
         if skipped:
             self._r.xack(STREAM, GROUP, *skipped)
         return jobs

@@ -162,7 +162,8 @@ class Runner:
                 self.inbox.put(self._redis(read) or [])
 
     def _process(self, deliveries: list[Delivery]) -> None:
-        jobs = self._redis(partial(self.store.start, deliveries, self.name)) or []
+        start = partial(self.store.start, deliveries, self.name, self._count_failure)
+        jobs = self._redis(start) or []
         now = time.time()
         for job in jobs:
             self.metrics.queue_wait.observe(now - job.created_at)
@@ -266,9 +267,12 @@ class Runner:
         rest = [s for s in rows[half:] if s.job.id not in settled]
         return settled | (self._run_batch(rest, shape, assembly) if rest else set())
 
+    def _count_failure(self, code: ErrorCode) -> None:
+        self.metrics.failures.labels(code.value).inc()
+
     def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         log.warning("failed (%s): %s", code.value, message, extra={"job_id": job.id})
-        self.metrics.failures.labels(code.value).inc()
+        self._count_failure(code)
         self._redis(partial(self.store.fail, job, code, message))
 
     def _succeed(self, job: Job, images: list[np.ndarray | None]) -> None:
