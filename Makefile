@@ -26,11 +26,14 @@ chaos: install
 
 install: $(VENV)/.installed
 
-# promtool (Debian's prometheus package) checks the alert rules in the tests.
+# Debian tools the tests use: promtool checks the alert rules, kubectl renders the kustomize
+# manifests. Installed once, when missing.
 tools:
-	@command -v promtool >/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
-	  >/dev/null; } || { echo "make test needs promtool: apt-get install prometheus"; exit 1; }
+	@missing=""; command -v promtool >/dev/null || missing="prometheus"; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } || \
+	{ echo "make test needs: apt-get install $$missing"; exit 1; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
