@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import logging
 import math
+import os
 import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Response, Security
-from fastapi.exception_handlers import http_exception_handler
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -22,10 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import openai_images
 from app.auth import ANONYMOUS, Caller
 from app.jobs import SEED_MAX, JobStore, JobView, Status, Submission, Txt2ImgRequest, is_job_id
 from app.metrics import ApiMetrics, HttpMetrics
+from app.openai_images import first_error
 from app.settings import ApiSettings
+from app.webhooks import WebhookSender, refusal
 
 log = logging.getLogger("sdserve.api")
 
@@ -61,6 +71,14 @@ def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
 _NOT_FOUND = _error(404, "No such job for this API key (or a malformed id).")
 _UNAUTHORIZED = _error(401, "Missing, malformed or unknown API key (`WWW-Authenticate: Bearer`).")
 _UNAVAILABLE = _error(503, "The queue (Redis) is unreachable; retry after `Retry-After` seconds.")
+
+
+class JobEnded(HTTPException):
+    """A job that ended without images, answered to a client that waited for it."""
+
+    def __init__(self, status: int, detail: str, code: str | None) -> None:
+        super().__init__(status, detail)
+        self.code = code
 
 
 class NoSniff:
@@ -116,7 +134,20 @@ class BodyLimit:
 
 
 def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sender = None
+        if settings.webhook_secret is not None:
+            secret = settings.webhook_secret.get_secret_value().encode()
+            consumer = f"{socket.gethostname()}-{os.getpid()}"
+            sender = WebhookSender(store, secret, settings.webhook_allow_private, consumer)
+            sender.start()
+        yield
+        if sender is not None:
+            sender.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="sdserve",
         version="0.1.0",
         description=API_DESCRIPTION,
@@ -158,30 +189,79 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         # Logged here, in full; the client learns nothing of the inside.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": "internal error"}, status_code=500)
+        return _answer(request, 500, "internal error")
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # The offending input is not echoed: it may be huge, or NaN, which JSON cannot carry.
         errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        message, param = first_error(errors)
+        return _answer(request, 422, message, param=param, detail=errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:
             # FastAPI's answer to a body it cannot even decode (not UTF-8): for a client that
             # is one more malformed body, the same 422 as broken JSON.
-            error = {"loc": ["body"], "msg": "body is not valid UTF-8 JSON", "type": "json_invalid"}
-            return JSONResponse({"detail": [error]}, status_code=422)
-        return await http_exception_handler(request, exc)
+            message = "body is not valid UTF-8 JSON"
+            error = {"loc": ["body"], "msg": message, "type": "json_invalid"}
+            return _answer(request, 422, message, detail=[error])
+        code = exc.code if isinstance(exc, JobEnded) else None
+        return _answer(request, exc.status_code, str(exc.detail), headers=exc.headers, code=code)
 
     @app.exception_handler(redis.RedisError)
-    async def _redis_down(_request: Request, _exc: redis.RedisError) -> JSONResponse:
-        return JSONResponse(
-            {"detail": "the job queue is unavailable"},
-            status_code=503,
-            headers={"Retry-After": str(RETRY_AFTER_S)},
+    async def _redis_down(request: Request, _exc: redis.RedisError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return _answer(request, 503, "the job queue is unavailable", headers=headers)
+
+    def submit_job(
+        request: Txt2ImgRequest, http: Request, caller: Caller, idempotency_key: str | None
+    ) -> tuple[str, Status, bool]:
+        """Limits, then the job queued (or a replay's job found): its id, its status, and
+        whether it is a replay."""
+        if caller.rate_per_s:
+            wait = store.take_token(caller.key_id, caller.rate_per_s, caller.burst)
+            if wait > 0:
+                http.state.rejected = "rate_limited"
+                raise HTTPException(
+                    429,
+                    f"rate limit: {caller.rate_per_s:g} submissions a second for this key",
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
+        if request.webhook_url is not None:
+            _check_webhook(request.webhook_url, settings)
+        # What the client sent, before the server fills anything in, identifies a retry.
+        sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        normalized = request.model_copy(
+            update={
+                "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
+                "timeout_s": request.timeout_s or settings.job_timeout_s,
+            }
         )
+        idempotency = (idempotency_key, sent) if idempotency_key is not None else None
+        outcome, job_id = store.submit(
+            normalized, settings.max_queue, caller.key_id, caller.max_in_flight, idempotency
+        )
+        if outcome is Submission.FULL:
+            http.state.rejected = "queue_full"
+            raise HTTPException(
+                429,
+                f"the queue is full ({settings.max_queue} jobs waiting)",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        if outcome is Submission.BUSY:
+            http.state.rejected = "in_flight"
+            raise HTTPException(
+                429,
+                f"this key has {caller.max_in_flight} jobs queued or running, its limit",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        if outcome is Submission.CONFLICT:
+            raise HTTPException(409, "this Idempotency-Key was used with another request")
+        if outcome is Submission.REPLAYED:
+            http.state.replayed = True  # for the metrics: no new job
+            return job_id, _job(store, job_id, caller).status, True
+        return job_id, Status.QUEUED, False
 
     @app.post(
         "/v1/txt2img",
@@ -211,50 +291,11 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             default=None, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"
         ),
     ) -> Accepted:
-        if caller.rate_per_s:
-            wait = store.take_token(caller.key_id, caller.rate_per_s, caller.burst)
-            if wait > 0:
-                http.state.rejected = "rate_limited"
-                raise HTTPException(
-                    429,
-                    f"rate limit: {caller.rate_per_s:g} submissions a second for this key",
-                    headers={"Retry-After": str(math.ceil(wait))},
-                )
-        # What the client sent, before the server fills anything in, identifies a retry.
-        sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
-        normalized = request.model_copy(
-            update={
-                "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
-                "timeout_s": request.timeout_s or settings.job_timeout_s,
-            }
-        )
-        idempotency = (idempotency_key, sent) if idempotency_key is not None else None
-        outcome, job_id = store.submit(
-            normalized, settings.max_queue, caller.key_id, caller.max_in_flight, idempotency
-        )
-        if outcome is Submission.FULL:
-            http.state.rejected = "queue_full"
-            raise HTTPException(
-                429,
-                f"the queue is full ({settings.max_queue} jobs waiting)",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        if outcome is Submission.BUSY:
-            http.state.rejected = "in_flight"
-            raise HTTPException(
-                429,
-                f"this key has {caller.max_in_flight} jobs queued or running, its limit",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        if outcome is Submission.CONFLICT:
-            raise HTTPException(409, "this Idempotency-Key was used with another request")
+        job_id, status, replayed = submit_job(request, http, caller, idempotency_key)
         url = f"/jobs/{job_id}"
         response.headers["Location"] = url
-        status = Status.QUEUED
-        if outcome is Submission.REPLAYED:
-            http.state.replayed = True
+        if replayed:
             response.headers["Idempotent-Replayed"] = "true"
-            status = _job(store, job_id, caller).status
         return Accepted(id=job_id, status=status, url=url)
 
     @app.get(
@@ -306,6 +347,91 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             raise HTTPException(410, "the images of this job have expired")
         return Response(data, media_type="image/png")
 
+    @app.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "One event a change: `event:` the status, `data:` the job.",
+            },
+            **_UNAUTHORIZED,
+            **_NOT_FOUND,
+        },
+        summary="A job's changes, live (Server-Sent Events)",
+        description="An event whenever the status, queue position or step changes; the stream "
+        "ends with the job (succeeded, failed, canceled). A `: keep-alive` comment every 15 s.",
+    )
+    def job_events(job_id: str, caller: Caller = authenticated) -> StreamingResponse:
+        _job(store, job_id, caller)  # a 404 now, not a stream that ends at once
+        return StreamingResponse(
+            _events(store, job_id, caller.key_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=openai_images.ImagesResponse,
+        responses={
+            **_openai_error(401, "Missing, malformed or unknown API key."),
+            **_openai_error(409, "The job was canceled, or the Idempotency-Key reused."),
+            **_openai_error(413, "Body over 64 KiB."),
+            **_openai_error(422, "Invalid field (`param` names it)."),
+            **_openai_error(429, "Queue full, or this key's rate or jobs in flight at a limit."),
+            **_openai_error(
+                500, "The job failed (`code` says why: numerical, out_of_memory, ...)."
+            ),
+            **_openai_error(503, "The queue (Redis) is unreachable."),
+            **_openai_error(504, "Not done within SDSERVE_SYNC_TIMEOUT_S; the job goes on."),
+        },
+        summary="OpenAI-compatible: generate and wait",
+        description="The OpenAI Images API's `images.generate`: `prompt`, `n`, `size`, "
+        "`response_format` (`url` or `b64_json`), `model` (ignored); sdserve's own parameters "
+        "as extra fields. Answers when the images are made; same queue and batching as "
+        "`/v1/txt2img`. A client that hangs up cancels its job.",
+    )
+    async def images_generations(
+        request: openai_images.ImagesRequest,
+        http: Request,
+        caller: Caller = authenticated,
+        idempotency_key: str | None = Header(
+            default=None, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"
+        ),
+    ) -> openai_images.ImagesResponse:
+        job_id, _status, _replayed = await run_in_threadpool(
+            submit_job, request.job(), http, caller, idempotency_key
+        )
+        deadline = time.monotonic() + settings.sync_timeout_s
+        while True:
+            view = await run_in_threadpool(_job, store, job_id, caller)
+            if view.status not in (Status.QUEUED, Status.RUNNING):
+                break
+            if await http.is_disconnected():  # nobody waits: free the GPU
+                await run_in_threadpool(store.cancel, job_id, caller.key_id)
+                raise JobEnded(409, "the client hung up: job canceled", "canceled")
+            if time.monotonic() > deadline:
+                message = f"not done in {settings.sync_timeout_s}s; it goes on at /jobs/{job_id}"
+                raise JobEnded(504, message, "timeout")
+            await asyncio.sleep(0.1)
+        if view.status is not Status.SUCCEEDED:
+            error = view.error
+            if error is not None:
+                raise JobEnded(500, error.message, error.code)
+            raise JobEnded(409, f"the job was {view.status.value}", view.status.value)
+        data = []
+        for k, url in enumerate(view.images):
+            if request.response_format == "url":
+                data.append(openai_images.ImageData(url=f"{str(http.base_url).rstrip('/')}{url}",
+                                                    revised_prompt=request.prompt))  # fmt: skip
+                continue
+            png = await run_in_threadpool(store.image, job_id, k)
+            if png is None:
+                raise JobEnded(410, "the images of this job have expired", "expired")
+            data.append(openai_images.ImageData(b64_json=base64.b64encode(png).decode(),
+                                                revised_prompt=request.prompt))  # fmt: skip
+        return openai_images.ImagesResponse(created=int(time.time()), data=data)
+
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -329,6 +455,67 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         return JSONResponse({"status": "ready", "workers": len(workers)})
 
     return app
+
+
+def _answer(
+    request: Request,
+    status: int,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    detail: Any = None,
+) -> JSONResponse:
+    """An error answer: OpenAI's shape on its routes, `{"detail": ...}` everywhere else."""
+    if request.url.path.startswith(openai_images.PREFIX):
+        body = openai_images.error_body(status, message, param, code)
+    else:
+        body = {"detail": message if detail is None else detail}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _openai_error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": openai_images.OpenAIErrorBody, "description": description}}
+
+
+TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.EXPIRED)
+EVENT_POLL_S = 0.25
+KEEPALIVE_S = 15.0
+
+
+async def _events(store: JobStore, job_id: str, owner: str) -> AsyncIterator[str]:
+    """SSE: the job whenever what a watcher sees of it changes, until it ends."""
+    last: tuple[Any, ...] | None = None
+    quiet = 0.0
+    while True:
+        view = await run_in_threadpool(store.view, job_id, owner)
+        if view is None:  # the record itself expired
+            return
+        seen = (view.status, view.position, view.progress)
+        if seen != last:
+            yield f"event: {view.status.value}\ndata: {view.model_dump_json()}\n\n"
+            last, quiet = seen, 0.0
+        elif quiet >= KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet = 0.0
+        if view.status in TERMINAL:
+            return
+        await asyncio.sleep(EVENT_POLL_S)
+        quiet += EVENT_POLL_S
+
+
+def _check_webhook(url: str, settings: ApiSettings) -> None:
+    """422 on webhook_url when this server sends no webhooks or the target is refused."""
+    reason = (
+        "this server sends no webhooks (SDSERVE_WEBHOOK_SECRET is not set)"
+        if settings.webhook_secret is None
+        else refusal(url, settings.webhook_allow_private)
+    )
+    if reason:
+        raise RequestValidationError(
+            [{"loc": ("body", "webhook_url"), "msg": reason, "type": "value_error"}]
+        )
 
 
 def _not_ready(reason: str) -> JSONResponse:

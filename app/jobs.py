@@ -15,6 +15,7 @@ Layout in Redis (all keys under the ``sdserve:`` prefix):
 - ``sdserve:inflight:<key id>``  set of an API key's queued and running jobs
 - ``sdserve:ratelimit:<key id>`` token bucket of an API key's submissions
 - ``sdserve:stats:job_seconds``   histogram of accepted-to-finished times, by final status
+- ``sdserve:webhooks``            stream of webhook events to send; group ``senders``
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +46,8 @@ GROUP = "workers"
 QUEUED = "sdserve:queued"
 WORKERS = "sdserve:workers"
 DEAD = "sdserve:dead"
+WEBHOOKS = "sdserve:webhooks"
+WEBHOOK_GROUP = "senders"
 JOB_SECONDS = "sdserve:stats:job_seconds"
 
 # Seconds from accepted to finished: explicit, up to five minutes (the defaults stop at 10 s).
@@ -112,6 +115,34 @@ class ErrorCode(StrEnum):
     INVALID = "invalid_request"  # a record the worker could not read as a request
 
 
+# Limits shared by every way in (the native API, the OpenAI-compatible one).
+Prompt = Annotated[str, Field(min_length=1, max_length=2000, description="What to draw.")]
+NegativePrompt = Annotated[str, Field(max_length=2000, description="What to avoid.")]
+# Both sides at most 1024, so width x height never exceeds 1024 x 1024.
+Side = Annotated[int, Field(ge=64, le=1024, multiple_of=8, description="Pixels.")]
+Steps = Annotated[int, Field(ge=1, le=100, description="Denoising steps.")]
+Guidance = Annotated[float, Field(ge=0, le=30, description="Classifier-free guidance.")]
+Seed = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=SEED_MAX,
+        description="Seed of image 0; image k uses (seed + k) mod 2^32. Chosen when absent.",
+    ),
+]
+Count = Annotated[int, Field(ge=1, le=8, description="Number of images.")]
+Timeout = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=86400,
+        description="Seconds after submission when the job, if not yet taken by a worker, fails"
+        " `deadline_exceeded` without using the GPU. The server's default when absent.",
+    ),
+]
+WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
+
+
 class Txt2ImgRequest(BaseModel):
     """What a client asks for. Strict: a wrong JSON type is an error, never a silent coercion."""
 
@@ -136,27 +167,27 @@ class Txt2ImgRequest(BaseModel):
         },
     )
 
-    prompt: str = Field(min_length=1, max_length=2000, description="What to draw.")
-    negative_prompt: str = Field(default="", max_length=2000, description="What to avoid.")
-    # Both sides at most 1024, so width x height never exceeds 1024 x 1024.
-    width: int = Field(default=512, ge=64, le=1024, multiple_of=8, description="Pixels.")
-    height: int = Field(default=512, ge=64, le=1024, multiple_of=8, description="Pixels.")
-    steps: int = Field(default=25, ge=1, le=100, description="Denoising steps.")
-    guidance_scale: float = Field(default=7.5, ge=0, le=30, description="Classifier-free guidance.")
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
+    width: Side = 512
+    height: Side = 512
+    steps: Steps = 25
+    guidance_scale: Guidance = 7.5
     scheduler: SchedulerName = Field(default="dpmpp_2m", description="Sampler.")
-    seed: int | None = Field(
+    seed: Seed | None = None
+    n: Count = 1
+    timeout_s: Timeout | None = None
+    webhook_url: str | None = Field(
         default=None,
-        ge=0,
-        le=SEED_MAX,
-        description="Seed of image 0; image k uses (seed + k) mod 2^32. Chosen when absent.",
+        max_length=2000,
+        pattern=r"^https?://[^\s/@]+(/\S*)?$",
+        description="Where to POST the job (signed) when it reaches a state in webhook_events.",
     )
-    n: int = Field(default=1, ge=1, le=8, description="Number of images.")
-    timeout_s: int | None = Field(
-        default=None,
-        ge=1,
-        le=86400,
-        description="Seconds after submission when the job, if not yet taken by a worker, fails"
-        " `deadline_exceeded` without using the GPU. The server's default when absent.",
+    webhook_events: list[WebhookEvent] = Field(
+        default=["succeeded", "failed", "canceled"],
+        min_length=1,
+        max_length=4,
+        description="Which changes to send: running, succeeded, failed, canceled.",
     )
 
     def seeds(self) -> list[int]:
@@ -219,6 +250,15 @@ class Submission(StrEnum):
 
 
 @dataclass(frozen=True)
+class Notification:
+    """A job reached a state its webhook asked for; `entry_id` acks it once sent."""
+
+    entry_id: str
+    job_id: str
+    event: str
+
+
+@dataclass(frozen=True)
 class Job:
     """A job a worker has taken: its delivery, its request, and the API key id that owns it."""
 
@@ -234,8 +274,9 @@ class Job:
 
 # KEYS: job, queued, stream, owner's in-flight set, idempotency. ARGV: job id, now, request,
 # deadline, max queued, request hash, idempotency ttl, owner, owner's max in flight (0: no
-# cap), idempotency used (1/0). One atomic step: a replay, a refusal, or the job recorded and
-# queued. Answers {outcome, job id and request hash of a replay}.
+# cap), idempotency used (1/0), webhook url ('' for none), webhook events (",a,b,"). One atomic
+# step: a replay, a refusal, or the job recorded and queued. Answers {outcome, job id and
+# request hash of a replay}.
 _SUBMIT = """
 if ARGV[10] == '1' then
   local seen = redis.call('GET', KEYS[5])
@@ -245,7 +286,8 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {'full', ''} en
 local cap = tonumber(ARGV[9])
 if cap > 0 and redis.call('SCARD', KEYS[4]) >= cap then return {'busy', ''} end
 redis.call('HSET', KEYS[1], 'request', ARGV[3], 'status', 'queued', 'created_at', ARGV[2],
-  'deadline', ARGV[4], 'runs', 0, 'owner', ARGV[8])
+  'deadline', ARGV[4], 'runs', 0, 'owner', ARGV[8], 'webhook', ARGV[11],
+  'webhook_events', ARGV[12])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 if cap > 0 then redis.call('SADD', KEYS[4], ARGV[1]) end
@@ -269,29 +311,47 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return '0'
 """
 
-# KEYS: job, queued. ARGV: job id, now, worker. A running job comes back after its worker
-# died. Answers 1 to run it, 0 if it ended meanwhile, 2 if its deadline passed.
-_START = """
+# Lua, shared: queue a webhook event if the job has a webhook that wants this one.
+_WEBHOOK_EVENT = """
+local function webhook_event(job_key, events_key, job_id, event)
+  local hook = redis.call('HMGET', job_key, 'webhook', 'webhook_events')
+  if hook[1] and hook[1] ~= '' and string.find(hook[2] or '', ',' .. event .. ',', 1, true) then
+    redis.call('XADD', events_key, '*', 'job', job_id, 'event', event)
+  end
+end
+"""
+
+# KEYS: job, queued, webhook events. ARGV: job id, now, worker. A running job comes back after
+# its worker died. Answers 1 to run it, 0 if it ended meanwhile, 2 if its deadline passed.
+_START = (
+    _WEBHOOK_EVENT
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'queued' and s ~= 'running' then return 0 end
 local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline'))
 if deadline and tonumber(ARGV[2]) > deadline then return 2 end
-if s == 'queued' then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
+if s == 'queued' then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
+  webhook_event(KEYS[1], KEYS[3], ARGV[1], 'running')
+end
 redis.call('HSET', KEYS[1], 'status', 'running', 'step', 0, 'worker', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
+)
 
-# KEYS: job, queued, owner's in-flight set, duration histogram, image 0..n-1. ARGV: job id,
-# status, now, result ttl, record ttl, error code, error message, histogram bounds ("0.5,1.0,
-# ..."), png 0..n-1. A terminal state never changes: a late or repeated completion writes
-# nothing, and counts nothing.
-_FINISH = """
+# KEYS: job, queued, owner's in-flight set, duration histogram, webhook events, image
+# 0..n-1. ARGV: job id, status, now, result ttl, record ttl, error code, error message,
+# histogram bounds ("0.5,1.0,..."), png 0..n-1. A terminal state never changes: a late or
+# repeated completion writes nothing, counts nothing and sends nothing.
+_FINISH = (
+    _WEBHOOK_EVENT
+    + """
 local s = redis.call('HGET', KEYS[1], 'status')
 if s ~= 'queued' and s ~= 'running' then return 0 end
-for i = 5, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 4], 'EX', ARGV[4])
+for i = 6, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 3], 'EX', ARGV[4])
 end
 local created = tonumber(redis.call('HGET', KEYS[1], 'created_at'))
 if created then
@@ -303,14 +363,16 @@ if created then
   redis.call('HINCRBY', KEYS[4], ARGV[2] .. '|' .. bucket, 1)
   redis.call('HINCRBYFLOAT', KEYS[4], ARGV[2] .. '|sum', seconds)
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'images', #KEYS - 4,
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], 'images', #KEYS - 5,
   'expires_at', ARGV[3] + ARGV[4], 'error_code', ARGV[6], 'error_message', ARGV[7])
 redis.call('HINCRBY', KEYS[1], 'completions', 1)
+webhook_event(KEYS[1], KEYS[5], ARGV[1], ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+)
 
 
 class JobStore:
@@ -365,7 +427,8 @@ class JobStore:
                   idempotency_key(owner, client_key)],
             args=[job_id, repr(now), request.model_dump_json(), repr(now + request.timeout_s),
                   max_queued, sent, self._record_ttl(), owner, max_in_flight,
-                  int(idempotency is not None)],
+                  int(idempotency is not None), request.webhook_url or "",
+                  f",{','.join(request.webhook_events)},"],
         )  # fmt: skip
         if outcome == b"queued":
             return Submission.QUEUED, job_id
@@ -435,6 +498,51 @@ class JobStore:
         if dead:
             self._r.srem(WORKERS, *dead)
         return [n for n, beat in zip(names, beats, strict=True) if beat is not None]
+
+    def notifications(
+        self, consumer: str, count: int, block_ms: int, reclaim_idle_ms: int, own: bool = False
+    ) -> list[Notification]:
+        """Webhook events to send: with `own`, those this sender took before a restart;
+        otherwise those a sender that died left idle for `reclaim_idle_ms`, then new ones."""
+        try:
+            if own:
+                entries = self._read_notifications(consumer, "0", 1000, None)
+            else:
+                claimed: Any = self._r.xautoclaim(
+                    WEBHOOKS, WEBHOOK_GROUP, consumer, reclaim_idle_ms, count=count
+                )
+                entries = claimed[1] or self._read_notifications(consumer, ">", count, block_ms)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            self._r.xgroup_create(WEBHOOKS, WEBHOOK_GROUP, id="0", mkstream=True)
+            return []
+        return [
+            Notification(e.decode(), fields[b"job"].decode(), fields[b"event"].decode())
+            for e, fields in entries
+            if fields
+        ]
+
+    def _read_notifications(
+        self, consumer: str, start: str, count: int, block_ms: int | None
+    ) -> Any:
+        reply: Any = self._r.xreadgroup(
+            WEBHOOK_GROUP, consumer, {WEBHOOKS: start}, count=count, block=block_ms
+        )
+        return reply[0][1] if reply else []
+
+    def webhook_target(self, job_id: str) -> tuple[str, str] | None:
+        """The job's webhook URL and owner; None when the record is gone."""
+        hook: Any = self._r.hmget(job_key(job_id), ["webhook", "owner"])
+        url, owner = hook
+        return (url.decode(), (owner or b"").decode()) if url else None
+
+    def notified(self, notification: Notification) -> None:
+        """Done with an event (sent, or given up on): acked and deleted, nothing piles up."""
+        tx = self._r.pipeline(transaction=True)
+        tx.xack(WEBHOOKS, WEBHOOK_GROUP, notification.entry_id)
+        tx.xdel(WEBHOOKS, notification.entry_id)
+        tx.execute()
 
     # -- worker side ----------------------------------------------------------------------
 
@@ -559,7 +667,8 @@ class JobStore:
         now = repr(time.time())
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
-            self._start(keys=[job_key(d.job_id), QUEUED], args=[d.job_id, now, worker], client=tx)
+            keys = [job_key(d.job_id), QUEUED, WEBHOOKS]
+            self._start(keys=keys, args=[d.job_id, now, worker], client=tx)
             tx.hmget(job_key(d.job_id), ["request", "owner", "created_at"])
         replies = tx.execute()
         jobs, skipped = [], []
@@ -650,7 +759,7 @@ class JobStore:
     ) -> bool:
         """Write the outcome, then ack the entry (if a worker holds one) in the same
         transaction: the ack never comes before the result is stored."""
-        keys = [job_key(job_id), QUEUED, inflight_key(owner), JOB_SECONDS]
+        keys = [job_key(job_id), QUEUED, inflight_key(owner), JOB_SECONDS, WEBHOOKS]
         keys += [image_key(job_id, k) for k in range(len(pngs))]
         args: list[str | int | bytes] = [job_id, status.value, repr(time.time()),
                                          self.result_ttl_s, self._record_ttl(), code, message,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.auth import ApiKey, Keyring, read_keys_file
@@ -66,6 +66,15 @@ class ApiSettings(CommonSettings):
         default=100, ge=1, le=1_000_000, description="Queued and running jobs per key."
     )
     docs: bool = Field(default=True, description="Serve /docs, /redoc and /openapi.json.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Signs webhooks (HMAC-SHA256); without it, none are sent."
+    )
+    webhook_allow_private: bool = Field(
+        default=False, description="Allow webhooks to private, loopback and link-local hosts."
+    )
+    sync_timeout_s: int = Field(
+        default=300, ge=1, le=3600, description="How long POST /v1/images/generations waits."
+    )
     cors_origins: list[str] = Field(
         default=[], description="Origins allowed by CORS (JSON list); none: no CORS headers."
     )

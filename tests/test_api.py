@@ -44,6 +44,7 @@ def test_job_view_while_queued(api: httpx.Client) -> None:
     assert v["request"] == {
         "prompt": "a red fox", "negative_prompt": "", "width": 512, "height": 512, "steps": 25,
         "guidance_scale": 7.5, "scheduler": "dpmpp_2m", "seed": 1, "n": 3, "timeout_s": 3600,
+        "webhook_url": None, "webhook_events": ["succeeded", "failed", "canceled"],
     }  # fmt: skip
 
 

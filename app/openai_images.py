@@ -1,0 +1,117 @@
+"""The OpenAI Images API shape (`POST /v1/images/generations`), mapped onto sdserve jobs.
+
+The official `openai` clients work unchanged: `size` becomes width and height, sdserve's own
+parameters come as extra body fields (`extra_body={"seed": 7, "steps": 30}` in Python), and the
+answer waits for the job. Errors take OpenAI's `{"error": {...}}` form on these routes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.jobs import (
+    Count,
+    Guidance,
+    NegativePrompt,
+    Prompt,
+    SchedulerName,
+    Seed,
+    Steps,
+    Timeout,
+    Txt2ImgRequest,
+)
+
+PREFIX = "/v1/images/"
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+class ImagesRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a lighthouse at dusk",
+                    "n": 1,
+                    "size": "512x512",
+                    "response_format": "b64_json",
+                    "seed": 7,
+                }
+            ]
+        },
+    )
+
+    prompt: Prompt
+    n: Count = 1
+    size: str = Field(default="512x512", description="WIDTHxHEIGHT, each 64-1024, multiples of 8.")
+    response_format: Literal["url", "b64_json"] = "url"
+    model: str | None = Field(
+        default=None, max_length=200, description="Accepted and ignored: one model is served."
+    )
+    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+    # sdserve's own parameters, as extra body fields.
+    negative_prompt: NegativePrompt = ""
+    steps: Steps = 25
+    guidance_scale: Guidance = 7.5
+    scheduler: SchedulerName = "dpmpp_2m"
+    seed: Seed | None = None
+    timeout_s: Timeout | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str) -> str:
+        match = _SIZE.fullmatch(size)
+        if match is None:
+            raise ValueError("size is WIDTHxHEIGHT, like 512x512")
+        for side in map(int, match.groups()):
+            if not (64 <= side <= 1024 and side % 8 == 0):
+                raise ValueError("each side is a multiple of 8 from 64 to 1024")
+        return size
+
+    def job(self) -> Txt2ImgRequest:
+        width, height = (int(side) for side in self.size.split("x"))
+        fields = self.model_dump(exclude={"size", "response_format", "model", "user"})
+        return Txt2ImgRequest.model_validate({**fields, "width": width, "height": height})
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object: client mistakes are `invalid_request_error`."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = OpenAIError(message=message, type=kind, param=param, code=code)
+    return OpenAIErrorBody(error=error).model_dump()
+
+
+def first_error(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """A validation error as OpenAI reports one: a message and the field it is about."""
+    error = errors[0]
+    field = ".".join(str(part) for part in error["loc"][1:]) or None
+    return (f"{field}: {error['msg']}" if field else error["msg"]), field
