@@ -27,10 +27,13 @@ chaos: install
 install: $(VENV)/.installed
 
 # Debian tools the tests use: promtool checks the alert rules, kubectl renders the kustomize
-# manifests. Installed once, when missing.
+# manifests, Chromium runs the playground, curl the API docs' examples. Installed once, when
+# missing.
 tools:
 	@missing=""; command -v promtool >/dev/null || missing="prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	[ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } || \
 	{ echo "make test needs: apt-get install $$missing"; exit 1; }

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Any
 
 import redis
@@ -432,6 +433,29 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
                                                 revised_prompt=request.prompt))  # fmt: skip
         return openai_images.ImagesResponse(created=int(time.time()), data=data)
 
+    # The browser playground: three fixed files of this package, read once.
+    static = resources.files("app") / "static"
+    pages = {
+        name: ((static / name).read_bytes(), media_type)
+        for name, media_type in [
+            ("playground.html", "text/html; charset=utf-8"),
+            ("playground.js", "text/javascript; charset=utf-8"),
+            ("playground.css", "text/css; charset=utf-8"),
+        ]
+    }
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> Response:
+        return _page(pages["playground.html"])
+
+    @app.get("/playground.js", include_in_schema=False)
+    def playground_js() -> Response:
+        return _page(pages["playground.js"])
+
+    @app.get("/playground.css", include_in_schema=False)
+    def playground_css() -> Response:
+        return _page(pages["playground.css"])
+
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -473,6 +497,21 @@ def _answer(
     else:
         body = {"detail": message if detail is None else detail}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+# The playground runs only its own script, talks only to this server, and shows images it
+# fetched itself (blob: URLs).
+PLAYGROUND_CSP = (
+    "default-src 'self'; img-src 'self' blob:; script-src 'self'; style-src 'self';"
+    " connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+def _page(page: tuple[bytes, str]) -> Response:
+    content, media_type = page
+    return Response(
+        content, media_type=media_type, headers={"Content-Security-Policy": PLAYGROUND_CSP}
+    )
 
 
 def _openai_error(status: int, description: str) -> dict[int | str, dict[str, Any]]:

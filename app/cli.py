@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from app import logs
 from app.auth import is_loopback, new_key
+from app.jobs import SCHEDULERS
 from app.settings import ApiSettings, load
 
 
@@ -34,6 +36,22 @@ def main(argv: list[str] | None = None) -> None:
         default="tiny",
         help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks",
     )
+    gen = sub.add_parser("generate", help="make images with a running sdserve, and save them")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--scheduler", choices=SCHEDULERS)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("-n", type=int, help="number of images")
+    gen.add_argument("--timeout-s", type=int, help="give up if no worker took it by then")
+    gen.add_argument("--url", default=os.environ.get("SDSERVE_URL", "http://127.0.0.1:8000"),
+                     help="the API (default: $SDSERVE_URL or http://127.0.0.1:8000)")  # fmt: skip
+    gen.add_argument("--key", default=os.environ.get("SDSERVE_KEY"),
+                     help="API key (default: $SDSERVE_KEY)")  # fmt: skip
     key = sub.add_parser("make-key", help="make an API key; prints it once, and its config line")
     key.add_argument("id", help="the key's id: what job records and logs will show")
     args = parser.parse_args(argv)
@@ -53,6 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(run_dev(args.host, args.port))
     elif args.command == "make-key":
         make_key(args.id)
+    elif args.command == "generate":
+        from app.client import main as generate
+
+        fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
+                  "scheduler", "seed", "n", "timeout_s"]  # fmt: skip
+        request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        generate(args.url.rstrip("/"), args.key, request, args.out)
     else:
         from worker.tiny import build_tiny_model
 

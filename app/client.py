@@ -1,0 +1,132 @@
+"""`sdserve generate`: a command-line client. Submits a job, shows its place in the queue and
+then its steps as a progress bar (from the job's live events), saves the PNGs and prints their
+seeds and paths. Ctrl-C cancels the job."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+
+BAR_WIDTH = 30
+
+
+class ClientError(Exception):
+    """A failure to tell the user about in one line; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def generate(url: str, key: str | None, request: dict[str, Any], out: Path) -> list[Path]:
+    """Run one job to the end and save its images; returns their paths."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        job = _call(http, "POST", "/v1/txt2img", json=request)
+        try:
+            view = _follow(http, job["url"])
+        except KeyboardInterrupt:
+            _call(http, "DELETE", job["url"], allow=(409,))
+            raise ClientError(f"canceled job {job['id']}", 130) from None
+        if view["status"] != "succeeded":
+            error = view.get("error") or {}
+            reason = f"{error.get('code')}: {error.get('message')}" if error else view["status"]
+            raise ClientError(f"job {view['id']} {view['status']}: {reason}")
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for image_url, seed in zip(view["images"], view["seeds"], strict=True):
+            path = out / f"{view['id']}-{seed}.png"
+            path.write_bytes(_call(http, "GET", image_url, raw=True))
+            paths.append(path)
+            print(f"seed {seed}: {path}")
+        return paths
+
+
+def _follow(http: httpx.Client, job_url: str) -> dict[str, Any]:
+    """Show the job's progress from its event stream; returns the job once it ended."""
+    view: dict[str, Any] = {}
+    try:
+        with http.stream("GET", f"{job_url}/events", timeout=None) as response:
+            _check(response)
+            for event, data in _events(response.iter_lines()):
+                view = json.loads(data)
+                _show(event, view)
+    except httpx.TransportError as e:
+        raise ClientError(f"lost the server while waiting: {e}") from None
+    finally:
+        print(file=sys.stderr)
+    return view
+
+
+def _events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a Server-Sent Events stream."""
+    event, data = "message", ""
+    for line in lines:
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data = line[5:].strip()
+        elif not line and data:
+            yield event, data
+            event, data = "message", ""
+
+
+def _show(event: str, view: dict[str, Any]) -> None:
+    if event == "queued":
+        line = f"queued: {view['position']} jobs ahead"
+    elif event == "running" and view.get("progress"):
+        step, steps = view["progress"]["step"], view["progress"]["steps"]
+        done = BAR_WIDTH * step // max(steps, 1)
+        line = f"running [{'#' * done}{'.' * (BAR_WIDTH - done)}] step {step}/{steps}"
+    else:
+        line = event
+    print(f"\r{line:<60}", end="", file=sys.stderr, flush=True)
+
+
+def _call(
+    http: httpx.Client, method: str, path: str, *, raw: bool = False, allow: tuple[int, ...] = (),
+    **kwargs: Any,
+) -> Any:  # fmt: skip
+    try:
+        response = http.request(method, path, **kwargs)
+    except httpx.TransportError as e:
+        raise ClientError(f"cannot reach {http.base_url}: {e}") from None
+    if response.status_code not in allow:
+        _check(response)
+    return response.content if raw else response.json()
+
+
+def _check(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    response.read()
+    status = response.status_code
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text
+    if status == 422 and isinstance(detail, list):
+        fields = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in detail)
+        raise ClientError(f"invalid request: {fields}", 2)
+    if status == 401:
+        raise ClientError(f"unauthorized ({detail}): pass --key or set SDSERVE_KEY", 2)
+    hint = (
+        f" (retry after {response.headers['retry-after']} s)"
+        if "retry-after" in response.headers
+        else ""
+    )
+    raise ClientError(f"{status}: {detail}{hint}", 2 if status < 500 else 1)
+
+
+def main(url: str, key: str | None, request: dict[str, Any], out: Path) -> NoReturn:
+    try:
+        generate(url, key, request, out)
+    except ClientError as e:
+        print(f"sdserve: {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
+    raise SystemExit(0)

