@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Response, Security
@@ -220,15 +220,18 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
     ) -> tuple[str, Status, bool]:
         """Limits, then the job queued (or a replay's job found): its id, its status, and
         whether it is a replay."""
+
+        def too_many(reason: str, message: str, retry_after_s: float) -> NoReturn:
+            http.state.rejected = reason  # for the metrics
+            raise HTTPException(
+                429, message, headers={"Retry-After": str(math.ceil(retry_after_s))}
+            )
+
         if caller.rate_per_s:
             wait = store.take_token(caller.key_id, caller.rate_per_s, caller.burst)
             if wait > 0:
-                http.state.rejected = "rate_limited"
-                raise HTTPException(
-                    429,
-                    f"rate limit: {caller.rate_per_s:g} submissions a second for this key",
-                    headers={"Retry-After": str(math.ceil(wait))},
-                )
+                message = f"rate limit: {caller.rate_per_s:g} submissions a second for this key"
+                too_many("rate_limited", message, wait)
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, settings)
         # What the client sent, before the server fills anything in, identifies a retry.
@@ -244,24 +247,16 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             normalized, settings.max_queue, caller.key_id, caller.max_in_flight, idempotency
         )
         if outcome is Submission.FULL:
-            http.state.rejected = "queue_full"
-            raise HTTPException(
-                429,
-                f"the queue is full ({settings.max_queue} jobs waiting)",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            message = f"the queue is full ({settings.max_queue} jobs waiting)"
+            too_many("queue_full", message, RETRY_AFTER_S)
         if outcome is Submission.BUSY:
-            http.state.rejected = "in_flight"
-            raise HTTPException(
-                429,
-                f"this key has {caller.max_in_flight} jobs queued or running, its limit",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            message = f"this key has {caller.max_in_flight} jobs queued or running, its limit"
+            too_many("in_flight", message, RETRY_AFTER_S)
         if outcome is Submission.CONFLICT:
             raise HTTPException(409, "this Idempotency-Key was used with another request")
         if outcome is Submission.REPLAYED:
-            http.state.replayed = True  # for the metrics: no new job
             return job_id, _job(store, job_id, caller).status, True
+        http.state.accepted = True  # for the metrics: a new job
         return job_id, Status.QUEUED, False
 
     @app.post(

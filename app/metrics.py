@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.jobs import JobStore
 
 HTTP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-SUBMIT = ("POST", "/v1/txt2img")
+SUBMITS = {"/v1/txt2img", "/v1/images/generations"}  # POSTed to, these make jobs
 # Why a submission was refused, by status; a 429 says which limit in `scope["state"]`.
 REJECTIONS = {401: "unauthorized", 409: "idempotency_conflict", 413: "too_large",
               422: "invalid", 503: "unavailable"}  # fmt: skip
@@ -117,10 +117,10 @@ class HttpMetrics:
             method = scope["method"]
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
-            if (method, scope["path"]) == SUBMIT:
+            if method == "POST" and scope["path"] in SUBMITS:
                 state = scope.get("state", {})
-                if status == 202 and not state.get("replayed"):
+                if state.get("accepted"):  # a new job (not a replay), whatever came after
                     self.metrics.accepted.inc()
-                elif status != 202:
+                elif status >= 400:
                     reason = state.get("rejected") or REJECTIONS.get(status, "error")
                     self.metrics.rejected.labels(reason).inc()
