@@ -28,17 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc")
 SchedulerName = Literal[
     "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"
 ]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 SEED_MAX = 2**32 - 1
 
 STREAM = "sdserve:queue"
@@ -143,13 +143,16 @@ Timeout = Annotated[
 WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
 
 
+# What every request model shares: a wrong JSON type is an error, never a silent coercion;
+# unknown fields are refused; NaN and infinities (which Python's JSON reader accepts) too.
+STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class Txt2ImgRequest(BaseModel):
     """What a client asks for. Strict: a wrong JSON type is an error, never a silent coercion."""
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        allow_inf_nan=False,
+        **STRICT_INPUT,
         json_schema_extra={
             "examples": [
                 {
@@ -441,9 +444,6 @@ class JobStore:
         """Take one submission token from the owner's bucket; answers 0, or the seconds until
         one is there."""
         return float(self._take_token(keys=[ratelimit_key(owner)], args=[rate_per_s, burst]))
-
-    def queued(self) -> int:
-        return int(self._r.zcard(QUEUED))
 
     def queue_state(self) -> QueueState:
         tx = self._r.pipeline(transaction=False)

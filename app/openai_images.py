@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs import (
+    STRICT_INPUT,
     Count,
     Guidance,
     NegativePrompt,
@@ -30,9 +31,7 @@ _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 
 class ImagesRequest(BaseModel):
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        allow_inf_nan=False,
+        **STRICT_INPUT,
         json_schema_extra={
             "examples": [
                 {

@@ -159,7 +159,7 @@ def test_the_queue_cap_refuses_exactly_the_excess(store: JobStore) -> None:
     normalized = request(timeout_s=60)
     outcomes = [store.submit(normalized, max_queued=3)[0] for _ in range(5)]
     assert outcomes == [Submission.QUEUED] * 3 + [Submission.FULL] * 2
-    assert store.queued() == 3
+    assert store.queue_state().queued == 3
 
 
 def test_idempotency_replays_the_first_job_and_refuses_another_request(store: JobStore) -> None:
@@ -175,7 +175,7 @@ def test_idempotency_replays_the_first_job_and_refuses_another_request(store: Jo
         first[1],
     )
     assert store.submit(normalized, 10, idempotency=("key-2", "hash-a"))[0] is Submission.QUEUED
-    assert store.queued() == 2
+    assert store.queue_state().queued == 2
 
 
 def test_a_job_past_its_deadline_fails_without_running(store: JobStore) -> None:
