@@ -37,9 +37,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shipped": {},
     "static_batch": {"static": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},
+    "conv_1x1_as_mm": {"inductor": {"conv_1x1_as_mm": True}},
+    "epilogue_fusion_off": {"inductor": {"epilogue_fusion": False}},
+    "freezing": {"inductor": {"freezing": True}},
+    "conv_1x1_as_mm_freezing": {"inductor": {"conv_1x1_as_mm": True, "freezing": True}},
+    "coordinate_descent": {"inductor": {"coordinate_descent_tuning": True}},
     "tuned_flags": {"inductor": TUNED},
-    "tuned_flags_freezing": {"inductor": {**TUNED, "freezing": True}},
-    "gemm_autotune": {"inductor": {**TUNED, "max_autotune_gemm": True}},
+    "gemm_autotune": {"inductor": {"max_autotune_gemm": True}},
     "max_autotune": {"inductor": TUNED, "mode": "max-autotune"},
     "profile": {"mode": "default"},
 }
@@ -47,14 +51,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
+    if low.startswith("triton"):  # inductor's fused kernels, named after the ops they fuse
+        return "fused pointwise/norm (triton)"
     if any(k in low for k in ("sdpa", "fmha", "flash", "attention", "attn")):
         return "attention"
     if any(k in low for k in ("conv", "fprop", "dgrad", "implicit", "winograd")):
         return "convolution"
     if any(k in low for k in ("gemm", "xmma", "cutlass", "sm90", "matmul", "mm_", "ampere")):
         return "matrix product"
-    if "triton" in low:
-        return "fused pointwise/norm (triton)"
     return "other"
 
 
