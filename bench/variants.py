@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "coordinate_descent": {"inductor": {"coordinate_descent_tuning": True}},
     "tuned_flags": {"inductor": TUNED},
     "gemm_autotune": {"inductor": {"max_autotune_gemm": True}},
+    "tuned_flags_gemm_autotune": {"inductor": {**TUNED, "max_autotune_gemm": True}},
     "max_autotune": {"inductor": TUNED, "mode": "max-autotune"},
     "profile": {"mode": "default"},
 }
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "variants-out")))
     parser.add_argument("--model", default="/tmp/sdserve-bench/sd15")
     parser.add_argument("--deadline", type=int, default=420, help="seconds for all to compile")
-    parser.add_argument("--only", default=",".join(VARIANTS))
+    parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdserve-variants"))
     args = parser.parse_args()
