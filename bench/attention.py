@@ -1,0 +1,114 @@
+"""The UNet's attention shapes timed alone, per kernel: where the step's attention time goes and
+whether any kernel at hand runs SD1.5's head size of 40 faster than the default.
+
+    python -m bench.attention --out DIR     (one GPU; 32 images = 64 rows with CFG)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import flex_attention
+
+ROWS = 64
+HEADS = 8
+TEXT_TOKENS = 77
+# (name, tokens, channels, transformer blocks at that level) of SD1.5's UNet at 512x512
+LEVELS = [("64x64", 4096, 320, 5), ("32x32", 1024, 640, 5), ("16x16", 256, 1280, 5),
+          ("8x8", 64, 1280, 1)]  # fmt: skip
+
+
+def median_ms(fn: Callable[[], Any], repeats: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(sorted(times)[len(times) // 2])
+
+
+def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    head = q.shape[-1]
+    padded = 64 * math.ceil(head / 64)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, padded - head))
+
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    compiled_flex = torch.compile(flex_attention)
+
+    def backend(which: SDPBackend) -> Callable[[], Any]:
+        def run() -> Any:
+            with sdpa_kernel(which):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return run
+
+    def cudnn_padded() -> Any:
+        # Zero columns change neither QK^T nor the kept part of the output; scale stays 1/sqrt(d).
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qp, kp, vp, scale=head**-0.5)[..., :head]
+
+    return {
+        "default": lambda: F.scaled_dot_product_attention(q, k, v),
+        "cudnn": backend(SDPBackend.CUDNN_ATTENTION),
+        "flash": backend(SDPBackend.FLASH_ATTENTION),
+        "efficient": backend(SDPBackend.EFFICIENT_ATTENTION),
+        f"cudnn_padded_to_{padded}": cudnn_padded,
+        "flex_compiled": lambda: compiled_flex(q, k, v),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "attention-out")))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "rows": ROWS, "levels": []}
+    totals: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, tokens, channels, blocks in LEVELS:
+            head = channels // HEADS
+            for kind, keys in (("self", tokens), ("cross", TEXT_TOKENS)):
+                shape_q = (ROWS, HEADS, tokens, head)
+                q = torch.randn(shape_q, device="cuda", dtype=torch.float16)
+                k = torch.randn(ROWS, HEADS, keys, head, device="cuda", dtype=torch.float16)
+                v = torch.randn_like(k)
+                reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+                flop = 4 * ROWS * HEADS * tokens * keys * head
+                row: dict[str, Any] = {"level": name, "kind": kind, "head": head,
+                                       "blocks": blocks}  # fmt: skip
+                for label, fn in kernels(q, k, v).items():
+                    try:
+                        error = (fn().float() - reference).norm() / reference.norm()
+                        ms = median_ms(fn)
+                    except Exception as e:  # a kernel that refuses the shape, or fails to compile
+                        row[label] = f"unavailable: {e}"[:160]
+                        continue
+                    row[label] = {"ms": round(ms, 3), "tflop_s": round(flop / ms / 1e9),
+                                  "rel_error": float(f"{error:.1e}")}  # fmt: skip
+                    totals[label] = totals.get(label, 0.0) + ms * blocks
+                results["levels"].append(row)
+                print(json.dumps(row), flush=True)
+    results["per_unet_step_ms"] = {k: round(v, 2) for k, v in totals.items()}
+    (args.out / "attention.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["per_unet_step_ms"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
