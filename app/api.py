@@ -32,7 +32,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import openai_images
 from app.auth import ANONYMOUS, Caller
-from app.jobs import SEED_MAX, JobStore, JobView, Status, Submission, Txt2ImgRequest, is_job_id
+from app.jobs import (
+    SEED_MAX,
+    TERMINAL,
+    JobStore,
+    JobView,
+    Status,
+    Submission,
+    Txt2ImgRequest,
+    is_job_id,
+)
 from app.metrics import ApiMetrics, HttpMetrics
 from app.openai_images import first_error
 from app.settings import ApiSettings
@@ -72,6 +81,8 @@ def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
 _NOT_FOUND = _error(404, "No such job for this API key (or a malformed id).")
 _UNAUTHORIZED = _error(401, "Missing, malformed or unknown API key (`WWW-Authenticate: Bearer`).")
 _UNAVAILABLE = _error(503, "The queue (Redis) is unreachable; retry after `Retry-After` seconds.")
+# The `Idempotency-Key` header of both submitting routes: printable ASCII, no spaces.
+IDEMPOTENCY_KEY = Header(default=None, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
 
 
 class JobEnded(HTTPException):
@@ -283,9 +294,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         http: Request,
         response: Response,
         caller: Caller = authenticated,
-        idempotency_key: str | None = Header(
-            default=None, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"
-        ),
+        idempotency_key: str | None = IDEMPOTENCY_KEY,
     ) -> Accepted:
         job_id, status, replayed = submit_job(request, http, caller, idempotency_key)
         url = f"/jobs/{job_id}"
@@ -391,9 +400,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         request: openai_images.ImagesRequest,
         http: Request,
         caller: Caller = authenticated,
-        idempotency_key: str | None = Header(
-            default=None, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$"
-        ),
+        idempotency_key: str | None = IDEMPOTENCY_KEY,
     ) -> openai_images.ImagesResponse:
         job_id, _status, _replayed = await run_in_threadpool(
             submit_job, request.job(), http, caller, idempotency_key
@@ -401,7 +408,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         deadline = time.monotonic() + settings.sync_timeout_s
         while True:
             view = await run_in_threadpool(_job, store, job_id, caller)
-            if view.status not in (Status.QUEUED, Status.RUNNING):
+            if view.status in TERMINAL:
                 break
             if await http.is_disconnected():  # nobody waits: free the GPU
                 await run_in_threadpool(store.cancel, job_id, caller.key_id)
@@ -513,7 +520,6 @@ def _openai_error(status: int, description: str) -> dict[int | str, dict[str, An
     return {status: {"model": openai_images.OpenAIErrorBody, "description": description}}
 
 
-TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.EXPIRED)
 EVENT_POLL_S = 0.25
 KEEPALIVE_S = 15.0
 

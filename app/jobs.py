@@ -104,6 +104,10 @@ class Status(StrEnum):
     EXPIRED = "expired"
 
 
+# States a job never leaves (StrEnum: plain status strings match too).
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.EXPIRED})
+
+
 class ErrorCode(StrEnum):
     """Typed reasons a job fails; clients branch on these, never on messages."""
 
@@ -119,7 +123,15 @@ class ErrorCode(StrEnum):
 Prompt = Annotated[str, Field(min_length=1, max_length=2000, description="What to draw.")]
 NegativePrompt = Annotated[str, Field(max_length=2000, description="What to avoid.")]
 # Both sides at most 1024, so width x height never exceeds 1024 x 1024.
-Side = Annotated[int, Field(ge=64, le=1024, multiple_of=8, description="Pixels.")]
+SIDE_MIN, SIDE_MAX, SIDE_STEP = 64, 1024, 8
+Side = Annotated[int, Field(ge=SIDE_MIN, le=SIDE_MAX, multiple_of=SIDE_STEP, description="Pixels.")]
+
+
+def is_side(pixels: int) -> bool:
+    """Whether an image side is one `Side` allows (for sizes written as text, like "512x512")."""
+    return SIDE_MIN <= pixels <= SIDE_MAX and pixels % SIDE_STEP == 0
+
+
 Steps = Annotated[int, Field(ge=1, le=100, description="Denoising steps.")]
 Guidance = Annotated[float, Field(ge=0, le=30, description="Classifier-free guidance.")]
 Seed = Annotated[
@@ -569,12 +581,19 @@ class JobStore:
         out = []
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                job = fields.get(b"job") if fields else None
-                if job is None:  # an entry deleted from the stream: nothing to run
-                    self._r.xack(STREAM, GROUP, entry_id)
-                    continue
-                out.append(Delivery(entry_id.decode(), job.decode()))
+                job_id = self._job_of(entry_id, fields)
+                if job_id is not None:
+                    out.append(Delivery(entry_id.decode(), job_id))
         return out
+
+    def _job_of(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> str | None:
+        """The job id of a stream entry; None, and acked, for an entry deleted from the stream
+        (nothing to run)."""
+        job = fields.get(b"job") if fields else None
+        if job is None:
+            self._r.xack(STREAM, GROUP, entry_id)
+            return None
+        return job.decode()
 
     def reclaim(
         self,
@@ -613,11 +632,10 @@ class JobStore:
         times_by_id = dict(chosen)
         out = []
         for entry_id, fields in claimed:
-            job = fields.get(b"job") if fields else None
-            if job is None:
-                self._r.xack(STREAM, GROUP, entry_id)
+            job_id = self._job_of(entry_id, fields)
+            if job_id is None:
                 continue
-            delivery = Delivery(entry_id.decode(), job.decode(), times_by_id[entry_id] + 1)
+            delivery = Delivery(entry_id.decode(), job_id, times_by_id[entry_id] + 1)
             if delivery.deliveries > cap:
                 self.bury(delivery)
             else:

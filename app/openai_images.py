@@ -23,6 +23,7 @@ from app.jobs import (
     Steps,
     Timeout,
     Txt2ImgRequest,
+    is_side,
 )
 
 PREFIX = "/v1/images/"
@@ -67,9 +68,8 @@ class ImagesRequest(BaseModel):
         match = _SIZE.fullmatch(size)
         if match is None:
             raise ValueError("size is WIDTHxHEIGHT, like 512x512")
-        for side in map(int, match.groups()):
-            if not (64 <= side <= 1024 and side % 8 == 0):
-                raise ValueError("each side is a multiple of 8 from 64 to 1024")
+        if not all(is_side(int(side)) for side in match.groups()):
+            raise ValueError("each side is a multiple of 8 from 64 to 1024")
         return size
 
     def job(self) -> Txt2ImgRequest:

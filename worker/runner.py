@@ -218,7 +218,6 @@ class Runner:
         try:
             images = self.engine.generate(specs, shape, self._keep_going)
         except torch.cuda.OutOfMemoryError:
-            self.tracker.end()
             return self._split(rows, shape, assembly)
         except Exception as e:  # the worker lives on; these jobs fail with the reason
             log.exception("batch of %d images failed", len(rows))
@@ -393,7 +392,7 @@ def serve(settings: WorkerSettings) -> None:
     runner = Runner(settings, store, engine)
     runner.metrics.model_load.set(loaded - started)
     runner.metrics.warm_up.set(warmed - loaded)
-    if device.type == "cuda":
+    if cuda:
         runner.metrics.gpu_memory.set_function(lambda: torch.cuda.memory_allocated(device))
         runner.metrics.gpu_memory_peak.set_function(lambda: torch.cuda.max_memory_allocated(device))
     if settings.metrics_port:

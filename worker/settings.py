@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from app.jobs import is_side
 from app.settings import CommonSettings, cache_dir
 
 # The tiny model lives here unless SDSERVE_MODEL names another; it is built on first start.
@@ -80,7 +81,7 @@ class WorkerSettings(CommonSettings):
     @classmethod
     def _image_sizes(cls, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
         for width, height in sizes:
-            if not (64 <= width <= 1024 and 64 <= height <= 1024 and width % 8 == height % 8 == 0):
+            if not (is_side(width) and is_side(height)):
                 raise ValueError(f"{width}x{height}: sides must be multiples of 8 in 64..1024")
         return sizes
 
