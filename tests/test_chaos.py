@@ -224,3 +224,16 @@ def test_sigterm_during_a_batch_finishes_it_and_exits_0(cluster: Cluster) -> Non
     assert worker.wait(120) == 0
     row = account("SIGTERM during a batch", cluster, ids, {})
     assert row.lost == 0 and row.reruns == 0  # finished by the worker that had it
+
+
+def test_sigterm_past_the_stop_grace_hands_the_batch_to_another_worker(cluster: Cluster) -> None:
+    worker = cluster.start_worker("w1", stop_grace_s="0")
+    ids = [cluster.submit({**SLOW, "seed": i}) for i in range(2)]
+    wait_for(lambda: all(running_on(cluster, i) for i in ids), 120, "the batch to run")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    assert all(r["status"] == "running" and "finished_at" not in r for r in cluster.records(ids))
+    cluster.start_worker("w2")
+    cluster.wait_until_ended(ids)
+    row = account("SIGTERM, stop grace 0: batch handed back", cluster, ids, {})
+    assert row.lost == 0 and row.duplicates == 0 and row.reruns == 2

@@ -400,7 +400,7 @@ def serve(settings: WorkerSettings) -> None:
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
-        runner.stopping.set()
+        runner.stop()  # starts the stop grace's clock too
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
