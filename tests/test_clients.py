@@ -31,7 +31,7 @@ from app.auth import ApiKey, hash_key
 from app.jobs import WEBHOOK_GROUP, WEBHOOKS, JobStore, Txt2ImgRequest
 from app.settings import ApiSettings
 from app.webhooks import WebhookSender
-from tests.conftest import process, sdserve_env, serving, wait_for
+from tests.conftest import enqueue, process, sdserve_env, serving, wait_for
 
 KEY = "sds_client-key"
 SECRET = "webhook-secret"
@@ -185,9 +185,8 @@ def test_a_webhook_cut_short_by_a_stop_is_sent_after_the_restart(
     client = redis.Redis.from_url(url)
     client.flushdb()
     store = JobStore.connect(url, 3600, 5)
-    request = Txt2ImgRequest(prompt="x", seed=1, timeout_s=60, webhook_url=receiver,
-                             webhook_events=["canceled"])  # fmt: skip
-    _outcome, job_id = store.submit(request, max_queued=10)
+    request = Txt2ImgRequest(prompt="x", seed=1, webhook_url=receiver, webhook_events=["canceled"])
+    job_id = enqueue(store, request)
     Receiver.failures = 1_000  # the receiver is down: the sender backs off
     sender = WebhookSender(store, SECRET.encode(), True, "sender-1")
     sender.start()
