@@ -6,13 +6,15 @@
 # HF_HOME, a volume):  --build-arg PREFETCH_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5
 
 FROM python:3.11.11-slim-bookworm AS api
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 SDSERVE_LOG_JSON=true
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 SDSERVE_LOG_JSON=true \
+    SDSERVE_STORAGE=file:///images
 WORKDIR /srv
 COPY docker/constraints.txt pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 RUN pip install --no-compile -c constraints.txt '.[api]' \
-    && useradd --create-home --uid 10001 sdserve
+    && useradd --create-home --uid 10001 sdserve \
+    && mkdir -p /images && chown sdserve /images
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
@@ -23,14 +25,14 @@ FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime AS worker
 ARG PREFETCH_MODEL=""
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SDSERVE_LOG_JSON=true SDSERVE_METRICS_PORT=9400 \
-    HF_HOME=/models SDSERVE_COMPILE_CACHE=/models/inductor
+    HF_HOME=/models SDSERVE_COMPILE_CACHE=/models/inductor SDSERVE_STORAGE=file:///images
 WORKDIR /srv
 COPY docker/constraints.txt pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 RUN pip install --no-compile -c constraints.txt '.[worker]' \
     && useradd --create-home --uid 10001 sdserve \
-    && mkdir -p /models && chown sdserve /models
+    && mkdir -p /models /images && chown sdserve /models /images
 USER 10001:10001
 RUN if [ -n "$PREFETCH_MODEL" ]; then \
       python -c "import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1])" "$PREFETCH_MODEL"; \

@@ -10,6 +10,7 @@ import math
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Response, Sec
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -32,25 +33,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import openai_images
 from app.auth import ANONYMOUS, Caller
-from app.jobs import (
+from app.jobs.api_store import ApiStore
+from app.jobs.contract import (
     SEED_MAX,
     TERMINAL,
-    JobStore,
     JobView,
     Status,
     Submission,
     Txt2ImgRequest,
     is_job_id,
 )
+from app.jobs.store import is_full
+from app.jobs.webhook_store import WebhookStore
 from app.metrics import ApiMetrics, HttpMetrics
 from app.openai_images import first_error
 from app.settings import ApiSettings
+from app.storage import Storage, expiry_cutoff, open_storage, result_key
 from app.webhooks import WebhookSender, refusal
 
 log = logging.getLogger("sdserve.api")
 
 MAX_BODY_BYTES = 64 * 1024
 RETRY_AFTER_S = 5
+PRESIGNED_URL_S = 300
+# The openai SDK retries 409, 429 and 5xx; where a retry cannot help, it is told not to.
+NO_RETRY = {"x-should-retry": "false"}
 
 API_DESCRIPTION = """
 Asynchronous text-to-image. `POST /v1/txt2img` answers `202` at once with a job id; poll
@@ -86,10 +93,11 @@ IDEMPOTENCY_KEY = Header(default=None, min_length=1, max_length=255, pattern=r"^
 
 
 class JobEnded(HTTPException):
-    """A job that ended without images, answered to a client that waited for it."""
+    """A job that ended without images, answered to a client that waited for it. Sending the
+    call again cannot change the answer (a retry finds the same job), unless it timed out."""
 
     def __init__(self, status: int, detail: str, code: str | None) -> None:
-        super().__init__(status, detail)
+        super().__init__(status, detail, headers=None if status == 504 else NO_RETRY)
         self.code = code
 
 
@@ -145,16 +153,51 @@ class BodyLimit:
         return f"request body is larger than {self.max_bytes} bytes"
 
 
-def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
+class Sweeper:
+    """Deletes images older than the result TTL from storage, in one API process at a time
+    (a lock in Redis per interval): a directory has no lifecycle rules, and this way a bucket
+    needs none either."""
+
+    def __init__(self, store: ApiStore, storage: Storage, settings: ApiSettings) -> None:
+        self.store, self.storage, self.settings = store, storage, settings
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        interval = self.settings.sweep_interval_s
+        while not self._stopping.wait(interval):
+            try:
+                if self.store.sweep_turn(interval):
+                    removed = self.storage.sweep(expiry_cutoff(self.settings.result_ttl_s))
+                    log.info("swept %d expired images from storage", removed)
+            except Exception:  # storage or Redis away: the next turn tries again
+                log.exception("sweeping expired images failed")
+
+
+def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
+    storage = open_storage(settings.storage)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         sender = None
         if settings.webhook_secret is not None:
             secret = settings.webhook_secret.get_secret_value().encode()
             consumer = f"{socket.gethostname()}-{os.getpid()}"
-            sender = WebhookSender(store, secret, settings.webhook_allow_private, consumer)
+            events = WebhookStore(store.client, store.result_ttl_s)
+            sender = WebhookSender(events, store, secret, settings.webhook_allow_private,
+                                   consumer)  # fmt: skip
             sender.start()
+        sweeper = Sweeper(store, storage, settings)
+        sweeper.start()
         yield
+        sweeper.stop()
         if sender is not None:
             sender.stop()
 
@@ -222,27 +265,33 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         return _answer(request, exc.status_code, str(exc.detail), headers=exc.headers, code=code)
 
     @app.exception_handler(redis.RedisError)
-    async def _redis_down(request: Request, _exc: redis.RedisError) -> JSONResponse:
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
+        if is_full(exc):
+            message = "the job queue is out of memory (Redis at maxmemory); nothing was queued"
+            return _answer(request, 503, message, headers=headers)
+        if not isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            log.error("redis error on %s %s", request.method, request.url.path, exc_info=exc)
         return _answer(request, 503, "the job queue is unavailable", headers=headers)
 
     def submit_job(
-        request: Txt2ImgRequest, http: Request, caller: Caller, idempotency_key: str | None
+        request: Txt2ImgRequest,
+        http: Request,
+        caller: Caller,
+        idempotency_key: str | None,
+        retrying: bool | None = None,
     ) -> tuple[str, Status, bool]:
         """Limits, then the job queued (or a replay's job found): its id, its status, and
-        whether it is a replay."""
+        whether it is a replay. `retrying` (OpenAI route, no Idempotency-Key): whether the
+        client says this is its automatic retry of a call, which then lands on the job the
+        first try made."""
 
         def too_many(reason: str, message: str, retry_after_s: float) -> NoReturn:
             http.state.rejected = reason  # for the metrics
             raise HTTPException(
-                429, message, headers={"Retry-After": str(math.ceil(retry_after_s))}
+                429, message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))}
             )
 
-        if caller.rate_per_s:
-            wait = store.take_token(caller.key_id, caller.rate_per_s, caller.burst)
-            if wait > 0:
-                message = f"rate limit: {caller.rate_per_s:g} submissions a second for this key"
-                too_many("rate_limited", message, wait)
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, settings)
         # What the client sent, before the server fills anything in, identifies a retry.
@@ -254,9 +303,15 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             }
         )
         idempotency = (idempotency_key, sent) if idempotency_key is not None else None
-        outcome, job_id = store.submit(
-            normalized, settings.max_queue, caller.key_id, caller.max_in_flight, idempotency
-        )
+        retry = (sent, retrying) if retrying is not None and idempotency is None else None
+        rate = (caller.rate_per_s, caller.burst) if caller.rate_per_s else None
+        outcome, job_id = store.submit(normalized, settings.max_queue, caller.key_id,
+                                       caller.max_in_flight, idempotency, rate, retry)  # fmt: skip
+        if outcome is Submission.LATE:  # Redis stalled; the call created nothing
+            raise redis.TimeoutError("the submission ran too late on Redis")
+        if outcome is Submission.RATE_LIMITED:
+            message = f"rate limit: {caller.rate_per_s:g} submissions a second for this key"
+            too_many("rate_limited", message, float(job_id))
         if outcome is Submission.FULL:
             message = f"the queue is full ({settings.max_queue} jobs waiting)"
             too_many("queue_full", message, RETRY_AFTER_S)
@@ -264,7 +319,9 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             message = f"this key has {caller.max_in_flight} jobs queued or running, its limit"
             too_many("in_flight", message, RETRY_AFTER_S)
         if outcome is Submission.CONFLICT:
-            raise HTTPException(409, "this Idempotency-Key was used with another request")
+            raise HTTPException(
+                409, "this Idempotency-Key was used with another request", headers=NO_RETRY
+            )
         if outcome is Submission.REPLAYED:
             return job_id, _job(store, job_id, caller).status, True
         http.state.accepted = True  # for the metrics: a new job
@@ -347,7 +404,10 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
             raise HTTPException(409, f"job is {view.status.value}; images exist once it succeeded")
         if index >= len(view.images):
             raise HTTPException(404, f"no image {index}: the job has {len(view.images)}")
-        data = store.image(job_id, index)
+        key = result_key(job_id, index)
+        if settings.storage_redirect and (url := storage.url(key, PRESIGNED_URL_S)):
+            return RedirectResponse(url, status_code=307)
+        data = storage.get(key)
         if data is None:
             raise HTTPException(410, "the images of this job have expired")
         return Response(data, media_type="image/png")
@@ -402,8 +462,11 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
         caller: Caller = authenticated,
         idempotency_key: str | None = IDEMPOTENCY_KEY,
     ) -> openai_images.ImagesResponse:
+        # The openai SDK numbers its automatic retries of one call; a retry (after a 504, a
+        # 5xx or a dropped connection) lands on the job the first try made.
+        retrying = http.headers.get("x-stainless-retry-count", "0") not in ("", "0")
         job_id, _status, _replayed = await run_in_threadpool(
-            submit_job, request.job(), http, caller, idempotency_key
+            submit_job, request.job(), http, caller, idempotency_key, retrying
         )
         deadline = time.monotonic() + settings.sync_timeout_s
         while True:
@@ -428,7 +491,7 @@ def create_app(store: JobStore, settings: ApiSettings) -> FastAPI:
                 data.append(openai_images.ImageData(url=f"{str(http.base_url).rstrip('/')}{url}",
                                                     revised_prompt=request.prompt))  # fmt: skip
                 continue
-            png = await run_in_threadpool(store.image, job_id, k)
+            png = await run_in_threadpool(storage.get, result_key(job_id, k))
             if png is None:
                 raise JobEnded(410, "the images of this job have expired", "expired")
             data.append(openai_images.ImageData(b64_json=base64.b64encode(png).decode(),
@@ -524,7 +587,7 @@ EVENT_POLL_S = 0.25
 KEEPALIVE_S = 15.0
 
 
-async def _events(store: JobStore, job_id: str, owner: str) -> AsyncIterator[str]:
+async def _events(store: ApiStore, job_id: str, owner: str) -> AsyncIterator[str]:
     """SSE: the job whenever what a watcher sees of it changes, until it ends."""
     last: tuple[Any, ...] | None = None
     quiet = 0.0
@@ -564,7 +627,7 @@ def _not_ready(reason: str) -> JSONResponse:
     )
 
 
-def _job(store: JobStore, job_id: str, caller: Caller) -> JobView:
+def _job(store: ApiStore, job_id: str, caller: Caller) -> JobView:
     """The job, if this caller owns it; another key's job is as unknown as a missing one."""
     view = store.view(job_id, caller.key_id) if is_job_id(job_id) else None
     if view is None:

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from app import logs
 from app.auth import is_loopback, new_key
-from app.jobs import SCHEDULERS
-from app.settings import ApiSettings, load
+from app.jobs.contract import SCHEDULERS
+from app.settings import ApiSettings, load, refuse
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,7 +99,8 @@ def serve_api(host: str, port: int) -> None:
     import uvicorn
 
     from app.api import create_app
-    from app.jobs import JobStore
+    from app.jobs.api_store import ApiStore
+    from app.storage import open_storage
 
     settings = load(ApiSettings)
     if settings.auth == "off" and not is_loopback(host):
@@ -110,6 +111,10 @@ def serve_api(host: str, port: int) -> None:
     logs.configure(settings.log_json)
     if settings.auth == "off":
         logging.getLogger("sdserve.api").warning("SDSERVE_AUTH=off: anyone on this host may call")
-    store = JobStore.connect(settings.redis_url, settings.result_ttl_s, settings.redis_timeout_s)
+    try:
+        open_storage(settings.storage).check()
+    except Exception as e:
+        refuse(f"SDSERVE_STORAGE={settings.storage}: cannot use it: {e}")
+    store = ApiStore.connect(settings.redis_url, settings.result_ttl_s, settings.redis_timeout_s)
     logging.getLogger("sdserve.api").info("serving on http://%s:%d", host, port)
     uvicorn.run(create_app(store, settings), host=host, port=port, log_config=None)

@@ -16,10 +16,13 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.jobs import JobStore
+from app.jobs.api_store import ApiStore
 
 HTTP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 SUBMITS = {"/v1/txt2img", "/v1/images/generations"}  # POSTed to, these make jobs
+# A label value comes from this set only: a client's made-up method names are "other", so no
+# request can add a series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Why a submission was refused, by status; a 429 says which limit in `scope["state"]`.
 REJECTIONS = {401: "unauthorized", 409: "idempotency_conflict", 413: "too_large",
               422: "invalid", 503: "unavailable"}  # fmt: skip
@@ -28,7 +31,7 @@ REJECTIONS = {401: "unauthorized", 409: "idempotency_conflict", 413: "too_large"
 class ApiMetrics:
     """The metrics of one API app, in a registry of its own."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: ApiStore) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "sdserve_http_requests",
@@ -58,7 +61,7 @@ class ApiMetrics:
 class QueueCollector(Collector):
     """Read at scrape time from Redis; when Redis does not answer, only `sdserve_redis_up`."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: ApiStore) -> None:
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
@@ -76,6 +79,16 @@ class QueueCollector(Collector):
             ("sdserve_queue_lag", "Stream entries no worker has read yet.", state.lag),
             ("sdserve_workers_live", "Workers with a fresh heartbeat.", state.workers),
             ("sdserve_dead_letters", "Entries in the dead-letter stream.", state.dead_letters),
+            (
+                "sdserve_stream_length",
+                "Entries in the job stream (acked ones are trimmed).",
+                state.stream_length,
+            ),
+            (
+                "sdserve_webhook_backlog",
+                "Webhook events not yet sent (all senders).",
+                state.webhook_backlog,
+            ),
         ]:
             yield GaugeMetricFamily(name, doc, value=value)
         durations = HistogramMetricFamily(
@@ -114,7 +127,7 @@ class HttpMetrics:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
             if method == "POST" and scope["path"] in SUBMITS:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.jobs import (
+from app.jobs.contract import (
     STRICT_INPUT,
     Count,
     Guidance,

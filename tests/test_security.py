@@ -15,9 +15,8 @@ import redis
 
 from app.api import create_app
 from app.auth import ApiKey, hash_key, new_key
-from app.jobs import JobStore
 from app.settings import ApiSettings
-from tests.conftest import sdserve_env, serving
+from tests.conftest import JobStore, sdserve_env, serving
 
 SDSERVE = str(Path(sys.executable).parent / "sdserve")
 BODY = {"prompt": "a red fox", "seed": 1, "width": 64, "height": 64, "steps": 2}
@@ -78,7 +77,7 @@ def test_another_key_cannot_read_download_or_cancel_a_job(
     # Finish it as a worker would, so that there is an image to refuse.
     store.ensure_group()
     [taken] = store.start(store.read("w", 1, 100), "w")
-    store.succeed(taken, [b"\x89PNG fake"])
+    store.succeed(taken, 1)
     image = f"{job['url']}/images/0.png"
     for method, path in [("GET", job["url"]), ("GET", image), ("DELETE", job["url"])]:
         r = api.request(method, path, headers=bearer(KEY_B))
@@ -108,6 +107,20 @@ def test_the_rate_limit_at_its_edge(make_api: Any) -> None:
     assert [r.status_code for r in codes] == [202, 202, 202, 429]
     assert int(codes[3].headers["retry-after"]) >= 1 and "rate limit" in codes[3].json()["detail"]
     assert api.post("/v1/txt2img", json=BODY, headers=bearer(KEY_B)).status_code == 202
+
+
+def test_replays_and_refusals_spend_no_rate_token(make_api: Any) -> None:
+    api = make_api(api_keys=keys(rate_per_s=0.01, burst=1))
+    replay = {**bearer(KEY_A), "Idempotency-Key": "order-1"}
+    assert api.post("/v1/txt2img", json=BODY, headers=replay).status_code == 202  # the token
+    again = api.post("/v1/txt2img", json=BODY, headers=replay)  # a retry at an empty bucket
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    conflict = api.post("/v1/txt2img", json={**BODY, "seed": 2}, headers=replay)
+    assert conflict.status_code == 409
+    bad_hook = api.post("/v1/txt2img", json={**BODY, "webhook_url": "http://x.example/h"},
+                        headers=bearer(KEY_A))  # fmt: skip
+    assert bad_hook.status_code == 422
+    assert api.post("/v1/txt2img", json=BODY, headers=bearer(KEY_A)).status_code == 429
 
 
 def test_the_jobs_in_flight_cap_at_its_edge(make_api: Any) -> None:

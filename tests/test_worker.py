@@ -15,8 +15,10 @@ import redis
 import torch
 from PIL import Image
 
-from app.jobs import GROUP, STREAM, JobStore, Status, Txt2ImgRequest
-from tests.conftest import enqueue, wait_for
+from app.jobs.contract import Status, Txt2ImgRequest
+from app.jobs.keys import GROUP, STREAM
+from app.storage import open_storage
+from tests.conftest import JobStore, enqueue, stored_image, wait_for
 from worker.engine import BatchShape, Engine, ImageSpec, StepCallback, Tuning
 from worker.runner import Runner
 from worker.settings import WorkerSettings
@@ -26,7 +28,7 @@ def runner(store: JobStore, model: Path, redis_url: str, **settings: Any) -> Run
     options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker", **settings}
     worker_settings = WorkerSettings(redis_url=redis_url, **options)
     engine = Engine(str(model), torch.device("cpu"), Tuning(max_batch=worker_settings.max_batch))
-    return Runner(worker_settings, store, engine)
+    return Runner(worker_settings, store, engine, open_storage(worker_settings.storage))
 
 
 @dataclass
@@ -83,7 +85,7 @@ def submit(store: JobStore, **kw: Any) -> str:
 
 
 def png(store: JobStore, job_id: str, k: int) -> Image.Image:
-    data = store.image(job_id, k)
+    data = stored_image(job_id, k)
     assert data is not None, (job_id, k)
     return Image.open(io.BytesIO(data))
 
@@ -183,7 +185,7 @@ def test_progress_shows_and_cancel_stops_a_running_job(
     r.close()
     view = store.view(job_id)
     assert view is not None and view.status is Status.CANCELED and view.images == []
-    assert store.image(job_id, 0) is None
+    assert stored_image(job_id, 0) is None
     done = store.view(other)
     assert done is not None and done.status is Status.SUCCEEDED
     assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0

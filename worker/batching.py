@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from app.jobs import Job
+from app.jobs.contract import Job
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.jobs import Txt2ImgRequest
+from app.jobs.contract import Txt2ImgRequest
 from worker.schedulers import SAMPLERS
 
 

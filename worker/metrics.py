@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from app.jobs import JOB_SECONDS_BUCKETS
+from app.jobs.contract import JOB_SECONDS_BUCKETS
 
 # Seconds a step or a decode takes: milliseconds on a GPU, up to seconds on a CPU.
 STEP_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -82,6 +82,14 @@ class WorkerMetrics:
             "sdserve_worker_last_heartbeat_timestamp_seconds",
             "When the worker last told Redis it lives (Unix time).",
             registry=r,
+        )
+        self.completion_backlog = Gauge(
+            "sdserve_worker_completion_backlog",
+            "Jobs whose images wait to be encoded and stored (bounded: the GPU waits when full).",
+            registry=r,
+        )
+        self.storage_retries = Counter(
+            "sdserve_worker_storage_retries", "Image writes to storage tried again.", registry=r
         )
 
     # The engine reports its timings here (see worker.engine.Observer).

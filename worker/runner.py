@@ -3,7 +3,11 @@
 Threads: the GPU loop (`Runner.run`); a reader that keeps the next batch's entries gathered
 while the GPU works; a reporter that writes progress, notices cancellations and sends
 heartbeats; and a small pool that encodes PNGs and writes results. Neither Redis nor PNG
-encoding holds the GPU up.
+encoding holds the GPU up, but the pool's backlog is bounded: when it is full the GPU waits.
+
+A thread that dies of an error it cannot handle stops the whole worker with exit code 1, so
+that its orchestrator restarts it, rather than leaving it half alive with a fresh heartbeat.
+Only transient Redis errors (unreachable, loading, full) are retried.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -29,7 +34,11 @@ import redis
 import torch
 
 from app import logs
-from app.jobs import Delivery, ErrorCode, Job, JobStore
+from app.jobs.contract import Delivery, ErrorCode, Job
+from app.jobs.store import is_transient
+from app.jobs.worker_store import WorkerStore
+from app.settings import refuse
+from app.storage import Storage, open_storage, result_key
 from worker.batching import Assembly, Slot, chunks, group
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning, resolve_device
 from worker.images import encode_png, parameters
@@ -43,6 +52,11 @@ R = TypeVar("R")
 REPORT_INTERVAL_S = 0.25
 READ_BLOCK_MS = 1000
 MAX_BACKOFF_S = 10.0
+STORAGE_ATTEMPTS = 4  # first try, then after 0.5, 1 and 2 seconds
+
+
+class NameTaken(Exception):
+    """Another live worker process holds this worker name."""
 
 
 class Tracker:
@@ -88,31 +102,66 @@ class Tracker:
 
 
 class Runner:
-    def __init__(self, settings: WorkerSettings, store: JobStore, engine: Engine) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        store: WorkerStore,
+        engine: Engine,
+        storage: Storage,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.engine = engine
+        self.storage = storage
         self.name = settings.worker_name
+        # This process's hold on its name: a restart under the same name gets a new token.
+        self.token = secrets.token_hex(8)
+        self.fatal: BaseException | None = None
         self.model_name = Path(engine.model).name
         self.stopping = threading.Event()
         self.tracker = Tracker()
-        self.metrics = WorkerMetrics(settings.max_batch, engine.tuning.buckets())
+        self.metrics = metrics or WorkerMetrics(settings.max_batch, engine.tuning.buckets())
         engine.observer = self.metrics
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
+        # Jobs handed to the pool and not yet written: the GPU waits for room.
+        self._backlog = threading.BoundedSemaphore(2 * settings.max_batch)
+        self._held: set[str] = set()  # entry ids this process holds (read, claimed, not acked)
         self._grace_ends = math.inf
         self._lock = threading.Lock()
         self._suspects: set[str] = set()  # at most one: a suspect runs alone
         self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
         self._closed = threading.Event()
-        self._reader = threading.Thread(target=self._read_loop, name="reader", daemon=True)
-        self._reporter = threading.Thread(target=self._report_loop, name="reporter", daemon=True)
+        self._reader = self._thread(self._read_loop, "reader")
+        self._reporter = self._thread(self._report_loop, "reporter")
+
+    def _thread(self, loop: Callable[[], None], name: str) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                loop()
+            except BaseException as e:
+                self._die(e, name)
+
+        return threading.Thread(target=guarded, name=name, daemon=True)
+
+    def _die(self, error: BaseException, where: str) -> None:
+        """An error no retry can mend: stop everything; `serve` exits 1."""
+        log.critical("%s died: %s: %s", where, type(error).__name__, error, exc_info=error)
+        if self.fatal is None:
+            self.fatal = error
+        self._grace_ends = 0.0  # nothing more runs on the GPU
+        self.stopping.set()
 
     def run(self) -> None:
         """Serve until `stop()`; the batch in hand is finished and written first."""
         self.open()
-        while not self.stopping.is_set():
-            self.step()
-        self.close()
+        try:
+            while not self.stopping.is_set():
+                self.step()
+        except BaseException as e:
+            self._die(e, "GPU loop")
+        if self.fatal is None:
+            self.close()
 
     def stop(self) -> None:
         """Stop reading; the batch in hand has `stop_grace_s` to finish."""
@@ -121,16 +170,41 @@ class Runner:
 
     def open(self) -> None:
         self._redis(self.store.ensure_group)
-        # Entries this consumer took before a restart and never acked come first (before the
-        # first heartbeat takes over other workers' entries, which are then ours too).
+        self._claim_name()
+        # Entries a process of this name took before a restart and never acked come first
+        # (before the first heartbeat takes over other workers' entries). All of them, but
+        # only one suspect: those left are touched by no one, so any worker takes them later,
+        # one at a time.
         mine = partial(
-            self.store.reclaim, self.name, 0, self.settings.delivery_cap, 1000, owner=self.name
+            self.store.reclaim, self.name, 0, self.settings.delivery_cap, 100_000, owner=self.name
         )
-        self._take(self._redis(mine) or [])
+        taken = self._redis(mine) or []
+        if taken:
+            log.warning("took back %d entries this name held before a restart", len(taken))
+        self._take(taken)
         self._redis(self._heartbeat)
         self._reader.start()
         self._reporter.start()
         log.info("worker %s ready on %s", self.name, self.engine.device)
+
+    def _claim_name(self) -> None:
+        """Hold this worker's name, or raise NameTaken if another live process holds it.
+
+        A holder that died (a restart under the same name) leaves its heartbeat for at most
+        its TTL: wait that long for it to lapse. A live holder renews it meanwhile.
+        """
+        ttl = self.settings.heartbeat_ttl_s
+        deadline = time.monotonic() + ttl + 1
+        info = self._info()
+        beat = partial(self.store.heartbeat, self.name, self.token, ttl, info)
+        while not self._redis(beat):
+            if time.monotonic() > deadline or self.stopping.is_set():
+                raise NameTaken(
+                    f"another live worker is named {self.name!r} (its heartbeat stayed fresh"
+                    f" for {ttl}s): give each worker its own SDSERVE_WORKER_NAME"
+                )
+            log.warning("worker name %s is held; waiting for it to lapse", self.name)
+            time.sleep(1)
 
     def step(self) -> int:
         """Run the next batch of entries, if any came; returns how many entries it took."""
@@ -147,23 +221,30 @@ class Runner:
         self._reader.join()
         unrun = self.inbox.drain()
         if unrun:  # back in the stream at once, for any worker: not stranded until we return
-            self._redis(partial(self.store.requeue, unrun))
+            self._redis(partial(self.store.hand_back, unrun))
+            self._release(unrun)
         self._completions.shutdown(wait=True)
         self._closed.set()
         self._reporter.join()
-        self._redis(partial(self.store.retire, self.name))
+        self._redis(partial(self.store.retire, self.name, self.token))
         log.info("worker %s stopped", self.name)
+
+    def _release(self, deliveries: list[Delivery]) -> None:
+        """These entries are acked (or handed back): no longer this process's to renew."""
+        with self._lock:
+            self._held -= {d.entry_id for d in deliveries}
 
     def _read_loop(self) -> None:
         """Keep the inbox topped up, so the next batch is gathered while this one runs."""
         while not self.stopping.is_set():
             if self.inbox.wait_for_room(READ_BLOCK_MS / 1000):
                 read = partial(self.store.read, self.name, self.inbox.room(), READ_BLOCK_MS)
-                self.inbox.put(self._redis(read) or [])
+                self._take(self._redis(read) or [])
 
     def _process(self, deliveries: list[Delivery]) -> None:
         start = partial(self.store.start, deliveries, self.name, self._count_failure)
         jobs = self._redis(start) or []
+        self._release([d for d in deliveries if d.job_id not in {job.id for job in jobs}])
         now = time.time()
         for job in jobs:
             self.metrics.queue_wait.observe(now - job.created_at)
@@ -192,10 +273,12 @@ class Runner:
         # grace: back to the queue, for another worker.
         for job in (j for j in unsettled if self.tracker.is_gone(j.id)):
             self._redis(partial(self.store.ack, job.delivery))
+            self._release([job.delivery])
         cut = [job.delivery for job in unsettled if not self.tracker.is_gone(job.id)]
-        if cut:
+        if cut and self.fatal is None:
             log.warning("stop grace over: %d jobs go back to the queue", len(cut))
-            self._redis(partial(self.store.requeue, cut))
+            self._redis(partial(self.store.hand_back, cut))
+            self._release(cut)
         self.tracker.forget({job.id for job in jobs})
         with self._lock:
             self._suspects -= {job.id for job in jobs}
@@ -222,9 +305,7 @@ class Runner:
         except Exception as e:  # the worker lives on; these jobs fail with the reason
             log.exception("batch of %d images failed", len(rows))
             for job in jobs:
-                self._completions.submit(
-                    self._fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}"
-                )
+                self._complete(job, self._fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
             return {job.id for job in jobs}
         finally:
             self.tracker.end()
@@ -245,7 +326,7 @@ class Runner:
             return set()
         whole = assembly.add(rows, images)
         for job in whole:
-            self._completions.submit(self._succeed, job, assembly.take(job))
+            self._complete(job, self._succeed, job, assembly.take(job))
         return {job.id for job in whole}
 
     def _split(
@@ -257,7 +338,7 @@ class Runner:
         if len(rows) == 1:
             job = rows[0].job
             message = f"one {shape.width}x{shape.height} image does not fit in GPU memory"
-            self._completions.submit(self._fail, job, ErrorCode.OUT_OF_MEMORY, message)
+            self._complete(job, self._fail, job, ErrorCode.OUT_OF_MEMORY, message)
             return {job.id}
         half = len(rows) // 2
         log.warning("out of GPU memory at %d images: retrying as %d + %d", len(rows), half,
@@ -265,6 +346,30 @@ class Runner:
         settled = self._run_batch(rows[:half], shape, assembly)
         rest = [s for s in rows[half:] if s.job.id not in settled]
         return settled | (self._run_batch(rest, shape, assembly) if rest else set())
+
+    def _complete(self, job: Job, write: Callable[..., None], *args: object) -> None:
+        """Hand a job's outcome to the pool, waiting for room; every future is checked."""
+        self._backlog.acquire()
+        self.metrics.completion_backlog.inc()
+        future = self._completions.submit(write, *args)
+        future.add_done_callback(partial(self._completed, job))
+
+    def _completed(self, job: Job, future: Future[None]) -> None:
+        """A completion ended: its entry is acked, or, if it raised, the job fails with the
+        reason (and if even that cannot be written, the worker stops: a restart runs it
+        again)."""
+        self._backlog.release()
+        self.metrics.completion_backlog.dec()
+        error = future.exception()
+        if error is not None:
+            log.error("writing the result failed: %s: %s", type(error).__name__, error,
+                      exc_info=error, extra={"job_id": job.id})  # fmt: skip
+            try:
+                self._fail(job, ErrorCode.STORAGE, f"storing the result failed: {error}")
+            except BaseException as e:
+                self._die(e, "completion")
+                return
+        self._release([job.delivery])
 
     def _count_failure(self, code: ErrorCode) -> None:
         self.metrics.failures.labels(code.value).inc()
@@ -284,11 +389,29 @@ class Runner:
         for image, seed in zip(finite, job.request.seeds(), strict=True):
             with self.metrics.png_encode.time():
                 pngs.append(encode_png(image, parameters(job.request, seed, self.model_name)))
-        if self._redis(partial(self.store.succeed, job, pngs)):
+        # The images first, then the status and the ack: a crash in between leaves orphan
+        # files (swept after the TTL), never a succeeded job without images.
+        for k, png in enumerate(pngs):
+            self._store_file(result_key(job.id, k), png)
+        if self._redis(partial(self.store.succeed, job, len(pngs))):
             self.metrics.images.inc(len(pngs))
             log.info("succeeded: %d images", len(pngs), extra={"job_id": job.id})
         else:
             log.info("had ended meanwhile (canceled): result dropped", extra={"job_id": job.id})
+
+    def _store_file(self, key: str, data: bytes) -> None:
+        """Write to storage, retrying a few times with backoff; the last error propagates
+        (the job then fails `storage_error`)."""
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                self.storage.put(key, data)
+                return
+            except Exception as e:
+                if attempt == STORAGE_ATTEMPTS - 1:
+                    raise
+                log.warning("storage write failed (%s); retrying", e)
+                self.metrics.storage_retries.inc()
+                time.sleep(0.5 * 2**attempt)
 
     def _report_loop(self) -> None:
         """Progress and cancellations often; heartbeat, touching and reclaiming with each beat.
@@ -306,13 +429,23 @@ class Runner:
                     self._heartbeat()
                     next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
             except redis.RedisError as e:
+                if not is_transient(e):
+                    raise
                 log.warning("reporter: redis unavailable: %s", e)
 
+    def _info(self) -> str:
+        return json.dumps({"device": str(self.engine.device), "model": self.model_name})
+
     def _heartbeat(self) -> None:
-        info = json.dumps({"device": str(self.engine.device), "model": self.model_name})
-        self.store.heartbeat(self.name, self.settings.heartbeat_ttl_s, info)
+        ttl = self.settings.heartbeat_ttl_s
+        if not self.store.heartbeat(self.name, self.token, ttl, self._info()):
+            # Our heartbeat lapsed (Redis unreachable past the TTL) and another process took
+            # the name: two of us would renew each other's entries. Leave.
+            raise NameTaken(f"another live worker took the name {self.name!r}")
         self.metrics.last_heartbeat.set_to_current_time()
-        self.store.touch(self.name)
+        with self._lock:
+            held = list(self._held)
+        self.store.touch(self.name, held)
         claim_idle_ms = self.settings.claim_idle_s * 1000
         room = self.inbox.room()
         if room > 0 and not self.stopping.is_set():
@@ -324,19 +457,24 @@ class Runner:
                 log.warning("took over %d entries of a worker gone silent", len(taken))
                 self._take(taken)
         self.store.forget_consumers(claim_idle_ms)
+        self.store.trim()
 
     def _take(self, deliveries: list[Delivery]) -> None:
         with self._lock:
             self._suspects |= {d.job_id for d in deliveries if d.suspect}
+            self._held |= {d.entry_id for d in deliveries}
         self.inbox.put(deliveries)
 
     def _redis(self, call: Callable[[], R]) -> R | None:
-        """Run a Redis call, retrying with backoff while Redis is away; None once stopping."""
+        """Run a Redis call, retrying with backoff while Redis is away (or full); None once
+        stopping. Any other Redis error propagates: retrying would only hide it."""
         delay = 0.5
         while True:
             try:
                 return call()
             except redis.RedisError as e:
+                if not is_transient(e):
+                    raise
                 log.warning("redis unavailable (%s); retrying in %.1fs", e, delay)
                 if self.stopping.wait(delay):
                     return None
@@ -364,12 +502,21 @@ def prepare_model(model: str) -> str:
 
 
 def serve(settings: WorkerSettings) -> None:
-    """The worker process: load and warm up the model, then run until SIGTERM or SIGINT."""
+    """The worker process: load and warm up the model, then run until SIGTERM or SIGINT.
+
+    Exits 2 on a setting that cannot work (checked before the model loads: storage, the
+    metrics port, the worker name), 1 when a thread died of an error it could not handle.
+    """
     logs.configure(settings.log_json)
     try:
         device = resolve_device(settings.device)
     except RuntimeError as e:
         raise SystemExit(f"sdserve: {e}") from None
+    storage = open_storage(settings.storage)
+    try:
+        storage.check()
+    except Exception as e:
+        refuse(f"SDSERVE_STORAGE={settings.storage}: cannot write there: {e}")
     cuda = device.type == "cuda"
     tuning = Tuning(
         max_batch=settings.max_batch,
@@ -378,6 +525,12 @@ def serve(settings: WorkerSettings) -> None:
         compiled_sizes=tuple(settings.compiled_sizes),
         vae_chunk=settings.vae_chunk,
     )
+    metrics = WorkerMetrics(settings.max_batch, tuning.buckets())
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as e:
+            refuse(f"SDSERVE_METRICS_PORT={settings.metrics_port}: {e.strerror}")
     # Compiled kernels are reused from here by the next start: seconds instead of minutes.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
     started = time.perf_counter()
@@ -388,15 +541,13 @@ def serve(settings: WorkerSettings) -> None:
     log.info("model %s loaded in %.1fs, warmed up in %.1fs", settings.model, loaded - started,
              warmed - loaded)  # fmt: skip
     # A read blocks up to READ_BLOCK_MS: the socket must wait longer than that.
-    store = JobStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5)
-    runner = Runner(settings, store, engine)
+    store = WorkerStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5)
+    runner = Runner(settings, store, engine, storage, metrics)
     runner.metrics.model_load.set(loaded - started)
     runner.metrics.warm_up.set(warmed - loaded)
     if cuda:
         runner.metrics.gpu_memory.set_function(lambda: torch.cuda.memory_allocated(device))
         runner.metrics.gpu_memory_peak.set_function(lambda: torch.cuda.max_memory_allocated(device))
-    if settings.metrics_port:
-        runner.metrics.serve(settings.metrics_port)
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
@@ -404,4 +555,14 @@ def serve(settings: WorkerSettings) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    runner.run()
+    try:
+        runner.run()
+    except NameTaken as e:
+        refuse(str(e))
+    if runner.fatal is not None:
+        # Half a worker is worse than none: its entries go to others (or to this name's next
+        # start). Other threads may be stuck on what killed this one: no waiting for them.
+        with contextlib.suppress(Exception):
+            store.retire(runner.name, runner.token)
+        logging.shutdown()
+        os._exit(1)

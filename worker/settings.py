@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
-from app.jobs import is_side
+from app.jobs.contract import is_side
 from app.settings import CommonSettings, cache_dir
 
 # The tiny model lives here unless SDSERVE_MODEL names another; it is built on first start.
@@ -59,9 +62,10 @@ class WorkerSettings(CommonSettings):
         default="auto",
         description="torch.compile + CUDA graphs for the UNet and VAE (auto: on CUDA).",
     )
-    compiled_sizes: list[tuple[int, int]] = Field(
+    compiled_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(
         default=[(512, 512)],
-        description="Sizes compiled at start, JSON [[width, height], ...]; others run eagerly.",
+        description="Sizes compiled at start: 512x512,768x512 or JSON [[512, 512], ...];"
+        " others run eagerly.",
     )
     compile_cache: Path = Field(
         default=cache_dir() / "inductor",
@@ -76,6 +80,31 @@ class WorkerSettings(CommonSettings):
         pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
         description="Consumer name; unique per worker (several workers on one host: set it).",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, model: str) -> str:
+        # A path must be there (the default tiny model is built on first start); anything else
+        # is a hub id, fetched by from_pretrained.
+        local = model.startswith(("/", ".", "~"))
+        if local and model != str(TINY_MODEL_DIR) and not Path(model).expanduser().is_dir():
+            raise ValueError(f"no such model folder: {model}")
+        return model
+
+    @field_validator("compiled_sizes", mode="before")
+    @classmethod
+    def _sizes_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("["):
+            return json.loads(value)
+        sizes = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            match = re.fullmatch(r"(\d+)x(\d+)", part)
+            if match is None:
+                raise ValueError(f"{part!r}: write sizes as WIDTHxHEIGHT, like 512x512")
+            sizes.append((int(match.group(1)), int(match.group(2))))
+        return sizes
 
     @field_validator("compiled_sizes")
     @classmethod

@@ -1,0 +1,147 @@
+"""The API's side of Redis: submit, look up, cancel, and the queue's state for metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from app.jobs import scripts
+from app.jobs.contract import JobView, Status, Submission, Txt2ImgRequest, new_job_id
+from app.jobs.keys import (
+    DEAD,
+    GROUP,
+    JOB_SECONDS,
+    QUEUED,
+    STREAM,
+    SWEEP_LOCK,
+    WEBHOOK_GROUP,
+    WEBHOOKS,
+    idempotency_key,
+    inflight_key,
+    job_key,
+    ratelimit_key,
+    retry_key,
+)
+from app.jobs.store import Store, decode
+from app.jobs.views import QueueState, durations, job_view
+
+# The share of the API's Redis timeout within which a submission must run on Redis. A call
+# that Redis runs later than that (it stalled, then resumed) creates nothing: the API has
+# answered 503 by then, or is about to.
+_SUBMIT_WINDOW = 0.5
+
+
+class ApiStore(Store):
+    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
+        super().__init__(client, result_ttl_s)
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._clock_offset: float | None = None  # Redis's clock minus ours, seconds
+        self._timeout_s = float(client.connection_pool.connection_kwargs.get("socket_timeout")
+                                or 0)  # fmt: skip
+
+    def submit(
+        self,
+        request: Txt2ImgRequest,
+        max_queued: int,
+        owner: str = "",
+        max_in_flight: int = 0,
+        idempotency: tuple[str, str] | None = None,
+        rate: tuple[float, int] | None = None,
+        retry: tuple[str, bool] | None = None,
+    ) -> tuple[Submission, str]:
+        """Record the job and queue it in one atomic step; answers the outcome and the job id
+        (or, refused by the rate limit, the seconds to wait).
+
+        `request` is normalized (seed and timeout set); `owner` is the API key id ("" with
+        auth off), and `max_in_flight` its cap on queued and running jobs (0: none).
+        `idempotency` is (the client's key, a hash of what it sent): the same pair again
+        answers the first job. `rate` is the owner's (tokens a second, burst): a token is
+        spent only by a job that is queued, never by a replay or a refusal. `retry` is (a hash
+        of what was sent, whether this is a client's automatic retry): a retry answers the job
+        the first try of the same call made.
+        """
+        if request.seed is None or request.timeout_s is None:
+            raise ValueError("submit() needs a normalized request (seed and timeout set)")
+        job_id, now = new_job_id(), time.time()
+        client_key, sent = idempotency or ("", "")
+        rate_per_s, burst = rate or (0.0, 0)
+        retry_hash, retrying = retry or ("", False)
+        retry_mode = 0 if retry is None else (2 if retrying else 1)
+        not_after = 0.0
+        if self._timeout_s:
+            not_after = now + self._offset() + self._timeout_s * _SUBMIT_WINDOW
+        outcome, value, clock = self._submit(
+            keys=[job_key(job_id), QUEUED, STREAM, inflight_key(owner),
+                  idempotency_key(owner, client_key), ratelimit_key(owner),
+                  retry_key(owner, retry_hash)],
+            args=[job_id, repr(now), request.model_dump_json(), repr(now + request.timeout_s),
+                  max_queued, sent or retry_hash, self.record_ttl(), owner, max_in_flight,
+                  int(idempotency is not None), request.webhook_url or "",
+                  f",{','.join(request.webhook_events)},", rate_per_s, burst, repr(not_after),
+                  retry_mode],
+        )  # fmt: skip
+        self._clock_offset = float(clock) - time.time()
+        if outcome == b"queued":
+            return Submission.QUEUED, job_id
+        if outcome in (b"full", b"busy", b"late"):
+            return Submission(outcome.decode()), ""
+        if outcome == b"rate":
+            return Submission.RATE_LIMITED, value.decode()
+        first_job, first_sent = value.decode().split(" ")
+        expected = sent if idempotency is not None else retry_hash
+        return (Submission.REPLAYED if first_sent == expected else Submission.CONFLICT), first_job
+
+    def _offset(self) -> float:
+        if self._clock_offset is None:
+            seconds, micros = self._r.time()
+            self._clock_offset = seconds + micros / 1e6 - time.time()
+        return self._clock_offset
+
+    def queue_state(self) -> QueueState:
+        tx = self._r.pipeline(transaction=False)
+        tx.zcard(QUEUED)
+        tx.xlen(DEAD)
+        tx.hgetall(JOB_SECONDS)
+        tx.exists(STREAM)
+        tx.xlen(STREAM)
+        tx.exists(WEBHOOKS)
+        queued, dead, seconds, stream, stream_length, webhooks = tx.execute()
+        groups: Any = self._r.xinfo_groups(STREAM) if stream else []
+        lag = next((g.get("lag") or 0 for g in groups if g["name"] == GROUP.encode()), 0)
+        senders: Any = self._r.xinfo_groups(WEBHOOKS) if webhooks else []
+        backlog = sum(
+            (g.get("lag") or 0) + g["pending"]
+            for g in senders
+            if g["name"] == WEBHOOK_GROUP.encode()
+        )
+        return QueueState(
+            queued=int(queued),
+            lag=int(lag),
+            workers=len(self.live_workers()),
+            dead_letters=int(dead),
+            stream_length=int(stream_length),
+            webhook_backlog=int(backlog),
+            durations=durations(seconds),
+        )
+
+    def view(self, job_id: str, owner: str = "", now: float | None = None) -> JobView | None:
+        """The job as `owner` may see it: None for an unknown job or another key's, and for a
+        record that is not whole (Redis lost its data and something wrote a field since)."""
+        tx = self._r.pipeline(transaction=True)
+        tx.hgetall(job_key(job_id))
+        tx.zrank(QUEUED, job_id)
+        raw, position = tx.execute()
+        record = decode(raw)
+        if "request" not in record or "status" not in record or record.get("owner", "") != owner:
+            return None
+        return job_view(job_id, record, position, time.time() if now is None else now)
+
+    def cancel(self, job_id: str, owner: str = "") -> bool:
+        """Cancel a queued or running job; False when it had already ended (or never was)."""
+        return self._complete(job_id, None, owner, Status.CANCELED, 0, "", "")
+
+    def sweep_turn(self, interval_s: int) -> bool:
+        """Whether this process sweeps expired files now: one process per interval does."""
+        return bool(self._r.set(SWEEP_LOCK, "1", nx=True, ex=interval_s))

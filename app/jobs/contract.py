@@ -1,0 +1,231 @@
+"""The job contract: what a client asks for, what a job is, and what a worker hands back.
+
+Shared by the API and the workers; FastAPI-free (the worker image carries no web stack) and
+Redis-free (the store modules own every key).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SchedulerName = Literal[
+    "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"
+]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+SEED_MAX = 2**32 - 1
+
+# Seconds from accepted to finished: explicit, up to five minutes (the defaults stop at 10 s).
+JOB_SECONDS_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+def new_job_id() -> str:
+    """128 random bits, URL-safe base64 without padding (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+def is_job_id(text: str) -> bool:
+    return _JOB_ID.fullmatch(text) is not None
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+# States a job never leaves (StrEnum: plain status strings match too).
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.EXPIRED})
+
+
+class ErrorCode(StrEnum):
+    """Typed reasons a job fails; clients branch on these, never on messages."""
+
+    NUMERICAL = "numerical"  # the model produced NaN/inf pixels, even decoded in fp32
+    ENGINE = "engine_error"  # the model raised while generating
+    OUT_OF_MEMORY = "out_of_memory"  # one image alone does not fit on the GPU
+    DEADLINE = "deadline_exceeded"  # its timeout_s passed before a worker took it
+    POISON = "poison"  # its workers died every time it ran: dead-lettered
+    INVALID = "invalid_request"  # a record the worker could not read as a request
+    STORAGE = "storage_error"  # the images could not be written to storage, retries included
+
+
+# Limits shared by every way in (the native API, the OpenAI-compatible one).
+Prompt = Annotated[str, Field(min_length=1, max_length=2000, description="What to draw.")]
+NegativePrompt = Annotated[str, Field(max_length=2000, description="What to avoid.")]
+# Both sides at most 1024, so width x height never exceeds 1024 x 1024.
+SIDE_MIN, SIDE_MAX, SIDE_STEP = 64, 1024, 8
+Side = Annotated[int, Field(ge=SIDE_MIN, le=SIDE_MAX, multiple_of=SIDE_STEP, description="Pixels.")]
+
+
+def is_side(pixels: int) -> bool:
+    """Whether an image side is one `Side` allows (for sizes written as text, like "512x512")."""
+    return SIDE_MIN <= pixels <= SIDE_MAX and pixels % SIDE_STEP == 0
+
+
+Steps = Annotated[int, Field(ge=1, le=100, description="Denoising steps.")]
+Guidance = Annotated[float, Field(ge=0, le=30, description="Classifier-free guidance.")]
+Seed = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=SEED_MAX,
+        description="Seed of image 0; image k uses (seed + k) mod 2^32. Chosen when absent.",
+    ),
+]
+Count = Annotated[int, Field(ge=1, le=8, description="Number of images.")]
+Timeout = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=86400,
+        description="Seconds after submission when the job, if not yet taken by a worker, fails"
+        " `deadline_exceeded` without using the GPU. The server's default when absent.",
+    ),
+]
+WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
+
+
+# What every request model shares: a wrong JSON type is an error, never a silent coercion;
+# unknown fields are refused; NaN and infinities (which Python's JSON reader accepts) too.
+STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class Txt2ImgRequest(BaseModel):
+    """What a client asks for. Strict: a wrong JSON type is an error, never a silent coercion."""
+
+    model_config = ConfigDict(
+        **STRICT_INPUT,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a lighthouse on a cliff at dusk, oil painting",
+                    "negative_prompt": "blurry",
+                    "width": 512,
+                    "height": 512,
+                    "steps": 25,
+                    "guidance_scale": 7.5,
+                    "scheduler": "dpmpp_2m",
+                    "seed": 1234,
+                    "n": 2,
+                }
+            ]
+        },
+    )
+
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
+    width: Side = 512
+    height: Side = 512
+    steps: Steps = 25
+    guidance_scale: Guidance = 7.5
+    scheduler: SchedulerName = Field(default="dpmpp_2m", description="Sampler.")
+    seed: Seed | None = None
+    n: Count = 1
+    timeout_s: Timeout | None = None
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        pattern=r"^https?://[^\s/@]+(/\S*)?$",
+        description="Where to POST the job (signed) when it reaches a state in webhook_events.",
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default=["succeeded", "failed", "canceled"],
+        min_length=1,
+        max_length=4,
+        description="Which changes to send: running, succeeded, failed, canceled.",
+    )
+
+    def seeds(self) -> list[int]:
+        """One seed per image; each one, sent back alone with n=1, reproduces that image."""
+        if self.seed is None:
+            raise ValueError("seeds() needs a normalized request (seed set)")
+        return [(self.seed + k) % (SEED_MAX + 1) for k in range(self.n)]
+
+    def batch_shape(self) -> tuple[int, int, int, str]:
+        """Requests that share this key can run in one batch; everything else is per image."""
+        return (self.width, self.height, self.steps, self.scheduler)
+
+
+class Progress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobView(BaseModel):
+    """What `GET /jobs/{id}` answers."""
+
+    id: str
+    status: Status
+    position: int | None = Field(description="0-based place in the queue while queued.")
+    progress: Progress | None = Field(description="Denoising step while running.")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    request: Txt2ImgRequest
+    seeds: list[int]
+    images: list[str]
+    error: JobError | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry handed to a worker, for the `deliveries`-th time."""
+
+    entry_id: str
+    job_id: str
+    deliveries: int = 1
+
+    @property
+    def suspect(self) -> bool:
+        """Its workers died twice with it: it runs alone, so it takes no stranger down."""
+        return self.deliveries > 2
+
+
+class Submission(StrEnum):
+    QUEUED = "queued"
+    REPLAYED = "replayed"  # the same Idempotency-Key and request: the job made the first time
+    CONFLICT = "conflict"  # the same Idempotency-Key with another request
+    FULL = "full"  # the queue holds its maximum of jobs
+    BUSY = "busy"  # the caller has its maximum of jobs queued or running
+    RATE_LIMITED = "rate"  # the caller's token bucket is empty
+    LATE = "late"  # Redis ran the call after the API had given up on it (a stall): no job
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A job reached a state its webhook asked for; `entry_id` acks it once sent."""
+
+    entry_id: str
+    job_id: str
+    event: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job a worker has taken: its delivery, its request, and the API key id that owns it."""
+
+    delivery: Delivery
+    request: Txt2ImgRequest
+    owner: str = ""
+    created_at: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.delivery.job_id

@@ -1,0 +1,64 @@
+"""Every Redis key name sdserve uses: the one place that spells them.
+
+All keys live under the ``sdserve:`` prefix:
+
+- ``sdserve:queue``             stream of work; each entry is ``{job: <id>}``; group ``workers``
+- ``sdserve:queued``            sorted set of queued job ids, scored by creation time (positions)
+- ``sdserve:job:<id>``          hash: the job record (request, status, timestamps, progress,
+                                error, image count); images live in object storage, not here
+- ``sdserve:worker:<name>``     heartbeat of a live worker, with a TTL; holds the process's
+                                instance token, so a second process under the same name is seen
+- ``sdserve:workers``           set of worker names that have sent a heartbeat
+- ``sdserve:dead``              stream of dead-lettered (poison) entries
+- ``sdserve:idempotency:<sha256 of caller and key>``  "<job id> <sha256 of the request>"
+- ``sdserve:retry:<sha256 of caller and request>``    the last job an OpenAI-route call made
+- ``sdserve:inflight:<key id>`` set of an API key's queued and running jobs
+- ``sdserve:ratelimit:<key id>`` token bucket of an API key's submissions
+- ``sdserve:stats:job_seconds`` histogram of accepted-to-finished times, by final status
+- ``sdserve:webhooks``          stream of webhook events to send; group ``senders``
+- ``sdserve:sweep``             lock: one process at a time sweeps expired files from storage
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+STREAM = "sdserve:queue"
+GROUP = "workers"
+QUEUED = "sdserve:queued"
+WORKERS = "sdserve:workers"
+DEAD = "sdserve:dead"
+WEBHOOKS = "sdserve:webhooks"
+WEBHOOK_GROUP = "senders"
+JOB_SECONDS = "sdserve:stats:job_seconds"
+SWEEP_LOCK = "sdserve:sweep"
+
+
+def job_key(job_id: str) -> str:
+    return f"sdserve:job:{job_id}"
+
+
+def worker_key(name: str) -> str:
+    return f"sdserve:worker:{name}"
+
+
+def _digest(*parts: str) -> str:
+    # A client's key or request is arbitrary text: it never lands in Redis as given.
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    # Per caller: one API key cannot find another's jobs by guessing its Idempotency-Keys.
+    return f"sdserve:idempotency:{_digest(owner, key)}"
+
+
+def retry_key(owner: str, request_hash: str) -> str:
+    return f"sdserve:retry:{_digest(owner, request_hash)}"
+
+
+def inflight_key(owner: str) -> str:
+    return f"sdserve:inflight:{owner}"
+
+
+def ratelimit_key(owner: str) -> str:
+    return f"sdserve:ratelimit:{owner}"

