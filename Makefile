@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test chaos install tools clean
+.PHONY: run test chaos soak install tools clean
 
 run: install
 	$(BIN)/sdserve dev --host $(HOST) --port $(PORT)
@@ -23,6 +23,12 @@ test: install tools
 # The fault tests alone (make test runs them too); both print the faults table at the end.
 chaos: install
 	$(BIN)/pytest tests/test_chaos.py
+
+# The long soak (make test runs a short one): thousands of jobs while workers, an API process
+# and Redis are killed and restarted; prints its report at the end (docs/reliability.md).
+SOAK_JOBS ?= 3000
+soak: install
+	SOAK_JOBS=$(SOAK_JOBS) SOAK_CLIENTS=32 $(BIN)/pytest -p no:xdist tests/test_soak.py
 
 install: $(VENV)/.installed
 

@@ -190,7 +190,7 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
         if settings.webhook_secret is not None:
             secret = settings.webhook_secret.get_secret_value().encode()
             consumer = f"{socket.gethostname()}-{os.getpid()}"
-            events = WebhookStore(store.client, store.result_ttl_s)
+            events = WebhookStore(store.client, store.result_ttl_s, store.record_grace_s)
             sender = WebhookSender(events, store, secret, settings.webhook_allow_private,
                                    consumer)  # fmt: skip
             sender.start()

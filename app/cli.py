@@ -115,6 +115,7 @@ def serve_api(host: str, port: int) -> None:
         open_storage(settings.storage).check()
     except Exception as e:
         refuse(f"SDSERVE_STORAGE={settings.storage}: cannot use it: {e}")
-    store = ApiStore.connect(settings.redis_url, settings.result_ttl_s, settings.redis_timeout_s)
+    store = ApiStore.connect(settings.redis_url, settings.result_ttl_s, settings.redis_timeout_s,
+                             settings.record_grace_s)  # fmt: skip
     logging.getLogger("sdserve.api").info("serving on http://%s:%d", host, port)
     uvicorn.run(create_app(store, settings), host=host, port=port, log_config=None)

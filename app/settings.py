@@ -29,6 +29,13 @@ class CommonSettings(BaseSettings):
     result_ttl_s: int = Field(
         default=86400, ge=1, description="Seconds a finished job's images are kept."
     )
+    record_grace_s: int = Field(
+        default=86400,
+        ge=0,
+        le=30 * 86400,
+        description="Seconds a finished job's record outlives its images (it then says"
+        " `expired`); Idempotency-Keys are kept as long as records.",
+    )
     log_json: bool = Field(default=False, description="Log one JSON object per line.")
     storage: str = Field(
         default_factory=lambda: (cache_dir() / "results").as_uri(),
@@ -138,8 +145,8 @@ class ApiSettings(CommonSettings):
     def _keys(self) -> ApiSettings:
         if self.storage_redirect and not self.storage.startswith("s3://"):
             raise ValueError(
-                "SDSERVE_STORAGE_REDIRECT needs SDSERVE_STORAGE=s3://...: a directory has no"
-                " URLs to redirect to"
+                "SDSERVE_STORAGE_REDIRECT=true needs SDSERVE_STORAGE=s3://...: a directory has"
+                " no URLs to redirect to"
             )
         if self.api_keys_file is not None:
             try:
@@ -194,7 +201,7 @@ def load(cls: type[S]) -> S:
         lines = [f"sdserve: invalid settings ({e.error_count()}):"]
         for err in e.errors():
             if not err["loc"]:  # a rule across several variables names them itself
-                lines.append(f"  {err['msg']}")
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
                 continue
             name = PREFIX + "_".join(str(part) for part in err["loc"]).upper()
             lines.append(f"  {name}={err.get('input')!r}: {err['msg']}")

@@ -13,6 +13,7 @@ import pytest
 from app.api import create_app
 from app.jobs.contract import Txt2ImgRequest
 from app.settings import ApiSettings
+from app.storage import open_storage, result_key
 from tests.conftest import JobStore, enqueue, free_port, serving
 
 VALID = {"prompt": "a red fox", "seed": 1}
@@ -212,8 +213,9 @@ def test_expired_images_answer_410(redis_url: str) -> None:
     store.ensure_group()
     job_id = enqueue(store, Txt2ImgRequest(prompt="x", seed=1))
     [job] = store.start(store.read("w1", 1, 100), "w1")
-    store.succeed(job, [b"\x89PNG..."])
     settings = ApiSettings(redis_url=redis_url, auth="off")
+    open_storage(settings.storage).put(result_key(job_id, 0), b"\x89PNG...")
+    store.succeed(job, 1)
     with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
         assert client.get(f"/jobs/{job_id}/images/0.png").status_code == 200
         time.sleep(1.2)

@@ -35,7 +35,7 @@ from app.webhooks import WebhookSender
 from tests.conftest import JobStore, enqueue, process, sdserve_env, serving, wait_for
 
 KEY = "sds_client-key"
-SECRET = "webhook-secret"
+SECRET = "webhook-secret-of-the-tests"
 SDSERVE = str(Path(sys.executable).parent / "sdserve")
 SMALL = {"width": 64, "height": 64, "steps": 3}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import redis
 from app.api import create_app
 from app.auth import ApiKey, hash_key, new_key
 from app.settings import ApiSettings
+from app.storage import open_storage, result_key
 from tests.conftest import JobStore, sdserve_env, serving
 
 SDSERVE = str(Path(sys.executable).parent / "sdserve")
@@ -77,6 +79,7 @@ def test_another_key_cannot_read_download_or_cancel_a_job(
     # Finish it as a worker would, so that there is an image to refuse.
     store.ensure_group()
     [taken] = store.start(store.read("w", 1, 100), "w")
+    open_storage(os.environ["SDSERVE_STORAGE"]).put(result_key(taken.id, 0), b"\x89PNG fake")
     store.succeed(taken, 1)
     image = f"{job['url']}/images/0.png"
     for method, path in [("GET", job["url"]), ("GET", image), ("DELETE", job["url"])]:

@@ -541,7 +541,8 @@ def serve(settings: WorkerSettings) -> None:
     log.info("model %s loaded in %.1fs, warmed up in %.1fs", settings.model, loaded - started,
              warmed - loaded)  # fmt: skip
     # A read blocks up to READ_BLOCK_MS: the socket must wait longer than that.
-    store = WorkerStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5)
+    store = WorkerStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5,
+                                settings.record_grace_s)  # fmt: skip
     runner = Runner(settings, store, engine, storage, metrics)
     runner.metrics.model_load.set(loaded - started)
     runner.metrics.warm_up.set(warmed - loaded)

@@ -24,7 +24,7 @@ from app.jobs.keys import (
     ratelimit_key,
     retry_key,
 )
-from app.jobs.store import Store, decode
+from app.jobs.store import RECORD_GRACE_S, Store, decode
 from app.jobs.views import QueueState, durations, job_view
 
 # The share of the API's Redis timeout within which a submission must run on Redis. A call
@@ -34,8 +34,10 @@ _SUBMIT_WINDOW = 0.5
 
 
 class ApiStore(Store):
-    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
-        super().__init__(client, result_ttl_s)
+    def __init__(
+        self, client: redis.Redis, result_ttl_s: int, record_grace_s: int = RECORD_GRACE_S
+    ) -> None:
+        super().__init__(client, result_ttl_s, record_grace_s)
         self._submit = client.register_script(scripts.SUBMIT)
         self._clock_offset: float | None = None  # Redis's clock minus ours, seconds
         self._timeout_s = float(client.connection_pool.connection_kwargs.get("socket_timeout")

@@ -23,8 +23,9 @@ from app.jobs.keys import (
     worker_key,
 )
 
-# A finished job's record outlives its images by this long, so that it can say "expired".
-RECORD_GRACE_S = 7 * 86400
+# A finished job's record outlives its images by this long (by default), so that it can say
+# "expired"; SDSERVE_RECORD_GRACE_S sets it.
+RECORD_GRACE_S = 86400
 
 BOUNDS = ",".join(str(bound) for bound in JOB_SECONDS_BUCKETS)
 
@@ -53,13 +54,18 @@ class Store:
     """One Redis connection pool and the steps both sides take. Safe to share between
     threads."""
 
-    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
+    def __init__(
+        self, client: redis.Redis, result_ttl_s: int, record_grace_s: int = RECORD_GRACE_S
+    ) -> None:
         self._r = client
         self.result_ttl_s = result_ttl_s
+        self.record_grace_s = record_grace_s
         self._finish = client.register_script(scripts.FINISH)
 
     @classmethod
-    def connect(cls, url: str, result_ttl_s: int, timeout_s: float) -> Any:
+    def connect(
+        cls, url: str, result_ttl_s: int, timeout_s: float, record_grace_s: int = RECORD_GRACE_S
+    ) -> Any:
         """No retries inside redis-py: a call fails within `timeout_s`, and callers decide
         (the API answers 503, the worker backs off)."""
         client = redis.Redis.from_url(
@@ -68,7 +74,7 @@ class Store:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        return cls(client, result_ttl_s)
+        return cls(client, result_ttl_s, record_grace_s)
 
     @property
     def client(self) -> redis.Redis:
@@ -98,7 +104,7 @@ class Store:
         return [n for n, beat in zip(names, beats, strict=True) if beat]
 
     def record_ttl(self) -> int:
-        return self.result_ttl_s + RECORD_GRACE_S
+        return self.result_ttl_s + self.record_grace_s
 
     def _complete(
         self,

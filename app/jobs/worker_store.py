@@ -16,12 +16,14 @@ import redis
 from app.jobs import scripts
 from app.jobs.contract import Delivery, ErrorCode, Job, Status, Txt2ImgRequest
 from app.jobs.keys import DEAD, GROUP, QUEUED, STREAM, WEBHOOKS, WORKERS, job_key, worker_key
-from app.jobs.store import Store, decode
+from app.jobs.store import RECORD_GRACE_S, Store, decode
 
 
 class WorkerStore(Store):
-    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
-        super().__init__(client, result_ttl_s)
+    def __init__(
+        self, client: redis.Redis, result_ttl_s: int, record_grace_s: int = RECORD_GRACE_S
+    ) -> None:
+        super().__init__(client, result_ttl_s, record_grace_s)
         self._start = client.register_script(scripts.START)
         self._report = client.register_script(scripts.REPORT)
         self._hand_back = client.register_script(scripts.HAND_BACK)
