@@ -302,11 +302,11 @@ def test_a_worker_restarted_under_its_name_after_two_crashes_strands_nothing(
 def test_a_second_worker_under_a_live_name_refuses_to_start(cluster: Cluster) -> None:
     first = cluster.start_worker("twin")
     wait_for(lambda: cluster.http.get("/readyz").status_code == 200, 120, "the first worker")
-    ids = [cluster.submit({**MEDIUM, "seed": i}) for i in range(4)]
     second = cluster.start_worker("twin")
     assert second.wait(60) == 2  # after one heartbeat TTL of seeing the name renewed
     log = sorted(cluster.tmp.glob("twin-*.log"))[-1].read_text()
     assert "another live worker is named 'twin'" in log and "Traceback" not in log
+    ids = [cluster.submit({**MEDIUM, "seed": i}) for i in range(4)]
     wait_for(lambda: any(running_on(cluster, i) == "twin" for i in ids), 120, "a batch")
     first.send_signal(signal.SIGKILL)  # the busy one dies; the name is free again
     first.wait()
@@ -387,7 +387,7 @@ def test_redis_restarted_without_persistence_leaves_no_500(
 def test_the_openai_client_makes_one_job_per_call(tmp_path: Path, tiny_model: Path) -> None:
     """Its SDK retries 409, 429 and 5xx twice: a failed, a canceled and a timed-out call each
     still make exactly one job."""
-    c = Cluster(tmp_path, tiny_model, sync_timeout_s="2")
+    c = Cluster(tmp_path, tiny_model, sync_timeout_s="6")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{c.api_port}/v1", api_key="x",
                                max_retries=2)  # fmt: skip
@@ -416,7 +416,7 @@ def test_the_openai_client_makes_one_job_per_call(tmp_path: Path, tiny_model: Pa
         assert isinstance(canceled, openai.APIStatusError) and canceled.status_code == 409
         # Behind a slow job, its deadline passes before the worker takes it: the job fails
         # (500 with its code, not retried).
-        slow = c.submit({**SLOW, "seed": 4})
+        slow = c.submit({**MEDIUM, "steps": 60, "seed": 4})
         wait_for(lambda: running_on(c, slow), 60, "the slow job to run")
         failed = generate(steps=2, seed=2, timeout_s=1)
         assert isinstance(failed, openai.APIStatusError) and failed.status_code == 500

@@ -29,21 +29,32 @@ RECORD_GRACE_S = 86400
 
 BOUNDS = ",".join(str(bound) for bound in JOB_SECONDS_BUCKETS)
 
-# Answers that mean "not now" rather than "never": the same call may pass later.
-_TRANSIENT_REPLIES = ("OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOGROUP")
+# Answers that mean "not now" rather than "never": the same call may pass later. redis-py
+# turns some error replies into classes (dropping the code from the message), not all.
+_TRANSIENT = (
+    redis.ConnectionError,  # BusyLoadingError (LOADING) included
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+)
+_TRANSIENT_REPLIES = ("OOM", "LOADING", "BUSY ", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOGROUP")
 
 
 def is_transient(error: redis.RedisError) -> bool:
     """Redis unreachable, slow, loading, full or failing over: worth retrying. Anything else
     (a wrong type, a script error) is a bug that retrying would only hide."""
-    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+    if isinstance(error, _TRANSIENT):
         return True
     return isinstance(error, redis.ResponseError) and str(error).startswith(_TRANSIENT_REPLIES)
 
 
 def is_full(error: redis.RedisError) -> bool:
     """Redis refused a write at `maxmemory` (policy noeviction)."""
-    return isinstance(error, redis.ResponseError) and str(error).startswith("OOM")
+    return isinstance(error, redis.exceptions.OutOfMemoryError) or (
+        isinstance(error, redis.ResponseError) and str(error).startswith("OOM")
+    )
 
 
 def decode(raw: Any) -> dict[str, str]:
