@@ -28,7 +28,7 @@ chaos: install
 # and Redis are killed and restarted; prints its report at the end (docs/reliability.md).
 SOAK_JOBS ?= 3000
 soak: install
-	SOAK_JOBS=$(SOAK_JOBS) SOAK_CLIENTS=32 $(BIN)/pytest -p no:xdist tests/test_soak.py
+	SOAK_JOBS=$(SOAK_JOBS) SOAK_CLIENTS=32 $(BIN)/pytest -p no:xdist --timeout 3600 tests/test_soak.py
 
 install: $(VENV)/.installed
 

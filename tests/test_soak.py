@@ -59,8 +59,9 @@ class Service:
         self.storage = self.tmp / "storage"
         self.common = {"storage": self.storage.as_uri(), "result_ttl_s": str(TTL_S),
                        "record_grace_s": str(GRACE_S)}  # fmt: skip
-        keys = [ApiKey(id=i, sha256=hash_key(k), rate_per_s=1000, burst=1000).model_dump_json()
-                for i, k in KEYS.items()]  # fmt: skip
+        # Rates and in-flight caps that the clients meet now and then (429, then a retry).
+        keys = [ApiKey(id=i, sha256=hash_key(k), rate_per_s=200, burst=200,
+                       max_in_flight=400).model_dump_json() for i, k in KEYS.items()]  # fmt: skip
         self.api_env = {**self.common, "auth": "on", "api_keys": f"[{','.join(keys)}]",
                         "sweep_interval_s": "2", "max_queue": "100000"}  # fmt: skip
         self.ports = [free_port(), free_port()]
@@ -119,7 +120,7 @@ def submit_all(svc: Service, jobs: int, clients: int) -> list[str]:
             for n in range(k, jobs, clients):
                 body = {"prompt": f"soak {n}", "seed": n, **SMALL}
                 headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"soak-{n}"}
-                deadline = time.monotonic() + 120
+                deadline = time.monotonic() + 900
                 while time.monotonic() < deadline:
                     port = svc.ports[(n + int(time.monotonic())) % len(svc.ports)]
                     try:
@@ -133,7 +134,7 @@ def submit_all(svc: Service, jobs: int, clients: int) -> list[str]:
                             accepted.append(r.json()["id"])
                         break
                     assert r.status_code in (429, 503), r.text
-                    time.sleep(0.2)
+                    time.sleep(0.5 if r.status_code == 429 else 0.2)
                 else:
                     raise AssertionError(f"{key_id}: job {n} never accepted")
 

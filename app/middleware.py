@@ -1,0 +1,60 @@
+"""ASGI middleware of the API: hardening headers and the request body cap."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class NoSniff:
+    """`X-Content-Type-Options: nosniff` on every answer: a browser never guesses a type."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+class BodyLimit:
+    """Refuse request bodies over a size before anything parses them (413)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            status = 413 if declared.isdigit() else 400
+            response = JSONResponse({"detail": self._message(declared)}, status_code=status)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            # A chunked body has no length up front: count it as it arrives.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._message(None))
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self, declared: bytes | None) -> str:
+        if declared is not None and not declared.isdigit():
+            return "Content-Length is not a number"
+        return f"request body is larger than {self.max_bytes} bytes"

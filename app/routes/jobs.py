@@ -1,0 +1,131 @@
+"""A job and what it made: `GET /jobs/{id}`, its images, its live events, `DELETE` to cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse, StreamingResponse
+
+from app.auth import Caller
+from app.jobs.api_store import ApiStore
+from app.jobs.contract import TERMINAL, JobView, Status
+from app.routes.context import NOT_FOUND, UNAUTHORIZED, Context, error, find_job
+from app.storage import result_key
+
+PRESIGNED_URL_S = 300
+
+
+def router(ctx: Context) -> APIRouter:
+    routes = APIRouter()
+    store, storage, settings, authenticated = (
+        ctx.store,
+        ctx.storage,
+        ctx.settings,
+        ctx.authenticated,
+    )
+
+    @routes.get(
+        "/jobs/{job_id}",
+        response_model=JobView,
+        responses={**UNAUTHORIZED, **NOT_FOUND},
+        summary="A job",
+    )
+    def get_job(job_id: str, caller: Caller = authenticated) -> JobView:
+        return find_job(store, job_id, caller)
+
+    @routes.delete(
+        "/jobs/{job_id}",
+        response_model=JobView,
+        responses={**UNAUTHORIZED, **NOT_FOUND, **error(409, "The job had already ended.")},
+        summary="Cancel a job",
+        description="A queued job is canceled at once; a running one stops at its next step.",
+    )
+    def cancel_job(job_id: str, caller: Caller = authenticated) -> JobView:
+        find_job(store, job_id, caller)  # an unknown id (or another key's) is a 404, not a 409
+        if not store.cancel(job_id, caller.key_id):
+            raise HTTPException(409, f"job already {find_job(store, job_id, caller).status.value}")
+        return find_job(store, job_id, caller)
+
+    @routes.get(
+        "/jobs/{job_id}/images/{index}.png",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "The PNG."},
+            **UNAUTHORIZED,
+            **NOT_FOUND,
+            **error(409, "The job has not succeeded (yet)."),
+            **error(410, "The images have expired."),
+        },
+        summary="One image of a finished job",
+    )
+    def get_image(
+        job_id: str, index: int = Path(ge=0, le=7), caller: Caller = authenticated
+    ) -> Response:
+        view = find_job(store, job_id, caller)
+        if view.status is Status.EXPIRED:
+            raise HTTPException(410, "the images of this job have expired")
+        if view.status is not Status.SUCCEEDED:
+            raise HTTPException(409, f"job is {view.status.value}; images exist once it succeeded")
+        if index >= len(view.images):
+            raise HTTPException(404, f"no image {index}: the job has {len(view.images)}")
+        key = result_key(job_id, index)
+        if settings.storage_redirect and (url := storage.url(key, PRESIGNED_URL_S)):
+            return RedirectResponse(url, status_code=307)
+        data = storage.get(key)
+        if data is None:
+            raise HTTPException(410, "the images of this job have expired")
+        return Response(data, media_type="image/png")
+
+    @routes.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "One event a change: `event:` the status, `data:` the job.",
+            },
+            **UNAUTHORIZED,
+            **NOT_FOUND,
+        },
+        summary="A job's changes, live (Server-Sent Events)",
+        description="An event whenever the status, queue position or step changes; the stream "
+        "ends with the job (succeeded, failed, canceled). A `: keep-alive` comment every 15 s.",
+    )
+    def job_events(job_id: str, caller: Caller = authenticated) -> StreamingResponse:
+        find_job(store, job_id, caller)  # a 404 now, not a stream that ends at once
+        return StreamingResponse(
+            _events(store, job_id, caller.key_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return routes
+
+
+EVENT_POLL_S = 0.25
+KEEPALIVE_S = 15.0
+
+
+async def _events(store: ApiStore, job_id: str, owner: str) -> AsyncIterator[str]:
+    """SSE: the job whenever what a watcher sees of it changes, until it ends."""
+    last: tuple[Any, ...] | None = None
+    quiet = 0.0
+    while True:
+        view = await run_in_threadpool(store.view, job_id, owner)
+        if view is None:  # the record itself expired
+            return
+        seen = (view.status, view.position, view.progress)
+        if seen != last:
+            yield f"event: {view.status.value}\ndata: {view.model_dump_json()}\n\n"
+            last, quiet = seen, 0.0
+        elif quiet >= KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet = 0.0
+        if view.status in TERMINAL:
+            return
+        await asyncio.sleep(EVENT_POLL_S)
+        quiet += EVENT_POLL_S

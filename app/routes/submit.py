@@ -1,0 +1,155 @@
+"""Submitting jobs: `POST /v1/txt2img`, and the queueing step every way in shares."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from typing import NoReturn
+
+import redis
+from fastapi import APIRouter, HTTPException, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
+from starlette.requests import Request
+
+from app.auth import Caller
+from app.jobs.contract import SEED_MAX, Status, Submission, Txt2ImgRequest
+from app.routes.context import (
+    IDEMPOTENCY_KEY,
+    NO_RETRY,
+    RETRY_AFTER_S,
+    UNAUTHORIZED,
+    Context,
+    error,
+    find_job,
+)
+from app.settings import ApiSettings
+from app.webhooks import refusal
+
+
+class Accepted(BaseModel):
+    id: str
+    status: Status = Field(description="`queued`, or where a replay's job has got to.")
+    url: str
+
+
+class Submitter:
+    """Limits, then the job queued (or a replay's job found)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def __call__(
+        self,
+        request: Txt2ImgRequest,
+        http: Request,
+        caller: Caller,
+        idempotency_key: str | None,
+        retrying: bool | None = None,
+    ) -> tuple[str, Status, bool]:
+        """Limits, then the job queued (or a replay's job found): its id, its status, and
+        whether it is a replay. `retrying` (OpenAI route, no Idempotency-Key): whether the
+        client says this is its automatic retry of a call, which then lands on the job the
+        first try made."""
+
+        def too_many(reason: str, message: str, retry_after_s: float) -> NoReturn:
+            http.state.rejected = reason  # for the metrics
+            raise HTTPException(
+                429, message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+            )
+
+        if request.webhook_url is not None:
+            _check_webhook(request.webhook_url, self.ctx.settings)
+        # What the client sent, before the server fills anything in, identifies a retry.
+        sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        normalized = request.model_copy(
+            update={
+                "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
+                "timeout_s": request.timeout_s or self.ctx.settings.job_timeout_s,
+            }
+        )
+        idempotency = (idempotency_key, sent) if idempotency_key is not None else None
+        retry = (sent, retrying) if retrying is not None and idempotency is None else None
+        rate = (caller.rate_per_s, caller.burst) if caller.rate_per_s else None
+        outcome, job_id = self.ctx.store.submit(
+            normalized,
+            self.ctx.settings.max_queue,
+            caller.key_id,
+            caller.max_in_flight,
+            idempotency,
+            rate,
+            retry,
+        )
+        if outcome is Submission.LATE:  # Redis stalled; the call created nothing
+            raise redis.TimeoutError("the submission ran too late on Redis")
+        if outcome is Submission.RATE_LIMITED:
+            message = f"rate limit: {caller.rate_per_s:g} submissions a second for this key"
+            too_many("rate_limited", message, float(job_id))
+        if outcome is Submission.FULL:
+            message = f"the queue is full ({self.ctx.settings.max_queue} jobs waiting)"
+            too_many("queue_full", message, RETRY_AFTER_S)
+        if outcome is Submission.BUSY:
+            message = f"this key has {caller.max_in_flight} jobs queued or running, its limit"
+            too_many("in_flight", message, RETRY_AFTER_S)
+        if outcome is Submission.CONFLICT:
+            raise HTTPException(
+                409, "this Idempotency-Key was used with another request", headers=NO_RETRY
+            )
+        if outcome is Submission.REPLAYED:
+            return job_id, find_job(self.ctx.store, job_id, caller).status, True
+        http.state.accepted = True  # for the metrics: a new job
+        return job_id, Status.QUEUED, False
+
+
+def router(ctx: Context, submit: Submitter) -> APIRouter:
+    routes = APIRouter()
+    authenticated = ctx.authenticated
+
+    @routes.post(
+        "/v1/txt2img",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            **UNAUTHORIZED,
+            **error(409, "This Idempotency-Key came with another request."),
+            **error(413, "Body over 64 KiB."),
+            422: {"description": "Invalid field."},
+            **error(
+                429,
+                "The queue is full, or this key's rate or jobs in flight are at their limit;"
+                " retry after `Retry-After` seconds.",
+            ),
+        },
+        summary="Queue a text-to-image job",
+        description="With an `Idempotency-Key` header, sending the same request again (a retry "
+        "after a lost answer) answers the job the first one made, instead of a second job.",
+    )
+    def txt2img(
+        request: Txt2ImgRequest,
+        http: Request,
+        response: Response,
+        caller: Caller = authenticated,
+        idempotency_key: str | None = IDEMPOTENCY_KEY,
+    ) -> Accepted:
+        job_id, status, replayed = submit(request, http, caller, idempotency_key)
+        url = f"/jobs/{job_id}"
+        response.headers["Location"] = url
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return Accepted(id=job_id, status=status, url=url)
+
+    return routes
+
+
+def _check_webhook(url: str, settings: ApiSettings) -> None:
+    """422 on webhook_url when this server sends no webhooks or the target is refused."""
+    reason = (
+        "this server sends no webhooks (SDSERVE_WEBHOOK_SECRET is not set)"
+        if settings.webhook_secret is None
+        else refusal(url, settings.webhook_allow_private)
+    )
+    if reason:
+        raise RequestValidationError(
+            [{"loc": ("body", "webhook_url"), "msg": reason, "type": "value_error"}]
+        )
