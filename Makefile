@@ -14,11 +14,12 @@ PORT ?= 8000
 run: install
 	$(BIN)/sdserve dev --host $(HOST) --port $(PORT)
 
+# Two test processes (pytest-xdist): most tests wait on processes and sockets, not the CPU.
 test: install tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 # The fault tests alone (make test runs them too); both print the faults table at the end.
 chaos: install
@@ -28,7 +29,7 @@ chaos: install
 # and Redis are killed and restarted; prints its report at the end (docs/reliability.md).
 SOAK_JOBS ?= 3000
 soak: install
-	SOAK_JOBS=$(SOAK_JOBS) SOAK_CLIENTS=32 $(BIN)/pytest -p no:xdist --timeout 3600 tests/test_soak.py
+	SOAK_JOBS=$(SOAK_JOBS) SOAK_CLIENTS=32 SOAK_FAULT_EVERY_S=12 $(BIN)/pytest -p no:xdist --timeout 3600 tests/test_soak.py
 
 install: $(VENV)/.installed
 

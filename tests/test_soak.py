@@ -34,6 +34,9 @@ from tests.conftest import SOAK, JobStore, free_port, process, report, sdserve_e
 
 JOBS = int(os.environ.get("SOAK_JOBS", "240"))
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "12"))
+# Seconds between faults, on average. A restarted worker needs several seconds to load (more on a
+# busy CPU): faults much more often than that would keep the workers down, not test them.
+FAULT_EVERY_S = float(os.environ.get("SOAK_FAULT_EVERY_S", "3.5"))
 TTL_S = 30  # result TTL: short, so the soak sees images expire and get swept
 GRACE_S = 5  # and records too, a little later
 KEYS = {f"client-{k}": f"sdserve-soak-key-{k:02d}-0123456789abcdef" for k in range(4)}
@@ -155,7 +158,7 @@ def test_soak(tmp_path: Path, tiny_model: Path) -> None:
         stop = threading.Event()
 
         def faults() -> None:
-            while not stop.wait(rng.uniform(2.0, 5.0)):
+            while not stop.wait(rng.uniform(0.5, 1.5) * FAULT_EVERY_S):
                 svc.fault(rng)
 
         injector = threading.Thread(target=faults)

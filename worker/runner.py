@@ -198,7 +198,9 @@ class Runner:
         info = self._info()
         beat = partial(self.store.heartbeat, self.name, self.token, ttl, info)
         while not self._redis(beat):
-            if time.monotonic() > deadline or self.stopping.is_set():
+            if self.stopping.is_set():  # told to stop while waiting: nothing held, nothing to do
+                return
+            if time.monotonic() > deadline:
                 raise NameTaken(
                     f"another live worker is named {self.name!r} (its heartbeat stayed fresh"
                     f" for {ttl}s): give each worker its own SDSERVE_WORKER_NAME"

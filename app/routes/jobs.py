@@ -55,6 +55,7 @@ def router(ctx: Context) -> APIRouter:
         response_class=Response,
         responses={
             200: {"content": {"image/png": {}}, "description": "The PNG."},
+            307: {"description": "With SDSERVE_STORAGE_REDIRECT: to a presigned URL (5 min)."},
             **UNAUTHORIZED,
             **NOT_FOUND,
             **error(409, "The job has not succeeded (yet)."),
