@@ -495,3 +495,24 @@ def test_junk_methods_and_a_replay_at_an_empty_rate_bucket(
         assert row.lost == 0 and c.jobs_in_redis() == 1
     finally:
         c.close()
+
+
+def test_a_thread_that_dies_takes_the_worker_down_with_exit_1(cluster: Cluster) -> None:
+    """A Redis error that no retry can mend (here its heartbeat key turned into another type)
+    kills the reporter thread: the whole worker exits 1 for its orchestrator to restart,
+    instead of serving half alive. Restarted, it runs the job it held."""
+    worker = cluster.start_worker("w1")
+    wait_for(lambda: cluster.http.get("/readyz").status_code == 200, 120, "readiness")
+    job = cluster.submit({**SLOW, "seed": 1})
+    wait_for(lambda: running_on(cluster, job), 120, "the job to run")
+    cluster.store.client.delete("sdserve:worker:w1")
+    cluster.store.client.set("sdserve:worker:w1", "not a hash")
+    assert worker.wait(60) == 1
+    log = sorted(cluster.tmp.glob("w1-*.log"))[-1].read_text()
+    assert "reporter died" in log and "WRONGTYPE" in log
+    cluster.store.client.delete("sdserve:worker:w1")  # the operator mends it
+    cluster.start_worker("w1")
+    cluster.wait_until_ended([job])
+    row = account("worker thread dies (unmendable Redis error): exit 1, restart", cluster, [job],
+                  {})  # fmt: skip
+    assert row.lost == 0 and row.duplicates == 0
