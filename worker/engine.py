@@ -1,9 +1,11 @@
-"""The resident model and the batched denoising loop.
+"""The resident model, and two ways to denoise with it.
 
-One CLIP + UNet + VAE stack stays loaded. A batch is any set of images that share width, height,
-steps and scheduler; prompt, negative prompt, guidance scale and seed are per image. The loop is
-ours (not `pipe(...)`) so that guidance can differ per row: cond and uncond go through the UNet
-in one call and guidance is a (B, 1, 1, 1) tensor.
+One CLIP + UNet + VAE stack stays loaded. `generate` runs a static batch noise-to-pixels: any
+set of images that share width, height, steps and scheduler. The hooks `prepare`, `step` and
+`finish` run rows instead (worker/rows.py): a lane per job, any mix of steps, schedulers and
+guidance stepping together, one UNet call per step for every lane of one size, with per-row
+timesteps. Either way the loop is ours (not `pipe(...)`) so that guidance can differ per row:
+cond and uncond go through the UNet in one call and guidance is a (B, 1, 1, 1) tensor.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from worker.rows import Lane
 from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
 
 log = logging.getLogger("sdserve.engine")
@@ -104,6 +107,14 @@ class Tuning:
         if size > self.max_batch:
             raise ValueError(f"a batch of {size} exceeds max_batch {self.max_batch}")
         return next(b for b in self.buckets() if b >= size)
+
+    def row_buckets(self) -> list[int]:
+        """UNet rows a row-level call is padded up to: cond and uncond make up to twice
+        max_batch."""
+        return sorted({2 * b for b in self.buckets()} | {1})
+
+    def row_bucket(self, rows: int) -> int:
+        return next((b for b in self.row_buckets() if b >= rows), rows)
 
 
 class Engine:
@@ -218,6 +229,92 @@ class Engine:
             self.observer.decoded(time.perf_counter() - denoised)
         return images[:count]
 
+    # -- rows: the continuous-batching hooks --------------------------------------------------
+
+    @torch.inference_mode()
+    def prepare(self, key: str, specs: Sequence[ImageSpec], shape: BatchShape) -> Lane:
+        """A job's images as a lane at step 0: its own sampler, generators, starting noise and
+        embeddings, made exactly as `generate` makes them."""
+        sampler = make_scheduler(shape.scheduler, self.scheduler_config)
+        sampler.set_timesteps(shape.steps, device=self.device)
+        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+        latents = randn_tensor(
+            (
+                len(specs),
+                self.unet.config.in_channels,
+                shape.height // self.latent_scale,
+                shape.width // self.latent_scale,
+            ),
+            generator=generators,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        guided = any(s.guidance_scale > 1 for s in specs)
+        return Lane(
+            key=key,
+            size=(shape.width, shape.height),
+            sampler=sampler,
+            latents=latents * sampler.init_noise_sigma,
+            generators=generators,
+            guidance=torch.tensor(
+                [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
+            ).view(-1, 1, 1, 1),
+            cond=self.encode([s.prompt for s in specs]),
+            uncond=self.encode([s.negative_prompt for s in specs]) if guided else None,
+            ancestral=SAMPLERS[shape.scheduler].ancestral,
+        )
+
+    @torch.inference_mode()
+    def step(self, lanes: Sequence[Lane]) -> None:
+        """One denoising step of every lane (all of one size) in one UNet call: per-row
+        timesteps, cond and uncond rows together, padded to a row bucket; then each lane steps
+        its own sampler. Raises (leaving every lane as it was) if the UNet call fails."""
+        samples, times, contexts = [], [], []
+        for lane in lanes:
+            t = lane.timestep()
+            scaled = lane.sampler.scale_model_input(lane.latents, t)
+            if lane.uncond is not None:
+                samples += [scaled, scaled]
+                contexts += [lane.uncond, lane.cond]
+            else:
+                samples.append(scaled)
+                contexts.append(lane.cond)
+            times.append(t.to(torch.float32).expand(lane.unet_rows))
+        sample, t_rows, context = torch.cat(samples), torch.cat(times), torch.cat(contexts)
+        rows = len(sample)
+        padding = self.tuning.row_bucket(rows) - rows
+        if padding:  # copies of the last row, whose outputs are dropped
+            sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
+            t_rows = torch.cat([t_rows, t_rows[-1:].expand(padding)])
+            context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
+        compiled = lanes[0].size in self.tuning.compiled_sizes
+        started = time.perf_counter()
+        noise = self.run_unet(sample, t_rows, context, compiled)[:rows]
+        at = 0
+        for lane in lanes:
+            part = noise[at : at + lane.unet_rows]
+            at += lane.unet_rows
+            if lane.uncond is not None:
+                uncond, cond = part.chunk(2)
+                part = uncond + lane.guidance * (cond - uncond)
+            options = {"generator": lane.generators} if lane.ancestral else {}
+            lane.latents = lane.sampler.step(
+                part, lane.timestep(), lane.latents, **options
+            ).prev_sample
+            lane.step += 1
+        if self.observer is not None:
+            self._synchronize()
+            self.observer.denoised(time.perf_counter() - started, 1)
+
+    @torch.inference_mode()
+    def finish(self, lane: Lane) -> list[np.ndarray | None]:
+        """A finished lane's pixels (as `generate` returns them)."""
+        started = time.perf_counter()
+        images = self.decode(lane.latents, lane.size in self.tuning.compiled_sizes)
+        if self.observer is not None:
+            self.observer.decoded(time.perf_counter() - started)
+        return images
+
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -225,6 +322,7 @@ class Engine:
     def run_unet(
         self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool
     ) -> torch.Tensor:
+        """`t` is one timestep for every row, or one per row (continuous batching)."""
         # Samplers differ in the timestep's dtype (int or float); one dtype keeps one graph.
         # The UNet embeds timesteps in float32 either way, so nothing changes numerically.
         t = t.to(torch.float32)
@@ -232,6 +330,8 @@ class Engine:
             return self.unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
         torch._dynamo.mark_dynamic(sample, 0)
         torch._dynamo.mark_dynamic(context, 0)
+        if t.dim():
+            torch._dynamo.mark_dynamic(t, 0)
         # Each call starts a new CUDA-graph step: the last call's output is already consumed.
         torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         return self._fast_unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]

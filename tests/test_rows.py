@@ -1,0 +1,108 @@
+"""Rows on the CPU with the tiny model: lanes of any steps, schedulers, guidance and size step
+together, and each image equals diffusers' own pipeline and its request run alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from app.jobs.contract import SCHEDULERS
+from worker.engine import BatchShape, Engine, ImageSpec
+from worker.rows import Lane
+from worker.schedulers import make_scheduler
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def run(engine: Engine, lanes: list[Lane]) -> dict[str, list[np.ndarray]]:
+    """Step the lanes as the runner does (each size in turn), until all are done."""
+    out: dict[str, list[np.ndarray]] = {}
+    active = list(lanes)
+    while active:
+        for size in dict.fromkeys(lane.size for lane in active):
+            engine.step([lane for lane in active if lane.size == size])
+        for lane in [lane for lane in active if lane.done]:
+            images = engine.finish(lane)
+            assert all(i is not None for i in images)
+            out[lane.key] = [i for i in images if i is not None]
+            active.remove(lane)
+    return out
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_lane_matches_the_diffusers_pipeline(
+    engine: Engine, tiny_model: Path, scheduler: str
+) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        ["a cat", "a cow"],
+        negative_prompt=["", "blurry"],
+        height=96,
+        width=64,
+        num_inference_steps=5,
+        guidance_scale=6.0,
+        generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
+        output_type="np",
+    ).images
+    reference = (reference * 255).round().astype(np.uint8)
+    specs = [ImageSpec("a cat", "", 6.0, 11), ImageSpec("a cow", "blurry", 6.0, 12)]
+    ours = run(engine, [engine.prepare("job", specs, BatchShape(64, 96, 5, scheduler))])["job"]
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert max_diff(mine, theirs) <= 1
+
+
+def test_guidance_of_one_or_less_uses_no_uncond_row_as_diffusers(
+    engine: Engine, tiny_model: Path
+) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(5)
+    options = {"num_inference_steps": 3, "guidance_scale": 1.0, "output_type": "np"}
+    reference = pipe("a cat", height=64, width=64, generator=generator, **options).images[0]
+    lane = engine.prepare("j", [ImageSpec("a cat", "", 1.0, 5)], BatchShape(64, 64, 3, "euler"))
+    assert lane.uncond is None and lane.unet_rows == 1
+    [mine] = run(engine, [lane])["j"]
+    assert max_diff(mine, (reference * 255).round().astype(np.uint8)) <= 1
+
+
+def test_strangers_of_other_steps_schedulers_guidance_and_sizes_change_nothing(
+    engine: Engine,
+) -> None:
+    jobs = {
+        "a": ([ImageSpec("a red fox", "", 7.5, 1)], BatchShape(64, 96, 4, "dpmpp_2m")),
+        "b": ([ImageSpec("a blue whale", "cartoon", 3.0, 2)] * 2, BatchShape(64, 96, 7, "euler_a")),
+        "c": ([ImageSpec("a green frog", "", 1.0, 3)], BatchShape(64, 96, 2, "ddim")),
+        "d": ([ImageSpec("a tower", "fog", 9.0, 4)], BatchShape(96, 64, 5, "unipc")),
+    }
+    together = run(engine, [engine.prepare(k, specs, shape) for k, (specs, shape) in jobs.items()])
+    for key, (specs, shape) in jobs.items():
+        alone = run(engine, [engine.prepare(key, specs, shape)])[key]
+        for mine, single in zip(together[key], alone, strict=True):
+            assert mine.shape == (shape.height, shape.width, 3)
+            assert max_diff(mine, single) <= 1, key  # fp32 CPU: ~1e-6 apart before rounding
+        static = engine.generate(specs, shape)
+        assert static is not None
+        if specs[0].guidance_scale > 1:  # the static batch computes uncond rows regardless
+            assert all(max_diff(m, s) <= 1 for m, s in zip(together[key], static, strict=True))  # type: ignore[arg-type]
+
+
+def test_a_lane_joins_while_another_is_half_way(engine: Engine) -> None:
+    """Joining between steps: the late lane's images do not depend on when it joined."""
+    shape = BatchShape(64, 64, 6, "dpmpp_2m")
+    early = engine.prepare("early", [ImageSpec("a boat", "", 7.0, 1)], shape)
+    for _ in range(3):
+        engine.step([early])
+    late = engine.prepare("late", [ImageSpec("a tree", "", 5.0, 2)], shape)
+    together = run(engine, [early, late])
+    alone = run(engine, [engine.prepare("late", [ImageSpec("a tree", "", 5.0, 2)], shape)])
+    assert max_diff(together["late"][0], alone["late"][0]) <= 1
+    assert engine.tuning.row_bucket(3) == 4 and engine.tuning.row_bucket(1) == 1

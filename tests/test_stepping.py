@@ -1,0 +1,72 @@
+"""The step scheduler's policy, alone: admission and turns."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.stepping import Candidate, Turns, admit
+
+A, B = (512, 512), (768, 512)
+
+
+def job(key: str, rows: int = 1, at: float = 0.0, size: tuple[int, int] = A) -> Candidate[str]:
+    return Candidate(key, size, rows, at)
+
+
+def test_jobs_join_oldest_first_while_there_is_room() -> None:
+    waiting = [job("c", 2, 3.0), job("a", 2, 1.0), job("b", 2, 2.0)]
+    assert [c.key for c in admit(waiting, in_flight=0, cap=4)] == ["a", "b"]
+    assert [c.key for c in admit(waiting, in_flight=2, cap=4)] == ["a"]
+    assert admit(waiting, in_flight=4, cap=4) == []
+
+
+def test_a_job_joins_whole_and_nobody_overtakes_the_oldest() -> None:
+    waiting = [job("big", 4, 1.0), job("small", 1, 2.0)]
+    # Three rows free: "big" does not fit, and "small" may not jump ahead of it.
+    assert admit(waiting, in_flight=5, cap=8) == []
+    assert [c.key for c in admit(waiting, in_flight=4, cap=8)] == ["big"]
+
+
+def test_a_job_larger_than_the_cap_runs_alone() -> None:
+    assert [c.key for c in admit([job("huge", 8)], in_flight=0, cap=4)] == ["huge"]
+    assert admit([job("huge", 8)], in_flight=1, cap=4) == []
+
+
+def test_sizes_take_turns_and_a_new_size_goes_first() -> None:
+    turns = Turns()
+    assert [turns.next([A]) for _ in range(3)] == [A, A, A]
+    assert turns.next([A, B]) == B  # never stepped: longest ago
+    assert [turns.next([A, B]) for _ in range(4)] == [A, B, A, B]
+    turns.forget([B])
+    assert turns.next([A, B]) == A
+    assert turns.next([]) is None
+
+
+@given(st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=40),
+       st.integers(min_value=1, max_value=32))  # fmt: skip
+def test_every_job_joins_in_order_and_the_cap_holds(sizes: list[int], cap: int) -> None:
+    """Jobs finish a step cycle after joining; whatever the sizes, every job gets in, in the
+    order it came, and the rows in flight never pass the cap (but for one oversized job)."""
+    waiting = [job(str(k), rows, float(k)) for k, rows in enumerate(sizes)]
+    order: list[str] = []
+    for _round in range(len(sizes) + 1):  # each round: what is in flight finishes
+        joined = admit(waiting, in_flight=0, cap=cap)
+        assert joined, "someone always gets in when nothing is in flight"
+        rows = sum(c.rows for c in joined)
+        assert rows <= cap or len(joined) == 1
+        order += [c.key for c in joined]
+        waiting = [c for c in waiting if c not in joined]
+        if not waiting:
+            break
+    assert order == [str(k) for k in range(len(sizes))]
+
+
+@given(st.lists(st.sampled_from([A, B, (512, 768)]), min_size=1, max_size=3, unique=True),
+       st.integers(min_value=1, max_value=30))  # fmt: skip
+def test_no_size_waits_more_than_one_round(sizes: list[tuple[int, int]], calls: int) -> None:
+    turns = Turns()
+    picked = [turns.next(sizes) or A for _ in range(calls + len(sizes))]
+    for k in range(len(picked) - len(sizes) + 1):
+        window = picked[k : k + len(sizes)]
+        assert sorted(window) == sorted(sizes)  # each size once in every len(sizes) calls

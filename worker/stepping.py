@@ -1,0 +1,63 @@
+"""The step scheduler's policy: which queued jobs join the rows in flight, and which latent size
+takes the next UNet call. Pure (no torch, no Redis): the runner asks, then does.
+
+- A job joins whole (all its images at once, so they share one sampler state), oldest first,
+  while the images in flight stay within the cap. The oldest job that does not fit stops the
+  line: a younger, smaller job never overtakes it, so no job waits for ever behind a stream of
+  small ones.
+- Sizes take turns: the size that has waited longest since its last UNet call goes next. With
+  one size in flight that is every call; with two they alternate; no size starves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+Size = tuple[int, int]  # (width, height) in pixels: rows of one size share a UNet call
+
+
+@dataclass(frozen=True)
+class Candidate(Generic[K]):
+    """A job that waits to join: its key, its size, its images, when it was queued."""
+
+    key: K
+    size: Size
+    rows: int
+    queued_at: float
+
+
+def admit(waiting: Sequence[Candidate[K]], in_flight: int, cap: int) -> list[Candidate[K]]:
+    """The jobs that join now, oldest first, each whole, while `in_flight` images stay within
+    `cap`. A job larger than the cap alone joins when nothing else is in flight."""
+    joined: list[Candidate[K]] = []
+    for job in sorted(waiting, key=lambda c: c.queued_at):
+        fits = in_flight + job.rows <= cap or in_flight == 0
+        if not fits:
+            break
+        joined.append(job)
+        in_flight += job.rows
+    return joined
+
+
+class Turns:
+    """Which size's rows step next: the one whose last UNet call is longest ago."""
+
+    def __init__(self) -> None:
+        self._last: dict[Size, int] = {}
+        self._calls = 0
+
+    def next(self, sizes: Sequence[Size]) -> Size | None:
+        if not sizes:
+            return None
+        # Never stepped counts as longest ago; ties go to the size listed first (older work).
+        size = min(sizes, key=lambda s: self._last.get(s, -1))
+        self._calls += 1
+        self._last[size] = self._calls
+        return size
+
+    def forget(self, live: Sequence[Size]) -> None:
+        """Drop sizes with no rows left, so the record does not grow."""
+        self._last = {s: n for s, n in self._last.items() if s in live}
