@@ -33,6 +33,16 @@ def test_a_job_larger_than_the_cap_runs_alone() -> None:
     assert admit([job("huge", 8)], in_flight=1, cap=4) == []
 
 
+def test_a_suspect_runs_alone() -> None:
+    suspect = Candidate("s", A, 1, 1.0, alone=True)
+    others = [job("a", 1, 0.5), job("b", 1, 2.0)]
+    # Behind "a", the suspect waits for an empty engine; "b" may not overtake it.
+    assert [c.key for c in admit([suspect, *others], in_flight=0, cap=8)] == ["a"]
+    assert admit([suspect, others[1]], in_flight=1, cap=8) == []
+    assert [c.key for c in admit([suspect, others[1]], in_flight=0, cap=8)] == ["s"]
+    assert admit([others[1]], in_flight=1, cap=8, alone_in_flight=True) == []
+
+
 def test_sizes_take_turns_and_a_new_size_goes_first() -> None:
     turns = Turns()
     assert [turns.next([A]) for _ in range(3)] == [A, A, A]

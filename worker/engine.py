@@ -71,6 +71,8 @@ class Observer(Protocol):
 
     def denoised(self, seconds: float, steps: int) -> None: ...
 
+    def stepped(self, seconds: float, rows: int, bucket: int) -> None: ...
+
     def decoded(self, seconds: float) -> None: ...
 
 
@@ -304,7 +306,7 @@ class Engine:
             lane.step += 1
         if self.observer is not None:
             self._synchronize()
-            self.observer.denoised(time.perf_counter() - started, 1)
+            self.observer.stepped(time.perf_counter() - started, rows, rows + padding)
 
     @torch.inference_mode()
     def finish(self, lane: Lane) -> list[np.ndarray | None]:

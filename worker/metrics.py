@@ -83,6 +83,30 @@ class WorkerMetrics:
             "When the worker last told Redis it lives (Unix time).",
             registry=r,
         )
+        self.rows_in_flight = Gauge(
+            "sdserve_worker_rows_in_flight",
+            "Images being denoised now (continuous batching).",
+            registry=r,
+        )
+        self.row_step = Histogram(
+            "sdserve_worker_row_step_seconds",
+            "One UNet call of continuous batching, by its row bucket (padded rows).",
+            ["bucket"],
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.unet_rows = Counter(
+            "sdserve_worker_unet_rows",
+            "UNet rows computed (continuous batching), by kind: real or padding.",
+            ["kind"],
+            registry=r,
+        )
+        self.join_wait = Histogram(
+            "sdserve_worker_join_wait_seconds",
+            "Taken from the queue to joined the rows in flight (continuous batching).",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.completion_backlog = Gauge(
             "sdserve_worker_completion_backlog",
             "Jobs whose images wait to be encoded and stored (bounded: the GPU waits when full).",
@@ -95,6 +119,11 @@ class WorkerMetrics:
     # The engine reports its timings here (see worker.engine.Observer).
     def denoised(self, seconds: float, steps: int) -> None:
         self.unet_step.observe(seconds / steps)
+
+    def stepped(self, seconds: float, rows: int, bucket: int) -> None:
+        self.row_step.labels(str(bucket)).observe(seconds)
+        self.unet_rows.labels("real").inc(rows)
+        self.unet_rows.labels("padding").inc(bucket - rows)
 
     def decoded(self, seconds: float) -> None:
         self.vae_decode.observe(seconds)

@@ -40,6 +40,7 @@ from app.jobs.worker_store import WorkerStore
 from app.settings import refuse
 from app.storage import Storage, open_storage, result_key
 from worker.batching import Assembly, Slot, chunks, group
+from worker.continuous import RowLoop
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning, resolve_device
 from worker.images import encode_png, parameters
 from worker.inbox import Inbox
@@ -83,6 +84,15 @@ class Tracker:
     def end(self) -> None:
         with self._lock:
             self._steps = {}
+
+    def at(self, job_id: str, step: int) -> None:
+        """Row batching: one job's step (jobs in flight are at different steps)."""
+        with self._lock:
+            self._steps[job_id] = step
+
+    def remove(self, job_id: str) -> None:
+        with self._lock:
+            self._steps.pop(job_id, None)
 
     def running(self) -> dict[str, int]:
         with self._lock:
@@ -132,6 +142,7 @@ class Runner:
         self._suspects: set[str] = set()  # at most one: a suspect runs alone
         self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
         self._closed = threading.Event()
+        self.rows = RowLoop(self) if settings.batching == "continuous" else None
         self._reader = self._thread(self._read_loop, "reader")
         self._reporter = self._thread(self._report_loop, "reporter")
 
@@ -169,7 +180,7 @@ class Runner:
         self.stopping.set()
 
     def open(self) -> None:
-        self._redis(self.store.ensure_group)
+        self.redis_call(self.store.ensure_group)
         self._claim_name()
         # Entries a process of this name took before a restart and never acked come first
         # (before the first heartbeat takes over other workers' entries). All of them, but
@@ -178,11 +189,11 @@ class Runner:
         mine = partial(
             self.store.reclaim, self.name, 0, self.settings.delivery_cap, 100_000, owner=self.name
         )
-        taken = self._redis(mine) or []
+        taken = self.redis_call(mine) or []
         if taken:
             log.warning("took back %d entries this name held before a restart", len(taken))
         self._take(taken)
-        self._redis(self._heartbeat)
+        self.redis_call(self._heartbeat)
         self._reader.start()
         self._reporter.start()
         log.info("worker %s ready on %s", self.name, self.engine.device)
@@ -197,7 +208,7 @@ class Runner:
         deadline = time.monotonic() + ttl + 1
         info = self._info()
         beat = partial(self.store.heartbeat, self.name, self.token, ttl, info)
-        while not self._redis(beat):
+        while not self.redis_call(beat):
             if self.stopping.is_set():  # told to stop while waiting: nothing held, nothing to do
                 return
             if time.monotonic() > deadline:
@@ -209,7 +220,11 @@ class Runner:
             time.sleep(1)
 
     def step(self) -> int:
-        """Run the next batch of entries, if any came; returns how many entries it took."""
+        """Static batching: run the next batch of entries, if any came; continuous batching:
+        one UNet step of the rows in flight, after letting new jobs join. Returns how many
+        entries it took."""
+        if self.rows is not None:
+            return self.rows.step()
         window_s = self.settings.batch_window_ms / 1000
         deliveries = self.inbox.take(window_s, timeout_s=READ_BLOCK_MS / 1000)
         if deliveries:
@@ -220,18 +235,20 @@ class Runner:
         """Hand back what was read but not run, wait for results in flight, then leave."""
         if not self.stopping.is_set():
             self.stop()
+        if self.rows is not None:
+            self.rows.finish_up()
         self._reader.join()
         unrun = self.inbox.drain()
         if unrun:  # back in the stream at once, for any worker: not stranded until we return
-            self._redis(partial(self.store.hand_back, unrun))
-            self._release(unrun)
+            self.redis_call(partial(self.store.hand_back, unrun))
+            self.release(unrun)
         self._completions.shutdown(wait=True)
         self._closed.set()
         self._reporter.join()
-        self._redis(partial(self.store.retire, self.name, self.token))
+        self.redis_call(partial(self.store.retire, self.name, self.token))
         log.info("worker %s stopped", self.name)
 
-    def _release(self, deliveries: list[Delivery]) -> None:
+    def release(self, deliveries: list[Delivery]) -> None:
         """These entries are acked (or handed back): no longer this process's to renew."""
         with self._lock:
             self._held -= {d.entry_id for d in deliveries}
@@ -241,17 +258,26 @@ class Runner:
         while not self.stopping.is_set():
             if self.inbox.wait_for_room(READ_BLOCK_MS / 1000):
                 read = partial(self.store.read, self.name, self.inbox.room(), READ_BLOCK_MS)
-                self._take(self._redis(read) or [])
+                self._take(self.redis_call(read) or [])
 
-    def _process(self, deliveries: list[Delivery]) -> None:
+    def start_jobs(self, deliveries: list[Delivery]) -> list[Job]:
+        """Mark the entries' jobs running; those that ended meanwhile are out of hand."""
         start = partial(self.store.start, deliveries, self.name, self._count_failure)
-        jobs = self._redis(start) or []
-        self._release([d for d in deliveries if d.job_id not in {job.id for job in jobs}])
+        jobs = self.redis_call(start) or []
+        self.release([d for d in deliveries if d.job_id not in {job.id for job in jobs}])
         now = time.time()
         for job in jobs:
             self.metrics.queue_wait.observe(now - job.created_at)
         with self._lock:  # suspects that will not run (ended meanwhile) are out of hand
             self._suspects -= {d.job_id for d in deliveries} - {job.id for job in jobs}
+        return jobs
+
+    def settle_suspect(self, job_id: str) -> None:
+        with self._lock:
+            self._suspects.discard(job_id)
+
+    def _process(self, deliveries: list[Delivery]) -> None:
+        jobs = self.start_jobs(deliveries)
         # A suspect (its workers died with it twice) runs alone: if it kills this worker too,
         # no stranger's delivery count goes up with it.
         suspects = [job for job in jobs if job.delivery.suspect]
@@ -268,29 +294,29 @@ class Runner:
         settled: set[str] = set()  # outcome handed to the pool, which acks after writing it
         for chunk in chunks(jobs, self.engine.tuning.max_batch):
             rows = [s for s in chunk if not (s.job.id in settled or self.tracker.is_gone(s.job.id))]
-            if rows and not self._out_of_grace():
+            if rows and not self.out_of_grace():
                 settled |= self._run_batch(rows, shape, assembly)
         unsettled = [job for job in jobs if job.id not in settled]
         # Ended elsewhere (canceled): nothing to write, only ack. Cut short by the stop
         # grace: back to the queue, for another worker.
         for job in (j for j in unsettled if self.tracker.is_gone(j.id)):
-            self._redis(partial(self.store.ack, job.delivery))
-            self._release([job.delivery])
+            self.redis_call(partial(self.store.ack, job.delivery))
+            self.release([job.delivery])
         cut = [job.delivery for job in unsettled if not self.tracker.is_gone(job.id)]
         if cut and self.fatal is None:
             log.warning("stop grace over: %d jobs go back to the queue", len(cut))
-            self._redis(partial(self.store.hand_back, cut))
-            self._release(cut)
+            self.redis_call(partial(self.store.hand_back, cut))
+            self.release(cut)
         self.tracker.forget({job.id for job in jobs})
         with self._lock:
             self._suspects -= {job.id for job in jobs}
 
-    def _out_of_grace(self) -> bool:
+    def out_of_grace(self) -> bool:
         return self.stopping.is_set() and time.monotonic() > self._grace_ends
 
     def _keep_going(self, step: int) -> bool:
         """After each step: go on unless every job ended elsewhere or the stop grace is over."""
-        return self.tracker.advance(step) and not self._out_of_grace()
+        return self.tracker.advance(step) and not self.out_of_grace()
 
     def _run_batch(
         self, rows: list[Slot], shape: BatchShape, assembly: Assembly[np.ndarray | None]
@@ -307,7 +333,7 @@ class Runner:
         except Exception as e:  # the worker lives on; these jobs fail with the reason
             log.exception("batch of %d images failed", len(rows))
             for job in jobs:
-                self._complete(job, self._fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+                self.complete(job, self.fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
             return {job.id for job in jobs}
         finally:
             self.tracker.end()
@@ -328,7 +354,7 @@ class Runner:
             return set()
         whole = assembly.add(rows, images)
         for job in whole:
-            self._complete(job, self._succeed, job, assembly.take(job))
+            self.complete(job, self.succeed, job, assembly.take(job))
         return {job.id for job in whole}
 
     def _split(
@@ -340,7 +366,7 @@ class Runner:
         if len(rows) == 1:
             job = rows[0].job
             message = f"one {shape.width}x{shape.height} image does not fit in GPU memory"
-            self._complete(job, self._fail, job, ErrorCode.OUT_OF_MEMORY, message)
+            self.complete(job, self.fail, job, ErrorCode.OUT_OF_MEMORY, message)
             return {job.id}
         half = len(rows) // 2
         log.warning("out of GPU memory at %d images: retrying as %d + %d", len(rows), half,
@@ -349,7 +375,7 @@ class Runner:
         rest = [s for s in rows[half:] if s.job.id not in settled]
         return settled | (self._run_batch(rest, shape, assembly) if rest else set())
 
-    def _complete(self, job: Job, write: Callable[..., None], *args: object) -> None:
+    def complete(self, job: Job, write: Callable[..., None], *args: object) -> None:
         """Hand a job's outcome to the pool, waiting for room; every future is checked."""
         self._backlog.acquire()
         self.metrics.completion_backlog.inc()
@@ -367,25 +393,25 @@ class Runner:
             log.error("writing the result failed: %s: %s", type(error).__name__, error,
                       exc_info=error, extra={"job_id": job.id})  # fmt: skip
             try:
-                self._fail(job, ErrorCode.STORAGE, f"storing the result failed: {error}")
+                self.fail(job, ErrorCode.STORAGE, f"storing the result failed: {error}")
             except BaseException as e:
                 self._die(e, "completion")
                 return
-        self._release([job.delivery])
+        self.release([job.delivery])
 
     def _count_failure(self, code: ErrorCode) -> None:
         self.metrics.failures.labels(code.value).inc()
 
-    def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
+    def fail(self, job: Job, code: ErrorCode, message: str) -> None:
         log.warning("failed (%s): %s", code.value, message, extra={"job_id": job.id})
         self._count_failure(code)
-        self._redis(partial(self.store.fail, job, code, message))
+        self.redis_call(partial(self.store.fail, job, code, message))
 
-    def _succeed(self, job: Job, images: list[np.ndarray | None]) -> None:
+    def succeed(self, job: Job, images: list[np.ndarray | None]) -> None:
         """Encode and store one job's images (pool thread); its entry is acked after that."""
         finite = [image for image in images if image is not None]
         if len(finite) < len(images):
-            self._fail(job, ErrorCode.NUMERICAL, "the model produced non-finite pixels")
+            self.fail(job, ErrorCode.NUMERICAL, "the model produced non-finite pixels")
             return
         pngs = []
         for image, seed in zip(finite, job.request.seeds(), strict=True):
@@ -395,7 +421,7 @@ class Runner:
         # files (swept after the TTL), never a succeeded job without images.
         for k, png in enumerate(pngs):
             self._store_file(result_key(job.id, k), png)
-        if self._redis(partial(self.store.succeed, job, len(pngs))):
+        if self.redis_call(partial(self.store.succeed, job, len(pngs))):
             self.metrics.images.inc(len(pngs))
             log.info("succeeded: %d images", len(pngs), extra={"job_id": job.id})
         else:
@@ -467,7 +493,7 @@ class Runner:
             self._held |= {d.entry_id for d in deliveries}
         self.inbox.put(deliveries)
 
-    def _redis(self, call: Callable[[], R]) -> R | None:
+    def redis_call(self, call: Callable[[], R]) -> R | None:
         """Run a Redis call, retrying with backoff while Redis is away (or full); None once
         stopping. Any other Redis error propagates: retrying would only hide it."""
         delay = 0.5

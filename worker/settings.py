@@ -30,6 +30,12 @@ class WorkerSettings(CommonSettings):
         description="auto (CUDA when present), cpu, cuda or cuda:N.",
     )
     max_batch: int = Field(default=8, ge=1, le=256, description="Images per UNet batch.")
+    batching: Literal["static", "continuous"] = Field(
+        default="static",
+        description="static: batches of one width, height, steps and scheduler, run noise to"
+        " pixels; continuous: jobs of any steps, schedulers and guidance join the rows in"
+        " flight between UNet steps.",
+    )
     # Only an idle GPU waits: under load the next batch is gathered while the last one runs.
     batch_window_ms: int = Field(
         default=10, ge=0, le=10_000, description="How long an idle GPU waits for company."

@@ -4,7 +4,8 @@ takes the next UNet call. Pure (no torch, no Redis): the runner asks, then does.
 - A job joins whole (all its images at once, so they share one sampler state), oldest first,
   while the images in flight stay within the cap. The oldest job that does not fit stops the
   line: a younger, smaller job never overtakes it, so no job waits for ever behind a stream of
-  small ones.
+  small ones. A job that must run alone (a suspect: its workers died with it before) joins
+  only when nothing is in flight, and nothing joins beside it.
 - Sizes take turns: the size that has waited longest since its last UNet call goes next. With
   one size in flight that is every call; with two they alternate; no size starves.
 """
@@ -27,18 +28,25 @@ class Candidate(Generic[K]):
     size: Size
     rows: int
     queued_at: float
+    alone: bool = False
 
 
-def admit(waiting: Sequence[Candidate[K]], in_flight: int, cap: int) -> list[Candidate[K]]:
+def admit(
+    waiting: Sequence[Candidate[K]], in_flight: int, cap: int, alone_in_flight: bool = False
+) -> list[Candidate[K]]:
     """The jobs that join now, oldest first, each whole, while `in_flight` images stay within
-    `cap`. A job larger than the cap alone joins when nothing else is in flight."""
+    `cap`. A job larger than the cap joins when nothing else is in flight."""
+    if alone_in_flight:
+        return []
     joined: list[Candidate[K]] = []
     for job in sorted(waiting, key=lambda c: c.queued_at):
         fits = in_flight + job.rows <= cap or in_flight == 0
-        if not fits:
+        if not fits or (job.alone and in_flight):
             break
         joined.append(job)
         in_flight += job.rows
+        if job.alone:
+            break
     return joined
 
 

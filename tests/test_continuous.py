@@ -1,0 +1,130 @@
+"""The worker with continuous batching (`SDSERVE_BATCHING=continuous`), on the CPU with the tiny
+model and a real Valkey: jobs of any steps, schedulers, guidance and size run at once, each
+image equals its job made alone, jobs join between steps, cancel leaves at the next step, and
+progress is per job."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from app.jobs.contract import Status
+from app.jobs.keys import GROUP, STREAM
+from tests.conftest import JobStore, wait_for
+from tests.test_worker import alone, max_diff, png, runner, submit
+from worker.runner import Runner
+
+
+def serve(r: Runner, until: threading.Event) -> threading.Thread:
+    def loop() -> None:
+        while not until.is_set():
+            r.step()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    return thread
+
+
+def continuous(store: JobStore, model: Path, redis_url: str, **settings: Any) -> Runner:
+    return runner(store, model, redis_url, batching="continuous", **settings)
+
+
+def test_a_mix_runs_at_once_and_each_image_equals_its_job_alone(
+    store: JobStore, tiny_model: Path, redis_url: str
+) -> None:
+    mix: list[dict[str, Any]] = [
+        {"steps": 3, "scheduler": "dpmpp_2m", "guidance_scale": 7.5, "seed": 1},
+        {"steps": 6, "scheduler": "euler_a", "guidance_scale": 4.0, "seed": 2, "n": 2},
+        {"steps": 2, "scheduler": "ddim", "guidance_scale": 9.0, "seed": 3},
+        {"steps": 5, "scheduler": "unipc", "guidance_scale": 6.0, "seed": 4, "width": 96,
+         "height": 64},
+        {"steps": 4, "scheduler": "lms", "guidance_scale": 5.0, "seed": 5, "prompt": "b"},
+    ]  # fmt: skip
+    ids = [submit(store, **kw) for kw in mix]
+    r = continuous(store, tiny_model, redis_url)
+    r.open()
+    done = threading.Event()
+    worker = serve(r, done)
+    wait_for(lambda: all(_status(store, i) is Status.SUCCEEDED for i in ids), 120, "the mix")
+    done.set()
+    worker.join(60)
+    r.close()
+    for job_id, kw in zip(ids, mix, strict=True):
+        for k in range(int(kw.get("n", 1))):
+            # The static engine alone: the same images, up to fp32 rounding of the batch.
+            assert max_diff(png(store, job_id, k), alone(r.engine, store, job_id, k)) <= 1
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_a_job_joins_between_steps_and_cancel_leaves_at_the_next_one(
+    store: JobStore, tiny_model: Path, redis_url: str
+) -> None:
+    long_id = submit(store, steps=60, width=256, height=256, seed=7)
+    doomed = submit(store, steps=60, width=256, height=256, seed=8)
+    r = continuous(store, tiny_model, redis_url, max_batch=4)
+    r.open()
+    done = threading.Event()
+    worker = serve(r, done)
+    wait_for(lambda: _step(store, long_id) >= 3, 120, "the long job to be under way")
+    late = submit(store, steps=2, seed=9)  # joins the rows in flight, finishes first
+    wait_for(lambda: _status(store, late) is Status.SUCCEEDED, 120, "the late job")
+    assert _status(store, long_id) is Status.RUNNING  # it did not wait for the long one
+    at_cancel = _step(store, doomed)
+    assert store.cancel(doomed)
+    wait_for(lambda: _status(store, long_id) is Status.SUCCEEDED, 300, "the long job")
+    done.set()
+    worker.join(60)
+    r.close()
+    assert 0 < at_cancel < 60 and _status(store, doomed) is Status.CANCELED
+    assert max_diff(png(store, late, 0), alone(r.engine, store, late, 0)) <= 1
+    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_stopping_finishes_the_rows_in_flight_and_hands_back_the_rest(
+    store: JobStore, tiny_model: Path, redis_url: str
+) -> None:
+    running = submit(store, steps=30, width=256, height=256)
+    r = continuous(store, tiny_model, redis_url, max_batch=1)
+    r.open()
+    done = threading.Event()
+    worker = serve(r, done)
+    wait_for(lambda: _step(store, running) >= 1, 120, "the job to run")
+    queued = submit(store, steps=2, seed=3)  # read, but no room: it waits
+    wait_for(lambda: not r.inbox.room() < r.inbox.capacity or (r.rows and r.rows.waiting), 30)
+    done.set()
+    worker.join(60)
+    r.close()  # finishes `running`, hands `queued` back
+    assert _status(store, running) is Status.SUCCEEDED
+    view = store.view(queued)
+    assert view is not None and view.status is Status.QUEUED and view.position == 0
+
+
+def _status(store: JobStore, job_id: str) -> Status | None:
+    view = store.view(job_id)
+    return view.status if view else None
+
+
+def _step(store: JobStore, job_id: str) -> int:
+    view = store.view(job_id)
+    return view.progress.step if view and view.progress else 0
+
+
+def test_the_seed_contract_holds_across_modes(
+    store: JobStore, tiny_model: Path, redis_url: str
+) -> None:
+    """The same request gives the same image in static and continuous mode."""
+    job_id = submit(store, steps=3, seed=11, guidance_scale=8.0)
+    r = continuous(store, tiny_model, redis_url)
+    r.open()
+    deadline = time.monotonic() + 60
+    while _status(store, job_id) is not Status.SUCCEEDED and time.monotonic() < deadline:
+        r.step()
+    r.close()
+    image = np.asarray(png(store, job_id, 0))
+    assert max_diff(png(store, job_id, 0), alone(r.engine, store, job_id, 0)) <= 1
+    assert image.shape == (96, 64, 3)

@@ -1,0 +1,188 @@
+"""Continuous batching: the worker's GPU loop when `SDSERVE_BATCHING=continuous`.
+
+Every call of `step` lets queued jobs join the rows in flight (the policy in worker/stepping.py),
+runs one UNet call for the lanes of one latent size (worker/rows.py, Engine.step), sends lanes
+that finished to VAE decode and the completion pool, and drops the lanes of jobs canceled
+meanwhile. A job that arrives one step after others started waits one step, not a whole batch.
+The runner (worker/runner.py) keeps the Redis bookkeeping: starting jobs, progress, leases,
+completions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+
+from app.jobs.contract import ErrorCode, Job
+from worker.engine import BatchShape, ImageSpec
+from worker.rows import Lane
+from worker.stepping import Candidate, Turns, admit
+
+if TYPE_CHECKING:
+    from worker.runner import Runner
+
+log = logging.getLogger("sdserve.worker")
+
+
+class RowLoop:
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
+        self.lanes: dict[str, tuple[Job, Lane]] = {}
+        self.turns = Turns()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.lanes or self.waiting)
+
+    def step(self) -> int:
+        r = self.runner
+        idle_wait = r.settings.batch_window_ms / 1000
+        # With rows in flight, never wait for company: the next step is due now.
+        deliveries = r.inbox.take(0 if self.busy else idle_wait, 0 if self.busy else 1.0)
+        if deliveries:
+            now = time.monotonic()
+            for job in r.start_jobs(deliveries):
+                self.waiting[job.id] = (job, now)
+        self._leave_canceled()
+        if r.stopping.is_set():
+            self._hand_back_waiting()
+        self._join()
+        if self.lanes:
+            self._step_one_size()
+        r.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
+        return len(deliveries)
+
+    def finish_up(self) -> None:
+        """Stopping: run the rows in flight to the end, within the stop grace; hand back the
+        rest (and whatever had not joined) for another worker."""
+        r = self.runner
+        self._hand_back_waiting()
+        while self.lanes and not r.out_of_grace() and r.fatal is None:
+            self._leave_canceled()
+            if self.lanes:
+                self._step_one_size()
+        cut = [job for job, _lane in self.lanes.values()]
+        if cut and r.fatal is None:
+            log.warning("stop grace over: %d jobs go back to the queue", len(cut))
+            r.redis_call(partial(r.store.hand_back, [job.delivery for job in cut]))
+            r.release([job.delivery for job in cut])
+        for job in cut:
+            self._forget(job)
+        self.lanes.clear()
+
+    def _hand_back_waiting(self) -> None:
+        r = self.runner
+        jobs = [job for job, _since in self.waiting.values()]
+        if jobs:
+            r.redis_call(partial(r.store.hand_back, [job.delivery for job in jobs]))
+            r.release([job.delivery for job in jobs])
+            for job in jobs:
+                r.settle_suspect(job.id)
+        self.waiting.clear()
+
+    def _leave_canceled(self) -> None:
+        """Jobs canceled elsewhere leave at the next step: acked, nothing written."""
+        r = self.runner
+        for key in [k for k in [*self.lanes, *self.waiting] if r.tracker.is_gone(k)]:
+            job = self.lanes.pop(key, None) or self.waiting.pop(key, None)
+            if job is not None:
+                r.redis_call(partial(r.store.ack, job[0].delivery))
+                r.release([job[0].delivery])
+                self._forget(job[0])
+
+    def _join(self) -> None:
+        r = self.runner
+        if r.stopping.is_set():
+            return
+        candidates = [
+            Candidate(job.id, (job.request.width, job.request.height), job.request.n,
+                      job.created_at, alone=job.delivery.suspect)
+            for job, _since in self.waiting.values()
+        ]  # fmt: skip
+        in_flight = sum(lane.images for _, lane in self.lanes.values())
+        alone = any(job.delivery.suspect for job, _ in self.lanes.values())
+        for candidate in admit(candidates, in_flight, r.engine.tuning.max_batch, alone):
+            job, since = self.waiting.pop(candidate.key)
+            r.metrics.join_wait.observe(time.monotonic() - since)
+            request = job.request
+            shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
+            specs = [
+                ImageSpec(request.prompt, request.negative_prompt, request.guidance_scale, seed)
+                for seed in request.seeds()
+            ]
+            try:
+                lane = r.engine.prepare(job.id, specs, shape)
+            except Exception as e:  # the worker lives on; this job fails with the reason
+                log.exception("preparing a job failed", extra={"job_id": job.id})
+                r.complete(job, r.fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+                self._forget(job, tracked=False)
+                continue
+            self.lanes[job.id] = (job, lane)
+            r.tracker.at(job.id, 0)
+
+    def _step_one_size(self) -> None:
+        r = self.runner
+        sizes = list(dict.fromkeys(lane.size for _, lane in self.lanes.values()))
+        self.turns.forget(sizes)
+        size = self.turns.next(sizes)
+        group = [(job, lane) for job, lane in self.lanes.values() if lane.size == size]
+        self._step(group)
+        for job, lane in group:
+            if job.id not in self.lanes:
+                continue  # failed in this step
+            r.tracker.at(job.id, lane.step)
+            if lane.done:
+                del self.lanes[job.id]
+                self._finish(job, lane)
+
+    def _step(self, group: list[tuple[Job, Lane]]) -> None:
+        """One UNet call for the group; out of GPU memory, the group is split in halves (a
+        failed call leaves every lane as it was) down to one lane, which then fails alone."""
+        r = self.runner
+        try:
+            r.engine.step([lane for _, lane in group])
+            return
+        except torch.cuda.OutOfMemoryError:
+            r.engine.release_memory()
+            r.metrics.oom_splits.inc()
+            if len(group) == 1:
+                job, lane = group[0]
+                message = f"one {lane.size[0]}x{lane.size[1]} job does not fit in GPU memory"
+                self._fail(job, ErrorCode.OUT_OF_MEMORY, message)
+                return
+        except Exception as e:  # the worker lives on; these jobs fail with the reason
+            log.exception("a step of %d jobs failed", len(group))
+            for job, _lane in group:
+                self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+            return
+        half = len(group) // 2
+        self._step(group[:half])
+        self._step(group[half:])
+
+    def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
+        self.lanes.pop(job.id, None)
+        self.runner.complete(job, self.runner.fail, job, code, message)
+        self._forget(job)
+
+    def _finish(self, job: Job, lane: Lane) -> None:
+        r = self.runner
+        try:
+            images = r.engine.finish(lane)
+        except Exception as e:
+            log.exception("decoding failed", extra={"job_id": job.id})
+            r.complete(job, r.fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+        else:
+            r.complete(job, r.succeed, job, images)
+        self._forget(job)
+
+    def _forget(self, job: Job, tracked: bool = True) -> None:
+        r = self.runner
+        if tracked:
+            r.tracker.remove(job.id)
+        r.tracker.forget({job.id})
+        r.settle_suspect(job.id)
