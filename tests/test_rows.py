@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from app.jobs.contract import SCHEDULERS
-from worker.engine import BatchShape, Engine, ImageSpec
+from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.rows import Lane
 from worker.schedulers import make_scheduler
 
@@ -106,3 +106,37 @@ def test_a_lane_joins_while_another_is_half_way(engine: Engine) -> None:
     alone = run(engine, [engine.prepare("late", [ImageSpec("a tree", "", 5.0, 2)], shape)])
     assert max_diff(together["late"][0], alone["late"][0]) <= 1
     assert engine.tuning.row_bucket(3) == 4 and engine.tuning.row_bucket(1) == 1
+
+
+@pytest.mark.timeout(900)  # compiling on a busy 2-core CPU
+def test_compiled_rows_match_eager_without_compiling_after_warm_up(
+    engine: Engine, tiny_model: Path
+) -> None:
+    """Warm-up compiles the row path (per-row timesteps, every row bucket); then any mix of
+    lanes runs with no compilation, and equals the eager engine."""
+    from torch._dynamo.utils import counters
+
+    tuning = Tuning(max_batch=2, fuse=True, compile=True, compiled_sizes=((64, 96),), rows=True)
+    compiled = Engine(str(tiny_model), torch.device("cpu"), tuning)
+    compiled.warm_up()  # row buckets 1, 2, 4
+    graphs = counters["stats"]["unique_graphs"]
+    mixes = [
+        [("a", 7.5, "euler_a", 3), ("b", 1.0, "ddim", 2)],  # 3 rows: bucket 4
+        [("c", 0.5, "dpmpp_2m", 2)],  # 1 row
+        [
+            ("d", 5.0, "unipc", 4),
+            ("e", 6.0, "lms", 3),
+            ("f", 4.0, "euler", 2),
+            ("g", 1.0, "pndm", 3),
+        ],
+    ]
+    for mix in mixes:
+
+        def lanes(e: Engine) -> list[Lane]:
+            return [e.prepare(key, [ImageSpec(key, "", g, 3)], BatchShape(64, 96, steps, sampler))
+                    for key, g, sampler, steps in mix]  # fmt: skip
+
+        fast, eager = run(compiled, lanes(compiled)), run(engine, lanes(engine))
+        for key, *_ in mix:
+            assert max_diff(fast[key][0], eager[key][0]) <= 1, key
+    assert counters["stats"]["unique_graphs"] == graphs  # no compilation after warm-up

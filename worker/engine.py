@@ -99,6 +99,8 @@ class Tuning:
     compiled_sizes: tuple[tuple[int, int], ...] = ((512, 512),)
     # Images per VAE decode call: its memory grows with the pixels, not the latents.
     vae_chunk: int = 1
+    # Continuous batching: warm up (compile) the row path, per-row timesteps and row buckets.
+    rows: bool = False
 
     def buckets(self) -> list[int]:
         """Batch sizes a batch is padded up to: powers of two, and max_batch itself."""
@@ -165,6 +167,9 @@ class Engine:
         if not self.tuning.compile:
             self.generate([spec], BatchShape(64, 64, 2, "dpmpp_2m"))
             return
+        if self.tuning.rows:
+            self._warm_up_rows(spec)
+            return
         for width, height in self.tuning.compiled_sizes:
             for size in self.tuning.buckets():
                 started = time.perf_counter()
@@ -172,6 +177,28 @@ class Engine:
                 log.info(
                     "warmed up %dx%d at batch %d in %.1fs",
                     width, height, size, time.perf_counter() - started,
+                )  # fmt: skip
+
+    def _warm_up_rows(self, spec: ImageSpec) -> None:
+        """Every row bucket at every compiled size through `step`: lanes of one guided image
+        (two rows each), and one unguided image for the bucket of one row."""
+        unguided = ImageSpec(spec.prompt, "", 1.0, spec.seed)
+        for width, height in self.tuning.compiled_sizes:
+            shape = BatchShape(width, height, 2, "dpmpp_2m")
+            for rows in self.tuning.row_buckets():
+                started = time.perf_counter()
+                lanes = (
+                    [self.prepare("warm-up", [unguided], shape)]
+                    if rows == 1
+                    else [self.prepare("warm-up", [spec], shape) for _ in range(rows // 2)]
+                )
+                while not lanes[0].done:
+                    self.step(lanes)
+                self.finish(lanes[0])
+                self._synchronize()
+                log.info(
+                    "warmed up %dx%d at %d UNet rows in %.1fs",
+                    width, height, rows, time.perf_counter() - started,
                 )  # fmt: skip
 
     @torch.inference_mode()

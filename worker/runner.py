@@ -552,6 +552,7 @@ def serve(settings: WorkerSettings) -> None:
         compile=settings.compile == "on" or (settings.compile == "auto" and cuda),
         compiled_sizes=tuple(settings.compiled_sizes),
         vae_chunk=settings.vae_chunk,
+        rows=settings.batching == "continuous",
     )
     metrics = WorkerMetrics(settings.max_batch, tuning.buckets())
     if settings.metrics_port:
