@@ -105,7 +105,8 @@ def test_a_lane_joins_while_another_is_half_way(engine: Engine) -> None:
     together = run(engine, [early, late])
     alone = run(engine, [engine.prepare("late", [ImageSpec("a tree", "", 5.0, 2)], shape)])
     assert max_diff(together["late"][0], alone["late"][0]) <= 1
-    assert engine.tuning.row_bucket(3) == 4 and engine.tuning.row_bucket(1) == 1
+    assert engine.tuning.row_bucket(3) == 4 and engine.tuning.row_bucket(1) == 2
+    assert Tuning(max_batch=32).row_buckets() == [2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
 
 
 @pytest.mark.timeout(900)  # compiling on a busy 2-core CPU
@@ -118,7 +119,7 @@ def test_compiled_rows_match_eager_without_compiling_after_warm_up(
 
     tuning = Tuning(max_batch=2, fuse=True, compile=True, compiled_sizes=((64, 96),), rows=True)
     compiled = Engine(str(tiny_model), torch.device("cpu"), tuning)
-    compiled.warm_up()  # row buckets 1, 2, 4
+    compiled.warm_up()  # row buckets 2, 4
     graphs = counters["stats"]["unique_graphs"]
     mixes: list[list[tuple[str, float, str, int]]] = [
         [("a", 7.5, "euler_a", 3), ("b", 1.0, "ddim", 2)],  # 3 rows: bucket 4

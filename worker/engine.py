@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -113,9 +113,12 @@ class Tuning:
         return next(b for b in self.buckets() if b >= size)
 
     def row_buckets(self) -> list[int]:
-        """UNet rows a row-level call is padded up to: cond and uncond make up to twice
-        max_batch."""
-        return sorted({2 * b for b in self.buckets()} | {1})
+        """UNet rows a row-level call is padded up to (cond and uncond make up to twice
+        max_batch): 2, 4, 8, then every 8. Fine steps waste little on padding; each bucket
+        is one CUDA graph of the one compiled UNet. None is 1: dynamo specializes a size of
+        1, and a second row costs next to nothing."""
+        top = 2 * self.max_batch
+        return sorted({b for b in (2, 4, 8) if b < top} | set(range(8, top, 8)) | {top})
 
     def row_bucket(self, rows: int) -> int:
         return next((b for b in self.row_buckets() if b >= rows), rows)
@@ -147,6 +150,7 @@ class Engine:
                 module.to(memory_format=torch.channels_last)
         self._vae_fp32: Any = None
         self.observer: Observer | None = None
+        self._timers: deque[tuple[StepTimer, int, int]] = deque(maxlen=64)
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
         if self.tuning.compile:
@@ -180,18 +184,13 @@ class Engine:
                 )  # fmt: skip
 
     def _warm_up_rows(self, spec: ImageSpec) -> None:
-        """Every row bucket at every compiled size through `step`: lanes of one guided image
-        (two rows each), and one unguided image for the bucket of one row."""
-        unguided = ImageSpec(spec.prompt, "", 1.0, spec.seed)
+        """Every row bucket at every compiled size through `step`: lanes of one guided image,
+        two rows each (buckets are even)."""
         for width, height in self.tuning.compiled_sizes:
             shape = BatchShape(width, height, 2, "dpmpp_2m")
             for rows in self.tuning.row_buckets():
                 started = time.perf_counter()
-                lanes = (
-                    [self.prepare("warm-up", [unguided], shape)]
-                    if rows == 1
-                    else [self.prepare("warm-up", [spec], shape) for _ in range(rows // 2)]
-                )
+                lanes = [self.prepare("warm-up", [spec], shape) for _ in range(rows // 2)]
                 while not lanes[0].done:
                     self.step(lanes)
                 self.finish(lanes[0])
@@ -317,7 +316,7 @@ class Engine:
             t_rows = torch.cat([t_rows, t_rows[-1:].expand(padding)])
             context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
         compiled = lanes[0].size in self.tuning.compiled_sizes
-        started = time.perf_counter()
+        timer = StepTimer(self.device) if self.observer is not None else None
         noise = self.run_unet(sample, t_rows, context, compiled)[:rows]
         at = 0
         for lane in lanes:
@@ -331,9 +330,13 @@ class Engine:
                 part, lane.timestep(), lane.latents, **options
             ).prev_sample
             lane.step += 1
-        if self.observer is not None:
-            self._synchronize()
-            self.observer.stepped(time.perf_counter() - started, rows, rows + padding)
+        if timer is not None:
+            # No synchronization: the host runs ahead of the GPU; the time is read when the
+            # GPU has got there (a later step), so measuring never stalls the loop.
+            self._timers.append((timer.stop(), rows, rows + padding))
+        while self._timers and self._timers[0][0].ready() and self.observer is not None:
+            done, real, bucket = self._timers.popleft()
+            self.observer.stepped(done.seconds(), real, bucket)
 
     @torch.inference_mode()
     def finish(self, lane: Lane) -> list[np.ndarray | None]:
@@ -357,10 +360,13 @@ class Engine:
         t = t.to(torch.float32)
         if self._fast_unet is None or not compiled:
             return self.unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
-        torch._dynamo.mark_dynamic(sample, 0)
-        torch._dynamo.mark_dynamic(context, 0)
-        if t.dim():
-            torch._dynamo.mark_dynamic(t, 0)
+        if t.dim():  # rows: the batch's range is known, so one compilation serves it all
+            top = max(2, 2 * self.tuning.max_batch)
+            for tensor in (sample, context, t):
+                torch._dynamo.mark_dynamic(tensor, 0, min=2, max=top)
+        else:
+            torch._dynamo.mark_dynamic(sample, 0)
+            torch._dynamo.mark_dynamic(context, 0)
         # Each call starts a new CUDA-graph step: the last call's output is already consumed.
         torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         return self._fast_unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
@@ -420,6 +426,35 @@ class Engine:
         """Give cached GPU memory back after an out-of-memory error, before retrying smaller."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+class StepTimer:
+    """The GPU time of one step, without waiting for it: CUDA events on a GPU, the host's
+    clock on the CPU (where the work is done when the call returns)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._started = time.perf_counter()
+        self._ended = self._started
+        self._events: tuple[Any, Any] | None = None
+        if self._cuda:
+            event: Any = torch.cuda.Event
+            self._events = (event(enable_timing=True), event(enable_timing=True))
+            self._events[0].record()
+
+    def stop(self) -> StepTimer:
+        if self._events is not None:
+            self._events[1].record()
+        self._ended = time.perf_counter()
+        return self
+
+    def ready(self) -> bool:
+        return self._events is None or bool(self._events[1].query())
+
+    def seconds(self) -> float:
+        if self._events is not None:
+            return float(self._events[0].elapsed_time(self._events[1])) / 1000
+        return self._ended - self._started
 
 
 def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
