@@ -99,14 +99,16 @@ class RowLoop:
         r = self.runner
         if r.stopping.is_set():
             return
+        # Counted in UNet rows: a guided image takes two (cond and uncond), another one.
         candidates = [
-            Candidate(job.id, (job.request.width, job.request.height), job.request.n,
+            Candidate(job.id, (job.request.width, job.request.height),
+                      job.request.n * (2 if job.request.guidance_scale > 1 else 1),
                       job.created_at, alone=job.delivery.suspect)
             for job, _since in self.waiting.values()
         ]  # fmt: skip
-        in_flight = sum(lane.images for _, lane in self.lanes.values())
+        in_flight = sum(lane.unet_rows for _, lane in self.lanes.values())
         alone = any(job.delivery.suspect for job, _ in self.lanes.values())
-        for candidate in admit(candidates, in_flight, r.engine.tuning.max_batch, alone):
+        for candidate in admit(candidates, in_flight, r.engine.tuning.row_cap(), alone):
             job, since = self.waiting.pop(candidate.key)
             r.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request

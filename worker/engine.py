@@ -36,6 +36,11 @@ for _library in (diffusers_logging, transformers_logging):
     _library.set_verbosity_error()
     _library.disable_progress_bar()
 
+# The compiled UNet's code guards its batch at 63 rows or fewer (seen with torch 2.11 on an
+# H200: "L['args'][0].size()[0] <= 63"); a larger call compiles a second graph, which cost
+# 80-100 s at start-up. Row batching stays within one graph.
+ROW_LIMIT = 62
+
 # Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
 # not depend on how many other prompts arrived with it.
 ENCODE_CHUNK = 8
@@ -112,12 +117,17 @@ class Tuning:
             raise ValueError(f"a batch of {size} exceeds max_batch {self.max_batch}")
         return next(b for b in self.buckets() if b >= size)
 
+    def row_cap(self) -> int:
+        """UNet rows in flight at most: cond and uncond make twice max_batch, but no more than
+        ROW_LIMIT."""
+        return min(2 * self.max_batch, ROW_LIMIT)
+
     def row_buckets(self) -> list[int]:
-        """UNet rows a row-level call is padded up to (cond and uncond make up to twice
-        max_batch): 2, 4, 8, then every 8. Fine steps waste little on padding; each bucket
-        is one CUDA graph of the one compiled UNet. None is 1: dynamo specializes a size of
-        1, and a second row costs next to nothing."""
-        top = 2 * self.max_batch
+        """UNet rows a row-level call is padded up to: 2, 4, 8, then every 8, up to the cap.
+        Fine steps waste little on padding; each bucket is one CUDA graph of the one compiled
+        UNet. None is 1: dynamo specializes a size of 1, and a second row costs next to
+        nothing."""
+        top = max(2, self.row_cap())
         return sorted({b for b in (2, 4, 8) if b < top} | set(range(8, top, 8)) | {top})
 
     def row_bucket(self, rows: int) -> int:
@@ -361,7 +371,7 @@ class Engine:
         if self._fast_unet is None or not compiled:
             return self.unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
         if t.dim():  # rows: the batch's range is known, so one compilation serves it all
-            top = max(2, 2 * self.tuning.max_batch)
+            top = max(2, self.tuning.row_cap())
             for tensor in (sample, context, t):
                 torch._dynamo.mark_dynamic(tensor, 0, min=2, max=top)
         else:
