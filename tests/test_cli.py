@@ -133,3 +133,18 @@ def test_unwritable_storage_stops_both_processes_naming_it(tmp_path: Path) -> No
                               timeout=60)  # fmt: skip
         assert done.returncode == 2 and f"SDSERVE_STORAGE={storage}" in done.stderr, command
         assert "Traceback" not in done.stderr
+
+
+def test_list_settings_read_plain_text_as_well_as_json() -> None:
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
+
+    env = {"SDSERVE_CORS_ORIGINS": "https://a.example", "SDSERVE_COMPILED_SIZES": "512x512,768x512"}
+    for name, value in env.items():
+        os.environ[name] = value
+    try:
+        assert ApiSettings(auth="off").cors_origins == ["https://a.example"]
+        assert WorkerSettings().compiled_sizes == [(512, 512), (768, 512)]
+    finally:
+        for name in env:
+            del os.environ[name]
