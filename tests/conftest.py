@@ -169,6 +169,31 @@ def engine(tiny_model: Path) -> Engine:
     return Engine(str(tiny_model), torch.device("cpu"))
 
 
+def diffusers_reference(engine: Engine, model: Path, scheduler: str) -> list[Any]:
+    """Two images (HxWx3 uint8) from diffusers' own StableDiffusionPipeline: "a cat" (seed 11)
+    and "a cow" with negative prompt "blurry" (seed 12), 64x96, 5 steps, guidance 6."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from worker.schedulers import make_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
+    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        ["a cat", "a cow"],
+        negative_prompt=["", "blurry"],
+        height=96,
+        width=64,
+        num_inference_steps=5,
+        guidance_scale=6.0,
+        generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
+        output_type="np",
+    ).images
+    return list((images * 255).round().astype(np.uint8))
+
+
 def enqueue(store: JobStore, request: Txt2ImgRequest) -> str:
     """Queue a request as the API would (seed given, the default timeout filled in)."""
     normalized = request.model_copy(update={"timeout_s": request.timeout_s or 3600})

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from app.jobs.contract import SCHEDULERS
+from tests.conftest import diffusers_reference
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning
-from worker.schedulers import SAMPLERS, make_scheduler
+from worker.schedulers import SAMPLERS
 
 SHAPE = BatchShape(width=64, height=96, steps=4, scheduler="dpmpp_2m")
 
@@ -33,20 +33,7 @@ def test_every_api_scheduler_has_a_sampler() -> None:
 
 @pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a", "ddim"])
 def test_matches_the_diffusers_pipeline(engine: Engine, tiny_model: Path, scheduler: str) -> None:
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
-    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
-    pipe.set_progress_bar_config(disable=True)
-    reference = pipe(
-        ["a cat", "a cow"],
-        negative_prompt=["", "blurry"],
-        height=96,
-        width=64,
-        num_inference_steps=5,
-        guidance_scale=6.0,
-        generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
-        output_type="np",
-    ).images
-    reference = (reference * 255).round().astype(np.uint8)
+    reference = diffusers_reference(engine, tiny_model, scheduler)
     ours = generate(
         engine,
         [ImageSpec("a cat", "", 6.0, 11), ImageSpec("a cow", "blurry", 6.0, 12)],

@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from app.jobs.contract import SCHEDULERS
+from tests.conftest import diffusers_reference
 from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.rows import Lane
 from worker.schedulers import make_scheduler
@@ -39,20 +40,7 @@ def run(engine: Engine, lanes: list[Lane]) -> dict[str, list[np.ndarray]]:
 def test_a_lane_matches_the_diffusers_pipeline(
     engine: Engine, tiny_model: Path, scheduler: str
 ) -> None:
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
-    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
-    pipe.set_progress_bar_config(disable=True)
-    reference = pipe(
-        ["a cat", "a cow"],
-        negative_prompt=["", "blurry"],
-        height=96,
-        width=64,
-        num_inference_steps=5,
-        guidance_scale=6.0,
-        generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
-        output_type="np",
-    ).images
-    reference = (reference * 255).round().astype(np.uint8)
+    reference = diffusers_reference(engine, tiny_model, scheduler)
     specs = [ImageSpec("a cat", "", 6.0, 11), ImageSpec("a cow", "blurry", 6.0, 12)]
     ours = run(engine, [engine.prepare("job", specs, BatchShape(64, 96, 5, scheduler))])["job"]
     for mine, theirs in zip(ours, reference, strict=True):

@@ -227,22 +227,7 @@ class Engine:
         specs = [*specs, *[specs[-1]] * (self.tuning.bucket(count) - count)]
         batch = len(specs)
         sampler = SAMPLERS[shape.scheduler]
-        scheduler = make_scheduler(shape.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(shape.steps, device=self.device)
-        # One generator per image: its noise, ancestral noise included, is its own.
-        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
-        latents = randn_tensor(
-            (
-                batch,
-                self.unet.config.in_channels,
-                shape.height // self.latent_scale,
-                shape.width // self.latent_scale,
-            ),
-            generator=generators,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        latents = latents * scheduler.init_noise_sigma
+        scheduler, generators, latents = self._start(specs, shape)
         context = self.encode([s.negative_prompt for s in specs] + [s.prompt for s in specs])
         guidance = torch.tensor(
             [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
@@ -267,12 +252,11 @@ class Engine:
             self.observer.decoded(time.perf_counter() - denoised)
         return images[:count]
 
-    # -- rows: the continuous-batching hooks --------------------------------------------------
-
-    @torch.inference_mode()
-    def prepare(self, key: str, specs: Sequence[ImageSpec], shape: BatchShape) -> Lane:
-        """A job's images as a lane at step 0: its own sampler, generators, starting noise and
-        embeddings, made exactly as `generate` makes them."""
+    def _start(
+        self, specs: Sequence[ImageSpec], shape: BatchShape
+    ) -> tuple[Any, list[torch.Generator], torch.Tensor]:
+        """A fresh sampler, one generator per image (its noise, ancestral noise included, is
+        its own), and the starting latents, scaled for the sampler."""
         sampler = make_scheduler(shape.scheduler, self.scheduler_config)
         sampler.set_timesteps(shape.steps, device=self.device)
         generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
@@ -287,12 +271,21 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
         )
+        return sampler, generators, latents * sampler.init_noise_sigma
+
+    # -- rows: the continuous-batching hooks --------------------------------------------------
+
+    @torch.inference_mode()
+    def prepare(self, key: str, specs: Sequence[ImageSpec], shape: BatchShape) -> Lane:
+        """A job's images as a lane at step 0: its own sampler, generators, starting noise and
+        embeddings, made exactly as `generate` makes them."""
+        sampler, generators, latents = self._start(specs, shape)
         guided = any(s.guidance_scale > 1 for s in specs)
         return Lane(
             key=key,
             size=(shape.width, shape.height),
             sampler=sampler,
-            latents=latents * sampler.init_noise_sigma,
+            latents=latents,
             generators=generators,
             guidance=torch.tensor(
                 [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
