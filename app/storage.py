@@ -163,4 +163,6 @@ def open_storage(url: str) -> Storage:
 
 
 def expiry_cutoff(result_ttl_s: int) -> float:
-    return time.time() - result_ttl_s
+    """Files written before this are swept. A file is written just before its job's status, so
+    the margin (up to a minute) keeps an image until its job says `expired`."""
+    return time.time() - result_ttl_s - min(60, result_ttl_s)

@@ -156,7 +156,7 @@ def test_the_service_on_a_bucket_serves_redirects_and_sweeps(
         # Past the TTL the sweep (every second, one API process) removes the files.
         wait_for(lambda: "Contents" not in boto3.client("s3").list_objects_v2(Bucket=bucket),
                  30, "the sweep")  # fmt: skip
-        assert http.get(job["url"]).json()["status"] == "expired"
+        assert http.get(job["url"]).json()["status"] == "expired"  # before its files went
         assert http.get(view["images"][0]).status_code == 410
 
 

@@ -15,7 +15,7 @@ STEP_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
 
 
 class WorkerMetrics:
-    def __init__(self, max_batch: int, buckets: list[int]) -> None:
+    def __init__(self, max_batch: int, buckets: list[int], row_buckets: list[int]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_wait = Histogram(
@@ -101,6 +101,12 @@ class WorkerMetrics:
             ["kind"],
             registry=r,
         )
+        # Every series exists from the start (at zero), in either batching mode: a scrape
+        # always shows the same families, and rates start from a known zero.
+        for bucket in row_buckets:
+            self.row_step.labels(str(bucket))
+        for kind in ("real", "padding"):
+            self.unet_rows.labels(kind)
         self.join_wait = Histogram(
             "sdserve_worker_join_wait_seconds",
             "Taken from the queue to joined the rows in flight (continuous batching).",

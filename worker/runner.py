@@ -131,7 +131,9 @@ class Runner:
         self.model_name = Path(engine.model).name
         self.stopping = threading.Event()
         self.tracker = Tracker()
-        self.metrics = metrics or WorkerMetrics(settings.max_batch, engine.tuning.buckets())
+        self.metrics = metrics or WorkerMetrics(
+            settings.max_batch, engine.tuning.buckets(), engine.tuning.row_buckets()
+        )
         engine.observer = self.metrics
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
         # Jobs handed to the pool and not yet written: the GPU waits for room.
@@ -554,7 +556,7 @@ def serve(settings: WorkerSettings) -> None:
         vae_chunk=settings.vae_chunk,
         rows=settings.batching == "continuous",
     )
-    metrics = WorkerMetrics(settings.max_batch, tuning.buckets())
+    metrics = WorkerMetrics(settings.max_batch, tuning.buckets(), tuning.row_buckets())
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port)
