@@ -8,7 +8,7 @@ from typing import Any
 import redis
 
 from app.jobs.contract import ErrorCode, Status, Submission, Txt2ImgRequest
-from app.jobs.keys import GROUP, QUEUED, STREAM, job_key
+from app.jobs.keys import GROUP, QUEUED, STREAM, job_key, worker_key
 from tests.conftest import JobStore, enqueue
 
 
@@ -240,9 +240,10 @@ def test_a_worker_name_is_held_by_one_process(store: JobStore) -> None:
     assert store.heartbeat("k", "token-a", 5, "{}")
     assert not store.heartbeat("k", "token-b", 5, "{}")  # a second live process, same name
     store.retire("k", "token-b")  # not its name to give up
-    assert store.holder("k") == "token-a" and store.live_workers() == ["k"]
+    holder = store.client.hget(worker_key("k"), "token")
+    assert holder == b"token-a" and store.live_workers() == ["k"]
     store.retire("k", "token-a")
-    assert store.holder("k") is None and store.live_workers() == []
+    assert store.client.hget(worker_key("k"), "token") is None and store.live_workers() == []
     assert store.heartbeat("k", "token-b", 5, "{}")
 
 

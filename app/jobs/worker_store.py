@@ -232,11 +232,6 @@ class WorkerStore(Store):
         """Release an entry whose job had already ended (canceled) without writing anything."""
         self._r.xack(STREAM, GROUP, delivery.entry_id)
 
-    def holder(self, worker: str) -> str | None:
-        """The token of the process that holds this worker name now, if any."""
-        token: Any = self._r.hget(worker_key(worker), "token")
-        return token.decode() if token else None
-
     def heartbeat(self, worker: str, token: str, ttl_s: int, info: str) -> bool:
         """Renew this process's hold on its name; False when another process holds it."""
         keys = [worker_key(worker), WORKERS]
