@@ -335,3 +335,16 @@ def test_an_automatic_retry_lands_on_the_first_tries_job(store: JobStore) -> Non
     assert outcome is Submission.QUEUED and second != first
     assert store.submit(normalized, 10, "k", retry=("h", True)) == (Submission.REPLAYED, second)
     assert store.submit(normalized, 10, "other", retry=("h", True))[0] is Submission.QUEUED
+
+
+def test_a_handed_back_job_past_its_deadline_says_so(store: JobStore) -> None:
+    store.ensure_group()
+    job_id = enqueue(store, request(timeout_s=1))
+    deliveries = store.read("w1", 1, 100)
+    store.start(deliveries, "w1")  # it ran, then its worker stopped and handed it back
+    store.hand_back(deliveries)
+    time.sleep(1.1)
+    assert store.start(store.read("w2", 1, 100), "w2") == []
+    view = store.view(job_id)
+    assert view is not None and view.error is not None
+    assert view.error.code == "deadline_exceeded" and "handed back" in view.error.message
