@@ -54,11 +54,21 @@ class DirectoryStorage:
 
     def put(self, key: str, data: bytes) -> None:
         path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written aside, then renamed: a reader never sees half a file.
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
+        for attempt in range(3):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                # Written aside, then renamed: a reader never sees half a file.
+                with tempfile.NamedTemporaryFile(
+                    dir=path.parent, delete=False, suffix=".part"
+                ) as tmp:
+                    tmp.write(data)
+                os.replace(tmp.name, path)
+                return
+            except FileNotFoundError:
+                # The sweep takes empty folders, this one too if it ran between the mkdir and
+                # the write: make it again.
+                if attempt == 2:
+                    raise
 
     def get(self, key: str) -> bytes | None:
         try:
@@ -78,8 +88,12 @@ class DirectoryStorage:
         for job in jobs:
             if not job.is_dir(follow_symlinks=False):
                 continue
-            files = list(os.scandir(job.path))
-            if all(f.stat(follow_symlinks=False).st_mtime < older_than for f in files):
+            try:
+                files = list(os.scandir(job.path))
+                old = all(f.stat(follow_symlinks=False).st_mtime < older_than for f in files)
+            except FileNotFoundError:  # another sweeper (a lock that outlived its TTL) was first
+                continue
+            if old:
                 for f in files:
                     _unlink(f.path)
                     removed += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -100,6 +101,26 @@ def test_a_directory_sweep_removes_job_folders(tmp_path: Path) -> None:
     os.utime(tmp_path / result_key(JOB, 0), (past, past))
     assert storage.sweep(time.time() - 3600) == 1
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["K" * 22]
+
+
+def test_writes_racing_a_directory_sweep_all_land(tmp_path: Path) -> None:
+    """The sweep takes empty job folders, so one a writer has just made can go before the write;
+    the writer makes it again. A sweeper taking everything runs beside 300 writes to new jobs."""
+    storage = DirectoryStorage(tmp_path)
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.is_set():
+            storage.sweep(time.time() + 3600)
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    try:
+        for n in range(300):
+            storage.put(result_key(f"{n:022d}", 0), b"x")  # raises if the folder went
+    finally:
+        stop.set()
+        sweeper.join()
 
 
 def test_a_bucket_gives_presigned_urls_a_directory_none(
