@@ -105,22 +105,28 @@ def test_a_directory_sweep_removes_job_folders(tmp_path: Path) -> None:
 
 def test_writes_racing_a_directory_sweep_all_land(tmp_path: Path) -> None:
     """The sweep takes empty job folders, so one a writer has just made can go before the write;
-    the writer makes it again. A sweeper taking everything runs beside 300 writes to new jobs."""
+    the writer makes it again. A sweeper (of files older than a minute) runs beside 2000 writes to
+    new jobs."""
     storage = DirectoryStorage(tmp_path)
     stop = threading.Event()
+    failures: list[BaseException] = []
 
     def sweep() -> None:
-        while not stop.is_set():
-            storage.sweep(time.time() + 3600)
+        try:
+            while not stop.is_set():
+                storage.sweep(time.time() - 60)
+        except BaseException as error:  # a file renamed while the sweep looks at it
+            failures.append(error)
 
     sweeper = threading.Thread(target=sweep)
     sweeper.start()
     try:
-        for n in range(300):
+        for n in range(2000):
             storage.put(result_key(f"{n:022d}", 0), b"x")  # raises if the folder went
     finally:
         stop.set()
         sweeper.join()
+    assert failures == []
 
 
 def test_a_bucket_gives_presigned_urls_a_directory_none(
