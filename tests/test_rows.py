@@ -29,7 +29,7 @@ def run(engine: Engine, lanes: list[Lane]) -> dict[str, list[np.ndarray]]:
         for size in dict.fromkeys(lane.size for lane in active):
             engine.step([lane for lane in active if lane.size == size])
         for lane in [lane for lane in active if lane.done]:
-            images = engine.finish(lane)
+            images = engine.images(engine.finish(lane))
             assert all(i is not None for i in images)
             out[lane.key] = [i for i in images if i is not None]
             active.remove(lane)

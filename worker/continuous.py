@@ -1,9 +1,11 @@
 """Continuous batching: the worker's GPU loop when `SDSERVE_BATCHING=continuous`.
 
 Every call of `step` lets queued jobs join the rows in flight (the policy in worker/stepping.py),
-runs one UNet call for the lanes of one latent size (worker/rows.py, Engine.step), sends lanes
-that finished to VAE decode and the completion pool, and drops the lanes of jobs canceled
-meanwhile. A job that arrives one step after others started waits one step, not a whole batch.
+runs one UNet call for the lanes of one latent size (worker/rows.py, Engine.step), starts the VAE
+decode of lanes that finished, hands decodes the GPU has done to the completion pool, and drops
+the lanes of jobs canceled meanwhile. A job that arrives one step after others started waits one
+step, not a whole batch; the loop never waits for the GPU while it has rows to step (the host
+queues the next step behind the decode, and picks the pixels up when they are there).
 The runner (worker/runner.py) keeps the Redis bookkeeping: starting jobs, progress, leases,
 completions.
 """
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from app.jobs.contract import ErrorCode, Job
-from worker.engine import BatchShape, ImageSpec
+from worker.engine import BatchShape, Decoding, ImageSpec
 from worker.rows import Lane
 from worker.stepping import Candidate, Turns, admit
 
@@ -33,11 +36,12 @@ class RowLoop:
         self.runner = runner
         self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
         self.lanes: dict[str, tuple[Job, Lane]] = {}
+        self.decodings: deque[tuple[Job, Decoding]] = deque()
         self.turns = Turns()
 
     @property
     def busy(self) -> bool:
-        return bool(self.lanes or self.waiting)
+        return bool(self.lanes or self.waiting or self.decodings)
 
     def step(self) -> int:
         r = self.runner
@@ -54,6 +58,8 @@ class RowLoop:
         self._join()
         if self.lanes:
             self._step_one_size()
+        # With nothing left to step, wait for the decodes rather than spin.
+        self._deliver(wait=not self.lanes)
         r.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
         return len(deliveries)
 
@@ -66,6 +72,8 @@ class RowLoop:
             self._leave_canceled()
             if self.lanes:
                 self._step_one_size()
+            self._deliver(wait=False)
+        self._deliver(wait=True)
         cut = [job for job, _lane in self.lanes.values()]
         if cut and r.fatal is None:
             log.warning("stop grace over: %d jobs go back to the queue", len(cut))
@@ -172,14 +180,30 @@ class RowLoop:
         self._forget(job)
 
     def _finish(self, job: Job, lane: Lane) -> None:
-        r = self.runner
         try:
-            images = r.engine.finish(lane)
+            self.decodings.append((job, self.runner.engine.finish(lane)))
         except Exception as e:
-            log.exception("decoding failed", extra={"job_id": job.id})
-            r.complete(job, r.fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
-        else:
+            self._decode_failed(job, e)
+
+    def _deliver(self, wait: bool) -> None:
+        """Hand the decodes that are done (all of them, with `wait`) to the completion pool, in
+        the order they started."""
+        r = self.runner
+        while self.decodings and (wait or self.decodings[0][1].ready()):
+            job, decoding = self.decodings.popleft()
+            try:
+                images = r.engine.images(decoding)
+            except Exception as e:
+                self._decode_failed(job, e)
+                continue
             r.complete(job, r.succeed, job, images)
+            self._forget(job)
+
+    def _decode_failed(self, job: Job, error: Exception) -> None:
+        log.exception("decoding failed", extra={"job_id": job.id})
+        self.runner.complete(
+            job, self.runner.fail, job, ErrorCode.ENGINE, f"{type(error).__name__}: {error}"
+        )
         self._forget(job)
 
     def _forget(self, job: Job, tracked: bool = True) -> None:

@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
+from worker.plans import Plan, probe
 from worker.rows import Lane
 from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
 
@@ -154,13 +155,14 @@ class Engine:
         self.scheduler_config = load_schedule(model)
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._plans: dict[tuple[str, int], Plan] = {}
         if self.tuning.fuse:
             for module in (self.unet, self.vae):
                 module.fuse_qkv_projections()
                 module.to(memory_format=torch.channels_last)
         self._vae_fp32: Any = None
         self.observer: Observer | None = None
-        self._timers: deque[tuple[StepTimer, int, int]] = deque(maxlen=64)
+        self._timers: deque[tuple[GpuTimer, int, int]] = deque(maxlen=64)
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
         if self.tuning.compile:
@@ -203,8 +205,7 @@ class Engine:
                 lanes = [self.prepare("warm-up", [spec], shape) for _ in range(rows // 2)]
                 while not lanes[0].done:
                     self.step(lanes)
-                self.finish(lanes[0])
-                self._synchronize()
+                self.images(self.finish(lanes[0]))
                 log.info(
                     "warmed up %dx%d at %d UNet rows in %.1fs",
                     width, height, rows, time.perf_counter() - started,
@@ -245,22 +246,26 @@ class Engine:
             if on_step is not None and not on_step(k + 1):
                 return None
         self._synchronize()  # the GPU runs behind the host: wait, so the times are the GPU's
-        denoised = time.perf_counter()
-        images = self.decode(latents, compiled)
         if self.observer is not None:
-            self.observer.denoised(denoised - started, shape.steps)
-            self.observer.decoded(time.perf_counter() - denoised)
-        return images[:count]
+            self.observer.denoised(time.perf_counter() - started, shape.steps)
+        return self.decode(latents, compiled)[:count]
 
     def _start(
         self, specs: Sequence[ImageSpec], shape: BatchShape
     ) -> tuple[Any, list[torch.Generator], torch.Tensor]:
-        """A fresh sampler, one generator per image (its noise, ancestral noise included, is
-        its own), and the starting latents, scaled for the sampler."""
+        """A fresh sampler and the starting latents, scaled for it."""
         sampler = make_scheduler(shape.scheduler, self.scheduler_config)
         sampler.set_timesteps(shape.steps, device=self.device)
+        generators, noise = self._noise(specs, shape)
+        return sampler, generators, noise * sampler.init_noise_sigma
+
+    def _noise(
+        self, specs: Sequence[ImageSpec], shape: BatchShape
+    ) -> tuple[list[torch.Generator], torch.Tensor]:
+        """One generator per image (its noise, ancestral noise included, is its own) and the
+        unscaled starting noise."""
         generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
-        latents = randn_tensor(
+        noise = randn_tensor(
             (
                 len(specs),
                 self.unet.config.in_channels,
@@ -271,47 +276,63 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
         )
-        return sampler, generators, latents * sampler.init_noise_sigma
+        return generators, noise
+
+    def plan(self, sampler: str, steps: int) -> Plan:
+        """The sampler's plan over so many steps, probed once (at most 8 samplers x 100 steps)."""
+        key = (sampler, steps)
+        if key not in self._plans:
+            self._plans[key] = probe(sampler, steps, self.scheduler_config)
+        return self._plans[key]
 
     # -- rows: the continuous-batching hooks --------------------------------------------------
 
     @torch.inference_mode()
     def prepare(self, key: str, specs: Sequence[ImageSpec], shape: BatchShape) -> Lane:
-        """A job's images as a lane at step 0: its own sampler, generators, starting noise and
-        embeddings, made exactly as `generate` makes them."""
-        sampler, generators, latents = self._start(specs, shape)
+        """A job's images as a lane at step 0: its plan, generators, starting noise and
+        embeddings, the noise made exactly as `generate` makes it."""
+        plan = self.plan(shape.scheduler, shape.steps)
+        generators, noise = self._noise(specs, shape)
         guided = any(s.guidance_scale > 1 for s in specs)
         return Lane(
             key=key,
             size=(shape.width, shape.height),
-            sampler=sampler,
-            latents=latents,
+            plan=plan,
+            latents=noise * plan.init_sigma,
             generators=generators,
             guidance=torch.tensor(
                 [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
             ).view(-1, 1, 1, 1),
             cond=self.encode([s.prompt for s in specs]),
             uncond=self.encode([s.negative_prompt for s in specs]) if guided else None,
-            ancestral=SAMPLERS[shape.scheduler].ancestral,
         )
 
     @torch.inference_mode()
     def step(self, lanes: Sequence[Lane]) -> None:
         """One denoising step of every lane (all of one size) in one UNet call: per-row
-        timesteps, cond and uncond rows together, padded to a row bucket; then each lane steps
-        its own sampler. Raises (leaving every lane as it was) if the UNet call fails."""
-        samples, times, contexts = [], [], []
+        timesteps, padded to a row bucket; the cond rows of every image first, then the uncond
+        rows of guided lanes. Guidance is applied to all images at once (an unguided image is
+        set against its own cond row, which leaves it as it is), then each lane advances by its
+        plan. Raises (leaving every lane as it was) if the UNet call fails."""
+        inputs = [lane.model_input() for lane in lanes]
+        guided = [i for i, lane in enumerate(lanes) if lane.uncond is not None]
+        images = sum(lane.images for lane in lanes)
+        sample = torch.cat(inputs + [inputs[i] for i in guided])
+        context = torch.cat(
+            [lane.cond for lane in lanes] + [lanes[i].uncond for i in guided]  # type: ignore[misc]
+        )
+        times = [lane.timestep() for lane in lanes for _ in range(lane.images)]
+        times += [lanes[i].timestep() for i in guided for _ in range(lanes[i].images)]
+        against: list[int] = []  # each image's uncond row, or its own cond row
+        uncond_at = images
         for lane in lanes:
-            t = lane.timestep()
-            scaled = lane.sampler.scale_model_input(lane.latents, t)
-            if lane.uncond is not None:
-                samples += [scaled, scaled]
-                contexts += [lane.uncond, lane.cond]
+            start = len(against)
+            if lane.uncond is None:
+                against += range(start, start + lane.images)
             else:
-                samples.append(scaled)
-                contexts.append(lane.cond)
-            times.append(t.to(torch.float32).expand(lane.unet_rows))
-        sample, t_rows, context = torch.cat(samples), torch.cat(times), torch.cat(contexts)
+                against += range(uncond_at, uncond_at + lane.images)
+                uncond_at += lane.images
+        t_rows = torch.tensor(times, dtype=torch.float32, device=self.device)
         rows = len(sample)
         padding = self.tuning.row_bucket(rows) - rows
         if padding:  # copies of the last row, whose outputs are dropped
@@ -319,20 +340,16 @@ class Engine:
             t_rows = torch.cat([t_rows, t_rows[-1:].expand(padding)])
             context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
         compiled = lanes[0].size in self.tuning.compiled_sizes
-        timer = StepTimer(self.device) if self.observer is not None else None
-        noise = self.run_unet(sample, t_rows, context, compiled)[:rows]
+        timer = GpuTimer(self.device) if self.observer is not None else None
+        noise = self.run_unet(sample, t_rows, context, compiled)
+        cond = noise[:images]
+        uncond = noise.index_select(0, torch.tensor(against, device=self.device))
+        guidance = torch.cat([lane.guidance for lane in lanes])
+        noise = uncond + guidance * (cond - uncond)  # a new tensor: the UNet's is reused
         at = 0
         for lane in lanes:
-            part = noise[at : at + lane.unet_rows]
-            at += lane.unet_rows
-            if lane.uncond is not None:
-                uncond, cond = part.chunk(2)
-                part = uncond + lane.guidance * (cond - uncond)
-            options = {"generator": lane.generators} if lane.ancestral else {}
-            lane.latents = lane.sampler.step(
-                part, lane.timestep(), lane.latents, **options
-            ).prev_sample
-            lane.step += 1
+            lane.advance(noise[at : at + lane.images])
+            at += lane.images
         if timer is not None:
             # No synchronization: the host runs ahead of the GPU; the time is read when the
             # GPU has got there (a later step), so measuring never stalls the loop.
@@ -342,13 +359,9 @@ class Engine:
             self.observer.stepped(done.seconds(), real, bucket)
 
     @torch.inference_mode()
-    def finish(self, lane: Lane) -> list[np.ndarray | None]:
-        """A finished lane's pixels (as `generate` returns them)."""
-        started = time.perf_counter()
-        images = self.decode(lane.latents, lane.size in self.tuning.compiled_sizes)
-        if self.observer is not None:
-            self.observer.decoded(time.perf_counter() - started)
-        return images
+    def finish(self, lane: Lane) -> Decoding:
+        """A finished lane's decode, started: `images` gives its pixels once `ready`."""
+        return self.decode_async(lane.latents, lane.size in self.tuning.compiled_sizes)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -398,24 +411,48 @@ class Engine:
         return embeddings
 
     def decode(self, latents: torch.Tensor, compiled: bool = False) -> list[np.ndarray | None]:
-        """Pixels per latent, decoded in fixed-size chunks (padded): a chunk's shape, and so
-        its kernels and rounding, never depend on the batch around it. An image that comes
-        out non-finite is decoded once more in fp32 (fp16 VAEs overflow on some latents);
-        None if that fails too."""
+        """Pixels per latent: HxWx3 uint8, or None for an image that stays non-finite."""
+        return self.images(self.decode_async(latents, compiled))
+
+    @torch.inference_mode()
+    def decode_async(self, latents: torch.Tensor, compiled: bool = False) -> Decoding:
+        """Start decoding: fixed-size chunks (padded), so that a chunk's shape, and so its
+        kernels and rounding, never depend on the batch around it; pixels and a finite flag per
+        image are copied to the host behind the GPU's work, so the caller does not wait."""
         chunk = self.tuning.vae_chunk
         decode = (
             self._fast_decode if compiled and self._fast_decode is not None else self.vae.decode
         )
+        timer = GpuTimer(self.device)
         scaled = latents / self.vae.config.scaling_factor
-        out: list[np.ndarray | None] = []
+        parts = []
         for start in range(0, len(scaled), chunk):
             part = scaled[start : start + chunk]
             padded = torch.cat([part, part[-1:].expand(chunk - len(part), *part.shape[1:])])
-            for row, pixels in zip(part, decode(padded).sample, strict=False):
-                if not torch.isfinite(pixels).all():
-                    log.warning("non-finite pixels: decoding again in fp32")
-                    pixels = self._fp32_vae().decode(row[None].float()).sample[0]
-                out.append(_to_uint8(pixels) if torch.isfinite(pixels).all() else None)
+            parts.append(decode(padded).sample[: len(part)])
+        pixels = torch.cat(parts)
+        finite = torch.isfinite(pixels).flatten(1).all(1)
+        return Decoding(latents, _to_uint8(pixels), finite, timer.stop())
+
+    @torch.inference_mode()
+    def images(self, decoding: Decoding) -> list[np.ndarray | None]:
+        """A decoding's pixels (waiting for it if it is not ready). An image that came out
+        non-finite is decoded once more in fp32 (fp16 VAEs overflow on some latents); None if
+        that fails too."""
+        decoding.wait()
+        if self.observer is not None:
+            self.observer.decoded(decoding.timer.seconds())
+        out: list[np.ndarray | None] = []
+        for row, pixels, finite in zip(
+            decoding.latents, decoding.pixels, decoding.finite.tolist(), strict=True
+        ):
+            if finite:
+                out.append(pixels.numpy())
+                continue
+            log.warning("non-finite pixels: decoding again in fp32")
+            scaled = row[None].float() / self.vae.config.scaling_factor
+            again = self._fp32_vae().decode(scaled).sample
+            out.append(_to_uint8(again)[0].cpu().numpy() if torch.isfinite(again).all() else None)
         return out
 
     def _fp32_vae(self) -> Any:
@@ -431,8 +468,8 @@ class Engine:
             torch.cuda.empty_cache()
 
 
-class StepTimer:
-    """The GPU time of one step, without waiting for it: CUDA events on a GPU, the host's
+class GpuTimer:
+    """The GPU time of some work, without waiting for it: CUDA events on a GPU, the host's
     clock on the CPU (where the work is done when the call returns)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -445,7 +482,7 @@ class StepTimer:
             self._events = (event(enable_timing=True), event(enable_timing=True))
             self._events[0].record()
 
-    def stop(self) -> StepTimer:
+    def stop(self) -> GpuTimer:
         if self._events is not None:
             self._events[1].record()
         self._ended = time.perf_counter()
@@ -454,14 +491,41 @@ class StepTimer:
     def ready(self) -> bool:
         return self._events is None or bool(self._events[1].query())
 
+    def wait(self) -> None:
+        if self._events is not None:
+            self._events[1].synchronize()
+
     def seconds(self) -> float:
         if self._events is not None:
             return float(self._events[0].elapsed_time(self._events[1])) / 1000
         return self._ended - self._started
 
 
-def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] to HxWx3 uint8, rounded as diffusers does."""
+class Decoding:
+    """A decode under way: pixels and finite flags on their way to the host (pinned memory, so
+    the copy runs behind the GPU's queue), and the latents for an fp32 retry."""
+
+    def __init__(
+        self, latents: torch.Tensor, pixels: torch.Tensor, finite: torch.Tensor, timer: GpuTimer
+    ) -> None:
+        self.latents = latents
+        if pixels.is_cuda:
+            self.pixels = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+            self.finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+            self.pixels.copy_(pixels, non_blocking=True)
+            self.finite.copy_(finite, non_blocking=True)
+        else:
+            self.pixels, self.finite = pixels, finite
+        self.timer = timer.stop()  # after the copies: ready means the host has the pixels
+
+    def ready(self) -> bool:
+        return self.timer.ready()
+
+    def wait(self) -> None:
+        self.timer.wait()
+
+
+def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] to (N, H, W, 3) uint8, rounded as diffusers does."""
     image = (pixels / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-    array: np.ndarray = image.permute(1, 2, 0).cpu().numpy()
-    return array
+    return image.permute(0, 2, 3, 1).contiguous()

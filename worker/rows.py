@@ -1,37 +1,43 @@
 """The images in flight: per-row denoising state, stepped one UNet call at a time.
 
-A `Lane` is one job's images. They share one sampler instance (a job's images have the same
-steps and scheduler, so the same timesteps, step index and multistep history); each image keeps
-its own generator (its starting noise, and an ancestral sampler's fresh noise each step), and
-the lane its guidance and prompt embeddings. Lanes of different jobs never share state: that is
-what lets any mix of steps, schedulers and guidance share one UNet call, and jobs join and
-leave between steps.
+A `Lane` is one job's images. They share one plan (a job's images have the same steps and
+sampler: worker/plans.py); each image keeps its own generator (its starting noise, and an
+ancestral sampler's fresh noise each step), and the lane its guidance, its prompt embeddings and
+the last few samples, outputs and noise its sampler reaches back to. Lanes of different jobs
+never share state: that is what lets any mix of steps, samplers and guidance share one UNet
+call, and jobs join and leave between steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from worker.plans import Plan
 
 Size = tuple[int, int]  # (width, height) in pixels
+# One step's tensors, indexed by SAMPLE, OUTPUT, NOISE (None: the step drew no noise).
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 @dataclass(eq=False)
 class Lane:
     key: str  # the job's id
     size: Size
-    sampler: Any  # a diffusers scheduler instance of this lane's own
-    latents: torch.Tensor  # (images, channels, height / 8, width / 8)
+    plan: Plan
+    latents: torch.Tensor  # (images, channels, height / 8, width / 8): the sample now
     generators: list[torch.Generator]
     guidance: torch.Tensor  # (images, 1, 1, 1)
     cond: torch.Tensor  # prompt embeddings, (images, 77, dim)
     # Negative-prompt embeddings; None when guidance is 1 or less, as diffusers does: then the
     # UNet sees no unconditional rows for this lane.
     uncond: torch.Tensor | None
-    ancestral: bool
     step: int = 0
+    # The inputs of the last `plan.window` steps, newest last.
+    history: deque[Inputs] = field(default_factory=deque)
 
     @property
     def images(self) -> int:
@@ -39,7 +45,7 @@ class Lane:
 
     @property
     def steps(self) -> int:
-        return len(self.sampler.timesteps)
+        return len(self.plan.steps)
 
     @property
     def done(self) -> bool:
@@ -50,5 +56,35 @@ class Lane:
         """Rows this lane puts in a UNet call: cond, and uncond when guided."""
         return self.images * (1 if self.uncond is None else 2)
 
-    def timestep(self) -> torch.Tensor:
-        return self.sampler.timesteps[self.step]  # type: ignore[no-any-return]
+    def timestep(self) -> float:
+        return self.plan.steps[self.step].timestep
+
+    def model_input(self) -> torch.Tensor:
+        scale = self.plan.steps[self.step].input_scale
+        return self.latents if scale == 1 else self.latents * scale
+
+    def advance(self, output: torch.Tensor) -> None:
+        """Take this step's model output (guidance applied): the sample moves to the weighted sum
+        of the plan's terms, added up in float32 and stored in the latents' dtype, as diffusers'
+        samplers do."""
+        plan = self.plan.steps[self.step]
+        noise = None
+        if plan.noise:  # drawn as diffusers' samplers draw it, image by image
+            noise = randn_tensor(
+                output.shape, generator=self.generators, device=output.device, dtype=output.dtype
+            )
+        self.history.append((self.latents, output, noise))
+        while len(self.history) > self.plan.window:
+            self.history.popleft()
+        total: torch.Tensor | None = None
+        for term in plan.terms:
+            tensor = self.history[-1 - term.age][term.source]
+            assert tensor is not None, "a noise term on a step that drew none"
+            if total is None:
+                total = tensor.to(torch.float32) * term.weight
+            else:
+                total.add_(tensor, alpha=term.weight)
+        assert total is not None, "a step with no terms"
+        self.latents = total.to(self.latents.dtype)
+        self.step += 1
+

@@ -54,6 +54,14 @@ def _tokenizer(workdir: Path) -> CLIPTokenizer:
     return tokenizer
 
 
+def _scheduler() -> PNDMScheduler:
+    scheduler = PNDMScheduler(**SD_SCHEDULE)
+    # Stable Diffusion 1.x's scheduler_config.json says this too (PNDM has no such option, but
+    # DDIM, made from the same config, clamps its prediction unless told not to).
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
+
+
 def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
     """Write a random-weight model to `target` (created if missing) and return its path.
 
@@ -92,7 +100,7 @@ def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SD_SCHEDULE),
+        scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

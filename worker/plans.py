@@ -1,0 +1,149 @@
+"""What a sampler does to a row at each step, as weights asked once of diffusers.
+
+Every sampler a request may name is linear: the next sample is a weighted sum of the row's recent
+samples, model outputs and (ancestral samplers) fresh noise, with weights that depend only on the
+step. So instead of a diffusers scheduler object per row, stepping through tens of small kernels
+and Python per row and step, a row keeps its last few tensors and takes one multiply-add per
+weight. The weights come from diffusers' own scheduler, run once per (sampler, steps) on unit
+vectors ("the probe"): a sample, output or noise tensor is a vector over the step's inputs, and
+what the scheduler returns is the vector of weights. Its schedule, its lower-order first and last
+steps, its corrector, whatever it does linearly, comes out as it is; `tests/test_plans.py` checks
+every sampler against its scheduler on real tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+from unittest import mock
+
+import torch
+
+from worker.schedulers import SAMPLERS, make_scheduler
+
+# What a weight multiplies: a row's sample as it entered a step, the model's output (after
+# guidance) at that step, or the noise drawn at that step.
+SAMPLE, OUTPUT, NOISE = range(3)
+SOURCES = 3
+
+
+@dataclass(frozen=True)
+class Term:
+    age: int  # 0: this step, 1: the step before, ...
+    source: int  # SAMPLE, OUTPUT or NOISE
+    weight: float
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    timestep: float
+    input_scale: float  # the UNet sees sample * input_scale
+    noise: bool  # the step draws fresh noise from each image's generator
+    terms: tuple[Term, ...]  # the next sample: the sum of weight * tensor
+
+
+@dataclass(frozen=True)
+class Plan:
+    sampler: str
+    init_sigma: float  # the starting noise is scaled by this
+    steps: tuple[StepPlan, ...]
+
+    @property
+    def window(self) -> int:
+        """Steps of tensors a row keeps: the oldest any term reaches back to, plus this one."""
+        return 1 + max((term.age for step in self.steps for term in step.terms), default=0)
+
+
+# Scheduler settings that make a step depend on the values (a clamp, a quantile): with one of
+# them on, a sampler has no plan.
+NONLINEAR_SETTINGS = ("thresholding", "clip_sample")
+
+
+class NotLinear(ValueError):
+    """The sampler's step is not a fixed weighted sum of its inputs."""
+
+
+def probe(sampler: str, steps: int, config: dict[str, Any]) -> Plan:
+    """The plan of `sampler` over `steps` steps, on the model's scheduler `config`.
+
+    The scheduler runs as in a real run, on vectors over the run's inputs: the starting noise,
+    then each step's model output and noise. What it returns each step is the next sample in
+    those inputs; the plan writes it over the fewest recent steps' samples, outputs and noise
+    that give it exactly (a sampler with a corrector keeps a sample of its own that reaches back
+    to the start, but that sample is always a few recent inputs away from the one it returns).
+    """
+    scheduler = make_scheduler(sampler, config)
+    if on := [name for name in NONLINEAR_SETTINGS if scheduler.config.get(name)]:
+        raise NotLinear(f"{sampler}: the model's scheduler config sets {', '.join(on)}")
+    scheduler.set_timesteps(steps)
+    count = len(scheduler.timesteps)
+    size = 1 + 2 * count  # the starting noise; each step's output and noise
+
+    def unit(index: int) -> torch.Tensor:
+        # Shaped (batch 1, channels): some samplers take the batch and channel axes apart.
+        vector = torch.zeros(1, size, dtype=torch.float64)
+        vector[0, index] = 1
+        return vector
+
+    drawn: set[int] = set()
+    at = 0
+
+    def noise(shape: Any, **_: Any) -> torch.Tensor:
+        # The scheduler asks diffusers' randn_tensor for its noise; the probe hands it a unit
+        # vector instead, and so learns the noise's weight (and that this step draws noise).
+        drawn.add(at)
+        return unit(2 + 2 * at).reshape(shape)
+
+    module = sys.modules[type(scheduler).__module__]
+    draws = hasattr(module, "randn_tensor")  # a module without it draws no noise
+    options = {"generator": None} if SAMPLERS[sampler].ancestral else {}
+    samples: list[torch.Tensor] = []
+    plans = []
+    sample = unit(0)
+    with mock.patch.object(module, "randn_tensor", noise) if draws else contextlib.nullcontext():
+        for at, t in enumerate(scheduler.timesteps):
+            samples.append(sample.flatten())
+            scaled = scheduler.scale_model_input(sample, t).to(torch.float64).flatten()
+            scale = float(scaled @ samples[at] / (samples[at] @ samples[at]))
+            if not torch.allclose(scaled, samples[at] * scale, rtol=1e-6, atol=1e-9):
+                raise NotLinear(f"{sampler}: the UNet's input is not a multiple of the sample")
+            sample = scheduler.step(unit(1 + 2 * at), t, sample, **options).prev_sample
+            sample = sample.to(torch.float64)
+            terms = _fit(sample.flatten(), samples, drawn, at)
+            if terms is None:
+                raise NotLinear(f"{sampler}: step {at} is no weighted sum of its inputs")
+            plans.append(StepPlan(float(t), scale, at in drawn, terms))
+    return Plan(sampler, float(scheduler.init_noise_sigma), tuple(plans))
+
+
+def _fit(
+    target: torch.Tensor, samples: list[torch.Tensor], drawn: set[int], at: int
+) -> tuple[Term, ...] | None:
+    """`target` as weights over the fewest recent steps' tensors; None if no window gives it."""
+    size = len(target)
+    tolerance = 1e-5 * max(float(target.abs().max()), 1.0)  # the schedulers work in float32
+    for window in range(1, at + 2):
+        columns: list[tuple[Term, torch.Tensor]] = []
+        for step in range(at - window + 1, at + 1):
+            age = at - step
+            columns.append((Term(age, SAMPLE, 0.0), samples[step]))
+            columns.append((Term(age, OUTPUT, 0.0), _unit(size, 1 + 2 * step)))
+            if step in drawn:
+                columns.append((Term(age, NOISE, 0.0), _unit(size, 2 + 2 * step)))
+        matrix = torch.stack([vector for _, vector in columns], dim=1)
+        weights = torch.linalg.lstsq(matrix, target[:, None], driver="gelsd").solution[:, 0]
+        if float((matrix @ weights - target).abs().max()) <= tolerance:
+            return tuple(
+                Term(term.age, term.source, float(weight))
+                for (term, _), weight in zip(columns, weights, strict=True)
+                if float(weight) != 0.0
+            )
+    return None
+
+
+def _unit(size: int, index: int) -> torch.Tensor:
+    vector = torch.zeros(size, dtype=torch.float64)
+    vector[index] = 1
+    return vector
