@@ -87,4 +87,3 @@ class Lane:
         assert total is not None, "a step with no terms"
         self.latents = total.to(self.latents.dtype)
         self.step += 1
-
