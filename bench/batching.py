@@ -9,10 +9,14 @@ One GPU, SD1.5-sized random weights, 512x512, the whole service (Valkey, `sdserv
                euler_a, ddim}, guidance uniform in [4, 9]
   (c) poisson  open-loop Poisson arrivals of mixed requests at 60% of (a)'s rate
 
-Throughput is counted in images/s and in 25-step equivalents/s (steps / 25). Results go to
-OUT/batching.json after every mode, and the table to OUT/batching.md.
+Throughput is counted in images/s and in 25-step equivalents/s (steps / 25). Two more stages:
+`diffusers` (plain `StableDiffusionPipeline`: one request at a time, and batches of 16) and
+`seeds` (the seed contract of continuous batching: a request alone against the same request
+beside strangers of other steps, samplers, guidance and sizes, joining and leaving while it
+runs; max pixel difference and PSNR). Results go to OUT/batching.json after every stage, and the
+table to OUT/batching.md.
 
-    python -m bench.batching --out DIR [--modes continuous,static] [--seconds 30]
+    python -m bench.batching --out DIR [--modes continuous,static,diffusers,seeds] [--seconds 30]
 """
 
 from __future__ import annotations
@@ -180,6 +184,73 @@ def run_mode(model: str, batching: str, args: argparse.Namespace, work: Path) ->
     return result
 
 
+def seed_contract(model: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """A request alone against beside strangers, in the compiled row engine the worker runs."""
+    import numpy as np
+    import torch
+
+    from bench.bench import psnr
+    from worker.engine import BatchShape, Engine, ImageSpec, Tuning
+    from worker.rows import Lane
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-continuous")  # the worker's
+    cuda = args.device == "cuda"
+    tuning = Tuning(max_batch=args.max_batch, fuse=cuda, compile=cuda, rows=True,
+                    compiled_sizes=((SIDE, SIDE),))  # fmt: skip
+    engine = Engine(model, torch.device(args.device), tuning)
+    engine.warm_up()
+    me = ImageSpec("the seed contract: a red fox in snow", "blurry", 6.0, 424242)
+    other = (SIDE, SIDE * 3 // 4)  # another latent size: its own UNet calls, eager
+
+    def stranger(i: int, size: tuple[int, int] = (SIDE, SIDE)) -> tuple[list[ImageSpec], Any]:
+        rng = random.Random(i)
+        specs = [ImageSpec(prompt(i), "", rng.choice([1.0, 4.0, 9.0]), 7000 + i)]
+        return specs, BatchShape(*size, rng.choice(MIX_STEPS), rng.choice(MIX_SCHEDULERS))
+
+    def run(mine: BatchShape, joins: list[tuple[int, list[ImageSpec], Any]]) -> np.ndarray:
+        """My image, with strangers joining at the given loop turns (mine joins at turn 0, in
+        the place its entry has among the turn's joiners)."""
+        lanes: list[Lane] = []
+        result: np.ndarray | None = None
+        turn = 0
+        while result is None:
+            for at, specs, shape in joins:
+                if at == turn:
+                    key = "me" if specs is None else f"s{len(lanes)}"
+                    lanes.append(engine.prepare(key, specs or [me], shape or mine))
+            for size in dict.fromkeys(lane.size for lane in lanes):
+                engine.step([lane for lane in lanes if lane.size == size])
+            for lane in [lane for lane in lanes if lane.done]:
+                images = engine.images(engine.finish(lane))
+                lanes.remove(lane)
+                if lane.key == "me":
+                    result = images[0]
+            turn += 1
+        return result
+
+    rows = []
+    for sampler in ("dpmpp_2m", "euler_a"):
+        mine = BatchShape(SIDE, SIDE, 25, sampler)
+        alone = run(mine, [(0, None, None)])  # type: ignore[list-item]
+        first = [(0, None, None)] + [(0, *stranger(i)) for i in range(7)]
+        last = [(0, *stranger(i)) for i in range(7)] + [(0, None, None)]
+        moving = [(0, None, None)] + [(3 * i, *stranger(20 + i)) for i in range(12)]
+        moving += [(2, *stranger(40, other)), (9, *stranger(41, other))]
+        cases = {
+            "7 strangers join with it, it first": first,
+            "7 strangers join with it, it last": last,
+            "12 strangers join every 3 steps and leave (row bucket changes), 2 of another size":
+                moving,
+        }  # fmt: skip
+        for name, joins in cases.items():
+            image = run(mine, joins)  # type: ignore[arg-type]
+            diff = int(np.abs(image.astype(int) - alone.astype(int)).max())
+            rows.append({"sampler": sampler, "case": name, "max_abs": diff,
+                         "psnr": psnr(image, alone)})  # fmt: skip
+            print(f"seeds: {rows[-1]}", flush=True)
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [f"GPU: {results['gpu']}, {results['date']}, `{results['command']}`", "",
              "| mode | load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |",
@@ -197,6 +268,15 @@ def table(results: dict[str, Any]) -> str:
             )
         lines.append(f"| {mode} | start-up cold / cached | {r['cold_start_s']:.0f} s / "
                      f"{r['warm_start_s']:.0f} s | | | |")  # fmt: skip
+    if base := results.get("diffusers"):
+        lines.append(f"| plain diffusers | one at a time / batch 16, uniform | "
+                     f"{base['single_img_s']:.2f} / {base['batch16_img_s']:.2f} | | "
+                     f"{base['single_latency_s']:.2f} (alone) | |")  # fmt: skip
+    if seeds := results.get("seeds"):
+        lines += ["", "| seed contract, continuous: alone against | sampler | max abs pixel "
+                  "diff | PSNR |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['case']} | {r['sampler']} | {r['max_abs']} | {r['psnr']:.1f} dB |"
+                  for r in seeds]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -228,9 +308,16 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     results |= {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     for mode in args.modes.split(","):
-        results[mode] = run_mode(args.model, mode, args, work)
-        # Every mode meets the same Poisson arrivals: 60% of the first mode's uniform rate.
-        args.rate_of = args.rate_of or results[mode]["a"]["img_s"]
+        if mode == "diffusers":
+            from bench.bench import baseline
+
+            results[mode] = baseline(args.model)
+        elif mode == "seeds":
+            results[mode] = seed_contract(args.model, args, work)
+        else:
+            results[mode] = run_mode(args.model, mode, args, work)
+            # Every mode meets the same Poisson arrivals: 60% of the first mode's uniform rate.
+            args.rate_of = args.rate_of or results[mode]["a"]["img_s"]
         path.write_text(json.dumps(results, indent=2))
         (args.out / "batching.md").write_text(table(results))
     print(table(results))
