@@ -1,0 +1,69 @@
+"""Host work per continuous-batching step: what the CPU spends launching one `Engine.step` for
+N lanes of mixed samplers, with the UNet replaced by a constant (on a GPU the host must stay
+ahead of the UNet; every launch here is time it does not). CPU, the tiny model, small latents
+so that launching, not arithmetic, is what is timed. Prints a table.
+
+    python -m bench.host_overhead [MODEL]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.engine import BatchShape, Engine, ImageSpec
+from worker.tiny import build_tiny_model
+
+SAMPLERS = ("dpmpp_2m", "euler_a", "ddim")
+
+
+def measure(engine: Engine, lanes_count: int) -> tuple[float, int]:
+    lanes = [
+        engine.prepare(f"j{i}", [ImageSpec(f"prompt {i}", "", 7.5, i)],
+                       BatchShape(64, 64, 40, SAMPLERS[i % len(SAMPLERS)]))
+        for i in range(lanes_count)
+    ]  # fmt: skip
+    for _ in range(3):
+        engine.step(lanes)
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        engine.step(lanes)
+        times.append(time.perf_counter() - started)
+    with torch.profiler.profile() as profile:
+        engine.step(lanes)
+    # Operators the host dispatched (one kernel launch each on a GPU), not counting those called
+    # from inside another operator.
+    launched = sum(
+        1
+        for e in profile.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+    return statistics.median(times), launched
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model = sys.argv[1] if len(sys.argv) > 1 else build_tiny_model(Path(tempfile.mkdtemp()))
+    engine = Engine(str(model), torch.device("cpu"))
+
+    def constant(sample: torch.Tensor, *_: Any) -> torch.Tensor:
+        return torch.full_like(sample, 0.1)
+
+    engine.run_unet = constant  # type: ignore[method-assign]
+    print("| lanes | host time per step | operators launched per step |")
+    print("|---|---|---|")
+    for count in (1, 8, 31):
+        seconds, launched = measure(engine, count)
+        print(f"| {count} | {seconds * 1000:.2f} ms | {launched} |")
+
+
+if __name__ == "__main__":
+    main()
