@@ -57,7 +57,7 @@ def main() -> None:
     def constant(sample: torch.Tensor, *_: Any) -> torch.Tensor:
         return torch.full_like(sample, 0.1)
 
-    engine.run_unet = constant  # type: ignore[method-assign]
+    engine.run_unet = constant  # type: ignore[method-assign,assignment]
     print("| lanes | host time per step | operators launched per step |")
     print("|---|---|---|")
     for count in (1, 8, 31):
