@@ -21,13 +21,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from worker.plans import Plan, probe
-from worker.rows import Lane
+from worker.plans import Plan, probe, start_step
+from worker.rows import Inpainting, Lane
 from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
 
 log = logging.getLogger("sdserve.engine")
@@ -56,6 +58,15 @@ class ImageSpec:
     negative_prompt: str
     guidance_scale: float
     seed: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """img2img and inpainting: the picture a job starts from, at the job's size."""
+
+    image: Image.Image  # RGB
+    strength: float  # 0 < strength <= 1: how much of the schedule runs (1: all of it)
+    mask: Image.Image | None = None  # L, white repaints; None: img2img
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,17 @@ class Engine:
         )
         self.scheduler_config = load_schedule(model)
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # Source images and masks are prepared as diffusers' img2img and inpainting pipelines
+        # prepare them (resizing, normalizing, a mask made black or white).
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.latent_scale)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.latent_scale,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._plans: dict[tuple[str, int], Plan] = {}
+        self._plans: dict[tuple[str, int, int, bool], Plan] = {}
         if self.tuning.fuse:
             for module in (self.unet, self.vae):
                 module.fuse_qkv_projections()
@@ -278,34 +298,77 @@ class Engine:
         )
         return generators, noise
 
-    def plan(self, sampler: str, steps: int) -> Plan:
-        """The sampler's plan over so many steps, probed once (at most 8 samplers x 100 steps)."""
-        key = (sampler, steps)
+    def plan(self, sampler: str, steps: int, start: int = 0, fresh: bool = False) -> Plan:
+        """The sampler's plan over so many steps, probed once per (sampler, steps, start,
+        fresh): a bounded set (8 samplers, 100 steps, their starts, two kinds)."""
+        key = (sampler, steps, start, fresh)
         if key not in self._plans:
-            self._plans[key] = probe(sampler, steps, self.scheduler_config)
+            self._plans[key] = probe(sampler, steps, self.scheduler_config, start, fresh)
         return self._plans[key]
 
     # -- rows: the continuous-batching hooks --------------------------------------------------
 
     @torch.inference_mode()
-    def prepare(self, key: str, specs: Sequence[ImageSpec], shape: BatchShape) -> Lane:
-        """A job's images as a lane at step 0: its plan, generators, starting noise and
-        embeddings, the noise made exactly as `generate` makes it."""
-        plan = self.plan(shape.scheduler, shape.steps)
-        generators, noise = self._noise(specs, shape)
+    def prepare(
+        self, key: str, specs: Sequence[ImageSpec], shape: BatchShape, source: Source | None = None
+    ) -> Lane:
+        """A job's images as a lane at its first step: its plan, generators, starting latents
+        and embeddings. Text to image: noise made exactly as `generate` makes it. From a source
+        image: its latents noised to where the plan starts, as diffusers' img2img and
+        inpainting pipelines make them for each image's seed."""
         guided = any(s.guidance_scale > 1 for s in specs)
+        inpainting = None
+        if source is None:
+            plan = self.plan(shape.scheduler, shape.steps)
+            generators, noise = self._noise(specs, shape)
+            latents = noise * plan.init_sigma
+        else:
+            start = start_step(shape.steps, source.strength)
+            plan = self.plan(shape.scheduler, shape.steps, start, fresh=source.mask is not None)
+            latents, generators, inpainting = self._from_source(specs, shape, source, plan)
         return Lane(
             key=key,
             size=(shape.width, shape.height),
             plan=plan,
-            latents=noise * plan.init_sigma,
+            latents=latents,
             generators=generators,
             guidance=torch.tensor(
                 [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
             ).view(-1, 1, 1, 1),
             cond=self.encode([s.prompt for s in specs]),
             uncond=self.encode([s.negative_prompt for s in specs]) if guided else None,
+            inpainting=inpainting,
         )
+
+    def _from_source(
+        self, specs: Sequence[ImageSpec], shape: BatchShape, source: Source, plan: Plan
+    ) -> tuple[torch.Tensor, list[torch.Generator], Inpainting | None]:
+        """Starting latents from a source image. Each image draws from its own generator in
+        diffusers' order: the VAE's sample of the source, the noise, then (inpainting) the
+        VAE's sample of the masked source, which a 4-channel UNet does not use but which
+        moves the generator on before an ancestral sampler's noise."""
+        size = {"height": shape.height, "width": shape.width}
+        image = self.image_processor.preprocess(source.image, **size)
+        image = image.to(device=self.device, dtype=self.dtype)
+        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+        scale = self.vae.config.scaling_factor
+        posterior = self.vae.encode(image).latent_dist
+        encoded = torch.cat([posterior.sample(generator=g) for g in generators]) * scale
+        noise = randn_tensor(encoded.shape, generator=generators, device=self.device,
+                             dtype=self.dtype)  # fmt: skip
+        if source.mask is None:
+            weights = plan.noising
+            return encoded * weights[0] + noise * weights[1], generators, None
+        mask = self.mask_processor.preprocess(source.mask, **size)
+        for g in generators:
+            randn_tensor(posterior.mean.shape, generator=g, device=self.device, dtype=self.dtype)
+        if source.strength == 1:
+            latents = noise * plan.init_sigma
+        else:
+            latents = encoded * plan.noising[0] + noise * plan.noising[1]
+        small = torch.nn.functional.interpolate(mask, size=tuple(encoded.shape[-2:]))
+        kept = Inpainting(small.to(device=self.device, dtype=self.dtype), encoded, noise)
+        return latents, generators, kept
 
     @torch.inference_mode()
     def step(self, lanes: Sequence[Lane]) -> None:

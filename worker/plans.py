@@ -36,19 +36,28 @@ class Term:
     weight: float
 
 
+# A source image's latents noised to a timestep: weights of (the image's latents, the noise).
+Noising = tuple[float, float]
+
+
 @dataclass(frozen=True)
 class StepPlan:
     timestep: float
     input_scale: float  # the UNet sees sample * input_scale
     noise: bool  # the step draws fresh noise from each image's generator
     terms: tuple[Term, ...]  # the next sample: the sum of weight * tensor
+    # The source noised to the next step's timestep (the source as it is after the last step):
+    # what inpainting puts back outside the mask after each step.
+    renoise: Noising = (1.0, 0.0)
 
 
 @dataclass(frozen=True)
 class Plan:
     sampler: str
-    init_sigma: float  # the starting noise is scaled by this
+    init_sigma: float  # txt2img's starting noise is scaled by this
     steps: tuple[StepPlan, ...]
+    start: int = 0  # steps of the schedule skipped (img2img and inpainting below strength 1)
+    noising: Noising = (0.0, 1.0)  # the source noised to the first step's timestep
 
     @property
     def window(self) -> int:
@@ -65,27 +74,46 @@ class NotLinear(ValueError):
     """The sampler's step is not a fixed weighted sum of its inputs."""
 
 
-def probe(sampler: str, steps: int, config: dict[str, Any]) -> Plan:
-    """The plan of `sampler` over `steps` steps, on the model's scheduler `config`.
+def start_step(steps: int, strength: float) -> int:
+    """Where a run from a source image starts in a schedule of `steps`: strength 1 starts at
+    the top, lower strengths skip the noisiest steps (as diffusers' img2img pipelines do)."""
+    return steps - min(int(steps * strength), steps)
 
-    The scheduler runs as in a real run, on vectors over the run's inputs: the starting noise,
-    then each step's model output and noise. What it returns each step is the next sample in
-    those inputs; the plan writes it over the fewest recent steps' samples, outputs and noise
-    that give it exactly (a sampler with a corrector keeps a sample of its own that reaches back
-    to the start, but that sample is always a few recent inputs away from the one it returns).
+
+def probe(
+    sampler: str, steps: int, config: dict[str, Any], start: int = 0, fresh: bool = False
+) -> Plan:
+    """The plan of `sampler` over `steps` steps from step `start`, on the model's scheduler
+    `config`.
+
+    The scheduler runs as in a real run, on vectors over the run's inputs: each step's sample
+    as it enters, model output and noise. What it returns each step is the next sample in those
+    inputs; the plan writes it over the fewest recent steps' tensors that give it exactly. A
+    sample entering a step is the last step's result, unless `fresh`: inpainting changes it
+    between steps, so then every entering sample is an input of its own (a sampler with a
+    corrector keeps a sample of its own that reaches back to the start: its plan reaches back
+    as far; without `fresh` that sample is always a few recent inputs away from the one it
+    returns).
     """
     scheduler = make_scheduler(sampler, config)
     if on := [name for name in NONLINEAR_SETTINGS if scheduler.config.get(name)]:
         raise NotLinear(f"{sampler}: the model's scheduler config sets {', '.join(on)}")
     scheduler.set_timesteps(steps)
-    count = len(scheduler.timesteps)
-    size = 1 + 2 * count  # the starting noise; each step's output and noise
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    timesteps = scheduler.timesteps[start:]
+    size = SOURCES * len(timesteps)
 
     def unit(index: int) -> torch.Tensor:
         # Shaped (batch 1, channels): some samplers take the batch and channel axes apart.
         vector = torch.zeros(1, size, dtype=torch.float64)
         vector[0, index] = 1
         return vector
+
+    def noising(t: torch.Tensor) -> Noising:
+        source_and_noise = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+        weights = scheduler.add_noise(*source_and_noise, t.reshape(1)).flatten()
+        return float(weights[0]), float(weights[1])
 
     drawn: set[int] = set()
     at = 0
@@ -94,28 +122,33 @@ def probe(sampler: str, steps: int, config: dict[str, Any]) -> Plan:
         # The scheduler asks diffusers' randn_tensor for its noise; the probe hands it a unit
         # vector instead, and so learns the noise's weight (and that this step draws noise).
         drawn.add(at)
-        return unit(2 + 2 * at).reshape(shape)
+        return unit(SOURCES * at + NOISE).reshape(shape)
 
     module = sys.modules[type(scheduler).__module__]
     draws = hasattr(module, "randn_tensor")  # a module without it draws no noise
     options = {"generator": None} if SAMPLERS[sampler].ancestral else {}
+    start_noising = noising(timesteps[0]) if start else (0.0, 1.0)
     samples: list[torch.Tensor] = []
     plans = []
-    sample = unit(0)
+    sample = unit(SAMPLE)
     with mock.patch.object(module, "randn_tensor", noise) if draws else contextlib.nullcontext():
-        for at, t in enumerate(scheduler.timesteps):
+        for at, t in enumerate(timesteps):
+            if fresh:
+                sample = unit(SOURCES * at + SAMPLE)
             samples.append(sample.flatten())
             scaled = scheduler.scale_model_input(sample, t).to(torch.float64).flatten()
             scale = float(scaled @ samples[at] / (samples[at] @ samples[at]))
             if not torch.allclose(scaled, samples[at] * scale, rtol=1e-6, atol=1e-9):
                 raise NotLinear(f"{sampler}: the UNet's input is not a multiple of the sample")
-            sample = scheduler.step(unit(1 + 2 * at), t, sample, **options).prev_sample
-            sample = sample.to(torch.float64)
+            output = unit(SOURCES * at + OUTPUT)
+            sample = scheduler.step(output, t, sample, **options).prev_sample.to(torch.float64)
             terms = _fit(sample.flatten(), samples, drawn, at)
             if terms is None:
                 raise NotLinear(f"{sampler}: step {at} is no weighted sum of its inputs")
-            plans.append(StepPlan(float(t), scale, at in drawn, terms))
-    return Plan(sampler, float(scheduler.init_noise_sigma), tuple(plans))
+            last = at == len(timesteps) - 1
+            renoise = (1.0, 0.0) if last else noising(timesteps[at + 1])
+            plans.append(StepPlan(float(t), scale, at in drawn, terms, renoise))
+    return Plan(sampler, float(scheduler.init_noise_sigma), tuple(plans), start, start_noising)
 
 
 def _fit(
@@ -129,9 +162,9 @@ def _fit(
         for step in range(at - window + 1, at + 1):
             age = at - step
             columns.append((Term(age, SAMPLE, 0.0), samples[step]))
-            columns.append((Term(age, OUTPUT, 0.0), _unit(size, 1 + 2 * step)))
+            columns.append((Term(age, OUTPUT, 0.0), _unit(size, SOURCES * step + OUTPUT)))
             if step in drawn:
-                columns.append((Term(age, NOISE, 0.0), _unit(size, 2 + 2 * step)))
+                columns.append((Term(age, NOISE, 0.0), _unit(size, SOURCES * step + NOISE)))
         matrix = torch.stack([vector for _, vector in columns], dim=1)
         weights = torch.linalg.lstsq(matrix, target[:, None], driver="gelsd").solution[:, 0]
         if float((matrix @ weights - target).abs().max()) <= tolerance:

@@ -24,6 +24,16 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 @dataclass(eq=False)
+class Inpainting:
+    """What inpainting puts back outside the mask after every step: the source's latents,
+    noised to the next step's timestep with the lane's starting noise."""
+
+    mask: torch.Tensor  # (1, 1, height / 8, width / 8): 1 repaints, 0 keeps the source
+    source: torch.Tensor  # the source image's latents, (images, channels, height / 8, width / 8)
+    noise: torch.Tensor  # the lane's starting noise, the same shape
+
+
+@dataclass(eq=False)
 class Lane:
     key: str  # the job's id
     size: Size
@@ -35,6 +45,7 @@ class Lane:
     # Negative-prompt embeddings; None when guidance is 1 or less, as diffusers does: then the
     # UNet sees no unconditional rows for this lane.
     uncond: torch.Tensor | None
+    inpainting: Inpainting | None = None
     step: int = 0
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
@@ -86,4 +97,9 @@ class Lane:
                 total.add_(tensor, alpha=term.weight)
         assert total is not None, "a step with no terms"
         self.latents = total.to(self.latents.dtype)
+        if self.inpainting is not None:  # as diffusers' inpainting pipeline does
+            keep, mask = self.inpainting, self.inpainting.mask
+            source, noise = plan.renoise
+            kept = keep.source * source + keep.noise * noise
+            self.latents = (1 - mask) * kept + mask * self.latents
         self.step += 1
