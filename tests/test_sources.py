@@ -41,7 +41,8 @@ def reference(pipeline: type[Any], model: Path, engine: Engine, sampler: str, se
     image = pipe("a cat", negative_prompt="blurry", num_inference_steps=6, guidance_scale=6.0,
                  generator=[torch.Generator().manual_seed(seed)], output_type="np",
                  **inputs).images[0]  # fmt: skip
-    return (image * 255).round().astype(np.uint8)
+    pixels: np.ndarray = (image * 255).round().astype(np.uint8)
+    return pixels
 
 
 def ours(engine: Engine, sampler: str, seeds: list[int], source: Source) -> list[np.ndarray]:
