@@ -25,7 +25,7 @@ from app.jobs.webhook_store import WebhookStore
 from app.metrics import ApiMetrics, HttpMetrics
 from app.middleware import BodyLimit, NoSniff
 from app.openai_images import first_error
-from app.routes import generations, jobs, service, submit
+from app.routes import generations, jobs, service, sources, submit
 from app.routes.context import RETRY_AFTER_S, UNAVAILABLE, JobEnded, make_context
 from app.settings import ApiSettings
 from app.storage import open_storage
@@ -79,7 +79,8 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs else None,
     )
     metrics = ApiMetrics(store)
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, upload_bytes=settings.max_upload_bytes,
+                       upload_paths=sources.UPLOAD_ROUTES)  # fmt: skip
     app.add_middleware(NoSniff)
     app.add_middleware(HttpMetrics, metrics=metrics)  # outermost: it sees every answer
     if settings.cors_origins:
@@ -128,6 +129,7 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
     ctx = make_context(store, storage, settings)
     submitter = submit.Submitter(ctx)
     app.include_router(submit.router(ctx, submitter))
+    app.include_router(sources.router(ctx, submitter))
     app.include_router(jobs.router(ctx))
     app.include_router(generations.router(ctx, submitter))
     app.include_router(service.router(ctx, metrics))

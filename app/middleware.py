@@ -24,20 +24,30 @@ class NoSniff:
 
 
 class BodyLimit:
-    """Refuse request bodies over a size before anything parses them (413)."""
+    """Refuse request bodies over a size before anything parses them (413): `max_bytes`, or
+    `upload_bytes` on the routes that take images."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        upload_bytes: int = 0,
+        upload_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.upload_bytes if scope["path"] in self.upload_paths else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             status = 413 if declared.isdigit() else 400
-            response = JSONResponse({"detail": self._message(declared)}, status_code=status)
+            response = JSONResponse({"detail": _message(declared, limit)}, status_code=status)
             await response(scope, receive, send)
             return
         received = 0
@@ -48,13 +58,14 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, self._message(None))
+                if received > limit:
+                    raise HTTPException(413, _message(None, limit))
             return message
 
         await self.app(scope, counted, send)
 
-    def _message(self, declared: bytes | None) -> str:
-        if declared is not None and not declared.isdigit():
-            return "Content-Length is not a number"
-        return f"request body is larger than {self.max_bytes} bytes"
+
+def _message(declared: bytes | None, limit: int) -> str:
+    if declared is not None and not declared.isdigit():
+        return "Content-Length is not a number"
+    return f"request body is larger than {limit} bytes"

@@ -62,6 +62,13 @@ class ApiSettings(CommonSettings):
     redis_timeout_s: float = Field(
         default=1.0, gt=0, le=30, description="Seconds before an unanswered Redis call is a 503."
     )
+    max_upload_bytes: int = Field(
+        default=16 * 2**20,
+        ge=2**16,
+        le=2**28,
+        description="Largest body of the routes that take images (img2img, inpaint); every other"
+        " route takes at most 64 KiB.",
+    )
     max_queue: int = Field(
         default=1000, ge=1, description="Jobs that may wait at once; beyond, POST answers 429."
     )

@@ -27,6 +27,16 @@ def result_key(job_id: str, index: int) -> str:
     return f"{RESULTS}/{job_id}/{index}.png"
 
 
+# A job's input images, beside its results (the same owner check, TTL and sweep).
+INPUTS = ("image", "mask")
+
+
+def input_key(job_id: str, name: str) -> str:
+    if name not in INPUTS:
+        raise ValueError(f"no input image called {name!r}")
+    return f"{RESULTS}/{job_id}/{name}.png"
+
+
 class Storage(Protocol):
     def check(self) -> None:
         """Raise (OSError or the client's error) unless the storage can be written."""
@@ -35,6 +45,9 @@ class Storage(Protocol):
 
     def get(self, key: str) -> bytes | None:
         """The bytes, or None when there is no such object (never written, or swept)."""
+
+    def delete(self, key: str) -> None:
+        """Remove an object; nothing if there is none."""
 
     def url(self, key: str, expires_s: int) -> str | None:
         """A short-lived URL that serves the object without the API; None if unsupported."""
@@ -75,6 +88,9 @@ class DirectoryStorage:
             return (self.root / key).read_bytes()
         except FileNotFoundError:
             return None
+
+    def delete(self, key: str) -> None:
+        _unlink(str(self.root / key))
 
     def url(self, key: str, expires_s: int) -> str | None:
         return None
@@ -129,6 +145,9 @@ class BucketStorage:
             return None
         data: bytes = reply["Body"].read()
         return data
+
+    def delete(self, key: str) -> None:
+        self._s3.delete_object(Bucket=self.bucket, Key=self.prefix + key)
 
     def url(self, key: str, expires_s: int) -> str | None:
         url: str = self._s3.generate_presigned_url(

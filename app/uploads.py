@@ -102,7 +102,8 @@ def as_mask(image: Image.Image) -> Image.Image:
     opaque everywhere) its brightness is the mask."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
+        lowest, _highest = alpha.getextrema()
+        if isinstance(lowest, int) and lowest < 255:
             return alpha.point(lambda a: 255 if a == 0 else 0)
     return image.convert("L")
 

@@ -18,7 +18,14 @@ import boto3
 import httpx
 import pytest
 
-from app.storage import BucketStorage, DirectoryStorage, Storage, open_storage, result_key
+from app.storage import (
+    BucketStorage,
+    DirectoryStorage,
+    Storage,
+    input_key,
+    open_storage,
+    result_key,
+)
 from tests.conftest import free_port, process, sdserve_env, wait_for
 
 JOB = "J" * 22
@@ -82,6 +89,12 @@ def test_what_is_put_is_got_and_nothing_else(storage: Storage) -> None:
     assert storage.get(result_key(JOB, 1)) == b"png-1"
     assert storage.get(result_key(JOB, 2)) is None
     assert storage.get(result_key("K" * 22, 0)) is None
+    storage.put(input_key(JOB, "image"), b"source")
+    assert storage.get(input_key(JOB, "image")) == b"source"
+    storage.delete(input_key(JOB, "image"))
+    storage.delete(input_key(JOB, "mask"))  # never written: nothing happens
+    assert storage.get(input_key(JOB, "image")) is None
+    assert storage.get(result_key(JOB, 0)) == b"png-0"
 
 
 def test_the_sweep_takes_only_what_is_older_than_the_cutoff(storage: Storage) -> None:

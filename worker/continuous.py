@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.jobs.contract import ErrorCode, Job
-from worker.engine import BatchShape, Decoding, ImageSpec
+from worker.engine import BatchShape, Decoding, ImageSpec, Source
 from worker.rows import Lane
+from worker.sources import MissingInput, finished, load_source
 from worker.stepping import Candidate, Turns, admit
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class RowLoop:
         self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
         self.lanes: dict[str, tuple[Job, Lane]] = {}
         self.decodings: deque[tuple[Job, Decoding]] = deque()
+        self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
         self.turns = Turns()
 
     @property
@@ -126,12 +128,21 @@ class RowLoop:
                 for seed in request.seeds()
             ]
             try:
-                lane = r.engine.prepare(job.id, specs, shape)
+                # Read from storage here, on the GPU's thread: one small PNG per job that has
+                # a source, at its join.
+                source = load_source(r.storage, job.id, job.request)
+                lane = r.engine.prepare(job.id, specs, shape, source)
+            except MissingInput as e:
+                r.complete(job, r.fail, job, ErrorCode.INPUT, str(e))
+                self._forget(job, tracked=False)
+                continue
             except Exception as e:  # the worker lives on; this job fails with the reason
                 log.exception("preparing a job failed", extra={"job_id": job.id})
                 r.complete(job, r.fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
                 self._forget(job, tracked=False)
                 continue
+            if source is not None:
+                self.sources[job.id] = source
             self.lanes[job.id] = (job, lane)
             r.tracker.at(job.id, 0)
 
@@ -193,6 +204,7 @@ class RowLoop:
             job, decoding = self.decodings.popleft()
             try:
                 images = r.engine.images(decoding)
+                images = finished(images, self.sources.get(job.id), job.request)
             except Exception as e:
                 self._decode_failed(job, e)
                 continue
@@ -208,6 +220,7 @@ class RowLoop:
 
     def _forget(self, job: Job, tracked: bool = True) -> None:
         r = self.runner
+        self.sources.pop(job.id, None)
         if tracked:
             r.tracker.remove(job.id)
         r.tracker.forget({job.id})

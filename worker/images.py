@@ -8,11 +8,11 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.jobs.contract import Txt2ImgRequest
+from app.jobs.contract import JobRequest
 from worker.schedulers import SAMPLERS
 
 
-def parameters(request: Txt2ImgRequest, seed: int, model: str) -> str:
+def parameters(request: JobRequest, seed: int, model: str) -> str:
     """A1111's infotext: prompt, optional negative line, then comma-separated settings."""
     lines = [request.prompt]
     if request.negative_prompt:
@@ -25,6 +25,10 @@ def parameters(request: Txt2ImgRequest, seed: int, model: str) -> str:
         "Size": f"{request.width}x{request.height}",
         "Model": model,
     }
+    if request.kind != "txt2img":  # as A1111 writes them for img2img and inpainting
+        settings["Denoising strength"] = request.strength
+    if request.kind == "inpaint":
+        settings["Mask blur"] = request.mask_blur
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
 

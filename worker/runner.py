@@ -46,6 +46,7 @@ from worker.images import encode_png, parameters
 from worker.inbox import Inbox
 from worker.metrics import WorkerMetrics
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
+from worker.sources import MissingInput, finished, load_source
 
 log = logging.getLogger("sdserve.worker")
 R = TypeVar("R")
@@ -281,11 +282,12 @@ class Runner:
     def _process(self, deliveries: list[Delivery]) -> None:
         jobs = self.start_jobs(deliveries)
         # A suspect (its workers died with it twice) runs alone: if it kills this worker too,
-        # no stranger's delivery count goes up with it.
-        suspects = [job for job in jobs if job.delivery.suspect]
+        # no stranger's delivery count goes up with it. So does a job from a source picture:
+        # static batches are text to image.
+        alone = [job for job in jobs if job.delivery.suspect or job.request.kind != "txt2img"]
         for batch in [
-            *group([j for j in jobs if not j.delivery.suspect]),
-            *([j] for j in suspects),
+            *group([j for j in jobs if j not in alone]),
+            *([j] for j in alone),
         ]:
             self._run_group(batch)
 
@@ -294,10 +296,15 @@ class Runner:
         shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
         assembly: Assembly[np.ndarray | None] = Assembly(jobs)
         settled: set[str] = set()  # outcome handed to the pool, which acks after writing it
-        for chunk in chunks(jobs, self.engine.tuning.max_batch):
-            rows = [s for s in chunk if not (s.job.id in settled or self.tracker.is_gone(s.job.id))]
-            if rows and not self.out_of_grace():
-                settled |= self._run_batch(rows, shape, assembly)
+        if request.kind != "txt2img":
+            if not self.out_of_grace():
+                settled = self._run_source(jobs[0], shape)
+        else:
+            for chunk in chunks(jobs, self.engine.tuning.max_batch):
+                rows = [s for s in chunk
+                        if not (s.job.id in settled or self.tracker.is_gone(s.job.id))]  # fmt: skip
+                if rows and not self.out_of_grace():
+                    settled |= self._run_batch(rows, shape, assembly)
         unsettled = [job for job in jobs if job.id not in settled]
         # Ended elsewhere (canceled): nothing to write, only ack. Cut short by the stop
         # grace: back to the queue, for another worker.
@@ -358,6 +365,30 @@ class Runner:
         for job in whole:
             self.complete(job, self.succeed, job, assembly.take(job))
         return {job.id for job in whole}
+
+    def _run_source(self, job: Job, shape: BatchShape) -> set[str]:
+        """img2img or inpainting in static mode: the job alone, through the row hooks."""
+        self.tracker.begin({job.id})
+        try:
+            source = load_source(self.storage, job.id, job.request)
+            specs = [_spec(Slot(job, k)) for k in range(job.request.n)]
+            lane = self.engine.prepare(job.id, specs, shape, source)
+            while not lane.done:
+                self.engine.step([lane])
+                if not self._keep_going(lane.step):
+                    return set()  # canceled, or the stop grace ran out
+            images = self.engine.images(self.engine.finish(lane))
+        except MissingInput as e:
+            self.complete(job, self.fail, job, ErrorCode.INPUT, str(e))
+            return {job.id}
+        except Exception as e:  # out of memory included: one job is as small as it gets
+            log.exception("a job from a source picture failed", extra={"job_id": job.id})
+            self.complete(job, self.fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+            return {job.id}
+        finally:
+            self.tracker.end()
+        self.complete(job, self.succeed, job, finished(images, source, job.request))
+        return {job.id}
 
     def _split(
         self, rows: list[Slot], shape: BatchShape, assembly: Assembly[np.ndarray | None]

@@ -8,7 +8,7 @@ from typing import Any
 import redis
 
 from app.jobs import scripts
-from app.jobs.contract import JobView, Status, Submission, Txt2ImgRequest, new_job_id
+from app.jobs.contract import JobRequest, JobView, Status, Submission, new_job_id
 from app.jobs.keys import (
     DEAD,
     GROUP,
@@ -45,13 +45,14 @@ class ApiStore(Store):
 
     def submit(
         self,
-        request: Txt2ImgRequest,
+        request: JobRequest,
         max_queued: int,
         owner: str = "",
         max_in_flight: int = 0,
         idempotency: tuple[str, str] | None = None,
         rate: tuple[float, int] | None = None,
         retry: tuple[str, bool] | None = None,
+        job_id: str | None = None,
     ) -> tuple[Submission, str]:
         """Record the job and queue it in one atomic step; answers the outcome and the job id
         (or, refused by the rate limit, the seconds to wait).
@@ -62,11 +63,12 @@ class ApiStore(Store):
         answers the first job. `rate` is the owner's (tokens a second, burst): a token is
         spent only by a job that is queued, never by a replay or a refusal. `retry` is (a hash
         of what was sent, whether this is a client's automatic retry): a retry answers the job
-        the first try of the same call made.
+        the first try of the same call made. `job_id`: the id to give a new job (its inputs
+        were stored under it first); a fresh one when absent.
         """
         if request.seed is None or request.timeout_s is None:
             raise ValueError("submit() needs a normalized request (seed and timeout set)")
-        job_id, now = new_job_id(), time.time()
+        job_id, now = job_id or new_job_id(), time.time()
         client_key, sent = idempotency or ("", "")
         rate_per_s, burst = rate or (0.0, 0)
         retry_hash, retrying = retry or ("", False)

@@ -11,9 +11,9 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
 SchedulerName = Literal[
     "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"
@@ -59,6 +59,7 @@ class ErrorCode(StrEnum):
     POISON = "poison"  # its workers died every time it ran: dead-lettered
     INVALID = "invalid_request"  # a record the worker could not read as a request
     STORAGE = "storage_error"  # the images could not be written to storage, retries included
+    INPUT = "input_missing"  # its source picture had left storage (it waited past the TTL)
 
 
 # Limits shared by every way in (the native API, the OpenAI-compatible one).
@@ -102,8 +103,9 @@ WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
 STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class Txt2ImgRequest(BaseModel):
-    """What a client asks for. Strict: a wrong JSON type is an error, never a silent coercion."""
+class GenerationRequest(BaseModel):
+    """What every kind of job asks for. Strict: a wrong JSON type is an error, never a silent
+    coercion."""
 
     model_config = ConfigDict(
         **STRICT_INPUT,
@@ -158,6 +160,81 @@ class Txt2ImgRequest(BaseModel):
         return (self.width, self.height, self.steps, self.scheduler)
 
 
+class Txt2ImgRequest(GenerationRequest):
+    """Text to image."""
+
+    kind: Literal["txt2img"] = Field(default="txt2img", description="What the job does.")
+
+
+Strength = Annotated[
+    float,
+    Field(
+        gt=0,
+        le=1,
+        description="How much of the source is redrawn: the share of the steps that run (1: "
+        "all of them, from noise).",
+    ),
+]
+MaskBlur = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=64,
+        description="Pixels of blur on the mask's edge where the result is laid over the source.",
+    ),
+]
+
+
+class StoredImage(BaseModel):
+    """An input image, stored once beside the job's results (its bytes are not in the queue)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sha256: str = Field(description="Of the stored PNG.")
+    width: int
+    height: int
+
+
+class Img2ImgRequest(GenerationRequest):
+    """Image to image: the source noised to `strength`, then denoised toward the prompt."""
+
+    kind: Literal["img2img"] = "img2img"
+    strength: Strength = 0.75
+    image: StoredImage
+
+
+class InpaintRequest(GenerationRequest):
+    """Inpainting: only where the mask is white is redrawn."""
+
+    kind: Literal["inpaint"] = "inpaint"
+    strength: Strength = 1.0
+    mask_blur: MaskBlur = 4
+    image: StoredImage
+    mask: StoredImage
+
+
+def _kind(value: Any) -> str:
+    # Records written before kinds existed have none: they are text to image.
+    if isinstance(value, dict):
+        return str(value.get("kind", "txt2img"))
+    return str(getattr(value, "kind", "txt2img"))
+
+
+JobRequest = Annotated[
+    Annotated[Txt2ImgRequest, Tag("txt2img")]
+    | Annotated[Img2ImgRequest, Tag("img2img")]
+    | Annotated[InpaintRequest, Tag("inpaint")],
+    Discriminator(_kind),
+]
+SourceRequest = Img2ImgRequest | InpaintRequest
+_JOB_REQUEST: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
+
+
+def parse_request(raw: str | bytes) -> JobRequest:
+    """A job's stored request, whatever its kind."""
+    return _JOB_REQUEST.validate_json(raw)
+
+
 class Progress(BaseModel):
     step: int
     steps: int
@@ -178,7 +255,7 @@ class JobView(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    request: Txt2ImgRequest
+    request: JobRequest
     seeds: list[int]
     images: list[str]
     error: JobError | None
@@ -222,7 +299,7 @@ class Job:
     """A job a worker has taken: its delivery, its request, and the API key id that owns it."""
 
     delivery: Delivery
-    request: Txt2ImgRequest
+    request: JobRequest
     owner: str = ""
     created_at: float = 0.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from app.jobs.contract import JobError, JobView, Progress, Status, Txt2ImgRequest
+from app.jobs.contract import JobError, JobView, Progress, Status, parse_request
 from app.jobs.store import BOUNDS
 
 
@@ -44,7 +44,7 @@ def _timestamp(record: dict[str, str], field: str) -> datetime | None:
 
 
 def job_view(job_id: str, record: dict[str, str], position: int | None, now: float) -> JobView:
-    request = Txt2ImgRequest.model_validate_json(record["request"])
+    request = parse_request(record["request"])
     status = Status(record["status"])
     expires_at = record.get("expires_at")
     if status is Status.SUCCEEDED and expires_at and now >= float(expires_at):

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from app.jobs import scripts
-from app.jobs.contract import Delivery, ErrorCode, Job, Status, Txt2ImgRequest
+from app.jobs.contract import Delivery, ErrorCode, Job, Status, parse_request
 from app.jobs.keys import DEAD, GROUP, QUEUED, STREAM, WEBHOOKS, WORKERS, job_key, worker_key
 from app.jobs.store import RECORD_GRACE_S, Store, decode
 
@@ -190,7 +190,7 @@ class WorkerStore(Store):
                 message = "its timeout_s passed while it waited to run again (handed back)"
             if started == 1:
                 try:
-                    request = Txt2ImgRequest.model_validate_json(raw_request)
+                    request = parse_request(raw_request)
                     jobs.append(Job(d, request, owner, float(created or 0)))
                     continue
                 except ValueError as e:

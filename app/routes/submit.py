@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 
 from app.auth import Caller
-from app.jobs.contract import SEED_MAX, Status, Submission, Txt2ImgRequest
+from app.jobs.contract import SEED_MAX, JobRequest, Status, Submission, Txt2ImgRequest
 from app.routes.context import (
     IDEMPOTENCY_KEY,
     NO_RETRY,
@@ -42,16 +42,17 @@ class Submitter:
 
     def __call__(
         self,
-        request: Txt2ImgRequest,
+        request: JobRequest,
         http: Request,
         caller: Caller,
         idempotency_key: str | None,
         retrying: bool | None = None,
+        job_id: str | None = None,
     ) -> tuple[str, Status, bool]:
         """Limits, then the job queued (or a replay's job found): its id, its status, and
         whether it is a replay. `retrying` (OpenAI route, no Idempotency-Key): whether the
         client says this is its automatic retry of a call, which then lands on the job the
-        first try made."""
+        first try made. `job_id`: the id a new job gets (its inputs are stored under it)."""
 
         def too_many(reason: str, message: str, retry_after_s: float) -> NoReturn:
             http.state.rejected = reason  # for the metrics
@@ -80,6 +81,7 @@ class Submitter:
             idempotency,
             rate,
             retry,
+            job_id,
         )
         if outcome is Submission.LATE:  # Redis stalled; the call created nothing
             raise redis.TimeoutError("the submission ran too late on Redis")

@@ -1,0 +1,271 @@
+"""Jobs that start from a picture: `POST /v1/img2img` and `POST /v1/inpaint`, and the owner's way
+back to the pictures sent (`GET /jobs/{id}/inputs/{name}.png`).
+
+Both routes take JSON (images as base64, plain or `data:image/...;base64,`) or multipart/form-data
+(images as file parts, the other fields as form fields). Images are read safely (app/uploads.py),
+fitted to the job's size, and stored once beside the job's results under the id the job will
+get; the queued job refers to them by that id and their digest, never carries their bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from app.auth import Caller
+from app.jobs.contract import (
+    SIDE_MAX,
+    SIDE_MIN,
+    SIDE_STEP,
+    GenerationRequest,
+    Img2ImgRequest,
+    InpaintRequest,
+    MaskBlur,
+    Side,
+    SourceRequest,
+    StoredImage,
+    Strength,
+    new_job_id,
+)
+from app.routes.context import IDEMPOTENCY_KEY, UNAUTHORIZED, Context, error, find_job
+from app.routes.submit import Accepted, Submitter
+from app.storage import INPUTS, input_key
+from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
+
+UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint"})
+IMAGE_FIELD = Field(
+    description="The source picture: PNG, JPEG or WebP as base64 (plain or a "
+    "`data:image/...;base64,` URL), or a file part in multipart/form-data."
+)
+
+
+class SourceBody(GenerationRequest):
+    # Optional here (the source's size when absent); the queued request always has them.
+    width: Side | None = Field(default=None, description="Pixels; the source's width if absent.")  # type: ignore[assignment]
+    height: Side | None = Field(default=None, description="Pixels; the source's height if absent.")  # type: ignore[assignment]
+    image: str = IMAGE_FIELD
+
+
+class Img2ImgBody(SourceBody):
+    strength: Strength = 0.75
+
+
+class InpaintBody(SourceBody):
+    strength: Strength = 1.0
+    mask_blur: MaskBlur = 4
+    mask: str = Field(
+        description="Same size as the image. White repaints, black keeps; a mask with "
+        "transparency: transparent (alpha 0) repaints, as OpenAI's edits read it. Base64 or a "
+        "file part, as `image`."
+    )
+
+
+def fitted_size(width: int, height: int) -> tuple[int, int]:
+    """A source's own size as a job size: scaled down (aspect kept) to fit within the largest
+    side, then each side rounded down to a multiple of 8."""
+    scale = min(1.0, SIDE_MAX / max(width, height))
+    return (math.floor(width * scale / SIDE_STEP) * SIDE_STEP,
+            math.floor(height * scale / SIDE_STEP) * SIDE_STEP)  # fmt: skip
+
+
+def _invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+
+
+async def _read(http: Request, model: type[SourceBody], files: tuple[str, ...],
+                limit: int) -> tuple[Any, dict[str, bytes]]:  # fmt: skip
+    """The body as `model`, and each image field's bytes."""
+    content_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw: dict[str, Any]
+    data: dict[str, bytes] = {}
+    if content_type == "application/json":
+        try:
+            body = model.model_validate_json(await http.body())
+        except ValidationError as e:
+            raise RequestValidationError(_located(e)) from None
+        for name in files:
+            data[name] = from_base64(name, getattr(body, name))
+        return body, data
+    if content_type != "multipart/form-data":
+        raise HTTPException(415, "send application/json or multipart/form-data")
+    form = await http.form(max_files=len(files), max_fields=64, max_part_size=limit)
+    raw = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name not in files:
+                raise _invalid(name, "is not a file field")
+            data[name] = await value.read()
+            raw[name] = ""  # present; its bytes are in `data`
+        elif name == "webhook_events":
+            raw.setdefault(name, []).append(value)
+        elif name in raw:
+            raise _invalid(name, "is given twice")
+        else:
+            raw[name] = value
+    try:
+        # Form fields are text: numbers are read from it (lax), everything else as JSON is.
+        body = model.model_validate(raw, strict=False)
+    except ValidationError as e:
+        raise RequestValidationError(_located(e)) from None
+    for name in files:
+        if name not in data:
+            data[name] = from_base64(name, getattr(body, name))
+    return body, data
+
+
+def _located(error: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
+            for e in error.errors()]  # fmt: skip
+
+
+def _stored(image: Image.Image) -> tuple[bytes, StoredImage]:
+    png = to_png(image)
+    return png, StoredImage(sha256=hashlib.sha256(png).hexdigest(), width=image.width,
+                            height=image.height)  # fmt: skip
+
+
+def _prepare(body: SourceBody, data: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Decode, check and fit the pictures: the request's size and stored-image fields, and the
+    PNGs to store by name."""
+    source = flatten(read_image("image", data["image"]).image)
+    fitted = fitted_size(*source.size)
+    size = (body.width or fitted[0], body.height or fitted[1])
+    if min(size) < SIDE_MIN:
+        raise _invalid("image", f"is {source.width}x{source.height}: under {SIDE_MIN} pixels a "
+                       "side once fitted; give width and height")  # fmt: skip
+    pictures = {"image": source}
+    if "mask" in data:
+        mask = as_mask(read_image("mask", data["mask"]).image)
+        if mask.size != source.size:
+            raise _invalid("mask", f"is {mask.width}x{mask.height}; the image is "
+                           f"{source.width}x{source.height}: they must match")  # fmt: skip
+        pictures["mask"] = mask
+    # Resized as diffusers' pipelines resize (Lanczos, the aspect not kept if width and height
+    # say otherwise), once, here.
+    fields: dict[str, Any] = {"width": size[0], "height": size[1]}
+    pngs = {}
+    for name, picture in pictures.items():
+        if picture.size != size:
+            picture = picture.resize(size, Image.Resampling.LANCZOS)
+        pngs[name], fields[name] = _stored(picture)
+    return fields, pngs
+
+
+def router(ctx: Context, submit: Submitter) -> APIRouter:
+    routes = APIRouter()
+    authenticated, storage = ctx.authenticated, ctx.storage
+    limit = ctx.settings.max_upload_bytes
+
+    async def queue(http: Request, response: Response, caller: Caller,
+                    idempotency_key: str | None, body_model: type[SourceBody],
+                    make: Callable[[dict[str, Any]], SourceRequest]) -> Accepted:  # fmt: skip
+        files = ("image", "mask") if body_model is InpaintBody else ("image",)
+        try:
+            body, data = await _read(http, body_model, files, limit)
+            fields, pngs = await run_in_threadpool(_prepare, body, data)
+        except UploadError as e:
+            if e.status == 413:
+                raise HTTPException(413, str(e)) from None
+            raise _invalid(e.field, e.message) from None
+        known = {**body.model_dump(exclude=set(files)), **fields}
+        try:
+            request = make(known)
+        except ValidationError as e:
+            raise RequestValidationError(_located(e)) from None
+        job_id = new_job_id()
+
+        def store_and_submit() -> tuple[str, Any, bool]:
+            for name, png in pngs.items():
+                storage.put(input_key(job_id, name), png)
+            queued = False
+            try:
+                found = submit(request, http, caller, idempotency_key, job_id=job_id)
+                queued = found[0] == job_id
+                return found
+            finally:
+                if not queued:  # refused, or a replay of an earlier job: nothing refers to them
+                    for name in pngs:
+                        storage.delete(input_key(job_id, name))
+
+        found_id, status, replayed = await run_in_threadpool(store_and_submit)
+        url = f"/jobs/{found_id}"
+        response.headers["Location"] = url
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return Accepted(id=found_id, status=status, url=url)
+
+    answers = {
+        **UNAUTHORIZED,
+        **error(409, "This Idempotency-Key came with another request."),
+        **error(413, f"Body over {limit} bytes, or an image over 4096 x 4096 pixels."),
+        **error(415, "Neither JSON nor multipart/form-data."),
+        422: {"description": "Invalid field, or an image that cannot be read."},
+        **error(429, "The queue is full, or this key is at its limit; see `Retry-After`."),
+    }
+
+    def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        multipart = {**schema, "properties": {
+            **schema["properties"],
+            **{name: {"type": "string", "format": "binary"}
+               for name in ("image", "mask") if name in schema["properties"]}}}  # fmt: skip
+        return {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": schema},
+            "multipart/form-data": {"schema": multipart}}}}  # fmt: skip
+
+    @routes.post("/v1/img2img", status_code=202, response_model=Accepted, responses=answers,
+                 summary="Queue an image-to-image job",
+                 openapi_extra=body_schema(Img2ImgBody))  # fmt: skip
+    async def img2img(
+        http: Request,
+        response: Response,
+        caller: Caller = authenticated,
+        idempotency_key: str | None = IDEMPOTENCY_KEY,
+    ) -> Accepted:
+        return await queue(http, response, caller, idempotency_key, Img2ImgBody,
+                           lambda f: Img2ImgRequest.model_validate(f, strict=False))  # fmt: skip
+
+    @routes.post("/v1/inpaint", status_code=202, response_model=Accepted, responses=answers,
+                 summary="Queue an inpainting job",
+                 openapi_extra=body_schema(InpaintBody))  # fmt: skip
+    async def inpaint(
+        http: Request,
+        response: Response,
+        caller: Caller = authenticated,
+        idempotency_key: str | None = IDEMPOTENCY_KEY,
+    ) -> Accepted:
+        return await queue(http, response, caller, idempotency_key, InpaintBody,
+                           lambda f: InpaintRequest.model_validate(f, strict=False))  # fmt: skip
+
+    @routes.get(
+        "/jobs/{job_id}/inputs/{name}.png",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "The picture as the job uses it."},
+            **UNAUTHORIZED,
+            **error(404, "No such job for this API key, or no such input for it."),
+            **error(410, "The inputs have expired."),
+        },
+        summary="A job's input picture (image or mask), sized as the job used it",
+    )
+    def get_input(job_id: str, name: str = Path(pattern="^(image|mask)$"),
+                  caller: Caller = authenticated) -> Response:  # fmt: skip
+        view = find_job(ctx.store, job_id, caller)
+        if name not in INPUTS or getattr(view.request, name, None) is None:
+            raise HTTPException(404, f"job {job_id} has no {name}")
+        data = storage.get(input_key(job_id, name))
+        if data is None:
+            raise HTTPException(410, "the inputs of this job have expired")
+        return Response(data, media_type="image/png")
+
+    return routes

@@ -1,0 +1,184 @@
+"""img2img and inpainting through the service: the routes over real HTTP (JSON with base64, and
+multipart), a real Valkey, the worker in both batching modes on the CPU with the tiny model.
+Each image equals the engine's run of that job alone; inpainting keeps the source's pixels
+outside the (blurred) mask exactly; bad pictures are 4xx naming the field."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from app.jobs.contract import InpaintRequest
+from app.storage import input_key, open_storage
+from tests.conftest import JobStore, wait_for
+from tests.test_continuous import serve
+from tests.test_sources import picture, square_mask
+from tests.test_uploads import declared_png, encoded
+from tests.test_worker import png, runner
+from worker.engine import BatchShape, ImageSpec, Source
+from worker.sources import finished
+
+FIELDS = {"prompt": "a cat", "steps": 4, "seed": 3, "guidance_scale": 6.0}
+
+
+def b64(image: Image.Image, fmt: str = "PNG") -> str:
+    return base64.b64encode(encoded(image, fmt)).decode()
+
+
+def run_jobs(store: JobStore, model: Path, redis_url: str, ids: list[str],
+             batching: str) -> None:  # fmt: skip
+    r = runner(store, model, redis_url, batching=batching, max_batch=4)
+    r.open()
+    done = threading.Event()
+    worker = serve(r, done)
+    try:
+        wait_for(lambda: all(_ended(store, i) for i in ids), 180, "the jobs")
+    finally:
+        done.set()
+        worker.join(60)
+        r.close()
+
+
+def _ended(store: JobStore, job_id: str) -> bool:
+    view = store.view(job_id)
+    return view is not None and view.status.value in ("succeeded", "failed")
+
+
+def expected(model_engine: Any, view: Any, source: Source) -> np.ndarray:
+    r = view.request
+    spec = ImageSpec(r.prompt, r.negative_prompt, r.guidance_scale, view.seeds[0])
+    shape = BatchShape(r.width, r.height, r.steps, r.scheduler)
+    lane = model_engine.prepare("x", [spec], shape, source)
+    while not lane.done:
+        model_engine.step([lane])
+    [image] = finished(model_engine.images(model_engine.finish(lane)), source, r)
+    assert image is not None
+    return image
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_img2img_and_inpainting_beside_text_jobs(
+    api: httpx.Client, store: JobStore, engine: Any, tiny_model: Path, redis_url: str,
+    batching: str,
+) -> None:  # fmt: skip
+    made = api.post("/v1/img2img", json={**FIELDS, "image": b64(picture()), "strength": 0.5})
+    assert made.status_code == 202, made.text
+    files = {"image": ("src.jpg", encoded(picture(), "PNG"), "image/png"),
+             "mask": ("m.png", encoded(square_mask(), "PNG"), "image/png")}  # fmt: skip
+    form = {k: str(v) for k, v in FIELDS.items()} | {"mask_blur": "3", "scheduler": "euler_a"}
+    painted = api.post("/v1/inpaint", data=form, files=files)
+    assert painted.status_code == 202, painted.text
+    text = api.post("/v1/txt2img", json={**FIELDS, "width": 64, "height": 96})
+    ids = [made.json()["id"], painted.json()["id"], text.json()["id"]]
+    run_jobs(store, tiny_model, redis_url, ids, batching)
+
+    img2img, inpaint = store.view(ids[0]), store.view(ids[1])
+    assert img2img is not None and inpaint is not None
+    assert img2img.status.value == "succeeded" and inpaint.status.value == "succeeded"
+    assert img2img.request.kind == "img2img" and img2img.request.strength == 0.5
+    assert isinstance(inpaint.request, InpaintRequest) and inpaint.request.mask_blur == 3
+    assert (img2img.request.width, img2img.request.height) == (64, 96)  # the source's size
+    ours = np.asarray(png(store, ids[0], 0))
+    assert np.abs(ours.astype(int) - expected(engine, img2img, Source(picture(), 0.5))).max() <= 1
+    source = Source(picture(), 1.0, square_mask())
+    result = np.asarray(png(store, ids[1], 0))
+    assert np.abs(result.astype(int) - expected(engine, inpaint, source)).max() <= 1
+    # Outside the blurred mask: the source, exactly.
+    blurred = np.asarray(square_mask().filter(ImageFilter.GaussianBlur(3)))
+    outside = blurred == 0
+    assert outside.sum() > 1000 and (result[outside] == np.asarray(picture())[outside]).all()
+    assert (result[~outside] != np.asarray(picture())[~outside]).any()  # and repainted inside
+    made_png = Image.open(io.BytesIO(api.get(f"/jobs/{ids[1]}/images/0.png").content))
+    infotext = made_png.info["parameters"]
+    assert "Denoising strength: 1.0" in infotext and "Mask blur: 3" in infotext
+    # The owner gets the pictures back as the job used them.
+    mask = api.get(f"/jobs/{ids[1]}/inputs/mask.png")
+    assert mask.status_code == 200 and Image.open(io.BytesIO(mask.content)).size == (64, 96)
+    assert api.get(f"/jobs/{ids[0]}/inputs/mask.png").status_code == 404  # img2img has none
+    assert api.get(f"/jobs/{ids[2]}/inputs/image.png").status_code == 404
+
+
+def test_the_size_comes_from_the_source_fitted(api: httpx.Client, store: JobStore) -> None:
+    def size_of(image: Image.Image, **extra: Any) -> tuple[int, int]:
+        answer = api.post("/v1/img2img", json={**FIELDS, "image": b64(image), **extra})
+        assert answer.status_code == 202, answer.text
+        view = store.view(answer.json()["id"])
+        assert view is not None
+        return view.request.width, view.request.height
+
+    assert size_of(Image.new("RGB", (203, 150))) == (200, 144)  # rounded down to 8
+    assert size_of(Image.new("RGB", (2000, 1000))) == (1024, 512)  # fitted within 1024
+    assert size_of(Image.new("RGB", (90, 90)), width=128, height=64) == (128, 64)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "field"),
+    [
+        ("/v1/img2img", {"image": "@@@"}, 422, "image"),
+        ("/v1/img2img", {"image": b64(picture(), "GIF")}, 422, "image"),
+        ("/v1/img2img", {"image": base64.b64encode(declared_png(50000, 50000)).decode()}, 413,
+         None),
+        ("/v1/img2img", {"image": b64(Image.new("RGB", (40, 40)))}, 422, "image"),  # too small
+        ("/v1/img2img", {}, 422, "image"),
+        ("/v1/img2img", {"image": b64(picture()), "strength": 0}, 422, "strength"),
+        ("/v1/inpaint", {"image": b64(picture()),
+                         "mask": b64(Image.new("L", (32, 32)))}, 422, "mask"),
+        ("/v1/inpaint", {"image": b64(picture())}, 422, "mask"),
+        ("/v1/inpaint", {"image": b64(picture()), "mask": b64(square_mask()), "mask_blur": -1},
+         422, "mask_blur"),
+    ],
+)  # fmt: skip
+def test_bad_pictures_and_fields_are_4xx_naming_the_field(
+    api: httpx.Client, route: str, body: dict[str, Any], status: int, field: str | None
+) -> None:
+    answer = api.post(route, json={**FIELDS, **body})
+    assert answer.status_code == status, answer.text
+    if field is not None:
+        assert any(field in [str(p) for p in e["loc"]] for e in answer.json()["detail"])
+
+
+def test_bodies_multipart_files_and_limits(api: httpx.Client) -> None:
+    # A text file in a file part, an empty part: 422 naming the field.
+    empty = api.post("/v1/img2img", data={"prompt": "x"},
+                     files={"image": ("a.png", b"", "image/png")})  # fmt: skip
+    assert empty.status_code == 422 and "image" in empty.text
+    text = api.post("/v1/img2img", data={"prompt": "x"},
+                    files={"image": ("a.png", b"just some words", "image/png")})  # fmt: skip
+    assert text.status_code == 422 and "not a PNG, JPEG or WebP" in text.text
+    assert api.post("/v1/img2img", content=b"x", headers={"content-type": "text/plain"}
+                    ).status_code == 415  # fmt: skip
+    # Images may be large here (up to SDSERVE_MAX_UPLOAD_BYTES), not on other routes.
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8))
+    big = api.post("/v1/img2img", json={**FIELDS, "image": b64(noisy)})
+    assert len(b64(noisy)) > 64 * 1024 and big.status_code == 202, big.text
+    assert api.post("/v1/txt2img", json={**FIELDS, "prompt": "x" * 70_000}).status_code == 413
+
+
+def test_a_replay_lands_on_the_first_job_and_keeps_no_second_copy(
+    api: httpx.Client, storage_dir: Path
+) -> None:
+    def with_inputs() -> set[str]:
+        results = storage_dir / "results"
+        return {p.name for p in results.iterdir() if (p / "image.png").exists()}
+
+    before = with_inputs()
+    body = {**FIELDS, "image": b64(picture())}
+    first = api.post("/v1/img2img", json=body, headers={"Idempotency-Key": "pic-1"})
+    again = api.post("/v1/img2img", json=body, headers={"Idempotency-Key": "pic-1"})
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other = api.post("/v1/img2img", json={**body, "image": b64(square_mask().convert("RGB"))},
+                     headers={"Idempotency-Key": "pic-1"})  # fmt: skip
+    assert other.status_code == 409  # another picture is another request
+    # The replay and the refusal stored their pictures, then removed them: one job, one copy.
+    assert with_inputs() - before == {first.json()["id"]}
+    stored = open_storage(storage_dir.as_uri()).get(input_key(first.json()["id"], "image"))
+    assert stored is not None and Image.open(io.BytesIO(stored)).size == (64, 96)

@@ -1,0 +1,60 @@
+"""A job's source picture (img2img, inpainting) from storage, and inpainting's last touch: the
+result laid over the source through the blurred mask, so that outside it the source's pixels
+come back exactly (the VAE alone would only come close)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from app.jobs.contract import InpaintRequest, JobRequest
+from app.storage import Storage, input_key
+from worker.engine import Source
+
+
+class MissingInput(LookupError):
+    """A source picture that is not in storage (swept: the job waited longer than the TTL)."""
+
+
+def load_source(storage: Storage, job_id: str, request: JobRequest) -> Source | None:
+    """The job's source, or None for text to image."""
+    if request.kind == "txt2img":
+        return None
+    image = _picture(storage, job_id, "image").convert("RGB")
+    mask = None
+    if isinstance(request, InpaintRequest):
+        mask = _picture(storage, job_id, "mask").convert("L")
+    return Source(image, request.strength, mask)
+
+
+def _picture(storage: Storage, job_id: str, name: str) -> Image.Image:
+    data = storage.get(input_key(job_id, name))
+    if data is None:
+        raise MissingInput(f"the job's {name} is no longer in storage")
+    picture = Image.open(io.BytesIO(data), formats=["PNG"])  # written by the API, as PNG
+    picture.load()
+    return picture
+
+
+def overlay(pixels: np.ndarray, source: Source, blur: int) -> np.ndarray:
+    """The result where the mask is white, the source where it is black, blended across the
+    mask's edge blurred by `blur` pixels. The mask is first made black or white as the
+    denoising saw it."""
+    assert source.mask is not None, "an overlay needs a mask"
+    mask = source.mask.point(lambda v: 255 if v >= 128 else 0)
+    if blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    made = Image.fromarray(pixels, "RGB")
+    return np.asarray(Image.composite(made, source.image, mask))
+
+
+def finished(
+    images: list[np.ndarray | None], source: Source | None, request: JobRequest
+) -> list[np.ndarray | None]:
+    """A job's images as it is handed them back: inpainting's laid over its source."""
+    if source is None or source.mask is None or not isinstance(request, InpaintRequest):
+        return images
+    return [None if image is None else overlay(image, source, request.mask_blur)
+            for image in images]  # fmt: skip
