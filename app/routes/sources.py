@@ -33,6 +33,7 @@ from app.jobs.contract import (
     MaskBlur,
     Side,
     SourceRequest,
+    Status,
     StoredImage,
     Strength,
     new_job_id,
@@ -80,6 +81,13 @@ def fitted_size(width: int, height: int) -> tuple[int, int]:
 
 def _invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+
+
+def as_http_error(error: UploadError) -> Exception:
+    """A picture that cannot be used: 413 if too large, else 422 naming its field."""
+    if error.status == 413:
+        return HTTPException(413, str(error))
+    return _invalid(error.field, error.message)
 
 
 async def _read(http: Request, model: type[SourceBody], files: tuple[str, ...],
@@ -134,22 +142,29 @@ def _stored(image: Image.Image) -> tuple[bytes, StoredImage]:
                             height=image.height)  # fmt: skip
 
 
-def _prepare(body: SourceBody, data: dict[str, bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Decode, check and fit the pictures: the request's size and stored-image fields, and the
-    PNGs to store by name."""
-    source = flatten(read_image("image", data["image"]).image)
+def read_pictures(data: dict[str, bytes]) -> dict[str, Image.Image]:
+    """The source (RGB) and, if sent, the mask (L, white repaints), the same size."""
+    sent = read_image("image", data["image"]).image
+    pictures = {"image": flatten(sent)}
+    if "mask" in data:
+        mask = as_mask(read_image("mask", data["mask"]).image)
+        if mask.size != sent.size:
+            raise _invalid("mask", f"is {mask.width}x{mask.height}; the image is "
+                           f"{sent.width}x{sent.height}: they must match")  # fmt: skip
+        pictures["mask"] = mask
+    return pictures
+
+
+def fit(pictures: dict[str, Image.Image], width: int | None,
+        height: int | None) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
+    """The job's size (missing sides from the source, fitted) and the pictures at that size:
+    the request's size and stored-image fields, and the PNGs to store by name."""
+    source = pictures["image"]
     fitted = fitted_size(*source.size)
-    size = (body.width or fitted[0], body.height or fitted[1])
+    size = (width or fitted[0], height or fitted[1])
     if min(size) < SIDE_MIN:
         raise _invalid("image", f"is {source.width}x{source.height}: under {SIDE_MIN} pixels a "
                        "side once fitted; give width and height")  # fmt: skip
-    pictures = {"image": source}
-    if "mask" in data:
-        mask = as_mask(read_image("mask", data["mask"]).image)
-        if mask.size != source.size:
-            raise _invalid("mask", f"is {mask.width}x{mask.height}; the image is "
-                           f"{source.width}x{source.height}: they must match")  # fmt: skip
-        pictures["mask"] = mask
     # Resized as diffusers' pipelines resize (Lanczos, the aspect not kept if width and height
     # say otherwise), once, here.
     fields: dict[str, Any] = {"width": size[0], "height": size[1]}
@@ -159,6 +174,35 @@ def _prepare(body: SourceBody, data: dict[str, bytes]) -> tuple[dict[str, Any], 
             picture = picture.resize(size, Image.Resampling.LANCZOS)
         pngs[name], fields[name] = _stored(picture)
     return fields, pngs
+
+
+def queue_with_pictures(ctx: Context, submit: Submitter, request: SourceRequest,
+                        pngs: dict[str, bytes], http: Request, caller: Caller,
+                        idempotency_key: str | None,
+                        retrying: bool | None = None) -> tuple[str, Status, bool]:  # fmt: skip
+    """Store the pictures under the new job's id, then queue it (blocking: run it in a thread).
+    Pictures nothing will refer to (a refusal, or a replay that found an earlier job) are
+    removed again."""
+    job_id = new_job_id()
+    for name, png in pngs.items():
+        ctx.storage.put(input_key(job_id, name), png)
+    queued = False
+    try:
+        found = submit(request, http, caller, idempotency_key, retrying, job_id)
+        queued = found[0] == job_id
+        return found
+    finally:
+        if not queued:
+            for name in pngs:
+                ctx.storage.delete(input_key(job_id, name))
+
+
+def as_request(make: Callable[[], SourceRequest]) -> SourceRequest:
+    """The queued request, or a 422 naming the field."""
+    try:
+        return make()
+    except ValidationError as e:
+        raise RequestValidationError(_located(e)) from None
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
@@ -172,32 +216,15 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         files = ("image", "mask") if body_model is InpaintBody else ("image",)
         try:
             body, data = await _read(http, body_model, files, limit)
-            fields, pngs = await run_in_threadpool(_prepare, body, data)
+            pictures = await run_in_threadpool(read_pictures, data)
+            fields, pngs = await run_in_threadpool(fit, pictures, body.width, body.height)
         except UploadError as e:
-            if e.status == 413:
-                raise HTTPException(413, str(e)) from None
-            raise _invalid(e.field, e.message) from None
+            raise as_http_error(e) from None
         known = {**body.model_dump(exclude=set(files)), **fields}
-        try:
-            request = make(known)
-        except ValidationError as e:
-            raise RequestValidationError(_located(e)) from None
-        job_id = new_job_id()
-
-        def store_and_submit() -> tuple[str, Any, bool]:
-            for name, png in pngs.items():
-                storage.put(input_key(job_id, name), png)
-            queued = False
-            try:
-                found = submit(request, http, caller, idempotency_key, job_id=job_id)
-                queued = found[0] == job_id
-                return found
-            finally:
-                if not queued:  # refused, or a replay of an earlier job: nothing refers to them
-                    for name in pngs:
-                        storage.delete(input_key(job_id, name))
-
-        found_id, status, replayed = await run_in_threadpool(store_and_submit)
+        request = as_request(lambda: make(known))
+        found_id, status, replayed = await run_in_threadpool(
+            queue_with_pictures, ctx, submit, request, pngs, http, caller, idempotency_key
+        )
         url = f"/jobs/{found_id}"
         response.headers["Location"] = url
         if replayed:
