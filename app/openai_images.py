@@ -1,4 +1,5 @@
-"""The OpenAI Images API shape (`POST /v1/images/generations`), mapped onto sdserve jobs.
+"""The OpenAI Images API shape (`POST /v1/images/generations` and `/v1/images/edits`), mapped
+onto sdserve jobs.
 
 The official `openai` clients work unchanged: `size` becomes width and height, sdserve's own
 parameters come as extra body fields (`extra_body={"seed": 7, "steps": 30}` in Python), and the
@@ -16,11 +17,16 @@ from app.jobs.contract import (
     STRICT_INPUT,
     Count,
     Guidance,
+    Img2ImgRequest,
+    InpaintRequest,
+    MaskBlur,
     NegativePrompt,
     Prompt,
     SchedulerName,
     Seed,
+    SourceRequest,
     Steps,
+    Strength,
     Timeout,
     Txt2ImgRequest,
     is_side,
@@ -76,6 +82,45 @@ class ImagesRequest(BaseModel):
         width, height = (int(side) for side in self.size.split("x"))
         fields = self.model_dump(exclude={"size", "response_format", "model", "user"})
         return Txt2ImgRequest.model_validate({**fields, "width": width, "height": height})
+
+
+class EditsRequest(ImagesRequest):
+    """`images.edit`'s form fields (the pictures come as file parts): with a mask, or an image
+    with transparency, an inpainting job (transparent is edited, as OpenAI reads masks);
+    without, image to image."""
+
+    size: str | None = Field(  # type: ignore[assignment]
+        default=None, description="WIDTHxHEIGHT; the image's own size (fitted) if absent."
+    )
+    strength: Strength | None = Field(
+        default=None, description="1.0 with a mask, 0.75 without, when absent."
+    )
+    mask_blur: MaskBlur = 4
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str | None) -> str | None:  # type: ignore[override]  # it may be absent
+        return None if size is None else ImagesRequest._size(size)
+
+    def sides(self) -> tuple[int | None, int | None]:
+        if self.size is None:
+            return None, None
+        width, height = (int(side) for side in self.size.split("x"))
+        return width, height
+
+    def job(self, fields: dict[str, Any]) -> SourceRequest:  # type: ignore[override]
+        """The job, given the stored pictures' fields (size, image, and mask if any)."""
+        known = self.model_dump(exclude={"size", "response_format", "model", "user", "strength",
+                                         "mask_blur"})  # fmt: skip
+        known |= fields
+        if "mask" in fields:
+            return InpaintRequest.model_validate(
+                {**known, "strength": self.strength or 1.0, "mask_blur": self.mask_blur},
+                strict=False,
+            )
+        return Img2ImgRequest.model_validate(
+            {**known, "strength": self.strength or 0.75}, strict=False
+        )
 
 
 class ImageData(BaseModel):

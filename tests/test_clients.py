@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import redis
@@ -103,6 +104,52 @@ def test_the_openai_package_sees_errors_it_understands(service: str) -> None:
     assert invalid.value.body["param"] == "size"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{service}/v1", api_key="sds_wrong").images.generate(prompt="x")
+
+
+def test_the_openai_package_edits_pictures(service: str, tmp_path: Path) -> None:
+    """`images.edit` with a mask (alpha 0 is edited), with an image that is its own mask, and
+    with neither (the whole picture redrawn); sdserve's fields as extra form fields."""
+    client = openai.OpenAI(base_url=f"{service}/v1", api_key=KEY)
+    source = Image.new("RGB", (96, 64), (200, 40, 40))
+    source.save(tmp_path / "source.png")
+    mask = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (32, 16, 64, 48))  # a transparent hole: edit there
+    mask.save(tmp_path / "mask.png")
+    with (tmp_path / "source.png").open("rb") as image, (tmp_path / "mask.png").open("rb") as m:
+        result = client.images.edit(image=image, mask=m, prompt="a blue bird", n=2,
+                                    response_format="b64_json",
+                                    extra_body={"seed": 5, "steps": 3, "mask_blur": 0})  # fmt: skip
+    assert result.data is not None and len(result.data) == 2
+    edited = [np.asarray(png(base64.b64decode(d.b64_json or ""))) for d in result.data]
+    assert edited[0].shape == (64, 96, 3) and edited[0].tolist() != edited[1].tolist()
+    outside = np.ones((64, 96), bool)
+    outside[16:48, 32:64] = False
+    for pixels in edited:  # kept outside the hole, exactly; redrawn inside it
+        assert (pixels[outside] == (200, 40, 40)).all() and (
+            pixels[~outside] != (200, 40, 40)
+        ).any()
+    info = png(base64.b64decode(result.data[0].b64_json or "")).info["parameters"]
+    assert "Seed: 5," in info and "Denoising strength: 1.0" in info and "Mask blur: 0" in info
+    holed = Image.new("RGBA", (64, 64), (10, 200, 10, 255))
+    holed.paste((0, 0, 0, 0), (0, 0, 32, 64))  # no mask: its own transparency is the mask
+    holed.save(tmp_path / "holed.png")
+    with (tmp_path / "holed.png").open("rb") as image:
+        own = client.images.edit(image=image, prompt="sky", size="64x64",
+                                 response_format="b64_json",
+                                 extra_body={"seed": 6, "steps": 3, "mask_blur": 0})  # fmt: skip
+    own_pixels = np.asarray(png(base64.b64decode(own.data[0].b64_json or "")))  # type: ignore[index]
+    assert (own_pixels[:, 32:] == (10, 200, 10)).all()
+    with (tmp_path / "source.png").open("rb") as image:  # neither: image to image
+        whole = client.images.edit(image=image, prompt="a bird", response_format="url",
+                                   extra_body={"seed": 7, "steps": 4, "strength": 0.5})  # fmt: skip
+    assert whole.data is not None and whole.data[0].url is not None
+    job_id = whole.data[0].url.split("/jobs/")[1].split("/")[0]
+    view = httpx.get(f"{service}/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"})
+    assert view.json()["request"]["kind"] == "img2img" and view.json()["request"]["strength"] == 0.5
+    bad = openai.OpenAI(base_url=f"{service}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        bad.images.edit(image=("x.png", b"GIF89a not really"), prompt="x")
+    assert refused.value.body["param"] == "image"  # type: ignore[index]
 
 
 def read_events(http: httpx.Client, job_url: str) -> list[tuple[str, dict[str, Any]]]:

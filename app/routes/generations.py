@@ -1,4 +1,5 @@
-"""OpenAI's Images API: `POST /v1/images/generations` queues a job and waits for its images."""
+"""OpenAI's Images API: `POST /v1/images/generations` and `POST /v1/images/edits` queue a job and
+wait for its images."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import base64
 import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from app import openai_images
 from app.auth import Caller
 from app.jobs.contract import TERMINAL, Status
+from app.routes import sources
 from app.routes.context import IDEMPOTENCY_KEY, Context, JobEnded, find_job
 from app.routes.submit import Submitter
 from app.storage import result_key
+from app.uploads import UploadError, as_mask, read_image
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
@@ -53,12 +60,77 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         caller: Caller = authenticated,
         idempotency_key: str | None = IDEMPOTENCY_KEY,
     ) -> openai_images.ImagesResponse:
-        # The openai SDK numbers its automatic retries of one call; a retry (after a 504, a
-        # 5xx or a dropped connection) lands on the job the first try made.
-        retrying = http.headers.get("x-stainless-retry-count", "0") not in ("", "0")
         job_id, _status, _replayed = await run_in_threadpool(
-            submit, request.job(), http, caller, idempotency_key, retrying
+            submit, request.job(), http, caller, idempotency_key, _retrying(http)
         )
+        return await answer(job_id, http, caller, request.prompt, request.response_format)
+
+    @routes.post(
+        "/v1/images/edits",
+        response_model=openai_images.ImagesResponse,
+        responses={
+            **openai_error(401, "Missing, malformed or unknown API key."),
+            **openai_error(409, "The job was canceled, or the Idempotency-Key reused."),
+            **openai_error(413, "Body over SDSERVE_MAX_UPLOAD_BYTES, or an image too large."),
+            **openai_error(422, "Invalid field or picture (`param` names it)."),
+            **openai_error(429, "Queue full, or this key's rate or jobs in flight at a limit."),
+            **openai_error(500, "The job failed (`code` says why)."),
+            **openai_error(503, "The queue (Redis) is unreachable."),
+            **openai_error(504, "Not done within SDSERVE_SYNC_TIMEOUT_S; the job goes on."),
+        },
+        summary="OpenAI-compatible: edit a picture and wait",
+        description="The OpenAI Images API's `images.edit`, multipart: `image` (PNG, JPEG or "
+        "WebP), `mask` (alpha 0 is edited; without one, an image with transparency is its own "
+        "mask; with neither, the whole picture is redrawn at `strength`), `prompt`, `n`, "
+        "`size`, `response_format`; sdserve's own fields (`strength`, `seed`, `steps`, ...) as "
+        "extra form fields.",
+        openapi_extra=sources.form_body(openai_images.EditsRequest, ("image", "mask"), json=False),
+    )
+    async def images_edits(
+        http: Request,
+        caller: Caller = authenticated,
+        idempotency_key: str | None = IDEMPOTENCY_KEY,
+    ) -> openai_images.ImagesResponse:
+        if http.headers.get("content-type", "").split(";")[0].strip() != "multipart/form-data":
+            raise HTTPException(415, "images.edit takes multipart/form-data")
+        form = await http.form(max_files=4, max_fields=64,
+                               max_part_size=settings.max_upload_bytes)  # fmt: skip
+        fields: dict[str, Any] = {}
+        data: dict[str, bytes] = {}
+        for name, value in form.multi_items():
+            key = "image" if name == "image[]" else name
+            if isinstance(value, UploadFile):
+                if key not in ("image", "mask"):
+                    raise sources.invalid(key, "is not a file field")
+                if key in data:
+                    raise sources.invalid(key, "takes one picture")
+                data[key] = await value.read()
+            else:
+                fields[key] = value
+        if "image" not in data:
+            raise sources.invalid("image", "is required: a file part")
+        try:
+            request = openai_images.EditsRequest.model_validate(fields, strict=False)
+        except ValidationError as e:
+            raise RequestValidationError(sources.located(e)) from None
+        try:
+            pictures = await run_in_threadpool(sources.read_pictures, data)
+            if "mask" not in pictures and (holes := transparency(data["image"])) is not None:
+                pictures["mask"] = holes
+            width, height = request.sides()
+            stored, pngs = await run_in_threadpool(sources.fit, pictures, width, height)
+        except UploadError as e:
+            raise sources.as_http_error(e) from None
+        job = sources.as_request(lambda: request.job(stored))
+        job_id, _status, _replayed = await run_in_threadpool(
+            sources.queue_with_pictures, ctx, submit, job, pngs, http, caller, idempotency_key,
+            _retrying(http),
+        )  # fmt: skip
+        return await answer(job_id, http, caller, request.prompt, request.response_format)
+
+    async def answer(job_id: str, http: Request, caller: Caller, prompt: str,
+                     response_format: str) -> openai_images.ImagesResponse:  # fmt: skip
+        """Wait for the job, then its images in OpenAI's shape."""
         deadline = time.monotonic() + settings.sync_timeout_s
         while True:
             view = await run_in_threadpool(find_job, store, job_id, caller)
@@ -78,18 +150,33 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             raise JobEnded(409, f"the job was {view.status.value}", view.status.value)
         data = []
         for k, url in enumerate(view.images):
-            if request.response_format == "url":
+            if response_format == "url":
                 data.append(openai_images.ImageData(url=f"{str(http.base_url).rstrip('/')}{url}",
-                                                    revised_prompt=request.prompt))  # fmt: skip
+                                                    revised_prompt=prompt))  # fmt: skip
                 continue
             png = await run_in_threadpool(storage.get, result_key(job_id, k))
             if png is None:
                 raise JobEnded(410, "the images of this job have expired", "expired")
             data.append(openai_images.ImageData(b64_json=base64.b64encode(png).decode(),
-                                                revised_prompt=request.prompt))  # fmt: skip
+                                                revised_prompt=prompt))  # fmt: skip
         return openai_images.ImagesResponse(created=int(time.time()), data=data)
 
     return routes
+
+
+def _retrying(http: Request) -> bool:
+    # The openai SDK numbers its automatic retries of one call; a retry (after a 504, a 5xx or
+    # a dropped connection) lands on the job the first try made.
+    return http.headers.get("x-stainless-retry-count", "0") not in ("", "0")
+
+
+def transparency(data: bytes) -> Image.Image | None:
+    """An image's own transparency as a mask (OpenAI's edits without a mask), if it has any."""
+    picture = read_image("image", data).image
+    if "A" not in picture.getbands() and "transparency" not in picture.info:
+        return None
+    mask = as_mask(picture)
+    return mask if mask.getextrema()[1] else None
 
 
 def openai_error(status: int, description: str) -> dict[int | str, dict[str, Any]]:

@@ -43,7 +43,7 @@ from app.routes.submit import Accepted, Submitter
 from app.storage import INPUTS, input_key
 from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
 
-UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint"})
+UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/images/edits"})
 IMAGE_FIELD = Field(
     description="The source picture: PNG, JPEG or WebP as base64 (plain or a "
     "`data:image/...;base64,` URL), or a file part in multipart/form-data."
@@ -79,7 +79,7 @@ def fitted_size(width: int, height: int) -> tuple[int, int]:
             math.floor(height * scale / SIDE_STEP) * SIDE_STEP)  # fmt: skip
 
 
-def _invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
+def invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
 
 
@@ -87,7 +87,7 @@ def as_http_error(error: UploadError) -> Exception:
     """A picture that cannot be used: 413 if too large, else 422 naming its field."""
     if error.status == 413:
         return HTTPException(413, str(error))
-    return _invalid(error.field, error.message)
+    return invalid(error.field, error.message)
 
 
 async def _read(http: Request, model: type[SourceBody], files: tuple[str, ...],
@@ -100,7 +100,7 @@ async def _read(http: Request, model: type[SourceBody], files: tuple[str, ...],
         try:
             body = model.model_validate_json(await http.body())
         except ValidationError as e:
-            raise RequestValidationError(_located(e)) from None
+            raise RequestValidationError(located(e)) from None
         for name in files:
             data[name] = from_base64(name, getattr(body, name))
         return body, data
@@ -111,27 +111,27 @@ async def _read(http: Request, model: type[SourceBody], files: tuple[str, ...],
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name not in files:
-                raise _invalid(name, "is not a file field")
+                raise invalid(name, "is not a file field")
             data[name] = await value.read()
             raw[name] = ""  # present; its bytes are in `data`
         elif name == "webhook_events":
             raw.setdefault(name, []).append(value)
         elif name in raw:
-            raise _invalid(name, "is given twice")
+            raise invalid(name, "is given twice")
         else:
             raw[name] = value
     try:
         # Form fields are text: numbers are read from it (lax), everything else as JSON is.
         body = model.model_validate(raw, strict=False)
     except ValidationError as e:
-        raise RequestValidationError(_located(e)) from None
+        raise RequestValidationError(located(e)) from None
     for name in files:
         if name not in data:
             data[name] = from_base64(name, getattr(body, name))
     return body, data
 
 
-def _located(error: ValidationError) -> list[dict[str, Any]]:
+def located(error: ValidationError) -> list[dict[str, Any]]:
     return [{"loc": ("body", *e["loc"]), "msg": e["msg"], "type": e["type"]}
             for e in error.errors()]  # fmt: skip
 
@@ -149,7 +149,7 @@ def read_pictures(data: dict[str, bytes]) -> dict[str, Image.Image]:
     if "mask" in data:
         mask = as_mask(read_image("mask", data["mask"]).image)
         if mask.size != sent.size:
-            raise _invalid("mask", f"is {mask.width}x{mask.height}; the image is "
+            raise invalid("mask", f"is {mask.width}x{mask.height}; the image is "
                            f"{sent.width}x{sent.height}: they must match")  # fmt: skip
         pictures["mask"] = mask
     return pictures
@@ -163,7 +163,7 @@ def fit(pictures: dict[str, Image.Image], width: int | None,
     fitted = fitted_size(*source.size)
     size = (width or fitted[0], height or fitted[1])
     if min(size) < SIDE_MIN:
-        raise _invalid("image", f"is {source.width}x{source.height}: under {SIDE_MIN} pixels a "
+        raise invalid("image", f"is {source.width}x{source.height}: under {SIDE_MIN} pixels a "
                        "side once fitted; give width and height")  # fmt: skip
     # Resized as diffusers' pipelines resize (Lanczos, the aspect not kept if width and height
     # say otherwise), once, here.
@@ -202,7 +202,19 @@ def as_request(make: Callable[[], SourceRequest]) -> SourceRequest:
     try:
         return make()
     except ValidationError as e:
-        raise RequestValidationError(_located(e)) from None
+        raise RequestValidationError(located(e)) from None
+
+
+def form_body(model: type[BaseModel], files: tuple[str, ...], json: bool = True) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its own body: multipart/form-data with
+    the pictures as binary parts, and (`json`) JSON with them as base64 strings."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    binary = {name: {"type": "string", "format": "binary"} for name in files}
+    content = {"multipart/form-data": {"schema": {
+        **schema, "properties": {**schema["properties"], **binary}}}}  # fmt: skip
+    if json:
+        content["application/json"] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
@@ -240,19 +252,9 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         **error(429, "The queue is full, or this key is at its limit; see `Retry-After`."),
     }
 
-    def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        multipart = {**schema, "properties": {
-            **schema["properties"],
-            **{name: {"type": "string", "format": "binary"}
-               for name in ("image", "mask") if name in schema["properties"]}}}  # fmt: skip
-        return {"requestBody": {"required": True, "content": {
-            "application/json": {"schema": schema},
-            "multipart/form-data": {"schema": multipart}}}}  # fmt: skip
-
     @routes.post("/v1/img2img", status_code=202, response_model=Accepted, responses=answers,
                  summary="Queue an image-to-image job",
-                 openapi_extra=body_schema(Img2ImgBody))  # fmt: skip
+                 openapi_extra=form_body(Img2ImgBody, ("image",)))  # fmt: skip
     async def img2img(
         http: Request,
         response: Response,
@@ -264,7 +266,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
 
     @routes.post("/v1/inpaint", status_code=202, response_model=Accepted, responses=answers,
                  summary="Queue an inpainting job",
-                 openapi_extra=body_schema(InpaintBody))  # fmt: skip
+                 openapi_extra=form_body(InpaintBody, ("image", "mask")))  # fmt: skip
     async def inpaint(
         http: Request,
         response: Response,
