@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--seed", type=int)
     gen.add_argument("-n", type=int, help="number of images")
     gen.add_argument("--timeout-s", type=int, help="give up if no worker took it by then")
+    gen.add_argument("--image", type=Path, help="start from this picture (img2img)")
+    gen.add_argument("--mask", type=Path, help="with --image: repaint where this is white")
+    gen.add_argument("--strength", type=float, help="with --image: how much is redrawn, 0-1")
+    gen.add_argument("--mask-blur", type=int, help="with --mask: pixels of blur on its edge")
     gen.add_argument("--url", default=os.environ.get("SDSERVE_URL", "http://127.0.0.1:8000"),
                      help="the API (default: $SDSERVE_URL or http://127.0.0.1:8000)")  # fmt: skip
     gen.add_argument("--key", default=os.environ.get("SDSERVE_KEY"),
@@ -75,9 +79,15 @@ def main(argv: list[str] | None = None) -> None:
         from app.client import main as generate
 
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
-                  "scheduler", "seed", "n", "timeout_s"]  # fmt: skip
+                  "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
-        generate(args.url.rstrip("/"), args.key, request, args.out)
+        pictures = {name: getattr(args, name) for name in ("image", "mask")
+                    if getattr(args, name) is not None}  # fmt: skip
+        if pictures and "image" not in pictures:
+            parser.error("--mask needs --image")
+        if not pictures and {"strength", "mask_blur"} & request.keys():
+            parser.error("--strength and --mask-blur need --image")
+        generate(args.url.rstrip("/"), args.key, request, args.out, pictures)
     else:
         from worker.tiny import build_tiny_model
 

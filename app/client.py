@@ -1,4 +1,5 @@
-"""`sdserve generate`: a command-line client. Submits a job, shows its place in the queue and
+"""`sdserve generate`: a command-line client. Submits a job (text to image, or from a picture with
+`--image`, inpainting with `--mask`), shows its place in the queue and
 then its steps as a progress bar (from the job's live events), saves the PNGs and prints their
 seeds and paths. Ctrl-C cancels the job."""
 
@@ -23,11 +24,21 @@ class ClientError(Exception):
         self.code = code
 
 
-def generate(url: str, key: str | None, request: dict[str, Any], out: Path) -> list[Path]:
-    """Run one job to the end and save its images; returns their paths."""
+def generate(
+    url: str, key: str | None, request: dict[str, Any], out: Path,
+    pictures: dict[str, Path] | None = None,
+) -> list[Path]:  # fmt: skip
+    """Run one job to the end and save its images; returns their paths. With `pictures` (an
+    `image`, and a `mask` to inpaint) the job starts from them, sent as multipart files."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
-        job = _call(http, "POST", "/v1/txt2img", json=request)
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        if pictures:
+            files = {name: (path.name, _read(path)) for name, path in pictures.items()}
+            route = "/v1/inpaint" if "mask" in pictures else "/v1/img2img"
+            form = {name: str(value) for name, value in request.items()}
+            job = _call(http, "POST", route, data=form, files=files)
+        else:
+            job = _call(http, "POST", "/v1/txt2img", json=request)
         try:
             view = _follow(http, job["url"])
         except KeyboardInterrupt:
@@ -45,6 +56,13 @@ def generate(url: str, key: str | None, request: dict[str, Any], out: Path) -> l
             paths.append(path)
             print(f"seed {seed}: {path}")
         return paths
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ClientError(f"cannot read {path}: {e.strerror}", 2) from None
 
 
 def _follow(http: httpx.Client, job_url: str) -> dict[str, Any]:
@@ -123,9 +141,11 @@ def _check(response: httpx.Response) -> None:
     raise ClientError(f"{status}: {detail}{hint}", 2 if status < 500 else 1)
 
 
-def main(url: str, key: str | None, request: dict[str, Any], out: Path) -> NoReturn:
+def main(
+    url: str, key: str | None, request: dict[str, Any], out: Path, pictures: dict[str, Path]
+) -> NoReturn:
     try:
-        generate(url, key, request, out)
+        generate(url, key, request, out, pictures)
     except ClientError as e:
         print(f"sdserve: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None

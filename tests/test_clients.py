@@ -352,6 +352,22 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     assert bad.returncode == 2 and "invalid request: steps:" in bad.stderr
     anonymous = run_cli("x", "--url", service, cwd=tmp_path)
     assert anonymous.returncode == 2 and "pass --key or set SDSERVE_KEY" in anonymous.stderr
+    Image.new("RGB", (96, 64), (20, 30, 200)).save(tmp_path / "src.png")
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    mask.save(tmp_path / "mask.png")
+    painted = run_cli("a sun", "-o", "paint", "--image", "src.png", "--mask", "mask.png",
+                      "--mask-blur", "0", "--steps", "3", "--seed", "4", "--url", service,
+                      "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert painted.returncode == 0, painted.stderr
+    [made] = (tmp_path / "paint").glob("*.png")
+    pixels = np.asarray(png(made.read_bytes()))
+    assert pixels.shape == (64, 96, 3) and (pixels[:, 48:] == (20, 30, 200)).all()
+    assert "Mask blur: 0" in png(made.read_bytes()).info["parameters"]
+    missing = run_cli("x", "--image", "nope.png", "--url", service, "--key", KEY, cwd=tmp_path)
+    assert missing.returncode == 2 and "cannot read nope.png" in missing.stderr
+    lonely = run_cli("x", "--mask", "mask.png", "--url", service, cwd=tmp_path)
+    assert lonely.returncode == 2 and "--mask needs --image" in lonely.stderr
     down = run_cli("x", "--url", "http://127.0.0.1:9", cwd=tmp_path)
     assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
     assert "Traceback" not in bad.stderr + anonymous.stderr + down.stderr
