@@ -411,6 +411,47 @@ def test_the_playground_shows_progress_and_the_images(service: str) -> None:
     assert errors == []
 
 
+def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Path) -> None:
+    """Upload a picture, paint a mask over part of it with the mouse, submit: the result is the
+    picture's size, redrawn under the paint and the same as the picture far from it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    Image.new("RGB", (96, 64), (30, 160, 90)).save(tmp_path / "field.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(service)
+        page.fill("#key", KEY)
+        page.fill("#prompt", "a red balloon")
+        page.fill("#steps", "3")
+        page.fill("#seed", "5")
+        page.set_input_files("#image", str(tmp_path / "field.png"))
+        expect(page.locator("#canvas-box")).to_be_visible()
+        assert page.input_value("#width") == "" and page.input_value("#height") == ""
+        box = page.locator("#mask").bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
+        page.mouse.up()
+        expect(page.locator("#clear-mask")).to_be_enabled()
+        page.click("#go")
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+        assert page.locator("figcaption").all_text_contents() == ["seed 5 (inpaint)"]
+        pixels = page.locator("figure img").evaluate(
+            """img => { const c = document.createElement('canvas');
+                 c.width = img.naturalWidth; c.height = img.naturalHeight;
+                 const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+                 return [c.width, c.height, Array.from(g.getImageData(2, 2, 1, 1).data)]; }"""
+        )
+        browser.close()
+    assert pixels[:2] == [96, 64]
+    assert pixels[2][:3] == [30, 160, 90]  # far from the paint: the picture, exactly
+    assert errors == []
+
+
 def examples() -> list[tuple[str, str]]:
     """The (language, code) of each example in docs/api.md's Examples section."""
     text = (Path(__file__).parent.parent / "docs/api.md").read_text().split("## Examples", 1)[1]

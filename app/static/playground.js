@@ -1,6 +1,8 @@
 // The playground: submit a job, follow its events, show the images with their seeds.
 // Plain JavaScript, no build step. Requests carry the API key from the form (kept in this
 // browser's localStorage); events come over fetch, since EventSource cannot send a header.
+// With a picture it sends an img2img job, or, once a mask is painted over the picture, an
+// inpainting job: multipart, the picture as chosen and the mask as a PNG (white repaints).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -66,10 +68,92 @@ async function gallery(job) {
     image.src = URL.createObjectURL(await response.blob());
     image.alt = job.request.prompt;
     const caption = document.createElement("figcaption");
-    caption.textContent = `seed ${job.seeds[k]}`;
+    const kind = job.request.kind === "txt2img" ? "" : ` (${job.request.kind})`;
+    caption.textContent = `seed ${job.seeds[k]}${kind}`;
     figure.append(image, caption);
     $("gallery").prepend(figure);
   }
+}
+
+// -- a picture to start from, and a mask painted over it --------------------------------
+let painted = false;
+
+async function choosePicture() {
+  const file = $("image").files[0];
+  if (!file) return dropPicture();
+  const bitmap = await createImageBitmap(file);
+  for (const canvas of [$("picture"), $("mask")]) {
+    canvas.width = bitmap.width;
+    canvas.height = bitmap.height;
+  }
+  $("picture").getContext("2d").drawImage(bitmap, 0, 0);
+  clearMask();
+  $("canvas-box").hidden = false;
+  $("drop-image").disabled = false;
+  // The job takes the picture's size unless width and height say otherwise.
+  $("width").value = "";
+  $("height").value = "";
+}
+
+function dropPicture() {
+  $("image").value = "";
+  $("canvas-box").hidden = true;
+  $("drop-image").disabled = true;
+  clearMask();
+}
+
+function clearMask() {
+  const mask = $("mask");
+  mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+  painted = false;
+  $("clear-mask").disabled = true;
+}
+
+function paint(event) {
+  if (!(event.buttons & 1)) return;
+  const mask = $("mask");
+  const box = mask.getBoundingClientRect();
+  const x = ((event.clientX - box.left) * mask.width) / box.width;
+  const y = ((event.clientY - box.top) * mask.height) / box.height;
+  const context = mask.getContext("2d");
+  context.fillStyle = "#fff";
+  context.beginPath();
+  context.arc(x, y, (parseInt($("brush").value, 10) * mask.width) / box.width / 2, 0, 2 * Math.PI);
+  context.fill();
+  painted = true;
+  $("clear-mask").disabled = false;
+}
+
+// The painted strokes as the server reads a mask: white on black, the picture's size.
+function maskPng() {
+  const mask = $("mask");
+  const out = document.createElement("canvas");
+  out.width = mask.width;
+  out.height = mask.height;
+  const context = out.getContext("2d");
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, out.width, out.height);
+  context.drawImage(mask, 0, 0);
+  return new Promise((resolve) => out.toBlob(resolve, "image/png"));
+}
+
+async function submission() {
+  const picture = $("image").files[0];
+  if (!picture) {
+    return fetch("/v1/txt2img", {
+      method: "POST",
+      headers: { ...headers(), "Content-Type": "application/json" },
+      body: JSON.stringify(request()),
+    });
+  }
+  const form = new FormData();
+  for (const [field, value] of Object.entries(request())) form.append(field, String(value));
+  form.append("strength", $("strength").value);
+  form.append("image", picture, picture.name);
+  if (painted) form.append("mask", await maskPng(), "mask.png");
+  return fetch(painted ? "/v1/inpaint" : "/v1/img2img", {
+    method: "POST", headers: headers(), body: form,
+  });
 }
 
 async function run(event) {
@@ -77,11 +161,7 @@ async function run(event) {
   $("go").disabled = true;
   const progress = $("progress");
   try {
-    const response = await fetch("/v1/txt2img", {
-      method: "POST",
-      headers: { ...headers(), "Content-Type": "application/json" },
-      body: JSON.stringify(request()),
-    });
+    const response = await submission();
     if (!response.ok) throw new Error(await problem(response));
     const { url } = await response.json();
     show("queued");
@@ -113,3 +193,9 @@ async function run(event) {
 
 $("key").value = localStorage.getItem("sdserve-key") || "";
 $("job").addEventListener("submit", run);
+$("image").addEventListener("change", choosePicture);
+$("drop-image").addEventListener("click", dropPicture);
+$("clear-mask").addEventListener("click", clearMask);
+$("mask").addEventListener("pointerdown", paint);
+$("mask").addEventListener("pointermove", paint);
+$("strength").addEventListener("input", () => { $("strength-value").value = $("strength").value; });
