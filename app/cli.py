@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument(
         "--arch",
-        choices=["tiny", "sd15"],
+        choices=["tiny", "sd15", "sd15-inpaint"],
         default="tiny",
-        help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks",
+        help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks; "
+        "sd15-inpaint: SD 1.5's inpainting layout (a 9-channel UNet) at the tiny sizes",
     )
     gen = sub.add_parser("generate", help="make images with a running sdserve, and save them")
     gen.add_argument("prompt")

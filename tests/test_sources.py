@@ -91,3 +91,39 @@ def test_source_lanes_share_steps_with_text_lanes_and_change_nothing(engine: Eng
     for lane in lanes():
         alone = run(engine, [lane])[lane.key]
         assert max_diff(alone[0], together[lane.key][0]) <= 1, lane.key
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("inpaint") / "model", "sd15-inpaint")
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("dpmpp_2m", 1.0), ("euler_a", 0.7)])
+def test_an_inpainting_unet_matches_the_diffusers_pipeline(
+    inpainting_model: Path, sampler: str, strength: float
+) -> None:
+    """A 9-channel UNet: the mask and the masked source go in beside the latents, every step."""
+    engine = Engine(str(inpainting_model), torch.device("cpu"))
+    assert engine.inpainting_unet
+    [mine] = ours(engine, sampler, [41], Source(picture(), strength, square_mask()))
+    theirs = reference(StableDiffusionInpaintPipeline, inpainting_model, engine, sampler, 41,
+                       image=picture(), mask_image=square_mask(), strength=strength,
+                       height=HEIGHT, width=WIDTH)  # fmt: skip
+    assert max_diff(mine, theirs) <= 1
+
+
+def test_an_inpainting_unet_also_makes_text_and_img2img_jobs(inpainting_model: Path) -> None:
+    """Without a mask the UNet is told to repaint everything: rows of every kind share steps,
+    and a static batch makes the same text-to-image picture."""
+    engine = Engine(str(inpainting_model), torch.device("cpu"))
+    shape = BatchShape(WIDTH, HEIGHT, 4, "dpmpp_2m")
+    spec = ImageSpec("a dog", "", 7.0, 5)
+    sources = {"text": None, "img2img": Source(picture(), 0.6),
+               "inpaint": Source(picture(), 1.0, square_mask())}  # fmt: skip
+    lanes = [engine.prepare(key, [spec], shape, source) for key, source in sources.items()]
+    made = run(engine, lanes)
+    assert all(images[0].shape == (HEIGHT, WIDTH, 3) for images in made.values())
+    [static] = engine.generate([spec], shape) or [None]
+    assert static is not None and max_diff(made["text"][0], static) <= 1

@@ -176,6 +176,10 @@ class Engine:
         )
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._plans: dict[tuple[str, int, int, bool], Plan] = {}
+        # A 9-channel UNet (an inpainting model) takes a mask and a masked picture beside the
+        # latents, for every job.
+        self.inpainting_unet = self.unet.config.in_channels == 9
+        self._blank: dict[tuple[int, int], torch.Tensor] = {}
         if self.tuning.fuse:
             for module in (self.unet, self.vae):
                 module.fuse_qkv_projections()
@@ -259,6 +263,9 @@ class Engine:
         started = time.perf_counter()
         for k, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            if self.inpainting_unet:
+                whole = self._whole_picture(shape).expand(len(model_input), -1, -1, -1)
+                model_input = torch.cat([model_input, whole], 1)
             noise = self.run_unet(model_input, t, context, compiled)
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance * (cond - uncond)
@@ -288,7 +295,7 @@ class Engine:
         noise = randn_tensor(
             (
                 len(specs),
-                self.unet.config.in_channels,
+                self.vae.config.latent_channels,
                 shape.height // self.latent_scale,
                 shape.width // self.latent_scale,
             ),
@@ -317,15 +324,19 @@ class Engine:
         image: its latents noised to where the plan starts, as diffusers' img2img and
         inpainting pipelines make them for each image's seed."""
         guided = any(s.guidance_scale > 1 for s in specs)
-        inpainting = None
+        inpainting = conditioning = None
         if source is None:
             plan = self.plan(shape.scheduler, shape.steps)
             generators, noise = self._noise(specs, shape)
             latents = noise * plan.init_sigma
         else:
             start = start_step(shape.steps, source.strength)
-            plan = self.plan(shape.scheduler, shape.steps, start, fresh=source.mask is not None)
-            latents, generators, inpainting = self._from_source(specs, shape, source, plan)
+            blends = source.mask is not None and not self.inpainting_unet
+            plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
+            generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+            latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
+        if self.inpainting_unet and conditioning is None:
+            conditioning = self._whole_picture(shape).expand(len(specs), -1, -1, -1)
         return Lane(
             key=key,
             size=(shape.width, shape.height),
@@ -338,37 +349,64 @@ class Engine:
             cond=self.encode([s.prompt for s in specs]),
             uncond=self.encode([s.negative_prompt for s in specs]) if guided else None,
             inpainting=inpainting,
+            conditioning=conditioning,
         )
 
     def _from_source(
-        self, specs: Sequence[ImageSpec], shape: BatchShape, source: Source, plan: Plan
-    ) -> tuple[torch.Tensor, list[torch.Generator], Inpainting | None]:
-        """Starting latents from a source image. Each image draws from its own generator in
-        diffusers' order: the VAE's sample of the source, the noise, then (inpainting) the
-        VAE's sample of the masked source, which a 4-channel UNet does not use but which
-        moves the generator on before an ancestral sampler's noise."""
+        self, generators: list[torch.Generator], shape: BatchShape, source: Source, plan: Plan
+    ) -> tuple[torch.Tensor, Inpainting | None, torch.Tensor | None]:
+        """Starting latents from a source image, and what inpainting needs each step. Each
+        image draws from its own generator in diffusers' order: the VAE's sample of the source
+        (not drawn by an inpainting UNet at strength 1, which starts from noise alone), the
+        noise, then (inpainting) the VAE's sample of the masked source, which a 4-channel UNet
+        does not use but which moves the generator on before an ancestral sampler's noise."""
         size = {"height": shape.height, "width": shape.width}
         image = self.image_processor.preprocess(source.image, **size)
         image = image.to(device=self.device, dtype=self.dtype)
-        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
-        scale = self.vae.config.scaling_factor
-        posterior = self.vae.encode(image).latent_dist
-        encoded = torch.cat([posterior.sample(generator=g) for g in generators]) * scale
-        noise = randn_tensor(encoded.shape, generator=generators, device=self.device,
-                             dtype=self.dtype)  # fmt: skip
-        if source.mask is None:
-            weights = plan.noising
-            return encoded * weights[0] + noise * weights[1], generators, None
-        mask = self.mask_processor.preprocess(source.mask, **size)
-        for g in generators:
-            randn_tensor(posterior.mean.shape, generator=g, device=self.device, dtype=self.dtype)
-        if source.strength == 1:
+        shape4 = (len(generators), self.vae.config.latent_channels,
+                  shape.height // self.latent_scale, shape.width // self.latent_scale)  # fmt: skip
+        pure_noise = source.mask is not None and source.strength == 1
+        encoded = None
+        if not (pure_noise and self.inpainting_unet):
+            encoded = self._sample_latents(image, generators)
+        noise = randn_tensor(shape4, generator=generators, device=self.device, dtype=self.dtype)
+        if pure_noise:
             latents = noise * plan.init_sigma
         else:
+            assert encoded is not None
             latents = encoded * plan.noising[0] + noise * plan.noising[1]
-        small = torch.nn.functional.interpolate(mask, size=tuple(encoded.shape[-2:]))
-        kept = Inpainting(small.to(device=self.device, dtype=self.dtype), encoded, noise)
-        return latents, generators, kept
+        if source.mask is None:
+            return latents, None, None
+        mask = self.mask_processor.preprocess(source.mask, **size)
+        masked = self._sample_latents(image * (mask.to(image) < 0.5), generators)
+        small = torch.nn.functional.interpolate(mask, size=shape4[-2:])
+        small = small.to(device=self.device, dtype=self.dtype)
+        if self.inpainting_unet:  # the UNet sees the mask and the masked source
+            return latents, None, torch.cat([small.expand(len(generators), -1, -1, -1), masked], 1)
+        assert encoded is not None
+        return latents, Inpainting(small, encoded, noise), None
+
+    def _sample_latents(
+        self, image: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """A sample of the VAE's latents of `image` per generator, scaled."""
+        posterior = self.vae.encode(image).latent_dist
+        samples = [posterior.sample(generator=g) for g in generators]
+        latents: torch.Tensor = torch.cat(samples) * self.vae.config.scaling_factor
+        return latents
+
+    def _whole_picture(self, shape: BatchShape) -> torch.Tensor:
+        """An inpainting UNet's conditioning for work with no mask (text to image, image to
+        image): everything is repainted, nothing of a source is shown (a mask of ones, the
+        latents of a blank picture), as A1111 conditions such a model."""
+        key = (shape.width, shape.height)
+        if key not in self._blank:
+            blank = torch.zeros(1, 3, shape.height, shape.width, device=self.device,
+                                dtype=self.dtype)  # fmt: skip
+            latents = self.vae.encode(blank).latent_dist.mode() * self.vae.config.scaling_factor
+            ones = torch.ones_like(latents[:, :1])
+            self._blank[key] = torch.cat([ones, latents], 1)
+        return self._blank[key]
 
     @torch.inference_mode()
     def step(self, lanes: Sequence[Lane]) -> None:

@@ -46,6 +46,9 @@ class Lane:
     # UNet sees no unconditional rows for this lane.
     uncond: torch.Tensor | None
     inpainting: Inpainting | None = None
+    # An inpainting UNet's extra input channels: the mask and the masked source's latents,
+    # (images, 5, height / 8, width / 8).
+    conditioning: torch.Tensor | None = None
     step: int = 0
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
@@ -72,7 +75,10 @@ class Lane:
 
     def model_input(self) -> torch.Tensor:
         scale = self.plan.steps[self.step].input_scale
-        return self.latents if scale == 1 else self.latents * scale
+        scaled = self.latents if scale == 1 else self.latents * scale
+        if self.conditioning is None:
+            return scaled
+        return torch.cat([scaled, self.conditioning], 1)
 
     def advance(self, output: torch.Tensor) -> None:
         """Take this step's model output (guidance applied): the sample moves to the weighted sum

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -67,13 +73,15 @@ def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
 
     `tiny`: seconds on a CPU, for tests and local runs. `sd15`: Stable Diffusion 1.5's sizes
     (UNet 860M parameters, CLIP ViT-L/14 text encoder, the SD VAE), for benchmarks: the same
-    compute as the real weights, stored in fp16.
+    compute as the real weights, stored in fp16. `sd15-inpaint`: the tiny sizes with SD 1.5
+    inpainting's 9-channel UNet.
     """
     target = Path(target)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as work:
         tokenizer = _tokenizer(Path(work))
-    sizes = ARCHITECTURES[arch]
+    sizes = ARCHITECTURES[INPAINTING.get(arch, arch)]
+    inpainting = arch in INPAINTING
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             **sizes["text_encoder"],
@@ -84,7 +92,9 @@ def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
         )
     )
     assert text_encoder.config.vocab_size >= len(tokenizer)
-    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, **sizes["unet"])
+    # An inpainting UNet takes the mask and the masked picture's latents beside the latents.
+    unet = UNet2DConditionModel(sample_size=64, in_channels=9 if inpainting else 4,
+                                out_channels=4, **sizes["unet"])  # fmt: skip
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -95,7 +105,8 @@ def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
         up_block_types=("UpDecoderBlock2D",) * 4,
         **sizes["vae"],
     )
-    pipeline = StableDiffusionPipeline(
+    kind = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipeline = kind(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -105,11 +116,15 @@ def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if arch != "tiny":
+    if sizes is not ARCHITECTURES["tiny"]:
         pipeline.to(torch.float16)  # half the bytes to write and to load
     pipeline.save_pretrained(str(target))
     return target
 
+
+# Inpainting layouts: another architecture's sizes, with a 9-channel UNet. `sd15-inpaint` is SD
+# 1.5's inpainting model's layout at the tiny sizes, for tests and local runs.
+INPAINTING = {"sd15-inpaint": "tiny"}
 
 ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
