@@ -94,8 +94,10 @@ def test_stopping_finishes_the_rows_in_flight_and_hands_back_the_rest(
     done = threading.Event()
     worker = serve(r, done)
     wait_for(lambda: _step(store, running) >= 1, 120, "the job to run")
-    queued = submit(store, steps=2, seed=3)  # read, but no room: it waits
-    wait_for(lambda: not r.inbox.room() < r.inbox.capacity or (r.rows and r.rows.waiting), 30)
+    queued = submit(store, steps=2, seed=3)  # read, but no room in flight: it stays queued
+    wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the job to be read")
+    time.sleep(0.5)  # steps go on; it is not taken
+    assert _status(store, queued) is Status.QUEUED
     done.set()
     worker.join(60)
     r.close()  # finishes `running`, hands `queued` back

@@ -112,14 +112,18 @@ def test_the_worker_counts_what_it_did(scraped: tuple[Samples, ...]) -> None:
     assert moved("sdserve_worker_png_encode_seconds_count") == 4
     assert moved("sdserve_worker_failures_total", code="deadline_exceeded") == 1
     assert moved("sdserve_worker_queue_wait_seconds_count") == 3  # the late job never started
-    batches = moved("sdserve_worker_batch_seconds_count")
-    assert batches >= 1 and moved("sdserve_worker_batch_size_sum") == 4
-    for per_batch in ["sdserve_worker_batch_size_count", "sdserve_worker_unet_step_seconds_count",
-                      "sdserve_worker_vae_decode_seconds_count"]:  # fmt: skip
-        assert moved(per_batch) == batches, per_batch
-    assert value(after, "sdserve_worker_batch_size_bucket", le="8.0") == moved(
-        "sdserve_worker_batch_size_count"
+    # Continuous batching (the default): rows, UNet calls by row bucket, a decode per job.
+    calls = sum(moved("sdserve_worker_row_step_seconds_count", bucket=str(b))
+                for b in (2, 4, 8, 16))  # fmt: skip
+    real = moved("sdserve_worker_unet_rows_total", kind="real")
+    steps = int(str(FAST["steps"]))
+    assert calls >= steps and real >= 4 * steps * 2  # 4 guided images
+    assert real + moved("sdserve_worker_unet_rows_total", kind="padding") == sum(
+        b * moved("sdserve_worker_row_step_seconds_count", bucket=str(b)) for b in (2, 4, 8, 16)
     )
+    assert moved("sdserve_worker_vae_decode_seconds_count") == 3
+    assert moved("sdserve_worker_join_wait_seconds_count") == 3
+    assert moved("sdserve_worker_batch_seconds_count") == 0  # static batches only
     assert value(after, "sdserve_worker_model_load_seconds") > 0
     assert value(after, "sdserve_worker_last_heartbeat_timestamp_seconds") > 0
 

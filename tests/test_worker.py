@@ -25,7 +25,10 @@ from worker.settings import WorkerSettings
 
 
 def runner(store: JobStore, model: Path, redis_url: str, **settings: Any) -> Runner:
-    options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker", **settings}
+    """A worker in this process; static batching unless `batching` says otherwise (the tests
+    here are about static batches; tests/test_continuous.py runs the default)."""
+    options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker",
+               "batching": "static", **settings}  # fmt: skip
     worker_settings = WorkerSettings(redis_url=redis_url, **options)
     engine = Engine(str(model), torch.device("cpu"), Tuning(max_batch=worker_settings.max_batch))
     return Runner(worker_settings, store, engine, open_storage(worker_settings.storage))

@@ -48,8 +48,13 @@ class RowLoop:
     def step(self) -> int:
         r = self.runner
         idle_wait = r.settings.batch_window_ms / 1000
-        # With rows in flight, never wait for company: the next step is due now.
-        deliveries = r.inbox.take(0 if self.busy else idle_wait, 0 if self.busy else 1.0)
+        # Only as many jobs are taken (and so started: `running`) as there are images free in
+        # flight; the rest stay queued, with their place and their deadline. With rows in
+        # flight, never wait for company: the next step is due now.
+        room = r.settings.max_batch - self._images()
+        deliveries = []
+        if room > 0:
+            deliveries = r.inbox.take(0 if self.busy else idle_wait, 0 if self.busy else 1.0, room)
         if deliveries:
             now = time.monotonic()
             for job in r.start_jobs(deliveries):
@@ -64,6 +69,11 @@ class RowLoop:
         self._deliver(wait=not self.lanes)
         r.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
         return len(deliveries)
+
+    def _images(self) -> int:
+        """Images taken and not yet finished: in flight, and started but not joined."""
+        flying = sum(lane.images for _, lane in self.lanes.values())
+        return flying + sum(job.request.n for job, _ in self.waiting.values())
 
     def finish_up(self) -> None:
         """Stopping: run the rows in flight to the end, within the stop grace; hand back the

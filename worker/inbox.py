@@ -40,18 +40,20 @@ class Inbox(Generic[T]):
         with self._changed:
             return self._changed.wait_for(lambda: len(self._items) < self.capacity, timeout_s)
 
-    def take(self, window_s: float, timeout_s: float) -> list[T]:
-        """Up to `capacity` entries, once full or `window_s` after the first one arrived.
+    def take(self, window_s: float, timeout_s: float, limit: int | None = None) -> list[T]:
+        """Up to `limit` (default `capacity`) entries, once full or `window_s` after the first
+        one arrived.
 
         Empty if nothing arrived within `timeout_s`.
         """
+        limit = self.capacity if limit is None else min(limit, self.capacity)
         with self._changed:
             if not self._changed.wait_for(lambda: bool(self._items), timeout_s):
                 return []
             deadline = self._first_at + window_s
-            while len(self._items) < self.capacity and (left := deadline - time.monotonic()) > 0:
+            while len(self._items) < limit and (left := deadline - time.monotonic()) > 0:
                 self._changed.wait(left)
-            taken, self._items = self._items[: self.capacity], self._items[self.capacity :]
+            taken, self._items = self._items[:limit], self._items[limit:]
             self._first_at = time.monotonic()
             self._changed.notify_all()
             return taken

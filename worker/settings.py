@@ -31,10 +31,10 @@ class WorkerSettings(CommonSettings):
     )
     max_batch: int = Field(default=8, ge=1, le=256, description="Images per UNet batch.")
     batching: Literal["static", "continuous"] = Field(
-        default="static",
-        description="static: batches of one width, height, steps and scheduler, run noise to"
-        " pixels; continuous: jobs of any steps, schedulers and guidance join the rows in"
-        " flight between UNet steps.",
+        default="continuous",
+        description="continuous: jobs of any kind, steps, schedulers and guidance join the rows"
+        " in flight between UNet steps; static: batches of one width, height, steps and"
+        " scheduler, run noise to pixels (jobs from a picture run alone).",
     )
     # Only an idle GPU waits: under load the next batch is gathered while the last one runs.
     batch_window_ms: int = Field(
