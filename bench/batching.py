@@ -8,8 +8,10 @@ One GPU, SD1.5-sized random weights, 512x512, the whole service (Valkey, `sdserv
   (b) mixed    64 closed-loop clients, steps from {20, 25, 30, 40}, scheduler from {dpmpp_2m,
                euler_a, ddim}, guidance uniform in [4, 9]
   (c) poisson  open-loop Poisson arrivals of mixed requests at 60% of (a)'s rate
+  (d) img2img  64 closed-loop clients, half of (a)'s requests, half img2img at strength 0.75
+               from a 512x512 picture (19 of 25 steps)
 
-Throughput is counted in images/s and in 25-step equivalents/s (steps / 25). Two more stages:
+Throughput is counted in images/s and in 25-step equivalents/s (steps run / 25). Two more stages:
 `diffusers` (plain `StableDiffusionPipeline`: one request at a time, and batches of 16) and
 `seeds` (the seed contract of continuous batching: a request alone against the same request
 beside strangers of other steps, samplers, guidance and sizes, joining and leaving while it
@@ -62,6 +64,37 @@ def mixed(i: int) -> dict[str, Any]:
             "height": SIDE}  # fmt: skip
 
 
+def source_picture() -> str:
+    """A smooth 512x512 picture as base64 PNG (small: gradients compress well)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:SIDE, 0:SIDE]
+    rgb = np.stack([x * 255 // SIDE, y * 255 // SIDE, (x + y) * 127 // SIDE], -1)
+    out = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def half_img2img(i: int) -> dict[str, Any]:
+    body = uniform(i)
+    if i % 2:
+        body |= {"image": SOURCE_PICTURE[0], "strength": 0.75}
+    return body
+
+
+def steps_run(request: dict[str, Any]) -> int:
+    """UNet steps a request costs: img2img runs steps x strength of them (as diffusers)."""
+    steps = int(request["steps"])
+    return min(int(steps * float(request.get("strength", 1.0))), steps)
+
+
+SOURCE_PICTURE: list[str] = []  # made once, at the side chosen
+
+
 def summary(done: list[tuple[Done, int]], start: float, stop: float) -> dict[str, Any]:
     window = [(d, steps) for d, steps in done if start <= d.finished <= stop]
     seconds = stop - start
@@ -88,7 +121,7 @@ async def closed_loop(url: str, clients: int, body: Body, warmup_s: float, secon
         k = 0
         while time.monotonic() < stop:
             request = body(c * 100_000 + k)
-            done.append((await one_request(http, request, poll_s=0.05), request["steps"]))
+            done.append((await one_request(http, request, poll_s=0.05), steps_run(request)))
             k += 1
 
     limits = httpx.Limits(max_connections=clients + 8)
@@ -105,7 +138,7 @@ async def poisson(url: str, rate: float, body: Body, warmup_s: float, seconds: f
 
     async def one(i: int, http: httpx.AsyncClient) -> None:
         request = body(9_000_000 + i)
-        done.append((await one_request(http, request, poll_s=0.02), request["steps"]))
+        done.append((await one_request(http, request, poll_s=0.02), steps_run(request)))
 
     tasks = []
     limits = httpx.Limits(max_connections=512)
@@ -176,6 +209,8 @@ def run_mode(model: str, batching: str, args: argparse.Namespace, work: Path) ->
         rate = max(0.6 * (args.rate_of or result["a"]["img_s"]), 0.05)
         result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
         print(f"{batching} (c): {result['c']}", flush=True)
+        result["d"] = asyncio.run(closed_loop(url, args.clients, half_img2img, warm, secs))
+        print(f"{batching} (d): {result['d']}", flush=True)
         result["compile_log_cold"] = compile_log(log)
     with service(model, batching, args, work, cache) as (_url, startup, log):
         result["warm_start_s"] = startup
@@ -259,7 +294,9 @@ def table(results: dict[str, Any]) -> str:
         r = results.get(mode)
         if not r:
             continue
-        for load in ("a", "b", "c"):
+        for load in ("a", "b", "c", "d"):
+            if load not in r:
+                continue
             x = r[load]
             lines.append(
                 f"| {mode} | ({load}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | "
@@ -296,6 +333,7 @@ def main() -> None:
     args = parser.parse_args()
     global SIDE
     SIDE = args.side
+    SOURCE_PICTURE.append(source_picture())
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)

@@ -238,8 +238,10 @@ def iso_seconds(stamp: str) -> float:
 
 
 async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: float) -> Done:
+    """One job through the API: a body with an `image` is an img2img job."""
     submitted = time.monotonic()
-    job = (await http.post("/v1/txt2img", json=body)).json()
+    route = "/v1/img2img" if "image" in body else "/v1/txt2img"
+    job = (await http.post(route, json=body)).json()
     while True:
         view = (await http.get(job["url"])).json()
         if view["status"] in TERMINAL:

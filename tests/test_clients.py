@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -378,18 +379,29 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-sync"]  # fmt: skip
 
 
-def test_the_playground_shows_progress_and_the_images(service: str) -> None:
-    from playwright.sync_api import expect, sync_playwright
+@contextmanager
+def playground(service: str) -> Iterator[Any]:
+    """The playground in headless Chromium, the key filled in; no page error by the end."""
+    from playwright.sync_api import sync_playwright
 
     chromium = "/usr/bin/chromium"
     assert Path(chromium).exists(), "chromium is missing: `make test` installs Debian's"
+    errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page()
-        errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(service)
         page.fill("#key", KEY)
+        yield page
+        browser.close()
+    assert errors == []
+
+
+def test_the_playground_shows_progress_and_the_images(service: str) -> None:
+    from playwright.sync_api import expect
+
+    with playground(service) as page:
         page.fill("#prompt", "a lighthouse at dusk")
         page.fill("#width", "128")
         page.fill("#height", "64")
@@ -407,23 +419,15 @@ def test_the_playground_shows_progress_and_the_images(service: str) -> None:
         page.click("#go")
         expect(page.locator("#status")).to_have_text("401: unknown API key", timeout=10_000)
         assert page.locator("#status").get_attribute("class") == "error"
-        browser.close()
-    assert errors == []
 
 
 def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Path) -> None:
     """Upload a picture, paint a mask over part of it with the mouse, submit: the result is the
     picture's size, redrawn under the paint and the same as the picture far from it."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     Image.new("RGB", (96, 64), (30, 160, 90)).save(tmp_path / "field.png")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
-        page = browser.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(service)
-        page.fill("#key", KEY)
+    with playground(service) as page:
         page.fill("#prompt", "a red balloon")
         page.fill("#steps", "3")
         page.fill("#seed", "5")
@@ -446,10 +450,8 @@ def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Pa
                  const g = c.getContext('2d'); g.drawImage(img, 0, 0);
                  return [c.width, c.height, Array.from(g.getImageData(2, 2, 1, 1).data)]; }"""
         )
-        browser.close()
     assert pixels[:2] == [96, 64]
     assert pixels[2][:3] == [30, 160, 90]  # far from the paint: the picture, exactly
-    assert errors == []
 
 
 def examples() -> list[tuple[str, str]]:

@@ -182,3 +182,20 @@ def test_a_replay_lands_on_the_first_job_and_keeps_no_second_copy(
     assert with_inputs() - before == {first.json()["id"]}
     stored = open_storage(storage_dir.as_uri()).get(input_key(first.json()["id"], "image"))
     assert stored is not None and Image.open(io.BytesIO(stored)).size == (64, 96)
+
+
+def test_openapi_documents_the_picture_routes(api: httpx.Client) -> None:
+    schema = api.get("/openapi.json").json()
+    paths = schema["paths"]
+    for route, files in [("/v1/img2img", {"image"}), ("/v1/inpaint", {"image", "mask"})]:
+        content = paths[route]["post"]["requestBody"]["content"]
+        assert set(content) == {"application/json", "multipart/form-data"}
+        form = content["multipart/form-data"]["schema"]["properties"]
+        assert {name for name, p in form.items() if p.get("format") == "binary"} == files
+        assert "strength" in content["application/json"]["schema"]["properties"]
+    edits = paths["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert set(edits) == {"multipart/form-data"}
+    assert "/jobs/{job_id}/inputs/{name}.png" in paths
+    kinds = schema["components"]["schemas"]["JobView"]["properties"]["request"]
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in kinds["oneOf"]} == {
+        "Txt2ImgRequest", "Img2ImgRequest", "InpaintRequest"}  # fmt: skip
