@@ -86,7 +86,7 @@ def test_dev_serves_a_png_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     try:
         wait_for(lambda: "sdserve is ready" in log.read_text(), 180, "sdserve dev")
         assert "curl -s -X POST" in log.read_text()
-        assert (tmp_path / "sdserve" / "tiny-model" / "model_index.json").is_file()
+        assert (tmp_path / "sdserve" / "models" / "tiny-model" / "model_index.json").is_file()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             body = {"prompt": "a lighthouse at dusk", "seed": 42, "steps": 4}
             job = client.post("/v1/txt2img", json=body).json()

@@ -15,7 +15,9 @@ from app.jobs.contract import is_side
 from app.settings import CommonSettings, cache_dir
 
 # The tiny model lives here unless SDSERVE_MODEL names another; it is built on first start.
-TINY_MODEL_DIR = cache_dir() / "tiny-model"
+# Not ~/.cache/sdserve/tiny-model, where an older sdserve built it: that one's scheduler config
+# lacks `clip_sample: false`, which DDIM's plan refuses.
+TINY_MODEL_DIR = cache_dir() / "models" / "tiny-model"
 
 
 class WorkerSettings(CommonSettings):

@@ -252,29 +252,25 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         **error(429, "The queue is full, or this key is at its limit; see `Retry-After`."),
     }
 
-    @routes.post("/v1/img2img", status_code=202, response_model=Accepted, responses=answers,
-                 summary="Queue an image-to-image job",
-                 openapi_extra=form_body(Img2ImgBody, ("image",)))  # fmt: skip
-    async def img2img(
-        http: Request,
-        response: Response,
-        caller: Caller = authenticated,
-        idempotency_key: str | None = IDEMPOTENCY_KEY,
-    ) -> Accepted:
-        return await queue(http, response, caller, idempotency_key, Img2ImgBody,
-                           lambda f: Img2ImgRequest.model_validate(f, strict=False))  # fmt: skip
+    def add(path: str, name: str, summary: str, body_model: type[SourceBody],
+            request_model: type[SourceRequest]) -> None:  # fmt: skip
+        files = ("image", "mask") if body_model is InpaintBody else ("image",)
 
-    @routes.post("/v1/inpaint", status_code=202, response_model=Accepted, responses=answers,
-                 summary="Queue an inpainting job",
-                 openapi_extra=form_body(InpaintBody, ("image", "mask")))  # fmt: skip
-    async def inpaint(
-        http: Request,
-        response: Response,
-        caller: Caller = authenticated,
-        idempotency_key: str | None = IDEMPOTENCY_KEY,
-    ) -> Accepted:
-        return await queue(http, response, caller, idempotency_key, InpaintBody,
-                           lambda f: InpaintRequest.model_validate(f, strict=False))  # fmt: skip
+        async def queue_one(
+            http: Request,
+            response: Response,
+            caller: Caller = authenticated,
+            idempotency_key: str | None = IDEMPOTENCY_KEY,
+        ) -> Accepted:
+            return await queue(http, response, caller, idempotency_key, body_model,
+                               lambda f: request_model.model_validate(f, strict=False))  # fmt: skip
+
+        routes.add_api_route(path, queue_one, methods=["POST"], name=name, status_code=202,
+                             response_model=Accepted, responses=answers, summary=summary,
+                             openapi_extra=form_body(body_model, files))  # fmt: skip
+
+    add("/v1/img2img", "img2img", "Queue an image-to-image job", Img2ImgBody, Img2ImgRequest)
+    add("/v1/inpaint", "inpaint", "Queue an inpainting job", InpaintBody, InpaintRequest)
 
     @routes.get(
         "/jobs/{job_id}/inputs/{name}.png",
