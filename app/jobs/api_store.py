@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from typing import Any
 
@@ -21,8 +23,10 @@ from app.jobs.keys import (
     idempotency_key,
     inflight_key,
     job_key,
+    latest_key,
     ratelimit_key,
     retry_key,
+    worker_key,
 )
 from app.jobs.store import RECORD_GRACE_S, Store, decode
 from app.jobs.views import QueueState, durations, job_view
@@ -141,6 +145,23 @@ class ApiStore(Store):
         if "request" not in record or "status" not in record or record.get("owner", "") != owner:
             return None
         return job_view(job_id, record, position, time.time() if now is None else now)
+
+    def remember_latest(self, owner: str, job_id: str) -> None:
+        """A1111's progress and interrupt are about the caller's latest job."""
+        self._r.set(latest_key(owner), job_id, ex=self.record_ttl())
+
+    def latest(self, owner: str) -> str | None:
+        value = self._r.get(latest_key(owner))
+        return value.decode() if isinstance(value, bytes) else None
+
+    def served_models(self) -> list[str]:
+        """The models live workers say they serve."""
+        models = []
+        for name in self.live_workers():
+            raw = self._r.hget(worker_key(name), "info")
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                models.append(str(json.loads(raw)["model"]))  # type: ignore[arg-type]
+        return sorted(set(models))
 
     def cancel(self, job_id: str, owner: str = "") -> bool:
         """Cancel a queued or running job; False when it had already ended (or never was)."""

@@ -62,3 +62,8 @@ def inflight_key(owner: str) -> str:
 
 def ratelimit_key(owner: str) -> str:
     return f"sdserve:ratelimit:{owner}"
+
+
+def latest_key(owner: str) -> str:
+    """The caller's latest job from A1111's routes (its progress and interrupt are per caller)."""
+    return f"sdserve:latest:{owner}"

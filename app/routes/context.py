@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, Header, HTTPException, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
 from pydantic import BaseModel
 
 from app.auth import ANONYMOUS, Caller
@@ -58,16 +63,21 @@ class Context:
 def make_context(store: ApiStore, storage: Storage, settings: ApiSettings) -> Context:
     keyring = settings.keyring()
     bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+    # What A1111's clients send (`webuiapi`'s set_auth, `--api-auth` users): any user name, the
+    # key as the password.
+    basic = HTTPBasic(auto_error=False, description="An API key as the password (any user)")
 
     def authenticate(
         credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+        login: HTTPBasicCredentials | None = Security(basic),
     ) -> Caller:
         if settings.auth == "off":
             return ANONYMOUS
-        caller = keyring.find(credentials.credentials) if credentials else None
+        key = credentials.credentials if credentials else login.password if login else None
+        caller = keyring.find(key) if key else None
         if caller is None:
-            challenge = 'Bearer error="invalid_token"' if credentials else "Bearer"
-            what = "unknown API key" if credentials else "missing API key: Authorization: Bearer"
+            challenge = 'Bearer error="invalid_token"' if key else "Bearer"
+            what = "unknown API key" if key else "missing API key: Authorization: Bearer"
             raise HTTPException(401, what, headers={"WWW-Authenticate": challenge})
         return caller
 

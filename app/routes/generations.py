@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from app import openai_images
 from app.auth import Caller
-from app.jobs.contract import TERMINAL, Status
+from app.jobs.contract import TERMINAL, JobView, Status
 from app.routes import sources
 from app.routes.context import IDEMPOTENCY_KEY, Context, JobEnded, find_job
 from app.routes.submit import Submitter
@@ -28,12 +28,7 @@ from app.uploads import UploadError, as_mask, read_image
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
     routes = APIRouter()
-    store, storage, settings, authenticated = (
-        ctx.store,
-        ctx.storage,
-        ctx.settings,
-        ctx.authenticated,
-    )
+    storage, settings, authenticated = ctx.storage, ctx.settings, ctx.authenticated
 
     @routes.post(
         "/v1/images/generations",
@@ -132,23 +127,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     async def answer(job_id: str, http: Request, caller: Caller, prompt: str,
                      response_format: str) -> openai_images.ImagesResponse:  # fmt: skip
         """Wait for the job, then its images in OpenAI's shape."""
-        deadline = time.monotonic() + settings.sync_timeout_s
-        while True:
-            view = await run_in_threadpool(find_job, store, job_id, caller)
-            if view.status in TERMINAL:
-                break
-            if await http.is_disconnected():  # nobody waits: free the GPU
-                await run_in_threadpool(store.cancel, job_id, caller.key_id)
-                raise JobEnded(409, "the client hung up: job canceled", "canceled")
-            if time.monotonic() > deadline:
-                message = f"not done in {settings.sync_timeout_s}s; it goes on at /jobs/{job_id}"
-                raise JobEnded(504, message, "timeout")
-            await asyncio.sleep(0.1)
-        if view.status is not Status.SUCCEEDED:
-            error = view.error
-            if error is not None:
-                raise JobEnded(500, error.message, error.code)
-            raise JobEnded(409, f"the job was {view.status.value}", view.status.value)
+        view = await finished_job(ctx, job_id, http, caller)
         data = []
         for k, url in enumerate(view.images):
             if response_format == "url":
@@ -163,6 +142,29 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         return openai_images.ImagesResponse(created=int(time.time()), data=data)
 
     return routes
+
+
+async def finished_job(ctx: Context, job_id: str, http: Request, caller: Caller) -> JobView:
+    """Wait for the job to succeed (at most SDSERVE_SYNC_TIMEOUT_S: then a 504, the job goes
+    on); a failed or canceled job is an error answer, and a client that hangs up cancels it."""
+    deadline = time.monotonic() + ctx.settings.sync_timeout_s
+    while True:
+        view = await run_in_threadpool(find_job, ctx.store, job_id, caller)
+        if view.status in TERMINAL:
+            break
+        if await http.is_disconnected():  # nobody waits: free the GPU
+            await run_in_threadpool(ctx.store.cancel, job_id, caller.key_id)
+            raise JobEnded(409, "the client hung up: job canceled", "canceled")
+        if time.monotonic() > deadline:
+            message = f"not done in {ctx.settings.sync_timeout_s}s; it goes on at /jobs/{job_id}"
+            raise JobEnded(504, message, "timeout")
+        await asyncio.sleep(0.1)
+    if view.status is not Status.SUCCEEDED:
+        error = view.error
+        if error is not None:
+            raise JobEnded(500, error.message, error.code)
+        raise JobEnded(409, f"the job was {view.status.value}", view.status.value)
+    return view
 
 
 def _retrying(http: Request) -> bool:

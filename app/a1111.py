@@ -1,0 +1,250 @@
+"""AUTOMATIC1111's web API shape (`/sdapi/v1/...`), mapped onto sdserve jobs.
+
+A1111's clients (the `webuiapi` package, chat front ends, bots) send its whole payload, most of
+it at defaults. Fields at A1111's defaults are accepted; a field sdserve means to honour is
+mapped; a value it cannot honour (face restoration, hires fix, scripts, a subseed, another
+model...) is a 422 naming the field, never dropped in silence. The mapping, field by field, is
+in docs/api.md.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.jobs.contract import SEED_MAX, JobView
+
+# A1111's sampler names (and the older names with the schedule in them) to sdserve's schedulers.
+# With `scheduler: "Karras"`, DPM++ 2M is its Karras variant; other samplers take only the
+# automatic schedule. worker/schedulers.py writes the same names into the PNGs' infotext.
+SAMPLERS = {
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "Euler a": "euler_a",
+    "Euler": "euler",
+    "DDIM": "ddim",
+    "LMS": "lms",
+    "PLMS": "pndm",
+    "UniPC": "unipc",
+}
+ALIASES = {
+    "k_dpmpp_2m": "DPM++ 2M",
+    "k_dpmpp_2m_ka": "DPM++ 2M Karras",
+    "k_euler_a": "Euler a",
+    "k_euler": "Euler",
+    "ddim": "DDIM",
+    "k_lms": "LMS",
+    "plms": "PLMS",
+    "unipc": "UniPC",
+}
+SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
+
+
+class A1111Error(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class Txt2ImgPayload(BaseModel):
+    """A1111's `StableDiffusionProcessingTxt2Img` API model: every field its clients send."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    distilled_cfg_scale: float | None = None
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: str | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    infotext: str | None = None
+
+    def refusals(self) -> dict[str, bool]:
+        """Fields set to what sdserve cannot honour."""
+        return {
+            "restore_faces": bool(self.restore_faces),
+            "tiling": bool(self.tiling),
+            "enable_hr": self.enable_hr,
+            "styles": bool(self.styles),
+            "subseed_strength": self.subseed_strength != 0,
+            "script_name": self.script_name is not None,
+            "script_args": bool(self.script_args),
+            "alwayson_scripts": bool(self.alwayson_scripts),
+            "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
+            "firstpass_image": self.firstpass_image is not None,
+            "s_churn": self.s_churn not in (None, 0),
+            "s_noise": self.s_noise not in (None, 1),
+            "distilled_cfg_scale": self.distilled_cfg_scale not in (None, 3.5),
+        }
+
+    def scheduler_name(self) -> str:
+        """sdserve's scheduler for A1111's sampler and schedule names (422 otherwise)."""
+        name = self.sampler_name or self.sampler_index or "Euler a"
+        name = ALIASES.get(name, name)
+        if name not in SAMPLERS:
+            raise A1111Error("sampler_name", f"unknown sampler {name!r}; see /sdapi/v1/samplers")
+        schedule = (self.scheduler or "automatic").lower()
+        if schedule not in SCHEDULES:
+            raise A1111Error("scheduler", f"unknown schedule {self.scheduler!r}; see "
+                             "/sdapi/v1/schedulers")  # fmt: skip
+        if schedule == "karras":
+            if name not in ("DPM++ 2M", "DPM++ 2M Karras"):
+                raise A1111Error("scheduler", f"Karras is offered with DPM++ 2M, not {name}")
+            name = "DPM++ 2M Karras"
+        return SAMPLERS[name]
+
+    def job_fields(self, model: str) -> dict[str, Any]:
+        """The native request's fields (validated by its model afterwards)."""
+        for field, refused in self.refusals().items():
+            if refused:
+                raise A1111Error(field, f"sdserve cannot honour {getattr(self, field)!r}")
+        for key, value in (self.override_settings or {}).items():
+            if key == "sd_model_checkpoint" and value in (model, None, ""):
+                continue
+            raise A1111Error(f"override_settings.{key}", f"sdserve cannot honour {value!r} "
+                             f"(it serves {model})")  # fmt: skip
+        scheduler = self.scheduler_name()
+        if self.eta not in (None, 0, 1):
+            raise A1111Error("eta", "only the samplers' own noise is offered (eta 0 or 1)")
+        seed = None if self.seed == -1 else self.seed % (SEED_MAX + 1)
+        return {
+            "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+            "width": self.width, "height": self.height, "steps": self.steps,
+            "guidance_scale": self.cfg_scale, "scheduler": scheduler, "seed": seed,
+            "n": self.batch_size * self.n_iter,
+        }  # fmt: skip
+
+
+class Img2ImgPayload(Txt2ImgPayload):
+    """A1111's img2img API model: the txt2img fields and the picture's."""
+
+    init_images: list[str] = Field(default_factory=list)
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+    denoising_strength: float | None = 0.75
+
+    def refusals(self) -> dict[str, bool]:
+        return super().refusals() | {
+            "init_images": len(self.init_images) != 1,
+            "resize_mode": self.resize_mode != 0,
+            # Under the mask the source is noised as it is (A1111's "original", 1); its other
+            # fills change nothing only when everything is redrawn.
+            "inpainting_fill": self.mask is not None and self.inpainting_fill != 1
+            and self.denoising_strength not in (None, 1),
+            # The whole picture is inpainted; A1111's "only masked" crop is not offered.
+            "inpaint_full_res": self.mask is not None and self.inpaint_full_res,
+            "inpainting_mask_invert": self.inpainting_mask_invert != 0,
+            "latent_mask": self.latent_mask is not None,
+            "initial_noise_multiplier": self.initial_noise_multiplier not in (None, 1),
+        }  # fmt: skip
+
+
+def info(view: JobView, model: str, infotexts: list[str]) -> str:
+    """A1111's `info`: a JSON string describing what was made."""
+    r = view.request
+    stamp = (view.finished_at or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
+    fields: dict[str, Any] = {
+        "prompt": r.prompt, "all_prompts": [r.prompt] * len(view.seeds),
+        "negative_prompt": r.negative_prompt,
+        "all_negative_prompts": [r.negative_prompt] * len(view.seeds),
+        "seed": view.seeds[0], "all_seeds": view.seeds, "subseed": -1,
+        "all_subseeds": [-1] * len(view.seeds), "subseed_strength": 0,
+        "width": r.width, "height": r.height, "sampler_name": sampler_label(r.scheduler),
+        "cfg_scale": r.guidance_scale, "steps": r.steps, "batch_size": len(view.seeds),
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model,
+        "sd_model_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": getattr(r, "strength", None), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+        "job_timestamp": stamp, "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "version": "sdserve",
+    }  # fmt: skip
+    return json.dumps(fields)
+
+
+def sampler_label(scheduler: str) -> str:
+    return next(label for label, name in SAMPLERS.items() if name == scheduler)
+
+
+def progress(view: JobView | None) -> dict[str, Any]:
+    """A1111's `/sdapi/v1/progress` for the caller's latest job."""
+    state: dict[str, Any] = {
+        "skipped": False, "interrupted": False, "job": "", "job_count": 0,
+        "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+    }  # fmt: skip
+    done = 0.0
+    if view is not None:
+        state["interrupted"] = view.status.value == "canceled"
+        if view.status.value in ("queued", "running"):
+            state |= {"job": view.id, "job_count": 1}
+        if view.progress is not None:
+            state |= {"sampling_step": view.progress.step, "sampling_steps": view.progress.steps}
+            done = view.progress.step / max(view.progress.steps, 1)
+        elif view.status.value == "succeeded":
+            done = 1.0
+    return {"progress": done if state["job_count"] else 0.0, "eta_relative": 0.0,
+            "state": state, "current_image": None, "textinfo": None}  # fmt: skip

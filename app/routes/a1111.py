@@ -1,0 +1,163 @@
+"""AUTOMATIC1111's web API (`/sdapi/v1/...`) over the same queue, keys and batching: txt2img and
+img2img wait for their job and answer A1111's `images`, `parameters` and `info`; progress and
+interrupt are about the caller's latest job; samplers, schedulers, models and options describe
+this server."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import ValidationError
+from starlette.requests import Request
+
+from app import a1111
+from app.auth import Caller
+from app.jobs.contract import (
+    Img2ImgRequest,
+    InpaintRequest,
+    JobRequest,
+    SourceRequest,
+    Txt2ImgRequest,
+)
+from app.routes import sources
+from app.routes.context import Context
+from app.routes.generations import finished_job
+from app.routes.submit import Submitter
+from app.storage import result_key
+from app.uploads import UploadError, from_base64
+
+PREFIX = "/sdapi/v1"
+
+
+def router(ctx: Context, submit: Submitter) -> APIRouter:
+    routes = APIRouter(prefix=PREFIX, tags=["A1111-compatible"])
+    authenticated, store, storage = ctx.authenticated, ctx.store, ctx.storage
+
+    def model() -> str:
+        served = store.served_models()
+        return served[0] if served else "sdserve"
+
+    async def run(http: Request, caller: Caller, payload: a1111.Txt2ImgPayload,
+                  request: JobRequest, pngs: dict[str, bytes]) -> dict[str, Any]:  # fmt: skip
+        """Queue the job, remember it as the caller's latest, wait, answer A1111's shape."""
+        if pngs:
+            assert not isinstance(request, Txt2ImgRequest)
+            job_id, _status, _replayed = await run_in_threadpool(
+                sources.queue_with_pictures, ctx, submit, request, pngs, http, caller, None
+            )
+        else:
+            job_id, _status, _replayed = await run_in_threadpool(submit, request, http, caller,
+                                                                 None)  # fmt: skip
+        await run_in_threadpool(store.remember_latest, caller.key_id, job_id)
+        view = await finished_job(ctx, job_id, http, caller)
+        images, infotexts = [], []
+        for k in range(len(view.images)):
+            png = await run_in_threadpool(storage.get, result_key(job_id, k))
+            if png is None:
+                raise HTTPException(410, "the images of this job have expired")
+            infotexts.append(Image.open(io.BytesIO(png)).info.get("parameters", ""))
+            if payload.send_images:
+                images.append(base64.b64encode(png).decode())
+        parameters = payload.model_dump(exclude={"init_images", "mask"})
+        return {"images": images, "parameters": parameters,
+                "info": a1111.info(view, await run_in_threadpool(model), infotexts)}  # fmt: skip
+
+    def native(make: Any) -> Any:
+        try:
+            return make()
+        except a1111.A1111Error as e:
+            raise sources.invalid(e.field, e.message) from None
+        except ValidationError as e:
+            raise RequestValidationError(sources.located(e)) from None
+
+    @routes.post("/txt2img", summary="A1111-compatible text to image (waits)")
+    async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
+                      caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
+        fields = native(lambda: payload.job_fields(model()))
+        request = native(lambda: Txt2ImgRequest.model_validate(fields, strict=False))
+        return await run(http, caller, payload, request, {})
+
+    @routes.post("/img2img", summary="A1111-compatible image to image and inpainting (waits)")
+    async def img2img(payload: a1111.Img2ImgPayload, http: Request,
+                      caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
+        fields = native(lambda: payload.job_fields(model()))
+        try:
+            data = {"image": from_base64("init_images", payload.init_images[0])}
+            if payload.mask is not None:
+                data["mask"] = from_base64("mask", payload.mask)
+            pictures = await run_in_threadpool(sources.read_pictures, data)
+            stored, pngs = await run_in_threadpool(sources.fit, pictures, payload.width,
+                                                   payload.height)  # fmt: skip
+        except UploadError as e:
+            raise sources.as_http_error(e) from None
+        strength = payload.denoising_strength if payload.denoising_strength is not None else 0.75
+        known = {**fields, **stored, "strength": strength}
+        if "mask" in stored:
+            blur = payload.mask_blur if payload.mask_blur is not None else payload.mask_blur_x
+            make: Any = lambda: InpaintRequest.model_validate({**known, "mask_blur": blur},  # noqa: E731
+                                                              strict=False)  # fmt: skip
+        else:
+            make = lambda: Img2ImgRequest.model_validate(known, strict=False)  # noqa: E731
+        request: SourceRequest = native(make)
+        return await run(http, caller, payload, request, pngs)
+
+    @routes.get("/progress", summary="A1111-compatible progress of the caller's latest job")
+    def progress(caller: Caller = authenticated) -> dict[str, Any]:
+        job_id = store.latest(caller.key_id)
+        view = store.view(job_id, caller.key_id) if job_id else None
+        return a1111.progress(view)
+
+    @routes.post("/interrupt", summary="A1111-compatible: cancel the caller's latest job")
+    def interrupt(caller: Caller = authenticated) -> dict[str, Any]:
+        job_id = store.latest(caller.key_id)
+        if job_id:
+            store.cancel(job_id, caller.key_id)
+        return {}
+
+    @routes.post("/skip", summary="A1111-compatible: as interrupt (one job is one run here)")
+    def skip(caller: Caller = authenticated) -> dict[str, Any]:
+        return interrupt(caller)
+
+    @routes.get("/samplers", summary="A1111-compatible: the samplers offered")
+    def samplers(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        aliases = {label: [alias for alias, name in a1111.ALIASES.items() if name == label]
+                   for label in a1111.SAMPLERS}  # fmt: skip
+        return [{"name": label, "aliases": aliases[label], "options": {}}
+                for label in a1111.SAMPLERS]  # fmt: skip
+
+    @routes.get("/schedulers", summary="A1111-compatible: the schedules offered")
+    def schedulers(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        return [{"name": name, "label": label, "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for name, label in a1111.SCHEDULES.items()]  # fmt: skip
+
+    @routes.get("/scripts", summary="A1111-compatible: no scripts are offered")
+    def scripts(_caller: Caller = authenticated) -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @routes.get("/sd-models", summary="A1111-compatible: the model the workers serve")
+    def sd_models(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        return [{"title": name, "model_name": name, "hash": None, "sha256": None,
+                 "filename": name, "config": None} for name in store.served_models()]  # fmt: skip
+
+    @routes.get("/options", summary="A1111-compatible: this server's settings, as A1111 names them")
+    def options(_caller: Caller = authenticated) -> dict[str, Any]:
+        return {"sd_model_checkpoint": model(), "samples_format": "png",
+                "sd_checkpoint_hash": None, "CLIP_stop_at_last_layers": 1,
+                "eta_ancestral": 1.0, "eta_ddim": 0.0}  # fmt: skip
+
+    @routes.post("/options", summary="A1111-compatible: settings cannot change here")
+    def set_options(body: dict[str, Any], _caller: Caller = authenticated) -> dict[str, Any]:
+        current = options(_caller)
+        refused = [key for key, value in body.items() if current.get(key, object()) != value]
+        if refused:
+            raise sources.invalid(refused[0], "this server's settings cannot be changed over "
+                                  "the API")  # fmt: skip
+        return {}
+
+    return routes

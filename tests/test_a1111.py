@@ -1,0 +1,137 @@
+"""A1111's web API, spoken by the real `webuiapi` package from PyPI, unchanged, against the
+service (API over HTTP with keys, a worker process, Valkey): its default txt2img payload,
+samplers, progress while a job runs, interrupt, img2img and inpainting, auth, and the 422s for
+what sdserve cannot honour."""
+
+from __future__ import annotations
+
+import io
+import threading
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import webuiapi
+from PIL import Image
+
+from tests.conftest import wait_for
+from tests.test_clients import KEY, service  # noqa: F401  (the module's service)
+
+SMALL = {"width": 64, "height": 64, "steps": 3}
+
+
+def client(url: str, key: str = KEY) -> webuiapi.WebUIApi:
+    api = webuiapi.WebUIApi(baseurl=f"{url}/sdapi/v1", sampler="DPM++ 2M", steps=3)
+    api.set_auth("anyone", key)  # HTTP Basic, the key as the password
+    return api
+
+
+def test_txt2img_with_the_default_payload_equals_the_native_route(service: str) -> None:  # noqa: F811
+    api = client(service)
+    result = api.txt2img(prompt="a red fox", negative_prompt="blurry", seed=77, batch_size=2,
+                         cfg_scale=6.5, **SMALL)  # fmt: skip
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
+    assert result.info["all_seeds"] == [77, 78] and result.info["sampler_name"] == "DPM++ 2M"
+    assert "Seed: 77," in result.info["infotexts"][0] and result.parameters["seed"] == 77
+    native = httpx.post(f"{service}/v1/txt2img", headers={"Authorization": f"Bearer {KEY}"},
+                        json={"prompt": "a red fox", "negative_prompt": "blurry", "seed": 77,
+                              "n": 2, "guidance_scale": 6.5, "scheduler": "dpmpp_2m",
+                              **SMALL}).json()  # fmt: skip
+    http = httpx.Client(base_url=service, headers={"Authorization": f"Bearer {KEY}"})
+    wait_for(lambda: http.get(native["url"]).json()["status"] == "succeeded", 60, "the job")
+    for k, image in enumerate(result.images):
+        png = http.get(f"{native['url']}/images/{k}.png").content
+        ours = Image.open(io.BytesIO(png))
+        assert (np.asarray(ours) == np.asarray(image)).all()
+        assert ours.info["parameters"] == image.info["parameters"]  # the same PNG, bit for bit
+
+
+def test_what_a_client_asks_about_the_server(service: str) -> None:  # noqa: F811
+    api = client(service)
+    names = [s["name"] for s in api.get_samplers()]
+    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
+    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    [model] = api.get_sd_models()
+    assert api.get_options()["sd_model_checkpoint"] == model["title"]
+    karras = api.txt2img(prompt="x", sampler_name="DPM++ 2M", scheduler="Karras", seed=1, **SMALL)
+    assert karras.info["sampler_name"] == "DPM++ 2M Karras"
+
+
+def test_progress_while_a_job_runs_and_interrupt(service: str) -> None:  # noqa: F811
+    api = client(service)
+    outcome: list[Any] = []
+
+    def long_job() -> None:
+        try:
+            outcome.append(api.txt2img(prompt="slow", seed=5, width=256, height=256, steps=60))
+        except RuntimeError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=long_job)
+    thread.start()
+    wait_for(lambda: api.get_progress()["state"]["sampling_step"] >= 2, 60, "progress")
+    progress = api.get_progress()
+    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 60
+    api.interrupt()
+    thread.join(60)
+    assert isinstance(outcome[0], RuntimeError) and outcome[0].args[0] == 409
+    assert api.get_progress()["state"]["interrupted"] is True
+
+
+def test_img2img_and_inpainting(service: str) -> None:  # noqa: F811
+    api = client(service)
+    source = Image.new("RGB", (64, 64), (200, 30, 30))
+    made = api.img2img(images=[source], prompt="a bird", denoising_strength=0.5, seed=3, **SMALL)
+    assert made.images[0].size == (64, 64) and made.info["denoising_strength"] == 0.5
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    painted = api.img2img(images=[source], mask_image=mask, prompt="a bird", seed=3,
+                          denoising_strength=1.0, inpaint_full_res=False, mask_blur=0,
+                          **SMALL)  # fmt: skip
+    pixels = np.asarray(painted.images[0])
+    assert (pixels[:8, :8] == (200, 30, 30)).all()  # outside the mask: the source
+    assert "Mask blur: 0" in painted.info["infotexts"][0]
+    with pytest.raises(RuntimeError) as only_masked:  # A1111's default crop is not offered
+        api.img2img(images=[source], mask_image=mask, prompt="x", denoising_strength=1.0,
+                    **SMALL)  # fmt: skip
+    assert only_masked.value.args[0] == 422 and "inpaint_full_res" in only_masked.value.args[1]
+    with pytest.raises(RuntimeError) as filled:  # nor its fills (webuiapi's default), below 1
+        api.img2img(images=[source], mask_image=mask, prompt="x", inpaint_full_res=False,
+                    **SMALL)  # fmt: skip
+    assert filled.value.args[0] == 422 and "inpainting_fill" in filled.value.args[1]
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"restore_faces": True}, "restore_faces"),
+        ({"enable_hr": True}, "enable_hr"),
+        ({"sampler_name": "Heun++ 9"}, "sampler_name"),
+        ({"scheduler": "Karras", "sampler_name": "Euler a"}, "scheduler"),
+        ({"override_settings": {"sd_model_checkpoint": "another.safetensors"}},
+         "override_settings.sd_model_checkpoint"),
+        ({"subseed_strength": 0.3}, "subseed_strength"),
+        ({"steps": 0}, "steps"),
+        ({"prompt": ""}, "prompt"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_honoured_is_a_422_naming_the_field(
+    service: str,  # noqa: F811
+    fields: dict[str, Any],
+    named: str,
+) -> None:
+    answer = httpx.post(f"{service}/sdapi/v1/txt2img", auth=("u", KEY),
+                        json={"prompt": "x", **SMALL, **fields})  # fmt: skip
+    assert answer.status_code == 422, answer.text
+    assert any(named == ".".join(str(p) for p in e["loc"][1:]) for e in answer.json()["detail"])
+
+
+def test_keys_bearer_or_basic(service: str) -> None:  # noqa: F811
+    assert httpx.get(f"{service}/sdapi/v1/samplers").status_code == 401
+    assert httpx.get(f"{service}/sdapi/v1/samplers", auth=("u", "sds_wrong")).status_code == 401
+    bearer = httpx.get(f"{service}/sdapi/v1/samplers", headers={"Authorization": f"Bearer {KEY}"})
+    assert bearer.status_code == 200
+    with pytest.raises(RuntimeError) as refused:
+        client(service, "sds_wrong").txt2img(prompt="x", **SMALL)
+    assert refused.value.args[0] == 401
