@@ -159,7 +159,7 @@ class ApiStore(Store):
         models = []
         for name in self.live_workers():
             raw = self._r.hget(worker_key(name), "info")
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
+            with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
                 models.append(str(json.loads(raw)["model"]))  # type: ignore[arg-type]
         return sorted(set(models))
 

@@ -26,7 +26,7 @@ from app.jobs.contract import (
     Txt2ImgRequest,
 )
 from app.routes import sources
-from app.routes.context import Context
+from app.routes.context import UNAUTHORIZED, Context, error
 from app.routes.generations import finished_job
 from app.routes.submit import Submitter
 from app.storage import result_key
@@ -36,7 +36,7 @@ PREFIX = "/sdapi/v1"
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
-    routes = APIRouter(prefix=PREFIX, tags=["A1111-compatible"])
+    routes = APIRouter(prefix=PREFIX, tags=["A1111-compatible"], responses=UNAUTHORIZED)
     authenticated, store, storage = ctx.authenticated, ctx.store, ctx.storage
 
     def model() -> str:
@@ -76,17 +76,30 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         except ValidationError as e:
             raise RequestValidationError(sources.located(e)) from None
 
-    @routes.post("/txt2img", summary="A1111-compatible text to image (waits)")
+    waits = {
+        **UNAUTHORIZED,
+        **error(409, "The job was canceled (an interrupt)."),
+        **error(413, "Body over the limit (pictures: SDSERVE_MAX_UPLOAD_BYTES)."),
+        422: {"description": "A field sdserve cannot honour, or an invalid one (named)."},
+        **error(429, "The queue is full, or this key is at its limit; see `Retry-After`."),
+        **error(500, "The job failed."),
+        **error(504, "Not done within SDSERVE_SYNC_TIMEOUT_S; the job goes on."),
+    }
+
+    @routes.post("/txt2img", summary="A1111-compatible text to image (waits)", responses=waits)
     async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        fields = native(lambda: payload.job_fields(model()))
+        served = await run_in_threadpool(model)
+        fields = native(lambda: payload.job_fields(served))
         request = native(lambda: Txt2ImgRequest.model_validate(fields, strict=False))
         return await run(http, caller, payload, request, {})
 
-    @routes.post("/img2img", summary="A1111-compatible image to image and inpainting (waits)")
+    @routes.post("/img2img", summary="A1111-compatible image to image and inpainting (waits)",
+                 responses=waits)  # fmt: skip
     async def img2img(payload: a1111.Img2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        fields = native(lambda: payload.job_fields(model()))
+        served = await run_in_threadpool(model)
+        fields = native(lambda: payload.job_fields(served))
         try:
             data = {"image": from_base64("init_images", payload.init_images[0])}
             if payload.mask is not None:
