@@ -43,7 +43,7 @@ from app.routes.submit import Accepted, Submitter
 from app.storage import INPUTS, input_key
 from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
 
-UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/images/edits"})
+UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/images/edits", "/sdapi/v1/img2img"})
 IMAGE_FIELD = Field(
     description="The source picture: PNG, JPEG or WebP as base64 (plain or a "
     "`data:image/...;base64,` URL), or a file part in multipart/form-data."
