@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -57,7 +58,9 @@ def test_missing_malformed_and_wrong_keys_are_401_with_a_challenge(make_api: Any
     api = make_api()
     for headers, challenge in [
         ({}, "Bearer"),
-        ({"Authorization": "Basic YWxpY2U6c2VjcmV0"}, "Bearer"),
+        # HTTP Basic carries a key as its password (A1111's clients): a wrong one is refused.
+        ({"Authorization": "Basic YWxpY2U6c2VjcmV0"}, 'Bearer error="invalid_token"'),
+        ({"Authorization": "Basic !!not-base64"}, "Basic"),  # unreadable: asked again in kind
         ({"Authorization": "Bearer"}, "Bearer"),
         ({"Authorization": KEY_A}, "Bearer"),
         (bearer("sds_not-a-key"), 'Bearer error="invalid_token"'),
@@ -68,6 +71,9 @@ def test_missing_malformed_and_wrong_keys_are_401_with_a_challenge(make_api: Any
             assert r.status_code == 401, (headers, path)
             assert r.headers["www-authenticate"] == challenge
     assert api.post("/v1/txt2img", json=BODY, headers=bearer(KEY_A)).status_code == 202
+    basic = base64.b64encode(f"anyone:{KEY_A}".encode()).decode()
+    assert api.post("/v1/txt2img", json=BODY,
+                    headers={"Authorization": f"Basic {basic}"}).status_code == 202  # fmt: skip
     assert api.get("/healthz").status_code == 200  # probes need no key
 
 
