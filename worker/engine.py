@@ -533,7 +533,7 @@ class Engine:
             parts.append(decode(padded).sample[: len(part)])
         pixels = torch.cat(parts)
         finite = torch.isfinite(pixels).flatten(1).all(1)
-        return Decoding(latents, _to_uint8(pixels), finite, timer.stop())
+        return Decoding(latents, _to_uint8(pixels), finite, timer)
 
     @torch.inference_mode()
     def images(self, decoding: Decoding) -> list[np.ndarray | None]:
