@@ -162,6 +162,7 @@ class Txt2ImgPayload(BaseModel):
         seed = None if self.seed == -1 else self.seed % (SEED_MAX + 1)
         return {
             "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+            "prompt_syntax": "a1111",
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": self.cfg_scale, "scheduler": scheduler, "seed": seed,
             "n": self.batch_size * self.n_iter,

@@ -114,6 +114,7 @@ def test_img2img_and_inpainting(service: str) -> None:  # noqa: F811
         ({"subseed_strength": 0.3}, "subseed_strength"),
         ({"steps": 0}, "steps"),
         ({"prompt": ""}, "prompt"),
+        ({"negative_prompt": "(e:1.1) " * 301}, "negative_prompt"),  # 5 chunks, the limit 4
     ],
 )  # fmt: skip
 def test_what_cannot_be_honoured_is_a_422_naming_the_field(

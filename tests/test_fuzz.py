@@ -76,21 +76,26 @@ def settings_for(redis_url: str) -> ApiSettings:
 
 
 # The routes that answer only once a worker has made the images (OpenAI's and A1111's).
-WAITS = ["/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"]
+WAITS = ["/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"]
+UPLOAD_WAITS = ["/v1/images/edits"]  # multipart: schemathesis makes no invalid ones
 
 
-def published(modes: list[GenerationMode]) -> schemathesis.BaseSchema:
+def published(modes: list[GenerationMode], examples: int = 100) -> schemathesis.BaseSchema:
     """The schema as the app publishes it (building the app connects to nothing)."""
     app = create_app(JobStore.connect("redis://127.0.0.1:1/0", 60, 1), settings_for("redis://x"))
     loaded = schemathesis.openapi.from_dict(app.openapi())
-    loaded.config.generation.update(modes=modes, max_examples=100)
+    loaded.config.generation.update(modes=modes, max_examples=examples)
     return loaded
 
 
 # Everything, valid and invalid; the routes that wait for images, invalid input only (with no
 # worker here, each valid request would wait out its timeout and answer the documented 504).
-schema = published([GenerationMode.POSITIVE, GenerationMode.NEGATIVE]).exclude(path=WAITS)
+schema = published([GenerationMode.POSITIVE, GenerationMode.NEGATIVE]).exclude(
+    path=WAITS + UPLOAD_WAITS
+)
 waiting = published([GenerationMode.NEGATIVE]).include(path=WAITS)
+# Uploads that wait: valid bodies only, fewer (a valid one waits out the timeout).
+waiting_uploads = published([GenerationMode.POSITIVE], examples=15).include(path=UPLOAD_WAITS)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +134,18 @@ def only_the_documented_timeout(
 def test_the_waiting_routes_refuse_invalid_input_as_documented(
     case: schemathesis.Case[Any], base_url: str
 ) -> None:
+    _call_waiting(case, base_url)
+
+
+@waiting_uploads.parametrize()
+@settings(deadline=None)
+def test_the_waiting_upload_route_answers_as_documented(
+    case: schemathesis.Case[Any], base_url: str
+) -> None:
+    _call_waiting(case, base_url)
+
+
+def _call_waiting(case: schemathesis.Case[Any], base_url: str) -> None:
     checks = [only_the_documented_timeout, *CHECKS[1:]]
     case.call_and_validate(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"},
                            checks=checks)  # fmt: skip

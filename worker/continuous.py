@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.jobs.contract import ErrorCode, Job
-from worker.engine import BatchShape, Decoding, ImageSpec, Source
+from worker.engine import BatchShape, Decoding, Source
 from worker.rows import Lane
-from worker.sources import MissingInput, finished, load_source
+from worker.sources import MissingInput, finished, image_specs, load_source
 from worker.stepping import Candidate, Turns, admit
 
 if TYPE_CHECKING:
@@ -133,10 +133,7 @@ class RowLoop:
             r.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request
             shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
-            specs = [
-                ImageSpec(request.prompt, request.negative_prompt, request.guidance_scale, seed)
-                for seed in request.seeds()
-            ]
+            specs = image_specs(request)
             try:
                 # Read from storage here, on the GPU's thread: one small PNG per job that has
                 # a source, at its join.

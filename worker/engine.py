@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,10 +25,13 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
+from app.prompts import Chunk, Syntax, chunks, token_ids
+from app.vocabulary import PublishedTokenizer
 from worker.plans import Plan, probe, start_step
+from worker.previews import Preview, clean_latents, colours, fit_colours
 from worker.rows import Inpainting, Lane
 from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
 
@@ -50,6 +53,10 @@ ENCODE_CHUNK = 8
 EMBEDDING_CACHE_SIZE = 512
 
 
+class PromptTooLong(ValueError):
+    """A prompt of more chunks of 75 tokens than the engine encodes."""
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What differs between the images of one batch."""
@@ -58,6 +65,7 @@ class ImageSpec:
     negative_prompt: str
     guidance_scale: float
     seed: int
+    syntax: Syntax = "plain"  # how both prompts read (app/prompts.py)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,8 @@ class Tuning:
     vae_chunk: int = 1
     # Continuous batching: warm up (compile) the row path, per-row timesteps and row buckets.
     rows: bool = False
+    # The longest prompt encoded, in chunks of 75 tokens.
+    prompt_chunks: int = 4
 
     def buckets(self) -> list[int]:
         """Batch sizes a batch is padded up to: powers of two, and max_batch itself."""
@@ -153,7 +163,11 @@ class Engine:
         self.tuning = tuning or Tuning()
         # fp16 on GPUs; the CPU has no fast fp16 kernels.
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        self.tokenizer: CLIPTokenizerFast = CLIPTokenizerFast.from_pretrained(
+            model, subfolder="tokenizer"
+        )
+        self.published_tokenizer = self._publishable_tokenizer()
+        self.vocabulary = self.published_tokenizer.vocabulary()
         self.text_encoder = self._place(
             CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=self.dtype)
         )
@@ -164,6 +178,13 @@ class Engine:
             AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype)
         )
         self.scheduler_config = load_schedule(model)
+        # What previews need of the schedule: the signal left at each timestep, and what the
+        # UNet predicts.
+        self._alphas_cumprod = (
+            make_scheduler("ddim", self.scheduler_config).alphas_cumprod.double().numpy()
+        )
+        self._prediction = str(self.scheduler_config.get("prediction_type", "epsilon"))
+        self._colour_map: torch.Tensor | None = None
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # Source images and masks are prepared as diffusers' img2img and inpainting pipelines
         # prepare them (resizing, normalizing, a mask made black or white).
@@ -174,7 +195,7 @@ class Engine:
             do_binarize=True,
             do_convert_grayscale=True,
         )
-        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._embeddings: OrderedDict[tuple[str, Syntax], torch.Tensor] = OrderedDict()
         self._plans: dict[tuple[str, int, int, bool], Plan] = {}
         # A 9-channel UNet (an inpainting model) takes a mask and a masked picture beside the
         # latents, for every job.
@@ -196,6 +217,23 @@ class Engine:
                 self.unet, mode=self.tuning.compile_mode, fullgraph=True
             )
             self._fast_decode = torch.compile(self.vae.decode, fullgraph=True)
+
+    def _publishable_tokenizer(self) -> PublishedTokenizer:
+        """The tokenizer as the API reads it (app/vocabulary.py); chunks are cut with it here
+        too, so both sides count alike."""
+        tokenizer = self.tokenizer
+        comma = tokenizer.convert_tokens_to_ids(",</w>")
+        if not isinstance(comma, int) or comma == tokenizer.unk_token_id:
+            comma = tokenizer(",", add_special_tokens=False).input_ids[-1]
+        return PublishedTokenizer(
+            model=self.model,
+            tokenizer=tokenizer.backend_tokenizer.to_str(),
+            start=tokenizer.bos_token_id,
+            end=tokenizer.eos_token_id,
+            pad=tokenizer.pad_token_id,
+            comma=comma,
+            max_chunks=self.tuning.prompt_chunks,
+        )
 
     def _place(self, module: torch.nn.Module) -> Any:
         return module.to(self.device).eval().requires_grad_(False)
@@ -253,7 +291,10 @@ class Engine:
         batch = len(specs)
         sampler = SAMPLERS[shape.scheduler]
         scheduler, generators, latents = self._start(specs, shape)
-        context = self.encode([s.negative_prompt for s in specs] + [s.prompt for s in specs])
+        contexts = self.embeddings(
+            [(s.negative_prompt, s.syntax) for s in specs] + [(s.prompt, s.syntax) for s in specs]
+        )
+        blocks = [context[None] for context in contexts]
         guidance = torch.tensor(
             [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
         ).view(batch, 1, 1, 1)
@@ -266,7 +307,7 @@ class Engine:
             if self.inpainting_unet:
                 whole = self._whole_picture(shape).expand(len(model_input), -1, -1, -1)
                 model_input = torch.cat([model_input, whole], 1)
-            noise = self.run_unet(model_input, t, context, compiled)
+            noise, _ = self._unet_by_length(model_input, t, blocks, compiled)
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, **step_options).prev_sample
@@ -346,8 +387,10 @@ class Engine:
             guidance=torch.tensor(
                 [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
             ).view(-1, 1, 1, 1),
-            cond=self.encode([s.prompt for s in specs]),
-            uncond=self.encode([s.negative_prompt for s in specs]) if guided else None,
+            cond=torch.stack(self.embeddings([(s.prompt, s.syntax) for s in specs])),
+            uncond=torch.stack(self.embeddings([(s.negative_prompt, s.syntax) for s in specs]))
+            if guided
+            else None,
             inpainting=inpainting,
             conditioning=conditioning,
         )
@@ -409,19 +452,20 @@ class Engine:
         return self._blank[key]
 
     @torch.inference_mode()
-    def step(self, lanes: Sequence[Lane]) -> None:
-        """One denoising step of every lane (all of one size) in one UNet call: per-row
-        timesteps, padded to a row bucket; the cond rows of every image first, then the uncond
+    def step(self, lanes: Sequence[Lane], previews: Collection[str] = ()) -> dict[str, Preview]:
+        """One denoising step of every lane (all of one size) in one UNet call (one per prompt
+        length, where long prompts are in flight): per-row timesteps, padded to a row bucket;
+        the cond rows of every image first, then the uncond
         rows of guided lanes. Guidance is applied to all images at once (an unguided image is
         set against its own cond row, which leaves it as it is), then each lane advances by its
-        plan. Raises (leaving every lane as it was) if the UNet call fails."""
+        plan. Lanes named in `previews` get a preview of this step (worker/previews.py).
+        Raises (leaving every lane as it was) if the UNet call fails."""
         inputs = [lane.model_input() for lane in lanes]
         guided = [i for i, lane in enumerate(lanes) if lane.uncond is not None]
         images = sum(lane.images for lane in lanes)
         sample = torch.cat(inputs + [inputs[i] for i in guided])
-        context = torch.cat(
-            [lane.cond for lane in lanes] + [lanes[i].uncond for i in guided]  # type: ignore[misc]
-        )
+        blocks = [lane.cond for lane in lanes]
+        blocks += [uncond for i in guided if (uncond := lanes[i].uncond) is not None]
         times = [lane.timestep() for lane in lanes for _ in range(lane.images)]
         times += [lanes[i].timestep() for i in guided for _ in range(lanes[i].images)]
         against: list[int] = []  # each image's uncond row, or its own cond row
@@ -434,22 +478,21 @@ class Engine:
                 against += range(uncond_at, uncond_at + lane.images)
                 uncond_at += lane.images
         t_rows = torch.tensor(times, dtype=torch.float32, device=self.device)
-        rows = len(sample)
-        padding = self.tuning.row_bucket(rows) - rows
-        if padding:  # copies of the last row, whose outputs are dropped
-            sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
-            t_rows = torch.cat([t_rows, t_rows[-1:].expand(padding)])
-            context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
         compiled = lanes[0].size in self.tuning.compiled_sizes
         timer = GpuTimer(self.device) if self.observer is not None else None
-        noise = self.run_unet(sample, t_rows, context, compiled)
+        noise, padding = self._unet_by_length(sample, t_rows, blocks, compiled)
+        rows = len(sample)
         cond = noise[:images]
         uncond = noise.index_select(0, torch.tensor(against, device=self.device))
         guidance = torch.cat([lane.guidance for lane in lanes])
         noise = uncond + guidance * (cond - uncond)  # a new tensor: the UNet's is reused
+        made = {}
         at = 0
-        for lane in lanes:
-            lane.advance(noise[at : at + lane.images])
+        for lane, sample in zip(lanes, inputs, strict=True):
+            output = noise[at : at + lane.images]
+            if lane.key in previews:
+                made[lane.key] = self._preview(lane, sample, output)
+            lane.advance(output)
             at += lane.images
         if timer is not None:
             # No synchronization: the host runs ahead of the GPU; the time is read when the
@@ -458,6 +501,20 @@ class Engine:
         while self._timers and self._timers[0][0].ready() and self.observer is not None:
             done, real, bucket = self._timers.popleft()
             self.observer.stepped(done.seconds(), real, bucket)
+        return made
+
+    def _preview(self, lane: Lane, sample: torch.Tensor, output: torch.Tensor) -> Preview:
+        """The lane's images as they would be if denoising stopped at this step, in small."""
+        if self._colour_map is None:
+            fitted = fit_colours(self.vae, self.device, self.dtype, self.latent_scale)
+            self._colour_map = fitted.to(self.device, torch.float32)
+        alphas = self._alphas_cumprod
+        signal = float(np.interp(lane.timestep(), np.arange(len(alphas)), alphas)) ** 0.5
+        channels = self.vae.config.latent_channels
+        clean = clean_latents(
+            sample[:, :channels].float(), output.float(), signal, self._prediction
+        )
+        return Preview(lane.step + 1, colours(clean, self._colour_map), GpuTimer(self.device))
 
     @torch.inference_mode()
     def finish(self, lane: Lane) -> Decoding:
@@ -467,6 +524,52 @@ class Engine:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _unet_by_length(
+        self, sample: torch.Tensor, t: torch.Tensor, blocks: list[torch.Tensor], compiled: bool
+    ) -> tuple[torch.Tensor, int]:
+        """The UNet's output for `sample`, whose rows see the prompt embeddings in `blocks`
+        (laid end to end, a block per prompt) and timestep `t` (one, or one per row); and the
+        rows of padding it ran. Rows whose prompts have more chunks see a longer context: they
+        run in a call of their own (one per length), since padding a shorter context would
+        change what its rows attend to, and so their images. Most calls have one length."""
+        lengths = [block.shape[1] for block in blocks]
+        if len(set(lengths)) == 1:
+            return self._padded_call(sample, t, torch.cat(blocks), compiled)
+        offsets = [0]
+        for block in blocks:
+            offsets.append(offsets[-1] + len(block))
+        out: torch.Tensor | None = None
+        padding = 0
+        for length in dict.fromkeys(lengths):
+            mine = [b for b, n in enumerate(lengths) if n == length]
+            rows = [row for b in mine for row in range(offsets[b], offsets[b + 1])]
+            index = torch.tensor(rows, device=self.device)
+            part, padded = self._padded_call(
+                sample.index_select(0, index),
+                t.index_select(0, index) if t.dim() else t,
+                torch.cat([blocks[b] for b in mine]),
+                compiled,
+            )
+            if out is None:
+                out = part.new_empty((len(sample), *part.shape[1:]))
+            out.index_copy_(0, index, part)
+            padding += padded
+        assert out is not None
+        return out, padding
+
+    def _padded_call(
+        self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool
+    ) -> tuple[torch.Tensor, int]:
+        """One UNet call; rows with a timestep each are padded to their row bucket (copies of
+        the last row, whose outputs are dropped)."""
+        rows = len(sample)
+        padding = self.tuning.row_bucket(rows) - rows if t.dim() else 0
+        if padding:
+            sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
+            t = torch.cat([t, t[-1:].expand(padding)])
+            context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
+        return self.run_unet(sample, t, context, compiled)[:rows], padding
 
     def run_unet(
         self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool
@@ -488,28 +591,64 @@ class Engine:
         torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         return self._fast_unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP embeddings, (len(prompts), 77, dim); repeated prompts come from the cache."""
+    def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
+        """CLIP embeddings of prompts of one length in chunks, (len(prompts), 77 x chunks,
+        dim)."""
+        return torch.stack(self.embeddings([(p, syntax) for p in prompts]))
+
+    def chunk_count(self, prompt: str, syntax: Syntax) -> int:
+        return len(chunks(prompt, syntax, self.vocabulary))
+
+    def embeddings(self, prompts: Sequence[tuple[str, Syntax]]) -> list[torch.Tensor]:
+        """Each prompt's CLIP embeddings, (77 x chunks, dim): its chunks of 75 tokens encoded
+        alone, weighted where the syntax weighs them, laid end to end (what A1111 does; a
+        prompt of one chunk is exactly diffusers' encoding). Repeated prompts come from the
+        cache. Raises PromptTooLong (encoding nothing) for a prompt over the limit."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
-        for start in range(0, len(missing), ENCODE_CHUNK):
-            chunk = missing[start : start + ENCODE_CHUNK]
-            padded = chunk + [""] * (ENCODE_CHUNK - len(chunk))
-            ids = self.tokenizer(
-                padded,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            hidden = self.text_encoder(ids)[0]
-            for prompt, row in zip(chunk, hidden, strict=False):
-                self._embeddings[prompt] = row
+        rows: list[tuple[list[int], list[float]]] = []
+        counts = []
+        for text, syntax in missing:
+            pieces = chunks(text, syntax, self.vocabulary)
+            if len(pieces) > self.tuning.prompt_chunks:
+                raise PromptTooLong(
+                    f"a prompt of {len(pieces)} chunks of 75 tokens; this worker encodes at"
+                    f" most {self.tuning.prompt_chunks}"
+                )
+            rows += [token_ids(piece, self.vocabulary) for piece in pieces]
+            counts.append(len(pieces))
+        hidden = self._encode_rows(rows)
+        at = 0
+        for prompt, count in zip(missing, counts, strict=True):
+            self._embeddings[prompt] = torch.cat(hidden[at : at + count])
+            at += count
         for p in prompts:
             self._embeddings.move_to_end(p)
-        embeddings = torch.stack([self._embeddings[p] for p in prompts])
+        embeddings = [self._embeddings[p] for p in prompts]
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
         return embeddings
+
+    def _encode_rows(self, rows: list[tuple[list[int], list[float]]]) -> list[torch.Tensor]:
+        """CLIP's last hidden state per chunk of 77 ids, in fixed batches of ENCODE_CHUNK rows
+        (padded with empty chunks), so that a chunk's embedding does not depend on how many
+        others came with it. Weighted chunks are scaled token by token, then brought back to
+        their unweighted mean (as A1111 does), so emphasis shifts attention between words
+        without making the whole prompt louder."""
+        empty = token_ids(Chunk(), self.vocabulary)
+        hidden: list[torch.Tensor] = []
+        for start in range(0, len(rows), ENCODE_CHUNK):
+            batch = rows[start : start + ENCODE_CHUNK]
+            padded = batch + [empty] * (ENCODE_CHUNK - len(batch))
+            ids = torch.tensor([r[0] for r in padded], device=self.device)
+            states = self.text_encoder(ids)[0]
+            for (_ids, weights), state in zip(batch, states, strict=False):
+                if any(w != 1 for w in weights):
+                    scale = torch.tensor(weights, device=self.device, dtype=torch.float32)
+                    plain = state.to(torch.float32)
+                    weighted = plain * scale[:, None]
+                    state = (weighted * (plain.mean() / weighted.mean())).to(state.dtype)
+                hidden.append(state)
+        return hidden
 
     def decode(self, latents: torch.Tensor, compiled: bool = False) -> list[np.ndarray | None]:
         """Pixels per latent: HxWx3 uint8, or None for an image that stays non-finite."""

@@ -41,7 +41,7 @@ class Lane:
     latents: torch.Tensor  # (images, channels, height / 8, width / 8): the sample now
     generators: list[torch.Generator]
     guidance: torch.Tensor  # (images, 1, 1, 1)
-    cond: torch.Tensor  # prompt embeddings, (images, 77, dim)
+    cond: torch.Tensor  # prompt embeddings, (images, 77 x chunks, dim)
     # Negative-prompt embeddings; None when guidance is 1 or less, as diffusers does: then the
     # UNet sees no unconditional rows for this lane.
     uncond: torch.Tensor | None

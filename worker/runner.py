@@ -41,12 +41,12 @@ from app.settings import refuse
 from app.storage import Storage, open_storage, result_key
 from worker.batching import Assembly, Slot, chunks, group
 from worker.continuous import RowLoop
-from worker.engine import BatchShape, Engine, ImageSpec, Tuning, resolve_device
+from worker.engine import BatchShape, Engine, Tuning, resolve_device
 from worker.images import encode_png, parameters
 from worker.inbox import Inbox
 from worker.metrics import WorkerMetrics
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
-from worker.sources import MissingInput, finished, load_source
+from worker.sources import MissingInput, finished, image_specs, load_source
 
 log = logging.getLogger("sdserve.worker")
 R = TypeVar("R")
@@ -130,6 +130,7 @@ class Runner:
         self.token = secrets.token_hex(8)
         self.fatal: BaseException | None = None
         self.model_name = Path(engine.model).name
+        self._tokenizer_fields = engine.published_tokenizer.fields()
         self.stopping = threading.Event()
         self.tracker = Tracker()
         self.metrics = metrics or WorkerMetrics(
@@ -271,9 +272,24 @@ class Runner:
         now = time.time()
         for job in jobs:
             self.metrics.queue_wait.observe(now - job.created_at)
+        jobs = [job for job in jobs if self._prompts_fit(job)]
         with self._lock:  # suspects that will not run (ended meanwhile) are out of hand
             self._suspects -= {d.job_id for d in deliveries} - {job.id for job in jobs}
         return jobs
+
+    def _prompts_fit(self, job: Job) -> bool:
+        """A prompt over the model's limit fails its job (the API refuses such prompts once a
+        worker has published its tokenizer: this is for jobs queued before that)."""
+        request = job.request
+        limit = self.engine.tuning.prompt_chunks
+        for field in ("prompt", "negative_prompt"):
+            pieces = self.engine.chunk_count(getattr(request, field), request.prompt_syntax)
+            if pieces > limit:
+                message = f"{field}: {pieces} chunks of 75 tokens; the model takes at most {limit}"
+                self.complete(job, self.fail, job, ErrorCode.INVALID, message)
+                self.settle_suspect(job.id)
+                return False
+        return True
 
     def settle_suspect(self, job_id: str) -> None:
         with self._lock:
@@ -332,7 +348,7 @@ class Runner:
     ) -> set[str]:
         """Run one batch; returns the jobs whose outcome it handed to the pool."""
         jobs = list({s.job.id: s.job for s in rows}.values())
-        specs = [_spec(s) for s in rows]
+        specs = [image_specs(s.job.request)[s.index] for s in rows]
         self.tracker.begin({job.id for job in jobs})
         started = time.perf_counter()
         try:
@@ -371,7 +387,7 @@ class Runner:
         self.tracker.begin({job.id})
         try:
             source = load_source(self.storage, job.id, job.request)
-            specs = [_spec(Slot(job, k)) for k in range(job.request.n)]
+            specs = image_specs(job.request)
             lane = self.engine.prepare(job.id, specs, shape, source)
             while not lane.done:
                 self.engine.step([lane])
@@ -504,6 +520,8 @@ class Runner:
             # the name: two of us would renew each other's entries. Leave.
             raise NameTaken(f"another live worker took the name {self.name!r}")
         self.metrics.last_heartbeat.set_to_current_time()
+        # Each beat: a Redis restarted without persistence has lost it.
+        self.store.publish_tokenizer(self._tokenizer_fields)
         with self._lock:
             held = list(self._held)
         self.store.touch(self.name, held)
@@ -540,11 +558,6 @@ class Runner:
                 if self.stopping.wait(delay):
                     return None
                 delay = min(delay * 2, MAX_BACKOFF_S)
-
-
-def _spec(slot: Slot) -> ImageSpec:
-    r = slot.job.request
-    return ImageSpec(r.prompt, r.negative_prompt, r.guidance_scale, slot.seed)
 
 
 def prepare_model(model: str) -> str:
@@ -586,6 +599,7 @@ def serve(settings: WorkerSettings) -> None:
         compiled_sizes=tuple(settings.compiled_sizes),
         vae_chunk=settings.vae_chunk,
         rows=settings.batching == "continuous",
+        prompt_chunks=settings.max_prompt_chunks,
     )
     metrics = WorkerMetrics(settings.max_batch, tuning.buckets(), tuning.row_buckets())
     if settings.metrics_port:

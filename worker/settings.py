@@ -80,6 +80,13 @@ class WorkerSettings(CommonSettings):
         description="Compiled kernels, kept across restarts (a volume in containers).",
     )
     vae_chunk: int = Field(default=1, ge=1, le=64, description="Images per VAE decode call.")
+    max_prompt_chunks: int = Field(
+        default=4,
+        ge=1,
+        le=16,
+        description="The longest prompt encoded, in chunks of 75 tokens (a longer one is a 422"
+        " at the API). Each chunk lengthens the UNet's cross-attention for that row.",
+    )
     metrics_port: int = Field(
         default=9400, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."
     )

@@ -1,6 +1,7 @@
-"""A job's source picture (img2img, inpainting) from storage, and inpainting's last touch: the
-result laid over the source through the blurred mask, so that outside it the source's pixels
-come back exactly (the VAE alone would only come close)."""
+"""What a job brings the engine: its images' prompts and seeds, its source picture (img2img,
+inpainting) from storage; and inpainting's last touch: the result laid over the source through
+the blurred mask, so that outside it the source's pixels come back exactly (the VAE alone would
+only come close)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,25 @@ from PIL import Image, ImageFilter
 
 from app.jobs.contract import InpaintRequest, JobRequest
 from app.storage import Storage, input_key
-from worker.engine import Source
+from worker.engine import ImageSpec, Source
 
 
 class MissingInput(LookupError):
     """A source picture that is not in storage (swept: the job waited longer than the TTL)."""
+
+
+def image_specs(request: JobRequest) -> list[ImageSpec]:
+    """What the engine needs of a request, per image."""
+    return [
+        ImageSpec(
+            request.prompt,
+            request.negative_prompt,
+            request.guidance_scale,
+            seed,
+            request.prompt_syntax,
+        )
+        for seed in request.seeds()
+    ]
 
 
 def load_source(storage: Storage, job_id: str, request: JobRequest) -> Source | None:

@@ -18,6 +18,7 @@ from app.jobs.keys import (
     QUEUED,
     STREAM,
     SWEEP_LOCK,
+    TOKENIZER,
     WEBHOOK_GROUP,
     WEBHOOKS,
     idempotency_key,
@@ -162,6 +163,15 @@ class ApiStore(Store):
             with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
                 models.append(str(json.loads(raw)["model"]))  # type: ignore[arg-type]
         return sorted(set(models))
+
+    def tokenizer_digest(self) -> str | None:
+        value = self._r.hget(TOKENIZER, "digest")
+        return value.decode() if isinstance(value, bytes) else None
+
+    def tokenizer(self) -> str | None:
+        """The tokenizer record workers published (app/vocabulary.py), if any."""
+        value = self._r.hget(TOKENIZER, "record")
+        return value.decode() if isinstance(value, bytes) else None
 
     def cancel(self, job_id: str, owner: str = "") -> bool:
         """Cancel a queued or running job; False when it had already ended (or never was)."""

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
+from app.prompts import Syntax
+
 SchedulerName = Literal[
     "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"
 ]
@@ -103,6 +105,18 @@ WebhookEvent = Literal["running", "succeeded", "failed", "canceled"]
 STRICT_INPUT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class PromptLength(BaseModel):
+    tokens: int = Field(description="Tokens of text, as the model's tokenizer reads it.")
+    chunks: int = Field(description="Chunks of 75 tokens it is encoded in.")
+
+
+class PromptLengths(BaseModel):
+    """Set by the server, from the tokenizer its workers publish (anything sent is replaced)."""
+
+    prompt: PromptLength
+    negative_prompt: PromptLength
+
+
 class GenerationRequest(BaseModel):
     """What every kind of job asks for. Strict: a wrong JSON type is an error, never a silent
     coercion."""
@@ -128,6 +142,18 @@ class GenerationRequest(BaseModel):
 
     prompt: Prompt
     negative_prompt: NegativePrompt = ""
+    prompt_syntax: Syntax = Field(
+        default="plain",
+        description="How both prompts are read. plain: as text. a1111: AUTOMATIC1111's"
+        " emphasis, `(word:1.3)`, `(word)` (x1.1), `[word]` (/1.1), `\\(` for a bracket, and"
+        " `BREAK` to start a new chunk of 75 tokens. Either way a prompt longer than 75 tokens"
+        " is encoded in chunks of 75, laid end to end; the model's limit is in chunks.",
+    )
+    prompt_length: PromptLengths | None = Field(
+        default=None,
+        description="Set by the server: the prompts' token and chunk counts (absent when no"
+        " worker had published its tokenizer yet). Anything sent is replaced.",
+    )
     width: Side = 512
     height: Side = 512
     steps: Steps = 25

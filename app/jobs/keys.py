@@ -17,6 +17,8 @@ All keys live under the ``sdserve:`` prefix:
 - ``sdserve:stats:job_seconds`` histogram of accepted-to-finished times, by final status
 - ``sdserve:webhooks``          stream of webhook events to send; group ``senders``
 - ``sdserve:sweep``             lock: one process at a time sweeps expired files from storage
+- ``sdserve:tokenizer``         hash: the model's tokenizer as workers publish it (``digest``,
+                                ``record``), for the API to count prompt tokens
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ WEBHOOKS = "sdserve:webhooks"
 WEBHOOK_GROUP = "senders"
 JOB_SECONDS = "sdserve:stats:job_seconds"
 SWEEP_LOCK = "sdserve:sweep"
+TOKENIZER = "sdserve:tokenizer"
 
 
 def job_key(job_id: str) -> str:

@@ -15,7 +15,17 @@ import redis
 
 from app.jobs import scripts
 from app.jobs.contract import Delivery, ErrorCode, Job, Status, parse_request
-from app.jobs.keys import DEAD, GROUP, QUEUED, STREAM, WEBHOOKS, WORKERS, job_key, worker_key
+from app.jobs.keys import (
+    DEAD,
+    GROUP,
+    QUEUED,
+    STREAM,
+    TOKENIZER,
+    WEBHOOKS,
+    WORKERS,
+    job_key,
+    worker_key,
+)
 from app.jobs.store import RECORD_GRACE_S, Store, decode
 
 
@@ -236,6 +246,12 @@ class WorkerStore(Store):
         """Renew this process's hold on its name; False when another process holds it."""
         keys = [worker_key(worker), WORKERS]
         return bool(self._heartbeat(keys=keys, args=[worker, token, info, ttl_s]))
+
+    def publish_tokenizer(self, fields: dict[str, str]) -> None:
+        """Publish the model's tokenizer for the API, unless it is there already (a check of
+        its digest: the record is a few MB)."""
+        if self._r.hget(TOKENIZER, "digest") != fields["digest"].encode():
+            self._r.hset(TOKENIZER, mapping=dict[Any, Any](fields))
 
     def retire(self, worker: str, token: str) -> None:
         self._retire(keys=[worker_key(worker), WORKERS], args=[token, worker])

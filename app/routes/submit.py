@@ -14,7 +14,16 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 
 from app.auth import Caller
-from app.jobs.contract import SEED_MAX, JobRequest, Status, Submission, Txt2ImgRequest
+from app.jobs.contract import (
+    SEED_MAX,
+    JobRequest,
+    PromptLength,
+    PromptLengths,
+    Status,
+    Submission,
+    Txt2ImgRequest,
+)
+from app.prompts import CHUNK, count
 from app.routes.context import (
     IDEMPOTENCY_KEY,
     NO_RETRY,
@@ -25,6 +34,7 @@ from app.routes.context import (
     find_job,
 )
 from app.settings import ApiSettings
+from app.vocabulary import PromptMeter
 from app.webhooks import refusal
 
 
@@ -39,6 +49,7 @@ class Submitter:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.prompts = PromptMeter(ctx.store.tokenizer_digest, ctx.store.tokenizer)
 
     def __call__(
         self,
@@ -68,6 +79,7 @@ class Submitter:
             update={
                 "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
                 "timeout_s": request.timeout_s or self.ctx.settings.job_timeout_s,
+                "prompt_length": self._lengths(request),
             }
         )
         idempotency = (idempotency_key, sent) if idempotency_key is not None else None
@@ -102,6 +114,29 @@ class Submitter:
             return job_id, find_job(self.ctx.store, job_id, caller).status, True
         http.state.accepted = True  # for the metrics: a new job
         return job_id, Status.QUEUED, False
+
+    def _lengths(self, request: JobRequest) -> PromptLengths | None:
+        """Both prompts' lengths, as the workers' tokenizer counts them; a 422 naming the field
+        for one over the model's limit. None (the worker then checks) before any worker has
+        published its tokenizer."""
+        current = self.prompts.current()
+        if current is None:
+            return None
+        published, vocabulary = current
+        lengths, problems = {}, []
+        for field in ("prompt", "negative_prompt"):
+            tokens, pieces = count(getattr(request, field), request.prompt_syntax, vocabulary)
+            lengths[field] = PromptLength(tokens=tokens, chunks=pieces)
+            if pieces > published.max_chunks:
+                limit = published.max_chunks
+                message = (
+                    f"{tokens} tokens, {pieces} chunks of {CHUNK}: the model takes at most"
+                    f" {limit} chunks ({limit * CHUNK} tokens)"
+                )
+                problems.append({"loc": ("body", field), "msg": message, "type": "value_error"})
+        if problems:
+            raise RequestValidationError(problems)
+        return PromptLengths(**lengths)
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:

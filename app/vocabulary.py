@@ -1,0 +1,78 @@
+"""The model's tokenizer, shared through Redis.
+
+The API holds no model, yet it must count a prompt's tokens as the workers will (to refuse a
+prompt over the model's limit with a 422 and to show the count). So a worker, at start,
+publishes its tokenizer (the `tokenizer.json` of Hugging Face's `tokenizers`, a few MB) and the
+limit; the API reads it back and keeps it until a worker publishes another. Both sides chunk
+with app/prompts.py over the same tokenizer, so their counts are the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from tokenizers import Tokenizer
+
+from app.prompts import Vocabulary
+
+
+@dataclass(frozen=True)
+class PublishedTokenizer:
+    model: str
+    tokenizer: str  # tokenizer.json
+    start: int
+    end: int
+    pad: int
+    comma: int
+    max_chunks: int  # the longest prompt a worker encodes, in chunks of 75 tokens
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def fields(self) -> dict[str, str]:
+        return {"digest": self.digest, "record": json.dumps(asdict(self))}
+
+    @classmethod
+    def parse(cls, record: str) -> PublishedTokenizer:
+        return cls(**json.loads(record))
+
+    def vocabulary(self) -> Vocabulary:
+        tokenizer = Tokenizer.from_str(self.tokenizer)
+        # A saved tokenizer may carry the model's truncation and padding: chunks need neither.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+
+        def tokenize(text: str) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=False).ids)
+
+        return Vocabulary(tokenize, self.start, self.end, self.pad, self.comma)
+
+
+class PromptMeter:
+    """The API's token counter: the published tokenizer, read again only when a worker
+    publishes another (one small read per submission to see whether it did)."""
+
+    def __init__(self, digest: Callable[[], str | None], record: Callable[[], str | None]):
+        self._digest = digest
+        self._record = record
+        self._lock = threading.Lock()
+        self._known: tuple[str, PublishedTokenizer, Vocabulary] | None = None
+
+    def current(self) -> tuple[PublishedTokenizer, Vocabulary] | None:
+        """The workers' tokenizer and its vocabulary; None before any worker published one."""
+        digest = self._digest()
+        if digest is None:
+            return None
+        with self._lock:
+            if self._known is None or self._known[0] != digest:
+                raw = self._record()
+                if raw is None:
+                    return None
+                published = PublishedTokenizer.parse(raw)
+                self._known = (digest, published, published.vocabulary())
+            return self._known[1], self._known[2]

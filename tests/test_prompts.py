@@ -1,0 +1,195 @@
+"""Long and weighted prompts: A1111's emphasis syntax, chunks of 75 tokens, embeddings equal to
+CLIP's own per chunk, images equal to diffusers' pipeline given those embeddings, and rows of
+different prompt lengths batched together without changing anyone's image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from app.jobs.contract import Status
+from app.prompts import CHUNK, chunks, count, fragments, token_ids
+from tests.conftest import JobStore
+from tests.test_rows import max_diff, run
+from tests.test_worker import run_once, runner, submit
+from worker.engine import BatchShape, Engine, ImageSpec, PromptTooLong
+from worker.schedulers import make_scheduler
+
+# A1111's own examples of its syntax, with the weights it gives them.
+# fmt: off
+EMPHASIS = [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    (
+        "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+        [("a ", 1.0), ("house", 1.1 * 1.1 * 1.3), (" ", 1.1), ("on", 1.0), (" a ", 1.1),
+         ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.1**4), (".", 1.1)],
+    ),
+    ("[a] [[b]]", [("a", 1 / 1.1), (" ", 1.0), ("b", 1 / 1.1**2)]),
+    ("(a:1.5) and :colons:", [("a", 1.5), (" and :colons:", 1.0)]),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("prompt", "expected"), EMPHASIS)
+def test_emphasis_weighs_as_a1111(prompt: str, expected: list[tuple[str, float]]) -> None:
+    got = fragments(prompt, "a1111")
+    assert [f.text for f in got] == [text for text, _ in expected]
+    assert [f.weight for f in got] == pytest.approx([weight for _, weight in expected])
+
+
+def test_plain_prompts_keep_every_character() -> None:
+    prompt = "a (house:1.3) BREAK [x]"
+    assert [(f.text, f.weight) for f in fragments(prompt, "plain")] == [(prompt, 1.0)]
+
+
+def test_break_ends_a_chunk_and_commas_keep_phrases_whole(engine: Engine) -> None:
+    vocabulary = engine.vocabulary
+    assert [len(c.ids) for c in chunks("ab BREAK cd", "a1111", vocabulary)] == [2, 2]
+    assert len(chunks("", "plain", vocabulary)) == 1
+    # The tiny tokenizer has one token per character: 70 tokens, a comma, then 10 more. The
+    # first chunk ends after the comma rather than in the middle of the last phrase.
+    prompt = "a" * 70 + "," + "b" * 10
+    pieces = chunks(prompt, "plain", vocabulary)
+    assert [len(c.ids) for c in pieces] == [71, 10]
+    assert count(prompt, "plain", vocabulary) == (81, 2)
+    # No comma near the end: cut at 75.
+    assert [len(c.ids) for c in chunks("a" * 160, "plain", vocabulary)] == [75, 75, 10]
+
+
+def test_a_short_prompt_is_exactly_what_the_tokenizer_gives(engine: Engine) -> None:
+    text = "a lighthouse, at dusk"
+    (chunk,) = chunks(text, "plain", engine.vocabulary)
+    ids, weights = token_ids(chunk, engine.vocabulary)
+    expected = engine.tokenizer(text, padding="max_length", max_length=77).input_ids
+    assert ids == expected and weights == [1.0] * 77
+
+
+def clip(engine: Engine, text: str) -> torch.Tensor:
+    """CLIP's own encoding of up to 75 tokens of text, as diffusers encodes a prompt."""
+    ids = engine.tokenizer(text, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.inference_mode():
+        return engine.text_encoder(ids.input_ids)[0][0]  # type: ignore[no-any-return]
+
+
+def test_a_long_prompt_is_its_chunks_encoded_alone_end_to_end(engine: Engine) -> None:
+    first, second = "c " * 75, "d " * 30  # a token per letter in the tiny tokenizer
+    ours = engine.encode([first + second])[0]
+    assert ours.shape[0] == 2 * 77
+    expected = torch.cat([clip(engine, first), clip(engine, second)])
+    # Equal up to fp32 rounding (sdserve encodes chunks 8 at a time, this one at a time).
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_weights_scale_tokens_and_keep_the_mean(engine: Engine) -> None:
+    ours = engine.encode(["ab (cd:1.5)"], "a1111")[0]
+    plain = clip(engine, "ab cd")
+    weights = torch.ones(77)
+    # start, a, b, then c and d at 1.5 (a token per letter in the tiny tokenizer)
+    ids = engine.tokenizer("ab cd", add_special_tokens=False).input_ids
+    weights[1 + len(ids) - 2 : 1 + len(ids)] = 1.5
+    weighted = plain * weights[:, None]
+    assert torch.allclose(ours, weighted * (plain.mean() / weighted.mean()), atol=1e-5)
+    assert not torch.allclose(ours, plain)
+
+
+def test_a_prompt_over_the_limit_is_refused(engine: Engine) -> None:
+    limit = engine.tuning.prompt_chunks
+    with pytest.raises(PromptTooLong):
+        engine.encode(["e" * (CHUNK * limit + 1)])
+    assert engine.encode(["e" * (CHUNK * limit)]).shape[1] == 77 * limit
+
+
+LONG = "a red fox in deep snow, " * 5  # 120 tokens of the tiny tokenizer: two chunks
+NEGATIVE = "blurry, low quality, noisy " * 4  # 104: two chunks
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a"])
+def test_long_prompts_equal_diffusers_given_the_same_embeddings(
+    engine: Engine, tiny_model: Path, scheduler: str
+) -> None:
+    """Diffusers cuts prompts at 77 tokens; handed the chunked embeddings, its pipeline makes
+    the images sdserve makes (static batches and rows alike)."""
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        prompt_embeds=engine.encode([LONG]),
+        negative_prompt_embeds=engine.encode([NEGATIVE]),
+        height=64, width=64, num_inference_steps=4, guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(21), output_type="np",
+    ).images[0]  # fmt: skip
+    reference = (reference * 255).round().astype(np.uint8)
+    spec = ImageSpec(LONG, NEGATIVE, 6.0, 21)
+    shape = BatchShape(64, 64, 4, scheduler)
+    static = engine.generate([spec], shape)
+    assert static is not None and static[0] is not None
+    assert max_diff(static[0], reference) <= 1
+    rows = run(engine, [engine.prepare("long", [spec], shape)])["long"][0]
+    assert max_diff(rows, reference) <= 1
+
+
+def test_rows_of_different_prompt_lengths_step_together_unchanged(engine: Engine) -> None:
+    """The seed contract across prompt lengths: a long prompt, a long prompt with a short
+    negative, and short prompts, stepping in the same calls, each make the image they make
+    alone (fp32 on the CPU: ~1e-6 apart before rounding, as for any strangers)."""
+    shape = BatchShape(64, 64, 4, "dpmpp_2m")
+    specs = {
+        "long": ImageSpec(LONG, NEGATIVE, 6.0, 1),
+        "mixed": ImageSpec(LONG, "blurry", 7.0, 2, "a1111"),
+        "weighted": ImageSpec("a (fox:1.4) BREAK in snow", "", 5.0, 3, "a1111"),
+        "short": ImageSpec("a cat", "", 6.0, 4),
+        "unguided": ImageSpec(LONG, "", 1.0, 5),
+    }
+    alone = {k: run(engine, [engine.prepare(k, [s], shape)])[k][0] for k, s in specs.items()}
+    together = run(engine, [engine.prepare(key, [s], shape) for key, s in specs.items()])
+    for key, image in alone.items():
+        assert max_diff(together[key][0], image) <= 1, key
+    static = engine.generate(list(specs.values()), shape)
+    assert static is not None
+    for key, made in zip(specs, static, strict=True):
+        assert made is not None and max_diff(made, alone[key]) <= 1, key
+
+
+def test_the_api_counts_as_the_workers_do_and_refuses_a_prompt_over_the_limit(
+    api: httpx.Client, store: JobStore, engine: Engine
+) -> None:
+    over = "e " * (CHUNK * engine.tuning.prompt_chunks + 1)
+    # Before any worker has published its tokenizer: accepted, uncounted (the worker checks).
+    early = api.post("/v1/txt2img", json={"prompt": over})
+    assert early.status_code == 202
+    assert api.get(early.json()["url"]).json()["request"]["prompt_length"] is None
+    store.publish_tokenizer(engine.published_tokenizer.fields())
+    refused = api.post("/v1/txt2img", json={"prompt": "x", "negative_prompt": over})
+    assert refused.status_code == 422
+    (problem,) = refused.json()["detail"]
+    assert problem["loc"] == ["body", "negative_prompt"]
+    assert "301 tokens, 5 chunks of 75" in problem["msg"]
+    body = {"prompt": LONG, "negative_prompt": "(blurry:1.2)", "prompt_syntax": "a1111"}
+    accepted = api.post("/v1/txt2img", json=body)
+    assert accepted.status_code == 202
+    lengths = api.get(accepted.json()["url"]).json()["request"]["prompt_length"]
+    expected = count(LONG, "a1111", engine.vocabulary)
+    assert lengths == {
+        "prompt": {"tokens": expected[0], "chunks": 2},
+        "negative_prompt": {"tokens": len(engine.tokenizer("blurry").input_ids) - 2, "chunks": 1},
+    }
+
+
+def test_a_job_queued_before_the_count_fails_at_the_worker_naming_the_prompt(
+    store: JobStore, tiny_model: Path, redis_url: str
+) -> None:
+    job_id = submit(store, prompt="e " * 301)
+    assert run_once(runner(store, tiny_model, redis_url)) == 1
+    view = store.view(job_id)
+    assert view is not None and view.status is Status.FAILED and view.error is not None
+    assert view.error.code == "invalid_request"
+    assert "prompt: 5 chunks of 75 tokens" in view.error.message
