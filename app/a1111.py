@@ -9,6 +9,7 @@ in docs/api.md.
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -231,8 +232,9 @@ def sampler_label(scheduler: str) -> str:
     return next(label for label, name in SAMPLERS.items() if name == scheduler)
 
 
-def progress(view: JobView | None) -> dict[str, Any]:
-    """A1111's `/sdapi/v1/progress` for the caller's latest job."""
+def progress(view: JobView | None, preview: bytes | None = None) -> dict[str, Any]:
+    """A1111's `/sdapi/v1/progress` for the caller's latest job: `current_image` is its live
+    preview (base64 JPEG), `eta_relative` its ETA in seconds."""
     state: dict[str, Any] = {
         "skipped": False, "interrupted": False, "job": "", "job_count": 0,
         "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
@@ -247,5 +249,7 @@ def progress(view: JobView | None) -> dict[str, Any]:
             done = view.progress.step / max(view.progress.steps, 1)
         elif view.status.value == "succeeded":
             done = 1.0
-    return {"progress": done if state["job_count"] else 0.0, "eta_relative": 0.0,
-            "state": state, "current_image": None, "textinfo": None}  # fmt: skip
+    eta = view.eta_s if view is not None and view.eta_s is not None else 0.0
+    image = base64.b64encode(preview).decode() if preview else None
+    return {"progress": done if state["job_count"] else 0.0, "eta_relative": eta,
+            "state": state, "current_image": image, "textinfo": None}  # fmt: skip

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--mask", type=Path, help="with --image: repaint where this is white")
     gen.add_argument("--strength", type=float, help="with --image: how much is redrawn, 0-1")
     gen.add_argument("--mask-blur", type=int, help="with --mask: pixels of blur on its edge")
+    gen.add_argument("--prompt-syntax", choices=["plain", "a1111"],
+                     help="a1111: read (word:1.3), [word] and BREAK as A1111 does")  # fmt: skip
+    gen.add_argument("--preview", type=Path,
+                     help="save the job's live preview (JPEG) here as it forms")  # fmt: skip
     gen.add_argument("--url", default=os.environ.get("SDSERVE_URL", "http://127.0.0.1:8000"),
                      help="the API (default: $SDSERVE_URL or http://127.0.0.1:8000)")  # fmt: skip
     gen.add_argument("--key", default=os.environ.get("SDSERVE_KEY"),
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         from app.client import main as generate
 
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
-                  "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur"]  # fmt: skip
+                  "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur",
+                  "prompt_syntax"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
         pictures = {name: getattr(args, name) for name in ("image", "mask")
                     if getattr(args, name) is not None}  # fmt: skip
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--mask needs --image")
         if not pictures and {"strength", "mask_blur"} & request.keys():
             parser.error("--strength and --mask-blur need --image")
-        generate(args.url.rstrip("/"), args.key, request, args.out, pictures)
+        generate(args.url.rstrip("/"), args.key, request, args.out, pictures, args.preview)
     else:
         from worker.tiny import build_tiny_model
 

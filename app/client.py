@@ -1,7 +1,7 @@
 """`sdserve generate`: a command-line client. Submits a job (text to image, or from a picture with
-`--image`, inpainting with `--mask`), shows its place in the queue and
-then its steps as a progress bar (from the job's live events), saves the PNGs and prints their
-seeds and paths. Ctrl-C cancels the job."""
+`--image`, inpainting with `--mask`), shows its place in the queue and then its steps as a
+progress bar with the time left (from the job's live events; `--preview` saves its live preview
+as it forms), saves the PNGs and prints their seeds and paths. Ctrl-C cancels the job."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ class ClientError(Exception):
 
 def generate(
     url: str, key: str | None, request: dict[str, Any], out: Path,
-    pictures: dict[str, Path] | None = None,
+    pictures: dict[str, Path] | None = None, preview: Path | None = None,
 ) -> list[Path]:  # fmt: skip
     """Run one job to the end and save its images; returns their paths. With `pictures` (an
-    `image`, and a `mask` to inpaint) the job starts from them, sent as multipart files."""
+    `image`, and a `mask` to inpaint) the job starts from them, sent as multipart files; with
+    `preview`, each new live preview is written there."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
         if pictures:
@@ -40,7 +41,7 @@ def generate(
         else:
             job = _call(http, "POST", "/v1/txt2img", json=request)
         try:
-            view = _follow(http, job["url"])
+            view = _follow(http, job["url"], preview)
         except KeyboardInterrupt:
             _call(http, "DELETE", job["url"], allow=(409,))
             raise ClientError(f"canceled job {job['id']}", 130) from None
@@ -65,8 +66,9 @@ def _read(path: Path) -> bytes:
         raise ClientError(f"cannot read {path}: {e.strerror}", 2) from None
 
 
-def _follow(http: httpx.Client, job_url: str) -> dict[str, Any]:
-    """Show the job's progress from its event stream; returns the job once it ended."""
+def _follow(http: httpx.Client, job_url: str, preview: Path | None) -> dict[str, Any]:
+    """Show the job's progress from its event stream (saving each new preview to `preview`);
+    returns the job once it ended."""
     view: dict[str, Any] = {}
     try:
         with http.stream("GET", f"{job_url}/events", timeout=None) as response:
@@ -74,6 +76,8 @@ def _follow(http: httpx.Client, job_url: str) -> dict[str, Any]:
             for event, data in _events(response.iter_lines()):
                 view = json.loads(data)
                 _show(event, view)
+                if preview is not None and view.get("preview_url"):
+                    _save_preview(http, view["preview_url"], preview)
     except httpx.TransportError as e:
         raise ClientError(f"lost the server while waiting: {e}") from None
     finally:
@@ -94,16 +98,29 @@ def _events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
             event, data = "message", ""
 
 
+def _save_preview(http: httpx.Client, url: str, path: Path) -> None:
+    """Write the preview beside `path`, then move it there: a viewer never sees half of it. A
+    preview gone meanwhile (the job moved on) is skipped."""
+    response = http.get(url)
+    if response.status_code != 200:
+        return
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_bytes(response.content)
+    partial.replace(path)
+
+
 def _show(event: str, view: dict[str, Any]) -> None:
+    eta = view.get("eta_s")
+    left = f", ~{eta:.0f} s left" if eta is not None else ""
     if event == "queued":
-        line = f"queued: {view['position']} jobs ahead"
+        line = f"queued: {view['position']} jobs ahead{left}"
     elif event == "running" and view.get("progress"):
         step, steps = view["progress"]["step"], view["progress"]["steps"]
         done = BAR_WIDTH * step // max(steps, 1)
-        line = f"running [{'#' * done}{'.' * (BAR_WIDTH - done)}] step {step}/{steps}"
+        line = f"running [{'#' * done}{'.' * (BAR_WIDTH - done)}] step {step}/{steps}{left}"
     else:
         line = event
-    print(f"\r{line:<60}", end="", file=sys.stderr, flush=True)
+    print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
 
 
 def _call(
@@ -142,10 +159,11 @@ def _check(response: httpx.Response) -> None:
 
 
 def main(
-    url: str, key: str | None, request: dict[str, Any], out: Path, pictures: dict[str, Path]
-) -> NoReturn:
+    url: str, key: str | None, request: dict[str, Any], out: Path, pictures: dict[str, Path],
+    preview: Path | None = None,
+) -> NoReturn:  # fmt: skip
     try:
-        generate(url, key, request, out, pictures)
+        generate(url, key, request, out, pictures, preview)
     except ClientError as e:
         print(f"sdserve: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None

@@ -9,6 +9,7 @@ import redis
 
 from app.jobs.contract import ErrorCode, Status, Submission, Txt2ImgRequest
 from app.jobs.keys import GROUP, QUEUED, STREAM, job_key, worker_key
+from app.jobs.worker_store import Report
 from tests.conftest import JobStore, enqueue
 
 
@@ -41,7 +42,7 @@ def test_work_flows_queued_running_succeeded_and_is_acked(store: JobStore, redis
     view = store.view(ids[0])
     assert view is not None and view.status is Status.RUNNING and view.position is None
     assert view.progress is not None and (view.progress.step, view.progress.steps) == (0, 25)
-    assert store.report({ids[0]: 7}) == set()
+    assert store.report({ids[0]: Report(7, None)}, {}) == set()
     view = store.view(ids[0])
     assert view is not None and view.progress is not None and view.progress.step == 7
     assert pending(r) == 3
@@ -82,7 +83,7 @@ def test_cancel_while_running_is_reported_to_the_worker(store: JobStore) -> None
     job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
     assert store.cancel(job_id)
-    assert store.report({job_id: 3}) == {job_id}
+    assert store.report({job_id: Report(3, None)}, {}) == {job_id}
     assert not store.succeed(job, 1)
     view = store.view(job_id)
     assert view is not None and view.status is Status.CANCELED and view.images == []
@@ -252,7 +253,7 @@ def test_handed_back_jobs_are_queued_again_in_their_place(store: JobStore) -> No
     first, second = enqueue(store, request(prompt="a")), enqueue(store, request(prompt="b"))
     deliveries = store.read("w1", 10, 100)
     store.start(deliveries[:1], "w1")  # `first` runs, `second` was read but never started
-    store.report({first: 4})
+    store.report({first: Report(4, None)}, {})
     store.hand_back(deliveries)
     views = [store.view(first), store.view(second)]
     assert [(v.status, v.position, v.progress) for v in views if v] == [
@@ -269,7 +270,8 @@ def test_progress_never_recreates_a_lost_record(store: JobStore, redis_url: str)
     job_id = enqueue(store, request())
     [job] = store.start(store.read("w1", 1, 100), "w1")
     redis.Redis.from_url(redis_url).delete(job_key(job_id))  # Redis lost its data
-    assert store.report({job_id: 3}) == {job_id}  # gone: the worker stops working on it
+    # gone: the worker stops working on it
+    assert store.report({job_id: Report(3, None)}, {}) == {job_id}
     assert store.record(job_id) == {} and store.view(job_id) is None
     assert not store.succeed(job, 1)
 

@@ -22,6 +22,7 @@ import torch
 
 from app.jobs.contract import ErrorCode, Job
 from worker.engine import BatchShape, Decoding, Source
+from worker.previews import Preview
 from worker.rows import Lane
 from worker.sources import MissingInput, finished, image_specs, load_source
 from worker.stepping import Candidate, Turns, admit
@@ -37,7 +38,8 @@ class RowLoop:
         self.runner = runner
         self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
         self.lanes: dict[str, tuple[Job, Lane]] = {}
-        self.decodings: deque[tuple[Job, Decoding]] = deque()
+        self.decodings: deque[tuple[Job, Decoding, float]] = deque()  # and when it began
+        self.previews: deque[tuple[Job, Preview]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
         self.turns = Turns()
 
@@ -151,7 +153,7 @@ class RowLoop:
             if source is not None:
                 self.sources[job.id] = source
             self.lanes[job.id] = (job, lane)
-            r.tracker.at(job.id, 0)
+            r.tracker.at(job.id, 0, lane.steps, lane.images)
 
     def _step_one_size(self) -> None:
         r = self.runner
@@ -163,7 +165,7 @@ class RowLoop:
         for job, lane in group:
             if job.id not in self.lanes:
                 continue  # failed in this step
-            r.tracker.at(job.id, lane.step)
+            r.tracker.at(job.id, lane.step, lane.steps, lane.images)
             if lane.done:
                 del self.lanes[job.id]
                 self._finish(job, lane)
@@ -172,8 +174,15 @@ class RowLoop:
         """One UNet call for the group; out of GPU memory, the group is split in halves (a
         failed call leaves every lane as it was) down to one lane, which then fails alone."""
         r = self.runner
+        every = r.settings.preview_every
+        wanted = {
+            job.id for job, lane in group
+            if every and (lane.step + 1) % every == 0 and lane.step + 1 < lane.steps
+        }  # fmt: skip
         try:
-            r.engine.step([lane for _, lane in group])
+            made = r.engine.step([lane for _, lane in group], wanted)
+            jobs = {job.id: job for job, _ in group}
+            self.previews.extend((jobs[key], preview) for key, preview in made.items())
             return
         except torch.cuda.OutOfMemoryError:
             r.engine.release_memory()
@@ -199,7 +208,7 @@ class RowLoop:
 
     def _finish(self, job: Job, lane: Lane) -> None:
         try:
-            self.decodings.append((job, self.runner.engine.finish(lane)))
+            self.decodings.append((job, self.runner.engine.finish(lane), time.monotonic()))
         except Exception as e:
             self._decode_failed(job, e)
 
@@ -207,8 +216,12 @@ class RowLoop:
         """Hand the decodes that are done (all of them, with `wait`) to the completion pool, in
         the order they started."""
         r = self.runner
+        while self.previews and self.previews[0][1].ready():
+            job, preview = self.previews.popleft()
+            r.tracker.preview(job.id, preview.step, preview.pictures())
         while self.decodings and (wait or self.decodings[0][1].ready()):
-            job, decoding = self.decodings.popleft()
+            job, decoding, began = self.decodings.popleft()
+            r.tracker.decoded(time.monotonic() - began)
             try:
                 images = r.engine.images(decoding)
                 images = finished(images, self.sources.get(job.id), job.request)

@@ -35,6 +35,7 @@ import torch
 
 from app import logs
 from app.jobs.contract import Delivery, ErrorCode, Job
+from app.jobs.eta import denoising_steps
 from app.jobs.store import is_transient
 from app.jobs.worker_store import WorkerStore
 from app.settings import refuse
@@ -42,9 +43,10 @@ from app.storage import Storage, open_storage, result_key
 from worker.batching import Assembly, Slot, chunks, group
 from worker.continuous import RowLoop
 from worker.engine import BatchShape, Engine, Tuning, resolve_device
-from worker.images import encode_png, parameters
+from worker.images import encode_png, encode_preview, parameters
 from worker.inbox import Inbox
 from worker.metrics import WorkerMetrics
+from worker.progress import Tracker
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
 from worker.sources import MissingInput, finished, image_specs, load_source
 
@@ -59,57 +61,6 @@ STORAGE_ATTEMPTS = 4  # first try, then after 0.5, 1 and 2 seconds
 
 class NameTaken(Exception):
     """Another live worker process holds this worker name."""
-
-
-class Tracker:
-    """The jobs on the GPU now, their step, and which of them ended elsewhere (canceled).
-
-    Written by the GPU loop and read by the reporter thread.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._steps: dict[str, int] = {}
-        self._gone: set[str] = set()
-
-    def begin(self, job_ids: set[str]) -> None:
-        with self._lock:
-            self._steps = dict.fromkeys(job_ids, 0)
-
-    def advance(self, step: int) -> bool:
-        """Record a finished step; False once every job of the batch has ended elsewhere."""
-        with self._lock:
-            self._steps = dict.fromkeys(self._steps, step)
-            return not self._steps.keys() <= self._gone
-
-    def end(self) -> None:
-        with self._lock:
-            self._steps = {}
-
-    def at(self, job_id: str, step: int) -> None:
-        """Row batching: one job's step (jobs in flight are at different steps)."""
-        with self._lock:
-            self._steps[job_id] = step
-
-    def remove(self, job_id: str) -> None:
-        with self._lock:
-            self._steps.pop(job_id, None)
-
-    def running(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._steps)
-
-    def mark_gone(self, job_ids: set[str]) -> None:
-        with self._lock:
-            self._gone |= job_ids
-
-    def is_gone(self, job_id: str) -> bool:
-        with self._lock:
-            return job_id in self._gone
-
-    def forget(self, job_ids: set[str]) -> None:
-        with self._lock:
-            self._gone -= job_ids
 
 
 class Runner:
@@ -349,7 +300,7 @@ class Runner:
         """Run one batch; returns the jobs whose outcome it handed to the pool."""
         jobs = list({s.job.id: s.job for s in rows}.values())
         specs = [image_specs(s.job.request)[s.index] for s in rows]
-        self.tracker.begin({job.id for job in jobs})
+        self.tracker.begin({job.id: (job.request.steps, job.request.n) for job in jobs})
         started = time.perf_counter()
         try:
             images = self.engine.generate(specs, shape, self._keep_going)
@@ -384,7 +335,7 @@ class Runner:
 
     def _run_source(self, job: Job, shape: BatchShape) -> set[str]:
         """img2img or inpainting in static mode: the job alone, through the row hooks."""
-        self.tracker.begin({job.id})
+        self.tracker.begin({job.id: (denoising_steps(job.request), job.request.n)})
         try:
             source = load_source(self.storage, job.id, job.request)
             specs = image_specs(job.request)
@@ -501,7 +452,11 @@ class Runner:
             try:
                 running = self.tracker.running()
                 if running:
-                    self.tracker.mark_gone(self.store.report(running))
+                    previews = {
+                        job_id: (step, encode_preview(pictures))
+                        for job_id, (step, pictures) in self.tracker.take_previews().items()
+                    }
+                    self.tracker.mark_gone(self.store.report(running, previews))
                 if time.monotonic() >= next_beat:
                     self._heartbeat()
                     next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
@@ -511,7 +466,12 @@ class Runner:
                 log.warning("reporter: redis unavailable: %s", e)
 
     def _info(self) -> str:
-        return json.dumps({"device": str(self.engine.device), "model": self.model_name})
+        """What the heartbeat says: the model, and the pace the API's queued ETAs use."""
+        return json.dumps({
+            "device": str(self.engine.device), "model": self.model_name,
+            "step_s": self.tracker.step_s, "decode_s": self.tracker.decode_s,
+            "images": self.tracker.images_in_flight(), "capacity": self.settings.max_batch,
+        })  # fmt: skip
 
     def _heartbeat(self) -> None:
         ttl = self.settings.heartbeat_ttl_s

@@ -80,6 +80,13 @@ class WorkerSettings(CommonSettings):
         description="Compiled kernels, kept across restarts (a volume in containers).",
     )
     vae_chunk: int = Field(default=1, ge=1, le=64, description="Images per VAE decode call.")
+    preview_every: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="A live preview of each running image every this many steps (a cheap"
+        " latent-to-RGB picture, not a VAE decode; continuous batching only); 0: none.",
+    )
     max_prompt_chunks: int = Field(
         default=4,
         ge=1,

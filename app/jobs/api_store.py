@@ -11,6 +11,7 @@ import redis
 
 from app.jobs import scripts
 from app.jobs.contract import JobRequest, JobView, Status, Submission, new_job_id
+from app.jobs.eta import Pace
 from app.jobs.keys import (
     DEAD,
     GROUP,
@@ -25,6 +26,7 @@ from app.jobs.keys import (
     inflight_key,
     job_key,
     latest_key,
+    preview_key,
     ratelimit_key,
     retry_key,
     worker_key,
@@ -36,6 +38,9 @@ from app.jobs.views import QueueState, durations, job_view
 # that Redis runs later than that (it stalled, then resumed) creates nothing: the API has
 # answered 503 by then, or is about to.
 _SUBMIT_WINDOW = 0.5
+# Queued jobs' ETAs use the workers' pace from their heartbeats (every few seconds): reading
+# them once a second is fresh enough, and keeps polling clients off Redis.
+PACE_MAX_AGE_S = 1.0
 
 
 class ApiStore(Store):
@@ -45,6 +50,7 @@ class ApiStore(Store):
         super().__init__(client, result_ttl_s, record_grace_s)
         self._submit = client.register_script(scripts.SUBMIT)
         self._clock_offset: float | None = None  # Redis's clock minus ours, seconds
+        self._paces: tuple[float, list[Pace]] | None = None  # (when read, the paces)
         self._timeout_s = float(client.connection_pool.connection_kwargs.get("socket_timeout")
                                 or 0)  # fmt: skip
 
@@ -145,7 +151,8 @@ class ApiStore(Store):
         record = decode(raw)
         if "request" not in record or "status" not in record or record.get("owner", "") != owner:
             return None
-        return job_view(job_id, record, position, time.time() if now is None else now)
+        paces = self.paces() if record["status"] == "queued" else []
+        return job_view(job_id, record, position, time.time() if now is None else now, paces)
 
     def remember_latest(self, owner: str, job_id: str) -> None:
         """A1111's progress and interrupt are about the caller's latest job."""
@@ -158,11 +165,30 @@ class ApiStore(Store):
     def served_models(self) -> list[str]:
         """The models live workers say they serve."""
         models = []
-        for name in self.live_workers():
-            raw = self._r.hget(worker_key(name), "info")
-            with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
-                models.append(str(json.loads(raw)["model"]))  # type: ignore[arg-type]
+        for info in self._worker_infos():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                models.append(str(json.loads(info)["model"]))
         return sorted(set(models))
+
+    def paces(self) -> list[Pace]:
+        """How the live workers are going (their heartbeats'), read at most once a second."""
+        now = time.monotonic()
+        if self._paces is None or now - self._paces[0] > PACE_MAX_AGE_S:
+            paces = [Pace.parse(info) for info in self._worker_infos()]
+            self._paces = (now, [p for p in paces if p is not None])
+        return self._paces[1]
+
+    def _worker_infos(self) -> list[str]:
+        names = self.live_workers()
+        tx = self._r.pipeline(transaction=False)
+        for name in names:
+            tx.hget(worker_key(name), "info")
+        return [raw.decode() for raw in tx.execute() if isinstance(raw, bytes)]
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The job's latest preview JPEG, if it has one."""
+        value = self._r.get(preview_key(job_id))
+        return value if isinstance(value, bytes) else None
 
     def tokenizer_digest(self) -> str | None:
         value = self._r.hget(TOKENIZER, "digest")

@@ -285,6 +285,17 @@ class JobView(BaseModel):
     seeds: list[int]
     images: list[str]
     error: JobError | None
+    eta_s: float | None = Field(
+        default=None,
+        description="Seconds until it is likely done, while queued or running: from the"
+        " workers' measured pace, its place in the queue and its steps left. Absent before any"
+        " worker has measured its pace.",
+    )
+    preview_url: str | None = Field(
+        default=None,
+        description="While running: its latest live preview (a small JPEG of every image side"
+        " by side), when the workers make previews. The query changes with each new one.",
+    )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ All keys live under the ``sdserve:`` prefix:
 - ``sdserve:queue``             stream of work; each entry is ``{job: <id>}``; group ``workers``
 - ``sdserve:queued``            sorted set of queued job ids, scored by creation time (positions)
 - ``sdserve:job:<id>``          hash: the job record (request, status, timestamps, progress,
-                                error, image count); images live in object storage, not here
+                                finishing estimate, error, image count); images live in object
+                                storage, not here
+- ``sdserve:preview:<id>``      the running job's latest preview (a small JPEG), a short TTL
 - ``sdserve:worker:<name>``     heartbeat of a live worker, with a TTL; holds the process's
                                 instance token, so a second process under the same name is seen
 - ``sdserve:workers``           set of worker names that have sent a heartbeat
@@ -39,6 +41,10 @@ TOKENIZER = "sdserve:tokenizer"
 
 def job_key(job_id: str) -> str:
     return f"sdserve:job:{job_id}"
+
+
+def preview_key(job_id: str) -> str:
+    return f"sdserve:preview:{job_id}"
 
 
 def worker_key(name: str) -> str:

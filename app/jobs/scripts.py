@@ -125,13 +125,19 @@ return 1
 """
 )
 
-# KEYS: job. ARGV: step. Written only while the job runs: after Redis lost its data, a
-# progress write must not make up a record that holds nothing but a step.
+# KEYS: job, preview. ARGV: step, finishing time ('' unknown), preview step ('' none), preview
+# JPEG, its TTL. Written only while the job runs: after Redis lost its data, a progress write
+# must not make up a record that holds nothing but a step.
 REPORT = (
     _ALLOW_OOM
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'step', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'finish_at', ARGV[2]) end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+  redis.call('HSET', KEYS[1], 'preview', ARGV[3])
+end
 return 1
 """
 )
@@ -147,7 +153,7 @@ local s = redis.call('HGET', KEYS[1], 'status')
 if s == 'running' or s == 'queued' then
   if s == 'running' then
     redis.call('HSET', KEYS[1], 'status', 'queued')
-    redis.call('HDEL', KEYS[1], 'step', 'worker')
+    redis.call('HDEL', KEYS[1], 'step', 'worker', 'finish_at', 'preview')
   end
   local created = redis.call('HGET', KEYS[1], 'created_at')
   redis.call('ZADD', KEYS[2], created, ARGV[1])

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from app.jobs.contract import JobError, JobView, Progress, Status, parse_request
+from app.jobs.contract import JobError, JobRequest, JobView, Progress, Status, parse_request
+from app.jobs.eta import Pace, queued_eta
 from app.jobs.store import BOUNDS
 
 
@@ -43,7 +44,14 @@ def _timestamp(record: dict[str, str], field: str) -> datetime | None:
     return datetime.fromtimestamp(float(value), UTC) if value else None
 
 
-def job_view(job_id: str, record: dict[str, str], position: int | None, now: float) -> JobView:
+def job_view(
+    job_id: str,
+    record: dict[str, str],
+    position: int | None,
+    now: float,
+    paces: list[Pace] | None = None,
+) -> JobView:
+    """The record as clients see it; `paces` (the live workers') give a queued job's ETA."""
     request = parse_request(record["request"])
     status = Status(record["status"])
     expires_at = record.get("expires_at")
@@ -69,4 +77,24 @@ def job_view(job_id: str, record: dict[str, str], position: int | None, now: flo
         seeds=request.seeds(),
         images=images,
         error=JobError(code=code, message=record.get("error_message", "")) if code else None,
+        eta_s=_eta(record, status, position, request, now, paces or []),
+        preview_url=f"/jobs/{job_id}/preview.jpg?step={record['preview']}"
+        if status is Status.RUNNING and "preview" in record
+        else None,
     )
+
+
+def _eta(
+    record: dict[str, str],
+    status: Status,
+    position: int | None,
+    request: JobRequest,
+    now: float,
+    paces: list[Pace],
+) -> float | None:
+    if status is Status.RUNNING and "finish_at" in record:
+        return round(max(0.0, float(record["finish_at"]) - now), 1)
+    if status is Status.QUEUED and position is not None:
+        eta = queued_eta(position, request, paces)
+        return None if eta is None else round(eta, 1)
+    return None

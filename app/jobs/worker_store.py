@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -24,9 +25,22 @@ from app.jobs.keys import (
     WEBHOOKS,
     WORKERS,
     job_key,
+    preview_key,
     worker_key,
 )
 from app.jobs.store import RECORD_GRACE_S, Store, decode
+
+# A preview stays this long after its last write (at most the results' TTL): only running jobs
+# have one worth seeing, and a job's last lingers a little for a slow poller.
+PREVIEW_TTL_S = 300
+
+
+@dataclass(frozen=True)
+class Report:
+    """A running job's progress, as the worker writes it a few times a second."""
+
+    step: int
+    finish_in_s: float | None  # None before the worker has measured its pace
 
 
 class WorkerStore(Store):
@@ -212,13 +226,22 @@ class WorkerStore(Store):
             self._r.xack(STREAM, GROUP, *skipped)
         return jobs
 
-    def report(self, steps: dict[str, int]) -> set[str]:
-        """Write each running job's step; returns the ids that are no longer running."""
+    def report(
+        self, running: dict[str, Report], previews: dict[str, tuple[int, bytes]]
+    ) -> set[str]:
+        """Write each running job's step, finishing time and new preview; returns the ids that
+        are no longer running."""
+        now = time.time()
+        preview_ttl = min(PREVIEW_TTL_S, self.result_ttl_s)
         tx = self._r.pipeline(transaction=False)
-        for job_id, step in steps.items():
-            self._report(keys=[job_key(job_id)], args=[step], client=tx)
-        running = tx.execute()
-        return {job_id for job_id, on in zip(steps, running, strict=True) if not on}
+        for job_id, report in running.items():
+            finish = "" if report.finish_in_s is None else repr(now + report.finish_in_s)
+            step, picture = previews.get(job_id, ("", b""))
+            keys = [job_key(job_id), preview_key(job_id)]
+            self._report(keys=keys, args=[report.step, finish, step, picture, preview_ttl],
+                         client=tx)  # fmt: skip
+        on = tx.execute()
+        return {job_id for job_id, running in zip(running, on, strict=True) if not running}
 
     def succeed(self, job: Job, images: int) -> bool:
         """The job's `images` are in storage already: now its status, then the ack."""

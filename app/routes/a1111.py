@@ -121,10 +121,15 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         return await run(http, caller, payload, request, pngs)
 
     @routes.get("/progress", summary="A1111-compatible progress of the caller's latest job")
-    def progress(caller: Caller = authenticated) -> dict[str, Any]:
+    def progress(
+        skip_current_image: bool = False, caller: Caller = authenticated
+    ) -> dict[str, Any]:
         job_id = store.latest(caller.key_id)
         view = store.view(job_id, caller.key_id) if job_id else None
-        return a1111.progress(view)
+        preview = None
+        if view is not None and view.preview_url and not skip_current_image:
+            preview = store.preview(view.id)
+        return a1111.progress(view, preview)
 
     @routes.post("/interrupt", summary="A1111-compatible: cancel the caller's latest job")
     def interrupt(caller: Caller = authenticated) -> dict[str, Any]:

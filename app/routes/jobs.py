@@ -1,4 +1,5 @@
-"""A job and what it made: `GET /jobs/{id}`, its images, its live events, `DELETE` to cancel."""
+"""A job and what it made: `GET /jobs/{id}`, its images, its live preview and events, `DELETE`
+to cancel."""
 
 from __future__ import annotations
 
@@ -82,6 +83,30 @@ def router(ctx: Context) -> APIRouter:
         return Response(data, media_type="image/png")
 
     @routes.get(
+        "/jobs/{job_id}/preview.jpg",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}, "description": "The JPEG."},
+            **UNAUTHORIZED,
+            **error(
+                404,
+                "No such job for this API key, or it has no preview (not running, not yet at"
+                " its first preview step, or previews are off).",
+            ),
+        },
+        summary="A running job's live preview",
+        description="Its images as they would be if denoising stopped at its last preview "
+        "step, side by side, one pixel per latent (64x64 for a 512x512 image): a cheap "
+        "approximation, not the VAE's decode. `preview_url` in the job names the latest.",
+    )
+    def get_preview(job_id: str, caller: Caller = authenticated) -> Response:
+        find_job(store, job_id, caller)
+        data = store.preview(job_id)
+        if data is None:
+            raise HTTPException(404, "this job has no preview")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    @routes.get(
         "/jobs/{job_id}/events",
         response_class=StreamingResponse,
         responses={
@@ -93,7 +118,8 @@ def router(ctx: Context) -> APIRouter:
             **NOT_FOUND,
         },
         summary="A job's changes, live (Server-Sent Events)",
-        description="An event whenever the status, queue position or step changes; the stream "
+        description="An event whenever the status, queue position, step or preview changes (a"
+        " running job's events carry its progress, `eta_s` and `preview_url`); the stream "
         "ends with the job (succeeded, failed, canceled). A `: keep-alive` comment every 15 s.",
     )
     def job_events(job_id: str, caller: Caller = authenticated) -> StreamingResponse:
@@ -119,7 +145,7 @@ async def _events(store: ApiStore, job_id: str, owner: str) -> AsyncIterator[str
         view = await run_in_threadpool(store.view, job_id, owner)
         if view is None:  # the record itself expired
             return
-        seen = (view.status, view.position, view.progress)
+        seen = (view.status, view.position, view.progress, view.preview_url)
         if seen != last:
             yield f"event: {view.status.value}\ndata: {view.model_dump_json()}\n\n"
             last, quiet = seen, 0.0

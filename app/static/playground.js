@@ -1,4 +1,5 @@
-// The playground: submit a job, follow its events, show the images with their seeds.
+// The playground: submit a job, follow its events (its live preview and time left included),
+// show the images with their seeds.
 // Plain JavaScript, no build step. Requests carry the API key from the form (kept in this
 // browser's localStorage); events come over fetch, since EventSource cannot send a header.
 // With a picture it sends an img2img job, or, once a mask is painted over the picture, an
@@ -156,6 +157,19 @@ async function submission() {
   });
 }
 
+let shownPreview = null;
+
+// The preview needs the key's header, so it is fetched, then shown from a blob URL.
+async function showPreview(url) {
+  shownPreview = url;
+  const response = await fetch(url, { headers: headers() });
+  if (!response.ok) return; // the job moved on meanwhile
+  const img = $("preview");
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(await response.blob());
+  img.hidden = false;
+}
+
 async function run(event) {
   event.preventDefault();
   $("go").disabled = true;
@@ -170,13 +184,16 @@ async function run(event) {
     let last = null;
     for await (const [status, job] of events(url)) {
       last = job;
-      if (status === "queued") show(`queued: ${job.position} ahead`);
+      const left = job.eta_s === null || job.eta_s === undefined ? "" : `, ~${Math.round(job.eta_s)} s left`;
+      if (status === "queued") show(`queued: ${job.position} ahead${left}`);
       if (status === "running" && job.progress) {
         progress.max = job.progress.steps;
         progress.value = job.progress.step;
-        show(`running: step ${job.progress.step} of ${job.progress.steps}`);
+        show(`running: step ${job.progress.step} of ${job.progress.steps}${left}`);
       }
+      if (job.preview_url && job.preview_url !== shownPreview) await showPreview(job.preview_url);
     }
+    $("preview").hidden = true;
     if (!last || last.status !== "succeeded") {
       const reason = last && last.error ? `${last.error.code}: ${last.error.message}` : last ? last.status : "no answer";
       throw new Error(`job ${reason}`);

@@ -1,0 +1,164 @@
+"""Live previews and ETAs: the preview's math, a worker writing previews and finishing times
+while a job runs (real Valkey, the tiny model), and what the API, A1111's progress and the
+queue make of them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from app.jobs.contract import Status, Txt2ImgRequest
+from app.jobs.eta import Pace, queued_eta
+from tests.conftest import JobStore, wait_for
+from tests.test_continuous import continuous, serve
+from tests.test_worker import submit
+from worker.previews import clean_latents, colours, fit_colours
+from worker.progress import Tracker
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_clean_latents_undo_the_noising(prediction: str) -> None:
+    clean, noise = torch.randn(2, 4, 8, 8, dtype=torch.float64).unbind(0)
+    signal = 0.3
+    level = (1 - signal**2) ** 0.5
+    sample = signal * clean + level * noise
+    output = noise if prediction == "epsilon" else signal * noise - level * clean
+    assert torch.allclose(clean_latents(sample, output, signal, prediction), clean)
+
+
+class LinearVae(torch.nn.Module):
+    """A VAE whose decoder is linear per pixel: latents `scale` times smaller, colours a fixed
+    mix of the latent channels plus a bias."""
+
+    def __init__(self, decoder: torch.Tensor, scale: int) -> None:
+        super().__init__()
+        self.decoder, self.scale = decoder, scale  # (channels + 1, 3)
+        self.config = type("Config", (), {"scaling_factor": 0.5})()
+
+    def encode(self, pictures: torch.Tensor) -> Any:
+        # Any latents will do: the fit is against what the decoder makes of them.
+        small = torch.nn.functional.avg_pool2d(pictures, self.scale)
+        latents = torch.cat([small, small[:, :1] * small[:, 1:2]], 1)  # 4 channels
+        return type("Encoded", (), {"latent_dist": type("D", (), {"mode": lambda _: latents})()})
+
+    def decode(self, latents: torch.Tensor) -> Any:
+        scaled = latents * self.config.scaling_factor
+        rgb = torch.einsum("nchw,cr->nrhw", scaled, self.decoder[:-1]) + self.decoder[-1].view(
+            1, 3, 1, 1
+        )
+        big = rgb.repeat_interleave(self.scale, 2).repeat_interleave(self.scale, 3)
+        return type("Decoded", (), {"sample": big * 2 - 1})
+
+
+def test_the_colour_map_is_the_decoders_when_it_is_linear() -> None:
+    decoder = torch.tensor(
+        [[0.20, 0.10, -0.05], [0.05, 0.25, 0.0], [-0.1, 0.05, 0.3], [0.1, -0.1, 0.1],
+         [0.5, 0.45, 0.5]], dtype=torch.float64,
+    )  # fmt: skip
+    vae = LinearVae(decoder, scale=4)
+    fitted = fit_colours(vae, torch.device("cpu"), torch.float64, 4)
+    # Latents as the UNet makes them (the VAE's scaling applied) to the decoder's colours.
+    assert torch.allclose(fitted[:-1], decoder[:-1], atol=1e-6)
+    assert torch.allclose(fitted[-1], decoder[-1], atol=1e-6)
+    latents = torch.rand(1, 4, 3, 3, dtype=torch.float64) * 0.5
+    expected = torch.einsum("nchw,cr->nhwr", latents, decoder[:-1]) + decoder[-1]
+    got = colours(latents, fitted)
+    assert got.dtype == torch.uint8 and got.shape == (1, 3, 3, 3)
+    assert (got.double() - expected.clamp(0, 1) * 255).abs().max() <= 0.51
+
+
+def test_a_queued_job_waits_only_when_the_workers_are_full() -> None:
+    request = Txt2ImgRequest(prompt="x", steps=20, n=1)
+    pace = Pace(step_s=0.1, decode_s=0.5, images=2, capacity=8)
+    assert queued_eta(0, request, [pace]) == pytest.approx(2.5)  # room now: its own run
+    full = Pace(step_s=0.1, decode_s=0.5, images=8, capacity=8)
+    first, later = queued_eta(0, request, [full]), queued_eta(7, request, [full])
+    assert first is not None and later is not None and 2.5 < first < later
+    # Eight images finish every 2.5 s: the 8th in line waits one round.
+    assert later == pytest.approx(2.5 + 2.5)
+    assert queued_eta(0, request, [Pace(0.0, 0.0, 0, 8)]) is None  # not measured yet
+
+
+def test_the_tracker_measures_the_pace_and_counts_down() -> None:
+    tracker = Tracker()
+    tracker.at("a", 0, 10, 1)
+    for step in range(1, 4):
+        time.sleep(0.02)
+        tracker.at("a", step, 10, 1)
+    assert 0.015 < tracker.step_s < 0.1
+    report = tracker.running()["a"]
+    assert report.step == 3 and report.finish_in_s is not None
+    assert report.finish_in_s == pytest.approx(7 * tracker.step_s, abs=0.03)
+
+
+def slow_unet(engine: Any, seconds: float) -> Any:
+    """Every UNet call takes at least `seconds`: the job runs long enough to be watched."""
+    return engine.unet.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+
+
+def test_a_running_job_shows_its_preview_and_eta_everywhere(
+    store: JobStore, tiny_model: Path, redis_url: str, api: httpx.Client
+) -> None:
+    r = continuous(store, tiny_model, redis_url, preview_every=2)
+    hook = slow_unet(r.engine, 0.15)
+    job_id = submit(store, steps=16, n=2, width=64, height=96)
+    store.remember_latest("", job_id)  # A1111's progress is about the caller's latest job
+    r.open()
+    done = threading.Event()
+    worker = serve(r, done)
+    seen: list[dict[str, Any]] = []
+    try:
+        wait_for(lambda: (api.get(f"/jobs/{job_id}").json().get("preview_url") or "") != "",
+                 60, "a preview")  # fmt: skip
+        view = api.get(f"/jobs/{job_id}").json()
+        picture = api.get(view["preview_url"])
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
+        strip = Image.open(io.BytesIO(picture.content))
+        scale = r.engine.latent_scale
+        assert strip.format == "JPEG" and strip.size == (2 * 64 // scale, 96 // scale)
+        progress = api.get("/sdapi/v1/progress").json()
+        assert progress["current_image"] is not None and progress["eta_relative"] > 0
+        Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).load()
+        assert api.get("/sdapi/v1/progress?skip_current_image=true").json()["current_image"] is None
+        while (view := api.get(f"/jobs/{job_id}").json())["status"] == "running":
+            seen.append(view)
+            time.sleep(0.2)
+    finally:
+        done.set()
+        worker.join(60)
+        hook.remove()
+        r.close()
+    assert view["status"] == Status.SUCCEEDED.value and view["preview_url"] is None
+    assert view["eta_s"] is None
+    etas = [v["eta_s"] for v in seen if v["eta_s"] is not None]
+    assert len(etas) >= 3 and etas[-1] < etas[0]  # counts down as it runs
+    steps = [int(v["preview_url"].split("=")[1]) for v in seen if v["preview_url"]]
+    assert steps == sorted(steps) and all(s % 2 == 0 for s in steps)
+
+
+def test_preview_is_a_404_without_one(api: httpx.Client, store: JobStore) -> None:
+    job_id = submit(store)
+    assert api.get(f"/jobs/{job_id}/preview.jpg").status_code == 404
+    assert api.get("/jobs/AAAAAAAAAAAAAAAAAAAAAA/preview.jpg").status_code == 404
+
+
+def test_a_queued_job_has_an_eta_once_a_worker_measured_its_pace(
+    api: httpx.Client, store: JobStore
+) -> None:
+    job_id = submit(store, steps=10)
+    assert api.get(f"/jobs/{job_id}").json()["eta_s"] is None  # no worker
+    info = {"model": "m", "device": "cpu", "step_s": 0.2, "decode_s": 1.0, "images": 0,
+            "capacity": 4}  # fmt: skip
+    store.heartbeat("paced", "token", 30, json.dumps(info))
+    time.sleep(1.1)  # the API reads paces at most once a second
+    assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(3.0)
