@@ -339,10 +339,15 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: Path) -> None:
-    done = run_cli("a red fox", "-o", "out", "-n", "2", "--seed", "9", "--steps", "40",
-                   "--width", "512", "--height", "256", "--url", service, "--key", KEY,
+    done = run_cli("a red (fox:1.2)", "-o", "out", "-n", "2", "--seed", "9", "--steps", "40",
+                   "--width", "512", "--height", "256", "--prompt-syntax", "a1111",
+                   "--preview", "preview.jpg", "--url", service, "--key", KEY,
                    cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # The live preview as it formed: both images side by side, one pixel per latent.
+    preview = Image.open(tmp_path / "preview.jpg")
+    assert preview.format == "JPEG" and preview.size[0] == 2 * preview.size[1] * 2
+    assert re.search(r"step \d+/40, ~\d+ s left", done.stderr), done.stderr
     saved = sorted((tmp_path / "out").glob("*.png"))
     assert [p.name.rsplit("-", 1)[1] for p in saved] == ["10.png", "9.png"]
     for seed in (9, 10):
@@ -411,6 +416,8 @@ def test_the_playground_shows_progress_and_the_images(service: str) -> None:
         page.click("#go")
         expect(page.locator("#status")).to_contain_text("running: step", timeout=60_000)
         expect(page.locator("#status")).to_have_text("done: 2 image(s)", timeout=60_000)
+        # The live preview was shown while it ran (hidden again once the images are there).
+        assert (page.locator("#preview").get_attribute("src") or "").startswith("blob:")
         captions = page.locator("figcaption").all_text_contents()
         assert sorted(captions) == ["seed 123", "seed 124"]
         widths = page.locator("figure img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
