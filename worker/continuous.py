@@ -22,7 +22,7 @@ import torch
 
 from app.jobs.contract import ErrorCode, Job
 from worker.engine import BatchShape, Decoding, Source
-from worker.previews import Preview
+from worker.previews import Previews
 from worker.rows import Lane
 from worker.sources import MissingInput, finished, image_specs, load_source
 from worker.stepping import Candidate, Turns, admit
@@ -39,7 +39,7 @@ class RowLoop:
         self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
         self.lanes: dict[str, tuple[Job, Lane]] = {}
         self.decodings: deque[tuple[Job, Decoding, float]] = deque()  # and when it began
-        self.previews: deque[tuple[Job, Preview]] = deque()
+        self.previews: deque[tuple[dict[str, Job], Previews]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
         self.turns = Turns()
 
@@ -181,8 +181,8 @@ class RowLoop:
         }  # fmt: skip
         try:
             made = r.engine.step([lane for _, lane in group], wanted)
-            jobs = {job.id: job for job, _ in group}
-            self.previews.extend((jobs[key], preview) for key, preview in made.items())
+            if made is not None:
+                self.previews.append(({job.id: job for job, _ in group}, made))
             return
         except torch.cuda.OutOfMemoryError:
             r.engine.release_memory()
@@ -217,8 +217,9 @@ class RowLoop:
         the order they started."""
         r = self.runner
         while self.previews and self.previews[0][1].ready():
-            job, preview = self.previews.popleft()
-            r.tracker.preview(job.id, preview.step, preview.pictures())
+            jobs, previews = self.previews.popleft()
+            for key in previews.rows:
+                r.tracker.preview(jobs[key].id, *previews.pictures(key))
         while self.decodings and (wait or self.decodings[0][1].ready()):
             job, decoding, began = self.decodings.popleft()
             r.tracker.decoded(time.monotonic() - began)

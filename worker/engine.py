@@ -31,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 from app.prompts import Chunk, Syntax, chunks, token_ids
 from app.vocabulary import PublishedTokenizer
 from worker.plans import Plan, probe, start_step
-from worker.previews import Preview, clean_latents, colours, fit_colours
+from worker.previews import Previews, clean_latents, colours, fit_colours
 from worker.rows import Inpainting, Lane
 from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
 
@@ -185,6 +185,7 @@ class Engine:
         )
         self._prediction = str(self.scheduler_config.get("prediction_type", "epsilon"))
         self._colour_map: torch.Tensor | None = None
+        self._signals: dict[float, float] = {}
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # Source images and masks are prepared as diffusers' img2img and inpainting pipelines
         # prepare them (resizing, normalizing, a mask made black or white).
@@ -452,7 +453,7 @@ class Engine:
         return self._blank[key]
 
     @torch.inference_mode()
-    def step(self, lanes: Sequence[Lane], previews: Collection[str] = ()) -> dict[str, Preview]:
+    def step(self, lanes: Sequence[Lane], previews: Collection[str] = ()) -> Previews | None:
         """One denoising step of every lane (all of one size) in one UNet call (one per prompt
         length, where long prompts are in flight): per-row timesteps, padded to a row bucket;
         the cond rows of every image first, then the uncond
@@ -486,13 +487,10 @@ class Engine:
         uncond = noise.index_select(0, torch.tensor(against, device=self.device))
         guidance = torch.cat([lane.guidance for lane in lanes])
         noise = uncond + guidance * (cond - uncond)  # a new tensor: the UNet's is reused
-        made = {}
+        made = self._previews(lanes, inputs, noise, previews) if previews else None
         at = 0
-        for lane, sample in zip(lanes, inputs, strict=True):
-            output = noise[at : at + lane.images]
-            if lane.key in previews:
-                made[lane.key] = self._preview(lane, sample, output)
-            lane.advance(output)
+        for lane in lanes:
+            lane.advance(noise[at : at + lane.images])
             at += lane.images
         if timer is not None:
             # No synchronization: the host runs ahead of the GPU; the time is read when the
@@ -503,18 +501,47 @@ class Engine:
             self.observer.stepped(done.seconds(), real, bucket)
         return made
 
-    def _preview(self, lane: Lane, sample: torch.Tensor, output: torch.Tensor) -> Preview:
-        """The lane's images as they would be if denoising stopped at this step, in small."""
+    def _previews(
+        self,
+        lanes: Sequence[Lane],
+        inputs: list[torch.Tensor],
+        outputs: torch.Tensor,
+        wanted: Collection[str],
+    ) -> Previews | None:
+        """The wanted lanes' images as they would be if denoising stopped at this step, in
+        small: all of them in a few operations, whatever their number."""
         if self._colour_map is None:
             fitted = fit_colours(self.vae, self.device, self.dtype, self.latent_scale)
             self._colour_map = fitted.to(self.device, torch.float32)
-        alphas = self._alphas_cumprod
-        signal = float(np.interp(lane.timestep(), np.arange(len(alphas)), alphas)) ** 0.5
         channels = self.vae.config.latent_channels
-        clean = clean_latents(
-            sample[:, :channels].float(), output.float(), signal, self._prediction
-        )
-        return Preview(lane.step + 1, colours(clean, self._colour_map), GpuTimer(self.device))
+        samples: list[torch.Tensor] = []
+        signals: list[float] = []
+        index: list[int] = []
+        rows: dict[str, tuple[int, int, int]] = {}
+        at = count = 0
+        for lane, sample in zip(lanes, inputs, strict=True):
+            if lane.key in wanted:
+                samples.append(sample[:, :channels])
+                index += range(at, at + lane.images)
+                signals += [self._signal(lane.timestep())] * lane.images
+                rows[lane.key] = (count, lane.images, lane.step + 1)
+                count += lane.images
+            at += lane.images
+        if not rows:
+            return None
+        noise = outputs.index_select(0, torch.tensor(index, device=self.device))
+        left = torch.tensor(signals, device=self.device).view(-1, 1, 1, 1)
+        clean = clean_latents(torch.cat(samples).float(), noise.float(), left, self._prediction)
+        return Previews(colours(clean, self._colour_map), GpuTimer(self.device), rows)
+
+    def _signal(self, timestep: float) -> float:
+        """How much of the clean image is left at a timestep: sqrt of the schedule's cumulative
+        alpha there (interpolated for a fractional timestep, as Karras sigmas give)."""
+        if timestep not in self._signals:
+            alphas = self._alphas_cumprod
+            cumulative = float(np.interp(timestep, np.arange(len(alphas)), alphas))
+            self._signals[timestep] = cumulative**0.5
+        return self._signals[timestep]
 
     @torch.inference_mode()
     def finish(self, lane: Lane) -> Decoding:

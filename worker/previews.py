@@ -46,10 +46,10 @@ def fit_colours(vae: Any, device: torch.device, dtype: torch.dtype, scale: int) 
 
 
 def clean_latents(
-    sample: torch.Tensor, output: torch.Tensor, signal: float, prediction: str
+    sample: torch.Tensor, output: torch.Tensor, signal: torch.Tensor | float, prediction: str
 ) -> torch.Tensor:
     """x0 from the UNet's input `sample` (= signal * x0 + noise_level * noise) and its output
-    (the noise, or v for v-prediction models)."""
+    (the noise, or v for v-prediction models); `signal` per row (N, 1, 1, 1) or for all."""
     noise_level = (1 - signal**2) ** 0.5
     clean: torch.Tensor
     if prediction == "v_prediction":
@@ -67,12 +67,14 @@ def colours(latents: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return rgb.clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
-class Preview:
-    """A preview on its way to the host, as a decode is (pinned memory behind the GPU's
-    queue): the row loop never waits for it."""
+class Previews:
+    """The previews of one step's lanes, made together and on their way to the host as a decode
+    is (pinned memory behind the GPU's queue): the row loop never waits for them."""
 
-    def __init__(self, step: int, pixels: torch.Tensor, timer: GpuTimer) -> None:
-        self.step = step
+    def __init__(
+        self, pixels: torch.Tensor, timer: GpuTimer, rows: dict[str, tuple[int, int, int]]
+    ) -> None:
+        self.rows = rows  # lane key -> (first row, images, the step it shows)
         if pixels.is_cuda:
             self.pixels = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
             self.pixels.copy_(pixels, non_blocking=True)
@@ -83,6 +85,7 @@ class Preview:
     def ready(self) -> bool:
         return self.timer.ready()
 
-    def pictures(self) -> list[np.ndarray]:
-        """HxWx3 uint8 per image; call once `ready`."""
-        return [picture.numpy() for picture in self.pixels]
+    def pictures(self, key: str) -> tuple[int, list[np.ndarray]]:
+        """A lane's step and its images' previews (HxWx3 uint8); call once `ready`."""
+        first, images, step = self.rows[key]
+        return step, [picture.numpy() for picture in self.pixels[first : first + images]]
