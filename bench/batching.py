@@ -14,9 +14,9 @@ One GPU, SD1.5-sized random weights, 512x512, the whole service (Valkey, `sdserv
 Throughput is counted in images/s and in 25-step equivalents/s (steps run / 25). Two more stages:
 `diffusers` (plain `StableDiffusionPipeline`: one request at a time, and batches of 16) and
 `seeds` (the seed contract of continuous batching: a request alone against the same request
-beside strangers of other steps, samplers, guidance and sizes, joining and leaving while it
-runs; max pixel difference and PSNR). Results go to OUT/batching.json after every stage, and the
-table to OUT/batching.md.
+beside strangers of other steps, samplers, guidance, sizes and prompt lengths, joining and
+leaving while it runs; max pixel difference and PSNR). Results go to OUT/batching.json after
+every stage, and the table to OUT/batching.md.
 
     python -m bench.batching --out DIR [--modes continuous,static,diffusers,seeds] [--seconds 30]
 """
@@ -242,6 +242,13 @@ def seed_contract(model: str, args: argparse.Namespace, work: Path) -> list[dict
         specs = [ImageSpec(prompt(i), "", rng.choice([1.0, 4.0, 9.0]), 7000 + i)]
         return specs, BatchShape(*size, rng.choice(MIX_STEPS), rng.choice(MIX_SCHEDULERS))
 
+    def long_prompt(i: int, chunks: int) -> str:
+        """A weighted prompt of `chunks` chunks of 75 tokens, in this model's tokenizer."""
+        text = ""
+        while engine.chunk_count(text, "a1111") < chunks:
+            text += f"(a red fox {i} in deep snow:1.2), "
+        return text
+
     def run(mine: BatchShape, joins: list[tuple[int, list[ImageSpec], Any]]) -> np.ndarray:
         """My image, with strangers joining at the given loop turns (mine joins at turn 0, in
         the place its entry has among the turn's joiners)."""
@@ -271,11 +278,18 @@ def seed_contract(model: str, args: argparse.Namespace, work: Path) -> list[dict
         last = [(0, *stranger(i)) for i in range(7)] + [(0, None, None)]
         moving = [(0, None, None)] + [(3 * i, *stranger(20 + i)) for i in range(12)]
         moving += [(2, *stranger(40, other)), (9, *stranger(41, other))]
+        # Strangers with prompts of two and three chunks of 75 tokens (their rows run in UNet
+        # calls of their own length), weighted, beside it.
+        long = [(0, None, None)] + [
+            (i, [ImageSpec(long_prompt(i, 2 + i % 2), "", 7.5, 8000 + i, "a1111")], None)
+            for i in range(4)
+        ]  # fmt: skip
         cases = {
             "7 strangers join with it, it first": first,
             "7 strangers join with it, it last": last,
             "12 strangers join every 3 steps and leave (row bucket changes), 2 of another size":
                 moving,
+            "4 strangers with long weighted prompts (2-3 chunks) join": long,
         }  # fmt: skip
         for name, joins in cases.items():
             image = run(mine, joins)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 
 @dataclass
 class Watched:
+    steps: int
     at_submission: tuple[float, float] | None = None  # (ETA, when it was read)
     at_half: tuple[float, float] | None = None
     finished: float = 0.0
@@ -41,7 +42,7 @@ class Watched:
 
 
 async def watch(http: httpx.AsyncClient, body: dict[str, Any], poll_s: float) -> Watched:
-    seen = Watched()
+    seen = Watched(int(body["steps"]))
     job = (await http.post("/v1/txt2img", json=body)).json()
     view = (await http.get(job["url"])).json()
     if view["eta_s"] is not None:
@@ -73,7 +74,7 @@ async def poisson_watch(url: str, rate: float, seconds: float) -> list[Watched]:
 
 
 def errors(watched: list[Watched], moment: str) -> dict[str, Any]:
-    relative = []
+    signed = []  # (ETA - actual) / actual: above 0, the ETA said longer than it took
     for w in watched:
         read = getattr(w, moment)
         if read is None or w.status != "succeeded":
@@ -81,13 +82,14 @@ def errors(watched: list[Watched], moment: str) -> dict[str, Any]:
         eta, when = read
         actual = w.finished - when
         if actual > 0:
-            relative.append(abs(eta - actual) / actual)
-    relative.sort()
+            signed.append((eta - actual) / actual)
+    relative = sorted(abs(e) for e in signed)
     return {
         "jobs": len(relative),
         "without_eta": sum(getattr(w, moment) is None for w in watched),
         "p50": percentile(relative, 50) if relative else None,
         "p90": percentile(relative, 90) if relative else None,
+        "median_signed": percentile(sorted(signed), 50) if signed else None,
     }
 
 
@@ -96,14 +98,19 @@ def table(results: dict[str, Any]) -> str:
         f"ETA error, {results['device']}, {results['date']}: Poisson arrivals of mixed requests"
         f" at {results['rate_per_s']:.2f}/s (60% of {results['capacity_img_s']:.2f} img/s)",
         "",
-        "| when read | jobs | without an ETA | p50 abs. error / actual | p90 |",
-        "|---|---|---|---|---|",
+        "| when read | jobs | without an ETA | p50 abs. error / actual | p90 | median signed |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.0f}%"
+
     for moment, label in (("at_submission", "at submission"), ("at_half", "at 50% done")):
         row = results[moment]
-        p50 = "-" if row["p50"] is None else f"{100 * row['p50']:.0f}%"
-        p90 = "-" if row["p90"] is None else f"{100 * row['p90']:.0f}%"
-        lines.append(f"| {label} | {row['jobs']} | {row['without_eta']} | {p50} | {p90} |")
+        lines.append(
+            f"| {label} | {row['jobs']} | {row['without_eta']} | {share(row['p50'])}"
+            f" | {share(row['p90'])} | {100 * (row['median_signed'] or 0):+.0f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +143,7 @@ def main() -> None:
     results["failed"] = sum(w.status != "succeeded" for w in watched)
     results["at_submission"] = errors(watched, "at_submission")
     results["at_half"] = errors(watched, "at_half")
+    results["jobs"] = [asdict(w) for w in watched]
     (args.out / "eta.json").write_text(json.dumps(results, indent=2))
     (args.out / "eta.md").write_text(table(results))
     print(table(results))

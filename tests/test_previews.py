@@ -23,7 +23,7 @@ from tests.conftest import JobStore, wait_for
 from tests.test_continuous import continuous, serve
 from tests.test_worker import submit
 from worker.previews import clean_latents, colours, fit_colours
-from worker.progress import Tracker
+from worker.progress import StepFit, Tracker
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -78,27 +78,41 @@ def test_the_colour_map_is_the_decoders_when_it_is_linear() -> None:
 
 
 def test_a_queued_job_waits_only_when_the_workers_are_full() -> None:
-    request = Txt2ImgRequest(prompt="x", steps=20, n=1)
-    pace = Pace(step_s=0.1, decode_s=0.5, images=2, capacity=8)
-    assert queued_eta(0, request, [pace]) == pytest.approx(2.5)  # room now: its own run
-    full = Pace(step_s=0.1, decode_s=0.5, images=8, capacity=8)
-    first, later = queued_eta(0, request, [full]), queued_eta(7, request, [full])
-    assert first is not None and later is not None and 2.5 < first < later
-    # Eight images finish every 2.5 s: the 8th in line waits one round.
-    assert later == pytest.approx(2.5 + 2.5)
-    assert queued_eta(0, request, [Pace(0.0, 0.0, 0, 8)]) is None  # not measured yet
+    request = Txt2ImgRequest(prompt="x", steps=20, n=1)  # guided: 2 UNet rows
+    # A step takes 20 ms + 10 ms a row in flight.
+    roomy = Pace(base_s=0.02, row_s=0.01, rows=4, row_cap=16, finish_s=0.5)
+    assert queued_eta(0, request, [roomy]) == pytest.approx(20 * 0.08 + 0.5)  # joins now
+    full = Pace(base_s=0.02, row_s=0.01, rows=16, row_cap=16, finish_s=0.5)
+    run = 20 * 0.18 + 0.5  # a job at full load
+    # 16 rows come free every run: the first in line waits for 2 of them, the 8th for 16.
+    assert queued_eta(0, request, [full]) == pytest.approx(2 / 16 * run + run)
+    assert queued_eta(7, request, [full]) == pytest.approx(run + run)
+    assert queued_eta(0, request, [Pace(0.0, 0.0, 0, 16, 0.0)]) is None  # not measured yet
+
+
+def test_the_step_time_is_fitted_as_a_line_over_the_rows() -> None:
+    fit = StepFit()
+    for rows in (2, 8, 16, 4, 30, 12) * 5:
+        fit.add(rows, 0.02 + 0.005 * rows, 1.0)
+    base, per_row = fit.line()
+    assert base == pytest.approx(0.02) and per_row == pytest.approx(0.005)
+    steady = StepFit()  # one load only: in proportion to the rows
+    for _ in range(5):
+        steady.add(8, 0.08, 1.0)
+    assert steady.line() == pytest.approx((0.0, 0.01))
 
 
 def test_the_tracker_measures_the_pace_and_counts_down() -> None:
-    tracker = Tracker()
-    tracker.at("a", 0, 10, 1)
+    tracker = Tracker(row_cap=16)
+    tracker.at("a", 0, 10, 1, 2)
     for step in range(1, 4):
         time.sleep(0.02)
-        tracker.at("a", step, 10, 1)
-    assert 0.015 < tracker.step_s < 0.1
+        tracker.at("a", step, 10, 1, 2)
+    pace = tracker.pace()
+    assert pace.rows == 2 and 0.015 < pace.step_s(2) < 0.1
     report = tracker.running()["a"]
     assert report.step == 3 and report.finish_in_s is not None
-    assert report.finish_in_s == pytest.approx(7 * tracker.step_s, abs=0.03)
+    assert report.finish_in_s == pytest.approx(7 * pace.step_s(2), abs=0.03)
 
 
 def slow_unet(engine: Any, seconds: float) -> Any:
@@ -157,8 +171,9 @@ def test_a_queued_job_has_an_eta_once_a_worker_measured_its_pace(
 ) -> None:
     job_id = submit(store, steps=10)
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] is None  # no worker
-    info = {"model": "m", "device": "cpu", "step_s": 0.2, "decode_s": 1.0, "images": 0,
-            "capacity": 4}  # fmt: skip
+    info = {"model": "m", "device": "cpu", "base_s": 0.1, "row_s": 0.05, "rows": 0,
+            "row_cap": 8, "finish_s": 1.0}  # fmt: skip
     store.heartbeat("paced", "token", 30, json.dumps(info))
     time.sleep(1.1)  # the API reads paces at most once a second
+    # 10 steps of its 2 rows at 0.1 + 0.05 x 2 s, and a finish.
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(3.0)

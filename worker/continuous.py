@@ -38,7 +38,7 @@ class RowLoop:
         self.runner = runner
         self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
         self.lanes: dict[str, tuple[Job, Lane]] = {}
-        self.decodings: deque[tuple[Job, Decoding, float]] = deque()  # and when it began
+        self.decodings: deque[tuple[Job, Decoding]] = deque()
         self.previews: deque[tuple[dict[str, Job], Previews]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
         self.turns = Turns()
@@ -153,7 +153,7 @@ class RowLoop:
             if source is not None:
                 self.sources[job.id] = source
             self.lanes[job.id] = (job, lane)
-            r.tracker.at(job.id, 0, lane.steps, lane.images)
+            r.tracker.at(job.id, 0, lane.steps, lane.images, lane.unet_rows)
 
     def _step_one_size(self) -> None:
         r = self.runner
@@ -165,7 +165,7 @@ class RowLoop:
         for job, lane in group:
             if job.id not in self.lanes:
                 continue  # failed in this step
-            r.tracker.at(job.id, lane.step, lane.steps, lane.images)
+            r.tracker.at(job.id, lane.step, lane.steps, lane.images, lane.unet_rows)
             if lane.done:
                 del self.lanes[job.id]
                 self._finish(job, lane)
@@ -208,7 +208,8 @@ class RowLoop:
 
     def _finish(self, job: Job, lane: Lane) -> None:
         try:
-            self.decodings.append((job, self.runner.engine.finish(lane), time.monotonic()))
+            self.runner.tracker.denoised(job.id)
+            self.decodings.append((job, self.runner.engine.finish(lane)))
         except Exception as e:
             self._decode_failed(job, e)
 
@@ -221,8 +222,7 @@ class RowLoop:
             for key in previews.rows:
                 r.tracker.preview(jobs[key].id, *previews.pictures(key))
         while self.decodings and (wait or self.decodings[0][1].ready()):
-            job, decoding, began = self.decodings.popleft()
-            r.tracker.decoded(time.monotonic() - began)
+            job, decoding = self.decodings.popleft()
             try:
                 images = r.engine.images(decoding)
                 images = finished(images, self.sources.get(job.id), job.request)

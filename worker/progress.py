@@ -2,9 +2,11 @@
 which of them ended elsewhere (canceled).
 
 Written by the GPU loop and read by the reporter thread, which writes it to Redis a few times a
-second. The pace (seconds between two steps of a job, at the load the GPU has now) is measured
-here, from the steps themselves: it gives each running job's finishing time, and the worker's
-heartbeat hands it to the API for the queued ones (app/eta.py).
+second. The pace is measured here, from the steps themselves: the time between two steps of a
+job grows with the UNet rows in flight (a step of 64 rows takes far longer than one of 2), so it
+is fitted as a line over the rows, on recent steps. That line gives each running job's finishing
+time at the load it has now, and the worker's heartbeat hands it to the API for queued jobs
+(app/jobs/eta.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,44 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.jobs.eta import Pace
 from app.jobs.worker_store import Report
 
-# How much each new measurement moves the pace: a few steps' worth of memory, so the estimate
-# follows the load as jobs join and leave.
+# How much of the fit each step keeps: about the last 1/(1 - FORGET) = 50 steps count, so the
+# line follows the GPU as it warms and the mix of sizes changes.
+FORGET = 0.98
+# How much each job's finish (decode, PNGs, storage) moves its estimate.
 SMOOTHING = 0.2
+
+
+class StepFit:
+    """Seconds between two steps of a job ~ base + per_row x rows in flight, least squares over
+    recent steps (older ones fade)."""
+
+    def __init__(self) -> None:
+        self.weight = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, rows: int, seconds: float, weight: float) -> None:
+        keep = FORGET**weight
+        self.weight = self.weight * keep + weight
+        self.x = self.x * keep + weight * rows
+        self.y = self.y * keep + weight * seconds
+        self.xx = self.xx * keep + weight * rows * rows
+        self.xy = self.xy * keep + weight * rows * seconds
+
+    def line(self) -> tuple[float, float]:
+        """(base, per_row) seconds; (0, 0) before any step."""
+        if not self.weight:
+            return 0.0, 0.0
+        mean_x, mean_y = self.x / self.weight, self.y / self.weight
+        spread = self.xx / self.weight - mean_x**2
+        if spread < 0.25:  # the rows hardly varied: a step's time in proportion to its rows
+            return 0.0, mean_y / max(mean_x, 1.0)
+        per_row = max(0.0, (self.xy / self.weight - mean_x * mean_y) / spread)
+        base = mean_y - per_row * mean_x
+        if base < 0:  # no negative fixed cost: through the origin instead
+            return 0.0, mean_y / max(mean_x, 1.0)
+        return base, per_row
 
 
 @dataclass
@@ -27,25 +62,29 @@ class _Job:
     step: int
     steps: int
     images: int
+    rows: int  # UNet rows: two an image when guided (cond and uncond), else one
     at: float  # when it got to `step` (monotonic)
 
 
 class Tracker:
-    def __init__(self) -> None:
+    def __init__(self, row_cap: int = 0) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._gone: set[str] = set()
         self._previews: dict[str, tuple[int, list[np.ndarray]]] = {}
-        self.step_s = 0.0  # 0: not measured yet
-        self.decode_s = 0.0
+        self._fit = StepFit()
+        self.row_cap = row_cap
+        self.finish_s = 0.0  # from the last step to the images stored
+        self._denoised: dict[str, float] = {}
 
     # -- static batches: the jobs of one batch step together --------------------------------
 
-    def begin(self, jobs: dict[str, tuple[int, int]]) -> None:
-        """A batch starts: its jobs, with the steps each runs and its images."""
+    def begin(self, jobs: dict[str, tuple[int, int, int]]) -> None:
+        """A batch starts: its jobs, with the steps each runs, its images and its rows."""
         now = time.monotonic()
         with self._lock:
-            self._jobs = {k: _Job(0, steps, images, now) for k, (steps, images) in jobs.items()}
+            self._jobs = {k: _Job(0, steps, images, rows, now)
+                          for k, (steps, images, rows) in jobs.items()}  # fmt: skip
 
     def advance(self, step: int) -> bool:
         """Record a finished step; False once every job of the batch has ended elsewhere."""
@@ -60,12 +99,12 @@ class Tracker:
 
     # -- rows: each job at its own step -----------------------------------------------------
 
-    def at(self, job_id: str, step: int, steps: int, images: int) -> None:
+    def at(self, job_id: str, step: int, steps: int, images: int, rows: int) -> None:
         with self._lock:
             if job_id in self._jobs:
                 self._move(job_id, step)
             else:
-                self._jobs[job_id] = _Job(step, steps, images, time.monotonic())
+                self._jobs[job_id] = _Job(step, steps, images, rows, time.monotonic())
 
     def remove(self, job_id: str) -> None:
         with self._lock:
@@ -76,17 +115,29 @@ class Tracker:
         job, now = self._jobs[job_id], time.monotonic()
         if step > job.step:
             taken = (now - job.at) / (step - job.step)
-            self.step_s = (
-                taken if not self.step_s else self.step_s + SMOOTHING * (taken - self.step_s)
-            )
+            # Every job of a step says about the same: together they count as one step.
+            self._fit.add(self._rows(), taken, 1 / len(self._jobs))
             job.step, job.at = step, now
 
-    def decoded(self, seconds: float) -> None:
+    def _rows(self) -> int:
+        return sum(job.rows for job in self._jobs.values())
+
+    def denoised(self, job_id: str) -> None:
+        """The job's last step is done: what follows (decode, PNGs, storage) is timed."""
         with self._lock:
-            self.decode_s = (
+            self._denoised[job_id] = time.monotonic()
+
+    def stored(self, job_id: str) -> None:
+        """The job's outcome is written: how long its finish took feeds the estimate."""
+        with self._lock:
+            began = self._denoised.pop(job_id, None)
+            if began is None:
+                return
+            seconds = time.monotonic() - began
+            self.finish_s = (
                 seconds
-                if not self.decode_s
-                else self.decode_s + SMOOTHING * (seconds - self.decode_s)
+                if not self.finish_s
+                else self.finish_s + SMOOTHING * (seconds - self.finish_s)
             )
 
     def preview(self, job_id: str, step: int, pictures: list[np.ndarray]) -> None:
@@ -97,15 +148,26 @@ class Tracker:
 
     # -- the reporter's side ----------------------------------------------------------------
 
-    def running(self) -> dict[str, Report]:
+    def pace(self) -> Pace:
         with self._lock:
-            if not self.step_s:
+            return self._pace()
+
+    def _pace(self) -> Pace:
+        base, per_row = self._fit.line()
+        return Pace(base, per_row, self._rows(), self.row_cap, self.finish_s)
+
+    def running(self) -> dict[str, Report]:
+        """Each job's step and seconds left: its steps left at the pace of the rows in flight
+        now, less the time since its last step, plus a finish."""
+        with self._lock:
+            pace = self._pace()
+            if not pace.measured:
                 return {k: Report(job.step, None) for k, job in self._jobs.items()}
-            now = time.monotonic()
+            now, step_s = time.monotonic(), pace.step_s(pace.rows)
             return {
                 k: Report(
                     job.step,
-                    max(0.0, (job.steps - job.step) * self.step_s - (now - job.at)) + self.decode_s,
+                    max(0.0, (job.steps - job.step) * step_s - (now - job.at)) + self.finish_s,
                 )
                 for k, job in self._jobs.items()
             }
@@ -114,10 +176,6 @@ class Tracker:
         with self._lock:
             previews, self._previews = self._previews, {}
             return previews
-
-    def images_in_flight(self) -> int:
-        with self._lock:
-            return sum(job.images for job in self._jobs.values())
 
     # -- canceled elsewhere -------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import torch
 
 from app import logs
 from app.jobs.contract import Delivery, ErrorCode, Job
-from app.jobs.eta import denoising_steps
+from app.jobs.eta import denoising_steps, unet_rows
 from app.jobs.store import is_transient
 from app.jobs.worker_store import WorkerStore
 from app.settings import refuse
@@ -83,7 +83,7 @@ class Runner:
         self.model_name = Path(engine.model).name
         self._tokenizer_fields = engine.published_tokenizer.fields()
         self.stopping = threading.Event()
-        self.tracker = Tracker()
+        self.tracker = Tracker(engine.tuning.row_cap())
         self.metrics = metrics or WorkerMetrics(
             settings.max_batch, engine.tuning.buckets(), engine.tuning.row_buckets()
         )
@@ -300,7 +300,8 @@ class Runner:
         """Run one batch; returns the jobs whose outcome it handed to the pool."""
         jobs = list({s.job.id: s.job for s in rows}.values())
         specs = [image_specs(s.job.request)[s.index] for s in rows]
-        self.tracker.begin({job.id: (job.request.steps, job.request.n) for job in jobs})
+        self.tracker.begin({job.id: (job.request.steps, job.request.n, unet_rows(job.request))
+                            for job in jobs})  # fmt: skip
         started = time.perf_counter()
         try:
             images = self.engine.generate(specs, shape, self._keep_going)
@@ -335,7 +336,8 @@ class Runner:
 
     def _run_source(self, job: Job, shape: BatchShape) -> set[str]:
         """img2img or inpainting in static mode: the job alone, through the row hooks."""
-        self.tracker.begin({job.id: (denoising_steps(job.request), job.request.n)})
+        request = job.request
+        self.tracker.begin({job.id: (denoising_steps(request), request.n, unet_rows(request))})
         try:
             source = load_source(self.storage, job.id, job.request)
             specs = image_specs(job.request)
@@ -388,6 +390,7 @@ class Runner:
         again)."""
         self._backlog.release()
         self.metrics.completion_backlog.dec()
+        self.tracker.stored(job.id)
         error = future.exception()
         if error is not None:
             log.error("writing the result failed: %s: %s", type(error).__name__, error,
@@ -467,11 +470,8 @@ class Runner:
 
     def _info(self) -> str:
         """What the heartbeat says: the model, and the pace the API's queued ETAs use."""
-        return json.dumps({
-            "device": str(self.engine.device), "model": self.model_name,
-            "step_s": self.tracker.step_s, "decode_s": self.tracker.decode_s,
-            "images": self.tracker.images_in_flight(), "capacity": self.settings.max_batch,
-        })  # fmt: skip
+        info = {"device": str(self.engine.device), "model": self.model_name}
+        return json.dumps(info | self.tracker.pace().fields())
 
     def _heartbeat(self) -> None:
         ttl = self.settings.heartbeat_ttl_s

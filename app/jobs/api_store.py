@@ -151,7 +151,11 @@ class ApiStore(Store):
         record = decode(raw)
         if "request" not in record or "status" not in record or record.get("owner", "") != owner:
             return None
-        paces = self.paces() if record["status"] == "queued" else []
+        # A queued job's ETA comes from the workers' pace; so does a running one's until its
+        # worker has written its own.
+        status = record["status"]
+        starting = status == "running" and "finish_at" not in record
+        paces = self.paces() if status == "queued" or starting else []
         return job_view(job_id, record, position, time.time() if now is None else now, paces)
 
     def remember_latest(self, owner: str, job_id: str) -> None:

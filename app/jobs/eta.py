@@ -1,16 +1,18 @@
 """When a job will be done: `eta_s` in its view.
 
-A running job's estimate comes from its worker, which knows its pace (seconds per step at the
-load it has now), the job's steps left and how long decodes take; it writes the finishing time
-with each progress report. A queued job's comes from here, from the pace every live worker
-publishes with its heartbeat: the job runs as soon as it has room (continuous batching takes
-it between two steps), and room comes free as fast as the workers finish images.
+A worker measures its pace: the time between two steps of a job, which grows with the UNet rows
+in flight, fitted as a line over the rows (worker/progress.py). A running job's estimate comes
+from its worker: its steps left at the pace of the rows in flight now, plus a finish (decode,
+PNGs, storage); the worker writes the finishing time with each progress report. A queued job's
+comes from here, from the pace every live worker publishes with its heartbeat: the job runs as
+soon as there are rows free for it (continuous batching takes it between two steps), and rows
+come free as fast as the workers finish their jobs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from app.jobs.contract import JobRequest
 
@@ -19,18 +21,29 @@ from app.jobs.contract import JobRequest
 class Pace:
     """How a worker is going, as its heartbeat says."""
 
-    step_s: float  # seconds between two steps of a row, at its load now; 0 before it measured
-    decode_s: float  # seconds from the last step to the images on the host
-    images: int  # images in flight
-    capacity: int  # images it runs at once
+    base_s: float  # a step takes base_s + row_s x UNet rows in flight
+    row_s: float
+    rows: int  # UNet rows in flight now
+    row_cap: int  # the most it runs at once
+    finish_s: float  # from a job's last step to its images stored
+
+    @property
+    def measured(self) -> bool:
+        return self.base_s + self.row_s > 0
+
+    def step_s(self, rows: int) -> float:
+        return self.base_s + self.row_s * rows
+
+    def fields(self) -> dict[str, float | int]:
+        return asdict(self)
 
     @classmethod
     def parse(cls, info: str) -> Pace | None:
         """From a heartbeat's info; None for one without a pace (an older worker)."""
         try:
             fields = json.loads(info)
-            return cls(float(fields["step_s"]), float(fields["decode_s"]),
-                       int(fields["images"]), int(fields["capacity"]))  # fmt: skip
+            return cls(float(fields["base_s"]), float(fields["row_s"]), int(fields["rows"]),
+                       int(fields["row_cap"]), float(fields["finish_s"]))  # fmt: skip
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -42,19 +55,23 @@ def denoising_steps(request: JobRequest) -> int:
     return max(1, min(int(request.steps * request.strength), request.steps))
 
 
+def unet_rows(request: JobRequest) -> int:
+    """Rows a job puts in each UNet call: cond and uncond per image when guided."""
+    return request.n * (2 if request.guidance_scale > 1 else 1)
+
+
 def queued_eta(position: int, request: JobRequest, paces: list[Pace]) -> float | None:
     """Seconds until a queued job at `position` is done; None before any worker has measured
     its pace. The jobs ahead are taken to be like this one (their sizes are not read)."""
-    measured = [p for p in paces if p.step_s > 0]
+    measured = [p for p in paces if p.measured]
     if not measured:
         return None
-    step_s = sum(p.step_s for p in measured) / len(measured)
-    decode_s = sum(p.decode_s for p in measured) / len(measured)
-    run_s = denoising_steps(request) * step_s + decode_s
-    free = sum(max(0, p.capacity - p.images) for p in paces)
-    waiting = (position + 1) * request.n - free  # images that must finish before it starts
-    if waiting <= 0:
-        return run_s
-    # Full: every run_s, each worker finishes about as many images as it holds.
-    per_second = sum(p.capacity for p in measured) / run_s
-    return waiting / per_second + run_s
+    steps, rows = denoising_steps(request), unet_rows(request)
+    roomiest = max(measured, key=lambda p: p.row_cap - p.rows)
+    waiting = (position + 1) * rows - sum(max(0, p.row_cap - p.rows) for p in measured)
+    if waiting <= 0:  # it joins the rows in flight now
+        return steps * roomiest.step_s(roomiest.rows + rows) + roomiest.finish_s
+    # Full: each worker finishes a full load of rows every run of a job at full load.
+    runs = [steps * p.step_s(p.row_cap) + p.finish_s for p in measured]
+    per_second = sum(p.row_cap / run for p, run in zip(measured, runs, strict=True))
+    return waiting / per_second + sum(runs) / len(runs)

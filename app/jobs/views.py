@@ -94,7 +94,8 @@ def _eta(
 ) -> float | None:
     if status is Status.RUNNING and "finish_at" in record:
         return round(max(0.0, float(record["finish_at"]) - now), 1)
-    if status is Status.QUEUED and position is not None:
-        eta = queued_eta(position, request, paces)
+    # Queued; or just started, before its worker's first report: as the first in the queue.
+    if (status is Status.QUEUED and position is not None) or status is Status.RUNNING:
+        eta = queued_eta(position or 0, request, paces)
         return None if eta is None else round(eta, 1)
     return None
