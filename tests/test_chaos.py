@@ -450,7 +450,9 @@ def test_a_full_redis_refuses_new_jobs_and_finishes_accepted_ones(
         accepted: list[str] = []
         refused = None
         for k in range(20_000):  # until Redis is full
-            r = c.http.post("/v1/txt2img", json={**FAST, "seed": k, "prompt": "x" * 1500})
+            # Large records, prompts within the model's limit (290 tokens of the tiny model).
+            body = {**FAST, "seed": k, "prompt": "x " * 290, "negative_prompt": "y " * 290}
+            r = c.http.post("/v1/txt2img", json=body)
             if r.status_code != 202:
                 refused = r
                 break
