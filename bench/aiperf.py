@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import bench.batching
-from bench.batching import closed_loop, service, uniform
-from worker.tiny import build_tiny_model
+from bench.batching import closed_loop, prepare, service, service_parser, uniform
 
 
 def run_aiperf(executable: str, url: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -91,23 +90,10 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser = service_parser(__doc__ or "", seconds=30)
     parser.add_argument("--aiperf", required=True, help="the aiperf executable")
-    parser.add_argument("--model", default="/tmp/sdserve-bench/sd15")
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--warmup", type=float, default=10)
-    parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run with a small model")
-    parser.add_argument("--side", type=int, default=512, help="image width and height")
     args = parser.parse_args()
-    bench.batching.SIDE = args.side
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = Path("/tmp/sdserve-bench")
-    work.mkdir(parents=True, exist_ok=True)
-    if not Path(args.model, "model_index.json").exists():
-        build_tiny_model(Path(args.model), "sd15")
+    work = prepare(args)
     version = subprocess.run([args.aiperf, "--version"], capture_output=True, text=True)
     results: dict[str, Any] = {
         "device": args.device, "date": time.strftime("%Y-%m-%d"), "side": args.side,

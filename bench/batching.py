@@ -331,28 +331,41 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def service_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
+    """The options of every benchmark that runs the service as processes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--model", default="/tmp/sdserve-bench/sd15")
-    parser.add_argument("--modes", default="continuous,static")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=10)
-    parser.add_argument("--seconds", type=float, default=30)
-    what = "(c)'s rate is 60%% of this img/s (default: the first mode's (a))"
-    parser.add_argument("--rate-of", type=float, default=0.0, help=what)
+    parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run with a small model")
     parser.add_argument("--side", type=int, default=512, help="image width and height")
-    args = parser.parse_args()
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """The image side set, the output and work folders made, the model built if missing;
+    returns the work folder."""
     global SIDE
     SIDE = args.side
-    SOURCE_PICTURE.append(source_picture())
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
     if not Path(args.model, "model_index.json").exists():
         build_tiny_model(Path(args.model), "sd15")
+    return work
+
+
+def main() -> None:
+    parser = service_parser(__doc__ or "", seconds=30)
+    parser.add_argument("--modes", default="continuous,static")
+    what = "(c)'s rate is 60%% of this img/s (default: the first mode's (a))"
+    parser.add_argument("--rate-of", type=float, default=0.0, help=what)
+    args = parser.parse_args()
+    work = prepare(args)
+    SOURCE_PICTURE.append(source_picture())
     path = args.out / "batching.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     import torch

@@ -13,21 +13,18 @@ measured its pace). Results to OUT/eta.json and OUT/eta.md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.batching import closed_loop, mixed, service, uniform
+from bench.batching import closed_loop, mixed, prepare, service, service_parser, uniform
 from bench.bench import percentile
-from worker.tiny import build_tiny_model
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 
@@ -115,24 +112,8 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--model", default="/tmp/sdserve-bench/sd15")
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--warmup", type=float, default=10)
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--device", default="cuda", help="cpu: a smoke run with a small model")
-    parser.add_argument("--side", type=int, default=512, help="image width and height")
-    args = parser.parse_args()
-    import bench.batching
-
-    bench.batching.SIDE = args.side
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = Path("/tmp/sdserve-bench")
-    work.mkdir(parents=True, exist_ok=True)
-    if not Path(args.model, "model_index.json").exists():
-        build_tiny_model(Path(args.model), "sd15")
+    args = service_parser(__doc__ or "", seconds=60).parse_args()
+    work = prepare(args)
     results: dict[str, Any] = {"device": args.device, "date": time.strftime("%Y-%m-%d"),
                                "command": " ".join(sys.argv)}  # fmt: skip
     with service(args.model, "continuous", args, work, work / "inductor-eta") as (url, _, _log):
