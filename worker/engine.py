@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
-from app.prompts import Chunk, Syntax, chunks, token_ids
+from app.prompts import CHUNK, Chunk, Syntax, chunks, token_ids
 from app.vocabulary import PublishedTokenizer
 from worker.plans import Plan, probe, start_step
 from worker.previews import Previews, clean_latents, colours, fit_colours
@@ -197,6 +197,7 @@ class Engine:
             do_convert_grayscale=True,
         )
         self._embeddings: OrderedDict[tuple[str, Syntax], torch.Tensor] = OrderedDict()
+        self._chunk_tokens = CHUNK + 2  # a chunk as CLIP reads it: start, 75, end
         self._plans: dict[tuple[str, int, int, bool], Plan] = {}
         # A 9-channel UNet (an inpainting model) takes a mask and a masked picture beside the
         # latents, for every job.
@@ -559,9 +560,12 @@ class Engine:
         (laid end to end, a block per prompt) and timestep `t` (one, or one per row); and the
         rows of padding it ran. Rows whose prompts have more chunks see a longer context: they
         run in a call of their own (one per length), since padding a shorter context would
-        change what its rows attend to, and so their images. Most calls have one length."""
+        change what its rows attend to, and so their images. Most calls have one length.
+        Rows of long prompts run uncompiled: the compiled UNet is built for one chunk, and a
+        compilation per length would stall every job for minutes."""
         lengths = [block.shape[1] for block in blocks]
         if len(set(lengths)) == 1:
+            compiled = compiled and lengths[0] == self._chunk_tokens
             return self._padded_call(sample, t, torch.cat(blocks), compiled)
         offsets = [0]
         for block in blocks:
@@ -576,7 +580,7 @@ class Engine:
                 sample.index_select(0, index),
                 t.index_select(0, index) if t.dim() else t,
                 torch.cat([blocks[b] for b in mine]),
-                compiled,
+                compiled and length == self._chunk_tokens,
             )
             if out is None:
                 out = part.new_empty((len(sample), *part.shape[1:]))
