@@ -104,10 +104,10 @@ def test_the_step_time_is_fitted_as_a_line_over_the_rows() -> None:
 
 def test_the_tracker_measures_the_pace_and_counts_down() -> None:
     tracker = Tracker(row_cap=16)
-    tracker.at("a", 0, 10, 1, 2)
+    tracker.at("a", 0, 10, 2)
     for step in range(1, 4):
         time.sleep(0.02)
-        tracker.at("a", step, 10, 1, 2)
+        tracker.at("a", step, 10, 2)
     pace = tracker.pace()
     assert pace.rows == 2 and 0.015 < pace.step_s(2) < 0.1
     report = tracker.running()["a"]

@@ -153,7 +153,7 @@ class RowLoop:
             if source is not None:
                 self.sources[job.id] = source
             self.lanes[job.id] = (job, lane)
-            r.tracker.at(job.id, 0, lane.steps, lane.images, lane.unet_rows)
+            r.tracker.at(job.id, 0, lane.steps, lane.unet_rows)
 
     def _step_one_size(self) -> None:
         r = self.runner
@@ -165,7 +165,7 @@ class RowLoop:
         for job, lane in group:
             if job.id not in self.lanes:
                 continue  # failed in this step
-            r.tracker.at(job.id, lane.step, lane.steps, lane.images, lane.unet_rows)
+            r.tracker.at(job.id, lane.step, lane.steps, lane.unet_rows)
             if lane.done:
                 del self.lanes[job.id]
                 self._finish(job, lane)

@@ -61,7 +61,6 @@ class StepFit:
 class _Job:
     step: int
     steps: int
-    images: int
     rows: int  # UNet rows: two an image when guided (cond and uncond), else one
     at: float  # when it got to `step` (monotonic)
 
@@ -79,12 +78,11 @@ class Tracker:
 
     # -- static batches: the jobs of one batch step together --------------------------------
 
-    def begin(self, jobs: dict[str, tuple[int, int, int]]) -> None:
-        """A batch starts: its jobs, with the steps each runs, its images and its rows."""
+    def begin(self, jobs: dict[str, tuple[int, int]]) -> None:
+        """A batch starts: its jobs, with the steps each runs and its UNet rows."""
         now = time.monotonic()
         with self._lock:
-            self._jobs = {k: _Job(0, steps, images, rows, now)
-                          for k, (steps, images, rows) in jobs.items()}  # fmt: skip
+            self._jobs = {k: _Job(0, steps, rows, now) for k, (steps, rows) in jobs.items()}
 
     def advance(self, step: int) -> bool:
         """Record a finished step; False once every job of the batch has ended elsewhere."""
@@ -99,12 +97,12 @@ class Tracker:
 
     # -- rows: each job at its own step -----------------------------------------------------
 
-    def at(self, job_id: str, step: int, steps: int, images: int, rows: int) -> None:
+    def at(self, job_id: str, step: int, steps: int, rows: int) -> None:
         with self._lock:
             if job_id in self._jobs:
                 self._move(job_id, step)
             else:
-                self._jobs[job_id] = _Job(step, steps, images, rows, time.monotonic())
+                self._jobs[job_id] = _Job(step, steps, rows, time.monotonic())
 
     def remove(self, job_id: str) -> None:
         with self._lock:

@@ -300,8 +300,7 @@ class Runner:
         """Run one batch; returns the jobs whose outcome it handed to the pool."""
         jobs = list({s.job.id: s.job for s in rows}.values())
         specs = [image_specs(s.job.request)[s.index] for s in rows]
-        self.tracker.begin({job.id: (job.request.steps, job.request.n, unet_rows(job.request))
-                            for job in jobs})  # fmt: skip
+        self.tracker.begin({job.id: (job.request.steps, unet_rows(job.request)) for job in jobs})
         started = time.perf_counter()
         try:
             images = self.engine.generate(specs, shape, self._keep_going)
@@ -336,8 +335,7 @@ class Runner:
 
     def _run_source(self, job: Job, shape: BatchShape) -> set[str]:
         """img2img or inpainting in static mode: the job alone, through the row hooks."""
-        request = job.request
-        self.tracker.begin({job.id: (denoising_steps(request), request.n, unet_rows(request))})
+        self.tracker.begin({job.id: (denoising_steps(job.request), unet_rows(job.request))})
         try:
             source = load_source(self.storage, job.id, job.request)
             specs = image_specs(job.request)
