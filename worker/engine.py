@@ -34,6 +34,7 @@ from worker.plans import Plan, probe, start_step
 from worker.previews import Previews, clean_latents, colours, fit_colours
 from worker.rows import Inpainting, Lane
 from worker.schedulers import SAMPLERS, load_schedule, make_scheduler
+from worker.tiles import tiling
 
 log = logging.getLogger("sdserve.engine")
 
@@ -75,6 +76,9 @@ class Source:
     image: Image.Image  # RGB
     strength: float  # 0 < strength <= 1: how much of the schedule runs (1: all of it)
     mask: Image.Image | None = None  # L, white repaints; None: img2img
+    # Latent upscaling: the picture is at its own size, and its latents (the VAE's mode: no
+    # noise drawn) are enlarged to the job's size, as a hires fix's latents are.
+    enlarge: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,10 @@ class Tuning:
     rows: bool = False
     # The longest prompt encoded, in chunks of 75 tokens.
     prompt_chunks: int = 4
+    # Pictures with a side over `tile` pixels are denoised in tiles of `tile` overlapping by
+    # `tile_overlap` (worker/tiles.py); smaller ones in one piece.
+    tile: int = 1024
+    tile_overlap: int = 128
 
     def buckets(self) -> list[int]:
         """Batch sizes a batch is padded up to: powers of two, and max_batch itself."""
@@ -378,23 +386,43 @@ class Engine:
             plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
             generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
             latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
+        cond = torch.stack(self.embeddings([(s.prompt, s.syntax) for s in specs]))
+        uncond = None
+        if guided:
+            uncond = torch.stack(self.embeddings([(s.negative_prompt, s.syntax) for s in specs]))
+        guidance = torch.tensor(
+            [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
+        ).view(-1, 1, 1, 1)
+        scale = self.latent_scale
+        tiles = tiling(
+            (shape.height // scale, shape.width // scale),
+            self.tuning.tile // scale,
+            self.tuning.tile_overlap // scale,
+        )
+        size = (shape.width, shape.height)
+        if tiles is not None:  # every per-row tensor gets a row per tile
+            size = (tiles.tile[1] * scale, tiles.tile[0] * scale)
+            cond = cond.repeat_interleave(tiles.count, 0)
+            guidance = guidance.repeat_interleave(tiles.count, 0)
+            if uncond is not None:
+                uncond = uncond.repeat_interleave(tiles.count, 0)
+            if conditioning is not None:
+                conditioning = tiles.split(conditioning)
         if self.inpainting_unet and conditioning is None:
-            conditioning = self._whole_picture(shape).expand(len(specs), -1, -1, -1)
+            whole = self._whole_picture(BatchShape(*size, shape.steps, shape.scheduler))
+            conditioning = whole.expand(len(cond), -1, -1, -1)
         return Lane(
             key=key,
-            size=(shape.width, shape.height),
+            size=size,
             plan=plan,
             latents=latents,
             generators=generators,
-            guidance=torch.tensor(
-                [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
-            ).view(-1, 1, 1, 1),
-            cond=torch.stack(self.embeddings([(s.prompt, s.syntax) for s in specs])),
-            uncond=torch.stack(self.embeddings([(s.negative_prompt, s.syntax) for s in specs]))
-            if guided
-            else None,
+            guidance=guidance,
+            cond=cond,
+            uncond=uncond,
             inpainting=inpainting,
             conditioning=conditioning,
+            tiling=tiles,
         )
 
     def _from_source(
@@ -406,13 +434,17 @@ class Engine:
         noise, then (inpainting) the VAE's sample of the masked source, which a 4-channel UNet
         does not use but which moves the generator on before an ancestral sampler's noise."""
         size = {"height": shape.height, "width": shape.width}
-        image = self.image_processor.preprocess(source.image, **size)
-        image = image.to(device=self.device, dtype=self.dtype)
         shape4 = (len(generators), self.vae.config.latent_channels,
                   shape.height // self.latent_scale, shape.width // self.latent_scale)  # fmt: skip
+        if source.enlarge:
+            size = {"height": source.image.height, "width": source.image.width}
+        image = self.image_processor.preprocess(source.image, **size)
+        image = image.to(device=self.device, dtype=self.dtype)
         pure_noise = source.mask is not None and source.strength == 1
         encoded = None
-        if not (pure_noise and self.inpainting_unet):
+        if source.enlarge:
+            encoded = enlarged(self._mode_latents(image), shape4[-2:]).expand(shape4)
+        elif not (pure_noise and self.inpainting_unet):
             encoded = self._sample_latents(image, generators)
         noise = randn_tensor(shape4, generator=generators, device=self.device, dtype=self.dtype)
         if pure_noise:
@@ -440,6 +472,12 @@ class Engine:
         latents: torch.Tensor = torch.cat(samples) * self.vae.config.scaling_factor
         return latents
 
+    def _mode_latents(self, image: torch.Tensor) -> torch.Tensor:
+        """The VAE's most likely latents of `image`, scaled (no noise drawn)."""
+        latents: torch.Tensor = self.vae.encode(image).latent_dist.mode()
+        scaled: torch.Tensor = latents * self.vae.config.scaling_factor
+        return scaled
+
     def _whole_picture(self, shape: BatchShape) -> torch.Tensor:
         """An inpainting UNet's conditioning for work with no mask (text to image, image to
         image): everything is repainted, nothing of a source is shown (a mask of ones, the
@@ -448,7 +486,7 @@ class Engine:
         if key not in self._blank:
             blank = torch.zeros(1, 3, shape.height, shape.width, device=self.device,
                                 dtype=self.dtype)  # fmt: skip
-            latents = self.vae.encode(blank).latent_dist.mode() * self.vae.config.scaling_factor
+            latents = self._mode_latents(blank)
             ones = torch.ones_like(latents[:, :1])
             self._blank[key] = torch.cat([ones, latents], 1)
         return self._blank[key]
@@ -464,39 +502,39 @@ class Engine:
         Raises (leaving every lane as it was) if the UNet call fails."""
         inputs = [lane.model_input() for lane in lanes]
         guided = [i for i, lane in enumerate(lanes) if lane.uncond is not None]
-        images = sum(lane.images for lane in lanes)
+        rows = sum(lane.rows for lane in lanes)
         sample = torch.cat(inputs + [inputs[i] for i in guided])
         blocks = [lane.cond for lane in lanes]
         blocks += [uncond for i in guided if (uncond := lanes[i].uncond) is not None]
-        times = [lane.timestep() for lane in lanes for _ in range(lane.images)]
-        times += [lanes[i].timestep() for i in guided for _ in range(lanes[i].images)]
-        against: list[int] = []  # each image's uncond row, or its own cond row
-        uncond_at = images
+        times = [lane.timestep() for lane in lanes for _ in range(lane.rows)]
+        times += [lanes[i].timestep() for i in guided for _ in range(lanes[i].rows)]
+        against: list[int] = []  # each row's uncond row, or its own cond row
+        uncond_at = rows
         for lane in lanes:
             start = len(against)
             if lane.uncond is None:
-                against += range(start, start + lane.images)
+                against += range(start, start + lane.rows)
             else:
-                against += range(uncond_at, uncond_at + lane.images)
-                uncond_at += lane.images
+                against += range(uncond_at, uncond_at + lane.rows)
+                uncond_at += lane.rows
         t_rows = torch.tensor(times, dtype=torch.float32, device=self.device)
         compiled = lanes[0].size in self.tuning.compiled_sizes
         timer = GpuTimer(self.device) if self.observer is not None else None
         noise, padding = self._unet_by_length(sample, t_rows, blocks, compiled)
-        rows = len(sample)
-        cond = noise[:images]
+        called = len(sample)
+        cond = noise[:rows]
         uncond = noise.index_select(0, torch.tensor(against, device=self.device))
         guidance = torch.cat([lane.guidance for lane in lanes])
         noise = uncond + guidance * (cond - uncond)  # a new tensor: the UNet's is reused
         made = self._previews(lanes, inputs, noise, previews) if previews else None
         at = 0
         for lane in lanes:
-            lane.advance(noise[at : at + lane.images])
-            at += lane.images
+            lane.advance(noise[at : at + lane.rows])
+            at += lane.rows
         if timer is not None:
             # No synchronization: the host runs ahead of the GPU; the time is read when the
             # GPU has got there (a later step), so measuring never stalls the loop.
-            self._timers.append((timer.stop(), rows, rows + padding))
+            self._timers.append((timer.stop(), called, called + padding))
         while self._timers and self._timers[0][0].ready() and self.observer is not None:
             done, real, bucket = self._timers.popleft()
             self.observer.stepped(done.seconds(), real, bucket)
@@ -521,13 +559,13 @@ class Engine:
         rows: dict[str, tuple[int, int, int]] = {}
         at = count = 0
         for lane, sample in zip(lanes, inputs, strict=True):
-            if lane.key in wanted:
+            if lane.key in wanted and lane.tiling is None:  # a tiled picture has no preview
                 samples.append(sample[:, :channels])
                 index += range(at, at + lane.images)
                 signals += [self._signal(lane.timestep())] * lane.images
                 rows[lane.key] = (count, lane.images, lane.step + 1)
                 count += lane.images
-            at += lane.images
+            at += lane.rows
         if not rows:
             return None
         noise = outputs.index_select(0, torch.tensor(index, device=self.device))
@@ -547,7 +585,8 @@ class Engine:
     @torch.inference_mode()
     def finish(self, lane: Lane) -> Decoding:
         """A finished lane's decode, started: `images` gives its pixels once `ready`."""
-        return self.decode_async(lane.latents, lane.size in self.tuning.compiled_sizes)
+        whole = lane.tiling is None and lane.size in self.tuning.compiled_sizes
+        return self.decode_async(lane.latents, whole)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -593,8 +632,15 @@ class Engine:
         self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool
     ) -> tuple[torch.Tensor, int]:
         """One UNet call; rows with a timestep each are padded to their row bucket (copies of
-        the last row, whose outputs are dropped)."""
+        the last row, whose outputs are dropped). More rows than the cap (one job's many tiles)
+        go in calls of the cap each."""
         rows = len(sample)
+        cap = max(2, self.tuning.row_cap())
+        if t.dim() and rows > cap:
+            parts = [self._padded_call(sample[at : at + cap], t[at : at + cap],
+                                       context[at : at + cap], compiled)
+                     for at in range(0, rows, cap)]  # fmt: skip
+            return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
         padding = self.tuning.row_bucket(rows) - rows if t.dim() else 0
         if padding:
             sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
@@ -794,6 +840,13 @@ class Decoding:
 
     def wait(self) -> None:
         self.timer.wait()
+
+
+def enlarged(latents: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Latents resized to (height, width) bilinearly: latent upscaling, as A1111's "Latent"
+    hires fix does it."""
+    resized = torch.nn.functional.interpolate(latents.float(), size=tuple(size), mode="bilinear")
+    return resized.to(latents.dtype)
 
 
 def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from worker.plans import Plan
+from worker.tiles import Tiling
 
 Size = tuple[int, int]  # (width, height) in pixels
 # One step's tensors, indexed by SAMPLE, OUTPUT, NOISE (None: the step drew no noise).
@@ -49,6 +50,10 @@ class Lane:
     # An inpainting UNet's extra input channels: the mask and the masked source's latents,
     # (images, 5, height / 8, width / 8).
     conditioning: torch.Tensor | None = None
+    # A picture larger than one UNet call holds: its latents go through the UNet as tiles
+    # (worker/tiles.py), `size` is a tile's, and the per-row tensors above (cond, uncond,
+    # guidance, conditioning) have a row per tile of each image.
+    tiling: Tiling | None = None
     step: int = 0
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
@@ -66,9 +71,14 @@ class Lane:
         return self.step >= self.steps
 
     @property
+    def rows(self) -> int:
+        """Its images' rows in a UNet call (a row per tile, when tiled), cond only."""
+        return self.images * (1 if self.tiling is None else self.tiling.count)
+
+    @property
     def unet_rows(self) -> int:
         """Rows this lane puts in a UNet call: cond, and uncond when guided."""
-        return self.images * (1 if self.uncond is None else 2)
+        return self.rows * (1 if self.uncond is None else 2)
 
     def timestep(self) -> float:
         return self.plan.steps[self.step].timestep
@@ -76,14 +86,18 @@ class Lane:
     def model_input(self) -> torch.Tensor:
         scale = self.plan.steps[self.step].input_scale
         scaled = self.latents if scale == 1 else self.latents * scale
+        if self.tiling is not None:
+            scaled = self.tiling.split(scaled)
         if self.conditioning is None:
             return scaled
         return torch.cat([scaled, self.conditioning], 1)
 
     def advance(self, output: torch.Tensor) -> None:
-        """Take this step's model output (guidance applied): the sample moves to the weighted sum
-        of the plan's terms, added up in float32 and stored in the latents' dtype, as diffusers'
-        samplers do."""
+        """Take this step's model output (guidance applied, a row per tile when tiled): the
+        sample moves to the weighted sum of the plan's terms, added up in float32 and stored in
+        the latents' dtype, as diffusers' samplers do."""
+        if self.tiling is not None:
+            output = self.tiling.merge(output)
         plan = self.plan.steps[self.step]
         noise = None
         if plan.noise:  # drawn as diffusers' samplers draw it, image by image
