@@ -66,8 +66,15 @@ class ApiSettings(CommonSettings):
         default=16 * 2**20,
         ge=2**16,
         le=2**28,
-        description="Largest body of the routes that take images (img2img, inpaint); every other"
+        description="Largest body of the routes that take images (img2img, inpaint, upscale);"
+        " every other"
         " route takes at most 64 KiB.",
+    )
+    max_upscale_side: int = Field(
+        default=2048,
+        ge=64,
+        le=4096,
+        description="Largest side of an upscaled picture, in pixels (POST /v1/upscale).",
     )
     max_queue: int = Field(
         default=1000, ge=1, description="Jobs that may wait at once; beyond, POST answers 429."

@@ -66,14 +66,6 @@ def test_seeds_count_up_and_wrap_at_32_bits() -> None:
         Txt2ImgRequest(prompt="x").seeds()
 
 
-def test_batch_shape_ignores_per_image_parameters() -> None:
-    a = Txt2ImgRequest(prompt="a", negative_prompt="b", guidance_scale=3, seed=1, n=2)
-    b = Txt2ImgRequest(prompt="c", seed=9, n=8)
-    assert a.batch_shape() == b.batch_shape()
-    assert a.batch_shape() != Txt2ImgRequest(prompt="a", steps=24).batch_shape()
-    assert a.batch_shape() != Txt2ImgRequest(prompt="a", scheduler="ddim").batch_shape()
-
-
 def test_job_ids_are_128_bit_url_safe() -> None:
     ids = {new_job_id() for _ in range(1000)}
     assert len(ids) == 1000

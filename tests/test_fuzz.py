@@ -103,9 +103,7 @@ def published(
 # invalid input only (with no worker here, each valid request would wait out its timeout and
 # answer the documented 504).
 schema = published([GenerationMode.POSITIVE]).exclude(path=WAITS + UPLOAD_WAITS)
-invalid = published([GenerationMode.NEGATIVE], json_bodies=True).exclude(
-    path=WAITS + UPLOAD_WAITS
-)
+invalid = published([GenerationMode.NEGATIVE], json_bodies=True).exclude(path=WAITS + UPLOAD_WAITS)
 waiting = published([GenerationMode.NEGATIVE], json_bodies=True).include(path=WAITS)
 # Uploads that wait: valid bodies only, fewer (a valid one waits out the timeout).
 waiting_uploads = published([GenerationMode.POSITIVE], examples=15).include(path=UPLOAD_WAITS)

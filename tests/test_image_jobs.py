@@ -6,6 +6,7 @@ outside the (blurred) mask exactly; bad pictures are 4xx naming the field."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import threading
 from pathlib import Path
@@ -34,8 +35,8 @@ def b64(image: Image.Image, fmt: str = "PNG") -> str:
 
 
 def run_jobs(store: JobStore, model: Path, redis_url: str, ids: list[str],
-             batching: str) -> None:  # fmt: skip
-    r = runner(store, model, redis_url, batching=batching, max_batch=4)
+             batching: str, **settings: Any) -> None:  # fmt: skip
+    r = runner(store, model, redis_url, batching=batching, max_batch=4, **settings)
     r.open()
     done = threading.Event()
     worker = serve(r, done)
@@ -119,6 +120,46 @@ def test_the_size_comes_from_the_source_fitted(api: httpx.Client, store: JobStor
     assert size_of(Image.new("RGB", (90, 90)), width=128, height=64) == (128, 64)
 
 
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_upscaling_pixel_and_latent_in_tiles_beside_text_jobs(
+    api: httpx.Client, store: JobStore, engine: Any, tiny_model: Path, redis_url: str,
+    batching: str,
+) -> None:  # fmt: skip
+    """Tiles of 64 pixels: a 48x32 picture x4 (192x128) is 3x2 tiles, each a row beside the
+    text job's 64x64 rows; each result equals the engine's run of that job alone."""
+    small = picture().resize((48, 32))
+    pixel = api.post("/v1/upscale", json={**FIELDS, "image": b64(small), "scale": 4})
+    assert pixel.status_code == 202, pixel.text
+    form = {"scale": "2", "method": "latent", "steps": "4", "seed": "5", "strength": "0.5"}
+    latent = api.post("/v1/upscale", data=form,
+                      files={"image": ("s.png", encoded(small, "PNG"), "image/png")})  # fmt: skip
+    assert latent.status_code == 202, latent.text
+    text = api.post("/v1/txt2img", json={**FIELDS, "width": 64, "height": 64})
+    ids = [pixel.json()["id"], latent.json()["id"], text.json()["id"]]
+    run_jobs(store, tiny_model, redis_url, ids, batching, tile=64, tile_overlap=16)
+    tuning = engine.tuning
+    engine.tuning = dataclasses.replace(tuning, tile=64, tile_overlap=16)
+    try:
+        for job_id, size, source in [
+            (ids[0], (192, 128), Source(small.resize((192, 128), Image.Resampling.LANCZOS), 0.35)),
+            (ids[1], (96, 64), Source(small, 0.5, enlarge=True)),
+        ]:
+            view = store.view(job_id)
+            assert view is not None and view.status.value == "succeeded", view
+            assert (
+                view.request.kind == "upscale" and (view.request.width, view.request.height) == size
+            )
+            made = np.asarray(png(store, job_id, 0))
+            assert made.shape == (size[1], size[0], 3)
+            assert np.abs(made.astype(int) - expected(engine, view, source)).max() <= 1
+    finally:
+        engine.tuning = tuning
+    stored = api.get(f"/jobs/{ids[1]}/inputs/image.png")  # latent: the picture at its own size
+    assert Image.open(io.BytesIO(stored.content)).size == (48, 32)
+    info = Image.open(io.BytesIO(api.get(f"/jobs/{ids[0]}/images/0.png").content)).info
+    assert "Hires upscale: 4" in info["parameters"]
+
+
 @pytest.mark.parametrize(
     ("route", "body", "status", "field"),
     [
@@ -134,6 +175,12 @@ def test_the_size_comes_from_the_source_fitted(api: httpx.Client, store: JobStor
         ("/v1/inpaint", {"image": b64(picture())}, 422, "mask"),
         ("/v1/inpaint", {"image": b64(picture()), "mask": b64(square_mask()), "mask_blur": -1},
          422, "mask_blur"),
+        ("/v1/upscale", {"image": b64(picture()), "scale": 3}, 422, "scale"),
+        ("/v1/upscale", {"image": b64(picture()), "method": "bicubic"}, 422, "method"),
+        ("/v1/upscale", {"image": b64(picture()), "width": 128}, 422, "width"),
+        ("/v1/upscale", {"image": b64(Image.new("RGB", (1100, 64))), "scale": 2}, 422, "image"),
+        ("/v1/upscale", {"image": b64(Image.new("RGB", (24, 24))), "scale": 2}, 422, "image"),
+        ("/v1/upscale", {"image": b64(picture()), "strength": 1.5}, 422, "strength"),
     ],
 )  # fmt: skip
 def test_bad_pictures_and_fields_are_4xx_naming_the_field(
@@ -187,7 +234,8 @@ def test_a_replay_lands_on_the_first_job_and_keeps_no_second_copy(
 def test_openapi_documents_the_picture_routes(api: httpx.Client) -> None:
     schema = api.get("/openapi.json").json()
     paths = schema["paths"]
-    for route, files in [("/v1/img2img", {"image"}), ("/v1/inpaint", {"image", "mask"})]:
+    for route, files in [("/v1/img2img", {"image"}), ("/v1/inpaint", {"image", "mask"}),
+                         ("/v1/upscale", {"image"})]:  # fmt: skip
         content = paths[route]["post"]["requestBody"]["content"]
         assert set(content) == {"application/json", "multipart/form-data"}
         form = content["multipart/form-data"]["schema"]["properties"]
@@ -198,4 +246,4 @@ def test_openapi_documents_the_picture_routes(api: httpx.Client) -> None:
     assert "/jobs/{job_id}/inputs/{name}.png" in paths
     kinds = schema["components"]["schemas"]["JobView"]["properties"]["request"]
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in kinds["oneOf"]} == {
-        "Txt2ImgRequest", "Img2ImgRequest", "InpaintRequest"}  # fmt: skip
+        "Txt2ImgRequest", "Img2ImgRequest", "InpaintRequest", "UpscaleRequest"}  # fmt: skip

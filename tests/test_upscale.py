@@ -15,10 +15,11 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
+from app.tiles import starts, tile_count
 from tests.test_rows import max_diff, run
 from worker.engine import BatchShape, Engine, ImageSpec, Source, enlarged
 from worker.schedulers import make_scheduler
-from worker.tiles import starts, tile_count, tiling
+from worker.tiles import tiling
 
 
 @pytest.mark.parametrize(("length", "tile", "overlap"), [(16, 8, 2), (17, 8, 3), (8, 8, 2),

@@ -30,7 +30,9 @@ def runner(store: JobStore, model: Path, redis_url: str, **settings: Any) -> Run
     options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker",
                "batching": "static", **settings}  # fmt: skip
     worker_settings = WorkerSettings(redis_url=redis_url, **options)
-    engine = Engine(str(model), torch.device("cpu"), Tuning(max_batch=worker_settings.max_batch))
+    tuning = Tuning(max_batch=worker_settings.max_batch, tile=worker_settings.tile,
+                    tile_overlap=worker_settings.tile_overlap)  # fmt: skip
+    engine = Engine(str(model), torch.device("cpu"), tuning)
     return Runner(worker_settings, store, engine, open_storage(worker_settings.storage))
 
 

@@ -27,7 +27,8 @@ def group(jobs: Sequence[Job]) -> list[list[Job]]:
     """Jobs that can share a batch (same width, height, steps, scheduler), first come first."""
     groups: dict[tuple[int, int, int, str], list[Job]] = {}
     for job in jobs:
-        groups.setdefault(job.request.batch_shape(), []).append(job)
+        r = job.request
+        groups.setdefault((r.width, r.height, r.steps, r.scheduler), []).append(job)
     return list(groups.values())
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.jobs.contract import ErrorCode, Job
+from app.jobs.eta import unet_rows
 from worker.engine import BatchShape, Decoding, Source
 from worker.previews import Previews
 from worker.rows import Lane
@@ -121,10 +122,12 @@ class RowLoop:
         r = self.runner
         if r.stopping.is_set():
             return
-        # Counted in UNet rows: a guided image takes two (cond and uncond), another one.
+        # Counted in UNet rows: a guided image takes two (cond and uncond), another one; a
+        # picture in tiles, that many per tile.
+        tuning = r.engine.tuning
         candidates = [
             Candidate(job.id, (job.request.width, job.request.height),
-                      job.request.n * (2 if job.request.guidance_scale > 1 else 1),
+                      unet_rows(job.request, tuning.tile, tuning.tile_overlap),
                       job.created_at, alone=job.delivery.suspect)
             for job, _since in self.waiting.values()
         ]  # fmt: skip

@@ -30,6 +30,9 @@ def parameters(request: JobRequest, seed: int, model: str) -> str:
         settings["Denoising strength"] = request.strength
     if request.kind == "inpaint":
         settings["Mask blur"] = request.mask_blur
+    if request.kind == "upscale":  # A1111's hires fix words
+        settings["Hires upscale"] = request.scale
+        settings["Hires upscaler"] = "Latent" if request.method == "latent" else "Lanczos"
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from app.jobs.eta import Pace
 from app.jobs.worker_store import Report
+from app.tiles import TILE, TILE_OVERLAP
 
 # How much of the fit each step keeps: about the last 1/(1 - FORGET) = 50 steps count, so the
 # line follows the GPU as it warms and the mix of sizes changes.
@@ -66,13 +67,14 @@ class _Job:
 
 
 class Tracker:
-    def __init__(self, row_cap: int = 0) -> None:
+    def __init__(self, row_cap: int = 0, tiles: tuple[int, int] = (TILE, TILE_OVERLAP)) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._gone: set[str] = set()
         self._previews: dict[str, tuple[int, list[np.ndarray]]] = {}
         self._fit = StepFit()
         self.row_cap = row_cap
+        self.tiles = tiles  # (tile, overlap): the API counts a queued job's rows with them
         self.finish_s = 0.0  # from the last step to the images stored
         self._denoised: dict[str, float] = {}
 
@@ -152,7 +154,7 @@ class Tracker:
 
     def _pace(self) -> Pace:
         base, per_row = self._fit.line()
-        return Pace(base, per_row, self._rows(), self.row_cap, self.finish_s)
+        return Pace(base, per_row, self._rows(), self.row_cap, self.finish_s, *self.tiles)
 
     def running(self) -> dict[str, Report]:
         """Each job's step and seconds left: its steps left at the pace of the rows in flight

@@ -83,7 +83,8 @@ class Runner:
         self.model_name = Path(engine.model).name
         self._tokenizer_fields = engine.published_tokenizer.fields()
         self.stopping = threading.Event()
-        self.tracker = Tracker(engine.tuning.row_cap())
+        tuning = engine.tuning
+        self.tracker = Tracker(tuning.row_cap(), (tuning.tile, tuning.tile_overlap))
         self.metrics = metrics or WorkerMetrics(
             settings.max_batch, engine.tuning.buckets(), engine.tuning.row_buckets()
         )
@@ -558,6 +559,8 @@ def serve(settings: WorkerSettings) -> None:
         vae_chunk=settings.vae_chunk,
         rows=settings.batching == "continuous",
         prompt_chunks=settings.max_prompt_chunks,
+        tile=settings.tile,
+        tile_overlap=settings.tile_overlap,
     )
     metrics = WorkerMetrics(settings.max_batch, tuning.buckets(), tuning.row_buckets())
     if settings.metrics_port:

@@ -13,6 +13,7 @@ from pydantic_settings import NoDecode
 
 from app.jobs.contract import is_side
 from app.settings import CommonSettings, cache_dir
+from app.tiles import TILE, TILE_OVERLAP
 
 # The tiny model lives here unless SDSERVE_MODEL names another; it is built on first start.
 # Not ~/.cache/sdserve/tiny-model, where an older sdserve built it: that one's scheduler config
@@ -94,6 +95,22 @@ class WorkerSettings(CommonSettings):
         description="The longest prompt encoded, in chunks of 75 tokens (a longer one is a 422"
         " at the API). Each chunk lengthens the UNet's cross-attention for that row.",
     )
+    tile: int = Field(
+        default=TILE,
+        ge=64,
+        le=4096,
+        multiple_of=8,
+        description="Pictures with a side over this many pixels (upscaling) are denoised in"
+        " tiles of this size, overlapping and blended at every step.",
+    )
+    tile_overlap: int = Field(
+        default=TILE_OVERLAP,
+        ge=0,
+        le=1024,
+        multiple_of=8,
+        description="Pixels neighbouring tiles share; over it one tile's weight gives way to"
+        " the other's.",
+    )
     metrics_port: int = Field(
         default=9400, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."
     )
@@ -135,6 +152,12 @@ class WorkerSettings(CommonSettings):
             if not (is_side(width) and is_side(height)):
                 raise ValueError(f"{width}x{height}: sides must be multiples of 8 in 64..1024")
         return sizes
+
+    @model_validator(mode="after")
+    def _overlap_within_tile(self) -> WorkerSettings:
+        if self.tile_overlap * 2 > self.tile:
+            raise ValueError("SDSERVE_TILE_OVERLAP must be at most half of SDSERVE_TILE")
+        return self
 
     @model_validator(mode="after")
     def _claim_after_heartbeat(self) -> WorkerSettings:

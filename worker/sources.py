@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from app.jobs.contract import InpaintRequest, JobRequest
+from app.jobs.contract import InpaintRequest, JobRequest, UpscaleRequest
 from app.storage import Storage, input_key
 from worker.engine import ImageSpec, Source
 
@@ -41,7 +41,9 @@ def load_source(storage: Storage, job_id: str, request: JobRequest) -> Source | 
     mask = None
     if isinstance(request, InpaintRequest):
         mask = _picture(storage, job_id, "mask").convert("L")
-    return Source(image, request.strength, mask)
+    # Pixel upscaling's picture is stored already enlarged: it runs as image to image.
+    enlarge = isinstance(request, UpscaleRequest) and request.method == "latent"
+    return Source(image, request.strength, mask, enlarge)
 
 
 def _picture(storage: Storage, job_id: str, name: str) -> Image.Image:

@@ -10,26 +10,11 @@ sample. Pure tensor code: the engine decides when a lane is tiled.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-Size = tuple[int, int]  # (width, height)
-
-
-def starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Where tiles of `tile` start along a side of `length`, overlapping by `overlap` at least,
-    evenly spread so the first starts at 0 and the last ends at `length`."""
-    if length <= tile:
-        return [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    return [round(k * (length - tile) / (count - 1)) for k in range(count)]
-
-
-def tile_count(size: Size, tile: int, overlap: int) -> int:
-    """Tiles a picture of `size` (pixels) takes; 1 when it fits in one."""
-    return len(starts(size[0], tile, overlap)) * len(starts(size[1], tile, overlap))
+from app.tiles import starts
 
 
 def _ramp(length: int, start: int, tile: int, overlap: int) -> torch.Tensor:

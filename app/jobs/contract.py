@@ -13,7 +13,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    field_validator,
+)
 
 from app.prompts import Syntax
 
@@ -117,9 +125,9 @@ class PromptLengths(BaseModel):
     negative_prompt: PromptLength
 
 
-class GenerationRequest(BaseModel):
-    """What every kind of job asks for. Strict: a wrong JSON type is an error, never a silent
-    coercion."""
+class Generation(BaseModel):
+    """What every kind of job asks for but its size. Strict: a wrong JSON type is an error,
+    never a silent coercion."""
 
     model_config = ConfigDict(
         **STRICT_INPUT,
@@ -154,8 +162,6 @@ class GenerationRequest(BaseModel):
         description="Set by the server: the prompts' token and chunk counts (absent when no"
         " worker had published its tokenizer yet). Anything sent is replaced.",
     )
-    width: Side = 512
-    height: Side = 512
     steps: Steps = 25
     guidance_scale: Guidance = 7.5
     scheduler: SchedulerName = Field(default="dpmpp_2m", description="Sampler.")
@@ -181,9 +187,12 @@ class GenerationRequest(BaseModel):
             raise ValueError("seeds() needs a normalized request (seed set)")
         return [(self.seed + k) % (SEED_MAX + 1) for k in range(self.n)]
 
-    def batch_shape(self) -> tuple[int, int, int, str]:
-        """Requests that share this key can run in one batch; everything else is per image."""
-        return (self.width, self.height, self.steps, self.scheduler)
+
+class GenerationRequest(Generation):
+    """What every kind of job asks for: its size too."""
+
+    width: Side = 512
+    height: Side = 512
 
 
 class Txt2ImgRequest(GenerationRequest):
@@ -239,6 +248,52 @@ class InpaintRequest(GenerationRequest):
     mask: StoredImage
 
 
+# Upscaled pictures may be larger than generated ones (SDSERVE_MAX_UPSCALE_SIDE, 2048 by
+# default; this is the most any deployment may allow).
+UPSCALE_SIDE_MAX = 4096
+UpscaleSide = Annotated[
+    int, Field(ge=SIDE_MIN, le=UPSCALE_SIDE_MAX, multiple_of=SIDE_STEP, description="Pixels.")
+]
+UpscaleMethod = Literal["pixel", "latent"]
+
+
+class Upscaling(Generation):
+    """What an upscaling job asks for, as a client sends it."""
+
+    prompt: str = Field(
+        default="", max_length=2000, description="What the picture shows; may be empty."
+    )
+    scale: int = Field(
+        default=2,
+        description="How many times larger each side gets: 2 or 4.",
+        json_schema_extra={"enum": [2, 4]},
+    )
+    method: UpscaleMethod = Field(
+        default="pixel",
+        description="pixel: the picture resized (Lanczos), then encoded and redrawn. latent: the"
+        " picture encoded at its own size and its latents enlarged (bilinear), then redrawn.",
+    )
+    strength: Strength = 0.35
+
+    @field_validator("scale")
+    @classmethod
+    def _two_or_four(cls, scale: int) -> int:
+        # Not a Literal: a form field's "2" must read as 2, which lax mode does for an int.
+        if scale not in (2, 4):
+            raise ValueError("must be 2 or 4")
+        return scale
+
+
+class UpscaleRequest(Upscaling):
+    """Upscaling: the picture enlarged `scale` times, then redrawn at `strength` by the model
+    (a hires fix), in tiles when it is larger than one UNet call holds."""
+
+    kind: Literal["upscale"] = "upscale"
+    width: UpscaleSide = Field(description="Set by the server: the picture's width x scale.")
+    height: UpscaleSide = Field(description="Set by the server: the picture's height x scale.")
+    image: StoredImage
+
+
 def _kind(value: Any) -> str:
     # Records written before kinds existed have none: they are text to image.
     if isinstance(value, dict):
@@ -249,10 +304,11 @@ def _kind(value: Any) -> str:
 JobRequest = Annotated[
     Annotated[Txt2ImgRequest, Tag("txt2img")]
     | Annotated[Img2ImgRequest, Tag("img2img")]
-    | Annotated[InpaintRequest, Tag("inpaint")],
+    | Annotated[InpaintRequest, Tag("inpaint")]
+    | Annotated[UpscaleRequest, Tag("upscale")],
     Discriminator(_kind),
 ]
-SourceRequest = Img2ImgRequest | InpaintRequest
+SourceRequest = Img2ImgRequest | InpaintRequest | UpscaleRequest
 _JOB_REQUEST: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 
 

@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from app.jobs.contract import JobRequest
+from app.tiles import TILE, TILE_OVERLAP, tile_count
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Pace:
     rows: int  # UNet rows in flight now
     row_cap: int  # the most it runs at once
     finish_s: float  # from a job's last step to its images stored
+    tile: int = TILE  # pictures over `tile` pixels a side run in tiles
+    tile_overlap: int = TILE_OVERLAP
 
     @property
     def measured(self) -> bool:
@@ -43,7 +46,9 @@ class Pace:
         try:
             fields = json.loads(info)
             return cls(float(fields["base_s"]), float(fields["row_s"]), int(fields["rows"]),
-                       int(fields["row_cap"]), float(fields["finish_s"]))  # fmt: skip
+                       int(fields["row_cap"]), float(fields["finish_s"]),
+                       int(fields.get("tile", TILE)),
+                       int(fields.get("tile_overlap", TILE_OVERLAP)))  # fmt: skip
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -55,9 +60,11 @@ def denoising_steps(request: JobRequest) -> int:
     return max(1, min(int(request.steps * request.strength), request.steps))
 
 
-def unet_rows(request: JobRequest) -> int:
-    """Rows a job puts in each UNet call: cond and uncond per image when guided."""
-    return request.n * (2 if request.guidance_scale > 1 else 1)
+def unet_rows(request: JobRequest, tile: int = TILE, overlap: int = TILE_OVERLAP) -> int:
+    """Rows a job puts in each UNet call: cond and uncond per image (per tile of it) when
+    guided."""
+    tiles = tile_count((request.width, request.height), tile, overlap)
+    return request.n * tiles * (2 if request.guidance_scale > 1 else 1)
 
 
 def queued_eta(position: int, request: JobRequest, paces: list[Pace]) -> float | None:
@@ -66,7 +73,8 @@ def queued_eta(position: int, request: JobRequest, paces: list[Pace]) -> float |
     measured = [p for p in paces if p.measured]
     if not measured:
         return None
-    steps, rows = denoising_steps(request), unet_rows(request)
+    steps = denoising_steps(request)
+    rows = unet_rows(request, measured[0].tile, measured[0].tile_overlap)
     roomiest = max(measured, key=lambda p: p.row_cap - p.rows)
     waiting = (position + 1) * rows - sum(max(0, p.row_cap - p.rows) for p in measured)
     if waiting <= 0:  # it joins the rows in flight now

@@ -1,7 +1,7 @@
-"""Jobs that start from a picture: `POST /v1/img2img` and `POST /v1/inpaint`, and the owner's way
-back to the pictures sent (`GET /jobs/{id}/inputs/{name}.png`).
+"""Jobs that start from a picture: `POST /v1/img2img`, `POST /v1/inpaint` and `POST /v1/upscale`,
+and the owner's way back to the pictures sent (`GET /jobs/{id}/inputs/{name}.png`).
 
-Both routes take JSON (images as base64, plain or `data:image/...;base64,`) or multipart/form-data
+The routes take JSON (images as base64, plain or `data:image/...;base64,`) or multipart/form-data
 (images as file parts, the other fields as form fields). Images are read safely (app/uploads.py),
 fitted to the job's size, and stored once beside the job's results under the id the job will
 get; the queued job refers to them by that id and their digest, never carries their bytes.
@@ -36,6 +36,8 @@ from app.jobs.contract import (
     Status,
     StoredImage,
     Strength,
+    UpscaleRequest,
+    Upscaling,
     new_job_id,
 )
 from app.routes.context import IDEMPOTENCY_KEY, UNAUTHORIZED, Context, error, find_job
@@ -43,7 +45,8 @@ from app.routes.submit import Accepted, Submitter
 from app.storage import INPUTS, input_key
 from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
 
-UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/images/edits", "/sdapi/v1/img2img"})
+UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/upscale", "/v1/images/edits",
+                           "/sdapi/v1/img2img"})  # fmt: skip
 IMAGE_FIELD = Field(
     description="The source picture: PNG, JPEG or WebP as base64 (plain or a "
     "`data:image/...;base64,` URL), or a file part in multipart/form-data."
@@ -71,6 +74,10 @@ class InpaintBody(SourceBody):
     )
 
 
+class UpscaleBody(Upscaling):
+    image: str = Field(description="The picture to enlarge; sent as `image` is to img2img.")
+
+
 def fitted_size(width: int, height: int) -> tuple[int, int]:
     """A source's own size as a job size: scaled down (aspect kept) to fit within the largest
     side, then each side rounded down to a multiple of 8."""
@@ -90,7 +97,7 @@ def as_http_error(error: UploadError) -> Exception:
     return invalid(error.field, error.message)
 
 
-async def _read(http: Request, model: type[SourceBody], files: tuple[str, ...],
+async def _read(http: Request, model: type[BaseModel], files: tuple[str, ...],
                 limit: int) -> tuple[Any, dict[str, bytes]]:  # fmt: skip
     """The body as `model`, and each image field's bytes."""
     content_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -176,6 +183,27 @@ def fit(pictures: dict[str, Image.Image], width: int | None,
     return fields, pngs
 
 
+def enlarge(pictures: dict[str, Image.Image], scale: int, method: str,
+            largest: int) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
+    """An upscaling job's size (the picture's, each side rounded down to a multiple of 8, times
+    `scale`) and the picture to store: already at that size for `pixel` (resized once, here,
+    from the picture as sent), at its own for `latent` (the worker enlarges its latents)."""
+    source = pictures["image"]
+    own = (source.width // SIDE_STEP * SIDE_STEP, source.height // SIDE_STEP * SIDE_STEP)
+    size = (own[0] * scale, own[1] * scale)
+    if min(size) < SIDE_MIN:
+        raise invalid("image", f"is {source.width}x{source.height}: x{scale} makes "
+                      f"{size[0]}x{size[1]}, under {SIDE_MIN} pixels a side")  # fmt: skip
+    if max(size) > largest:
+        raise invalid("image", f"is {source.width}x{source.height}: x{scale} makes "
+                      f"{size[0]}x{size[1]}, over the {largest}-pixel limit of a side")  # fmt: skip
+    stored = size if method == "pixel" else own
+    if source.size != stored:
+        source = source.resize(stored, Image.Resampling.LANCZOS)
+    png, fields = _stored(source)
+    return {"width": size[0], "height": size[1], "image": fields}, {"image": png}
+
+
 def queue_with_pictures(ctx: Context, submit: Submitter, request: SourceRequest,
                         pngs: dict[str, bytes], http: Request, caller: Caller,
                         idempotency_key: str | None,
@@ -223,13 +251,18 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     limit = ctx.settings.max_upload_bytes
 
     async def queue(http: Request, response: Response, caller: Caller,
-                    idempotency_key: str | None, body_model: type[SourceBody],
+                    idempotency_key: str | None, body_model: type[BaseModel],
                     make: Callable[[dict[str, Any]], SourceRequest]) -> Accepted:  # fmt: skip
         files = ("image", "mask") if body_model is InpaintBody else ("image",)
         try:
             body, data = await _read(http, body_model, files, limit)
             pictures = await run_in_threadpool(read_pictures, data)
-            fields, pngs = await run_in_threadpool(fit, pictures, body.width, body.height)
+            if isinstance(body, UpscaleBody):
+                fields, pngs = await run_in_threadpool(
+                    enlarge, pictures, body.scale, body.method, ctx.settings.max_upscale_side
+                )
+            else:
+                fields, pngs = await run_in_threadpool(fit, pictures, body.width, body.height)
         except UploadError as e:
             raise as_http_error(e) from None
         known = {**body.model_dump(exclude=set(files)), **fields}
@@ -252,7 +285,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         **error(429, "The queue is full, or this key is at its limit; see `Retry-After`."),
     }
 
-    def add(path: str, name: str, summary: str, body_model: type[SourceBody],
+    def add(path: str, name: str, summary: str, body_model: type[BaseModel],
             request_model: type[SourceRequest]) -> None:  # fmt: skip
         files = ("image", "mask") if body_model is InpaintBody else ("image",)
 
@@ -271,6 +304,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
 
     add("/v1/img2img", "img2img", "Queue an image-to-image job", Img2ImgBody, Img2ImgRequest)
     add("/v1/inpaint", "inpaint", "Queue an inpainting job", InpaintBody, InpaintRequest)
+    add("/v1/upscale", "upscale", "Queue an upscaling job (a hires fix of a picture)",
+        UpscaleBody, UpscaleRequest)  # fmt: skip
 
     @routes.get(
         "/jobs/{job_id}/inputs/{name}.png",
