@@ -2,8 +2,8 @@
 
 A1111's clients (the `webuiapi` package, chat front ends, bots) send its whole payload, most of
 it at defaults. Fields at A1111's defaults are accepted; a field sdserve means to honour is
-mapped; a value it cannot honour (face restoration, hires fix, scripts, a subseed, another
-model...) is a 422 naming the field, never dropped in silence. The mapping, field by field, is
+mapped; a value it cannot honour (face restoration, an ESRGAN upscaler, scripts, a subseed,
+another model...) is a 422 naming the field, never dropped in silence. The mapping, field by field, is
 in docs/api.md.
 """
 
@@ -118,7 +118,15 @@ class Txt2ImgPayload(BaseModel):
         return {
             "restore_faces": bool(self.restore_faces),
             "tiling": bool(self.tiling),
-            "enable_hr": self.enable_hr,
+            "hr_resize_x": self.enable_hr and self.hr_resize_x != 0,
+            "hr_resize_y": self.enable_hr and self.hr_resize_y != 0,
+            "hr_checkpoint_name": self.enable_hr
+            and self.hr_checkpoint_name not in (None, "", "Use same checkpoint"),
+            "hr_sampler_name": self.enable_hr
+            and self.hr_sampler_name not in (None, "", "Use same sampler"),
+            "hr_prompt": self.enable_hr and self.hr_prompt not in ("", self.prompt),
+            "hr_negative_prompt": self.enable_hr
+            and self.hr_negative_prompt not in ("", self.negative_prompt),
             "styles": bool(self.styles),
             "subseed_strength": self.subseed_strength != 0,
             "script_name": self.script_name is not None,
@@ -161,13 +169,28 @@ class Txt2ImgPayload(BaseModel):
         if self.eta not in (None, 0, 1):
             raise A1111Error("eta", "only the samplers' own noise is offered (eta 0 or 1)")
         seed = None if self.seed == -1 else self.seed % (SEED_MAX + 1)
-        return {
+        fields = {
             "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "prompt_syntax": "a1111",
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": self.cfg_scale, "scheduler": scheduler, "seed": seed,
             "n": self.batch_size * self.n_iter,
         }  # fmt: skip
+        if self.enable_hr:
+            fields["hires"] = self.hires()
+        return fields
+
+    def hires(self) -> dict[str, Any]:
+        """The hires fix's fields: A1111's "Latent" upscaler enlarges the latents, "Lanczos"
+        the decoded picture; its other upscalers (ESRGAN and kin) are not offered."""
+        upscaler = self.hr_upscaler or "Latent"
+        methods = {"Latent": "latent", "Lanczos": "pixel"}
+        if upscaler not in methods:
+            raise A1111Error("hr_upscaler", f"sdserve offers {' and '.join(methods)}, not "
+                             f"{upscaler!r}")  # fmt: skip
+        strength = 0.7 if self.denoising_strength is None else self.denoising_strength
+        return {"scale": self.hr_scale, "steps": self.hr_second_pass_steps or None,
+                "strength": strength, "method": methods[upscaler]}  # fmt: skip
 
 
 class Img2ImgPayload(Txt2ImgPayload):
@@ -193,6 +216,7 @@ class Img2ImgPayload(Txt2ImgPayload):
     def refusals(self) -> dict[str, bool]:
         return super().refusals() | {
             "init_images": len(self.init_images) != 1,
+            "enable_hr": self.enable_hr,  # A1111's img2img has no hires fix either
             "resize_mode": self.resize_mode != 0,
             # Under the mask the source is noised as it is (A1111's "original", 1); its other
             # fills change nothing only when everything is redrawn.

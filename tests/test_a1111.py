@@ -103,10 +103,34 @@ def test_img2img_and_inpainting(service: str) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize(
+    "upscaler", [webuiapi.HiResUpscaler.Latent, webuiapi.HiResUpscaler.Lanczos]
+)
+def test_a_hires_fix_is_one_job_of_two_passes(service: str, upscaler: Any) -> None:  # noqa: F811
+    api = client(service)
+    result = api.txt2img(prompt="a red fox", seed=5, enable_hr=True, hr_scale=1.5,
+                         hr_upscaler=upscaler, hr_second_pass_steps=4, denoising_strength=0.5,
+                         **SMALL)  # fmt: skip
+    assert result.images[0].size == (96, 96)
+    method = "latent" if upscaler == webuiapi.HiResUpscaler.Latent else "pixel"
+    hires = {"scale": 1.5, "steps": 4, "strength": 0.5, "method": method}
+    native = httpx.post(f"{service}/v1/txt2img", headers={"Authorization": f"Bearer {KEY}"},
+                        json={"prompt": "a red fox", "seed": 5, "guidance_scale": 7.0,
+                              "scheduler": "dpmpp_2m", "prompt_syntax": "a1111",
+                              "hires": hires, **SMALL}).json()  # fmt: skip
+    http = httpx.Client(base_url=service, headers={"Authorization": f"Bearer {KEY}"})
+    wait_for(lambda: http.get(native["url"]).json()["status"] == "succeeded", 60, "the job")
+    ours = Image.open(io.BytesIO(http.get(f"{native['url']}/images/0.png").content))
+    assert (np.asarray(ours) == np.asarray(result.images[0])).all()
+
+
+@pytest.mark.parametrize(
     ("fields", "named"),
     [
         ({"restore_faces": True}, "restore_faces"),
-        ({"enable_hr": True}, "enable_hr"),
+        ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ({"enable_hr": True, "hr_resize_x": 1000}, "hr_resize_x"),
+        ({"enable_hr": True, "hr_scale": 4.5}, "hires.scale"),
+        ({"enable_hr": True, "hr_scale": 2.5, "width": 1024}, "hires.scale"),  # over 2048
         ({"sampler_name": "Heun++ 9"}, "sampler_name"),
         ({"scheduler": "Karras", "sampler_name": "Euler a"}, "scheduler"),
         ({"override_settings": {"sd_model_checkpoint": "another.safetensors"}},

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from app.jobs.contract import InpaintRequest
+from app.jobs.contract import InpaintRequest, Txt2ImgRequest
 from app.storage import input_key, open_storage
 from tests.conftest import JobStore, wait_for
 from tests.test_continuous import serve
@@ -135,7 +135,9 @@ def test_upscaling_pixel_and_latent_in_tiles_beside_text_jobs(
                       files={"image": ("s.png", encoded(small, "PNG"), "image/png")})  # fmt: skip
     assert latent.status_code == 202, latent.text
     text = api.post("/v1/txt2img", json={**FIELDS, "width": 64, "height": 64})
-    ids = [pixel.json()["id"], latent.json()["id"], text.json()["id"]]
+    hires = {"scale": 2, "steps": 5, "strength": 0.6, "method": "pixel"}
+    fixed = api.post("/v1/txt2img", json={**FIELDS, "width": 96, "height": 64, "hires": hires})
+    ids = [pixel.json()["id"], latent.json()["id"], text.json()["id"], fixed.json()["id"]]
     run_jobs(store, tiny_model, redis_url, ids, batching, tile=64, tile_overlap=16)
     tuning = engine.tuning
     engine.tuning = dataclasses.replace(tuning, tile=64, tile_overlap=16)
@@ -152,6 +154,22 @@ def test_upscaling_pixel_and_latent_in_tiles_beside_text_jobs(
             made = np.asarray(png(store, job_id, 0))
             assert made.shape == (size[1], size[0], 3)
             assert np.abs(made.astype(int) - expected(engine, view, source)).max() <= 1
+        # The hires fix: 96x64, then 192x128 in tiles, as one job.
+        view = store.view(ids[3])
+        assert view is not None and view.status.value == "succeeded", view
+        assert isinstance(view.request, Txt2ImgRequest) and view.request.hires is not None
+        spec = [ImageSpec("a cat", "", 6.0, 3)]
+        lane = engine.prepare("hr", spec, BatchShape(96, 64, 4, "dpmpp_2m"))
+        while not lane.done:
+            engine.step([lane])
+        lane = engine.second_pass(lane, spec, BatchShape(192, 128, 5, "dpmpp_2m"),
+                                  view.request.hires)  # fmt: skip
+        assert lane.tiling is not None
+        while not lane.done:
+            engine.step([lane])
+        [alone] = engine.images(engine.finish(lane))
+        assert alone is not None
+        assert np.abs(np.asarray(png(store, ids[3], 0)).astype(int) - alone).max() <= 1
     finally:
         engine.tuning = tuning
     stored = api.get(f"/jobs/{ids[1]}/inputs/image.png")  # latent: the picture at its own size

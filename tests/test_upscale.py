@@ -124,3 +124,41 @@ def test_a_tiled_picture_shows_no_seam_and_strangers_change_nothing(tiled: Engin
                              BatchShape(64, 64, 6, "euler"))  # fmt: skip
     together = run(tiled, [tiled.prepare("big", spec, shape, big), stranger])
     assert max_diff(together["big"][0], alone) <= 1
+
+
+@pytest.mark.parametrize(("method", "sampler"), [("latent", "dpmpp_2m"), ("pixel", "euler_a")])
+def test_a_hires_fix_matches_diffusers_txt2img_then_img2img(
+    engine: Engine, tiny_model: Path, method: str, sampler: str
+) -> None:
+    """The first pass is diffusers' txt2img; the second its img2img pipeline on the enlarged
+    latents (latent) or the decoded picture resized with Lanczos (pixel), each image's
+    generator going on from the first pass."""
+    from diffusers import StableDiffusionPipeline
+
+    from app.jobs.contract import Hires
+
+    hires = Hires(scale=1.5, steps=5, strength=0.6, method=method)  # type: ignore[arg-type]
+    specs = [ImageSpec("a cat", "blurry", 6.0, 8), ImageSpec("a cow", "", 6.0, 9)]
+    lane = engine.prepare("hr", specs, BatchShape(64, 48, 4, sampler))
+    while not lane.done:
+        engine.step([lane])
+    second = engine.second_pass(lane, specs, BatchShape(96, 72, 5, sampler), hires)
+    assert second.earlier_steps == 4 and second.steps == 3  # 5 steps at 0.6 run 3
+    mine = run(engine, [second])["hr"]
+
+    text = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    text.scheduler = make_scheduler(sampler, engine.scheduler_config)
+    text.set_progress_bar_config(disable=True)
+    image = StableDiffusionImg2ImgPipeline(**text.components)
+    image.set_progress_bar_config(disable=True)
+    for spec, ours in zip(specs, mine, strict=True):
+        generator = torch.Generator().manual_seed(spec.seed)
+        common = {"negative_prompt": spec.negative_prompt, "guidance_scale": 6.0,
+                  "generator": [generator]}  # fmt: skip
+        first = text(spec.prompt, height=48, width=64, num_inference_steps=4,
+                     output_type="latent" if method == "latent" else "pil", **common).images  # fmt: skip
+        picture = (enlarged(first, (9, 12)) if method == "latent"
+                   else first[0].resize((96, 72), Image.Resampling.LANCZOS))  # fmt: skip
+        theirs = image(spec.prompt, image=picture, strength=0.6, num_inference_steps=5,
+                       output_type="np", **common).images[0]  # fmt: skip
+        assert max_diff(ours, (theirs * 255).round().astype(np.uint8)) <= 1

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from app.jobs.contract import ErrorCode, Job
-from app.jobs.eta import unet_rows
+from app.jobs.eta import denoising_steps, unet_rows
 from worker.engine import BatchShape, Decoding, Source
 from worker.previews import Previews
 from worker.rows import Lane
-from worker.sources import MissingInput, finished, image_specs, load_source
+from worker.sources import MissingInput, finished, image_specs, load_source, next_pass
 from worker.stepping import Candidate, Turns, admit
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class RowLoop:
             if source is not None:
                 self.sources[job.id] = source
             self.lanes[job.id] = (job, lane)
-            r.tracker.at(job.id, 0, lane.steps, lane.unet_rows)
+            r.tracker.at(job.id, 0, denoising_steps(request), lane.unet_rows)
 
     def _step_one_size(self) -> None:
         r = self.runner
@@ -168,7 +168,8 @@ class RowLoop:
         for job, lane in group:
             if job.id not in self.lanes:
                 continue  # failed in this step
-            r.tracker.at(job.id, lane.step, lane.steps, lane.unet_rows)
+            steps = denoising_steps(job.request)
+            r.tracker.at(job.id, lane.earlier_steps + lane.step, steps, lane.unet_rows)
             if lane.done:
                 del self.lanes[job.id]
                 self._finish(job, lane)
@@ -210,6 +211,16 @@ class RowLoop:
         self._forget(job)
 
     def _finish(self, job: Job, lane: Lane) -> None:
+        """A lane done: its next pass joins in its place (a hires fix), or its decode starts."""
+        try:
+            then = next_pass(self.runner.engine, job.request, lane)
+        except Exception as e:  # out of memory included: the job fails alone
+            log.exception("a second pass failed to start", extra={"job_id": job.id})
+            self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+            return
+        if then is not None:
+            self.lanes[job.id] = (job, then)
+            return
         try:
             self.runner.tracker.denoised(job.id)
             self.decodings.append((job, self.runner.engine.finish(lane)))

@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
+from app.jobs.contract import Hires
 from app.prompts import CHUNK, Chunk, Syntax, chunks, token_ids
 from app.vocabulary import PublishedTokenizer
 from worker.plans import Plan, probe, start_step
@@ -374,7 +375,6 @@ class Engine:
         and embeddings. Text to image: noise made exactly as `generate` makes it. From a source
         image: its latents noised to where the plan starts, as diffusers' img2img and
         inpainting pipelines make them for each image's seed."""
-        guided = any(s.guidance_scale > 1 for s in specs)
         inpainting = conditioning = None
         if source is None:
             plan = self.plan(shape.scheduler, shape.steps)
@@ -386,9 +386,57 @@ class Engine:
             plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
             generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
             latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
+        return self._lane(key, specs, shape, plan, generators, latents, inpainting, conditioning)
+
+    @torch.inference_mode()
+    def second_pass(
+        self, lane: Lane, specs: Sequence[ImageSpec], shape: BatchShape, hires: Hires
+    ) -> Lane:
+        """A hires fix's second pass of a finished lane, at `shape`'s (larger) size: its
+        picture enlarged (its latents bilinearly, or decoded, resized and encoded again) and
+        noised to where the pass starts, as diffusers' img2img pipeline noises a picture,
+        with each image's generator going on from the first pass."""
+        start = start_step(shape.steps, hires.strength)
+        plan = self.plan(shape.scheduler, shape.steps, start)
+        generators = lane.generators
+        small = (shape.height // self.latent_scale, shape.width // self.latent_scale)
+        if hires.method == "latent":
+            encoded = enlarged(lane.latents, small)
+        else:
+            size = (shape.width, shape.height)
+            pictures = [
+                Image.fromarray(
+                    pixels if pixels is not None else np.zeros((1, 1, 3), np.uint8)
+                ).resize(size, Image.Resampling.LANCZOS)
+                for pixels in self.decode(lane.latents)
+            ]
+            encoded = torch.cat([
+                self._sample_latents(self._pixels(picture, shape), [generator])
+                for picture, generator in zip(pictures, generators, strict=True)
+            ])  # fmt: skip
+        noise = randn_tensor(encoded.shape, generator=generators, device=self.device,
+                             dtype=self.dtype)  # fmt: skip
+        latents = encoded * plan.noising[0] + noise * plan.noising[1]
+        made = self._lane(lane.key, specs, shape, plan, generators, latents)
+        made.earlier_steps = lane.earlier_steps + lane.steps
+        return made
+
+    def _lane(
+        self,
+        key: str,
+        specs: Sequence[ImageSpec],
+        shape: BatchShape,
+        plan: Plan,
+        generators: list[torch.Generator],
+        latents: torch.Tensor,
+        inpainting: Inpainting | None = None,
+        conditioning: torch.Tensor | None = None,
+    ) -> Lane:
+        """A lane of these latents: the prompts' embeddings and guidance per row, in tiles
+        when the picture is larger than one tile."""
         cond = torch.stack(self.embeddings([(s.prompt, s.syntax) for s in specs]))
         uncond = None
-        if guided:
+        if any(s.guidance_scale > 1 for s in specs):
             uncond = torch.stack(self.embeddings([(s.negative_prompt, s.syntax) for s in specs]))
         guidance = torch.tensor(
             [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
@@ -438,8 +486,7 @@ class Engine:
                   shape.height // self.latent_scale, shape.width // self.latent_scale)  # fmt: skip
         if source.enlarge:
             size = {"height": source.image.height, "width": source.image.width}
-        image = self.image_processor.preprocess(source.image, **size)
-        image = image.to(device=self.device, dtype=self.dtype)
+        image = self._pixels(source.image, BatchShape(size["width"], size["height"], 0, ""))
         pure_noise = source.mask is not None and source.strength == 1
         encoded = None
         if source.enlarge:
@@ -462,6 +509,12 @@ class Engine:
             return latents, None, torch.cat([small.expand(len(generators), -1, -1, -1), masked], 1)
         assert encoded is not None
         return latents, Inpainting(small, encoded, noise), None
+
+    def _pixels(self, picture: Image.Image, shape: BatchShape) -> torch.Tensor:
+        """A picture as the VAE takes it, at `shape`'s size (diffusers' preprocessing)."""
+        pixels = self.image_processor.preprocess(picture, height=shape.height, width=shape.width)
+        placed: torch.Tensor = pixels.to(device=self.device, dtype=self.dtype)
+        return placed
 
     def _sample_latents(
         self, image: torch.Tensor, generators: list[torch.Generator]

@@ -55,6 +55,8 @@ class Lane:
     # guidance, conditioning) have a row per tile of each image.
     tiling: Tiling | None = None
     step: int = 0
+    # Steps of the job's earlier pass (a hires fix's first), for its progress; 0 in a first.
+    earlier_steps: int = 0
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
 

@@ -47,8 +47,9 @@ from worker.images import encode_png, encode_preview, parameters
 from worker.inbox import Inbox
 from worker.metrics import WorkerMetrics
 from worker.progress import Tracker
+from worker.rows import Lane
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
-from worker.sources import MissingInput, finished, image_specs, load_source
+from worker.sources import MissingInput, finished, image_specs, in_lanes, load_source, next_pass
 
 log = logging.getLogger("sdserve.worker")
 R = TypeVar("R")
@@ -252,7 +253,7 @@ class Runner:
         # A suspect (its workers died with it twice) runs alone: if it kills this worker too,
         # no stranger's delivery count goes up with it. So does a job from a source picture:
         # static batches are text to image.
-        alone = [job for job in jobs if job.delivery.suspect or job.request.kind != "txt2img"]
+        alone = [job for job in jobs if job.delivery.suspect or in_lanes(job.request)]
         for batch in [
             *group([j for j in jobs if j not in alone]),
             *([j] for j in alone),
@@ -264,7 +265,7 @@ class Runner:
         shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
         assembly: Assembly[np.ndarray | None] = Assembly(jobs)
         settled: set[str] = set()  # outcome handed to the pool, which acks after writing it
-        if request.kind != "txt2img":
+        if in_lanes(request):
             if not self.out_of_grace():
                 settled = self._run_source(jobs[0], shape)
         else:
@@ -335,17 +336,22 @@ class Runner:
         return {job.id for job in whole}
 
     def _run_source(self, job: Job, shape: BatchShape) -> set[str]:
-        """img2img or inpainting in static mode: the job alone, through the row hooks."""
-        self.tracker.begin({job.id: (denoising_steps(job.request), unet_rows(job.request))})
+        """img2img, inpainting, upscaling or a hires fix in static mode: the job alone, through
+        the row hooks."""
+        tuning = self.engine.tuning
+        rows = unet_rows(job.request, tuning.tile, tuning.tile_overlap)
+        self.tracker.begin({job.id: (denoising_steps(job.request), rows)})
         try:
             source = load_source(self.storage, job.id, job.request)
             specs = image_specs(job.request)
-            lane = self.engine.prepare(job.id, specs, shape, source)
-            while not lane.done:
-                self.engine.step([lane])
-                if not self._keep_going(lane.step):
-                    return set()  # canceled, or the stop grace ran out
-            images = self.engine.images(self.engine.finish(lane))
+            lane: Lane | None = self.engine.prepare(job.id, specs, shape, source)
+            while lane is not None:
+                while not lane.done:
+                    self.engine.step([lane])
+                    if not self._keep_going(lane.earlier_steps + lane.step):
+                        return set()  # canceled, or the stop grace ran out
+                last, lane = lane, next_pass(self.engine, job.request, lane)
+            images = self.engine.images(self.engine.finish(last))
         except MissingInput as e:
             self.complete(job, self.fail, job, ErrorCode.INPUT, str(e))
             return {job.id}

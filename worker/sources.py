@@ -1,7 +1,7 @@
 """What a job brings the engine: its images' prompts and seeds, its source picture (img2img,
-inpainting) from storage; and inpainting's last touch: the result laid over the source through
-the blurred mask, so that outside it the source's pixels come back exactly (the VAE alone would
-only come close)."""
+inpainting, upscaling) from storage, a hires fix's second pass; and inpainting's last touch:
+the result laid over the source through the blurred mask, so that outside it the source's
+pixels come back exactly (the VAE alone would only come close)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from app.jobs.contract import InpaintRequest, JobRequest, UpscaleRequest
+from app.jobs.contract import InpaintRequest, JobRequest, Txt2ImgRequest, UpscaleRequest
 from app.storage import Storage, input_key
-from worker.engine import ImageSpec, Source
+from worker.engine import BatchShape, Engine, ImageSpec, Source
+from worker.rows import Lane
 
 
 class MissingInput(LookupError):
@@ -31,6 +32,23 @@ def image_specs(request: JobRequest) -> list[ImageSpec]:
         )
         for seed in request.seeds()
     ]
+
+
+def in_lanes(request: JobRequest) -> bool:
+    """Whether static batching runs the job alone through the row hooks (it starts from a
+    picture, or has a second pass) rather than in a batch of text-to-image jobs."""
+    return not isinstance(request, Txt2ImgRequest) or request.hires is not None
+
+
+def next_pass(engine: Engine, request: JobRequest, lane: Lane) -> Lane | None:
+    """The lane of a finished first pass's hires fix; None when the job is done."""
+    if not isinstance(request, Txt2ImgRequest) or request.hires is None or lane.earlier_steps:
+        return None
+    size = request.hires_size()
+    assert size is not None, "a hires fix has a size"
+    steps = request.hires.steps or request.steps
+    shape = BatchShape(*size, steps, request.scheduler)
+    return engine.second_pass(lane, image_specs(request), shape, request.hires)
 
 
 def load_source(storage: Storage, job_id: str, request: JobRequest) -> Source | None:

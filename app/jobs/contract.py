@@ -195,10 +195,50 @@ class GenerationRequest(Generation):
     height: Side = 512
 
 
+# Upscaled pictures may be larger than generated ones (SDSERVE_MAX_UPSCALE_SIDE, 2048 by
+# default; this is the most any deployment may allow).
+UPSCALE_SIDE_MAX = 4096
+UpscaleSide = Annotated[
+    int, Field(ge=SIDE_MIN, le=UPSCALE_SIDE_MAX, multiple_of=SIDE_STEP, description="Pixels.")
+]
+UpscaleMethod = Literal["pixel", "latent"]
+
+
+class Hires(BaseModel):
+    """A hires fix: a second pass that enlarges the first pass's picture and redraws it at
+    `strength`, as one job."""
+
+    model_config = STRICT_INPUT
+
+    scale: float = Field(
+        default=2.0,
+        gt=1,
+        le=4,
+        description="How many times larger each side gets (each rounded down to a multiple of 8).",
+    )
+    steps: Steps | None = Field(
+        default=None, description="The second pass's schedule; the job's `steps` if absent."
+    )
+    strength: Strength = 0.5
+    method: UpscaleMethod = Field(
+        default="latent",
+        description="latent: the first pass's latents enlarged (bilinear). pixel: its picture"
+        " decoded, resized (Lanczos) and encoded again.",
+    )
+
+
 class Txt2ImgRequest(GenerationRequest):
     """Text to image."""
 
     kind: Literal["txt2img"] = Field(default="txt2img", description="What the job does.")
+    hires: Hires | None = Field(default=None, description="A second, larger pass (hires fix).")
+
+    def hires_size(self) -> tuple[int, int] | None:
+        """The second pass's (width, height); None without one."""
+        if self.hires is None:
+            return None
+        return (int(self.width * self.hires.scale) // SIDE_STEP * SIDE_STEP,
+                int(self.height * self.hires.scale) // SIDE_STEP * SIDE_STEP)  # fmt: skip
 
 
 Strength = Annotated[
@@ -246,15 +286,6 @@ class InpaintRequest(GenerationRequest):
     mask_blur: MaskBlur = 4
     image: StoredImage
     mask: StoredImage
-
-
-# Upscaled pictures may be larger than generated ones (SDSERVE_MAX_UPSCALE_SIDE, 2048 by
-# default; this is the most any deployment may allow).
-UPSCALE_SIDE_MAX = 4096
-UpscaleSide = Annotated[
-    int, Field(ge=SIDE_MIN, le=UPSCALE_SIDE_MAX, multiple_of=SIDE_STEP, description="Pixels.")
-]
-UpscaleMethod = Literal["pixel", "latent"]
 
 
 class Upscaling(Generation):

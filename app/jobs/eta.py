@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from app.jobs.contract import JobRequest
+from app.jobs.contract import JobRequest, Txt2ImgRequest
 from app.tiles import TILE, TILE_OVERLAP, tile_count
 
 
@@ -53,11 +53,19 @@ class Pace:
             return None
 
 
+def run_steps(steps: int, strength: float) -> int:
+    """Steps a pass from a picture runs: the last `strength` of its schedule."""
+    return max(1, min(int(steps * strength), steps))
+
+
 def denoising_steps(request: JobRequest) -> int:
-    """Steps a job runs: from a source picture, only the last `strength` of the schedule."""
-    if request.kind == "txt2img":
+    """Steps a job runs: from a source picture, only the last `strength` of the schedule; a
+    hires fix adds its second pass's."""
+    if not isinstance(request, Txt2ImgRequest):
+        return run_steps(request.steps, request.strength)
+    if request.hires is None:
         return request.steps
-    return max(1, min(int(request.steps * request.strength), request.steps))
+    return request.steps + run_steps(request.hires.steps or request.steps, request.hires.strength)
 
 
 def unet_rows(request: JobRequest, tile: int = TILE, overlap: int = TILE_OVERLAP) -> int:

@@ -73,6 +73,7 @@ class Submitter:
 
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, self.ctx.settings)
+        _check_hires(request, self.ctx.settings)
         # What the client sent, before the server fills anything in, identifies a retry.
         sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         normalized = request.model_copy(
@@ -177,6 +178,18 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         return Accepted(id=job_id, status=status, url=url)
 
     return routes
+
+
+def _check_hires(request: JobRequest, settings: ApiSettings) -> None:
+    """422 on hires.scale when the second pass would be larger than upscaling allows."""
+    size = request.hires_size() if isinstance(request, Txt2ImgRequest) else None
+    if size is not None and max(size) > settings.max_upscale_side:
+        message = (
+            f"makes {size[0]}x{size[1]}, over the {settings.max_upscale_side}-pixel limit of a side"
+        )
+        raise RequestValidationError(
+            [{"loc": ("body", "hires", "scale"), "msg": message, "type": "value_error"}]
+        )
 
 
 def _check_webhook(url: str, settings: ApiSettings) -> None:
