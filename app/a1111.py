@@ -3,8 +3,8 @@
 A1111's clients (the `webuiapi` package, chat front ends, bots) send its whole payload, most of
 it at defaults. Fields at A1111's defaults are accepted; a field sdserve means to honour is
 mapped; a value it cannot honour (face restoration, an ESRGAN upscaler, scripts, a subseed,
-another model...) is a 422 naming the field, never dropped in silence. The mapping, field by field, is
-in docs/api.md.
+another model...) is a 422 naming the field, never dropped in silence. The mapping, field by
+field, is in docs/api.md.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def test_a_hires_fix_matches_diffusers_txt2img_then_img2img(
 
     from app.jobs.contract import Hires
 
-    hires = Hires(scale=1.5, steps=5, strength=0.6, method=method)  # type: ignore[arg-type]
+    hires = Hires(scale=1.5, steps=5, strength=0.6, method=method)
     specs = [ImageSpec("a cat", "blurry", 6.0, 8), ImageSpec("a cow", "", 6.0, 9)]
     lane = engine.prepare("hr", specs, BatchShape(64, 48, 4, sampler))
     while not lane.done:
@@ -155,8 +155,9 @@ def test_a_hires_fix_matches_diffusers_txt2img_then_img2img(
         generator = torch.Generator().manual_seed(spec.seed)
         common = {"negative_prompt": spec.negative_prompt, "guidance_scale": 6.0,
                   "generator": [generator]}  # fmt: skip
-        first = text(spec.prompt, height=48, width=64, num_inference_steps=4,
-                     output_type="latent" if method == "latent" else "pil", **common).images  # fmt: skip
+        kind = "latent" if method == "latent" else "pil"
+        first = text(spec.prompt, height=48, width=64, num_inference_steps=4, output_type=kind,
+                     **common).images  # fmt: skip
         picture = (enlarged(first, (9, 12)) if method == "latent"
                    else first[0].resize((96, 72), Image.Resampling.LANCZOS))  # fmt: skip
         theirs = image(spec.prompt, image=picture, strength=0.6, num_inference_steps=5,
