@@ -155,16 +155,20 @@ class Txt2ImgPayload(BaseModel):
             name = "DPM++ 2M Karras"
         return SAMPLERS[name]
 
-    def job_fields(self, model: str) -> dict[str, Any]:
-        """The native request's fields (validated by its model afterwards)."""
+    def job_fields(self, models: list[str]) -> dict[str, Any]:
+        """The native request's fields (validated by its model afterwards); `models`: the
+        names served, the default first."""
         for field, refused in self.refusals().items():
             if refused:
                 raise A1111Error(field, f"sdserve cannot honour {getattr(self, field)!r}")
+        model = models[0]
         for key, value in (self.override_settings or {}).items():
-            if key == "sd_model_checkpoint" and value in (model, None, ""):
+            if key == "sd_model_checkpoint" and value in (*models, None, ""):
+                model = value or model
                 continue
+            served = f"it serves {', '.join(models)}"
             raise A1111Error(f"override_settings.{key}", f"sdserve cannot honour {value!r} "
-                             f"(it serves {model})")  # fmt: skip
+                             f"({served})")  # fmt: skip
         scheduler = self.scheduler_name()
         if self.eta not in (None, 0, 1):
             raise A1111Error("eta", "only the samplers' own noise is offered (eta 0 or 1)")
@@ -174,7 +178,7 @@ class Txt2ImgPayload(BaseModel):
             "prompt_syntax": "a1111",
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": self.cfg_scale, "scheduler": scheduler, "seed": seed,
-            "n": self.batch_size * self.n_iter,
+            "n": self.batch_size * self.n_iter, "model": model,
         }  # fmt: skip
         if self.enable_hr:
             fields["hires"] = self.hires()

@@ -25,7 +25,7 @@ from app.jobs.webhook_store import WebhookStore
 from app.metrics import ApiMetrics, HttpMetrics
 from app.middleware import BodyLimit, NoSniff
 from app.openai_images import first_error
-from app.routes import a1111, generations, jobs, service, sources, submit
+from app.routes import a1111, generations, jobs, models, service, sources, submit
 from app.routes.context import RETRY_AFTER_S, UNAVAILABLE, JobEnded, make_context
 from app.settings import ApiSettings
 from app.storage import open_storage
@@ -50,6 +50,7 @@ pixel by at most one level of 8-bit colour.
 
 def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
     storage = open_storage(settings.storage)
+    store.models = settings.model_names()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +134,7 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
     app.include_router(jobs.router(ctx))
     app.include_router(generations.router(ctx, submitter))
     app.include_router(a1111.router(ctx, submitter))
+    app.include_router(models.router(ctx))
     app.include_router(service.router(ctx, metrics))
     return app
 

@@ -74,23 +74,30 @@ class QueueCollector(Collector):
             return
         up.add_metric([], 1)
         yield up
-        for name, doc, value in [
-            ("sdserve_queue_depth", "Jobs waiting for a worker.", state.queued),
-            ("sdserve_queue_lag", "Stream entries no worker has read yet.", state.lag),
-            ("sdserve_workers_live", "Workers with a fresh heartbeat.", state.workers),
-            ("sdserve_dead_letters", "Entries in the dead-letter stream.", state.dead_letters),
+        # Per model: the label's values are the configured models, a bounded set.
+        for name, doc, by_model in [
+            ("sdserve_queue_depth", "Jobs waiting for a worker, by model.", state.queued),
+            ("sdserve_queue_lag", "Stream entries no worker has read yet, by model.", state.lag),
             (
                 "sdserve_stream_length",
-                "Entries in the job stream (acked ones are trimmed).",
+                "Entries in the model's job stream (acked ones are trimmed).",
                 state.stream_length,
             ),
+        ]:
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            for model, count in by_model.items():
+                family.add_metric([model], count)
+            yield family
+        for name, doc, overall in [
+            ("sdserve_workers_live", "Workers with a fresh heartbeat.", state.workers),
+            ("sdserve_dead_letters", "Entries in the dead-letter stream.", state.dead_letters),
             (
                 "sdserve_webhook_backlog",
                 "Webhook events not yet sent (all senders).",
                 state.webhook_backlog,
             ),
         ]:
-            yield GaugeMetricFamily(name, doc, value=value)
+            yield GaugeMetricFamily(name, doc, value=overall)
         durations = HistogramMetricFamily(
             "sdserve_job_duration_seconds",
             "Accepted to finished, by final status (all replicas, all time).",

@@ -57,7 +57,9 @@ class ImagesRequest(BaseModel):
     size: str = Field(default="512x512", description="WIDTHxHEIGHT, each 64-1024, multiples of 8.")
     response_format: Literal["url", "b64_json"] = "url"
     model: str | None = Field(
-        default=None, max_length=200, description="Accepted and ignored: one model is served."
+        default=None,
+        max_length=200,
+        description="Which of the server's models (`GET /v1/models`); its default when absent.",
     )
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
     # sdserve's own parameters, as extra body fields.
@@ -80,7 +82,7 @@ class ImagesRequest(BaseModel):
 
     def job(self) -> Txt2ImgRequest:
         width, height = (int(side) for side in self.size.split("x"))
-        fields = self.model_dump(exclude={"size", "response_format", "model", "user"})
+        fields = self.model_dump(exclude={"size", "response_format", "user"})
         return Txt2ImgRequest.model_validate({**fields, "width": width, "height": height})
 
 
@@ -110,7 +112,7 @@ class EditsRequest(ImagesRequest):
 
     def job(self, fields: dict[str, Any]) -> SourceRequest:  # type: ignore[override]
         """The job, given the stored pictures' fields (size, image, and mask if any)."""
-        known = self.model_dump(exclude={"size", "response_format", "model", "user", "strength",
+        known = self.model_dump(exclude={"size", "response_format", "user", "strength",
                                          "mask_blur"})  # fmt: skip
         known |= fields
         if "mask" in fields:

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from app.auth import ApiKey, Keyring, read_keys_file
+from app.jobs.contract import DEFAULT_MODEL, MODEL_NAME
 from app.storage import is_storage_url
 
 PREFIX = "SDSERVE_"
@@ -42,6 +43,46 @@ class CommonSettings(BaseSettings):
         description="Where images live: file:///path (one host) or s3://bucket/prefix"
         " (AWS_ENDPOINT_URL and credentials from the usual AWS variables).",
     )
+
+    models: Annotated[dict[str, str], NoDecode] = Field(
+        default={},
+        description="The models served, each NAME=SOURCE (a hub id or a diffusers folder):"
+        " sd15=/models/sd15,anime=/models/anime, or a JSON object. The first is the default;"
+        " requests choose with `model`. Unset: one model, SDSERVE_MODEL, named `default`.",
+    )
+
+    def model_names(self) -> list[str]:
+        """The names a request may choose, the default first."""
+        return list(self.models) or [DEFAULT_MODEL]
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pairs = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, equals, source = part.partition("=")
+            if not equals or not name.strip() or not source.strip():
+                raise ValueError(f"{part!r}: write each model as NAME=SOURCE")
+            if name.strip() in pairs:
+                raise ValueError(f"{name.strip()!r} is named twice")
+            pairs[name.strip()] = source.strip()
+        return pairs
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, str]) -> dict[str, str]:
+        for name, source in models.items():
+            if not re.fullmatch(MODEL_NAME, name):
+                raise ValueError(f"{name!r}: a name is letters, digits, '.', '_' or '-' (64 at"
+                                 " most)")  # fmt: skip
+            if not source:
+                raise ValueError(f"{name!r} has no source")
+        return models
 
     @field_validator("storage")
     @classmethod

@@ -167,7 +167,7 @@ def test_the_api_counts_as_the_workers_do_and_refuses_a_prompt_over_the_limit(
     early = api.post("/v1/txt2img", json={"prompt": over})
     assert early.status_code == 202
     assert api.get(early.json()["url"]).json()["request"]["prompt_length"] is None
-    store.publish_tokenizer(engine.published_tokenizer.fields())
+    store.publish_tokenizer("default", engine.published_tokenizer.fields())
     refused = api.post("/v1/txt2img", json={"prompt": "x", "negative_prompt": over})
     assert refused.status_code == 422
     (problem,) = refused.json()["detail"]

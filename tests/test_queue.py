@@ -111,7 +111,7 @@ def test_a_dead_workers_entries_go_to_a_live_one(store: JobStore) -> None:
     store.start(store.read("dead", 10, 100), "dead")
     live = store.read("live", 10, 100)
     time.sleep(0.05)
-    store.touch("live", [d.entry_id for d in live])  # the live worker's heartbeat
+    store.touch("live", live)  # the live worker's heartbeat
     taken = store.reclaim("live", min_idle_ms=40, cap=3, count=10)
     assert sorted(d.job_id for d in taken) == sorted(ids)
     assert {d.deliveries for d in taken} == {2}
@@ -122,7 +122,7 @@ def test_touched_entries_are_not_taken(store: JobStore) -> None:
     enqueue(store, request())
     held = store.read("busy", 10, 100)
     time.sleep(0.05)
-    store.touch("busy", [d.entry_id for d in held])
+    store.touch("busy", held)
     assert store.reclaim("other", min_idle_ms=40, cap=3, count=10) == []
 
 
@@ -149,7 +149,7 @@ def test_the_queue_cap_refuses_exactly_the_excess(store: JobStore) -> None:
     normalized = request(timeout_s=60)
     outcomes = [store.submit(normalized, max_queued=3)[0] for _ in range(5)]
     assert outcomes == [Submission.QUEUED] * 3 + [Submission.FULL] * 2
-    assert store.queue_state().queued == 3
+    assert store.queue_state().queued == {"default": 3}
 
 
 def test_idempotency_replays_the_first_job_and_refuses_another_request(store: JobStore) -> None:
@@ -165,7 +165,7 @@ def test_idempotency_replays_the_first_job_and_refuses_another_request(store: Jo
         first[1],
     )
     assert store.submit(normalized, 10, idempotency=("key-2", "hash-a"))[0] is Submission.QUEUED
-    assert store.queue_state().queued == 2
+    assert store.queue_state().queued == {"default": 2}
 
 
 def test_a_job_past_its_deadline_fails_without_running(store: JobStore) -> None:
@@ -232,7 +232,7 @@ def test_a_restarted_name_does_not_renew_what_its_predecessor_held(store: JobSto
     enqueue(store, request(prompt="new"))
     mine = store.read("k", 10, 100)  # the restarted "k" reads a new entry
     time.sleep(0.05)
-    store.touch("k", [d.entry_id for d in mine])  # its heartbeat
+    store.touch("k", mine)  # its heartbeat
     taken = store.reclaim("other", min_idle_ms=40, cap=3, count=10)
     assert sorted(d.job_id for d in taken) == sorted(ids)
 
@@ -306,7 +306,8 @@ def test_a_submission_redis_runs_too_late_creates_nothing(store: JobStore) -> No
     stalled._timeout_s = 1.0
     stalled._clock_offset = -10.0  # as if the call reached Redis 10 s after it was sent
     assert stalled.submit(request(timeout_s=60), 10) == (Submission.LATE, "")
-    assert store.queue_state().queued == 0 and store.queue_state().stream_length == 0
+    assert store.queue_state().queued == {"default": 0}
+    assert store.queue_state().stream_length == {"default": 0}
 
 
 def test_rate_tokens_are_spent_only_by_queued_jobs(store: JobStore) -> None:
@@ -324,7 +325,7 @@ def test_rate_tokens_are_spent_only_by_queued_jobs(store: JobStore) -> None:
     # ... and the bucket is empty now: a new job waits.
     outcome, wait = store.submit(normalized, 10, "k", rate=rate)
     assert outcome is Submission.RATE_LIMITED and float(wait) > 900
-    assert store.queue_state().queued == 1
+    assert store.queue_state().queued == {"default": 1}
 
 
 def test_an_automatic_retry_lands_on_the_first_tries_job(store: JobStore) -> None:

@@ -44,7 +44,7 @@ def test_a_suspect_runs_alone() -> None:
 
 
 def test_sizes_take_turns_and_a_new_size_goes_first() -> None:
-    turns = Turns()
+    turns: Turns[tuple[int, int]] = Turns()
     assert [turns.next([A]) for _ in range(3)] == [A, A, A]
     assert turns.next([A, B]) == B  # never stepped: longest ago
     assert [turns.next([A, B]) for _ in range(4)] == [A, B, A, B]
@@ -75,7 +75,7 @@ def test_every_job_joins_in_order_and_the_cap_holds(sizes: list[int], cap: int) 
 @given(st.lists(st.sampled_from([A, B, (512, 768)]), min_size=1, max_size=3, unique=True),
        st.integers(min_value=1, max_value=30))  # fmt: skip
 def test_no_size_waits_more_than_one_round(sizes: list[tuple[int, int]], calls: int) -> None:
-    turns = Turns()
+    turns: Turns[tuple[int, int]] = Turns()
     picked = [turns.next(sizes) or A for _ in range(calls + len(sizes))]
     for k in range(len(picked) - len(sizes) + 1):
         window = picked[k : k + len(sizes)]

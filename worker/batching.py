@@ -24,11 +24,13 @@ class Slot:
 
 
 def group(jobs: Sequence[Job]) -> list[list[Job]]:
-    """Jobs that can share a batch (same width, height, steps, scheduler), first come first."""
-    groups: dict[tuple[int, int, int, str], list[Job]] = {}
+    """Jobs that can share a batch (same model, width, height, steps, scheduler), first come
+    first."""
+    groups: dict[tuple[str, int, int, int, str], list[Job]] = {}
     for job in jobs:
         r = job.request
-        groups.setdefault((r.width, r.height, r.steps, r.scheduler), []).append(job)
+        key = (job.delivery.model, r.width, r.height, r.steps, r.scheduler)
+        groups.setdefault(key, []).append(job)
     return list(groups.values())
 
 

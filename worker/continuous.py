@@ -1,11 +1,12 @@
 """Continuous batching: the worker's GPU loop when `SDSERVE_BATCHING=continuous`.
 
-Every call of `step` lets queued jobs join the rows in flight (the policy in worker/stepping.py),
-runs one UNet call for the lanes of one latent size (worker/rows.py, Engine.step), starts the VAE
-decode of lanes that finished, hands decodes the GPU has done to the completion pool, and drops
-the lanes of jobs canceled meanwhile. A job that arrives one step after others started waits one
-step, not a whole batch; the loop never waits for the GPU while it has rows to step (the host
-queues the next step behind the decode, and picks the pixels up when they are there).
+Every call of `step` lets queued jobs join the rows in flight (the policy in
+worker/stepping.py), runs one UNet call for the lanes of one model and latent size
+(worker/rows.py, Engine.step), starts the VAE decode of lanes that finished, hands decodes the
+GPU has done to the completion pool, and drops the lanes of jobs canceled meanwhile. A job that
+arrives one step after others started waits one step, not a whole batch; the loop never waits
+for the GPU while it has rows to step (the host queues the next step behind the decode, and
+picks the pixels up when they are there).
 The runner (worker/runner.py) keeps the Redis bookkeeping: starting jobs, progress, leases,
 completions.
 """
@@ -24,7 +25,7 @@ from app.jobs.contract import ErrorCode, Job
 from app.jobs.eta import denoising_steps, unet_rows
 from worker.engine import BatchShape, Decoding, Source
 from worker.previews import Previews
-from worker.rows import Lane
+from worker.rows import Lane, Size
 from worker.sources import MissingInput, finished, image_specs, load_source, next_pass
 from worker.stepping import Candidate, Turns, admit
 
@@ -42,7 +43,7 @@ class RowLoop:
         self.decodings: deque[tuple[Job, Decoding]] = deque()
         self.previews: deque[tuple[dict[str, Job], Previews]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
-        self.turns = Turns()
+        self.turns: Turns[tuple[str, Size]] = Turns()  # (model, size): one UNet call's rows
 
     @property
     def busy(self) -> bool:
@@ -143,7 +144,7 @@ class RowLoop:
                 # Read from storage here, on the GPU's thread: one small PNG per job that has
                 # a source, at its join.
                 source = load_source(r.storage, job.id, job.request)
-                lane = r.engine.prepare(job.id, specs, shape, source)
+                lane = r.engine_of(job).prepare(job.id, specs, shape, source)
             except MissingInput as e:
                 r.complete(job, r.fail, job, ErrorCode.INPUT, str(e))
                 self._forget(job, tracked=False)
@@ -159,11 +160,14 @@ class RowLoop:
             r.tracker.at(job.id, 0, denoising_steps(request), lane.unet_rows)
 
     def _step_one_size(self) -> None:
+        """One UNet call: the rows of one model and size, whichever has waited longest."""
         r = self.runner
-        sizes = list(dict.fromkeys(lane.size for _, lane in self.lanes.values()))
-        self.turns.forget(sizes)
-        size = self.turns.next(sizes)
-        group = [(job, lane) for job, lane in self.lanes.values() if lane.size == size]
+        keys = list(dict.fromkeys((job.delivery.model, lane.size)
+                                  for job, lane in self.lanes.values()))  # fmt: skip
+        self.turns.forget(keys)
+        key = self.turns.next(keys)
+        group = [(job, lane) for job, lane in self.lanes.values()
+                 if (job.delivery.model, lane.size) == key]  # fmt: skip
         self._step(group)
         for job, lane in group:
             if job.id not in self.lanes:
@@ -184,7 +188,7 @@ class RowLoop:
             if every and (lane.step + 1) % every == 0 and lane.step + 1 < lane.steps
         }  # fmt: skip
         try:
-            made = r.engine.step([lane for _, lane in group], wanted)
+            made = r.engine_of(group[0][0]).step([lane for _, lane in group], wanted)
             if made is not None:
                 self.previews.append(({job.id: job for job, _ in group}, made))
             return
@@ -213,7 +217,7 @@ class RowLoop:
     def _finish(self, job: Job, lane: Lane) -> None:
         """A lane done: its next pass joins in its place (a hires fix), or its decode starts."""
         try:
-            then = next_pass(self.runner.engine, job.request, lane)
+            then = next_pass(self.runner.engine_of(job), job.request, lane)
         except Exception as e:  # out of memory included: the job fails alone
             log.exception("a second pass failed to start", extra={"job_id": job.id})
             self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
@@ -223,7 +227,7 @@ class RowLoop:
             return
         try:
             self.runner.tracker.denoised(job.id)
-            self.decodings.append((job, self.runner.engine.finish(lane)))
+            self.decodings.append((job, self.runner.engine_of(job).finish(lane)))
         except Exception as e:
             self._decode_failed(job, e)
 
@@ -238,7 +242,7 @@ class RowLoop:
         while self.decodings and (wait or self.decodings[0][1].ready()):
             job, decoding = self.decodings.popleft()
             try:
-                images = r.engine.images(decoding)
+                images = r.engine_of(job).images(decoding)
                 images = finished(images, self.sources.get(job.id), job.request)
             except Exception as e:
                 self._decode_failed(job, e)

@@ -246,6 +246,11 @@ class Engine:
             max_chunks=self.tuning.prompt_chunks,
         )
 
+    def weight_bytes(self) -> int:
+        """What the model's weights take (text encoder, UNet, VAE)."""
+        modules = (self.text_encoder, self.unet, self.vae)
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
     def _place(self, module: torch.nn.Module) -> Any:
         return module.to(self.device).eval().requires_grad_(False)
 

@@ -69,31 +69,37 @@ class Runner:
         self,
         settings: WorkerSettings,
         store: WorkerStore,
-        engine: Engine,
+        engines: Engine | dict[str, Engine],
         storage: Storage,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.engine = engine
+        # The models this worker holds, by name (one engine: the first the settings name).
+        if isinstance(engines, Engine):
+            engines = {next(iter(settings.held_models())): engines}
+        self.engines = engines
+        store.models = list(engines)
+        # The first model's engine: what every engine shares (device, tuning) is read here.
+        engine = self.engine = next(iter(engines.values()))
         self.storage = storage
         self.name = settings.worker_name
         # This process's hold on its name: a restart under the same name gets a new token.
         self.token = secrets.token_hex(8)
         self.fatal: BaseException | None = None
-        self.model_name = Path(engine.model).name
-        self._tokenizer_fields = engine.published_tokenizer.fields()
         self.stopping = threading.Event()
         tuning = engine.tuning
         self.tracker = Tracker(tuning.row_cap(), (tuning.tile, tuning.tile_overlap))
         self.metrics = metrics or WorkerMetrics(
             settings.max_batch, engine.tuning.buckets(), engine.tuning.row_buckets()
         )
-        engine.observer = self.metrics
+        for each in engines.values():
+            each.observer = self.metrics
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
         # Jobs handed to the pool and not yet written: the GPU waits for room.
         self._backlog = threading.BoundedSemaphore(2 * settings.max_batch)
-        self._held: set[str] = set()  # entry ids this process holds (read, claimed, not acked)
+        # The entries this process holds (read, claimed, not acked), by (model, entry id).
+        self._held: dict[tuple[str, str], Delivery] = {}
         self._grace_ends = math.inf
         self._lock = threading.Lock()
         self._suspects: set[str] = set()  # at most one: a suspect runs alone
@@ -208,7 +214,8 @@ class Runner:
     def release(self, deliveries: list[Delivery]) -> None:
         """These entries are acked (or handed back): no longer this process's to renew."""
         with self._lock:
-            self._held -= {d.entry_id for d in deliveries}
+            for d in deliveries:
+                self._held.pop((d.model, d.entry_id), None)
 
     def _read_loop(self) -> None:
         """Keep the inbox topped up, so the next batch is gathered while this one runs."""
@@ -235,8 +242,9 @@ class Runner:
         worker has published its tokenizer: this is for jobs queued before that)."""
         request = job.request
         limit = self.engine.tuning.prompt_chunks
+        engine = self.engine_of(job)
         for field in ("prompt", "negative_prompt"):
-            pieces = self.engine.chunk_count(getattr(request, field), request.prompt_syntax)
+            pieces = engine.chunk_count(getattr(request, field), request.prompt_syntax)
             if pieces > limit:
                 message = f"{field}: {pieces} chunks of 75 tokens; the model takes at most {limit}"
                 self.complete(job, self.fail, job, ErrorCode.INVALID, message)
@@ -305,7 +313,7 @@ class Runner:
         self.tracker.begin({job.id: (job.request.steps, unet_rows(job.request)) for job in jobs})
         started = time.perf_counter()
         try:
-            images = self.engine.generate(specs, shape, self._keep_going)
+            images = self.engine_of(jobs[0]).generate(specs, shape, self._keep_going)
         except torch.cuda.OutOfMemoryError:
             return self._split(rows, shape, assembly)
         except Exception as e:  # the worker lives on; these jobs fail with the reason
@@ -338,20 +346,21 @@ class Runner:
     def _run_source(self, job: Job, shape: BatchShape) -> set[str]:
         """img2img, inpainting, upscaling or a hires fix in static mode: the job alone, through
         the row hooks."""
-        tuning = self.engine.tuning
+        engine = self.engine_of(job)
+        tuning = engine.tuning
         rows = unet_rows(job.request, tuning.tile, tuning.tile_overlap)
         self.tracker.begin({job.id: (denoising_steps(job.request), rows)})
         try:
             source = load_source(self.storage, job.id, job.request)
             specs = image_specs(job.request)
-            lane: Lane | None = self.engine.prepare(job.id, specs, shape, source)
+            lane: Lane | None = engine.prepare(job.id, specs, shape, source)
             while lane is not None:
                 while not lane.done:
-                    self.engine.step([lane])
+                    engine.step([lane])
                     if not self._keep_going(lane.earlier_steps + lane.step):
                         return set()  # canceled, or the stop grace ran out
-                last, lane = lane, next_pass(self.engine, job.request, lane)
-            images = self.engine.images(self.engine.finish(last))
+                last, lane = lane, next_pass(engine, job.request, lane)
+            images = engine.images(engine.finish(last))
         except MissingInput as e:
             self.complete(job, self.fail, job, ErrorCode.INPUT, str(e))
             return {job.id}
@@ -368,7 +377,7 @@ class Runner:
         self, rows: list[Slot], shape: BatchShape, assembly: Assembly[np.ndarray | None]
     ) -> set[str]:
         """Out of GPU memory: retry in halves, down to one image, which then fails alone."""
-        self.engine.release_memory()
+        self.engine.release_memory()  # the cache is the device's: one engine empties it
         self.metrics.oom_splits.inc()
         if len(rows) == 1:
             job = rows[0].job
@@ -424,7 +433,8 @@ class Runner:
         pngs = []
         for image, seed in zip(finite, job.request.seeds(), strict=True):
             with self.metrics.png_encode.time():
-                pngs.append(encode_png(image, parameters(job.request, seed, self.model_name)))
+                text = parameters(job.request, seed, Path(self.engine_of(job).model).name)
+                pngs.append(encode_png(image, text))
         # The images first, then the status and the ack: a crash in between leaves orphan
         # files (swept after the TTL), never a succeeded job without images.
         for k, png in enumerate(pngs):
@@ -473,9 +483,13 @@ class Runner:
                     raise
                 log.warning("reporter: redis unavailable: %s", e)
 
+    def engine_of(self, job: Job) -> Engine:
+        """The engine of the model whose queue the job came from."""
+        return self.engines[job.delivery.model]
+
     def _info(self) -> str:
-        """What the heartbeat says: the model, and the pace the API's queued ETAs use."""
-        info = {"device": str(self.engine.device), "model": self.model_name}
+        """What the heartbeat says: the models held, and the pace the API's queued ETAs use."""
+        info = {"device": str(self.engine.device), "models": list(self.engines)}
         return json.dumps(info | self.tracker.pace().fields())
 
     def _heartbeat(self) -> None:
@@ -485,10 +499,11 @@ class Runner:
             # the name: two of us would renew each other's entries. Leave.
             raise NameTaken(f"another live worker took the name {self.name!r}")
         self.metrics.last_heartbeat.set_to_current_time()
-        # Each beat: a Redis restarted without persistence has lost it.
-        self.store.publish_tokenizer(self._tokenizer_fields)
+        # Each beat: a Redis restarted without persistence has lost them.
+        for model, engine in self.engines.items():
+            self.store.publish_tokenizer(model, engine.published_tokenizer.fields())
         with self._lock:
-            held = list(self._held)
+            held = list(self._held.values())
         self.store.touch(self.name, held)
         claim_idle_ms = self.settings.claim_idle_s * 1000
         room = self.inbox.room()
@@ -506,7 +521,7 @@ class Runner:
     def _take(self, deliveries: list[Delivery]) -> None:
         with self._lock:
             self._suspects |= {d.job_id for d in deliveries if d.suspect}
-            self._held |= {d.entry_id for d in deliveries}
+            self._held |= {(d.model, d.entry_id): d for d in deliveries}
         self.inbox.put(deliveries)
 
     def redis_call(self, call: Callable[[], R]) -> R | None:
@@ -538,6 +553,29 @@ def prepare_model(model: str) -> str:
                 (Path(tmp) / "model").rename(TINY_MODEL_DIR)
         log.info("built the tiny model in %s", TINY_MODEL_DIR)
     return model
+
+
+def load_engines(
+    models: dict[str, str], device: torch.device, tuning: Tuning
+) -> tuple[dict[str, Engine], float, float]:
+    """Load and warm up each model, saying what each holds in memory; and the seconds all the
+    loading and all the warming took."""
+    engines: dict[str, Engine] = {}
+    load_s = warm_s = 0.0
+    for name, source in models.items():
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        started = time.perf_counter()
+        engine = engines[name] = Engine(prepare_model(source), device, tuning)
+        loaded = time.perf_counter()
+        engine.warm_up()
+        warmed = time.perf_counter()
+        load_s, warm_s = load_s + loaded - started, warm_s + warmed - loaded
+        weights = engine.weight_bytes()
+        held = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else weights
+        log.info("model %s (%s): %.0f MiB of weights, %.0f MiB held on %s; loaded in %.1fs,"
+                 " warmed up in %.1fs", name, source, weights / 2**20, held / 2**20, device,
+                 loaded - started, warmed - loaded)  # fmt: skip
+    return engines, load_s, warm_s
 
 
 def serve(settings: WorkerSettings) -> None:
@@ -576,19 +614,13 @@ def serve(settings: WorkerSettings) -> None:
             refuse(f"SDSERVE_METRICS_PORT={settings.metrics_port}: {e.strerror}")
     # Compiled kernels are reused from here by the next start: seconds instead of minutes.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
-    started = time.perf_counter()
-    engine = Engine(prepare_model(settings.model), device, tuning)
-    loaded = time.perf_counter()
-    engine.warm_up()
-    warmed = time.perf_counter()
-    log.info("model %s loaded in %.1fs, warmed up in %.1fs", settings.model, loaded - started,
-             warmed - loaded)  # fmt: skip
+    engines, load_s, warm_s = load_engines(settings.held_models(), device, tuning)
     # A read blocks up to READ_BLOCK_MS: the socket must wait longer than that.
     store = WorkerStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5,
                                 settings.record_grace_s)  # fmt: skip
-    runner = Runner(settings, store, engine, storage, metrics)
-    runner.metrics.model_load.set(loaded - started)
-    runner.metrics.warm_up.set(warmed - loaded)
+    runner = Runner(settings, store, engines, storage, metrics)
+    runner.metrics.model_load.set(load_s)
+    runner.metrics.warm_up.set(warm_s)
     if cuda:
         runner.metrics.gpu_memory.set_function(lambda: torch.cuda.memory_allocated(device))
         runner.metrics.gpu_memory_peak.set_function(lambda: torch.cuda.max_memory_allocated(device))

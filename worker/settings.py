@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from app.jobs.contract import is_side
-from app.settings import CommonSettings, cache_dir
+from app.jobs.contract import DEFAULT_MODEL, is_side
+from app.settings import CommonSettings, cache_dir, json_or_commas
 from app.tiles import TILE, TILE_OVERLAP
 
 # The tiny model lives here unless SDSERVE_MODEL names another; it is built on first start.
@@ -21,11 +21,25 @@ from app.tiles import TILE, TILE_OVERLAP
 TINY_MODEL_DIR = cache_dir() / "models" / "tiny-model"
 
 
+def _checked_source(model: str) -> str:
+    """A model's source as given: a path must be there (the default tiny model is built on
+    first start); anything else is a hub id, fetched by from_pretrained."""
+    local = model.startswith(("/", ".", "~"))
+    if local and model != str(TINY_MODEL_DIR) and not Path(model).expanduser().is_dir():
+        raise ValueError(f"no such model folder: {model}")
+    return model
+
+
 class WorkerSettings(CommonSettings):
     model: str = Field(
         default=str(TINY_MODEL_DIR),
         min_length=1,
         description="Hub id or local diffusers folder. Default: the tiny model, built if missing.",
+    )
+    worker_models: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Which of SDSERVE_MODELS this worker holds (comma-separated names); all of"
+        " them when unset. It reads only those models' queues.",
     )
     device: str = Field(
         default="auto",
@@ -120,15 +134,42 @@ class WorkerSettings(CommonSettings):
         description="Consumer name; unique per worker (several workers on one host: set it).",
     )
 
+    def held_models(self) -> dict[str, str]:
+        """The models this worker holds: name to source, the deployment's order."""
+        if not self.models:
+            return {DEFAULT_MODEL: self.model}
+        names = self.worker_models or list(self.models)
+        return {name: source for name, source in self.models.items() if name in names}
+
     @field_validator("model")
     @classmethod
     def _model_exists(cls, model: str) -> str:
-        # A path must be there (the default tiny model is built on first start); anything else
-        # is a hub id, fetched by from_pretrained.
-        local = model.startswith(("/", ".", "~"))
-        if local and model != str(TINY_MODEL_DIR) and not Path(model).expanduser().is_dir():
-            raise ValueError(f"no such model folder: {model}")
-        return model
+        return _checked_source(model)
+
+    @field_validator("models")
+    @classmethod
+    def _sources_exist(cls, models: dict[str, str]) -> dict[str, str]:
+        for name, source in models.items():
+            try:
+                _checked_source(source)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return models
+
+    @field_validator("worker_models", mode="before")
+    @classmethod
+    def _names_text(cls, value: object) -> object:
+        return json_or_commas(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _held_models_served(self) -> WorkerSettings:
+        unknown = [name for name in self.worker_models if name not in self.model_names()]
+        if unknown:
+            raise ValueError(
+                f"SDSERVE_WORKER_MODELS names {', '.join(unknown)}, not among SDSERVE_MODELS"
+                f" ({', '.join(self.model_names())})"
+            )
+        return self
 
     @field_validator("compiled_sizes", mode="before")
     @classmethod

@@ -50,14 +50,15 @@ def admit(
     return joined
 
 
-class Turns:
-    """Which size's rows step next: the one whose last UNet call is longest ago."""
+class Turns(Generic[K]):
+    """Which size's rows (or model and size's: any key of rows that share a UNet call) step
+    next: the one whose last UNet call is longest ago."""
 
     def __init__(self) -> None:
-        self._last: dict[Size, int] = {}
+        self._last: dict[K, int] = {}
         self._calls = 0
 
-    def next(self, sizes: Sequence[Size]) -> Size | None:
+    def next(self, sizes: Sequence[K]) -> K | None:
         if not sizes:
             return None
         # Never stepped counts as longest ago; ties go to the size listed first (older work).
@@ -66,6 +67,6 @@ class Turns:
         self._last[size] = self._calls
         return size
 
-    def forget(self, live: Sequence[Size]) -> None:
+    def forget(self, live: Sequence[K]) -> None:
         """Drop sizes with no rows left, so the record does not grow."""
         self._last = {s: n for s, n in self._last.items() if s in live}

@@ -10,16 +10,21 @@ from typing import Any
 import redis
 
 from app.jobs import scripts
-from app.jobs.contract import JobRequest, JobView, Status, Submission, new_job_id
+from app.jobs.contract import (
+    DEFAULT_MODEL,
+    JobRequest,
+    JobView,
+    Status,
+    Submission,
+    new_job_id,
+    parse_request,
+)
 from app.jobs.eta import Pace
 from app.jobs.keys import (
     DEAD,
     GROUP,
     JOB_SECONDS,
-    QUEUED,
-    STREAM,
     SWEEP_LOCK,
-    TOKENIZER,
     WEBHOOK_GROUP,
     WEBHOOKS,
     idempotency_key,
@@ -27,8 +32,11 @@ from app.jobs.keys import (
     job_key,
     latest_key,
     preview_key,
+    queued_key,
     ratelimit_key,
     retry_key,
+    stream_key,
+    tokenizer_key,
     worker_key,
 )
 from app.jobs.store import RECORD_GRACE_S, Store, decode
@@ -68,7 +76,7 @@ class ApiStore(Store):
         """Record the job and queue it in one atomic step; answers the outcome and the job id
         (or, refused by the rate limit, the seconds to wait).
 
-        `request` is normalized (seed and timeout set); `owner` is the API key id ("" with
+        `request` is normalized (seed and timeout set; no model: the default); `owner` is the API key id ("" with
         auth off), and `max_in_flight` its cap on queued and running jobs (0: none).
         `idempotency` is (the client's key, a hash of what it sent): the same pair again
         answers the first job. `rate` is the owner's (tokens a second, burst): a token is
@@ -79,6 +87,9 @@ class ApiStore(Store):
         """
         if request.seed is None or request.timeout_s is None:
             raise ValueError("submit() needs a normalized request (seed and timeout set)")
+        if request.model is None:  # the default model's queue
+            request = request.model_copy(update={"model": self.models[0]})
+        model = request.model or self.models[0]
         job_id, now = job_id or new_job_id(), time.time()
         client_key, sent = idempotency or ("", "")
         rate_per_s, burst = rate or (0.0, 0)
@@ -88,7 +99,7 @@ class ApiStore(Store):
         if self._timeout_s:
             not_after = now + self._offset() + self._timeout_s * _SUBMIT_WINDOW
         outcome, value, clock = self._submit(
-            keys=[job_key(job_id), QUEUED, STREAM, inflight_key(owner),
+            keys=[job_key(job_id), queued_key(model), stream_key(model), inflight_key(owner),
                   idempotency_key(owner, client_key), ratelimit_key(owner),
                   retry_key(owner, retry_hash)],
             args=[job_id, repr(now), request.model_dump_json(), repr(now + request.timeout_s),
@@ -116,15 +127,21 @@ class ApiStore(Store):
 
     def queue_state(self) -> QueueState:
         tx = self._r.pipeline(transaction=False)
-        tx.zcard(QUEUED)
+        for model in self.models:
+            tx.zcard(queued_key(model))
+            tx.exists(stream_key(model))
+            tx.xlen(stream_key(model))
         tx.xlen(DEAD)
         tx.hgetall(JOB_SECONDS)
-        tx.exists(STREAM)
-        tx.xlen(STREAM)
         tx.exists(WEBHOOKS)
-        queued, dead, seconds, stream, stream_length, webhooks = tx.execute()
-        groups: Any = self._r.xinfo_groups(STREAM) if stream else []
-        lag = next((g.get("lag") or 0 for g in groups if g["name"] == GROUP.encode()), 0)
+        *per_model, dead, seconds, webhooks = tx.execute()
+        queued, lag, lengths = {}, {}, {}
+        for k, model in enumerate(self.models):
+            depth, stream, length = per_model[3 * k : 3 * k + 3]
+            groups: Any = self._r.xinfo_groups(stream_key(model)) if stream else []
+            lag[model] = int(next((g.get("lag") or 0 for g in groups
+                                   if g["name"] == GROUP.encode()), 0))  # fmt: skip
+            queued[model], lengths[model] = int(depth), int(length)
         senders: Any = self._r.xinfo_groups(WEBHOOKS) if webhooks else []
         backlog = sum(
             (g.get("lag") or 0) + g["pending"]
@@ -132,11 +149,11 @@ class ApiStore(Store):
             if g["name"] == WEBHOOK_GROUP.encode()
         )
         return QueueState(
-            queued=int(queued),
-            lag=int(lag),
+            queued=queued,
+            lag=lag,
             workers=len(self.live_workers()),
             dead_letters=int(dead),
-            stream_length=int(stream_length),
+            stream_length=lengths,
             webhook_backlog=int(backlog),
             durations=durations(seconds),
         )
@@ -146,8 +163,10 @@ class ApiStore(Store):
         record that is not whole (Redis lost its data and something wrote a field since)."""
         tx = self._r.pipeline(transaction=True)
         tx.hgetall(job_key(job_id))
-        tx.zrank(QUEUED, job_id)
-        raw, position = tx.execute()
+        for model in self.models:  # a few: reading each is one round trip, not one more
+            tx.zrank(queued_key(model), job_id)
+        raw, *ranks = tx.execute()
+        position = next((rank for rank in ranks if rank is not None), None)
         record = decode(raw)
         if "request" not in record or "status" not in record or record.get("owner", "") != owner:
             return None
@@ -166,13 +185,14 @@ class ApiStore(Store):
         value = self._r.get(latest_key(owner))
         return value.decode() if isinstance(value, bytes) else None
 
-    def served_models(self) -> list[str]:
-        """The models live workers say they serve."""
-        models = []
-        for info in self._worker_infos():
+    def holders(self) -> dict[str, list[str]]:
+        """Each model's live workers (by name), as their heartbeats say."""
+        held: dict[str, list[str]] = {model: [] for model in self.models}
+        for name, info in self._worker_infos_by_name().items():
             with contextlib.suppress(ValueError, TypeError, KeyError):
-                models.append(str(json.loads(info)["model"]))
-        return sorted(set(models))
+                for model in json.loads(info)["models"]:
+                    held.setdefault(str(model), []).append(name)
+        return held
 
     def paces(self) -> list[Pace]:
         """How the live workers are going (their heartbeats'), read at most once a second."""
@@ -183,29 +203,37 @@ class ApiStore(Store):
         return self._paces[1]
 
     def _worker_infos(self) -> list[str]:
+        return list(self._worker_infos_by_name().values())
+
+    def _worker_infos_by_name(self) -> dict[str, str]:
         names = self.live_workers()
         tx = self._r.pipeline(transaction=False)
         for name in names:
             tx.hget(worker_key(name), "info")
-        return [raw.decode() for raw in tx.execute() if isinstance(raw, bytes)]
+        return {name: raw.decode() for name, raw in zip(names, tx.execute(), strict=True)
+                if isinstance(raw, bytes)}  # fmt: skip
 
     def preview(self, job_id: str) -> bytes | None:
         """The job's latest preview JPEG, if it has one."""
         value = self._r.get(preview_key(job_id))
         return value if isinstance(value, bytes) else None
 
-    def tokenizer_digest(self) -> str | None:
-        value = self._r.hget(TOKENIZER, "digest")
+    def tokenizer_digest(self, model: str) -> str | None:
+        value = self._r.hget(tokenizer_key(model), "digest")
         return value.decode() if isinstance(value, bytes) else None
 
-    def tokenizer(self) -> str | None:
-        """The tokenizer record workers published (app/vocabulary.py), if any."""
-        value = self._r.hget(TOKENIZER, "record")
+    def tokenizer(self, model: str) -> str | None:
+        """The tokenizer record workers published for a model (app/vocabulary.py), if any."""
+        value = self._r.hget(tokenizer_key(model), "record")
         return value.decode() if isinstance(value, bytes) else None
 
     def cancel(self, job_id: str, owner: str = "") -> bool:
         """Cancel a queued or running job; False when it had already ended (or never was)."""
-        return self._complete(job_id, None, owner, Status.CANCELED, 0, "", "")
+        raw: Any = self._r.hget(job_key(job_id), "request")
+        model = DEFAULT_MODEL
+        with contextlib.suppress(ValueError):
+            model = parse_request(raw).model or DEFAULT_MODEL if raw else DEFAULT_MODEL
+        return self._complete(job_id, model, None, owner, Status.CANCELED, 0, "", "")
 
     def sweep_turn(self, interval_s: int) -> bool:
         """Whether this process sweeps expired files now: one process per interval does."""

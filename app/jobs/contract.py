@@ -25,6 +25,11 @@ from pydantic import (
 
 from app.prompts import Syntax
 
+# A deployment's models have names (SDSERVE_MODELS); one that names none serves one model,
+# called this.
+DEFAULT_MODEL = "default"
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
 SchedulerName = Literal[
     "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "pndm", "unipc"
 ]
@@ -148,6 +153,12 @@ class Generation(BaseModel):
         },
     )
 
+    model: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Which of the deployment's models draws it (`GET /v1/models`); its first"
+        " when absent. The server writes the name in.",
+    )
     prompt: Prompt
     negative_prompt: NegativePrompt = ""
     prompt_syntax: Syntax = Field(
@@ -387,11 +398,13 @@ class JobView(BaseModel):
 
 @dataclass(frozen=True)
 class Delivery:
-    """One stream entry handed to a worker, for the `deliveries`-th time."""
+    """One stream entry handed to a worker, for the `deliveries`-th time, from the queue of
+    `model`."""
 
     entry_id: str
     job_id: str
     deliveries: int = 1
+    model: str = DEFAULT_MODEL
 
     @property
     def suspect(self) -> bool:

@@ -2,8 +2,12 @@
 
 All keys live under the ``sdserve:`` prefix:
 
-- ``sdserve:queue``             stream of work; each entry is ``{job: <id>}``; group ``workers``
-- ``sdserve:queued``            sorted set of queued job ids, scored by creation time (positions)
+- ``sdserve:queue``             stream of work for the model named ``default`` (a deployment
+                                of one model); each entry is ``{job: <id>}``; group ``workers``
+- ``sdserve:queue:<model>``     the same, for each model SDSERVE_MODELS names
+- ``sdserve:queued``            sorted set of queued job ids, scored by creation time
+                                (positions), for ``default``; ``sdserve:queued:<model>`` for
+                                each named model
 - ``sdserve:job:<id>``          hash: the job record (request, status, timestamps, progress,
                                 finishing estimate, error, image count); images live in object
                                 storage, not here
@@ -20,12 +24,15 @@ All keys live under the ``sdserve:`` prefix:
 - ``sdserve:webhooks``          stream of webhook events to send; group ``senders``
 - ``sdserve:sweep``             lock: one process at a time sweeps expired files from storage
 - ``sdserve:tokenizer``         hash: the model's tokenizer as workers publish it (``digest``,
-                                ``record``), for the API to count prompt tokens
+                                ``record``), for the API to count prompt tokens;
+                                ``sdserve:tokenizer:<model>`` for each named model
 """
 
 from __future__ import annotations
 
 import hashlib
+
+from app.jobs.contract import DEFAULT_MODEL
 
 STREAM = "sdserve:queue"
 GROUP = "workers"
@@ -37,6 +44,23 @@ WEBHOOK_GROUP = "senders"
 JOB_SECONDS = "sdserve:stats:job_seconds"
 SWEEP_LOCK = "sdserve:sweep"
 TOKENIZER = "sdserve:tokenizer"
+
+
+def _per_model(key: str, model: str) -> str:
+    # A deployment of one model keeps the keys it had before models had names.
+    return key if model == DEFAULT_MODEL else f"{key}:{model}"
+
+
+def stream_key(model: str) -> str:
+    return _per_model(STREAM, model)
+
+
+def queued_key(model: str) -> str:
+    return _per_model(QUEUED, model)
+
+
+def tokenizer_key(model: str) -> str:
+    return _per_model(TOKENIZER, model)
 
 
 def job_key(job_id: str) -> str:

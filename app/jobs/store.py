@@ -10,16 +10,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app.jobs import scripts
-from app.jobs.contract import JOB_SECONDS_BUCKETS, Status
+from app.jobs.contract import DEFAULT_MODEL, JOB_SECONDS_BUCKETS, Status
 from app.jobs.keys import (
     GROUP,
     JOB_SECONDS,
-    QUEUED,
-    STREAM,
     WEBHOOKS,
     WORKERS,
     inflight_key,
     job_key,
+    queued_key,
+    stream_key,
     worker_key,
 )
 
@@ -69,13 +69,21 @@ class Store:
         self, client: redis.Redis, result_ttl_s: int, record_grace_s: int = RECORD_GRACE_S
     ) -> None:
         self._r = client
+        # The deployment's models (the API), or the ones this worker holds: whose queues it
+        # reads and reports.
+        self.models = [DEFAULT_MODEL]
         self.result_ttl_s = result_ttl_s
         self.record_grace_s = record_grace_s
         self._finish = client.register_script(scripts.FINISH)
 
     @classmethod
     def connect(
-        cls, url: str, result_ttl_s: int, timeout_s: float, record_grace_s: int = RECORD_GRACE_S
+        cls,
+        url: str,
+        result_ttl_s: int,
+        timeout_s: float,
+        record_grace_s: int = RECORD_GRACE_S,
+        models: list[str] | None = None,
     ) -> Any:
         """No retries inside redis-py: a call fails within `timeout_s`, and callers decide
         (the API answers 503, the worker backs off)."""
@@ -85,7 +93,9 @@ class Store:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        return cls(client, result_ttl_s, record_grace_s)
+        store = cls(client, result_ttl_s, record_grace_s)
+        store.models = models or [DEFAULT_MODEL]
+        return store
 
     @property
     def client(self) -> redis.Redis:
@@ -120,6 +130,7 @@ class Store:
     def _complete(
         self,
         job_id: str,
+        model: str,
         entry_id: str | None,
         owner: str,
         status: Status,
@@ -129,12 +140,12 @@ class Store:
     ) -> bool:
         """Write the outcome, then ack the entry (if a worker holds one) in the same
         transaction: the ack never comes before the result is stored."""
-        keys = [job_key(job_id), QUEUED, inflight_key(owner), JOB_SECONDS, WEBHOOKS]
+        keys = [job_key(job_id), queued_key(model), inflight_key(owner), JOB_SECONDS, WEBHOOKS]
         args: list[str | int] = [job_id, status.value, repr(time.time()), self.result_ttl_s,
                                  self.record_ttl(), code, message, BOUNDS, images]  # fmt: skip
         tx = self._r.pipeline(transaction=True)
         self._finish(keys=keys, args=args, client=tx)
         if entry_id is not None:
-            tx.xack(STREAM, GROUP, entry_id)
+            tx.xack(stream_key(model), GROUP, entry_id)
         written = tx.execute()[0]
         return bool(written)

@@ -14,11 +14,11 @@ from app.jobs.store import BOUNDS
 class QueueState:
     """What the whole queue looks like now: for metrics."""
 
-    queued: int
-    lag: int
+    queued: dict[str, int]  # by model
+    lag: dict[str, int]  # by model
     workers: int
     dead_letters: int
-    stream_length: int
+    stream_length: dict[str, int]  # by model
     webhook_backlog: int
     # status -> (cumulative buckets [(le, count)...] ending with "+Inf", sum of seconds)
     durations: dict[str, tuple[list[tuple[str, float]], float]]

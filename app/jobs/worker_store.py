@@ -19,13 +19,13 @@ from app.jobs.contract import Delivery, ErrorCode, Job, Status, parse_request
 from app.jobs.keys import (
     DEAD,
     GROUP,
-    QUEUED,
-    STREAM,
-    TOKENIZER,
     WEBHOOKS,
     WORKERS,
     job_key,
     preview_key,
+    queued_key,
+    stream_key,
+    tokenizer_key,
     worker_key,
 )
 from app.jobs.store import RECORD_GRACE_S, Store, decode
@@ -55,16 +55,20 @@ class WorkerStore(Store):
         self._retire = client.register_script(scripts.RETIRE)
 
     def ensure_group(self) -> None:
-        """Create the stream and its group; from id 0, so nothing queued before is skipped."""
-        try:
-            self._r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        """Create each model's stream and its group; from id 0, so nothing queued before is
+        skipped."""
+        for model in self.models:
+            try:
+                self._r.xgroup_create(stream_key(model), GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
     def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        """New entries for this consumer: up to `count`, waiting up to `block_ms` for one."""
-        streams: dict[Any, Any] = {STREAM: ">"}
+        """New entries for this consumer from its models' queues: up to `count`, waiting up
+        to `block_ms` for one."""
+        streams: dict[Any, Any] = {stream_key(model): ">" for model in self.models}
+        by_stream = {stream_key(model).encode(): model for model in self.models}
         reply: Any
         try:
             reply = self._r.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
@@ -75,19 +79,20 @@ class WorkerStore(Store):
             self.ensure_group()
             reply = self._r.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
         out = []
-        for _stream, entries in reply or []:
+        for stream, entries in reply or []:
+            model = by_stream[stream if isinstance(stream, bytes) else stream.encode()]
             for entry_id, fields in entries:
-                job_id = self._job_of(entry_id, fields)
+                job_id = self._job_of(model, entry_id, fields)
                 if job_id is not None:
-                    out.append(Delivery(entry_id.decode(), job_id))
+                    out.append(Delivery(entry_id.decode(), job_id, model=model))
         return out
 
-    def _job_of(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> str | None:
+    def _job_of(self, model: str, entry_id: bytes, fields: dict[bytes, bytes] | None) -> str | None:
         """The job id of a stream entry; None, and acked, for an entry deleted from the stream
         (nothing to run)."""
         job = fields.get(b"job") if fields else None
         if job is None:
-            self._r.xack(STREAM, GROUP, entry_id)
+            self._r.xack(stream_key(model), GROUP, entry_id)
             return None
         return job.decode()
 
@@ -109,9 +114,27 @@ class WorkerStore(Store):
         takes no stranger down with it. Suspects left behind are touched by no one, so they go
         idle and any worker takes them later, one at a time.
         """
+        out: list[Delivery] = []
+        for model in self.models:
+            # One suspect at most in all: a worker runs one alone at a time.
+            taking = suspect and not any(d.suspect for d in out)
+            out += self._reclaim(model, consumer, min_idle_ms, cap, count, owner, taking)
+        return out
+
+    def _reclaim(
+        self,
+        model: str,
+        consumer: str,
+        min_idle_ms: int,
+        cap: int,
+        count: int,
+        owner: str | None,
+        suspect: bool,
+    ) -> list[Delivery]:
+        stream = stream_key(model)
         # redis-py's reply types are unions of every shape a reply can take: read as Any.
         pending: Any = self._r.xpending_range(
-            STREAM, GROUP, "-", "+", count, consumername=owner, idle=min_idle_ms
+            stream, GROUP, "-", "+", count, consumername=owner, idle=min_idle_ms
         )
         chosen: list[tuple[bytes, int]] = []
         suspects = 0
@@ -125,25 +148,26 @@ class WorkerStore(Store):
         if not chosen:
             return []
         # XCLAIM honours min_idle_ms again: of two workers reclaiming at once, one gets each.
-        claimed: Any = self._r.xclaim(STREAM, GROUP, consumer, min_idle_ms, [e for e, _ in chosen])
+        claimed: Any = self._r.xclaim(stream, GROUP, consumer, min_idle_ms, [e for e, _ in chosen])
         times_by_id = dict(chosen)
         out = []
         for entry_id, fields in claimed:
-            job_id = self._job_of(entry_id, fields)
+            job_id = self._job_of(model, entry_id, fields)
             if job_id is None:
                 continue
-            delivery = Delivery(entry_id.decode(), job_id, times_by_id[entry_id] + 1)
+            delivery = Delivery(entry_id.decode(), job_id, times_by_id[entry_id] + 1, model)
             if delivery.deliveries > cap:
                 self.bury(delivery)
             else:
                 out.append(delivery)
         return out
 
-    def touch(self, consumer: str, entry_ids: list[str]) -> None:
+    def touch(self, consumer: str, deliveries: list[Delivery]) -> None:
         """Reset the idle time of the entries this process holds: in hand, not abandoned.
         Acked entries are left alone by XCLAIM, so a stale id is harmless."""
-        if entry_ids:
-            self._r.xclaim(STREAM, GROUP, consumer, 0, list[Any](entry_ids), justid=True)
+        for model in {d.model for d in deliveries}:
+            ids = [d.entry_id for d in deliveries if d.model == model]
+            self._r.xclaim(stream_key(model), GROUP, consumer, 0, list[Any](ids), justid=True)
 
     def bury(self, delivery: Delivery) -> None:
         """Dead-letter an entry whose workers kept dying with it; its job fails `poison`."""
@@ -154,8 +178,9 @@ class WorkerStore(Store):
         )  # fmt: skip
         message = f"its worker died each of the {delivery.deliveries - 1} times it ran"
         owner: Any = self._r.hget(job_key(delivery.job_id), "owner")
-        self._complete(delivery.job_id, delivery.entry_id, owner.decode() if owner else "",
-                       Status.FAILED, 0, ErrorCode.POISON.value, message)  # fmt: skip
+        self._complete(delivery.job_id, delivery.model, delivery.entry_id,
+                       owner.decode() if owner else "", Status.FAILED, 0, ErrorCode.POISON.value,
+                       message)  # fmt: skip
 
     def dead_letters(self) -> list[dict[str, str]]:
         entries: Any = self._r.xrange(DEAD)
@@ -163,27 +188,32 @@ class WorkerStore(Store):
 
     def forget_consumers(self, min_idle_ms: int) -> None:
         """Drop group members long silent and holding nothing (workers gone for good)."""
-        consumers: Any = self._r.xinfo_consumers(STREAM, GROUP)
-        for consumer in consumers:
-            if consumer["pending"] == 0 and consumer["idle"] > min_idle_ms:
-                self._r.xgroup_delconsumer(STREAM, GROUP, consumer["name"])
+        for model in self.models:
+            consumers: Any = self._r.xinfo_consumers(stream_key(model), GROUP)
+            for consumer in consumers:
+                if consumer["pending"] == 0 and consumer["idle"] > min_idle_ms:
+                    self._r.xgroup_delconsumer(stream_key(model), GROUP, consumer["name"])
 
     def trim(self) -> int:
-        """Drop acknowledged entries from the head of the stream; never a pending or unread
-        one. Answers how many went.
+        """Drop acknowledged entries from the head of each model's stream; never a pending or
+        unread one. Answers how many went."""
+        return sum(self._trim(stream_key(model)) for model in self.models)
+
+    def _trim(self, stream: str) -> int:
+        """One stream's trim.
 
         Everything older than both the oldest pending entry and the group's last-delivered
         entry has been acked. Racing readers only add pending entries newer than those.
         """
-        groups: Any = self._r.xinfo_groups(STREAM)
+        groups: Any = self._r.xinfo_groups(stream)
         group = next((g for g in groups if g["name"] == GROUP.encode()), None)
         if group is None:
             return 0
         keep_from: bytes = group["last-delivered-id"]
-        oldest: Any = self._r.xpending_range(STREAM, GROUP, "-", "+", 1)
+        oldest: Any = self._r.xpending_range(stream, GROUP, "-", "+", 1)
         if oldest:
             keep_from = min(keep_from, oldest[0]["message_id"], key=_entry_order)
-        trimmed: Any = self._r.xtrim(STREAM, minid=keep_from.decode(), approximate=False)
+        trimmed: Any = self._r.xtrim(stream, minid=keep_from.decode(), approximate=False)
         return int(trimmed)
 
     def start(
@@ -198,7 +228,7 @@ class WorkerStore(Store):
         now = repr(time.time())
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
-            keys = [job_key(d.job_id), QUEUED, WEBHOOKS]
+            keys = [job_key(d.job_id), queued_key(d.model), WEBHOOKS]
             self._start(keys=keys, args=[d.job_id, now, worker], client=tx)
             tx.hmget(job_key(d.job_id), ["request", "owner", "created_at", "runs"])
         replies = tx.execute()
@@ -207,7 +237,7 @@ class WorkerStore(Store):
             started, (raw_request, raw_owner, created, runs) = replies[2 * i], replies[2 * i + 1]
             owner = raw_owner.decode() if raw_owner else ""
             if started == 0:
-                skipped.append(d.entry_id)
+                skipped.append(d)
                 continue
             code, message = ErrorCode.DEADLINE, "its timeout_s passed before a worker took it"
             if started == 2 and int(runs or 0) > 0:
@@ -219,11 +249,12 @@ class WorkerStore(Store):
                     continue
                 except ValueError as e:
                     code, message = ErrorCode.INVALID, f"unreadable request: {e}"
-            self._complete(d.job_id, d.entry_id, owner, Status.FAILED, 0, code.value, message)
+            self._complete(d.job_id, d.model, d.entry_id, owner, Status.FAILED, 0, code.value,
+                           message)  # fmt: skip
             if failed is not None:
                 failed(code)
-        if skipped:
-            self._r.xack(STREAM, GROUP, *skipped)
+        for d in skipped:
+            self.ack(d)
         return jobs
 
     def report(
@@ -245,11 +276,13 @@ class WorkerStore(Store):
 
     def succeed(self, job: Job, images: int) -> bool:
         """The job's `images` are in storage already: now its status, then the ack."""
-        return self._complete(job.id, job.delivery.entry_id, job.owner, Status.SUCCEEDED, images,
+        d = job.delivery
+        return self._complete(job.id, d.model, d.entry_id, job.owner, Status.SUCCEEDED, images,
                               "", "")  # fmt: skip
 
     def fail(self, job: Job, code: ErrorCode, message: str) -> bool:
-        return self._complete(job.id, job.delivery.entry_id, job.owner, Status.FAILED, 0,
+        d = job.delivery
+        return self._complete(job.id, d.model, d.entry_id, job.owner, Status.FAILED, 0,
                               code.value, message)  # fmt: skip
 
     def hand_back(self, deliveries: list[Delivery]) -> None:
@@ -257,24 +290,25 @@ class WorkerStore(Store):
         jobs are `queued` again, in their old place (the position comes from creation time)."""
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
-            keys = [job_key(d.job_id), QUEUED, STREAM]
+            keys = [job_key(d.job_id), queued_key(d.model), stream_key(d.model)]
             self._hand_back(keys=keys, args=[d.job_id, d.entry_id, GROUP], client=tx)
         tx.execute()
 
     def ack(self, delivery: Delivery) -> None:
         """Release an entry whose job had already ended (canceled) without writing anything."""
-        self._r.xack(STREAM, GROUP, delivery.entry_id)
+        self._r.xack(stream_key(delivery.model), GROUP, delivery.entry_id)
 
     def heartbeat(self, worker: str, token: str, ttl_s: int, info: str) -> bool:
         """Renew this process's hold on its name; False when another process holds it."""
         keys = [worker_key(worker), WORKERS]
         return bool(self._heartbeat(keys=keys, args=[worker, token, info, ttl_s]))
 
-    def publish_tokenizer(self, fields: dict[str, str]) -> None:
-        """Publish the model's tokenizer for the API, unless it is there already (a check of
+    def publish_tokenizer(self, model: str, fields: dict[str, str]) -> None:
+        """Publish a model's tokenizer for the API, unless it is there already (a check of
         its digest: the record is a few MB)."""
-        if self._r.hget(TOKENIZER, "digest") != fields["digest"].encode():
-            self._r.hset(TOKENIZER, mapping=dict[Any, Any](fields))
+        key = tokenizer_key(model)
+        if self._r.hget(key, "digest") != fields["digest"].encode():
+            self._r.hset(key, mapping=dict[Any, Any](fields))
 
     def retire(self, worker: str, token: str) -> None:
         self._retire(keys=[worker_key(worker), WORKERS], args=[token, worker])

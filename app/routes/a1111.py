@@ -40,8 +40,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     authenticated, store, storage = ctx.authenticated, ctx.store, ctx.storage
 
     def model() -> str:
-        served = store.served_models()
-        return served[0] if served else "sdserve"
+        return store.models[0]
 
     async def run(http: Request, caller: Caller, payload: a1111.Txt2ImgPayload,
                   request: JobRequest, pngs: dict[str, bytes]) -> dict[str, Any]:  # fmt: skip
@@ -89,8 +88,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     @routes.post("/txt2img", summary="A1111-compatible text to image (waits)", responses=waits)
     async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        served = await run_in_threadpool(model)
-        fields = native(lambda: payload.job_fields(served))
+        fields = native(lambda: payload.job_fields(store.models))
         request = native(lambda: Txt2ImgRequest.model_validate(fields, strict=False))
         return await run(http, caller, payload, request, {})
 
@@ -98,8 +96,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                  responses=waits)  # fmt: skip
     async def img2img(payload: a1111.Img2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        served = await run_in_threadpool(model)
-        fields = native(lambda: payload.job_fields(served))
+        fields = native(lambda: payload.job_fields(store.models))
         try:
             data = {"image": from_base64("init_images", payload.init_images[0])}
             if payload.mask is not None:
@@ -158,10 +155,10 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     def scripts(_caller: Caller = authenticated) -> dict[str, list[str]]:
         return {"txt2img": [], "img2img": []}
 
-    @routes.get("/sd-models", summary="A1111-compatible: the model the workers serve")
+    @routes.get("/sd-models", summary="A1111-compatible: the models served")
     def sd_models(_caller: Caller = authenticated) -> list[dict[str, Any]]:
         return [{"title": name, "model_name": name, "hash": None, "sha256": None,
-                 "filename": name, "config": None} for name in store.served_models()]  # fmt: skip
+                 "filename": name, "config": None} for name in store.models]  # fmt: skip
 
     @routes.get("/options", summary="A1111-compatible: this server's settings, as A1111 names them")
     def options(_caller: Caller = authenticated) -> dict[str, Any]:

@@ -45,9 +45,9 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         },
         summary="OpenAI-compatible: generate and wait",
         description="The OpenAI Images API's `images.generate`: `prompt`, `n`, `size`, "
-        "`response_format` (`url` or `b64_json`), `model` (ignored); sdserve's own parameters "
-        "as extra fields. Answers when the images are made; same queue and batching as "
-        "`/v1/txt2img`. A client that hangs up cancels its job.",
+        "`response_format` (`url` or `b64_json`), `model` (one of `GET /v1/models`); sdserve's "
+        "own parameters as extra fields. Answers when the images are made; same queue and "
+        "batching as `/v1/txt2img`. A client that hangs up cancels its job.",
     )
     async def images_generations(
         request: openai_images.ImagesRequest,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from functools import partial
 from typing import NoReturn
 
 import redis
@@ -49,7 +50,10 @@ class Submitter:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.prompts = PromptMeter(ctx.store.tokenizer_digest, ctx.store.tokenizer)
+        store = ctx.store
+        self.prompts = {model: PromptMeter(partial(store.tokenizer_digest, model),
+                                           partial(store.tokenizer, model))
+                        for model in store.models}  # fmt: skip
 
     def __call__(
         self,
@@ -74,13 +78,15 @@ class Submitter:
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, self.ctx.settings)
         _check_hires(request, self.ctx.settings)
+        model = self._model(request.model)
         # What the client sent, before the server fills anything in, identifies a retry.
         sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         normalized = request.model_copy(
             update={
                 "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
                 "timeout_s": request.timeout_s or self.ctx.settings.job_timeout_s,
-                "prompt_length": self._lengths(request),
+                "prompt_length": self._lengths(request, model),
+                "model": model,
             }
         )
         idempotency = (idempotency_key, sent) if idempotency_key is not None else None
@@ -116,11 +122,23 @@ class Submitter:
         http.state.accepted = True  # for the metrics: a new job
         return job_id, Status.QUEUED, False
 
-    def _lengths(self, request: JobRequest) -> PromptLengths | None:
-        """Both prompts' lengths, as the workers' tokenizer counts them; a 422 naming the field
-        for one over the model's limit. None (the worker then checks) before any worker has
-        published its tokenizer."""
-        current = self.prompts.current()
+    def _model(self, name: str | None) -> str:
+        """The model a request names (the default when none), or a 422 listing the names."""
+        models = self.ctx.store.models
+        if name is None:
+            return models[0]
+        if name not in models:
+            message = f"unknown model {name!r}; this server serves {', '.join(models)}"
+            raise RequestValidationError(
+                [{"loc": ("body", "model"), "msg": message, "type": "value_error"}]
+            )
+        return name
+
+    def _lengths(self, request: JobRequest, model: str) -> PromptLengths | None:
+        """Both prompts' lengths, as the model's tokenizer counts them (its workers publish
+        it); a 422 naming the field for one over the model's limit. None (the worker then
+        checks) before any worker has published its tokenizer."""
+        current = self.prompts[model].current()
         if current is None:
             return None
         published, vocabulary = current

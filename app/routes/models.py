@@ -1,0 +1,42 @@
+"""`GET /v1/models`: the models this deployment serves, each with its live workers and its
+queue; shaped as OpenAI's model list, so its clients list them too."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from app.auth import Caller
+from app.routes.context import UNAUTHORIZED, Context
+
+
+class Model(BaseModel):
+    id: str = Field(description="The name a request gives as `model`.")
+    object: str = "model"
+    owned_by: str = "sdserve"
+    default: bool = Field(description="Whether a request without `model` goes to it.")
+    workers: list[str] = Field(description="Live workers that hold it (their names).")
+    queued: int = Field(description="Its jobs waiting for a worker.")
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[Model]
+
+
+def router(ctx: Context) -> APIRouter:
+    routes = APIRouter()
+    store = ctx.store
+
+    @routes.get("/v1/models", response_model=ModelList, responses=UNAUTHORIZED,
+                summary="The models served, their workers and queues")  # fmt: skip
+    def models(_caller: Caller = ctx.authenticated) -> ModelList:
+        holders = store.holders()
+        queued = store.queue_state().queued
+        return ModelList(data=[
+            Model(id=name, default=k == 0, workers=holders.get(name, []),
+                  queued=queued.get(name, 0))
+            for k, name in enumerate(store.models)
+        ])  # fmt: skip
+
+    return routes
