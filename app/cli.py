@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks; "
         "sd15-inpaint: SD 1.5's inpainting layout (a 9-channel UNet) at the tiny sizes",
     )
+    tiny.add_argument("--seed", type=int, default=0, help="another seed, other weights")
     gen = sub.add_parser("generate", help="make images with a running sdserve, and save them")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from worker.tiny import build_tiny_model
 
-        print(build_tiny_model(args.dir, args.arch))
+        print(build_tiny_model(args.dir, args.arch, args.seed))
 
 
 def make_key(key_id: str) -> None:

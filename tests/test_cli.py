@@ -39,6 +39,13 @@ SDSERVE = str(Path(sys.executable).parent / "sdserve")
         ("worker", "SDSERVE_COMPILED_SIZES", "512x51"),
         ("worker", "SDSERVE_COMPILED_SIZES", "512by512"),
         ("worker", "SDSERVE_MODEL", "/nonexistent"),
+        ("api", "SDSERVE_MODELS", "a=x,a=y"),  # a name twice
+        ("api", "SDSERVE_MODELS", "bad name=x"),
+        ("api", "SDSERVE_MODELS", "just-a-source"),
+        ("worker", "SDSERVE_MODELS", "a=/nonexistent"),
+        ("worker", "SDSERVE_WORKER_MODELS", "nope"),
+        ("worker", "SDSERVE_TILE_OVERLAP", "600"),  # over half the tile
+        ("worker", "SDSERVE_TILE", "100"),  # not a multiple of 8
     ],
 )
 def test_invalid_settings_stop_the_process_naming_the_variable(

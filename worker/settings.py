@@ -166,8 +166,8 @@ class WorkerSettings(CommonSettings):
         unknown = [name for name in self.worker_models if name not in self.model_names()]
         if unknown:
             raise ValueError(
-                f"SDSERVE_WORKER_MODELS names {', '.join(unknown)}, not among SDSERVE_MODELS"
-                f" ({', '.join(self.model_names())})"
+                f"SDSERVE_WORKER_MODELS={','.join(self.worker_models)}: {', '.join(unknown)} not"
+                f" among SDSERVE_MODELS ({', '.join(self.model_names())})"
             )
         return self
 
@@ -197,7 +197,8 @@ class WorkerSettings(CommonSettings):
     @model_validator(mode="after")
     def _overlap_within_tile(self) -> WorkerSettings:
         if self.tile_overlap * 2 > self.tile:
-            raise ValueError("SDSERVE_TILE_OVERLAP must be at most half of SDSERVE_TILE")
+            raise ValueError(f"SDSERVE_TILE_OVERLAP={self.tile_overlap}: at most half of"
+                             f" SDSERVE_TILE ({self.tile})")  # fmt: skip
         return self
 
     @model_validator(mode="after")

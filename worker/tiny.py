@@ -68,16 +68,16 @@ def _scheduler() -> PNDMScheduler:
     return scheduler
 
 
-def build_tiny_model(target: Path, arch: str = "tiny") -> Path:
+def build_tiny_model(target: Path, arch: str = "tiny", seed: int = 0) -> Path:
     """Write a random-weight model to `target` (created if missing) and return its path.
 
     `tiny`: seconds on a CPU, for tests and local runs. `sd15`: Stable Diffusion 1.5's sizes
     (UNet 860M parameters, CLIP ViT-L/14 text encoder, the SD VAE), for benchmarks: the same
     compute as the real weights, stored in fp16. `sd15-inpaint`: the tiny sizes with SD 1.5
-    inpainting's 9-channel UNet.
+    inpainting's 9-channel UNet. Another `seed`, other weights (a second model to serve).
     """
     target = Path(target)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as work:
         tokenizer = _tokenizer(Path(work))
     sizes = ARCHITECTURES[INPAINTING.get(arch, arch)]
