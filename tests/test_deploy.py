@@ -15,10 +15,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from app.jobs.keys import GROUP, STREAM
+from app.jobs.contract import DEFAULT_MODEL
+from app.jobs.keys import GROUP, stream_key
+from app.settings import CommonSettings
 
 ROOT = Path(__file__).parent.parent
-OVERLAYS = ["in-cluster-redis", "external-redis", "external-bucket"]
+OVERLAYS = ["in-cluster-redis", "external-redis", "external-bucket", "several-models"]
 CRDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 
 
@@ -160,16 +162,33 @@ def test_the_api_is_probed_drained_and_kept_available(manifests: list[dict[str, 
     assert find(manifests, "Service", "sdserve-api")["spec"]["ports"][0]["targetPort"] == "http"
 
 
-def test_keda_scales_workers_on_our_streams_lag(manifests: list[dict[str, Any]]) -> None:
-    scaled = find(manifests, "ScaledObject", "sdserve-worker")["spec"]
-    assert scaled["scaleTargetRef"]["name"] == "sdserve-worker" and scaled["minReplicaCount"] >= 1
-    [trigger] = scaled["triggers"]
-    assert trigger["type"] == "redis-streams"
-    meta = trigger["metadata"]
-    assert (meta["stream"], meta["consumerGroup"]) == (STREAM, GROUP)  # the contract's names
-    assert int(meta["lagCount"]) > 0
-    auth = find(manifests, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert auth["spec"]["secretTargetRef"][0]["parameter"] == "password"
+def test_keda_scales_each_models_workers_on_its_streams_lag(
+    manifests: list[dict[str, Any]],
+) -> None:
+    config = find(manifests, "ConfigMap", "sdserve")["data"]
+    models = CommonSettings(models=config.get("SDSERVE_MODELS", {})).model_names()
+    scaled = [m for m in manifests if m["kind"] == "ScaledObject"]
+    held = []
+    for scaler in scaled:
+        spec = scaler["spec"]
+        pod = find(manifests, "Deployment", spec["scaleTargetRef"]["name"])["spec"]["template"]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        # Each Deployment holds one model (or, with one model, that one) and scales on its
+        # queue: the contract's name for that model's stream.
+        [model] = [env["SDSERVE_WORKER_MODELS"]] if len(models) > 1 else [DEFAULT_MODEL]
+        held.append(model)
+        assert spec["minReplicaCount"] >= 1
+        [trigger] = spec["triggers"]
+        assert trigger["type"] == "redis-streams"
+        meta = trigger["metadata"]
+        assert (meta["stream"], meta["consumerGroup"]) == (stream_key(model), GROUP)
+        assert int(meta["lagCount"]) > 0
+        auth = find(manifests, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert auth["spec"]["secretTargetRef"][0]["parameter"] == "password"
+    assert sorted(held) == sorted(models)  # every model has its workers
+    selectors = [m["spec"]["selector"]["matchLabels"] for m in manifests
+                 if m["kind"] == "Deployment" and "worker" in m["metadata"]["name"]]  # fmt: skip
+    assert len({tuple(sorted(s.items())) for s in selectors}) == len(selectors)  # no overlap
 
 
 def test_monitoring_matches_the_services_and_the_alert_rules(
@@ -178,10 +197,11 @@ def test_monitoring_matches_the_services_and_the_alert_rules(
     services = [m for m in manifests if m["kind"] == "Service"]
     for name, port in [("sdserve-api", "http"), ("sdserve-worker", "metrics")]:
         wanted = find(manifests, "ServiceMonitor", name)["spec"]["selector"]["matchLabels"]
-        [service] = [
-            s for s in services if wanted.items() <= s["metadata"].get("labels", {}).items()
-        ]
-        assert port in {p["name"] for p in service["spec"]["ports"]}
+        # One Service, or one per model's workers: the monitor scrapes them all.
+        matched = [s for s in services if wanted.items() <= s["metadata"].get("labels", {}).items()]
+        assert matched
+        for service in matched:
+            assert port in {p["name"] for p in service["spec"]["ports"]}
     rules = find(manifests, "PrometheusRule", "sdserve")["spec"]
     assert rules == yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
 

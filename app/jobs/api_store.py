@@ -76,8 +76,9 @@ class ApiStore(Store):
         """Record the job and queue it in one atomic step; answers the outcome and the job id
         (or, refused by the rate limit, the seconds to wait).
 
-        `request` is normalized (seed and timeout set; no model: the default); `owner` is the API key id ("" with
-        auth off), and `max_in_flight` its cap on queued and running jobs (0: none).
+        `request` is normalized (seed and timeout set; no model: the default); `owner` is
+        the API key id ("" with auth off), and `max_in_flight` its cap on queued and running
+        jobs (0: none).
         `idempotency` is (the client's key, a hash of what it sent): the same pair again
         answers the first job. `rate` is the owner's (tokens a second, burst): a token is
         spent only by a job that is queued, never by a replay or a refusal. `retry` is (a hash
@@ -87,6 +88,7 @@ class ApiStore(Store):
         """
         if request.seed is None or request.timeout_s is None:
             raise ValueError("submit() needs a normalized request (seed and timeout set)")
+        timeout_s = request.timeout_s
         if request.model is None:  # the default model's queue
             request = request.model_copy(update={"model": self.models[0]})
         model = request.model or self.models[0]
@@ -102,7 +104,7 @@ class ApiStore(Store):
             keys=[job_key(job_id), queued_key(model), stream_key(model), inflight_key(owner),
                   idempotency_key(owner, client_key), ratelimit_key(owner),
                   retry_key(owner, retry_hash)],
-            args=[job_id, repr(now), request.model_dump_json(), repr(now + request.timeout_s),
+            args=[job_id, repr(now), request.model_dump_json(), repr(now + timeout_s),
                   max_queued, sent or retry_hash, self.record_ttl(), owner, max_in_flight,
                   int(idempotency is not None), request.webhook_url or "",
                   f",{','.join(request.webhook_events)},", rate_per_s, burst, repr(not_after),
