@@ -47,7 +47,10 @@ class ApiMetrics:
             registry=self.registry,
         )
         self.accepted = Counter(
-            "sdserve_jobs_accepted", "Jobs queued (202).", registry=self.registry
+            "sdserve_jobs_accepted",
+            "Jobs queued (202), by model.",
+            ["model"],
+            registry=self.registry,
         )
         self.rejected = Counter(
             "sdserve_jobs_rejected",
@@ -140,7 +143,7 @@ class HttpMetrics:
             if method == "POST" and scope["path"] in SUBMITS:
                 state = scope.get("state", {})
                 if state.get("accepted"):  # a new job (not a replay), whatever came after
-                    self.metrics.accepted.inc()
+                    self.metrics.accepted.labels(state["accepted"]).inc()
                 elif status >= 400:
                     reason = state.get("rejected") or REJECTIONS.get(status, "error")
                     self.metrics.rejected.labels(reason).inc()

@@ -85,7 +85,7 @@ def test_the_api_counts_what_happened(scraped: tuple[Samples, ...]) -> None:
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert moved("sdserve_jobs_accepted_total") == 5
+    assert moved("sdserve_jobs_accepted_total", model="default") == 5
     assert moved("sdserve_jobs_rejected_total", reason="invalid") == 1
     posts = {"route": "/v1/txt2img", "method": "POST"}
     assert moved("sdserve_http_requests_total", **posts, status="202") == 5
@@ -97,7 +97,7 @@ def test_the_api_counts_what_happened(scraped: tuple[Samples, ...]) -> None:
         assert (
             value(after, "sdserve_job_duration_seconds_bucket", status=status, le="+Inf") == count
         )
-    assert value(after, "sdserve_queue_depth") == 0
+    assert value(after, "sdserve_queue_depth", model="default") == 0
     assert value(after, "sdserve_workers_live") == 1 and value(after, "sdserve_redis_up") == 1
     assert value(after, "sdserve_dead_letters") == 0
 
@@ -108,10 +108,11 @@ def test_the_worker_counts_what_it_did(scraped: tuple[Samples, ...]) -> None:
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels)
 
-    assert moved("sdserve_worker_images_total") == 4
+    assert moved("sdserve_worker_images_total", model="default") == 4
     assert moved("sdserve_worker_png_encode_seconds_count") == 4
     assert moved("sdserve_worker_failures_total", code="deadline_exceeded") == 1
-    assert moved("sdserve_worker_queue_wait_seconds_count") == 3  # the late job never started
+    # The late job never started.
+    assert moved("sdserve_worker_queue_wait_seconds_count", model="default") == 3
     # Continuous batching (the default): rows, UNet calls by row bucket, a decode per job.
     calls = sum(moved("sdserve_worker_row_step_seconds_count", bucket=str(b))
                 for b in (2, 4, 8, 16))  # fmt: skip

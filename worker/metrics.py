@@ -20,7 +20,8 @@ class WorkerMetrics:
         r = self.registry
         self.queue_wait = Histogram(
             "sdserve_worker_queue_wait_seconds",
-            "Accepted to taken by a worker.",
+            "Accepted to taken by a worker, by model.",
+            ["model"],
             buckets=JOB_SECONDS_BUCKETS,
             registry=r,
         )
@@ -54,7 +55,9 @@ class WorkerMetrics:
             buckets=[float(b) for b in sorted({*buckets, max_batch})],
             registry=r,
         )
-        self.images = Counter("sdserve_worker_images", "Images generated and stored.", registry=r)
+        self.images = Counter(
+            "sdserve_worker_images", "Images generated and stored, by model.", ["model"], registry=r
+        )
         self.failures = Counter(
             "sdserve_worker_failures", "Jobs failed, by error code.", ["code"], registry=r
         )

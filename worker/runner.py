@@ -231,7 +231,7 @@ class Runner:
         self.release([d for d in deliveries if d.job_id not in {job.id for job in jobs}])
         now = time.time()
         for job in jobs:
-            self.metrics.queue_wait.observe(now - job.created_at)
+            self.metrics.queue_wait.labels(job.delivery.model).observe(now - job.created_at)
         jobs = [job for job in jobs if self._prompts_fit(job)]
         with self._lock:  # suspects that will not run (ended meanwhile) are out of hand
             self._suspects -= {d.job_id for d in deliveries} - {job.id for job in jobs}
@@ -440,7 +440,7 @@ class Runner:
         for k, png in enumerate(pngs):
             self._store_file(result_key(job.id, k), png)
         if self.redis_call(partial(self.store.succeed, job, len(pngs))):
-            self.metrics.images.inc(len(pngs))
+            self.metrics.images.labels(job.delivery.model).inc(len(pngs))
             log.info("succeeded: %d images", len(pngs), extra={"job_id": job.id})
         else:
             log.info("had ended meanwhile (canceled): result dropped", extra={"job_id": job.id})

@@ -119,7 +119,7 @@ class Submitter:
             )
         if outcome is Submission.REPLAYED:
             return job_id, find_job(self.ctx.store, job_id, caller).status, True
-        http.state.accepted = True  # for the metrics: a new job
+        http.state.accepted = model  # for the metrics: a new job of this model
         return job_id, Status.QUEUED, False
 
     def _model(self, name: str | None) -> str:
