@@ -51,6 +51,12 @@ class CommonSettings(BaseSettings):
         " requests choose with `model`. Unset: one model, SDSERVE_MODEL, named `default`.",
     )
 
+    upscaler: str = Field(
+        default="",
+        description="The Stable Diffusion x4 upscaler (hub id or folder) for `method: x4`"
+        " upscaling; none when empty. Workers load it beside their models.",
+    )
+
     def model_names(self) -> list[str]:
         """The names a request may choose, the default first."""
         return list(self.models) or [DEFAULT_MODEL]

@@ -163,3 +163,101 @@ def test_a_hires_fix_matches_diffusers_txt2img_then_img2img(
         theirs = image(spec.prompt, image=picture, strength=0.6, num_inference_steps=5,
                        output_type="np", **common).images[0]  # fmt: skip
         assert max_diff(ours, (theirs * 255).round().astype(np.uint8)) <= 1
+
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, Path]:
+    from worker.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("x4") / "x4", "x4-upscaler")
+    return Engine(str(path), torch.device("cpu")), path
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a", "dpmpp_2m"])
+def test_the_x4_upscaler_matches_the_diffusers_upscale_pipeline(
+    upscaler: tuple[Engine, Path], sampler: str
+) -> None:
+    """Each image: diffusers' StableDiffusionUpscalePipeline for its seed (the picture noised
+    to the level, then the whole schedule beside it), four times the picture's size."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    engine, path = upscaler
+    assert engine.latent_scale == 4 and engine.low_res_scheduler is not None
+    small = picture(32, 24)
+    specs = [ImageSpec("a cat", "blurry", 6.0, 5), ImageSpec("a cow", "", 6.0, 6)]
+    lane = engine.prepare("x4", specs, BatchShape(128, 96, 5, sampler),
+                          Source(small, 1.0, noise_level=30))  # fmt: skip
+    assert lane.class_labels is not None and lane.conditioning is not None
+    mine = run(engine, [lane])["x4"]
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(str(path))
+    pipe.scheduler = make_scheduler(sampler, engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    for spec, ours in zip(specs, mine, strict=True):
+        theirs = pipe(spec.prompt, image=small, negative_prompt=spec.negative_prompt,
+                      num_inference_steps=5, guidance_scale=6.0, noise_level=30,
+                      generator=torch.Generator().manual_seed(spec.seed),
+                      output_type="np").images[0]  # fmt: skip
+        assert ours.shape == (96, 128, 3)
+        assert max_diff(ours, (theirs * 255).round().astype(np.uint8)) <= 1
+
+
+def test_x4_upscaling_through_the_service(
+    upscaler: tuple[Engine, Path], tiny_model: Path, redis_url: str
+) -> None:
+    """`method: x4` over HTTP: the picture stored at its own size, the upscaler's rows stepped
+    apart from the model's, x4 as drawn and x2 halved from it; a server without the upscaler
+    refuses the method (422)."""
+    import base64
+    import io
+    import threading
+
+    import httpx
+
+    from app.api import create_app
+    from app.settings import ApiSettings
+    from app.storage import open_storage
+    from tests.conftest import JobStore, serving, wait_for
+    from tests.test_continuous import serve
+    from worker.runner import Runner
+    from worker.settings import WorkerSettings
+
+    engine, path = upscaler
+    small = picture(32, 32)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    body = {"image": base64.b64encode(buffer.getvalue()).decode(), "method": "x4",
+            "steps": 4, "seed": 9, "noise_level": 40, "scheduler": "ddim"}  # fmt: skip
+    store = JobStore.connect(redis_url, 3600, 5)
+    plain = ApiSettings(redis_url=redis_url, auth="off")
+    with serving(create_app(store, plain)) as url:
+        refused = httpx.post(f"{url}/v1/upscale", json={**body, "scale": 4})
+        assert refused.status_code == 422 and "SDSERVE_UPSCALER" in refused.text
+    settings = ApiSettings(redis_url=redis_url, auth="off", upscaler=str(path))
+    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as http:
+        ids = [http.post("/v1/upscale", json={**body, "scale": scale}).json()["id"]
+               for scale in (4, 2)]  # fmt: skip
+        text = http.post("/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
+                                              "steps": 3}).json()["id"]  # fmt: skip
+        worker_settings = WorkerSettings(redis_url=redis_url, upscaler=str(path),
+                                         model=str(tiny_model), worker_name="x4-worker")  # fmt: skip
+        model = Engine(str(tiny_model), torch.device("cpu"))
+        runner = Runner(worker_settings, JobStore.connect(redis_url, 3600, 5), model,
+                        open_storage(worker_settings.storage), upscaler=engine)  # fmt: skip
+        runner.open()
+        done = threading.Event()
+        thread = serve(runner, done)
+        try:
+            wait_for(lambda: all(http.get(f"/jobs/{i}").json()["status"] == "succeeded"
+                                 for i in [*ids, text]), 120, "the jobs")  # fmt: skip
+        finally:
+            done.set()
+            thread.join(60)
+            runner.close()
+        lane = engine.prepare("alone", [ImageSpec("", "", 7.5, 9)], BatchShape(128, 128, 4, "ddim"),
+                              Source(small, 1.0, noise_level=40))  # fmt: skip
+        [alone] = run(engine, [lane])["alone"]
+        made = [np.asarray(Image.open(io.BytesIO(http.get(f"/jobs/{i}/images/0.png").content)))
+                for i in ids]  # fmt: skip
+    assert made[0].shape == (128, 128, 3) and max_diff(made[0], alone) <= 1
+    halved = np.asarray(Image.fromarray(alone).resize((64, 64), Image.Resampling.LANCZOS))
+    assert made[1].shape == (64, 64, 3) and max_diff(made[1], halved) <= 1

@@ -23,10 +23,17 @@ import torch
 
 from app.jobs.contract import ErrorCode, Job
 from app.jobs.eta import denoising_steps, unet_rows
-from worker.engine import BatchShape, Decoding, Source
+from worker.engine import Decoding, NoUpscaler, Source
 from worker.previews import Previews
 from worker.rows import Lane, Size
-from worker.sources import MissingInput, finished, image_specs, load_source, next_pass
+from worker.sources import (
+    MissingInput,
+    finished,
+    image_specs,
+    job_shape,
+    load_source,
+    next_pass,
+)
 from worker.stepping import Candidate, Turns, admit
 
 if TYPE_CHECKING:
@@ -43,7 +50,8 @@ class RowLoop:
         self.decodings: deque[tuple[Job, Decoding]] = deque()
         self.previews: deque[tuple[dict[str, Job], Previews]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
-        self.turns: Turns[tuple[str, Size]] = Turns()  # (model, size): one UNet call's rows
+        # (engine, size): the rows of one UNet call (an engine: a model, or the x4 upscaler).
+        self.turns: Turns[tuple[str, Size]] = Turns()
 
     @property
     def busy(self) -> bool:
@@ -138,15 +146,16 @@ class RowLoop:
             job, since = self.waiting.pop(candidate.key)
             r.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request
-            shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
+            shape = job_shape(request)
             specs = image_specs(request)
             try:
                 # Read from storage here, on the GPU's thread: one small PNG per job that has
                 # a source, at its join.
                 source = load_source(r.storage, job.id, job.request)
                 lane = r.engine_of(job).prepare(job.id, specs, shape, source)
-            except MissingInput as e:
-                r.complete(job, r.fail, job, ErrorCode.INPUT, str(e))
+            except (MissingInput, NoUpscaler) as e:
+                code = ErrorCode.INPUT if isinstance(e, MissingInput) else ErrorCode.INVALID
+                r.complete(job, r.fail, job, code, str(e))
                 self._forget(job, tracked=False)
                 continue
             except Exception as e:  # the worker lives on; this job fails with the reason
@@ -162,12 +171,12 @@ class RowLoop:
     def _step_one_size(self) -> None:
         """One UNet call: the rows of one model and size, whichever has waited longest."""
         r = self.runner
-        keys = list(dict.fromkeys((job.delivery.model, lane.size)
+        keys = list(dict.fromkeys((r.engine_key(job), lane.size)
                                   for job, lane in self.lanes.values()))  # fmt: skip
         self.turns.forget(keys)
         key = self.turns.next(keys)
         group = [(job, lane) for job, lane in self.lanes.values()
-                 if (job.delivery.model, lane.size) == key]  # fmt: skip
+                 if (r.engine_key(job), lane.size) == key]  # fmt: skip
         self._step(group)
         for job, lane in group:
             if job.id not in self.lanes:

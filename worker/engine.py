@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -55,6 +55,10 @@ ENCODE_CHUNK = 8
 EMBEDDING_CACHE_SIZE = 512
 
 
+class NoUpscaler(LookupError):
+    """An x4 upscaling job reached a worker without the x4 upscaler (SDSERVE_UPSCALER)."""
+
+
 class PromptTooLong(ValueError):
     """A prompt of more chunks of 75 tokens than the engine encodes."""
 
@@ -80,6 +84,9 @@ class Source:
     # Latent upscaling: the picture is at its own size, and its latents (the VAE's mode: no
     # noise drawn) are enlarged to the job's size, as a hires fix's latents are.
     enlarge: bool = False
+    # The x4 upscaler: the picture, at its own size, noised to this level, is what the UNet
+    # sees beside the latents (the whole schedule runs; `strength` is not used).
+    noise_level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,13 @@ class Engine:
         # A 9-channel UNet (an inpainting model) takes a mask and a masked picture beside the
         # latents, for every job.
         self.inpainting_unet = self.unet.config.in_channels == 9
+        # A 7-channel UNet (the x4 upscaler) takes a noised low-resolution picture beside the
+        # latents, and its noise level as a class label.
+        self.low_res_scheduler: DDPMScheduler | None = None
+        if self.unet.config.in_channels == 7:
+            self.low_res_scheduler = DDPMScheduler.from_pretrained(
+                model, subfolder="low_res_scheduler"
+            )
         self._blank: dict[tuple[int, int], torch.Tensor] = {}
         if self.tuning.fuse:
             for module in (self.unet, self.vae):
@@ -380,10 +394,18 @@ class Engine:
         and embeddings. Text to image: noise made exactly as `generate` makes it. From a source
         image: its latents noised to where the plan starts, as diffusers' img2img and
         inpainting pipelines make them for each image's seed."""
-        inpainting = conditioning = None
+        inpainting = conditioning = labels = None
         if source is None:
             plan = self.plan(shape.scheduler, shape.steps)
             generators, noise = self._noise(specs, shape)
+            latents = noise * plan.init_sigma
+        elif source.noise_level is not None:
+            plan = self.plan(shape.scheduler, shape.steps)
+            generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+            conditioning, labels = self._low_res(source.image, source.noise_level, generators)
+            noise = randn_tensor((len(specs), self.vae.config.latent_channels,
+                                  *conditioning.shape[-2:]), generator=generators,
+                                 device=self.device, dtype=self.dtype)  # fmt: skip
             latents = noise * plan.init_sigma
         else:
             start = start_step(shape.steps, source.strength)
@@ -391,7 +413,28 @@ class Engine:
             plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
             generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
             latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
-        return self._lane(key, specs, shape, plan, generators, latents, inpainting, conditioning)
+        return self._lane(
+            key, specs, shape, plan, generators, latents, inpainting, conditioning, labels
+        )
+
+    def _low_res(
+        self, picture: Image.Image, level: int, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The x4 upscaler's inputs: the picture at its own size noised to `level` by each
+        image's generator (drawn first, as diffusers' upscale pipeline draws it), and the level
+        per image."""
+        assert self.low_res_scheduler is not None, "not an x4 upscaler"
+        pixels = self._pixels(picture, BatchShape(picture.width, picture.height, 0, ""))
+        levels = torch.tensor([level], dtype=torch.long, device=self.device)
+        noised = [
+            self.low_res_scheduler.add_noise(
+                pixels,
+                randn_tensor(pixels.shape, generator=g, device=self.device, dtype=self.dtype),
+                levels,
+            )
+            for g in generators
+        ]
+        return torch.cat(noised), levels.expand(len(generators))
 
     @torch.inference_mode()
     def second_pass(
@@ -436,6 +479,7 @@ class Engine:
         latents: torch.Tensor,
         inpainting: Inpainting | None = None,
         conditioning: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> Lane:
         """A lane of these latents: the prompts' embeddings and guidance per row, in tiles
         when the picture is larger than one tile."""
@@ -461,6 +505,8 @@ class Engine:
                 uncond = uncond.repeat_interleave(tiles.count, 0)
             if conditioning is not None:
                 conditioning = tiles.split(conditioning)
+            if labels is not None:
+                labels = labels.repeat_interleave(tiles.count, 0)
         if self.inpainting_unet and conditioning is None:
             whole = self._whole_picture(BatchShape(*size, shape.steps, shape.scheduler))
             conditioning = whole.expand(len(cond), -1, -1, -1)
@@ -475,6 +521,7 @@ class Engine:
             uncond=uncond,
             inpainting=inpainting,
             conditioning=conditioning,
+            class_labels=labels,
             tiling=tiles,
         )
 
@@ -576,9 +623,14 @@ class Engine:
                 against += range(uncond_at, uncond_at + lane.rows)
                 uncond_at += lane.rows
         t_rows = torch.tensor(times, dtype=torch.float32, device=self.device)
+        labels = None
+        if self.low_res_scheduler is not None:  # the x4 upscaler: every row has its level
+            parts = [lane.class_labels for lane in lanes]
+            parts += [lanes[i].class_labels for i in guided]
+            labels = torch.cat([part for part in parts if part is not None])
         compiled = lanes[0].size in self.tuning.compiled_sizes
         timer = GpuTimer(self.device) if self.observer is not None else None
-        noise, padding = self._unet_by_length(sample, t_rows, blocks, compiled)
+        noise, padding = self._unet_by_length(sample, t_rows, blocks, compiled, labels)
         called = len(sample)
         cond = noise[:rows]
         uncond = noise.index_select(0, torch.tensor(against, device=self.device))
@@ -651,7 +703,12 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _unet_by_length(
-        self, sample: torch.Tensor, t: torch.Tensor, blocks: list[torch.Tensor], compiled: bool
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        blocks: list[torch.Tensor],
+        compiled: bool,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """The UNet's output for `sample`, whose rows see the prompt embeddings in `blocks`
         (laid end to end, a block per prompt) and timestep `t` (one, or one per row); and the
@@ -663,7 +720,7 @@ class Engine:
         lengths = [block.shape[1] for block in blocks]
         if len(set(lengths)) == 1:
             compiled = compiled and lengths[0] == self._chunk_tokens
-            return self._padded_call(sample, t, torch.cat(blocks), compiled)
+            return self._padded_call(sample, t, torch.cat(blocks), compiled, labels)
         offsets = [0]
         for block in blocks:
             offsets.append(offsets[-1] + len(block))
@@ -678,6 +735,7 @@ class Engine:
                 t.index_select(0, index) if t.dim() else t,
                 torch.cat([blocks[b] for b in mine]),
                 compiled and length == self._chunk_tokens,
+                None if labels is None else labels.index_select(0, index),
             )
             if out is None:
                 out = part.new_empty((len(sample), *part.shape[1:]))
@@ -687,7 +745,12 @@ class Engine:
         return out, padding
 
     def _padded_call(
-        self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        compiled: bool,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """One UNet call; rows with a timestep each are padded to their row bucket (copies of
         the last row, whose outputs are dropped). More rows than the cap (one job's many tiles)
@@ -696,7 +759,8 @@ class Engine:
         cap = max(2, self.tuning.row_cap())
         if t.dim() and rows > cap:
             parts = [self._padded_call(sample[at : at + cap], t[at : at + cap],
-                                       context[at : at + cap], compiled)
+                                       context[at : at + cap], compiled,
+                                       None if labels is None else labels[at : at + cap])
                      for at in range(0, rows, cap)]  # fmt: skip
             return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
         padding = self.tuning.row_bucket(rows) - rows if t.dim() else 0
@@ -704,17 +768,26 @@ class Engine:
             sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
             t = torch.cat([t, t[-1:].expand(padding)])
             context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
-        return self.run_unet(sample, t, context, compiled)[:rows], padding
+            if labels is not None:
+                labels = torch.cat([labels, labels[-1:].expand(padding)])
+        return self.run_unet(sample, t, context, compiled, labels)[:rows], padding
 
     def run_unet(
-        self, sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, compiled: bool
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        compiled: bool,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`t` is one timestep for every row, or one per row (continuous batching)."""
+        """`t` is one timestep for every row, or one per row (continuous batching); `labels`
+        the x4 upscaler's noise level per row."""
         # Samplers differ in the timestep's dtype (int or float); one dtype keeps one graph.
         # The UNet embeds timesteps in float32 either way, so nothing changes numerically.
         t = t.to(torch.float32)
-        if self._fast_unet is None or not compiled:
-            return self.unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
+        if self._fast_unet is None or not compiled or labels is not None:
+            out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels)
+            return out.sample  # type: ignore[no-any-return]
         if t.dim():  # rows: the batch's range is known, so one compilation serves it all
             top = max(2, self.tuning.row_cap())
             for tensor in (sample, context, t):

@@ -47,9 +47,11 @@ class Lane:
     # UNet sees no unconditional rows for this lane.
     uncond: torch.Tensor | None
     inpainting: Inpainting | None = None
-    # An inpainting UNet's extra input channels: the mask and the masked source's latents,
-    # (images, 5, height / 8, width / 8).
+    # A UNet's extra input channels: an inpainting UNet's mask and masked source's latents
+    # (images, 5, ...), the x4 upscaler's noised low-resolution picture (images, 3, ...).
     conditioning: torch.Tensor | None = None
+    # The x4 upscaler's noise level per row (its class label); None for other UNets.
+    class_labels: torch.Tensor | None = None
     # A picture larger than one UNet call holds: its latents go through the UNet as tiles
     # (worker/tiles.py), `size` is a tile's, and the per-row tensors above (cond, uncond,
     # guidance, conditioning) have a row per tile of each image.

@@ -13,6 +13,7 @@ Only transient Redis errors (unreachable, loading, full) are retried.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ import redis
 import torch
 
 from app import logs
-from app.jobs.contract import Delivery, ErrorCode, Job
+from app.jobs.contract import Delivery, ErrorCode, Job, UpscaleRequest
 from app.jobs.eta import denoising_steps, unet_rows
 from app.jobs.store import is_transient
 from app.jobs.worker_store import WorkerStore
@@ -42,14 +43,22 @@ from app.settings import refuse
 from app.storage import Storage, open_storage, result_key
 from worker.batching import Assembly, Slot, chunks, group
 from worker.continuous import RowLoop
-from worker.engine import BatchShape, Engine, Tuning, resolve_device
+from worker.engine import BatchShape, Engine, NoUpscaler, Tuning, resolve_device
 from worker.images import encode_png, encode_preview, parameters
 from worker.inbox import Inbox
 from worker.metrics import WorkerMetrics
 from worker.progress import Tracker
 from worker.rows import Lane
 from worker.settings import TINY_MODEL_DIR, WorkerSettings
-from worker.sources import MissingInput, finished, image_specs, in_lanes, load_source, next_pass
+from worker.sources import (
+    MissingInput,
+    finished,
+    image_specs,
+    in_lanes,
+    job_shape,
+    load_source,
+    next_pass,
+)
 
 log = logging.getLogger("sdserve.worker")
 R = TypeVar("R")
@@ -58,6 +67,9 @@ REPORT_INTERVAL_S = 0.25
 READ_BLOCK_MS = 1000
 MAX_BACKOFF_S = 10.0
 STORAGE_ATTEMPTS = 4  # first try, then after 0.5, 1 and 2 seconds
+
+
+X4 = "x4-upscaler"  # the engine key of the x4 upscaler's jobs
 
 
 class NameTaken(Exception):
@@ -72,8 +84,10 @@ class Runner:
         engines: Engine | dict[str, Engine],
         storage: Storage,
         metrics: WorkerMetrics | None = None,
+        upscaler: Engine | None = None,
     ) -> None:
         self.settings = settings
+        self.upscaler = upscaler  # the x4 upscaler (SDSERVE_UPSCALER), if this worker has one
         self.store = store
         # The models this worker holds, by name (one engine: the first the settings name).
         if isinstance(engines, Engine):
@@ -270,7 +284,7 @@ class Runner:
 
     def _run_group(self, jobs: list[Job]) -> None:
         request = jobs[0].request
-        shape = BatchShape(request.width, request.height, request.steps, request.scheduler)
+        shape = job_shape(request)
         assembly: Assembly[np.ndarray | None] = Assembly(jobs)
         settled: set[str] = set()  # outcome handed to the pool, which acks after writing it
         if in_lanes(request):
@@ -346,11 +360,11 @@ class Runner:
     def _run_source(self, job: Job, shape: BatchShape) -> set[str]:
         """img2img, inpainting, upscaling or a hires fix in static mode: the job alone, through
         the row hooks."""
-        engine = self.engine_of(job)
-        tuning = engine.tuning
+        tuning = self.engine.tuning
         rows = unet_rows(job.request, tuning.tile, tuning.tile_overlap)
         self.tracker.begin({job.id: (denoising_steps(job.request), rows)})
         try:
+            engine = self.engine_of(job)
             source = load_source(self.storage, job.id, job.request)
             specs = image_specs(job.request)
             lane: Lane | None = engine.prepare(job.id, specs, shape, source)
@@ -363,6 +377,9 @@ class Runner:
             images = engine.images(engine.finish(last))
         except MissingInput as e:
             self.complete(job, self.fail, job, ErrorCode.INPUT, str(e))
+            return {job.id}
+        except NoUpscaler as e:
+            self.complete(job, self.fail, job, ErrorCode.INVALID, str(e))
             return {job.id}
         except Exception as e:  # out of memory included: one job is as small as it gets
             log.exception("a job from a source picture failed", extra={"job_id": job.id})
@@ -483,9 +500,23 @@ class Runner:
                     raise
                 log.warning("reporter: redis unavailable: %s", e)
 
+    def engine_key(self, job: Job) -> str:
+        """Which engine runs the job: the x4 upscaler's jobs its, the others their model's
+        (whose queue they came from)."""
+        request = job.request
+        return (
+            X4
+            if isinstance(request, UpscaleRequest) and request.method == "x4"
+            else (job.delivery.model)
+        )
+
     def engine_of(self, job: Job) -> Engine:
-        """The engine of the model whose queue the job came from."""
-        return self.engines[job.delivery.model]
+        key = self.engine_key(job)
+        if key == X4:
+            if self.upscaler is None:
+                raise NoUpscaler("this worker has no x4 upscaler (SDSERVE_UPSCALER)")
+            return self.upscaler
+        return self.engines[key]
 
     def _info(self) -> str:
         """What the heartbeat says: the models held, and the pace the API's queued ETAs use."""
@@ -615,10 +646,16 @@ def serve(settings: WorkerSettings) -> None:
     # Compiled kernels are reused from here by the next start: seconds instead of minutes.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
     engines, load_s, warm_s = load_engines(settings.held_models(), device, tuning)
+    upscaler = None
+    if settings.upscaler:
+        # Uncompiled: its shapes differ from the models' and vary with each picture.
+        upscaler = Engine(settings.upscaler, device, dataclasses.replace(tuning, compile=False))
+        log.info("x4 upscaler %s: %.0f MiB of weights", settings.upscaler,
+                 upscaler.weight_bytes() / 2**20)  # fmt: skip
     # A read blocks up to READ_BLOCK_MS: the socket must wait longer than that.
     store = WorkerStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5,
                                 settings.record_grace_s)  # fmt: skip
-    runner = Runner(settings, store, engines, storage, metrics)
+    runner = Runner(settings, store, engines, storage, metrics, upscaler)
     runner.metrics.model_load.set(load_s)
     runner.metrics.warm_up.set(warm_s)
     if cuda:

@@ -146,6 +146,11 @@ class WorkerSettings(CommonSettings):
     def _model_exists(cls, model: str) -> str:
         return _checked_source(model)
 
+    @field_validator("upscaler")
+    @classmethod
+    def _upscaler_exists(cls, upscaler: str) -> str:
+        return _checked_source(upscaler) if upscaler else upscaler
+
     @field_validator("models")
     @classmethod
     def _sources_exist(cls, models: dict[str, str]) -> dict[str, str]:

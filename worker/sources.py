@@ -59,9 +59,20 @@ def load_source(storage: Storage, job_id: str, request: JobRequest) -> Source | 
     mask = None
     if isinstance(request, InpaintRequest):
         mask = _picture(storage, job_id, "mask").convert("L")
+    if isinstance(request, UpscaleRequest) and request.method == "x4":
+        return Source(image, 1.0, noise_level=request.noise_level)
     # Pixel upscaling's picture is stored already enlarged: it runs as image to image.
     enlarge = isinstance(request, UpscaleRequest) and request.method == "latent"
     return Source(image, request.strength, mask, enlarge)
+
+
+def job_shape(request: JobRequest) -> BatchShape:
+    """What the engine denoises for a job: its size, steps and sampler. The x4 upscaler always
+    draws four times the picture's size (a job of scale 2 is halved at the end)."""
+    width, height = request.width, request.height
+    if isinstance(request, UpscaleRequest) and request.method == "x4":
+        width, height = request.image.width * 4, request.image.height * 4
+    return BatchShape(width, height, request.steps, request.scheduler)
 
 
 def _picture(storage: Storage, job_id: str, name: str) -> Image.Image:
@@ -88,7 +99,13 @@ def overlay(pixels: np.ndarray, source: Source, blur: int) -> np.ndarray:
 def finished(
     images: list[np.ndarray | None], source: Source | None, request: JobRequest
 ) -> list[np.ndarray | None]:
-    """A job's images as it is handed them back: inpainting's laid over its source."""
+    """A job's images as it is handed them back: inpainting's laid over its source, the x4
+    upscaler's resized to the job's size (Lanczos) when that is smaller."""
+    size = (request.width, request.height)
+    if isinstance(request, UpscaleRequest) and request.method == "x4":
+        return [image if image is None or image.shape[1::-1] == size
+                else np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+                for image in images]  # fmt: skip
     if source is None or source.mask is None or not isinstance(request, InpaintRequest):
         return images
     return [None if image is None else overlay(image, source, request.mask_blur)

@@ -15,9 +15,12 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -74,12 +77,16 @@ def build_tiny_model(target: Path, arch: str = "tiny", seed: int = 0) -> Path:
     `tiny`: seconds on a CPU, for tests and local runs. `sd15`: Stable Diffusion 1.5's sizes
     (UNet 860M parameters, CLIP ViT-L/14 text encoder, the SD VAE), for benchmarks: the same
     compute as the real weights, stored in fp16. `sd15-inpaint`: the tiny sizes with SD 1.5
-    inpainting's 9-channel UNet. Another `seed`, other weights (a second model to serve).
+    inpainting's 9-channel UNet. `x4-upscaler`: the SD x4 upscaler's layout at the tiny sizes;
+    `sd-x4-upscaler`: at its real sizes, for benchmarks. Another `seed`, other weights (a
+    second model to serve).
     """
     target = Path(target)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as work:
         tokenizer = _tokenizer(Path(work))
+    if arch in UPSCALERS:
+        return _build_upscaler(target, tokenizer, ARCHITECTURES[arch])
     sizes = ARCHITECTURES[INPAINTING.get(arch, arch)]
     inpainting = arch in INPAINTING
     text_encoder = CLIPTextModel(
@@ -122,6 +129,43 @@ def build_tiny_model(target: Path, arch: str = "tiny", seed: int = 0) -> Path:
     return target
 
 
+# The x4 upscaler's noise schedules: its sampler's (v-prediction) and the one that noises the
+# low-resolution picture it is given.
+X4_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+               "beta_schedule": "scaled_linear"}  # fmt: skip
+UPSCALERS = ("x4-upscaler", "sd-x4-upscaler")
+
+
+def _build_upscaler(target: Path, tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> Path:
+    """The Stable Diffusion x4 upscaler's layout: a UNet taking the latents and the noised
+    low-resolution picture (7 channels) and the noise level as a class label, a 4x VAE."""
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **sizes["text_encoder"],
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+            eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+            pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        )
+    )
+    unet = UNet2DConditionModel(sample_size=128, in_channels=7, out_channels=4,
+                                num_class_embeds=1000, **sizes["unet"])  # fmt: skip
+    levels = len(sizes["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.08333,
+                        down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, **sizes["vae"])  # fmt: skip
+    scheduler = DDIMScheduler(**X4_SCHEDULE, prediction_type="v_prediction", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(**X4_SCHEDULE), scheduler=scheduler, max_noise_level=350,
+    )  # fmt: skip
+    if sizes is not ARCHITECTURES["x4-upscaler"]:
+        pipeline.to(torch.float16)
+    pipeline.save_pretrained(str(target))
+    return target
+
+
 # Inpainting layouts: another architecture's sizes, with a 9-channel UNet. `sd15-inpaint` is SD
 # 1.5's inpainting model's layout at the tiny sizes, for tests and local runs.
 INPAINTING = {"sd15-inpaint": "tiny"}
@@ -148,6 +192,56 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
             "norm_num_groups": 8,
         },
         "vae": {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+    },
+    # The x4 upscaler's layout at a CPU's size, for tests and local runs.
+    "x4-upscaler": {
+        "text_encoder": {
+            "vocab_size": 514,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 32,
+        },
+        "unet": {
+            "layers_per_block": 1,
+            "block_out_channels": (32, 32, 64),
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        "vae": {"block_out_channels": (8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+    },
+    # stabilityai/stable-diffusion-x4-upscaler's sizes (UNet 473M parameters, OpenCLIP ViT-H
+    # text encoder), for benchmarks.
+    "sd-x4-upscaler": {
+        "text_encoder": {
+            "vocab_size": 49408,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "projection_dim": 512,
+            "hidden_act": "gelu",
+        },
+        "unet": {
+            "layers_per_block": 2,
+            "block_out_channels": (256, 512, 512, 1024),
+            "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+            "up_block_types": ("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+            "only_cross_attention": (True, True, True, False),
+            "use_linear_projection": True,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "block_out_channels": (128, 256, 512),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+        },
     },
     "sd15": {
         "text_encoder": {

@@ -212,7 +212,8 @@ UPSCALE_SIDE_MAX = 4096
 UpscaleSide = Annotated[
     int, Field(ge=SIDE_MIN, le=UPSCALE_SIDE_MAX, multiple_of=SIDE_STEP, description="Pixels.")
 ]
-UpscaleMethod = Literal["pixel", "latent"]
+HiresMethod = Literal["pixel", "latent"]
+UpscaleMethod = Literal["pixel", "latent", "x4"]
 
 
 class Hires(BaseModel):
@@ -231,7 +232,7 @@ class Hires(BaseModel):
         default=None, description="The second pass's schedule; the job's `steps` if absent."
     )
     strength: Strength = 0.5
-    method: UpscaleMethod = Field(
+    method: HiresMethod = Field(
         default="latent",
         description="latent: the first pass's latents enlarged (bilinear). pixel: its picture"
         " decoded, resized (Lanczos) and encoded again.",
@@ -313,9 +314,24 @@ class Upscaling(Generation):
     method: UpscaleMethod = Field(
         default="pixel",
         description="pixel: the picture resized (Lanczos), then encoded and redrawn. latent: the"
-        " picture encoded at its own size and its latents enlarged (bilinear), then redrawn.",
+        " picture encoded at its own size and its latents enlarged (bilinear), then redrawn. x4:"
+        " the Stable Diffusion x4 upscaler (when the server has one, SDSERVE_UPSCALER) draws it"
+        " four times larger from the picture noised to `noise_level` (scale 2: then halved).",
     )
-    strength: Strength = 0.35
+    strength: Strength = Field(
+        default=0.35,
+        gt=0,
+        le=1,
+        description="pixel and latent: how much of the enlarged picture is redrawn (the share"
+        " of the steps that run). x4 runs every step.",
+    )
+    noise_level: int = Field(
+        default=20,
+        ge=0,
+        le=350,
+        description="x4: how much noise the picture gets before the upscaler draws from it"
+        " (more: more invented detail, less faithful).",
+    )
 
     @field_validator("scale")
     @classmethod

@@ -258,6 +258,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             body, data = await _read(http, body_model, files, limit)
             pictures = await run_in_threadpool(read_pictures, data)
             if isinstance(body, UpscaleBody):
+                if body.method == "x4" and not ctx.settings.upscaler:
+                    raise invalid("method", "this server has no x4 upscaler (SDSERVE_UPSCALER)")
                 fields, pngs = await run_in_threadpool(
                     enlarge, pictures, body.scale, body.method, ctx.settings.max_upscale_side
                 )
