@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--mask", type=Path, help="with --image: repaint where this is white")
     gen.add_argument("--strength", type=float, help="with --image: how much is redrawn, 0-1")
     gen.add_argument("--mask-blur", type=int, help="with --mask: pixels of blur on its edge")
+    gen.add_argument("--model", help="which of the server's models (sdserve: GET /v1/models)")
+    gen.add_argument("--upscale", dest="scale", type=int, choices=[2, 4],
+                     help="with --image: enlarge it so many times (POST /v1/upscale)")  # fmt: skip
+    gen.add_argument("--upscale-method", dest="method", choices=["pixel", "latent", "x4"],
+                     help="with --upscale: how (x4: the server's x4 upscaler)")  # fmt: skip
+    gen.add_argument("--noise-level", type=int, help="with --upscale-method x4: 0-350")
     gen.add_argument("--prompt-syntax", choices=["plain", "a1111"],
                      help="a1111: read (word:1.3), [word] and BREAK as A1111 does")  # fmt: skip
     gen.add_argument("--preview", type=Path,
@@ -88,14 +94,18 @@ def main(argv: list[str] | None = None) -> None:
 
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
                   "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur",
-                  "prompt_syntax"]  # fmt: skip
+                  "prompt_syntax", "model", "scale", "method", "noise_level"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
         pictures = {name: getattr(args, name) for name in ("image", "mask")
                     if getattr(args, name) is not None}  # fmt: skip
         if pictures and "image" not in pictures:
             parser.error("--mask needs --image")
-        if not pictures and {"strength", "mask_blur"} & request.keys():
-            parser.error("--strength and --mask-blur need --image")
+        if not pictures and {"strength", "mask_blur", "scale"} & request.keys():
+            parser.error("--strength, --mask-blur and --upscale need --image")
+        if "scale" in request and "mask" in pictures:
+            parser.error("--upscale takes no --mask")
+        if "scale" not in request and {"method", "noise_level"} & request.keys():
+            parser.error("--upscale-method and --noise-level need --upscale")
         generate(args.url.rstrip("/"), args.key, request, args.out, pictures, args.preview)
     else:
         from worker.tiny import build_tiny_model

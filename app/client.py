@@ -1,5 +1,6 @@
 """`sdserve generate`: a command-line client. Submits a job (text to image, or from a picture with
-`--image`, inpainting with `--mask`), shows its place in the queue and then its steps as a
+`--image`: inpainting with `--mask`, upscaling with `--upscale`; on any of the server's models
+with `--model`), shows its place in the queue and then its steps as a
 progress bar with the time left (from the job's live events; `--preview` saves its live preview
 as it forms), saves the PNGs and prints their seeds and paths. Ctrl-C cancels the job."""
 
@@ -29,13 +30,15 @@ def generate(
     pictures: dict[str, Path] | None = None, preview: Path | None = None,
 ) -> list[Path]:  # fmt: skip
     """Run one job to the end and save its images; returns their paths. With `pictures` (an
-    `image`, and a `mask` to inpaint) the job starts from them, sent as multipart files; with
+    `image`, and a `mask` to inpaint, or a `scale` in `request` to upscale it) the job starts
+    from them, sent as multipart files; with
     `preview`, each new live preview is written there."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
         if pictures:
             files = {name: (path.name, _read(path)) for name, path in pictures.items()}
-            route = "/v1/inpaint" if "mask" in pictures else "/v1/img2img"
+            route = ("/v1/inpaint" if "mask" in pictures
+                     else "/v1/upscale" if "scale" in request else "/v1/img2img")  # fmt: skip
             form = {name: str(value) for name, value in request.items()}
             job = _call(http, "POST", route, data=form, files=files)
         else:

@@ -370,6 +370,17 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     pixels = np.asarray(png(made.read_bytes()))
     assert pixels.shape == (64, 96, 3) and (pixels[:, 48:] == (20, 30, 200)).all()
     assert "Mask blur: 0" in png(made.read_bytes()).info["parameters"]
+    # The upscale action, and the model choice.
+    upscaled = run_cli("", "-o", "up", "--image", "src.png", "--upscale", "2", "--upscale-method",
+                       "latent", "--steps", "3", "--model", "default", "--url", service,
+                       "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert upscaled.returncode == 0, upscaled.stderr
+    [enlarged] = (tmp_path / "up").glob("*.png")
+    assert png(enlarged.read_bytes()).size == (192, 128)
+    unknown = run_cli("x", "--model", "nope", "--url", service, "--key", KEY, cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown model 'nope'" in unknown.stderr
+    how = run_cli("x", "--upscale-method", "x4", "--url", service, cwd=tmp_path)
+    assert how.returncode == 2 and "need --upscale" in how.stderr
     missing = run_cli("x", "--image", "nope.png", "--url", service, "--key", KEY, cwd=tmp_path)
     assert missing.returncode == 2 and "cannot read nope.png" in missing.stderr
     lonely = run_cli("x", "--mask", "mask.png", "--url", service, cwd=tmp_path)

@@ -239,7 +239,7 @@ def test_x4_upscaling_through_the_service(
         text = http.post("/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
                                               "steps": 3}).json()["id"]  # fmt: skip
         worker_settings = WorkerSettings(redis_url=redis_url, upscaler=str(path),
-                                         model=str(tiny_model), worker_name="x4-worker")  # fmt: skip
+                                         model=str(tiny_model), worker_name="x4")  # fmt: skip
         model = Engine(str(tiny_model), torch.device("cpu"))
         runner = Runner(worker_settings, JobStore.connect(redis_url, 3600, 5), model,
                         open_storage(worker_settings.storage), upscaler=engine)  # fmt: skip
