@@ -472,6 +472,30 @@ def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Pa
     assert pixels[2][:3] == [30, 160, 90]  # far from the paint: the picture, exactly
 
 
+def test_the_playground_lists_the_models_and_upscales_a_picture(
+    service: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(tmp_path / "small.png")
+    with playground(service) as page:
+        page.dispatch_event("#key", "change")  # the models list, read with the key
+        expect(page.locator("#model option")).to_have_count(2)
+        assert "default (default)" in page.locator("#model option").all_text_contents()[1]
+        page.select_option("#model", "default")
+        page.fill("#prompt", "a desert")
+        page.fill("#steps", "3")
+        page.set_input_files("#image", str(tmp_path / "small.png"))
+        page.select_option("#upscale", "2")
+        page.select_option("#upscale-method", "latent")
+        page.click("#go")
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+        [caption] = page.locator("figcaption").all_text_contents()
+        assert caption.startswith("seed ") and caption.endswith(" (upscale)")
+        size = page.locator("figure img").evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [192, 128]
+
+
 def examples() -> list[tuple[str, str]]:
     """The (language, code) of each example in docs/api.md's Examples section."""
     text = (Path(__file__).parent.parent / "docs/api.md").read_text().split("## Examples", 1)[1]

@@ -3,7 +3,8 @@
 // Plain JavaScript, no build step. Requests carry the API key from the form (kept in this
 // browser's localStorage); events come over fetch, since EventSource cannot send a header.
 // With a picture it sends an img2img job, or, once a mask is painted over the picture, an
-// inpainting job: multipart, the picture as chosen and the mask as a PNG (white repaints).
+// inpainting job: multipart, the picture as chosen and the mask as a PNG (white repaints); or,
+// with Upscale set, an upscaling job. The models come from GET /v1/models.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -22,6 +23,7 @@ function show(text, isError = false) {
 
 function request() {
   const body = { prompt: $("prompt").value, scheduler: $("scheduler").value };
+  if ($("model").value) body.model = $("model").value;
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
   for (const field of NUMBERS) {
     const value = $(field).value;
@@ -148,13 +150,20 @@ async function submission() {
     });
   }
   const form = new FormData();
-  for (const [field, value] of Object.entries(request())) form.append(field, String(value));
+  const upscale = $("upscale").value;
+  const fields = request();
+  if (upscale) { // the size is the picture's times the scale
+    delete fields.width;
+    delete fields.height;
+    fields.scale = upscale;
+    fields.method = $("upscale-method").value;
+  }
+  for (const [field, value] of Object.entries(fields)) form.append(field, String(value));
   form.append("strength", $("strength").value);
   form.append("image", picture, picture.name);
-  if (painted) form.append("mask", await maskPng(), "mask.png");
-  return fetch(painted ? "/v1/inpaint" : "/v1/img2img", {
-    method: "POST", headers: headers(), body: form,
-  });
+  if (painted && !upscale) form.append("mask", await maskPng(), "mask.png");
+  const route = upscale ? "/v1/upscale" : painted ? "/v1/inpaint" : "/v1/img2img";
+  return fetch(route, { method: "POST", headers: headers(), body: form });
 }
 
 let shownPreview = null;
@@ -208,7 +217,25 @@ async function run(event) {
   }
 }
 
+// The models to choose from; the default stays selected (a failure leaves only the default).
+async function models() {
+  const response = await fetch("/v1/models", { headers: headers() });
+  if (!response.ok) return;
+  const select = $("model");
+  const chosen = select.value;
+  select.replaceChildren(select.options[0]);
+  for (const model of (await response.json()).data) {
+    const option = document.createElement("option");
+    option.value = model.id;
+    option.textContent = `${model.id}${model.default ? " (default)" : ""}: ${model.workers.length} worker(s)`;
+    select.append(option);
+  }
+  select.value = chosen;
+}
+
 $("key").value = localStorage.getItem("sdserve-key") || "";
+models();
+$("key").addEventListener("change", models);
 $("job").addEventListener("submit", run);
 $("image").addEventListener("change", choosePicture);
 $("drop-image").addEventListener("click", dropPicture);
