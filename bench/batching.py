@@ -155,9 +155,15 @@ async def poisson(url: str, rate: float, body: Body, warmup_s: float, seconds: f
 
 @contextmanager
 def service(
-    model: str, batching: str, args: argparse.Namespace, work: Path, cache: Path
+    model: str,
+    batching: str,
+    args: argparse.Namespace,
+    work: Path,
+    cache: Path,
+    extra: dict[str, str] | None = None,
 ) -> Iterator[Any]:
-    """The service as processes; yields (URL, seconds until ready, the worker's log path)."""
+    """The service as processes, with `extra` settings; yields (URL, seconds until ready, the
+    worker's log path)."""
     tag = f"{batching}-{time.monotonic_ns()}"
     redis_server = ValkeyServer(data_dir=work / f"valkey-{tag}")
     redis_server.start()
@@ -166,7 +172,7 @@ def service(
            "SDSERVE_BATCHING": batching, "SDSERVE_COMPILE_CACHE": str(cache),
            "TORCHINDUCTOR_CACHE_DIR": str(cache), "SDSERVE_STORAGE": (work / "images").as_uri(),
            "SDSERVE_DEVICE": args.device, "SDSERVE_WORKER_NAME": "gpu0",
-           "SDSERVE_METRICS_PORT": "9470"}  # fmt: skip
+           "SDSERVE_METRICS_PORT": "9470", **(extra or {})}  # fmt: skip
     logs = [open(work / f"api-{tag}.log", "wb"), open(work / f"worker-{tag}.log", "wb")]  # noqa: SIM115
     children = [
         subprocess.Popen([sys.executable, "-m", "app", "api", "--port", "8870"], env=env,

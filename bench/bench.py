@@ -238,9 +238,12 @@ def iso_seconds(stamp: str) -> float:
 
 
 async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: float) -> Done:
-    """One job through the API: a body with an `image` is an img2img job."""
+    """One job through the API: a body with an `image` is an img2img job (with a `scale`, an
+    upscaling one)."""
     submitted = time.monotonic()
-    route = "/v1/img2img" if "image" in body else "/v1/txt2img"
+    route = "/v1/txt2img"
+    if "image" in body:
+        route = "/v1/upscale" if "scale" in body else "/v1/img2img"
     job = (await http.post(route, json=body)).json()
     while True:
         view = (await http.get(job["url"])).json()
