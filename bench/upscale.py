@@ -246,7 +246,7 @@ def table(results: dict[str, Any]) -> str:
         lines += ["", "| two models, one worker | img/s | p50 latency (s) | of alone |",
                   "|---|---|---|---|"]  # fmt: skip
         for name, row in m.items():
-            alone = m[f"{name.split(',')[0]} alone"]["img_s"]
+            alone = m[f"{name.split()[0].rstrip(',')} alone"]["img_s"]
             lines.append(
                 f"| {name} | {row['img_s']:.2f} | {row['latency_p50_s']:.2f} | "
                 f"{row['img_s'] / alone:.2f} |"

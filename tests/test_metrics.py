@@ -119,7 +119,9 @@ def test_the_worker_counts_what_it_did(scraped: tuple[Samples, ...]) -> None:
     real = moved("sdserve_worker_unet_rows_total", kind="real")
     steps = int(str(FAST["steps"]))
     assert calls >= steps and real >= 4 * steps * 2  # 4 guided images
-    assert real + moved("sdserve_worker_unet_rows_total", kind="padding") == sum(
+    # Uncompiled (the CPU): no padding, every row a real one, each call within its bucket.
+    assert moved("sdserve_worker_unet_rows_total", kind="padding") == 0
+    assert real <= sum(
         b * moved("sdserve_worker_row_step_seconds_count", bucket=str(b)) for b in (2, 4, 8, 16)
     )
     assert moved("sdserve_worker_vae_decode_seconds_count") == 3

@@ -108,7 +108,7 @@ class Observer(Protocol):
 
     def denoised(self, seconds: float, steps: int) -> None: ...
 
-    def stepped(self, seconds: float, rows: int, bucket: int) -> None: ...
+    def stepped(self, seconds: float, rows: int, bucket: int, padding: int) -> None: ...
 
     def decoded(self, seconds: float) -> None: ...
 
@@ -644,10 +644,10 @@ class Engine:
         if timer is not None:
             # No synchronization: the host runs ahead of the GPU; the time is read when the
             # GPU has got there (a later step), so measuring never stalls the loop.
-            self._timers.append((timer.stop(), called, called + padding))
+            self._timers.append((timer.stop(), called, padding))
         while self._timers and self._timers[0][0].ready() and self.observer is not None:
-            done, real, bucket = self._timers.popleft()
-            self.observer.stepped(done.seconds(), real, bucket)
+            done, real, padded = self._timers.popleft()
+            self.observer.stepped(done.seconds(), real, self.tuning.row_bucket(real), padded)
         return made
 
     def _previews(
@@ -752,9 +752,9 @@ class Engine:
         compiled: bool,
         labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """One UNet call; rows with a timestep each are padded to their row bucket (copies of
-        the last row, whose outputs are dropped). More rows than the cap (one job's many tiles)
-        go in calls of the cap each."""
+        """One UNet call; in a compiled call, rows with a timestep each are padded to their row
+        bucket (copies of the last row, whose outputs are dropped). More rows than the cap (one
+        job's many tiles) go in calls of the cap each."""
         rows = len(sample)
         cap = max(2, self.tuning.row_cap())
         if t.dim() and rows > cap:
@@ -763,7 +763,10 @@ class Engine:
                                        None if labels is None else labels[at : at + cap])
                      for at in range(0, rows, cap)]  # fmt: skip
             return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
-        padding = self.tuning.row_bucket(rows) - rows if t.dim() else 0
+        # Padding only where CUDA graphs need a fixed shape: an eager call computes no row it
+        # throws away.
+        graphed = compiled and self._fast_unet is not None and labels is None
+        padding = self.tuning.row_bucket(rows) - rows if t.dim() and graphed else 0
         if padding:
             sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
             t = torch.cat([t, t[-1:].expand(padding)])

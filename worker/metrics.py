@@ -93,7 +93,8 @@ class WorkerMetrics:
         )
         self.row_step = Histogram(
             "sdserve_worker_row_step_seconds",
-            "One UNet call of continuous batching, by its row bucket (padded rows).",
+            "One UNet call of continuous batching, by its row bucket (the rows, rounded up to"
+            " a bucket; compiled calls are padded to it).",
             ["bucket"],
             buckets=STEP_SECONDS_BUCKETS,
             registry=r,
@@ -129,10 +130,10 @@ class WorkerMetrics:
     def denoised(self, seconds: float, steps: int) -> None:
         self.unet_step.observe(seconds / steps)
 
-    def stepped(self, seconds: float, rows: int, bucket: int) -> None:
+    def stepped(self, seconds: float, rows: int, bucket: int, padding: int) -> None:
         self.row_step.labels(str(bucket)).observe(seconds)
         self.unet_rows.labels("real").inc(rows)
-        self.unet_rows.labels("padding").inc(bucket - rows)
+        self.unet_rows.labels("padding").inc(padding)
 
     def decoded(self, seconds: float) -> None:
         self.vae_decode.observe(seconds)
