@@ -11,8 +11,9 @@ run on one GPU (random weights at the real models' sizes). `--side` S (512):
 
 For each side: one request at a time (latency, median of 3 after a warm-up) and a full load
 (diffusers: a batch of `--batch`; sdserve: `--clients` closed-loop clients for `--seconds`).
-Both run eagerly (SDSERVE_COMPILE=off): a compilation per size would cost minutes of the
-GPU's time here, and diffusers runs eagerly too. Results go to OUT/upscale.json after every
+Both run eagerly (SDSERVE_COMPILE=off; `--compile on` compiles sdserve's 512x512 for the hires
+stage, as a deployment would): a compilation costs minutes of the GPU's time, and diffusers runs
+eagerly. Results go to OUT/upscale.json after every
 stage, the table to OUT/upscale.md.
 
     python -m bench.upscale --out DIR [--stages hires,x4,models] [--seconds 30]
@@ -154,7 +155,7 @@ def hires(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "hires": {"scale": 2, "strength": STRENGTH, "method": "latent"}}  # fmt: skip
 
     with service(args.model, "continuous", args, work, work / "inductor-upscale",
-                 {"SDSERVE_COMPILE": "off"}) as (url, _startup, _log):  # fmt: skip
+                 {"SDSERVE_COMPILE": args.compile}) as (url, _startup, _log):  # fmt: skip
         ours = sdserve_side(url, body, args)
     return {"diffusers": theirs, "sdserve": ours}
 
@@ -258,6 +259,8 @@ def main() -> None:
     parser = service_parser(__doc__ or "", seconds=30)
     parser.add_argument("--stages", default="hires,x4,models")
     parser.add_argument("--batch", type=int, default=8, help="diffusers' batch at full load")
+    parser.add_argument("--compile", default="off", choices=["on", "off"],
+                        help="hires: sdserve's SDSERVE_COMPILE (on: 512x512 compiled)")  # fmt: skip
     parser.set_defaults(clients=16, max_batch=32)
     args = parser.parse_args()
     work = prepare(args)
