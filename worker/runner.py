@@ -590,16 +590,23 @@ def load_engines(
     models: dict[str, str], device: torch.device, tuning: Tuning
 ) -> tuple[dict[str, Engine], float, float]:
     """Load and warm up each model, saying what each holds in memory; and the seconds all the
-    loading and all the warming took."""
+    loading and all the warming took. Models that do not fit beside each other stop the worker
+    (exit 2) naming them: hold fewer per worker."""
     engines: dict[str, Engine] = {}
     load_s = warm_s = 0.0
     for name, source in models.items():
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         started = time.perf_counter()
-        engine = engines[name] = Engine(prepare_model(source), device, tuning)
-        loaded = time.perf_counter()
-        engine.warm_up()
+        try:
+            engine = Engine(prepare_model(source), device, tuning)
+            loaded = time.perf_counter()
+            engine.warm_up()
+        except torch.cuda.OutOfMemoryError:
+            beside = f" beside {', '.join(engines)}" if engines else ""
+            refuse(f"model {name} does not fit in {device}'s memory{beside}: give this worker"
+                   " fewer models (SDSERVE_WORKER_MODELS) or a larger GPU")  # fmt: skip
         warmed = time.perf_counter()
+        engines[name] = engine
         load_s, warm_s = load_s + loaded - started, warm_s + warmed - loaded
         weights = engine.weight_bytes()
         held = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else weights
