@@ -141,3 +141,31 @@ def test_the_openai_and_a1111_routes_choose_a_model(served: httpx.Client) -> Non
     listed = served.get("/sdapi/v1/sd-models").json()
     assert [m["title"] for m in listed] == ["anime", "photo"]
     assert served.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "anime"
+
+
+def test_models_that_do_not_fit_stop_the_worker_naming_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second model runs out of GPU memory while it loads: exit 2, both named."""
+    from worker import runner
+
+    loaded: list[str] = []
+
+    class Filling:
+        def __init__(self, source: str, _device: Any, _tuning: Any) -> None:
+            if loaded:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            loaded.append(source)
+
+        def warm_up(self) -> None:
+            pass
+
+        def weight_bytes(self) -> int:
+            return 2**20
+
+    monkeypatch.setattr(runner, "Engine", Filling)
+    monkeypatch.setattr(runner, "prepare_model", lambda source: source)
+    with pytest.raises(SystemExit) as stopped:
+        runner.load_engines({"anime": "a", "photo": "b"}, torch.device("cpu"), Tuning())
+    assert stopped.value.code == 2
+    assert "model photo does not fit in cpu's memory beside anime" in capsys.readouterr().err
