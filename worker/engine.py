@@ -771,8 +771,6 @@ class Engine:
             sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
             t = torch.cat([t, t[-1:].expand(padding)])
             context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
-            if labels is not None:
-                labels = torch.cat([labels, labels[-1:].expand(padding)])
         return self.run_unet(sample, t, context, compiled, labels)[:rows], padding
 
     def run_unet(
