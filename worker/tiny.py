@@ -89,15 +89,7 @@ def build_tiny_model(target: Path, arch: str = "tiny", seed: int = 0) -> Path:
         return _build_upscaler(target, tokenizer, ARCHITECTURES[arch])
     sizes = ARCHITECTURES[INPAINTING.get(arch, arch)]
     inpainting = arch in INPAINTING
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            **sizes["text_encoder"],
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
-            eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
-            pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
-        )
-    )
+    text_encoder = _text_encoder(tokenizer, sizes)
     assert text_encoder.config.vocab_size >= len(tokenizer)
     # An inpainting UNet takes the mask and the masked picture's latents beside the latents.
     unet = UNet2DConditionModel(sample_size=64, in_channels=9 if inpainting else 4,
@@ -136,10 +128,8 @@ X4_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.
 UPSCALERS = ("x4-upscaler", "sd-x4-upscaler")
 
 
-def _build_upscaler(target: Path, tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> Path:
-    """The Stable Diffusion x4 upscaler's layout: a UNet taking the latents and the noised
-    low-resolution picture (7 channels) and the noise level as a class label, a 4x VAE."""
-    text_encoder = CLIPTextModel(
+def _text_encoder(tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> CLIPTextModel:
+    return CLIPTextModel(
         CLIPTextConfig(
             **sizes["text_encoder"],
             max_position_embeddings=77,
@@ -148,6 +138,12 @@ def _build_upscaler(target: Path, tokenizer: CLIPTokenizer, sizes: dict[str, Any
             pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
         )
     )
+
+
+def _build_upscaler(target: Path, tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> Path:
+    """The Stable Diffusion x4 upscaler's layout: a UNet taking the latents and the noised
+    low-resolution picture (7 channels) and the noise level as a class label, a 4x VAE."""
+    text_encoder = _text_encoder(tokenizer, sizes)
     unet = UNet2DConditionModel(sample_size=128, in_channels=7, out_channels=4,
                                 num_class_embeds=1000, **sizes["unet"])  # fmt: skip
     levels = len(sizes["vae"]["block_out_channels"])
