@@ -89,9 +89,9 @@ class ApiStore(Store):
         if request.seed is None or request.timeout_s is None:
             raise ValueError("submit() needs a normalized request (seed and timeout set)")
         timeout_s = request.timeout_s
-        if request.model is None:  # the default model's queue
-            request = request.model_copy(update={"model": self.models[0]})
-        model = request.model or self.models[0]
+        model = request.model or self.models[0]  # none named: the default's queue
+        if request.model is None:
+            request = request.model_copy(update={"model": model})
         job_id, now = job_id or new_job_id(), time.time()
         client_key, sent = idempotency or ("", "")
         rate_per_s, burst = rate or (0.0, 0)
