@@ -17,7 +17,7 @@ from app.prompts import CHUNK, chunks, count, fragments, token_ids
 from tests.conftest import JobStore
 from tests.test_rows import max_diff, run
 from tests.test_worker import run_once, runner, submit
-from worker.engine import BatchShape, Engine, ImageSpec, PromptTooLong
+from worker.engine import BatchShape, Engine, ImageSpec, PromptTooLong, emphasized
 from worker.schedulers import make_scheduler
 
 # A1111's own examples of its syntax, with the weights it gives them.
@@ -96,9 +96,28 @@ def test_weights_scale_tokens_and_keep_the_mean(engine: Engine) -> None:
     # start, a, b, then c and d at 1.5 (a token per letter in the tiny tokenizer)
     ids = engine.tokenizer("ab cd", add_special_tokens=False).input_ids
     weights[1 + len(ids) - 2 : 1 + len(ids)] = 1.5
-    weighted = plain * weights[:, None]
-    assert torch.allclose(ours, weighted * (plain.mean() / weighted.mean()), atol=1e-5)
+    assert torch.allclose(ours, emphasized(plain, weights), atol=1e-5)
     assert not torch.allclose(ours, plain)
+
+
+def test_emphasis_keeps_the_mean_unless_the_mean_is_noise() -> None:
+    """A1111's rule where the mean means something (real CLIP's is far from 0); weights alone
+    where the weighted mean is next to nothing (the tiny model's final layer norm has no bias:
+    its mean is ~1e-8, and the ratio of two such means was any number, inf, or negative: black
+    or non-finite images) or the ratio is negative (negative weights)."""
+    generator = torch.Generator().manual_seed(0)
+    plain = torch.randn(77, 32, generator=generator) + 0.5
+    weights = torch.ones(77)
+    weights[3:6] = 1.5
+    kept = emphasized(plain, weights)
+    assert torch.allclose(kept.mean(), plain.mean())
+    weighted = plain * weights[:, None]
+    assert torch.allclose(kept, weighted * (plain.mean() / weighted.mean()))
+    centred = plain - plain.mean()
+    assert torch.equal(emphasized(centred, weights), centred * weights[:, None])
+    negative = weights.clone()
+    negative[:40] = -3.0
+    assert torch.equal(emphasized(plain, negative), plain * negative[:, None])
 
 
 def test_a_prompt_over_the_limit_is_refused(engine: Engine) -> None:

@@ -29,8 +29,11 @@ from transformers import CLIPTextModel, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
 from app.jobs.contract import Hires
-from app.prompts import CHUNK, Chunk, Syntax, chunks, token_ids
+from app.prompts import Chunk, Syntax, chunks, token_ids
 from app.vocabulary import PublishedTokenizer
+from worker.compiled import CompiledCalls, Tuning, on_device
+
+__all__ = ["Engine", "Tuning"]
 from worker.plans import Plan, probe, start_step
 from worker.previews import Previews, clean_latents, colours, fit_colours
 from worker.rows import Inpainting, Lane
@@ -43,11 +46,6 @@ log = logging.getLogger("sdserve.engine")
 for _library in (diffusers_logging, transformers_logging):
     _library.set_verbosity_error()
     _library.disable_progress_bar()
-
-# The compiled UNet's code guards its batch at 63 rows or fewer (seen with torch 2.11 on an
-# H200: "L['args'][0].size()[0] <= 63"); a larger call compiles a second graph, which cost
-# 80-100 s at start-up. Row batching stays within one graph.
-ROW_LIMIT = 62
 
 # Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
 # not depend on how many other prompts arrived with it.
@@ -122,56 +120,6 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
-@dataclass(frozen=True)
-class Tuning:
-    """How the engine lays out and compiles its work; `for_device` gives the defaults."""
-
-    max_batch: int = 8
-    # Channels-last convolutions and fused attention projections: faster on GPUs.
-    fuse: bool = False
-    # torch.compile with CUDA graphs, for the (width, height) sizes in `compiled_sizes`; other
-    # sizes run eagerly rather than stall the GPU for a compilation.
-    compile: bool = False
-    compile_mode: str = "reduce-overhead"
-    compiled_sizes: tuple[tuple[int, int], ...] = ((512, 512),)
-    # Images per VAE decode call: its memory grows with the pixels, not the latents.
-    vae_chunk: int = 1
-    # Continuous batching: warm up (compile) the row path, per-row timesteps and row buckets.
-    rows: bool = False
-    # The longest prompt encoded, in chunks of 75 tokens.
-    prompt_chunks: int = 4
-    # Pictures with a side over `tile` pixels are denoised in tiles of `tile` overlapping by
-    # `tile_overlap` (worker/tiles.py); smaller ones in one piece.
-    tile: int = 1024
-    tile_overlap: int = 128
-
-    def buckets(self) -> list[int]:
-        """Batch sizes a batch is padded up to: powers of two, and max_batch itself."""
-        sizes = {1 << k for k in range(self.max_batch.bit_length()) if 1 << k < self.max_batch}
-        return sorted(sizes | {self.max_batch})
-
-    def bucket(self, size: int) -> int:
-        if size > self.max_batch:
-            raise ValueError(f"a batch of {size} exceeds max_batch {self.max_batch}")
-        return next(b for b in self.buckets() if b >= size)
-
-    def row_cap(self) -> int:
-        """UNet rows in flight at most: cond and uncond make twice max_batch, but no more than
-        ROW_LIMIT."""
-        return min(2 * self.max_batch, ROW_LIMIT)
-
-    def row_buckets(self) -> list[int]:
-        """UNet rows a row-level call is padded up to: 2, 4, 8, then every 8, up to the cap.
-        Fine steps waste little on padding; each bucket is one CUDA graph of the one compiled
-        UNet. None is 1: dynamo specializes a size of 1, and a second row costs next to
-        nothing."""
-        top = max(2, self.row_cap())
-        return sorted({b for b in (2, 4, 8) if b < top} | set(range(8, top, 8)) | {top})
-
-    def row_bucket(self, rows: int) -> int:
-        return next((b for b in self.row_buckets() if b >= rows), rows)
-
-
 class Engine:
     def __init__(self, model: str, device: torch.device, tuning: Tuning | None = None) -> None:
         self.model = model
@@ -213,7 +161,6 @@ class Engine:
             do_convert_grayscale=True,
         )
         self._embeddings: OrderedDict[tuple[str, Syntax], torch.Tensor] = OrderedDict()
-        self._chunk_tokens = CHUNK + 2  # a chunk as CLIP reads it: start, 75, end
         self._plans: dict[tuple[str, int, int, bool], Plan] = {}
         # A 9-channel UNet (an inpainting model) takes a mask and a masked picture beside the
         # latents, for every job.
@@ -233,15 +180,8 @@ class Engine:
         self._vae_fp32: Any = None
         self.observer: Observer | None = None
         self._timers: deque[tuple[GpuTimer, int, int]] = deque(maxlen=64)
-        self._fast_unet: Callable[..., Any] | None = None
-        self._fast_decode: Callable[..., Any] | None = None
-        if self.tuning.compile:
-            # Recompiling per batch size would cost minutes: the batch dimension is dynamic
-            # (marked on every call), and CUDA graphs are recorded once per bucket.
-            self._fast_unet = torch.compile(
-                self.unet, mode=self.tuning.compile_mode, fullgraph=True
-            )
-            self._fast_decode = torch.compile(self.vae.decode, fullgraph=True)
+        # The only way to the UNet and the VAE decoder: compiled, padded and canonical there.
+        self.calls = CompiledCalls(self.unet, self.vae, self.tuning, device)
 
     def _publishable_tokenizer(self) -> PublishedTokenizer:
         """The tokenizer as the API reads it (app/vocabulary.py); chunks are cut with it here
@@ -269,39 +209,25 @@ class Engine:
         return module.to(self.device).eval().requires_grad_(False)
 
     def warm_up(self) -> None:
-        """Run every bucket at every compiled size (or one small batch): no first-call costs
-        (compilation, CUDA graph capture, kernel selection) are left for a job to pay."""
+        """Compile and record every compiled call the worker can make (the boundary's warm-up
+        list), then run a small job through the path the worker serves at each compiled size
+        (or one small batch uncompiled): no first-call costs (compilation, CUDA graph capture,
+        kernel selection) are left for a job to pay."""
         spec = ImageSpec(prompt="warm-up", negative_prompt="", guidance_scale=7.5, seed=0)
-        if not self.tuning.compile:
-            self.generate([spec], BatchShape(64, 64, 2, "dpmpp_2m"))
-            return
-        if self.tuning.rows:
-            self._warm_up_rows(spec)
-            return
-        for width, height in self.tuning.compiled_sizes:
-            for size in self.tuning.buckets():
-                started = time.perf_counter()
-                self.generate([spec] * size, BatchShape(width, height, 2, "dpmpp_2m"))
-                log.info(
-                    "warmed up %dx%d at batch %d in %.1fs",
-                    width, height, size, time.perf_counter() - started,
-                )  # fmt: skip
-
-    def _warm_up_rows(self, spec: ImageSpec) -> None:
-        """Every row bucket at every compiled size through `step`: lanes of one guided image,
-        two rows each (buckets are even)."""
-        for width, height in self.tuning.compiled_sizes:
+        self.calls.warm_up(self.latent_scale)
+        sizes = self.tuning.compiled_sizes if self.tuning.compile else ((64, 64),)
+        for width, height in sizes:
             shape = BatchShape(width, height, 2, "dpmpp_2m")
-            for rows in self.tuning.row_buckets():
-                started = time.perf_counter()
-                lanes = [self.prepare("warm-up", [spec], shape) for _ in range(rows // 2)]
-                while not lanes[0].done:
-                    self.step(lanes)
-                self.images(self.finish(lanes[0]))
-                log.info(
-                    "warmed up %dx%d at %d UNet rows in %.1fs",
-                    width, height, rows, time.perf_counter() - started,
-                )  # fmt: skip
+            started = time.perf_counter()
+            if self.tuning.rows:
+                lane = self.prepare("warm-up", [spec], shape)
+                while not lane.done:
+                    self.step([lane])
+                self.images(self.finish(lane))
+            else:
+                self.generate([spec], shape)
+            log.info("warmed up a %dx%d job in %.1fs", width, height,
+                     time.perf_counter() - started)  # fmt: skip
 
     @torch.inference_mode()
     def generate(
@@ -325,11 +251,10 @@ class Engine:
             [(s.negative_prompt, s.syntax) for s in specs] + [(s.prompt, s.syntax) for s in specs]
         )
         blocks = [context[None] for context in contexts]
-        guidance = torch.tensor(
-            [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
-        ).view(batch, 1, 1, 1)
+        guidance = on_device([s.guidance_scale for s in specs], self.dtype, self.device)
+        guidance = guidance.view(batch, 1, 1, 1)
         step_options = {"generator": generators} if sampler.ancestral else {}
-        compiled = (shape.width, shape.height) in self.tuning.compiled_sizes
+        size = (shape.width, shape.height)
 
         started = time.perf_counter()
         for k, t in enumerate(scheduler.timesteps):
@@ -337,7 +262,7 @@ class Engine:
             if self.inpainting_unet:
                 whole = self._whole_picture(shape).expand(len(model_input), -1, -1, -1)
                 model_input = torch.cat([model_input, whole], 1)
-            noise, _ = self._unet_by_length(model_input, t, blocks, compiled)
+            noise, _ = self.calls.run_unet(model_input, t, blocks, size)
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, **step_options).prev_sample
@@ -346,7 +271,7 @@ class Engine:
         self._synchronize()  # the GPU runs behind the host: wait, so the times are the GPU's
         if self.observer is not None:
             self.observer.denoised(time.perf_counter() - started, shape.steps)
-        return self.decode(latents, compiled)[:count]
+        return self.decode(latents, self.calls.compiled(size))[:count]
 
     def _start(
         self, specs: Sequence[ImageSpec], shape: BatchShape
@@ -425,7 +350,7 @@ class Engine:
         per image."""
         assert self.low_res_scheduler is not None, "not an x4 upscaler"
         pixels = self._pixels(picture, BatchShape(picture.width, picture.height, 0, ""))
-        levels = torch.tensor([level], dtype=torch.long, device=self.device)
+        levels = on_device([level], torch.long, self.device)
         noised = [
             self.low_res_scheduler.add_noise(
                 pixels,
@@ -487,9 +412,8 @@ class Engine:
         uncond = None
         if any(s.guidance_scale > 1 for s in specs):
             uncond = torch.stack(self.embeddings([(s.negative_prompt, s.syntax) for s in specs]))
-        guidance = torch.tensor(
-            [s.guidance_scale for s in specs], device=self.device, dtype=self.dtype
-        ).view(-1, 1, 1, 1)
+        guidance = on_device([s.guidance_scale for s in specs], self.dtype, self.device)
+        guidance = guidance.view(-1, 1, 1, 1)
         scale = self.latent_scale
         tiles = tiling(
             (shape.height // scale, shape.width // scale),
@@ -574,14 +498,15 @@ class Engine:
         """A sample of the VAE's latents of `image` per generator, scaled."""
         posterior = self.vae.encode(image).latent_dist
         samples = [posterior.sample(generator=g) for g in generators]
+        # Canonical layout: a channels-last VAE gives channels-last latents.
         latents: torch.Tensor = torch.cat(samples) * self.vae.config.scaling_factor
-        return latents
+        return latents.contiguous()
 
     def _mode_latents(self, image: torch.Tensor) -> torch.Tensor:
         """The VAE's most likely latents of `image`, scaled (no noise drawn)."""
         latents: torch.Tensor = self.vae.encode(image).latent_dist.mode()
         scaled: torch.Tensor = latents * self.vae.config.scaling_factor
-        return scaled
+        return scaled.contiguous()
 
     def _whole_picture(self, shape: BatchShape) -> torch.Tensor:
         """An inpainting UNet's conditioning for work with no mask (text to image, image to
@@ -622,18 +547,17 @@ class Engine:
             else:
                 against += range(uncond_at, uncond_at + lane.rows)
                 uncond_at += lane.rows
-        t_rows = torch.tensor(times, dtype=torch.float32, device=self.device)
+        t_rows = on_device(times, torch.float32, self.device)
         labels = None
         if self.low_res_scheduler is not None:  # the x4 upscaler: every row has its level
             parts = [lane.class_labels for lane in lanes]
             parts += [lanes[i].class_labels for i in guided]
             labels = torch.cat([part for part in parts if part is not None])
-        compiled = lanes[0].size in self.tuning.compiled_sizes
         timer = GpuTimer(self.device) if self.observer is not None else None
-        noise, padding = self._unet_by_length(sample, t_rows, blocks, compiled, labels)
+        noise, padding = self.calls.run_unet(sample, t_rows, blocks, lanes[0].size, labels)
         called = len(sample)
         cond = noise[:rows]
-        uncond = noise.index_select(0, torch.tensor(against, device=self.device))
+        uncond = noise.index_select(0, on_device(against, torch.long, self.device))
         guidance = torch.cat([lane.guidance for lane in lanes])
         noise = uncond + guidance * (cond - uncond)  # a new tensor: the UNet's is reused
         made = self._previews(lanes, inputs, noise, previews) if previews else None
@@ -678,8 +602,8 @@ class Engine:
             at += lane.rows
         if not rows:
             return None
-        noise = outputs.index_select(0, torch.tensor(index, device=self.device))
-        left = torch.tensor(signals, device=self.device).view(-1, 1, 1, 1)
+        noise = outputs.index_select(0, on_device(index, torch.long, self.device))
+        left = on_device(signals, torch.float32, self.device).view(-1, 1, 1, 1)
         clean = clean_latents(torch.cat(samples).float(), noise.float(), left, self._prediction)
         return Previews(colours(clean, self._colour_map), GpuTimer(self.device), rows)
 
@@ -695,110 +619,12 @@ class Engine:
     @torch.inference_mode()
     def finish(self, lane: Lane) -> Decoding:
         """A finished lane's decode, started: `images` gives its pixels once `ready`."""
-        whole = lane.tiling is None and lane.size in self.tuning.compiled_sizes
+        whole = lane.tiling is None and self.calls.compiled(lane.size)
         return self.decode_async(lane.latents, whole)
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _unet_by_length(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor,
-        blocks: list[torch.Tensor],
-        compiled: bool,
-        labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """The UNet's output for `sample`, whose rows see the prompt embeddings in `blocks`
-        (laid end to end, a block per prompt) and timestep `t` (one, or one per row); and the
-        rows of padding it ran. Rows whose prompts have more chunks see a longer context: they
-        run in a call of their own (one per length), since padding a shorter context would
-        change what its rows attend to, and so their images. Most calls have one length.
-        Rows of long prompts run uncompiled: the compiled UNet is built for one chunk, and a
-        compilation per length would stall every job for minutes."""
-        lengths = [block.shape[1] for block in blocks]
-        if len(set(lengths)) == 1:
-            compiled = compiled and lengths[0] == self._chunk_tokens
-            return self._padded_call(sample, t, torch.cat(blocks), compiled, labels)
-        offsets = [0]
-        for block in blocks:
-            offsets.append(offsets[-1] + len(block))
-        out: torch.Tensor | None = None
-        padding = 0
-        for length in dict.fromkeys(lengths):
-            mine = [b for b, n in enumerate(lengths) if n == length]
-            rows = [row for b in mine for row in range(offsets[b], offsets[b + 1])]
-            index = torch.tensor(rows, device=self.device)
-            part, padded = self._padded_call(
-                sample.index_select(0, index),
-                t.index_select(0, index) if t.dim() else t,
-                torch.cat([blocks[b] for b in mine]),
-                compiled and length == self._chunk_tokens,
-                None if labels is None else labels.index_select(0, index),
-            )
-            if out is None:
-                out = part.new_empty((len(sample), *part.shape[1:]))
-            out.index_copy_(0, index, part)
-            padding += padded
-        assert out is not None
-        return out, padding
-
-    def _padded_call(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        compiled: bool,
-        labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """One UNet call; in a compiled call, rows with a timestep each are padded to their row
-        bucket (copies of the last row, whose outputs are dropped). More rows than the cap (one
-        job's many tiles) go in calls of the cap each."""
-        rows = len(sample)
-        cap = max(2, self.tuning.row_cap())
-        if t.dim() and rows > cap:
-            parts = [self._padded_call(sample[at : at + cap], t[at : at + cap],
-                                       context[at : at + cap], compiled,
-                                       None if labels is None else labels[at : at + cap])
-                     for at in range(0, rows, cap)]  # fmt: skip
-            return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
-        # Padding only where CUDA graphs need a fixed shape: an eager call computes no row it
-        # throws away.
-        graphed = compiled and self._fast_unet is not None and labels is None
-        padding = self.tuning.row_bucket(rows) - rows if t.dim() and graphed else 0
-        if padding:
-            sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
-            t = torch.cat([t, t[-1:].expand(padding)])
-            context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
-        return self.run_unet(sample, t, context, compiled, labels)[:rows], padding
-
-    def run_unet(
-        self,
-        sample: torch.Tensor,
-        t: torch.Tensor,
-        context: torch.Tensor,
-        compiled: bool,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`t` is one timestep for every row, or one per row (continuous batching); `labels`
-        the x4 upscaler's noise level per row."""
-        # Samplers differ in the timestep's dtype (int or float); one dtype keeps one graph.
-        # The UNet embeds timesteps in float32 either way, so nothing changes numerically.
-        t = t.to(torch.float32)
-        if self._fast_unet is None or not compiled or labels is not None:
-            out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels)
-            return out.sample  # type: ignore[no-any-return]
-        if t.dim():  # rows: the batch's range is known, so one compilation serves it all
-            top = max(2, self.tuning.row_cap())
-            for tensor in (sample, context, t):
-                torch._dynamo.mark_dynamic(tensor, 0, min=2, max=top)
-        else:
-            torch._dynamo.mark_dynamic(sample, 0)
-            torch._dynamo.mark_dynamic(context, 0)
-        # Each call starts a new CUDA-graph step: the last call's output is already consumed.
-        torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-        return self._fast_unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
 
     def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
         """CLIP embeddings of prompts of one length in chunks, (len(prompts), 77 x chunks,
@@ -848,14 +674,13 @@ class Engine:
         for start in range(0, len(rows), ENCODE_CHUNK):
             batch = rows[start : start + ENCODE_CHUNK]
             padded = batch + [empty] * (ENCODE_CHUNK - len(batch))
-            ids = torch.tensor([r[0] for r in padded], device=self.device)
+            ids = on_device([r[0] for r in padded], torch.long, self.device)
             states = self.text_encoder(ids)[0]
             for (_ids, weights), state in zip(batch, states, strict=False):
                 if any(w != 1 for w in weights):
-                    scale = torch.tensor(weights, device=self.device, dtype=torch.float32)
+                    scale = on_device(weights, torch.float32, self.device)
                     plain = state.to(torch.float32)
-                    weighted = plain * scale[:, None]
-                    state = (weighted * (plain.mean() / weighted.mean())).to(state.dtype)
+                    state = emphasized(plain, scale).to(state.dtype)
                 hidden.append(state)
         return hidden
 
@@ -869,16 +694,13 @@ class Engine:
         kernels and rounding, never depend on the batch around it; pixels and a finite flag per
         image are copied to the host behind the GPU's work, so the caller does not wait."""
         chunk = self.tuning.vae_chunk
-        decode = (
-            self._fast_decode if compiled and self._fast_decode is not None else self.vae.decode
-        )
         timer = GpuTimer(self.device)
         scaled = latents / self.vae.config.scaling_factor
         parts = []
         for start in range(0, len(scaled), chunk):
             part = scaled[start : start + chunk]
             padded = torch.cat([part, part[-1:].expand(chunk - len(part), *part.shape[1:])])
-            parts.append(decode(padded).sample[: len(part)])
+            parts.append(self.calls.decode(padded, compiled)[: len(part)])
         pixels = torch.cat(parts)
         finite = torch.isfinite(pixels).flatten(1).all(1)
         return Decoding(latents, _to_uint8(pixels), finite, timer)
@@ -972,6 +794,18 @@ class Decoding:
 
     def wait(self) -> None:
         self.timer.wait()
+
+
+def emphasized(plain: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A chunk's hidden states (tokens, dim) weighted token by token, then brought back to their
+    unweighted mean, as A1111 does. Where the weighted mean is next to nothing (final layer
+    norms without bias, as random models have; weights that cancel) the ratio of the means is
+    noise, and a negative one flips every sign: then the weights stand alone."""
+    weighted = plain * weights[:, None]
+    mean = weighted.mean()
+    ratio = plain.mean() / mean
+    sound = torch.isfinite(ratio) & (ratio > 0) & (mean.abs() > 1e-3 * weighted.abs().mean())
+    return torch.where(sound, weighted * ratio, weighted)
 
 
 def enlarged(latents: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -65,6 +65,12 @@ class WorkerMetrics:
             "sdserve_worker_oom_splits", "Batches split in two after running out of GPU memory.",
             registry=r,
         )  # fmt: skip
+        self.recompiles = Counter(
+            "sdserve_worker_recompiles",
+            "Compiled calls that would have compiled while serving (a guard the warm-up did not"
+            " cover failed); each ran eagerly instead. Should stay 0.",
+            registry=r,
+        )
         self.model_load = Gauge(
             "sdserve_worker_model_load_seconds", "Time to load the model at start.", registry=r
         )

@@ -42,8 +42,9 @@ from app.jobs.worker_store import WorkerStore
 from app.settings import refuse
 from app.storage import Storage, open_storage, result_key
 from worker.batching import Assembly, Slot, chunks, group
+from worker.compiled import Tuning
 from worker.continuous import RowLoop
-from worker.engine import BatchShape, Engine, NoUpscaler, Tuning, resolve_device
+from worker.engine import BatchShape, Engine, NoUpscaler, resolve_device
 from worker.images import encode_png, encode_preview, parameters
 from worker.inbox import Inbox
 from worker.metrics import WorkerMetrics
@@ -109,6 +110,7 @@ class Runner:
         )
         for each in engines.values():
             each.observer = self.metrics
+            each.calls.on_recompile = lambda _reason: self.metrics.recompiles.inc()
         self._completions = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
         # Jobs handed to the pool and not yet written: the GPU waits for room.
         self._backlog = threading.BoundedSemaphore(2 * settings.max_batch)

@@ -1,0 +1,278 @@
+"""Nothing compiles while serving: the engine compiled as a worker compiles it on a GPU (the
+fused, channels-last layout; dynamo's guards, traced with the "eager" backend so a CPU takes
+seconds, not inductor's minutes), warmed up, then every request kind the job contract has run
+under `fail_on_recompile`, alone and beside other kinds, in both batching modes.
+
+The cases are keyed by the contract's request kinds: a new kind fails
+`test_every_request_kind_has_a_case` until it has cases here.
+"""
+
+from __future__ import annotations
+
+import io
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.jobs.contract import (
+    Hires,
+    Img2ImgRequest,
+    InpaintRequest,
+    JobRequest,
+    StoredImage,
+    Txt2ImgRequest,
+    UpscaleRequest,
+)
+from app.storage import Storage, input_key, open_storage
+from worker.compiled import CHUNK_TOKENS, Tuning
+from worker.engine import Engine
+from worker.rows import Lane
+from worker.sources import image_specs, job_shape, load_source, next_pass
+
+SIDE, BIG = 64, 128  # the compiled sizes: a hires pass or an upscale goes from one to the other
+PICTURE = StoredImage(sha256="0" * 64, width=SIDE, height=SIDE)
+LONG = "a red fox in deep snow, " * 5  # two chunks of 75 tokens in the tiny tokenizer
+
+CASES: dict[str, list[JobRequest]] = {
+    "txt2img": [
+        Txt2ImgRequest(prompt="a cat", width=SIDE, height=SIDE, steps=3, seed=1),
+        Txt2ImgRequest(
+            prompt="unguided",
+            guidance_scale=1.0,
+            width=SIDE,
+            height=SIDE,
+            steps=3,
+            scheduler="euler_a",
+            seed=2,
+            n=2,
+        ),
+        Txt2ImgRequest(
+            prompt=LONG,
+            negative_prompt="blurry",
+            width=SIDE,
+            height=SIDE,
+            steps=3,
+            scheduler="ddim",
+            seed=3,
+        ),
+        Txt2ImgRequest(
+            prompt="hires",
+            width=SIDE,
+            height=SIDE,
+            steps=3,
+            seed=4,
+            hires=Hires(scale=2, strength=0.7, method="latent"),
+        ),
+        Txt2ImgRequest(
+            prompt="hires",
+            width=SIDE,
+            height=SIDE,
+            steps=3,
+            seed=5,
+            hires=Hires(scale=2, strength=0.7, method="pixel"),
+        ),
+    ],
+    "img2img": [
+        Img2ImgRequest(prompt="winter", image=PICTURE, width=SIDE, height=SIDE, steps=4, seed=6),
+        Img2ImgRequest(
+            prompt="summer",
+            image=PICTURE,
+            width=SIDE,
+            height=SIDE,
+            steps=4,
+            seed=7,
+            strength=1.0,
+            scheduler="euler_a",
+            n=2,
+        ),
+        Img2ImgRequest(
+            prompt=LONG, image=PICTURE, width=SIDE, height=SIDE, steps=4, seed=8, guidance_scale=1.0
+        ),
+    ],
+    "inpaint": [
+        InpaintRequest(
+            prompt="a door", image=PICTURE, mask=PICTURE, width=SIDE, height=SIDE, steps=3, seed=9
+        ),
+        InpaintRequest(
+            prompt="a door",
+            image=PICTURE,
+            mask=PICTURE,
+            width=SIDE,
+            height=SIDE,
+            steps=4,
+            seed=10,
+            strength=0.6,
+            scheduler="dpmpp_2m_karras",
+        ),
+    ],
+    "upscale": [
+        UpscaleRequest(
+            image=PICTURE, width=BIG, height=BIG, steps=4, seed=11, method="pixel", strength=0.5
+        ),
+        UpscaleRequest(
+            image=PICTURE,
+            width=BIG,
+            height=BIG,
+            steps=4,
+            seed=12,
+            method="latent",
+            strength=0.5,
+            prompt="sharp",
+        ),
+    ],
+}
+
+
+def test_every_request_kind_has_a_case() -> None:
+    union = typing.get_args(typing.get_args(JobRequest)[0])
+    kinds = {typing.get_args(member)[0].model_fields["kind"].default for member in union}
+    assert kinds == set(CASES)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
+    """The inputs of every case, as the API stores them (a picture enlarged already for
+    pixel upscaling)."""
+    store = open_storage(tmp_path_factory.mktemp("inputs").as_uri())
+    rng = np.random.default_rng(0)
+    for kind, requests in CASES.items():
+        for k, request in enumerate(requests):
+            if kind == "txt2img":
+                continue
+            # Pixel upscaling's picture is stored enlarged already, as the API stores it.
+            pixel = kind == "upscale" and request.method == "pixel"  # type: ignore[union-attr]
+            side = BIG if pixel else SIDE
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            store.put(input_key(f"{kind}{k}", "image"), png(Image.fromarray(pixels)))
+            mask = np.zeros((side, side), np.uint8)
+            mask[side // 4 :, side // 3 :] = 255
+            store.put(input_key(f"{kind}{k}", "mask"), png(Image.fromarray(mask, "L")))
+    yield store
+
+
+def png(picture: Image.Image) -> bytes:
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
+def compiled_engine(model: Path, rows: bool) -> Engine:
+    sizes = ((SIDE, SIDE), (BIG, BIG))
+    tuning = Tuning(max_batch=4, fuse=True, compile=True, compile_backend="eager",
+                    compiled_sizes=sizes, rows=rows, prompt_chunks=2)  # fmt: skip
+    engine = Engine(str(model), torch.device("cpu"), tuning)
+    engine.warm_up()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def row_engine(tiny_model: Path) -> Engine:
+    return compiled_engine(tiny_model, rows=True)
+
+
+@pytest.fixture(scope="module")
+def static_engine(tiny_model: Path) -> Engine:
+    return compiled_engine(tiny_model, rows=False)
+
+
+def run_together(engine: Engine, storage: Storage, jobs: dict[str, JobRequest]) -> int:
+    """The jobs' lanes stepped together as the row loop steps them (one call per size, second
+    passes joining, previews asked for every other step); returns the images made."""
+    lanes: dict[str, Lane] = {}
+    for key, request in jobs.items():
+        source = load_source(storage, key, request)
+        lanes[key] = engine.prepare(key, image_specs(request), job_shape(request), source)
+    made = 0
+    turn = 0
+    while lanes:
+        for size in dict.fromkeys(lane.size for lane in lanes.values()):
+            group = [lane for lane in lanes.values() if lane.size == size]
+            engine.step(group, {lane.key for lane in group} if turn % 2 else set())
+        for key, lane in [(k, lane) for k, lane in lanes.items() if lane.done]:
+            then = next_pass(engine, jobs[key], lane)
+            if then is not None:
+                lanes[key] = then
+                continue
+            made += sum(image is not None for image in engine.images(engine.finish(lane)))
+            del lanes[key]
+        turn += 1
+    return made
+
+
+def cases(kind: str) -> dict[str, JobRequest]:
+    return {f"{kind}{k}": request for k, request in enumerate(CASES[kind])}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_no_request_kind_compiles_while_serving_rows(
+    kind: str, row_engine: Engine, storage: Storage
+) -> None:
+    """Each case alone (a lane of one kind only: how img2img met a stride guard), all of the
+    kind together, then beside text-to-image lanes."""
+    text = cases("txt2img")
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for key, request in cases(kind).items():
+            assert run_together(row_engine, storage, {key: request}) == request.n
+        run_together(row_engine, storage, cases(kind))
+        run_together(row_engine, storage, cases(kind) | dict(list(text.items())[:2]))
+    assert row_engine.calls.recompiles == 0
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_no_request_kind_compiles_while_serving_static(
+    kind: str, static_engine: Engine, storage: Storage
+) -> None:
+    """Static batching: text to image in batches of each size (0-d timesteps at the
+    boundary's door), jobs from a picture alone through the row hooks (1-d ones)."""
+    from worker.engine import BatchShape
+
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for key, request in cases(kind).items():
+            if kind == "txt2img" and request.hires is None:  # type: ignore[union-attr]
+                specs = image_specs(request) * 4
+                for count in (1, 3, 4):
+                    shape = BatchShape(SIDE, SIDE, request.steps, request.scheduler)
+                    assert len(static_engine.generate(specs[:count], shape) or []) == count
+            else:
+                assert run_together(static_engine, storage, {key: request}) == request.n
+    assert static_engine.calls.recompiles == 0
+
+
+def test_the_warm_up_list_covers_every_bucket_and_prompt_length(row_engine: Engine) -> None:
+    warmed = {(w.size, w.rows, w.tokens) for w in row_engine.calls.warm_list()}
+    expected = {((side, side), rows, CHUNK_TOKENS * chunks) for side in (SIDE, BIG)
+                for rows in row_engine.tuning.row_buckets() for chunks in (1, 2)}  # fmt: skip
+    assert warmed == expected
+
+
+def test_a_call_that_would_compile_runs_eagerly_and_is_counted(row_engine: Engine) -> None:
+    """A guard the warm-up did not cover (here a channels-last sample, forced past the
+    canonical layout) runs eagerly, equal to the UNet's own output, and is counted."""
+    calls = row_engine.calls
+    seen: list[str] = []
+    calls.on_recompile = seen.append
+    before = calls.recompiles
+    sample = torch.randn(2, 4, SIDE // 8, SIDE // 8)
+    t = torch.tensor([500.0, 20.0])
+    context = torch.randn(2, CHUNK_TOKENS, row_engine.unet.config.cross_attention_dim)
+    fast = calls._fast_unet
+    assert fast is not None
+    try:
+        # A function compiled for contiguous samples, given a channels-last one: a guard fails.
+        calls._fast_unet = lambda s, *a, **k: fast(s.to(memory_format=torch.channels_last),
+                                                   *a, **k)  # fmt: skip
+        with torch.inference_mode():
+            out = calls._unet_call(sample, t, context, None, compiled=True)
+            eager = row_engine.unet(sample, t, encoder_hidden_states=context).sample
+    finally:
+        calls._fast_unet = fast
+        calls.on_recompile = None
+    assert calls.recompiles == before + 1
+    assert seen and "stride" in seen[0]
+    calls.recompiles = before
+    assert torch.allclose(out, eager, atol=1e-5)

@@ -1,0 +1,341 @@
+"""The compiled-call boundary: the one place that compiles, pads and lays out what the UNet and
+the VAE decoder are given.
+
+vLLM's rule for its model runner holds here: every compilation finishes before the first
+request. A compiled function is guarded by what it was traced with (ranks, dtypes, strides,
+sizes outside the marked ranges); an input that fails a guard compiles the function again, for a
+minute or more on a GPU, while every job on the worker waits. So:
+
+- every input is made canonical here, whatever produced it: contiguous (latents from a
+  channels-last VAE encoder are channels-last, and `torch.cat` of channels-last lanes stays
+  so), one dtype, and one timestep per row (a 0-d timestep is another rank);
+- the batch dimension is dynamic over the row buckets, and the context's length over 1 to
+  `prompt_chunks` chunks of 77 tokens, so no request's size or prompt length is a guard;
+- `warm_up` runs every entry of `warm_list` (compiled size x row bucket x prompt length) and the
+  decoder at every compiled size, then serving starts: a call that would compile runs eagerly
+  instead (`torch.compiler.set_stance("fail_on_recompile")`, caught), is logged with the guard
+  that failed and counted (`sdserve_worker_recompiles_total`);
+- CUDA graphs reuse their output buffers at the next replay: an output is copied out before
+  another call can overwrite it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("sdserve.compiled")
+
+# The compiled UNet's code guards its batch at 63 rows or fewer (seen with torch 2.11 on an
+# H200: "L['args'][0].size()[0] <= 63"); a larger call compiles a second graph, which cost
+# 80-100 s at start-up. Row batching stays within one graph.
+ROW_LIMIT = 62
+
+# A chunk of a prompt as CLIP reads it: start, 75 tokens, end.
+CHUNK_TOKENS = 77
+
+Size = tuple[int, int]  # (width, height) in pixels
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How the engine lays out and compiles its work; the worker's settings give it."""
+
+    max_batch: int = 8
+    # Channels-last convolutions and fused attention projections: faster on GPUs.
+    fuse: bool = False
+    # torch.compile with CUDA graphs, for the (width, height) sizes in `compiled_sizes`; other
+    # sizes run eagerly rather than stall the GPU for a compilation.
+    compile: bool = False
+    compile_mode: str = "reduce-overhead"
+    # What compiles the traced graph: inductor on a GPU; the tests trace with "eager" (the
+    # same guards, none of inductor's minutes on a CPU).
+    compile_backend: str = "inductor"
+    compiled_sizes: tuple[Size, ...] = ((512, 512),)
+    # Images per VAE decode call: its memory grows with the pixels, not the latents.
+    vae_chunk: int = 1
+    # Continuous batching (rows of many jobs per call, at most ROW_LIMIT) or static batches.
+    rows: bool = False
+    # The longest prompt encoded, in chunks of 75 tokens.
+    prompt_chunks: int = 4
+    # Pictures with a side over `tile` pixels are denoised in tiles of `tile` overlapping by
+    # `tile_overlap` (worker/tiles.py); smaller ones in one piece.
+    tile: int = 1024
+    tile_overlap: int = 128
+
+    def buckets(self) -> list[int]:
+        """Static batching: batch sizes a batch is padded up to: powers of two, and max_batch
+        itself."""
+        sizes = {1 << k for k in range(self.max_batch.bit_length()) if 1 << k < self.max_batch}
+        return sorted(sizes | {self.max_batch})
+
+    def bucket(self, size: int) -> int:
+        if size > self.max_batch:
+            raise ValueError(f"a batch of {size} exceeds max_batch {self.max_batch}")
+        return next(b for b in self.buckets() if b >= size)
+
+    def row_cap(self) -> int:
+        """UNet rows in one call at most: cond and uncond make twice max_batch; continuous
+        batching stays within ROW_LIMIT (one graph)."""
+        return min(2 * self.max_batch, ROW_LIMIT) if self.rows else 2 * self.max_batch
+
+    def row_buckets(self) -> list[int]:
+        """UNet rows a compiled call is padded up to: 2, 4, 8, then every 8, up to the cap.
+        Fine steps waste little on padding; each bucket is one CUDA graph of the one compiled
+        UNet. None is 1: dynamo specializes a size of 1, and a second row costs next to
+        nothing. A static batch's rows (twice a power of two) are buckets too."""
+        top = max(2, self.row_cap())
+        return sorted({b for b in (2, 4, 8) if b < top} | set(range(8, top, 8)) | {top})
+
+    def row_bucket(self, rows: int) -> int:
+        return next((b for b in self.row_buckets() if b >= rows), rows)
+
+
+@dataclass(frozen=True)
+class Warm:
+    """One entry of the warm-up list: a compiled call of this many rows at this size, with a
+    context of this many tokens."""
+
+    size: Size
+    rows: int
+    tokens: int
+
+
+class CompiledCalls:
+    """The UNet and the VAE decoder as the engine calls them: compiled at the compiled sizes,
+    eager elsewhere (other sizes, the x4 upscaler's class labels)."""
+
+    def __init__(self, unet: Any, vae: Any, tuning: Tuning, device: torch.device) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.tuning = tuning
+        self.device = device
+        self.dtype: torch.dtype = unet.dtype
+        self.recompiles = 0  # calls that would have compiled while serving (run eagerly)
+        # Told of each such call, with the guard that failed (the worker counts it).
+        self.on_recompile: Callable[[str], None] | None = None
+        self.serving = False
+        self._fast_unet: Callable[..., Any] | None = None
+        self._fast_decode: Callable[..., Any] | None = None
+        if tuning.compile:
+            inductor = tuning.compile_backend == "inductor"
+            options: dict[str, Any] = {"mode": tuning.compile_mode} if inductor else {}
+            self._fast_unet = torch.compile(
+                unet, backend=tuning.compile_backend, fullgraph=True, **options
+            )
+            self._fast_decode = torch.compile(
+                vae.decode, backend=tuning.compile_backend, fullgraph=True
+            )
+
+    # -- what is compiled, and its warm-up -----------------------------------------------------
+
+    def compiled(self, size: Size) -> bool:
+        return self._fast_unet is not None and size in self.tuning.compiled_sizes
+
+    def warm_list(self) -> list[Warm]:
+        """Everything a compiled call can be given: each compiled size, row bucket and prompt
+        length. Whatever a request chooses (kind, strength, mask, sampler, guidance, previews,
+        n) is one of these once its inputs are canonical."""
+        if self._fast_unet is None:
+            return []
+        lengths = [CHUNK_TOKENS * chunks for chunks in range(1, self.tuning.prompt_chunks + 1)]
+        return [
+            Warm(size, rows, tokens)
+            for size in self.tuning.compiled_sizes
+            for rows in self.tuning.row_buckets()
+            for tokens in lengths
+        ]
+
+    @torch.inference_mode()
+    def warm_up(self, latent_scale: int) -> None:
+        """Compile and record every entry of the warm-up list (each twice: CUDA graph trees
+        record a shape at its second call) and the decoder at each compiled size; then serve."""
+        config = self.unet.config
+        for warm in self.warm_list():
+            started = time.perf_counter()
+            width, height = warm.size
+            latent = (height // latent_scale, width // latent_scale)
+            sample = torch.zeros(warm.rows, config.in_channels, *latent, device=self.device,
+                                 dtype=self.dtype)  # fmt: skip
+            t = torch.full((warm.rows,), 500.0, device=self.device)
+            context = torch.zeros(warm.rows, warm.tokens, config.cross_attention_dim,
+                                  device=self.device, dtype=self.dtype)  # fmt: skip
+            for _ in range(2):
+                self._unet_call(sample, t, context, None, compiled=True)
+            took = time.perf_counter() - started
+            level = logging.INFO if took > 1 else logging.DEBUG
+            log.log(level, "warmed up %dx%d at %d UNet rows, %d tokens in %.1fs",
+                    width, height, warm.rows, warm.tokens, took)  # fmt: skip
+        if self._fast_decode is not None:
+            channels = self.vae.config.latent_channels
+            for width, height in self.tuning.compiled_sizes:
+                latents = torch.zeros(self.tuning.vae_chunk, channels, height // latent_scale,
+                                      width // latent_scale, device=self.device,
+                                      dtype=self.dtype)  # fmt: skip
+                self.decode(latents, compiled=True)
+        self.serving = True
+
+    # -- the calls ------------------------------------------------------------------------------
+
+    def run_unet(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        blocks: list[torch.Tensor],
+        size: Size,
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """The UNet's output for `sample`, whose rows see the prompt embeddings in `blocks`
+        (laid end to end, a block per prompt) and timestep `t` (one, or one per row); and the
+        rows of padding it ran. Rows whose prompts have more chunks see a longer context: they
+        run in a call of their own (one per length), since padding a shorter context would
+        change what its rows attend to, and so their images. Most calls have one length."""
+        t = canonical_timesteps(t, len(sample))
+        compiled = self.compiled(size) and labels is None
+        lengths = [block.shape[1] for block in blocks]
+        if len(set(lengths)) == 1:
+            return self._padded(sample, t, torch.cat(blocks), labels, compiled)
+        offsets = [0]
+        for block in blocks:
+            offsets.append(offsets[-1] + len(block))
+        out: torch.Tensor | None = None
+        padding = 0
+        for length in dict.fromkeys(lengths):
+            mine = [b for b, n in enumerate(lengths) if n == length]
+            rows = [row for b in mine for row in range(offsets[b], offsets[b + 1])]
+            index = on_device(rows, torch.long, self.device)
+            part, padded = self._padded(
+                sample.index_select(0, index),
+                t.index_select(0, index),
+                torch.cat([blocks[b] for b in mine]),
+                None if labels is None else labels.index_select(0, index),
+                compiled,
+            )
+            if out is None:
+                out = part.new_empty((len(sample), *part.shape[1:]))
+            out.index_copy_(0, index, part)
+            padding += padded
+        assert out is not None
+        return out, padding
+
+    def _padded(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        labels: torch.Tensor | None,
+        compiled: bool,
+    ) -> tuple[torch.Tensor, int]:
+        """One UNet call; a compiled one is padded to its row bucket (copies of the last row,
+        whose outputs are dropped): CUDA graphs need the shape, and an eager call computes no
+        row it throws away. More rows than the cap (one job's many tiles) go in calls of the
+        cap each."""
+        rows = len(sample)
+        cap = max(2, self.tuning.row_cap())
+        if rows > cap:
+            parts = [self._padded(sample[at : at + cap], t[at : at + cap],
+                                  context[at : at + cap],
+                                  None if labels is None else labels[at : at + cap], compiled)
+                     for at in range(0, rows, cap)]  # fmt: skip
+            return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
+        padding = self.tuning.row_bucket(rows) - rows if compiled else 0
+        if padding:
+            sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
+            t = torch.cat([t, t[-1:].expand(padding)])
+            context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
+        return self._unet_call(sample, t, context, labels, compiled)[:rows], padding
+
+    def _unet_call(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        labels: torch.Tensor | None,
+        compiled: bool,
+    ) -> torch.Tensor:
+        sample = sample.to(self.dtype).contiguous()
+        context = context.to(self.dtype).contiguous()
+        # Samplers differ in the timestep's dtype (int or float); one dtype keeps one graph.
+        # The UNet embeds timesteps in float32 either way, so nothing changes numerically.
+        t = t.to(torch.float32).contiguous()
+        if not compiled or self._fast_unet is None:
+            out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels)
+            return out.sample  # type: ignore[no-any-return]
+        # Continuous batching bounds the rows (one graph); static batches grow to 2 x max_batch,
+        # past the graph's own bound (a second graph, compiled at warm-up).
+        bounds = {"min": 2} | ({"max": self.tuning.row_cap()} if self.tuning.rows else {})
+        for tensor in (sample, context, t):
+            torch._dynamo.mark_dynamic(tensor, 0, **bounds)
+        if self.tuning.prompt_chunks > 1:
+            most = CHUNK_TOKENS * self.tuning.prompt_chunks
+            torch._dynamo.mark_dynamic(context, 1, min=CHUNK_TOKENS, max=most)
+        fast = self._fast_unet
+
+        def run() -> torch.Tensor:
+            # Each call starts a new CUDA-graph step; its output lives in the graph's pool
+            # until the next replay, so it is copied out (a few MB) before anyone can call
+            # again (a call of many tiles, or of several prompt lengths, calls again at once).
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+            out: torch.Tensor = fast(sample, t, encoder_hidden_states=context).sample
+            return out.clone()
+
+        def eager() -> torch.Tensor:
+            return self.unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
+
+        return self._serve(run, eager, f"UNet {tuple(sample.shape)} x {tuple(context.shape)}")
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, compiled: bool) -> torch.Tensor:
+        """Decoded pixels of latents already divided by the VAE's scaling factor: compiled
+        (at its chunk size, for the compiled sizes) or eager."""
+        latents = latents.to(self.dtype).contiguous()
+        if not compiled or self._fast_decode is None:
+            return self.vae.decode(latents).sample  # type: ignore[no-any-return]
+        fast = self._fast_decode
+        return self._serve(
+            lambda: fast(latents).sample,
+            lambda: self.vae.decode(latents).sample,
+            f"VAE decode {tuple(latents.shape)}",
+        )
+
+    def _serve(
+        self, fast: Callable[[], torch.Tensor], eager: Callable[[], torch.Tensor], what: str
+    ) -> torch.Tensor:
+        """A compiled call; once serving, one that would compile runs eagerly instead, said and
+        counted (a guard failed: an input the warm-up did not cover)."""
+        if not self.serving:
+            return fast()
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return fast()
+        except RuntimeError as e:
+            if "fail_on_recompile" not in str(e):
+                raise
+            self.recompiles += 1
+            log.error("a compiled call would have compiled while serving (run eagerly): %s: %s",
+                      what, e)  # fmt: skip
+            if self.on_recompile is not None:
+                self.on_recompile(str(e))
+            return eager()
+
+
+def canonical_timesteps(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """One float32 timestep per row, whether given one for all (a 0-d tensor) or one each."""
+    t = t.to(torch.float32)
+    return t.expand(rows) if t.dim() == 0 else t
+
+
+def on_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers as a tensor on the device without waiting for the GPU: a plain
+    `torch.tensor(values, device=cuda)` copies from pageable memory and synchronizes the
+    stream, so the host would stop running ahead of the GPU at every step."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    placed: torch.Tensor = host.pin_memory().to(device, non_blocking=True)
+    return placed
