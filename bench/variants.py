@@ -71,7 +71,8 @@ def child(name: str, model: str, work: Path) -> None:
     for key, value in spec.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
     torch.backends.cudnn.benchmark = spec.get("cudnn_benchmark", False)
-    from worker.engine import Engine, Tuning
+    from worker.compiled import Tuning
+    from worker.engine import Engine
 
     mode = spec.get("mode", "reduce-overhead")
     tuning = Tuning(max_batch=BATCH, fuse=True, compile=True, compile_mode=mode)
@@ -83,9 +84,9 @@ def child(name: str, model: str, work: Path) -> None:
     def call() -> torch.Tensor:
         if spec.get("static"):
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-            assert engine._fast_unet is not None
-            return engine._fast_unet(sample, t.float(), encoder_hidden_states=context).sample  # type: ignore[no-any-return]
-        return engine.run_unet(sample, t, context, True)
+            assert engine.calls._fast_unet is not None
+            return engine.calls._fast_unet(sample, t.float(), encoder_hidden_states=context).sample  # type: ignore[no-any-return]
+        return engine.calls.run_unet(sample, t, [context], (WIDTH, HEIGHT))[0]
 
     started = time.perf_counter()
     with torch.inference_mode():

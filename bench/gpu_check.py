@@ -1,0 +1,240 @@
+"""The GPU check: one command, run before and after every change to worker/.
+
+Builds the SD1.5-sized random-weight model (if missing), starts the service as processes
+(Valkey, `sdserve api`, `sdserve worker`, continuous batching, an empty compile cache), then:
+
+  kinds    every request kind once, one after another (txt2img, unguided, n=2, a 2-chunk
+           prompt, img2img, inpainting, upscaling pixel and latent, hires fix latent and pixel):
+           each must finish, and the worker's `sdserve_worker_recompiles_total` stay 0
+  loads    short windows of: (a) uniform, 25 steps DPM++ 2M, CFG 7.5; (b) mixed steps, samplers
+           and guidance; (c) Poisson arrivals of mixed requests at 60% of (a); (d) half img2img
+           at strength 0.75; (e) prompts of 2-3 chunks of 75 tokens; alone: one request at a time
+  restart  the worker again, with the compile cache the first start left
+
+`--static` adds static batching's uniform load and alone, side by side (its own start).
+Prints one table, every figure beside its target, writes OUT/gpu_check.{json,md}, and exits 1
+when a target is missed (2 when a kind failed or compiled while serving).
+
+    python3 -m bench.gpu_check --out DIR [--seconds 15] [--warmup 5] [--static]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import batching
+from bench.batching import closed_loop, half_img2img, mixed, poisson, service, uniform
+from bench.bench import idle
+
+METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
+TERMINAL = {"succeeded", "failed", "canceled", "expired"}
+CHUNK_PROMPT = "a red fox in deep snow, golden hour, "  # 37 tokens of the byte tokenizer
+
+
+def picture(side: int, mask: bool = False) -> str:
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:side, 0:side]
+    if mask:
+        pixels = ((x > side // 3) & (y > side // 4)).astype(np.uint8) * 255
+        image = Image.fromarray(pixels, "L")
+    else:
+        rgb = np.stack([x * 255 // side, y * 255 // side, (x + y) * 127 // side], -1)
+        image = Image.fromarray(rgb.astype(np.uint8))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def kinds(side: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """One request of every kind, at the compiled size (a hires fix's and an upscale's result
+    at it too)."""
+    half = side // 2
+    base = {"prompt": "a lighthouse at dusk", "seed": 5, "steps": 25, "width": side,
+            "height": side}  # fmt: skip
+    return {
+        "txt2img": ("/v1/txt2img", base),
+        "txt2img unguided, n=2": ("/v1/txt2img", base | {"guidance_scale": 1.0, "n": 2}),
+        "txt2img 2-chunk prompt": ("/v1/txt2img", base | {"prompt": CHUNK_PROMPT * 3}),
+        "img2img": ("/v1/img2img", base | {"image": picture(side), "strength": 0.75}),
+        "inpaint": ("/v1/inpaint", base | {"image": picture(side), "mask": picture(side, True)}),
+        "upscale pixel x2": ("/v1/upscale", {"image": picture(half), "scale": 2, "seed": 5}),
+        "upscale latent x2": (
+            "/v1/upscale",
+            {"image": picture(half), "scale": 2, "seed": 5, "method": "latent"},
+        ),
+        "hires latent": (
+            "/v1/txt2img",
+            base | {"width": half, "height": half, "hires": {"scale": 2, "method": "latent"}},
+        ),
+        "hires pixel": (
+            "/v1/txt2img",
+            base | {"width": half, "height": half, "hires": {"scale": 2, "method": "pixel"}},
+        ),
+    }
+
+
+async def one(http: httpx.AsyncClient, route: str, body: dict[str, Any]) -> tuple[str, float]:
+    started = time.monotonic()
+    job = (await http.post(route, json=body)).json()
+    if "url" not in job:
+        return f"refused: {job}", 0.0
+    while True:
+        view = (await http.get(job["url"])).json()
+        if view["status"] in TERMINAL:
+            return view["status"], time.monotonic() - started
+        await asyncio.sleep(0.02)
+
+
+async def every_kind(url: str, side: int) -> list[dict[str, Any]]:
+    rows = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for name, (route, body) in kinds(side).items():
+            status, seconds = await one(http, route, body)
+            rows.append({"kind": name, "status": status, "seconds": seconds,
+                         "recompiles": recompiles()})  # fmt: skip
+            print(f"kind {name}: {status} in {seconds:.2f}s", flush=True)
+    return rows
+
+
+def recompiles() -> float:
+    text = httpx.get(METRICS, timeout=5).text
+    found = re.search(r"^sdserve_worker_recompiles_total ([0-9.e+]+)$", text, re.M)
+    return float(found.group(1)) if found else float("nan")
+
+
+def long_prompts(i: int) -> dict[str, Any]:
+    """(a)'s request with a prompt of two or three chunks of 75 tokens."""
+    return uniform(i) | {"prompt": f"{i} " + CHUNK_PROMPT * (3 if i % 2 else 5)}
+
+
+def run(args: Any, work: Path) -> dict[str, Any]:
+    cache = work / "inductor-gpu-check"
+    shutil.rmtree(cache, ignore_errors=True)
+    result: dict[str, Any] = {}
+    warm, secs = args.warmup, args.seconds
+    with service(args.model, "continuous", args, work, cache) as (url, startup, log):
+        result["cold_start_s"] = startup
+        print(f"continuous: ready in {startup:.0f}s (no compile cache)", flush=True)
+        result["kinds"] = asyncio.run(every_kind(url, args.side))
+        loads = {"a": uniform, "b": mixed, "d": half_img2img, "e": long_prompts}
+        for name, body in loads.items():
+            result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
+            print(f"({name}): {result[name]}", flush=True)
+        rate = max(0.6 * result["a"]["img_s"], 0.05)
+        result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
+        print(f"(c): {result['c']}", flush=True)
+        result["alone"] = asyncio.run(idle(url, 12))
+        result["recompiles"] = recompiles()
+        said = r"warmed up|loaded in|compiled while"
+        result["worker_log"] = [line for line in log.read_text().splitlines()
+                                if re.search(said, line)]  # fmt: skip
+    with service(args.model, "continuous", args, work, cache) as (_url, startup, _log):
+        result["warm_start_s"] = startup
+        print(f"continuous: ready in {startup:.0f}s (with the compile cache)", flush=True)
+    return result
+
+
+def run_static(args: Any, work: Path) -> dict[str, Any]:
+    cache = work / "inductor-gpu-check-static"
+    shutil.rmtree(cache, ignore_errors=True)
+    with service(args.model, "static", args, work, cache) as (url, startup, _log):
+        print(f"static: ready in {startup:.0f}s", flush=True)
+        a = asyncio.run(closed_loop(url, args.clients, uniform, args.warmup, args.seconds))
+        return {"cold_start_s": startup, "a": a, "alone": asyncio.run(idle(url, 12))}
+
+
+def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(figure, measured, target, met) rows."""
+    rows: list[tuple[str, str, str, bool]] = []
+    for k in r["kinds"]:
+        rows.append((f"kind: {k['kind']}", f"{k['status']}, {k['seconds']:.2f} s",
+                     "succeeded, no compile", k["status"] == "succeeded"))  # fmt: skip
+    rows.append(("recompiles while serving (all of the above and the loads)",
+                 f"{r['recompiles']:.0f}", "0", r["recompiles"] == 0))  # fmt: skip
+    a = r["a"]
+    static = r.get("static")
+    goal = max(10.0, static["a"]["img_s"] if static else 0.0)
+    rows.append(("(a) uniform img/s", f"{a['img_s']:.2f}",
+                 "≥ 10" + (f" and ≥ static {static['a']['img_s']:.2f}" if static else ""),
+                 a["img_s"] >= goal))  # fmt: skip
+    for key, name in (("b", "(b) mixed"), ("d", "(d) 50/50 img2img"), ("e", "(e) 2-3 chunks")):
+        share = r[key]["eq25_s"] / a["eq25_s"] if a["eq25_s"] else 0.0
+        target = 0.90 if key == "e" else 0.95
+        rows.append((f"{name}, 25-step eq./s of (a)'s", f"{r[key]['eq25_s']:.2f} = {share:.2f}",
+                     f"≥ {target:.2f}", share >= target))  # fmt: skip
+    c = r["c"]
+    rows.append((f"(c) Poisson {c['rate_per_s']:.2f}/s p50 / p95 s",
+                 f"{c['latency_p50_s']:.2f} / {c['latency_p95_s']:.2f}", "≤ 1.0 / 2.0",
+                 c["latency_p50_s"] <= 1.0 and c["latency_p95_s"] <= 2.0))  # fmt: skip
+    alone = r["alone"]["latency_p50_s"]
+    rows.append(("alone p50 s", f"{alone:.3f}", "≤ 0.25", alone <= 0.25))
+    if static:
+        rows.append(("static: alone p50 s / cold start s",
+                     f"{static['alone']['latency_p50_s']:.3f} / {static['cold_start_s']:.0f}",
+                     "continuous ≤ it", alone <= static["alone"]["latency_p50_s"]))  # fmt: skip
+    rows.append(("cold start s / with the compile cache",
+                 f"{r['cold_start_s']:.0f} / {r['warm_start_s']:.0f}", "≤ 90 / ≤ 30",
+                 r["cold_start_s"] <= 90 and r["warm_start_s"] <= 30))  # fmt: skip
+    return rows
+
+
+def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
+    lines = [f"GPU: {r['gpu']}, {r['date']}, commit {r['commit']}, `{r['command']}`", "",
+             "| figure | measured | target | |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
+    lines += ["", "| load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for key in ("a", "b", "c", "d", "e"):
+        x = r[key]
+        lines.append(f"| ({key}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | "
+                     f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f} | "
+                     f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = batching.service_parser(__doc__ or "", seconds=15)
+    parser.set_defaults(warmup=5)
+    parser.add_argument("--static", action="store_true", help="static batching side by side")
+    args = parser.parse_args()
+    work = batching.prepare(args)
+    batching.SOURCE_PICTURE.append(batching.source_picture())
+    import subprocess
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "?"  # fmt: skip
+    results: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+        "command": " ".join(sys.argv),
+    }
+    results |= run(args, work)
+    if args.static:
+        results["static"] = run_static(args, work)
+    rows = checks(results)
+    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    text = table(results, rows)
+    (args.out / "gpu_check.md").write_text(text)
+    print(text)
+    kinds_ok = all(ok for name, _, _, ok in rows if name.startswith(("kind", "recompiles")))
+    sys.exit(0 if all(ok for *_, ok in rows) else 1 if kinds_ok else 2)
+
+
+if __name__ == "__main__":
+    main()
