@@ -225,6 +225,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     results |= run(args, work)
+    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))  # kept if cut off
     if args.static:
         results["static"] = run_static(args, work)
     rows = checks(results)

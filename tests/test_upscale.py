@@ -263,3 +263,57 @@ def test_x4_upscaling_through_the_service(
     assert made[0].shape == (128, 128, 3) and max_diff(made[0], alone) <= 1
     halved = np.asarray(Image.fromarray(alone).resize((64, 64), Image.Resampling.LANCZOS))
     assert made[1].shape == (64, 64, 3) and max_diff(made[1], halved) <= 1
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_worker_without_the_upscaler_fails_an_x4_job_and_lives_on(
+    upscaler: tuple[Engine, Path], tiny_model: Path, redis_url: str, batching: str
+) -> None:
+    """An API with the upscaler, a worker without it (issue 21, 1: the worker died at the
+    job's prompt check, three restarts in a row): the job fails `invalid_request`, naming the
+    setting, and the worker runs the next job."""
+    import base64
+    import io
+    import threading
+
+    import httpx
+
+    from app.api import create_app
+    from app.settings import ApiSettings
+    from app.storage import open_storage
+    from tests.conftest import JobStore, serving, wait_for
+    from tests.test_continuous import serve
+    from worker.runner import Runner
+    from worker.settings import WorkerSettings
+
+    _engine, path = upscaler
+    buffer = io.BytesIO()
+    picture(32, 32).save(buffer, format="PNG")
+    body = {"image": base64.b64encode(buffer.getvalue()).decode(), "method": "x4", "scale": 4,
+            "steps": 4, "seed": 9}  # fmt: skip
+    store = JobStore.connect(redis_url, 3600, 5)
+    settings = ApiSettings(redis_url=redis_url, auth="off", upscaler=str(path))
+    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as http:
+        x4 = http.post("/v1/upscale", json=body).json()["id"]
+        text = http.post("/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
+                                              "steps": 3}).json()["id"]  # fmt: skip
+        worker_settings = WorkerSettings(redis_url=redis_url, model=str(tiny_model),
+                                         worker_name=f"no-x4-{batching}",
+                                         batching=batching)  # fmt: skip
+        model = Engine(str(tiny_model), torch.device("cpu"))
+        runner = Runner(worker_settings, JobStore.connect(redis_url, 3600, 5), model,
+                        open_storage(worker_settings.storage))  # fmt: skip
+        runner.open()
+        done = threading.Event()
+        thread = serve(runner, done)
+        try:
+            wait_for(lambda: http.get(f"/jobs/{text}").json()["status"] == "succeeded", 120,
+                     "the next job")  # fmt: skip
+        finally:
+            done.set()
+            thread.join(60)
+            runner.close()
+        failed = http.get(f"/jobs/{x4}").json()
+    assert runner.fatal is None
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
+    assert "SDSERVE_UPSCALER" in failed["error"]["message"]

@@ -268,7 +268,8 @@ class CompiledCalls:
             return out.sample  # type: ignore[no-any-return]
         # Continuous batching bounds the rows (one graph); static batches grow to 2 x max_batch,
         # past the graph's own bound (a second graph, compiled at warm-up).
-        bounds = {"min": 2} | ({"max": self.tuning.row_cap()} if self.tuning.rows else {})
+        # (Bounds on one side only break inductor's range analysis: none, or both.)
+        bounds = {"min": 2, "max": self.tuning.row_cap()} if self.tuning.rows else {}
         for tensor in (sample, context, t):
             torch._dynamo.mark_dynamic(tensor, 0, **bounds)
         if self.tuning.prompt_chunks > 1:
@@ -331,11 +332,17 @@ def canonical_timesteps(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def on_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host numbers as a tensor on the device without waiting for the GPU: a plain
-    `torch.tensor(values, device=cuda)` copies from pageable memory and synchronizes the
-    stream, so the host would stop running ahead of the GPU at every step."""
-    host = torch.tensor(values, dtype=dtype)
+    """Host numbers as a tensor on the device, without waiting for the GPU (`placed`)."""
+    on_gpu: torch.Tensor = placed(torch.tensor(values, dtype=dtype), device)
+    return on_gpu
+
+
+def placed(host: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """A host tensor on the device without waiting for the GPU: a plain `.to(cuda)` copies
+    from pageable memory and synchronizes the stream, so the host would stop running ahead of
+    the GPU at every step (and at every job's join)."""
+    if dtype is not None:
+        host = host.to(dtype)
     if device.type != "cuda":
         return host
-    placed: torch.Tensor = host.pin_memory().to(device, non_blocking=True)
-    return placed
+    return host.pin_memory().to(device, non_blocking=True)

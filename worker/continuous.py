@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,10 @@ class RowLoop:
         self.decodings: deque[tuple[Job, Decoding]] = deque()
         self.previews: deque[tuple[dict[str, Job], Previews]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
+        # Source pictures being read and decoded (storage, PNG) off the GPU's thread, from
+        # the job's start: at its join the picture is there, and no step waits for it.
+        self.loading: dict[str, Future[Source | None]] = {}
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="source")
         # (engine, size): the rows of one UNet call (an engine: a model, or the x4 upscaler).
         self.turns: Turns[tuple[str, Size]] = Turns()
 
@@ -71,6 +76,9 @@ class RowLoop:
             now = time.monotonic()
             for job in r.start_jobs(deliveries):
                 self.waiting[job.id] = (job, now)
+                self.loading[job.id] = self._readers.submit(
+                    load_source, r.storage, job.id, job.request
+                )
         self._leave_canceled()
         if r.stopping.is_set():
             self._hand_back_waiting()
@@ -106,6 +114,7 @@ class RowLoop:
         for job in cut:
             self._forget(job)
         self.lanes.clear()
+        self._readers.shutdown(wait=False, cancel_futures=True)
 
     def _hand_back_waiting(self) -> None:
         r = self.runner
@@ -115,6 +124,7 @@ class RowLoop:
             r.release([job.delivery for job in jobs])
             for job in jobs:
                 r.settle_suspect(job.id)
+                self.loading.pop(job.id, None)
         self.waiting.clear()
 
     def _leave_canceled(self) -> None:
@@ -149,9 +159,7 @@ class RowLoop:
             shape = job_shape(request)
             specs = image_specs(request)
             try:
-                # Read from storage here, on the GPU's thread: one small PNG per job that has
-                # a source, at its join.
-                source = load_source(r.storage, job.id, job.request)
+                source = self.loading.pop(job.id).result()
                 lane = r.engine_of(job).prepare(job.id, specs, shape, source)
             except (MissingInput, NoUpscaler) as e:
                 code = ErrorCode.INPUT if isinstance(e, MissingInput) else ErrorCode.INVALID
@@ -269,6 +277,7 @@ class RowLoop:
     def _forget(self, job: Job, tracked: bool = True) -> None:
         r = self.runner
         self.sources.pop(job.id, None)
+        self.loading.pop(job.id, None)
         if tracked:
             r.tracker.remove(job.id)
         r.tracker.forget({job.id})

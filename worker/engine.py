@@ -31,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 from app.jobs.contract import Hires
 from app.prompts import Chunk, Syntax, chunks, token_ids
 from app.vocabulary import PublishedTokenizer
-from worker.compiled import CompiledCalls, Tuning, on_device
+from worker.compiled import CompiledCalls, Tuning, on_device, placed
 
 __all__ = ["Engine", "Tuning"]
 from worker.plans import Plan, probe, start_step
@@ -478,9 +478,10 @@ class Engine:
         if source.mask is None:
             return latents, None, None
         mask = self.mask_processor.preprocess(source.mask, **size)
-        masked = self._sample_latents(image * (mask.to(image) < 0.5), generators)
+        keep = placed(mask, self.device, self.dtype) < 0.5
+        masked = self._sample_latents(image * keep, generators)
         small = torch.nn.functional.interpolate(mask, size=shape4[-2:])
-        small = small.to(device=self.device, dtype=self.dtype)
+        small = placed(small, self.device, self.dtype)
         if self.inpainting_unet:  # the UNet sees the mask and the masked source
             return latents, None, torch.cat([small.expand(len(generators), -1, -1, -1), masked], 1)
         assert encoded is not None
@@ -489,8 +490,8 @@ class Engine:
     def _pixels(self, picture: Image.Image, shape: BatchShape) -> torch.Tensor:
         """A picture as the VAE takes it, at `shape`'s size (diffusers' preprocessing)."""
         pixels = self.image_processor.preprocess(picture, height=shape.height, width=shape.width)
-        placed: torch.Tensor = pixels.to(device=self.device, dtype=self.dtype)
-        return placed
+        on_gpu: torch.Tensor = placed(pixels, self.device, self.dtype)
+        return on_gpu
 
     def _sample_latents(
         self, image: torch.Tensor, generators: list[torch.Generator]

@@ -258,7 +258,12 @@ class Runner:
         worker has published its tokenizer: this is for jobs queued before that)."""
         request = job.request
         limit = self.engine.tuning.prompt_chunks
-        engine = self.engine_of(job)
+        try:
+            engine = self.engine_of(job)
+        except NoUpscaler as e:  # the job fails, never the worker
+            self.complete(job, self.fail, job, ErrorCode.INVALID, str(e))
+            self.settle_suspect(job.id)
+            return False
         for field in ("prompt", "negative_prompt"):
             pieces = engine.chunk_count(getattr(request, field), request.prompt_syntax)
             if pieces > limit:
