@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from app.jobs.contract import SCHEDULERS
+from worker.engine import Engine
 from worker.plans import NotLinear, probe
 from worker.rows import Lane
 from worker.schedulers import SAMPLERS, make_scheduler
@@ -65,3 +66,28 @@ def test_a_plan_keeps_only_the_steps_its_sampler_reaches_back_to() -> None:
 def test_a_sampler_that_depends_on_the_values_is_refused() -> None:
     with pytest.raises(NotLinear):
         probe("ddim", 5, {**CONFIG, "thresholding": True})
+
+
+def test_a_pass_from_a_picture_runs_at_least_one_step_by_the_one_rule(engine: Engine) -> None:
+    """`int(steps x strength) == 0` (2 steps at 0.4, the upscale default 0.35 at 2 steps)
+    ran no step and failed inside the worker (issue 21, 2): it runs one, as A1111 does, and
+    the worker's plan, the job's progress and its ETA count the same (one rule)."""
+    from PIL import Image
+
+    from app.jobs.contract import StoredImage, UpscaleRequest
+    from app.jobs.eta import denoising_steps, run_steps
+    from worker.engine import BatchShape, ImageSpec, Source
+    from worker.plans import start_step
+
+    assert [run_steps(2, s) for s in (0.01, 0.4, 0.5, 1.0)] == [1, 1, 1, 2]
+    assert all(start_step(steps, s) == steps - run_steps(steps, s)
+               for steps in (1, 2, 25, 100) for s in (0.01, 0.35, 0.75, 1.0))  # fmt: skip
+    lane = engine.prepare("low", [ImageSpec("a", "", 7.5, 1)], BatchShape(64, 64, 2, "euler_a"),
+                          Source(Image.new("RGB", (64, 64), "grey"), 0.4))  # fmt: skip
+    assert lane.steps == 1
+    while not lane.done:
+        engine.step([lane])
+    assert engine.images(engine.finish(lane))[0] is not None
+    image = StoredImage(sha256="0" * 64, width=32, height=32)
+    x4 = UpscaleRequest(image=image, width=128, height=128, method="x4", steps=30, seed=1)
+    assert denoising_steps(x4) == 30  # x4 runs every step: its strength is not used

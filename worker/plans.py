@@ -21,6 +21,7 @@ from unittest import mock
 
 import torch
 
+from app.jobs.eta import run_steps
 from worker.schedulers import SAMPLERS, make_scheduler
 
 # What a weight multiplies: a row's sample as it entered a step, the model's output (after
@@ -76,8 +77,10 @@ class NotLinear(ValueError):
 
 def start_step(steps: int, strength: float) -> int:
     """Where a run from a source image starts in a schedule of `steps`: strength 1 starts at
-    the top, lower strengths skip the noisiest steps (as diffusers' img2img pipelines do)."""
-    return steps - min(int(steps * strength), steps)
+    the top, lower strengths skip the noisiest steps (as diffusers' img2img pipelines do). How
+    many run is the job contract's rule (`run_steps`, which the API's ETA and progress use
+    too): at least one, as A1111 runs, where diffusers would run none and fail."""
+    return steps - run_steps(steps, strength)
 
 
 def probe(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from app.jobs.contract import JobRequest, Txt2ImgRequest
+from app.jobs.contract import JobRequest, Txt2ImgRequest, UpscaleRequest
 from app.tiles import TILE, TILE_OVERLAP, tile_count
 
 
@@ -54,13 +54,17 @@ class Pace:
 
 
 def run_steps(steps: int, strength: float) -> int:
-    """Steps a pass from a picture runs: the last `strength` of its schedule."""
+    """Steps a pass from a picture runs: the last `strength` of its schedule, and at least one
+    (A1111's rule; diffusers would run none and fail). The worker starts its plans here
+    (worker/plans.py `start_step`), and the API's progress and ETA count with it: one rule."""
     return max(1, min(int(steps * strength), steps))
 
 
 def denoising_steps(request: JobRequest) -> int:
-    """Steps a job runs: from a source picture, only the last `strength` of the schedule; a
-    hires fix adds its second pass's."""
+    """Steps a job runs: from a source picture, only the last `strength` of the schedule (the
+    x4 upscaler runs all of it); a hires fix adds its second pass's."""
+    if isinstance(request, UpscaleRequest) and request.method == "x4":
+        return request.steps
     if not isinstance(request, Txt2ImgRequest):
         return run_steps(request.steps, request.strength)
     if request.hires is None:
