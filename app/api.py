@@ -37,14 +37,16 @@ log = logging.getLogger("sdserve.api")
 MAX_BODY_BYTES = 64 * 1024
 
 API_DESCRIPTION = """
-Asynchronous text-to-image. `POST /v1/txt2img` answers `202` at once with a job id; poll
-`GET /jobs/{id}` until `status` is `succeeded`, then download `GET /jobs/{id}/images/{k}.png`.
+Asynchronous image generation: text to image, image to image, inpainting and upscaling.
+`POST /v1/txt2img` (or `/v1/img2img`, `/v1/inpaint`, `/v1/upscale`) answers `202` at once with
+a job id; poll `GET /jobs/{id}` until `status` is `succeeded`, then download
+`GET /jobs/{id}/images/{k}.png`.
 
-Requests of the same width, height, steps and scheduler run together in one batch; prompt,
-negative prompt, guidance scale and seed are per image, each image with its own random
-generator. The same request and seed give the same image, alone or beside other requests: what
-the neighbours ask for never matters, and the batch's size and the image's place in it change a
-pixel by at most one level of 8-bit colour.
+Workers step many users' images together, one UNet call per step (continuous batching: any mix
+of kinds, steps, samplers and guidance; a job joins between two steps). Prompt, negative prompt,
+guidance scale and seed are per image, each image with its own random generator. The same
+request and seed give the same image, alone or beside other requests: what the neighbours ask
+for never matters, and who shares a call changes a pixel by at most one level of 8-bit colour.
 """
 
 

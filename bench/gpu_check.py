@@ -216,8 +216,13 @@ def main() -> None:
 
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "?"  # fmt: skip
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], capture_output=True, text=True).stdout.strip()
+
+    # A copy of a working tree (the lent GPU machines get one) may sit on an older HEAD.
+    commit = (git("rev-parse", "--short", "HEAD") or "?") + (
+        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    )
     results: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"),
