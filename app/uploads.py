@@ -27,7 +27,11 @@ _SIGNATURES = {
 # A source larger than this is refused before decoding: 4096 x 4096 (a 1024 x 1024 output needs
 # no more; a larger source is resized down anyway).
 MAX_PIXELS = 4096 * 4096
-_DATA_URL = re.compile(r"\Adata:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+# A data URL may carry parameters before `;base64` (`data:image/png;charset=utf-8;base64,`).
+_DATA_URL = re.compile(r"\Adata:image/[a-z0-9.+-]+(;[a-z0-9_.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
+# Grey at 16 bits (and 32-bit integer pixels): Pillow's conversion to 8 bits clips every value
+# over 255 to white; these are scaled down instead.
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 class UploadError(ValueError):
@@ -49,6 +53,8 @@ class Upload:
 def from_base64(field: str, text: str) -> bytes:
     """The bytes of a base64 image, plain or as a `data:image/...;base64,` URL."""
     payload = _DATA_URL.sub("", text.strip(), count=1)
+    # Line-wrapped base64 (what `base64` prints; A1111 accepts it): the breaks are not data.
+    payload = "".join(payload.split())
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -84,6 +90,8 @@ def read_image(field: str, data: bytes, max_pixels: int = MAX_PIXELS) -> Upload:
         raise UploadError(field, f"cannot be read as {kind}: {e}") from None
     if image.width < 1 or image.height < 1:
         raise UploadError(field, "has no pixels")
+    if image.mode in _WIDE_GREY:
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     return Upload(image, kind)
 
 

@@ -123,3 +123,27 @@ def test_base64_plain_or_as_a_data_url() -> None:
     assert from_base64("image", f"data:image/png;base64,{plain}") == data
     with pytest.raises(UploadError, match="image: is not valid base64"):
         from_base64("image", "not base64!!")
+
+
+def test_line_wrapped_base64_and_data_urls_with_parameters() -> None:
+    """What `base64` prints (lines of 76) and a data URL with a charset, as A1111 accepts them
+    (issue 21, 18); a stray character is still refused."""
+    data = encoded(picture(), "PNG")
+    plain = base64.b64encode(data).decode()
+    wrapped = "\n".join(plain[k : k + 76] for k in range(0, len(plain), 76)) + "\n"
+    assert from_base64("image", wrapped) == data
+    assert from_base64("image", f"data:image/png;charset=utf-8;base64,{wrapped}") == data
+    with pytest.raises(UploadError, match="image: is not valid base64"):
+        from_base64("image", plain[:40] + "!" + plain[40:])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16_bit_grey_is_scaled_not_clipped(mode: str) -> None:
+    """A 25%-grey 16-bit PNG read as 255 (white: the whole picture repainted, issue 21, 5); it
+    reads as 25% grey, as picture and as mask."""
+    grey = Image.new("I", (32, 16), 16384).convert(mode)
+    upload = read_image("mask", encoded(grey, "PNG"))
+    assert upload.image.mode == "L"
+    assert upload.image.getextrema() == (64, 64)
+    assert as_mask(upload.image).getextrema() == (64, 64)
+    assert flatten(upload.image).getpixel((0, 0)) == (64, 64, 64)
