@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from app.jobs.contract import plain_reason
+
 # What each accepted format's files start with (WebP: "RIFF", four bytes of size, "WEBP").
 _SIGNATURES = {
     "PNG": (re.compile(rb"\A\x89PNG\r\n\x1a\n", re.DOTALL)),
@@ -87,7 +89,7 @@ def read_image(field: str, data: bytes, max_pixels: int = MAX_PIXELS) -> Upload:
     except Image.DecompressionBombError:  # Pillow's own check, on a header larger still
         raise UploadError(field, f"declares more than {max_pixels} pixels", status=413) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise UploadError(field, f"cannot be read as {kind}: {e}") from None
+        raise UploadError(field, f"cannot be read as {kind}: {plain_reason(e)}") from None
     if image.width < 1 or image.height < 1:
         raise UploadError(field, "has no pixels")
     if image.mode in _WIDE_GREY:

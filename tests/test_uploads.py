@@ -147,3 +147,19 @@ def test_16_bit_grey_is_scaled_not_clipped(mode: str) -> None:
     assert upload.image.getextrema() == (64, 64)
     assert as_mask(upload.image).getextrema() == (64, 64)
     assert flatten(upload.image).getpixel((0, 0)) == (64, 64, 64)
+
+
+def test_reasons_name_no_memory_address_and_no_server_path() -> None:
+    """Pillow names the file object it read (`<_io.BytesIO object at 0x...>`); storage errors
+    name server paths (issue 21, 20): neither reaches a client."""
+    from app.jobs.contract import plain_reason
+
+    png = encoded(picture(), "PNG")
+    with pytest.raises(UploadError) as refused:
+        read_image("image", png[:60] + b"\0" * 40)
+    assert "0x" not in refused.value.message and "BytesIO" not in refused.value.message
+    said = plain_reason(ValueError("cannot identify image file <_io.BytesIO object at 0x7f3a>"))
+    assert said == "cannot identify image file the file"
+    denied = PermissionError(13, "Permission denied", "/var/lib/sdserve/results/x/0.png")
+    assert plain_reason(denied) == "Permission denied"
+    assert "/srv" not in plain_reason(RuntimeError("no room in /srv/images/ab/c.png, sorry"))

@@ -35,7 +35,7 @@ import redis
 import torch
 
 from app import logs
-from app.jobs.contract import Delivery, ErrorCode, Job, UpscaleRequest
+from app.jobs.contract import Delivery, ErrorCode, Job, UpscaleRequest, plain_reason
 from app.jobs.eta import denoising_steps, unet_rows
 from app.jobs.store import is_transient
 from app.jobs.worker_store import WorkerStore
@@ -434,7 +434,8 @@ class Runner:
             log.error("writing the result failed: %s: %s", type(error).__name__, error,
                       exc_info=error, extra={"job_id": job.id})  # fmt: skip
             try:
-                self.fail(job, ErrorCode.STORAGE, f"storing the result failed: {error}")
+                reason = plain_reason(error)
+                self.fail(job, ErrorCode.STORAGE, f"storing the result failed: {reason}")
             except BaseException as e:
                 self._die(e, "completion")
                 return

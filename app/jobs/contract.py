@@ -459,3 +459,12 @@ class Job:
     @property
     def id(self) -> str:
         return self.delivery.job_id
+
+
+def plain_reason(error: BaseException) -> str:
+    """An error's reason as a client may read it: no object addresses (Pillow names the file
+    it read, a `<_io.BytesIO object at 0x...>`) and no server paths."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", str(error))
+    return re.sub(r"(?<![\w.])/(?:[\w.-]+/)*[\w.-]+", "(a path)", text)
