@@ -72,3 +72,25 @@ def test_job_ids_are_128_bit_url_safe() -> None:
     assert all(is_job_id(i) and len(i) == 22 for i in ids)
     for bad in ["", "x" * 21, "x" * 23, "../../etc/passwd00000", "a" * 21 + "/", "a" * 21 + "="]:
         assert not is_job_id(bad)
+
+
+def test_progress_counts_the_steps_the_job_runs() -> None:
+    """A hires fix showed 150/100, img2img at 0.3 ended at 29/100 and A1111's progress passed
+    1 (issue 21, 7): `steps` is what the worker runs."""
+    import json
+    import time
+
+    from app.jobs.contract import Hires, Img2ImgRequest, StoredImage, Txt2ImgRequest
+    from app.jobs.views import job_view
+
+    image = StoredImage(sha256="0" * 64, width=64, height=64)
+    cases = [
+        (Img2ImgRequest(prompt="a", image=image, steps=100, strength=0.3, seed=1), 30),
+        (Txt2ImgRequest(prompt="a", steps=100, seed=1, hires=Hires(strength=0.5)), 150),
+        (Txt2ImgRequest(prompt="a", steps=100, seed=1), 100),
+    ]
+    for request, steps in cases:
+        record = {"request": json.dumps(request.model_dump(mode="json")), "status": "running",
+                  "created_at": str(time.time()), "step": str(steps)}  # fmt: skip
+        progress = job_view("j", record, None, time.time()).progress
+        assert progress is not None and (progress.step, progress.steps) == (steps, steps)

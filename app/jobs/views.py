@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from app.jobs.contract import JobError, JobRequest, JobView, Progress, Status, parse_request
-from app.jobs.eta import Pace, queued_eta
+from app.jobs.eta import Pace, denoising_steps, queued_eta
 from app.jobs.store import BOUNDS
 
 
@@ -67,7 +67,9 @@ def job_view(
         id=job_id,
         status=status,
         position=position if status is Status.QUEUED else None,
-        progress=Progress(step=int(record.get("step", 0)), steps=request.steps)
+        # The steps the job runs (a pass from a picture runs part of its schedule, a hires fix
+        # two passes), as the worker counts its step: the bar ends at 100%.
+        progress=Progress(step=int(record.get("step", 0)), steps=denoising_steps(request))
         if status is Status.RUNNING
         else None,
         created_at=datetime.fromtimestamp(float(record["created_at"]), UTC),
