@@ -317,3 +317,36 @@ def test_a_worker_without_the_upscaler_fails_an_x4_job_and_lives_on(
     assert runner.fatal is None
     assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_request"
     assert "SDSERVE_UPSCALER" in failed["error"]["message"]
+
+
+def test_x4_at_scale_2_is_held_to_the_side_limit_it_draws(redis_url: str) -> None:
+    """x4 draws four times the picture whatever the scale: a 640 picture at scale 2 (1280 out)
+    is drawn at 2560, past the 2048 limit (issue 21, 4): a 422 naming `image`; the same
+    picture by pixel upscaling (drawn at 1280) is accepted. Its rows count what it draws."""
+    import base64
+    import io
+
+    import httpx
+
+    from app.api import create_app
+    from app.jobs.contract import StoredImage, UpscaleRequest
+    from app.jobs.eta import unet_rows
+    from app.settings import ApiSettings
+    from tests.conftest import JobStore, serving
+
+    buffer = io.BytesIO()
+    picture(640, 640).save(buffer, format="PNG")
+    body = {"image": base64.b64encode(buffer.getvalue()).decode(), "scale": 2, "steps": 4}
+    store = JobStore.connect(redis_url, 3600, 5)
+    settings = ApiSettings(redis_url=redis_url, auth="off", upscaler="x4-model")
+    with serving(create_app(store, settings)) as url:
+        refused = httpx.post(f"{url}/v1/upscale", json=body | {"method": "x4"})
+        accepted = httpx.post(f"{url}/v1/upscale", json=body | {"method": "pixel"})
+    assert refused.status_code == 422, refused.text
+    (problem,) = refused.json()["detail"]
+    assert problem["loc"][-1] == "image" and "draws 2560x2560" in problem["msg"]
+    assert accepted.status_code == 202, accepted.text
+    image = StoredImage(sha256="0" * 64, width=320, height=320)
+    x4 = UpscaleRequest(image=image, width=640, height=640, method="x4", scale=2, seed=1)
+    pixel = UpscaleRequest(image=image, width=640, height=640, method="pixel", seed=1)
+    assert unet_rows(x4) > unet_rows(pixel)  # 1280 drawn: tiles; 640: one piece

@@ -10,7 +10,13 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from app.jobs.contract import InpaintRequest, JobRequest, Txt2ImgRequest, UpscaleRequest
+from app.jobs.contract import (
+    InpaintRequest,
+    JobRequest,
+    Txt2ImgRequest,
+    UpscaleRequest,
+    drawn_size,
+)
 from app.storage import Storage, input_key
 from worker.engine import BatchShape, Engine, ImageSpec, Source
 from worker.rows import Lane
@@ -69,10 +75,7 @@ def load_source(storage: Storage, job_id: str, request: JobRequest) -> Source | 
 def job_shape(request: JobRequest) -> BatchShape:
     """What the engine denoises for a job: its size, steps and sampler. The x4 upscaler always
     draws four times the picture's size (a job of scale 2 is halved at the end)."""
-    width, height = request.width, request.height
-    if isinstance(request, UpscaleRequest) and request.method == "x4":
-        width, height = request.image.width * 4, request.image.height * 4
-    return BatchShape(width, height, request.steps, request.scheduler)
+    return BatchShape(*drawn_size(request), request.steps, request.scheduler)
 
 
 def _picture(storage: Storage, job_id: str, name: str) -> Image.Image:

@@ -352,6 +352,21 @@ class UpscaleRequest(Upscaling):
     image: StoredImage
 
 
+def upscale_drawn(own: tuple[int, int], scale: int, method: str) -> tuple[int, int]:
+    """The pixels an upscaling job draws, from the picture's own (width, height): the x4
+    upscaler always four times it (a job of scale 2 is halved afterwards), the others `scale`
+    times. The API's size limit, the worker's shape and the rows a job costs all count this."""
+    times = 4 if method == "x4" else scale
+    return own[0] * times, own[1] * times
+
+
+def drawn_size(request: GenerationRequest | UpscaleRequest) -> tuple[int, int]:
+    """The (width, height) a job's model draws."""
+    if isinstance(request, UpscaleRequest) and request.method == "x4":
+        return upscale_drawn((request.image.width, request.image.height), 4, "x4")
+    return request.width, request.height
+
+
 def _kind(value: Any) -> str:
     # Records written before kinds existed have none: they are text to image.
     if isinstance(value, dict):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from app.jobs.contract import JobRequest, Txt2ImgRequest, UpscaleRequest
+from app.jobs.contract import JobRequest, Txt2ImgRequest, UpscaleRequest, drawn_size
 from app.tiles import TILE, TILE_OVERLAP, tile_count
 
 
@@ -75,7 +75,7 @@ def denoising_steps(request: JobRequest) -> int:
 def unet_rows(request: JobRequest, tile: int = TILE, overlap: int = TILE_OVERLAP) -> int:
     """Rows a job puts in each UNet call: cond and uncond per image (per tile of it) when
     guided."""
-    tiles = tile_count((request.width, request.height), tile, overlap)
+    tiles = tile_count(drawn_size(request), tile, overlap)
     return request.n * tiles * (2 if request.guidance_scale > 1 else 1)
 
 

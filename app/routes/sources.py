@@ -39,6 +39,7 @@ from app.jobs.contract import (
     UpscaleRequest,
     Upscaling,
     new_job_id,
+    upscale_drawn,
 )
 from app.routes.context import IDEMPOTENCY_KEY, UNAUTHORIZED, Context, error, find_job
 from app.routes.submit import Accepted, Submitter
@@ -194,9 +195,11 @@ def enlarge(pictures: dict[str, Image.Image], scale: int, method: str,
     if min(size) < SIDE_MIN:
         raise invalid("image", f"is {source.width}x{source.height}: x{scale} makes "
                       f"{size[0]}x{size[1]}, under {SIDE_MIN} pixels a side")  # fmt: skip
-    if max(size) > largest:
-        raise invalid("image", f"is {source.width}x{source.height}: x{scale} makes "
-                      f"{size[0]}x{size[1]}, over the {largest}-pixel limit of a side")  # fmt: skip
+    drawn = upscale_drawn(own, scale, method)  # x4 draws four times, whatever the scale
+    if max(drawn) > largest:
+        how = "the x4 upscaler draws" if drawn != size else f"x{scale} makes"
+        raise invalid("image", f"is {source.width}x{source.height}: {how} {drawn[0]}x"
+                      f"{drawn[1]}, over the {largest}-pixel limit of a side")  # fmt: skip
     stored = size if method == "pixel" else own
     if source.size != stored:
         source = source.resize(stored, Image.Resampling.LANCZOS)
