@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.jobs.contract import SEED_MAX, JobView
+from app.jobs.contract import SEED_MAX, JobView, Txt2ImgRequest
 
 # A1111's sampler names (and the older names with the schedule in them) to sdserve's schedulers.
 # With `scheduler: "Karras"`, DPM++ 2M is its Karras variant; other samplers take only the
@@ -129,7 +129,14 @@ class Txt2ImgPayload(BaseModel):
             and self.hr_negative_prompt not in ("", self.negative_prompt),
             "styles": bool(self.styles),
             "subseed_strength": self.subseed_strength != 0,
-            "script_name": self.script_name is not None,
+            "seed_resize_from_w": self.seed_resize_from_w not in (-1, 0),
+            "seed_resize_from_h": self.seed_resize_from_h not in (-1, 0),
+            "batch_size": self.batch_size < 1,
+            "n_iter": self.n_iter < 1,
+            "hr_scheduler": self.enable_hr
+            and self.hr_scheduler not in (None, "", "Use same scheduler"),
+            # A1111's own "no script" is the empty name.
+            "script_name": self.script_name not in (None, ""),
             "script_args": bool(self.script_args),
             "alwayson_scripts": bool(self.alwayson_scripts),
             "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
@@ -160,15 +167,15 @@ class Txt2ImgPayload(BaseModel):
         names served, the default first."""
         for field, refused in self.refusals().items():
             if refused:
-                raise A1111Error(field, f"sdserve cannot honour {getattr(self, field)!r}")
+                raise A1111Error(field, f"sdserve cannot honour {shown(getattr(self, field))}")
         model = models[0]
         for key, value in (self.override_settings or {}).items():
             if key == "sd_model_checkpoint" and value in (*models, None, ""):
                 model = value or model
                 continue
             served = f"it serves {', '.join(models)}"
-            raise A1111Error(f"override_settings.{key}", f"sdserve cannot honour {value!r} "
-                             f"({served})")  # fmt: skip
+            raise A1111Error(f"override_settings.{key}", f"sdserve cannot honour "
+                             f"{shown(value)} ({served})")  # fmt: skip
         scheduler = self.scheduler_name()
         if self.eta not in (None, 0, 1):
             raise A1111Error("eta", "only the samplers' own noise is offered (eta 0 or 1)")
@@ -234,9 +241,25 @@ class Img2ImgPayload(Txt2ImgPayload):
         }  # fmt: skip
 
 
+def shown(value: Any) -> str:
+    """A refused value as a message names it: short ones as they are, long ones (a picture's
+    base64, a list of them) by what they are, never echoed whole."""
+    text = repr(value)
+    if len(text) <= 80:
+        return text
+    if isinstance(value, list | tuple | dict):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"a {type(value).__name__} of {len(text)} characters"
+
+
 def info(view: JobView, model: str, infotexts: list[str]) -> str:
-    """A1111's `info`: a JSON string describing what was made."""
+    """A1111's `info`: a JSON string describing what was made (by the job's own model, which
+    the API writes into every request; `model` where an old record has none)."""
     r = view.request
+    model = r.model or model
+    strength = getattr(r, "strength", None)
+    if isinstance(r, Txt2ImgRequest) and r.hires is not None:
+        strength = r.hires.strength  # A1111's denoising strength of a hires fix's second pass
     stamp = (view.finished_at or datetime.now(UTC)).strftime("%Y%m%d%H%M%S")
     fields: dict[str, Any] = {
         "prompt": r.prompt, "all_prompts": [r.prompt] * len(view.seeds),
@@ -248,7 +271,7 @@ def info(view: JobView, model: str, infotexts: list[str]) -> str:
         "cfg_scale": r.guidance_scale, "steps": r.steps, "batch_size": len(view.seeds),
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model,
         "sd_model_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": getattr(r, "strength", None), "extra_generation_params": {},
+        "denoising_strength": strength, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": stamp, "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "version": "sdserve",

@@ -136,6 +136,11 @@ def test_a_hires_fix_is_one_job_of_two_passes(service: str, upscaler: Any) -> No
         ({"override_settings": {"sd_model_checkpoint": "another.safetensors"}},
          "override_settings.sd_model_checkpoint"),
         ({"subseed_strength": 0.3}, "subseed_strength"),
+        # Silently wrong before (issue 21, 16): -2 x -2 made 4 images; resized seeds and a
+        # second pass's sampler schedule were dropped.
+        ({"batch_size": -2, "n_iter": -2}, "batch_size"),
+        ({"seed_resize_from_w": 256, "seed_resize_from_h": 256}, "seed_resize_from_w"),
+        ({"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler"),
         ({"steps": 0}, "steps"),
         ({"prompt": ""}, "prompt"),
         ({"negative_prompt": "(e:1.1) " * 301}, "negative_prompt"),  # 5 chunks, the limit 4
@@ -160,3 +165,33 @@ def test_keys_bearer_or_basic(service: str) -> None:  # noqa: F811
     with pytest.raises(RuntimeError) as refused:
         client(service, "sds_wrong").txt2img(prompt="x", **SMALL)
     assert refused.value.args[0] == 401
+
+
+def test_a_refusal_names_the_field_without_echoing_the_value(service: str) -> None:  # noqa: F811
+    """Two 4 MB init_images made an 8 MB error body (issue 21, 9): the message says what was
+    sent, not the value; A1111's own "no script" (`script_name: ""`) is accepted."""
+    big = "A" * 4_000_000
+    answer = httpx.post(f"{service}/sdapi/v1/img2img", auth=("u", KEY),
+                        json={"prompt": "x", "init_images": [big, big], **SMALL})  # fmt: skip
+    assert answer.status_code == 422
+    assert len(answer.content) < 2000 and "init_images" in answer.text
+    assert "a list of 2 items" in answer.text
+    made = client(service).txt2img(prompt="x", script_name="", **SMALL)
+    assert len(made.images) == 1
+
+
+def test_info_names_the_jobs_model_and_a_hires_strength() -> None:
+    """`sd_model_name` named the default model when `override_settings` chose another, and a
+    hires fix's `denoising_strength` was null (issue 21, 10)."""
+    import json
+    import time
+
+    from app.a1111 import info
+    from app.jobs.contract import Hires, Txt2ImgRequest
+    from app.jobs.views import job_view
+
+    request = Txt2ImgRequest(prompt="a", seed=1, model="anime", hires=Hires(strength=0.45))
+    record = {"request": json.dumps(request.model_dump(mode="json")), "status": "succeeded",
+              "created_at": str(time.time()), "images": "1"}  # fmt: skip
+    said = json.loads(info(job_view("j", record, None, time.time()), "default", [""]))
+    assert said["sd_model_name"] == "anime" and said["denoising_strength"] == 0.45
