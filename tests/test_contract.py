@@ -94,3 +94,23 @@ def test_progress_counts_the_steps_the_job_runs() -> None:
                   "created_at": str(time.time()), "step": str(steps)}  # fmt: skip
         progress = job_view("j", record, None, time.time()).progress
         assert progress is not None and (progress.step, progress.steps) == (steps, steps)
+
+
+def test_infotext_of_a_hires_fix_and_of_x4_says_what_ran() -> None:
+    """A hires fix's PNG said nothing of its second pass, and x4's said Lanczos and a strength
+    it does not use, with no noise level (issue 21, 11)."""
+    from app.jobs.contract import Hires, StoredImage, Txt2ImgRequest, UpscaleRequest
+    from worker.images import parameters
+
+    second = Hires(scale=1.5, steps=8, strength=0.45, method="pixel")
+    hires = Txt2ImgRequest(prompt="a", seed=1, steps=20, hires=second)
+    text = parameters(hires, 1, "m")
+    for said in ("Size: 512x512", "Denoising strength: 0.45", "Hires upscale: 1.5",
+                 "Hires steps: 8", "Hires upscaler: Lanczos"):  # fmt: skip
+        assert said in text, said
+    image = StoredImage(sha256="0" * 64, width=64, height=64)
+    x4 = UpscaleRequest(image=image, width=128, height=128, method="x4", scale=2, seed=1,
+                        noise_level=40)  # fmt: skip
+    text = parameters(x4, 1, "m")
+    assert "Noise level: 40" in text and "SD x4 upscaler" in text
+    assert "Lanczos" not in text and "Denoising strength" not in text
