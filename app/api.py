@@ -111,9 +111,12 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:
-            # FastAPI's answer to a body it cannot even decode (not UTF-8): for a client that
-            # is one more malformed body, the same 422 as broken JSON.
+            # FastAPI's answer to a body it cannot even decode (not UTF-8 JSON, or multipart
+            # that the form parser refused: a bad boundary, too many files or fields): for a
+            # client that is one more malformed body, a 422 that says which.
             message = "body is not valid UTF-8 JSON"
+            if request.headers.get("content-type", "").lower().startswith("multipart/"):
+                message = f"body is not valid multipart/form-data: {exc.detail}"
             error = {"loc": ["body"], "msg": message, "type": "json_invalid"}
             return _answer(request, 422, message, detail=[error])
         code = exc.code if isinstance(exc, JobEnded) else None

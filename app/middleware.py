@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import openai_images
 
 
 class NoSniff:
@@ -47,7 +51,11 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             status = 413 if declared.isdigit() else 400
-            response = JSONResponse({"detail": _message(declared, limit)}, status_code=status)
+            message = _message(declared, limit)
+            body: dict[str, Any] = {"detail": message}
+            if scope["path"].startswith(openai_images.PREFIX):  # OpenAI's clients read theirs
+                body = openai_images.error_body(status, message, None, None)
+            response = JSONResponse(body, status_code=status)
             await response(scope, receive, send)
             return
         received = 0

@@ -227,6 +227,29 @@ def test_bodies_multipart_files_and_limits(api: httpx.Client) -> None:
     assert api.post("/v1/txt2img", json={**FIELDS, "prompt": "x" * 70_000}).status_code == 413
 
 
+def test_malformed_multipart_and_repeated_fields_are_named(api: httpx.Client) -> None:
+    """A bad boundary, too many files: said as multipart, not "not valid UTF-8 JSON" (issue 21,
+    14); a field given twice is refused on /v1/images/edits as on /v1/img2img (15); a body
+    over the limit on /v1/images/* comes back in OpenAI's error shape (17)."""
+    png = encoded(Image.new("RGB", (64, 64)), "PNG")
+    bad = api.post("/v1/img2img", content=b"--x\r\nnonsense",
+                   headers={"content-type": "multipart/form-data; boundary=y"})  # fmt: skip
+    assert bad.status_code == 422 and "multipart/form-data" in bad.text, bad.text
+    files = [("image", ("a.png", png, "image/png"))] * 3
+    many = api.post("/v1/img2img", data={"prompt": "x"}, files=files)
+    assert many.status_code == 422 and "multipart/form-data" in many.text, many.text
+    parts: list[tuple[str, tuple[str | None, bytes, str | None]]] = [
+        ("image", ("a.png", png, "image/png")), ("prompt", (None, b"a", None)),
+        ("prompt", (None, b"b", None)),
+    ]  # fmt: skip
+    twice = api.post("/v1/images/edits", files=parts)
+    assert twice.status_code == 422 and "given twice" in twice.text, twice.text
+    huge = api.post("/v1/images/generations", content=b"{" + b" " * 70_000 + b"}",
+                    headers={"content-type": "application/json"})  # fmt: skip
+    assert huge.status_code == 413
+    assert huge.json()["error"]["message"].startswith("request body is larger than")
+
+
 def test_a_replay_lands_on_the_first_job_and_keeps_no_second_copy(
     api: httpx.Client, storage_dir: Path
 ) -> None:

@@ -101,6 +101,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 if key in data:
                     raise sources.invalid(key, "takes one picture")
                 data[key] = await value.read()
+            elif key in fields:  # as /v1/img2img: a field given twice is a mistake
+                raise sources.invalid(key, "is given twice")
             else:
                 fields[key] = value
         if "image" not in data:
