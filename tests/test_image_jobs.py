@@ -250,6 +250,33 @@ def test_malformed_multipart_and_repeated_fields_are_named(api: httpx.Client) ->
     assert huge.json()["error"]["message"].startswith("request body is larger than")
 
 
+def test_storage_that_cannot_be_written_is_a_503_to_retry(
+    store: JobStore, redis_url: str, tmp_path: Path
+) -> None:
+    """Every picture route answered 500, without nosniff, and dropped the keep-alive
+    connection (issue 21, 13): a 503 with Retry-After, as for Redis away, and the connection
+    serves the next request."""
+    import shutil
+
+    from app.api import create_app
+    from app.settings import ApiSettings
+    from tests.conftest import serving
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    settings = ApiSettings(redis_url=redis_url, auth="off", storage=folder.as_uri())
+    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as http:
+        shutil.rmtree(folder)
+        folder.write_text("a file where the folder was: nothing can be written under it")
+        picture = b64(Image.new("RGB", (64, 64), "grey"))
+        for route in ("/v1/img2img", "/v1/upscale"):
+            answer = http.post(route, json={"prompt": "x", "image": picture, "seed": 1})
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"] and "storage" in answer.text
+            assert answer.headers["x-content-type-options"] == "nosniff"
+        assert http.get("/healthz").status_code == 200  # the same connection goes on
+
+
 def test_a_replay_lands_on_the_first_job_and_keeps_no_second_copy(
     api: httpx.Client, storage_dir: Path
 ) -> None:

@@ -9,7 +9,9 @@ get; the queued job refers to them by that id and their digest, never carries th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -41,10 +43,19 @@ from app.jobs.contract import (
     new_job_id,
     upscale_drawn,
 )
-from app.routes.context import IDEMPOTENCY_KEY, UNAUTHORIZED, Context, error, find_job
+from app.routes.context import (
+    IDEMPOTENCY_KEY,
+    RETRY_AFTER_S,
+    UNAUTHORIZED,
+    Context,
+    error,
+    find_job,
+)
 from app.routes.submit import Accepted, Submitter
 from app.storage import INPUTS, input_key
 from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
+
+log = logging.getLogger("sdserve.api")
 
 UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/upscale", "/v1/images/edits",
                            "/sdapi/v1/img2img"})  # fmt: skip
@@ -215,8 +226,16 @@ def queue_with_pictures(ctx: Context, submit: Submitter, request: SourceRequest,
     Pictures nothing will refer to (a refusal, or a replay that found an earlier job) are
     removed again."""
     job_id = new_job_id()
-    for name, png in pngs.items():
-        ctx.storage.put(input_key(job_id, name), png)
+    try:
+        for name, png in pngs.items():
+            ctx.storage.put(input_key(job_id, name), png)
+    except Exception as e:  # a full disk, a bucket away: as Redis away, try again later
+        log.error("storing a job's pictures failed: %s: %s", type(e).__name__, e)
+        with contextlib.suppress(Exception):
+            for name in pngs:
+                ctx.storage.delete(input_key(job_id, name))
+        raise HTTPException(503, "image storage is unavailable; try again later",
+                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
     queued = False
     try:
         found = submit(request, http, caller, idempotency_key, retrying, job_id)
@@ -288,6 +307,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         **error(415, "Neither JSON nor multipart/form-data."),
         422: {"description": "Invalid field, or an image that cannot be read."},
         **error(429, "The queue is full, or this key is at its limit; see `Retry-After`."),
+        **error(503, "The queue (Redis) or the image storage is unreachable; see `Retry-After`."),
     }
 
     def add(path: str, name: str, summary: str, body_model: type[BaseModel],
