@@ -85,6 +85,9 @@ def test_each_model_has_its_queue_and_its_workers(
         wait_for(lambda: status(served, chosen) == "succeeded", 120, "the photo job")
         waiting = served.get(f"/jobs/{default}").json()
         assert waiting["status"] == "queued" and waiting["position"] == 0
+        # It says that no live worker holds its model, and has no ETA made up from the
+        # other model's workers (issue 21, 6); the photo job's worker is counted for photo.
+        assert waiting["workers"] == 0 and waiting["eta_s"] is None
         holders = {m["id"]: m["workers"] for m in served.get("/v1/models").json()["data"]}
         assert holders == {"anime": [], "photo": ["photo-worker"]}
     finally:

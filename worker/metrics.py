@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from app.jobs.contract import JOB_SECONDS_BUCKETS
+from app.jobs.contract import JOB_SECONDS_BUCKETS, ErrorCode
 
 # Seconds a step or a decode takes: milliseconds on a GPU, up to seconds on a CPU.
 STEP_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -61,6 +61,8 @@ class WorkerMetrics:
         self.failures = Counter(
             "sdserve_worker_failures", "Jobs failed, by error code.", ["code"], registry=r
         )
+        for code in ErrorCode:  # every code at 0 from the start: rates need no first failure
+            self.failures.labels(code.value)
         self.oom_splits = Counter(
             "sdserve_worker_oom_splits", "Batches split in two after running out of GPU memory.",
             registry=r,

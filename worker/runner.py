@@ -528,7 +528,8 @@ class Runner:
 
     def _info(self) -> str:
         """What the heartbeat says: the models held, and the pace the API's queued ETAs use."""
-        info = {"device": str(self.engine.device), "models": list(self.engines)}
+        info = {"device": str(self.engine.device), "models": list(self.engines),
+                "upscaler": self.upscaler is not None}  # fmt: skip
         return json.dumps(info | self.tracker.pace().fields())
 
     def _heartbeat(self) -> None:

@@ -12,6 +12,7 @@ import redis
 from app.jobs import scripts
 from app.jobs.contract import (
     DEFAULT_MODEL,
+    ErrorCode,
     JobRequest,
     JobView,
     Status,
@@ -19,7 +20,7 @@ from app.jobs.contract import (
     new_job_id,
     parse_request,
 )
-from app.jobs.eta import Pace
+from app.jobs.eta import Beat, Pace
 from app.jobs.keys import (
     DEAD,
     GROUP,
@@ -58,7 +59,8 @@ class ApiStore(Store):
         super().__init__(client, result_ttl_s, record_grace_s)
         self._submit = client.register_script(scripts.SUBMIT)
         self._clock_offset: float | None = None  # Redis's clock minus ours, seconds
-        self._paces: tuple[float, list[Pace]] | None = None  # (when read, the paces)
+        # (when read, each live worker's models and pace)
+        self._paces: tuple[float, list[Beat]] | None = None
         self._timeout_s = float(client.connection_pool.connection_kwargs.get("socket_timeout")
                                 or 0)  # fmt: skip
 
@@ -176,8 +178,14 @@ class ApiStore(Store):
         # worker has written its own.
         status = record["status"]
         starting = status == "running" and "finish_at" not in record
-        paces = self.paces() if status == "queued" or starting else []
-        return job_view(job_id, record, position, time.time() if now is None else now, paces)
+        paces: list[Pace] = []
+        workers = None
+        if status == "queued" or starting:
+            model = parse_request(record["request"]).model or self.models[0]
+            held = self.workers_of(model)
+            paces, workers = [b.pace for b in held if b.pace is not None], len(held)
+        now = time.time() if now is None else now
+        return job_view(job_id, record, position, now, paces, workers)
 
     def remember_latest(self, owner: str, job_id: str) -> None:
         """A1111's progress and interrupt are about the caller's latest job."""
@@ -198,11 +206,43 @@ class ApiStore(Store):
 
     def paces(self) -> list[Pace]:
         """How the live workers are going (their heartbeats'), read at most once a second."""
+        return [beat.pace for beat in self._beats() if beat.pace is not None]
+
+    def workers_of(self, model: str) -> list[Beat]:
+        """What the live workers that hold `model` say in their heartbeats."""
+        return [beat for beat in self._beats() if model in beat.models]
+
+    def _beats(self) -> list[Beat]:
+        """Each live worker's heartbeat, read at most once a second."""
         now = time.monotonic()
         if self._paces is None or now - self._paces[0] > PACE_MAX_AGE_S:
-            paces = [Pace.parse(info) for info in self._worker_infos()]
-            self._paces = (now, [p for p in paces if p is not None])
+            self._paces = (now, [Beat.parse(info) for info in self._worker_infos()])
         return self._paces[1]
+
+    def fail_overdue(self) -> int:
+        """Queued jobs past their deadline whose model no live worker holds fail
+        `deadline_exceeded` here (a worker fails them when it takes them, but none may come);
+        returns how many. The stream entry stays: a worker that reads it later finds it ended
+        and acks it."""
+        alone = [model for model in self.models if not self.workers_of(model)]
+        now = time.time()  # deadlines are on the hosts' clocks, as workers read them
+        failed = 0
+        for model in alone:
+            queued: Any = self._r.zrange(queued_key(model), 0, -1)
+            ids = [raw.decode() for raw in queued]
+            if not ids:
+                continue
+            tx = self._r.pipeline(transaction=False)
+            for job_id in ids:
+                tx.hmget(job_key(job_id), ["deadline", "owner"])
+            for job_id, (deadline, owner) in zip(ids, tx.execute(), strict=True):
+                if deadline is None or float(deadline) >= now:
+                    continue
+                said = f"its timeout_s passed while no live worker held model {model}"
+                code = ErrorCode.DEADLINE.value
+                failed += self._complete(job_id, model, None, (owner or b"").decode(),
+                                         Status.FAILED, 0, code, said)  # fmt: skip
+        return failed
 
     def _worker_infos(self) -> list[str]:
         return list(self._worker_infos_by_name().values())

@@ -425,6 +425,12 @@ class JobView(BaseModel):
         description="While running: its latest live preview (a small JPEG of every image side"
         " by side), when the workers make previews. The query changes with each new one.",
     )
+    workers: int | None = Field(
+        default=None,
+        description="While queued: the live workers that hold its model. 0: no worker will"
+        " run it until one starts (its `eta_s` is then absent, and its `timeout_s` still"
+        " holds: it fails `deadline_exceeded` when that passes).",
+    )
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,26 @@ class Pace:
             return None
 
 
+@dataclass(frozen=True)
+class Beat:
+    """What a live worker's heartbeat says: the models it holds, whether it has the x4
+    upscaler, and its pace (None before it has measured one, or from an older worker)."""
+
+    models: tuple[str, ...]
+    upscaler: bool
+    pace: Pace | None
+
+    @classmethod
+    def parse(cls, info: str) -> Beat:
+        try:
+            fields = json.loads(info)
+            models = tuple(str(m) for m in fields.get("models", ()))
+            upscaler = bool(fields.get("upscaler", False))
+        except (ValueError, TypeError, AttributeError):
+            models, upscaler = (), False
+        return cls(models, upscaler, Pace.parse(info))
+
+
 def run_steps(steps: int, strength: float) -> int:
     """Steps a pass from a picture runs: the last `strength` of its schedule, and at least one
     (A1111's rule; diffusers would run none and fail). The worker starts its plans here

@@ -50,8 +50,10 @@ def job_view(
     position: int | None,
     now: float,
     paces: list[Pace] | None = None,
+    workers: int | None = None,
 ) -> JobView:
-    """The record as clients see it; `paces` (the live workers') give a queued job's ETA."""
+    """The record as clients see it; `paces` (the live workers' that hold its model) give a
+    queued job's ETA, `workers` says how many of them there are."""
     request = parse_request(record["request"])
     status = Status(record["status"])
     expires_at = record.get("expires_at")
@@ -83,6 +85,7 @@ def job_view(
         preview_url=f"/jobs/{job_id}/preview.jpg?step={record['preview']}"
         if status is Status.RUNNING and "preview" in record
         else None,
+        workers=workers if status is Status.QUEUED else None,
     )
 
 

@@ -282,6 +282,14 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             if isinstance(body, UpscaleBody):
                 if body.method == "x4" and not ctx.settings.upscaler:
                     raise invalid("method", "this server has no x4 upscaler (SDSERVE_UPSCALER)")
+                if body.method == "x4":
+                    model = body.model or ctx.store.models[0]
+                    held = await run_in_threadpool(ctx.store.workers_of, model)
+                    # Live workers of the model, none with the upscaler: nothing can run it.
+                    # (None live: the job waits for one, as any job does.)
+                    if held and not any(beat.upscaler for beat in held):
+                        raise invalid("method", f"no live worker of model {model} has the x4"
+                                      " upscaler (SDSERVE_UPSCALER)")  # fmt: skip
                 fields, pngs = await run_in_threadpool(
                     enlarge, pictures, body.scale, body.method, ctx.settings.max_upscale_side
                 )
