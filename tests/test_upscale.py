@@ -309,10 +309,13 @@ def test_a_worker_without_the_upscaler_fails_an_x4_job_and_lives_on(
         try:
             wait_for(lambda: http.get(f"/jobs/{text}").json()["status"] == "succeeded", 120,
                      "the next job")  # fmt: skip
+
             # Now a live worker of the model says it has no upscaler: refused up front.
-            refused: httpx.Response = wait_for(
-                lambda: (a := http.post("/v1/upscale", json=body)).status_code == 422 and a,
-                10, "the API to read the heartbeat")  # fmt: skip
+            def refusal() -> httpx.Response | None:
+                answer = http.post("/v1/upscale", json=body)
+                return answer if answer.status_code == 422 else None
+
+            refused = wait_for(refusal, 10, "the API to read the heartbeat")
             assert "no live worker of model default has the x4 upscaler" in refused.text
         finally:
             done.set()
