@@ -115,7 +115,7 @@ def base_url(redis_server: ValkeyServer) -> Iterator[str]:
     redis.Redis.from_url(url).flushdb()
     store = JobStore.connect(url, 3600, 5)
     # Ready: a 503 would be a real fault.
-    store.heartbeat("fuzz-worker", "token", ttl_s=600, info="{}")
+    store.heartbeat("fuzz-worker", "token", ttl_s=600, info='{"models": ["default"]}')
     with serving(create_app(store, settings_for(url))) as served:
         yield served
 

@@ -171,9 +171,31 @@ def test_a_queued_job_has_an_eta_once_a_worker_measured_its_pace(
 ) -> None:
     job_id = submit(store, steps=10)
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] is None  # no worker
-    info = {"model": "m", "device": "cpu", "base_s": 0.1, "row_s": 0.05, "rows": 0,
+    # As a worker's heartbeat says it: the models it holds (the job's among them), its pace.
+    info = {"models": ["default"], "device": "cpu", "base_s": 0.1, "row_s": 0.05, "rows": 0,
             "row_cap": 8, "finish_s": 1.0}  # fmt: skip
     store.heartbeat("paced", "token", 30, json.dumps(info))
     time.sleep(1.1)  # the API reads paces at most once a second
     # 10 steps of its 2 rows at 0.1 + 0.05 x 2 s, and a finish.
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(3.0)
+
+
+def test_a_picture_in_tiles_has_a_preview_beside_whole_ones(tiny_model: Path) -> None:
+    """Pictures past the tile size had no preview (issue 21, 19): a tiled lane's preview is
+    the whole picture, its tiles' predictions blended as its latents are; a whole picture's
+    is made as before."""
+    import torch
+
+    from worker.compiled import Tuning
+    from worker.engine import BatchShape, Engine, ImageSpec
+
+    engine = Engine(str(tiny_model), torch.device("cpu"), Tuning(tile=64, tile_overlap=16))
+    big = engine.prepare("big", [ImageSpec("a", "", 7.5, 1)], BatchShape(96, 96, 3, "ddim"))
+    small = engine.prepare("small", [ImageSpec("b", "", 7.5, 2)], BatchShape(64, 64, 3, "ddim"))
+    assert big.tiling is not None and small.tiling is None
+    made = engine.step([big], {"big"})
+    assert made is not None
+    step, [picture] = made.pictures("big")
+    assert step == 1 and picture.shape == (12, 12, 3)
+    whole = engine.step([small], {"small"})
+    assert whole is not None and whole.pictures("small")[1][0].shape == (8, 8, 3)

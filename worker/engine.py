@@ -583,7 +583,8 @@ class Engine:
         wanted: Collection[str],
     ) -> Previews | None:
         """The wanted lanes' images as they would be if denoising stopped at this step, in
-        small: all of them in a few operations, whatever their number."""
+        small: all whole pictures in a few operations, whatever their number; a picture in
+        tiles from its tiles' predictions blended as its latents are."""
         if self._colour_map is None:
             fitted = fit_colours(self.vae, self.device, self.dtype, self.latent_scale)
             self._colour_map = fitted.to(self.device, torch.float32)
@@ -591,22 +592,35 @@ class Engine:
         samples: list[torch.Tensor] = []
         signals: list[float] = []
         index: list[int] = []
-        rows: dict[str, tuple[int, int, int]] = {}
+        rows: dict[str, tuple[int, int, int, int]] = {}
+        tiled: list[torch.Tensor] = []
         at = count = 0
         for lane, sample in zip(lanes, inputs, strict=True):
-            if lane.key in wanted and lane.tiling is None:  # a tiled picture has no preview
+            if lane.key in wanted and lane.tiling is not None:
+                # x0 is linear in the output: the blend of the tiles' x0 is the picture's.
+                signal = self._signal(lane.timestep())
+                tiles = clean_latents(sample[:, :channels].float(),
+                                      outputs[at : at + lane.rows].float(), signal,
+                                      self._prediction)  # fmt: skip
+                tiled.append(colours(lane.tiling.merge(tiles), self._colour_map))
+                rows[lane.key] = (len(tiled), 0, lane.images, lane.step + 1)
+            elif lane.key in wanted:
                 samples.append(sample[:, :channels])
                 index += range(at, at + lane.images)
                 signals += [self._signal(lane.timestep())] * lane.images
-                rows[lane.key] = (count, lane.images, lane.step + 1)
+                rows[lane.key] = (0, count, lane.images, lane.step + 1)
                 count += lane.images
             at += lane.rows
         if not rows:
             return None
-        noise = outputs.index_select(0, on_device(index, torch.long, self.device))
-        left = on_device(signals, torch.float32, self.device).view(-1, 1, 1, 1)
-        clean = clean_latents(torch.cat(samples).float(), noise.float(), left, self._prediction)
-        return Previews(colours(clean, self._colour_map), GpuTimer(self.device), rows)
+        whole = torch.empty(0, 1, 1, 3, dtype=torch.uint8, device=self.device)
+        if samples:
+            noise = outputs.index_select(0, on_device(index, torch.long, self.device))
+            left = on_device(signals, torch.float32, self.device).view(-1, 1, 1, 1)
+            clean = clean_latents(torch.cat(samples).float(), noise.float(), left,
+                                  self._prediction)  # fmt: skip
+            whole = colours(clean, self._colour_map)
+        return Previews([whole, *tiled], GpuTimer(self.device), rows)
 
     def _signal(self, timestep: float) -> float:
         """How much of the clean image is left at a timestep: sqrt of the schedule's cumulative

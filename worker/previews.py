@@ -69,17 +69,23 @@ def colours(latents: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 class Previews:
     """The previews of one step's lanes, made together and on their way to the host as a decode
-    is (pinned memory behind the GPU's queue): the row loop never waits for them."""
+    is (pinned memory behind the GPU's queue): the row loop never waits for them. `parts[0]`
+    holds the whole pictures' previews, one more part each picture in tiles (its own size)."""
 
     def __init__(
-        self, pixels: torch.Tensor, timer: GpuTimer, rows: dict[str, tuple[int, int, int]]
+        self,
+        parts: list[torch.Tensor],
+        timer: GpuTimer,
+        rows: dict[str, tuple[int, int, int, int]],
     ) -> None:
-        self.rows = rows  # lane key -> (first row, images, the step it shows)
-        if pixels.is_cuda:
-            self.pixels = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-            self.pixels.copy_(pixels, non_blocking=True)
-        else:
-            self.pixels = pixels
+        self.rows = rows  # lane key -> (part, first row, images, the step it shows)
+        self.parts: list[torch.Tensor] = []
+        for pixels in parts:
+            if pixels.is_cuda:
+                pinned = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+                self.parts.append(pinned.copy_(pixels, non_blocking=True))
+            else:
+                self.parts.append(pixels)
         self.timer = timer.stop()
 
     def ready(self) -> bool:
@@ -87,5 +93,6 @@ class Previews:
 
     def pictures(self, key: str) -> tuple[int, list[np.ndarray]]:
         """A lane's step and its images' previews (HxWx3 uint8); call once `ready`."""
-        first, images, step = self.rows[key]
-        return step, [picture.numpy() for picture in self.pixels[first : first + images]]
+        part, first, images, step = self.rows[key]
+        pixels = self.parts[part]
+        return step, [picture.numpy() for picture in pixels[first : first + images]]
