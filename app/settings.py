@@ -109,6 +109,14 @@ class ApiSettings(CommonSettings):
     redis_timeout_s: float = Field(
         default=1.0, gt=0, le=30, description="Seconds before an unanswered Redis call is a 503."
     )
+    max_decodes: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Pictures decoded at once by one API process: each may hold up to about"
+        " 20 bytes a pixel of the 4096 x 4096 cap (some 320 MB for an inpainting request);"
+        " more requests wait their turn.",
+    )
     max_upload_bytes: int = Field(
         default=16 * 2**20,
         ge=2**16,

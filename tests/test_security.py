@@ -212,3 +212,72 @@ def test_a_bad_keys_file_names_its_line(tmp_path: Path) -> None:
            "SDSERVE_API_KEYS_FILE": str(tmp_path / "keys")}  # fmt: skip
     done = subprocess.run([SDSERVE, "api"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and f"{tmp_path / 'keys'}:2" in done.stderr
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kib) * 1024
+
+
+def test_pictures_cost_bounded_memory_on_a_real_process(redis_url: str, tmp_path: Path) -> None:
+    """A small inpainting request whose PNGs declare 4096 x 4096 cost the API ~320 MB, and 8
+    at once 2.5 GB, decoded before any limit applied (issue 21, 3). Now a key's limits refuse
+    first (a refused request decodes nothing) and at most SDSERVE_MAX_DECODES (2) decode at
+    once: measured as the peak memory of a real `sdserve api` process."""
+    import io
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from tests.conftest import free_port, process, wait_for
+
+    def png(mode: str) -> bytes:
+        out = io.BytesIO()
+        Image.new(mode, (4096, 4096), 128).save(out, format="PNG")
+        return out.getvalue()
+
+    image, mask = png("RGB"), png("L")
+    assert len(image) + len(mask) < 300_000  # a small body: what it declares is the cost
+    lines = [json.dumps(k.model_dump(exclude_none=True)) for k in keys(max_in_flight=1)]
+    (tmp_path / "keys.jsonl").write_text("\n".join(lines) + "\n")
+    port = free_port()
+    env = sdserve_env(redis_url, auth="on", api_keys_file=str(tmp_path / "keys.jsonl"),
+                      max_decodes="2")  # fmt: skip
+    with process(["api", "--port", str(port)], env, tmp_path / "api.log") as api:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url), 30, "the API")
+
+        def inpaint(key: str) -> int:
+            files = {"image": ("a.png", image, "image/png"), "mask": ("m.png", mask, "image/png")}
+            answer = httpx.post(f"{url}/v1/inpaint", data={"prompt": "a door"}, files=files,
+                                headers=bearer(key), timeout=120)  # fmt: skip
+            return answer.status_code
+
+        assert inpaint(KEY_B) == 202  # everything imported and warm
+        started = time.monotonic()
+        assert inpaint(KEY_B) == 202
+        decoding_s = time.monotonic() - started
+        one = _peak_rss(api.pid)
+        # Alice may have one job in flight: her first is decoded and queued; the next ones are
+        # refused before their pictures are read (in a fraction of a decode's time).
+        assert inpaint(KEY_A) == 202
+        for _ in range(5):
+            started = time.monotonic()
+            assert inpaint(KEY_A) == 429
+            assert time.monotonic() - started < decoding_s / 3
+        # Bob has no limit: eight at once, decoded two at a time.
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(inpaint, [KEY_B] * 8)) == [202] * 8
+        grown = _peak_rss(api.pid) - one
+    # One decode of these two pictures holds ~350 MB: two at once, not eight (2.5 GB).
+    assert grown < 900 * 2**20, f"{grown / 2**20:.0f} MiB more at the peak"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -123,6 +123,28 @@ class ApiStore(Store):
         expected = sent if idempotency is not None else retry_hash
         return (Submission.REPLAYED if first_sent == expected else Submission.CONFLICT), first_job
 
+    def admission(
+        self, owner: str, max_in_flight: int, rate: tuple[float, int] | None
+    ) -> tuple[Submission | None, float]:
+        """What `submit` would say of this key's rate and jobs in flight now, read without
+        changing anything (the expensive work of a request, decoding its pictures, waits for
+        a yes): a refusal and the seconds to wait, or (None, 0)."""
+        tx = self._r.pipeline(transaction=False)
+        tx.time()
+        tx.hmget(ratelimit_key(owner), ["tokens", "at"])
+        tx.scard(inflight_key(owner))
+        (seconds, micros), (tokens, at), in_flight = tx.execute()
+        if rate is not None:
+            per_s, burst = rate
+            now = seconds + micros / 1e6
+            left = float(burst) if tokens is None else float(tokens)
+            left = min(burst, left + max(0.0, now - float(at or now)) * per_s)
+            if left < 1:
+                return Submission.RATE_LIMITED, (1 - left) / per_s
+        if max_in_flight > 0 and int(in_flight) >= max_in_flight:
+            return Submission.BUSY, 0.0
+        return None, 0.0
+
     def _offset(self) -> float:
         if self._clock_offset is None:
             seconds, micros = self._r.time()

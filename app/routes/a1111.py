@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -101,7 +102,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             data = {"image": from_base64("init_images", payload.init_images[0])}
             if payload.mask is not None:
                 data["mask"] = from_base64("mask", payload.mask)
-            pictures = await run_in_threadpool(sources.read_pictures, data)
+            pictures = await sources.decoded(ctx, submit, http, caller, None,
+                                             partial(sources.read_pictures, data))  # fmt: skip
             stored, pngs = await run_in_threadpool(sources.fit, pictures, payload.width,
                                                    payload.height)  # fmt: skip
         except UploadError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,8 @@ class Context:
     # FastAPI's marker (`Depends(...)`, typed Any as FastAPI types it): the calling API key,
     # or a 401.
     authenticated: Any
+    # Decodes of uploaded pictures under way in this process, at most SDSERVE_MAX_DECODES.
+    decodes: asyncio.Semaphore
 
 
 def make_context(store: ApiStore, storage: Storage, settings: ApiSettings) -> Context:
@@ -81,7 +84,8 @@ def make_context(store: ApiStore, storage: Storage, settings: ApiSettings) -> Co
             raise HTTPException(401, what, headers={"WWW-Authenticate": challenge})
         return caller
 
-    return Context(store, storage, settings, Depends(authenticate))
+    decodes = asyncio.Semaphore(settings.max_decodes)
+    return Context(store, storage, settings, Depends(authenticate), decodes)
 
 
 def find_job(store: ApiStore, job_id: str, caller: Caller) -> JobView:

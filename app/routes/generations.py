@@ -112,9 +112,14 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         except ValidationError as e:
             raise RequestValidationError(sources.located(e)) from None
         try:
-            pictures = await run_in_threadpool(sources.read_pictures, data)
-            if "mask" not in pictures and (holes := transparency(data["image"])) is not None:
-                pictures["mask"] = holes
+
+            def read() -> dict[str, Image.Image]:
+                pictures = sources.read_pictures(data)
+                if "mask" not in pictures and (holes := transparency(data["image"])) is not None:
+                    pictures["mask"] = holes
+                return pictures
+
+            pictures = await sources.decoded(ctx, submit, http, caller, idempotency_key, read)
             width, height = request.sides()
             stored, pngs = await run_in_threadpool(sources.fit, pictures, width, height)
         except UploadError as e:

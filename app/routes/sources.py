@@ -14,7 +14,8 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Path, Response
 from fastapi.concurrency import run_in_threadpool
@@ -56,6 +57,7 @@ from app.storage import INPUTS, input_key
 from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
 
 log = logging.getLogger("sdserve.api")
+T = TypeVar("T")
 
 UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/upscale", "/v1/images/edits",
                            "/sdapi/v1/img2img"})  # fmt: skip
@@ -159,6 +161,18 @@ def _stored(image: Image.Image) -> tuple[bytes, StoredImage]:
     png = to_png(image)
     return png, StoredImage(sha256=hashlib.sha256(png).hexdigest(), width=image.width,
                             height=image.height)  # fmt: skip
+
+
+async def decoded(ctx: Context, submit: Submitter, http: Request, caller: Caller,
+                  idempotency_key: str | None, work: Callable[[], T]) -> T:  # fmt: skip
+    """`work` (decoding a request's pictures) once the key's limits say yes (a request they
+    refuse decodes nothing), at most SDSERVE_MAX_DECODES at once in this process: a small
+    body may declare 4096 x 4096 pixels, and its decode holds some 20 bytes a pixel."""
+    await run_in_threadpool(submit.admit, http, caller, idempotency_key)
+    async with ctx.decodes:
+        # Again once its turn came: others of the same key may have been queued meanwhile.
+        await run_in_threadpool(submit.admit, http, caller, idempotency_key)
+        return await run_in_threadpool(work)
 
 
 def read_pictures(data: dict[str, bytes]) -> dict[str, Image.Image]:
@@ -278,7 +292,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         files = ("image", "mask") if body_model is InpaintBody else ("image",)
         try:
             body, data = await _read(http, body_model, files, limit)
-            pictures = await run_in_threadpool(read_pictures, data)
+            pictures = await decoded(ctx, submit, http, caller, idempotency_key,
+                                     partial(read_pictures, data))  # fmt: skip
             if isinstance(body, UpscaleBody):
                 if body.method == "x4" and not ctx.settings.upscaler:
                     raise invalid("method", "this server has no x4 upscaler (SDSERVE_UPSCALER)")

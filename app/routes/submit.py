@@ -69,11 +69,7 @@ class Submitter:
         client says this is its automatic retry of a call, which then lands on the job the
         first try made. `job_id`: the id a new job gets (its inputs are stored under it)."""
 
-        def too_many(reason: str, message: str, retry_after_s: float) -> NoReturn:
-            http.state.rejected = reason  # for the metrics
-            raise HTTPException(
-                429, message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))}
-            )
+        too_many = partial(_too_many, http)
 
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, self.ctx.settings)
@@ -104,15 +100,11 @@ class Submitter:
         )
         if outcome is Submission.LATE:  # Redis stalled; the call created nothing
             raise redis.TimeoutError("the submission ran too late on Redis")
-        if outcome is Submission.RATE_LIMITED:
-            message = f"rate limit: {caller.rate_per_s:g} submissions a second for this key"
-            too_many("rate_limited", message, float(job_id))
+        if outcome in (Submission.RATE_LIMITED, Submission.BUSY):
+            _refuse(http, caller, outcome, float(job_id or 0))
         if outcome is Submission.FULL:
             message = f"the queue is full ({self.ctx.settings.max_queue} jobs waiting)"
             too_many("queue_full", message, RETRY_AFTER_S)
-        if outcome is Submission.BUSY:
-            message = f"this key has {caller.max_in_flight} jobs queued or running, its limit"
-            too_many("in_flight", message, RETRY_AFTER_S)
         if outcome is Submission.CONFLICT:
             raise HTTPException(
                 409, "this Idempotency-Key was used with another request", headers=NO_RETRY
@@ -121,6 +113,17 @@ class Submitter:
             return job_id, find_job(self.ctx.store, job_id, caller).status, True
         http.state.accepted = model  # for the metrics: a new job of this model
         return job_id, Status.QUEUED, False
+
+    def admit(self, http: Request, caller: Caller, idempotency_key: str | None) -> None:
+        """Before a request's expensive work (decoding its pictures): a 429 now if this key's
+        rate or jobs in flight would refuse it anyway. A request with an Idempotency-Key may be
+        a replay, which no limit refuses: `submit` decides."""
+        if idempotency_key is not None:
+            return
+        rate = (caller.rate_per_s, caller.burst) if caller.rate_per_s else None
+        outcome, wait_s = self.ctx.store.admission(caller.key_id, caller.max_in_flight, rate)
+        if outcome is not None:
+            _refuse(http, caller, outcome, wait_s)
 
     def _model(self, name: str | None) -> str:
         """The model a request names (the default when none), or a 422 listing the names."""
@@ -156,6 +159,22 @@ class Submitter:
         if problems:
             raise RequestValidationError(problems)
         return PromptLengths(**lengths)
+
+
+def _too_many(http: Request, reason: str, message: str, retry_after_s: float) -> NoReturn:
+    http.state.rejected = reason  # for the metrics
+    raise HTTPException(
+        429, message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    )
+
+
+def _refuse(http: Request, caller: Caller, outcome: Submission, wait_s: float) -> NoReturn:
+    """The 429 of a key's own limits: its rate (`wait_s` until a token) or its jobs in flight."""
+    if outcome is Submission.RATE_LIMITED:
+        message = f"rate limit: {caller.rate_per_s:g} submissions a second for this key"
+        _too_many(http, "rate_limited", message, wait_s)
+    message = f"this key has {caller.max_in_flight} jobs queued or running, its limit"
+    _too_many(http, "in_flight", message, RETRY_AFTER_S)
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
