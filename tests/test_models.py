@@ -133,9 +133,12 @@ def test_an_unknown_model_is_a_422_listing_the_served_ones(
 
 
 def test_the_openai_and_a1111_routes_choose_a_model(served: httpx.Client) -> None:
-    # No worker here: the waiting routes give up after a second (504); the job is queued.
-    served.post("/v1/images/generations", json={"prompt": "x", "model": "photo", "size":
-                                                "64x64"})  # fmt: skip
+    # No worker here: the waiting routes give up after a second (504), saying why; the job
+    # is queued.
+    waited = served.post("/v1/images/generations", json={"prompt": "x", "model": "photo",
+                                                         "size": "64x64"})  # fmt: skip
+    assert waited.status_code == 504
+    assert "no live worker holds model photo" in waited.json()["error"]["message"]
     assert [m["queued"] for m in served.get("/v1/models").json()["data"]] == [0, 1]
     fields = a1111.Txt2ImgPayload(prompt="x", override_settings={
         "sd_model_checkpoint": "photo"}).job_fields(["anime", "photo"])  # fmt: skip

@@ -164,6 +164,8 @@ async def finished_job(ctx: Context, job_id: str, http: Request, caller: Caller)
             raise JobEnded(409, "the client hung up: job canceled", "canceled")
         if time.monotonic() > deadline:
             message = f"not done in {ctx.settings.sync_timeout_s}s; it goes on at /jobs/{job_id}"
+            if view.workers == 0:  # say why: nothing runs it until a worker of its model starts
+                message += f" (no live worker holds model {view.request.model})"
             raise JobEnded(504, message, "timeout")
         await asyncio.sleep(0.1)
     if view.status is not Status.SUCCEEDED:
