@@ -32,8 +32,9 @@ from app.jobs.contract import Hires
 from app.prompts import Chunk, Syntax, chunks, token_ids
 from app.vocabulary import PublishedTokenizer
 from worker.compiled import CompiledCalls, Tuning, on_device, placed
+from worker.timing import GpuTimer
 
-__all__ = ["Engine", "Tuning"]
+__all__ = ["Engine", "GpuTimer", "Tuning"]
 from worker.plans import Plan, probe, start_step
 from worker.previews import Previews, clean_latents, colours, fit_colours
 from worker.rows import Inpainting, Lane
@@ -752,39 +753,6 @@ class Engine:
         """Give cached GPU memory back after an out-of-memory error, before retrying smaller."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-class GpuTimer:
-    """The GPU time of some work, without waiting for it: CUDA events on a GPU, the host's
-    clock on the CPU (where the work is done when the call returns)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
-        self._started = time.perf_counter()
-        self._ended = self._started
-        self._events: tuple[Any, Any] | None = None
-        if self._cuda:
-            event: Any = torch.cuda.Event
-            self._events = (event(enable_timing=True), event(enable_timing=True))
-            self._events[0].record()
-
-    def stop(self) -> GpuTimer:
-        if self._events is not None:
-            self._events[1].record()
-        self._ended = time.perf_counter()
-        return self
-
-    def ready(self) -> bool:
-        return self._events is None or bool(self._events[1].query())
-
-    def wait(self) -> None:
-        if self._events is not None:
-            self._events[1].synchronize()
-
-    def seconds(self) -> float:
-        if self._events is not None:
-            return float(self._events[0].elapsed_time(self._events[1])) / 1000
-        return self._ended - self._started
 
 
 class Decoding:

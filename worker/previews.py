@@ -11,14 +11,13 @@ tiny test models included.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from worker.engine import GpuTimer
+from worker.timing import GpuTimer
 
 FIT_PICTURES = 24
 FIT_LATENTS = 8  # latents per side of each fitting picture
