@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from typing import Any
 
@@ -59,8 +58,8 @@ class ApiStore(Store):
         super().__init__(client, result_ttl_s, record_grace_s)
         self._submit = client.register_script(scripts.SUBMIT)
         self._clock_offset: float | None = None  # Redis's clock minus ours, seconds
-        # (when read, each live worker's models and pace)
-        self._paces: tuple[float, list[Beat]] | None = None
+        # (when read, what each live worker's heartbeat says)
+        self._heartbeats: tuple[float, list[Beat]] | None = None
         self._timeout_s = float(client.connection_pool.connection_kwargs.get("socket_timeout")
                                 or 0)  # fmt: skip
 
@@ -221,14 +220,9 @@ class ApiStore(Store):
         """Each model's live workers (by name), as their heartbeats say."""
         held: dict[str, list[str]] = {model: [] for model in self.models}
         for name, info in self._worker_infos_by_name().items():
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                for model in json.loads(info)["models"]:
-                    held.setdefault(str(model), []).append(name)
+            for model in Beat.parse(info).models:
+                held.setdefault(model, []).append(name)
         return held
-
-    def paces(self) -> list[Pace]:
-        """How the live workers are going (their heartbeats'), read at most once a second."""
-        return [beat.pace for beat in self._beats() if beat.pace is not None]
 
     def workers_of(self, model: str) -> list[Beat]:
         """What the live workers that hold `model` say in their heartbeats."""
@@ -237,9 +231,9 @@ class ApiStore(Store):
     def _beats(self) -> list[Beat]:
         """Each live worker's heartbeat, read at most once a second."""
         now = time.monotonic()
-        if self._paces is None or now - self._paces[0] > PACE_MAX_AGE_S:
-            self._paces = (now, [Beat.parse(info) for info in self._worker_infos()])
-        return self._paces[1]
+        if self._heartbeats is None or now - self._heartbeats[0] > PACE_MAX_AGE_S:
+            self._heartbeats = (now, [Beat.parse(info) for info in self._worker_infos()])
+        return self._heartbeats[1]
 
     def fail_overdue(self) -> int:
         """Queued jobs past their deadline whose model no live worker holds fail
