@@ -19,6 +19,7 @@ test: install tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -n 2
 
 # The fault tests alone (make test runs them too); both print the faults table at the end.

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from app import openai_images
 from app.jobs.api_store import ApiStore
+from app.jobs.storage import open_storage
 from app.jobs.store import is_full
 from app.jobs.webhook_store import WebhookStore
 from app.metrics import ApiMetrics, HttpMetrics
@@ -28,7 +29,6 @@ from app.openai_images import first_error
 from app.routes import a1111, generations, jobs, models, service, sources, submit
 from app.routes.context import RETRY_AFTER_S, UNAVAILABLE, JobEnded, make_context
 from app.settings import ApiSettings
-from app.storage import open_storage
 from app.sweeper import Sweeper
 from app.webhooks import WebhookSender
 

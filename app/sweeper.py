@@ -7,8 +7,8 @@ import logging
 import threading
 
 from app.jobs.api_store import ApiStore
+from app.jobs.storage import Storage, expiry_cutoff
 from app.settings import ApiSettings
-from app.storage import Storage, expiry_cutoff
 
 log = logging.getLogger("sdserve.api")
 

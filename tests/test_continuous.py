@@ -57,7 +57,7 @@ def test_a_mix_runs_at_once_and_each_image_equals_its_job_alone(
     for job_id, kw in zip(ids, mix, strict=True):
         for k in range(int(kw.get("n", 1))):
             # The static engine alone: the same images, up to fp32 rounding of the batch.
-            assert max_diff(png(store, job_id, k), alone(r.engine, store, job_id, k)) <= 1
+            assert max_diff(png(store, job_id, k), alone(r.engines.first, store, job_id, k)) <= 1
     assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
 
 
@@ -81,7 +81,7 @@ def test_a_job_joins_between_steps_and_cancel_leaves_at_the_next_one(
     worker.join(60)
     r.close()
     assert 0 < at_cancel < 60 and _status(store, doomed) is Status.CANCELED
-    assert max_diff(png(store, late, 0), alone(r.engine, store, late, 0)) <= 1
+    assert max_diff(png(store, late, 0), alone(r.engines.first, store, late, 0)) <= 1
     assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
 
 
@@ -128,5 +128,5 @@ def test_the_seed_contract_holds_across_modes(
         r.step()
     r.close()
     image = np.asarray(png(store, job_id, 0))
-    assert max_diff(png(store, job_id, 0), alone(r.engine, store, job_id, 0)) <= 1
+    assert max_diff(png(store, job_id, 0), alone(r.engines.first, store, job_id, 0)) <= 1
     assert image.shape == (96, 64, 3)

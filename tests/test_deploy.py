@@ -17,7 +17,7 @@ import yaml
 
 from app.jobs.contract import DEFAULT_MODEL
 from app.jobs.keys import GROUP, stream_key
-from app.settings import CommonSettings
+from app.jobs.settings import CommonSettings
 
 ROOT = Path(__file__).parent.parent
 OVERLAYS = ["in-cluster-redis", "external-redis", "external-bucket", "several-models"]

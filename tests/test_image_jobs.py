@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from app.jobs.contract import InpaintRequest, Txt2ImgRequest
-from app.storage import input_key, open_storage
+from app.jobs.storage import input_key, open_storage
 from tests.conftest import JobStore, wait_for
 from tests.test_continuous import serve
 from tests.test_sources import picture, square_mask

@@ -17,8 +17,8 @@ import torch
 
 from app import a1111
 from app.api import create_app
+from app.jobs.storage import open_storage
 from app.settings import ApiSettings
-from app.storage import open_storage
 from tests.conftest import JobStore, serving, wait_for
 from tests.test_continuous import serve
 from tests.test_worker import alone, max_diff, png
@@ -96,7 +96,7 @@ def test_each_model_has_its_queue_and_its_workers(
         only.close()
     # A worker holding both runs it, on its own model.
     both = worker(redis_url, models, engines, [], "both-worker")
-    assert list(both.engines) == ["anime", "photo"]
+    assert list(both.engines.models) == ["anime", "photo"]
     both.open()
     done = threading.Event()
     thread = serve(both, done)
@@ -153,7 +153,7 @@ def test_models_that_do_not_fit_stop_the_worker_naming_them(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The second model runs out of GPU memory while it loads: exit 2, both named."""
-    from worker import runner
+    from worker import engines as runner
 
     loaded: list[str] = []
 

@@ -124,7 +124,7 @@ def test_a_running_job_shows_its_preview_and_eta_everywhere(
     store: JobStore, tiny_model: Path, redis_url: str, api: httpx.Client
 ) -> None:
     r = continuous(store, tiny_model, redis_url, preview_every=2)
-    hook = slow_unet(r.engine, 0.15)
+    hook = slow_unet(r.engines.first, 0.15)
     job_id = submit(store, steps=16, n=2, width=64, height=96)
     store.remember_latest("", job_id)  # A1111's progress is about the caller's latest job
     r.open()
@@ -138,7 +138,7 @@ def test_a_running_job_shows_its_preview_and_eta_everywhere(
         picture = api.get(view["preview_url"])
         assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
         strip = Image.open(io.BytesIO(picture.content))
-        scale = r.engine.latent_scale
+        scale = r.engines.first.latent_scale
         assert strip.format == "JPEG" and strip.size == (2 * 64 // scale, 96 // scale)
         progress = api.get("/sdapi/v1/progress").json()
         assert progress["current_image"] is not None and progress["eta_relative"] > 0

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from app.jobs.contract import Status
-from app.prompts import CHUNK, chunks, count, fragments, token_ids
+from app.jobs.prompts import CHUNK, chunks, count, fragments, token_ids
 from tests.conftest import JobStore
 from tests.test_rows import max_diff, run
 from tests.test_worker import run_once, runner, submit

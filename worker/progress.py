@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.jobs.eta import Pace
+from app.jobs.tiles import TILE, TILE_OVERLAP
 from app.jobs.worker_store import Report
-from app.tiles import TILE, TILE_OVERLAP
 
 # How much of the fit each step keeps: about the last 1/(1 - FORGET) = 50 steps count, so the
 # line follows the GPU as it warms and the mix of sizes changes.

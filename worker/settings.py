@@ -12,8 +12,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from app.jobs.contract import DEFAULT_MODEL, is_side
-from app.settings import CommonSettings, cache_dir, json_or_commas
-from app.tiles import TILE, TILE_OVERLAP
+from app.jobs.settings import CommonSettings, cache_dir, json_or_commas
+from app.jobs.tiles import TILE, TILE_OVERLAP
 
 # The tiny model lives here unless SDSERVE_MODEL names another; it is built on first start.
 # Not ~/.cache/sdserve/tiny-model, where an older sdserve built it: that one's scheduler config

@@ -17,7 +17,7 @@ from app.jobs.contract import (
     UpscaleRequest,
     drawn_size,
 )
-from app.storage import Storage, input_key
+from app.jobs.storage import Storage, input_key
 from worker.engine import BatchShape, Engine, ImageSpec, Source
 from worker.rows import Lane
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.tiles import starts
+from app.jobs.tiles import starts
 
 
 def _ramp(length: int, start: int, tile: int, overlap: int) -> torch.Tensor:

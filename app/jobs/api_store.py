@@ -281,7 +281,7 @@ class ApiStore(Store):
         return value.decode() if isinstance(value, bytes) else None
 
     def tokenizer(self, model: str) -> str | None:
-        """The tokenizer record workers published for a model (app/vocabulary.py), if any."""
+        """The tokenizer record workers published for a model (app/jobs/vocabulary.py), if any."""
         value = self._r.hget(tokenizer_key(model), "record")
         return value.decode() if isinstance(value, bytes) else None
 

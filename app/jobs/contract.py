@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from app.prompts import Syntax
+from app.jobs.prompts import Syntax
 
 # A deployment's models have names (SDSERVE_MODELS); one that names none serves one model,
 # called this.

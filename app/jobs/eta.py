@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from app.jobs.contract import JobRequest, Txt2ImgRequest, UpscaleRequest, drawn_size
-from app.tiles import TILE, TILE_OVERLAP, tile_count
+from app.jobs.tiles import TILE, TILE_OVERLAP, tile_count
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from app.jobs.contract import (
     SourceRequest,
     Txt2ImgRequest,
 )
+from app.jobs.storage import result_key
 from app.routes import sources
 from app.routes.context import UNAUTHORIZED, Context, error
 from app.routes.generations import finished_job
 from app.routes.submit import Submitter
-from app.storage import result_key
 from app.uploads import UploadError, from_base64
 
 PREFIX = "/sdapi/v1"

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from app.auth import ANONYMOUS, Caller
 from app.jobs.api_store import ApiStore
 from app.jobs.contract import JobView, is_job_id
+from app.jobs.storage import Storage
 from app.settings import ApiSettings
-from app.storage import Storage
 
 RETRY_AFTER_S = 5
 # The openai SDK retries 409, 429 and 5xx; where a retry cannot help, it is told not to.

@@ -19,10 +19,10 @@ from starlette.requests import Request
 from app import openai_images
 from app.auth import Caller
 from app.jobs.contract import TERMINAL, JobView, Status
+from app.jobs.storage import result_key
 from app.routes import sources
 from app.routes.context import IDEMPOTENCY_KEY, Context, JobEnded, find_job
 from app.routes.submit import Submitter
-from app.storage import result_key
 from app.uploads import UploadError, as_mask, read_image
 
 

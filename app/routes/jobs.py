@@ -14,8 +14,8 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from app.auth import Caller
 from app.jobs.api_store import ApiStore
 from app.jobs.contract import TERMINAL, JobView, Status
+from app.jobs.storage import result_key
 from app.routes.context import NOT_FOUND, UNAUTHORIZED, Context, error, find_job
-from app.storage import result_key
 
 PRESIGNED_URL_S = 300
 

@@ -44,6 +44,7 @@ from app.jobs.contract import (
     new_job_id,
     upscale_drawn,
 )
+from app.jobs.storage import INPUTS, input_key
 from app.routes.context import (
     IDEMPOTENCY_KEY,
     RETRY_AFTER_S,
@@ -53,7 +54,6 @@ from app.routes.context import (
     find_job,
 )
 from app.routes.submit import Accepted, Submitter
-from app.storage import INPUTS, input_key
 from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
 
 log = logging.getLogger("sdserve.api")

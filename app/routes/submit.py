@@ -24,7 +24,8 @@ from app.jobs.contract import (
     Submission,
     Txt2ImgRequest,
 )
-from app.prompts import CHUNK, count
+from app.jobs.prompts import CHUNK, count
+from app.jobs.vocabulary import PromptMeter
 from app.routes.context import (
     IDEMPOTENCY_KEY,
     NO_RETRY,
@@ -35,7 +36,6 @@ from app.routes.context import (
     find_job,
 )
 from app.settings import ApiSettings
-from app.vocabulary import PromptMeter
 from app.webhooks import refusal
 
 

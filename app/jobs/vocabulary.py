@@ -4,7 +4,7 @@ The API holds no model, yet it must count a prompt's tokens as the workers will 
 prompt over the model's limit with a 422 and to show the count). So a worker, at start,
 publishes its tokenizer (the `tokenizer.json` of Hugging Face's `tokenizers`, a few MB) and the
 limit; the API reads it back and keeps it until a worker publishes another. Both sides chunk
-with app/prompts.py over the same tokenizer, so their counts are the same.
+with app/jobs/prompts.py over the same tokenizer, so their counts are the same.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from tokenizers import Tokenizer
 
-from app.prompts import Vocabulary
+from app.jobs.prompts import Vocabulary
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,106 @@
+"""The engines a worker holds: one per model it serves (`SDSERVE_MODELS`, or the worker's share
+of them), and the x4 upscaler's (`SDSERVE_UPSCALER`) beside them. A job runs on its model's
+engine (the queue it came from), an x4 upscale on the upscaler's."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from app.jobs.contract import Job, UpscaleRequest
+from app.jobs.settings import refuse
+from worker.compiled import Tuning
+from worker.engine import Engine, NoUpscaler
+from worker.settings import TINY_MODEL_DIR
+
+log = logging.getLogger("sdserve.worker")
+
+X4 = "x4-upscaler"  # the engine key of the x4 upscaler's jobs
+
+
+class Engines:
+    def __init__(self, models: dict[str, Engine], upscaler: Engine | None = None) -> None:
+        self.models = models
+        self.upscaler = upscaler
+        # The first model's engine: what every engine shares (device, tuning) is read here.
+        self.first = next(iter(models.values()))
+        self.tuning = self.first.tuning
+        self.device = self.first.device
+
+    def key(self, job: Job) -> str:
+        """Which engine runs the job: the x4 upscaler's jobs its, the others their model's
+        (whose queue they came from)."""
+        request = job.request
+        x4 = isinstance(request, UpscaleRequest) and request.method == "x4"
+        return X4 if x4 else job.delivery.model
+
+    def of(self, job: Job) -> Engine:
+        key = self.key(job)
+        if key == X4:
+            if self.upscaler is None:
+                raise NoUpscaler("this worker has no x4 upscaler (SDSERVE_UPSCALER)")
+            return self.upscaler
+        return self.models[key]
+
+    def model_file(self, job: Job) -> str:
+        """The model's folder name, as the images' infotext names it."""
+        return Path(self.of(job).model).name
+
+    def info(self) -> dict[str, object]:
+        """What the heartbeat says of them."""
+        return {"device": str(self.device), "models": list(self.models),
+                "upscaler": self.upscaler is not None}  # fmt: skip
+
+    def tokenizers(self) -> dict[str, dict[str, str]]:
+        """Each model's tokenizer as the API reads it (to count a prompt's chunks)."""
+        return {name: e.published_tokenizer.fields() for name, e in self.models.items()}
+
+
+def prepare_model(model: str) -> str:
+    """The model to load; the default tiny model is built on first use."""
+    if model == str(TINY_MODEL_DIR) and not (TINY_MODEL_DIR / "model_index.json").exists():
+        from worker.tiny import build_tiny_model
+
+        TINY_MODEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+        # Built aside, then renamed: a crash or a second worker never sees half a model.
+        with tempfile.TemporaryDirectory(dir=TINY_MODEL_DIR.parent) as tmp:
+            build_tiny_model(Path(tmp) / "model")
+            with contextlib.suppress(OSError):  # another worker won the race: use its model
+                (Path(tmp) / "model").rename(TINY_MODEL_DIR)
+        log.info("built the tiny model in %s", TINY_MODEL_DIR)
+    return model
+
+
+def load_engines(
+    models: dict[str, str], device: torch.device, tuning: Tuning
+) -> tuple[dict[str, Engine], float, float]:
+    """Load and warm up each model, saying what each holds in memory; and the seconds all the
+    loading and all the warming took. Models that do not fit beside each other stop the worker
+    (exit 2) naming them: hold fewer per worker."""
+    engines: dict[str, Engine] = {}
+    load_s = warm_s = 0.0
+    for name, source in models.items():
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        started = time.perf_counter()
+        try:
+            engine = Engine(prepare_model(source), device, tuning)
+            loaded = time.perf_counter()
+            engine.warm_up()
+        except torch.cuda.OutOfMemoryError:
+            beside = f" beside {', '.join(engines)}" if engines else ""
+            refuse(f"model {name} does not fit in {device}'s memory{beside}: give this worker"
+                   " fewer models (SDSERVE_WORKER_MODELS) or a larger GPU")  # fmt: skip
+        warmed = time.perf_counter()
+        engines[name] = engine
+        load_s, warm_s = load_s + loaded - started, warm_s + warmed - loaded
+        weights = engine.weight_bytes()
+        held = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else weights
+        log.info("model %s (%s): %.0f MiB of weights, %.0f MiB held on %s; loaded in %.1fs,"
+                 " warmed up in %.1fs", name, source, weights / 2**20, held / 2**20, device,
+                 loaded - started, warmed - loaded)  # fmt: skip
+    return engines, load_s, warm_s

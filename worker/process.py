@@ -1,0 +1,104 @@
+"""The worker process (`sdserve worker`): check the settings, load and warm up the models, then
+run until SIGTERM or SIGINT.
+
+Exit codes: 0 after a clean stop; 2 on a setting that cannot work (checked before the models
+load where it can be: storage, the metrics port, the worker name), and on models that do not
+fit in the GPU's memory; 1 when a thread died of an error it could not handle (its jobs go to
+other workers, or to this name's next start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from types import FrameType
+
+import torch
+
+from app.jobs import logs
+from app.jobs.settings import refuse
+from app.jobs.storage import open_storage
+from app.jobs.worker_store import WorkerStore
+from worker.compiled import Tuning
+from worker.engine import Engine, resolve_device
+from worker.engines import load_engines
+from worker.lease import READ_BLOCK_MS, NameTaken
+from worker.metrics import WorkerMetrics
+from worker.runner import Runner
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("sdserve.worker")
+
+
+def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
+    cuda = device.type == "cuda"
+    return Tuning(
+        max_batch=settings.max_batch,
+        fuse=cuda,
+        compile=settings.compile == "on" or (settings.compile == "auto" and cuda),
+        compiled_sizes=tuple(settings.compiled_sizes),
+        vae_chunk=settings.vae_chunk,
+        rows=settings.batching == "continuous",
+        prompt_chunks=settings.max_prompt_chunks,
+        tile=settings.tile,
+        tile_overlap=settings.tile_overlap,
+    )
+
+
+def serve(settings: WorkerSettings) -> None:
+    logs.configure(settings.log_json)
+    try:
+        device = resolve_device(settings.device)
+    except RuntimeError as e:
+        raise SystemExit(f"sdserve: {e}") from None
+    storage = open_storage(settings.storage)
+    try:
+        storage.check()
+    except Exception as e:
+        refuse(f"SDSERVE_STORAGE={settings.storage}: cannot write there: {e}")
+    tuning = tuning_of(settings, device)
+    metrics = WorkerMetrics(settings.max_batch, tuning.buckets(), tuning.row_buckets())
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.metrics_port)
+        except OSError as e:
+            refuse(f"SDSERVE_METRICS_PORT={settings.metrics_port}: {e.strerror}")
+    # Compiled kernels are reused from here by the next start: seconds instead of minutes.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
+    engines, load_s, warm_s = load_engines(settings.held_models(), device, tuning)
+    upscaler = None
+    if settings.upscaler:
+        # Uncompiled: its shapes differ from the models' and vary with each picture.
+        upscaler = Engine(settings.upscaler, device, dataclasses.replace(tuning, compile=False))
+        log.info("x4 upscaler %s: %.0f MiB of weights", settings.upscaler,
+                 upscaler.weight_bytes() / 2**20)  # fmt: skip
+    # A read blocks up to READ_BLOCK_MS: the socket must wait longer than that.
+    store = WorkerStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5,
+                                settings.record_grace_s)  # fmt: skip
+    runner = Runner(settings, store, engines, storage, metrics, upscaler)
+    metrics.model_load.set(load_s)
+    metrics.warm_up.set(warm_s)
+    if device.type == "cuda":
+        metrics.gpu_memory.set_function(lambda: torch.cuda.memory_allocated(device))
+        metrics.gpu_memory_peak.set_function(lambda: torch.cuda.max_memory_allocated(device))
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: finishing the work in hand, then exiting", signal.Signals(signum).name)
+        runner.stop()  # starts the stop grace's clock too
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        runner.run()
+    except NameTaken as e:
+        refuse(str(e))
+    if runner.fatal is not None:
+        # Half a worker is worse than none: its entries go to others (or to this name's next
+        # start). Other threads may be stuck on what killed this one: no waiting for them.
+        with contextlib.suppress(Exception):
+            store.retire(runner.name, runner.lease.token)
+        logging.shutdown()
+        os._exit(1)
