@@ -32,7 +32,8 @@ from app.jobs.storage import Storage, input_key, open_storage
 from worker.compiled import CHUNK_TOKENS, Tuning
 from worker.engine import Engine
 from worker.rows import Lane
-from worker.sources import image_specs, job_shape, load_source, next_pass
+from worker.sources import image_specs
+from worker.tasks import task
 
 SIDE, BIG = 64, 128  # the compiled sizes: a hires pass or an upscale goes from one to the other
 PICTURE = StoredImage(sha256="0" * 64, width=SIDE, height=SIDE)
@@ -185,8 +186,9 @@ def run_together(engine: Engine, storage: Storage, jobs: dict[str, JobRequest]) 
     passes joining, previews asked for every other step); returns the images made."""
     lanes: dict[str, Lane] = {}
     for key, request in jobs.items():
-        source = load_source(storage, key, request)
-        lanes[key] = engine.prepare(key, image_specs(request), job_shape(request), source)
+        work = task(request)
+        source = work.source(storage, key, request)
+        lanes[key] = engine.prepare(key, image_specs(request), work.shape(request), source)
     made = 0
     turn = 0
     while lanes:
@@ -194,7 +196,7 @@ def run_together(engine: Engine, storage: Storage, jobs: dict[str, JobRequest]) 
             group = [lane for lane in lanes.values() if lane.size == size]
             engine.step(group, {lane.key for lane in group} if turn % 2 else set())
         for key, lane in [(k, lane) for k, lane in lanes.items() if lane.done]:
-            then = next_pass(engine, jobs[key], lane)
+            then = task(jobs[key]).next_pass(engine, jobs[key], lane)
             if then is not None:
                 lanes[key] = then
                 continue

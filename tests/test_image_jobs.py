@@ -25,7 +25,7 @@ from tests.test_sources import picture, square_mask
 from tests.test_uploads import declared_png, encoded
 from tests.test_worker import png, runner
 from worker.engine import BatchShape, ImageSpec, Source
-from worker.sources import finished
+from worker.tasks import task
 
 FIELDS = {"prompt": "a cat", "steps": 4, "seed": 3, "guidance_scale": 6.0}
 
@@ -60,8 +60,8 @@ def expected(model_engine: Any, view: Any, source: Source) -> np.ndarray:
     lane = model_engine.prepare("x", [spec], shape, source)
     while not lane.done:
         model_engine.step([lane])
-    [image] = finished(model_engine.images(model_engine.finish(lane)), source, r)
-    assert image is not None
+    [image] = task(r).finished(model_engine.images(model_engine.finish(lane)), source, r)
+    assert isinstance(image, np.ndarray)
     return image
 
 

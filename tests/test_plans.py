@@ -75,7 +75,7 @@ def test_a_pass_from_a_picture_runs_at_least_one_step_by_the_one_rule(engine: En
     from PIL import Image
 
     from app.jobs.contract import StoredImage, UpscaleRequest
-    from app.jobs.eta import denoising_steps, run_steps
+    from app.jobs.tasks import denoising_steps, run_steps
     from worker.engine import BatchShape, ImageSpec, Source
     from worker.plans import start_step
 

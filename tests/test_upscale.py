@@ -338,7 +338,7 @@ def test_x4_at_scale_2_is_held_to_the_side_limit_it_draws(redis_url: str) -> Non
 
     from app.api import create_app
     from app.jobs.contract import StoredImage, UpscaleRequest
-    from app.jobs.eta import unet_rows
+    from app.jobs.tasks import unet_rows
     from app.settings import ApiSettings
     from tests.conftest import JobStore, serving
 

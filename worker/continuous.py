@@ -22,21 +22,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from app.jobs.contract import ErrorCode, Job
-from app.jobs.eta import denoising_steps, unet_rows
+from app.jobs.tasks import denoising_steps, unet_rows
 from worker.completions import Failed, Succeeded
 from worker.engine import Decoding, NoUpscaler, Source
 from worker.loop import Parts
 from worker.previews import Previews
 from worker.rows import Lane, Size
-from worker.sources import (
-    MissingInput,
-    finished,
-    image_specs,
-    job_shape,
-    load_source,
-    next_pass,
-)
+from worker.sources import MissingInput, image_specs
 from worker.stepping import Candidate, Turns, admit
+from worker.tasks import task
 
 log = logging.getLogger("sdserve.worker")
 
@@ -75,7 +69,7 @@ class RowLoop:
             for job in p.start(deliveries):
                 self.waiting[job.id] = (job, now)
                 self.loading[job.id] = self._readers.submit(
-                    load_source, p.storage, job.id, job.request
+                    task(job.request).source, p.storage, job.id, job.request
                 )
         self._leave_canceled()
         if p.shutdown.stopping.is_set():
@@ -151,7 +145,7 @@ class RowLoop:
             job, since = self.waiting.pop(candidate.key)
             p.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request
-            shape = job_shape(request)
+            shape = task(request).shape(request)
             specs = image_specs(request)
             try:
                 source = self.loading.pop(job.id).result()
@@ -229,7 +223,7 @@ class RowLoop:
     def _finish(self, job: Job, lane: Lane) -> None:
         """A lane done: its next pass joins in its place (a hires fix), or its decode starts."""
         try:
-            then = next_pass(self.p.engines.of(job), job.request, lane)
+            then = task(job.request).next_pass(self.p.engines.of(job), job.request, lane)
         except Exception as e:  # out of memory included: the job fails alone
             log.exception("a second pass failed to start", extra={"job_id": job.id})
             self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
@@ -255,7 +249,7 @@ class RowLoop:
             job, decoding = self.decodings.popleft()
             try:
                 images = p.engines.of(job).images(decoding)
-                images = finished(images, self.sources.get(job.id), job.request)
+                images = task(job.request).finished(images, self.sources.get(job.id), job.request)
             except Exception as e:
                 self._decode_failed(job, e)
                 continue

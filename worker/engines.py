@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from app.jobs.contract import Job, UpscaleRequest
+from app.jobs.contract import Job
 from app.jobs.settings import refuse
+from app.jobs.tasks import task_of
 from worker.compiled import Tuning
 from worker.engine import Engine, NoUpscaler
 from worker.settings import TINY_MODEL_DIR
@@ -35,9 +36,7 @@ class Engines:
     def key(self, job: Job) -> str:
         """Which engine runs the job: the x4 upscaler's jobs its, the others their model's
         (whose queue they came from)."""
-        request = job.request
-        x4 = isinstance(request, UpscaleRequest) and request.method == "x4"
-        return X4 if x4 else job.delivery.model
+        return X4 if task_of(job.request).engine == "x4" else job.delivery.model
 
     def of(self, job: Job) -> Engine:
         key = self.key(job)

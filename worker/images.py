@@ -11,6 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from app.jobs.contract import JobRequest
 from worker.schedulers import SAMPLERS
+from worker.tasks import task
 
 
 def parameters(request: JobRequest, seed: int, model: str) -> str:
@@ -26,24 +27,7 @@ def parameters(request: JobRequest, seed: int, model: str) -> str:
         "Size": f"{request.width}x{request.height}",
         "Model": model,
     }
-    if request.kind == "txt2img" and request.hires is not None:  # A1111's hires fix words
-        hires = request.hires
-        settings["Denoising strength"] = hires.strength
-        settings["Hires upscale"] = hires.scale
-        if hires.steps:
-            settings["Hires steps"] = hires.steps
-        settings["Hires upscaler"] = "Latent" if hires.method == "latent" else "Lanczos"
-    elif request.kind == "upscale" and request.method == "x4":  # every step runs: no strength
-        settings["Hires upscale"] = request.scale
-        settings["Hires upscaler"] = "SD x4 upscaler"
-        settings["Noise level"] = request.noise_level
-    elif request.kind != "txt2img":  # as A1111 writes them for img2img and inpainting
-        settings["Denoising strength"] = request.strength
-    if request.kind == "inpaint":
-        settings["Mask blur"] = request.mask_blur
-    if request.kind == "upscale" and request.method != "x4":
-        settings["Hires upscale"] = request.scale
-        settings["Hires upscaler"] = "Latent" if request.method == "latent" else "Lanczos"
+    settings |= task(request).words(request)  # its task's words, as A1111 writes them
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ from unittest import mock
 
 import torch
 
-from app.jobs.eta import run_steps
+from app.jobs.tasks import run_steps
 from worker.schedulers import SAMPLERS, make_scheduler
 
 # What a weight multiplies: a row's sample as it entered a step, the model's output (after

@@ -1,7 +1,6 @@
-"""What a job brings the engine: its images' prompts and seeds, its source picture (img2img,
-inpainting, upscaling) from storage, a hires fix's second pass; and inpainting's last touch:
-the result laid over the source through the blurred mask, so that outside it the source's
-pixels come back exactly (the VAE alone would only come close)."""
+"""What every task brings the engine from a request: its images' prompts and seeds, and its
+pictures from storage; and inpainting's last touch, the result laid over the source through the
+blurred mask. Which of these a job uses is its task's to say (worker/tasks.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +9,9 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from app.jobs.contract import (
-    InpaintRequest,
-    JobRequest,
-    Txt2ImgRequest,
-    UpscaleRequest,
-    drawn_size,
-)
+from app.jobs.contract import JobRequest
 from app.jobs.storage import Storage, input_key
-from worker.engine import BatchShape, Engine, ImageSpec, Source
-from worker.rows import Lane
+from worker.engine import ImageSpec, Source
 
 
 class MissingInput(LookupError):
@@ -40,51 +32,14 @@ def image_specs(request: JobRequest) -> list[ImageSpec]:
     ]
 
 
-def in_lanes(request: JobRequest) -> bool:
-    """Whether static batching runs the job alone through the row hooks (it starts from a
-    picture, or has a second pass) rather than in a batch of text-to-image jobs."""
-    return not isinstance(request, Txt2ImgRequest) or request.hires is not None
-
-
-def next_pass(engine: Engine, request: JobRequest, lane: Lane) -> Lane | None:
-    """The lane of a finished first pass's hires fix; None when the job is done."""
-    if not isinstance(request, Txt2ImgRequest) or request.hires is None or lane.earlier_steps:
-        return None
-    size = request.hires_size()
-    assert size is not None, "a hires fix has a size"
-    steps = request.hires.steps or request.steps
-    shape = BatchShape(*size, steps, request.scheduler)
-    return engine.second_pass(lane, image_specs(request), shape, request.hires)
-
-
-def load_source(storage: Storage, job_id: str, request: JobRequest) -> Source | None:
-    """The job's source, or None for text to image."""
-    if request.kind == "txt2img":
-        return None
-    image = _picture(storage, job_id, "image").convert("RGB")
-    mask = None
-    if isinstance(request, InpaintRequest):
-        mask = _picture(storage, job_id, "mask").convert("L")
-    if isinstance(request, UpscaleRequest) and request.method == "x4":
-        return Source(image, 1.0, noise_level=request.noise_level)
-    # Pixel upscaling's picture is stored already enlarged: it runs as image to image.
-    enlarge = isinstance(request, UpscaleRequest) and request.method == "latent"
-    return Source(image, request.strength, mask, enlarge)
-
-
-def job_shape(request: JobRequest) -> BatchShape:
-    """What the engine denoises for a job: its size, steps and sampler. The x4 upscaler always
-    draws four times the picture's size (a job of scale 2 is halved at the end)."""
-    return BatchShape(*drawn_size(request), request.steps, request.scheduler)
-
-
-def _picture(storage: Storage, job_id: str, name: str) -> Image.Image:
+def picture(storage: Storage, job_id: str, name: str) -> Image.Image:
+    """One of the job's stored pictures (`image`, `mask`)."""
     data = storage.get(input_key(job_id, name))
     if data is None:
         raise MissingInput(f"the job's {name} is no longer in storage")
-    picture = Image.open(io.BytesIO(data), formats=["PNG"])  # written by the API, as PNG
-    picture.load()
-    return picture
+    loaded = Image.open(io.BytesIO(data), formats=["PNG"])  # written by the API, as PNG
+    loaded.load()
+    return loaded
 
 
 def overlay(pixels: np.ndarray, source: Source, blur: int) -> np.ndarray:
@@ -97,19 +52,3 @@ def overlay(pixels: np.ndarray, source: Source, blur: int) -> np.ndarray:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
     made = Image.fromarray(pixels, "RGB")
     return np.asarray(Image.composite(made, source.image, mask))
-
-
-def finished(
-    images: list[np.ndarray | None], source: Source | None, request: JobRequest
-) -> list[np.ndarray | None]:
-    """A job's images as it is handed them back: inpainting's laid over its source, the x4
-    upscaler's resized to the job's size (Lanczos) when that is smaller."""
-    size = (request.width, request.height)
-    if isinstance(request, UpscaleRequest) and request.method == "x4":
-        return [image if image is None or image.shape[1::-1] == size
-                else np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
-                for image in images]  # fmt: skip
-    if source is None or source.mask is None or not isinstance(request, InpaintRequest):
-        return images
-    return [None if image is None else overlay(image, source, request.mask_blur)
-            for image in images]  # fmt: skip

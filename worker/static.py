@@ -14,22 +14,15 @@ import numpy as np
 import torch
 
 from app.jobs.contract import Delivery, ErrorCode, Job
-from app.jobs.eta import denoising_steps, unet_rows
+from app.jobs.tasks import denoising_steps, unet_rows
 from worker.batching import Assembly, Slot, chunks, group
 from worker.completions import Failed, Succeeded
 from worker.engine import BatchShape, NoUpscaler
 from worker.lease import READ_BLOCK_MS
 from worker.loop import Parts
 from worker.rows import Lane
-from worker.sources import (
-    MissingInput,
-    finished,
-    image_specs,
-    in_lanes,
-    job_shape,
-    load_source,
-    next_pass,
-)
+from worker.sources import MissingInput, image_specs
+from worker.tasks import task
 
 log = logging.getLogger("sdserve.worker")
 
@@ -53,17 +46,21 @@ class BatchLoop:
         # A suspect (its workers died with it twice) runs alone: if it kills this worker too,
         # no stranger's delivery count goes up with it. So does a job from a source picture:
         # static batches are text to image.
-        alone = [job for job in jobs if job.delivery.suspect or in_lanes(job.request)]
+        alone = [
+            job
+            for job in jobs
+            if job.delivery.suspect or task(job.request).alone_in_static(job.request)
+        ]
         for batch in [*group([j for j in jobs if j not in alone]), *([j] for j in alone)]:
             self._run_group(batch)
 
     def _run_group(self, jobs: list[Job]) -> None:
         p = self.p
         request = jobs[0].request
-        shape = job_shape(request)
+        shape = task(request).shape(request)
         assembly: Assembly[np.ndarray | None] = Assembly(jobs)
         settled: set[str] = set()  # outcome handed to the pool, which acks after writing it
-        if in_lanes(request):
+        if task(request).alone_in_static(request):
             if not p.shutdown.out_of_grace():
                 settled = self._run_source(jobs[0], shape)
         else:
@@ -130,7 +127,8 @@ class BatchLoop:
         outcome: Failed | Succeeded
         try:
             engine = p.engines.of(job)
-            source = load_source(p.storage, job.id, job.request)
+            work = task(job.request)
+            source = work.source(p.storage, job.id, job.request)
             specs = image_specs(job.request)
             lane: Lane | None = engine.prepare(job.id, specs, shape, source)
             while lane is not None:
@@ -138,8 +136,9 @@ class BatchLoop:
                     engine.step([lane])
                     if not self._keep_going(lane.earlier_steps + lane.step):
                         return set()  # canceled, or the stop grace ran out
-                last, lane = lane, next_pass(engine, job.request, lane)
-            outcome = Succeeded(finished(engine.images(engine.finish(last)), source, job.request))
+                last, lane = lane, work.next_pass(engine, job.request, lane)
+            images = engine.images(engine.finish(last))
+            outcome = Succeeded(work.finished(images, source, job.request))
         except MissingInput as e:
             outcome = Failed(ErrorCode.INPUT, str(e))
         except NoUpscaler as e:

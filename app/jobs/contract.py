@@ -360,13 +360,6 @@ def upscale_drawn(own: tuple[int, int], scale: int, method: str) -> tuple[int, i
     return own[0] * times, own[1] * times
 
 
-def drawn_size(request: GenerationRequest | UpscaleRequest) -> tuple[int, int]:
-    """The (width, height) a job's model draws."""
-    if isinstance(request, UpscaleRequest) and request.method == "x4":
-        return upscale_drawn((request.image.width, request.image.height), 4, "x4")
-    return request.width, request.height
-
-
 def _kind(value: Any) -> str:
     # Records written before kinds existed have none: they are text to image.
     if isinstance(value, dict):

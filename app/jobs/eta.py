@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from app.jobs.contract import JobRequest, Txt2ImgRequest, UpscaleRequest, drawn_size
-from app.jobs.tiles import TILE, TILE_OVERLAP, tile_count
+from app.jobs.contract import JobRequest
+from app.jobs.tasks import denoising_steps, unet_rows
+from app.jobs.tiles import TILE, TILE_OVERLAP
 
 
 @dataclass(frozen=True)
@@ -71,32 +72,6 @@ class Beat:
         except (ValueError, TypeError, AttributeError):
             models, upscaler = (), False
         return cls(models, upscaler, Pace.parse(info))
-
-
-def run_steps(steps: int, strength: float) -> int:
-    """Steps a pass from a picture runs: the last `strength` of its schedule, and at least one
-    (A1111's rule; diffusers would run none and fail). The worker starts its plans here
-    (worker/plans.py `start_step`), and the API's progress and ETA count with it: one rule."""
-    return max(1, min(int(steps * strength), steps))
-
-
-def denoising_steps(request: JobRequest) -> int:
-    """Steps a job runs: from a source picture, only the last `strength` of the schedule (the
-    x4 upscaler runs all of it); a hires fix adds its second pass's."""
-    if isinstance(request, UpscaleRequest) and request.method == "x4":
-        return request.steps
-    if not isinstance(request, Txt2ImgRequest):
-        return run_steps(request.steps, request.strength)
-    if request.hires is None:
-        return request.steps
-    return request.steps + run_steps(request.hires.steps or request.steps, request.hires.strength)
-
-
-def unet_rows(request: JobRequest, tile: int = TILE, overlap: int = TILE_OVERLAP) -> int:
-    """Rows a job puts in each UNet call: cond and uncond per image (per tile of it) when
-    guided."""
-    tiles = tile_count(drawn_size(request), tile, overlap)
-    return request.n * tiles * (2 if request.guidance_scale > 1 else 1)
 
 
 def queued_eta(position: int, request: JobRequest, paces: list[Pace]) -> float | None:

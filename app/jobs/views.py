@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from app.jobs.contract import JobError, JobRequest, JobView, Progress, Status, parse_request
-from app.jobs.eta import Pace, denoising_steps, queued_eta
+from app.jobs.eta import Pace, queued_eta
 from app.jobs.store import BOUNDS
+from app.jobs.tasks import denoising_steps
 
 
 @dataclass(frozen=True)

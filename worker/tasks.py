@@ -1,0 +1,152 @@
+"""The worker's side of each task (what both sides share is app/jobs/tasks.py, under the same
+names): how a job's inputs load, the shape it is denoised at, the pass that follows a finished
+one, how its images are finished, and its words in A1111's infotext. The loops
+(worker/continuous.py, worker/static.py) ask a job's task; none of them asks its kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from app.jobs import tasks as shared
+from app.jobs.contract import InpaintRequest, JobRequest, Txt2ImgRequest, UpscaleRequest
+from app.jobs.storage import Storage
+from worker.engine import BatchShape, Engine, Source
+from worker.rows import Lane
+from worker.sources import image_specs, overlay, picture
+
+Words = dict[str, Any]  # infotext settings, in A1111's order
+
+
+class TaskWork:
+    rule: ClassVar[shared.Task]
+
+    def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
+        """What the job starts from: its picture, noised to `strength` (None: from noise)."""
+        return Source(picture(storage, job_id, "image").convert("RGB"), request.strength)
+
+    def shape(self, request: JobRequest) -> BatchShape:
+        """What the engine denoises first: the drawn size, steps and sampler."""
+        return BatchShape(*self.rule.drawn(request), request.steps, request.scheduler)
+
+    def alone_in_static(self, request: JobRequest) -> bool:
+        """Static batching runs it alone through the row hooks (it starts from a picture, or has
+        a second pass), not in a batch of text-to-image jobs."""
+        return True
+
+    def next_pass(self, engine: Engine, request: Any, lane: Lane) -> Lane | None:
+        """The lane of the pass that follows a finished one; None when the job is done."""
+        return None
+
+    def finished(
+        self, images: list[np.ndarray | None], source: Source | None, request: Any
+    ) -> list[np.ndarray | None]:
+        """The images as the job hands them back."""
+        return images
+
+    def words(self, request: Any) -> Words:
+        """Its settings in A1111's infotext, after the common ones."""
+        return {"Denoising strength": request.strength}
+
+
+class Txt2Img(TaskWork):
+    rule = shared.TASKS["txt2img"]
+
+    def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
+        return None
+
+    def alone_in_static(self, request: JobRequest) -> bool:
+        assert isinstance(request, Txt2ImgRequest)
+        return request.hires is not None
+
+    def next_pass(self, engine: Engine, request: Any, lane: Lane) -> Lane | None:
+        """A hires fix's second pass (`hires` in app/jobs/tasks.py), after the first."""
+        assert isinstance(request, Txt2ImgRequest)
+        if request.hires is None or lane.earlier_steps:
+            return None
+        size = shared.HIRES.drawn(request)
+        shape = BatchShape(*size, request.hires.steps or request.steps, request.scheduler)
+        return engine.second_pass(lane, image_specs(request), shape, request.hires)
+
+    def words(self, request: Any) -> Words:
+        hires = request.hires
+        if hires is None:
+            return {}
+        words: Words = {"Denoising strength": hires.strength, "Hires upscale": hires.scale}
+        if hires.steps:
+            words["Hires steps"] = hires.steps
+        words["Hires upscaler"] = "Latent" if hires.method == "latent" else "Lanczos"
+        return words
+
+
+class Img2Img(TaskWork):
+    rule = shared.TASKS["img2img"]
+
+
+class Inpaint(TaskWork):
+    rule = shared.TASKS["inpaint"]
+
+    def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
+        image = picture(storage, job_id, "image").convert("RGB")
+        return Source(image, request.strength, picture(storage, job_id, "mask").convert("L"))
+
+    def finished(
+        self, images: list[np.ndarray | None], source: Source | None, request: Any
+    ) -> list[np.ndarray | None]:
+        """Laid over the source through the blurred mask: outside it the source's pixels come
+        back exactly (the VAE alone would only come close)."""
+        assert isinstance(request, InpaintRequest) and source is not None
+        return [None if image is None else overlay(image, source, request.mask_blur)
+                for image in images]  # fmt: skip
+
+    def words(self, request: Any) -> Words:
+        return super().words(request) | {"Mask blur": request.mask_blur}
+
+
+class Upscale(TaskWork):
+    rule = shared.TASKS["upscale"]
+
+    def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
+        """Pixel upscaling's picture is stored already enlarged: it runs as image to image.
+        Latent upscaling's is encoded at its own size, its latents enlarged."""
+        image = picture(storage, job_id, "image").convert("RGB")
+        return Source(image, request.strength, enlarge=request.method == "latent")
+
+    def words(self, request: Any) -> Words:
+        upscaler = "Latent" if request.method == "latent" else "Lanczos"
+        return super().words(request) | {"Hires upscale": request.scale,
+                                         "Hires upscaler": upscaler}  # fmt: skip
+
+
+class X4(TaskWork):
+    rule = shared.TASKS["x4"]
+
+    def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
+        image = picture(storage, job_id, "image").convert("RGB")
+        return Source(image, 1.0, noise_level=request.noise_level)
+
+    def finished(
+        self, images: list[np.ndarray | None], source: Source | None, request: Any
+    ) -> list[np.ndarray | None]:
+        """Resized to the job's size (Lanczos) when that is smaller: a job of scale 2."""
+        assert isinstance(request, UpscaleRequest)
+        size = (request.width, request.height)
+        return [image if image is None or image.shape[1::-1] == size
+                else np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+                for image in images]  # fmt: skip
+
+    def words(self, request: Any) -> Words:  # every step runs: no strength
+        return {"Hires upscale": request.scale, "Hires upscaler": "SD x4 upscaler",
+                "Noise level": request.noise_level}  # fmt: skip
+
+
+WORK: dict[str, TaskWork] = {w.rule.name: w for w in (Txt2Img(), Img2Img(), Inpaint(), Upscale(),
+                                                       X4())}  # fmt: skip
+
+
+def task(request: JobRequest) -> TaskWork:
+    """The worker's side of the request's task."""
+    return WORK[shared.task_name(request)]
