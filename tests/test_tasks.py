@@ -57,9 +57,10 @@ def test_steps_rows_and_size_come_from_the_task(request_: JobRequest) -> None:
                                                                      request_.height))  # fmt: skip
     guided = 2 if request_.guidance_scale > 1 else 1
     assert unet_rows(request_) == request_.n * guided
-    assert unet_rows(request_, tile=64, overlap=16) > unet_rows(request_) or max(
-        drawn_size(request_)
-    ) <= 64
+    assert (
+        unet_rows(request_, tile=64, overlap=16) > unet_rows(request_)
+        or max(drawn_size(request_)) <= 64
+    )
 
 
 def test_the_worker_shape_is_the_shared_size() -> None:
