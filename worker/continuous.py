@@ -24,13 +24,14 @@ import torch
 from app.jobs.contract import ErrorCode, Job
 from app.jobs.tasks import denoising_steps, unet_rows
 from worker.completions import Failed, Succeeded
-from worker.engine import Decoding, NoUpscaler, Source
+from worker.inputs import NoUpscaler, Source
 from worker.loop import Parts
 from worker.previews import Previews
 from worker.rows import Lane, Size
 from worker.sources import MissingInput, image_specs
 from worker.stepping import Candidate, Turns, admit
 from worker.tasks import task
+from worker.vae import Decoding
 
 log = logging.getLogger("sdserve.worker")
 

@@ -16,7 +16,8 @@ from app.jobs.contract import Job
 from app.jobs.settings import refuse
 from app.jobs.tasks import task_of
 from worker.compiled import Tuning
-from worker.engine import Engine, NoUpscaler
+from worker.engine import Engine
+from worker.inputs import NoUpscaler
 from worker.settings import TINY_MODEL_DIR
 
 log = logging.getLogger("sdserve.worker")

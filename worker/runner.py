@@ -26,10 +26,11 @@ from app.jobs.store import is_transient
 from app.jobs.worker_store import WorkerStore
 from worker.completions import Completions, Failed
 from worker.continuous import RowLoop
-from worker.engine import Engine, NoUpscaler
+from worker.engine import Engine
 from worker.engines import Engines
 from worker.images import encode_preview
 from worker.inbox import Inbox
+from worker.inputs import NoUpscaler
 from worker.lease import Lease
 from worker.loop import Loop, Parts
 from worker.metrics import WorkerMetrics

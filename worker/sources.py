@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 
 from app.jobs.contract import JobRequest
 from app.jobs.storage import Storage, input_key
-from worker.engine import ImageSpec, Source
+from worker.inputs import ImageSpec, Source
 
 
 class MissingInput(LookupError):

@@ -17,7 +17,7 @@ from app.jobs.contract import Delivery, ErrorCode, Job
 from app.jobs.tasks import denoising_steps, unet_rows
 from worker.batching import Assembly, Slot, chunks, group
 from worker.completions import Failed, Succeeded
-from worker.engine import BatchShape, NoUpscaler
+from worker.inputs import BatchShape, NoUpscaler
 from worker.lease import READ_BLOCK_MS
 from worker.loop import Parts
 from worker.rows import Lane

@@ -14,7 +14,8 @@ from PIL import Image
 from app.jobs import tasks as shared
 from app.jobs.contract import InpaintRequest, JobRequest, Txt2ImgRequest, UpscaleRequest
 from app.jobs.storage import Storage
-from worker.engine import BatchShape, Engine, Source
+from worker.engine import Engine
+from worker.inputs import BatchShape, Source
 from worker.rows import Lane
 from worker.sources import image_specs, overlay, picture
 

@@ -1,0 +1,65 @@
+"""What a job brings the engine, per image and per job, and what the engine reports back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+from app.jobs.prompts import Syntax
+
+
+class NoUpscaler(LookupError):
+    """An x4 upscaling job reached a worker without the x4 upscaler (SDSERVE_UPSCALER)."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What differs between the images of one batch."""
+
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    seed: int
+    syntax: Syntax = "plain"  # how both prompts read (app/jobs/prompts.py)
+
+
+@dataclass(frozen=True)
+class Source:
+    """img2img and inpainting: the picture a job starts from, at the job's size."""
+
+    image: Image.Image  # RGB
+    strength: float  # 0 < strength <= 1: how much of the schedule runs (1: all of it)
+    mask: Image.Image | None = None  # L, white repaints; None: img2img
+    # Latent upscaling: the picture is at its own size, and its latents (the VAE's mode: no
+    # noise drawn) are enlarged to the job's size, as a hires fix's latents are.
+    enlarge: bool = False
+    # The x4 upscaler: the picture, at its own size, noised to this level, is what the UNet
+    # sees beside the latents (the whole schedule runs; `strength` is not used).
+    noise_level: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What the images of one batch share."""
+
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+
+
+# Called after each step with the number of steps done; returning False abandons the batch.
+StepCallback = Callable[[int], bool]
+
+
+class Observer(Protocol):
+    """Told how long the parts of each batch took (metrics)."""
+
+    def denoised(self, seconds: float, steps: int) -> None: ...
+
+    def stepped(self, seconds: float, rows: int, bucket: int, padding: int) -> None: ...
+
+    def decoded(self, seconds: float) -> None: ...

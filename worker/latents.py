@@ -1,0 +1,272 @@
+"""Latent preparation (diffusers' `prepare_latents`): a job's lane at its first step, from noise
+(text to image), from a picture noised to where its plan starts (img2img, inpainting, upscaling,
+a hires fix's second pass), or the x4 upscaler's noise beside its noised low-resolution picture;
+with each row's prompt embeddings and guidance, in tiles when the picture is larger than one
+tile. Every image draws from its own generator in diffusers' order, so an image is its seed's
+whatever shares its UNet calls."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from app.jobs.contract import Hires
+from worker.compiled import Tuning, on_device, placed
+from worker.components import Components
+from worker.inputs import BatchShape, ImageSpec, Source
+from worker.plans import Plan, probe, start_step
+from worker.prompting import PromptEncoder
+from worker.rows import Inpainting, Lane
+from worker.tiles import tiling
+from worker.vae import Vae
+
+
+class LatentMaker:
+    def __init__(self, parts: Components, prompts: PromptEncoder, vae: Vae, tuning: Tuning) -> None:
+        self.parts = parts
+        self.prompts = prompts
+        self.vae = vae
+        self.tuning = tuning
+        self.device = parts.device
+        self.dtype = parts.dtype
+        self.scale = parts.latent_scale
+        self.channels = int(parts.vae.config.latent_channels)
+        # Source images and masks are prepared as diffusers' img2img and inpainting pipelines
+        # prepare them (resizing, normalizing, a mask made black or white).
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.scale,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
+        self._plans: dict[tuple[str, int, int, bool], Plan] = {}
+        self._blank: dict[tuple[int, int], torch.Tensor] = {}
+
+    def plan(self, sampler: str, steps: int, start: int = 0, fresh: bool = False) -> Plan:
+        """The sampler's plan over so many steps, probed once per (sampler, steps, start,
+        fresh): a bounded set (8 samplers, 100 steps, their starts, two kinds)."""
+        key = (sampler, steps, start, fresh)
+        if key not in self._plans:
+            self._plans[key] = probe(sampler, steps, self.parts.scheduler_config, start, fresh)
+        return self._plans[key]
+
+    def noise(
+        self, specs: Sequence[ImageSpec], shape: BatchShape
+    ) -> tuple[list[torch.Generator], torch.Tensor]:
+        """One generator per image (its noise, ancestral noise included, is its own) and the
+        unscaled starting noise."""
+        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+        size = (len(specs), self.channels, shape.height // self.scale, shape.width // self.scale)
+        noise = randn_tensor(size, generator=generators, device=self.device, dtype=self.dtype)
+        return generators, noise
+
+    @torch.inference_mode()
+    def prepare(
+        self, key: str, specs: Sequence[ImageSpec], shape: BatchShape, source: Source | None = None
+    ) -> Lane:
+        """A job's images as a lane at its first step: its plan, generators, starting latents
+        and embeddings. Text to image: noise made exactly as `generate` makes it. From a source
+        image: its latents noised to where the plan starts, as diffusers' img2img and
+        inpainting pipelines make them for each image's seed."""
+        inpainting = conditioning = labels = None
+        if source is None:
+            plan = self.plan(shape.scheduler, shape.steps)
+            generators, noise = self.noise(specs, shape)
+            latents = noise * plan.init_sigma
+        elif source.noise_level is not None:
+            plan = self.plan(shape.scheduler, shape.steps)
+            generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+            conditioning, labels = self._low_res(source.image, source.noise_level, generators)
+            noise = randn_tensor((len(specs), self.channels, *conditioning.shape[-2:]),
+                                 generator=generators, device=self.device,
+                                 dtype=self.dtype)  # fmt: skip
+            latents = noise * plan.init_sigma
+        else:
+            start = start_step(shape.steps, source.strength)
+            blends = source.mask is not None and not self.parts.inpainting_unet
+            plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
+            generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+            latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
+        return self._lane(
+            key, specs, shape, plan, generators, latents, inpainting, conditioning, labels
+        )
+
+    def _low_res(
+        self, picture: Image.Image, level: int, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The x4 upscaler's inputs: the picture at its own size noised to `level` by each
+        image's generator (drawn first, as diffusers' upscale pipeline draws it), and the level
+        per image."""
+        low_res = self.parts.low_res_scheduler
+        assert low_res is not None, "not an x4 upscaler"
+        pixels = self.pixels(picture, BatchShape(picture.width, picture.height, 0, ""))
+        levels = on_device([level], torch.long, self.device)
+        noised = [
+            low_res.add_noise(
+                pixels,
+                randn_tensor(pixels.shape, generator=g, device=self.device, dtype=self.dtype),
+                levels,
+            )
+            for g in generators
+        ]
+        return torch.cat(noised), levels.expand(len(generators))
+
+    @torch.inference_mode()
+    def second_pass(
+        self, lane: Lane, specs: Sequence[ImageSpec], shape: BatchShape, hires: Hires
+    ) -> Lane:
+        """A hires fix's second pass of a finished lane, at `shape`'s (larger) size: its
+        picture enlarged (its latents bilinearly, or decoded, resized and encoded again) and
+        noised to where the pass starts, as diffusers' img2img pipeline noises a picture,
+        with each image's generator going on from the first pass."""
+        start = start_step(shape.steps, hires.strength)
+        plan = self.plan(shape.scheduler, shape.steps, start)
+        generators = lane.generators
+        small = (shape.height // self.scale, shape.width // self.scale)
+        if hires.method == "latent":
+            encoded = enlarged(lane.latents, small)
+        else:
+            size = (shape.width, shape.height)
+            pictures = [
+                Image.fromarray(
+                    pixels if pixels is not None else np.zeros((1, 1, 3), np.uint8)
+                ).resize(size, Image.Resampling.LANCZOS)
+                for pixels in self.vae.decode(lane.latents)
+            ]
+            encoded = torch.cat([
+                self.vae.sample_latents(self.pixels(picture, shape), [generator])
+                for picture, generator in zip(pictures, generators, strict=True)
+            ])  # fmt: skip
+        noise = randn_tensor(encoded.shape, generator=generators, device=self.device,
+                             dtype=self.dtype)  # fmt: skip
+        latents = encoded * plan.noising[0] + noise * plan.noising[1]
+        made = self._lane(lane.key, specs, shape, plan, generators, latents)
+        made.earlier_steps = lane.earlier_steps + lane.steps
+        return made
+
+    def _lane(
+        self,
+        key: str,
+        specs: Sequence[ImageSpec],
+        shape: BatchShape,
+        plan: Plan,
+        generators: list[torch.Generator],
+        latents: torch.Tensor,
+        inpainting: Inpainting | None = None,
+        conditioning: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Lane:
+        """A lane of these latents: the prompts' embeddings and guidance per row, in tiles
+        when the picture is larger than one tile."""
+        embed = self.prompts.embeddings
+        cond = torch.stack(embed([(s.prompt, s.syntax) for s in specs]))
+        uncond = None
+        if any(s.guidance_scale > 1 for s in specs):
+            uncond = torch.stack(embed([(s.negative_prompt, s.syntax) for s in specs]))
+        guidance = on_device([s.guidance_scale for s in specs], self.dtype, self.device)
+        guidance = guidance.view(-1, 1, 1, 1)
+        scale = self.scale
+        tiles = tiling(
+            (shape.height // scale, shape.width // scale),
+            self.tuning.tile // scale,
+            self.tuning.tile_overlap // scale,
+        )
+        size = (shape.width, shape.height)
+        if tiles is not None:  # every per-row tensor gets a row per tile
+            size = (tiles.tile[1] * scale, tiles.tile[0] * scale)
+            cond = cond.repeat_interleave(tiles.count, 0)
+            guidance = guidance.repeat_interleave(tiles.count, 0)
+            if uncond is not None:
+                uncond = uncond.repeat_interleave(tiles.count, 0)
+            if conditioning is not None:
+                conditioning = tiles.split(conditioning)
+            if labels is not None:
+                labels = labels.repeat_interleave(tiles.count, 0)
+        if self.parts.inpainting_unet and conditioning is None:
+            whole = self.whole_picture(BatchShape(*size, shape.steps, shape.scheduler))
+            conditioning = whole.expand(len(cond), -1, -1, -1)
+        return Lane(
+            key=key,
+            size=size,
+            plan=plan,
+            latents=latents,
+            generators=generators,
+            guidance=guidance,
+            cond=cond,
+            uncond=uncond,
+            inpainting=inpainting,
+            conditioning=conditioning,
+            class_labels=labels,
+            tiling=tiles,
+        )
+
+    def _from_source(
+        self, generators: list[torch.Generator], shape: BatchShape, source: Source, plan: Plan
+    ) -> tuple[torch.Tensor, Inpainting | None, torch.Tensor | None]:
+        """Starting latents from a source image, and what inpainting needs each step. Each
+        image draws from its own generator in diffusers' order: the VAE's sample of the source
+        (not drawn by an inpainting UNet at strength 1, which starts from noise alone), the
+        noise, then (inpainting) the VAE's sample of the masked source, which a 4-channel UNet
+        does not use but which moves the generator on before an ancestral sampler's noise."""
+        size = {"height": shape.height, "width": shape.width}
+        shape4 = (len(generators), self.channels, shape.height // self.scale,
+                  shape.width // self.scale)  # fmt: skip
+        if source.enlarge:
+            size = {"height": source.image.height, "width": source.image.width}
+        image = self.pixels(source.image, BatchShape(size["width"], size["height"], 0, ""))
+        pure_noise = source.mask is not None and source.strength == 1
+        inpainting_unet = self.parts.inpainting_unet
+        encoded = None
+        if source.enlarge:
+            encoded = enlarged(self.vae.mode_latents(image), shape4[-2:]).expand(shape4)
+        elif not (pure_noise and inpainting_unet):
+            encoded = self.vae.sample_latents(image, generators)
+        noise = randn_tensor(shape4, generator=generators, device=self.device, dtype=self.dtype)
+        if pure_noise:
+            latents = noise * plan.init_sigma
+        else:
+            assert encoded is not None
+            latents = encoded * plan.noising[0] + noise * plan.noising[1]
+        if source.mask is None:
+            return latents, None, None
+        mask = self.mask_processor.preprocess(source.mask, **size)
+        keep = placed(mask, self.device, self.dtype) < 0.5
+        masked = self.vae.sample_latents(image * keep, generators)
+        small = torch.nn.functional.interpolate(mask, size=shape4[-2:])
+        small = placed(small, self.device, self.dtype)
+        if inpainting_unet:  # the UNet sees the mask and the masked source
+            return latents, None, torch.cat([small.expand(len(generators), -1, -1, -1), masked], 1)
+        assert encoded is not None
+        return latents, Inpainting(small, encoded, noise), None
+
+    def pixels(self, picture: Image.Image, shape: BatchShape) -> torch.Tensor:
+        """A picture as the VAE takes it, at `shape`'s size (diffusers' preprocessing)."""
+        pixels = self.image_processor.preprocess(picture, height=shape.height, width=shape.width)
+        on_gpu: torch.Tensor = placed(pixels, self.device, self.dtype)
+        return on_gpu
+
+    def whole_picture(self, shape: BatchShape) -> torch.Tensor:
+        """An inpainting UNet's conditioning for work with no mask (text to image, image to
+        image): everything is repainted, nothing of a source is shown (a mask of ones, the
+        latents of a blank picture), as A1111 conditions such a model."""
+        key = (shape.width, shape.height)
+        if key not in self._blank:
+            blank = torch.zeros(1, 3, shape.height, shape.width, device=self.device,
+                                dtype=self.dtype)  # fmt: skip
+            latents = self.vae.mode_latents(blank)
+            ones = torch.ones_like(latents[:, :1])
+            self._blank[key] = torch.cat([ones, latents], 1)
+        return self._blank[key]
+
+
+def enlarged(latents: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Latents resized to (height, width) bilinearly: latent upscaling, as A1111's "Latent"
+    hires fix does it."""
+    resized = torch.nn.functional.interpolate(latents.float(), size=tuple(size), mode="bilinear")
+    return resized.to(latents.dtype)

@@ -1,0 +1,121 @@
+"""Prompt encoding (diffusers' `encode_prompt`): CLIP embeddings of prompts in chunks of 75
+tokens, weighted where A1111's syntax weighs them, cached for repeated prompts."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from app.jobs.prompts import Chunk, Syntax, chunks, token_ids
+from app.jobs.vocabulary import PublishedTokenizer
+from worker.compiled import on_device
+from worker.components import Components
+
+# Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
+# not depend on how many other prompts arrived with it.
+ENCODE_CHUNK = 8
+EMBEDDING_CACHE_SIZE = 512
+
+
+class PromptTooLong(ValueError):
+    """A prompt of more chunks of 75 tokens than the engine encodes."""
+
+
+class PromptEncoder:
+    def __init__(self, parts: Components, max_chunks: int) -> None:
+        self.parts = parts
+        self.max_chunks = max_chunks
+        self.published = self._publishable(parts, max_chunks)
+        self.vocabulary = self.published.vocabulary()
+        self._cache: OrderedDict[tuple[str, Syntax], torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def _publishable(parts: Components, max_chunks: int) -> PublishedTokenizer:
+        """The tokenizer as the API reads it (app/jobs/vocabulary.py); chunks are cut with it
+        here too, so both sides count alike."""
+        tokenizer = parts.tokenizer
+        comma = tokenizer.convert_tokens_to_ids(",</w>")
+        if not isinstance(comma, int) or comma == tokenizer.unk_token_id:
+            comma = tokenizer(",", add_special_tokens=False).input_ids[-1]
+        return PublishedTokenizer(
+            model=parts.model,
+            tokenizer=tokenizer.backend_tokenizer.to_str(),
+            start=tokenizer.bos_token_id,
+            end=tokenizer.eos_token_id,
+            pad=tokenizer.pad_token_id,
+            comma=comma,
+            max_chunks=max_chunks,
+        )
+
+    def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
+        """CLIP embeddings of prompts of one length in chunks, (len(prompts), 77 x chunks,
+        dim)."""
+        return torch.stack(self.embeddings([(p, syntax) for p in prompts]))
+
+    def chunk_count(self, prompt: str, syntax: Syntax) -> int:
+        return len(chunks(prompt, syntax, self.vocabulary))
+
+    def embeddings(self, prompts: Sequence[tuple[str, Syntax]]) -> list[torch.Tensor]:
+        """Each prompt's CLIP embeddings, (77 x chunks, dim): its chunks of 75 tokens encoded
+        alone, weighted where the syntax weighs them, laid end to end (what A1111 does; a
+        prompt of one chunk is exactly diffusers' encoding). Repeated prompts come from the
+        cache. Raises PromptTooLong (encoding nothing) for a prompt over the limit."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        rows: list[tuple[list[int], list[float]]] = []
+        counts = []
+        for text, syntax in missing:
+            pieces = chunks(text, syntax, self.vocabulary)
+            if len(pieces) > self.max_chunks:
+                raise PromptTooLong(
+                    f"a prompt of {len(pieces)} chunks of 75 tokens; this worker encodes at"
+                    f" most {self.max_chunks}"
+                )
+            rows += [token_ids(piece, self.vocabulary) for piece in pieces]
+            counts.append(len(pieces))
+        hidden = self._encode_rows(rows)
+        at = 0
+        for prompt, count in zip(missing, counts, strict=True):
+            self._cache[prompt] = torch.cat(hidden[at : at + count])
+            at += count
+        for p in prompts:
+            self._cache.move_to_end(p)
+        embeddings = [self._cache[p] for p in prompts]
+        while len(self._cache) > EMBEDDING_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return embeddings
+
+    def _encode_rows(self, rows: list[tuple[list[int], list[float]]]) -> list[torch.Tensor]:
+        """CLIP's last hidden state per chunk of 77 ids, in fixed batches of ENCODE_CHUNK rows
+        (padded with empty chunks), so that a chunk's embedding does not depend on how many
+        others came with it. Weighted chunks are scaled token by token, then brought back to
+        their unweighted mean (as A1111 does), so emphasis shifts attention between words
+        without making the whole prompt louder."""
+        empty = token_ids(Chunk(), self.vocabulary)
+        device = self.parts.device
+        hidden: list[torch.Tensor] = []
+        for start in range(0, len(rows), ENCODE_CHUNK):
+            batch = rows[start : start + ENCODE_CHUNK]
+            padded = batch + [empty] * (ENCODE_CHUNK - len(batch))
+            ids = on_device([r[0] for r in padded], torch.long, device)
+            states = self.parts.text_encoder(ids)[0]
+            for (_ids, weights), state in zip(batch, states, strict=False):
+                if any(w != 1 for w in weights):
+                    scale = on_device(weights, torch.float32, device)
+                    plain = state.to(torch.float32)
+                    state = emphasized(plain, scale).to(state.dtype)
+                hidden.append(state)
+        return hidden
+
+
+def emphasized(plain: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A chunk's hidden states (tokens, dim) weighted token by token, then brought back to their
+    unweighted mean, as A1111 does. Where the weighted mean is next to nothing (final layer
+    norms without bias, as random models have; weights that cancel) the ratio of the means is
+    noise, and a negative one flips every sign: then the weights stand alone."""
+    weighted = plain * weights[:, None]
+    mean = weighted.mean()
+    ratio = plain.mean() / mean
+    sound = torch.isfinite(ratio) & (ratio > 0) & (mean.abs() > 1e-3 * weighted.abs().mean())
+    return torch.where(sound, weighted * ratio, weighted)
