@@ -11,7 +11,9 @@ Builds the SD1.5-sized random-weight model (if missing), starts the service as p
            at strength 0.75; (e) prompts of 2-3 chunks of 75 tokens; alone: one request at a time
   restart  the worker again, with the compile cache the first start left
 
-`--static` adds static batching's uniform load and alone, side by side (its own start).
+`--static` adds static batching's uniform load and alone, side by side (its own start);
+`--static-only` runs only those (a second call on the same machine, when one call cannot hold
+both starts).
 Prints one table, every figure beside its target, writes OUT/gpu_check.{json,md}, and exits 1
 when a target is missed (2 when a kind failed or compiled while serving).
 
@@ -109,10 +111,47 @@ async def every_kind(url: str, side: int) -> list[dict[str, Any]]:
     return rows
 
 
+def metric(name: str, text: str | None = None) -> float:
+    """A sample of the worker's metrics, summed over its labels but those named
+    (`name{kind="real"}`); NaN when the worker has none."""
+    text = text if text is not None else httpx.get(METRICS, timeout=5).text
+    base, _, wanted = name.partition("{")
+    pairs = wanted.rstrip("}").split(",")
+    values = [float(value) for series, labels, value
+              in re.findall(r"^(\w+)(\{[^}]*\})? ([0-9.e+-]+)$", text, re.M)
+              if series == base and all(pair in labels for pair in pairs)]  # fmt: skip
+    return sum(values) if values else float("nan")
+
+
 def recompiles() -> float:
+    return metric("sdserve_worker_recompiles_total")
+
+
+GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
+            "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
+            'sdserve_worker_unet_rows_total{kind="real"}',
+            'sdserve_worker_unet_rows_total{kind="padding"}')  # fmt: skip
+
+
+def gpu_sums() -> dict[str, float]:
     text = httpx.get(METRICS, timeout=5).text
-    found = re.search(r"^sdserve_worker_recompiles_total ([0-9.e+]+)$", text, re.M)
-    return float(found.group(1)) if found else float("nan")
+    return {name: metric(name, text) for name in GPU_SUMS} | {"wall": time.monotonic()}
+
+
+def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where a load's time went, from the worker's own timers (CUDA events): the share of the
+    wall time the GPU spent in UNet steps and in decodes, the mean step and its rows. A share
+    near 1 says the GPU's work, not the host, bounds the load."""
+    d = {name: after[name] - before[name] for name in after}
+    steps = d["sdserve_worker_row_step_seconds_count"] or float("nan")
+    real = d['sdserve_worker_unet_rows_total{kind="real"}']
+    return {
+        "step_share": d["sdserve_worker_row_step_seconds_sum"] / d["wall"],
+        "decode_share": d["sdserve_worker_vae_decode_seconds_sum"] / d["wall"],
+        "step_ms": 1000 * d["sdserve_worker_row_step_seconds_sum"] / steps,
+        "rows_per_step": real / steps,
+        "padding_share": d['sdserve_worker_unet_rows_total{kind="padding"}'] / (real or 1),
+    }
 
 
 def long_prompts(i: int) -> dict[str, Any]:
@@ -131,14 +170,16 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         result["kinds"] = asyncio.run(every_kind(url, args.side))
         loads = {"a": uniform, "b": mixed, "d": half_img2img, "e": long_prompts}
         for name, body in loads.items():
+            before = gpu_sums()
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
+            result[name]["gpu"] = gpu_share(before, gpu_sums())
             print(f"({name}): {result[name]}", flush=True)
         rate = max(0.6 * result["a"]["img_s"], 0.05)
         result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
         print(f"(c): {result['c']}", flush=True)
         result["alone"] = asyncio.run(idle(url, 12))
         result["recompiles"] = recompiles()
-        said = r"warmed up|loaded in|compiled while"
+        said = r"warmed up|warm-up:|loaded in|compiled while"
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(said, line)]  # fmt: skip
     with service(args.model, "continuous", args, work, cache) as (_url, startup, _log):
@@ -153,6 +194,7 @@ def run_static(args: Any, work: Path) -> dict[str, Any]:
     with service(args.model, "static", args, work, cache) as (url, startup, _log):
         print(f"static: ready in {startup:.0f}s", flush=True)
         a = asyncio.run(closed_loop(url, args.clients, uniform, args.warmup, args.seconds))
+        print(f"static (a): {a}", flush=True)
         return {"cold_start_s": startup, "a": a, "alone": asyncio.run(idle(url, 12))}
 
 
@@ -195,13 +237,18 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines = [f"GPU: {r['gpu']}, {r['date']}, commit {r['commit']}, `{r['command']}`", "",
              "| figure | measured | target | |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
-    lines += ["", "| load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |"
+              " GPU in steps / decodes / encodes | step ms | rows a step |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in ("a", "b", "c", "d", "e"):
         x = r[key]
-        lines.append(f"| ({key}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | "
-                     f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f} | "
-                     f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f} |")  # fmt: skip
+        g = x.get("gpu")
+        shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
+        gpu = (f"{shares} | {g['step_ms']:.1f} | "
+               f"{g['rows_per_step']:.1f} |" if g else "| | |")  # fmt: skip
+        ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"
+        waits = f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f}"
+        lines.append(f"| ({key}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | {ends} | {waits} | {gpu}")
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +256,11 @@ def main() -> None:
     parser = batching.service_parser(__doc__ or "", seconds=15)
     parser.set_defaults(warmup=5)
     parser.add_argument("--static", action="store_true", help="static batching side by side")
+    parser.add_argument(
+        "--static-only",
+        action="store_true",
+        help="only static batching's uniform load and alone (a call of its own)",
+    )
     args = parser.parse_args()
     work = batching.prepare(args)
     batching.SOURCE_PICTURE.append(batching.source_picture())
@@ -229,6 +281,14 @@ def main() -> None:
         "commit": commit,
         "command": " ".join(sys.argv),
     }
+    if args.static_only:
+        static = results["static"] = run_static(args, work)
+        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+        g = static["a"].get("gpu", {})
+        print(f"static ({results['commit']}): uniform {static['a']['img_s']:.2f} img/s, alone p50"
+              f" {static['alone']['latency_p50_s']:.3f} s, start {static['cold_start_s']:.0f} s;"
+              f" batches {g}")  # fmt: skip
+        return
     results |= run(args, work)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))  # kept if cut off
     if args.static:

@@ -156,7 +156,9 @@ class CompiledCalls:
         """Compile and record every entry of the warm-up list (each twice: CUDA graph trees
         record a shape at its second call) and the decoder at each compiled size; then serve."""
         config = self.unet.config
-        for warm in self.warm_list():
+        began = time.perf_counter()
+        entries = self.warm_list()
+        for warm in entries:
             started = time.perf_counter()
             width, height = warm.size
             latent = (height // latent_scale, width // latent_scale)
@@ -171,6 +173,8 @@ class CompiledCalls:
             level = logging.INFO if took > 1 else logging.DEBUG
             log.log(level, "warmed up %dx%d at %d UNet rows, %d tokens in %.1fs",
                     width, height, warm.rows, warm.tokens, took)  # fmt: skip
+        unet_s = time.perf_counter() - began
+        began = time.perf_counter()
         if self._fast_decode is not None:
             channels = self.vae.config.latent_channels
             for width, height in self.tuning.compiled_sizes:
@@ -178,6 +182,9 @@ class CompiledCalls:
                                       width // latent_scale, device=self.device,
                                       dtype=self.dtype)  # fmt: skip
                 self.decode(latents, compiled=True)
+        if entries:  # where a cold start's minutes go
+            log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs", len(entries),
+                     unet_s, time.perf_counter() - began)  # fmt: skip
         self.serving = True
 
     # -- the calls ------------------------------------------------------------------------------

@@ -43,6 +43,13 @@ class WorkerMetrics:
             buckets=STEP_SECONDS_BUCKETS,
             registry=r,
         )
+        self.vae_encode = Histogram(
+            "sdserve_worker_vae_encode_seconds",
+            "VAE encode of a job's source picture (img2img, inpainting, upscaling, a pixel hires"
+            " fix), on the GPU.",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.png_encode = Histogram(
             "sdserve_worker_png_encode_seconds",
             "Encoding one PNG.",
@@ -145,6 +152,9 @@ class WorkerMetrics:
 
     def decoded(self, seconds: float) -> None:
         self.vae_decode.observe(seconds)
+
+    def encoded(self, seconds: float) -> None:
+        self.vae_encode.observe(seconds)
 
     def serve(self, port: int) -> None:
         """Serve /metrics on `port` in a background thread."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,15 @@ class Vae:
         self.scaling = float(parts.vae.config.scaling_factor)
         self.observer: Observer | None = None
         self._fp32: Any = None
+        # Encodes timed on the GPU, read once the GPU has got there (a later call): timing
+        # never makes the loop wait.
+        self._encodes: deque[GpuTimer] = deque(maxlen=64)
 
     def sample_latents(
         self, image: torch.Tensor, generators: list[torch.Generator]
     ) -> torch.Tensor:
         """A sample of the VAE's latents of `image` per generator, scaled."""
-        posterior = self.parts.vae.encode(image).latent_dist
+        posterior = self._encode(image)
         samples = [posterior.sample(generator=g) for g in generators]
         # Canonical layout: a channels-last VAE gives channels-last latents.
         latents: torch.Tensor = torch.cat(samples) * self.scaling
@@ -40,9 +44,19 @@ class Vae:
 
     def mode_latents(self, image: torch.Tensor) -> torch.Tensor:
         """The VAE's most likely latents of `image`, scaled (no noise drawn)."""
-        latents: torch.Tensor = self.parts.vae.encode(image).latent_dist.mode()
+        latents: torch.Tensor = self._encode(image).mode()
         scaled: torch.Tensor = latents * self.scaling
         return scaled.contiguous()
+
+    def _encode(self, image: torch.Tensor) -> Any:
+        timer = GpuTimer(self.parts.device)
+        posterior = self.parts.vae.encode(image).latent_dist
+        self._encodes.append(timer.stop())
+        while self._encodes and self._encodes[0].ready():
+            done = self._encodes.popleft()
+            if self.observer is not None:
+                self.observer.encoded(done.seconds())
+        return posterior
 
     def decode(self, latents: torch.Tensor, compiled: bool = False) -> list[np.ndarray | None]:
         """Pixels per latent: HxWx3 uint8, or None for an image that stays non-finite."""
