@@ -29,6 +29,7 @@ import json
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,18 @@ def gpu_sums() -> dict[str, float]:
     return {name: metric(name, text) for name in GPU_SUMS} | {"wall": time.monotonic()}
 
 
-def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def in_window(warm: float, seconds: float) -> list[dict[str, float]]:
+    """The sums at the start and the end of a load's measured window (after its ramp-up,
+    before its drain), filled in by timers while the load runs."""
+    sums: list[dict[str, float]] = []
+    for at in (warm, warm + seconds):
+        threading.Timer(at, lambda: sums.append(gpu_sums())).start()
+    return sums
+
+
+def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
     """Where a load's time went, from the worker's own timers (CUDA events): the share of the
-    wall time the GPU spent in UNet steps and in decodes, the mean step and its rows. A share
+    wall time the GPU spent in UNet steps, decodes and encodes, the mean step and its rows. A share
     near 1 says the GPU's work, not the host, bounds the load."""
     d = {name: after[name] - before[name] for name in after}
     steps = d["sdserve_worker_row_step_seconds_count"] or float("nan")
@@ -148,6 +158,7 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return {
         "step_share": d["sdserve_worker_row_step_seconds_sum"] / d["wall"],
         "decode_share": d["sdserve_worker_vae_decode_seconds_sum"] / d["wall"],
+        "encode_share": d["sdserve_worker_vae_encode_seconds_sum"] / d["wall"],
         "step_ms": 1000 * d["sdserve_worker_row_step_seconds_sum"] / steps,
         "rows_per_step": real / steps,
         "padding_share": d['sdserve_worker_unet_rows_total{kind="padding"}'] / (real or 1),
@@ -170,9 +181,9 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         result["kinds"] = asyncio.run(every_kind(url, args.side))
         loads = {"a": uniform, "b": mixed, "d": half_img2img, "e": long_prompts}
         for name, body in loads.items():
-            before = gpu_sums()
+            sums = in_window(warm, secs)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
-            result[name]["gpu"] = gpu_share(before, gpu_sums())
+            result[name]["gpu"] = gpu_share(*sums) if len(sums) == 2 else None
             print(f"({name}): {result[name]}", flush=True)
         rate = max(0.6 * result["a"]["img_s"], 0.05)
         result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
@@ -243,9 +254,10 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     for key in ("a", "b", "c", "d", "e"):
         x = r[key]
         g = x.get("gpu")
-        shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
-        gpu = (f"{shares} | {g['step_ms']:.1f} | "
-               f"{g['rows_per_step']:.1f} |" if g else "| | |")  # fmt: skip
+        gpu = "| | |"
+        if g:
+            shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
+            gpu = f"{shares} | {g['step_ms']:.1f} | {g['rows_per_step']:.1f} |"
         ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"
         waits = f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f}"
         lines.append(f"| ({key}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | {ends} | {waits} | {gpu}")
