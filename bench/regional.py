@@ -44,7 +44,8 @@ def compiled(unet: Any, variant: str, backend: str) -> Callable[..., Any]:
     options: dict[str, Any] = {"backend": backend, "fullgraph": True}
     graphs = {"mode": "reduce-overhead"} if backend == "inductor" else {}
     if variant == "full":
-        return torch.compile(unet, **options, **graphs)  # type: ignore[no-any-return]
+        whole: Callable[..., Any] = torch.compile(unet, **options, **graphs)  # type: ignore[call-overload]
+        return whole
     for block in unet.modules():
         if type(block).__name__ in unet._repeated_blocks:
             block.compile(dynamic=True, **options, **(graphs if variant == "blocks+graphs" else {}))
