@@ -33,12 +33,24 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument(
         "--arch",
-        choices=["tiny", "sd15", "sd15-inpaint", "x4-upscaler", "sd-x4-upscaler"],
+        choices=[
+            "tiny",
+            "sd15",
+            "sd15-inpaint",
+            "x4-upscaler",
+            "sd-x4-upscaler",
+            "tiny-sdxl",
+            "tiny-sdxl-refiner",
+            "sdxl",
+            "sdxl-refiner",
+        ],
         default="tiny",
         help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks; "
         "sd15-inpaint: SD 1.5's inpainting layout (a 9-channel UNet) at the tiny sizes; "
         "x4-upscaler: the SD x4 upscaler's layout at the tiny sizes (SDSERVE_UPSCALER); "
-        "sd-x4-upscaler: at its real sizes, for benchmarks",
+        "sd-x4-upscaler: at its real sizes, for benchmarks; tiny-sdxl, tiny-sdxl-refiner: "
+        "SDXL's base and refiner layouts at the tiny sizes; sdxl, sdxl-refiner: at their real "
+        "sizes, for benchmarks",
     )
     tiny.add_argument("--seed", type=int, default=0, help="another seed, other weights")
     gen = sub.add_parser("generate", help="make images with a running sdserve, and save them")

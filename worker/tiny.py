@@ -17,13 +17,16 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -52,14 +55,18 @@ def _byte_alphabet() -> list[str]:
     return out
 
 
-def _tokenizer(workdir: Path) -> CLIPTokenizer:
-    """A CLIP tokenizer with no merges: every byte is a token (plus an end-of-word form)."""
+def _tokenizer(workdir: Path, pad: str | None = None) -> CLIPTokenizer:
+    """A CLIP tokenizer with no merges: every byte is a token (plus an end-of-word form). SDXL's
+    second tokenizer pads with "!" where the first pads with its end token."""
     alphabet = _byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + [BOS, EOS]
     (workdir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (workdir / "merges.txt").write_text("#version: 0.2\n")
     # transformers 5 reads vocab/merges only through from_pretrained, not the constructor.
-    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(str(workdir), model_max_length=77)
+    options = {"pad_token": pad} if pad else {}
+    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(
+        str(workdir), model_max_length=77, **options
+    )
     return tokenizer
 
 
@@ -78,11 +85,14 @@ def build_tiny_model(target: Path, arch: str = "tiny", seed: int = 0) -> Path:
     (UNet 860M parameters, CLIP ViT-L/14 text encoder, the SD VAE), for benchmarks: the same
     compute as the real weights, stored in fp16. `sd15-inpaint`: the tiny sizes with SD 1.5
     inpainting's 9-channel UNet. `x4-upscaler`: the SD x4 upscaler's layout at the tiny sizes;
-    `sd-x4-upscaler`: at its real sizes, for benchmarks. Another `seed`, other weights (a
-    second model to serve).
+    `sd-x4-upscaler`: at its real sizes, for benchmarks. `tiny-sdxl` and `tiny-sdxl-refiner`:
+    SDXL's base and refiner layouts at tiny sizes; `sdxl` and `sdxl-refiner`: at their real
+    sizes, for benchmarks. Another `seed`, other weights (a second model to serve).
     """
     target = Path(target)
     torch.manual_seed(seed)
+    if arch in XL:
+        return _build_sdxl(target, arch)
     with tempfile.TemporaryDirectory() as work:
         tokenizer = _tokenizer(Path(work))
     if arch in UPSCALERS:
@@ -128,16 +138,18 @@ X4_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.
 UPSCALERS = ("x4-upscaler", "sd-x4-upscaler")
 
 
-def _text_encoder(tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            **sizes["text_encoder"],
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
-            eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
-            pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
-        )
+def _text_config(tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        **sizes,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _text_encoder(tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> CLIPTextModel:
+    return CLIPTextModel(_text_config(tokenizer, sizes["text_encoder"]))
 
 
 def _build_upscaler(target: Path, tokenizer: CLIPTokenizer, sizes: dict[str, Any]) -> Path:
@@ -249,4 +261,126 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
 ARCHITECTURES["x4-upscaler"] = {
     **ARCHITECTURES["tiny"],
     "vae": {"block_out_channels": (8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+}
+
+
+# SDXL: the base model reads two text encoders (CLIP ViT-L's penultimate layer beside OpenCLIP
+# ViT-bigG's, the latter's pooled and projected embedding too) and six time ids per row
+# (original size, crop corner, target size); its refiner only the second encoder, and five time
+# ids (an aesthetic score in place of the target size). Its VAE is SD's with another scaling
+# factor, and overflows in fp16 (`force_upcast`).
+XL = ("tiny-sdxl", "tiny-sdxl-refiner", "sdxl", "sdxl-refiner")
+XL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "timestep_spacing": "leading",
+               "steps_offset": 1}  # fmt: skip
+
+
+def xl_unet(arch: str) -> UNet2DConditionModel:
+    """The UNet of an SDXL layout (on the current default device: `meta` sizes it for free)."""
+    sizes = XL_SIZES[arch.removesuffix("-refiner")]
+    refiner = arch.endswith("-refiner")
+    unet = sizes["refiner_unet" if refiner else "unet"]
+    pooled = sizes["text_encoder_2"]["projection_dim"]
+    time_ids = 5 if refiner else 6
+    context = sizes["text_encoder_2"]["hidden_size"] + (
+        0 if refiner else sizes["text_encoder"]["hidden_size"]
+    )
+    return UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=context,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=sizes["time_embed_dim"],
+        projection_class_embeddings_input_dim=pooled + time_ids * sizes["time_embed_dim"],
+        use_linear_projection=True,
+        **unet,
+    )
+
+
+def _build_sdxl(target: Path, arch: str) -> Path:
+    sizes = XL_SIZES[arch.removesuffix("-refiner")]
+    refiner = arch.endswith("-refiner")
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = _tokenizer(Path(work))
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer_2 = _tokenizer(Path(work), pad="!")
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2,
+                                                              sizes["text_encoder_2"]))  # fmt: skip
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=1024,
+                        scaling_factor=0.13025, force_upcast=True,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, **sizes["vae"])  # fmt: skip
+    common = {"vae": vae, "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
+              "unet": xl_unet(arch), "scheduler": EulerDiscreteScheduler(**XL_SCHEDULE),
+              "add_watermarker": False}  # fmt: skip
+    pipeline: Any
+    if refiner:
+        pipeline = StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, **common,
+        )  # fmt: skip
+    else:
+        text_encoder = _text_encoder(tokenizer, sizes)
+        pipeline = StableDiffusionXLPipeline(text_encoder=text_encoder, tokenizer=tokenizer,
+                                             **common)  # fmt: skip
+    if not arch.startswith("tiny"):
+        pipeline.to(torch.float16)  # half the bytes to write and to load
+    pipeline.save_pretrained(str(target))
+    return target
+
+
+# As the tiny SD UNet, with SDXL's linear projections and added conditioning.
+TINY_XL_UNET = {
+    "layers_per_block": 1,
+    "block_out_channels": (32, 32, 64),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+XL_SIZES: dict[str, dict[str, Any]] = {
+    "tiny-sdxl": {
+        "text_encoder": ARCHITECTURES["tiny"]["text_encoder"],
+        "text_encoder_2": ARCHITECTURES["tiny"]["text_encoder"],  # the pooled embedding: 32
+        "time_embed_dim": 8,
+        "unet": TINY_XL_UNET,
+        "refiner_unet": TINY_XL_UNET,
+        "vae": ARCHITECTURES["tiny"]["vae"],
+    },
+    # stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0's sizes (UNets of 2.6B and
+    # 2.3B parameters, CLIP ViT-L and OpenCLIP ViT-bigG text encoders, the SDXL VAE).
+    "sdxl": {
+        "text_encoder": ARCHITECTURES["sd15"]["text_encoder"],
+        "text_encoder_2": {
+            "vocab_size": 49408,
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 20,
+            "projection_dim": 1280,
+            "hidden_act": "gelu",
+        },
+        "time_embed_dim": 256,
+        "unet": {
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+            "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20),
+            "norm_num_groups": 32,
+        },
+        "refiner_unet": {
+            "layers_per_block": 2,
+            "block_out_channels": (384, 768, 1536, 1536),
+            "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+            "transformer_layers_per_block": 4,
+            "attention_head_dim": (6, 12, 24, 24),
+            "norm_num_groups": 32,
+        },
+        "vae": ARCHITECTURES["sd15"]["vae"],
+    },
 }
