@@ -1,0 +1,104 @@
+"""SDXL's prompt encoding (issue 22; not served yet: the SDXL family will use it).
+
+SDXL reads every prompt with two CLIP text encoders: the base model with both (CLIP ViT-L and
+OpenCLIP ViT-bigG), its refiner with the second only. A row's context is each encoder's
+penultimate hidden states side by side (77 tokens a chunk, chunks laid end to end, as for SD
+1.x); its pooled embedding, the second encoder's projected output, goes in with the time ids.
+As A1111 does for long prompts, every chunk is encoded alone and the pooled embedding is the
+first chunk's; a prompt of one chunk is exactly diffusers' `encode_prompt`. The second
+tokenizer pads with "!" where the first pads with its end token: each encoder gets its own
+padding. Weighted words are scaled in both encoders' states (worker/prompting.py's rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
+from worker.compiled import on_device
+from worker.prompting import ENCODE_CHUNK, PromptTooLong, emphasized
+
+
+@dataclass(frozen=True)
+class XlPrompt:
+    """One prompt as SDXL's UNet takes it."""
+
+    context: torch.Tensor  # (77 x chunks, width of both encoders' states)
+    pooled: torch.Tensor  # (the second encoder's projection,)
+
+
+class XlPromptEncoder:
+    def __init__(
+        self,
+        vocabulary: Vocabulary,
+        encoders: Sequence[tuple[Any, int]],
+        device: torch.device,
+        max_chunks: int = 4,
+    ) -> None:
+        """`encoders`: each text encoder with its tokenizer's padding id, the one whose
+        projection is pooled last. `vocabulary`: how both tokenizers cut text (they share
+        their vocabulary; only their padding differs)."""
+        self.vocabulary = vocabulary
+        self.encoders = list(encoders)
+        self.device = device
+        self.max_chunks = max_chunks
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[tuple[str, Syntax]]) -> list[XlPrompt]:
+        pieces = [chunks(text, syntax, self.vocabulary) for text, syntax in prompts]
+        for cut in pieces:
+            if len(cut) > self.max_chunks:
+                raise PromptTooLong(
+                    f"a prompt of {len(cut)} chunks of 75 tokens; this worker encodes at most"
+                    f" {self.max_chunks}"
+                )
+        flat = [chunk for cut in pieces for chunk in cut]
+        states: list[list[torch.Tensor]] = []
+        pooled: list[torch.Tensor] = []
+        for encoder, pad in self.encoders:
+            hidden, projected = self._encode_chunks(encoder, replace(self.vocabulary, pad=pad),
+                                                    flat)  # fmt: skip
+            states.append(hidden)
+            pooled = projected
+        out, at = [], 0
+        for cut in pieces:
+            rows = range(at, at + len(cut))
+            context = torch.cat([torch.cat([s[k] for s in states], -1) for k in rows])
+            out.append(XlPrompt(context, pooled[at]))  # the first chunk's, as A1111 pools
+            at += len(cut)
+        return out
+
+    def _encode_chunks(
+        self, encoder: Any, vocabulary: Vocabulary, pieces: list[Chunk]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each chunk's penultimate hidden states (weighted where its words are) and the
+        encoder's first output per chunk (the projected pooled embedding, for an encoder with
+        a projection), in fixed batches so that a chunk's encoding never depends on its
+        company."""
+        rows = [token_ids(piece, vocabulary) for piece in pieces]
+        empty = token_ids(Chunk(), vocabulary)
+        hidden: list[torch.Tensor] = []
+        first: list[torch.Tensor] = []
+        for start in range(0, len(rows), ENCODE_CHUNK):
+            batch = rows[start : start + ENCODE_CHUNK]
+            padded = batch + [empty] * (ENCODE_CHUNK - len(batch))
+            ids = on_device([r[0] for r in padded], torch.long, self.device)
+            output = encoder(ids, output_hidden_states=True)
+            for k, (_ids, weights) in enumerate(batch):
+                state = output.hidden_states[-2][k]
+                if any(w != 1 for w in weights):
+                    scale = on_device(weights, torch.float32, self.device)
+                    state = emphasized(state.to(torch.float32), scale).to(state.dtype)
+                hidden.append(state)
+                first.append(output[0][k])
+        return hidden, first
+
+
+def zeros_like(prompt: XlPrompt) -> XlPrompt:
+    """SDXL's unconditional input for an empty negative prompt (`force_zeros_for_empty_prompt`
+    in the base model's config): zeros, not the encoding of ""."""
+    return XlPrompt(torch.zeros_like(prompt.context), torch.zeros_like(prompt.pooled))
