@@ -38,7 +38,6 @@ from worker.inputs import (
     StepCallback,
 )
 from worker.latents import LatentMaker, enlarged
-from worker.plans import Plan
 from worker.previews import Previews, clean_latents, colours, fit_colours
 from worker.prompting import PromptEncoder, PromptTooLong, emphasized
 from worker.rows import Lane
@@ -194,9 +193,6 @@ class Engine:
 
     # -- the steps of diffusers' pipelines, each in its module ---------------------------------
 
-    def plan(self, sampler: str, steps: int, start: int = 0, fresh: bool = False) -> Plan:
-        return self.latents.plan(sampler, steps, start, fresh)
-
     def prepare(
         self, key: str, specs: Sequence[ImageSpec], shape: BatchShape, source: Source | None = None
     ) -> Lane:
@@ -214,9 +210,6 @@ class Engine:
 
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
         return self.prompts.chunk_count(prompt, syntax)
-
-    def embeddings(self, prompts: Sequence[tuple[str, Syntax]]) -> list[torch.Tensor]:
-        return self.prompts.embeddings(prompts)
 
     def decode(self, latents: torch.Tensor, compiled: bool = False) -> list[np.ndarray | None]:
         return self.codec.decode(latents, compiled)

@@ -4,11 +4,11 @@ tokens, weighted where A1111's syntax weighs them, cached for repeated prompts."
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from app.jobs.prompts import Chunk, Syntax, chunks, token_ids
+from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
 from app.jobs.vocabulary import PublishedTokenizer
 from worker.compiled import on_device
 from worker.components import Components
@@ -63,7 +63,7 @@ class PromptEncoder:
         prompt of one chunk is exactly diffusers' encoding). Repeated prompts come from the
         cache. Raises PromptTooLong (encoding nothing) for a prompt over the limit."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        rows: list[tuple[list[int], list[float]]] = []
+        rows: list[Row] = []
         counts = []
         for text, syntax in missing:
             pieces = chunks(text, syntax, self.vocabulary)
@@ -86,27 +86,42 @@ class PromptEncoder:
             self._cache.popitem(last=False)
         return embeddings
 
-    def _encode_rows(self, rows: list[tuple[list[int], list[float]]]) -> list[torch.Tensor]:
+    def _encode_rows(self, rows: list[Row]) -> list[torch.Tensor]:
         """CLIP's last hidden state per chunk of 77 ids, in fixed batches of ENCODE_CHUNK rows
         (padded with empty chunks), so that a chunk's embedding does not depend on how many
         others came with it. Weighted chunks are scaled token by token, then brought back to
         their unweighted mean (as A1111 does), so emphasis shifts attention between words
         without making the whole prompt louder."""
-        empty = token_ids(Chunk(), self.vocabulary)
-        device = self.parts.device
         hidden: list[torch.Tensor] = []
-        for start in range(0, len(rows), ENCODE_CHUNK):
-            batch = rows[start : start + ENCODE_CHUNK]
-            padded = batch + [empty] * (ENCODE_CHUNK - len(batch))
-            ids = on_device([r[0] for r in padded], torch.long, device)
+        for batch, ids in fixed_batches(rows, self.vocabulary, self.parts.device):
             states = self.parts.text_encoder(ids)[0]
             for (_ids, weights), state in zip(batch, states, strict=False):
-                if any(w != 1 for w in weights):
-                    scale = on_device(weights, torch.float32, device)
-                    plain = state.to(torch.float32)
-                    state = emphasized(plain, scale).to(state.dtype)
-                hidden.append(state)
+                hidden.append(weighed(state, weights))
         return hidden
+
+
+Row = tuple[list[int], list[float]]  # a chunk's 77 ids and their weights
+
+
+def fixed_batches(
+    rows: list[Row], vocabulary: Vocabulary, device: torch.device
+) -> Iterator[tuple[list[Row], torch.Tensor]]:
+    """The rows in batches of ENCODE_CHUNK, each padded with empty chunks, and its ids on the
+    device: a chunk's encoding never depends on how many others came with it."""
+    empty = token_ids(Chunk(), vocabulary)
+    for start in range(0, len(rows), ENCODE_CHUNK):
+        batch = rows[start : start + ENCODE_CHUNK]
+        padded = batch + [empty] * (ENCODE_CHUNK - len(batch))
+        yield batch, on_device([r[0] for r in padded], torch.long, device)
+
+
+def weighed(state: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """A chunk's hidden states with its words' weights applied (`emphasized`); as they are when
+    every weight is 1."""
+    if all(w == 1 for w in weights):
+        return state
+    scale = on_device(weights, torch.float32, state.device)
+    return emphasized(state.to(torch.float32), scale).to(state.dtype)
 
 
 def emphasized(plain: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ class TaskWork:
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
         """What the job starts from: its picture, noised to `strength` (None: from noise)."""
-        return Source(picture(storage, job_id, "image").convert("RGB"), request.strength)
+        return Source(source_picture(storage, job_id), request.strength)
 
     def shape(self, request: JobRequest) -> BatchShape:
         """What the engine denoises first: the drawn size, steps and sampler."""
@@ -91,8 +91,8 @@ class Inpaint(TaskWork):
     rule = shared.TASKS["inpaint"]
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
-        image = picture(storage, job_id, "image").convert("RGB")
-        return Source(image, request.strength, picture(storage, job_id, "mask").convert("L"))
+        mask = picture(storage, job_id, "mask").convert("L")
+        return Source(source_picture(storage, job_id), request.strength, mask)
 
     def finished(
         self, images: list[np.ndarray | None], source: Source | None, request: Any
@@ -113,8 +113,8 @@ class Upscale(TaskWork):
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
         """Pixel upscaling's picture is stored already enlarged: it runs as image to image.
         Latent upscaling's is encoded at its own size, its latents enlarged."""
-        image = picture(storage, job_id, "image").convert("RGB")
-        return Source(image, request.strength, enlarge=request.method == "latent")
+        latent = request.method == "latent"
+        return Source(source_picture(storage, job_id), request.strength, enlarge=latent)
 
     def words(self, request: Any) -> Words:
         upscaler = "Latent" if request.method == "latent" else "Lanczos"
@@ -126,8 +126,7 @@ class X4(TaskWork):
     rule = shared.TASKS["x4"]
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
-        image = picture(storage, job_id, "image").convert("RGB")
-        return Source(image, 1.0, noise_level=request.noise_level)
+        return Source(source_picture(storage, job_id), 1.0, noise_level=request.noise_level)
 
     def finished(
         self, images: list[np.ndarray | None], source: Source | None, request: Any
@@ -142,6 +141,11 @@ class X4(TaskWork):
     def words(self, request: Any) -> Words:  # every step runs: no strength
         return {"Hires upscale": request.scale, "Hires upscaler": "SD x4 upscaler",
                 "Noise level": request.noise_level}  # fmt: skip
+
+
+def source_picture(storage: Storage, job_id: str) -> Image.Image:
+    """The job's source picture, in RGB."""
+    return picture(storage, job_id, "image").convert("RGB")
 
 
 WORK: dict[str, TaskWork] = {w.rule.name: w for w in (Txt2Img(), Img2Img(), Inpaint(), Upscale(),

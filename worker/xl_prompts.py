@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
-from worker.compiled import on_device
-from worker.prompting import ENCODE_CHUNK, PromptTooLong, emphasized
+from worker.prompting import PromptTooLong, fixed_batches, weighed
 
 
 @dataclass(frozen=True)
@@ -80,20 +79,12 @@ class XlPromptEncoder:
         a projection), in fixed batches so that a chunk's encoding never depends on its
         company."""
         rows = [token_ids(piece, vocabulary) for piece in pieces]
-        empty = token_ids(Chunk(), vocabulary)
         hidden: list[torch.Tensor] = []
         first: list[torch.Tensor] = []
-        for start in range(0, len(rows), ENCODE_CHUNK):
-            batch = rows[start : start + ENCODE_CHUNK]
-            padded = batch + [empty] * (ENCODE_CHUNK - len(batch))
-            ids = on_device([r[0] for r in padded], torch.long, self.device)
+        for batch, ids in fixed_batches(rows, vocabulary, self.device):
             output = encoder(ids, output_hidden_states=True)
             for k, (_ids, weights) in enumerate(batch):
-                state = output.hidden_states[-2][k]
-                if any(w != 1 for w in weights):
-                    scale = on_device(weights, torch.float32, self.device)
-                    state = emphasized(state.to(torch.float32), scale).to(state.dtype)
-                hidden.append(state)
+                hidden.append(weighed(output.hidden_states[-2][k], weights))
                 first.append(output[0][k])
         return hidden, first
 
