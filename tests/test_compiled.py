@@ -246,10 +246,14 @@ def test_no_request_kind_compiles_while_serving_static(
 
 
 def test_the_warm_up_list_covers_every_bucket_and_prompt_length(row_engine: Engine) -> None:
-    warmed = {(w.size, w.rows, w.tokens) for w in row_engine.calls.warm_list()}
+    entries = row_engine.calls.warm_list()
+    warmed = {(w.size, w.rows, w.tokens) for w in entries}
     expected = {((side, side), rows, CHUNK_TOKENS * chunks) for side in (SIDE, BIG)
                 for rows in row_engine.tuning.row_buckets() for chunks in (1, 2)}  # fmt: skip
     assert warmed == expected
+    # The graph is traced at the largest call (no 32-bit indexing guard below the cap).
+    top = row_engine.tuning.row_cap()
+    assert (entries[0].rows, entries[0].tokens) == (top, CHUNK_TOKENS * 2)
 
 
 def test_a_call_that_would_compile_runs_eagerly_and_is_counted(row_engine: Engine) -> None:

@@ -31,10 +31,12 @@ import torch
 
 log = logging.getLogger("sdserve.compiled")
 
-# The compiled UNet's code guards its batch at 63 rows or fewer (seen with torch 2.11 on an
-# H200: "L['args'][0].size()[0] <= 63"); a larger call compiles a second graph, which cost
-# 80-100 s at start-up. Row batching stays within one graph.
-ROW_LIMIT = 62
+# Inductor indexes a kernel with 32-bit integers when the tensors it touches fit, and guards on
+# that: traced at a few rows, the SD 1.5 UNet's graph held only 63 rows or fewer (one of its
+# buffers has 2**25 elements a row; "L['args'][0].size()[0] <= 63", torch 2.11, H200), and a
+# 64-row batch compiled a second graph. The warm-up therefore traces the largest call first
+# (`warm_list`): kernels too large for 32 bits at the top of the range index with 64 bits and
+# no guard, and one graph serves every row count from 2 to the cap.
 
 # A chunk of a prompt as CLIP reads it: start, 75 tokens, end.
 CHUNK_TOKENS = 77
@@ -59,7 +61,7 @@ class Tuning:
     compiled_sizes: tuple[Size, ...] = ((512, 512),)
     # Images per VAE decode call: its memory grows with the pixels, not the latents.
     vae_chunk: int = 1
-    # Continuous batching (rows of many jobs per call, at most ROW_LIMIT) or static batches.
+    # Continuous batching (rows of many jobs per call) or static batches.
     rows: bool = False
     # The longest prompt encoded, in chunks of 75 tokens.
     prompt_chunks: int = 4
@@ -80,9 +82,8 @@ class Tuning:
         return next(b for b in self.buckets() if b >= size)
 
     def row_cap(self) -> int:
-        """UNet rows in one call at most: cond and uncond make twice max_batch; continuous
-        batching stays within ROW_LIMIT (one graph)."""
-        return min(2 * self.max_batch, ROW_LIMIT) if self.rows else 2 * self.max_batch
+        """UNet rows in one call at most: cond and uncond make twice max_batch."""
+        return 2 * self.max_batch
 
     def row_buckets(self) -> list[int]:
         """UNet rows a compiled call is padded up to: 2, 4, 8, then every 8, up to the cap.
@@ -140,15 +141,16 @@ class CompiledCalls:
     def warm_list(self) -> list[Warm]:
         """Everything a compiled call can be given: each compiled size, row bucket and prompt
         length. Whatever a request chooses (kind, strength, mask, sampler, guidance, previews,
-        n) is one of these once its inputs are canonical."""
+        n) is one of these once its inputs are canonical. The largest call comes first: the
+        graph is traced at it, so no 32-bit indexing guard bounds the rows below the cap."""
         if self._fast_unet is None:
             return []
         lengths = [CHUNK_TOKENS * chunks for chunks in range(1, self.tuning.prompt_chunks + 1)]
         return [
             Warm(size, rows, tokens)
             for size in self.tuning.compiled_sizes
-            for rows in self.tuning.row_buckets()
-            for tokens in lengths
+            for rows in reversed(self.tuning.row_buckets())
+            for tokens in reversed(lengths)
         ]
 
     @torch.inference_mode()
@@ -273,12 +275,10 @@ class CompiledCalls:
         if not compiled or self._fast_unet is None:
             out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels)
             return out.sample  # type: ignore[no-any-return]
-        # Continuous batching bounds the rows (one graph); static batches grow to 2 x max_batch,
-        # past the graph's own bound (a second graph, compiled at warm-up).
-        # (Bounds on one side only break inductor's range analysis: none, or both.)
-        bounds = {"min": 2, "max": self.tuning.row_cap()} if self.tuning.rows else {}
+        # One graph for every row count (bounds on one side only break inductor's range
+        # analysis: both are given).
         for tensor in (sample, context, t):
-            torch._dynamo.mark_dynamic(tensor, 0, **bounds)
+            torch._dynamo.mark_dynamic(tensor, 0, min=2, max=max(2, self.tuning.row_cap()))
         if self.tuning.prompt_chunks > 1:
             most = CHUNK_TOKENS * self.tuning.prompt_chunks
             torch._dynamo.mark_dynamic(context, 1, min=CHUNK_TOKENS, max=most)

@@ -69,9 +69,7 @@ class RowLoop:
             now = time.monotonic()
             for job in p.start(deliveries):
                 self.waiting[job.id] = (job, now)
-                self.loading[job.id] = self._readers.submit(
-                    task(job.request).source, p.storage, job.id, job.request
-                )
+                self.loading[job.id] = self._load(job)
         self._leave_canceled()
         if p.shutdown.stopping.is_set():
             self._hand_back_waiting()
@@ -82,6 +80,22 @@ class RowLoop:
         self._deliver(wait=not self.lanes)
         p.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
         return len(deliveries)
+
+    def _load(self, job: Job) -> Future[Source | None]:
+        """The job's source picture, read and preprocessed by a reader thread (none for a job
+        from noise: no thread hop)."""
+        work = task(job.request)
+        if not work.reads_picture:
+            done: Future[Source | None] = Future()
+            done.set_result(None)
+            return done
+        engine, storage = self.p.engines.of(job), self.p.storage
+
+        def read() -> Source | None:
+            source = work.source(storage, job.id, job.request)
+            return None if source is None else engine.ready(source, work.shape(job.request))
+
+        return self._readers.submit(read)
 
     def _images(self) -> int:
         """Images taken and not yet finished: in flight, and started but not joined."""
@@ -134,11 +148,16 @@ class RowLoop:
         # Counted in UNet rows: a guided image takes two (cond and uncond), another one; a
         # picture in tiles, that many per tile.
         tuning = p.engines.tuning
+        # With rows in flight, a job whose picture is still being read joins at a later step
+        # rather than make this one wait for it (the GPU would idle); with none, waiting for
+        # it costs nothing.
+        busy = bool(self.lanes)
         candidates = [
             Candidate(job.id, (job.request.width, job.request.height),
                       unet_rows(job.request, tuning.tile, tuning.tile_overlap),
                       job.created_at, alone=job.delivery.suspect)
             for job, _since in self.waiting.values()
+            if not busy or self.loading[job.id].done()
         ]  # fmt: skip
         in_flight = sum(lane.unet_rows for _, lane in self.lanes.values())
         alone = any(job.delivery.suspect for job, _ in self.lanes.values())

@@ -199,6 +199,10 @@ class Engine:
         """A job's lane at its first step (worker/latents.py)."""
         return self.latents.prepare(key, specs, shape, source)
 
+    def ready(self, source: Source, shape: BatchShape) -> Source:
+        """The source's picture preprocessed on the host, in any thread (worker/latents.py)."""
+        return self.latents.ready(source, shape)
+
     def second_pass(
         self, lane: Lane, specs: Sequence[ImageSpec], shape: BatchShape, hires: Hires
     ) -> Lane:

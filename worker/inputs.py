@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -39,6 +39,11 @@ class Source:
     # The x4 upscaler: the picture, at its own size, noised to this level, is what the UNet
     # sees beside the latents (the whole schedule runs; `strength` is not used).
     noise_level: int | None = None
+    # The picture and mask as the VAE and the mask's blend take them (CPU tensors, pinned),
+    # made by `LatentMaker.ready` in the thread that read them: a job's join then does no
+    # image work on the GPU's thread. None: made at the join.
+    pixels: Any = None
+    mask_pixels: Any = None
 
 
 @dataclass(frozen=True)

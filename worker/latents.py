@@ -7,6 +7,7 @@ whatever shares its UNet calls."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -214,12 +215,11 @@ class LatentMaker:
         (not drawn by an inpainting UNet at strength 1, which starts from noise alone), the
         noise, then (inpainting) the VAE's sample of the masked source, which a 4-channel UNet
         does not use but which moves the generator on before an ancestral sampler's noise."""
-        size = {"height": shape.height, "width": shape.width}
         shape4 = (len(generators), self.channels, shape.height // self.scale,
                   shape.width // self.scale)  # fmt: skip
-        if source.enlarge:
-            size = {"height": source.image.height, "width": source.image.width}
-        image = self.pixels(source.image, BatchShape(size["width"], size["height"], 0, ""))
+        if source.pixels is None or (source.mask is not None and source.mask_pixels is None):
+            source = self.ready(source, shape)
+        image: torch.Tensor = placed(source.pixels, self.device, self.dtype)
         pure_noise = source.mask is not None and source.strength == 1
         inpainting_unet = self.parts.inpainting_unet
         encoded = None
@@ -235,7 +235,7 @@ class LatentMaker:
             latents = encoded * plan.noising[0] + noise * plan.noising[1]
         if source.mask is None:
             return latents, None, None
-        mask = self.mask_processor.preprocess(source.mask, **size)
+        mask = source.mask_pixels
         keep = placed(mask, self.device, self.dtype) < 0.5
         masked = self.vae.sample_latents(image * keep, generators)
         small = torch.nn.functional.interpolate(mask, size=shape4[-2:])
@@ -244,6 +244,22 @@ class LatentMaker:
             return latents, None, torch.cat([small.expand(len(generators), -1, -1, -1), masked], 1)
         assert encoded is not None
         return latents, Inpainting(small, encoded, noise), None
+
+    def ready(self, source: Source, shape: BatchShape) -> Source:
+        """The source with its picture (and mask) preprocessed as diffusers' pipelines do it,
+        on the host: safe in another thread, so that the loops do it where the picture is read
+        rather than on the GPU's thread. The x4 upscaler's picture is left as it is."""
+        if source.noise_level is not None:
+            return source
+        size = {"height": shape.height, "width": shape.width}
+        if source.enlarge:  # latent upscaling encodes the picture at its own size
+            size = {"height": source.image.height, "width": source.image.width}
+        pixels = self.image_processor.preprocess(source.image, **size)
+        mask = None
+        if source.mask is not None:
+            mask = pinned(self.mask_processor.preprocess(source.mask, **size), self.device)
+        pixels = pinned(pixels.to(self.dtype), self.device)
+        return dataclasses.replace(source, pixels=pixels, mask_pixels=mask)
 
     def pixels(self, picture: Image.Image, shape: BatchShape) -> torch.Tensor:
         """A picture as the VAE takes it, at `shape`'s size (diffusers' preprocessing)."""
@@ -263,6 +279,12 @@ class LatentMaker:
             ones = torch.ones_like(latents[:, :1])
             self._blank[key] = torch.cat([ones, latents], 1)
         return self._blank[key]
+
+
+def pinned(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor in pinned memory when it is bound for a GPU (its copy then waits for
+    nothing)."""
+    return host.pin_memory() if device.type == "cuda" else host
 
 
 def enlarged(latents: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -79,6 +79,8 @@ def serve(settings: WorkerSettings) -> None:
     store = WorkerStore.connect(settings.redis_url, settings.result_ttl_s, READ_BLOCK_MS / 1000 + 5,
                                 settings.record_grace_s)  # fmt: skip
     runner = Runner(settings, store, engines, storage, metrics, upscaler)
+    if settings.sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")  # each place once, in the log
     metrics.model_load.set(load_s)
     metrics.warm_up.set(warm_s)
     if device.type == "cuda":

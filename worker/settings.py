@@ -95,6 +95,11 @@ class WorkerSettings(CommonSettings):
         description="Compiled kernels, kept across restarts (a volume in containers).",
     )
     vae_chunk: int = Field(default=1, ge=1, le=64, description="Images per VAE decode call.")
+    sync_debug: bool = Field(
+        default=False,
+        description="Warn (with where, in the log) at every call that makes the host wait for"
+        " the GPU once serving: a stall of the loop shows as idle GPU time.",
+    )
     preview_every: int = Field(
         default=5,
         ge=0,

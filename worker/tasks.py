@@ -24,6 +24,8 @@ Words = dict[str, Any]  # infotext settings, in A1111's order
 
 class TaskWork:
     rule: ClassVar[shared.Task]
+    # It starts from a stored picture (`source`): read, and preprocessed, off the GPU's thread.
+    reads_picture: ClassVar[bool] = True
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
         """What the job starts from: its picture, noised to `strength` (None: from noise)."""
@@ -55,6 +57,7 @@ class TaskWork:
 
 class Txt2Img(TaskWork):
     rule = shared.TASKS["txt2img"]
+    reads_picture = False
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
         return None
