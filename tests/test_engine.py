@@ -128,7 +128,7 @@ def test_non_finite_pixels_are_decoded_again_then_reported_never_black(
 def test_prompt_embeddings_do_not_depend_on_their_company(engine: Engine) -> None:
     alone = engine.encode(["a lighthouse"]).clone()
     crowd = engine.encode([f"prompt {i}" for i in range(11)] + ["a lighthouse"])
-    engine.prompts._cache.clear()
+    engine.family.encoder._cache.clear()
     fresh = engine.encode([f"other {i}" for i in range(5)] + ["a lighthouse"])
     assert torch.equal(crowd[-1], alone[0]) and torch.equal(fresh[-1], alone[0])
 

@@ -111,8 +111,17 @@ class CompiledCalls:
     """The UNet and the VAE decoder as the engine calls them: compiled at the compiled sizes,
     eager elsewhere (other sizes, the x4 upscaler's class labels)."""
 
-    def __init__(self, unet: Any, vae: Any, tuning: Tuning, device: torch.device) -> None:
+    def __init__(
+        self,
+        unet: Any,
+        vae: Any,
+        tuning: Tuning,
+        device: torch.device,
+        added_shapes: dict[str, int] | None = None,
+    ) -> None:
         self.unet = unet
+        # SDXL's added conditioning: each tensor's width per row (worker/families.py).
+        self.added_shapes = added_shapes or {}
         self.vae = vae
         self.tuning = tuning
         self.device = device
@@ -169,8 +178,10 @@ class CompiledCalls:
             t = torch.full((warm.rows,), 500.0, device=self.device)
             context = torch.zeros(warm.rows, warm.tokens, config.cross_attention_dim,
                                   device=self.device, dtype=self.dtype)  # fmt: skip
+            added = {name: torch.zeros(warm.rows, width, device=self.device, dtype=self.dtype)
+                     for name, width in self.added_shapes.items()} or None  # fmt: skip
             for _ in range(2):
-                self._unet_call(sample, t, context, None, compiled=True)
+                self._unet_call(sample, t, context, None, True, added)
             took = time.perf_counter() - started
             level = logging.INFO if took > 1 else logging.DEBUG
             log.log(level, "warmed up %dx%d at %d UNet rows, %d tokens in %.1fs",
@@ -198,17 +209,19 @@ class CompiledCalls:
         blocks: list[torch.Tensor],
         size: Size,
         labels: torch.Tensor | None = None,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """The UNet's output for `sample`, whose rows see the prompt embeddings in `blocks`
-        (laid end to end, a block per prompt) and timestep `t` (one, or one per row); and the
-        rows of padding it ran. Rows whose prompts have more chunks see a longer context: they
-        run in a call of their own (one per length), since padding a shorter context would
-        change what its rows attend to, and so their images. Most calls have one length."""
+        (laid end to end, a block per prompt), timestep `t` (one, or one per row) and, for
+        SDXL, the `added` conditioning (a row each); and the rows of padding it ran. Rows whose
+        prompts have more chunks see a longer context: they run in a call of their own (one
+        per length), since padding a shorter context would change what its rows attend to, and
+        so their images. Most calls have one length."""
         t = canonical_timesteps(t, len(sample))
         compiled = self.compiled(size) and labels is None
         lengths = [block.shape[1] for block in blocks]
         if len(set(lengths)) == 1:
-            return self._padded(sample, t, torch.cat(blocks), labels, compiled)
+            return self._padded(sample, t, torch.cat(blocks), labels, compiled, added)
         offsets = [0]
         for block in blocks:
             offsets.append(offsets[-1] + len(block))
@@ -224,6 +237,7 @@ class CompiledCalls:
                 torch.cat([blocks[b] for b in mine]),
                 None if labels is None else labels.index_select(0, index),
                 compiled,
+                None if added is None else {k: v.index_select(0, index) for k, v in added.items()},
             )
             if out is None:
                 out = part.new_empty((len(sample), *part.shape[1:]))
@@ -239,6 +253,7 @@ class CompiledCalls:
         context: torch.Tensor,
         labels: torch.Tensor | None,
         compiled: bool,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """One UNet call; a compiled one is padded to its row bucket (copies of the last row,
         whose outputs are dropped): CUDA graphs need the shape, and an eager call computes no
@@ -249,15 +264,17 @@ class CompiledCalls:
         if rows > cap:
             parts = [self._padded(sample[at : at + cap], t[at : at + cap],
                                   context[at : at + cap],
-                                  None if labels is None else labels[at : at + cap], compiled)
+                                  None if labels is None else labels[at : at + cap], compiled,
+                                  None if added is None
+                                  else {k: v[at : at + cap] for k, v in added.items()})
                      for at in range(0, rows, cap)]  # fmt: skip
             return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
         padding = self.tuning.row_bucket(rows) - rows if compiled else 0
         if padding:
-            sample = torch.cat([sample, sample[-1:].expand(padding, *sample.shape[1:])])
-            t = torch.cat([t, t[-1:].expand(padding)])
-            context = torch.cat([context, context[-1:].expand(padding, *context.shape[1:])])
-        return self._unet_call(sample, t, context, labels, compiled)[:rows], padding
+            sample, t, context = (padded_rows(x, padding) for x in (sample, t, context))
+            if added is not None:
+                added = {k: padded_rows(v, padding) for k, v in added.items()}
+        return self._unet_call(sample, t, context, labels, compiled, added)[:rows], padding
 
     def _unet_call(
         self,
@@ -266,18 +283,26 @@ class CompiledCalls:
         context: torch.Tensor,
         labels: torch.Tensor | None,
         compiled: bool,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         sample = sample.to(self.dtype).contiguous()
         context = context.to(self.dtype).contiguous()
         # Samplers differ in the timestep's dtype (int or float); one dtype keeps one graph.
         # The UNet embeds timesteps in float32 either way, so nothing changes numerically.
         t = t.to(torch.float32).contiguous()
+        # SDXL's added conditioning in the model's dtype, as diffusers' pipelines give it.
+        extra: dict[str, Any] = {}
+        if added is not None:
+            extra["added_cond_kwargs"] = {k: v.to(self.dtype).contiguous()
+                                          for k, v in added.items()}  # fmt: skip
         if not compiled or self._fast_unet is None:
-            out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels)
+            out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels,
+                            **extra)  # fmt: skip
             return out.sample  # type: ignore[no-any-return]
         # One graph for every row count (bounds on one side only break inductor's range
         # analysis: both are given).
-        for tensor in (sample, context, t):
+        row_tensors = [sample, context, t, *extra.get("added_cond_kwargs", {}).values()]
+        for tensor in row_tensors:
             torch._dynamo.mark_dynamic(tensor, 0, min=2, max=max(2, self.tuning.row_cap()))
         if self.tuning.prompt_chunks > 1:
             most = CHUNK_TOKENS * self.tuning.prompt_chunks
@@ -289,11 +314,11 @@ class CompiledCalls:
             # until the next replay, so it is copied out (a few MB) before anyone can call
             # again (a call of many tiles, or of several prompt lengths, calls again at once).
             torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
-            out: torch.Tensor = fast(sample, t, encoder_hidden_states=context).sample
+            out: torch.Tensor = fast(sample, t, encoder_hidden_states=context, **extra).sample
             return out.clone()
 
         def eager() -> torch.Tensor:
-            return self.unet(sample, t, encoder_hidden_states=context).sample  # type: ignore[no-any-return]
+            return self.unet(sample, t, encoder_hidden_states=context, **extra).sample  # type: ignore[no-any-return]
 
         return self._serve(run, eager, f"UNet {tuple(sample.shape)} x {tuple(context.shape)}")
 
@@ -330,6 +355,11 @@ class CompiledCalls:
             if self.on_recompile is not None:
                 self.on_recompile(str(e))
             return eager()
+
+
+def padded_rows(tensor: torch.Tensor, padding: int) -> torch.Tensor:
+    """The tensor with its last row repeated `padding` more times."""
+    return torch.cat([tensor, tensor[-1:].expand(padding, *tensor.shape[1:])])
 
 
 def canonical_timesteps(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -1,16 +1,19 @@
 """The model's parts, loaded once and resident (diffusers' components): the CLIP tokenizer and
-text encoder, the UNet, the VAE and the scheduler's configuration; and for the x4 upscaler its
-low-resolution noise schedule."""
+text encoder (an SDXL model's second ones beside them; an SDXL refiner has only the second), the
+UNet, the VAE and the scheduler's configuration; and for the x4 upscaler its low-resolution
+noise schedule."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTokenizerFast
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
 from worker.schedulers import load_schedule
@@ -26,13 +29,25 @@ class Components:
     model: str  # the folder (or hub id) they came from
     device: torch.device
     dtype: torch.dtype
-    tokenizer: CLIPTokenizerFast
-    text_encoder: Any  # CLIPTextModel
+    tokenizer: CLIPTokenizerFast | None  # None: an SDXL refiner (the second encoder only)
+    text_encoder: Any  # CLIPTextModel, or None
     unet: Any  # UNet2DConditionModel
     vae: Any  # AutoencoderKL
     scheduler_config: dict[str, Any]
     # The x4 upscaler's: how its low-resolution picture is noised. None for other models.
     low_res_scheduler: DDPMScheduler | None
+    # SDXL's second tokenizer and text encoder (with the pooled projection); None elsewhere.
+    tokenizer_2: CLIPTokenizerFast | None = None
+    text_encoder_2: Any = None  # CLIPTextModelWithProjection
+    # The pipeline's own settings (model_index.json): SDXL's `force_zeros_for_empty_prompt`,
+    # `requires_aesthetics_score`.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """ "sdxl" for a UNet that takes SDXL's added conditioning (pooled text and time ids),
+        "sd" for SD 1.x/2.x (and the x4 upscaler)."""
+        return "sdxl" if self.unet.config.addition_embed_type == "text_time" else "sd"
 
     @property
     def latent_scale(self) -> int:
@@ -47,8 +62,9 @@ class Components:
 
     def weight_bytes(self) -> int:
         """What the model's weights take (text encoder, UNet, VAE)."""
-        modules = (self.text_encoder, self.unet, self.vae)
-        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        modules = (self.text_encoder, self.text_encoder_2, self.unet, self.vae)
+        return sum(p.numel() * p.element_size() for m in modules if m is not None
+                   for p in m.parameters())  # fmt: skip
 
 
 def load_components(model: str, device: torch.device, fuse: bool) -> Components:
@@ -70,16 +86,48 @@ def load_components(model: str, device: torch.device, fuse: bool) -> Components:
     low_res = None
     if unet.config.in_channels == 7:
         low_res = DDPMScheduler.from_pretrained(model, subfolder="low_res_scheduler")
+    options = pipeline_options(model)
+    tokenizer = text_encoder = tokenizer_2 = text_encoder_2 = None
+    if present(options, "text_encoder"):
+        tokenizer = CLIPTokenizerFast.from_pretrained(model, subfolder="tokenizer")
+        text_encoder = place(
+            CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
+        )
+    if present(options, "text_encoder_2"):
+        tokenizer_2 = CLIPTokenizerFast.from_pretrained(model, subfolder="tokenizer_2")
+        text_encoder_2 = place(CLIPTextModelWithProjection.from_pretrained(
+            model, subfolder="text_encoder_2", dtype=dtype
+        ))  # fmt: skip
     return Components(
         model=model,
         device=device,
         dtype=dtype,
-        tokenizer=CLIPTokenizerFast.from_pretrained(model, subfolder="tokenizer"),
-        text_encoder=place(
-            CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
-        ),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
         unet=unet,
         vae=vae,
         scheduler_config=load_schedule(model),
         low_res_scheduler=low_res,
+        tokenizer_2=tokenizer_2,
+        text_encoder_2=text_encoder_2,
+        options=options,
     )
+
+
+def pipeline_options(model: str) -> dict[str, Any]:
+    """The folder's model_index.json (which parts it has, the pipeline's settings); a folder
+    without one is read as SD 1.x's parts."""
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        options: dict[str, Any] = json.loads(index.read_text())
+        return options
+    try:  # a hub id: its model_index.json, as diffusers reads it
+        return dict(DiffusionPipeline.load_config(model))
+    except OSError:
+        return {"text_encoder": ["transformers", "CLIPTextModel"]}
+
+
+def present(options: dict[str, Any], part: str) -> bool:
+    """Whether the pipeline has this part (model_index.json names it with a class, not null)."""
+    entry = options.get(part)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None

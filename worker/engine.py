@@ -29,6 +29,7 @@ from app.jobs.contract import Hires
 from app.jobs.prompts import Syntax
 from worker.compiled import CompiledCalls, Tuning, on_device
 from worker.components import load_components
+from worker.families import family_of, joined
 from worker.inputs import (
     BatchShape,
     ImageSpec,
@@ -39,7 +40,7 @@ from worker.inputs import (
 )
 from worker.latents import LatentMaker, enlarged
 from worker.previews import Previews, clean_latents, colours, fit_colours
-from worker.prompting import PromptEncoder, PromptTooLong, emphasized
+from worker.prompting import PromptTooLong, emphasized
 from worker.rows import Lane
 from worker.schedulers import SAMPLERS, make_scheduler
 from worker.timing import GpuTimer
@@ -69,21 +70,22 @@ class Engine:
         tuning = tuning or Tuning()
         parts = self.parts = load_components(model, device, tuning.fuse)
         self.dtype = parts.dtype
-        self.tokenizer = parts.tokenizer
-        self.text_encoder = parts.text_encoder
+        self.tokenizer: Any = parts.tokenizer  # None: an SDXL refiner (the second one only)
+        self.text_encoder: Any = parts.text_encoder
         self.unet = parts.unet
         self.vae = parts.vae
         self.scheduler_config = parts.scheduler_config
         self.low_res_scheduler = parts.low_res_scheduler
         self.latent_scale = parts.latent_scale
         self.inpainting_unet = parts.inpainting_unet
-        self.prompts = PromptEncoder(parts, tuning.prompt_chunks)
-        self.published_tokenizer = self.prompts.published
-        self.vocabulary = self.prompts.vocabulary
+        # How this model's prompts become what its UNet's rows see (SD 1.x/2.x or SDXL).
+        self.family = family_of(parts, tuning.prompt_chunks)
+        self.published_tokenizer = self.family.published
+        self.vocabulary = self.family.vocabulary
         # The only way to the UNet and the VAE decoder: compiled, padded and canonical there.
-        self.calls = CompiledCalls(self.unet, self.vae, tuning, device)
+        self.calls = CompiledCalls(self.unet, self.vae, tuning, device, self.family.added_shapes())
         self.codec = Vae(parts, self.calls, tuning.vae_chunk)
-        self.latents = LatentMaker(parts, self.prompts, self.codec, tuning)
+        self.latents = LatentMaker(parts, self.family, self.codec, tuning)
         # What previews need of the schedule: the signal left at each timestep, and what the
         # UNet predicts.
         self._alphas_cumprod = (
@@ -156,14 +158,16 @@ class Engine:
         batch = len(specs)
         sampler = SAMPLERS[shape.scheduler]
         scheduler, generators, latents = self._start(specs, shape)
-        contexts = self.prompts.embeddings(
-            [(s.negative_prompt, s.syntax) for s in specs] + [(s.prompt, s.syntax) for s in specs]
-        )
+        size = (shape.width, shape.height)
+        negatives = [(s.negative_prompt, s.syntax) for s in specs]
+        prompts = [(s.prompt, s.syntax) for s in specs]
+        contexts = self.family.contexts(negatives, negative=True) + self.family.contexts(prompts)
         blocks = [context[None] for context in contexts]
+        added = joined([self.family.added(negatives, size, negative=True),
+                        self.family.added(prompts, size)])  # fmt: skip
         guidance = on_device([s.guidance_scale for s in specs], self.dtype, self.device)
         guidance = guidance.view(batch, 1, 1, 1)
         step_options = {"generator": generators} if sampler.ancestral else {}
-        size = (shape.width, shape.height)
 
         started = time.perf_counter()
         for k, t in enumerate(scheduler.timesteps):
@@ -171,7 +175,7 @@ class Engine:
             if self.inpainting_unet:
                 whole = self.latents.whole_picture(shape).expand(len(model_input), -1, -1, -1)
                 model_input = torch.cat([model_input, whole], 1)
-            noise, _ = self.calls.run_unet(model_input, t, blocks, size)
+            noise, _ = self.calls.run_unet(model_input, t, blocks, size, added=added)
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, **step_options).prev_sample
@@ -210,10 +214,11 @@ class Engine:
         return self.latents.second_pass(lane, specs, shape, hires)
 
     def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
-        return self.prompts.encode(prompts, syntax)
+        """Prompts of one length as UNet contexts, (len(prompts), 77 x chunks, dim)."""
+        return torch.stack(self.family.contexts([(p, syntax) for p in prompts]))
 
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
-        return self.prompts.chunk_count(prompt, syntax)
+        return self.family.chunk_count(prompt, syntax)
 
     def decode(self, latents: torch.Tensor, compiled: bool = False) -> list[np.ndarray | None]:
         return self.codec.decode(latents, compiled)
@@ -254,8 +259,11 @@ class Engine:
             parts = [lane.class_labels for lane in lanes]
             parts += [lanes[i].class_labels for i in guided]
             labels = torch.cat([part for part in parts if part is not None])
+        # SDXL: each row's added conditioning, in the rows' order (cond, then guided uncond).
+        added = joined([lane.cond_added for lane in lanes]
+                       + [lanes[i].uncond_added for i in guided])  # fmt: skip
         timer = GpuTimer(self.device) if self.observer is not None else None
-        noise, padding = self.calls.run_unet(sample, t_rows, blocks, lanes[0].size, labels)
+        noise, padding = self.calls.run_unet(sample, t_rows, blocks, lanes[0].size, labels, added)
         called = len(sample)
         cond = noise[:rows]
         uncond = noise.index_select(0, on_device(against, torch.long, self.device))

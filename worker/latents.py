@@ -19,18 +19,18 @@ from PIL import Image
 from app.jobs.contract import Hires
 from worker.compiled import Tuning, on_device, placed
 from worker.components import Components
+from worker.families import Family
 from worker.inputs import BatchShape, ImageSpec, Source
 from worker.plans import Plan, probe, start_step
-from worker.prompting import PromptEncoder
 from worker.rows import Inpainting, Lane
 from worker.tiles import tiling
 from worker.vae import Vae
 
 
 class LatentMaker:
-    def __init__(self, parts: Components, prompts: PromptEncoder, vae: Vae, tuning: Tuning) -> None:
+    def __init__(self, parts: Components, family: Family, vae: Vae, tuning: Tuning) -> None:
         self.parts = parts
-        self.prompts = prompts
+        self.family = family
         self.vae = vae
         self.tuning = tuning
         self.device = parts.device
@@ -165,11 +165,11 @@ class LatentMaker:
     ) -> Lane:
         """A lane of these latents: the prompts' embeddings and guidance per row, in tiles
         when the picture is larger than one tile."""
-        embed = self.prompts.embeddings
-        cond = torch.stack(embed([(s.prompt, s.syntax) for s in specs]))
+        picture = (shape.width, shape.height)
+        cond = self.family.conditioning(specs, picture)
         uncond = None
         if any(s.guidance_scale > 1 for s in specs):
-            uncond = torch.stack(embed([(s.negative_prompt, s.syntax) for s in specs]))
+            uncond = self.family.conditioning(specs, picture, negative=True)
         guidance = on_device([s.guidance_scale for s in specs], self.dtype, self.device)
         guidance = guidance.view(-1, 1, 1, 1)
         scale = self.scale
@@ -178,20 +178,20 @@ class LatentMaker:
             self.tuning.tile // scale,
             self.tuning.tile_overlap // scale,
         )
-        size = (shape.width, shape.height)
+        size = picture
         if tiles is not None:  # every per-row tensor gets a row per tile
             size = (tiles.tile[1] * scale, tiles.tile[0] * scale)
-            cond = cond.repeat_interleave(tiles.count, 0)
+            cond = cond.repeated(tiles.count)
             guidance = guidance.repeat_interleave(tiles.count, 0)
             if uncond is not None:
-                uncond = uncond.repeat_interleave(tiles.count, 0)
+                uncond = uncond.repeated(tiles.count)
             if conditioning is not None:
                 conditioning = tiles.split(conditioning)
             if labels is not None:
                 labels = labels.repeat_interleave(tiles.count, 0)
         if self.parts.inpainting_unet and conditioning is None:
             whole = self.whole_picture(BatchShape(*size, shape.steps, shape.scheduler))
-            conditioning = whole.expand(len(cond), -1, -1, -1)
+            conditioning = whole.expand(len(cond.context), -1, -1, -1)
         return Lane(
             key=key,
             size=size,
@@ -199,8 +199,10 @@ class LatentMaker:
             latents=latents,
             generators=generators,
             guidance=guidance,
-            cond=cond,
-            uncond=uncond,
+            cond=cond.context,
+            uncond=None if uncond is None else uncond.context,
+            cond_added=cond.added,
+            uncond_added=None if uncond is None else uncond.added,
             inpainting=inpainting,
             conditioning=conditioning,
             class_labels=labels,

@@ -4,7 +4,8 @@ tokens, weighted where A1111's syntax weighs them, cached for repeated prompts."
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -23,31 +24,33 @@ class PromptTooLong(ValueError):
     """A prompt of more chunks of 75 tokens than the engine encodes."""
 
 
+def publishable(model: str, tokenizer: Any, max_chunks: int) -> PublishedTokenizer:
+    """The tokenizer as the API reads it (app/jobs/vocabulary.py); chunks are cut with it in
+    the worker too, so both sides count alike."""
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    if not isinstance(comma, int) or comma == tokenizer.unk_token_id:
+        comma = tokenizer(",", add_special_tokens=False).input_ids[-1]
+    return PublishedTokenizer(
+        model=model,
+        tokenizer=tokenizer.backend_tokenizer.to_str(),
+        start=tokenizer.bos_token_id,
+        end=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+        comma=comma,
+        max_chunks=max_chunks,
+    )
+
+
 class PromptEncoder:
+    """SD 1.x/2.x: one CLIP text encoder, whose last hidden state is a row's context."""
+
     def __init__(self, parts: Components, max_chunks: int) -> None:
+        assert parts.tokenizer is not None, "SD 1.x/2.x models have a text encoder"
         self.parts = parts
         self.max_chunks = max_chunks
-        self.published = self._publishable(parts, max_chunks)
+        self.published = publishable(parts.model, parts.tokenizer, max_chunks)
         self.vocabulary = self.published.vocabulary()
-        self._cache: OrderedDict[tuple[str, Syntax], torch.Tensor] = OrderedDict()
-
-    @staticmethod
-    def _publishable(parts: Components, max_chunks: int) -> PublishedTokenizer:
-        """The tokenizer as the API reads it (app/jobs/vocabulary.py); chunks are cut with it
-        here too, so both sides count alike."""
-        tokenizer = parts.tokenizer
-        comma = tokenizer.convert_tokens_to_ids(",</w>")
-        if not isinstance(comma, int) or comma == tokenizer.unk_token_id:
-            comma = tokenizer(",", add_special_tokens=False).input_ids[-1]
-        return PublishedTokenizer(
-            model=parts.model,
-            tokenizer=tokenizer.backend_tokenizer.to_str(),
-            start=tokenizer.bos_token_id,
-            end=tokenizer.eos_token_id,
-            pad=tokenizer.pad_token_id,
-            comma=comma,
-            max_chunks=max_chunks,
-        )
+        self._cache: Remembered[torch.Tensor] = Remembered()
 
     def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
         """CLIP embeddings of prompts of one length in chunks, (len(prompts), 77 x chunks,
@@ -62,10 +65,12 @@ class PromptEncoder:
         alone, weighted where the syntax weighs them, laid end to end (what A1111 does; a
         prompt of one chunk is exactly diffusers' encoding). Repeated prompts come from the
         cache. Raises PromptTooLong (encoding nothing) for a prompt over the limit."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        return self._cache.each(prompts, self._encode)
+
+    def _encode(self, prompts: list[tuple[str, Syntax]]) -> list[torch.Tensor]:
         rows: list[Row] = []
         counts = []
-        for text, syntax in missing:
+        for text, syntax in prompts:
             pieces = chunks(text, syntax, self.vocabulary)
             if len(pieces) > self.max_chunks:
                 raise PromptTooLong(
@@ -75,16 +80,11 @@ class PromptEncoder:
             rows += [token_ids(piece, self.vocabulary) for piece in pieces]
             counts.append(len(pieces))
         hidden = self._encode_rows(rows)
-        at = 0
-        for prompt, count in zip(missing, counts, strict=True):
-            self._cache[prompt] = torch.cat(hidden[at : at + count])
+        out, at = [], 0
+        for count in counts:
+            out.append(torch.cat(hidden[at : at + count]))
             at += count
-        for p in prompts:
-            self._cache.move_to_end(p)
-        embeddings = [self._cache[p] for p in prompts]
-        while len(self._cache) > EMBEDDING_CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return embeddings
+        return out
 
     def _encode_rows(self, rows: list[Row]) -> list[torch.Tensor]:
         """CLIP's last hidden state per chunk of 77 ids, in fixed batches of ENCODE_CHUNK rows
@@ -101,6 +101,33 @@ class PromptEncoder:
 
 
 Row = tuple[list[int], list[float]]  # a chunk's 77 ids and their weights
+Prompt = tuple[str, Syntax]
+V = TypeVar("V")
+
+
+class Remembered(Generic[V]):
+    """The encodings of the last EMBEDDING_CACHE_SIZE prompts: a prompt met again (the negative
+    prompt most users share, a retried job) is not encoded again."""
+
+    def __init__(self, size: int = EMBEDDING_CACHE_SIZE) -> None:
+        self.size = size
+        self._items: OrderedDict[Prompt, V] = OrderedDict()
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def each(self, prompts: Sequence[Prompt], encode: Callable[[list[Prompt]], list[V]]) -> list[V]:
+        """Each prompt's encoding, `encode` called once for those not remembered."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
+        if missing:
+            for prompt, value in zip(missing, encode(missing), strict=True):
+                self._items[prompt] = value
+        for p in prompts:
+            self._items.move_to_end(p)
+        out = [self._items[p] for p in prompts]
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return out
 
 
 def fixed_batches(

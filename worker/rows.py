@@ -46,6 +46,10 @@ class Lane:
     # Negative-prompt embeddings; None when guidance is 1 or less, as diffusers does: then the
     # UNet sees no unconditional rows for this lane.
     uncond: torch.Tensor | None
+    # SDXL's added conditioning of the cond and uncond rows (worker/families.py), row for row
+    # with `cond` and `uncond`; None for SD 1.x/2.x.
+    cond_added: dict[str, torch.Tensor] | None = None
+    uncond_added: dict[str, torch.Tensor] | None = None
     inpainting: Inpainting | None = None
     # A UNet's extra input channels: an inpainting UNet's mask and masked source's latents
     # (images, 5, ...), the x4 upscaler's noised low-resolution picture (images, 3, ...).
