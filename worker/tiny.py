@@ -273,6 +273,8 @@ XL = ("tiny-sdxl", "tiny-sdxl-refiner", "sdxl", "sdxl-refiner")
 XL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                "beta_schedule": "scaled_linear", "timestep_spacing": "leading",
                "steps_offset": 1}  # fmt: skip
+XL_SCHEDULE_PUBLISHED = {"clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+                         "skip_prk_steps": True, "interpolation_type": "linear"}  # fmt: skip
 
 
 def xl_unet(arch: str) -> UNet2DConditionModel:
@@ -327,6 +329,11 @@ def _build_sdxl(target: Path, arch: str) -> Path:
     if not arch.startswith("tiny"):
         pipeline.to(torch.float16)  # half the bytes to write and to load
     pipeline.save_pretrained(str(target))
+    # The published SDXL scheduler config also carries settings that other samplers read
+    # (DDIM's clip_sample is on unless the config says otherwise): written as published.
+    config_file = target / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text()) | XL_SCHEDULE_PUBLISHED
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
     return target
 
 

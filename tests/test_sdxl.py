@@ -1,0 +1,150 @@
+"""The SDXL family in the row engine, on the CPU with the tiny SDXL the project builds: each image
+equals what diffusers' own SDXL pipelines make for its seed (text to image with several samplers,
+guidance 1 and above, a negative prompt and none; image to image; inpainting), SDXL lanes of
+different sizes and prompts share UNet calls without changing each other, and the compiled
+boundary warms and serves SDXL rows (added conditioning) without compiling again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from tests.test_rows import max_diff, run
+from tests.test_sources import picture, square_mask
+from worker.compiled import Tuning
+from worker.engine import BatchShape, Engine, ImageSpec, Source
+from worker.schedulers import make_scheduler
+from worker.tiny import build_tiny_model
+
+CPU = torch.device("cpu")
+WIDTH, HEIGHT = 64, 96
+
+
+@pytest.fixture(scope="module")
+def xl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("sdxl") / "base", "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def xl(xl_model: Path) -> Engine:
+    return Engine(str(xl_model), CPU, Tuning(max_batch=4, rows=True))
+
+
+def pipeline(kind: type[Any], model: Path, engine: Engine, sampler: str) -> Any:
+    pipe = kind.from_pretrained(str(model))
+    pipe.scheduler = make_scheduler(sampler, engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixels(images: Any) -> list[np.ndarray]:
+    return list((np.asarray(images) * 255).round().astype(np.uint8))
+
+
+def test_an_sdxl_model_is_served_as_the_sdxl_family(xl: Engine) -> None:
+    assert xl.family.name == "sdxl" and xl.parts.tokenizer_2 is not None
+    assert xl.family.added_shapes() == {"text_embeds": 32, "time_ids": 6}
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "euler_a"])
+def test_txt2img_matches_diffusers_sdxl_pipeline(xl: Engine, xl_model: Path, sampler: str) -> None:
+    """A guided image with no negative prompt (zeros, as the base model's pipeline makes them)
+    and one with a negative prompt, in one lane each, stepped together."""
+    pipe = pipeline(StableDiffusionXLPipeline, xl_model, xl, sampler)
+    common = {"height": HEIGHT, "width": WIDTH, "num_inference_steps": 5, "guidance_scale": 6.0,
+              "output_type": "np"}  # fmt: skip
+    plain = pipe("a cat", generator=torch.Generator().manual_seed(11), **common).images[0]
+    negative = pipe("a cow", negative_prompt="blurry", generator=torch.Generator().manual_seed(12),
+                    **common).images[0]  # fmt: skip
+    shape = BatchShape(WIDTH, HEIGHT, 5, sampler)
+    lanes = [xl.prepare("plain", [ImageSpec("a cat", "", 6.0, 11)], shape),
+             xl.prepare("negative", [ImageSpec("a cow", "blurry", 6.0, 12)], shape)]  # fmt: skip
+    ours = run(xl, lanes)
+    assert max_diff(ours["plain"][0], pixels([plain])[0]) <= 1
+    assert max_diff(ours["negative"][0], pixels([negative])[0]) <= 1
+
+
+def test_unguided_and_long_prompts_match_diffusers(xl: Engine, xl_model: Path) -> None:
+    """Guidance 1 runs no uncond row, as diffusers; a prompt of two chunks is encoded chunk by
+    chunk (A1111's way), and its first chunk alone is diffusers' prompt."""
+    pipe = pipeline(StableDiffusionXLPipeline, xl_model, xl, "euler")
+    theirs = pipe("a cat", height=64, width=64, num_inference_steps=3, guidance_scale=1.0,
+                  generator=torch.Generator().manual_seed(5), output_type="np").images  # fmt: skip
+    lane = xl.prepare("j", [ImageSpec("a cat", "", 1.0, 5)], BatchShape(64, 64, 3, "euler"))
+    assert lane.uncond is None and lane.unet_rows == 1
+    assert max_diff(run(xl, [lane])["j"][0], pixels(theirs)[0]) <= 1
+    long = "a red fox in deep snow, golden hour, " * 3
+    lane = xl.prepare("long", [ImageSpec(long, "", 6.0, 5)], BatchShape(64, 64, 3, "euler"))
+    assert lane.cond.shape[1] == 2 * 77 and lane.uncond is not None
+    assert lane.cond_added is not None and lane.cond_added["time_ids"].tolist() == [
+        [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]
+    ]
+    assert len(run(xl, [lane])["long"]) == 1
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])
+def test_img2img_matches_diffusers_sdxl_img2img(xl: Engine, xl_model: Path, sampler: str) -> None:
+    pipe = pipeline(StableDiffusionXLImg2ImgPipeline, xl_model, xl, sampler)
+    seeded = [torch.Generator().manual_seed(21)]
+    theirs = pipe("a cat", negative_prompt="blurry", image=picture(), strength=0.6,
+                  num_inference_steps=6, guidance_scale=6.0, generator=seeded,
+                  output_type="np").images  # fmt: skip
+    lane = xl.prepare("j", [ImageSpec("a cat", "blurry", 6.0, 21)],
+                      BatchShape(WIDTH, HEIGHT, 6, sampler), Source(picture(), 0.6))  # fmt: skip
+    assert max_diff(run(xl, [lane])["j"][0], pixels(theirs)[0]) <= 1
+
+
+def test_inpainting_matches_diffusers_sdxl_inpaint(xl: Engine, xl_model: Path) -> None:
+    pipe = pipeline(StableDiffusionXLInpaintPipeline, xl_model, xl, "dpmpp_2m")
+    theirs = pipe("a cat", negative_prompt="blurry", image=picture(), mask_image=square_mask(),
+                  strength=0.8, height=HEIGHT, width=WIDTH, num_inference_steps=6,
+                  guidance_scale=6.0, generator=[torch.Generator().manual_seed(31)],
+                  output_type="np").images  # fmt: skip
+    source = Source(picture(), 0.8, square_mask())
+    lane = xl.prepare("j", [ImageSpec("a cat", "blurry", 6.0, 31)],
+                      BatchShape(WIDTH, HEIGHT, 6, "dpmpp_2m"), source)  # fmt: skip
+    assert max_diff(run(xl, [lane])["j"][0], pixels(theirs)[0]) <= 1
+
+
+def test_sdxl_strangers_change_nothing(xl: Engine) -> None:
+    """Lanes of other prompts, guidance, samplers and kinds in the same UNet calls: each image
+    is what it is alone (the added conditioning goes row for row with its lane)."""
+    shape = BatchShape(64, 64, 4, "euler_a")
+
+    def lanes() -> list[Any]:
+        return [xl.prepare("a", [ImageSpec("a dog", "", 7.0, 5)], shape),
+                xl.prepare("b", [ImageSpec("a boat", "rain", 1.0, 6)], shape),
+                xl.prepare("c", [ImageSpec("a cat", "", 4.0, 7)], BatchShape(64, 64, 4, "ddim"),
+                           Source(picture().resize((64, 64)), 0.7))]  # fmt: skip
+
+    together = run(xl, lanes())
+    for lane in lanes():
+        assert max_diff(run(xl, [lane])[lane.key][0], together[lane.key][0]) <= 1, lane.key
+
+
+def test_compiled_sdxl_rows_do_not_compile_after_warm_up(xl_model: Path) -> None:
+    """The boundary warms SDXL's calls with their added conditioning (dynamo's guards, backend
+    eager) and then serves every mix of guided, unguided and long-prompt rows without a guard
+    failing."""
+    tuning = Tuning(max_batch=2, rows=True, compile=True, compile_backend="eager",
+                    compiled_sizes=((64, 64),), prompt_chunks=2)  # fmt: skip
+    engine = Engine(str(xl_model), CPU, tuning)
+    engine.warm_up()
+    shape = BatchShape(64, 64, 2, "dpmpp_2m")
+    long = "a red fox in deep snow, golden hour, " * 3
+    with torch.compiler.set_stance("fail_on_recompile"):
+        lanes = [engine.prepare("a", [ImageSpec("a dog", "", 7.0, 5)], shape),
+                 engine.prepare("b", [ImageSpec(long, "rain", 1.0, 6)], shape),
+                 engine.prepare("c", [ImageSpec("a cat", "", 4.0, 7)], shape,
+                                Source(picture().resize((64, 64)), 0.7))]  # fmt: skip
+        assert len(run(engine, lanes)) == 3
+    assert engine.calls.recompiles == 0
