@@ -193,7 +193,7 @@ class CompiledCalls:
             for width, height in self.tuning.compiled_sizes:
                 latents = torch.zeros(self.tuning.vae_chunk, channels, height // latent_scale,
                                       width // latent_scale, device=self.device,
-                                      dtype=self.dtype)  # fmt: skip
+                                      dtype=self.vae.dtype)  # fmt: skip
                 self.decode(latents, compiled=True)
         if entries:  # where a cold start's minutes go
             log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs", len(entries),
@@ -326,7 +326,7 @@ class CompiledCalls:
     def decode(self, latents: torch.Tensor, compiled: bool) -> torch.Tensor:
         """Decoded pixels of latents already divided by the VAE's scaling factor: compiled
         (at its chunk size, for the compiled sizes) or eager."""
-        latents = latents.to(self.dtype).contiguous()
+        latents = latents.to(self.vae.dtype).contiguous()  # an upcast VAE's: fp32
         if not compiled or self._fast_decode is None:
             return self.vae.decode(latents).sample  # type: ignore[no-any-return]
         fast = self._fast_decode

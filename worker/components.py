@@ -76,7 +76,15 @@ def load_components(model: str, device: torch.device, fuse: bool) -> Components:
         return module.to(device).eval().requires_grad_(False)
 
     unet = place(UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype))
-    vae = place(AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype))
+    # SDXL's VAE overflows in fp16 (black or NaN pictures): where its config says so
+    # (`force_upcast`), it runs in fp32, as diffusers' SDXL pipelines run it. Other families'
+    # pipelines never upcast (AutoencoderKL's config says so by default).
+    vae_dtype = dtype
+    if unet.config.addition_embed_type == "text_time":
+        vae_config = AutoencoderKL.load_config(model, subfolder="vae")
+        if vae_config.get("force_upcast", True):
+            vae_dtype = torch.float32
+    vae = place(AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=vae_dtype))
     if fuse:
         for module in (unet, vae):
             module.fuse_qkv_projections()

@@ -294,7 +294,7 @@ class Engine:
         small: all whole pictures in a few operations, whatever their number; a picture in
         tiles from its tiles' predictions blended as its latents are."""
         if self._colour_map is None:
-            fitted = fit_colours(self.vae, self.device, self.dtype, self.latent_scale)
+            fitted = fit_colours(self.vae, self.device, self.vae.dtype, self.latent_scale)
             self._colour_map = fitted.to(self.device, torch.float32)
         channels = self.vae.config.latent_channels
         samples: list[torch.Tensor] = []

@@ -38,19 +38,21 @@ class Vae:
         """A sample of the VAE's latents of `image` per generator, scaled."""
         posterior = self._encode(image)
         samples = [posterior.sample(generator=g) for g in generators]
-        # Canonical layout: a channels-last VAE gives channels-last latents.
+        # Canonical layout: a channels-last VAE gives channels-last latents; and the UNet's
+        # dtype (an upcast VAE's latents are fp32, as diffusers casts them back).
         latents: torch.Tensor = torch.cat(samples) * self.scaling
-        return latents.contiguous()
+        return latents.to(self.parts.dtype).contiguous()
 
     def mode_latents(self, image: torch.Tensor) -> torch.Tensor:
         """The VAE's most likely latents of `image`, scaled (no noise drawn)."""
         latents: torch.Tensor = self._encode(image).mode()
         scaled: torch.Tensor = latents * self.scaling
-        return scaled.contiguous()
+        return scaled.to(self.parts.dtype).contiguous()
 
     def _encode(self, image: torch.Tensor) -> Any:
         timer = GpuTimer(self.parts.device)
-        posterior = self.parts.vae.encode(image).latent_dist
+        vae = self.parts.vae
+        posterior = vae.encode(image.to(vae.dtype)).latent_dist  # an upcast VAE's: fp32
         self._encodes.append(timer.stop())
         while self._encodes and self._encodes[0].ready():
             done = self._encodes.popleft()
@@ -69,7 +71,7 @@ class Vae:
         image are copied to the host behind the GPU's work, so the caller does not wait."""
         chunk = self.chunk
         timer = GpuTimer(self.parts.device)
-        scaled = latents / self.scaling
+        scaled = latents.to(self.parts.vae.dtype) / self.scaling  # as diffusers: cast, then scale
         parts = []
         for start in range(0, len(scaled), chunk):
             part = scaled[start : start + chunk]
@@ -103,7 +105,7 @@ class Vae:
         """The VAE in fp32, made on first need (most deployments never need it)."""
         if self._fp32 is None:
             vae = self.parts.vae
-            self._fp32 = vae if self.parts.dtype == torch.float32 else copy.deepcopy(vae).float()
+            self._fp32 = vae if vae.dtype == torch.float32 else copy.deepcopy(vae).float()
         return self._fp32
 
 
