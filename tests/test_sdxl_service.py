@@ -83,8 +83,11 @@ def test_sd_and_sdxl_jobs_in_one_deployment(
     thread = serve(runner, done)
     try:
         for name, job_id in ids.items():
-            wait_for(lambda j=job_id: served.get(f"/jobs/{j}").json()["status"] == "succeeded",
-                     120, name)  # fmt: skip
+
+            def succeeded(j: str = job_id) -> bool:
+                return bool(served.get(f"/jobs/{j}").json()["status"] == "succeeded")
+
+            wait_for(succeeded, 120, name)
     finally:
         done.set()
         thread.join(60)
