@@ -148,3 +148,18 @@ def test_compiled_sdxl_rows_do_not_compile_after_warm_up(xl_model: Path) -> None
                                 Source(picture().resize((64, 64)), 0.7))]  # fmt: skip
         assert len(run(engine, lanes)) == 3
     assert engine.calls.recompiles == 0
+
+
+def test_a_static_batch_of_sdxl_matches_diffusers(xl_model: Path) -> None:
+    """Static batching's loop (`generate`) gives SDXL rows their added conditioning too."""
+    engine = Engine(str(xl_model), CPU, Tuning(max_batch=2))
+    pipe = pipeline(StableDiffusionXLPipeline, xl_model, engine, "euler")
+    # (diffusers zeroes the negative rows only when no negative prompt is given at all)
+    theirs = pipe(["a cat", "a cow"], negative_prompt=["rain", "blurry"], height=64, width=64,
+                  num_inference_steps=4, guidance_scale=6.0, output_type="np",
+                  generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images  # fmt: skip
+    specs = [ImageSpec("a cat", "rain", 6.0, 3), ImageSpec("a cow", "blurry", 6.0, 4)]
+    ours = engine.generate(specs, BatchShape(64, 64, 4, "euler"))
+    assert ours is not None
+    for mine, expected in zip(ours, pixels(theirs), strict=True):
+        assert mine is not None and max_diff(mine, expected) <= 1
