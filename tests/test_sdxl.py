@@ -163,3 +163,32 @@ def test_a_static_batch_of_sdxl_matches_diffusers(xl_model: Path) -> None:
     assert ours is not None
     for mine, expected in zip(ours, pixels(theirs), strict=True):
         assert mine is not None and max_diff(mine, expected) <= 1
+
+
+@pytest.mark.parametrize("method", ["latent", "pixel"])
+def test_a_hires_fix_on_sdxl_draws_at_the_larger_size_beside_strangers(
+    xl: Engine, xl_model: Path, method: str
+) -> None:
+    """A hires fix's second pass (image to image of the first pass's picture, as the SD tests
+    check against diffusers) runs on SDXL at the larger size, its time ids the larger size's;
+    beside a stranger it changes nothing."""
+    from app.jobs.contract import Hires
+
+    spec = [ImageSpec("a cat", "", 6.0, 8)]
+    hires = Hires(scale=2, strength=0.5, method=method)  # type: ignore[arg-type]
+
+    def second() -> Any:
+        first = xl.prepare("h", spec, BatchShape(64, 64, 4, "euler"))
+        while not first.done:
+            xl.step([first])
+        return xl.second_pass(first, spec, BatchShape(128, 128, 4, "euler"), hires)
+
+    lane = second()
+    assert lane.cond_added is not None
+    assert lane.cond_added["time_ids"][0].tolist() == [128.0, 128.0, 0.0, 0.0, 128.0, 128.0]
+    alone = run(xl, [lane])["h"][0]
+    stranger = xl.prepare(
+        "s", [ImageSpec("a dog", "rain", 3.0, 9)], BatchShape(128, 128, 4, "ddim")
+    )
+    together = run(xl, [second(), stranger])["h"][0]
+    assert alone.shape == (128, 128, 3) and max_diff(alone, together) <= 1
