@@ -175,7 +175,7 @@ def test_a_hires_fix_on_sdxl_draws_at_the_larger_size_beside_strangers(
     from app.jobs.contract import Hires
 
     spec = [ImageSpec("a cat", "", 6.0, 8)]
-    hires = Hires(scale=2, strength=0.5, method=method)  # type: ignore[arg-type]
+    hires = Hires(scale=2, strength=0.5, method=method)
 
     def second() -> Any:
         first = xl.prepare("h", spec, BatchShape(64, 64, 4, "euler"))

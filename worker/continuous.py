@@ -28,7 +28,7 @@ from worker.inputs import NoUpscaler, Source
 from worker.loop import Parts
 from worker.previews import Previews
 from worker.rows import Lane, Size
-from worker.sources import MissingInput, image_specs
+from worker.sources import MissingInput
 from worker.stepping import Candidate, Turns, admit
 from worker.tasks import task
 from worker.vae import Decoding
@@ -165,11 +165,11 @@ class RowLoop:
             job, since = self.waiting.pop(candidate.key)
             p.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request
-            shape = task(request).shape(request)
-            specs = image_specs(request)
+            work = task(request)
+            shape = work.shape(request)
             try:
                 source = self.loading.pop(job.id).result()
-                lane = p.engines.of(job).prepare(job.id, specs, shape, source)
+                lane = work.prepare(p.engines.of(job), job.id, shape, source, request)
             except (MissingInput, NoUpscaler) as e:
                 code = ErrorCode.INPUT if isinstance(e, MissingInput) else ErrorCode.INVALID
                 p.completions.complete(job, Failed(code, str(e)))

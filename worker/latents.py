@@ -67,36 +67,53 @@ class LatentMaker:
         noise = randn_tensor(size, generator=generators, device=self.device, dtype=self.dtype)
         return generators, noise
 
-    @torch.inference_mode()
     def prepare(
         self, key: str, specs: Sequence[ImageSpec], shape: BatchShape, source: Source | None = None
     ) -> Lane:
-        """A job's images as a lane at its first step: its plan, generators, starting latents
-        and embeddings. Text to image: noise made exactly as `generate` makes it. From a source
-        image: its latents noised to where the plan starts, as diffusers' img2img and
-        inpainting pipelines make them for each image's seed."""
-        inpainting = conditioning = labels = None
+        """A lane from whatever `source` is (for callers without a task: tests, benchmarks);
+        the loops ask the job's task, which knows (worker/tasks.py)."""
         if source is None:
-            plan = self.plan(shape.scheduler, shape.steps)
-            generators, noise = self.noise(specs, shape)
-            latents = noise * plan.init_sigma
-        elif source.noise_level is not None:
-            plan = self.plan(shape.scheduler, shape.steps)
-            generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
-            conditioning, labels = self._low_res(source.image, source.noise_level, generators)
-            noise = randn_tensor((len(specs), self.channels, *conditioning.shape[-2:]),
-                                 generator=generators, device=self.device,
-                                 dtype=self.dtype)  # fmt: skip
-            latents = noise * plan.init_sigma
-        else:
-            start = start_step(shape.steps, source.strength)
-            blends = source.mask is not None and not self.parts.inpainting_unet
-            plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
-            generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
-            latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
-        return self._lane(
-            key, specs, shape, plan, generators, latents, inpainting, conditioning, labels
-        )
+            return self.from_noise(key, specs, shape)
+        if source.noise_level is not None:
+            return self.from_low_res(key, specs, shape, source)
+        return self.from_picture(key, specs, shape, source)
+
+    @torch.inference_mode()
+    def from_noise(self, key: str, specs: Sequence[ImageSpec], shape: BatchShape) -> Lane:
+        """Text to image: a job's images at their first step from noise, made exactly as
+        `generate` makes it."""
+        plan = self.plan(shape.scheduler, shape.steps)
+        generators, noise = self.noise(specs, shape)
+        return self._lane(key, specs, shape, plan, generators, noise * plan.init_sigma)
+
+    @torch.inference_mode()
+    def from_picture(
+        self, key: str, specs: Sequence[ImageSpec], shape: BatchShape, source: Source
+    ) -> Lane:
+        """img2img, inpainting, upscaling: the source's latents noised to where the plan
+        starts, as diffusers' img2img and inpainting pipelines make them for each image's
+        seed."""
+        start = start_step(shape.steps, source.strength)
+        blends = source.mask is not None and not self.parts.inpainting_unet
+        plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
+        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+        latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
+        return self._lane(key, specs, shape, plan, generators, latents, inpainting, conditioning)
+
+    @torch.inference_mode()
+    def from_low_res(
+        self, key: str, specs: Sequence[ImageSpec], shape: BatchShape, source: Source
+    ) -> Lane:
+        """The x4 upscaler: noise beside the picture noised to the source's level."""
+        assert source.noise_level is not None, "the x4 upscaler noises its picture"
+        plan = self.plan(shape.scheduler, shape.steps)
+        generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
+        conditioning, labels = self._low_res(source.image, source.noise_level, generators)
+        noise = randn_tensor((len(specs), self.channels, *conditioning.shape[-2:]),
+                             generator=generators, device=self.device,
+                             dtype=self.dtype)  # fmt: skip
+        latents = noise * plan.init_sigma
+        return self._lane(key, specs, shape, plan, generators, latents, None, conditioning, labels)
 
     def _low_res(
         self, picture: Image.Image, level: int, generators: list[torch.Generator]

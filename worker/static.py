@@ -129,8 +129,7 @@ class BatchLoop:
             engine = p.engines.of(job)
             work = task(job.request)
             source = work.source(p.storage, job.id, job.request)
-            specs = image_specs(job.request)
-            lane: Lane | None = engine.prepare(job.id, specs, shape, source)
+            lane: Lane | None = work.prepare(engine, job.id, shape, source, job.request)
             while lane is not None:
                 while not lane.done:
                     engine.step([lane])

@@ -31,6 +31,13 @@ class TaskWork:
         """What the job starts from: its picture, noised to `strength` (None: from noise)."""
         return Source(source_picture(storage, job_id), request.strength)
 
+    def prepare(
+        self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
+    ) -> Lane:
+        """Its lane at the first step: how its latents are prepared (from its picture)."""
+        assert source is not None, "a task that reads a picture has one"
+        return engine.latents.from_picture(key, image_specs(request), shape, source)
+
     def shape(self, request: JobRequest) -> BatchShape:
         """What the engine denoises first: the drawn size, steps and sampler."""
         return BatchShape(*self.rule.drawn(request), request.steps, request.scheduler)
@@ -61,6 +68,12 @@ class Txt2Img(TaskWork):
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
         return None
+
+    def prepare(
+        self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
+    ) -> Lane:
+        """From noise."""
+        return engine.latents.from_noise(key, image_specs(request), shape)
 
     def alone_in_static(self, request: JobRequest) -> bool:
         assert isinstance(request, Txt2ImgRequest)
@@ -130,6 +143,13 @@ class X4(TaskWork):
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
         return Source(source_picture(storage, job_id), 1.0, noise_level=request.noise_level)
+
+    def prepare(
+        self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
+    ) -> Lane:
+        """Noise beside the picture noised to the request's level."""
+        assert source is not None, "the x4 upscaler reads a picture"
+        return engine.latents.from_low_res(key, image_specs(request), shape, source)
 
     def finished(
         self, images: list[np.ndarray | None], source: Source | None, request: Any
