@@ -348,6 +348,7 @@ def service_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run with a small model")
     parser.add_argument("--side", type=int, default=512, help="image width and height")
+    parser.add_argument("--arch", default="sd15", help="what make-tiny-model builds if missing")
     return parser
 
 
@@ -360,7 +361,7 @@ def prepare(args: argparse.Namespace) -> Path:
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
     if not Path(args.model, "model_index.json").exists():
-        build_tiny_model(Path(args.model), "sd15")
+        build_tiny_model(Path(args.model), args.arch)
     return work
 
 

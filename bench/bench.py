@@ -296,11 +296,13 @@ async def load(url: str, clients: int, warmup_s: float, measure_s: float) -> dic
     }
 
 
-async def idle(url: str, requests: int) -> dict[str, Any]:
+async def idle(url: str, requests: int, side: int | None = None) -> dict[str, Any]:
+    """One request at a time (at `side` x `side`, or the API's default size)."""
+    size = {} if side is None else {"width": side, "height": side}
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         latencies = []
         for k in range(requests):
-            body = {"prompt": prompt(90_000 + k), "seed": k, "steps": STEPS}
+            body = {"prompt": prompt(90_000 + k), "seed": k, "steps": STEPS, **size}
             d = await one_request(http, body, poll_s=0.005)
             latencies.append(d.finished - d.submitted)
             await asyncio.sleep(0.2)  # idle between requests: no batching partner

@@ -180,6 +180,13 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         result["cold_start_s"] = startup
         print(f"continuous: ready in {startup:.0f}s (no compile cache)", flush=True)
         result["kinds"] = asyncio.run(every_kind(url, args.side))
+        if args.kinds_only:
+            result["alone"] = asyncio.run(idle(url, 6, args.side))
+            result["recompiles"] = recompiles()
+            said = r"warmed up|warm-up:|loaded in|compiled while|weights"
+            result["worker_log"] = [line for line in log.read_text().splitlines()
+                                    if re.search(said, line)]  # fmt: skip
+            return result
         loads = {"a": uniform, "b": mixed, "d": half_img2img, "e": long_prompts}
         for name, body in loads.items():
             sums = in_window(warm, secs)
@@ -275,6 +282,12 @@ def main() -> None:
     parser.set_defaults(warmup=5)
     parser.add_argument("--static", action="store_true", help="static batching side by side")
     parser.add_argument(
+        "--kinds-only",
+        action="store_true",
+        help="only the start, every kind once (no compile while serving) and alone: a model"
+        " too large for the loads in one call (SDXL: --arch sdxl --side 1024 --max-batch 8)",
+    )
+    parser.add_argument(
         "--static-only",
         action="store_true",
         help="only static batching's uniform load and alone (a call of its own)",
@@ -309,6 +322,17 @@ def main() -> None:
         return
     results |= run(args, work)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))  # kept if cut off
+    if args.kinds_only:
+        for line in results["worker_log"]:
+            print(line)
+        kinds_ok = results["recompiles"] == 0 and all(
+            k["status"] == "succeeded" for k in results["kinds"]
+        )
+        print(
+            f"{args.arch} at {args.side}: start {results['cold_start_s']:.0f} s, alone p50"
+            f" {results['alone']['latency_p50_s']:.3f} s, recompiles {results['recompiles']:.0f}"
+        )
+        sys.exit(0 if kinds_ok else 2)
     if args.static:
         results["static"] = run_static(args, work, work / "inductor-gpu-check")
     rows = checks(results)
