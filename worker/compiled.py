@@ -31,12 +31,12 @@ import torch
 
 log = logging.getLogger("sdserve.compiled")
 
-# Inductor indexes a kernel with 32-bit integers when the tensors it touches fit, and guards on
-# that: traced at a few rows, the SD 1.5 UNet's graph held only 63 rows or fewer (one of its
-# buffers has 2**25 elements a row; "L['args'][0].size()[0] <= 63", torch 2.11, H200), and a
-# 64-row batch compiled a second graph. The warm-up therefore traces the largest call first
-# (`warm_list`): kernels too large for 32 bits at the top of the range index with 64 bits and
-# no guard, and one graph serves every row count from 2 to the cap.
+# diffusers' upsampling branches on the batch (`if hidden_states.shape[0] >= 64`: a workaround
+# for large batches), so a compiled UNet's graph holds either fewer than 64 rows or 64 and more
+# (seen with torch 2.11 on an H200: traced at a few rows, "size()[0] <= 63"; marked dynamic
+# over 2..64, the trace fails). Continuous batching stays within one graph: at most 62 rows
+# (31 guided images); static batches of 2 x max_batch rows past it compile a second graph.
+ROW_LIMIT = 62
 
 # A chunk of a prompt as CLIP reads it: start, 75 tokens, end.
 CHUNK_TOKENS = 77
@@ -61,7 +61,7 @@ class Tuning:
     compiled_sizes: tuple[Size, ...] = ((512, 512),)
     # Images per VAE decode call: its memory grows with the pixels, not the latents.
     vae_chunk: int = 1
-    # Continuous batching (rows of many jobs per call) or static batches.
+    # Continuous batching (rows of many jobs per call, at most ROW_LIMIT) or static batches.
     rows: bool = False
     # The longest prompt encoded, in chunks of 75 tokens.
     prompt_chunks: int = 4
@@ -82,8 +82,9 @@ class Tuning:
         return next(b for b in self.buckets() if b >= size)
 
     def row_cap(self) -> int:
-        """UNet rows in one call at most: cond and uncond make twice max_batch."""
-        return 2 * self.max_batch
+        """UNet rows in one call at most: cond and uncond make twice max_batch; continuous
+        batching stays within ROW_LIMIT (one graph)."""
+        return min(2 * self.max_batch, ROW_LIMIT) if self.rows else 2 * self.max_batch
 
     def row_buckets(self) -> list[int]:
         """UNet rows a compiled call is padded up to: 2, 4, 8, then every 8, up to the cap.
@@ -150,8 +151,9 @@ class CompiledCalls:
     def warm_list(self) -> list[Warm]:
         """Everything a compiled call can be given: each compiled size, row bucket and prompt
         length. Whatever a request chooses (kind, strength, mask, sampler, guidance, previews,
-        n) is one of these once its inputs are canonical. The largest call comes first: the
-        graph is traced at it, so no 32-bit indexing guard bounds the rows below the cap."""
+        n) is one of these once its inputs are canonical. The largest call comes first (the
+        graph traced at the most rows and the longest context: whatever the trace decides by
+        its sizes, it decides for the largest)."""
         if self._fast_unet is None:
             return []
         lengths = [CHUNK_TOKENS * chunks for chunks in range(1, self.tuning.prompt_chunks + 1)]
@@ -299,11 +301,13 @@ class CompiledCalls:
             out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels,
                             **extra)  # fmt: skip
             return out.sample  # type: ignore[no-any-return]
-        # One graph for every row count (bounds on one side only break inductor's range
-        # analysis: both are given).
+        # Continuous batching bounds the rows (one graph); static batches grow to 2 x max_batch,
+        # past ROW_LIMIT (a second graph, compiled at warm-up).
+        # (Bounds on one side only break inductor's range analysis: none, or both.)
+        bounds = {"min": 2, "max": max(2, self.tuning.row_cap())} if self.tuning.rows else {}
         row_tensors = [sample, context, t, *extra.get("added_cond_kwargs", {}).values()]
         for tensor in row_tensors:
-            torch._dynamo.mark_dynamic(tensor, 0, min=2, max=max(2, self.tuning.row_cap()))
+            torch._dynamo.mark_dynamic(tensor, 0, **bounds)
         if self.tuning.prompt_chunks > 1:
             most = CHUNK_TOKENS * self.tuning.prompt_chunks
             torch._dynamo.mark_dynamic(context, 1, min=CHUNK_TOKENS, max=most)
