@@ -188,7 +188,7 @@ def run_together(engine: Engine, storage: Storage, jobs: dict[str, JobRequest]) 
     for key, request in jobs.items():
         work = task(request)
         source = work.source(storage, key, request)
-        lanes[key] = engine.prepare(key, image_specs(request), work.shape(request), source)
+        lanes[key] = work.prepare(engine, key, work.shape(request), source, request)
     made = 0
     turn = 0
     while lanes:
@@ -210,19 +210,41 @@ def cases(kind: str) -> dict[str, JobRequest]:
     return {f"{kind}{k}": request for k, request in enumerate(CASES[kind])}
 
 
+def serve_every_case(engine: Engine, storage: Storage, kind: str) -> None:
+    """Each case alone (a lane of one kind only: how img2img met a stride guard), all of the
+    kind together, then beside text-to-image lanes: nothing compiles."""
+    text = cases("txt2img")
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for key, request in cases(kind).items():
+            assert run_together(engine, storage, {key: request}) == request.n
+        run_together(engine, storage, cases(kind))
+        run_together(engine, storage, cases(kind) | dict(list(text.items())[:2]))
+    assert engine.calls.recompiles == 0
+
+
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_no_request_kind_compiles_while_serving_rows(
     kind: str, row_engine: Engine, storage: Storage
 ) -> None:
-    """Each case alone (a lane of one kind only: how img2img met a stride guard), all of the
-    kind together, then beside text-to-image lanes."""
-    text = cases("txt2img")
-    with torch.compiler.set_stance("fail_on_recompile"):
-        for key, request in cases(kind).items():
-            assert run_together(row_engine, storage, {key: request}) == request.n
-        run_together(row_engine, storage, cases(kind))
-        run_together(row_engine, storage, cases(kind) | dict(list(text.items())[:2]))
-    assert row_engine.calls.recompiles == 0
+    serve_every_case(row_engine, storage, kind)
+
+
+@pytest.fixture(scope="module")
+def xl_row_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    from worker.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path_factory.mktemp("xl") / "tiny-sdxl", "tiny-sdxl")
+    return compiled_engine(model, rows=True)
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_no_sdxl_request_kind_compiles_while_serving_rows(
+    kind: str, xl_row_engine: Engine, storage: Storage
+) -> None:
+    """The same for the SDXL family: its rows' added conditioning (pooled text, time ids) is
+    laid out, padded and warmed with them (issue 22, 4)."""
+    assert xl_row_engine.family.name == "sdxl"
+    serve_every_case(xl_row_engine, storage, kind)
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
