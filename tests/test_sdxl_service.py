@@ -112,3 +112,14 @@ def test_sd_and_sdxl_jobs_in_one_deployment(
     made = np.asarray(png(store, ids["xl img2img"], 0))
     assert max_diff(made, lone(engines["xl"], "xl img2img", source)) <= 1
     assert "Model: tiny-sdxl" in png(store, ids["xl"], 0).info["parameters"]
+
+    # With the workers' records published: a text-to-image request without a size gets its
+    # model's default (SDXL 1024, SD 512); a size sent stays.
+    def size_of(body: dict[str, object], route: str = "/v1/txt2img") -> tuple[int, int]:
+        job = served.post(route, json=body).json()
+        request = served.get(f"/jobs/{job['id']}").json()["request"]
+        return request["width"], request["height"]
+
+    assert size_of({"prompt": "a", "model": "xl"}) == (1024, 1024)
+    assert size_of({"prompt": "a", "model": "xl", "width": 640}) == (640, 1024)
+    assert size_of({"prompt": "a"}) == (512, 512)

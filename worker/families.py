@@ -30,6 +30,9 @@ Prompt = tuple[str, Syntax]
 # A1111's and diffusers' aesthetic scores for an SDXL refiner's rows: the prompt's, and the
 # negative prompt's (diffusers' `aesthetic_score`, `negative_aesthetic_score` defaults).
 AESTHETIC, NEGATIVE_AESTHETIC = 6.0, 2.5
+# SDXL's pictures when a text-to-image request gives no size (diffusers' default too); the API
+# reads it from what the workers publish.
+DEFAULT_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class Xl(Family):
                   (parts.text_encoder_2, parts.tokenizer_2)) if tokenizer is not None]  # fmt: skip
         assert pairs and parts.text_encoder_2 is not None, "SDXL reads with its second encoder"
         # Both tokenizers cut text alike (one vocabulary); they differ in their padding only.
-        self.published = publishable(parts.model, pairs[0][1], max_chunks)
+        self.published = publishable(parts.model, pairs[0][1], max_chunks, DEFAULT_SIDE)
         self.vocabulary = self.published.vocabulary()
         self.encoder_xl = XlPromptEncoder(
             self.vocabulary,

@@ -24,7 +24,9 @@ class PromptTooLong(ValueError):
     """A prompt of more chunks of 75 tokens than the engine encodes."""
 
 
-def publishable(model: str, tokenizer: Any, max_chunks: int) -> PublishedTokenizer:
+def publishable(
+    model: str, tokenizer: Any, max_chunks: int, default_side: int = 512
+) -> PublishedTokenizer:
     """The tokenizer as the API reads it (app/jobs/vocabulary.py); chunks are cut with it in
     the worker too, so both sides count alike."""
     comma = tokenizer.convert_tokens_to_ids(",</w>")
@@ -38,6 +40,7 @@ def publishable(model: str, tokenizer: Any, max_chunks: int) -> PublishedTokeniz
         pad=tokenizer.pad_token_id,
         comma=comma,
         max_chunks=max_chunks,
+        default_side=default_side,
     )
 
 

@@ -202,8 +202,16 @@ class Generation(BaseModel):
 class GenerationRequest(Generation):
     """What every kind of job asks for: its size too."""
 
-    width: Side = 512
-    height: Side = 512
+    width: Side = Field(
+        default=512,
+        description="Pixels. Text to image without one: the model's default side (1024 for an"
+        " SDXL model, 512 otherwise).",
+    )
+    height: Side = Field(
+        default=512,
+        description="Pixels. Text to image without one: the model's default side (1024 for an"
+        " SDXL model, 512 otherwise).",
+    )
 
 
 # Upscaled pictures may be larger than generated ones (SDSERVE_MAX_UPSCALE_SIDE, 2048 by

@@ -29,6 +29,9 @@ class PublishedTokenizer:
     pad: int
     comma: int
     max_chunks: int  # the longest prompt a worker encodes, in chunks of 75 tokens
+    # Besides the tokenizer, what the API needs of the model: the side of a text-to-image
+    # picture whose request gives none (its family's: 512 for SD 1.x, 1024 for SDXL).
+    default_side: int = 512
 
     @property
     def digest(self) -> str:

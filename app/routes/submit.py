@@ -73,10 +73,11 @@ class Submitter:
 
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, self.ctx.settings)
-        _check_hires(request, self.ctx.settings)
         model = self._model(request.model)
         # What the client sent, before the server fills anything in, identifies a retry.
         sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
+        request = self._sized(request, model)
+        _check_hires(request, self.ctx.settings)
         normalized = request.model_copy(
             update={
                 "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
@@ -136,6 +137,17 @@ class Submitter:
                 [{"loc": ("body", "model"), "msg": message, "type": "value_error"}]
             )
         return name
+
+    def _sized(self, request: JobRequest, model: str) -> JobRequest:
+        """A text-to-image request without a width or height gets the model's default side
+        (SDXL's 1024, as its workers publish it; 512 before any worker has published). What
+        the client sent is what identifies a retry, so this changes no replay."""
+        if not isinstance(request, Txt2ImgRequest):
+            return request
+        current = self.prompts[model].current()
+        side = current[0].default_side if current is not None else 512
+        update = {k: side for k in ("width", "height") if k not in request.model_fields_set}
+        return request.model_copy(update=update) if update else request
 
     def _lengths(self, request: JobRequest, model: str) -> PromptLengths | None:
         """Both prompts' lengths, as the model's tokenizer counts them (its workers publish
