@@ -192,3 +192,26 @@ def test_a_hires_fix_on_sdxl_draws_at_the_larger_size_beside_strangers(
     )
     together = run(xl, [second(), stranger])["h"][0]
     assert alone.shape == (128, 128, 3) and max_diff(alone, together) <= 1
+
+
+@pytest.fixture(scope="module")
+def refiner_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("sdxl") / "refiner", "tiny-sdxl-refiner")
+
+
+def test_the_refiner_is_an_sdxl_member_equal_to_diffusers_img2img(refiner_model: Path) -> None:
+    """SDXL's refiner (the second text encoder only; time ids of size, crop and an aesthetic
+    score, 6 for the prompt and 2.5 for the negative; "" encoded, not zeros) as a model of its
+    own: image to image equals diffusers' StableDiffusionXLImg2ImgPipeline with it."""
+    engine = Engine(str(refiner_model), CPU, Tuning(max_batch=2, rows=True))
+    assert engine.family.name == "sdxl" and engine.parts.tokenizer is None
+    assert engine.family.added_shapes() == {"text_embeds": 32, "time_ids": 5}
+    pipe = pipeline(StableDiffusionXLImg2ImgPipeline, refiner_model, engine, "euler")
+    theirs = pipe("a cat", image=picture(), strength=0.3, num_inference_steps=6,
+                  guidance_scale=5.0, generator=[torch.Generator().manual_seed(41)],
+                  output_type="np").images  # fmt: skip
+    shape = BatchShape(WIDTH, HEIGHT, 6, "euler")
+    lane = engine.prepare("r", [ImageSpec("a cat", "", 5.0, 41)], shape, Source(picture(), 0.3))
+    assert lane.uncond_added is not None
+    assert lane.uncond_added["time_ids"][0].tolist() == [HEIGHT, WIDTH, 0.0, 0.0, 2.5]
+    assert max_diff(run(engine, [lane])["r"][0], pixels(theirs)[0]) <= 1
