@@ -231,6 +231,15 @@ def api(store: JobStore, api_settings: ApiSettings) -> Iterator[httpx.Client]:
         yield client
 
 
+@pytest.fixture
+def served(redis_url: str, models: dict[str, str]) -> Iterator[httpx.Client]:
+    """An HTTP client for an API serving the module's `models` (SDSERVE_MODELS)."""
+    settings = ApiSettings(redis_url=redis_url, auth="off", models=models, sync_timeout_s=1)
+    store = JobStore.connect(redis_url, 3600, 5)
+    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
+        yield client
+
+
 def sdserve_env(redis_url: str, model: Path | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDSERVE_")}
     env["SDSERVE_REDIS_URL"] = redis_url

@@ -7,7 +7,6 @@ workers and queue."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,8 @@ import pytest
 import torch
 
 from app import a1111
-from app.api import create_app
 from app.jobs.storage import open_storage
-from app.settings import ApiSettings
-from tests.conftest import JobStore, serving, wait_for
+from tests.conftest import JobStore, wait_for
 from tests.test_continuous import serve
 from tests.test_worker import alone, max_diff, png
 from worker.engine import Engine, Tuning
@@ -41,14 +38,6 @@ def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 def engines(models: dict[str, str]) -> dict[str, Engine]:
     return {name: Engine(source, torch.device("cpu"), Tuning(max_batch=4))
             for name, source in models.items()}  # fmt: skip
-
-
-@pytest.fixture
-def served(redis_url: str, models: dict[str, str]) -> Iterator[httpx.Client]:
-    settings = ApiSettings(redis_url=redis_url, auth="off", models=models, sync_timeout_s=1)
-    store = JobStore.connect(redis_url, 3600, 5)
-    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
-        yield client
 
 
 def worker(redis_url: str, models: dict[str, str], engines: dict[str, Engine],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,10 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.api import create_app
 from app.jobs.storage import open_storage
-from app.settings import ApiSettings
-from tests.conftest import JobStore, serving, wait_for
+from tests.conftest import JobStore, wait_for
 from tests.test_continuous import serve
 from tests.test_rows import max_diff, run
 from tests.test_worker import png
@@ -36,14 +33,6 @@ SMALL = {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 4}
 def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     xl = build_tiny_model(tmp_path_factory.mktemp("xl") / "tiny-sdxl", "tiny-sdxl")
     return {"sd": str(tiny_model), "xl": str(xl)}
-
-
-@pytest.fixture
-def served(redis_url: str, models: dict[str, str]) -> Iterator[httpx.Client]:
-    settings = ApiSettings(redis_url=redis_url, auth="off", models=models, sync_timeout_s=1)
-    store = JobStore.connect(redis_url, 3600, 5)
-    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
-        yield client
 
 
 def picture() -> str:
