@@ -18,7 +18,7 @@ beside strangers of other steps, samplers, guidance, sizes and prompt lengths, j
 leaving while it runs; max pixel difference and PSNR). Results go to OUT/batching.json after
 every stage, and the table to OUT/batching.md.
 
-    python -m bench.batching --out DIR [--modes continuous,static,diffusers,seeds] [--seconds 30]
+    python -m bench.batching --out DIR [--modes continuous,diffusers,seeds] [--seconds 30]
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"GPU: {results['gpu']}, {results['date']}, `{results['command']}`", "",
              "| mode | load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    for mode in ("static", "continuous"):
+    for mode in ("continuous",):  # static batching was removed on 2026-12-04
         r = results.get(mode)
         if not r:
             continue
@@ -367,7 +367,7 @@ def prepare(args: argparse.Namespace) -> Path:
 
 def main() -> None:
     parser = service_parser(__doc__ or "", seconds=30)
-    parser.add_argument("--modes", default="continuous,static")
+    parser.add_argument("--modes", default="continuous")
     what = "(c)'s rate is 60%% of this img/s (default: the first mode's (a))"
     parser.add_argument("--rate-of", type=float, default=0.0, help=what)
     args = parser.parse_args()

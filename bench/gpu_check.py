@@ -11,14 +11,12 @@ Builds the SD1.5-sized random-weight model (if missing), starts the service as p
            at strength 0.75; (e) prompts of 2-3 chunks of 75 tokens; alone: one request at a time
   restart  the worker again, with the compile cache the first start left
 
-`--static` adds static batching's uniform load and alone, side by side (its own cold start: one
-call cannot hold both with every load; use `--static-only` then);
-`--static-only` runs only those (a second call on the same machine, when one call cannot hold
-both starts).
+(Static batching's side, `--static`, went with static batching on 2026-12-04; BENCHMARKS.md
+keeps the comparisons.)
 Prints one table, every figure beside its target, writes OUT/gpu_check.{json,md}, and exits 1
 when a target is missed (2 when a kind failed or compiled while serving).
 
-    python3 -m bench.gpu_check --out DIR [--seconds 15] [--warmup 5] [--static]
+    python3 -m bench.gpu_check --out DIR [--seconds 15] [--warmup 5] [--kinds-only --arch ARCH]
 """
 
 from __future__ import annotations
@@ -207,18 +205,6 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     return result
 
 
-def run_static(args: Any, work: Path) -> dict[str, Any]:
-    """Static batching's uniform load and alone, from a cold start (its graphs are not the
-    continuous run's: the rows are bounded differently)."""
-    cache = work / "inductor-gpu-check-static"
-    shutil.rmtree(cache, ignore_errors=True)
-    with service(args.model, "static", args, work, cache) as (url, startup, _log):
-        print(f"static: ready in {startup:.0f}s (cold)", flush=True)
-        a = asyncio.run(closed_loop(url, args.clients, uniform, args.warmup, args.seconds))
-        print(f"static (a): {a}", flush=True)
-        return {"start_s": startup, "a": a, "alone": asyncio.run(idle(url, 12))}
-
-
 def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(figure, measured, target, met) rows."""
     rows: list[tuple[str, str, str, bool]] = []
@@ -228,11 +214,7 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     rows.append(("recompiles while serving (all of the above and the loads)",
                  f"{r['recompiles']:.0f}", "0", r["recompiles"] == 0))  # fmt: skip
     a = r["a"]
-    static = r.get("static")
-    goal = max(10.0, static["a"]["img_s"] if static else 0.0)
-    rows.append(("(a) uniform img/s", f"{a['img_s']:.2f}",
-                 "≥ 10" + (f" and ≥ static {static['a']['img_s']:.2f}" if static else ""),
-                 a["img_s"] >= goal))  # fmt: skip
+    rows.append(("(a) uniform img/s", f"{a['img_s']:.2f}", "≥ 10", a["img_s"] >= 10.0))
     for key, name in (("b", "(b) mixed"), ("d", "(d) 50/50 img2img"), ("e", "(e) 2-3 chunks")):
         share = r[key]["eq25_s"] / a["eq25_s"] if a["eq25_s"] else 0.0
         target = 0.90 if key == "e" else 0.95
@@ -244,10 +226,6 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
                  c["latency_p50_s"] <= 1.0 and c["latency_p95_s"] <= 2.0))  # fmt: skip
     alone = r["alone"]["latency_p50_s"]
     rows.append(("alone p50 s", f"{alone:.3f}", "≤ 0.25", alone <= 0.25))
-    if static:
-        rows.append(("static: alone p50 s / cold start s",
-                     f"{static['alone']['latency_p50_s']:.3f} / {static['start_s']:.0f}",
-                     "continuous ≤ it", alone <= static["alone"]["latency_p50_s"]))  # fmt: skip
     rows.append(("cold start s / with the compile cache",
                  f"{r['cold_start_s']:.0f} / {r['warm_start_s']:.0f}", "≤ 90 / ≤ 30",
                  r["cold_start_s"] <= 90 and r["warm_start_s"] <= 30))  # fmt: skip
@@ -277,17 +255,11 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
 def main() -> None:
     parser = batching.service_parser(__doc__ or "", seconds=15)
     parser.set_defaults(warmup=5)
-    parser.add_argument("--static", action="store_true", help="static batching side by side")
     parser.add_argument(
         "--kinds-only",
         action="store_true",
         help="only the start, every kind once (no compile while serving) and alone: a model"
         " too large for the loads in one call (SDXL: --arch sdxl --side 1024 --max-batch 8)",
-    )
-    parser.add_argument(
-        "--static-only",
-        action="store_true",
-        help="only static batching's uniform load and alone (a call of its own)",
     )
     args = parser.parse_args()
     work = batching.prepare(args)
@@ -309,14 +281,6 @@ def main() -> None:
         "commit": commit,
         "command": " ".join(sys.argv),
     }
-    if args.static_only:
-        static = results["static"] = run_static(args, work)
-        (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
-        g = static["a"].get("gpu", {})
-        print(f"static ({results['commit']}): uniform {static['a']['img_s']:.2f} img/s, alone p50"
-              f" {static['alone']['latency_p50_s']:.3f} s, start {static['start_s']:.0f} s;"
-              f" batches {g}")  # fmt: skip
-        return
     results |= run(args, work)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))  # kept if cut off
     if args.kinds_only:
@@ -330,8 +294,6 @@ def main() -> None:
             f" {results['alone']['latency_p50_s']:.3f} s, recompiles {results['recompiles']:.0f}"
         )
         sys.exit(0 if kinds_ok else 2)
-    if args.static:
-        results["static"] = run_static(args, work)
     rows = checks(results)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))
     text = table(results, rows)

@@ -46,6 +46,7 @@ SDSERVE = str(Path(sys.executable).parent / "sdserve")
         ("worker", "SDSERVE_WORKER_MODELS", "nope"),
         ("worker", "SDSERVE_TILE_OVERLAP", "600"),  # over half the tile
         ("worker", "SDSERVE_TILE", "100"),  # not a multiple of 8
+        ("worker", "SDSERVE_BATCHING", "static"),  # removed: the message says so
     ],
 )
 def test_invalid_settings_stop_the_process_naming_the_variable(
@@ -56,6 +57,8 @@ def test_invalid_settings_stop_the_process_naming_the_variable(
     assert done.returncode == 2
     assert f"  {variable}=" in done.stderr
     assert "Traceback" not in done.stderr
+    if value == "static":
+        assert "static batching was removed" in done.stderr
 
 
 def test_make_tiny_model_writes_a_diffusers_folder(tmp_path: Path) -> None:

@@ -32,7 +32,6 @@ from app.jobs.storage import Storage, input_key, open_storage
 from worker.compiled import CHUNK_TOKENS, Tuning
 from worker.engine import Engine
 from worker.rows import Lane
-from worker.sources import image_specs
 from worker.tasks import task
 
 SIDE, BIG = 64, 128  # the compiled sizes: a hires pass or an upscale goes from one to the other
@@ -176,11 +175,6 @@ def row_engine(tiny_model: Path) -> Engine:
     return compiled_engine(tiny_model, rows=True)
 
 
-@pytest.fixture(scope="module")
-def static_engine(tiny_model: Path) -> Engine:
-    return compiled_engine(tiny_model, rows=False)
-
-
 def run_together(engine: Engine, storage: Storage, jobs: dict[str, JobRequest]) -> int:
     """The jobs' lanes stepped together as the row loop steps them (one call per size, second
     passes joining, previews asked for every other step); returns the images made."""
@@ -245,26 +239,6 @@ def test_no_sdxl_request_kind_compiles_while_serving_rows(
     laid out, padded and warmed with them (issue 22, 4)."""
     assert xl_row_engine.family.name == "sdxl"
     serve_every_case(xl_row_engine, storage, kind)
-
-
-@pytest.mark.parametrize("kind", sorted(CASES))
-def test_no_request_kind_compiles_while_serving_static(
-    kind: str, static_engine: Engine, storage: Storage
-) -> None:
-    """Static batching: text to image in batches of each size (0-d timesteps at the
-    boundary's door), jobs from a picture alone through the row hooks (1-d ones)."""
-    from worker.engine import BatchShape
-
-    with torch.compiler.set_stance("fail_on_recompile"):
-        for key, request in cases(kind).items():
-            if kind == "txt2img" and request.hires is None:  # type: ignore[union-attr]
-                specs = image_specs(request) * 4
-                for count in (1, 3, 4):
-                    shape = BatchShape(SIDE, SIDE, request.steps, request.scheduler)
-                    assert len(static_engine.generate(specs[:count], shape) or []) == count
-            else:
-                assert run_together(static_engine, storage, {key: request}) == request.n
-    assert static_engine.calls.recompiles == 0
 
 
 def test_the_warm_up_list_covers_every_bucket_and_prompt_length(row_engine: Engine) -> None:

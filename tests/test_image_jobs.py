@@ -1,5 +1,5 @@
 """img2img and inpainting through the service: the routes over real HTTP (JSON with base64, and
-multipart), a real Valkey, the worker in both batching modes on the CPU with the tiny model.
+multipart), a real Valkey, the worker on the CPU with the tiny model.
 Each image equals the engine's run of that job alone; inpainting keeps the source's pixels
 outside the (blurred) mask exactly; bad pictures are 4xx naming the field."""
 
@@ -35,8 +35,8 @@ def b64(image: Image.Image, fmt: str = "PNG") -> str:
 
 
 def run_jobs(store: JobStore, model: Path, redis_url: str, ids: list[str],
-             batching: str, **settings: Any) -> None:  # fmt: skip
-    r = runner(store, model, redis_url, batching=batching, max_batch=4, **settings)
+             **settings: Any) -> None:  # fmt: skip
+    r = runner(store, model, redis_url, max_batch=4, **settings)
     r.open()
     done = threading.Event()
     worker = serve(r, done)
@@ -65,10 +65,8 @@ def expected(model_engine: Any, view: Any, source: Source) -> np.ndarray:
     return image
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_img2img_and_inpainting_beside_text_jobs(
     api: httpx.Client, store: JobStore, engine: Any, tiny_model: Path, redis_url: str,
-    batching: str,
 ) -> None:  # fmt: skip
     made = api.post("/v1/img2img", json={**FIELDS, "image": b64(picture()), "strength": 0.5})
     assert made.status_code == 202, made.text
@@ -79,7 +77,7 @@ def test_img2img_and_inpainting_beside_text_jobs(
     assert painted.status_code == 202, painted.text
     text = api.post("/v1/txt2img", json={**FIELDS, "width": 64, "height": 96})
     ids = [made.json()["id"], painted.json()["id"], text.json()["id"]]
-    run_jobs(store, tiny_model, redis_url, ids, batching)
+    run_jobs(store, tiny_model, redis_url, ids)
 
     img2img, inpaint = store.view(ids[0]), store.view(ids[1])
     assert img2img is not None and inpaint is not None
@@ -120,10 +118,8 @@ def test_the_size_comes_from_the_source_fitted(api: httpx.Client, store: JobStor
     assert size_of(Image.new("RGB", (90, 90)), width=128, height=64) == (128, 64)
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_upscaling_pixel_and_latent_in_tiles_beside_text_jobs(
     api: httpx.Client, store: JobStore, engine: Any, tiny_model: Path, redis_url: str,
-    batching: str,
 ) -> None:  # fmt: skip
     """Tiles of 64 pixels: a 48x32 picture x4 (192x128) is 3x2 tiles, each a row beside the
     text job's 64x64 rows; each result equals the engine's run of that job alone."""
@@ -138,7 +134,7 @@ def test_upscaling_pixel_and_latent_in_tiles_beside_text_jobs(
     hires = {"scale": 2, "steps": 5, "strength": 0.6, "method": "pixel"}
     fixed = api.post("/v1/txt2img", json={**FIELDS, "width": 96, "height": 64, "hires": hires})
     ids = [pixel.json()["id"], latent.json()["id"], text.json()["id"], fixed.json()["id"]]
-    run_jobs(store, tiny_model, redis_url, ids, batching, tile=64, tile_overlap=16)
+    run_jobs(store, tiny_model, redis_url, ids, tile=64, tile_overlap=16)
     tuning = engine.tuning
     engine.tuning = dataclasses.replace(tuning, tile=64, tile_overlap=16)
     try:

@@ -201,9 +201,8 @@ def test_the_x4_upscaler_matches_the_diffusers_upscale_pipeline(
         assert max_diff(ours, (theirs * 255).round().astype(np.uint8)) <= 1
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_x4_upscaling_through_the_service(
-    upscaler: tuple[Engine, Path], tiny_model: Path, redis_url: str, batching: str
+    upscaler: tuple[Engine, Path], tiny_model: Path, redis_url: str
 ) -> None:
     """`method: x4` over HTTP: the picture stored at its own size, the upscaler's rows stepped
     apart from the model's, x4 as drawn and x2 halved from it; a server without the upscaler
@@ -240,8 +239,7 @@ def test_x4_upscaling_through_the_service(
         text = http.post("/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
                                               "steps": 3}).json()["id"]  # fmt: skip
         worker_settings = WorkerSettings(redis_url=redis_url, upscaler=str(path),
-                                         model=str(tiny_model), worker_name=f"x4-{batching}",
-                                         batching=batching)  # fmt: skip
+                                         model=str(tiny_model), worker_name="x4")  # fmt: skip
         model = Engine(str(tiny_model), torch.device("cpu"))
         runner = Runner(worker_settings, JobStore.connect(redis_url, 3600, 5), model,
                         open_storage(worker_settings.storage), upscaler=engine)  # fmt: skip
@@ -265,9 +263,8 @@ def test_x4_upscaling_through_the_service(
     assert made[1].shape == (64, 64, 3) and max_diff(made[1], halved) <= 1
 
 
-@pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_a_worker_without_the_upscaler_fails_an_x4_job_and_lives_on(
-    upscaler: tuple[Engine, Path], tiny_model: Path, redis_url: str, batching: str
+    upscaler: tuple[Engine, Path], tiny_model: Path, redis_url: str
 ) -> None:
     """An API with the upscaler, a worker without it (issue 21, 1: the worker died at the
     job's prompt check, three restarts in a row): the job fails `invalid_request`, naming the
@@ -298,8 +295,7 @@ def test_a_worker_without_the_upscaler_fails_an_x4_job_and_lives_on(
         text = http.post("/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
                                               "steps": 3}).json()["id"]  # fmt: skip
         worker_settings = WorkerSettings(redis_url=redis_url, model=str(tiny_model),
-                                         worker_name=f"no-x4-{batching}",
-                                         batching=batching)  # fmt: skip
+                                         worker_name="no-x4")  # fmt: skip
         model = Engine(str(tiny_model), torch.device("cpu"))
         runner = Runner(worker_settings, JobStore.connect(redis_url, 3600, 5), model,
                         open_storage(worker_settings.storage))  # fmt: skip

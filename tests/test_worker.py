@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,18 @@ from app.jobs.contract import Status, Txt2ImgRequest
 from app.jobs.keys import GROUP, STREAM
 from app.jobs.storage import open_storage
 from tests.conftest import JobStore, enqueue, stored_image, wait_for
-from worker.engine import BatchShape, Engine, ImageSpec, StepCallback, Tuning
+from worker.engine import BatchShape, Engine, ImageSpec, Tuning
+from worker.previews import Previews
+from worker.rows import Lane
 from worker.runner import Runner
 from worker.settings import WorkerSettings
 
 
 def runner(store: JobStore, model: Path, redis_url: str, **settings: Any) -> Runner:
-    """A worker in this process; static batching unless `batching` says otherwise (the tests
-    here are about static batches; tests/test_continuous.py runs the default)."""
+    """A worker in this process (continuous batching: one UNet step per `step()`; `close()`
+    runs the rows in flight to the end)."""
     options = {"max_batch": 16, "batch_window_ms": 200, "worker_name": "test-worker",
-               "batching": "static", **settings}  # fmt: skip
+               "batching": "continuous", **settings}  # fmt: skip
     worker_settings = WorkerSettings(redis_url=redis_url, **options)
     tuning = Tuning(max_batch=worker_settings.max_batch, tile=worker_settings.tile,
                     tile_overlap=worker_settings.tile_overlap)  # fmt: skip
@@ -36,31 +37,27 @@ def runner(store: JobStore, model: Path, redis_url: str, **settings: Any) -> Run
     return Runner(worker_settings, store, engine, open_storage(worker_settings.storage))
 
 
-@dataclass
-class Batch:
-    size: int
-    steps: list[int] = field(default_factory=list)
+def record_steps(r: Runner, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every UNet step the engine is asked for (it still runs them): the jobs of its lanes."""
+    steps: list[list[str]] = []
+    step = r.engines.first.step
+
+    def recording(lanes: Sequence[Lane], previews: Collection[str] = ()) -> Previews | None:
+        steps.append([lane.key for lane in lanes])
+        return step(lanes, previews)
+
+    monkeypatch.setattr(r.engines.first, "step", recording)
+    return steps
 
 
-def record_batches(r: Runner, monkeypatch: pytest.MonkeyPatch) -> list[Batch]:
-    """Every batch the engine runs (it still runs them): its size and the steps it went through."""
-    batches: list[Batch] = []
-    generate = r.engines.first.generate
-
-    def recording(
-        specs: list[ImageSpec], shape: BatchShape, on_step: StepCallback | None = None
-    ) -> list[np.ndarray | None] | None:
-        batch = Batch(len(specs))
-        batches.append(batch)
-
-        def counted(k: int) -> bool:
-            batch.steps.append(k)
-            return on_step is None or on_step(k)
-
-        return generate(specs, shape, counted)
-
-    monkeypatch.setattr(r.engines.first, "generate", recording)
-    return batches
+def run_until_done(r: Runner, store: JobStore, ids: list[str], limit: int = 200) -> None:
+    """Step the worker until every job has ended."""
+    for _ in range(limit):
+        views = [store.view(i) for i in ids]
+        if all(v is not None and v.status not in (Status.QUEUED, Status.RUNNING) for v in views):
+            return
+        r.step()
+    raise AssertionError(f"not ended in {limit} steps: {ids}")
 
 
 def step_until_progress(r: Runner, store: JobStore, job_id: str) -> threading.Thread:
@@ -111,7 +108,7 @@ def alone(engine: Engine, store: JobStore, job_id: str, k: int) -> np.ndarray:
     return image
 
 
-def test_mixed_requests_run_as_one_batch_and_land_on_their_own_jobs(
+def test_mixed_requests_step_together_and_land_on_their_own_jobs(
     store: JobStore,
     engine: Engine,
     tiny_model: Path,
@@ -127,9 +124,9 @@ def test_mixed_requests_run_as_one_batch_and_land_on_their_own_jobs(
         submit(store, prompt="a red fox", seed=8, n=1, scheduler="dpmpp_2m"),
     ]
     r = runner(store, tiny_model, redis_url)
-    batches = record_batches(r, monkeypatch)
+    steps = record_steps(r, monkeypatch)
     assert run_once(r) == 4
-    assert [b.size for b in batches] == [7]  # one UNet batch for all seven images
+    assert sorted(steps[0]) == sorted(ids)  # one UNet call for all seven images
     for job_id in ids:
         view = store.view(job_id)
         assert view is not None and view.status is Status.SUCCEEDED, view
@@ -143,31 +140,15 @@ def test_mixed_requests_run_as_one_batch_and_land_on_their_own_jobs(
     assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
 
 
-def test_incompatible_requests_run_in_separate_batches(
-    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    submit(store, n=2)
-    submit(store, steps=3)
-    submit(store, scheduler="euler", n=3)
-    submit(store, n=1)
-    r = runner(store, tiny_model, redis_url)
-    batches = record_batches(r, monkeypatch)
-    assert run_once(r) == 4
-    assert sorted(b.size for b in batches) == [1, 3, 3]
-
-
-def test_a_request_larger_than_max_batch_spans_batches(
-    store: JobStore,
-    engine: Engine,
-    tiny_model: Path,
-    redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_request_larger_than_max_batch_runs_alone_in_calls_of_the_cap(
+    store: JobStore, engine: Engine, tiny_model: Path, redis_url: str
 ) -> None:
     job_id = submit(store, n=5, seed=50)
     r = runner(store, tiny_model, redis_url, max_batch=2)
-    batches = record_batches(r, monkeypatch)
+    calls: list[int] = []
+    r.engines.first.unet.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
     run_once(r)
-    assert [b.size for b in batches] == [2, 2, 1]
+    assert calls and max(calls) <= 4  # 10 rows, in UNet calls of at most 2 x max_batch
     view = store.view(job_id)
     assert view is not None and view.status is Status.SUCCEEDED and len(view.images) == 5
     for k in range(5):
@@ -180,14 +161,14 @@ def test_progress_shows_and_cancel_stops_a_running_job(
     job_id = submit(store, width=512, height=512, steps=100)
     other = submit(store, steps=2)
     r = runner(store, tiny_model, redis_url)
-    batches = record_batches(r, monkeypatch)
+    steps = record_steps(r, monkeypatch)
     r.open()
     worker = step_until_progress(r, store, job_id)
-    assert store.cancel(job_id)
     worker.join(60)
-    assert batches[0].steps[-1] < 100  # abandoned at a step, not run to the end
-    r.step()  # the worker lives on
+    assert store.cancel(job_id)
+    run_until_done(r, store, [job_id, other])  # the worker lives on
     r.close()
+    assert sum(job_id in lanes for lanes in steps) < 100  # left at a step, not run to the end
     view = store.view(job_id)
     assert view is not None and view.status is Status.CANCELED and view.images == []
     assert stored_image(job_id, 0) is None
@@ -211,7 +192,7 @@ def test_non_finite_pixels_fail_the_job_with_a_typed_error(
     assert view.error is not None and view.error.code == "numerical"
 
 
-def test_an_engine_error_fails_its_batch_and_the_worker_goes_on(
+def test_an_engine_error_fails_its_jobs_and_the_worker_goes_on(
     store: JobStore, tiny_model: Path, redis_url: str
 ) -> None:
     def explode(_m: torch.nn.Module, _a: object) -> None:
@@ -226,7 +207,7 @@ def test_an_engine_error_fails_its_batch_and_the_worker_goes_on(
     finally:
         hook.remove()
     fine = submit(store)
-    r.step()
+    run_until_done(r, store, [broken, fine])
     r.close()
     failed, succeeded = store.view(broken), store.view(fine)
     assert failed is not None and failed.error is not None
@@ -251,25 +232,6 @@ def test_close_hands_back_entries_read_but_not_run(
     assert sorted(d.job_id for d in store.read("another", 10, 100)) == sorted(ids[2:])
 
 
-def test_cancel_between_the_batches_of_one_request_skips_the_rest(
-    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job_id = submit(store, width=512, height=512, steps=60, n=3)
-    r = runner(store, tiny_model, redis_url, max_batch=1)
-    batches = record_batches(r, monkeypatch)
-    r.open()
-    worker = threading.Thread(target=r.step)
-    worker.start()
-    wait_for(lambda: batches and batches[0].steps, 60, "the first batch to run")
-    assert store.cancel(job_id)
-    worker.join(60)
-    r.close()
-    assert len(batches) == 1  # images 1 and 2 never ran
-    view = store.view(job_id)
-    assert view is not None and view.status is Status.CANCELED
-    assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
-
-
 def oom_above(rows: int) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
     """A UNet pre-hook that runs out of memory for more than `rows` images (CFG: 2 rows each)."""
 
@@ -280,7 +242,7 @@ def oom_above(rows: int) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
     return hook
 
 
-def test_out_of_memory_splits_the_batch_down_to_what_fits(
+def test_out_of_memory_splits_the_step_down_to_what_fits(
     store: JobStore,
     engine: Engine,
     tiny_model: Path,
@@ -289,11 +251,11 @@ def test_out_of_memory_splits_the_batch_down_to_what_fits(
 ) -> None:
     ids = [submit(store, prompt=f"p{i}", seed=i, n=2) for i in range(3)]
     r = runner(store, tiny_model, redis_url, max_batch=8)
-    batches = record_batches(r, monkeypatch)
+    steps = record_steps(r, monkeypatch)
     r.engines.first.unet.register_forward_pre_hook(oom_above(2))
     run_once(r)
-    # 6 images: out of memory; 3 + 3: each again; then 1 + 2, 1 + 2 of which the 2s fit.
-    assert [b.size for b in batches] == [6, 3, 1, 2, 3, 1, 2]
+    # 3 lanes of 2 images: out of memory; 1 lane fits, 2 lanes do not; then each alone.
+    assert [len(lanes) for lanes in steps[:5]] == [3, 1, 2, 1, 1]
     for job_id in ids:
         view = store.view(job_id)
         assert view is not None and view.status is Status.SUCCEEDED, view
@@ -346,7 +308,7 @@ def test_suspects_are_taken_over_one_at_a_time_and_run_alone(
     store.reclaim("died-twice", 0, cap=3, count=10)  # delivered twice now, all three
     options = {"heartbeat_ttl_s": 3, "claim_idle_s": 3, "worker_name": "third"}
     r = runner(store, tiny_model, redis_url, **options)
-    batches = record_batches(r, monkeypatch)
+    steps = record_steps(r, monkeypatch)
     r.open()
 
     def all_ended() -> bool:
@@ -355,4 +317,5 @@ def test_suspects_are_taken_over_one_at_a_time_and_run_alone(
 
     wait_for(all_ended, 60, "the suspects to be taken over and run")
     r.close()
-    assert [b.size for b in batches] == [1, 1, 1]
+    assert steps and all(len(lanes) == 1 for lanes in steps)  # each alone
+    assert {key for lanes in steps for key in lanes} == set(ids)

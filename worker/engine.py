@@ -1,12 +1,13 @@
-"""The resident model, and two ways to denoise with it.
+"""The resident model, and how to denoise with it.
 
-One CLIP + UNet + VAE stack stays loaded (worker/components.py). `generate` runs a static batch
-noise-to-pixels: any set of images that share width, height, steps and scheduler. The hooks
-`prepare`, `step` and `finish` run rows instead (worker/rows.py): a lane per job, any mix of
+One CLIP + UNet + VAE stack stays loaded (worker/components.py). The worker runs rows
+(worker/rows.py) through the hooks `prepare`, `step` and `finish`: a lane per job, any mix of
 steps, schedulers and guidance stepping together, one UNet call per step for every lane of one
-size, with per-row timesteps. Either way the loop is ours (not `pipe(...)`) so that guidance can
-differ per row: cond and uncond go through the UNet in one call and guidance is a (B, 1, 1, 1)
-tensor.
+size, with per-row timesteps. `generate` runs one batch noise-to-pixels (images that share
+width, height, steps and scheduler, with one diffusers scheduler): the benchmarks' engine
+figure and the tests' reference, not served since static batching went. Either way the loop is
+ours (not `pipe(...)`) so that guidance can differ per row: cond and uncond go through the UNet
+in one call and guidance is a (B, 1, 1, 1) tensor.
 
 Split along diffusers' named steps: the components (worker/components.py), prompt encoding
 (worker/prompting.py), latent preparation (worker/latents.py), the VAE (worker/vae.py), and the
@@ -169,7 +170,6 @@ class Engine:
         guidance = guidance.view(batch, 1, 1, 1)
         step_options = {"generator": generators} if sampler.ancestral else {}
 
-        started = time.perf_counter()
         for k, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             if self.inpainting_unet:
@@ -181,9 +181,6 @@ class Engine:
             latents = scheduler.step(noise, t, latents, **step_options).prev_sample
             if on_step is not None and not on_step(k + 1):
                 return None
-        self._synchronize()  # the GPU runs behind the host: wait, so the times are the GPU's
-        if self.observer is not None:
-            self.observer.denoised(time.perf_counter() - started, shape.steps)
         return self.codec.decode(latents, self.calls.compiled(size))[:count]
 
     def _start(
@@ -344,10 +341,6 @@ class Engine:
         """A finished lane's decode, started: `images` gives its pixels once `ready`."""
         whole = lane.tiling is None and self.calls.compiled(lane.size)
         return self.codec.decode_async(lane.latents, whole)
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def release_memory(self) -> None:
         """Give cached GPU memory back after an out-of-memory error, before retrying smaller."""

@@ -1,16 +1,16 @@
-"""What the worker's GPU loop is, whichever batching it does, and what it works with.
+"""What the worker's GPU loop works with.
 
 The runner (worker/runner.py) builds the parts and calls the loop's `step` until told to stop,
-then `finish_up`. Two loops exist today: continuous batching (worker/continuous.py, the
-default: rows of many jobs step together, joining and leaving at any step) and static batches
-(worker/static.py: jobs of one shape gathered, run to the end together).
+then `finish_up`. There is one loop, continuous batching (worker/continuous.py): rows of many
+jobs step together, joining and leaving at any step. (Static batches, jobs of one shape run to
+the end together, were removed on 2026-12-04 once continuous batching met them on uniform load
+and led on every other: BENCHMARKS.md keeps the comparison.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from app.jobs.contract import Delivery, Job
 from app.jobs.storage import Storage
@@ -38,13 +38,3 @@ class Parts:
     completions: Completions
     metrics: WorkerMetrics
     shutdown: Shutdown
-
-
-class Loop(Protocol):
-    def step(self) -> int:
-        """Let work in, run one unit of it (a UNet step, or a batch); how many entries it took."""
-        ...
-
-    def finish_up(self) -> None:
-        """Stopping: finish what is in flight within the stop grace; hand back the rest."""
-        ...

@@ -15,7 +15,7 @@ STEP_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
 
 
 class WorkerMetrics:
-    def __init__(self, max_batch: int, buckets: list[int], row_buckets: list[int]) -> None:
+    def __init__(self, row_buckets: list[int]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_wait = Histogram(
@@ -23,18 +23,6 @@ class WorkerMetrics:
             "Accepted to taken by a worker, by model.",
             ["model"],
             buckets=JOB_SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.batch_seconds = Histogram(
-            "sdserve_worker_batch_seconds",
-            "Wall time of one batch on the GPU: all its steps and its decode.",
-            buckets=JOB_SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.unet_step = Histogram(
-            "sdserve_worker_unet_step_seconds",
-            "One denoising step of a batch (UNet call and sampler step).",
-            buckets=STEP_SECONDS_BUCKETS,
             registry=r,
         )
         self.vae_decode = Histogram(
@@ -54,12 +42,6 @@ class WorkerMetrics:
             "sdserve_worker_png_encode_seconds",
             "Encoding one PNG.",
             buckets=STEP_SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "sdserve_worker_batch_size",
-            "Images in a batch (before padding to its bucket).",
-            buckets=[float(b) for b in sorted({*buckets, max_batch})],
             registry=r,
         )
         self.images = Counter(
@@ -142,9 +124,6 @@ class WorkerMetrics:
         )
 
     # The engine reports its timings here (see worker.engine.Observer).
-    def denoised(self, seconds: float, steps: int) -> None:
-        self.unet_step.observe(seconds / steps)
-
     def stepped(self, seconds: float, rows: int, bucket: int, padding: int) -> None:
         self.row_step.labels(str(bucket)).observe(seconds)
         self.unet_rows.labels("real").inc(rows)

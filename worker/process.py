@@ -41,7 +41,7 @@ def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
         compile=settings.compile == "on" or (settings.compile == "auto" and cuda),
         compiled_sizes=tuple(settings.compiled_sizes),
         vae_chunk=settings.vae_chunk,
-        rows=settings.batching == "continuous",
+        rows=True,  # continuous batching: rows of many jobs per UNet call
         prompt_chunks=settings.max_prompt_chunks,
         tile=settings.tile,
         tile_overlap=settings.tile_overlap,
@@ -60,7 +60,7 @@ def serve(settings: WorkerSettings) -> None:
     except Exception as e:
         refuse(f"SDSERVE_STORAGE={settings.storage}: cannot write there: {e}")
     tuning = tuning_of(settings, device)
-    metrics = WorkerMetrics(settings.max_batch, tuning.buckets(), tuning.row_buckets())
+    metrics = WorkerMetrics(tuning.row_buckets())
     if settings.metrics_port:
         try:
             metrics.serve(settings.metrics_port)

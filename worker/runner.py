@@ -1,10 +1,9 @@
 """The running worker: its parts, its threads, and its start and stop.
 
-Threads: the GPU loop (`Runner.run`: continuous batching, worker/continuous.py, or static
-batches, worker/static.py); a reader that keeps the next entries gathered while the GPU works
-(worker/lease.py); a reporter that writes progress, notices cancellations and sends heartbeats;
-and a small pool that encodes PNGs and writes results (worker/completions.py). Neither Redis
-nor PNG encoding holds the GPU up.
+Threads: the GPU loop (`Runner.run`: continuous batching, worker/continuous.py); a reader that
+keeps the next entries gathered while the GPU works (worker/lease.py); a reporter that writes
+progress, notices cancellations and sends heartbeats; and a small pool that encodes PNGs and
+writes results (worker/completions.py). Neither Redis nor PNG encoding holds the GPU up.
 
 A thread that dies of an error it cannot handle stops the whole worker (worker/shutdown.py),
 so that its orchestrator restarts it, rather than leaving it half alive with a fresh heartbeat.
@@ -32,12 +31,11 @@ from worker.images import encode_preview
 from worker.inbox import Inbox
 from worker.inputs import NoUpscaler
 from worker.lease import Lease
-from worker.loop import Loop, Parts
+from worker.loop import Parts
 from worker.metrics import WorkerMetrics
 from worker.progress import Tracker
 from worker.settings import WorkerSettings
 from worker.shutdown import Shutdown
-from worker.static import BatchLoop
 
 log = logging.getLogger("sdserve.worker")
 
@@ -64,9 +62,7 @@ class Runner:
         self.name = settings.worker_name
         tuning = self.engines.tuning
         self.tracker = Tracker(tuning.row_cap(), (tuning.tile, tuning.tile_overlap))
-        self.metrics = metrics or WorkerMetrics(
-            settings.max_batch, tuning.buckets(), tuning.row_buckets()
-        )
+        self.metrics = metrics or WorkerMetrics(tuning.row_buckets())
         for each in engines.values():
             each.observer = self.metrics
             each.calls.on_recompile = lambda _reason: self.metrics.recompiles.inc()
@@ -82,7 +78,7 @@ class Runner:
         )  # fmt: skip
         parts = Parts(settings, self.inbox, self.start_jobs, storage, self.engines, self.tracker,
                       self.lease, self.completions, self.metrics, self.shutdown)  # fmt: skip
-        self.loop: Loop = RowLoop(parts) if settings.batching == "continuous" else BatchLoop(parts)
+        self.loop = RowLoop(parts)
         self._closed = threading.Event()
         self._reader = self.shutdown.guarded(self._read_loop, "reader")
         self._reporter = self.shutdown.guarded(self._report_loop, "reporter")
@@ -116,8 +112,8 @@ class Runner:
         log.info("worker %s ready on %s", self.name, self.engines.device)
 
     def step(self) -> int:
-        """One turn of the loop: a UNet step of the rows in flight after letting new jobs join
-        (continuous), or the next batch (static). Returns how many entries it took."""
+        """One turn of the loop: a UNet step of the rows in flight after letting new jobs join.
+        Returns how many entries it took."""
         return self.loop.step()
 
     def close(self) -> None:

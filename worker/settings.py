@@ -47,11 +47,10 @@ class WorkerSettings(CommonSettings):
         description="auto (CUDA when present), cpu, cuda or cuda:N.",
     )
     max_batch: int = Field(default=8, ge=1, le=256, description="Images per UNet batch.")
-    batching: Literal["static", "continuous"] = Field(
+    batching: Literal["continuous"] = Field(
         default="continuous",
-        description="continuous: jobs of any kind, steps, schedulers and guidance join the rows"
-        " in flight between UNet steps; static: batches of one width, height, steps and"
-        " scheduler, run noise to pixels (jobs from a picture run alone).",
+        description="continuous (the only one): jobs of any kind, steps, schedulers and"
+        " guidance join the rows in flight between UNet steps.",
     )
     # Only an idle GPU waits: under load the next batch is gathered while the last one runs.
     batch_window_ms: int = Field(
@@ -145,6 +144,16 @@ class WorkerSettings(CommonSettings):
             return {DEFAULT_MODEL: self.model}
         names = self.worker_models or list(self.models)
         return {name: source for name, source in self.models.items() if name in names}
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _no_static(cls, value: object) -> object:
+        if value == "static":
+            raise ValueError(
+                "static batching was removed: continuous batching meets it on uniform load and"
+                " leads on every other (BENCHMARKS.md); leave SDSERVE_BATCHING unset"
+            )
+        return value
 
     @field_validator("model")
     @classmethod
