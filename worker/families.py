@@ -128,15 +128,28 @@ class Xl(Family):
                        for e, (text, _) in zip(encoded, texts, strict=True)]  # fmt: skip
         return encoded
 
+    def conditioning(
+        self, specs: Sequence[ImageSpec], size: Size, negative: bool = False
+    ) -> Conditioning:
+        texts = [(s.negative_prompt if negative else s.prompt, s.syntax) for s in specs]
+        encoded = self.prompts(texts, negative)  # once for the context and the pooled rows
+        context = torch.stack([e.context for e in encoded])
+        return Conditioning(context, self._added(encoded, size, negative))
+
     def contexts(self, texts: Sequence[Prompt], negative: bool = False) -> list[torch.Tensor]:
         return [e.context for e in self.prompts(texts, negative)]
 
     def added(
         self, texts: Sequence[Prompt], size: Size, negative: bool = False
     ) -> dict[str, torch.Tensor] | None:
-        pooled = torch.stack([e.pooled for e in self.prompts(texts, negative)])
+        return self._added(self.prompts(texts, negative), size, negative)
+
+    def _added(
+        self, encoded: Sequence[XlPrompt], size: Size, negative: bool
+    ) -> dict[str, torch.Tensor]:
+        pooled = torch.stack([e.pooled for e in encoded])
         ids = on_device([self.time_ids_of(size, negative)], pooled.dtype, pooled.device)
-        return {"text_embeds": pooled, "time_ids": ids.expand(len(texts), -1)}
+        return {"text_embeds": pooled, "time_ids": ids.expand(len(encoded), -1)}
 
     def time_ids_of(self, size: Size, negative: bool) -> list[float]:
         """diffusers' defaults: the original and target size are the picture's, the crop at

@@ -337,15 +337,11 @@ def _build_sdxl(target: Path, arch: str) -> Path:
     return target
 
 
-# As the tiny SD UNet, with SDXL's linear projections and added conditioning.
+# As the tiny SD UNet (its context width is SDXL's two encoders', set by xl_unet), with SDXL's
+# linear projections and added conditioning.
 TINY_XL_UNET = {
-    "layers_per_block": 1,
-    "block_out_channels": (32, 32, 64),
-    "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    **{k: v for k, v in ARCHITECTURES["tiny"]["unet"].items() if k != "cross_attention_dim"},
     "transformer_layers_per_block": 1,
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
 }
 XL_SIZES: dict[str, dict[str, Any]] = {
     "tiny-sdxl": {
