@@ -139,7 +139,6 @@ class Txt2ImgPayload(BaseModel):
             "script_name": self.script_name not in (None, ""),
             "script_args": bool(self.script_args),
             "alwayson_scripts": bool(self.alwayson_scripts),
-            "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
             "firstpass_image": self.firstpass_image is not None,
             "s_churn": self.s_churn not in (None, 0),
             "s_noise": self.s_noise not in (None, 1),
@@ -189,7 +188,21 @@ class Txt2ImgPayload(BaseModel):
         }  # fmt: skip
         if self.enable_hr:
             fields["hires"] = self.hires()
+        if self.refiner_checkpoint not in (None, "", "None"):
+            fields["refiner"] = self.refiner(models)
         return fields
+
+    def refiner(self, models: list[str]) -> dict[str, Any]:
+        """The refiner's fields: a model served here (by its name, which is its title in
+        `/sdapi/v1/sd-models`), switching where diffusers' ensemble does (a share of the noise
+        schedule, 0.8 when absent)."""
+        if self.refiner_checkpoint not in models:
+            raise A1111Error("refiner_checkpoint", f"unknown model {shown(self.refiner_checkpoint)}"
+                             f"; it serves {', '.join(models)}")  # fmt: skip
+        switch = 0.8 if self.refiner_switch_at is None else self.refiner_switch_at
+        if not 0 < switch < 1:
+            raise A1111Error("refiner_switch_at", f"{switch!r}: between 0 and 1, both excluded")
+        return {"model": self.refiner_checkpoint, "switch_at": switch}
 
     def hires(self) -> dict[str, Any]:
         """The hires fix's fields: A1111's "Latent" upscaler enlarges the latents, "Lanczos"
@@ -238,6 +251,9 @@ class Img2ImgPayload(Txt2ImgPayload):
             "inpainting_mask_invert": self.inpainting_mask_invert != 0,
             "latent_mask": self.latent_mask is not None,
             "initial_noise_multiplier": self.initial_noise_multiplier not in (None, 1),
+            # A refiner finishes text-to-image and image-to-image jobs, not inpainting.
+            "refiner_checkpoint": self.mask is not None
+            and self.refiner_checkpoint not in (None, "", "None"),
         }  # fmt: skip
 
 

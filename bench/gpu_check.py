@@ -7,7 +7,8 @@ Builds the SD1.5-sized random-weight model (if missing), starts the service as p
            prompt, img2img, inpainting, upscaling pixel and latent, hires fix latent and pixel):
            each must finish, and the worker's `sdserve_worker_recompiles_total` stay 0
   loads    short windows of: (a) uniform, 25 steps DPM++ 2M, CFG 7.5; (b) mixed steps, samplers
-           and guidance; (c) Poisson arrivals of mixed requests at 60% of (a); (d) half img2img
+           and guidance; (c) Poisson arrivals of mixed requests at 60% of (a), and how far
+           each job's `eta_s` (read at submission and at half its steps) was; (d) half img2img
            at strength 0.75; (e) prompts of 2-3 chunks of 75 tokens; alone: one request at a time
   restart  the worker again, with the compile cache the first start left
 
@@ -224,6 +225,11 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     rows.append((f"(c) Poisson {c['rate_per_s']:.2f}/s p50 / p95 s",
                  f"{c['latency_p50_s']:.2f} / {c['latency_p95_s']:.2f}", "≤ 1.0 / 2.0",
                  c["latency_p50_s"] <= 1.0 and c["latency_p95_s"] <= 2.0))  # fmt: skip
+    eta = c["eta"]
+    shares = [eta[moment]["p50"] for moment in ("at_submission", "at_half")]
+    rows.append(("(c) `eta_s` error p50: at submission / at half the steps",
+                 " / ".join("-" if x is None else f"{x:.0%}" for x in shares), "≤ 20% / ≤ 20%",
+                 all(x is not None and x <= 0.20 for x in shares)))  # fmt: skip
     alone = r["alone"]["latency_p50_s"]
     rows.append(("alone p50 s", f"{alone:.3f}", "≤ 0.25", alone <= 0.25))
     rows.append(("cold start s / with the compile cache",

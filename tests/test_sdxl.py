@@ -215,3 +215,114 @@ def test_the_refiner_is_an_sdxl_member_equal_to_diffusers_img2img(refiner_model:
     assert lane.uncond_added is not None
     assert lane.uncond_added["time_ids"][0].tolist() == [HEIGHT, WIDTH, 0.0, 0.0, 2.5]
     assert max_diff(run(engine, [lane])["r"][0], pixels(theirs)[0]) <= 1
+
+
+@pytest.fixture(scope="module")
+def refiner(refiner_model: Path) -> Engine:
+    return Engine(str(refiner_model), CPU, Tuning(max_batch=2, rows=True))
+
+
+def run_passes(
+    base: Engine, refiner: Engine, lanes: dict[str, tuple[Any, Any]]
+) -> dict[str, np.ndarray]:
+    """Step lanes as the worker's loop does, each pass on its model's engine (a refiner's pass
+    on the refiner's), a UNet call per engine and size; a finished pass hands over to the next
+    (`next_pass`), a finished job is decoded by the engine that stepped it last. `lanes`: key
+    -> (request, lane). Returns each job's image; asserts each job ran as many steps as its
+    progress said."""
+    from worker.tasks import task
+
+    engines = {None: base, "refiner": refiner}
+    active = dict(lanes)
+    steps = {key: 0 for key in lanes}
+    out: dict[str, np.ndarray] = {}
+    while active:
+        groups = dict.fromkeys((lane.model, lane.size) for _, lane in active.values())
+        for model, size in groups:
+            stepped = [
+                lane for _, lane in active.values() if (lane.model, lane.size) == (model, size)
+            ]
+            engines[model].step(stepped)
+            for lane in stepped:
+                steps[lane.key] += 1
+        for key, (request, lane) in list(active.items()):
+            if not lane.done:
+                continue
+            then = task(request).next_pass(base, request, lane, refiner)
+            if then is not None:
+                active[key] = (request, then)
+                continue
+            assert lane.job_steps == steps[key] == lane.earlier_steps + lane.steps
+            images = engines[lane.model].images(engines[lane.model].finish(lane))
+            assert images[0] is not None
+            out[key] = images[0]
+            del active[key]
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "euler_a"])
+def test_base_then_refiner_matches_diffusers_ensemble(
+    xl: Engine, xl_model: Path, refiner: Engine, refiner_model: Path, sampler: str
+) -> None:
+    """A text-to-image job with a refiner: the base model denoises down to the switch and the
+    refiner finishes, as diffusers' `denoising_end` / `denoising_start` ensemble does (the
+    same generator going on into the refiner: an ancestral sampler's noise). Two jobs (no
+    negative prompt: zeros for the base, "" encoded for the refiner; and one) step together,
+    their refiner passes in one call."""
+    from app.jobs.contract import Refiner, Txt2ImgRequest
+    from worker.tasks import task
+
+    base_pipe = pipeline(StableDiffusionXLPipeline, xl_model, xl, sampler)
+    refiner_pipe = pipeline(StableDiffusionXLImg2ImgPipeline, refiner_model, refiner, sampler)
+    common = {"num_inference_steps": 8, "guidance_scale": 6.0}
+    theirs, lanes = {}, {}
+    for key, negative, seed in (("plain", "", 51), ("negative", "blurry", 52)):
+        generator = [torch.Generator().manual_seed(seed)]
+        latents = base_pipe("a cat", negative_prompt=negative or None, height=HEIGHT, width=WIDTH,
+                            denoising_end=0.7, generator=generator, output_type="latent",
+                            **common).images  # fmt: skip
+        theirs[key] = refiner_pipe("a cat", negative_prompt=negative or None, image=latents,
+                                   denoising_start=0.7, generator=generator, output_type="np",
+                                   **common).images  # fmt: skip
+        refined = Refiner(model="refiner", switch_at=0.7)
+        request = Txt2ImgRequest(prompt="a cat", negative_prompt=negative, width=WIDTH,
+                                 height=HEIGHT, steps=8, guidance_scale=6.0, scheduler=sampler,
+                                 seed=seed, refiner=refined)  # fmt: skip
+        work = task(request)
+        lane = work.begin(xl, key, work.shape(request), None, request, refiner)
+        assert 0 < lane.steps < 8 and lane.job_steps == 8 and lane.model is None
+        lanes[key] = (request, lane)
+    ours = run_passes(xl, refiner, lanes)
+    for key, image in ours.items():
+        assert max_diff(image, pixels(theirs[key])[0]) <= 1, key
+
+
+@pytest.mark.parametrize("strength", [0.9, 0.2])
+def test_img2img_then_refiner_matches_diffusers_ensemble(
+    xl: Engine, xl_model: Path, refiner: Engine, refiner_model: Path, strength: float
+) -> None:
+    """Image to image with a refiner: the base runs its strength's steps down to the switch;
+    at a strength below the switch it runs none and the refiner takes the noised picture, as
+    diffusers' img2img pipelines do with `denoising_end` / `denoising_start`."""
+    from app.jobs.contract import Img2ImgRequest, Refiner, StoredImage
+    from worker.tasks import task
+
+    base_pipe = pipeline(StableDiffusionXLImg2ImgPipeline, xl_model, xl, "dpmpp_2m")
+    refiner_pipe = pipeline(StableDiffusionXLImg2ImgPipeline, refiner_model, refiner, "dpmpp_2m")
+    generator = [torch.Generator().manual_seed(61)]
+    common = {"num_inference_steps": 8, "guidance_scale": 6.0, "negative_prompt": "blurry"}
+    latents = base_pipe("a cat", image=picture(), strength=strength, denoising_end=0.7,
+                        generator=generator, output_type="latent", **common).images  # fmt: skip
+    theirs = refiner_pipe("a cat", image=latents, denoising_start=0.7, generator=generator,
+                          output_type="np", **common).images  # fmt: skip
+    stored = StoredImage(sha256="0" * 64, width=WIDTH, height=HEIGHT)
+    request = Img2ImgRequest(prompt="a cat", negative_prompt="blurry", width=WIDTH, height=HEIGHT,
+                             steps=8, guidance_scale=6.0, scheduler="dpmpp_2m", seed=61,
+                             strength=strength, image=stored,
+                             refiner=Refiner(model="refiner", switch_at=0.7))  # fmt: skip
+    work = task(request)
+    source = xl.ready(Source(picture(), strength), work.shape(request))
+    lane = work.begin(xl, "j", work.shape(request), source, request, refiner)
+    assert (lane.model is None) == (strength > 0.7)
+    ours = run_passes(xl, refiner, {"j": (request, lane)})["j"]
+    assert max_diff(ours, pixels(theirs)[0]) <= 1

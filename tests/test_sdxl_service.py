@@ -1,13 +1,15 @@
 """SDXL served beside SD 1.x by one deployment (SDSERVE_MODELS), on the CPU with the tiny models
 and a real Valkey: the native and A1111 routes choose either model, one worker holds both, each
 job's images are its own model's (an SDXL job's equal the SDXL engine's image for it alone, and
-not the SD model's), and img2img runs on SDXL too."""
+not the SD model's), and img2img runs on SDXL too; SDXL's refiner finishes jobs of the SDXL
+model that name it (native and A1111), its passes batched across jobs."""
 
 from __future__ import annotations
 
 import base64
 import io
 import threading
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,8 @@ from tests.test_continuous import serve
 from tests.test_rows import max_diff, run
 from tests.test_worker import png
 from worker.engine import BatchShape, Engine, ImageSpec, Source, Tuning
+from worker.previews import Previews
+from worker.rows import Lane
 from worker.runner import Runner
 from worker.settings import WorkerSettings
 from worker.tiny import build_tiny_model
@@ -32,7 +36,8 @@ SMALL = {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 4}
 @pytest.fixture(scope="module")
 def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     xl = build_tiny_model(tmp_path_factory.mktemp("xl") / "tiny-sdxl", "tiny-sdxl")
-    return {"sd": str(tiny_model), "xl": str(xl)}
+    refiner = build_tiny_model(tmp_path_factory.mktemp("xl") / "refiner", "tiny-sdxl-refiner")
+    return {"sd": str(tiny_model), "xl": str(xl), "refiner": str(refiner)}
 
 
 def picture() -> str:
@@ -112,3 +117,124 @@ def test_sd_and_sdxl_jobs_in_one_deployment(
     assert size_of({"prompt": "a", "model": "xl"}) == (1024, 1024)
     assert size_of({"prompt": "a", "model": "xl", "width": 640}) == (640, 1024)
     assert size_of({"prompt": "a"}) == (512, 512)
+
+
+def test_a_refiner_finishes_sdxl_jobs_batched_across_jobs(
+    served: httpx.Client, redis_url: str, models: dict[str, str]
+) -> None:
+    """Jobs of the SDXL model with a refiner (native txt2img twice, img2img, A1111's
+    `refiner_checkpoint`): each image equals the base-then-refiner passes alone (the tests in
+    tests/test_sdxl.py equal those to diffusers' ensemble), the jobs' refiner passes share UNet
+    calls, the infotext names the refiner; what cannot run is a 422 naming the field, and a
+    worker without the refiner fails such a job (`invalid_request`), staying up."""
+    from app.jobs.contract import JobRequest
+    from tests.test_sdxl import run_passes
+    from worker.tasks import task
+
+    def refused(route: str, body: dict[str, object]) -> str:
+        answer = served.post(route, json=body)
+        assert answer.status_code == 422, answer.text
+        return answer.text
+
+    refine = {"model": "refiner", "switch_at": 0.7}
+    xl = {**SMALL, "model": "xl"}
+    assert "refiner" in refused("/v1/txt2img", {**xl, "refiner": {"model": "nope"}})
+    assert "switch_at" in refused("/v1/txt2img", {**xl, "refiner": {**refine, "switch_at": 1.0}})
+    hires = refused("/v1/txt2img", {**xl, "refiner": refine, "hires": {"scale": 2}})
+    assert "hires fix" in hires and '"refiner"' in hires
+    assert "refiner" in refused("/v1/inpaint", {**xl, "image": picture(), "mask": picture(),
+                                                "refiner": refine})  # fmt: skip
+    a1111 = {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 6,
+             "override_settings": {"sd_model_checkpoint": "xl"}}  # fmt: skip
+    assert "refiner_checkpoint" in refused("/sdapi/v1/txt2img",
+                                           {**a1111, "refiner_checkpoint": "nope"})  # fmt: skip
+    assert "refiner_switch_at" in refused("/sdapi/v1/txt2img", {
+        **a1111, "refiner_checkpoint": "refiner", "refiner_switch_at": 1.0})  # fmt: skip
+
+    ids = {
+        "one": served.post("/v1/txt2img", json={**xl, "refiner": refine}).json()["id"],
+        "two": served.post(
+            "/v1/txt2img", json={**xl, "seed": 5, "negative_prompt": "rain", "refiner": refine}
+        ).json()["id"],
+        "img2img": served.post(
+            "/v1/img2img", json={**xl, "image": picture(), "strength": 0.9, "refiner": refine}
+        ).json()["id"],
+    }
+    sync = served.post("/sdapi/v1/txt2img", json={**a1111, "refiner_checkpoint": "refiner",
+                                                  "refiner_switch_at": 0.7})  # fmt: skip
+    assert sync.status_code == 504, sync.text  # no worker yet: it goes on as a job
+    ids["a1111"] = sync.json()["detail"].split("/jobs/")[1].split()[0]
+    settings = WorkerSettings(redis_url=redis_url, models=models, worker_name="refining",
+                              max_batch=4, batching="continuous")  # fmt: skip
+    engines = {name: Engine(source, torch.device("cpu"), Tuning(max_batch=4, rows=True))
+               for name, source in models.items()}  # fmt: skip
+    calls: list[int] = []  # lanes in each of the refiner's UNet calls
+    refiner_step = engines["refiner"].step
+
+    def counted(lanes: Sequence[Lane], previews: Collection[str] = ()) -> Previews | None:
+        calls.append(len(lanes))
+        return refiner_step(lanes, previews)
+
+    engines["refiner"].step = counted  # type: ignore[method-assign]
+    store = JobStore.connect(redis_url, 3600, 5)
+    runner = Runner(settings, store, engines, open_storage(settings.storage))
+    runner.open()
+    done = threading.Event()
+    thread = serve(runner, done)
+    try:
+        for name, job_id in ids.items():
+
+            def succeeded(j: str = job_id) -> bool:
+                return bool(served.get(f"/jobs/{j}").json()["status"] == "succeeded")
+
+            wait_for(succeeded, 120, name)
+    finally:
+        done.set()
+        thread.join(60)
+        runner.close()
+    assert max(calls) >= 3, calls  # the jobs' refiner passes in one call
+
+    def alone(request: JobRequest, source: Source | None) -> np.ndarray:
+        work = task(request)
+        base, refiner = engines["xl"], engines["refiner"]
+        if source is not None:
+            source = base.ready(source, work.shape(request))
+        lane = work.begin(base, "k", work.shape(request), source, request, refiner)
+        return run_passes(base, refiner, {"k": (request, lane)})["k"]
+
+    engines["refiner"].step = refiner_step  # type: ignore[method-assign]
+    picture_source = Source(Image.open(io.BytesIO(base64.b64decode(picture()))).convert("RGB"), 0.9)
+    for name, job_id in ids.items():
+        view = store.view(job_id)
+        assert view is not None and getattr(view.request, "refiner", None) is not None
+        made = np.asarray(png(store, job_id, 0))
+        source = picture_source if name == "img2img" else None
+        assert max_diff(made, alone(view.request, source)) <= 1, name
+    assert (
+        "Refiner: refiner, Refiner switch at: 0.7" in png(store, ids["a1111"], 0).info["parameters"]
+    )
+
+    # With the workers' records published, a refiner of another family is refused.
+    wrong = refused("/v1/txt2img", {**SMALL, "model": "sd", "refiner": refine})
+    assert "SDXL" in wrong and "SD 1.x" in wrong and '"model"' in wrong
+
+    # A worker without the refiner: the job fails, naming it; the worker goes on.
+    failing = served.post("/v1/txt2img", json={**xl, "refiner": refine}).json()["id"]
+    plain = served.post("/v1/txt2img", json=xl).json()["id"]
+    held = {name: models[name] for name in ("xl",)}
+    settings = WorkerSettings(redis_url=redis_url, models=models, worker_models=list(held),
+                              worker_name="no-refiner", max_batch=4,
+                              batching="continuous")  # fmt: skip
+    runner = Runner(settings, store, {"xl": engines["xl"]}, open_storage(settings.storage))
+    runner.open()
+    done = threading.Event()
+    thread = serve(runner, done)
+    try:
+        wait_for(lambda: served.get(f"/jobs/{plain}").json()["status"] == "succeeded", 120, "plain")
+        view = served.get(f"/jobs/{failing}").json()
+        assert view["status"] == "failed" and view["error"]["code"] == "invalid_request", view
+        assert "refiner" in view["error"]["message"]
+    finally:
+        done.set()
+        thread.join(60)
+        runner.close()

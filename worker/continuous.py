@@ -22,9 +22,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from app.jobs.contract import ErrorCode, Job
-from app.jobs.tasks import denoising_steps, unet_rows
+from app.jobs.tasks import unet_rows
 from worker.completions import Failed, Succeeded
-from worker.inputs import NoUpscaler, Source
+from worker.engine import Engine
+from worker.inputs import NotHeld, Source
 from worker.loop import Parts
 from worker.previews import Previews
 from worker.rows import Lane, Size
@@ -41,7 +42,8 @@ class RowLoop:
         self.p = parts
         self.waiting: dict[str, tuple[Job, float]] = {}  # started, not yet joined; since when
         self.lanes: dict[str, tuple[Job, Lane]] = {}
-        self.decodings: deque[tuple[Job, Decoding]] = deque()
+        # Decodes started, with the engine whose VAE decodes (a refiner's, after its pass).
+        self.decodings: deque[tuple[Job, Engine, Decoding]] = deque()
         self.previews: deque[tuple[dict[str, Job], Previews]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
         # Source pictures being read and decoded (storage, PNG) off the GPU's thread, from
@@ -169,8 +171,9 @@ class RowLoop:
             shape = work.shape(request)
             try:
                 source = self.loading.pop(job.id).result()
-                lane = work.prepare(p.engines.of(job), job.id, shape, source, request)
-            except (MissingInput, NoUpscaler) as e:
+                refiner = p.engines.refiner(job)
+                lane = work.begin(p.engines.of(job), job.id, shape, source, request, refiner)
+            except (MissingInput, NotHeld) as e:
                 code = ErrorCode.INPUT if isinstance(e, MissingInput) else ErrorCode.INVALID
                 p.completions.complete(job, Failed(code, str(e)))
                 self._forget(job, tracked=False)
@@ -183,23 +186,24 @@ class RowLoop:
             if source is not None:
                 self.sources[job.id] = source
             self.lanes[job.id] = (job, lane)
-            p.tracker.at(job.id, 0, denoising_steps(request), lane.unet_rows)
+            p.tracker.at(job.id, lane.earlier_steps, lane.job_steps, lane.unet_rows)
 
     def _step_one_size(self) -> None:
-        """One UNet call: the rows of one model and size, whichever has waited longest."""
+        """One UNet call: the rows of one model and size, whichever has waited longest (a
+        refiner's pass is its model's rows: they batch with other jobs' refiner passes)."""
         p = self.p
-        keys = list(dict.fromkeys((p.engines.key(job), lane.size)
+        keys = list(dict.fromkeys((p.engines.key(job, lane), lane.size)
                                   for job, lane in self.lanes.values()))  # fmt: skip
         self.turns.forget(keys)
         key = self.turns.next(keys)
         group = [(job, lane) for job, lane in self.lanes.values()
-                 if (p.engines.key(job), lane.size) == key]  # fmt: skip
+                 if (p.engines.key(job, lane), lane.size) == key]  # fmt: skip
         self._step(group)
         for job, lane in group:
             if job.id not in self.lanes:
                 continue  # failed in this step
-            steps = denoising_steps(job.request)
-            p.tracker.at(job.id, lane.earlier_steps + lane.step, steps, lane.unet_rows)
+            at = lane.earlier_steps + lane.step
+            p.tracker.at(job.id, at, lane.job_steps, lane.unet_rows)
             if lane.done:
                 del self.lanes[job.id]
                 self._finish(job, lane)
@@ -214,7 +218,7 @@ class RowLoop:
             if every and (lane.step + 1) % every == 0 and lane.step + 1 < lane.steps
         }  # fmt: skip
         try:
-            made = p.engines.of(group[0][0]).step([lane for _, lane in group], wanted)
+            made = p.engines.of(*group[0]).step([lane for _, lane in group], wanted)
             if made is not None:
                 self.previews.append(({job.id: job for job, _ in group}, made))
             return
@@ -241,9 +245,12 @@ class RowLoop:
         self._forget(job)
 
     def _finish(self, job: Job, lane: Lane) -> None:
-        """A lane done: its next pass joins in its place (a hires fix), or its decode starts."""
+        """A lane done: its next pass joins in its place (a hires fix's, a refiner's), or its
+        decode starts (by the VAE of the model that stepped it last)."""
+        engines = self.p.engines
         try:
-            then = task(job.request).next_pass(self.p.engines.of(job), job.request, lane)
+            refiner = engines.refiner(job)
+            then = task(job.request).next_pass(engines.of(job), job.request, lane, refiner)
         except Exception as e:  # out of memory included: the job fails alone
             log.exception("a second pass failed to start", extra={"job_id": job.id})
             self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
@@ -253,7 +260,8 @@ class RowLoop:
             return
         try:
             self.p.tracker.denoised(job.id)
-            self.decodings.append((job, self.p.engines.of(job).finish(lane)))
+            engine = engines.of(job, lane)
+            self.decodings.append((job, engine, engine.finish(lane)))
         except Exception as e:
             self._decode_failed(job, e)
 
@@ -265,10 +273,10 @@ class RowLoop:
             jobs, previews = self.previews.popleft()
             for key in previews.rows:
                 p.tracker.preview(jobs[key].id, *previews.pictures(key))
-        while self.decodings and (wait or self.decodings[0][1].ready()):
-            job, decoding = self.decodings.popleft()
+        while self.decodings and (wait or self.decodings[0][2].ready()):
+            job, engine, decoding = self.decodings.popleft()
             try:
-                images = p.engines.of(job).images(decoding)
+                images = engine.images(decoding)
                 images = task(job.request).finished(images, self.sources.get(job.id), job.request)
             except Exception as e:
                 self._decode_failed(job, e)

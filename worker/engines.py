@@ -1,6 +1,7 @@
 """The engines a worker holds: one per model it serves (`SDSERVE_MODELS`, or the worker's share
 of them), and the x4 upscaler's (`SDSERVE_UPSCALER`) beside them. A job runs on its model's
-engine (the queue it came from), an x4 upscale on the upscaler's."""
+engine (the queue it came from), an x4 upscale on the upscaler's, a refiner's pass on the
+refiner's."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from app.jobs.settings import refuse
 from app.jobs.tasks import task_of
 from worker.compiled import Tuning
 from worker.engine import Engine
-from worker.inputs import NoUpscaler
+from worker.inputs import NoRefiner, NoUpscaler
+from worker.rows import Lane
 from worker.settings import TINY_MODEL_DIR
 
 log = logging.getLogger("sdserve.worker")
@@ -34,18 +36,33 @@ class Engines:
         self.tuning = self.first.tuning
         self.device = self.first.device
 
-    def key(self, job: Job) -> str:
-        """Which engine runs the job: the x4 upscaler's jobs its, the others their model's
-        (whose queue they came from)."""
+    def key(self, job: Job, lane: Lane | None = None) -> str:
+        """Which engine runs the job (or, given, its lane): the x4 upscaler's jobs its, a
+        refiner's pass the refiner's, the others their model's (whose queue they came
+        from)."""
+        if lane is not None and lane.model is not None:
+            return lane.model
         return X4 if task_of(job.request).engine == "x4" else job.delivery.model
 
-    def of(self, job: Job) -> Engine:
-        key = self.key(job)
+    def of(self, job: Job, lane: Lane | None = None) -> Engine:
+        key = self.key(job, lane)
         if key == X4:
             if self.upscaler is None:
                 raise NoUpscaler("this worker has no x4 upscaler (SDSERVE_UPSCALER)")
             return self.upscaler
         return self.models[key]
+
+    def refiner(self, job: Job) -> Engine | None:
+        """The engine of the job's refiner; None when it has none. A refiner this worker does
+        not hold fails the job: base and refiner are served by the same workers."""
+        wanted = getattr(job.request, "refiner", None)
+        if wanted is None:
+            return None
+        if wanted.model not in self.models:
+            raise NoRefiner(f"the refiner {wanted.model!r} is not among this worker's models"
+                            f" ({', '.join(self.models)}): serve it beside {job.delivery.model}"
+                            " (SDSERVE_WORKER_MODELS)")  # fmt: skip
+        return self.models[wanted.model]
 
     def model_file(self, job: Job) -> str:
         """The model's folder name, as the images' infotext names it."""

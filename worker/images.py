@@ -28,6 +28,9 @@ def parameters(request: JobRequest, seed: int, model: str) -> str:
         "Model": model,
     }
     settings |= task(request).words(request)  # its task's words, as A1111 writes them
+    refiner = getattr(request, "refiner", None)
+    if refiner is not None:
+        settings |= {"Refiner": refiner.model, "Refiner switch at": refiner.switch_at}
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
 

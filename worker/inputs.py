@@ -11,8 +11,16 @@ from PIL import Image
 from app.jobs.prompts import Syntax
 
 
-class NoUpscaler(LookupError):
+class NotHeld(LookupError):
+    """A job reached a worker without an engine it needs: the job fails, never the worker."""
+
+
+class NoUpscaler(NotHeld):
     """An x4 upscaling job reached a worker without the x4 upscaler (SDSERVE_UPSCALER)."""
+
+
+class NoRefiner(NotHeld):
+    """A job's refiner is not among the worker's models (SDSERVE_WORKER_MODELS)."""
 
 
 @dataclass(frozen=True)

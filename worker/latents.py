@@ -21,7 +21,7 @@ from worker.compiled import Tuning, on_device, placed
 from worker.components import Components
 from worker.families import Family
 from worker.inputs import BatchShape, ImageSpec, Source
-from worker.plans import Plan, probe, start_step
+from worker.plans import Plan, probe, refiner_start, start_step
 from worker.rows import Inpainting, Lane
 from worker.tiles import tiling
 from worker.vae import Vae
@@ -165,6 +165,26 @@ class LatentMaker:
                              dtype=self.dtype)  # fmt: skip
         latents = encoded * plan.noising[0] + noise * plan.noising[1]
         made = self._lane(lane.key, specs, shape, plan, generators, latents)
+        made.earlier_steps = lane.earlier_steps + lane.steps
+        return made
+
+    def refiner_plan(self, shape: BatchShape, switch_at: float) -> Plan:
+        """This model's plan as a refiner: its schedule of `shape`'s steps from the switch."""
+        config = self.parts.scheduler_config
+        start = refiner_start(shape.scheduler, shape.steps, config, switch_at)
+        return self.plan(shape.scheduler, shape.steps, start)
+
+    @torch.inference_mode()
+    def refined(
+        self, lane: Lane, specs: Sequence[ImageSpec], shape: BatchShape, switch_at: float
+    ) -> Lane:
+        """A refiner's pass (this model is the refiner) of a lane its base model denoised to
+        the switch, as diffusers' ensemble hands the base's latents to the refiner's
+        `denoising_start`: the same latents, no noise added, on from the switch in this
+        model's schedule, its own prompt conditioning, each image's generator going on."""
+        plan = self.refiner_plan(shape, switch_at)
+        latents = lane.latents.to(self.dtype)
+        made = self._lane(lane.key, specs, shape, plan, lane.generators, latents)
         made.earlier_steps = lane.earlier_steps + lane.steps
         return made
 

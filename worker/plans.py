@@ -14,6 +14,7 @@ every sampler against its scheduler on real tensors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,32 @@ def start_step(steps: int, strength: float) -> int:
     many run is the job contract's rule (`run_steps`, which the API's ETA and progress use
     too): at least one, as A1111 runs, where diffusers would run none and fail."""
     return steps - run_steps(steps, strength)
+
+
+def cutoff(config: dict[str, Any], switch_at: float) -> int:
+    """The timestep where a refiner takes over, `switch_at` of the way down the model's
+    training schedule (diffusers' `discrete_timestep_cutoff`)."""
+    train = int(config.get("num_train_timesteps", 1000))
+    return round(train - switch_at * train)
+
+
+def until_switch(plan: Plan, config: dict[str, Any], switch_at: float) -> Plan:
+    """The base model's share of a plan before a refiner: its steps at timesteps at or above
+    the switch (diffusers' `denoising_end`). Each step is as it was in the whole plan: a
+    sampler's step never depends on the steps after it."""
+    kept = sum(step.timestep >= cutoff(config, switch_at) for step in plan.steps)
+    return dataclasses.replace(plan, steps=plan.steps[:kept])
+
+
+def refiner_start(sampler: str, steps: int, config: dict[str, Any], switch_at: float) -> int:
+    """Where a refiner starts in its own schedule of `steps` (diffusers' `denoising_start`):
+    its timesteps below the switch run, a second-order sampler's to the end of a step."""
+    scheduler = make_scheduler(sampler, config)
+    scheduler.set_timesteps(steps)
+    below = int((scheduler.timesteps < cutoff(config, switch_at)).sum())
+    if scheduler.order == 2 and below % 2 == 0:
+        below += 1
+    return len(scheduler.timesteps) - below
 
 
 def probe(

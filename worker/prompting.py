@@ -25,7 +25,7 @@ class PromptTooLong(ValueError):
 
 
 def publishable(
-    model: str, tokenizer: Any, max_chunks: int, default_side: int = 512
+    model: str, tokenizer: Any, max_chunks: int, default_side: int = 512, family: str = "sd"
 ) -> PublishedTokenizer:
     """The tokenizer as the API reads it (app/jobs/vocabulary.py); chunks are cut with it in
     the worker too, so both sides count alike."""
@@ -41,6 +41,7 @@ def publishable(
         comma=comma,
         max_chunks=max_chunks,
         default_side=default_side,
+        family=family,
     )
 
 

@@ -61,8 +61,12 @@ class Lane:
     # guidance, conditioning) have a row per tile of each image.
     tiling: Tiling | None = None
     step: int = 0
-    # Steps of the job's earlier pass (a hires fix's first), for its progress; 0 in a first.
+    # Steps of the job's earlier passes (a hires fix's first, a refiner's base), and of the
+    # passes still to come, for its progress.
     earlier_steps: int = 0
+    later_steps: int = 0
+    # The model whose engine steps it, where not the job's own: a refiner's pass.
+    model: str | None = None
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
 
@@ -73,6 +77,11 @@ class Lane:
     @property
     def steps(self) -> int:
         return len(self.plan.steps)
+
+    @property
+    def job_steps(self) -> int:
+        """Steps of the job's every pass."""
+        return self.earlier_steps + self.steps + self.later_steps
 
     @property
     def done(self) -> bool:

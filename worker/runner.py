@@ -29,7 +29,7 @@ from worker.engine import Engine
 from worker.engines import Engines
 from worker.images import encode_preview
 from worker.inbox import Inbox
-from worker.inputs import NoUpscaler
+from worker.inputs import NotHeld
 from worker.lease import Lease
 from worker.loop import Parts
 from worker.metrics import WorkerMetrics
@@ -150,13 +150,15 @@ class Runner:
         return jobs
 
     def _prompts_fit(self, job: Job) -> bool:
-        """A prompt over the model's limit fails its job (the API refuses such prompts once a
-        worker has published its tokenizer: this is for jobs queued before that)."""
+        """A job this worker holds no engine for (the x4 upscaler, its refiner) fails, as does
+        a prompt over the model's limit (the API refuses such prompts once a worker has
+        published its tokenizer: this is for jobs queued before that)."""
         request = job.request
         limit = self.engines.tuning.prompt_chunks
         try:
             engine = self.engines.of(job)
-        except NoUpscaler as e:  # the job fails, never the worker
+            self.engines.refiner(job)
+        except NotHeld as e:  # the job fails, never the worker
             self.completions.complete(job, Failed(ErrorCode.INVALID, str(e)))
             return False
         for field in ("prompt", "negative_prompt"):

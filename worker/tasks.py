@@ -1,7 +1,7 @@
 """The worker's side of each task (what both sides share is app/jobs/tasks.py, under the same
 names): how a job's inputs load, the shape it is denoised at, the pass that follows a finished
-one, how its images are finished, and its words in A1111's infotext. The loops
-(worker/continuous.py, worker/static.py) ask a job's task; none of them asks its kind.
+one (a hires fix's second, a refiner's), how its images are finished, and its words in A1111's
+infotext. The loop (worker/continuous.py) asks a job's task; it never asks its kind.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from app.jobs.contract import InpaintRequest, JobRequest, Txt2ImgRequest, Upscal
 from app.jobs.storage import Storage
 from worker.engine import Engine
 from worker.inputs import BatchShape, Source
+from worker.plans import until_switch
 from worker.rows import Lane
 from worker.sources import image_specs, overlay, picture
 
@@ -31,6 +32,31 @@ class TaskWork:
         """What the job starts from: its picture, noised to `strength` (None: from noise)."""
         return Source(source_picture(storage, job_id), request.strength)
 
+    def begin(
+        self,
+        engine: Engine,
+        key: str,
+        shape: BatchShape,
+        source: Source | None,
+        request: Any,
+        refiner: Engine | None = None,
+    ) -> Lane:
+        """Its lane at the first step (`prepare`). With a refiner, the model runs the steps
+        above the switch and the refiner the rest (`next_pass`); where a picture's strength
+        starts below the switch, the refiner runs them all."""
+        lane = self.prepare(engine, key, shape, source, request)
+        wanted = getattr(request, "refiner", None)
+        if wanted is None:
+            return lane
+        assert refiner is not None, "the loop finds the refiner's engine"
+        lane.plan = until_switch(lane.plan, engine.scheduler_config, wanted.switch_at)
+        lane.later_steps = len(refiner.latents.refiner_plan(shape, wanted.switch_at).steps)
+        if lane.done:
+            refined = self.next_pass(engine, request, lane, refiner)
+            assert refined is not None
+            return refined
+        return lane
+
     def prepare(
         self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
     ) -> Lane:
@@ -42,14 +68,19 @@ class TaskWork:
         """What the engine denoises first: the drawn size, steps and sampler."""
         return BatchShape(*self.rule.drawn(request), request.steps, request.scheduler)
 
-    def alone_in_static(self, request: JobRequest) -> bool:
-        """Static batching runs it alone through the row hooks (it starts from a picture, or has
-        a second pass), not in a batch of text-to-image jobs."""
-        return True
-
-    def next_pass(self, engine: Engine, request: Any, lane: Lane) -> Lane | None:
-        """The lane of the pass that follows a finished one; None when the job is done."""
-        return None
+    def next_pass(
+        self, engine: Engine, request: Any, lane: Lane, refiner: Engine | None = None
+    ) -> Lane | None:
+        """The lane of the pass that follows a finished one (a refiner's, after its base
+        model's); None when the job is done."""
+        wanted = getattr(request, "refiner", None)
+        if wanted is None or lane.model is not None:
+            return None
+        assert refiner is not None, "the loop finds the refiner's engine"
+        made = refiner.latents.refined(lane, image_specs(request), self.shape(request),
+                                       wanted.switch_at)  # fmt: skip
+        made.model = wanted.model
+        return made
 
     def finished(
         self, images: list[np.ndarray | None], source: Source | None, request: Any
@@ -72,17 +103,21 @@ class Txt2Img(TaskWork):
     def prepare(
         self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
     ) -> Lane:
-        """From noise."""
-        return engine.latents.from_noise(key, image_specs(request), shape)
+        """From noise; a hires fix's second pass counted in its progress."""
+        lane = engine.latents.from_noise(key, image_specs(request), shape)
+        if request.hires is not None:
+            lane.later_steps = shared.HIRES.steps(request)
+        return lane
 
-    def alone_in_static(self, request: JobRequest) -> bool:
+    def next_pass(
+        self, engine: Engine, request: Any, lane: Lane, refiner: Engine | None = None
+    ) -> Lane | None:
+        """A hires fix's second pass (`hires` in app/jobs/tasks.py) after the first, or a
+        refiner's (the API takes one or the other)."""
         assert isinstance(request, Txt2ImgRequest)
-        return request.hires is not None
-
-    def next_pass(self, engine: Engine, request: Any, lane: Lane) -> Lane | None:
-        """A hires fix's second pass (`hires` in app/jobs/tasks.py), after the first."""
-        assert isinstance(request, Txt2ImgRequest)
-        if request.hires is None or lane.earlier_steps:
+        if request.hires is None:
+            return super().next_pass(engine, request, lane, refiner)
+        if lane.earlier_steps:
             return None
         size = shared.HIRES.drawn(request)
         shape = BatchShape(*size, request.hires.steps or request.steps, request.scheduler)

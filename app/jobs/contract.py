@@ -247,11 +247,41 @@ class Hires(BaseModel):
     )
 
 
+class Refiner(BaseModel):
+    """A refiner: another model of the deployment finishes the job's denoising from the switch,
+    as diffusers' `denoising_end` / `denoising_start` ensemble of SDXL's base and refiner."""
+
+    model_config = STRICT_INPUT
+
+    model: str = Field(
+        max_length=64,
+        description="The model that finishes (`GET /v1/models`): one of the job's model's family"
+        " (SDXL's refiner after an SDXL model), held by the same workers.",
+    )
+    switch_at: float = Field(
+        default=0.8,
+        gt=0,
+        lt=1,
+        description="Where the refiner takes over, as a share of the noise schedule: the job's"
+        " model runs the timesteps above (1 - switch_at) x 1000, the refiner the rest.",
+    )
+
+
+RefinerField = Annotated[
+    Refiner | None,
+    Field(
+        description="Another model finishes the denoising from `switch_at`, in the same job;"
+        " not with a hires fix."
+    ),
+]
+
+
 class Txt2ImgRequest(GenerationRequest):
     """Text to image."""
 
     kind: Literal["txt2img"] = Field(default="txt2img", description="What the job does.")
     hires: Hires | None = Field(default=None, description="A second, larger pass (hires fix).")
+    refiner: RefinerField = None
 
     def hires_size(self) -> tuple[int, int] | None:
         """The second pass's (width, height); None without one."""
@@ -296,6 +326,7 @@ class Img2ImgRequest(GenerationRequest):
     kind: Literal["img2img"] = "img2img"
     strength: Strength = 0.75
     image: StoredImage
+    refiner: RefinerField = None
 
 
 class InpaintRequest(GenerationRequest):

@@ -34,6 +34,13 @@ def run_steps(steps: int, strength: float) -> int:
     return max(1, min(int(steps * strength), steps))
 
 
+def refined_steps(steps: int, switch_at: float) -> int:
+    """Steps a refiner runs after the switch: the schedule's timesteps below it, about
+    `1 - switch_at` of them (the worker counts them in its models' own schedules, and its
+    progress says so)."""
+    return round(steps * (1 - switch_at))
+
+
 class Task:
     name: ClassVar[str]
     # Which engine runs it: the request's model ("model"), or the x4 upscaler ("x4").
@@ -46,8 +53,12 @@ class Task:
         return request.width, request.height
 
     def steps(self, request: JobRequest) -> int:
-        """Denoising steps the whole job runs, every pass."""
-        return run_steps(request.steps, request.strength)  # type: ignore[union-attr]
+        """Denoising steps the whole job runs, every pass: with a refiner, the model's steps
+        above the switch and the refiner's below it (all of them below, when the picture's
+        strength starts under the switch)."""
+        ran = run_steps(request.steps, request.strength)  # type: ignore[union-attr]
+        refiner = getattr(request, "refiner", None)
+        return ran if refiner is None else max(ran, refined_steps(request.steps, refiner.switch_at))
 
     def rows(self, request: JobRequest, tile: int = TILE, overlap: int = TILE_OVERLAP) -> int:
         """UNet rows it puts in each call: cond and uncond per image (per tile of it) when
@@ -61,6 +72,7 @@ class Txt2Img(Task):
     from_picture = False
 
     def steps(self, request: JobRequest) -> int:
+        """The schedule's steps (a refiner's share of them included), and a hires fix's."""
         assert isinstance(request, Txt2ImgRequest)
         second = HIRES.steps(request) if request.hires is not None else 0
         return request.steps + second

@@ -32,6 +32,8 @@ class PublishedTokenizer:
     # Besides the tokenizer, what the API needs of the model: the side of a text-to-image
     # picture whose request gives none (its family's: 512 for SD 1.x, 1024 for SDXL).
     default_side: int = 512
+    # Its family ("sd": SD 1.x/2.x, "sdxl"): a refiner must be of its base's.
+    family: str = "sd"
 
     @property
     def digest(self) -> str:

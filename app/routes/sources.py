@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from fastapi import APIRouter, HTTPException, Path, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -34,6 +35,7 @@ from app.jobs.contract import (
     Img2ImgRequest,
     InpaintRequest,
     MaskBlur,
+    RefinerField,
     Side,
     SourceRequest,
     Status,
@@ -76,6 +78,13 @@ class SourceBody(GenerationRequest):
 
 class Img2ImgBody(SourceBody):
     strength: Strength = 0.75
+    refiner: RefinerField = None
+
+    @field_validator("refiner", mode="before")
+    @classmethod
+    def _form_text(cls, value: object) -> object:
+        """A multipart form's field is text: there, the refiner is its JSON object's."""
+        return json.loads(value) if isinstance(value, str) else value
 
 
 class InpaintBody(SourceBody):

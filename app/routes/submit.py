@@ -38,6 +38,9 @@ from app.routes.context import (
 from app.settings import ApiSettings
 from app.webhooks import refusal
 
+# What the workers publish of a model's family, as a message names it.
+FAMILIES = {"sd": "an SD 1.x/2.x model", "sdxl": "an SDXL model"}
+
 
 class Accepted(BaseModel):
     id: str
@@ -78,6 +81,7 @@ class Submitter:
         sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
         request = self._sized(request, model)
         _check_hires(request, self.ctx.settings)
+        self._check_refiner(request, model)
         normalized = request.model_copy(
             update={
                 "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
@@ -137,6 +141,29 @@ class Submitter:
                 [{"loc": ("body", "model"), "msg": message, "type": "value_error"}]
             )
         return name
+
+    def _check_refiner(self, request: JobRequest, model: str) -> None:
+        """A refiner must be a model served here, of the job's model's family (it denoises in
+        that family's latent space, as far as the workers have published it), and not with a
+        hires fix: a 422 naming the field otherwise."""
+        refiner = getattr(request, "refiner", None)
+        if refiner is None:
+            return
+        problem: str | None = None
+        where: tuple[str, ...] = ("body", "refiner", "model")
+        base, other = self.prompts[model].current(), self.prompts.get(refiner.model)
+        mine = other.current() if other is not None else None
+        if isinstance(request, Txt2ImgRequest) and request.hires is not None:
+            problem, where = "a refiner and a hires fix do not go together: ask for one", where[:2]
+        elif other is None:
+            served = ", ".join(self.ctx.store.models)
+            problem = f"unknown model {refiner.model!r}; this server serves {served}"
+        elif base is not None and mine is not None and base[0].family != mine[0].family:
+            problem = (f"{refiner.model} is {FAMILIES[mine[0].family]}, {model} is"
+                       f" {FAMILIES[base[0].family]}: a refiner finishes its own family's"
+                       " latents")  # fmt: skip
+        if problem is not None:
+            raise RequestValidationError([{"loc": where, "msg": problem, "type": "value_error"}])
 
     def _sized(self, request: JobRequest, model: str) -> JobRequest:
         """A text-to-image request without a width or height gets the model's default side
