@@ -52,7 +52,8 @@ class Tuning:
     # Channels-last convolutions and fused attention projections: faster on GPUs.
     fuse: bool = False
     # torch.compile with CUDA graphs, for the (width, height) sizes in `compiled_sizes`; other
-    # sizes run eagerly rather than stall the GPU for a compilation.
+    # sizes run eagerly rather than stall the GPU for a compilation. Empty: the engine's model
+    # family's default size (worker/engine.py).
     compile: bool = False
     compile_mode: str = "reduce-overhead"
     # What compiles the traced graph: inductor on a GPU; the tests trace with "eager" (the

@@ -17,6 +17,7 @@ engine holds them together and runs the denoising step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -81,6 +82,9 @@ class Engine:
         self.inpainting_unet = parts.inpainting_unet
         # How this model's prompts become what its UNet's rows see (SD 1.x/2.x or SDXL).
         self.family = family_of(parts, tuning.prompt_chunks)
+        if not tuning.compiled_sizes:  # none chosen: the size this family draws by default
+            side = self.family.published.default_side
+            tuning = dataclasses.replace(tuning, compiled_sizes=((side, side),))
         self.published_tokenizer = self.family.published
         self.vocabulary = self.family.vocabulary
         # The only way to the UNet and the VAE decoder: compiled, padded and canonical there.

@@ -85,9 +85,10 @@ class WorkerSettings(CommonSettings):
         description="torch.compile + CUDA graphs for the UNet and VAE (auto: on CUDA).",
     )
     compiled_sizes: Annotated[list[tuple[int, int]], NoDecode] = Field(
-        default=[(512, 512)],
+        default=[],
         description="Sizes compiled at start: 512x512,768x512 or JSON [[512, 512], ...];"
-        " others run eagerly.",
+        " others run eagerly. Unset: each model's default size (512x512 for SD 1.x/2.x,"
+        " 1024x1024 for SDXL), so a worker holding both compiles each once.",
     )
     compile_cache: Path = Field(
         default=cache_dir() / "inductor",

@@ -307,6 +307,15 @@ def _build_sdxl(target: Path, arch: str) -> Path:
         tokenizer = _tokenizer(Path(work))
     with tempfile.TemporaryDirectory() as work:
         tokenizer_2 = _tokenizer(Path(work), pad="!")
+    # Billions of random weights are drawn in seconds on a GPU, minutes on a CPU.
+    real = not arch.startswith("tiny") and torch.cuda.is_available()
+    with torch.device("cuda" if real else "cpu"):
+        return _write_sdxl(target, arch, sizes, refiner, tokenizer, tokenizer_2)
+
+
+def _write_sdxl(
+    target: Path, arch: str, sizes: dict[str, Any], refiner: bool, tokenizer: Any, tokenizer_2: Any
+) -> Path:
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2,
                                                               sizes["text_encoder_2"]))  # fmt: skip
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=1024,
