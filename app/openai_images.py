@@ -30,6 +30,7 @@ from app.jobs.contract import (
     Timeout,
     Txt2ImgRequest,
     is_side,
+    size_problem,
 )
 
 PREFIX = "/v1/images/"
@@ -77,7 +78,10 @@ class ImagesRequest(BaseModel):
         if match is None:
             raise ValueError("size is WIDTHxHEIGHT, like 512x512")
         if not all(is_side(int(side)) for side in match.groups()):
-            raise ValueError("each side is a multiple of 8 from 64 to 1024")
+            raise ValueError("each side is a multiple of 8 from 64 to 2048")
+        problem = size_problem(*(int(side) for side in match.groups()))
+        if problem is not None:
+            raise ValueError(problem)
         return size
 
     def job(self) -> Txt2ImgRequest:

@@ -43,7 +43,7 @@ def test_job_view_while_queued(api: httpx.Client) -> None:
     assert v["started_at"] is None and v["finished_at"] is None and v["images"] == []
     assert v["seeds"] == [1, 2, 3]
     assert v["request"] == {
-        "kind": "txt2img", "model": "default", "hires": None,
+        "kind": "txt2img", "model": "default", "hires": None, "refiner": None,
         "prompt": "a red fox", "negative_prompt": "", "prompt_syntax": "plain",
         "prompt_length": None, "width": 512,
         "height": 512, "steps": 25,
@@ -64,7 +64,8 @@ def test_server_chooses_a_seed_when_absent(api: httpx.Client) -> None:
     ("body", "field"),
     [
         ({"seed": 1}, "prompt"),
-        ({**VALID, "width": 1032}, "width"),
+        ({**VALID, "width": 2056}, "width"),
+        ({**VALID, "width": 1536, "height": 1024}, "height"),  # over 1024 x 1024 pixels
         ({**VALID, "height": 56}, "height"),
         ({**VALID, "steps": 101}, "steps"),
         ({**VALID, "steps": "25"}, "steps"),

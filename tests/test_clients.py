@@ -103,6 +103,10 @@ def test_the_openai_package_sees_errors_it_understands(service: str) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as invalid:
         client.images.generate(prompt="x", size="100x100")
     assert invalid.value.body["param"] == "size"  # type: ignore[index]
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:  # over 1024 x 1024 pixels
+        client.images.generate(prompt="x", size="1792x1024")
+    assert invalid.value.body["param"] == "size"  # type: ignore[index]
+    assert "1835008 pixels" in invalid.value.body["message"]  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{service}/v1", api_key="sds_wrong").images.generate(prompt="x")
 

@@ -27,8 +27,8 @@ def test_defaults_match_the_contract() -> None:
 @pytest.mark.parametrize(
     ("field", "ok", "bad"),
     [
-        ("width", [64, 1024, 520], [56, 1032, 100, 0]),
-        ("height", [64, 1024], [63, 1025]),
+        ("width", [64, 1024, 520, 2048], [56, 2056, 100, 0]),
+        ("height", [64, 1024, 2048], [63, 2049]),
         ("steps", [1, 100], [0, 101]),
         ("guidance_scale", [0, 0.0, 30, 30.0], [-0.01, 30.01]),
         ("seed", [0, 2**32 - 1], [-1, 2**32]),
@@ -114,3 +114,24 @@ def test_infotext_of_a_hires_fix_and_of_x4_says_what_ran() -> None:
     text = parameters(x4, 1, "m")
     assert "Noise level: 40" in text and "SD x4 upscaler" in text
     assert "Lanczos" not in text and "Denoising strength" not in text
+
+
+@pytest.mark.parametrize(
+    ("size", "fine"),
+    [
+        ((1024, 1024), True),
+        ((1344, 768), True),
+        ((1536, 640), True),
+        ((2048, 512), True),
+        ((1032, 1024), False),
+        ((1536, 1024), False),
+        ((2048, 1024), False),
+    ],
+)
+def test_a_generated_picture_has_at_most_1024_x_1024_pixels_in_any_shape(
+    size: tuple[int, int], fine: bool
+) -> None:
+    """SDXL's wide sizes are drawn (sides to 2048); more pixels than 1024 x 1024 is an error
+    naming `height`, with the count."""
+    fields = error_fields({"prompt": "x", "width": size[0], "height": size[1]})
+    assert fields == (set() if fine else {"height"}), size

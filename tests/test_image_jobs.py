@@ -114,7 +114,7 @@ def test_the_size_comes_from_the_source_fitted(api: httpx.Client, store: JobStor
         return view.request.width, view.request.height
 
     assert size_of(Image.new("RGB", (203, 150))) == (200, 144)  # rounded down to 8
-    assert size_of(Image.new("RGB", (2000, 1000))) == (1024, 512)  # fitted within 1024
+    assert size_of(Image.new("RGB", (2000, 1000))) == (1448, 720)  # within 1024 x 1024 pixels
     assert size_of(Image.new("RGB", (90, 90)), width=128, height=64) == (128, 64)
 
 

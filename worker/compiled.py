@@ -66,7 +66,7 @@ class Tuning:
     rows: bool = False
     # The longest prompt encoded, in chunks of 75 tokens.
     prompt_chunks: int = 4
-    # Pictures with a side over `tile` pixels are denoised in tiles of `tile` overlapping by
+    # Pictures of more than `tile` x `tile` pixels are denoised in tiles of `tile` overlapping by
     # `tile_overlap` (worker/tiles.py); smaller ones in one piece.
     tile: int = 1024
     tile_overlap: int = 128

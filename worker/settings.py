@@ -119,7 +119,7 @@ class WorkerSettings(CommonSettings):
         ge=64,
         le=4096,
         multiple_of=8,
-        description="Pictures with a side over this many pixels (upscaling) are denoised in"
+        description="Pictures of more than this many pixels squared (upscaling) are denoised in"
         " tiles of this size, overlapping and blended at every step.",
     )
     tile_overlap: int = Field(
@@ -211,7 +211,7 @@ class WorkerSettings(CommonSettings):
     def _image_sizes(cls, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
         for width, height in sizes:
             if not (is_side(width) and is_side(height)):
-                raise ValueError(f"{width}x{height}: sides must be multiples of 8 in 64..1024")
+                raise ValueError(f"{width}x{height}: sides must be multiples of 8 in 64..2048")
         return sizes
 
     @model_validator(mode="after")

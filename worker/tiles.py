@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.jobs.tiles import starts
+from app.jobs.tiles import starts, whole
 
 
 def _ramp(length: int, start: int, tile: int, overlap: int) -> torch.Tensor:
@@ -64,10 +64,11 @@ class Tiling:
 
 def tiling(canvas: tuple[int, int], tile: int, overlap: int) -> Tiling | None:
     """The tiles of a canvas of latents (height, width), tiles of at most `tile` latents a side
-    overlapping by `overlap`; None when one tile holds it all."""
+    overlapping by `overlap`; None when it has no more than one tile's latents, in any shape
+    (app/jobs/tiles.py `whole`)."""
     height, width = canvas
     rows, columns = starts(height, tile, overlap), starts(width, tile, overlap)
-    if len(rows) == 1 and len(columns) == 1:
+    if whole(canvas, tile) or (len(rows) == 1 and len(columns) == 1):
         return None
     th, tw = min(tile, height), min(tile, width)
     corners = tuple((y, x) for y in rows for x in columns)

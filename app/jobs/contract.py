@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     Tag,
     TypeAdapter,
+    ValidationInfo,
     field_validator,
 )
 
@@ -80,14 +81,26 @@ class ErrorCode(StrEnum):
 # Limits shared by every way in (the native API, the OpenAI-compatible one).
 Prompt = Annotated[str, Field(min_length=1, max_length=2000, description="What to draw.")]
 NegativePrompt = Annotated[str, Field(max_length=2000, description="What to avoid.")]
-# Both sides at most 1024, so width x height never exceeds 1024 x 1024.
-SIDE_MIN, SIDE_MAX, SIDE_STEP = 64, 1024, 8
+# A generated picture: each side 64 to 2048 pixels, and at most 1024 x 1024 pixels in all (SDXL's
+# sizes: 1024x1024, and as many pixels wide, 1344x768, 1536x640). A larger picture is an
+# upscale's (UpscaleSide), denoised in tiles.
+SIDE_MIN, SIDE_MAX, SIDE_STEP = 64, 2048, 8
+PIXELS_MAX = 1024 * 1024
 Side = Annotated[int, Field(ge=SIDE_MIN, le=SIDE_MAX, multiple_of=SIDE_STEP, description="Pixels.")]
 
 
 def is_side(pixels: int) -> bool:
     """Whether an image side is one `Side` allows (for sizes written as text, like "512x512")."""
     return SIDE_MIN <= pixels <= SIDE_MAX and pixels % SIDE_STEP == 0
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """What is wrong with a generated picture's size (None: nothing): more pixels than
+    PIXELS_MAX (its sides are `Side`s)."""
+    if width * height <= PIXELS_MAX:
+        return None
+    return (f"{width}x{height} is {width * height} pixels; a generated picture has at most"
+            f" {PIXELS_MAX} (1024x1024, or as many in another shape: 1344x768)")  # fmt: skip
 
 
 Steps = Annotated[int, Field(ge=1, le=100, description="Denoising steps.")]
@@ -210,8 +223,17 @@ class GenerationRequest(Generation):
     height: Side = Field(
         default=512,
         description="Pixels. Text to image without one: the model's default side (1024 for an"
-        " SDXL model, 512 otherwise).",
+        " SDXL model, 512 otherwise). Sides 64 to 2048, width x height at most 1024 x 1024.",
     )
+
+    @field_validator("height")
+    @classmethod
+    def _pixels(cls, height: int | None, info: ValidationInfo) -> int | None:
+        width = info.data.get("width")
+        problem = size_problem(width, height) if width and height else None
+        if problem is not None:
+            raise ValueError(problem)
+        return height
 
 
 # Upscaled pictures may be larger than generated ones (SDSERVE_MAX_UPSCALE_SIDE, 2048 by

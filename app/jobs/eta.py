@@ -28,7 +28,7 @@ class Pace:
     rows: int  # UNet rows in flight now
     row_cap: int  # the most it runs at once
     finish_s: float  # from a job's last step to its images stored
-    tile: int = TILE  # pictures over `tile` pixels a side run in tiles
+    tile: int = TILE  # pictures of more than `tile` x `tile` pixels run in tiles
     tile_overlap: int = TILE_OVERLAP
 
     @property

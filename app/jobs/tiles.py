@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import math
 
-# A side over TILE pixels is denoised in tiles of TILE overlapping by TILE_OVERLAP (the
-# workers' defaults: SDSERVE_TILE, SDSERVE_TILE_OVERLAP).
+# A picture of more than TILE x TILE pixels is denoised in tiles of TILE overlapping by
+# TILE_OVERLAP (the workers' defaults: SDSERVE_TILE, SDSERVE_TILE_OVERLAP); one of as many
+# pixels or fewer, in one piece whatever its shape (SDXL's 1344x768 is drawn whole).
 TILE, TILE_OVERLAP = 1024, 128
+
+
+def whole(size: tuple[int, int], tile: int) -> bool:
+    """Whether a picture of `size` (either order of its sides) is denoised in one piece."""
+    return size[0] * size[1] <= tile * tile
 
 
 def starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -21,4 +27,6 @@ def starts(length: int, tile: int, overlap: int) -> list[int]:
 
 def tile_count(size: tuple[int, int], tile: int, overlap: int) -> int:
     """Tiles a picture of `size` (width, height) takes; 1 when it fits in one."""
+    if whole(size, tile):
+        return 1
     return len(starts(size[0], tile, overlap)) * len(starts(size[1], tile, overlap))

@@ -28,6 +28,7 @@ from starlette.requests import Request
 
 from app.auth import Caller
 from app.jobs.contract import (
+    PIXELS_MAX,
     SIDE_MAX,
     SIDE_MIN,
     SIDE_STEP,
@@ -103,8 +104,8 @@ class UpscaleBody(Upscaling):
 
 def fitted_size(width: int, height: int) -> tuple[int, int]:
     """A source's own size as a job size: scaled down (aspect kept) to fit within the largest
-    side, then each side rounded down to a multiple of 8."""
-    scale = min(1.0, SIDE_MAX / max(width, height))
+    side and the most pixels, then each side rounded down to a multiple of 8."""
+    scale = min(1.0, SIDE_MAX / max(width, height), math.sqrt(PIXELS_MAX / (width * height)))
     return (math.floor(width * scale / SIDE_STEP) * SIDE_STEP,
             math.floor(height * scale / SIDE_STEP) * SIDE_STEP)  # fmt: skip
 
