@@ -246,24 +246,11 @@ def service_rows(s: dict[str, Any], d: dict[str, Any] | None) -> list[tuple[str,
             rows.append(
                 ("(a) / diffusers' best batch", f"{ratio:.2f}", f"≥ 1.3 {verdict(ratio >= 1.3)}")
             )
-    if "b" in s:
-        share = eq30("b") / eq30("a")
-        rows.append(
-            (
-                "(b) mixed, 30-step eq./s of (a)'s",
-                f"{eq30('b'):.3f} = {share:.2f}",
-                f"≥ 0.95 {verdict(share >= 0.95)}",
-            )
-        )
-    if "r" in s:
-        share = eq30("r") / eq30("a")
-        rows.append(
-            (
-                "(r) base + refiner, 30-step eq./s of (a)'s",
-                f"{eq30('r'):.3f} = {share:.2f}",
-                f"≥ 0.90 {verdict(share >= 0.90)}",
-            )
-        )
+    for key, name, target in (("b", "(b) mixed", 0.95), ("r", "(r) base + refiner", 0.90)):
+        if key in s:
+            share = eq30(key) / eq30("a")
+            rows.append((f"{name}, 30-step eq./s of (a)'s", f"{eq30(key):.3f} = {share:.2f}",
+                         f"≥ {target:.2f} {verdict(share >= target)}"))  # fmt: skip
     if "c" in s:
         c = s["c"]
         rows.append(

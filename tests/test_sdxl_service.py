@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,32 @@ def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     xl = build_tiny_model(tmp_path_factory.mktemp("xl") / "tiny-sdxl", "tiny-sdxl")
     refiner = build_tiny_model(tmp_path_factory.mktemp("xl") / "refiner", "tiny-sdxl-refiner")
     return {"sd": str(tiny_model), "xl": str(xl), "refiner": str(refiner)}
+
+
+@contextmanager
+def working(
+    settings: WorkerSettings, store: JobStore, engines: dict[str, Engine]
+) -> Iterator[Runner]:
+    """A worker holding `engines`, stepping in a thread until the block ends."""
+    runner = Runner(settings, store, engines, open_storage(settings.storage))
+    runner.open()
+    done = threading.Event()
+    thread = serve(runner, done)
+    try:
+        yield runner
+    finally:
+        done.set()
+        thread.join(60)
+        runner.close()
+
+
+def all_succeed(served: httpx.Client, ids: dict[str, str]) -> None:
+    for name, job_id in ids.items():
+
+        def succeeded(j: str = job_id) -> bool:
+            return bool(served.get(f"/jobs/{j}").json()["status"] == "succeeded")
+
+        wait_for(succeeded, 120, name)
 
 
 def picture() -> str:
@@ -71,21 +98,8 @@ def test_sd_and_sdxl_jobs_in_one_deployment(
                for name, source in models.items()}  # fmt: skip
     assert engines["xl"].family.name == "sdxl" and engines["sd"].family.name == "sd"
     store = JobStore.connect(redis_url, 3600, 5)
-    runner = Runner(settings, store, engines, open_storage(settings.storage))
-    runner.open()
-    done = threading.Event()
-    thread = serve(runner, done)
-    try:
-        for name, job_id in ids.items():
-
-            def succeeded(j: str = job_id) -> bool:
-                return bool(served.get(f"/jobs/{j}").json()["status"] == "succeeded")
-
-            wait_for(succeeded, 120, name)
-    finally:
-        done.set()
-        thread.join(60)
-        runner.close()
+    with working(settings, store, engines):
+        all_succeed(served, ids)
 
     def lone(engine: Engine, name: str, source: Source | None = None) -> np.ndarray:
         """The job's image from this engine, alone."""
@@ -177,21 +191,8 @@ def test_a_refiner_finishes_sdxl_jobs_batched_across_jobs(
 
     engines["refiner"].step = counted  # type: ignore[method-assign]
     store = JobStore.connect(redis_url, 3600, 5)
-    runner = Runner(settings, store, engines, open_storage(settings.storage))
-    runner.open()
-    done = threading.Event()
-    thread = serve(runner, done)
-    try:
-        for name, job_id in ids.items():
-
-            def succeeded(j: str = job_id) -> bool:
-                return bool(served.get(f"/jobs/{j}").json()["status"] == "succeeded")
-
-            wait_for(succeeded, 120, name)
-    finally:
-        done.set()
-        thread.join(60)
-        runner.close()
+    with working(settings, store, engines):
+        all_succeed(served, ids)
     assert max(calls) >= 3, calls  # the jobs' refiner passes in one call
 
     def alone(request: JobRequest, source: Source | None) -> np.ndarray:
@@ -225,16 +226,8 @@ def test_a_refiner_finishes_sdxl_jobs_batched_across_jobs(
     settings = WorkerSettings(redis_url=redis_url, models=models, worker_models=list(held),
                               worker_name="no-refiner", max_batch=4,
                               batching="continuous")  # fmt: skip
-    runner = Runner(settings, store, {"xl": engines["xl"]}, open_storage(settings.storage))
-    runner.open()
-    done = threading.Event()
-    thread = serve(runner, done)
-    try:
-        wait_for(lambda: served.get(f"/jobs/{plain}").json()["status"] == "succeeded", 120, "plain")
-        view = served.get(f"/jobs/{failing}").json()
-        assert view["status"] == "failed" and view["error"]["code"] == "invalid_request", view
-        assert "refiner" in view["error"]["message"]
-    finally:
-        done.set()
-        thread.join(60)
-        runner.close()
+    with working(settings, store, {"xl": engines["xl"]}):
+        all_succeed(served, {"plain": plain})
+    view = served.get(f"/jobs/{failing}").json()
+    assert view["status"] == "failed" and view["error"]["code"] == "invalid_request", view
+    assert "refiner" in view["error"]["message"]
