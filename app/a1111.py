@@ -168,9 +168,13 @@ class Txt2ImgPayload(BaseModel):
             if refused:
                 raise A1111Error(field, f"sdserve cannot honour {shown(getattr(self, field))}")
         model = models[0]
+        clip_skip = 1
         for key, value in (self.override_settings or {}).items():
             if key == "sd_model_checkpoint" and value in (*models, None, ""):
                 model = value or model
+                continue
+            if key == "CLIP_stop_at_last_layers" and type(value) is int and 1 <= value <= 12:
+                clip_skip = value
                 continue
             served = f"it serves {', '.join(models)}"
             raise A1111Error(f"override_settings.{key}", f"sdserve cannot honour "
@@ -184,7 +188,7 @@ class Txt2ImgPayload(BaseModel):
             "prompt_syntax": "a1111",
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": self.cfg_scale, "scheduler": scheduler, "seed": seed,
-            "n": self.batch_size * self.n_iter, "model": model,
+            "n": self.batch_size * self.n_iter, "model": model, "clip_skip": clip_skip,
         }  # fmt: skip
         if self.enable_hr:
             fields["hires"] = self.hires()
@@ -289,7 +293,7 @@ def info(view: JobView, model: str, infotexts: list[str]) -> str:
         "sd_model_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": strength, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
-        "job_timestamp": stamp, "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "job_timestamp": stamp, "clip_skip": r.clip_skip, "is_using_inpainting_conditioning": False,
         "version": "sdserve",
     }  # fmt: skip
     return json.dumps(fields)

@@ -43,7 +43,7 @@ def test_job_view_while_queued(api: httpx.Client) -> None:
     assert v["started_at"] is None and v["finished_at"] is None and v["images"] == []
     assert v["seeds"] == [1, 2, 3]
     assert v["request"] == {
-        "kind": "txt2img", "model": "default", "hires": None, "refiner": None,
+        "kind": "txt2img", "model": "default", "hires": None, "refiner": None, "clip_skip": 1,
         "prompt": "a red fox", "negative_prompt": "", "prompt_syntax": "plain",
         "prompt_length": None, "width": 512,
         "height": 512, "steps": 25,

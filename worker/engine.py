@@ -31,7 +31,7 @@ from app.jobs.contract import Hires
 from app.jobs.prompts import Syntax
 from worker.compiled import CompiledCalls, Tuning, on_device
 from worker.components import load_components
-from worker.families import family_of, joined
+from worker.families import family_of, joined, read
 from worker.inputs import (
     BatchShape,
     ImageSpec,
@@ -42,7 +42,7 @@ from worker.inputs import (
 )
 from worker.latents import LatentMaker, enlarged
 from worker.previews import Previews, clean_latents, colours, fit_colours
-from worker.prompting import PromptTooLong, emphasized
+from worker.prompting import Prompt, PromptTooLong, emphasized
 from worker.rows import Lane
 from worker.schedulers import SAMPLERS, make_scheduler
 from worker.timing import GpuTimer
@@ -164,8 +164,8 @@ class Engine:
         sampler = SAMPLERS[shape.scheduler]
         scheduler, generators, latents = self._start(specs, shape)
         size = (shape.width, shape.height)
-        negatives = [(s.negative_prompt, s.syntax) for s in specs]
-        prompts = [(s.prompt, s.syntax) for s in specs]
+        negatives = [read(s, negative=True) for s in specs]
+        prompts = [read(s, negative=False) for s in specs]
         contexts = self.family.contexts(negatives, negative=True) + self.family.contexts(prompts)
         blocks = [context[None] for context in contexts]
         added = joined([self.family.added(negatives, size, negative=True),
@@ -216,7 +216,7 @@ class Engine:
 
     def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
         """Prompts of one length as UNet contexts, (len(prompts), 77 x chunks, dim)."""
-        return torch.stack(self.family.contexts([(p, syntax) for p in prompts]))
+        return torch.stack(self.family.contexts([Prompt(p, syntax) for p in prompts]))
 
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
         return self.family.chunk_count(prompt, syntax)

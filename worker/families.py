@@ -21,11 +21,10 @@ from app.jobs.vocabulary import PublishedTokenizer
 from worker.compiled import on_device
 from worker.components import Components
 from worker.inputs import ImageSpec
-from worker.prompting import PromptEncoder, Remembered, publishable
+from worker.prompting import Prompt, PromptEncoder, Remembered, prompts_of, publishable
 from worker.xl_prompts import XlPrompt, XlPromptEncoder, zeros_like
 
 Size = tuple[int, int]  # (width, height) in pixels
-Prompt = tuple[str, Syntax]
 
 # A1111's and diffusers' aesthetic scores for an SDXL refiner's rows: the prompt's, and the
 # negative prompt's (diffusers' `aesthetic_score`, `negative_aesthetic_score` defaults).
@@ -66,12 +65,20 @@ class Family:
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
         return len(chunks(prompt, syntax, self.vocabulary))
 
+    @property
+    def clip_layers(self) -> int:
+        """The deepest clip skip its text encoders take: their layers (the fewest)."""
+        encoders = [
+            e for e in (self.parts.text_encoder, self.parts.text_encoder_2) if e is not None
+        ]
+        return min(int(e.config.num_hidden_layers) for e in encoders)
+
     def conditioning(
         self, specs: Sequence[ImageSpec], size: Size, negative: bool = False
     ) -> Conditioning:
         """A lane's images' prompts (or negative prompts) as their UNet rows see them, for a
         picture of `size` (a job's images share their prompts, and so their length)."""
-        texts = [(s.negative_prompt if negative else s.prompt, s.syntax) for s in specs]
+        texts = [read(s, negative) for s in specs]
         context = torch.stack(self.contexts(texts, negative))
         return Conditioning(context, self.added(texts, size, negative))
 
@@ -122,16 +129,17 @@ class Xl(Family):
         )
 
     def prompts(self, texts: Sequence[Prompt], negative: bool) -> list[XlPrompt]:
-        encoded = self._cache.each(texts, self.encoder_xl.encode)
+        read = prompts_of(texts)
+        encoded = self._cache.each(read, self.encoder_xl.encode)
         if negative and self.zeros_for_empty:
             encoded = [zeros_like(e) if text == "" else e
-                       for e, (text, _) in zip(encoded, texts, strict=True)]  # fmt: skip
+                       for e, (text, *_) in zip(encoded, read, strict=True)]  # fmt: skip
         return encoded
 
     def conditioning(
         self, specs: Sequence[ImageSpec], size: Size, negative: bool = False
     ) -> Conditioning:
-        texts = [(s.negative_prompt if negative else s.prompt, s.syntax) for s in specs]
+        texts = [read(s, negative) for s in specs]
         encoded = self.prompts(texts, negative)  # once for the context and the pooled rows
         context = torch.stack([e.context for e in encoded])
         return Conditioning(context, self._added(encoded, size, negative))
@@ -161,6 +169,15 @@ class Xl(Family):
 
     def added_shapes(self) -> dict[str, int]:
         return {"text_embeds": self.pooled_width, "time_ids": self.time_ids}
+
+
+def read(spec: ImageSpec, negative: bool) -> Prompt:
+    """An image's prompt (or negative prompt) as it is encoded. Clip skip reads the prompt
+    only, as diffusers' `clip_skip` does: the negative prompt is read at the model's own layer
+    (A1111 reads both at it)."""
+    if negative:
+        return Prompt(spec.negative_prompt, spec.syntax)
+    return Prompt(spec.prompt, spec.syntax, spec.clip_skip)
 
 
 def joined(

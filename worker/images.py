@@ -27,6 +27,8 @@ def parameters(request: JobRequest, seed: int, model: str) -> str:
         "Size": f"{request.width}x{request.height}",
         "Model": model,
     }
+    if request.clip_skip > 1:  # A1111 writes it when it is not the default
+        settings["Clip skip"] = request.clip_skip
     settings |= task(request).words(request)  # its task's words, as A1111 writes them
     refiner = getattr(request, "refiner", None)
     if refiner is not None:

@@ -32,6 +32,7 @@ class ImageSpec:
     guidance_scale: float
     seed: int
     syntax: Syntax = "plain"  # how both prompts read (app/jobs/prompts.py)
+    clip_skip: int = 1  # the text encoder's layer both prompts are read at: 1 its last
 
 
 @dataclass(frozen=True)

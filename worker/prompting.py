@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 
@@ -64,17 +64,18 @@ class PromptEncoder:
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
         return len(chunks(prompt, syntax, self.vocabulary))
 
-    def embeddings(self, prompts: Sequence[tuple[str, Syntax]]) -> list[torch.Tensor]:
+    def embeddings(self, prompts: Sequence[tuple[str, Syntax] | Prompt]) -> list[torch.Tensor]:
         """Each prompt's CLIP embeddings, (77 x chunks, dim): its chunks of 75 tokens encoded
         alone, weighted where the syntax weighs them, laid end to end (what A1111 does; a
         prompt of one chunk is exactly diffusers' encoding). Repeated prompts come from the
         cache. Raises PromptTooLong (encoding nothing) for a prompt over the limit."""
-        return self._cache.each(prompts, self._encode)
+        return self._cache.each(prompts_of(prompts), self._encode)
 
-    def _encode(self, prompts: list[tuple[str, Syntax]]) -> list[torch.Tensor]:
+    def _encode(self, prompts: list[Prompt]) -> list[torch.Tensor]:
         rows: list[Row] = []
+        skips: list[int] = []
         counts = []
-        for text, syntax in prompts:
+        for text, syntax, skip in prompts:
             pieces = chunks(text, syntax, self.vocabulary)
             if len(pieces) > self.max_chunks:
                 raise PromptTooLong(
@@ -82,30 +83,57 @@ class PromptEncoder:
                     f" most {self.max_chunks}"
                 )
             rows += [token_ids(piece, self.vocabulary) for piece in pieces]
+            skips += [skip] * len(pieces)
             counts.append(len(pieces))
-        hidden = self._encode_rows(rows)
+        hidden = self._encode_rows(rows, skips)
         out, at = [], 0
         for count in counts:
             out.append(torch.cat(hidden[at : at + count]))
             at += count
         return out
 
-    def _encode_rows(self, rows: list[Row]) -> list[torch.Tensor]:
-        """CLIP's last hidden state per chunk of 77 ids, in fixed batches of ENCODE_CHUNK rows
-        (padded with empty chunks), so that a chunk's embedding does not depend on how many
-        others came with it. Weighted chunks are scaled token by token, then brought back to
-        their unweighted mean (as A1111 does), so emphasis shifts attention between words
-        without making the whole prompt louder."""
+    def _encode_rows(self, rows: list[Row], skips: list[int]) -> list[torch.Tensor]:
+        """CLIP's last hidden state per chunk of 77 ids (with a clip skip of n, the states n - 1
+        layers before the last, through the final layer norm, as diffusers' `clip_skip` n - 1
+        takes them), in fixed batches of ENCODE_CHUNK rows (padded with empty chunks), so that a
+        chunk's embedding does not depend on how many others came with it. Weighted chunks are
+        scaled token by token, then brought back to their unweighted mean (as A1111 does), so
+        emphasis shifts attention between words without making the whole prompt louder."""
         hidden: list[torch.Tensor] = []
+        encoder = self.parts.text_encoder
+        # transformers 5 has the layer norm on the model, earlier ones on its `text_model`.
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        deep = any(skip > 1 for skip in skips)
+        at = 0
         for batch, ids in fixed_batches(rows, self.vocabulary, self.parts.device):
-            states = self.parts.text_encoder(ids)[0]
-            for (_ids, weights), state in zip(batch, states, strict=False):
+            output = encoder(ids, output_hidden_states=deep)
+            for k, (_ids, weights) in enumerate(batch):
+                skip = skips[at + k]
+                state = output[0][k]
+                if skip > 1:
+                    state = final_norm(output.hidden_states[-skip][k])
                 hidden.append(weighed(state, weights))
+            at += len(batch)
         return hidden
 
 
 Row = tuple[list[int], list[float]]  # a chunk's 77 ids and their weights
-Prompt = tuple[str, Syntax]
+
+
+class Prompt(NamedTuple):
+    """A prompt as it is encoded, and remembered: its text, how it reads, and the text
+    encoder's layer whose states it takes (A1111's clip skip: 1 the last, 2 the one before)."""
+
+    text: str
+    syntax: Syntax = "plain"
+    clip_skip: int = 1
+
+
+def prompts_of(texts: Sequence[tuple[str, Syntax] | Prompt]) -> list[Prompt]:
+    """Prompts from (text, syntax) pairs (clip skip 1) or Prompts."""
+    return [Prompt(*text) for text in texts]
+
+
 V = TypeVar("V")
 
 

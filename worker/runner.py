@@ -150,9 +150,10 @@ class Runner:
         return jobs
 
     def _prompts_fit(self, job: Job) -> bool:
-        """A job this worker holds no engine for (the x4 upscaler, its refiner) fails, as does
-        a prompt over the model's limit (the API refuses such prompts once a worker has
-        published its tokenizer: this is for jobs queued before that)."""
+        """A job this worker holds no engine for (the x4 upscaler, its refiner) fails, as do a
+        clip skip deeper than the model's text encoder and a prompt over the model's limit (the
+        API refuses such prompts once a worker has published its tokenizer: this is for jobs
+        queued before that)."""
         request = job.request
         limit = self.engines.tuning.prompt_chunks
         try:
@@ -160,6 +161,13 @@ class Runner:
             self.engines.refiner(job)
         except NotHeld as e:  # the job fails, never the worker
             self.completions.complete(job, Failed(ErrorCode.INVALID, str(e)))
+            return False
+        layers = engine.family.clip_layers
+        if request.clip_skip > layers:
+            message = (
+                f"clip_skip: {request.clip_skip}; this model's text encoder has {layers} layers"
+            )
+            self.completions.complete(job, Failed(ErrorCode.INVALID, message))
             return False
         for field in ("prompt", "negative_prompt"):
             pieces = engine.chunk_count(getattr(request, field), request.prompt_syntax)

@@ -27,6 +27,7 @@ def image_specs(request: JobRequest) -> list[ImageSpec]:
             request.guidance_scale,
             seed,
             request.prompt_syntax,
+            request.clip_skip,
         )
         for seed in request.seeds()
     ]

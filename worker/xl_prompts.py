@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
-from worker.prompting import PromptTooLong, fixed_batches, weighed
+from worker.prompting import Prompt, PromptTooLong, fixed_batches, prompts_of, weighed
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,13 @@ class XlPromptEncoder:
         self.max_chunks = max_chunks
 
     @torch.inference_mode()
-    def encode(self, prompts: Sequence[tuple[str, Syntax]]) -> list[XlPrompt]:
-        pieces = [chunks(text, syntax, self.vocabulary) for text, syntax in prompts]
+    def encode(self, prompts: Sequence[tuple[str, Syntax] | Prompt]) -> list[XlPrompt]:
+        """Each prompt's context and pooled embedding; with a clip skip of n, each encoder's
+        states n layers before its last (diffusers' SDXL `clip_skip` n - 1; 1: the
+        penultimate, SDXL's own)."""
+        read = prompts_of(prompts)
+        pieces = [chunks(p.text, p.syntax, self.vocabulary) for p in read]
+        skips = [p.clip_skip for p, cut in zip(read, pieces, strict=True) for _ in cut]
         for cut in pieces:
             if len(cut) > self.max_chunks:
                 raise PromptTooLong(
@@ -60,7 +65,7 @@ class XlPromptEncoder:
         pooled: list[torch.Tensor] = []
         for encoder, pad in self.encoders:
             hidden, projected = self._encode_chunks(encoder, replace(self.vocabulary, pad=pad),
-                                                    flat)  # fmt: skip
+                                                    flat, skips)  # fmt: skip
             states.append(hidden)
             pooled = projected
         out, at = [], 0
@@ -72,7 +77,7 @@ class XlPromptEncoder:
         return out
 
     def _encode_chunks(
-        self, encoder: Any, vocabulary: Vocabulary, pieces: list[Chunk]
+        self, encoder: Any, vocabulary: Vocabulary, pieces: list[Chunk], skips: list[int]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each chunk's penultimate hidden states (weighted where its words are) and the
         encoder's first output per chunk (the projected pooled embedding, for an encoder with
@@ -81,11 +86,14 @@ class XlPromptEncoder:
         rows = [token_ids(piece, vocabulary) for piece in pieces]
         hidden: list[torch.Tensor] = []
         first: list[torch.Tensor] = []
+        at = 0
         for batch, ids in fixed_batches(rows, vocabulary, self.device):
             output = encoder(ids, output_hidden_states=True)
             for k, (_ids, weights) in enumerate(batch):
-                hidden.append(weighed(output.hidden_states[-2][k], weights))
+                layer = -1 - skips[at + k]
+                hidden.append(weighed(output.hidden_states[layer][k], weights))
                 first.append(output[0][k])
+            at += len(batch)
         return hidden, first
 
 

@@ -188,6 +188,14 @@ class Generation(BaseModel):
     )
     steps: Steps = 25
     guidance_scale: Guidance = 7.5
+    clip_skip: int = Field(
+        default=1,
+        ge=1,
+        le=12,
+        description="Which of the text encoder's layers both prompts are read at, counted from"
+        " the last (A1111's clip skip, `CLIP_stop_at_last_layers`): 1 the last (SDXL: its own"
+        " penultimate), 2 the one before.",
+    )
     scheduler: SchedulerName = Field(default="dpmpp_2m", description="Sampler.")
     seed: Seed | None = None
     n: Count = 1
