@@ -129,11 +129,11 @@ class Xl(Family):
         )
 
     def prompts(self, texts: Sequence[Prompt], negative: bool) -> list[XlPrompt]:
-        read = prompts_of(texts)
-        encoded = self._cache.each(read, self.encoder_xl.encode)
+        prompts = prompts_of(texts)
+        encoded = self._cache.each(prompts, self.encoder_xl.encode)
         if negative and self.zeros_for_empty:
             encoded = [zeros_like(e) if text == "" else e
-                       for e, (text, *_) in zip(encoded, read, strict=True)]  # fmt: skip
+                       for e, (text, *_) in zip(encoded, prompts, strict=True)]  # fmt: skip
         return encoded
 
     def conditioning(

@@ -95,7 +95,8 @@ def until_switch(plan: Plan, config: dict[str, Any], switch_at: float) -> Plan:
     """The base model's share of a plan before a refiner: its steps at timesteps at or above
     the switch (diffusers' `denoising_end`). Each step is as it was in the whole plan: a
     sampler's step never depends on the steps after it."""
-    kept = sum(step.timestep >= cutoff(config, switch_at) for step in plan.steps)
+    switch = cutoff(config, switch_at)
+    kept = sum(step.timestep >= switch for step in plan.steps)
     return dataclasses.replace(plan, steps=plan.steps[:kept])
 
 
