@@ -9,6 +9,7 @@ The cases are keyed by the contract's request kinds: a new kind fails
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import typing
 from collections.abc import Iterator
@@ -24,15 +25,18 @@ from app.jobs.contract import (
     Img2ImgRequest,
     InpaintRequest,
     JobRequest,
+    Lora,
     StoredImage,
     Txt2ImgRequest,
     UpscaleRequest,
 )
 from app.jobs.storage import Storage, input_key, open_storage
+from worker.adapters import LoraUse
 from worker.compiled import CHUNK_TOKENS, Tuning
-from worker.engine import Engine
+from worker.engine import BatchShape, Engine, ImageSpec
 from worker.rows import Lane
 from worker.tasks import task
+from worker.tiny_loras import build_tiny_lora
 
 SIDE, BIG = 64, 128  # the compiled sizes: a hires pass or an upscale goes from one to the other
 PICTURE = StoredImage(sha256="0" * 64, width=SIDE, height=SIDE)
@@ -161,10 +165,11 @@ def png(picture: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def compiled_engine(model: Path, rows: bool) -> Engine:
+def compiled_engine(model: Path, rows: bool, loras: Path | None = None) -> Engine:
     sizes = ((SIDE, SIDE), (BIG, BIG))
     tuning = Tuning(max_batch=4, fuse=True, compile=True, compile_backend="eager",
-                    compiled_sizes=sizes, rows=rows, prompt_chunks=2)  # fmt: skip
+                    compiled_sizes=sizes, rows=rows, prompt_chunks=2, loras=loras,
+                    lora_slots=3, lora_row_rank=16)  # fmt: skip
     engine = Engine(str(model), torch.device("cpu"), tuning)
     engine.warm_up()
     return engine
@@ -278,3 +283,82 @@ def test_a_call_that_would_compile_runs_eagerly_and_is_counted(row_engine: Engin
     assert seen and "stride" in seen[0]
     calls.recompiles = before
     assert torch.allclose(out, eager, atol=1e-5)
+
+
+# Rows' LoRAs: several, one, none, at other weights (issue 23, 2).
+LORA_SETS = [
+    (LoraUse("a", 0.7, 0.7),),
+    (LoraUse("a", 0.3, 0.3), LoraUse("b", 1.0, 1.2)),
+    (),
+]
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-sdxl"])
+def lora_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    from worker.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    model = build_tiny_model(root / "model", request.param)
+    for name, layout, rank in [("a", "peft", 4), ("b", "kohya", 8), ("c", "peft", 16)]:
+        build_tiny_lora(model, root / "loras" / f"{name}.safetensors", layout, rank)  # type: ignore[arg-type]
+    return compiled_engine(model, rows=True, loras=root / "loras")
+
+
+def test_lora_rows_never_compile(lora_engine: Engine, storage: Storage) -> None:
+    """Every request kind's cases with LoRAs on their rows (different ones, weights, ranks, or
+    none), all together; then a LoRA of another rank loads (pushing one out) and they run
+    again: nothing compiles. The warm-up knew no LoRA at all."""
+    adapters = lora_engine.adapters
+    assert adapters is not None
+    jobs: dict[str, JobRequest] = {}
+    for kind in sorted(CASES):
+        for k, (key, request) in enumerate(cases(kind).items()):
+            uses = LORA_SETS[k % len(LORA_SETS)]
+            loras = [Lora(name=u.name, weight=u.unet, text_weight=u.text) for u in uses]
+            jobs[key] = request.model_copy(update={"loras": loras})
+            adapters.fetch(key, uses)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert run_together(lora_engine, storage, jobs) == sum(r.n for r in jobs.values())
+        for key in jobs:
+            adapters.release(key)
+        adapters.slots = 2  # room for one more: "c" pushes out the least recently used
+        swapped = {k: r.model_copy(update={"loras": [Lora(name="c", weight=0.9)]})
+                   for k, r in list(jobs.items())[:3]}  # fmt: skip
+        try:
+            for key in swapped:
+                adapters.fetch(key, [LoraUse("c", 0.9, 0.9)])
+            assert "c" in adapters.resident and len(adapters.resident) <= 2
+            run_together(lora_engine, storage, swapped)
+        finally:
+            adapters.slots = lora_engine.tuning.lora_slots
+            for key in swapped:
+                adapters.release(key)
+    assert lora_engine.calls.recompiles == 0
+
+
+def test_compiled_lora_rows_equal_eager_ones(lora_engine: Engine) -> None:
+    """The compiled call reads the rows' LoRAs as they are at each call (the buffers are the
+    graph's inputs, not constants of its trace at warm-up, when they were zeros)."""
+    adapters = lora_engine.adapters
+    assert adapters is not None
+    eager = Engine(lora_engine.model, torch.device("cpu"),
+                   dataclasses.replace(lora_engine.tuning, compile=False))  # fmt: skip
+    assert eager.adapters is not None
+    images = {}
+    for name, engine in (("compiled", lora_engine), ("eager", eager)):
+        for k, uses in enumerate(LORA_SETS):
+            key = f"{name}{k}"
+            engine.adapters.fetch(key, uses)  # type: ignore[union-attr]
+            spec = ImageSpec("a red fox", "blurry", 6.0, 3, loras=uses)
+            lane = engine.prepare(key, [spec], BatchShape(SIDE, SIDE, 3, "euler"))
+            while not lane.done:
+                engine.step([lane])
+            images[key] = engine.images(engine.finish(lane))[0]
+            engine.adapters.release(key)  # type: ignore[union-attr]
+    for k in range(len(LORA_SETS)):
+        ours, theirs = images[f"compiled{k}"], images[f"eager{k}"]
+        assert ours is not None and theirs is not None
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+    with_lora, without = images["compiled0"], images["compiled2"]
+    assert with_lora is not None and without is not None
+    assert np.abs(with_lora.astype(int) - without.astype(int)).max() > 2

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from worker.adapters import RowBuffers, RowMix
+from worker.devices import on_device
 
 log = logging.getLogger("sdserve.compiled")
 
@@ -70,6 +74,11 @@ class Tuning:
     # `tile_overlap` (worker/tiles.py); smaller ones in one piece.
     tile: int = 1024
     tile_overlap: int = 128
+    # LoRAs per row (worker/adapters.py): their folder (None: no LoRA layers at all), how many
+    # stay resident on the GPU, and the most ranks one row's LoRAs take together.
+    loras: Path | None = None
+    lora_slots: int = 8
+    lora_row_rank: int = 128
 
     def buckets(self) -> list[int]:
         """Static batching: batch sizes a batch is padded up to: powers of two, and max_batch
@@ -120,8 +129,12 @@ class CompiledCalls:
         tuning: Tuning,
         device: torch.device,
         added_shapes: dict[str, int] | None = None,
+        lora_rows: RowBuffers | None = None,
     ) -> None:
         self.unet = unet
+        # Where the UNet's LoRA layers read each row's LoRAs (worker/adapters.py); None when
+        # the worker serves none.
+        self.lora_rows = lora_rows
         # SDXL's added conditioning: each tensor's width per row (worker/families.py).
         self.added_shapes = added_shapes or {}
         self.vae = vae
@@ -213,10 +226,12 @@ class CompiledCalls:
         size: Size,
         labels: torch.Tensor | None = None,
         added: dict[str, torch.Tensor] | None = None,
+        mix: RowMix | None = None,
     ) -> tuple[torch.Tensor, int]:
         """The UNet's output for `sample`, whose rows see the prompt embeddings in `blocks`
-        (laid end to end, a block per prompt), timestep `t` (one, or one per row) and, for
-        SDXL, the `added` conditioning (a row each); and the rows of padding it ran. Rows whose
+        (laid end to end, a block per prompt), timestep `t` (one, or one per row), for SDXL
+        the `added` conditioning and, where LoRAs are served, their LoRAs (`mix`), a row each;
+        and the rows of padding it ran. Rows whose
         prompts have more chunks see a longer context: they run in a call of their own (one
         per length), since padding a shorter context would change what its rows attend to, and
         so their images. Most calls have one length."""
@@ -224,7 +239,7 @@ class CompiledCalls:
         compiled = self.compiled(size) and labels is None
         lengths = [block.shape[1] for block in blocks]
         if len(set(lengths)) == 1:
-            return self._padded(sample, t, torch.cat(blocks), labels, compiled, added)
+            return self._padded(sample, t, torch.cat(blocks), labels, compiled, added, mix)
         offsets = [0]
         for block in blocks:
             offsets.append(offsets[-1] + len(block))
@@ -241,6 +256,7 @@ class CompiledCalls:
                 None if labels is None else labels.index_select(0, index),
                 compiled,
                 None if added is None else {k: v.index_select(0, index) for k, v in added.items()},
+                None if mix is None else mix.rows(index),
             )
             if out is None:
                 out = part.new_empty((len(sample), *part.shape[1:]))
@@ -257,6 +273,7 @@ class CompiledCalls:
         labels: torch.Tensor | None,
         compiled: bool,
         added: dict[str, torch.Tensor] | None = None,
+        mix: RowMix | None = None,
     ) -> tuple[torch.Tensor, int]:
         """One UNet call; a compiled one is padded to its row bucket (copies of the last row,
         whose outputs are dropped): CUDA graphs need the shape, and an eager call computes no
@@ -269,7 +286,8 @@ class CompiledCalls:
                                   context[at : at + cap],
                                   None if labels is None else labels[at : at + cap], compiled,
                                   None if added is None
-                                  else {k: v[at : at + cap] for k, v in added.items()})
+                                  else {k: v[at : at + cap] for k, v in added.items()},
+                                  None if mix is None else mix.sliced(at, at + cap))
                      for at in range(0, rows, cap)]  # fmt: skip
             return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
         padding = self.tuning.row_bucket(rows) - rows if compiled else 0
@@ -277,6 +295,13 @@ class CompiledCalls:
             sample, t, context = (padded_rows(x, padding) for x in (sample, t, context))
             if added is not None:
                 added = {k: padded_rows(v, padding) for k, v in added.items()}
+            if mix is not None:
+                mix = mix.padded(padding)
+        if self.lora_rows is not None:  # rows without LoRAs: unit 0 at scale 0
+            if mix is None:
+                self.lora_rows.clear()
+            else:
+                self.lora_rows.write(mix)
         return self._unet_call(sample, t, context, labels, compiled, added)[:rows], padding
 
     def _unet_call(
@@ -371,20 +396,3 @@ def canonical_timesteps(t: torch.Tensor, rows: int) -> torch.Tensor:
     """One float32 timestep per row, whether given one for all (a 0-d tensor) or one each."""
     t = t.to(torch.float32)
     return t.expand(rows) if t.dim() == 0 else t
-
-
-def on_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host numbers as a tensor on the device, without waiting for the GPU (`placed`)."""
-    on_gpu: torch.Tensor = placed(torch.tensor(values, dtype=dtype), device)
-    return on_gpu
-
-
-def placed(host: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """A host tensor on the device without waiting for the GPU: a plain `.to(cuda)` copies
-    from pageable memory and synchronizes the stream, so the host would stop running ahead of
-    the GPU at every step (and at every job's join)."""
-    if dtype is not None:
-        host = host.to(dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)

@@ -67,9 +67,12 @@ class Components:
                    for p in m.parameters())  # fmt: skip
 
 
-def load_components(model: str, device: torch.device, fuse: bool) -> Components:
+def load_components(
+    model: str, device: torch.device, fuse: bool, fuse_projections: bool = True
+) -> Components:
     """The parts in fp16 on GPUs (fp32 on the CPU, which has no fast fp16 kernels); with `fuse`,
-    channels-last convolutions and fused attention projections (faster on GPUs)."""
+    channels-last convolutions and (unless `fuse_projections` is off: LoRAs adapt the q, k and
+    v projections apart) fused attention projections (faster on GPUs)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def place(module: torch.nn.Module) -> Any:
@@ -87,7 +90,8 @@ def load_components(model: str, device: torch.device, fuse: bool) -> Components:
     vae = place(AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=vae_dtype))
     if fuse:
         for module in (unet, vae):
-            module.fuse_qkv_projections()
+            if fuse_projections:
+                module.fuse_qkv_projections()
             module.to(memory_format=torch.channels_last)
     # A 7-channel UNet (the x4 upscaler) takes a noised low-resolution picture beside the
     # latents, and its noise level as a class label.

@@ -23,18 +23,27 @@ import torch
 
 from app.jobs.contract import ErrorCode, Job
 from app.jobs.tasks import unet_rows
+from worker.adapters import LoraRefused
 from worker.completions import Failed, Succeeded
 from worker.engine import Engine
 from worker.inputs import NotHeld, Source
 from worker.loop import Parts
+from worker.lora_files import LoraUnreadable
 from worker.previews import Previews
 from worker.rows import Lane, Size
-from worker.sources import MissingInput
+from worker.sources import MissingInput, image_specs
 from worker.stepping import Candidate, Turns, admit
 from worker.tasks import task
 from worker.vae import Decoding
 
 log = logging.getLogger("sdserve.worker")
+
+# How a job that cannot start fails: its input gone, a LoRA file unreadable; anything else it
+# asked for that this worker cannot give is `invalid_request`.
+REFUSALS: dict[type[Exception], ErrorCode] = {
+    MissingInput: ErrorCode.INPUT,
+    LoraUnreadable: ErrorCode.LORA,
+}
 
 
 class RowLoop:
@@ -84,16 +93,23 @@ class RowLoop:
         return len(deliveries)
 
     def _load(self, job: Job) -> Future[Source | None]:
-        """The job's source picture, read and preprocessed by a reader thread (none for a job
-        from noise: no thread hop)."""
+        """The job's source picture, read and preprocessed by a reader thread, and its LoRAs
+        made resident there (neither: no thread hop)."""
         work = task(job.request)
-        if not work.reads_picture:
+        loras = image_specs(job.request)[0].loras
+        if not work.reads_picture and not loras:
             done: Future[Source | None] = Future()
             done.set_result(None)
             return done
         engine, storage = self.p.engines.of(job), self.p.storage
 
         def read() -> Source | None:
+            if loras:  # made resident, and held for the job until it leaves
+                if engine.adapters is None:
+                    raise LoraRefused("this worker serves no LoRAs (SDSERVE_LORA_DIR)")
+                engine.adapters.fetch(job.id, loras)
+            if not work.reads_picture:
+                return None
             source = work.source(storage, job.id, job.request)
             return None if source is None else engine.ready(source, work.shape(job.request))
 
@@ -132,6 +148,7 @@ class RowLoop:
             for job in jobs:
                 p.lease.settle({job.id})
                 self.loading.pop(job.id, None)
+                self._release_loras(job)
         self.waiting.clear()
 
     def _leave_canceled(self) -> None:
@@ -173,8 +190,8 @@ class RowLoop:
                 source = self.loading.pop(job.id).result()
                 refiner = p.engines.refiner(job)
                 lane = work.begin(p.engines.of(job), job.id, shape, source, request, refiner)
-            except (MissingInput, NotHeld) as e:
-                code = ErrorCode.INPUT if isinstance(e, MissingInput) else ErrorCode.INVALID
+            except (MissingInput, NotHeld, LoraRefused, LoraUnreadable) as e:
+                code = REFUSALS.get(type(e), ErrorCode.INVALID)
                 p.completions.complete(job, Failed(code, str(e)))
                 self._forget(job, tracked=False)
                 continue
@@ -284,6 +301,15 @@ class RowLoop:
             p.completions.complete(job, Succeeded(images))
             self._forget(job)
 
+    def _release_loras(self, job: Job) -> None:
+        """The job's LoRAs may leave the GPU when room is needed (they stay until then)."""
+        try:
+            adapters = self.p.engines.of(job).adapters
+        except NotHeld:
+            return
+        if adapters is not None:
+            adapters.release(job.id)
+
     def _decode_failed(self, job: Job, error: Exception) -> None:
         log.exception("decoding failed", extra={"job_id": job.id})
         self.p.completions.complete(
@@ -293,6 +319,7 @@ class RowLoop:
 
     def _forget(self, job: Job, tracked: bool = True) -> None:
         p = self.p
+        self._release_loras(job)
         self.sources.pop(job.id, None)
         self.loading.pop(job.id, None)
         if tracked:

@@ -29,8 +29,10 @@ import torch
 
 from app.jobs.contract import Hires
 from app.jobs.prompts import Syntax
-from worker.compiled import CompiledCalls, Tuning, on_device
-from worker.components import load_components
+from worker.adapters import Adapters, RowMix
+from worker.compiled import CompiledCalls, Tuning
+from worker.components import Components, load_components
+from worker.devices import on_device
 from worker.families import family_of, joined, read
 from worker.inputs import (
     BatchShape,
@@ -42,7 +44,7 @@ from worker.inputs import (
 )
 from worker.latents import LatentMaker, enlarged
 from worker.previews import Previews, clean_latents, colours, fit_colours
-from worker.prompting import Prompt, PromptTooLong, emphasized
+from worker.prompting import ENCODE_CHUNK, Prompt, PromptTooLong, emphasized
 from worker.rows import Lane
 from worker.schedulers import SAMPLERS, make_scheduler
 from worker.timing import GpuTimer
@@ -54,6 +56,27 @@ __all__ = ["BatchShape", "Decoding", "Engine", "GpuTimer", "ImageSpec", "NoUpsca
            "resolve_device"]  # fmt: skip
 
 log = logging.getLogger("sdserve.engine")
+
+
+def adapters_of(parts: Components, tuning: Tuning) -> Adapters | None:
+    """The model's LoRA layers, where LoRAs are served (not by the x4 upscaler)."""
+    if tuning.loras is None or parts.low_res_scheduler is not None:
+        return None
+    modules = {"unet": parts.unet, "text_encoder": parts.text_encoder,
+               "text_encoder_2": parts.text_encoder_2}  # fmt: skip
+    adapters = Adapters(
+        {name: module for name, module in modules.items() if module is not None},
+        tuning.loras,
+        tuning.lora_slots,
+        tuning.lora_row_rank,
+        rows=max(2, tuning.row_cap(), 2 * tuning.max_batch),
+        text_rows=ENCODE_CHUNK,
+        device=parts.device,
+    )
+    log.info("LoRAs from %s: %d layers per row, %d slots of %d ranks, %.0f MiB of pools",
+             tuning.loras, sum(len(v) for v in adapters.layers.values()), tuning.lora_slots,
+             tuning.lora_row_rank, adapters.pool_bytes() / 2**20)  # fmt: skip
+    return adapters
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -70,7 +93,9 @@ class Engine:
         self.model = model
         self.device = device
         tuning = tuning or Tuning()
-        parts = self.parts = load_components(model, device, tuning.fuse)
+        parts = self.parts = load_components(model, device, tuning.fuse, tuning.loras is None)
+        # LoRAs per row: their layers wrapped before anything is compiled (worker/adapters.py).
+        self.adapters = adapters_of(parts, tuning)
         self.dtype = parts.dtype
         self.tokenizer: Any = parts.tokenizer  # None: an SDXL refiner (the second one only)
         self.text_encoder: Any = parts.text_encoder
@@ -81,16 +106,23 @@ class Engine:
         self.latent_scale = parts.latent_scale
         self.inpainting_unet = parts.inpainting_unet
         # How this model's prompts become what its UNet's rows see (SD 1.x/2.x or SDXL).
-        self.family = family_of(parts, tuning.prompt_chunks)
+        self.family = family_of(parts, tuning.prompt_chunks, self.adapters)
         if not tuning.compiled_sizes:  # none chosen: the size this family draws by default
             side = self.family.published.default_side
             tuning = dataclasses.replace(tuning, compiled_sizes=((side, side),))
         self.published_tokenizer = self.family.published
         self.vocabulary = self.family.vocabulary
         # The only way to the UNet and the VAE decoder: compiled, padded and canonical there.
-        self.calls = CompiledCalls(self.unet, self.vae, tuning, device, self.family.added_shapes())
+        self.calls = CompiledCalls(
+            self.unet,
+            self.vae,
+            tuning,
+            device,
+            self.family.added_shapes(),
+            None if self.adapters is None else self.adapters.unet_rows,
+        )
         self.codec = Vae(parts, self.calls, tuning.vae_chunk)
-        self.latents = LatentMaker(parts, self.family, self.codec, tuning)
+        self.latents = LatentMaker(parts, self.family, self.codec, tuning, self.adapters)
         # What previews need of the schedule: the signal left at each timestep, and what the
         # UNet predicts.
         self._alphas_cumprod = (
@@ -172,6 +204,9 @@ class Engine:
                         self.family.added(prompts, size)])  # fmt: skip
         guidance = on_device([s.guidance_scale for s in specs], self.dtype, self.device)
         guidance = guidance.view(batch, 1, 1, 1)
+        mix = None
+        if self.adapters is not None:  # negatives' rows, then prompts', as `contexts`
+            mix = self.adapters.mix([s.loras for s in specs] * 2)
         step_options = {"generator": generators} if sampler.ancestral else {}
 
         for k, t in enumerate(scheduler.timesteps):
@@ -179,7 +214,7 @@ class Engine:
             if self.inpainting_unet:
                 whole = self.latents.whole_picture(shape).expand(len(model_input), -1, -1, -1)
                 model_input = torch.cat([model_input, whole], 1)
-            noise, _ = self.calls.run_unet(model_input, t, blocks, size, added=added)
+            noise, _ = self.calls.run_unet(model_input, t, blocks, size, added=added, mix=mix)
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance * (cond - uncond)
             latents = scheduler.step(noise, t, latents, **step_options).prev_sample
@@ -263,8 +298,13 @@ class Engine:
         # SDXL: each row's added conditioning, in the rows' order (cond, then guided uncond).
         added = joined([lane.cond_added for lane in lanes]
                        + [lanes[i].uncond_added for i in guided])  # fmt: skip
+        mix = None
+        if self.adapters is not None:  # each row's LoRAs, in the same order
+            mixes = [lane.mix or self.adapters.zero(lane.rows) for lane in lanes]
+            mix = RowMix.joined(mixes + [mixes[i] for i in guided])
         timer = GpuTimer(self.device) if self.observer is not None else None
-        noise, padding = self.calls.run_unet(sample, t_rows, blocks, lanes[0].size, labels, added)
+        noise, padding = self.calls.run_unet(sample, t_rows, blocks, lanes[0].size, labels, added,
+                                             mix)  # fmt: skip
         called = len(sample)
         cond = noise[:rows]
         uncond = noise.index_select(0, on_device(against, torch.long, self.device))

@@ -18,8 +18,9 @@ import torch
 
 from app.jobs.prompts import Syntax, chunks
 from app.jobs.vocabulary import PublishedTokenizer
-from worker.compiled import on_device
+from worker.adapters import Adapters
 from worker.components import Components
+from worker.devices import on_device
 from worker.inputs import ImageSpec
 from worker.prompting import Prompt, PromptEncoder, Remembered, prompts_of, publishable
 from worker.xl_prompts import XlPrompt, XlPromptEncoder, zeros_like
@@ -56,9 +57,11 @@ class Family:
 
     name = "sd"
 
-    def __init__(self, parts: Components, max_chunks: int) -> None:
+    def __init__(
+        self, parts: Components, max_chunks: int, adapters: Adapters | None = None
+    ) -> None:
         self.parts = parts
-        self.encoder = PromptEncoder(parts, max_chunks)
+        self.encoder = PromptEncoder(parts, max_chunks, adapters)
         self.published: PublishedTokenizer = self.encoder.published
         self.vocabulary = self.encoder.vocabulary
 
@@ -102,7 +105,9 @@ class Xl(Family):
 
     name = "sdxl"
 
-    def __init__(self, parts: Components, max_chunks: int) -> None:
+    def __init__(
+        self, parts: Components, max_chunks: int, adapters: Adapters | None = None
+    ) -> None:
         self.parts = parts
         pairs = [(encoder, tokenizer) for encoder, tokenizer in
                  ((parts.text_encoder, parts.tokenizer),
@@ -116,6 +121,7 @@ class Xl(Family):
             [(encoder, tokenizer.pad_token_id) for encoder, tokenizer in pairs],
             parts.device,
             max_chunks,
+            adapters,
         )
         self._cache: Remembered[XlPrompt] = Remembered()
         # diffusers' SDXL pipelines: no negative prompt is zeros, not the encoding of "" (the
@@ -176,8 +182,8 @@ def read(spec: ImageSpec, negative: bool) -> Prompt:
     only, as diffusers' `clip_skip` does: the negative prompt is read at the model's own layer
     (A1111 reads both at it)."""
     if negative:
-        return Prompt(spec.negative_prompt, spec.syntax)
-    return Prompt(spec.prompt, spec.syntax, spec.clip_skip)
+        return Prompt(spec.negative_prompt, spec.syntax, 1, spec.loras)
+    return Prompt(spec.prompt, spec.syntax, spec.clip_skip, spec.loras)
 
 
 def joined(
@@ -192,5 +198,6 @@ def joined(
     return {name: torch.cat([part[name] for part in present]) for name in present[0]}
 
 
-def family_of(parts: Components, max_chunks: int) -> Family:
-    return Xl(parts, max_chunks) if parts.family == "sdxl" else Family(parts, max_chunks)
+def family_of(parts: Components, max_chunks: int, adapters: Adapters | None = None) -> Family:
+    kind = Xl if parts.family == "sdxl" else Family
+    return kind(parts, max_chunks, adapters)

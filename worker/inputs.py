@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from app.jobs.prompts import Syntax
+from worker.adapters import LoraUse
 
 
 class NotHeld(LookupError):
@@ -33,6 +34,7 @@ class ImageSpec:
     seed: int
     syntax: Syntax = "plain"  # how both prompts read (app/jobs/prompts.py)
     clip_skip: int = 1  # the text encoder's layer both prompts are read at: 1 its last
+    loras: tuple[LoraUse, ...] = ()  # its LoRAs, on both prompts' rows (worker/adapters.py)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from app.jobs.contract import Hires
-from worker.compiled import Tuning, on_device, placed
+from worker.adapters import Adapters
+from worker.compiled import Tuning
 from worker.components import Components
+from worker.devices import on_device, placed
 from worker.families import Family
 from worker.inputs import BatchShape, ImageSpec, Source
 from worker.plans import Plan, probe, refiner_start, start_step
@@ -28,8 +30,16 @@ from worker.vae import Vae
 
 
 class LatentMaker:
-    def __init__(self, parts: Components, family: Family, vae: Vae, tuning: Tuning) -> None:
+    def __init__(
+        self,
+        parts: Components,
+        family: Family,
+        vae: Vae,
+        tuning: Tuning,
+        adapters: Adapters | None = None,
+    ) -> None:
         self.parts = parts
+        self.adapters = adapters  # LoRAs per row, where served
         self.family = family
         self.vae = vae
         self.tuning = tuning
@@ -209,6 +219,8 @@ class LatentMaker:
             uncond = self.family.conditioning(specs, picture, negative=True)
         guidance = on_device([s.guidance_scale for s in specs], self.dtype, self.device)
         guidance = guidance.view(-1, 1, 1, 1)
+        # Each image's LoRAs, on its cond and uncond rows alike (diffusers' LoRAs adapt both).
+        mix = None if self.adapters is None else self.adapters.mix([s.loras for s in specs])
         scale = self.scale
         tiles = tiling(
             (shape.height // scale, shape.width // scale),
@@ -220,6 +232,8 @@ class LatentMaker:
             size = (tiles.tile[1] * scale, tiles.tile[0] * scale)
             cond = cond.repeated(tiles.count)
             guidance = guidance.repeat_interleave(tiles.count, 0)
+            if mix is not None:
+                mix = mix.repeated(tiles.count)
             if uncond is not None:
                 uncond = uncond.repeated(tiles.count)
             if conditioning is not None:
@@ -244,6 +258,7 @@ class LatentMaker:
             conditioning=conditioning,
             class_labels=labels,
             tiling=tiles,
+            mix=mix,
         )
 
     def _from_source(

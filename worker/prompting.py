@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 
 from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
 from app.jobs.vocabulary import PublishedTokenizer
-from worker.compiled import on_device
+from worker.adapters import Adapters, LoraUse
 from worker.components import Components
+from worker.devices import on_device
 
 # Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
 # not depend on how many other prompts arrived with it.
@@ -48,9 +50,12 @@ def publishable(
 class PromptEncoder:
     """SD 1.x/2.x: one CLIP text encoder, whose last hidden state is a row's context."""
 
-    def __init__(self, parts: Components, max_chunks: int) -> None:
+    def __init__(
+        self, parts: Components, max_chunks: int, adapters: Adapters | None = None
+    ) -> None:
         assert parts.tokenizer is not None, "SD 1.x/2.x models have a text encoder"
         self.parts = parts
+        self.adapters = adapters
         self.max_chunks = max_chunks
         self.published = publishable(parts.model, parts.tokenizer, max_chunks)
         self.vocabulary = self.published.vocabulary()
@@ -74,8 +79,9 @@ class PromptEncoder:
     def _encode(self, prompts: list[Prompt]) -> list[torch.Tensor]:
         rows: list[Row] = []
         skips: list[int] = []
+        loras: list[tuple[LoraUse, ...]] = []
         counts = []
-        for text, syntax, skip in prompts:
+        for text, syntax, skip, uses in prompts:
             pieces = chunks(text, syntax, self.vocabulary)
             if len(pieces) > self.max_chunks:
                 raise PromptTooLong(
@@ -84,15 +90,18 @@ class PromptEncoder:
                 )
             rows += [token_ids(piece, self.vocabulary) for piece in pieces]
             skips += [skip] * len(pieces)
+            loras += [uses] * len(pieces)
             counts.append(len(pieces))
-        hidden = self._encode_rows(rows, skips)
+        hidden = self._encode_rows(rows, skips, loras)
         out, at = [], 0
         for count in counts:
             out.append(torch.cat(hidden[at : at + count]))
             at += count
         return out
 
-    def _encode_rows(self, rows: list[Row], skips: list[int]) -> list[torch.Tensor]:
+    def _encode_rows(
+        self, rows: list[Row], skips: list[int], loras: list[tuple[LoraUse, ...]]
+    ) -> list[torch.Tensor]:
         """CLIP's last hidden state per chunk of 77 ids (with a clip skip of n, the states n - 1
         layers before the last, through the final layer norm, as diffusers' `clip_skip` n - 1
         takes them), in fixed batches of ENCODE_CHUNK rows (padded with empty chunks), so that a
@@ -106,7 +115,8 @@ class PromptEncoder:
         deep = any(skip > 1 for skip in skips)
         at = 0
         for batch, ids in fixed_batches(rows, self.vocabulary, self.parts.device):
-            output = encoder(ids, output_hidden_states=deep)
+            with text_loras(self.adapters, loras[at : at + len(batch)]):
+                output = encoder(ids, output_hidden_states=deep)
             for k, (_ids, weights) in enumerate(batch):
                 skip = skips[at + k]
                 state = output[0][k]
@@ -121,17 +131,29 @@ Row = tuple[list[int], list[float]]  # a chunk's 77 ids and their weights
 
 
 class Prompt(NamedTuple):
-    """A prompt as it is encoded, and remembered: its text, how it reads, and the text
-    encoder's layer whose states it takes (A1111's clip skip: 1 the last, 2 the one before)."""
+    """A prompt as it is encoded, and remembered: its text, how it reads, the text encoder's
+    layer whose states it takes (A1111's clip skip: 1 the last, 2 the one before), and the
+    LoRAs its encoders read it with."""
 
     text: str
     syntax: Syntax = "plain"
     clip_skip: int = 1
+    loras: tuple[LoraUse, ...] = ()
 
 
 def prompts_of(texts: Sequence[tuple[str, Syntax] | Prompt]) -> list[Prompt]:
     """Prompts from (text, syntax) pairs (clip skip 1) or Prompts."""
     return [Prompt(*text) for text in texts]
+
+
+@contextmanager
+def text_loras(adapters: Adapters | None, rows: list[tuple[LoraUse, ...]]) -> Iterator[None]:
+    """The text encoders' calls inside read each row's LoRAs (where LoRAs are served)."""
+    if adapters is None:
+        yield
+        return
+    with adapters.text(rows):
+        yield
 
 
 V = TypeVar("V")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from worker.adapters import RowMix
 from worker.plans import Plan
 from worker.tiles import Tiling
 
@@ -67,6 +68,8 @@ class Lane:
     later_steps: int = 0
     # The model whose engine steps it, where not the job's own: a refiner's pass.
     model: str | None = None
+    # Each cond row's LoRAs (its uncond row takes the same), where the worker serves LoRAs.
+    mix: RowMix | None = None
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from app.jobs.contract import JobRequest
 from app.jobs.storage import Storage, input_key
+from worker.adapters import LoraUse
 from worker.inputs import ImageSpec, Source
 
 
@@ -20,6 +21,8 @@ class MissingInput(LookupError):
 
 def image_specs(request: JobRequest) -> list[ImageSpec]:
     """What the engine needs of a request, per image."""
+    loras = tuple(LoraUse(lora.name, lora.weight if lora.text_weight is None else lora.text_weight,
+                          lora.weight) for lora in request.loras)  # fmt: skip
     return [
         ImageSpec(
             request.prompt,
@@ -28,6 +31,7 @@ def image_specs(request: JobRequest) -> list[ImageSpec]:
             seed,
             request.prompt_syntax,
             request.clip_skip,
+            loras,
         )
         for seed in request.seeds()
     ]

@@ -6,6 +6,7 @@ infotext. The loop (worker/continuous.py) asks a job's task; it never asks its k
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -77,8 +78,9 @@ class TaskWork:
         if wanted is None or lane.model is not None:
             return None
         assert refiner is not None, "the loop finds the refiner's engine"
-        made = refiner.latents.refined(lane, image_specs(request), self.shape(request),
-                                       wanted.switch_at)  # fmt: skip
+        # The job's LoRAs are its model's: the refiner runs without them.
+        specs = [replace(spec, loras=()) for spec in image_specs(request)]
+        made = refiner.latents.refined(lane, specs, self.shape(request), wanted.switch_at)
         made.model = wanted.model
         return made
 

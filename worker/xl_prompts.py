@@ -19,7 +19,15 @@ from typing import Any
 import torch
 
 from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
-from worker.prompting import Prompt, PromptTooLong, fixed_batches, prompts_of, weighed
+from worker.adapters import Adapters, LoraUse
+from worker.prompting import (
+    Prompt,
+    PromptTooLong,
+    fixed_batches,
+    prompts_of,
+    text_loras,
+    weighed,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class XlPromptEncoder:
         encoders: Sequence[tuple[Any, int]],
         device: torch.device,
         max_chunks: int = 4,
+        adapters: Adapters | None = None,
     ) -> None:
         """`encoders`: each text encoder with its tokenizer's padding id, the one whose
         projection is pooled last. `vocabulary`: how both tokenizers cut text (they share
@@ -45,6 +54,7 @@ class XlPromptEncoder:
         self.encoders = list(encoders)
         self.device = device
         self.max_chunks = max_chunks
+        self.adapters = adapters  # LoRAs per row, where served
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[tuple[str, Syntax] | Prompt]) -> list[XlPrompt]:
@@ -54,6 +64,7 @@ class XlPromptEncoder:
         read = prompts_of(prompts)
         pieces = [chunks(p.text, p.syntax, self.vocabulary) for p in read]
         skips = [p.clip_skip for p, cut in zip(read, pieces, strict=True) for _ in cut]
+        loras = [p.loras for p, cut in zip(read, pieces, strict=True) for _ in cut]
         for cut in pieces:
             if len(cut) > self.max_chunks:
                 raise PromptTooLong(
@@ -65,7 +76,7 @@ class XlPromptEncoder:
         pooled: list[torch.Tensor] = []
         for encoder, pad in self.encoders:
             hidden, projected = self._encode_chunks(encoder, replace(self.vocabulary, pad=pad),
-                                                    flat, skips)  # fmt: skip
+                                                    flat, skips, loras)  # fmt: skip
             states.append(hidden)
             pooled = projected
         out, at = [], 0
@@ -77,7 +88,12 @@ class XlPromptEncoder:
         return out
 
     def _encode_chunks(
-        self, encoder: Any, vocabulary: Vocabulary, pieces: list[Chunk], skips: list[int]
+        self,
+        encoder: Any,
+        vocabulary: Vocabulary,
+        pieces: list[Chunk],
+        skips: list[int],
+        loras: list[tuple[LoraUse, ...]],
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each chunk's penultimate hidden states (weighted where its words are) and the
         encoder's first output per chunk (the projected pooled embedding, for an encoder with
@@ -88,7 +104,8 @@ class XlPromptEncoder:
         first: list[torch.Tensor] = []
         at = 0
         for batch, ids in fixed_batches(rows, vocabulary, self.device):
-            output = encoder(ids, output_hidden_states=True)
+            with text_loras(self.adapters, loras[at : at + len(batch)]):
+                output = encoder(ids, output_hidden_states=True)
             for k, (_ids, weights) in enumerate(batch):
                 layer = -1 - skips[at + k]
                 hidden.append(weighed(output.hidden_states[layer][k], weights))

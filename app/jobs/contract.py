@@ -76,6 +76,7 @@ class ErrorCode(StrEnum):
     INVALID = "invalid_request"  # a record the worker could not read as a request
     STORAGE = "storage_error"  # the images could not be written to storage, retries included
     INPUT = "input_missing"  # its source picture had left storage (it waited past the TTL)
+    LORA = "lora_unreadable"  # a LoRA file it names is corrupt, or not a LoRA diffusers reads
 
 
 # Limits shared by every way in (the native API, the OpenAI-compatible one).
@@ -143,6 +144,36 @@ class PromptLengths(BaseModel):
     negative_prompt: PromptLength
 
 
+LORA_WEIGHT = 4.0  # the largest weight either way: A1111's sliders stop at 2, people go further
+LORAS_MAX = 8  # on one image
+
+
+class Lora(BaseModel):
+    """A LoRA on the job's images: a file of the deployment's LoRA folder, by name."""
+
+    model_config = STRICT_INPUT
+
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^/\\\x00-\x1f]+$",
+        description="The file's name without `.safetensors` (`GET /v1/loras`).",
+    )
+    weight: float = Field(
+        default=1.0,
+        ge=-LORA_WEIGHT,
+        le=LORA_WEIGHT,
+        description="Its weight on the UNet (and on the text encoders, unless `text_weight`).",
+    )
+    text_weight: float | None = Field(
+        default=None,
+        ge=-LORA_WEIGHT,
+        le=LORA_WEIGHT,
+        description="Its weight on the text encoders, where it differs (A1111's"
+        " `<lora:name:te:unet>`).",
+    )
+
+
 class Generation(BaseModel):
     """What every kind of job asks for but its size. Strict: a wrong JSON type is an error,
     never a silent coercion."""
@@ -195,6 +226,13 @@ class Generation(BaseModel):
         description="Which of the text encoder's layers both prompts are read at, counted from"
         " the last (A1111's clip skip, `CLIP_stop_at_last_layers`): 1 the last (SDXL: its own"
         " penultimate), 2 the one before.",
+    )
+    loras: list[Lora] = Field(
+        default=[],
+        max_length=LORAS_MAX,
+        description="LoRAs on every image of the job, each row with its own (other jobs' rows"
+        " in the same UNet call have theirs, or none). A1111's `<lora:name:weight>` in a"
+        " prompt comes here on its routes.",
     )
     scheduler: SchedulerName = Field(default="dpmpp_2m", description="Sampler.")
     seed: Seed | None = None

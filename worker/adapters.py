@@ -1,0 +1,424 @@
+"""LoRA per row (issue 23): rows of one UNet call, each with its own LoRAs (or none, or
+several, at their own weights), in one call whose shapes and guards never depend on them.
+
+The design, and why. Merging a LoRA into the weights (A1111) or switching PEFT adapters
+(diffusers' `set_adapters`) is model-global: a batch can hold one LoRA set, which fragments
+exactly the batches continuous batching builds. Instead every layer a LoRA may adapt (the
+UNet's transformer blocks' linear and 1x1 layers, the text encoders' attention and MLP) is
+wrapped once, at start, by a `RowLora` that adds, for each row, `scale * up @ down @ x` over
+that row's units:
+
+- a **unit** is UNIT ranks of one LoRA's down and up weights; every wrapped layer keeps a pool
+  of units (`down`: (units, UNIT, in), `up`: (units, UNIT, out)), unit 0 all zeros. A LoRA
+  takes ceil(rank / UNIT) units, anywhere in the pool: LoRAs of any rank pack without holes.
+- each row names `row_units` units (its LoRAs' units laid end to end, then unit 0) and a
+  scale per rank (its LoRA's weight; 0 on padding): two small tensors per call, written into
+  buffers the layers read (`RowBuffers`). The layers gather their rows' units and run two
+  batched matrix products: the cost is that of one rank-`row_rank` LoRA on every row,
+  whatever the mix, and nothing about the mix is a shape, so nothing compiles again.
+
+Rows without a LoRA name unit 0 at scale 0 (their output is the base layer's exactly); a
+worker started without SDSERVE_LORA_DIR wraps nothing and pays nothing. Fused QKV projections
+are not made when LoRAs are served (a LoRA adapts q, k and v apart). LoRAs load off the GPU's
+thread (`fetch`, from the job's reader thread), stay resident up to `slots`, least recently
+used leave first, and a LoRA a job in flight uses never leaves (`release` at the job's end).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from worker.devices import placed
+from worker.lora_files import Deltas, LoraUnreadable, lora_names, read, shapes
+
+log = logging.getLogger("sdserve.adapters")
+
+UNIT = 8  # ranks per unit
+
+
+class LoraUse(NamedTuple):
+    """One LoRA on a row: its name, and its weights on the text encoders and on the UNet (A1111's
+    `<lora:name:te:unet>`; one weight is both)."""
+
+    name: str
+    text: float
+    unet: float
+
+
+class LoraRefused(ValueError):
+    """A job's LoRAs cannot be served by this worker (unknown here, of another family, more
+    ranks than a row takes): the job fails `invalid_request`, the worker goes on."""
+
+
+class RowBuffers(nn.Module):
+    """What each row of the next call takes from the pools: its units and a scale per rank.
+    Written before every call; the wrapped layers read their rows' part."""
+
+    units: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, rows: int, row_units: int, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("units", torch.zeros(rows, row_units, dtype=torch.long,
+                                                  device=device), persistent=False)  # fmt: skip
+        self.register_buffer("scales", torch.zeros(rows, row_units * UNIT, device=device),
+                             persistent=False)  # fmt: skip
+
+    def write(self, mix: RowMix) -> None:
+        rows = len(mix.units)
+        assert rows <= len(self.units), f"{rows} rows; the buffers hold {len(self.units)}"
+        self.units[:rows].copy_(mix.units, non_blocking=True)
+        self.scales[:rows].copy_(mix.scales, non_blocking=True)
+
+    def clear(self) -> None:
+        """Every row without LoRAs."""
+        self.scales.zero_()
+
+
+class RowMix(NamedTuple):
+    """Rows' LoRA units and scales, row for row with a call's other inputs."""
+
+    units: torch.Tensor  # (rows, row_units), long
+    scales: torch.Tensor  # (rows, row_units * UNIT), float32
+
+    def repeated(self, count: int) -> RowMix:
+        """Each row `count` times in a row (a picture in tiles: a row per tile)."""
+        return RowMix(self.units.repeat_interleave(count, 0),
+                      self.scales.repeat_interleave(count, 0))  # fmt: skip
+
+    def rows(self, index: torch.Tensor) -> RowMix:
+        return RowMix(self.units.index_select(0, index), self.scales.index_select(0, index))
+
+    def sliced(self, start: int, stop: int) -> RowMix:
+        return RowMix(self.units[start:stop], self.scales[start:stop])
+
+    def padded(self, padding: int) -> RowMix:
+        """With its last row repeated `padding` more times (a compiled call's padding)."""
+        last = len(self.units) - 1
+        index = torch.tensor([*range(len(self.units)), *[last] * padding],
+                             device=self.units.device)  # fmt: skip
+        return self.rows(index)
+
+    @staticmethod
+    def joined(parts: Sequence[RowMix]) -> RowMix:
+        return RowMix(torch.cat([p.units for p in parts]), torch.cat([p.scales for p in parts]))
+
+
+class RowLora(nn.Module):
+    """A linear or 1x1 convolution layer with each row's LoRA units added to its output."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, units: int, buffers: RowBuffers) -> None:
+        super().__init__()
+        self.base = base
+        self.conv = isinstance(base, nn.Conv2d)
+        weight = base.weight
+        self.inputs, self.outputs = int(weight.shape[1]), int(weight.shape[0])
+        device, dtype = weight.device, weight.dtype
+        self.register_buffer("down", torch.zeros(units, UNIT, self.inputs, device=device,
+                                                 dtype=dtype), persistent=False)  # fmt: skip
+        self.register_buffer("up", torch.zeros(units, UNIT, self.outputs, device=device,
+                                               dtype=dtype), persistent=False)  # fmt: skip
+        # Not a submodule: one set of buffers is shared by every layer of a model.
+        object.__setattr__(self, "buffers_", buffers)
+
+    @property
+    def weight(self) -> torch.Tensor:  # what diffusers reads of a layer (its dtype, device)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.base(x)
+        rows = x.shape[0]
+        buffers: RowBuffers = self.buffers_  # type: ignore[assignment]
+        units = buffers.units[:rows]
+        scales = buffers.scales[:rows].to(x.dtype)
+        down = self.down[units].flatten(1, 2)  # (rows, ranks, in)
+        up = self.up[units].flatten(1, 2)  # (rows, ranks, out)
+        if self.conv:  # (rows, in, h, w): channels are the features
+            h = torch.bmm(down, x.flatten(2)) * scales[:, :, None]
+            return out + torch.bmm(up.transpose(1, 2), h).view_as(out)
+        h = torch.bmm(x.reshape(rows, -1, self.inputs), down.transpose(1, 2))
+        h = h * scales[:, None, :]
+        return out + torch.bmm(h, up).view_as(out)
+
+
+def adaptable(component: str, name: str, module: nn.Module) -> bool:
+    """The layers a LoRA may adapt per row: the UNet's transformer blocks' linear and 1x1
+    layers (kohya's and diffusers' LoRA targets), the text encoders' attention and MLP."""
+    if component == "unet":
+        if ".attentions." not in f".{name}":
+            return False
+        if isinstance(module, nn.Conv2d):
+            return module.kernel_size == (1, 1) and module.groups == 1
+        return isinstance(module, nn.Linear)
+    return isinstance(module, nn.Linear) and (".self_attn." in name or ".mlp." in name)
+
+
+@dataclass
+class Resident:
+    units: list[int]  # its units in the pools, ceil(rank / UNIT)
+    users: set[str] = field(default_factory=set)  # jobs in flight that use it
+    loaded_s: float = 0.0
+    ready: threading.Event = field(default_factory=threading.Event)  # its weights are written
+
+
+class Adapters:
+    """The LoRAs of one model: its wrapped layers, their pools, and which LoRA is where."""
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        folder: Path,
+        slots: int,
+        row_rank: int,
+        rows: int,
+        text_rows: int,
+        device: torch.device,
+    ) -> None:
+        """`modules`: the model's UNet and text encoders by component name. `rows`: the most
+        rows of a UNet call, `text_rows` of a text-encoder call."""
+        self.folder = folder
+        self.slots = slots
+        self.row_units = max(1, math.ceil(row_rank / UNIT))
+        self.device = device
+        self.unit_count = 1 + slots * self.row_units
+        self.unet_rows = RowBuffers(rows, self.row_units, device)
+        self.text_rows = RowBuffers(text_rows, self.row_units, device)
+        self.layers: dict[str, dict[str, RowLora]] = {}
+        for component, model in modules.items():
+            buffers = self.unet_rows if component == "unet" else self.text_rows
+            self.layers[component] = wrap(component, model, self.unit_count, buffers)
+        self.resident: OrderedDict[str, Resident] = OrderedDict()
+        self.free = list(range(1, self.unit_count))
+        self.files = lora_names(folder)
+        self.hits = self.misses = 0
+        self._lock = threading.Condition()
+        self._shapes: dict[str, Deltas] = {}
+
+    def pool_bytes(self) -> int:
+        """What the pools take on the GPU (allocated at start, whatever is loaded)."""
+        return sum(layer.down.nbytes + layer.up.nbytes for layers in self.layers.values()
+                   for layer in layers.values())  # fmt: skip
+
+    # -- which LoRAs this model takes --------------------------------------------------------
+
+    def refresh(self) -> None:
+        """The folder read again (A1111's refresh-loras): new files appear; a changed file is
+        read again at its next use."""
+        with self._lock:
+            self.files = lora_names(self.folder)
+            self._shapes.clear()
+            for name in [n for n, r in self.resident.items() if not r.users]:
+                self._evict(name)
+
+    def problem(self, name: str) -> str | None:
+        """Why this model cannot take the LoRA (None: it can): not in the folder, unreadable,
+        or adapting layers of another model (another family, another size)."""
+        path = self.files.get(name)
+        if path is None:
+            return f"no LoRA named {name!r}"
+        try:
+            if name not in self._shapes:
+                self._shapes[name] = shapes(path)
+            deltas = self._shapes[name]
+        except LoraUnreadable as e:
+            return str(e)
+        for component, layers in deltas.items():
+            mine = self.layers.get(component)
+            if mine is None:
+                return f"LoRA {name!r} adapts a {component} this model has not (another family)"
+            for layer, delta in layers.items():
+                target = mine.get(layer)
+                if target is None:
+                    return (
+                        f"LoRA {name!r} adapts {component}.{layer}, which is not a layer"
+                        " this model adapts per row (another family, or a LoCon layer)"
+                    )
+                if (delta.down.shape[1], delta.up.shape[0]) != (target.inputs, target.outputs):
+                    return (
+                        f"LoRA {name!r} is for another model: {component}.{layer} is"
+                        f" {target.inputs} -> {target.outputs} here"
+                    )
+                if delta.rank > self.row_units * UNIT:
+                    return (
+                        f"LoRA {name!r} has rank {delta.rank}; a row takes at most"
+                        f" {self.row_units * UNIT} (SDSERVE_LORA_ROW_RANK)"
+                    )
+        return None
+
+    def names(self) -> list[str]:
+        """The folder's LoRAs this model takes."""
+        return [name for name in self.files if self.problem(name) is None]
+
+    # -- loading, off the GPU's thread ----------------------------------------------------
+
+    def fetch(self, key: str, uses: Sequence[LoraUse]) -> None:
+        """Make the job's LoRAs resident and hold them for it until `release`. All of them are
+        taken at once (two jobs holding half their LoRAs each never wait on each other); while
+        the slots hold LoRAs other jobs in flight use, it waits. Raises LoraRefused, or
+        LoraUnreadable for a file that fails to load."""
+        names = list(dict.fromkeys(use.name for use in uses))
+        if not names:
+            return
+        for name in names:
+            problem = self.problem(name)
+            if problem is not None:
+                raise LoraRefused(problem)
+        units = sum(self._units_of(name) for name in names)
+        if units > self.row_units:
+            raise LoraRefused(
+                f"LoRAs of {units * UNIT} ranks in all; a row takes at most"
+                f" {self.row_units * UNIT} (SDSERVE_LORA_ROW_RANK)"
+            )
+        if len(names) > self.slots:
+            raise LoraRefused(f"{len(names)} LoRAs; this worker holds {self.slots} at once"
+                              " (SDSERVE_LORA_SLOTS)")  # fmt: skip
+        with self._lock:
+            while True:
+                missing = [name for name in names if name not in self.resident]
+                if self._room(sum(self._units_of(n) for n in missing), len(missing), names):
+                    break
+                self._lock.wait(1.0)
+            for name in names:
+                if name in self.resident:
+                    self.hits += 1
+                    self.resident[name].users.add(key)
+                    self.resident.move_to_end(name)
+            for name in missing:
+                taken = [self.free.pop() for _ in range(self._units_of(name))]
+                self.resident[name] = Resident(taken, users={key})
+                self.misses += 1
+        for name in missing:
+            resident = self.resident[name]
+            started = time.perf_counter()
+            try:
+                self._write(name, resident.units)
+            except Exception:
+                with self._lock:
+                    for gone in missing:
+                        self._evict(gone)
+                raise
+            finally:
+                resident.ready.set()  # those waiting for it look again (it may be gone)
+            resident.loaded_s = time.perf_counter() - started
+            log.info("LoRA %s loaded in %.2fs into %d units (%d of %d slots in use)",
+                     name, resident.loaded_s, len(resident.units), len(self.resident),
+                     self.slots)  # fmt: skip
+        for name in names:  # one another job's thread loads: wait until it is there
+            with self._lock:
+                held = self.resident.get(name)
+            if held is not None:
+                held.ready.wait()
+            if held is None or self.resident.get(name) is not held:
+                raise LoraUnreadable(f"LoRA {name!r} failed to load (for another job too)")
+
+    def _units_of(self, name: str) -> int:
+        rank = max(d.rank for layers in self._shapes[name].values() for d in layers.values())
+        return math.ceil(rank / UNIT)
+
+    def _room(self, need: int, count: int, keep: Sequence[str]) -> bool:
+        """Whether `need` units and `count` slots are free, evicting the least recently used
+        LoRAs no job holds (but those in `keep`). Under the lock."""
+        while len(self.free) < need or len(self.resident) + count > self.slots:
+            idle = next((n for n, r in self.resident.items() if not r.users and n not in keep),
+                        None)  # fmt: skip
+            if idle is None:
+                return False
+            self._evict(idle)
+        return True
+
+    def _evict(self, name: str) -> None:
+        resident = self.resident.pop(name, None)
+        if resident is not None:
+            self.free += resident.units
+            log.info("LoRA %s left the GPU", name)
+            self._lock.notify_all()
+
+    @torch.inference_mode()
+    def _write(self, name: str, units: list[int]) -> None:
+        """The LoRA's weights into its units of every wrapped layer (zeros where it adapts
+        nothing)."""
+        deltas = read(self.files[name])
+        index = torch.tensor(units, device=self.device)
+        ranks = len(units) * UNIT
+        for component, layers in self.layers.items():
+            mine = deltas.get(component, {})
+            for layer_name, layer in layers.items():
+                delta = mine.get(layer_name)
+                down = torch.zeros(ranks, layer.inputs)
+                up = torch.zeros(ranks, layer.outputs)
+                if delta is not None:
+                    down[: delta.rank] = delta.down.reshape(delta.rank, -1)
+                    up[: delta.rank] = delta.up.reshape(layer.outputs, delta.rank).T
+                dtype = layer.down.dtype
+                layer.down.index_copy_(
+                    0, index, down.view(len(units), UNIT, -1).to(self.device, dtype)
+                )
+                layer.up.index_copy_(0, index, up.view(len(units), UNIT, -1).to(self.device, dtype))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+
+    def release(self, key: str) -> None:
+        """The job is done with its LoRAs: they may leave when room is needed."""
+        with self._lock:
+            for resident in self.resident.values():
+                resident.users.discard(key)
+            self._lock.notify_all()
+
+    # -- what rows take -----------------------------------------------------------------------
+
+    def mix(self, rows: Sequence[Sequence[LoraUse]], text: bool = False) -> RowMix:
+        """Each row's units and scales (its LoRAs' weights on the text encoders with `text`,
+        on the UNet otherwise). The LoRAs are resident (`fetch`)."""
+        units = torch.zeros(len(rows), self.row_units, dtype=torch.long)
+        scales = torch.zeros(len(rows), self.row_units * UNIT)
+        with self._lock:
+            for r, uses in enumerate(rows):
+                at = 0
+                for use in uses:
+                    held = self.resident[use.name].units
+                    units[r, at : at + len(held)] = torch.tensor(held)
+                    weight = use.text if text else use.unet
+                    scales[r, at * UNIT : (at + len(held)) * UNIT] = weight
+                    at += len(held)
+        return RowMix(placed(units, self.device), placed(scales, self.device))
+
+    @contextmanager
+    def text(self, rows: Sequence[Sequence[LoraUse]]) -> Iterator[None]:
+        """The text encoders' calls inside read these rows' LoRAs."""
+        self.text_rows.write(self.mix(rows, text=True))
+        yield
+
+    def zero(self, rows: int) -> RowMix:
+        return self.mix([()] * rows)
+
+
+def wrap(component: str, model: nn.Module, units: int, buffers: RowBuffers) -> dict[str, RowLora]:
+    """Every adaptable layer of the model replaced by its RowLora; by name."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if adaptable(component, name, module)
+               and isinstance(module, nn.Linear | nn.Conv2d)]  # fmt: skip
+    out: dict[str, RowLora] = {}
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = RowLora(module, units, buffers)
+        setattr(parent, child, wrapped)
+        # By the name LoRA files give it (worker/lora_files.py): transformers' CLIP text models
+        # differ in a leading `text_model.` between classes and versions.
+        out[name.removeprefix("text_model.")] = wrapped
+    return out

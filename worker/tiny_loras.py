@@ -1,0 +1,85 @@
+"""Random-weight LoRA files for a model, in the key layouts people's files come in (issue 23):
+diffusers/PEFT (`unet.<layer>.lora_A.weight`) and kohya/A1111 (`lora_unet_<layer>.lora_down.
+weight` with an `alpha`). The tests load them into diffusers' pipeline and into sdserve's
+workers; the benchmarks write them at the real models' sizes and at real ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from worker.adapters import adaptable
+from worker.components import pipeline_options, present
+
+Layout = Literal["peft", "kohya"]
+
+
+def build_tiny_lora(
+    model: Path,
+    target: Path,
+    layout: Layout = "peft",
+    rank: int = 4,
+    seed: int = 0,
+    text: bool = True,
+    strength: float = 0.5,
+) -> Path:
+    """Write a LoRA of every adaptable layer of the model's UNet (and, with `text`, its text
+    encoders) to `target` (a .safetensors file): random down and up weights of `rank`, whose
+    update is about `strength` of a layer's input. kohya files carry an alpha of rank / 2 (their
+    scale is alpha / rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    components = {"unet": _meta_unet(model)}
+    if text:
+        options = pipeline_options(str(model))
+        for name in ("text_encoder", "text_encoder_2"):
+            if present(options, name):
+                components[name] = _meta_text_encoder(model / name, name == "text_encoder_2")
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+    if "text_encoder_2" in components:  # SDXL's kohya files number both encoders
+        prefixes["text_encoder"] = "lora_te1_"
+    tensors: dict[str, torch.Tensor] = {}
+    for component, module in components.items():
+        for name, layer in module.named_modules():
+            if not adaptable(component, name, layer):
+                continue
+            assert isinstance(layer, nn.Linear | nn.Conv2d)
+            outputs, inputs = int(layer.weight.shape[0]), int(layer.weight.shape[1])
+            tail = (1, 1) if isinstance(layer, nn.Conv2d) else ()
+            down = torch.randn(rank, inputs, *tail, generator=generator) / inputs**0.5
+            up = torch.randn(outputs, rank, *tail, generator=generator) * strength / rank**0.5
+            if component != "unet" and not name.startswith("text_model."):
+                name = f"text_model.{name}"  # as files written with older transformers name it
+            if layout == "peft":
+                tensors[f"{component}.{name}.lora_A.weight"] = down
+                tensors[f"{component}.{name}.lora_B.weight"] = up
+            else:
+                key = prefixes[component] + name.replace(".", "_")
+                alpha = rank / 2
+                tensors[f"{key}.lora_down.weight"] = down
+                tensors[f"{key}.lora_up.weight"] = up * (rank / alpha)  # the same update
+                tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(target))
+    return target
+
+
+def _meta_unet(model: Path) -> nn.Module:
+    config = UNet2DConditionModel.load_config(str(model), subfolder="unet")
+    with torch.device("meta"):
+        unet: nn.Module = UNet2DConditionModel.from_config(config)
+    return unet
+
+
+def _meta_text_encoder(folder: Path, projection: bool) -> nn.Module:
+    config = CLIPTextConfig.from_pretrained(str(folder))
+    kind = CLIPTextModelWithProjection if projection else CLIPTextModel
+    with torch.device("meta"):
+        encoder: nn.Module = kind(config)
+    return encoder
