@@ -20,6 +20,21 @@ from app.jobs.settings import load, refuse
 from app.settings import ApiSettings
 
 
+def lora_arg(text: str) -> dict[str, object]:
+    """`--lora NAME[:WEIGHT[:UNET]]` as a request's LoRA (A1111's tag's order: with two
+    numbers, the first is the text encoders')."""
+    name, *numbers = text.split(":")
+    try:
+        weights = [float(n) for n in numbers]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: NAME, NAME:WEIGHT or NAME:TE:UNET") from None
+    if not name or len(weights) > 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: NAME, NAME:WEIGHT or NAME:TE:UNET")
+    if len(weights) == 2:
+        return {"name": name, "text_weight": weights[0], "weight": weights[1]}
+    return {"name": name, "weight": weights[0] if weights else 1.0}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--strength", type=float, help="with --image: how much is redrawn, 0-1")
     gen.add_argument("--mask-blur", type=int, help="with --mask: pixels of blur on its edge")
     gen.add_argument("--model", help="which of the server's models (sdserve: GET /v1/models)")
+    gen.add_argument("--lora", dest="loras", action="append", type=lora_arg, metavar="NAME:WEIGHT",
+                     help="a LoRA (GET /v1/loras) at a weight (1 when absent; NAME:TE:UNET for"
+                     " the text encoders' apart); again for several")  # fmt: skip
     gen.add_argument("--upscale", dest="scale", type=int, choices=[2, 4],
                      help="with --image: enlarge it so many times (POST /v1/upscale)")  # fmt: skip
     gen.add_argument("--upscale-method", dest="method", choices=["pixel", "latent", "x4"],
@@ -107,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
                   "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur",
-                  "prompt_syntax", "model", "scale", "method", "noise_level"]  # fmt: skip
+                  "prompt_syntax", "model", "scale", "method", "noise_level", "loras"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
         pictures = {name: getattr(args, name) for name in ("image", "mask")
                     if getattr(args, name) is not None}  # fmt: skip

@@ -39,7 +39,9 @@ def generate(
             files = {name: (path.name, _read(path)) for name, path in pictures.items()}
             route = ("/v1/inpaint" if "mask" in pictures
                      else "/v1/upscale" if "scale" in request else "/v1/img2img")  # fmt: skip
-            form = {name: str(value) for name, value in request.items()}
+            # Form fields are text: a list (the LoRAs) goes as its JSON.
+            form = {name: json.dumps(value) if isinstance(value, list) else str(value)
+                    for name, value in request.items()}  # fmt: skip
             job = _call(http, "POST", route, data=form, files=files)
         else:
             job = _call(http, "POST", "/v1/txt2img", json=request)

@@ -8,17 +8,21 @@ answer waits for the job. Errors take OpenAI's `{"error": {...}}` form on these 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.contract import (
+    LORAS_MAX,
     STRICT_INPUT,
     Count,
     Guidance,
     Img2ImgRequest,
     InpaintRequest,
+    Lora,
     MaskBlur,
     NegativePrompt,
     Prompt,
@@ -70,6 +74,9 @@ class ImagesRequest(BaseModel):
     scheduler: SchedulerName = "dpmpp_2m"
     seed: Seed | None = None
     timeout_s: Timeout | None = None
+    loras: list[Lora] = Field(
+        default=[], max_length=LORAS_MAX, description="LoRAs on its images (`GET /v1/loras`)."
+    )
 
     @field_validator("size")
     @classmethod
@@ -107,6 +114,15 @@ class EditsRequest(ImagesRequest):
     @classmethod
     def _size(cls, size: str | None) -> str | None:  # type: ignore[override]  # it may be absent
         return None if size is None else ImagesRequest._size(size)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _form_loras(cls, value: object) -> object:
+        """A form field is text: there, the LoRAs are its JSON list's."""
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return json.loads(value)
+        return value
 
     def sides(self) -> tuple[int | None, int | None]:
         if self.size is None:

@@ -389,6 +389,12 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     assert missing.returncode == 2 and "cannot read nope.png" in missing.stderr
     lonely = run_cli("x", "--mask", "mask.png", "--url", service, cwd=tmp_path)
     assert lonely.returncode == 2 and "--mask needs --image" in lonely.stderr
+    # --lora reaches the worker (this one serves none: the job fails, saying so).
+    lora = run_cli("x", "--lora", "style:0.5", "--lora", "detail:0.3:1.2", "--steps", "2",
+                   "--url", service, "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert lora.returncode == 1 and "serves no LoRAs" in lora.stderr, lora.stderr
+    malformed = run_cli("x", "--lora", "style:abc", "--url", service, cwd=tmp_path)
+    assert malformed.returncode == 2 and "NAME:TE:UNET" in malformed.stderr
     down = run_cli("x", "--url", "http://127.0.0.1:9", cwd=tmp_path)
     assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
     assert "Traceback" not in bad.stderr + anonymous.stderr + down.stderr

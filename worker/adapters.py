@@ -35,13 +35,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 
 from worker.devices import placed
-from worker.lora_files import Deltas, LoraUnreadable, lora_names, read, shapes
+from worker.lora_files import Deltas, LoraUnreadable, lora_names, read, shapes, short_hash
 
 log = logging.getLogger("sdserve.adapters")
 
@@ -55,6 +55,14 @@ class LoraUse(NamedTuple):
     name: str
     text: float
     unet: float
+
+
+class LoraObserver(Protocol):
+    """Told of each LoRA a job uses and each load (the worker's metrics)."""
+
+    def lora_used(self, hit: bool) -> None: ...
+
+    def lora_loaded(self, seconds: float) -> None: ...
 
 
 class LoraRefused(ValueError):
@@ -206,8 +214,10 @@ class Adapters:
         self.free = list(range(1, self.unit_count))
         self.files = lora_names(folder)
         self.hits = self.misses = 0
+        self.observer: LoraObserver | None = None
         self._lock = threading.Condition()
-        self._shapes: dict[str, Deltas] = {}
+        self._shapes: dict[str, Deltas | str] = {}  # each file's layers, or why it is refused
+        self._hashes: dict[tuple[str, int], str] = {}
 
     def pool_bytes(self) -> int:
         """What the pools take on the GPU (allocated at start, whatever is loaded)."""
@@ -216,11 +226,15 @@ class Adapters:
 
     # -- which LoRAs this model takes --------------------------------------------------------
 
+    def rescan(self) -> None:
+        """The folder listed again (each heartbeat): new files appear, removed ones go."""
+        self.files = lora_names(self.folder)
+
     def refresh(self) -> None:
-        """The folder read again (A1111's refresh-loras): new files appear; a changed file is
-        read again at its next use."""
+        """The folder read again (A1111's refresh-loras): a file changed under its name is
+        read again at its next use (those jobs in flight hold stay until they are done)."""
         with self._lock:
-            self.files = lora_names(self.folder)
+            self.rescan()
             self._shapes.clear()
             for name in [n for n, r in self.resident.items() if not r.users]:
                 self._evict(name)
@@ -231,12 +245,14 @@ class Adapters:
         path = self.files.get(name)
         if path is None:
             return f"no LoRA named {name!r}"
-        try:
-            if name not in self._shapes:
+        if name not in self._shapes:
+            try:
                 self._shapes[name] = shapes(path)
-            deltas = self._shapes[name]
-        except LoraUnreadable as e:
-            return str(e)
+            except LoraUnreadable as e:
+                self._shapes[name] = str(e)  # said again at each use, not read again
+        deltas = self._shapes[name]
+        if isinstance(deltas, str):
+            return deltas
         for component, layers in deltas.items():
             mine = self.layers.get(component)
             if mine is None:
@@ -259,6 +275,14 @@ class Adapters:
                         f" {self.row_units * UNIT} (SDSERVE_LORA_ROW_RANK)"
                     )
         return None
+
+    def short_hash(self, name: str) -> str:
+        """The file's short hash as A1111's infotext gives it (read once per file version)."""
+        path = self.files[name]
+        key = (name, path.stat().st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = short_hash(path)
+        return self._hashes[key]
 
     def names(self) -> list[str]:
         """The folder's LoRAs this model takes."""
@@ -296,12 +320,16 @@ class Adapters:
             for name in names:
                 if name in self.resident:
                     self.hits += 1
+                    if self.observer is not None:
+                        self.observer.lora_used(hit=True)
                     self.resident[name].users.add(key)
                     self.resident.move_to_end(name)
             for name in missing:
                 taken = [self.free.pop() for _ in range(self._units_of(name))]
                 self.resident[name] = Resident(taken, users={key})
                 self.misses += 1
+                if self.observer is not None:
+                    self.observer.lora_used(hit=False)
         for name in missing:
             resident = self.resident[name]
             started = time.perf_counter()
@@ -315,6 +343,8 @@ class Adapters:
             finally:
                 resident.ready.set()  # those waiting for it look again (it may be gone)
             resident.loaded_s = time.perf_counter() - started
+            if self.observer is not None:
+                self.observer.lora_loaded(resident.loaded_s)
             log.info("LoRA %s loaded in %.2fs into %d units (%d of %d slots in use)",
                      name, resident.loaded_s, len(resident.units), len(self.resident),
                      self.slots)  # fmt: skip
@@ -327,7 +357,9 @@ class Adapters:
                 raise LoraUnreadable(f"LoRA {name!r} failed to load (for another job too)")
 
     def _units_of(self, name: str) -> int:
-        rank = max(d.rank for layers in self._shapes[name].values() for d in layers.values())
+        deltas = self._shapes[name]
+        assert not isinstance(deltas, str), "a LoRA without a problem has its layers"
+        rank = max(d.rank for layers in deltas.values() for d in layers.values())
         return math.ceil(rank / UNIT)
 
     def _room(self, need: int, count: int, keep: Sequence[str]) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 from app.jobs.contract import ErrorCode, Job, plain_reason
 from app.jobs.storage import Storage, result_key
 from app.jobs.worker_store import WorkerStore
-from worker.images import encode_png, parameters
+from worker.images import Provenance, encode_png, parameters
 from worker.lease import Lease
 from worker.metrics import WorkerMetrics
 from worker.progress import Tracker
@@ -59,7 +59,7 @@ class Completions:
         tracker: Tracker,
         metrics: WorkerMetrics,
         shutdown: Shutdown,
-        model_file: Callable[[Job], str],
+        provenance: Callable[[Job], Provenance],
     ) -> None:
         self.store = store
         self.storage = storage
@@ -67,7 +67,7 @@ class Completions:
         self.tracker = tracker
         self.metrics = metrics
         self.shutdown = shutdown
-        self.model_file = model_file  # the model's name in the images' infotext
+        self.provenance = provenance  # the model's and LoRAs' names in the images' infotext
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="complete")
         # Jobs handed to the pool and not yet written: the GPU waits for room.
         self._backlog = threading.BoundedSemaphore(backlog)
@@ -123,9 +123,11 @@ class Completions:
             self.fail(job, ErrorCode.NUMERICAL, "the model produced non-finite pixels")
             return
         pngs = []
+        model, lora_hashes = self.provenance(job)
         for image, seed in zip(finite, job.request.seeds(), strict=True):
             with self.metrics.png_encode.time():
-                pngs.append(encode_png(image, parameters(job.request, seed, self.model_file(job))))
+                text = parameters(job.request, seed, model, lora_hashes)
+                pngs.append(encode_png(image, text))
         # The images first, then the status and the ack: a crash in between leaves orphan
         # files (swept after the TTL), never a succeeded job without images.
         for k, png in enumerate(pngs):

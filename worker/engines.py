@@ -18,6 +18,7 @@ from app.jobs.settings import refuse
 from app.jobs.tasks import task_of
 from worker.compiled import Tuning
 from worker.engine import Engine
+from worker.images import Provenance
 from worker.inputs import NoRefiner, NoUpscaler
 from worker.rows import Lane
 from worker.settings import TINY_MODEL_DIR
@@ -64,9 +65,15 @@ class Engines:
                             " (SDSERVE_WORKER_MODELS)")  # fmt: skip
         return self.models[wanted.model]
 
-    def model_file(self, job: Job) -> str:
-        """The model's folder name, as the images' infotext names it."""
-        return Path(self.of(job).model).name
+    def provenance(self, job: Job) -> Provenance:
+        """The model's folder name and the job's LoRAs' short hashes, as the images'
+        infotext names them."""
+        engine = self.of(job)
+        hashes = {}
+        if engine.adapters is not None:
+            hashes = {lora.name: engine.adapters.short_hash(lora.name)
+                      for lora in job.request.loras}  # fmt: skip
+        return Provenance(Path(engine.model).name, hashes)
 
     def info(self) -> dict[str, object]:
         """What the heartbeat says of them."""

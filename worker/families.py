@@ -68,6 +68,10 @@ class Family:
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
         return len(chunks(prompt, syntax, self.vocabulary))
 
+    def forget(self) -> None:
+        """Encode every prompt afresh (its LoRAs' files changed)."""
+        self.encoder.forget()
+
     @property
     def clip_layers(self) -> int:
         """The deepest clip skip its text encoders take: their layers (the fewest)."""
@@ -133,6 +137,9 @@ class Xl(Family):
         self.time_ids = (unet.projection_class_embeddings_input_dim - self.pooled_width) // int(
             unet.addition_time_embed_dim
         )
+
+    def forget(self) -> None:
+        self._cache.clear()
 
     def prompts(self, texts: Sequence[Prompt], negative: bool) -> list[XlPrompt]:
         prompts = prompts_of(texts)

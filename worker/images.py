@@ -4,19 +4,32 @@ the JPEG of a job's live preview."""
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.jobs.contract import JobRequest
+from app.jobs.contract import JobRequest, Lora
 from worker.schedulers import SAMPLERS
 from worker.tasks import task
 
 
-def parameters(request: JobRequest, seed: int, model: str) -> str:
-    """A1111's infotext: prompt, optional negative line, then comma-separated settings."""
-    lines = [request.prompt]
+class Provenance(NamedTuple):
+    """What the infotext names of a job's weights: the model's file, each LoRA's short hash."""
+
+    model: str
+    lora_hashes: dict[str, str]
+
+
+def parameters(
+    request: JobRequest, seed: int, model: str, lora_hashes: dict[str, str] | None = None
+) -> str:
+    """A1111's infotext: prompt, optional negative line, then comma-separated settings. The
+    job's LoRAs are in the prompt as A1111's tags (a request's `loras`, or the tags its prompt
+    had on A1111's routes), and their hashes as A1111 writes them."""
+    tags = [lora_tag(lora) for lora in request.loras]
+    lines = [" ".join([request.prompt, *[t for t in tags if t not in request.prompt]])]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     settings = {
@@ -33,8 +46,18 @@ def parameters(request: JobRequest, seed: int, model: str) -> str:
     refiner = getattr(request, "refiner", None)
     if refiner is not None:
         settings |= {"Refiner": refiner.model, "Refiner switch at": refiner.switch_at}
+    if lora_hashes:  # as A1111 writes them: quoted, one list
+        listed = ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
+        settings["Lora hashes"] = f'"{listed}"'
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
+
+
+def lora_tag(lora: Lora) -> str:
+    """A LoRA as A1111's prompts name it: `<lora:name:weight>`, `<lora:name:te:unet>`."""
+    if lora.text_weight is None or lora.text_weight == lora.weight:
+        return f"<lora:{lora.name}:{lora.weight:g}>"
+    return f"<lora:{lora.name}:{lora.text_weight:g}:{lora.weight:g}>"
 
 
 def encode_png(pixels: np.ndarray, text: str) -> bytes:

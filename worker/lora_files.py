@@ -15,6 +15,7 @@ them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -54,6 +55,18 @@ def lora_names(folder: Path | None) -> dict[str, Path]:
     if folder is None or not folder.is_dir():
         return {}
     return {p.stem: p for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
+
+
+def short_hash(path: Path) -> str:
+    """A1111's short hash of a LoRA file (its `Lora hashes`): the first 12 hex digits of the
+    SHA-256 of the file past its header (kohya's "addnet" hash: metadata edits keep it)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def shapes(path: Path) -> Deltas:

@@ -122,6 +122,23 @@ class WorkerMetrics:
         self.storage_retries = Counter(
             "sdserve_worker_storage_retries", "Image writes to storage tried again.", registry=r
         )
+        self.lora_uses = Counter(
+            "sdserve_worker_lora_uses",
+            "LoRAs a job asked for: on the GPU already (hit), or read from their file (miss).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("hit", "miss"):  # shown from the start, at 0
+            self.lora_uses.labels(result)
+        self.lora_load = Histogram(
+            "sdserve_worker_lora_load_seconds",
+            "Time to read a LoRA's file and write it into the GPU's pools (off the GPU loop).",
+            buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30),
+            registry=r,
+        )
+        self.loras_resident = Gauge(
+            "sdserve_worker_loras_resident", "LoRAs on the GPU, all models.", registry=r
+        )
 
     # The engine reports its timings here (see worker.engine.Observer).
     def stepped(self, seconds: float, rows: int, bucket: int, padding: int) -> None:
@@ -134,6 +151,13 @@ class WorkerMetrics:
 
     def encoded(self, seconds: float) -> None:
         self.vae_encode.observe(seconds)
+
+    # Each model's LoRAs report here (see worker.adapters.LoraObserver).
+    def lora_used(self, hit: bool) -> None:
+        self.lora_uses.labels("hit" if hit else "miss").inc()
+
+    def lora_loaded(self, seconds: float) -> None:
+        self.lora_load.observe(seconds)
 
     def serve(self, port: int) -> None:
         """Serve /metrics on `port` in a background thread."""

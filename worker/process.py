@@ -45,6 +45,9 @@ def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
         prompt_chunks=settings.max_prompt_chunks,
         tile=settings.tile,
         tile_overlap=settings.tile_overlap,
+        loras=settings.lora_dir,
+        lora_slots=settings.lora_slots,
+        lora_row_rank=settings.lora_row_rank,
     )
 
 

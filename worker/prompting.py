@@ -69,6 +69,9 @@ class PromptEncoder:
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
         return len(chunks(prompt, syntax, self.vocabulary))
 
+    def forget(self) -> None:
+        self._cache.clear()
+
     def embeddings(self, prompts: Sequence[tuple[str, Syntax] | Prompt]) -> list[torch.Tensor]:
         """Each prompt's CLIP embeddings, (77 x chunks, dim): its chunks of 75 tokens encoded
         alone, weighted where the syntax weighs them, laid end to end (what A1111 does; a
@@ -166,12 +169,18 @@ class Remembered(Generic[V]):
     def __init__(self, size: int = EMBEDDING_CACHE_SIZE) -> None:
         self.size = size
         self._items: OrderedDict[Prompt, V] = OrderedDict()
+        self._stale = False
 
     def clear(self) -> None:
-        self._items.clear()
+        """Forget everything, before the next use (any thread may ask; the one that encodes
+        clears)."""
+        self._stale = True
 
     def each(self, prompts: Sequence[Prompt], encode: Callable[[list[Prompt]], list[V]]) -> list[V]:
         """Each prompt's encoding, `encode` called once for those not remembered."""
+        if self._stale:
+            self._stale = False
+            self._items.clear()
         missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
         if missing:
             for prompt, value in zip(missing, encode(missing), strict=True):

@@ -65,16 +65,22 @@ class Runner:
         self.metrics = metrics or WorkerMetrics(tuning.row_buckets())
         for each in engines.values():
             each.observer = self.metrics
+            if each.adapters is not None:
+                each.adapters.observer = self.metrics
             each.calls.on_recompile = lambda _reason: self.metrics.recompiles.inc()
+        held = [e.adapters for e in engines.values() if e.adapters is not None]
+        self.metrics.loras_resident.set_function(lambda: sum(len(a.resident) for a in held))
         self.shutdown = Shutdown(settings.stop_grace_s)
         self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
         self.lease = Lease(settings, store, self.inbox, self.shutdown, self._info)
         # Each beat: a Redis restarted without persistence has lost them.
         self.lease.on_beat.append(self._publish_tokenizers)
+        self.lease.on_beat.append(self._publish_loras)
+        self._lora_refreshes: int | None = None  # A1111's refresh-loras asked: how many times
         self.lease.on_beat.append(self.metrics.last_heartbeat.set_to_current_time)
         self.completions = Completions(
             2 * settings.max_batch, store, storage, self.lease, self.tracker, self.metrics,
-            self.shutdown, self.engines.model_file,
+            self.shutdown, self.engines.provenance,
         )  # fmt: skip
         parts = Parts(settings, self.inbox, self.start_jobs, storage, self.engines, self.tracker,
                       self.lease, self.completions, self.metrics, self.shutdown)  # fmt: skip
@@ -205,6 +211,23 @@ class Runner:
     def _info(self) -> str:
         """What the heartbeat says: the models held, and the pace the API's queued ETAs use."""
         return json.dumps(self.engines.info() | self.tracker.pace().fields())
+
+    def _publish_loras(self) -> None:
+        """The LoRAs each model takes, for the API (their folder listed again; read again
+        where refresh-loras was asked for since the last beat)."""
+        refreshes = self.store.lora_refreshes()
+        reread = self._lora_refreshes is not None and refreshes != self._lora_refreshes
+        self._lora_refreshes = refreshes
+        for model, engine in self.engines.models.items():
+            if engine.adapters is None:
+                continue
+            if reread:
+                engine.adapters.refresh()
+                engine.family.forget()  # prompts encoded with the files' old weights
+            else:
+                engine.adapters.rescan()
+            ttl = 3 * self.settings.heartbeat_ttl_s
+            self.store.publish_loras(model, engine.adapters.names(), ttl)
 
     def _publish_tokenizers(self) -> None:
         for model, fields in self.engines.tokenizers().items():

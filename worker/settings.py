@@ -130,6 +130,26 @@ class WorkerSettings(CommonSettings):
         description="Pixels neighbouring tiles share; over it one tile's weight gives way to"
         " the other's.",
     )
+    lora_dir: Path | None = Field(
+        default=None,
+        description="A folder of LoRA .safetensors files (kohya/A1111, diffusers/PEFT layouts),"
+        " each named by its file name; unset: no LoRAs, and no LoRA layers at all.",
+    )
+    lora_slots: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="LoRAs resident on the GPU at once (memory: see the worker's start log);"
+        " the least recently used leave first.",
+    )
+    lora_row_rank: int = Field(
+        default=128,
+        ge=8,
+        le=1024,
+        multiple_of=8,
+        description="The most LoRA ranks one image takes, its LoRAs together: every row of a"
+        " UNet call pays for this many, whatever it carries.",
+    )
     metrics_port: int = Field(
         default=9400, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."
     )

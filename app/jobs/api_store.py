@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from app.jobs.keys import (
     DEAD,
     GROUP,
     JOB_SECONDS,
+    LORA_REFRESH,
     SWEEP_LOCK,
     WEBHOOK_GROUP,
     WEBHOOKS,
@@ -31,6 +33,7 @@ from app.jobs.keys import (
     inflight_key,
     job_key,
     latest_key,
+    loras_key,
     preview_key,
     queued_key,
     ratelimit_key,
@@ -284,6 +287,27 @@ class ApiStore(Store):
         """The tokenizer record workers published for a model (app/jobs/vocabulary.py), if any."""
         value = self._r.hget(tokenizer_key(model), "record")
         return value.decode() if isinstance(value, bytes) else None
+
+    def loras(self, model: str) -> list[str] | None:
+        """The LoRAs the model's workers take (None: no worker has said: none runs with a LoRA
+        folder, or none has started)."""
+        value = self._r.get(loras_key(model))
+        if not isinstance(value, bytes):
+            return None
+        names: list[str] = json.loads(value)
+        return names
+
+    def lora_models(self) -> dict[str, list[str]]:
+        """Each LoRA the workers take, by name, with the models that take it."""
+        out: dict[str, list[str]] = {}
+        for model in self.models:
+            for name in self.loras(model) or []:
+                out.setdefault(name, []).append(model)
+        return dict(sorted(out.items()))
+
+    def refresh_loras(self) -> None:
+        """Ask every worker to read its LoRA folder again (at its next heartbeat)."""
+        self._r.incr(LORA_REFRESH)
 
     def cancel(self, job_id: str, owner: str = "") -> bool:
         """Cancel a queued or running job; False when it had already ended (or never was)."""

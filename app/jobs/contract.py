@@ -20,8 +20,10 @@ from pydantic import (
     Field,
     Tag,
     TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from app.jobs.prompts import Syntax
@@ -174,6 +176,42 @@ class Lora(BaseModel):
     )
 
 
+LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+
+
+def lora_tags(prompt: str) -> tuple[str, list[Lora]]:
+    """A prompt without its A1111 LoRA tags, and the LoRAs they name: `<lora:name>`,
+    `<lora:name:weight>`, `<lora:name:te:unet>`, `<lora:name:te=0.5:unet=1>`. A tag that is
+    not one of these is an error naming it."""
+    loras: list[Lora] = []
+
+    def taken(match: re.Match[str]) -> str:
+        name, rest = match.group(1).strip(), match.group(2)
+        numbers: dict[str, float] = {}
+        for k, part in enumerate(p.strip() for p in rest.split(":")[1:]):
+            key, _, value = part.rpartition("=")
+            key = key or ("te", "unet")[min(k, 1)]
+            if key not in ("te", "unet") or key in numbers:
+                raise ValueError(f"{match.group(0)}: A1111's tag is <lora:name:te:unet>")
+            try:
+                numbers[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{match.group(0)}: {value!r} is not a weight") from None
+        te = numbers.get("te", 1.0)
+        unet = numbers.get("unet", te)
+        if not all(-LORA_WEIGHT <= w <= LORA_WEIGHT for w in (te, unet)):
+            raise ValueError(f"{match.group(0)}: weights go from -{LORA_WEIGHT:g} to"
+                             f" {LORA_WEIGHT:g}")  # fmt: skip
+        try:
+            loras.append(Lora(name=name, weight=unet, text_weight=None if te == unet else te))
+        except ValidationError as e:
+            raise ValueError(f"{match.group(0)}: {e.errors()[0]['msg']}") from None
+        return ""
+
+    text = LORA_TAG.sub(taken, prompt)
+    return re.sub(r"  +", " ", text).strip() if loras else prompt, loras
+
+
 class Generation(BaseModel):
     """What every kind of job asks for but its size. Strict: a wrong JSON type is an error,
     never a silent coercion."""
@@ -250,6 +288,21 @@ class Generation(BaseModel):
         max_length=4,
         description="Which changes to send: running, succeeded, failed, canceled.",
     )
+
+    @model_validator(mode="after")
+    def _lora_tags(self) -> Generation:
+        """A1111's way: `<lora:name:weight>` tags in a prompt read as A1111 reads it are LoRAs,
+        and leave the text encoded."""
+        if self.prompt_syntax != "a1111" or "<lora:" not in self.prompt:
+            return self
+        text, tagged = lora_tags(self.prompt)
+        loras = [*self.loras, *tagged]
+        if len(loras) > LORAS_MAX:
+            raise ValueError(f"{len(loras)} LoRAs; at most {LORAS_MAX} on an image")
+        # Set past validation: this validator runs again on the assigned copy otherwise.
+        object.__setattr__(self, "prompt", text)
+        object.__setattr__(self, "loras", loras)
+        return self
 
     def seeds(self) -> list[int]:
         """One seed per image; each one, sent back alone with n=1, reproduces that image."""

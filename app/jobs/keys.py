@@ -26,6 +26,11 @@ All keys live under the ``sdserve:`` prefix:
 - ``sdserve:tokenizer``         hash: the model's tokenizer as workers publish it (``digest``,
                                 ``record``), for the API to count prompt tokens;
                                 ``sdserve:tokenizer:<model>`` for each named model
+- ``sdserve:loras``             JSON list of the LoRAs the model's workers take (names), set at
+                                each heartbeat with a TTL; ``sdserve:loras:<model>`` for each
+                                named model
+- ``sdserve:lora_refresh``      counter: A1111's refresh-loras bumps it; workers read their LoRA
+                                folders again when it moves
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ WEBHOOK_GROUP = "senders"
 JOB_SECONDS = "sdserve:stats:job_seconds"
 SWEEP_LOCK = "sdserve:sweep"
 TOKENIZER = "sdserve:tokenizer"
+LORAS = "sdserve:loras"
+LORA_REFRESH = "sdserve:lora_refresh"
 
 
 def _per_model(key: str, model: str) -> str:
@@ -61,6 +68,10 @@ def queued_key(model: str) -> str:
 
 def tokenizer_key(model: str) -> str:
     return _per_model(TOKENIZER, model)
+
+
+def loras_key(model: str) -> str:
+    return _per_model(LORAS, model)
 
 
 def job_key(job_id: str) -> str:

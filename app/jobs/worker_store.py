@@ -7,6 +7,7 @@ dead predecessor's entries nor shares its name with a live process.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ from app.jobs.contract import Delivery, ErrorCode, Job, Status, parse_request
 from app.jobs.keys import (
     DEAD,
     GROUP,
+    LORA_REFRESH,
     WEBHOOKS,
     WORKERS,
     job_key,
+    loras_key,
     preview_key,
     queued_key,
     stream_key,
@@ -309,6 +312,17 @@ class WorkerStore(Store):
         key = tokenizer_key(model)
         if self._r.hget(key, "digest") != fields["digest"].encode():
             self._r.hset(key, mapping=dict[Any, Any](fields))
+
+    def publish_loras(self, model: str, names: list[str], ttl_s: int) -> None:
+        """The LoRAs the model's workers take, for the API to check requests against; gone
+        after `ttl_s` unless published again (a worker that left takes its list along)."""
+        self._r.set(loras_key(model), json.dumps(sorted(names)), ex=ttl_s)
+
+    def lora_refreshes(self) -> int:
+        """How many times A1111's refresh-loras was asked for (workers read their folders
+        again when it moves)."""
+        value = self._r.get(LORA_REFRESH)
+        return int(value) if isinstance(value, bytes | str) else 0
 
     def retire(self, worker: str, token: str) -> None:
         self._retire(keys=[worker_key(worker), WORKERS], args=[token, worker])

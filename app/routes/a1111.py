@@ -162,6 +162,17 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         return [{"title": name, "model_name": name, "hash": None, "sha256": None,
                  "filename": name, "config": None} for name in store.models]  # fmt: skip
 
+    @routes.get("/loras", summary="A1111-compatible: the LoRAs served (names; no server paths)")
+    def loras(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        return [{"name": name, "alias": name, "path": None, "metadata": {}}
+                for name in store.lora_models()]  # fmt: skip
+
+    @routes.post(
+        "/refresh-loras", summary="A1111-compatible: workers read their LoRA folders again"
+    )
+    def refresh_loras(_caller: Caller = authenticated) -> None:
+        store.refresh_loras()
+
     @routes.get("/options", summary="A1111-compatible: this server's settings, as A1111 names them")
     def options(_caller: Caller = authenticated) -> dict[str, Any]:
         return {"sd_model_checkpoint": model(), "samples_format": "png",

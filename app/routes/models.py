@@ -1,5 +1,6 @@
 """`GET /v1/models`: the models this deployment serves, each with its live workers and its
-queue; shaped as OpenAI's model list, so its clients list them too."""
+queue; shaped as OpenAI's model list, so its clients list them too. `GET /v1/loras`: the LoRAs
+their workers take."""
 
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+class LoraEntry(BaseModel):
+    name: str = Field(description="What a request's `loras[].name` (or `<lora:name:w>`) gives.")
+    models: list[str] = Field(description="The models whose workers take it (their family).")
+
+
+class LoraList(BaseModel):
+    object: str = "list"
+    data: list[LoraEntry]
+
+
 def router(ctx: Context) -> APIRouter:
     routes = APIRouter()
     store = ctx.store
@@ -38,5 +49,11 @@ def router(ctx: Context) -> APIRouter:
                   queued=queued.get(name, 0))
             for k, name in enumerate(store.models)
         ])  # fmt: skip
+
+    @routes.get("/v1/loras", response_model=LoraList, responses=UNAUTHORIZED,
+                summary="The LoRAs served, and the models that take each")  # fmt: skip
+    def loras(_caller: Caller = ctx.authenticated) -> LoraList:
+        return LoraList(data=[LoraEntry(name=name, models=models)
+                              for name, models in store.lora_models().items()])  # fmt: skip
 
     return routes

@@ -76,6 +76,12 @@ class SourceBody(GenerationRequest):
     height: Side | None = Field(default=None, description="Pixels; the source's height if absent.")  # type: ignore[assignment]
     image: str = IMAGE_FIELD
 
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _form_loras(cls, value: object) -> object:
+        """A multipart form's field is text: there, the LoRAs are its JSON list's."""
+        return form_json(value)
+
 
 class Img2ImgBody(SourceBody):
     strength: Strength = 0.75
@@ -85,7 +91,7 @@ class Img2ImgBody(SourceBody):
     @classmethod
     def _form_text(cls, value: object) -> object:
         """A multipart form's field is text: there, the refiner is its JSON object's."""
-        return json.loads(value) if isinstance(value, str) else value
+        return form_json(value)
 
 
 class InpaintBody(SourceBody):
@@ -277,6 +283,17 @@ def as_request(make: Callable[[], SourceRequest]) -> SourceRequest:
         return make()
     except ValidationError as e:
         raise RequestValidationError(located(e)) from None
+
+
+def form_json(value: object) -> object:
+    """A form field's JSON text as its value (JSON bodies give the value itself); text that
+    is not JSON stays, for the field's own error."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def form_body(model: type[BaseModel], files: tuple[str, ...], json: bool = True) -> dict[str, Any]:

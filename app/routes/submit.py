@@ -82,6 +82,7 @@ class Submitter:
         request = self._sized(request, model)
         _check_hires(request, self.ctx.settings)
         self._check_refiner(request, model)
+        self._check_loras(request, model)
         normalized = request.model_copy(
             update={
                 "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,
@@ -163,6 +164,25 @@ class Submitter:
                        f" {FAMILIES[base[0].family]}: a refiner finishes its own family's"
                        " latents")  # fmt: skip
         if problem is not None:
+            raise RequestValidationError([{"loc": where, "msg": problem, "type": "value_error"}])
+
+    def _check_loras(self, request: JobRequest, model: str) -> None:
+        """Each LoRA must be one the model's workers take (as they have published: nothing
+        published, nothing is refused here, and a worker without it fails the job): a 422
+        naming it otherwise, and the models that do take it."""
+        store = self.ctx.store
+        taken = store.loras(model) if request.loras else None
+        if taken is None:
+            return
+        for k, lora in enumerate(request.loras):
+            if lora.name in taken:
+                continue
+            others = store.lora_models().get(lora.name, [])
+            problem = f"no LoRA named {lora.name!r} for {model} (GET /v1/loras lists them)"
+            if others:
+                problem = (f"LoRA {lora.name!r} is for {', '.join(others)}, not {model}"
+                           " (another family or size)")  # fmt: skip
+            where = ("body", "loras", k, "name")
             raise RequestValidationError([{"loc": where, "msg": problem, "type": "value_error"}])
 
     def _sized(self, request: JobRequest, model: str) -> JobRequest:

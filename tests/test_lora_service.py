@@ -1,0 +1,154 @@
+"""LoRAs through the service (issue 23, 1-3, 9), on the CPU with the tiny SD and SDXL models and
+a real Valkey: workers publish the LoRAs each model takes (`GET /v1/loras`, A1111's
+`/sdapi/v1/loras`, no server paths); native `loras` and A1111's `<lora:name:w>` tags reach the
+rows; each image equals the engine's for the same LoRAs alone; what cannot run is a 422 naming
+the field or the tag; a file corrupted after it was listed fails its job `lora_unreadable` and
+the worker goes on; refresh-loras makes the workers read their folders again; the infotext
+carries the tags and A1111's `Lora hashes`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import JobStore, wait_for
+from tests.test_rows import max_diff, run
+from tests.test_sdxl_service import SMALL, all_succeed, working
+from tests.test_worker import png
+from worker.adapters import LoraUse
+from worker.engine import BatchShape, Engine, ImageSpec, Tuning
+from worker.lora_files import short_hash
+from worker.settings import WorkerSettings
+from worker.tiny import build_tiny_model
+from worker.tiny_loras import build_tiny_lora
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    xl = build_tiny_model(tmp_path_factory.mktemp("xl") / "tiny-sdxl", "tiny-sdxl")
+    return {"sd": str(tiny_model), "xl": str(xl)}
+
+
+@pytest.fixture(scope="module")
+def folder(models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    loras = tmp_path_factory.mktemp("loras")
+    build_tiny_lora(Path(models["sd"]), loras / "style.safetensors", "peft", rank=4, seed=1)
+    build_tiny_lora(Path(models["sd"]), loras / "detail.safetensors", "kohya", rank=8, seed=2)
+    build_tiny_lora(Path(models["sd"]), loras / "fragile.safetensors", "peft", rank=4, seed=3)
+    build_tiny_lora(Path(models["xl"]), loras / "xlstyle.safetensors", "kohya", rank=4, seed=4)
+    return loras
+
+
+def listed(served: httpx.Client) -> dict[str, list[str]]:
+    return {e["name"]: e["models"] for e in served.get("/v1/loras").json()["data"]}
+
+
+def test_loras_through_the_service(
+    served: httpx.Client, redis_url: str, models: dict[str, str], folder: Path
+) -> None:
+    assert listed(served) == {}  # no worker yet: nothing published, nothing refused
+    settings = WorkerSettings(redis_url=redis_url, models=models, worker_name="loras",
+                              max_batch=4, batching="continuous", heartbeat_ttl_s=3,
+                              lora_dir=folder)  # fmt: skip
+    tuning = Tuning(max_batch=4, rows=True, loras=folder, lora_slots=4, lora_row_rank=16)
+    engines = {name: Engine(source, torch.device("cpu"), tuning)
+               for name, source in models.items()}  # fmt: skip
+    store = JobStore.connect(redis_url, 3600, 5)
+
+    def refused(route: str, body: dict[str, object]) -> str:
+        answer = served.post(route, json=body)
+        assert answer.status_code == 422, answer.text
+        return answer.text
+
+    with working(settings, store, engines) as runner:
+        wait_for(lambda: len(listed(served)) == 4, 30, "the workers' LoRAs")
+        assert listed(served) == {"detail": ["sd"], "fragile": ["sd"], "style": ["sd"],
+                                  "xlstyle": ["xl"]}  # fmt: skip
+        a1111 = served.get("/sdapi/v1/loras").json()
+        assert {e["name"] for e in a1111} == {"detail", "fragile", "style", "xlstyle"}
+        assert all(e["path"] is None for e in a1111)
+
+        unknown = refused("/v1/txt2img", {**SMALL, "loras": [{"name": "nope"}]})
+        assert "no LoRA named 'nope'" in unknown and '"loras",0,"name"' in unknown
+        assert "is for xl, not sd" in refused("/v1/txt2img", {**SMALL, "loras": [
+            {"name": "style"}, {"name": "xlstyle"}]})  # fmt: skip
+        assert "weight" in refused("/v1/txt2img", {**SMALL, "loras": [{"name": "style",
+                                                                       "weight": 5}]})  # fmt: skip
+        tag = refused("/sdapi/v1/txt2img", {"prompt": "a cat <lora:style:abc>"})
+        assert "<lora:style:abc>: 'abc' is not a weight" in tag, tag
+
+        ids = {
+            "plain": served.post("/v1/txt2img", json=SMALL).json()["id"],
+            "style": served.post("/v1/txt2img", json={
+                **SMALL, "loras": [{"name": "style", "weight": 0.8}]}).json()["id"],
+            "both": served.post("/v1/txt2img", json={
+                **SMALL, "loras": [{"name": "style", "weight": 0.5},
+                                   {"name": "detail", "weight": 1.2, "text_weight": 0.3}]}
+            ).json()["id"],
+            "xl": served.post("/v1/txt2img", json={
+                **SMALL, "model": "xl", "loras": [{"name": "xlstyle"}]}).json()["id"],
+        }  # fmt: skip
+        tagged = served.post("/sdapi/v1/txt2img", json={
+            "prompt": "a cat <lora:detail:0.3:1.2> <lora:style:0.5>", "width": 64, "height": 64,
+            "steps": 3, "seed": 4})  # fmt: skip
+        if tagged.status_code == 504:  # past the API's sync wait: it goes on as a job
+            ids["a1111"] = tagged.json()["detail"].split("/jobs/")[1].split()[0]
+        else:
+            assert tagged.status_code == 200, tagged.text
+            assert "Lora hashes" in tagged.json()["info"]
+        all_succeed(served, ids)
+
+        # Loaded once each (style, detail, xlstyle), then found on the GPU.
+        registry = runner.metrics.registry
+        misses = registry.get_sample_value("sdserve_worker_lora_uses_total", {"result": "miss"})
+        hits = registry.get_sample_value("sdserve_worker_lora_uses_total", {"result": "hit"})
+        assert misses == 3 and hits is not None and hits >= 1, (misses, hits)
+        assert registry.get_sample_value("sdserve_worker_loras_resident") == 3
+        assert registry.get_sample_value("sdserve_worker_lora_load_seconds_count") == 3
+        # Corrupted after it was listed: the job fails with its own code, the worker goes on.
+        fragile = folder / "fragile.safetensors"
+        fragile.write_bytes(fragile.read_bytes()[:200])
+        bad = served.post("/v1/txt2img", json={**SMALL, "loras": [{"name": "fragile"}]}).json()
+        after = served.post("/v1/txt2img", json={**SMALL, "seed": 9}).json()
+        all_succeed(served, {"after": after["id"]})
+        wait_for(lambda: served.get(f"/jobs/{bad['id']}").json()["status"] == "failed", 30, "bad")
+        error = served.get(f"/jobs/{bad['id']}").json()["error"]
+        assert error["code"] == "lora_unreadable" and "fragile" in error["message"]
+        # refresh-loras: the workers read the folder again; the broken file leaves the list.
+        assert served.post("/sdapi/v1/refresh-loras").status_code == 200
+        wait_for(lambda: "fragile" not in listed(served), 30, "the refreshed list")
+        assert "no LoRA named 'fragile'" in refused(
+            "/v1/txt2img", {**SMALL, "loras": [{"name": "fragile"}]}
+        )
+
+    def alone(model: str, uses: tuple[LoraUse, ...], prompt: str = "a cat") -> np.ndarray:
+        engine = engines[model]
+        assert engine.adapters is not None
+        engine.adapters.fetch("alone", uses)
+        spec = ImageSpec(prompt, "", 7.5, 4, "plain", loras=uses)
+        try:
+            return run(engine, [engine.prepare("k", [spec], BatchShape(64, 64, 3, "dpmpp_2m"))])[
+                "k"
+            ][0]
+        finally:
+            engine.adapters.release("alone")
+
+    style = (LoraUse("style", 0.8, 0.8),)
+    both = (LoraUse("style", 0.5, 0.5), LoraUse("detail", 0.3, 1.2))
+    made = {name: np.asarray(png(store, job, 0)) for name, job in ids.items()}
+    assert max_diff(made["plain"], alone("sd", ())) <= 1
+    assert max_diff(made["style"], alone("sd", style)) <= 1
+    assert max_diff(made["both"], alone("sd", both)) <= 1
+    assert max_diff(made["xl"], alone("xl", (LoraUse("xlstyle", 1, 1),))) <= 1
+    assert max_diff(made["style"], made["plain"]) > 2
+    if "a1111" in made:  # the tags' LoRAs, the text without them
+        assert max_diff(made["a1111"], made["both"]) <= 1
+    info = png(store, ids["both"], 0).info["parameters"]
+    first = info.splitlines()[0]
+    assert first == "a cat <lora:style:0.5> <lora:detail:0.3:1.2>", first
+    hashes = {name: short_hash(folder / f"{name}.safetensors") for name in ("style", "detail")}
+    assert f'Lora hashes: "style: {hashes["style"]}, detail: {hashes["detail"]}"' in info
