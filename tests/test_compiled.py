@@ -36,7 +36,7 @@ from worker.compiled import CHUNK_TOKENS, Tuning
 from worker.engine import BatchShape, Engine, ImageSpec
 from worker.rows import Lane
 from worker.tasks import task
-from worker.tiny_loras import build_tiny_lora
+from worker.tiny_addons import build_tiny_lora
 
 SIDE, BIG = 64, 128  # the compiled sizes: a hires pass or an upscale goes from one to the other
 PICTURE = StoredImage(sha256="0" * 64, width=SIDE, height=SIDE)

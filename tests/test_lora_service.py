@@ -1,13 +1,16 @@
-"""LoRAs through the service (issue 23, 1-3, 9), on the CPU with the tiny SD and SDXL models and
-a real Valkey: workers publish the LoRAs each model takes (`GET /v1/loras`, A1111's
+"""LoRAs and embeddings through the service (issue 23, 1-4, 9), on the CPU with the tiny SD and
+SDXL models and a real Valkey: workers publish the LoRAs each model takes (`GET /v1/loras`, A1111's
 `/sdapi/v1/loras`, no server paths); native `loras` and A1111's `<lora:name:w>` tags reach the
 rows; each image equals the engine's for the same LoRAs alone; what cannot run is a 422 naming
 the field or the tag; a file corrupted after it was listed fails its job `lora_unreadable` and
 the worker goes on; refresh-loras makes the workers read their folders again; the infotext
-carries the tags and A1111's `Lora hashes`."""
+carries the tags and A1111's `Lora hashes`. Embeddings: A1111's `/sdapi/v1/embeddings` lists
+what the default model's workers loaded and skipped, a prompt that names one is counted with
+its vectors and the infotext says `TI hashes`, refresh-embeddings takes a new file."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import httpx
@@ -24,7 +27,7 @@ from worker.engine import BatchShape, Engine, ImageSpec, Tuning
 from worker.lora_files import short_hash
 from worker.settings import WorkerSettings
 from worker.tiny import build_tiny_model
-from worker.tiny_loras import build_tiny_lora
+from worker.tiny_addons import build_tiny_embedding, build_tiny_lora
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +46,27 @@ def folder(models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
     return loras
 
 
+@pytest.fixture(scope="module")
+def embeddings(models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("embeddings")
+    build_tiny_embedding(Path(models["sd"]), folder / "glow.safetensors", "a1111", 3)
+    build_tiny_embedding(Path(models["xl"]), folder / "xlglow.safetensors", "a1111", 2)
+    return folder
+
+
 def listed(served: httpx.Client) -> dict[str, list[str]]:
     return {e["name"]: e["models"] for e in served.get("/v1/loras").json()["data"]}
 
 
 def test_loras_through_the_service(
-    served: httpx.Client, redis_url: str, models: dict[str, str], folder: Path
+    served: httpx.Client, redis_url: str, models: dict[str, str], folder: Path, embeddings: Path
 ) -> None:
     assert listed(served) == {}  # no worker yet: nothing published, nothing refused
     settings = WorkerSettings(redis_url=redis_url, models=models, worker_name="loras",
                               max_batch=4, batching="continuous", heartbeat_ttl_s=3,
-                              lora_dir=folder)  # fmt: skip
-    tuning = Tuning(max_batch=4, rows=True, loras=folder, lora_slots=4, lora_row_rank=16)
+                              lora_dir=folder, embeddings_dir=embeddings)  # fmt: skip
+    tuning = Tuning(max_batch=4, rows=True, loras=folder, lora_slots=4, lora_row_rank=16,
+                    embeddings=embeddings)  # fmt: skip
     engines = {name: Engine(source, torch.device("cpu"), tuning)
                for name, source in models.items()}  # fmt: skip
     store = JobStore.connect(redis_url, 3600, 5)
@@ -109,6 +121,26 @@ def test_loras_through_the_service(
         assert misses == 3 and hits is not None and hits >= 1, (misses, hits)
         assert registry.get_sample_value("sdserve_worker_loras_resident") == 3
         assert registry.get_sample_value("sdserve_worker_lora_load_seconds_count") == 3
+        # Embeddings: the default model's, loaded and skipped, as A1111 lists them.
+        listing = served.get("/sdapi/v1/embeddings").json()
+        assert listing["loaded"]["glow"]["vectors"] == 3, listing
+        assert listing["skipped"]["xlglow"]["vectors"] == 2, listing  # SDXL's: not for sd
+        glowing = served.post("/v1/txt2img", json={**SMALL, "prompt": "a cat, glow"}).json()
+        bare = served.post("/v1/txt2img", json={**SMALL, "prompt": "a cat,"}).json()
+        all_succeed(served, {"glow": glowing["id"], "bare": bare["id"]})
+
+        def tokens(job: dict[str, str]) -> int:
+            request = served.get(f"/jobs/{job['id']}").json()["request"]
+            return int(request["prompt_length"]["prompt"]["tokens"])
+
+        assert tokens(glowing) == tokens(bare) + 3  # the API counts its 3 vectors
+        info = png(store, glowing["id"], 0).info["parameters"]
+        glow_hash = hashlib.sha256((embeddings / "glow.safetensors").read_bytes()).hexdigest()
+        assert f'TI hashes: "glow: {glow_hash[:12]}"' in info, info
+        build_tiny_embedding(Path(models["sd"]), embeddings / "late.safetensors", "a1111", 1)
+        assert served.post("/sdapi/v1/refresh-embeddings").status_code == 200
+        wait_for(lambda: "late" in served.get("/sdapi/v1/embeddings").json()["loaded"], 30,
+                 "the refreshed embeddings")  # fmt: skip
         # Corrupted after it was listed: the job fails with its own code, the worker goes on.
         fragile = folder / "fragile.safetensors"
         fragile.write_bytes(fragile.read_bytes()[:200])

@@ -21,7 +21,7 @@ from worker.compiled import Tuning
 from worker.engine import BatchShape, Engine, ImageSpec
 from worker.schedulers import make_scheduler
 from worker.tiny import build_tiny_model
-from worker.tiny_loras import build_tiny_lora
+from worker.tiny_addons import build_tiny_lora
 
 CPU = torch.device("cpu")
 

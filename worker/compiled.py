@@ -79,6 +79,8 @@ class Tuning:
     loras: Path | None = None
     lora_slots: int = 8
     lora_row_rank: int = 128
+    # Textual-inversion embeddings' folder (worker/embeddings.py); None: none.
+    embeddings: Path | None = None
 
     def buckets(self) -> list[int]:
         """Static batching: batch sizes a batch is padded up to: powers of two, and max_batch

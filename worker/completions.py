@@ -123,10 +123,10 @@ class Completions:
             self.fail(job, ErrorCode.NUMERICAL, "the model produced non-finite pixels")
             return
         pngs = []
-        model, lora_hashes = self.provenance(job)
+        model, lora_hashes, ti_hashes = self.provenance(job)
         for image, seed in zip(finite, job.request.seeds(), strict=True):
             with self.metrics.png_encode.time():
-                text = parameters(job.request, seed, model, lora_hashes)
+                text = parameters(job.request, seed, model, lora_hashes, ti_hashes)
                 pngs.append(encode_png(image, text))
         # The images first, then the status and the ack: a crash in between leaves orphan
         # files (swept after the TTL), never a succeeded job without images.

@@ -42,6 +42,9 @@ class Components:
     # The pipeline's own settings (model_index.json): SDXL's `force_zeros_for_empty_prompt`,
     # `requires_aesthetics_score`.
     options: dict[str, Any] = field(default_factory=dict)
+    # Textual-inversion embeddings of several vectors: first token id -> all of them
+    # (worker/embeddings.py); what the published tokenizer expands.
+    expansions: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def family(self) -> str:

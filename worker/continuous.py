@@ -68,6 +68,9 @@ class RowLoop:
 
     def step(self) -> int:
         p = self.p
+        for engine in p.engines.models.values():  # between steps: no prompt is being read
+            if engine.embeddings_asked:
+                engine.refresh_embeddings()
         idle_wait = p.settings.batch_window_ms / 1000
         # Only as many jobs are taken (and so started: `running`) as there are images free in
         # flight; the rest stay queued, with their place and their deadline. With rows in

@@ -33,6 +33,7 @@ from worker.adapters import Adapters, RowMix
 from worker.compiled import CompiledCalls, Tuning
 from worker.components import Components, load_components
 from worker.devices import on_device
+from worker.embeddings import Embeddings
 from worker.families import family_of, joined, read
 from worker.inputs import (
     BatchShape,
@@ -96,6 +97,13 @@ class Engine:
         parts = self.parts = load_components(model, device, tuning.fuse, tuning.loras is None)
         # LoRAs per row: their layers wrapped before anything is compiled (worker/adapters.py).
         self.adapters = adapters_of(parts, tuning)
+        # Embeddings' tokens and vectors, before the family publishes its tokenizer.
+        self.embeddings: Embeddings | None = None
+        if tuning.embeddings is not None and parts.low_res_scheduler is None:
+            self.embeddings = Embeddings(tuning.embeddings)
+            self.embeddings.install(parts)
+            parts.expansions = self.embeddings.expansions
+        self.embeddings_asked = False  # refresh-embeddings, applied between steps
         self.dtype = parts.dtype
         self.tokenizer: Any = parts.tokenizer  # None: an SDXL refiner (the second one only)
         self.text_encoder: Any = parts.text_encoder
@@ -133,6 +141,17 @@ class Engine:
         self._signals: dict[float, float] = {}
         self._observer: Observer | None = None
         self._timers: deque[tuple[GpuTimer, int, int]] = deque(maxlen=64)
+
+    def refresh_embeddings(self) -> None:
+        """Take the embeddings added to the folder since (on the GPU's thread, between steps:
+        the tokenizer, the token table and the family's published tokenizer change)."""
+        self.embeddings_asked = False
+        if self.embeddings is None or not self.embeddings.install(self.parts):
+            return
+        self.family = family_of(self.parts, self.tuning.prompt_chunks, self.adapters)
+        self.latents.family = self.family
+        self.published_tokenizer = self.family.published
+        self.vocabulary = self.family.vocabulary
 
     @property
     def tuning(self) -> Tuning:

@@ -66,14 +66,17 @@ class Engines:
         return self.models[wanted.model]
 
     def provenance(self, job: Job) -> Provenance:
-        """The model's folder name and the job's LoRAs' short hashes, as the images'
-        infotext names them."""
+        """The model's folder name and the short hashes of the job's LoRAs and embeddings, as
+        the images' infotext names them."""
         engine = self.of(job)
         hashes = {}
         if engine.adapters is not None:
             hashes = {lora.name: engine.adapters.short_hash(lora.name)
                       for lora in job.request.loras}  # fmt: skip
-        return Provenance(Path(engine.model).name, hashes)
+        used = {}
+        if engine.embeddings is not None:
+            used = engine.embeddings.used(job.request.prompt, job.request.negative_prompt)
+        return Provenance(Path(engine.model).name, hashes, used)
 
     def info(self) -> dict[str, object]:
         """What the heartbeat says of them."""

@@ -118,7 +118,8 @@ class Xl(Family):
                   (parts.text_encoder_2, parts.tokenizer_2)) if tokenizer is not None]  # fmt: skip
         assert pairs and parts.text_encoder_2 is not None, "SDXL reads with its second encoder"
         # Both tokenizers cut text alike (one vocabulary); they differ in their padding only.
-        self.published = publishable(parts.model, pairs[0][1], max_chunks, DEFAULT_SIDE, self.name)
+        self.published = publishable(parts.model, pairs[0][1], max_chunks, DEFAULT_SIDE, self.name,
+                                     parts.expansions)  # fmt: skip
         self.vocabulary = self.published.vocabulary()
         self.encoder_xl = XlPromptEncoder(
             self.vocabulary,

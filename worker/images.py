@@ -16,14 +16,20 @@ from worker.tasks import task
 
 
 class Provenance(NamedTuple):
-    """What the infotext names of a job's weights: the model's file, each LoRA's short hash."""
+    """What the infotext names of a job's weights: the model's file, the short hash of each
+    LoRA and embedding it used."""
 
     model: str
     lora_hashes: dict[str, str]
+    ti_hashes: dict[str, str]
 
 
 def parameters(
-    request: JobRequest, seed: int, model: str, lora_hashes: dict[str, str] | None = None
+    request: JobRequest,
+    seed: int,
+    model: str,
+    lora_hashes: dict[str, str] | None = None,
+    ti_hashes: dict[str, str] | None = None,
 ) -> str:
     """A1111's infotext: prompt, optional negative line, then comma-separated settings. The
     job's LoRAs are in the prompt as A1111's tags (a request's `loras`, or the tags its prompt
@@ -46,9 +52,10 @@ def parameters(
     refiner = getattr(request, "refiner", None)
     if refiner is not None:
         settings |= {"Refiner": refiner.model, "Refiner switch at": refiner.switch_at}
-    if lora_hashes:  # as A1111 writes them: quoted, one list
-        listed = ", ".join(f"{name}: {digest}" for name, digest in lora_hashes.items())
-        settings["Lora hashes"] = f'"{listed}"'
+    for key, hashes in (("Lora hashes", lora_hashes), ("TI hashes", ti_hashes)):
+        if hashes:  # as A1111 writes them: quoted, one list
+            listed = ", ".join(f"{name}: {digest}" for name, digest in hashes.items())
+            settings[key] = f'"{listed}"'
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
 

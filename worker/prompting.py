@@ -27,7 +27,12 @@ class PromptTooLong(ValueError):
 
 
 def publishable(
-    model: str, tokenizer: Any, max_chunks: int, default_side: int = 512, family: str = "sd"
+    model: str,
+    tokenizer: Any,
+    max_chunks: int,
+    default_side: int = 512,
+    family: str = "sd",
+    expansions: dict[int, list[int]] | None = None,
 ) -> PublishedTokenizer:
     """The tokenizer as the API reads it (app/jobs/vocabulary.py); chunks are cut with it in
     the worker too, so both sides count alike."""
@@ -44,6 +49,7 @@ def publishable(
         max_chunks=max_chunks,
         default_side=default_side,
         family=family,
+        expansions={str(first): ids for first, ids in (expansions or {}).items()},
     )
 
 
@@ -57,7 +63,8 @@ class PromptEncoder:
         self.parts = parts
         self.adapters = adapters
         self.max_chunks = max_chunks
-        self.published = publishable(parts.model, parts.tokenizer, max_chunks)
+        self.published = publishable(parts.model, parts.tokenizer, max_chunks,
+                                     expansions=parts.expansions)  # fmt: skip
         self.vocabulary = self.published.vocabulary()
         self._cache: Remembered[torch.Tensor] = Remembered()
 

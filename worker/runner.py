@@ -76,7 +76,7 @@ class Runner:
         # Each beat: a Redis restarted without persistence has lost them.
         self.lease.on_beat.append(self._publish_tokenizers)
         self.lease.on_beat.append(self._publish_loras)
-        self._lora_refreshes: int | None = None  # A1111's refresh-loras asked: how many times
+        self._refreshes: dict[str, int] = {}  # A1111's refresh-loras/-embeddings: times asked
         self.lease.on_beat.append(self.metrics.last_heartbeat.set_to_current_time)
         self.completions = Completions(
             2 * settings.max_batch, store, storage, self.lease, self.tracker, self.metrics,
@@ -213,21 +213,31 @@ class Runner:
         return json.dumps(self.engines.info() | self.tracker.pace().fields())
 
     def _publish_loras(self) -> None:
-        """The LoRAs each model takes, for the API (their folder listed again; read again
-        where refresh-loras was asked for since the last beat)."""
-        refreshes = self.store.lora_refreshes()
-        reread = self._lora_refreshes is not None and refreshes != self._lora_refreshes
-        self._lora_refreshes = refreshes
+        """The LoRAs and embeddings each model takes, for the API: the LoRA folder listed again
+        each beat, read again (and the embeddings folder, between steps) where refresh-loras
+        (refresh-embeddings) was asked for since the last beat."""
+        asked = {what: self._asked(what) for what in ("loras", "embeddings")}
+        ttl = 3 * self.settings.heartbeat_ttl_s
         for model, engine in self.engines.models.items():
+            if engine.embeddings is not None:
+                engine.embeddings_asked |= asked["embeddings"]
+                record = {"loaded": engine.embeddings.loaded, "skipped": engine.embeddings.skipped}
+                self.store.publish_embeddings(model, record, ttl)
             if engine.adapters is None:
                 continue
-            if reread:
+            if asked["loras"]:
                 engine.adapters.refresh()
                 engine.family.forget()  # prompts encoded with the files' old weights
             else:
                 engine.adapters.rescan()
-            ttl = 3 * self.settings.heartbeat_ttl_s
             self.store.publish_loras(model, engine.adapters.names(), ttl)
+
+    def _asked(self, what: str) -> bool:
+        """Whether refresh-`what` was asked for since the last beat."""
+        count = self.store.refreshes(what)
+        before = self._refreshes.get(what)
+        self._refreshes[what] = count
+        return before is not None and count != before
 
     def _publish_tokenizers(self) -> None:
         for model, fields in self.engines.tokenizers().items():

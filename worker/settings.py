@@ -150,6 +150,11 @@ class WorkerSettings(CommonSettings):
         description="The most LoRA ranks one image takes, its LoRAs together: every row of a"
         " UNet call pays for this many, whatever it carries.",
     )
+    embeddings_dir: Path | None = Field(
+        default=None,
+        description="A folder of textual-inversion embeddings (A1111 .pt/.safetensors, SDXL's"
+        " clip_l/clip_g, diffusers'), each used by writing its file name in a prompt.",
+    )
     metrics_port: int = Field(
         default=9400, ge=0, le=65535, description="Port of the worker's /metrics; 0: none."
     )

@@ -25,10 +25,10 @@ from app.jobs.keys import (
     DEAD,
     GROUP,
     JOB_SECONDS,
-    LORA_REFRESH,
     SWEEP_LOCK,
     WEBHOOK_GROUP,
     WEBHOOKS,
+    embeddings_key,
     idempotency_key,
     inflight_key,
     job_key,
@@ -37,6 +37,7 @@ from app.jobs.keys import (
     preview_key,
     queued_key,
     ratelimit_key,
+    refresh_key,
     retry_key,
     stream_key,
     tokenizer_key,
@@ -305,9 +306,18 @@ class ApiStore(Store):
                 out.setdefault(name, []).append(model)
         return dict(sorted(out.items()))
 
-    def refresh_loras(self) -> None:
-        """Ask every worker to read its LoRA folder again (at its next heartbeat)."""
-        self._r.incr(LORA_REFRESH)
+    def embeddings(self, model: str) -> dict[str, Any]:
+        """The embeddings the model's workers loaded and skipped, as A1111 lists them."""
+        value = self._r.get(embeddings_key(model))
+        if not isinstance(value, bytes):
+            return {"loaded": {}, "skipped": {}}
+        record: dict[str, Any] = json.loads(value)
+        return record
+
+    def refresh(self, what: str) -> None:
+        """Ask every worker to read its folder of `what` (loras, embeddings) again, at its
+        next heartbeat."""
+        self._r.incr(refresh_key(what))
 
     def cancel(self, job_id: str, owner: str = "") -> bool:
         """Cancel a queued or running job; False when it had already ended (or never was)."""

@@ -29,8 +29,12 @@ All keys live under the ``sdserve:`` prefix:
 - ``sdserve:loras``             JSON list of the LoRAs the model's workers take (names), set at
                                 each heartbeat with a TTL; ``sdserve:loras:<model>`` for each
                                 named model
-- ``sdserve:lora_refresh``      counter: A1111's refresh-loras bumps it; workers read their LoRA
-                                folders again when it moves
+- ``sdserve:embeddings``        JSON of the textual-inversion embeddings the model's workers
+                                loaded and skipped (A1111's shape), set at each heartbeat with a
+                                TTL; ``sdserve:embeddings:<model>`` for each named model
+- ``sdserve:refresh:<what>``    counter (``loras``, ``embeddings``): A1111's refresh-loras and
+                                refresh-embeddings bump it; workers read their folders again
+                                when it moves
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ JOB_SECONDS = "sdserve:stats:job_seconds"
 SWEEP_LOCK = "sdserve:sweep"
 TOKENIZER = "sdserve:tokenizer"
 LORAS = "sdserve:loras"
-LORA_REFRESH = "sdserve:lora_refresh"
+EMBEDDINGS = "sdserve:embeddings"
 
 
 def _per_model(key: str, model: str) -> str:
@@ -72,6 +76,14 @@ def tokenizer_key(model: str) -> str:
 
 def loras_key(model: str) -> str:
     return _per_model(LORAS, model)
+
+
+def embeddings_key(model: str) -> str:
+    return _per_model(EMBEDDINGS, model)
+
+
+def refresh_key(what: str) -> str:
+    return f"sdserve:refresh:{what}"
 
 
 def job_key(job_id: str) -> str:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tokenizers import Tokenizer
 
@@ -34,6 +34,9 @@ class PublishedTokenizer:
     default_side: int = 512
     # Its family ("sd": SD 1.x/2.x, "sdxl"): a refiner must be of its base's.
     family: str = "sd"
+    # Textual-inversion embeddings of several vectors: the token a prompt names (its id, as
+    # text) read as all of theirs (worker/embeddings.py).
+    expansions: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -52,8 +55,13 @@ class PublishedTokenizer:
         tokenizer.no_truncation()
         tokenizer.no_padding()
 
+        expansions = {int(first): ids for first, ids in self.expansions.items()}
+
         def tokenize(text: str) -> list[int]:
-            return list(tokenizer.encode(text, add_special_tokens=False).ids)
+            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            if not expansions:
+                return list(ids)
+            return [each for i in ids for each in expansions.get(i, [i])]
 
         return Vocabulary(tokenize, self.start, self.end, self.pad, self.comma)
 

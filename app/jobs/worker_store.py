@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +20,14 @@ from app.jobs.contract import Delivery, ErrorCode, Job, Status, parse_request
 from app.jobs.keys import (
     DEAD,
     GROUP,
-    LORA_REFRESH,
     WEBHOOKS,
     WORKERS,
+    embeddings_key,
     job_key,
     loras_key,
     preview_key,
     queued_key,
+    refresh_key,
     stream_key,
     tokenizer_key,
     worker_key,
@@ -318,10 +319,14 @@ class WorkerStore(Store):
         after `ttl_s` unless published again (a worker that left takes its list along)."""
         self._r.set(loras_key(model), json.dumps(sorted(names)), ex=ttl_s)
 
-    def lora_refreshes(self) -> int:
-        """How many times A1111's refresh-loras was asked for (workers read their folders
-        again when it moves)."""
-        value = self._r.get(LORA_REFRESH)
+    def publish_embeddings(self, model: str, record: Mapping[str, object], ttl_s: int) -> None:
+        """The embeddings the model's workers loaded and skipped (A1111's shape)."""
+        self._r.set(embeddings_key(model), json.dumps(record), ex=ttl_s)
+
+    def refreshes(self, what: str) -> int:
+        """How many times A1111's refresh-loras or refresh-embeddings (`what`) was asked for
+        (workers read their folders again when it moves)."""
+        value = self._r.get(refresh_key(what))
         return int(value) if isinstance(value, bytes | str) else 0
 
     def retire(self, worker: str, token: str) -> None:

@@ -171,7 +171,17 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         "/refresh-loras", summary="A1111-compatible: workers read their LoRA folders again"
     )
     def refresh_loras(_caller: Caller = authenticated) -> None:
-        store.refresh_loras()
+        store.refresh("loras")
+
+    @routes.get("/embeddings",
+                summary="A1111-compatible: the embeddings, loaded and skipped")  # fmt: skip
+    def embeddings(_caller: Caller = authenticated) -> dict[str, Any]:
+        return store.embeddings(model())
+
+    @routes.post("/refresh-embeddings",
+                 summary="A1111-compatible: workers read their embeddings again")  # fmt: skip
+    def refresh_embeddings(_caller: Caller = authenticated) -> None:
+        store.refresh("embeddings")
 
     @routes.get("/options", summary="A1111-compatible: this server's settings, as A1111 names them")
     def options(_caller: Caller = authenticated) -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""Random-weight LoRA files for a model, in the key layouts people's files come in (issue 23):
+"""Random-weight add-ons for a model, in the layouts people's files come in (issue 23): LoRAs in
 diffusers/PEFT (`unet.<layer>.lora_A.weight`) and kohya/A1111 (`lora_unet_<layer>.lora_down.
-weight` with an `alpha`). The tests load them into diffusers' pipeline and into sdserve's
+weight` with an `alpha`) keys; textual-inversion embeddings as A1111 (`.pt` with
+`string_to_param`, `.safetensors` with `emb_params`, SDXL's `clip_l`/`clip_g`) and diffusers
+(`{token: vectors}`) write them. The tests load them into diffusers' pipeline and into sdserve's
 workers; the benchmarks write them at the real models' sizes and at real ranks.
 """
 
@@ -83,3 +85,35 @@ def _meta_text_encoder(folder: Path, projection: bool) -> nn.Module:
     with torch.device("meta"):
         encoder: nn.Module = kind(config)
     return encoder
+
+
+EmbeddingLayout = Literal["a1111-pt", "a1111", "diffusers"]
+
+
+def build_tiny_embedding(
+    model: Path, target: Path, layout: EmbeddingLayout = "a1111", vectors: int = 2, seed: int = 0
+) -> Path:
+    """Write a random textual-inversion embedding of `vectors` vectors for the model's text
+    encoders to `target` (its file name, without the suffix, is its name): one tensor for SD
+    1.x/2.x, `clip_l` and `clip_g` for SDXL (A1111's layout). Its vectors are about the size of
+    the model's own token embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    options = pipeline_options(str(model))
+    widths = {name: int(CLIPTextConfig.from_pretrained(str(model / name)).hidden_size)
+              for name in ("text_encoder", "text_encoder_2") if present(options, name)}  # fmt: skip
+    tensors = {name: torch.randn(vectors, width, generator=generator) * 0.5
+               for name, width in widths.items()}  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if "text_encoder_2" in tensors:
+        save_file({"clip_l": tensors["text_encoder"], "clip_g": tensors["text_encoder_2"]},
+                  str(target))  # fmt: skip
+    elif layout == "a1111-pt":
+        vector = tensors["text_encoder"]
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vector},
+                    "name": target.stem, "step": 1000, "sd_checkpoint_name": "tiny"},
+                   str(target))  # fmt: skip
+    elif layout == "a1111":
+        save_file({"emb_params": tensors["text_encoder"]}, str(target))
+    else:
+        save_file({f"<{target.stem}>": tensors["text_encoder"]}, str(target))
+    return target
