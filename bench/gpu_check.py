@@ -12,12 +12,17 @@ Builds the SD1.5-sized random-weight model (if missing), starts the service as p
            at strength 0.75; (e) prompts of 2-3 chunks of 75 tokens; alone: one request at a time
   restart  the worker again, with the compile cache the first start left
 
+With `--loras` (issue 23) the worker serves 8 LoRAs (bench/loras.py writes them): the kinds
+are run again with LoRAs on them, and (l) is (a) with half the requests carrying LoRAs, against
+(a) on the same worker (≥ 0.90).
+
 (Static batching's side, `--static`, went with static batching on 2026-12-04; BENCHMARKS.md
 keeps the comparisons.)
 Prints one table, every figure beside its target, writes OUT/gpu_check.{json,md}, and exits 1
 when a target is missed (2 when a kind failed or compiled while serving).
 
     python3 -m bench.gpu_check --out DIR [--seconds 15] [--warmup 5] [--kinds-only --arch ARCH]
+        [--loras]
 """
 
 from __future__ import annotations
@@ -101,10 +106,19 @@ async def one(http: httpx.AsyncClient, route: str, body: dict[str, Any]) -> tupl
         await asyncio.sleep(0.02)
 
 
-async def every_kind(url: str, side: int) -> list[dict[str, Any]]:
+def lora_kinds(side: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every kind again, with LoRAs (one, two, at other weights) on it."""
+    from bench.loras import lora_set
+
+    return {f"{name} + LoRAs": (route, body | {"loras": lora_set(2 * k + 1)})
+            for k, (name, (route, body)) in enumerate(kinds(side).items())}  # fmt: skip
+
+
+async def every_kind(url: str, side: int, loras: bool = False) -> list[dict[str, Any]]:
     rows = []
+    cases = kinds(side) | (lora_kinds(side) if loras else {})
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        for name, (route, body) in kinds(side).items():
+        for name, (route, body) in cases.items():
             status, seconds = await one(http, route, body)
             rows.append({"kind": name, "status": status, "seconds": seconds,
                          "recompiles": recompiles()})  # fmt: skip
@@ -175,10 +189,17 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     shutil.rmtree(cache, ignore_errors=True)
     result: dict[str, Any] = {}
     warm, secs = args.warmup, args.seconds
-    with service(args.model, "continuous", args, work, cache) as (url, startup, log):
+    extra = {}
+    if args.loras:
+        from bench.loras import write_loras
+
+        folder = work / f"loras-{Path(args.model).name}"
+        write_loras(Path(args.model), folder)
+        extra = {"SDSERVE_LORA_DIR": str(folder), "SDSERVE_LORA_SLOTS": "10"}
+    with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
         result["cold_start_s"] = startup
         print(f"continuous: ready in {startup:.0f}s (no compile cache)", flush=True)
-        result["kinds"] = asyncio.run(every_kind(url, args.side))
+        result["kinds"] = asyncio.run(every_kind(url, args.side, args.loras))
         if args.kinds_only:
             result["alone"] = asyncio.run(idle(url, 6, args.side))
             result["recompiles"] = recompiles()
@@ -187,6 +208,10 @@ def run(args: Any, work: Path) -> dict[str, Any]:
                                     if re.search(said, line)]  # fmt: skip
             return result
         loads = {"a": uniform, "b": mixed, "d": half_img2img, "e": long_prompts}
+        if args.loras:
+            from bench.loras import with_loras
+
+            loads["l"] = with_loras
         for name, body in loads.items():
             sums = in_window(warm, secs)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
@@ -200,7 +225,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         said = r"warmed up|warm-up:|loaded in|compiled while"
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(said, line)]  # fmt: skip
-    with service(args.model, "continuous", args, work, cache) as (_url, startup, _log):
+    with service(args.model, "continuous", args, work, cache, extra) as (_url, startup, _log):
         result["warm_start_s"] = startup
         print(f"continuous: ready in {startup:.0f}s (with the compile cache)", flush=True)
     return result
@@ -221,6 +246,10 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         target = 0.90 if key == "e" else 0.95
         rows.append((f"{name}, 25-step eq./s of (a)'s", f"{r[key]['eq25_s']:.2f} = {share:.2f}",
                      f"≥ {target:.2f}", share >= target))  # fmt: skip
+    if "l" in r:
+        share = r["l"]["img_s"] / a["img_s"] if a["img_s"] else 0.0
+        rows.append(("(l) half with LoRAs img/s, / (a)", f"{r['l']['img_s']:.2f} = {share:.2f}",
+                     "≥ 0.90", share >= 0.90))  # fmt: skip
     c = r["c"]
     rows.append((f"(c) Poisson {c['rate_per_s']:.2f}/s p50 / p95 s",
                  f"{c['latency_p50_s']:.2f} / {c['latency_p95_s']:.2f}", "≤ 1.0 / 2.0",
@@ -245,7 +274,7 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines += ["", "| load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |"
               " GPU in steps / decodes / encodes | step ms | rows a step |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for key in ("a", "b", "c", "d", "e"):
+    for key in [k for k in ("a", "b", "c", "d", "e", "l") if k in r]:
         x = r[key]
         g = x.get("gpu")
         gpu = "| | |"
@@ -266,6 +295,9 @@ def main() -> None:
         action="store_true",
         help="only the start, every kind once (no compile while serving) and alone: a model"
         " too large for the loads in one call (SDXL: --arch sdxl --side 1024 --max-batch 8)",
+    )
+    parser.add_argument(
+        "--loras", action="store_true", help="serve 8 LoRAs: kinds with LoRAs, (l) half with"
     )
     args = parser.parse_args()
     work = batching.prepare(args)
