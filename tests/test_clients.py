@@ -39,6 +39,7 @@ from app.jobs.keys import WEBHOOK_GROUP, WEBHOOKS
 from app.settings import ApiSettings
 from app.webhooks import WebhookSender
 from tests.conftest import JobStore, enqueue, process, sdserve_env, serving, wait_for
+from worker.tiny_addons import build_tiny_lora
 
 KEY = "sds_client-key"
 SECRET = "webhook-secret-of-the-tests"
@@ -59,14 +60,17 @@ def service(
     """The API (real HTTP, in this process) and a worker process; yields the API's URL."""
     url = f"{redis_server.connection_url}/7"
     redis.Redis.from_url(url).flushdb()
-    log = tmp_path_factory.mktemp("clients") / "worker.log"
-    env = sdserve_env(url, tiny_model, batch_window_ms="20")
+    work = tmp_path_factory.mktemp("clients")
+    log = work / "worker.log"
+    build_tiny_lora(tiny_model, work / "loras" / "style.safetensors", "kohya", rank=4)
+    env = sdserve_env(url, tiny_model, batch_window_ms="20", lora_dir=str(work / "loras"))
     with (
         serving(create_app(JobStore.connect(url, 3600, 5), api_settings(url))) as api_url,
         process(["worker"], env, log),
     ):
-        ready = httpx.Client(base_url=api_url)
+        ready = httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {KEY}"})
         wait_for(lambda: ready.get("/readyz").status_code == 200, 120, "a worker")
+        wait_for(lambda: ready.get("/v1/loras").json()["data"] != [], 30, "the worker's LoRAs")
         yield api_url
 
 
@@ -389,10 +393,16 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     assert missing.returncode == 2 and "cannot read nope.png" in missing.stderr
     lonely = run_cli("x", "--mask", "mask.png", "--url", service, cwd=tmp_path)
     assert lonely.returncode == 2 and "--mask needs --image" in lonely.stderr
-    # --lora reaches the worker (this one serves none: the job fails, saying so).
-    lora = run_cli("x", "--lora", "style:0.5", "--lora", "detail:0.3:1.2", "--steps", "2",
-                   "--url", service, "--key", KEY, cwd=tmp_path)  # fmt: skip
-    assert lora.returncode == 1 and "serves no LoRAs" in lora.stderr, lora.stderr
+    # --lora: the LoRA on the images (the infotext says it), an unknown one named.
+    lora = run_cli("x", "-o", "lora", "--lora", "style:0.3:0.5", "--steps", "2", "--url",
+                   service, "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert lora.returncode == 0, lora.stderr
+    [styled] = (tmp_path / "lora").glob("*.png")
+    info = png(styled.read_bytes()).info["parameters"]
+    assert info.startswith("x <lora:style:0.3:0.5>") and 'Lora hashes: "style: ' in info
+    unknown_lora = run_cli("x", "--lora", "style", "--lora", "detail:0.3:1.2", "--url", service,
+                           "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert unknown_lora.returncode == 2 and "no LoRA named 'detail'" in unknown_lora.stderr
     malformed = run_cli("x", "--lora", "style:abc", "--url", service, cwd=tmp_path)
     assert malformed.returncode == 2 and "NAME:TE:UNET" in malformed.stderr
     down = run_cli("x", "--url", "http://127.0.0.1:9", cwd=tmp_path)
@@ -449,6 +459,30 @@ def test_the_playground_shows_progress_and_the_images(service: str) -> None:
         assert page.locator("#status").get_attribute("class") == "error"
 
 
+def test_the_playground_puts_loras_on_a_job(service: str) -> None:
+    """The LoRAs the workers take are offered; a row added, its weight set, goes with the job."""
+    from playwright.sync_api import expect
+
+    with playground(service) as page:
+        page.dispatch_event("#key", "change")  # the LoRAs, read with the key
+        expect(page.locator("#add-lora")).to_be_enabled(timeout=10_000)
+        page.fill("#prompt", "a lighthouse")
+        page.fill("#steps", "3")
+        page.click("#add-lora")
+        row = page.locator("#loras .lora")
+        assert row.locator("select option").all_text_contents() == ["style (default)"]
+        row.locator("input[type=range]").fill("0.6")
+        with page.expect_request("**/v1/txt2img") as sent:
+            page.click("#go")
+        assert sent.value.post_data_json["loras"] == [{"name": "style", "weight": 0.6}]
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+        row.locator("button").click()  # removed: the next job has none
+        with page.expect_request("**/v1/txt2img") as sent:
+            page.click("#go")
+        assert "loras" not in sent.value.post_data_json
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+
+
 def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Path) -> None:
     """Upload a picture, paint a mask over part of it with the mouse, submit: the result is the
     picture's size, redrawn under the paint and the same as the picture far from it."""
@@ -462,6 +496,7 @@ def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Pa
         page.set_input_files("#image", str(tmp_path / "field.png"))
         expect(page.locator("#canvas-box")).to_be_visible()
         assert page.input_value("#width") == "" and page.input_value("#height") == ""
+        page.locator("#mask").scroll_into_view_if_needed()  # the mouse paints what it sees
         box = page.locator("#mask").bounding_box()
         assert box is not None
         page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5)

@@ -76,11 +76,8 @@ class SourceBody(GenerationRequest):
     height: Side | None = Field(default=None, description="Pixels; the source's height if absent.")  # type: ignore[assignment]
     image: str = IMAGE_FIELD
 
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _form_loras(cls, value: object) -> object:
-        """A multipart form's field is text: there, the LoRAs are its JSON list's."""
-        return form_json(value)
+    # A multipart form's field is text: there, the LoRAs are its JSON list's.
+    _form_loras = field_validator("loras", mode="before")(classmethod(lambda _c, v: form_json(v)))
 
 
 class Img2ImgBody(SourceBody):
@@ -106,6 +103,8 @@ class InpaintBody(SourceBody):
 
 class UpscaleBody(Upscaling):
     image: str = Field(description="The picture to enlarge; sent as `image` is to img2img.")
+
+    _form_loras = field_validator("loras", mode="before")(classmethod(lambda _c, v: form_json(v)))
 
 
 def fitted_size(width: int, height: int) -> tuple[int, int]:

@@ -4,7 +4,8 @@
 // browser's localStorage); events come over fetch, since EventSource cannot send a header.
 // With a picture it sends an img2img job, or, once a mask is painted over the picture, an
 // inpainting job: multipart, the picture as chosen and the mask as a PNG (white repaints); or,
-// with Upscale set, an upscaling job. The models come from GET /v1/models.
+// with Upscale set, an upscaling job. The models come from GET /v1/models, the LoRAs from
+// GET /v1/loras (a row each: which, and its weight).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -29,6 +30,11 @@ function request() {
     const value = $(field).value;
     if (value !== "") body[field] = field === "guidance_scale" ? parseFloat(value) : parseInt(value, 10);
   }
+  const loras = [...document.querySelectorAll("#loras .lora")].map((row) => ({
+    name: row.querySelector("select").value,
+    weight: parseFloat(row.querySelector("input").value),
+  }));
+  if (loras.length) body.loras = loras;
   return body;
 }
 
@@ -158,7 +164,9 @@ async function submission() {
     fields.scale = upscale;
     fields.method = $("upscale-method").value;
   }
-  for (const [field, value] of Object.entries(fields)) form.append(field, String(value));
+  for (const [field, value] of Object.entries(fields)) {
+    form.append(field, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   form.append("strength", $("strength").value);
   form.append("image", picture, picture.name);
   if (painted && !upscale) form.append("mask", await maskPng(), "mask.png");
@@ -233,9 +241,50 @@ async function models() {
   select.value = chosen;
 }
 
+// The LoRAs to choose from (GET /v1/loras), with the models each fits.
+let loraNames = [];
+async function loras() {
+  const response = await fetch("/v1/loras", { headers: headers() });
+  if (!response.ok) return;
+  const data = (await response.json()).data;
+  loraNames = data.map((lora) => [lora.name, lora.models.join(", ")]);
+  $("add-lora").disabled = loraNames.length === 0;
+  $("loras-hint").textContent = loraNames.length
+    ? "Each at its weight on every image (the UNet's and the text encoders')."
+    : "The server's LoRAs (GET /v1/loras), each at its weight on every image: none served yet.";
+}
+
+function addLora() {
+  const row = document.createElement("div");
+  row.className = "row lora";
+  const select = document.createElement("select");
+  select.setAttribute("aria-label", "LoRA");
+  for (const [name, fits] of loraNames) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = `${name} (${fits})`;
+    select.append(option);
+  }
+  const weight = document.createElement("input");
+  Object.assign(weight, { type: "range", min: "-2", max: "2", step: "0.05", value: "1" });
+  weight.setAttribute("aria-label", "weight");
+  const shown = document.createElement("output");
+  shown.value = "1";
+  weight.addEventListener("input", () => { shown.value = weight.value; });
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.textContent = "Remove";
+  remove.addEventListener("click", () => row.remove());
+  row.append(select, weight, shown, remove);
+  $("loras").append(row);
+}
+
 $("key").value = localStorage.getItem("sdserve-key") || "";
 models();
+loras();
 $("key").addEventListener("change", models);
+$("key").addEventListener("change", loras);
+$("add-lora").addEventListener("click", addLora);
 $("job").addEventListener("submit", run);
 $("image").addEventListener("change", choosePicture);
 $("drop-image").addEventListener("click", dropPicture);
