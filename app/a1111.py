@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -161,15 +162,19 @@ class Txt2ImgPayload(BaseModel):
             name = "DPM++ 2M Karras"
         return SAMPLERS[name]
 
-    def job_fields(self, models: list[str]) -> dict[str, Any]:
+    def job_fields(self, models: list[str], vaes: Sequence[str] = ()) -> dict[str, Any]:
         """The native request's fields (validated by its model afterwards); `models`: the
-        names served, the default first."""
+        names served, the default first; `vaes`: the VAEs a request may choose."""
         for field, refused in self.refusals().items():
             if refused:
                 raise A1111Error(field, f"sdserve cannot honour {shown(getattr(self, field))}")
         model = models[0]
         clip_skip = 1
+        vae = None
         for key, value in (self.override_settings or {}).items():
+            if key == "sd_vae" and value in (*vaes, None, "", "Automatic", "None"):
+                vae = value if value in vaes else None  # A1111's Automatic: the model's
+                continue
             if key == "sd_model_checkpoint" and value in (*models, None, ""):
                 model = value or model
                 continue
@@ -189,6 +194,7 @@ class Txt2ImgPayload(BaseModel):
             "width": self.width, "height": self.height, "steps": self.steps,
             "guidance_scale": self.cfg_scale, "scheduler": scheduler, "seed": seed,
             "n": self.batch_size * self.n_iter, "model": model, "clip_skip": clip_skip,
+            "vae": vae,
         }  # fmt: skip
         if self.enable_hr:
             fields["hires"] = self.hires()

@@ -81,6 +81,8 @@ class Tuning:
     lora_row_rank: int = 128
     # Textual-inversion embeddings' folder (worker/embeddings.py); None: none.
     embeddings: Path | None = None
+    # The VAEs a request may choose instead of the model's (SDSERVE_VAES): (name, source).
+    vaes: tuple[tuple[str, str], ...] = ()
 
     def buckets(self) -> list[int]:
         """Static batching: batch sizes a batch is padded up to: powers of two, and max_batch

@@ -146,3 +146,12 @@ def present(options: dict[str, Any], part: str) -> bool:
     """Whether the pipeline has this part (model_index.json names it with a class, not null)."""
     entry = options.get(part)
     return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def load_vae(source: str, like: Any) -> Any:
+    """Another VAE for the model (SDSERVE_VAES): a diffusers folder, its own or a model's `vae`
+    folder, in the dtype and on the device of the model's VAE `like`."""
+    folder = Path(source)
+    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
+    vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=like.dtype)
+    return vae.to(like.device).eval().requires_grad_(False)

@@ -31,7 +31,7 @@ from app.jobs.contract import Hires
 from app.jobs.prompts import Syntax
 from worker.adapters import Adapters, RowMix
 from worker.compiled import CompiledCalls, Tuning
-from worker.components import Components, load_components
+from worker.components import Components, load_components, load_vae
 from worker.devices import on_device
 from worker.embeddings import Embeddings
 from worker.families import family_of, joined, read
@@ -131,6 +131,7 @@ class Engine:
         )
         self.codec = Vae(parts, self.calls, tuning.vae_chunk)
         self.latents = LatentMaker(parts, self.family, self.codec, tuning, self.adapters)
+        self.latents.vaes = self._vaes(tuning)
         # What previews need of the schedule: the signal left at each timestep, and what the
         # UNet predicts.
         self._alphas_cumprod = (
@@ -141,6 +142,21 @@ class Engine:
         self._signals: dict[float, float] = {}
         self._observer: Observer | None = None
         self._timers: deque[tuple[GpuTimer, int, int]] = deque(maxlen=64)
+
+    def _vaes(self, tuning: Tuning) -> dict[str, Vae]:
+        """The VAEs of SDSERVE_VAES that fit this model (its latents' channels), loaded."""
+        held = {}
+        for name, source in tuning.vaes:
+            if self.parts.low_res_scheduler is not None:
+                break  # the x4 upscaler keeps its own
+            module = load_vae(source, self.vae)
+            mine = self.vae.config.latent_channels
+            if module.config.latent_channels != mine:
+                log.warning("VAE %s skipped for %s: %d latent channels, the model's %d", name,
+                            self.model, module.config.latent_channels, mine)  # fmt: skip
+                continue
+            held[name] = Vae(self.parts, self.calls, tuning.vae_chunk, module)
+        return held
 
     def refresh_embeddings(self) -> None:
         """Take the embeddings added to the folder since (on the GPU's thread, between steps:
@@ -171,6 +187,8 @@ class Engine:
     @observer.setter
     def observer(self, observer: Observer | None) -> None:
         self._observer = self.codec.observer = observer
+        for codec in self.latents.vaes.values():
+            codec.observer = observer
 
     def weight_bytes(self) -> int:
         return self.parts.weight_bytes()
@@ -280,7 +298,7 @@ class Engine:
 
     def images(self, decoding: Decoding) -> list[np.ndarray | None]:
         """A decoding's pixels, waiting for it if it is not ready (worker/vae.py)."""
-        return self.codec.images(decoding)
+        return decoding.codec.images(decoding)
 
     @torch.inference_mode()
     def step(self, lanes: Sequence[Lane], previews: Collection[str] = ()) -> Previews | None:
@@ -403,7 +421,8 @@ class Engine:
     def finish(self, lane: Lane) -> Decoding:
         """A finished lane's decode, started: `images` gives its pixels once `ready`."""
         whole = lane.tiling is None and self.calls.compiled(lane.size)
-        return self.codec.decode_async(lane.latents, whole)
+        codec = self.codec if lane.vae is None else self.latents.vaes[lane.vae]
+        return codec.decode_async(lane.latents, whole)
 
     def release_memory(self) -> None:
         """Give cached GPU memory back after an out-of-memory error, before retrying smaller."""

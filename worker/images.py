@@ -46,6 +46,8 @@ def parameters(
         "Size": f"{request.width}x{request.height}",
         "Model": model,
     }
+    if request.vae is not None:
+        settings["VAE"] = request.vae
     if request.clip_skip > 1:  # A1111 writes it when it is not the default
         settings["Clip skip"] = request.clip_skip
     settings |= task(request).words(request)  # its task's words, as A1111 writes them

@@ -24,6 +24,10 @@ class NoRefiner(NotHeld):
     """A job's refiner is not among the worker's models (SDSERVE_WORKER_MODELS)."""
 
 
+class NoVae(NotHeld):
+    """A job's VAE is not one this worker holds for its model (SDSERVE_VAES)."""
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """What differs between the images of one batch."""
@@ -35,6 +39,7 @@ class ImageSpec:
     syntax: Syntax = "plain"  # how both prompts read (app/jobs/prompts.py)
     clip_skip: int = 1  # the text encoder's layer both prompts are read at: 1 its last
     loras: tuple[LoraUse, ...] = ()  # its LoRAs, on both prompts' rows (worker/adapters.py)
+    vae: str | None = None  # the VAE that encodes and decodes it (SDSERVE_VAES); None: the model's
 
 
 @dataclass(frozen=True)

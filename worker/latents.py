@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from worker.compiled import Tuning
 from worker.components import Components
 from worker.devices import on_device, placed
 from worker.families import Family
-from worker.inputs import BatchShape, ImageSpec, Source
+from worker.inputs import BatchShape, ImageSpec, NoVae, Source
 from worker.plans import Plan, probe, refiner_start, start_step
 from worker.rows import Inpainting, Lane
 from worker.tiles import tiling
@@ -40,6 +41,7 @@ class LatentMaker:
     ) -> None:
         self.parts = parts
         self.adapters = adapters  # LoRAs per row, where served
+        self.vaes: dict[str, Vae] = {}  # the VAEs a job may choose (SDSERVE_VAES), by name
         self.family = family
         self.vae = vae
         self.tuning = tuning
@@ -58,6 +60,16 @@ class LatentMaker:
         )
         self._plans: dict[tuple[str, int, int, bool], Plan] = {}
         self._blank: dict[tuple[int, int], torch.Tensor] = {}
+
+    def codec(self, specs: Sequence[ImageSpec]) -> Vae:
+        """The VAE the job's images are encoded and decoded by: its choice, or the model's."""
+        name = specs[0].vae
+        if name is None:
+            return self.vae
+        if name not in self.vaes:
+            raise NoVae(f"vae: {name!r} is not a VAE this worker holds for"
+                        f" {Path(self.parts.model).name}")  # fmt: skip
+        return self.vaes[name]
 
     def plan(self, sampler: str, steps: int, start: int = 0, fresh: bool = False) -> Plan:
         """The sampler's plan over so many steps, probed once per (sampler, steps, start,
@@ -107,7 +119,9 @@ class LatentMaker:
         blends = source.mask is not None and not self.parts.inpainting_unet
         plan = self.plan(shape.scheduler, shape.steps, start, fresh=blends)
         generators = [torch.Generator(self.device).manual_seed(s.seed) for s in specs]
-        latents, inpainting, conditioning = self._from_source(generators, shape, source, plan)
+        codec = self.codec(specs)
+        latents, inpainting, conditioning = self._from_source(generators, shape, source, plan,
+                                                              codec)  # fmt: skip
         return self._lane(key, specs, shape, plan, generators, latents, inpainting, conditioning)
 
     @torch.inference_mode()
@@ -165,10 +179,10 @@ class LatentMaker:
                 Image.fromarray(
                     pixels if pixels is not None else np.zeros((1, 1, 3), np.uint8)
                 ).resize(size, Image.Resampling.LANCZOS)
-                for pixels in self.vae.decode(lane.latents)
+                for pixels in self.codec(specs).decode(lane.latents)
             ]
             encoded = torch.cat([
-                self.vae.sample_latents(self.pixels(picture, shape), [generator])
+                self.codec(specs).sample_latents(self.pixels(picture, shape), [generator])
                 for picture, generator in zip(pictures, generators, strict=True)
             ])  # fmt: skip
         noise = randn_tensor(encoded.shape, generator=generators, device=self.device,
@@ -259,10 +273,16 @@ class LatentMaker:
             class_labels=labels,
             tiling=tiles,
             mix=mix,
+            vae=specs[0].vae,
         )
 
     def _from_source(
-        self, generators: list[torch.Generator], shape: BatchShape, source: Source, plan: Plan
+        self,
+        generators: list[torch.Generator],
+        shape: BatchShape,
+        source: Source,
+        plan: Plan,
+        codec: Vae,
     ) -> tuple[torch.Tensor, Inpainting | None, torch.Tensor | None]:
         """Starting latents from a source image, and what inpainting needs each step. Each
         image draws from its own generator in diffusers' order: the VAE's sample of the source
@@ -278,9 +298,9 @@ class LatentMaker:
         inpainting_unet = self.parts.inpainting_unet
         encoded = None
         if source.enlarge:
-            encoded = enlarged(self.vae.mode_latents(image), shape4[-2:]).expand(shape4)
+            encoded = enlarged(codec.mode_latents(image), shape4[-2:]).expand(shape4)
         elif not (pure_noise and inpainting_unet):
-            encoded = self.vae.sample_latents(image, generators)
+            encoded = codec.sample_latents(image, generators)
         noise = randn_tensor(shape4, generator=generators, device=self.device, dtype=self.dtype)
         if pure_noise:
             latents = noise * plan.init_sigma
@@ -291,7 +311,7 @@ class LatentMaker:
             return latents, None, None
         mask = source.mask_pixels
         keep = placed(mask, self.device, self.dtype) < 0.5
-        masked = self.vae.sample_latents(image * keep, generators)
+        masked = codec.sample_latents(image * keep, generators)
         small = torch.nn.functional.interpolate(mask, size=shape4[-2:])
         small = placed(small, self.device, self.dtype)
         if inpainting_unet:  # the UNet sees the mask and the masked source

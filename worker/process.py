@@ -49,6 +49,7 @@ def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
         lora_slots=settings.lora_slots,
         lora_row_rank=settings.lora_row_rank,
         embeddings=settings.embeddings_dir,
+        vaes=tuple(settings.vaes.items()),
     )
 
 

@@ -70,6 +70,8 @@ class Lane:
     model: str | None = None
     # Each cond row's LoRAs (its uncond row takes the same), where the worker serves LoRAs.
     mix: RowMix | None = None
+    # The VAE that decodes it (SDSERVE_VAES); None: the model's.
+    vae: str | None = None
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
 

@@ -32,6 +32,7 @@ def image_specs(request: JobRequest) -> list[ImageSpec]:
             request.prompt_syntax,
             request.clip_skip,
             loras,
+            request.vae,
         )
         for seed in request.seeds()
     ]

@@ -78,8 +78,8 @@ class TaskWork:
         if wanted is None or lane.model is not None:
             return None
         assert refiner is not None, "the loop finds the refiner's engine"
-        # The job's LoRAs are its model's: the refiner runs without them.
-        specs = [replace(spec, loras=()) for spec in image_specs(request)]
+        # The job's LoRAs and VAE are its model's: the refiner runs with its own.
+        specs = [replace(spec, loras=(), vae=None) for spec in image_specs(request)]
         made = refiner.latents.refined(lane, specs, self.shape(request), wanted.switch_at)
         made.model = wanted.model
         return made

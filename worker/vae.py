@@ -21,11 +21,17 @@ log = logging.getLogger("sdserve.engine")
 
 
 class Vae:
-    def __init__(self, parts: Components, calls: CompiledCalls, chunk: int) -> None:
+    def __init__(
+        self, parts: Components, calls: CompiledCalls, chunk: int, module: Any = None
+    ) -> None:
+        """`module`: another VAE than the model's (SDSERVE_VAES), run eagerly: only the
+        model's own decoder is compiled (no VAE a request chooses compiles while serving)."""
         self.parts = parts
         self.calls = calls
         self.chunk = chunk  # images per decode call: its memory grows with the pixels
-        self.scaling = float(parts.vae.config.scaling_factor)
+        self.module: Any = parts.vae if module is None else module
+        self.own = module is None
+        self.scaling = float(self.module.config.scaling_factor)
         self.observer: Observer | None = None
         self._fp32: Any = None
         # Encodes timed on the GPU, read once the GPU has got there (a later call): timing
@@ -51,7 +57,7 @@ class Vae:
 
     def _encode(self, image: torch.Tensor) -> Any:
         timer = GpuTimer(self.parts.device)
-        vae = self.parts.vae
+        vae = self.module
         posterior = vae.encode(image.to(vae.dtype)).latent_dist  # an upcast VAE's: fp32
         self._encodes.append(timer.stop())
         while self._encodes and self._encodes[0].ready():
@@ -71,15 +77,18 @@ class Vae:
         image are copied to the host behind the GPU's work, so the caller does not wait."""
         chunk = self.chunk
         timer = GpuTimer(self.parts.device)
-        scaled = latents.to(self.parts.vae.dtype) / self.scaling  # as diffusers: cast, then scale
+        scaled = latents.to(self.module.dtype) / self.scaling  # as diffusers: cast, then scale
         parts = []
         for start in range(0, len(scaled), chunk):
             part = scaled[start : start + chunk]
             padded = torch.cat([part, part[-1:].expand(chunk - len(part), *part.shape[1:])])
-            parts.append(self.calls.decode(padded, compiled)[: len(part)])
+            if self.own:
+                parts.append(self.calls.decode(padded, compiled)[: len(part)])
+            else:
+                parts.append(self.module.decode(padded.contiguous()).sample[: len(part)])
         pixels = torch.cat(parts)
         finite = torch.isfinite(pixels).flatten(1).all(1)
-        return Decoding(latents, to_uint8(pixels), finite, timer)
+        return Decoding(latents, to_uint8(pixels), finite, timer, self)
 
     @torch.inference_mode()
     def images(self, decoding: Decoding) -> list[np.ndarray | None]:
@@ -104,7 +113,7 @@ class Vae:
     def _fp32_vae(self) -> Any:
         """The VAE in fp32, made on first need (most deployments never need it)."""
         if self._fp32 is None:
-            vae = self.parts.vae
+            vae = self.module
             self._fp32 = vae if vae.dtype == torch.float32 else copy.deepcopy(vae).float()
         return self._fp32
 
@@ -114,9 +123,15 @@ class Decoding:
     the copy runs behind the GPU's queue), and the latents for an fp32 retry."""
 
     def __init__(
-        self, latents: torch.Tensor, pixels: torch.Tensor, finite: torch.Tensor, timer: GpuTimer
+        self,
+        latents: torch.Tensor,
+        pixels: torch.Tensor,
+        finite: torch.Tensor,
+        timer: GpuTimer,
+        codec: Vae,
     ) -> None:
         self.latents = latents
+        self.codec = codec  # the VAE that decodes it (and decodes again in fp32)
         if pixels.is_cuda:
             self.pixels = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
             self.finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)

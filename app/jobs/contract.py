@@ -272,6 +272,13 @@ class Generation(BaseModel):
         " in the same UNet call have theirs, or none). A1111's `<lora:name:weight>` in a"
         " prompt comes here on its routes.",
     )
+    vae: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=MODEL_NAME,
+        description="The VAE that encodes and decodes the job's pictures: one of the"
+        " deployment's SDSERVE_VAES (`GET /sdapi/v1/sd-vae`); the model's own when absent.",
+    )
     scheduler: SchedulerName = Field(default="dpmpp_2m", description="Sampler.")
     seed: Seed | None = None
     n: Count = 1

@@ -51,6 +51,12 @@ class CommonSettings(BaseSettings):
         " requests choose with `model`. Unset: one model, SDSERVE_MODEL, named `default`.",
     )
 
+    vaes: Annotated[dict[str, str], NoDecode] = Field(
+        default={},
+        description="VAEs a request may choose instead of its model's (`vae`), each NAME=SOURCE"
+        " (a diffusers VAE folder, or a model folder whose `vae` it is), or a JSON object.",
+    )
+
     upscaler: str = Field(
         default="",
         description="The Stable Diffusion x4 upscaler (hub id or folder) for `method: x4`"
@@ -61,7 +67,7 @@ class CommonSettings(BaseSettings):
         """The names a request may choose, the default first."""
         return list(self.models) or [DEFAULT_MODEL]
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "vaes", mode="before")
     @classmethod
     def _models_text(cls, value: object) -> object:
         if not isinstance(value, str):
@@ -73,13 +79,13 @@ class CommonSettings(BaseSettings):
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, equals, source = part.partition("=")
             if not equals or not name.strip() or not source.strip():
-                raise ValueError(f"{part!r}: write each model as NAME=SOURCE")
+                raise ValueError(f"{part!r}: write each as NAME=SOURCE")
             if name.strip() in pairs:
                 raise ValueError(f"{name.strip()!r} is named twice")
             pairs[name.strip()] = source.strip()
         return pairs
 
-    @field_validator("models")
+    @field_validator("models", "vaes")
     @classmethod
     def _model_names(cls, models: dict[str, str]) -> dict[str, str]:
         for name, source in models.items():

@@ -89,7 +89,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     @routes.post("/txt2img", summary="A1111-compatible text to image (waits)", responses=waits)
     async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        fields = native(lambda: payload.job_fields(store.models))
+        fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes)))
         request = native(lambda: Txt2ImgRequest.model_validate(fields, strict=False))
         return await run(http, caller, payload, request, {})
 
@@ -97,7 +97,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                  responses=waits)  # fmt: skip
     async def img2img(payload: a1111.Img2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        fields = native(lambda: payload.job_fields(store.models))
+        fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes)))
         try:
             data = {"image": from_base64("init_images", payload.init_images[0])}
             if payload.mask is not None:
@@ -161,6 +161,10 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     def sd_models(_caller: Caller = authenticated) -> list[dict[str, Any]]:
         return [{"title": name, "model_name": name, "hash": None, "sha256": None,
                  "filename": name, "config": None} for name in store.models]  # fmt: skip
+
+    @routes.get("/sd-vae", summary="A1111-compatible: the VAEs a request may choose")
+    def sd_vae(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        return [{"model_name": name, "filename": name} for name in ctx.settings.vaes]
 
     @routes.get("/loras", summary="A1111-compatible: the LoRAs served (names; no server paths)")
     def loras(_caller: Caller = authenticated) -> list[dict[str, Any]]:

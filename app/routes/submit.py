@@ -83,6 +83,11 @@ class Submitter:
         _check_hires(request, self.ctx.settings)
         self._check_refiner(request, model)
         self._check_loras(request, model)
+        if request.vae is not None and request.vae not in self.ctx.settings.vaes:
+            served = ", ".join(self.ctx.settings.vaes) or "none"
+            problem = f"unknown VAE {request.vae!r}; this server's: {served} (SDSERVE_VAES)"
+            raise RequestValidationError([{"loc": ("body", "vae"), "msg": problem,
+                                           "type": "value_error"}])  # fmt: skip
         normalized = request.model_copy(
             update={
                 "seed": secrets.randbelow(SEED_MAX + 1) if request.seed is None else request.seed,

@@ -1,0 +1,98 @@
+"""VAE choice (issue 23, 6): a request may choose one of SDSERVE_VAES (native `vae`, A1111's
+`override_settings.sd_vae`, listed by `/sdapi/v1/sd-vae`); its pictures are encoded and decoded
+by that VAE, as diffusers' pipelines given it as `vae` make them, while its rows share UNet
+calls with rows of the model's own VAE. An unknown VAE is a 422 naming `vae`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from app.a1111 import A1111Error, Txt2ImgPayload
+from app.api import create_app
+from app.jobs.contract import Txt2ImgRequest
+from app.settings import ApiSettings
+from tests.conftest import JobStore, serving
+from tests.test_rows import max_diff, run
+from worker.engine import BatchShape, Engine, ImageSpec, Source, Tuning
+from worker.images import parameters
+from worker.schedulers import make_scheduler
+from worker.tiny import build_tiny_model
+
+CPU = torch.device("cpu")
+
+
+def pixels(images: np.ndarray) -> list[np.ndarray]:
+    return list((np.asarray(images) * 255).round().astype(np.uint8))
+
+
+def picture() -> Image.Image:
+    y, x = np.mgrid[0:64, 0:64]
+    return Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8))
+
+
+def test_a_row_is_encoded_and_decoded_by_its_vae_as_diffusers_does(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = build_tiny_model(tmp_path_factory.mktemp("vae") / "other", "tiny", seed=3)
+    engine = Engine(str(tiny_model), CPU,
+                    Tuning(max_batch=4, rows=True, vaes=(("other", str(other)),)))  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(str(other), subfolder="vae")
+    common = {"height": 64, "width": 64, "num_inference_steps": 4, "guidance_scale": 6.0,
+              "negative_prompt": "blurry", "output_type": "np"}  # fmt: skip
+    theirs = {}
+    for name, kind, extra in [("text", StableDiffusionPipeline, {}),
+                              ("picture", StableDiffusionImg2ImgPipeline,
+                               {"image": picture(), "strength": 0.6})]:  # fmt: skip
+        for chosen in ("other", None):
+            options = {"vae": vae} if chosen else {}
+            pipe = kind.from_pretrained(str(tiny_model), safety_checker=None, **options)
+            pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
+            pipe.set_progress_bar_config(disable=True)
+            made = pipe("a red fox", generator=[torch.Generator().manual_seed(4)], **common,
+                        **extra).images  # fmt: skip
+            theirs[name, chosen] = pixels(made)[0]
+    assert max_diff(theirs["text", "other"], theirs["text", None]) > 2  # the VAE shows
+    shape = BatchShape(64, 64, 4, "euler")
+    source = Source(picture(), 0.6)
+    lanes = []
+    for chosen in ("other", None):
+        spec = ImageSpec("a red fox", "blurry", 6.0, 4, vae=chosen)
+        lanes.append(engine.prepare(f"text {chosen}", [spec], shape))
+        lanes.append(engine.prepare(f"picture {chosen}", [spec], shape, source))
+    ours = run(engine, lanes)  # both VAEs' rows in each UNet call
+    for name in ("text", "picture"):
+        for chosen in ("other", None):
+            assert max_diff(ours[f"{name} {chosen}"][0], theirs[name, chosen]) <= 1, (name, chosen)
+
+
+def test_the_api_offers_the_vaes_and_refuses_others(
+    redis_url: str, store: JobStore, tiny_model: Path
+) -> None:
+    settings = ApiSettings(redis_url=redis_url, auth="off", vaes={"other": str(tiny_model)})
+    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as http:
+        assert http.get("/sdapi/v1/sd-vae").json() == [{"model_name": "other",
+                                                        "filename": "other"}]  # fmt: skip
+        refused = http.post("/v1/txt2img", json={"prompt": "a", "vae": "nope"})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "vae"]
+        accepted = http.post("/v1/txt2img", json={"prompt": "a", "vae": "other"})
+        assert accepted.status_code == 202, accepted.text
+        job = http.get(f"/jobs/{accepted.json()['id']}").json()
+        assert job["request"]["vae"] == "other"
+    fields = Txt2ImgPayload(prompt="a", override_settings={"sd_vae": "other"}).job_fields(
+        ["default"], ["other"]
+    )
+    assert fields["vae"] == "other"
+    automatic = Txt2ImgPayload(prompt="a", override_settings={"sd_vae": "Automatic"})
+    assert automatic.job_fields(["default"], ["other"])["vae"] is None
+    with pytest.raises(A1111Error) as unknown:
+        Txt2ImgPayload(prompt="a", override_settings={"sd_vae": "nope"}).job_fields(["default"])
+    assert unknown.value.field == "override_settings.sd_vae"
+    request = Txt2ImgRequest(prompt="a", vae="other", seed=1)
+    assert "VAE: other" in parameters(request, 1, "tiny")
