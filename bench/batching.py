@@ -354,6 +354,23 @@ def service_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
     return parser
 
 
+def provenance(device: str) -> dict[str, str]:
+    """Where a run's figures come from: the GPU, the date, the commit and the command line. A
+    copy of a working tree (the lent GPU machines get one) may sit on an older HEAD: its
+    uncommitted changes are said."""
+    import torch
+
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], capture_output=True, text=True).stdout.strip()
+
+    commit = (git("rev-parse", "--short", "HEAD") or "?") + (
+        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    )
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    return {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+            "command": " ".join(sys.argv)}  # fmt: skip
+
+
 def prepare(args: argparse.Namespace) -> Path:
     """The image side set, the output and work folders made, the model built if missing;
     returns the work folder."""

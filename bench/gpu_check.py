@@ -302,23 +302,7 @@ def main() -> None:
     args = parser.parse_args()
     work = batching.prepare(args)
     batching.SOURCE_PICTURE.append(batching.source_picture())
-    import subprocess
-
-    import torch
-
-    def git(*words: str) -> str:
-        return subprocess.run(["git", *words], capture_output=True, text=True).stdout.strip()
-
-    # A copy of a working tree (the lent GPU machines get one) may sit on an older HEAD.
-    commit = (git("rev-parse", "--short", "HEAD") or "?") + (
-        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
-    )
-    results: dict[str, Any] = {
-        "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit,
-        "command": " ".join(sys.argv),
-    }
+    results: dict[str, Any] = batching.provenance(args.device)
     results |= run(args, work)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2))  # kept if cut off
     if args.kinds_only:

@@ -25,7 +25,6 @@ import random
 import re
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -242,24 +241,9 @@ def main() -> None:
     wrote = write_loras(model, folder)
     if wrote:
         print(f"wrote LoRAs: {wrote}", flush=True)
-    import subprocess
-
-    def git(*words: str) -> str:
-        return subprocess.run(["git", *words], capture_output=True, text=True).stdout.strip()
-
-    commit = (git("rev-parse", "--short", "HEAD") or "?") + (
-        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
-    )
     path = args.out / "loras.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    if args.device == "cuda":
-        import torch
-
-        gpu = torch.cuda.get_device_name(0)
-    else:
-        gpu = "cpu"
-    results |= {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "commit": commit,
-                "command": " ".join(sys.argv)}  # fmt: skip
+    results |= batching.provenance(args.device)
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=2))

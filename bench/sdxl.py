@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -287,21 +286,9 @@ def main() -> None:
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
     made = models(work, args.device == "cpu")
-    import subprocess
-
-    import torch
-
-    def git(*words: str) -> str:
-        return subprocess.run(["git", *words], capture_output=True, text=True).stdout.strip()
-
-    commit = (git("rev-parse", "--short", "HEAD") or "?") + (
-        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
-    )
     path = args.out / "sdxl.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    results |= {"gpu": gpu, "date": time.strftime("%Y-%m-%d"),
-                "commit": commit, "command": " ".join(sys.argv)}  # fmt: skip
+    results |= batching.provenance(args.device)
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=2))
