@@ -23,6 +23,7 @@ from tests.test_rows import max_diff, run
 from worker.engine import BatchShape, Engine, ImageSpec, Source, Tuning
 from worker.images import parameters
 from worker.schedulers import make_scheduler
+from worker.settings import WorkerSettings, split_source
 from worker.tiny import build_tiny_model
 
 CPU = torch.device("cpu")
@@ -96,3 +97,28 @@ def test_the_api_offers_the_vaes_and_refuses_others(
     assert unknown.value.field == "override_settings.sd_vae"
     request = Txt2ImgRequest(prompt="a", vae="other", seed=1)
     assert "VAE: other" in parameters(request, 1, "tiny")
+
+
+def test_a_model_runs_with_the_vae_sdserve_models_names(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> None:
+    """`SDSERVE_MODELS=sd=/models/x;vae=/vaes/y`: the model's pictures go through that VAE,
+    as diffusers' pipeline given it as `vae` makes them; a wrong option stops the settings."""
+    other = build_tiny_model(tmp_path_factory.mktemp("vae") / "other", "tiny", seed=3)
+    settings = WorkerSettings(redis_url=redis_url, models={"sd": f"{tiny_model};vae={other}"})
+    assert split_source(settings.held_models()["sd"]) == (str(tiny_model), str(other))
+    for wrong in (f"{tiny_model};vea={other}", f"{tiny_model};vae={other}/nope"):
+        with pytest.raises(ValueError, match="vae"):
+            WorkerSettings(redis_url=redis_url, models={"sd": wrong})
+    engine = Engine(str(tiny_model), CPU, Tuning(max_batch=4, rows=True), vae=str(other))
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_model), safety_checker=None,
+        vae=AutoencoderKL.from_pretrained(str(other), subfolder="vae"),
+    )  # fmt: skip
+    pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pixels(pipe("a red fox", height=64, width=64, num_inference_steps=4,
+                         generator=[torch.Generator().manual_seed(4)],
+                         output_type="np").images)[0]  # fmt: skip
+    lane = engine.prepare("k", [ImageSpec("a red fox", "", 7.5, 4)], BatchShape(64, 64, 4, "euler"))
+    assert max_diff(run(engine, [lane])["k"][0], theirs) <= 1

@@ -71,11 +71,16 @@ class Components:
 
 
 def load_components(
-    model: str, device: torch.device, fuse: bool, fuse_projections: bool = True
+    model: str,
+    device: torch.device,
+    fuse: bool,
+    fuse_projections: bool = True,
+    vae_source: str | None = None,
 ) -> Components:
     """The parts in fp16 on GPUs (fp32 on the CPU, which has no fast fp16 kernels); with `fuse`,
     channels-last convolutions and (unless `fuse_projections` is off: LoRAs adapt the q, k and
-    v projections apart) fused attention projections (faster on GPUs)."""
+    v projections apart) fused attention projections (faster on GPUs). `vae_source`: another
+    VAE than the model's (a VAE folder, or a model folder whose `vae` it is)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def place(module: torch.nn.Module) -> Any:
@@ -85,12 +90,17 @@ def load_components(
     # SDXL's VAE overflows in fp16 (black or NaN pictures): where its config says so
     # (`force_upcast`), it runs in fp32, as diffusers' SDXL pipelines run it. Other families'
     # pipelines never upcast (AutoencoderKL's config says so by default).
+    vae_folder: str = model
+    vae_subfolder: str | None = "vae"  # a model's own: its `vae` (a hub id's too)
+    if vae_source is not None:
+        vae_folder, vae_subfolder = vae_source, vae_subfolder_of(vae_source)
     vae_dtype = dtype
     if unet.config.addition_embed_type == "text_time":
-        vae_config = AutoencoderKL.load_config(model, subfolder="vae")
+        vae_config = AutoencoderKL.load_config(vae_folder, subfolder=vae_subfolder)
         if vae_config.get("force_upcast", True):
             vae_dtype = torch.float32
-    vae = place(AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=vae_dtype))
+    vae = place(AutoencoderKL.from_pretrained(vae_folder, subfolder=vae_subfolder,
+                                              torch_dtype=vae_dtype))  # fmt: skip
     if fuse:
         for module in (unet, vae):
             if fuse_projections:
@@ -148,10 +158,14 @@ def present(options: dict[str, Any], part: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
+def vae_subfolder_of(source: str) -> str | None:
+    """Where a VAE source keeps the VAE: a model folder in its `vae`, a VAE folder in itself."""
+    return "vae" if (Path(source) / "vae" / "config.json").is_file() else None
+
+
 def load_vae(source: str, like: Any) -> Any:
     """Another VAE for the model (SDSERVE_VAES): a diffusers folder, its own or a model's `vae`
     folder, in the dtype and on the device of the model's VAE `like`."""
-    folder = Path(source)
-    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
-    vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=like.dtype)
+    vae = AutoencoderKL.from_pretrained(source, subfolder=vae_subfolder_of(source),
+                                        torch_dtype=like.dtype)  # fmt: skip
     return vae.to(like.device).eval().requires_grad_(False)

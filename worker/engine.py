@@ -90,11 +90,15 @@ def resolve_device(setting: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model: str, device: torch.device, tuning: Tuning | None = None) -> None:
+    def __init__(
+        self, model: str, device: torch.device, tuning: Tuning | None = None, vae: str | None = None
+    ) -> None:
+        """`vae`: the VAE the model runs with instead of its own (SDSERVE_MODELS' `;vae=`)."""
         self.model = model
         self.device = device
         tuning = tuning or Tuning()
-        parts = self.parts = load_components(model, device, tuning.fuse, tuning.loras is None)
+        parts = self.parts = load_components(model, device, tuning.fuse, tuning.loras is None,
+                                             vae)  # fmt: skip
         # LoRAs per row: their layers wrapped before anything is compiled (worker/adapters.py).
         self.adapters = adapters_of(parts, tuning)
         # Embeddings' tokens and vectors, before the family publishes its tokenizer.

@@ -21,7 +21,7 @@ from worker.engine import Engine
 from worker.images import Provenance
 from worker.inputs import NoRefiner, NoUpscaler
 from worker.rows import Lane
-from worker.settings import TINY_MODEL_DIR
+from worker.settings import TINY_MODEL_DIR, split_source
 
 log = logging.getLogger("sdserve.worker")
 
@@ -115,7 +115,8 @@ def load_engines(
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         started = time.perf_counter()
         try:
-            engine = Engine(prepare_model(source), device, tuning)
+            folder, vae = split_source(source)
+            engine = Engine(prepare_model(folder), device, tuning, vae)
             loaded = time.perf_counter()
             engine.warm_up()
         except torch.cuda.OutOfMemoryError:

@@ -21,6 +21,18 @@ from app.jobs.tiles import TILE, TILE_OVERLAP
 TINY_MODEL_DIR = cache_dir() / "models" / "tiny-model"
 
 
+def split_source(source: str) -> tuple[str, str | None]:
+    """A model's source as SDSERVE_MODELS gives it: the model, and the VAE it runs with instead
+    of its own (`/models/sd15;vae=/vaes/ft-mse`), if any."""
+    model, _, option = source.partition(";")
+    if not option:
+        return model, None
+    key, equals, vae = option.partition("=")
+    if key.strip() != "vae" or not equals or not vae.strip():
+        raise ValueError(f"{source!r}: the one option after ';' is vae=SOURCE")
+    return model.strip(), vae.strip()
+
+
 def _checked_source(model: str) -> str:
     """A model's source as given: a path must be there (the default tiny model is built on
     first start); anything else is a hub id, fetched by from_pretrained."""
@@ -196,7 +208,10 @@ class WorkerSettings(CommonSettings):
     def _sources_exist(cls, models: dict[str, str]) -> dict[str, str]:
         for name, source in models.items():
             try:
-                _checked_source(source)
+                folder, vae = split_source(source)
+                _checked_source(folder)
+                if vae is not None and not Path(vae).expanduser().is_dir():
+                    raise ValueError(f"no such VAE folder: {vae}")
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         return models
