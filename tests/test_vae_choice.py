@@ -22,6 +22,7 @@ from tests.conftest import JobStore, serving
 from tests.test_rows import max_diff, run
 from worker.engine import BatchShape, Engine, ImageSpec, Source, Tuning
 from worker.images import parameters
+from worker.original_layout import write_single_file_vae
 from worker.schedulers import make_scheduler
 from worker.settings import WorkerSettings, split_source
 from worker.tiny import build_tiny_model
@@ -122,3 +123,22 @@ def test_a_model_runs_with_the_vae_sdserve_models_names(
                          output_type="np").images)[0]  # fmt: skip
     lane = engine.prepare("k", [ImageSpec("a red fox", "", 7.5, 4)], BatchShape(64, 64, 4, "euler"))
     assert max_diff(run(engine, [lane])["k"][0], theirs) <= 1
+
+
+def test_a_single_file_vae_reads_as_its_folder(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A VAE in one file of the original layout (as A1111 users hold one), written from a
+    diffusers VAE: read offline with the model's VAE configuration, it is that VAE, weight for
+    weight, whether a request chooses it (SDSERVE_VAES) or the model runs with it (`;vae=`)."""
+    root = tmp_path_factory.mktemp("vae-file")
+    other = build_tiny_model(root / "other", "tiny", seed=3)
+    folder_vae = AutoencoderKL.from_pretrained(str(other), subfolder="vae")
+    file = write_single_file_vae(folder_vae, root / "other-vae.safetensors")
+    engine = Engine(str(tiny_model), CPU,
+                    Tuning(max_batch=4, vaes=(("file", str(file)),)), vae=str(file))  # fmt: skip
+    expected = folder_vae.state_dict()
+    for read in (engine.vae, engine.latents.vaes["file"].module):
+        weights = read.state_dict()
+        assert set(weights) == set(expected)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)

@@ -96,11 +96,12 @@ def load_components(
         vae_folder, vae_subfolder = vae_source, vae_subfolder_of(vae_source)
     vae_dtype = dtype
     if unet.config.addition_embed_type == "text_time":
-        vae_config = AutoencoderKL.load_config(vae_folder, subfolder=vae_subfolder)
+        config_folder = model if single_file(vae_folder) else vae_folder
+        config_subfolder = "vae" if single_file(vae_folder) else vae_subfolder
+        vae_config = AutoencoderKL.load_config(config_folder, subfolder=config_subfolder)
         if vae_config.get("force_upcast", True):
             vae_dtype = torch.float32
-    vae = place(AutoencoderKL.from_pretrained(vae_folder, subfolder=vae_subfolder,
-                                              torch_dtype=vae_dtype))  # fmt: skip
+    vae = place(read_vae(vae_folder, vae_subfolder, vae_dtype, model))
     if fuse:
         for module in (unet, vae):
             if fuse_projections:
@@ -163,9 +164,23 @@ def vae_subfolder_of(source: str) -> str | None:
     return "vae" if (Path(source) / "vae" / "config.json").is_file() else None
 
 
-def load_vae(source: str, like: Any) -> Any:
-    """Another VAE for the model (SDSERVE_VAES): a diffusers folder, its own or a model's `vae`
-    folder, in the dtype and on the device of the model's VAE `like`."""
-    vae = AutoencoderKL.from_pretrained(source, subfolder=vae_subfolder_of(source),
-                                        torch_dtype=like.dtype)  # fmt: skip
+def single_file(source: str) -> bool:
+    """A VAE in one file of the original layout (A1111's and civitai's `.safetensors`)."""
+    return source.endswith(".safetensors") and Path(source).is_file()
+
+
+def read_vae(source: str, subfolder: str | None, dtype: torch.dtype, model: str) -> Any:
+    """A VAE from a diffusers folder, or from one file of the original layout, read offline
+    with the model's own VAE configuration (its sizes and scaling factor: a VAE file is for a
+    family, and the model is of it)."""
+    if single_file(source):
+        return AutoencoderKL.from_single_file(source, config=model, subfolder="vae",
+                                              local_files_only=True, torch_dtype=dtype)  # fmt: skip
+    return AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
+
+
+def load_vae(source: str, like: Any, model: str) -> Any:
+    """Another VAE for the model (SDSERVE_VAES): a diffusers folder (its own, or a model's
+    `vae`) or a single file, in the dtype and on the device of the model's VAE `like`."""
+    vae = read_vae(source, vae_subfolder_of(source), like.dtype, model)
     return vae.to(like.device).eval().requires_grad_(False)

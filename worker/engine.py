@@ -153,7 +153,7 @@ class Engine:
         for name, source in tuning.vaes:
             if self.parts.low_res_scheduler is not None:
                 break  # the x4 upscaler keeps its own
-            module = load_vae(source, self.vae)
+            module = load_vae(source, self.vae, self.model)
             mine = self.vae.config.latent_channels
             if module.config.latent_channels != mine:
                 log.warning("VAE %s skipped for %s: %d latent channels, the model's %d", name,

@@ -210,8 +210,8 @@ class WorkerSettings(CommonSettings):
             try:
                 folder, vae = split_source(source)
                 _checked_source(folder)
-                if vae is not None and not Path(vae).expanduser().is_dir():
-                    raise ValueError(f"no such VAE folder: {vae}")
+                if vae is not None and not Path(vae).expanduser().exists():
+                    raise ValueError(f"no such VAE folder or file: {vae}")
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         return models
