@@ -371,6 +371,20 @@ def provenance(device: str) -> dict[str, str]:
             "command": " ".join(sys.argv)}  # fmt: skip
 
 
+def recorded(out: Path, name: str, device: str) -> tuple[dict[str, Any], Callable[[], None]]:
+    """A run's results, OUT/NAME.json as an earlier run of other stages left it, with this
+    run's provenance; and the call that writes them (after each figure: a run cut short keeps
+    what it had)."""
+    path = out / f"{name}.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    results |= provenance(device)
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=2))
+
+    return results, save
+
+
 def prepare(args: argparse.Namespace) -> Path:
     """The image side set, the output and work folders made, the model built if missing;
     returns the work folder."""

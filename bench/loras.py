@@ -241,12 +241,7 @@ def main() -> None:
     wrote = write_loras(model, folder)
     if wrote:
         print(f"wrote LoRAs: {wrote}", flush=True)
-    path = args.out / "loras.json"
-    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    results |= batching.provenance(args.device)
-
-    def save() -> None:
-        path.write_text(json.dumps(results, indent=2))
+    results, save = batching.recorded(args.out, "loras", args.device)
 
     for stage in args.stages.split(","):
         if stage == "service":

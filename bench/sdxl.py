@@ -24,7 +24,6 @@ are its base's and its refiner's). The table, with the issue's targets, goes to 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import shutil
@@ -286,12 +285,7 @@ def main() -> None:
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
     made = models(work, args.device == "cpu")
-    path = args.out / "sdxl.json"
-    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    results |= batching.provenance(args.device)
-
-    def save() -> None:
-        path.write_text(json.dumps(results, indent=2))
+    results, save = batching.recorded(args.out, "sdxl", args.device)
 
     for stage in args.stages.split(","):
         if stage == "service":
