@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         "sizes, for benchmarks",
     )
     tiny.add_argument("--seed", type=int, default=0, help="another seed, other weights")
+    tiny.add_argument("--single-file", type=Path, metavar="OUT.safetensors",
+                      help="also write the model (SD 1.x layouts) as one checkpoint of the"
+                      " original layout, as A1111 users hold one; DIR is its configuration"
+                      " (SDSERVE_MODELS: OUT.safetensors;config=DIR)")  # fmt: skip
     gen = sub.add_parser("generate", help="make images with a running sdserve, and save them")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--out", type=Path, default=Path("."), help="folder for the PNGs")
@@ -142,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         from worker.tiny import build_tiny_model
 
         print(build_tiny_model(args.dir, args.arch, args.seed))
+        if args.single_file is not None:
+            from worker.original_layout import write_single_file_model
+
+            print(write_single_file_model(args.dir, args.single_file))
 
 
 def make_key(key_id: str) -> None:

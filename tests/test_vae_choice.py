@@ -107,7 +107,7 @@ def test_a_model_runs_with_the_vae_sdserve_models_names(
     as diffusers' pipeline given it as `vae` makes them; a wrong option stops the settings."""
     other = build_tiny_model(tmp_path_factory.mktemp("vae") / "other", "tiny", seed=3)
     settings = WorkerSettings(redis_url=redis_url, models={"sd": f"{tiny_model};vae={other}"})
-    assert split_source(settings.held_models()["sd"]) == (str(tiny_model), str(other))
+    assert split_source(settings.held_models()["sd"]) == (str(tiny_model), str(other), None)
     for wrong in (f"{tiny_model};vea={other}", f"{tiny_model};vae={other}/nope"):
         with pytest.raises(ValueError, match="vae"):
             WorkerSettings(redis_url=redis_url, models={"sd": wrong})

@@ -22,6 +22,7 @@ from worker.images import Provenance
 from worker.inputs import NoRefiner, NoUpscaler
 from worker.rows import Lane
 from worker.settings import TINY_MODEL_DIR, split_source
+from worker.single_file import as_folder
 
 log = logging.getLogger("sdserve.worker")
 
@@ -115,8 +116,10 @@ def load_engines(
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         started = time.perf_counter()
         try:
-            folder, vae = split_source(source)
-            engine = Engine(prepare_model(folder), device, tuning, vae)
+            model, vae, config = split_source(source)
+            if model.endswith(".safetensors") and config is not None:
+                model = as_folder(model, config)
+            engine = Engine(prepare_model(model), device, tuning, vae)
             loaded = time.perf_counter()
             engine.warm_up()
         except torch.cuda.OutOfMemoryError:

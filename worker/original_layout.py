@@ -1,7 +1,9 @@
 """Weights in the original (CompVis / Stability) single-file layout that A1111 and civitai users
 hold, written from diffusers' layout, for the tests (issue 23, 6-7): a file written here and
-read back by diffusers' single-file loader is the same model. Only what the tests need so far:
-the VAE (`vae-ft-mse-840000-ema-pruned.safetensors` and kin)."""
+read back by diffusers' single-file loader is the same model: a VAE alone
+(`vae-ft-mse-840000-ema-pruned.safetensors` and kin), or a whole SD 1.x checkpoint (UNet under
+`model.diffusion_model.`, CLIP under `cond_stage_model.transformer.`, the VAE under
+`first_stage_model.`)."""
 
 from __future__ import annotations
 
@@ -47,8 +49,15 @@ def _renamed(rest: str, names: list[tuple[str, str]]) -> str:
 
 
 def write_single_file_vae(vae: Any, target: Path) -> Path:
-    """The VAE's weights in the original layout, as one .safetensors file. Its attention's
-    projections are 1x1 convolutions there (linear layers in diffusers)."""
+    """The VAE's weights in the original layout, as one .safetensors file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(original_vae(vae), str(target))
+    return target
+
+
+def original_vae(vae: Any) -> dict[str, Any]:
+    """The VAE's weights by their original names. Its attention's projections are 1x1
+    convolutions there (linear layers in diffusers)."""
     blocks = len(vae.decoder.up_blocks)
     out = {}
     for key, tensor in vae.state_dict().items():
@@ -56,6 +65,74 @@ def write_single_file_vae(vae: Any, target: Path) -> Path:
         if ".mid.attn_1." in name and name.endswith(".weight") and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]
         out[name] = tensor.detach().contiguous()
+    return out
+
+
+UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj",
+               "emb_layers.1"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+               ("conv_shortcut", "skip_connection")]  # fmt: skip
+
+
+def unet_key(key: str, layers: int, attended_up: set[int]) -> str:
+    """A UNet weight's name in the original layout. `layers`: resnets per down block (an up
+    block has one more); `attended_up`: the up blocks with attentions (an upsampler's index in
+    its block is after them)."""
+    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0",
+             "conv_out": "out.2"}  # fmt: skip
+    module, _, tail = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{tail}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        at = 1 + block * (layers + 1) + j
+        return _block(f"input_blocks.{at}", kind, rest)
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        at = 1 + int(m.group(1)) * (layers + 1) + layers
+        return f"input_blocks.{at}.0.op.{m.group(2)}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
+        index = 1 if kind == "attentions" else 2 * j
+        return _block(f"middle_block.{index}", kind, rest, whole=True)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        return _block(f"output_blocks.{block * (layers + 1) + j}", kind, rest)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block = int(m.group(1))
+        at = block * (layers + 1) + layers
+        return f"output_blocks.{at}.{2 if block in attended_up else 1}.conv.{m.group(2)}"
+    raise ValueError(f"no original name for the UNet's {key!r}")
+
+
+def _block(prefix: str, kind: str, rest: str, whole: bool = False) -> str:
+    """A resnet's (renamed) or an attention's (named alike) weight in its original block."""
+    if kind == "attentions":
+        return f"{prefix}{'' if whole else '.1'}.{rest}"
+    return f"{prefix}{'' if whole else '.0'}.{_renamed(rest, UNET_RESNET)}"
+
+
+def write_single_file_sd(pipeline: Any, target: Path) -> Path:
+    """An SD 1.x pipeline's UNet, text encoder and VAE as one checkpoint of the original
+    layout (as civitai's and A1111's `.safetensors` files hold them)."""
+    unet, text, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
+    layers = int(unet.config.layers_per_block)
+    attended_up = {k for k, kind in enumerate(unet.config.up_block_types)
+                   if "CrossAttn" in kind}  # fmt: skip
+    out = {}
+    for key, tensor in unet.state_dict().items():
+        out[f"model.diffusion_model.{unet_key(key, layers, attended_up)}"] = tensor
+    for key, tensor in text.state_dict().items():
+        name = key if key.startswith("text_model.") else f"text_model.{key}"
+        out[f"cond_stage_model.transformer.{name}"] = tensor
+    out |= {f"first_stage_model.{name}": t for name, t in original_vae(vae).items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(target))
+    save_file({k: v.detach().contiguous() for k, v in out.items()}, str(target))
     return target
+
+
+def write_single_file_model(folder: Path, target: Path) -> Path:
+    """The SD 1.x model in `folder` (diffusers' layout) as one checkpoint of the original."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    return write_single_file_sd(pipeline, target)

@@ -6,7 +6,7 @@ import json
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -21,16 +21,48 @@ from app.jobs.tiles import TILE, TILE_OVERLAP
 TINY_MODEL_DIR = cache_dir() / "models" / "tiny-model"
 
 
-def split_source(source: str) -> tuple[str, str | None]:
-    """A model's source as SDSERVE_MODELS gives it: the model, and the VAE it runs with instead
-    of its own (`/models/sd15;vae=/vaes/ft-mse`), if any."""
-    model, _, option = source.partition(";")
-    if not option:
-        return model, None
-    key, equals, vae = option.partition("=")
-    if key.strip() != "vae" or not equals or not vae.strip():
-        raise ValueError(f"{source!r}: the one option after ';' is vae=SOURCE")
-    return model.strip(), vae.strip()
+class Source(NamedTuple):
+    """A model's source as SDSERVE_MODELS gives it: the model (a hub id, a diffusers folder, or
+    one `.safetensors` checkpoint of the original layout), the VAE it runs with instead of its
+    own (`;vae=`), and, for a single file, the diffusers folder whose configuration it takes
+    (`;config=`: its configs and tokenizer, no weights needed)."""
+
+    model: str
+    vae: str | None = None
+    config: str | None = None
+
+
+def split_source(source: str) -> Source:
+    """`/models/sd15;vae=/vaes/ft-mse`, `/models/x.safetensors;config=/configs/sd15`."""
+    model, *options = (part.strip() for part in source.split(";"))
+    given: dict[str, str] = {}
+    for option in options:
+        key, equals, value = option.partition("=")
+        if key.strip() not in ("vae", "config") or not equals or not value.strip():
+            raise ValueError(f"{source!r}: options after ';' are vae=SOURCE and config=FOLDER")
+        given[key.strip()] = value.strip()
+    return Source(model, given.get("vae"), given.get("config"))
+
+
+def _checked_entry(source: str) -> str:
+    """A model entry as given: its model there (a folder, or a `.safetensors` checkpoint with
+    its configuration folder; never a pickle), its VAE there."""
+    model, vae, config = split_source(source)
+    if model.endswith((".ckpt", ".pt", ".bin")):
+        raise ValueError(f"{model}: a pickled checkpoint; sdserve runs no pickled"
+                         " code: convert it to .safetensors")  # fmt: skip
+    if model.endswith(".safetensors"):
+        if not Path(model).expanduser().is_file():
+            raise ValueError(f"no such checkpoint: {model}")
+        if config is None or not (Path(config) / "model_index.json").is_file():
+            raise ValueError(f"{model}: a single-file checkpoint takes its"
+                             " configuration from a diffusers folder of its kind:"
+                             " SOURCE;config=FOLDER")  # fmt: skip
+    else:
+        _checked_source(model)
+    if vae is not None and not Path(vae).expanduser().exists():
+        raise ValueError(f"no such VAE folder or file: {vae}")
+    return source
 
 
 def _checked_source(model: str) -> str:
@@ -196,7 +228,7 @@ class WorkerSettings(CommonSettings):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, model: str) -> str:
-        return _checked_source(model)
+        return _checked_entry(model)
 
     @field_validator("upscaler")
     @classmethod
@@ -208,10 +240,7 @@ class WorkerSettings(CommonSettings):
     def _sources_exist(cls, models: dict[str, str]) -> dict[str, str]:
         for name, source in models.items():
             try:
-                folder, vae = split_source(source)
-                _checked_source(folder)
-                if vae is not None and not Path(vae).expanduser().exists():
-                    raise ValueError(f"no such VAE folder or file: {vae}")
+                _checked_entry(source)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
         return models
