@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -26,7 +27,7 @@ from app.jobs.settings import cache_dir
 
 log = logging.getLogger("sdserve.models")
 
-# diffusers' names for what a checkpoint holds -> the pipeline that reads it.
+# diffusers' names for what a checkpoint holds -> the pipeline that reads it (said in the log).
 PIPELINES = {
     "v1": "StableDiffusionPipeline",
     "v2": "StableDiffusionPipeline",
@@ -62,13 +63,17 @@ def as_folder(checkpoint: str, config: str) -> str:
     if (target / "model_index.json").is_file():
         log.info("checkpoint %s (%s): converted already, %s", path.name, kind, target)
         return str(target)
-    if kind not in PIPELINES:
-        raise ValueError(f"{path.name}: a {kind} checkpoint, not one sdserve serves")
     import diffusers
 
+    # The configuration says which pipeline reads it; the weights say what they are: a
+    # mismatch (an SDXL file given SD's configuration) is said before diffusers fails on it.
+    pipeline_name = str(json.loads((Path(config) / "model_index.json").read_text())["_class_name"])
+    if PIPELINES.get(kind, pipeline_name) != pipeline_name:
+        log.warning("checkpoint %s: its weights look like %s (%s), its configuration is a %s",
+                    path.name, kind, PIPELINES[kind], pipeline_name)  # fmt: skip
     started = time.perf_counter()
-    kind_of = getattr(diffusers, PIPELINES[kind])
-    options = {"safety_checker": None} if "XL" not in PIPELINES[kind] else {}
+    kind_of = getattr(diffusers, pipeline_name)
+    options = {"safety_checker": None} if "XL" not in pipeline_name else {}
     pipeline = kind_of.from_single_file(str(path), config=config, local_files_only=True,
                                         **options)  # fmt: skip
     target.parent.mkdir(parents=True, exist_ok=True)
