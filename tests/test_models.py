@@ -147,7 +147,7 @@ def test_models_that_do_not_fit_stop_the_worker_naming_them(
     loaded: list[str] = []
 
     class Filling:
-        def __init__(self, source: str, _device: Any, _tuning: Any) -> None:
+        def __init__(self, source: str, _device: Any, _tuning: Any, vae: Any = None) -> None:
             if loaded:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory")
             loaded.append(source)

@@ -119,7 +119,7 @@ def load_engines(
             model, vae, config = split_source(source)
             if model.endswith(".safetensors") and config is not None:
                 model = as_folder(model, config)
-            engine = Engine(prepare_model(model), device, tuning, vae)
+            engine = Engine(prepare_model(model), device, tuning, vae=vae)
             loaded = time.perf_counter()
             engine.warm_up()
         except torch.cuda.OutOfMemoryError:
