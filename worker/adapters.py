@@ -40,6 +40,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import nn
 
+from worker import lora_kernel
 from worker.devices import placed
 from worker.lora_files import Deltas, LoraUnreadable, lora_names, read, shapes, short_hash
 
@@ -77,8 +78,11 @@ class RowBuffers(nn.Module):
     units: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, rows: int, row_units: int, device: torch.device) -> None:
+    def __init__(
+        self, rows: int, row_units: int, device: torch.device, kernels: bool = True
+    ) -> None:
         super().__init__()
+        self.kernels = kernels  # worker/lora_kernel.py where it can serve (SDSERVE_LORA_KERNELS)
         self.register_buffer("units", torch.zeros(rows, row_units, dtype=torch.long,
                                                   device=device), persistent=False)  # fmt: skip
         self.register_buffer("scales", torch.zeros(rows, row_units * UNIT, device=device),
@@ -152,6 +156,14 @@ class RowLora(nn.Module):
         out: torch.Tensor = self.base(x)
         rows = x.shape[0]
         buffers: RowBuffers = self.buffers_  # type: ignore[assignment]
+        if (
+            buffers.kernels
+            and lora_kernel.usable(x)
+            and lora_kernel.add_rows(
+                out, x, self.down, self.up, buffers.units, buffers.scales, self.conv
+            )
+        ):  # on CUDA: rows without LoRA and ranks a row does not use cost nothing
+            return out
         units = buffers.units[:rows]
         scales = buffers.scales[:rows].to(x.dtype)
         down = self.down[units].flatten(1, 2)  # (rows, ranks, in)
@@ -196,6 +208,7 @@ class Adapters:
         rows: int,
         text_rows: int,
         device: torch.device,
+        kernels: bool = True,
     ) -> None:
         """`modules`: the model's UNet and text encoders by component name. `rows`: the most
         rows of a UNet call, `text_rows` of a text-encoder call."""
@@ -204,8 +217,8 @@ class Adapters:
         self.row_units = max(1, math.ceil(row_rank / UNIT))
         self.device = device
         self.unit_count = 1 + slots * self.row_units
-        self.unet_rows = RowBuffers(rows, self.row_units, device)
-        self.text_rows = RowBuffers(text_rows, self.row_units, device)
+        self.unet_rows = RowBuffers(rows, self.row_units, device, kernels)
+        self.text_rows = RowBuffers(text_rows, self.row_units, device, kernels)
         self.layers: dict[str, dict[str, RowLora]] = {}
         for component, model in modules.items():
             buffers = self.unet_rows if component == "unet" else self.text_rows

@@ -79,6 +79,7 @@ class Tuning:
     loras: Path | None = None
     lora_slots: int = 8
     lora_row_rank: int = 128
+    lora_kernels: bool = True  # worker/lora_kernel.py on CUDA (False: the tensor path)
     # Textual-inversion embeddings' folder (worker/embeddings.py); None: none.
     embeddings: Path | None = None
     # The VAEs a request may choose instead of the model's (SDSERVE_VAES): (name, source).

@@ -29,6 +29,7 @@ import torch
 
 from app.jobs.contract import Hires
 from app.jobs.prompts import Syntax
+from worker import lora_kernel
 from worker.adapters import Adapters, RowMix
 from worker.compiled import CompiledCalls, Tuning
 from worker.components import Components, load_components, load_vae
@@ -73,10 +74,13 @@ def adapters_of(parts: Components, tuning: Tuning) -> Adapters | None:
         rows=max(2, tuning.row_cap(), 2 * tuning.max_batch),
         text_rows=ENCODE_CHUNK,
         device=parts.device,
+        kernels=tuning.lora_kernels,
     )
-    log.info("LoRAs from %s: %d layers per row, %d slots of %d ranks, %.0f MiB of pools",
+    log.info("LoRAs from %s: %d layers per row, %d slots of %d ranks, %.0f MiB of pools, %s",
              tuning.loras, sum(len(v) for v in adapters.layers.values()), tuning.lora_slots,
-             tuning.lora_row_rank, adapters.pool_bytes() / 2**20)  # fmt: skip
+             tuning.lora_row_rank, adapters.pool_bytes() / 2**20,
+             "Triton kernels" if tuning.lora_kernels and lora_kernel.usable_on(parts.device)
+             else "the tensor path")  # fmt: skip
     return adapters
 
 

@@ -48,6 +48,7 @@ def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
         loras=settings.lora_dir,
         lora_slots=settings.lora_slots,
         lora_row_rank=settings.lora_row_rank,
+        lora_kernels=settings.lora_kernels,
         embeddings=settings.embeddings_dir,
         vaes=tuple(settings.vaes.items()),
     )

@@ -191,8 +191,13 @@ class WorkerSettings(CommonSettings):
         ge=8,
         le=1024,
         multiple_of=8,
-        description="The most LoRA ranks one image takes, its LoRAs together: every row of a"
-        " UNet call pays for this many, whatever it carries.",
+        description="The most LoRA ranks one image takes, its LoRAs together (the tensor path"
+        " pays for this many on every row; the CUDA kernels for the ranks each row uses).",
+    )
+    lora_kernels: bool = Field(
+        default=True,
+        description="On CUDA, LoRA rows through the Triton kernels that skip rows without LoRA"
+        " and unused ranks; false: the plain tensor path (every row pays the row rank).",
     )
     embeddings_dir: Path | None = Field(
         default=None,

@@ -1,0 +1,124 @@
+"""The LoRA rows' kernels on the GPU (worker/lora_kernel.py): equal to the tensor path, nothing
+compiled again when the mix changes, and what they cost beside the base layers.
+
+SD1.5's largest LoRA layers (32 rows, 64x64 latents: 4096 tokens of 320 features; linear and
+1x1 convolution, channels-last), fp16, a stack of 8 layers, compiled as the worker compiles
+(reduce-overhead: CUDA graphs; fullgraph). For each mix (no row with a LoRA, half the rows with
+a rank-64 LoRA, every row at rank 128): ms per stack call for the base layers alone, the tensor
+path and the kernels, and the largest difference between the two paths.
+
+    python3 -m bench.lora_kernel --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.adapters import UNIT, RowBuffers, RowLora
+
+ROWS, SIDE, FEATURES, ROW_UNITS, POOL, DEPTH = 32, 64, 320, 16, 1 + 4 * 16, 8
+
+
+def stack(conv: bool, buffers: RowBuffers) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(DEPTH):
+        base = nn.Conv2d(FEATURES, FEATURES, 1) if conv else nn.Linear(FEATURES, FEATURES)
+        layer = RowLora(base.cuda().half(), POOL, buffers)
+        with torch.no_grad():
+            layer.down[1:].normal_(0, 0.02)
+            layer.up[1:].normal_(0, 0.02)
+        layers.append(layer)
+    return nn.Sequential(*layers)
+
+
+def write_mix(buffers: RowBuffers, mix: str) -> None:
+    units = torch.zeros(ROWS, ROW_UNITS, dtype=torch.long)
+    scales = torch.zeros(ROWS, ROW_UNITS * UNIT)
+    for r in range(ROWS):
+        if mix == "all128" or (mix == "half64" and r % 2):
+            take = ROW_UNITS if mix == "all128" else ROW_UNITS // 2
+            units[r, :take] = torch.arange(1, take + 1) + (r % 3) * 16
+            scales[r, : take * UNIT] = 0.8
+    buffers.units.copy_(units)
+    buffers.scales.copy_(scales)
+
+
+def timed(fn: Any, x: torch.Tensor, turns: int = 30) -> float:
+    for _ in range(3):
+        fn(x)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(turns):
+        fn(x)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / turns * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": []}
+    lines = ["| layers | mix | base ms | tensor path ms | kernels ms | max diff |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for conv in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.config.error_on_recompile = False
+        buffers = RowBuffers(ROWS, ROW_UNITS, torch.device("cuda"))
+        model = stack(conv, buffers)
+        bases = nn.Sequential(*[layer.base for layer in model])  # type: ignore[arg-type]
+        if conv:
+            x = torch.randn(ROWS, FEATURES, SIDE, SIDE, device="cuda", dtype=torch.half)
+            x = x.to(memory_format=torch.channels_last)
+        else:
+            x = torch.randn(ROWS, SIDE * SIDE, FEATURES, device="cuda", dtype=torch.half)
+        # Two stacks of the same weights and pools: one takes the tensor path, one the kernels.
+        buffers_k = RowBuffers(ROWS, ROW_UNITS, torch.device("cuda"), kernels=True)
+        twin = copy.deepcopy(model)
+        for layer in twin:
+            object.__setattr__(layer, "buffers_", buffers_k)
+        buffers.kernels = False
+        stacks = {"tensor": (model, buffers), "kernels": (twin, buffers_k)}
+        fast = {"mode": "reduce-overhead", "fullgraph": True}
+        compiled = {path: torch.compile(m, **fast) for path, (m, _) in stacks.items()}
+        compiled["base"] = torch.compile(bases, **fast)
+        with torch.no_grad():
+            for path, fn in compiled.items():
+                write_mix(stacks.get(path, stacks["tensor"])[1], "half64")
+                fn(x)  # compiled here, once: the mixes below only replay
+            torch._dynamo.config.error_on_recompile = True  # a mix that compiles again fails
+            base_ms = timed(compiled["base"], x)
+            for mix in ("none", "half64", "all128"):
+                ms, outs = {}, {}
+                for path in ("tensor", "kernels"):
+                    write_mix(stacks[path][1], mix)
+                    ms[path] = timed(compiled[path], x)
+                    outs[path] = compiled[path](x).float().clone()
+                eager = model(x).float()
+                diff = max((outs["kernels"] - eager).abs().max().item(),
+                           (outs["tensor"] - eager).abs().max().item())  # fmt: skip
+                kind = "1x1 conv, channels-last" if conv else "linear"
+                row = {"layers": kind, "mix": mix, "base_ms": base_ms, "tensor_ms": ms["tensor"],
+                       "kernels_ms": ms["kernels"], "max_diff": diff}  # fmt: skip
+                result["rows"].append(row)
+                lines.append(f"| {DEPTH} x {kind} | {mix} | {base_ms:.2f} | {ms['tensor']:.2f} |"
+                             f" {ms['kernels']:.2f} | {diff:.4f} |")  # fmt: skip
+                print(lines[-1], flush=True)
+                assert diff < 0.05, f"{kind} {mix}: the paths differ by {diff}"
+    text = "\n".join(lines) + "\n"
+    (args.out / "lora_kernel.md").write_text(text)
+    (args.out / "lora_kernel.json").write_text(json.dumps(result, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

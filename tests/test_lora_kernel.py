@@ -1,0 +1,103 @@
+"""The LoRA rows' Triton kernels (worker/lora_kernel.py) against the tensor path they stand in
+for on CUDA, run in Triton's interpreter on the CPU (a process of its own: the interpreter is
+chosen when the kernels are defined). Skipped where Triton is not installed; the GPU check
+runs the same comparison compiled on the GPU (`python3 -m bench.lora_kernel`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from worker.adapters import UNIT, RowBuffers, RowLora
+
+
+def layer_and_rows(
+    base: nn.Module, rows: int, row_units: int, pool: int, seed: int = 0
+) -> tuple[RowLora, RowBuffers]:
+    """A wrapped layer with random pool units and rows of every kind: none, one LoRA of one
+    unit, one of three units, two LoRAs end to end, a weight of 0, a negative weight."""
+    g = torch.Generator().manual_seed(seed)
+    buffers = RowBuffers(rows, row_units, torch.device("cpu"))
+    layer = RowLora(base, pool, buffers)  # type: ignore[arg-type]
+    with torch.no_grad():
+        layer.down[1:].copy_(torch.randn(layer.down[1:].shape, generator=g) * 0.3)
+        layer.up[1:].copy_(torch.randn(layer.up[1:].shape, generator=g) * 0.3)
+    mixes: list[list[tuple[list[int], float]]] = [
+        [],
+        [([1], 0.8)],
+        [([2, 3, 4], 1.0)],
+        [([5], 0.5), ([2, 3, 4], -0.7)],
+        [([1], 0.0)],
+        [([6, 7], -1.5)],
+    ]
+    units = torch.zeros(rows, row_units, dtype=torch.long)
+    scales = torch.zeros(rows, row_units * UNIT)
+    for r in range(rows):
+        at = 0
+        for held, weight in mixes[r % len(mixes)]:
+            units[r, at : at + len(held)] = torch.tensor(held)
+            scales[r, at * UNIT : (at + len(held)) * UNIT] = weight
+            at += len(held)
+    buffers.units.copy_(units)
+    buffers.scales.copy_(scales)
+    return layer, buffers
+
+
+def compare() -> None:
+    """Every case the kernels meet: linear layers (tokens and features not multiples of the
+    tiles), 1x1 convolutions in both memory formats, row ranks not a multiple of 16; each
+    row's output equal to the tensor path's, rows without LoRA exactly the base layer's."""
+    torch.manual_seed(0)
+    cases: list[tuple[nn.Module, torch.Tensor, int]] = [
+        (nn.Linear(40, 72), torch.randn(6, 70, 40), 4),
+        (nn.Linear(96, 24), torch.randn(7, 5, 96), 5),
+        (nn.Conv2d(24, 48, 1), torch.randn(6, 24, 9, 7), 4),
+        (nn.Conv2d(24, 48, 1), torch.randn(6, 24, 9, 7).to(memory_format=torch.channels_last), 6),
+    ]
+    for base, x, row_units in cases:
+        layer, buffers = layer_and_rows(base, x.shape[0], row_units, pool=8)
+        with torch.no_grad():
+            buffers.kernels = False
+            want = layer(x)
+            buffers.kernels = True
+            got = layer(x)
+            plain = base(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for r in range(x.shape[0]):
+            if r % 6 in (0, 4):  # no LoRA, or weight 0
+                assert torch.equal(got[r], plain[r]), f"row {r} changed without a LoRA"
+            else:
+                assert not torch.allclose(got[r], plain[r]), f"row {r} lost its LoRA"
+        print(f"{type(base).__name__} {tuple(x.shape)} row_units {row_units}: equal")
+
+
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("triton") is None, reason="no Triton here"
+)
+def test_kernels_equal_the_tensor_path_in_the_interpreter() -> None:
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", "from tests.test_lora_kernel import compare; compare()"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("equal") == 4, done.stdout
+
+
+def test_the_tensor_path_serves_where_no_kernel_does() -> None:
+    """On the CPU without the interpreter the kernels stand aside: the layer is the tensor
+    path, rows without LoRA exactly the base layer's."""
+    from worker import lora_kernel
+
+    x = torch.randn(6, 10, 40)
+    assert not lora_kernel.usable(x) or os.environ.get("TRITON_INTERPRET") == "1"
+    layer, _ = layer_and_rows(nn.Linear(40, 16), 6, 4, pool=8)
+    with torch.no_grad():
+        got, plain = layer(x), layer.base(x)
+    assert torch.equal(got[0], plain[0]) and not torch.allclose(got[1], plain[1])
