@@ -88,7 +88,7 @@ def main() -> None:
             object.__setattr__(layer, "buffers_", buffers_k)
         buffers.kernels = False
         stacks = {"tensor": (model, buffers), "kernels": (twin, buffers_k)}
-        fast = {"mode": "reduce-overhead", "fullgraph": True}
+        fast: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True}
         compiled = {path: torch.compile(m, **fast) for path, (m, _) in stacks.items()}
         compiled["base"] = torch.compile(bases, **fast)
         with torch.no_grad():
