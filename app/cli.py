@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             "tiny",
             "sd15",
             "sd15-inpaint",
+            "tiny-sd2",
             "x4-upscaler",
             "sd-x4-upscaler",
             "tiny-sdxl",
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         default="tiny",
         help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks; "
         "sd15-inpaint: SD 1.5's inpainting layout (a 9-channel UNet) at the tiny sizes; "
+        "tiny-sd2: SD 2.x's 768-v layout (v-prediction) at tiny sizes; "
         "x4-upscaler: the SD x4 upscaler's layout at the tiny sizes (SDSERVE_UPSCALER); "
         "sd-x4-upscaler: at its real sizes, for benchmarks; tiny-sdxl, tiny-sdxl-refiner: "
         "SDXL's base and refiner layouts at the tiny sizes; sdxl, sdxl-refiner: at their real "
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     tiny.add_argument("--seed", type=int, default=0, help="another seed, other weights")
     tiny.add_argument("--single-file", type=Path, metavar="OUT.safetensors",
-                      help="also write the model (SD 1.x layouts) as one checkpoint of the"
+                      help="also write the model (SD 1.x, 2.x, SDXL base and refiner, inpainting)"
+                      " as one checkpoint of the"
                       " original layout, as A1111 users hold one; DIR is its configuration"
                       " (SDSERVE_MODELS: OUT.safetensors;config=DIR)")  # fmt: skip
     gen = sub.add_parser("generate", help="make images with a running sdserve, and save them")

@@ -52,7 +52,7 @@ def pixels(images: Any) -> list[np.ndarray]:
 
 def test_an_sdxl_model_is_served_as_the_sdxl_family(xl: Engine) -> None:
     assert xl.family.name == "sdxl" and xl.parts.tokenizer_2 is not None
-    assert xl.family.added_shapes() == {"text_embeds": 32, "time_ids": 6}
+    assert xl.family.added_shapes() == {"text_embeds": 48, "time_ids": 6}
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "euler_a"])
@@ -205,7 +205,7 @@ def test_the_refiner_is_an_sdxl_member_equal_to_diffusers_img2img(refiner_model:
     own: image to image equals diffusers' StableDiffusionXLImg2ImgPipeline with it."""
     engine = Engine(str(refiner_model), CPU, Tuning(max_batch=2, rows=True))
     assert engine.family.name == "sdxl" and engine.parts.tokenizer is None
-    assert engine.family.added_shapes() == {"text_embeds": 32, "time_ids": 5}
+    assert engine.family.added_shapes() == {"text_embeds": 48, "time_ids": 5}
     pipe = pipeline(StableDiffusionXLImg2ImgPipeline, refiner_model, engine, "euler")
     theirs = pipe("a cat", image=picture(), strength=0.3, num_inference_steps=6,
                   guidance_scale=5.0, generator=[torch.Generator().manual_seed(41)],

@@ -48,7 +48,7 @@ def test_one_chunk_is_exactly_diffusers_encoding(pipes: tuple[Any, Any]) -> None
     [mine] = base_encoder(base).encode([("a lighthouse at dusk", "plain")])
     context, _, pooled, _ = base.encode_prompt("a lighthouse at dusk", device=CPU,
                                                do_classifier_free_guidance=False)  # fmt: skip
-    assert mine.context.shape == context[0].shape == (77, 64)
+    assert mine.context.shape == context[0].shape == (77, 32 + 48)  # CLIP-L and the second, wider
     torch.testing.assert_close(mine.context, context[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mine.pooled, pooled[0], rtol=1e-5, atol=1e-5)
 
@@ -61,7 +61,7 @@ def test_the_refiner_reads_the_second_encoder_only(pipes: tuple[Any, Any]) -> No
     [mine] = encoder.encode([("a lighthouse at dusk", "plain")])
     context, _, pooled, _ = refiner.encode_prompt("a lighthouse at dusk", device=CPU,
                                                   do_classifier_free_guidance=False)  # fmt: skip
-    assert mine.context.shape == (77, 32)
+    assert mine.context.shape == (77, 48)
     torch.testing.assert_close(mine.context, context[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mine.pooled, pooled[0], rtol=1e-5, atol=1e-5)
 
@@ -73,11 +73,11 @@ def test_a_long_prompt_is_its_chunks_end_to_end_pooled_from_the_first(
     # BREAK ends a chunk (A1111's syntax): the two chunks are these two prompts.
     split, one, two = encoder.encode([("a red fox BREAK deep snow", "a1111"),
                                       ("a red fox", "a1111"), ("deep snow", "a1111")])  # fmt: skip
-    assert split.context.shape == (154, 64)
+    assert split.context.shape == (154, 80)
     torch.testing.assert_close(split.context, torch.cat([one.context, two.context]))
     torch.testing.assert_close(split.pooled, one.pooled)
     [long] = encoder.encode([(LONG, "plain")])
-    assert long.context.shape == (154, 64)
+    assert long.context.shape == (154, 80)
 
 
 def test_weights_change_both_encoders_and_an_empty_negative_is_zeros(

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 # diffusers' names -> the original's, in order (the first pattern that matches renames).
@@ -79,7 +80,8 @@ def unet_key(key: str, layers: int, attended_up: set[int]) -> str:
     its block is after them)."""
     fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0",
-             "conv_out": "out.2"}  # fmt: skip
+             "conv_out": "out.2", "add_embedding.linear_1": "label_emb.0.0",
+             "add_embedding.linear_2": "label_emb.0.2"}  # fmt: skip
     module, _, tail = key.rpartition(".")
     if module in fixed:
         return f"{fixed[module]}.{tail}"
@@ -112,27 +114,85 @@ def _block(prefix: str, kind: str, rest: str, whole: bool = False) -> str:
 
 
 def write_single_file_sd(pipeline: Any, target: Path) -> Path:
-    """An SD 1.x pipeline's UNet, text encoder and VAE as one checkpoint of the original
-    layout (as civitai's and A1111's `.safetensors` files hold them)."""
-    unet, text, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
+    """A pipeline's UNet, text encoders and VAE as one checkpoint of the original layout (as
+    civitai's and A1111's `.safetensors` files hold them): SD 1.x (CLIP under
+    `cond_stage_model.transformer.`), SD 2.x (OpenCLIP under `cond_stage_model.model.`), SDXL's
+    base (CLIP under `conditioner.embedders.0.transformer.`, OpenCLIP under
+    `conditioner.embedders.1.model.`) and refiner (OpenCLIP under
+    `conditioner.embedders.0.model.`), inpainting UNets alike."""
+    unet, vae = pipeline.unet, pipeline.vae
+    text: Any = getattr(pipeline, "text_encoder", None)
+    text_2 = getattr(pipeline, "text_encoder_2", None)
     layers = int(unet.config.layers_per_block)
     attended_up = {k for k, kind in enumerate(unet.config.up_block_types)
                    if "CrossAttn" in kind}  # fmt: skip
     out = {}
     for key, tensor in unet.state_dict().items():
         out[f"model.diffusion_model.{unet_key(key, layers, attended_up)}"] = tensor
-    for key, tensor in text.state_dict().items():
-        name = key if key.startswith("text_model.") else f"text_model.{key}"
-        out[f"cond_stage_model.transformer.{name}"] = tensor
+    if text_2 is not None:  # SDXL: its second encoder is OpenCLIP's; the refiner has only it
+        second = (
+            "conditioner.embedders.1.model."
+            if text is not None
+            else "conditioner.embedders.0.model."
+        )
+        out |= {second + k: t for k, t in original_open_clip(text_2).items()}
+        if text is not None:
+            out |= {f"conditioner.embedders.0.transformer.{k}": t for k, t in clip(text).items()}
+    elif text.config.hidden_size == OPEN_CLIP_H:  # SD 2.x
+        out |= {f"cond_stage_model.model.{k}": t for k, t in original_open_clip(text).items()}
+    else:
+        out |= {f"cond_stage_model.transformer.{k}": t for k, t in clip(text).items()}
     out |= {f"first_stage_model.{name}": t for name, t in original_vae(vae).items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in out.items()}, str(target))
     return target
 
 
-def write_single_file_model(folder: Path, target: Path) -> Path:
-    """The SD 1.x model in `folder` (diffusers' layout) as one checkpoint of the original."""
-    from diffusers import StableDiffusionPipeline
+OPEN_CLIP_H = 1024  # SD 2.x's text encoder width: how the original layouts are told apart
 
-    pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+
+def clip(text: Any) -> dict[str, Any]:
+    """A transformers CLIP text model's weights as the original layout keeps them (its own
+    names, under `text_model.`)."""
+    return {(k if k.startswith("text_model.") else f"text_model.{k}"): t
+            for k, t in text.state_dict().items()}  # fmt: skip
+
+
+OPEN_CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                   ("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+                   ("mlp.fc2", "mlp.c_proj")]  # fmt: skip
+
+
+def original_open_clip(text: Any) -> dict[str, Any]:
+    """A CLIP text model's weights in OpenCLIP's layout (SD 2.x, SDXL's second encoder): the
+    attention's q, k and v in one `in_proj`, the projection stored transposed."""
+    weights = {k.removeprefix("text_model."): t for k, t in text.state_dict().items()}
+    out = {
+        "token_embedding.weight": weights.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": weights.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": weights.pop("final_layer_norm.weight"),
+        "ln_final.bias": weights.pop("final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in weights:
+        out["text_projection"] = weights.pop("text_projection.weight").T
+    weights.pop("embeddings.position_ids", None)
+    for i in range(int(text.config.num_hidden_layers)):
+        ours, theirs = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [weights.pop(f"{ours}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            )
+            for a, b in OPEN_CLIP_LAYER:
+                out[f"{theirs}{b}.{kind}"] = weights.pop(f"{ours}{a}.{kind}")
+    if weights:
+        raise ValueError(f"no OpenCLIP name for {sorted(weights)}")
+    return out
+
+
+def write_single_file_model(folder: Path, target: Path) -> Path:
+    """The model in `folder` (diffusers' layout: SD 1.x, 2.x, SDXL base or refiner,
+    inpainting) as one checkpoint of the original layout."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(str(folder))
     return write_single_file_sd(pipeline, target)

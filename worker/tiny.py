@@ -84,7 +84,9 @@ def build_tiny_model(target: Path, arch: str = "tiny", seed: int = 0) -> Path:
     `tiny`: seconds on a CPU, for tests and local runs. `sd15`: Stable Diffusion 1.5's sizes
     (UNet 860M parameters, CLIP ViT-L/14 text encoder, the SD VAE), for benchmarks: the same
     compute as the real weights, stored in fp16. `sd15-inpaint`: the tiny sizes with SD 1.5
-    inpainting's 9-channel UNet. `x4-upscaler`: the SD x4 upscaler's layout at the tiny sizes;
+    inpainting's 9-channel UNet. `tiny-sd2`: SD 2.x's layout (768-v: an OpenCLIP-wide text
+    encoder, linear projections, v-prediction) at tiny sizes. `x4-upscaler`: the SD x4
+    upscaler's layout at the tiny sizes;
     `sd-x4-upscaler`: at its real sizes, for benchmarks. `tiny-sdxl` and `tiny-sdxl-refiner`:
     SDXL's base and refiner layouts at tiny sizes; `sdxl` and `sdxl-refiner`: at their real
     sizes, for benchmarks. Another `seed`, other weights (a second model to serve).
@@ -115,17 +117,20 @@ def build_tiny_model(target: Path, arch: str = "tiny", seed: int = 0) -> Path:
         **sizes["vae"],
     )
     kind = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    scheduler = _scheduler()
+    if arch == "tiny-sd2":  # SD 2.x at 768: the UNet predicts v
+        scheduler.register_to_config(prediction_type="v_prediction")
     pipeline = kind(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if sizes is not ARCHITECTURES["tiny"]:
+    if not arch.startswith("tiny") and sizes is not ARCHITECTURES["tiny"]:
         pipeline.to(torch.float16)  # half the bytes to write and to load
     pipeline.save_pretrained(str(target))
     return target
@@ -198,6 +203,31 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
             "cross_attention_dim": 32,
             "attention_head_dim": 8,
             "norm_num_groups": 8,
+        },
+        "vae": {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+    },
+    # SD 2.x's layout at tiny sizes: the text encoder as wide as OpenCLIP ViT-H (1024, which is
+    # how diffusers tells SD 2.x from 1.x), linear projections, attention at the first level
+    # with two layers a block (where diffusers looks for that width).
+    "tiny-sd2": {
+        "text_encoder": {
+            "vocab_size": 514,
+            "hidden_size": 1024,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "projection_dim": 1024,
+            "hidden_act": "gelu",
+        },
+        "unet": {
+            "layers_per_block": 2,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 1024,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+            "use_linear_projection": True,
         },
         "vae": {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
     },
@@ -352,10 +382,14 @@ TINY_XL_UNET = {
     **{k: v for k, v in ARCHITECTURES["tiny"]["unet"].items() if k != "cross_attention_dim"},
     "transformer_layers_per_block": 1,
 }
+TINY_XL_SECOND = {"num_hidden_layers": 10, "hidden_size": 48, "intermediate_size": 96,
+                  "projection_dim": 48}  # fmt: skip
 XL_SIZES: dict[str, dict[str, Any]] = {
     "tiny-sdxl": {
         "text_encoder": ARCHITECTURES["tiny"]["text_encoder"],
-        "text_encoder_2": ARCHITECTURES["tiny"]["text_encoder"],  # the pooled embedding: 32
+        # Wider than the first, with ten layers, as diffusers tells SDXL's single files apart
+        # (by the widths, and by the tenth layer); the pooled embedding: 48.
+        "text_encoder_2": ARCHITECTURES["tiny"]["text_encoder"] | TINY_XL_SECOND,
         "time_embed_dim": 8,
         "unet": TINY_XL_UNET,
         "refiner_unet": TINY_XL_UNET,
