@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from worker.adapters import RowBuffers, RowMix
+from worker.controls import split
 from worker.devices import on_device
 
 log = logging.getLogger("sdserve.compiled")
@@ -80,6 +81,9 @@ class Tuning:
     lora_slots: int = 8
     lora_row_rank: int = 128
     lora_kernels: bool = True  # worker/lora_kernel.py on CUDA (False: the tensor path)
+    # ControlNets (worker/controls.py): (name, diffusers folder), loaded beside every model
+    # whose UNet they fit.
+    controlnets: tuple[tuple[str, str], ...] = ()
     # Textual-inversion embeddings' folder (worker/embeddings.py); None: none.
     embeddings: Path | None = None
     # The VAEs a request may choose instead of the model's (SDSERVE_VAES): (name, source).
@@ -150,6 +154,9 @@ class CompiledCalls:
         # Told of each such call, with the guard that failed (the worker counts it).
         self.on_recompile: Callable[[str], None] | None = None
         self.serving = False
+        # Where ControlNets are served, the residuals of no control for (rows, latent height,
+        # latent width): every call takes residuals, so the compiled UNet has one signature.
+        self.control_zeros: Callable[[int, int, int], dict[str, torch.Tensor]] | None = None
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
         if tuning.compile:
@@ -201,6 +208,8 @@ class CompiledCalls:
                                   device=self.device, dtype=self.dtype)  # fmt: skip
             added = {name: torch.zeros(warm.rows, width, device=self.device, dtype=self.dtype)
                      for name, width in self.added_shapes.items()} or None  # fmt: skip
+            if self.control_zeros is not None:
+                added = (added or {}) | self.control_zeros(warm.rows, *latent)
             for _ in range(2):
                 self._unet_call(sample, t, context, None, True, added)
             took = time.perf_counter() - started
@@ -325,9 +334,16 @@ class CompiledCalls:
         t = t.to(torch.float32).contiguous()
         # SDXL's added conditioning in the model's dtype, as diffusers' pipelines give it.
         extra: dict[str, Any] = {}
+        residuals: list[torch.Tensor] = []
         if added is not None:
-            extra["added_cond_kwargs"] = {k: v.to(self.dtype).contiguous()
-                                          for k, v in added.items()}  # fmt: skip
+            conditioning, control = split({k: v.to(self.dtype).contiguous()
+                                           for k, v in added.items()})  # fmt: skip
+            if conditioning:
+                extra["added_cond_kwargs"] = conditioning
+            extra |= control
+            if control:
+                residuals = [*control["down_block_additional_residuals"],
+                             control["mid_block_additional_residual"]]  # fmt: skip
         if not compiled or self._fast_unet is None:
             out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels,
                             **extra)  # fmt: skip
@@ -336,7 +352,8 @@ class CompiledCalls:
         # past ROW_LIMIT (a second graph, compiled at warm-up).
         # (Bounds on one side only break inductor's range analysis: none, or both.)
         bounds = {"min": 2, "max": max(2, self.tuning.row_cap())} if self.tuning.rows else {}
-        row_tensors = [sample, context, t, *extra.get("added_cond_kwargs", {}).values()]
+        row_tensors = [sample, context, t, *extra.get("added_cond_kwargs", {}).values(),
+                       *residuals]  # fmt: skip
         for tensor in row_tensors:
             torch._dynamo.mark_dynamic(tensor, 0, **bounds)
         if self.tuning.prompt_chunks > 1:

@@ -33,6 +33,7 @@ from worker import lora_kernel
 from worker.adapters import Adapters, RowMix
 from worker.compiled import CompiledCalls, Tuning
 from worker.components import Components, load_components, load_vae
+from worker.controls import ControlNets
 from worker.devices import on_device
 from worker.embeddings import Embeddings
 from worker.families import family_of, joined, read
@@ -140,6 +141,11 @@ class Engine:
         self.codec = Vae(parts, self.calls, tuning.vae_chunk)
         self.latents = LatentMaker(parts, self.family, self.codec, tuning, self.adapters)
         self.latents.vaes = self._vaes(tuning)
+        # ControlNets per row (worker/controls.py), where served and fitting this UNet.
+        self.controls = self._controlnets(tuning)
+        self.latents.controls = self.controls
+        if self.controls is not None:
+            self.calls.control_zeros = self.controls.zeros
         # What previews need of the schedule: the signal left at each timestep, and what the
         # UNet predicts.
         self._alphas_cumprod = (
@@ -165,6 +171,24 @@ class Engine:
                 continue
             held[name] = Vae(self.parts, self.calls, tuning.vae_chunk, module)
         return held
+
+    def _controlnets(self, tuning: Tuning) -> ControlNets | None:
+        """The ControlNets of SDSERVE_CONTROLNETS that fit this model's UNet, loaded."""
+        if not tuning.controlnets or self.parts.low_res_scheduler is not None:
+            return None
+        from diffusers import ControlNetModel
+
+        held = {}
+        for name, source in tuning.controlnets:
+            model = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
+            why = ControlNets.fits(model, self.unet)
+            if why is not None:
+                log.warning("ControlNet %s skipped for %s: %s", name, self.model, why)
+                continue
+            held[name] = model.to(self.device).eval()
+            log.info("ControlNet %s for %s: %.0f MiB", name, self.model,
+                     sum(p.nbytes for p in model.parameters()) / 2**20)  # fmt: skip
+        return ControlNets(held, self.unet) if held else None
 
     def refresh_embeddings(self) -> None:
         """Take the embeddings added to the folder since (on the GPU's thread, between steps:
@@ -343,6 +367,9 @@ class Engine:
         # SDXL: each row's added conditioning, in the rows' order (cond, then guided uncond).
         added = joined([lane.cond_added for lane in lanes]
                        + [lanes[i].uncond_added for i in guided])  # fmt: skip
+        if self.controls is not None:  # each row's ControlNet residuals (zero without control)
+            residuals = self.controls.residuals(lanes, guided, sample, t_rows, blocks, added)
+            added = (added or {}) | residuals
         mix = None
         if self.adapters is not None:  # each row's LoRAs, in the same order
             mixes = [lane.mix or self.adapters.zero(lane.rows) for lane in lanes]

@@ -10,6 +10,7 @@ from PIL import Image
 
 from app.jobs.prompts import Syntax
 from worker.adapters import LoraUse
+from worker.controls import ControlUse
 
 
 class NotHeld(LookupError):
@@ -40,6 +41,7 @@ class ImageSpec:
     clip_skip: int = 1  # the text encoder's layer both prompts are read at: 1 its last
     loras: tuple[LoraUse, ...] = ()  # its LoRAs, on both prompts' rows (worker/adapters.py)
     vae: str | None = None  # the VAE that encodes and decodes it (SDSERVE_VAES); None: the model's
+    controls: tuple[ControlUse, ...] = ()  # its ControlNet units (worker/controls.py)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from app.jobs.contract import Hires
 from worker.adapters import Adapters
 from worker.compiled import Tuning
 from worker.components import Components
+from worker.controls import ControlNets, ControlRefused, RowControl, control_image
 from worker.devices import on_device, placed
 from worker.families import Family
 from worker.inputs import BatchShape, ImageSpec, NoVae, Source
@@ -58,6 +59,11 @@ class LatentMaker:
             do_binarize=True,
             do_convert_grayscale=True,
         )
+        # Control images as diffusers' ControlNet pipelines prepare them (RGB, in [0, 1]).
+        self.control_processor = VaeImageProcessor(
+            vae_scale_factor=self.scale, do_convert_rgb=True, do_normalize=False
+        )
+        self.controls: ControlNets | None = None  # the model's ControlNets, where served
         self._plans: dict[tuple[str, int, int, bool], Plan] = {}
         self._blank: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -254,6 +260,7 @@ class LatentMaker:
                 conditioning = tiles.split(conditioning)
             if labels is not None:
                 labels = labels.repeat_interleave(tiles.count, 0)
+        controls = self._controls(specs, size, tiles is not None)
         if self.parts.inpainting_unet and conditioning is None:
             whole = self.whole_picture(BatchShape(*size, shape.steps, shape.scheduler))
             conditioning = whole.expand(len(cond.context), -1, -1, -1)
@@ -274,7 +281,26 @@ class LatentMaker:
             tiling=tiles,
             mix=mix,
             vae=specs[0].vae,
+            controls=controls,
         )
+
+    def _controls(
+        self, specs: Sequence[ImageSpec], size: tuple[int, int], tiled: bool
+    ) -> tuple[RowControl, ...]:
+        """Each image's ControlNet units, on its cond row, their images ready."""
+        uses = [use for spec in specs for use in spec.controls]
+        if not uses:
+            return ()
+        if self.controls is None:
+            raise ControlRefused("controlnets: this worker serves no ControlNets for the model")
+        if tiled:
+            raise ControlRefused("controlnets: a picture this large runs in tiles, where"
+                                 " ControlNets are not served")  # fmt: skip
+        self.controls.check(uses)
+        width, height = size
+        return tuple(RowControl(row, use, control_image(self.control_processor, use, width,
+                                                        height, self.device, self.dtype))
+                     for row, spec in enumerate(specs) for use in spec.controls)  # fmt: skip
 
     def _from_source(
         self,

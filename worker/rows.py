@@ -17,6 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from worker.adapters import RowMix
+from worker.controls import RowControl
 from worker.plans import Plan
 from worker.tiles import Tiling
 
@@ -72,6 +73,8 @@ class Lane:
     mix: RowMix | None = None
     # The VAE that decodes it (SDSERVE_VAES); None: the model's.
     vae: str | None = None
+    # Its images' ControlNet units, each on its image's cond row (worker/controls.py).
+    controls: tuple[RowControl, ...] = ()
     # The inputs of the last `plan.window` steps, newest last.
     history: deque[Inputs] = field(default_factory=deque)
 

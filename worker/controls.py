@@ -1,0 +1,214 @@
+"""ControlNet per row (issue 24): rows with and without ControlNets, with different models,
+weights and start/end ranges, in one UNet call.
+
+The design, and why. diffusers' ControlNet pipelines run one set of units over a whole batch,
+so a row without control would wait for a batch of its own. Here each step gathers, for each
+ControlNet model, only the rows that use it (and only while their step is inside the unit's
+start/end range), runs that ControlNet on them, scales each row's residuals by its own weight
+(and by the guess-mode ramp where the unit asks for it), and adds them, per row, into residual
+tensors of the whole call (zero on every other row), which the UNet takes as diffusers' UNet
+takes a ControlNet's: `down_block_additional_residuals`, `mid_block_additional_residual`. A row
+without control thus sees zero residuals: its output is the UNet's alone. Several units of one
+row add up, as diffusers' `MultiControlNetModel` adds them.
+
+The residuals travel with the call's other per-row tensors (`worker/compiled.py` pads, splits
+and orders them as it does SDXL's added conditioning), under the keys `control.down.K` and
+`control.mid`; a worker that serves ControlNets gives them to every call (zeros when no row has
+control), so its compiled UNet has one signature. The ControlNets themselves run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from worker.devices import on_device
+
+if TYPE_CHECKING:
+    from worker.rows import Lane
+
+log = logging.getLogger("sdserve.controls")
+
+DOWN = "control.down."  # + the residual's index: one per UNet down-path output
+MID = "control.mid"
+
+
+@dataclass(frozen=True)
+class ControlUse:
+    """One ControlNet unit of an image: its model, its control image (RGB, already through
+    any preprocessor), and how strongly and when it steers."""
+
+    model: str
+    image: Image.Image
+    weight: float = 1.0
+    start: float = 0.0  # fraction of the steps before which the unit is off
+    end: float = 1.0  # fraction of the steps after which it is off
+    # A1111's "ControlNet is more important" (diffusers' guess mode): the unit steers the cond
+    # row only, its residuals ramped from 0.1 (shallowest) to 1 (the middle block).
+    guess: bool = False
+
+
+@dataclass(frozen=True)
+class RowControl:
+    """A unit on one cond row of a lane, its control image ready: (3, height, width) in [0, 1],
+    as diffusers' ControlNet pipelines prepare it, on the device in the model's dtype."""
+
+    row: int
+    use: ControlUse
+    image: torch.Tensor
+
+
+class ControlRefused(ValueError):
+    """A unit this worker cannot run for the job (a ControlNet it does not hold, a picture in
+    tiles): the job fails `invalid_request`, the worker goes on."""
+
+
+def steering(use: ControlUse, step: int, steps: int) -> bool:
+    """Whether a unit steers this step, by diffusers' rule for `control_guidance_start/end`."""
+    return not (step / steps < use.start or (step + 1) / steps > use.end)
+
+
+class ControlNets:
+    """The ControlNets of one model, by name, and the per-row residuals of a call."""
+
+    def __init__(self, models: dict[str, Any], unet: Any) -> None:
+        self.models = models
+        self.unet = unet
+        self._shapes: dict[tuple[int, int], list[tuple[int, ...]]] = {}
+
+    @staticmethod
+    def fits(controlnet: Any, unet: Any) -> str | None:
+        """Why the ControlNet cannot steer this UNet (None: it can): another family or size."""
+        for key in ("cross_attention_dim", "block_out_channels", "addition_embed_type"):
+            theirs, ours = controlnet.config.get(key), unet.config.get(key)
+            if (list(theirs) if isinstance(theirs, tuple) else theirs) != (
+                list(ours) if isinstance(ours, tuple) else ours
+            ):
+                return f"its {key} is {theirs}, the model's {ours}"
+        return None
+
+    def check(self, uses: Sequence[ControlUse]) -> None:
+        for use in uses:
+            if use.model not in self.models:
+                raise ControlRefused(
+                    f"controlnets: {use.model!r} is not a ControlNet this worker holds for the"
+                    f" model (it holds {sorted(self.models) or 'none'})"
+                )
+
+    def shapes(self, height: int, width: int) -> list[tuple[int, ...]]:
+        """The residuals' shapes (without the row) for latents of this size: the down path's
+        outputs, then the middle block's (learnt once per size from a ControlNet's own call)."""
+        if (height, width) not in self._shapes:
+            controlnet = next(iter(self.models.values()))
+            config = controlnet.config
+            device, dtype = controlnet.device, controlnet.dtype
+            sample = torch.zeros(1, config.in_channels, height, width, device=device, dtype=dtype)
+            context = torch.zeros(1, 77, config.cross_attention_dim, device=device, dtype=dtype)
+            image = torch.zeros(1, 3, height * 8, width * 8, device=device, dtype=dtype)
+            added = _zero_added(self.unet, 1, device, dtype)
+            with torch.inference_mode():
+                t = torch.tensor([500.0], device=device)
+                down, mid = controlnet(sample, t, context, image, added_cond_kwargs=added,
+                                       return_dict=False)  # fmt: skip
+            self._shapes[(height, width)] = [tuple(r.shape[1:]) for r in (*down, mid)]
+        return self._shapes[(height, width)]
+
+    def zeros(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Residuals of no control, for `rows` rows of latents of this size."""
+        device, dtype = self.unet.device, self.unet.dtype
+        shapes = self.shapes(height, width)
+        out = {f"{DOWN}{k}": torch.zeros(rows, *shape, device=device, dtype=dtype)
+               for k, shape in enumerate(shapes[:-1])}  # fmt: skip
+        out[MID] = torch.zeros(rows, *shapes[-1], device=device, dtype=dtype)
+        return out
+
+    def residuals(
+        self,
+        lanes: Sequence[Lane],
+        guided: Sequence[int],
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        blocks: Sequence[torch.Tensor],
+        added: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """Every row's residuals for one step, in the call's row order (the cond rows of every
+        lane, then the uncond rows of the guided ones, a block of prompt embeddings each)."""
+        channels = self.unet.config.in_channels
+        height, width = sample.shape[-2:]
+        out = self.zeros(len(sample), height, width)
+        # (row in the call, its block, its row in the block, the unit's row control)
+        entries: list[tuple[int, int, int, RowControl]] = []
+        at = 0
+        parts = [(b, lane, True) for b, lane in enumerate(lanes)]
+        parts += [(len(lanes) + j, lanes[i], False) for j, i in enumerate(guided)]
+        for block, lane, cond in parts:
+            for control in lane.controls:
+                if (cond or not control.use.guess) and steering(control.use, lane.step,
+                                                                 lane.steps):  # fmt: skip
+                    entries.append((at + control.row, block, control.row, control))
+            at += lane.rows
+        groups: dict[tuple[str, int], list[tuple[int, int, int, RowControl]]] = {}
+        for entry in entries:
+            groups.setdefault((entry[3].use.model, blocks[entry[1]].shape[1]), []).append(entry)
+        for (name, _tokens), members in groups.items():
+            controlnet = self.models[name]
+            index = on_device([m[0] for m in members], torch.long, sample.device)
+            context = torch.stack([blocks[m[1]][m[2]] for m in members])
+            images = torch.stack([m[3].image for m in members])
+            mine = None
+            if added is not None:
+                mine = {k: v.index_select(0, index) for k, v in added.items()}
+            down, mid = controlnet(
+                sample.index_select(0, index)[:, :channels].to(controlnet.dtype),
+                t.index_select(0, index),
+                context.to(controlnet.dtype),
+                images.to(controlnet.dtype),
+                added_cond_kwargs=mine,
+                return_dict=False,
+            )
+            weights = [m[3].use.weight for m in members]
+            ramp = torch.logspace(-1, 0, len(down) + 1).tolist()  # diffusers' guess-mode scales
+            for k, residual in enumerate((*down, mid)):
+                scale = [w * (ramp[k] if m[3].use.guess else 1.0)
+                         for w, m in zip(weights, members, strict=True)]  # fmt: skip
+                factor = on_device(scale, residual.dtype, residual.device).view(-1, 1, 1, 1)
+                key = MID if k == len(down) else f"{DOWN}{k}"
+                out[key].index_add_(0, index, (residual * factor).to(out[key].dtype))
+        return out
+
+
+def split(extra: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A call's per-row extras apart: SDXL's added conditioning, and the UNet's keyword
+    arguments for ControlNet residuals (none when there are none)."""
+    added = {k: v for k, v in extra.items() if not k.startswith("control.")}
+    if MID not in extra:
+        return added, {}
+    downs = sorted((k for k in extra if k.startswith(DOWN)), key=lambda k: int(k[len(DOWN) :]))
+    return added, {
+        "down_block_additional_residuals": tuple(extra[k] for k in downs),
+        "mid_block_additional_residual": extra[MID],
+    }
+
+
+def _zero_added(unet: Any, rows: int, device: Any, dtype: Any) -> dict[str, torch.Tensor] | None:
+    """SDXL's added conditioning of zeros (a shape probe needs some); None for SD 1.x/2.x."""
+    if unet.config.get("addition_embed_type") != "text_time":
+        return None
+    time_ids = unet.config.projection_class_embeddings_input_dim
+    width = unet.config.addition_time_embed_dim
+    text = time_ids - 6 * width
+    return {"text_embeds": torch.zeros(rows, text, device=device, dtype=dtype),
+            "time_ids": torch.zeros(rows, 6, device=device, dtype=dtype)}  # fmt: skip
+
+
+def control_image(processor: Any, use: ControlUse, width: int, height: int, device: Any,
+                  dtype: Any) -> torch.Tensor:  # fmt: skip
+    """The unit's image as diffusers' ControlNet pipelines prepare it: RGB, resized to the
+    picture, in [0, 1], not normalized."""
+    pixels: torch.Tensor = processor.preprocess(use.image, height=height, width=width)
+    return pixels[0].to(device=device, dtype=dtype)
