@@ -22,15 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
 
 from worker.devices import on_device
-
-if TYPE_CHECKING:
-    from worker.rows import Lane
 
 log = logging.getLogger("sdserve.controls")
 
@@ -61,6 +58,17 @@ class RowControl:
     row: int
     use: ControlUse
     image: torch.Tensor
+
+
+class Block(NamedTuple):
+    """One block of a call's rows (a lane's cond rows, or a guided lane's uncond rows): what
+    its units need to know."""
+
+    rows: int
+    step: int  # the lane's step now, of
+    steps: int
+    controls: tuple[RowControl, ...]
+    cond: bool  # cond rows (uncond rows take no guess-mode unit)
 
 
 class ControlRefused(ValueError):
@@ -129,29 +137,26 @@ class ControlNets:
 
     def residuals(
         self,
-        lanes: Sequence[Lane],
-        guided: Sequence[int],
+        parts: Sequence[Block],
         sample: torch.Tensor,
         t: torch.Tensor,
         blocks: Sequence[torch.Tensor],
         added: dict[str, torch.Tensor] | None,
     ) -> dict[str, torch.Tensor]:
-        """Every row's residuals for one step, in the call's row order (the cond rows of every
-        lane, then the uncond rows of the guided ones, a block of prompt embeddings each)."""
+        """Every row's residuals for one step, in the call's row order: `parts` and `blocks`
+        (their prompt embeddings) row block for row block."""
         channels = self.unet.config.in_channels
         height, width = sample.shape[-2:]
         out = self.zeros(len(sample), height, width)
         # (row in the call, its block, its row in the block, the unit's row control)
         entries: list[tuple[int, int, int, RowControl]] = []
         at = 0
-        parts = [(b, lane, True) for b, lane in enumerate(lanes)]
-        parts += [(len(lanes) + j, lanes[i], False) for j, i in enumerate(guided)]
-        for block, lane, cond in parts:
-            for control in lane.controls:
-                if (cond or not control.use.guess) and steering(control.use, lane.step,
-                                                                 lane.steps):  # fmt: skip
+        for block, part in enumerate(parts):
+            for control in part.controls:
+                if (part.cond or not control.use.guess) and steering(control.use, part.step,
+                                                                     part.steps):  # fmt: skip
                     entries.append((at + control.row, block, control.row, control))
-            at += lane.rows
+            at += part.rows
         groups: dict[tuple[str, int], list[tuple[int, int, int, RowControl]]] = {}
         for entry in entries:
             groups.setdefault((entry[3].use.model, blocks[entry[1]].shape[1]), []).append(entry)

@@ -33,7 +33,7 @@ from worker import lora_kernel
 from worker.adapters import Adapters, RowMix
 from worker.compiled import CompiledCalls, Tuning
 from worker.components import Components, load_components, load_vae
-from worker.controls import ControlNets
+from worker.controls import Block, ControlNets
 from worker.devices import on_device
 from worker.embeddings import Embeddings
 from worker.families import family_of, joined, read
@@ -368,7 +368,11 @@ class Engine:
         added = joined([lane.cond_added for lane in lanes]
                        + [lanes[i].uncond_added for i in guided])  # fmt: skip
         if self.controls is not None:  # each row's ControlNet residuals (zero without control)
-            residuals = self.controls.residuals(lanes, guided, sample, t_rows, blocks, added)
+            row_blocks = [Block(lane.rows, lane.step, lane.steps, lane.controls, True)
+                          for lane in lanes]  # fmt: skip
+            row_blocks += [Block(lanes[i].rows, lanes[i].step, lanes[i].steps, lanes[i].controls,
+                                 False) for i in guided]  # fmt: skip
+            residuals = self.controls.residuals(row_blocks, sample, t_rows, blocks, added)
             added = (added or {}) | residuals
         mix = None
         if self.adapters is not None:  # each row's LoRAs, in the same order
