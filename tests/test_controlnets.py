@@ -14,7 +14,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from tests.test_rows import max_diff, run
+from tests.test_rows import max_diff, run, run_counting_calls
 from worker.compiled import Tuning
 from worker.controls import ControlRefused, ControlUse
 from worker.engine import BatchShape, Engine, ImageSpec
@@ -91,19 +91,7 @@ def test_each_row_takes_its_controlnets_as_diffusers_does(served: Any) -> None:
     shape = BatchShape(64, 64, 4, "euler")
     lanes = [engine.prepare(key, [ImageSpec("a red fox", "blurry", 6.0, 5, controls=uses)],
                             shape) for key, uses in ROWS.items()]  # fmt: skip
-    calls = 0
-    unet_forward = engine.unet.forward
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return unet_forward(*args, **kwargs)
-
-    engine.unet.forward = counted
-    try:
-        ours = run(engine, lanes)  # every row in one UNet call per step
-    finally:
-        engine.unet.forward = unet_forward
+    ours, calls = run_counting_calls(engine, lanes)  # every row in one UNet call per step
     assert calls == 4
     theirs = {key: diffusers_image(model, nets, engine, uses) for key, uses in ROWS.items()}
     assert max_diff(theirs["full"], theirs["none"]) > 2, "the ControlNet shows"

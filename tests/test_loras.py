@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from tests.test_rows import max_diff, run
+from tests.test_rows import max_diff, run_counting_calls
 from worker.adapters import LoraRefused, LoraUse
 from worker.compiled import Tuning
 from worker.engine import BatchShape, Engine, ImageSpec
@@ -86,19 +86,9 @@ def test_each_row_takes_its_loras_as_diffusers_does(served: Any) -> None:
         engine.adapters.fetch(key, uses)
         spec = ImageSpec("a red fox", "blurry", 6.0, 5, loras=uses)
         lanes.append(engine.prepare(key, [spec], shape))
-    calls = 0
-    unet_forward = engine.unet.forward
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return unet_forward(*args, **kwargs)
-
-    engine.unet.forward = counted
     try:
-        ours = run(engine, lanes)  # every row in one UNet call per step
+        ours, calls = run_counting_calls(engine, lanes)  # every row in one UNet call per step
     finally:
-        engine.unet.forward = unet_forward
         for key in ROWS:
             engine.adapters.release(key)
     assert calls == 4

@@ -4,6 +4,7 @@ together, and each image equals diffusers' own pipeline and its request run alon
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,6 +35,25 @@ def run(engine: Engine, lanes: list[Lane]) -> dict[str, list[np.ndarray]]:
             out[lane.key] = [i for i in images if i is not None]
             active.remove(lane)
     return out
+
+
+def run_counting_calls(
+    engine: Engine, lanes: list[Lane]
+) -> tuple[dict[str, list[np.ndarray]], int]:
+    """`run`, and how many times the UNet was called."""
+    calls = 0
+    unet_forward = engine.unet.forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return unet_forward(*args, **kwargs)
+
+    engine.unet.forward = counted
+    try:
+        return run(engine, lanes), calls
+    finally:
+        engine.unet.forward = unet_forward
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
