@@ -134,7 +134,6 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
 
     ctx = make_context(store, storage, settings)
     submitter = submit.Submitter(ctx)
-    app.include_router(submit.router(ctx, submitter))
     app.include_router(sources.router(ctx, submitter))
     app.include_router(jobs.router(ctx))
     app.include_router(generations.router(ctx, submitter))

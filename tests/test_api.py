@@ -44,7 +44,7 @@ def test_job_view_while_queued(api: httpx.Client) -> None:
     assert v["seeds"] == [1, 2, 3]
     assert v["request"] == {
         "kind": "txt2img", "model": "default", "hires": None, "refiner": None, "clip_skip": 1,
-        "loras": [], "vae": None, "prompt": "a red fox", "negative_prompt": "",
+        "loras": [], "vae": None, "controlnets": [], "prompt": "a red fox", "negative_prompt": "",
         "prompt_syntax": "plain",
         "prompt_length": None, "width": 512,
         "height": 512, "steps": 25,

@@ -25,13 +25,14 @@ from app.jobs.contract import ErrorCode, Job
 from app.jobs.tasks import unet_rows
 from worker.adapters import LoraRefused
 from worker.completions import Failed, Succeeded
+from worker.controls import ControlRefused, ControlUse
 from worker.engine import Engine
 from worker.inputs import NotHeld, Source
 from worker.loop import Parts
 from worker.lora_files import LoraUnreadable
 from worker.previews import Previews
 from worker.rows import Lane, Size
-from worker.sources import MissingInput, image_specs
+from worker.sources import MissingInput, control_uses, image_specs
 from worker.stepping import Candidate, Turns, admit
 from worker.tasks import task
 from worker.vae import Decoding
@@ -40,6 +41,10 @@ log = logging.getLogger("sdserve.worker")
 
 # How a job that cannot start fails: its input gone, a LoRA file unreadable; anything else it
 # asked for that this worker cannot give is `invalid_request`.
+# What a job's reader thread hands its join: the source picture (None: from noise), and the
+# ControlNet units with their control images.
+Loaded = tuple[Source | None, tuple[ControlUse, ...]]
+
 REFUSALS: dict[type[Exception], ErrorCode] = {
     MissingInput: ErrorCode.INPUT,
     LoraUnreadable: ErrorCode.LORA,
@@ -55,9 +60,11 @@ class RowLoop:
         self.decodings: deque[tuple[Job, Engine, Decoding]] = deque()
         self.previews: deque[tuple[dict[str, Job], Previews]] = deque()
         self.sources: dict[str, Source] = {}  # the source pictures of jobs in flight
+        # Their ControlNet units with their control images (a hires fix's pass takes them too).
+        self.controls: dict[str, tuple[ControlUse, ...]] = {}
         # Source pictures being read and decoded (storage, PNG) off the GPU's thread, from
         # the job's start: at its join the picture is there, and no step waits for it.
-        self.loading: dict[str, Future[Source | None]] = {}
+        self.loading: dict[str, Future[Loaded]] = {}
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="source")
         # (engine, size): the rows of one UNet call (an engine: a model, or the x4 upscaler).
         self.turns: Turns[tuple[str, Size]] = Turns()
@@ -95,26 +102,31 @@ class RowLoop:
         p.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
         return len(deliveries)
 
-    def _load(self, job: Job) -> Future[Source | None]:
-        """The job's source picture, read and preprocessed by a reader thread, and its LoRAs
-        made resident there (neither: no thread hop)."""
+    def _load(self, job: Job) -> Future[Loaded]:
+        """The job's source picture, read and preprocessed by a reader thread, its ControlNet
+        units' control images read there, and its LoRAs made resident there (none of these:
+        no thread hop)."""
         work = task(job.request)
         loras = image_specs(job.request)[0].loras
-        if not work.reads_picture and not loras:
-            done: Future[Source | None] = Future()
-            done.set_result(None)
+        controlled = bool(getattr(job.request, "controlnets", None))
+        if not work.reads_picture and not loras and not controlled:
+            done: Future[Loaded] = Future()
+            done.set_result((None, ()))
             return done
         engine, storage = self.p.engines.of(job), self.p.storage
 
-        def read() -> Source | None:
+        def read() -> Loaded:
             if loras:  # made resident, and held for the job until it leaves
                 if engine.adapters is None:
                     raise LoraRefused("this worker serves no LoRAs (SDSERVE_LORA_DIR)")
                 engine.adapters.fetch(job.id, loras)
+            controls = control_uses(storage, job.id, job.request) if controlled else ()
             if not work.reads_picture:
-                return None
+                return None, controls
             source = work.source(storage, job.id, job.request)
-            return None if source is None else engine.ready(source, work.shape(job.request))
+            if source is not None:
+                source = engine.ready(source, work.shape(job.request))
+            return source, controls
 
         return self._readers.submit(read)
 
@@ -190,10 +202,11 @@ class RowLoop:
             work = task(request)
             shape = work.shape(request)
             try:
-                source = self.loading.pop(job.id).result()
+                source, controls = self.loading.pop(job.id).result()
                 refiner = p.engines.refiner(job)
-                lane = work.begin(p.engines.of(job), job.id, shape, source, request, refiner)
-            except (MissingInput, NotHeld, LoraRefused, LoraUnreadable) as e:
+                lane = work.begin(p.engines.of(job), job.id, shape, source, request, refiner,
+                                  controls)  # fmt: skip
+            except (MissingInput, NotHeld, LoraRefused, LoraUnreadable, ControlRefused) as e:
                 code = REFUSALS.get(type(e), ErrorCode.INVALID)
                 p.completions.complete(job, Failed(code, str(e)))
                 self._forget(job, tracked=False)
@@ -205,6 +218,8 @@ class RowLoop:
                 continue
             if source is not None:
                 self.sources[job.id] = source
+            if controls:
+                self.controls[job.id] = controls
             self.lanes[job.id] = (job, lane)
             p.tracker.at(job.id, lane.earlier_steps, lane.job_steps, lane.unet_rows)
 
@@ -270,7 +285,8 @@ class RowLoop:
         engines = self.p.engines
         try:
             refiner = engines.refiner(job)
-            then = task(job.request).next_pass(engines.of(job), job.request, lane, refiner)
+            then = task(job.request).next_pass(engines.of(job), job.request, lane, refiner,
+                                               self.controls.get(job.id, ()))  # fmt: skip
         except Exception as e:  # out of memory included: the job fails alone
             log.exception("a second pass failed to start", extra={"job_id": job.id})
             self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")
@@ -324,6 +340,7 @@ class RowLoop:
         p = self.p
         self._release_loras(job)
         self.sources.pop(job.id, None)
+        self.controls.pop(job.id, None)
         self.loading.pop(job.id, None)
         if tracked:
             p.tracker.remove(job.id)

@@ -48,6 +48,9 @@ class ControlUse:
     # A1111's "ControlNet is more important" (diffusers' guess mode): the unit steers the cond
     # row only, its residuals ramped from 0.1 (shallowest) to 1 (the middle block).
     guess: bool = False
+    # A1111's "My prompt is more important": every residual scaled by 0.825 per level below
+    # the middle block, on both rows.
+    soft: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,9 +180,11 @@ class ControlNets:
                 return_dict=False,
             )
             weights = [m[3].use.weight for m in members]
-            ramp = torch.logspace(-1, 0, len(down) + 1).tolist()  # diffusers' guess-mode scales
+            levels = len(down) + 1
+            guess = torch.logspace(-1, 0, levels).tolist()  # diffusers' guess-mode scales
+            soft = [0.825 ** (levels - 1 - k) for k in range(levels)]  # A1111's soft injection
             for k, residual in enumerate((*down, mid)):
-                scale = [w * (ramp[k] if m[3].use.guess else 1.0)
+                scale = [w * (guess[k] if m[3].use.guess else soft[k] if m[3].use.soft else 1.0)
                          for w, m in zip(weights, members, strict=True)]  # fmt: skip
                 factor = on_device(scale, residual.dtype, residual.device).view(-1, 1, 1, 1)
                 key = MID if k == len(down) else f"{DOWN}{k}"

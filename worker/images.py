@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.jobs.contract import JobRequest, Lora
+from app.jobs.contract import ControlNetUnit, JobRequest, Lora
 from worker.schedulers import SAMPLERS
 from worker.tasks import task
 
@@ -51,6 +51,8 @@ def parameters(
     if request.clip_skip > 1:  # A1111 writes it when it is not the default
         settings["Clip skip"] = request.clip_skip
     settings |= task(request).words(request)  # its task's words, as A1111 writes them
+    for k, unit in enumerate(getattr(request, "controlnets", [])):
+        settings[f"ControlNet {k}"] = control_words(unit)
     refiner = getattr(request, "refiner", None)
     if refiner is not None:
         settings |= {"Refiner": refiner.model, "Refiner switch at": refiner.switch_at}
@@ -60,6 +62,24 @@ def parameters(
             settings[key] = f'"{listed}"'
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
+
+
+# A1111's names of the control modes and resize modes.
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "control": "ControlNet is more important"}  # fmt: skip
+RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+
+
+def control_words(unit: ControlNetUnit) -> str:
+    """A ControlNet unit as A1111's infotext gives it: quoted, its settings comma-separated."""
+    words = {"Module": unit.preprocess, "Model": unit.model, "Weight": unit.weight,
+             "Resize Mode": RESIZE_MODES[unit.resize]}  # fmt: skip
+    if unit.preprocess == "canny":
+        words |= {"Threshold A": float(unit.low_threshold),
+                  "Threshold B": float(unit.high_threshold)}  # fmt: skip
+    words |= {"Guidance Start": unit.start, "Guidance End": unit.end,
+              "Control Mode": CONTROL_MODES[unit.mode]}  # fmt: skip
+    return '"' + ", ".join(f"{k}: {v}" for k, v in words.items()) + '"'
 
 
 def lora_tag(lora: Lora) -> str:

@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 from app.jobs.contract import JobRequest
 from app.jobs.storage import Storage, input_key
 from worker.adapters import LoraUse
+from worker.controls import ControlUse
 from worker.inputs import ImageSpec, Source
 
 
@@ -19,8 +20,9 @@ class MissingInput(LookupError):
     """A source picture that is not in storage (swept: the job waited longer than the TTL)."""
 
 
-def image_specs(request: JobRequest) -> list[ImageSpec]:
-    """What the engine needs of a request, per image."""
+def image_specs(request: JobRequest, controls: tuple[ControlUse, ...] = ()) -> list[ImageSpec]:
+    """What the engine needs of a request, per image (`controls`: its ControlNet units, their
+    pictures read: `control_uses`)."""
     loras = tuple(LoraUse(lora.name, lora.weight if lora.text_weight is None else lora.text_weight,
                           lora.weight) for lora in request.loras)  # fmt: skip
     return [
@@ -33,9 +35,21 @@ def image_specs(request: JobRequest) -> list[ImageSpec]:
             request.clip_skip,
             loras,
             request.vae,
+            controls,
         )
         for seed in request.seeds()
     ]
+
+
+def control_uses(storage: Storage, job_id: str, request: JobRequest) -> tuple[ControlUse, ...]:
+    """The job's ControlNet units with their control images (stored by the API, fitted and
+    preprocessed already), read off the GPU's thread."""
+    return tuple(
+        ControlUse(unit.model, picture(storage, job_id, f"control{k}").convert("RGB"),
+                   unit.weight, unit.start, unit.end, guess=unit.mode == "control",
+                   soft=unit.mode == "prompt")
+        for k, unit in enumerate(getattr(request, "controlnets", []))
+    )  # fmt: skip
 
 
 def picture(storage: Storage, job_id: str, name: str) -> Image.Image:

@@ -15,6 +15,7 @@ from PIL import Image
 from app.jobs import tasks as shared
 from app.jobs.contract import InpaintRequest, JobRequest, Txt2ImgRequest, UpscaleRequest
 from app.jobs.storage import Storage
+from worker.controls import ControlUse
 from worker.engine import Engine
 from worker.inputs import BatchShape, Source
 from worker.plans import until_switch
@@ -41,11 +42,13 @@ class TaskWork:
         source: Source | None,
         request: Any,
         refiner: Engine | None = None,
+        controls: tuple[ControlUse, ...] = (),
     ) -> Lane:
-        """Its lane at the first step (`prepare`). With a refiner, the model runs the steps
-        above the switch and the refiner the rest (`next_pass`); where a picture's strength
-        starts below the switch, the refiner runs them all."""
-        lane = self.prepare(engine, key, shape, source, request)
+        """Its lane at the first step (`prepare`), with its ControlNet units (`controls`).
+        With a refiner, the model runs the steps above the switch and the refiner the rest
+        (`next_pass`); where a picture's strength starts below the switch, the refiner runs
+        them all."""
+        lane = self.prepare(engine, key, shape, source, request, controls)
         wanted = getattr(request, "refiner", None)
         if wanted is None:
             return lane
@@ -59,18 +62,29 @@ class TaskWork:
         return lane
 
     def prepare(
-        self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
+        self,
+        engine: Engine,
+        key: str,
+        shape: BatchShape,
+        source: Source | None,
+        request: Any,
+        controls: tuple[ControlUse, ...] = (),
     ) -> Lane:
         """Its lane at the first step: how its latents are prepared (from its picture)."""
         assert source is not None, "a task that reads a picture has one"
-        return engine.latents.from_picture(key, image_specs(request), shape, source)
+        return engine.latents.from_picture(key, image_specs(request, controls), shape, source)
 
     def shape(self, request: JobRequest) -> BatchShape:
         """What the engine denoises first: the drawn size, steps and sampler."""
         return BatchShape(*self.rule.drawn(request), request.steps, request.scheduler)
 
     def next_pass(
-        self, engine: Engine, request: Any, lane: Lane, refiner: Engine | None = None
+        self,
+        engine: Engine,
+        request: Any,
+        lane: Lane,
+        refiner: Engine | None = None,
+        controls: tuple[ControlUse, ...] = (),
     ) -> Lane | None:
         """The lane of the pass that follows a finished one (a refiner's, after its base
         model's); None when the job is done."""
@@ -78,7 +92,7 @@ class TaskWork:
         if wanted is None or lane.model is not None:
             return None
         assert refiner is not None, "the loop finds the refiner's engine"
-        # The job's LoRAs and VAE are its model's: the refiner runs with its own.
+        # The job's LoRAs, VAE and ControlNets are its model's: the refiner runs without.
         specs = [replace(spec, loras=(), vae=None) for spec in image_specs(request)]
         made = refiner.latents.refined(lane, specs, self.shape(request), wanted.switch_at)
         made.model = wanted.model
@@ -103,27 +117,39 @@ class Txt2Img(TaskWork):
         return None
 
     def prepare(
-        self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
+        self,
+        engine: Engine,
+        key: str,
+        shape: BatchShape,
+        source: Source | None,
+        request: Any,
+        controls: tuple[ControlUse, ...] = (),
     ) -> Lane:
         """From noise; a hires fix's second pass counted in its progress."""
-        lane = engine.latents.from_noise(key, image_specs(request), shape)
+        lane = engine.latents.from_noise(key, image_specs(request, controls), shape)
         if request.hires is not None:
             lane.later_steps = shared.HIRES.steps(request)
         return lane
 
     def next_pass(
-        self, engine: Engine, request: Any, lane: Lane, refiner: Engine | None = None
+        self,
+        engine: Engine,
+        request: Any,
+        lane: Lane,
+        refiner: Engine | None = None,
+        controls: tuple[ControlUse, ...] = (),
     ) -> Lane | None:
         """A hires fix's second pass (`hires` in app/jobs/tasks.py) after the first, or a
         refiner's (the API takes one or the other)."""
         assert isinstance(request, Txt2ImgRequest)
         if request.hires is None:
-            return super().next_pass(engine, request, lane, refiner)
+            return super().next_pass(engine, request, lane, refiner, controls)
         if lane.earlier_steps:
             return None
         size = shared.HIRES.drawn(request)
         shape = BatchShape(*size, request.hires.steps or request.steps, request.scheduler)
-        return engine.second_pass(lane, image_specs(request), shape, request.hires)
+        # The ControlNets steer the second pass too (their images resized to it), as A1111's.
+        return engine.second_pass(lane, image_specs(request, controls), shape, request.hires)
 
     def words(self, request: Any) -> Words:
         hires = request.hires
@@ -182,7 +208,13 @@ class X4(TaskWork):
         return Source(source_picture(storage, job_id), 1.0, noise_level=request.noise_level)
 
     def prepare(
-        self, engine: Engine, key: str, shape: BatchShape, source: Source | None, request: Any
+        self,
+        engine: Engine,
+        key: str,
+        shape: BatchShape,
+        source: Source | None,
+        request: Any,
+        controls: tuple[ControlUse, ...] = (),
     ) -> Lane:
         """Noise beside the picture noised to the request's level."""
         assert source is not None, "the x4 upscaler reads a picture"

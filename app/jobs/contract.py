@@ -318,8 +318,88 @@ class Generation(BaseModel):
         return [(self.seed + k) % (SEED_MAX + 1) for k in range(self.n)]
 
 
+class StoredImage(BaseModel):
+    """An input image, stored once beside the job's results (its bytes are not in the queue)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sha256: str = Field(description="Of the stored PNG.")
+    width: int
+    height: int
+
+
+CONTROLNETS_MAX = 4  # units on one job
+ControlMode = Literal["balanced", "prompt", "control"]
+ControlResize = Literal["resize", "crop", "fill"]
+Preprocessor = Literal["none", "invert", "canny"]
+
+
+class ControlNetSettings(BaseModel):
+    """A ControlNet unit but its picture: which ControlNet, how strongly, when, and how its
+    picture becomes the control image."""
+
+    model_config = STRICT_INPUT
+
+    model: str = Field(
+        max_length=64,
+        pattern=MODEL_NAME,
+        description="One of the deployment's SDSERVE_CONTROLNETS (`GET /v1/controlnets`).",
+    )
+    weight: float = Field(default=1.0, ge=0, le=2, description="How strongly it steers.")
+    start: float = Field(default=0.0, ge=0, lt=1, description="Share of the steps before it.")
+    end: float = Field(default=1.0, gt=0, le=1, description="Share of the steps after it.")
+    mode: ControlMode = Field(
+        default="balanced",
+        description="A1111's control mode. balanced: on the guided and unguided rows alike, as"
+        ' diffusers\' pipeline. prompt ("My prompt is more important"): each residual scaled'
+        ' by 0.825 per level below the middle block. control ("ControlNet is more'
+        " important\", diffusers' guess mode): on the guided row only, its residuals ramped"
+        " from 0.1 to 1.",
+    )
+    resize: ControlResize = Field(
+        default="resize",
+        description="How the picture is fitted to the job's size: resize (stretched, as"
+        " diffusers does), crop (scaled to cover, the middle kept), fill (scaled to fit, the"
+        " rest black).",
+    )
+    preprocess: Preprocessor = Field(
+        default="none",
+        description="none: the picture is the control image. invert: its colours inverted"
+        " (a black-on-white sketch). canny: OpenCV's Canny edges (white on black).",
+    )
+    low_threshold: int = Field(default=100, ge=1, le=255, description="Canny's lower bound.")
+    high_threshold: int = Field(default=200, ge=1, le=255, description="Canny's upper bound.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ControlNetSettings:
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must come after start ({self.start})")
+        if self.high_threshold < self.low_threshold:
+            raise ValueError("high_threshold must not be below low_threshold")
+        return self
+
+
+class ControlNetUnit(ControlNetSettings):
+    """A ControlNet unit as queued: its control image stored beside the job (`control{k}`),
+    fitted to the job's size and preprocessed already."""
+
+    image: StoredImage
+
+
+ControlNets = Annotated[
+    list[ControlNetUnit],
+    Field(
+        max_length=CONTROLNETS_MAX,
+        description="ControlNet units on every image of the job (several add up); other jobs'"
+        " rows in the same UNet call have theirs, or none.",
+    ),
+]
+
+
 class GenerationRequest(Generation):
-    """What every kind of job asks for: its size too."""
+    """What every kind of job asks for: its size too (and, but for upscaling, ControlNets)."""
+
+    controlnets: ControlNets = []
 
     width: Side = Field(
         default=512,
@@ -436,16 +516,6 @@ MaskBlur = Annotated[
         description="Pixels of blur on the mask's edge where the result is laid over the source.",
     ),
 ]
-
-
-class StoredImage(BaseModel):
-    """An input image, stored once beside the job's results (its bytes are not in the queue)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    sha256: str = Field(description="Of the stored PNG.")
-    width: int
-    height: int
 
 
 class Img2ImgRequest(GenerationRequest):

@@ -57,6 +57,13 @@ class CommonSettings(BaseSettings):
         " (a diffusers VAE folder, or a model folder whose `vae` it is), or a JSON object.",
     )
 
+    controlnets: Annotated[dict[str, str], NoDecode] = Field(
+        default={},
+        description="ControlNets a request may name (`controlnets[k].model`), each NAME=SOURCE"
+        " (a diffusers ControlNet folder), or a JSON object; workers load each beside every"
+        " model whose UNet it fits.",
+    )
+
     upscaler: str = Field(
         default="",
         description="The Stable Diffusion x4 upscaler (hub id or folder) for `method: x4`"
@@ -67,7 +74,7 @@ class CommonSettings(BaseSettings):
         """The names a request may choose, the default first."""
         return list(self.models) or [DEFAULT_MODEL]
 
-    @field_validator("models", "vaes", mode="before")
+    @field_validator("models", "vaes", "controlnets", mode="before")
     @classmethod
     def _models_text(cls, value: object) -> object:
         if not isinstance(value, str):
@@ -85,7 +92,7 @@ class CommonSettings(BaseSettings):
             pairs[name.strip()] = source.strip()
         return pairs
 
-    @field_validator("models", "vaes")
+    @field_validator("models", "vaes", "controlnets")
     @classmethod
     def _model_names(cls, models: dict[str, str]) -> dict[str, str]:
         for name, source in models.items():

@@ -28,7 +28,7 @@ def result_key(job_id: str, index: int) -> str:
 
 
 # A job's input images, beside its results (the same owner check, TTL and sweep).
-INPUTS = ("image", "mask")
+INPUTS = ("image", "mask", *(f"control{k}" for k in range(4)))  # 4: CONTROLNETS_MAX
 
 
 def input_key(job_id: str, name: str) -> str:

@@ -1,6 +1,6 @@
 """`GET /v1/models`: the models this deployment serves, each with its live workers and its
 queue; shaped as OpenAI's model list, so its clients list them too. `GET /v1/loras`: the LoRAs
-their workers take."""
+their workers take. `GET /v1/controlnets`: the ControlNets a request may name."""
 
 from __future__ import annotations
 
@@ -35,6 +35,15 @@ class LoraList(BaseModel):
     data: list[LoraEntry]
 
 
+class ControlNetEntry(BaseModel):
+    name: str = Field(description="What a request's `controlnets[].model` gives.")
+
+
+class ControlNetList(BaseModel):
+    object: str = "list"
+    data: list[ControlNetEntry]
+
+
 def router(ctx: Context) -> APIRouter:
     routes = APIRouter()
     store = ctx.store
@@ -55,5 +64,11 @@ def router(ctx: Context) -> APIRouter:
     def loras(_caller: Caller = ctx.authenticated) -> LoraList:
         return LoraList(data=[LoraEntry(name=name, models=models)
                               for name, models in store.lora_models().items()])  # fmt: skip
+
+    @routes.get("/v1/controlnets", response_model=ControlNetList, responses=UNAUTHORIZED,
+                summary="The ControlNets a request may name (SDSERVE_CONTROLNETS)")  # fmt: skip
+    def controlnets(_caller: Caller = ctx.authenticated) -> ControlNetList:
+        names = ctx.settings.controlnets
+        return ControlNetList(data=[ControlNetEntry(name=name) for name in names])
 
     return routes

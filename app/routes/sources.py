@@ -1,5 +1,6 @@
-"""Jobs that start from a picture: `POST /v1/img2img`, `POST /v1/inpaint` and `POST /v1/upscale`,
-and the owner's way back to the pictures sent (`GET /jobs/{id}/inputs/{name}.png`).
+"""Jobs that bring pictures: `POST /v1/img2img`, `POST /v1/inpaint` and `POST /v1/upscale` start
+from one, and these and `POST /v1/txt2img` may bring ControlNet units' pictures; and the owner's
+way back to the pictures sent (`GET /jobs/{id}/inputs/{name}.png`).
 
 The routes take JSON (images as base64, plain or `data:image/...;base64,`) or multipart/form-data
 (images as file parts, the other fields as form fields). Images are read safely (app/uploads.py),
@@ -27,7 +28,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from app.auth import Caller
+from app.controls import ControlNetBody, control_picture
 from app.jobs.contract import (
+    CONTROLNETS_MAX,
     PIXELS_MAX,
     SIDE_MAX,
     SIDE_MIN,
@@ -42,6 +45,7 @@ from app.jobs.contract import (
     Status,
     StoredImage,
     Strength,
+    Txt2ImgRequest,
     UpscaleRequest,
     Upscaling,
     new_job_id,
@@ -60,13 +64,23 @@ from app.routes.submit import Accepted, Submitter
 from app.uploads import UploadError, as_mask, flatten, from_base64, read_image, to_png
 
 log = logging.getLogger("sdserve.api")
+TEXT_BODY_BYTES = 64 * 1024  # app/api.py's limit of every route that takes no pictures
 T = TypeVar("T")
 
-UPLOAD_ROUTES = frozenset({"/v1/img2img", "/v1/inpaint", "/v1/upscale", "/v1/images/edits",
-                           "/sdapi/v1/img2img"})  # fmt: skip
+# Bodies up to SDSERVE_MAX_UPLOAD_BYTES; txt2img's only with ControlNet pictures (64 KiB else).
+UPLOAD_ROUTES = frozenset({"/v1/txt2img", "/v1/img2img", "/v1/inpaint", "/v1/upscale",
+                           "/v1/images/edits", "/sdapi/v1/img2img"})  # fmt: skip
 IMAGE_FIELD = Field(
     description="The source picture: PNG, JPEG or WebP as base64 (plain or a "
     "`data:image/...;base64,` URL), or a file part in multipart/form-data."
+)
+
+
+CONTROLNETS_FIELD: Any = Field(
+    default=[],
+    max_length=CONTROLNETS_MAX,
+    description="ControlNet units on every image of the job (several add up), each with its"
+    " picture as base64; rows of other jobs in the same UNet call have theirs, or none.",
 )
 
 
@@ -75,9 +89,16 @@ class SourceBody(GenerationRequest):
     width: Side | None = Field(default=None, description="Pixels; the source's width if absent.")  # type: ignore[assignment]
     height: Side | None = Field(default=None, description="Pixels; the source's height if absent.")  # type: ignore[assignment]
     image: str = IMAGE_FIELD
+    controlnets: list[ControlNetBody] = CONTROLNETS_FIELD  # type: ignore[assignment]
 
-    # A multipart form's field is text: there, the LoRAs are its JSON list's.
-    _form_loras = field_validator("loras", mode="before")(classmethod(lambda _c, v: form_json(v)))
+    # A multipart form's field is text: there, the LoRAs and ControlNets are its JSON list's.
+    _form_lists = field_validator("loras", "controlnets", mode="before")(
+        classmethod(lambda _c, v: form_json(v))
+    )
+
+
+class Txt2ImgBody(Txt2ImgRequest):
+    controlnets: list[ControlNetBody] = CONTROLNETS_FIELD  # type: ignore[assignment]
 
 
 class Img2ImgBody(SourceBody):
@@ -116,7 +137,9 @@ def fitted_size(width: int, height: int) -> tuple[int, int]:
 
 
 def invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
-    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+    """A 422 naming the field (dotted: `controlnets.0.image` is located as a path)."""
+    path = tuple(int(p) if p.isdigit() else p for p in field.split("."))
+    return RequestValidationError([{"loc": ("body", *path), "msg": message, "type": kind}])
 
 
 def as_http_error(error: UploadError) -> Exception:
@@ -247,7 +270,21 @@ def enlarge(pictures: dict[str, Image.Image], scale: int, method: str,
     return {"width": size[0], "height": size[1], "image": fields}, {"image": png}
 
 
-def queue_with_pictures(ctx: Context, submit: Submitter, request: SourceRequest,
+def control_pictures(
+    units: list[ControlNetBody], size: tuple[int, int]
+) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """The units as queued (each picture fitted, preprocessed and described) and the control
+    images to store, `control{k}`."""
+    queued, pngs = [], {}
+    for k, unit in enumerate(units):
+        field = f"controlnets.{k}.image"
+        picture = control_picture(field, from_base64(field, unit.image), unit, size)
+        pngs[f"control{k}"], stored = _stored(picture)
+        queued.append({**unit.model_dump(exclude={"image"}), "image": stored.model_dump()})
+    return queued, pngs
+
+
+def queue_with_pictures(ctx: Context, submit: Submitter, request: SourceRequest | Txt2ImgRequest,
                         pngs: dict[str, bytes], http: Request, caller: Caller,
                         idempotency_key: str | None,
                         retrying: bool | None = None) -> tuple[str, Status, bool]:  # fmt: skip
@@ -276,7 +313,7 @@ def queue_with_pictures(ctx: Context, submit: Submitter, request: SourceRequest,
                 ctx.storage.delete(input_key(job_id, name))
 
 
-def as_request(make: Callable[[], SourceRequest]) -> SourceRequest:
+def as_request(make: Callable[[], T]) -> T:
     """The queued request, or a 422 naming the field."""
     try:
         return make()
@@ -305,6 +342,12 @@ def form_body(model: type[BaseModel], files: tuple[str, ...], json: bool = True)
     if json:
         content["application/json"] = {"schema": schema}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a JSON route that reads its own body."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
@@ -336,9 +379,17 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 )
             else:
                 fields, pngs = await run_in_threadpool(fit, pictures, body.width, body.height)
+            units = getattr(body, "controlnets", [])  # upscaling takes none
+            if units:
+                size = (fields["width"], fields["height"])
+                async with ctx.decodes:
+                    fields["controlnets"], controls = await run_in_threadpool(
+                        control_pictures, units, size
+                    )
+                pngs |= controls
         except UploadError as e:
             raise as_http_error(e) from None
-        known = {**body.model_dump(exclude=set(files)), **fields}
+        known = {**body.model_dump(exclude={*files, "controlnets"}), **fields}
         request = as_request(lambda: make(known))
         found_id, status, replayed = await run_in_threadpool(
             queue_with_pictures, ctx, submit, request, pngs, http, caller, idempotency_key
@@ -376,6 +427,68 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                              response_model=Accepted, responses=answers, summary=summary,
                              openapi_extra=form_body(body_model, files))  # fmt: skip
 
+    @routes.post(
+        "/v1/txt2img",
+        status_code=202,
+        response_model=Accepted,
+        responses={
+            **UNAUTHORIZED,
+            **error(409, "This Idempotency-Key came with another request."),
+            **error(413, f"Body over 64 KiB (over {limit} bytes with ControlNet pictures)."),
+            **error(415, "Not JSON."),
+            422: {"description": "Invalid field, or a ControlNet picture that cannot be read."},
+            **error(
+                429,
+                "The queue is full, or this key's rate or jobs in flight are at their limit;"
+                " retry after `Retry-After` seconds.",
+            ),
+            **error(503, "The queue (Redis) or the image storage is unreachable."),
+        },
+        summary="Queue a text-to-image job",
+        description="With an `Idempotency-Key` header, sending the same request again (a retry "
+        "after a lost answer) answers the job the first one made, instead of a second job.",
+        openapi_extra=json_body(Txt2ImgBody),
+    )
+    async def txt2img(
+        http: Request,
+        response: Response,
+        caller: Caller = authenticated,
+        idempotency_key: str | None = IDEMPOTENCY_KEY,
+    ) -> Accepted:
+        content_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise HTTPException(415, "send application/json")
+        raw = await http.body()
+        # Pictures make a large body; without them a text-to-image request is small.
+        if len(raw) > TEXT_BODY_BYTES and b'"controlnets"' not in raw:
+            raise HTTPException(413, f"body over {TEXT_BODY_BYTES} bytes")
+        try:
+            body = Txt2ImgBody.model_validate_json(raw)
+        except ValidationError as e:
+            raise RequestValidationError(located(e)) from None
+        if not body.controlnets:
+            request = as_request(lambda: Txt2ImgRequest.model_validate_json(raw))
+            found = await run_in_threadpool(submit, request, http, caller, idempotency_key)
+        else:
+            side = submit.side_of(body.model)
+            sent = json.loads(raw)
+            size = (sent.get("width", side), sent.get("height", side))
+            try:
+                work = partial(control_pictures, body.controlnets, size)
+                units, pngs = await decoded(ctx, submit, http, caller, idempotency_key, work)
+            except UploadError as e:
+                raise as_http_error(e) from None
+            request = as_request(lambda: Txt2ImgRequest.model_validate(
+                sent | {"controlnets": units}, strict=False))  # fmt: skip
+            found = await run_in_threadpool(queue_with_pictures, ctx, submit, request, pngs, http,
+                                            caller, idempotency_key)  # fmt: skip
+        job_id, status, replayed = found
+        url = f"/jobs/{job_id}"
+        response.headers["Location"] = url
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
+        return Accepted(id=job_id, status=status, url=url)
+
     add("/v1/img2img", "img2img", "Queue an image-to-image job", Img2ImgBody, Img2ImgRequest)
     add("/v1/inpaint", "inpaint", "Queue an inpainting job", InpaintBody, InpaintRequest)
     add("/v1/upscale", "upscale", "Queue an upscaling job (a hires fix of a picture)",
@@ -390,12 +503,16 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             **error(404, "No such job for this API key, or no such input for it."),
             **error(410, "The inputs have expired."),
         },
-        summary="A job's input picture (image or mask), sized as the job used it",
+        summary="A job's input picture (image, mask, or a ControlNet unit's control image:"
+        " control0 to control3), sized as the job used it",
     )
-    def get_input(job_id: str, name: str = Path(pattern="^(image|mask)$"),
+    def get_input(job_id: str, name: str = Path(pattern="^(image|mask|control[0-3])$"),
                   caller: Caller = authenticated) -> Response:  # fmt: skip
         view = find_job(ctx.store, job_id, caller)
-        if name not in INPUTS or getattr(view.request, name, None) is None:
+        units = getattr(view.request, "controlnets", [])
+        held = (len(units) > int(name[7:]) if name.startswith("control")
+                else getattr(view.request, name, None) is not None)  # fmt: skip
+        if name not in INPUTS or not held:
             raise HTTPException(404, f"job {job_id} has no {name}")
         data = storage.get(input_key(job_id, name))
         if data is None:

@@ -9,7 +9,7 @@ from functools import partial
 from typing import NoReturn
 
 import redis
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.requests import Request
@@ -27,12 +27,9 @@ from app.jobs.contract import (
 from app.jobs.prompts import CHUNK, count
 from app.jobs.vocabulary import PromptMeter
 from app.routes.context import (
-    IDEMPOTENCY_KEY,
     NO_RETRY,
     RETRY_AFTER_S,
-    UNAUTHORIZED,
     Context,
-    error,
     find_job,
 )
 from app.settings import ApiSettings
@@ -83,6 +80,7 @@ class Submitter:
         _check_hires(request, self.ctx.settings)
         self._check_refiner(request, model)
         self._check_loras(request, model)
+        self._check_controlnets(request)
         if request.vae is not None and request.vae not in self.ctx.settings.vaes:
             served = ", ".join(self.ctx.settings.vaes) or "none"
             problem = f"unknown VAE {request.vae!r}; this server's: {served} (SDSERVE_VAES)"
@@ -190,14 +188,33 @@ class Submitter:
             where = ("body", "loras", k, "name")
             raise RequestValidationError([{"loc": where, "msg": problem, "type": "value_error"}])
 
+    def _check_controlnets(self, request: JobRequest) -> None:
+        """Each unit's ControlNet must be one of the deployment's (SDSERVE_CONTROLNETS): a
+        422 naming `controlnets[k].model` otherwise. (A worker whose model it does not fit
+        fails the job `invalid_request`.)"""
+        served = self.ctx.settings.controlnets
+        for k, unit in enumerate(getattr(request, "controlnets", [])):
+            if unit.model not in served:
+                names = ", ".join(served) or "none"
+                problem = (f"unknown ControlNet {unit.model!r}; this server's: {names}"
+                           " (GET /v1/controlnets)")  # fmt: skip
+                where = ("body", "controlnets", k, "model")
+                raise RequestValidationError([{"loc": where, "msg": problem,
+                                               "type": "value_error"}])  # fmt: skip
+
+    def side_of(self, model: str | None) -> int:
+        """The default side of a model's text-to-image job (its workers publish it; 512 before
+        any has)."""
+        current = self.prompts[self._model(model)].current()
+        return current[0].default_side if current is not None else 512
+
     def _sized(self, request: JobRequest, model: str) -> JobRequest:
         """A text-to-image request without a width or height gets the model's default side
         (SDXL's 1024, as its workers publish it; 512 before any worker has published). What
         the client sent is what identifies a retry, so this changes no replay."""
         if not isinstance(request, Txt2ImgRequest):
             return request
-        current = self.prompts[model].current()
-        side = current[0].default_side if current is not None else 512
+        side = self.side_of(model)
         update = {k: side for k in ("width", "height") if k not in request.model_fields_set}
         return request.model_copy(update=update) if update else request
 
@@ -239,46 +256,6 @@ def _refuse(http: Request, caller: Caller, outcome: Submission, wait_s: float) -
         _too_many(http, "rate_limited", message, wait_s)
     message = f"this key has {caller.max_in_flight} jobs queued or running, its limit"
     _too_many(http, "in_flight", message, RETRY_AFTER_S)
-
-
-def router(ctx: Context, submit: Submitter) -> APIRouter:
-    routes = APIRouter()
-    authenticated = ctx.authenticated
-
-    @routes.post(
-        "/v1/txt2img",
-        status_code=202,
-        response_model=Accepted,
-        responses={
-            **UNAUTHORIZED,
-            **error(409, "This Idempotency-Key came with another request."),
-            **error(413, "Body over 64 KiB."),
-            422: {"description": "Invalid field."},
-            **error(
-                429,
-                "The queue is full, or this key's rate or jobs in flight are at their limit;"
-                " retry after `Retry-After` seconds.",
-            ),
-        },
-        summary="Queue a text-to-image job",
-        description="With an `Idempotency-Key` header, sending the same request again (a retry "
-        "after a lost answer) answers the job the first one made, instead of a second job.",
-    )
-    def txt2img(
-        request: Txt2ImgRequest,
-        http: Request,
-        response: Response,
-        caller: Caller = authenticated,
-        idempotency_key: str | None = IDEMPOTENCY_KEY,
-    ) -> Accepted:
-        job_id, status, replayed = submit(request, http, caller, idempotency_key)
-        url = f"/jobs/{job_id}"
-        response.headers["Location"] = url
-        if replayed:
-            response.headers["Idempotent-Replayed"] = "true"
-        return Accepted(id=job_id, status=status, url=url)
-
-    return routes
 
 
 def _check_hires(request: JobRequest, settings: ApiSettings) -> None:

@@ -1,0 +1,143 @@
+"""ControlNet through the service (issue 24, 1-2 and 6, native routes), on the CPU with the
+tiny model, tiny random ControlNets and a real Valkey: `GET /v1/controlnets`; units on
+`/v1/txt2img` (a JSON body past 64 KiB only with their pictures) and `/v1/img2img` (JSON and
+multipart), fitted and preprocessed by the API and stored as the job's `control{k}`; what cannot
+run is a 422 naming the field; each image equals the engine's for the same control image and
+unit alone; the infotext carries A1111's `ControlNet 0: "..."`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.api import create_app
+from app.settings import ApiSettings
+from tests.conftest import JobStore, serving
+from tests.test_rows import max_diff, run
+from tests.test_sdxl_service import SMALL, all_succeed, working
+from tests.test_worker import png
+from worker.controls import ControlUse
+from worker.engine import BatchShape, Engine, ImageSpec, Tuning
+from worker.settings import WorkerSettings
+from worker.tiny_addons import build_tiny_controlnet
+
+
+@pytest.fixture(scope="module")
+def nets(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("controlnets")
+    return {name: str(build_tiny_controlnet(tiny_model, root / name, seed=k + 1))
+            for k, name in enumerate(("edges", "depth"))}  # fmt: skip
+
+
+@pytest.fixture
+def served(redis_url: str, tiny_model: Path, nets: dict[str, str]) -> Iterator[httpx.Client]:
+    settings = ApiSettings(redis_url=redis_url, auth="off", models={"sd": str(tiny_model)},
+                           controlnets=nets)  # fmt: skip
+    store = JobStore.connect(redis_url, 3600, 5)
+    with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
+        yield client
+
+
+def b64(picture: Image.Image) -> str:
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def noisy(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_controlnets_through_the_service(
+    served: httpx.Client, redis_url: str, tiny_model: Path, nets: dict[str, str]
+) -> None:
+    assert served.get("/v1/controlnets").json()["data"] == [{"name": "edges"}, {"name": "depth"}]
+    picture = b64(noisy(64, 64, 1))
+
+    def refused(body: dict[str, Any], route: str = "/v1/txt2img") -> str:
+        answer = served.post(route, json=body)
+        assert answer.status_code == 422, answer.text
+        return answer.text
+
+    unit = {"model": "edges", "image": picture}
+    unknown = refused({**SMALL, "controlnets": [{**unit, "model": "sketch"}]})
+    assert "unknown ControlNet 'sketch'" in unknown and '"controlnets",0,"model"' in unknown
+    assert "must come after start" in refused({**SMALL, "controlnets": [{**unit, "start": 0.6,
+                                                                        "end": 0.5}]})  # fmt: skip
+    unread = refused({**SMALL, "controlnets": [{**unit, "image": "bm90IGFuIGltYWdl"}]})
+    assert '"controlnets",0,"image"' in unread and "not a PNG, JPEG or WebP" in unread
+    assert "'none', 'invert' or 'canny'" in refused(
+        {**SMALL, "controlnets": [{**unit, "preprocess": "openpose"}]}
+    )
+    # Past 64 KiB: refused without ControlNet pictures, taken with them.
+    big = b64(noisy(160, 160, 2))
+    assert len(big) > 64 * 1024
+    assert served.post("/v1/txt2img", json={**SMALL, "prompt": "x" * 70_000}).status_code == 413
+
+    settings = WorkerSettings(redis_url=redis_url, models={"sd": str(tiny_model)},
+                              worker_name="controls", max_batch=4, batching="continuous",
+                              controlnets=nets)  # fmt: skip
+    tuning = Tuning(max_batch=4, rows=True, controlnets=tuple(nets.items()))
+    engines = {"sd": Engine(str(tiny_model), torch.device("cpu"), tuning)}
+    store = JobStore.connect(redis_url, 3600, 5)
+    with working(settings, store, engines):
+        ids = {
+            "plain": served.post("/v1/txt2img", json=SMALL).json()["id"],
+            "edges": served.post("/v1/txt2img", json={
+                **SMALL, "controlnets": [{**unit, "weight": 0.8}]}).json()["id"],
+            "canny": served.post("/v1/txt2img", json={**SMALL, "controlnets": [
+                {"model": "depth", "image": big, "preprocess": "canny", "resize": "crop",
+                 "mode": "control", "end": 0.7}]}).json()["id"],
+            "hires": served.post("/v1/txt2img", json={
+                **SMALL, "hires": {"scale": 2.0, "steps": 2}, "controlnets": [unit]}).json()["id"],
+            "img2img": served.post("/v1/img2img", json={
+                **SMALL, "image": b64(noisy(64, 64, 3)), "strength": 0.8,
+                "controlnets": [{**unit, "mode": "prompt"}]}).json()["id"],
+            "form": served.post("/v1/img2img", data={
+                **{k: str(v) for k, v in SMALL.items()}, "strength": "0.8",
+                "controlnets": json.dumps([{"model": "depth", "image": picture,
+                                            "preprocess": "invert"}])},
+                files={"image": ("a.png", base64.b64decode(b64(noisy(64, 64, 3))),
+                                 "image/png")}).json()["id"],
+        }  # fmt: skip
+        all_succeed(served, ids)
+
+    def stored(job: str) -> Image.Image:
+        answer = served.get(f"/jobs/{ids[job]}/inputs/control0.png")
+        assert answer.status_code == 200, answer.text
+        return Image.open(io.BytesIO(answer.content)).convert("RGB")
+
+    # The API fitted and preprocessed: Canny's edges are black or white, at the job's size.
+    edges = np.asarray(stored("canny"))
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) <= {0, 255}
+    assert served.get(f"/jobs/{ids['plain']}/inputs/control0.png").status_code == 404
+
+    def alone(uses: tuple[ControlUse, ...]) -> np.ndarray:
+        engine = engines["sd"]
+        spec = ImageSpec("a cat", "", 7.5, 4, "plain", controls=uses)
+        lane = engine.prepare("k", [spec], BatchShape(64, 64, 3, "dpmpp_2m"))
+        return run(engine, [lane])["k"][0]
+
+    made = {name: np.asarray(png(store, job, 0)) for name, job in ids.items()}
+    assert max_diff(made["plain"], alone(())) <= 1
+    assert max_diff(made["edges"], alone((ControlUse("edges", stored("edges"), 0.8),))) <= 1
+    canny = (ControlUse("depth", stored("canny"), end=0.7, guess=True),)
+    assert max_diff(made["canny"], alone(canny)) <= 1
+    assert max_diff(made["edges"], made["plain"]) > 2, "the ControlNet shows"
+    info = png(store, ids["canny"], 0).info["parameters"]
+    assert (
+        'ControlNet 0: "Module: canny, Model: depth, Weight: 1.0, Resize Mode: Crop and'
+        " Resize, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance"
+        ' End: 0.7, Control Mode: ControlNet is more important"'
+    ) in info, info
