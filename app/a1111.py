@@ -139,7 +139,10 @@ class Txt2ImgPayload(BaseModel):
             # A1111's own "no script" is the empty name.
             "script_name": self.script_name not in (None, ""),
             "script_args": bool(self.script_args),
-            "alwayson_scripts": bool(self.alwayson_scripts),
+            # ControlNet's units are read apart (app/a1111_controlnet.py); nothing else is run.
+            "alwayson_scripts": any(
+                k not in ("controlnet", "ControlNet") for k in self.alwayson_scripts
+            ),
             "firstpass_image": self.firstpass_image is not None,
             "s_churn": self.s_churn not in (None, 0),
             "s_noise": self.s_noise not in (None, 1),

@@ -138,6 +138,7 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
     app.include_router(jobs.router(ctx))
     app.include_router(generations.router(ctx, submitter))
     app.include_router(a1111.router(ctx, submitter))
+    app.include_router(a1111.controlnet_router(ctx, submitter))
     app.include_router(models.router(ctx))
     app.include_router(service.router(ctx, metrics))
     return app

@@ -53,5 +53,12 @@ def preprocessed(picture: Image.Image, unit: ControlNetSettings) -> Image.Image:
 def control_picture(field: str, data: bytes, unit: ControlNetSettings,
                     size: tuple[int, int]) -> Image.Image:  # fmt: skip
     """A unit's sent bytes as its control image for a job of `size` (UploadError naming
-    `field` for a picture that cannot be read)."""
-    return preprocessed(fitted(flatten(read_image(field, data).image), size, unit.resize), unit)
+    `field` for a picture that cannot be read): fitted, then preprocessed at the job's size;
+    or, with a `processor_res`, preprocessed with its short side at that, then fitted."""
+    picture = flatten(read_image(field, data).image)
+    if unit.processor_res is None or unit.preprocess == "none":
+        return preprocessed(fitted(picture, size, unit.resize), unit)
+    scale = unit.processor_res / min(picture.size)
+    scaled = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    at = picture.resize(scaled, Image.Resampling.LANCZOS)
+    return fitted(preprocessed(at, unit), size, unit.resize)

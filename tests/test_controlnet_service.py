@@ -141,3 +141,58 @@ def test_controlnets_through_the_service(
         " Resize, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance"
         ' End: 0.7, Control Mode: ControlNet is more important"'
     ) in info, info
+
+
+def test_a1111_controlnet_through_the_service(
+    served: httpx.Client, redis_url: str, tiny_model: Path, nets: dict[str, str]
+) -> None:
+    """The extension's routes and `alwayson_scripts.controlnet.args`, sent by A1111's client
+    package (`webuiapi`) unchanged: its image equals the native route's for the same unit."""
+    import webuiapi
+
+    assert served.get("/controlnet/model_list").json() == {"model_list": ["edges", "depth"]}
+    assert "canny" in served.get("/controlnet/module_list").json()["module_list"]
+    assert served.get("/controlnet/version").json() == {"version": 2}
+    detected = served.post("/controlnet/detect", json={
+        "controlnet_module": "canny", "controlnet_input_images": [b64(noisy(96, 64, 5))],
+        "controlnet_threshold_a": 50, "controlnet_threshold_b": 150}).json()  # fmt: skip
+    edges = np.asarray(Image.open(io.BytesIO(base64.b64decode(detected["images"][0]))))
+    assert edges.shape[:2] == (64, 96) and set(np.unique(edges)) <= {0, 255}
+
+    picture = noisy(64, 64, 1)
+    payload = {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 4,
+               "cfg_scale": 7.5, "sampler_name": "DPM++ 2M"}  # fmt: skip
+    unit = {"enabled": True, "module": "none", "model": "edges [0123abcd]", "weight": 0.8,
+            "image": b64(picture), "resize_mode": "Just Resize", "control_mode": "Balanced",
+            "low_vram": False, "pixel_perfect": False, "hr_option": "Both"}  # fmt: skip
+
+    def refused(change: dict[str, Any]) -> str:
+        body = {**payload, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}}
+        answer = served.post("/sdapi/v1/txt2img", json=body)
+        assert answer.status_code == 422, answer.text
+        return answer.text
+
+    assert '"alwayson_scripts","controlnet","args",0,"model"' in refused({"model": "sketch"})
+    assert "is not offered" in refused({"module": "openpose"})
+    assert "does not know this field" in refused({"foo": 1})
+    assert "a unit's mask is not offered" in refused({"mask": b64(picture)})
+
+    settings = WorkerSettings(redis_url=redis_url, models={"sd": str(tiny_model)},
+                              worker_name="controls-a1111", max_batch=4, batching="continuous",
+                              controlnets=nets)  # fmt: skip
+    tuning = Tuning(max_batch=4, rows=True, controlnets=tuple(nets.items()))
+    engines = {"sd": Engine(str(tiny_model), torch.device("cpu"), tuning)}
+    store = JobStore.connect(redis_url, 3600, 5)
+    with working(settings, store, engines):
+        native = served.post("/v1/txt2img", json={**SMALL, "controlnets": [
+            {"model": "edges", "image": b64(picture), "weight": 0.8}]}).json()["id"]  # fmt: skip
+        all_succeed(served, {"native": native})
+        host, port = served.base_url.host, served.base_url.port
+        client = webuiapi.WebUIApi(host=host, port=port, sampler="DPM++ 2M", steps=3)
+        made = client.txt2img(prompt="a cat", width=64, height=64, seed=4, cfg_scale=7.5,
+                              controlnet_units=[webuiapi.ControlNetUnit(
+                                  image=picture, model="edges", weight=0.8,
+                                  resize_mode="Just Resize")])  # fmt: skip
+    assert 'ControlNet 0: "Module: none, Model: edges, Weight: 0.8' in made.info["infotexts"][0]
+    ours = np.asarray(png(store, native, 0))
+    assert max_diff(np.asarray(made.image.convert("RGB")), ours) <= 1

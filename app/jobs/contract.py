@@ -367,6 +367,13 @@ class ControlNetSettings(BaseModel):
         description="none: the picture is the control image. invert: its colours inverted"
         " (a black-on-white sketch). canny: OpenCV's Canny edges (white on black).",
     )
+    processor_res: int | None = Field(
+        default=None,
+        ge=64,
+        le=2048,
+        description="The short side the preprocessor runs at, its map then fitted to the job"
+        " (A1111's processor resolution); absent: at the job's size (A1111's pixel perfect).",
+    )
     low_threshold: int = Field(default=100, ge=1, le=255, description="Canny's lower bound.")
     high_threshold: int = Field(default=200, ge=1, le=255, description="Canny's upper bound.")
 

@@ -17,9 +17,11 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from app import a1111
+from app import a1111, a1111_controlnet
 from app.auth import Caller
+from app.controls import MODULES, ControlNetBody, fitted, preprocessed
 from app.jobs.contract import (
+    ControlNetSettings,
     Img2ImgRequest,
     InpaintRequest,
     JobRequest,
@@ -31,7 +33,7 @@ from app.routes import sources
 from app.routes.context import UNAUTHORIZED, Context, error
 from app.routes.generations import finished_job
 from app.routes.submit import Submitter
-from app.uploads import UploadError, from_base64
+from app.uploads import UploadError, flatten, from_base64, read_image, to_png
 
 PREFIX = "/sdapi/v1"
 
@@ -47,7 +49,6 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                   request: JobRequest, pngs: dict[str, bytes]) -> dict[str, Any]:  # fmt: skip
         """Queue the job, remember it as the caller's latest, wait, answer A1111's shape."""
         if pngs:
-            assert not isinstance(request, Txt2ImgRequest)
             job_id, _status, _replayed = await run_in_threadpool(
                 sources.queue_with_pictures, ctx, submit, request, pngs, http, caller, None
             )
@@ -86,12 +87,38 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         **error(504, "Not done within SDSERVE_SYNC_TIMEOUT_S; the job goes on."),
     }
 
+    async def controls(
+        http: Request, caller: Caller, payload: a1111.Txt2ImgPayload, size: tuple[int, int]
+    ) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+        """The payload's ControlNet units as queued, and their control images to store."""
+        served = list(ctx.settings.controlnets)
+        found = native(lambda: a1111_controlnet.units(payload.alwayson_scripts, served))[0]
+        if not found:
+            return [], {}
+        bodies = []
+        for where, fields in found:
+            try:
+                bodies.append(ControlNetBody.model_validate(fields, strict=False))
+            except ValidationError as e:
+                first = e.errors()[0]
+                path = ".".join(str(p) for p in first["loc"])
+                raise sources.invalid(f"{where}.{path}" if path else where, first["msg"]) from None
+        try:
+            work = partial(sources.control_pictures, bodies, size)
+            return await sources.decoded(ctx, submit, http, caller, None, work)
+        except UploadError as e:
+            raise sources.as_http_error(e) from None
+
     @routes.post("/txt2img", summary="A1111-compatible text to image (waits)", responses=waits)
     async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
         fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes)))
-        request = native(lambda: Txt2ImgRequest.model_validate(fields, strict=False))
-        return await run(http, caller, payload, request, {})
+        if len(await http.body()) > sources.TEXT_BODY_BYTES and not payload.alwayson_scripts:
+            raise HTTPException(413, f"body over {sources.TEXT_BODY_BYTES} bytes")
+        units, pngs = await controls(http, caller, payload, (payload.width, payload.height))
+        request = native(lambda: Txt2ImgRequest.model_validate(fields | {"controlnets": units},
+                                                               strict=False))  # fmt: skip
+        return await run(http, caller, payload, request, pngs)
 
     @routes.post("/img2img", summary="A1111-compatible image to image and inpainting (waits)",
                  responses=waits)  # fmt: skip
@@ -109,7 +136,10 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         except UploadError as e:
             raise sources.as_http_error(e) from None
         strength = payload.denoising_strength if payload.denoising_strength is not None else 0.75
-        known = {**fields, **stored, "strength": strength}
+        units, controls_pngs = await controls(http, caller, payload,
+                                              (stored["width"], stored["height"]))  # fmt: skip
+        pngs |= controls_pngs
+        known = {**fields, **stored, "strength": strength, "controlnets": units}
         if "mask" in stored:
             blur = payload.mask_blur if payload.mask_blur is not None else payload.mask_blur_x
             make: Any = lambda: InpaintRequest.model_validate({**known, "mask_blur": blur},  # noqa: E731
@@ -201,5 +231,65 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             raise sources.invalid(refused[0], "this server's settings cannot be changed over "
                                   "the API")  # fmt: skip
         return {}
+
+    return routes
+
+
+def controlnet_router(ctx: Context, submit: Submitter) -> APIRouter:
+    """The A1111 ControlNet extension's own routes: its models, modules, version, detect."""
+    routes = APIRouter(prefix="/controlnet", tags=["A1111-compatible"], responses=UNAUTHORIZED)
+    authenticated = ctx.authenticated
+
+    @routes.get("/model_list", summary="A1111 ControlNet: the ControlNets served")
+    def model_list(_caller: Caller = authenticated) -> dict[str, Any]:
+        return {"model_list": list(ctx.settings.controlnets)}
+
+    @routes.get("/module_list", summary="A1111 ControlNet: the preprocessors offered")
+    def module_list(_caller: Caller = authenticated) -> dict[str, Any]:
+        return {"module_list": list(MODULES.values()), "module_detail": {}}
+
+    @routes.get("/version", summary="A1111 ControlNet: the extension API's version answered")
+    def version(_caller: Caller = authenticated) -> dict[str, Any]:
+        return {"version": 2}
+
+    @routes.post("/detect", summary="A1111 ControlNet: a preprocessor's map of pictures")
+    async def detect(body: dict[str, Any], http: Request,
+                     caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
+        module = body.get("controlnet_module", "none")
+        if module not in a1111_controlnet.PREPROCESSORS:
+            raise sources.invalid("controlnet_module", f"{a1111.shown(module)} is not offered;"
+                                  f" these are: {', '.join(MODULES.values())}")  # fmt: skip
+        images = body.get("controlnet_input_images") or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise sources.invalid("controlnet_input_images", "a list of base64 pictures")
+        low, high = body.get("controlnet_threshold_a", -1), body.get("controlnet_threshold_b", -1)
+        resolution = body.get("controlnet_processor_res", -1)
+        settings = {"model": "detect", "preprocess": a1111_controlnet.PREPROCESSORS[module],
+                    "low_threshold": 100 if low in (-1, None) else round(low),
+                    "high_threshold": 200 if high in (-1, None) else round(high),
+                    "processor_res": None if resolution in (-1, None) else resolution}  # fmt: skip
+        try:
+            unit = ControlNetSettings.model_validate(settings, strict=False)
+        except ValidationError as e:
+            raise sources.invalid("controlnet_module", e.errors()[0]["msg"]) from None
+
+        def detected() -> list[str]:
+            out = []
+            for k, text in enumerate(images):
+                field = f"controlnet_input_images.{k}"
+                picture = flatten(read_image(field, from_base64(field, text)).image)
+                size = picture.size
+                if unit.processor_res is not None:
+                    scale = unit.processor_res / min(size)
+                    size = (round(picture.width * scale), round(picture.height * scale))
+                out.append(base64.b64encode(to_png(preprocessed(
+                    fitted(picture, size, "resize"), unit))).decode())  # fmt: skip
+            return out
+
+        try:
+            made = await sources.decoded(ctx, submit, http, caller, None, detected)
+        except UploadError as e:
+            raise sources.as_http_error(e) from None
+        return {"images": made, "info": "Success"}
 
     return routes

@@ -69,7 +69,8 @@ T = TypeVar("T")
 
 # Bodies up to SDSERVE_MAX_UPLOAD_BYTES; txt2img's only with ControlNet pictures (64 KiB else).
 UPLOAD_ROUTES = frozenset({"/v1/txt2img", "/v1/img2img", "/v1/inpaint", "/v1/upscale",
-                           "/v1/images/edits", "/sdapi/v1/img2img"})  # fmt: skip
+                           "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img",
+                           "/controlnet/detect"})  # fmt: skip
 IMAGE_FIELD = Field(
     description="The source picture: PNG, JPEG or WebP as base64 (plain or a "
     "`data:image/...;base64,` URL), or a file part in multipart/form-data."
