@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             "tiny-sdxl-refiner",
             "sdxl",
             "sdxl-refiner",
+            "tiny-controlnet",
+            "tiny-sdxl-controlnet",
         ],
         default="tiny",
         help="tiny: for tests and local runs (default); sd15: SD 1.5's sizes, for benchmarks; "
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         "x4-upscaler: the SD x4 upscaler's layout at the tiny sizes (SDSERVE_UPSCALER); "
         "sd-x4-upscaler: at its real sizes, for benchmarks; tiny-sdxl, tiny-sdxl-refiner: "
         "SDXL's base and refiner layouts at the tiny sizes; sdxl, sdxl-refiner: at their real "
-        "sizes, for benchmarks",
+        "sizes, for benchmarks; tiny-controlnet, tiny-sdxl-controlnet: a random ControlNet "
+        "for the tiny SD or SDXL model (SDSERVE_CONTROLNETS)",
     )
     tiny.add_argument("--seed", type=int, default=0, help="another seed, other weights")
     tiny.add_argument("--single-file", type=Path, metavar="OUT.safetensors",
@@ -148,6 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from worker.tiny import build_tiny_model
 
+        if args.arch.endswith("-controlnet"):
+            import tempfile
+
+            from worker.tiny_addons import build_tiny_controlnet
+
+            with tempfile.TemporaryDirectory() as work:  # the model it fits: its layout only
+                base = build_tiny_model(Path(work) / "model", args.arch.removesuffix("-controlnet"))
+                print(build_tiny_controlnet(base, args.dir, args.seed))
+            return
         print(build_tiny_model(args.dir, args.arch, args.seed))
         if args.single_file is not None:
             from worker.original_layout import write_single_file_model

@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 
 from tests.test_rows import max_diff, run, run_counting_calls
@@ -141,3 +146,105 @@ def test_controlnet_rows_never_compile_and_equal_eager_ones(served: Any) -> None
     assert engine.calls.recompiles == 0
     for key in ROWS:
         assert max_diff(images["compiled"][key][0], images["eager"][key][0]) <= 1, key
+
+
+def test_img2img_rows_equal_diffusers_controlnet_img2img(served: Any) -> None:
+    """A picture's job with a ControlNet equals `StableDiffusionControlNetImg2ImgPipeline`."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    from worker.inputs import Source
+
+    model, nets, engine = served
+    use = ControlUse("edges", EDGES, weight=0.9, end=0.8)
+    spec = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))
+    lane = engine.prepare("k", [spec], BatchShape(64, 64, 5, "euler"), Source(DEPTH, 0.6))
+    ours = run(engine, [lane])["k"][0]
+    pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        str(model), controlnet=ControlNetModel.from_pretrained(str(nets["edges"])),
+        safety_checker=None,
+    )  # fmt: skip
+    pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red fox", image=DEPTH, control_image=EDGES, strength=0.6, height=64,
+                  width=64, num_inference_steps=5, guidance_scale=6.0, negative_prompt="blurry",
+                  controlnet_conditioning_scale=0.9, control_guidance_end=0.8, output_type="np",
+                  generator=[torch.Generator().manual_seed(5)]).images  # fmt: skip
+    assert max_diff(ours, pixels(theirs)) <= 1
+
+
+def test_sdxl_rows_equal_diffusers_sdxl_controlnet(tmp_path: Any) -> None:
+    """SDXL: a ControlNet made for the tiny SDXL (its added conditioning goes to the ControlNet
+    too) beside a row without, equal to `StableDiffusionXLControlNetPipeline`."""
+    from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+
+    model = build_tiny_model(tmp_path / "xl", "tiny-sdxl")
+    net = build_tiny_controlnet(model, tmp_path / "xl-edges", seed=3)
+    engine = Engine(str(model), CPU, Tuning(max_batch=4, rows=True,
+                                            controlnets=(("edges", str(net)),)))  # fmt: skip
+    shape = BatchShape(64, 64, 4, "euler")
+    use = ControlUse("edges", EDGES, weight=0.7)
+    rows = (("with", (use,)), ("without", ()))
+    lanes = [engine.prepare(key, [ImageSpec("a red fox", "blurry", 6.0, 5, controls=uses)],
+                            shape) for key, uses in rows]  # fmt: skip
+    ours = run(engine, lanes)
+    common = {"height": 64, "width": 64, "num_inference_steps": 4, "guidance_scale": 6.0,
+              "negative_prompt": "blurry", "output_type": "np"}  # fmt: skip
+    pipe: Any = StableDiffusionXLControlNetPipeline.from_pretrained(
+        str(model), controlnet=ControlNetModel.from_pretrained(str(net))
+    )
+    pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    controlled = pipe("a red fox", image=EDGES, controlnet_conditioning_scale=0.7,
+                      generator=[torch.Generator().manual_seed(5)], **common).images  # fmt: skip
+    plain: Any = StableDiffusionXLPipeline.from_pretrained(str(model))
+    plain.scheduler = make_scheduler("euler", engine.scheduler_config)
+    plain.set_progress_bar_config(disable=True)
+    alone = plain("a red fox", generator=[torch.Generator().manual_seed(5)], **common).images
+    assert max_diff(pixels(controlled), pixels(alone)) > 2, "the ControlNet shows"
+    assert max_diff(ours["with"][0], pixels(controlled)) <= 1
+    assert max_diff(ours["without"][0], pixels(alone)) <= 1
+
+
+def test_inpaint_rows_equal_diffusers_controlnet_inpaint(served: Any) -> None:
+    """Inpainting with a ControlNet equals `StableDiffusionControlNetInpaintPipeline` (the
+    4-channel UNet's blend after every step, as our inpainting does)."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    from worker.inputs import Source
+
+    model, nets, engine = served
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:, 20:] = 255
+    hole = Image.fromarray(mask, "L")
+    use = ControlUse("depth", EDGES, weight=1.1)
+    spec = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))
+    lane = engine.prepare("k", [spec], BatchShape(64, 64, 4, "euler"), Source(DEPTH, 1.0, hole))
+    ours = run(engine, [lane])["k"][0]
+    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        str(model), controlnet=ControlNetModel.from_pretrained(str(nets["depth"])),
+        safety_checker=None,
+    )  # fmt: skip
+    pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red fox", image=DEPTH, mask_image=hole, control_image=EDGES, height=64,
+                  width=64, num_inference_steps=4, guidance_scale=6.0, negative_prompt="blurry",
+                  controlnet_conditioning_scale=1.1, output_type="np", strength=1.0,
+                  generator=[torch.Generator().manual_seed(5)]).images  # fmt: skip
+    assert max_diff(ours, pixels(theirs)) <= 1
+
+
+def test_make_tiny_model_writes_controlnets_for_each_family(served: Any, tmp_path: Any) -> None:
+    """`sdserve make-tiny-model --arch tiny-controlnet` (and `tiny-sdxl-controlnet`) writes a
+    ControlNet that fits the tiny model of its family, and not the other's."""
+    from app.cli import main
+    from worker.controls import ControlNets
+
+    _model, _nets, engine = served
+    xl = build_tiny_model(tmp_path / "xl", "tiny-sdxl")
+    xl_unet = UNet2DConditionModel.from_pretrained(str(xl / "unet"))
+    for arch in ("tiny-controlnet", "tiny-sdxl-controlnet"):
+        main(["make-tiny-model", str(tmp_path / arch), "--arch", arch])
+        made = ControlNetModel.from_pretrained(str(tmp_path / arch))
+        fits_sd = ControlNets.fits(made, engine.unet) is None
+        fits_xl = ControlNets.fits(made, xl_unet) is None
+        assert (fits_sd, fits_xl) == ((True, False) if arch == "tiny-controlnet" else (False, True))
