@@ -7,6 +7,8 @@ runs `sdserve api` without it.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -33,6 +35,24 @@ def lora_arg(text: str) -> dict[str, object]:
     if len(weights) == 2:
         return {"name": name, "text_weight": weights[0], "weight": weights[1]}
     return {"name": name, "weight": weights[0] if weights else 1.0}
+
+
+def controlnet_arg(text: str) -> dict[str, object]:
+    """`--controlnet MODEL:PICTURE[:WEIGHT]` as a request's ControlNet unit, its picture read
+    (a path, as base64)."""
+    model, _, rest = text.partition(":")
+    path, weight = rest, 1.0
+    head, _, last = rest.rpartition(":")
+    if head:
+        with contextlib.suppress(ValueError):  # else a colon of the path's own
+            path, weight = head, float(last)
+    if not model or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: MODEL:PICTURE or MODEL:PICTURE:WEIGHT")
+    try:
+        picture = Path(path).read_bytes()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e.strerror}") from None
+    return {"model": model, "image": base64.b64encode(picture).decode(), "weight": weight}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--lora", dest="loras", action="append", type=lora_arg, metavar="NAME:WEIGHT",
                      help="a LoRA (GET /v1/loras) at a weight (1 when absent; NAME:TE:UNET for"
                      " the text encoders' apart); again for several")  # fmt: skip
+    gen.add_argument("--controlnet", dest="controlnets", action="append", type=controlnet_arg,
+                     metavar="MODEL:PICTURE[:WEIGHT]",
+                     help="a ControlNet (GET /v1/controlnets) steered by a picture, at a weight"
+                     " (1 when absent); again for several")  # fmt: skip
+    gen.add_argument(
+        "--controlnet-preprocess",
+        choices=["none", "canny", "invert"],
+        help="with --controlnet: how its pictures become control images (none)",
+    )
     gen.add_argument("--upscale", dest="scale", type=int, choices=[2, 4],
                      help="with --image: enlarge it so many times (POST /v1/upscale)")  # fmt: skip
     gen.add_argument("--upscale-method", dest="method", choices=["pixel", "latent", "x4"],
@@ -135,8 +164,14 @@ def main(argv: list[str] | None = None) -> None:
 
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
                   "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur",
-                  "prompt_syntax", "model", "scale", "method", "noise_level", "loras"]  # fmt: skip
+                  "prompt_syntax", "model", "scale", "method", "noise_level", "loras",
+                  "controlnets"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        if args.controlnet_preprocess is not None:
+            if not args.controlnets:
+                parser.error("--controlnet-preprocess needs --controlnet")
+            for unit in request["controlnets"]:
+                unit["preprocess"] = args.controlnet_preprocess
         pictures = {name: getattr(args, name) for name in ("image", "mask")
                     if getattr(args, name) is not None}  # fmt: skip
         if pictures and "image" not in pictures:
@@ -145,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--strength, --mask-blur and --upscale need --image")
         if "scale" in request and "mask" in pictures:
             parser.error("--upscale takes no --mask")
+        if "scale" in request and "controlnets" in request:
+            parser.error("--upscale takes no --controlnet")
         if "scale" not in request and {"method", "noise_level"} & request.keys():
             parser.error("--upscale-method and --noise-level need --upscale")
         generate(args.url.rstrip("/"), args.key, request, args.out, pictures, args.preview)

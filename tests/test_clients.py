@@ -39,7 +39,7 @@ from app.jobs.keys import WEBHOOK_GROUP, WEBHOOKS
 from app.settings import ApiSettings
 from app.webhooks import WebhookSender
 from tests.conftest import JobStore, enqueue, process, sdserve_env, serving, wait_for
-from worker.tiny_addons import build_tiny_lora
+from worker.tiny_addons import build_tiny_controlnet, build_tiny_lora
 
 KEY = "sds_client-key"
 SECRET = "webhook-secret-of-the-tests"
@@ -63,9 +63,12 @@ def service(
     work = tmp_path_factory.mktemp("clients")
     log = work / "worker.log"
     build_tiny_lora(tiny_model, work / "loras" / "style.safetensors", "kohya", rank=4)
-    env = sdserve_env(url, tiny_model, batch_window_ms="20", lora_dir=str(work / "loras"))
+    nets = json.dumps({"edges": str(build_tiny_controlnet(tiny_model, work / "edges"))})
+    env = sdserve_env(url, tiny_model, batch_window_ms="20", lora_dir=str(work / "loras"),
+                      controlnets=nets)  # fmt: skip
+    settings = api_settings(url, controlnets=json.loads(nets))
     with (
-        serving(create_app(JobStore.connect(url, 3600, 5), api_settings(url))) as api_url,
+        serving(create_app(JobStore.connect(url, 3600, 5), settings)) as api_url,
         process(["worker"], env, log),
     ):
         ready = httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {KEY}"})
@@ -405,6 +408,19 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     assert unknown_lora.returncode == 2 and "no LoRA named 'detail'" in unknown_lora.stderr
     malformed = run_cli("x", "--lora", "style:abc", "--url", service, cwd=tmp_path)
     assert malformed.returncode == 2 and "NAME:TE:UNET" in malformed.stderr
+    # --controlnet: the unit on the images (the infotext says it), an unknown one named.
+    steered = run_cli("x", "-o", "cn", "--controlnet", "edges:src.png:0.7", "--width", "96",
+                      "--height", "64", "--controlnet-preprocess", "canny", "--steps", "2",
+                      "--url", service, "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert steered.returncode == 0, steered.stderr
+    [controlled] = (tmp_path / "cn").glob("*.png")
+    info = png(controlled.read_bytes()).info["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 0.7' in info, info
+    sketch = run_cli("x", "--controlnet", "sketch:src.png", "--url", service, "--key", KEY,
+                     cwd=tmp_path)  # fmt: skip
+    assert sketch.returncode == 2 and "unknown ControlNet 'sketch'" in sketch.stderr
+    absent = run_cli("x", "--controlnet", "edges:nope.png", "--url", service, cwd=tmp_path)
+    assert absent.returncode == 2 and "nope.png" in absent.stderr
     down = run_cli("x", "--url", "http://127.0.0.1:9", cwd=tmp_path)
     assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
     assert "Traceback" not in bad.stderr + anonymous.stderr + down.stderr
