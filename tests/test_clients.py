@@ -499,6 +499,33 @@ def test_the_playground_puts_loras_on_a_job(service: str) -> None:
         expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
 
 
+def test_the_playground_steers_a_job_with_a_controlnet(service: str, tmp_path: Path) -> None:
+    """The ControlNets served are offered; one chosen with a control picture, its weight and
+    preprocessor goes with the job (the picture as base64), and the job succeeds."""
+    from playwright.sync_api import expect
+
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "shape.png")
+    with playground(service) as page:
+        page.dispatch_event("#key", "change")  # the ControlNets, read with the key
+        expect(page.locator("#controlnet option")).to_have_count(2, timeout=10_000)
+        page.fill("#prompt", "a lighthouse")
+        page.fill("#steps", "3")
+        page.fill("#width", "64")
+        page.fill("#height", "64")
+        page.select_option("#controlnet", "edges")
+        page.set_input_files("#control-image", str(tmp_path / "shape.png"))
+        page.locator("#control-weight").fill("0.7")
+        page.select_option("#control-preprocess", "canny")
+        page.wait_for_function("() => document.querySelector('#control-image').files.length")
+        page.wait_for_timeout(200)  # the picture read as a data URL
+        with page.expect_request("**/v1/txt2img") as sent:
+            page.click("#go")
+        [unit] = sent.value.post_data_json["controlnets"]
+        assert unit["image"].startswith("data:image/png;base64,")
+        assert (unit["model"], unit["weight"], unit["preprocess"]) == ("edges", 0.7, "canny")
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+
+
 def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Path) -> None:
     """Upload a picture, paint a mask over part of it with the mouse, submit: the result is the
     picture's size, redrawn under the paint and the same as the picture far from it."""

@@ -5,7 +5,8 @@
 // With a picture it sends an img2img job, or, once a mask is painted over the picture, an
 // inpainting job: multipart, the picture as chosen and the mask as a PNG (white repaints); or,
 // with Upscale set, an upscaling job. The models come from GET /v1/models, the LoRAs from
-// GET /v1/loras (a row each: which, and its weight).
+// GET /v1/loras (a row each: which, and its weight), the ControlNets from GET /v1/controlnets
+// (one unit: which, its control picture as base64, its weight and preprocessor).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -35,7 +36,26 @@ function request() {
     weight: parseFloat(row.querySelector("input").value),
   }));
   if (loras.length) body.loras = loras;
+  if ($("controlnet").value && controlPicture) {
+    body.controlnets = [{
+      model: $("controlnet").value,
+      image: controlPicture,
+      weight: parseFloat($("control-weight").value),
+      preprocess: $("control-preprocess").value,
+    }];
+  }
   return body;
+}
+
+// The control picture, read as a data URL when chosen (a request carries it as base64).
+let controlPicture = null;
+function chooseControlPicture() {
+  const file = $("control-image").files[0];
+  controlPicture = null;
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => { controlPicture = reader.result; };
+  reader.readAsDataURL(file);
 }
 
 async function problem(response) {
@@ -279,11 +299,29 @@ function addLora() {
   $("loras").append(row);
 }
 
+// The ControlNets to choose from (GET /v1/controlnets); "none" stays first.
+async function controlnets() {
+  const response = await fetch("/v1/controlnets", { headers: headers() });
+  if (!response.ok) return;
+  const select = $("controlnet");
+  select.replaceChildren(select.options[0]);
+  for (const net of (await response.json()).data) {
+    const option = document.createElement("option");
+    option.value = net.name;
+    option.textContent = net.name;
+    select.append(option);
+  }
+}
+
 $("key").value = localStorage.getItem("sdserve-key") || "";
 models();
 loras();
 $("key").addEventListener("change", models);
 $("key").addEventListener("change", loras);
+controlnets();
+$("key").addEventListener("change", controlnets);
+$("control-image").addEventListener("change", chooseControlPicture);
+$("control-weight").addEventListener("input", () => { $("control-weight-value").value = $("control-weight").value; });
 $("add-lora").addEventListener("click", addLora);
 $("job").addEventListener("submit", run);
 $("image").addEventListener("change", choosePicture);
