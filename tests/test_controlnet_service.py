@@ -59,6 +59,17 @@ def noisy(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def worker_parts(
+    redis_url: str, model: Path, nets: dict[str, str], name: str
+) -> tuple[WorkerSettings, dict[str, Engine], JobStore]:
+    """A worker's settings and engine serving the ControlNets, and the store it reads."""
+    settings = WorkerSettings(redis_url=redis_url, models={"sd": str(model)}, worker_name=name,
+                              max_batch=4, batching="continuous", controlnets=nets)  # fmt: skip
+    tuning = Tuning(max_batch=4, rows=True, controlnets=tuple(nets.items()))
+    engines = {"sd": Engine(str(model), torch.device("cpu"), tuning)}
+    return settings, engines, JobStore.connect(redis_url, 3600, 5)
+
+
 def test_controlnets_through_the_service(
     served: httpx.Client, redis_url: str, tiny_model: Path, nets: dict[str, str]
 ) -> None:
@@ -85,12 +96,7 @@ def test_controlnets_through_the_service(
     assert len(big) > 64 * 1024
     assert served.post("/v1/txt2img", json={**SMALL, "prompt": "x" * 70_000}).status_code == 413
 
-    settings = WorkerSettings(redis_url=redis_url, models={"sd": str(tiny_model)},
-                              worker_name="controls", max_batch=4, batching="continuous",
-                              controlnets=nets)  # fmt: skip
-    tuning = Tuning(max_batch=4, rows=True, controlnets=tuple(nets.items()))
-    engines = {"sd": Engine(str(tiny_model), torch.device("cpu"), tuning)}
-    store = JobStore.connect(redis_url, 3600, 5)
+    settings, engines, store = worker_parts(redis_url, tiny_model, nets, "controls")
     with working(settings, store, engines):
         ids = {
             "plain": served.post("/v1/txt2img", json=SMALL).json()["id"],
@@ -177,12 +183,7 @@ def test_a1111_controlnet_through_the_service(
     assert "does not know this field" in refused({"foo": 1})
     assert "a unit's mask is not offered" in refused({"mask": b64(picture)})
 
-    settings = WorkerSettings(redis_url=redis_url, models={"sd": str(tiny_model)},
-                              worker_name="controls-a1111", max_batch=4, batching="continuous",
-                              controlnets=nets)  # fmt: skip
-    tuning = Tuning(max_batch=4, rows=True, controlnets=tuple(nets.items()))
-    engines = {"sd": Engine(str(tiny_model), torch.device("cpu"), tuning)}
-    store = JobStore.connect(redis_url, 3600, 5)
+    settings, engines, store = worker_parts(redis_url, tiny_model, nets, "controls-a1111")
     with working(settings, store, engines):
         native = served.post("/v1/txt2img", json={**SMALL, "controlnets": [
             {"model": "edges", "image": b64(picture), "weight": 0.8}]}).json()["id"]  # fmt: skip
