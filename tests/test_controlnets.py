@@ -248,3 +248,29 @@ def test_make_tiny_model_writes_controlnets_for_each_family(served: Any, tmp_pat
         fits_sd = ControlNets.fits(made, engine.unet) is None
         fits_xl = ControlNets.fits(made, xl_unet) is None
         assert (fits_sd, fits_xl) == ((True, False) if arch == "tiny-controlnet" else (False, True))
+
+
+def test_a_single_file_controlnet_steers_as_its_folder(served: Any, tmp_path: Any) -> None:
+    """A ControlNet as one `.safetensors` file of the original layout (as A1111's are
+    distributed), given with its configuration folder, makes the folder's images; a file
+    without `;config=` stops the settings, naming why."""
+    from worker.original_layout import write_single_file_controlnet
+    from worker.settings import WorkerSettings
+
+    model, nets, engine = served
+    file = write_single_file_controlnet(nets["edges"], tmp_path / "edges.safetensors")
+    entry = f"{file};config={nets['edges']}"
+    with pytest.raises(ValueError, match="needs ;config=FOLDER"):
+        WorkerSettings(controlnets={"edges": str(file)})
+    assert WorkerSettings(controlnets={"edges": entry}).controlnets == {"edges": entry}
+    tuning = Tuning(max_batch=4, rows=True, controlnets=(("edges", entry),))
+    single = Engine(str(model), CPU, tuning)
+    assert single.controls is not None
+    mine, theirs = single.controls.models["edges"], engine.controls.models["edges"]
+    want = theirs.state_dict()
+    assert mine.state_dict().keys() == want.keys()
+    assert all(torch.equal(t, want[k]) for k, t in mine.state_dict().items())
+    shape = BatchShape(64, 64, 3, "euler")
+    spec = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(ControlUse("edges", EDGES),))
+    images = [run(e, [e.prepare("k", [spec], shape)])["k"][0] for e in (single, engine)]
+    assert np.array_equal(images[0], images[1])

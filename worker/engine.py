@@ -180,7 +180,13 @@ class Engine:
 
         held = {}
         for name, source in tuning.controlnets:
-            model = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
+            path, _, config = source.partition(";config=")
+            if config:  # one .safetensors file of the original layout, its configuration beside
+                model = ControlNetModel.from_single_file(path, config=config,
+                                                         local_files_only=True,
+                                                         torch_dtype=self.dtype)  # fmt: skip
+            else:
+                model = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
             why = ControlNets.fits(model, self.unet)
             if why is not None:
                 log.warning("ControlNet %s skipped for %s: %s", name, self.model, why)

@@ -196,3 +196,37 @@ def write_single_file_model(folder: Path, target: Path) -> Path:
 
     pipeline = DiffusionPipeline.from_pretrained(str(folder))
     return write_single_file_sd(pipeline, target)
+
+
+def original_controlnet(controlnet: Any) -> dict[str, Any]:
+    """A diffusers ControlNet's weights in the original layout (`control_model.`): its encoder
+    named as a UNet's, the control image's embedding `input_hint_block` (convolutions at even
+    places, SiLUs between), the zero convolutions `zero_convs.K.0` and `middle_block_out.0`."""
+    layers = int(controlnet.config.layers_per_block)
+    blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    out = {}
+    for key, tensor in controlnet.state_dict().items():
+        if m := re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.\d+)\.(.+)",
+                             key):  # fmt: skip
+            part, rest = m.groups()
+            at = 0 if part == "conv_in" else 2 * (blocks + 1) if part == "conv_out" else (
+                2 * int(part.split(".")[1]) + 2)  # fmt: skip
+            name = f"input_hint_block.{at}.{rest}"
+        elif m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.+)", key):
+            name = f"zero_convs.{m.group(1)}.0.{m.group(2)}"
+        elif key.startswith("controlnet_mid_block."):
+            name = f"middle_block_out.0.{key.removeprefix('controlnet_mid_block.')}"
+        else:  # the encoder: a UNet's down path and middle block (no up blocks)
+            name = unet_key(key, layers, set())
+        out[f"control_model.{name}"] = tensor.detach().contiguous()
+    return out
+
+
+def write_single_file_controlnet(folder: Path, target: Path) -> Path:
+    """The diffusers ControlNet in `folder` as one `.safetensors` file of the original layout
+    (as A1111's ControlNet models are distributed)."""
+    from diffusers import ControlNetModel
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(original_controlnet(ControlNetModel.from_pretrained(str(folder))), str(target))
+    return target

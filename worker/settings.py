@@ -250,6 +250,23 @@ class WorkerSettings(CommonSettings):
                 raise ValueError(f"{name}: {e}") from None
         return models
 
+    @field_validator("controlnets")
+    @classmethod
+    def _controlnets_exist(cls, nets: dict[str, str]) -> dict[str, str]:
+        """Each a diffusers ControlNet folder, or `FILE.safetensors;config=FOLDER` (one file of
+        the original layout, read offline with the folder's configuration)."""
+        for name, source in nets.items():
+            path, _, config = source.partition(";config=")
+            if not Path(path).expanduser().exists():
+                raise ValueError(f"{name}: no such ControlNet folder or file: {path}")
+            single = path.endswith(".safetensors")
+            if single and not (config and (Path(config) / "config.json").is_file()):
+                raise ValueError(f"{name}: a single-file ControlNet needs ;config=FOLDER, a"
+                                 " diffusers ControlNet folder of its kind")  # fmt: skip
+            if not single and config:
+                raise ValueError(f"{name}: ;config= goes with a .safetensors file")
+        return nets
+
     @field_validator("worker_models", mode="before")
     @classmethod
     def _names_text(cls, value: object) -> object:

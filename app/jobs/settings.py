@@ -60,8 +60,9 @@ class CommonSettings(BaseSettings):
     controlnets: Annotated[dict[str, str], NoDecode] = Field(
         default={},
         description="ControlNets a request may name (`controlnets[k].model`), each NAME=SOURCE"
-        " (a diffusers ControlNet folder), or a JSON object; workers load each beside every"
-        " model whose UNet it fits.",
+        " (a diffusers ControlNet folder, or FILE.safetensors;config=FOLDER: one file of the"
+        " original layout with a folder of its kind's configuration), or a JSON object;"
+        " workers load each beside every model whose UNet it fits.",
     )
 
     upscaler: str = Field(
