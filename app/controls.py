@@ -58,7 +58,14 @@ def control_picture(field: str, data: bytes, unit: ControlNetSettings,
     picture = flatten(read_image(field, data).image)
     if unit.processor_res is None or unit.preprocess == "none":
         return preprocessed(fitted(picture, size, unit.resize), unit)
+    return fitted(preprocessed(at_processor_res(picture, unit), unit), size, unit.resize)
+
+
+def at_processor_res(picture: Image.Image, unit: ControlNetSettings) -> Image.Image:
+    """The picture with its short side at the unit's `processor_res` (as it is without one),
+    where a preprocessor detects at A1111's processor resolution."""
+    if unit.processor_res is None:
+        return picture
     scale = unit.processor_res / min(picture.size)
     scaled = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-    at = picture.resize(scaled, Image.Resampling.LANCZOS)
-    return fitted(preprocessed(at, unit), size, unit.resize)
+    return picture.resize(scaled, Image.Resampling.LANCZOS)

@@ -190,7 +190,10 @@ def test_a1111_controlnet_through_the_service(
         all_succeed(served, {"native": native})
         host, port = served.base_url.host, served.base_url.port
         client = webuiapi.WebUIApi(host=host, port=port, sampler="DPM++ 2M", steps=3)
+        # A fresh `alwayson_scripts`: webuiapi writes its units into the argument's default
+        # dict, which every later call in this process would send again.
         made = client.txt2img(prompt="a cat", width=64, height=64, seed=4, cfg_scale=7.5,
+                              alwayson_scripts={},
                               controlnet_units=[webuiapi.ControlNetUnit(
                                   image=picture, model="edges", weight=0.8,
                                   resize_mode="Just Resize")])  # fmt: skip

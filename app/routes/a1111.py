@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from app import a1111, a1111_controlnet
 from app.auth import Caller
-from app.controls import MODULES, ControlNetBody, fitted, preprocessed
+from app.controls import MODULES, ControlNetBody, at_processor_res, preprocessed
 from app.jobs.contract import (
     ControlNetSettings,
     Img2ImgRequest,
@@ -278,12 +278,8 @@ def controlnet_router(ctx: Context, submit: Submitter) -> APIRouter:
             for k, text in enumerate(images):
                 field = f"controlnet_input_images.{k}"
                 picture = flatten(read_image(field, from_base64(field, text)).image)
-                size = picture.size
-                if unit.processor_res is not None:
-                    scale = unit.processor_res / min(size)
-                    size = (round(picture.width * scale), round(picture.height * scale))
-                out.append(base64.b64encode(to_png(preprocessed(
-                    fitted(picture, size, "resize"), unit))).decode())  # fmt: skip
+                made = preprocessed(at_processor_res(picture, unit), unit)
+                out.append(base64.b64encode(to_png(made)).decode())
             return out
 
         try:
