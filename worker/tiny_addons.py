@@ -119,16 +119,19 @@ def build_tiny_embedding(
     return target
 
 
-def build_tiny_controlnet(model: Path, target: Path, seed: int = 0) -> Path:
+def build_tiny_controlnet(
+    model: Path, target: Path, seed: int = 0, embedding: tuple[int, ...] = (8, 8, 8, 8)
+) -> Path:
     """Write a random ControlNet for the model (diffusers' layout, `target` a folder): its
     encoder copied from a UNet of the model's configuration (random weights, as diffusers'
-    `from_unet` makes one), the control image's embedding tiny, and the zero convolutions
-    that a trained ControlNet learns drawn at random, so its residuals show in an image."""
+    `from_unet` makes one), the control image's embedding tiny (a benchmark passes the real
+    one's widths, 16, 32, 96, 256), and the zero convolutions that a trained ControlNet learns
+    drawn at random, so its residuals show in an image."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(model / "unet")))
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding)
     zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                   controlnet.controlnet_cond_embedding.conv_out]  # fmt: skip
     with torch.no_grad():

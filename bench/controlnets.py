@@ -1,0 +1,253 @@
+"""ControlNet per row on one GPU (issue 24, 5), side by side in one run: the service under
+uniform ControlNet load, without it, and half and half; and plain diffusers' ControlNet pipeline
+at its best batch.
+
+SD1.5-sized (`--arch sd15`) or SDXL-sized (`--arch sdxl --side 1024 --max-batch 16`) random
+weights, and a random ControlNet of the model's size (`worker/tiny_addons.py`, the real control
+embedding's widths). Every request is (a)'s of the GPU check (25 steps DPM++ 2M, CFG 7.5), a
+controlled one with one unit (weight 0.8) on a picture of the image's size. Stages, each writing
+OUT/controlnets.json as it goes:
+
+  service    the whole service as processes with SDSERVE_CONTROLNETS: its start; the kinds with
+             a unit (txt2img, img2img, inpainting, the hires fix), none may compile; (n) the
+             uniform closed loop without control, (c) every request controlled, (h) half of
+             them controlled; one request alone without and with control; recompiles
+  diffusers  `StableDiffusionControlNetPipeline` (or the SDXL one) at batches of --batches
+             images a call; its best batch is the baseline
+
+(h) is held against what (n) and (c) predict for half and half: an image costs 1/rate, so the
+mix makes 1 / (0.5 / n + 0.5 / c) images a second (target ≥ 0.95 of that).
+
+    python3 -m bench.controlnets --out DIR [--arch sd15] [--stages service,diffusers]
+        [--seconds 15] [--batches 1,8,16]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import batching
+from bench.batching import closed_loop, prepare, service
+from bench.bench import one_request, prompt
+from bench.gpu_check import kinds, picture, recompiles
+from worker.tiny_addons import build_tiny_controlnet
+
+NAME = "edges"
+WEIGHT = 0.8
+CONTROL_PICTURE: list[str] = []  # base64 PNG at the benchmark's side, made once
+
+
+def unit() -> dict[str, Any]:
+    return {"model": NAME, "image": CONTROL_PICTURE[0], "weight": WEIGHT}
+
+
+def plain(i: int) -> dict[str, Any]:
+    return batching.uniform(i)
+
+
+def controlled(i: int) -> dict[str, Any]:
+    return batching.uniform(i) | {"controlnets": [unit()]}
+
+
+def half(i: int) -> dict[str, Any]:
+    return controlled(i) if i % 2 else plain(i)
+
+
+def predicted(n: float, c: float) -> float:
+    """Images a second of a half-and-half load, from the two uniform loads' rates."""
+    return 1.0 / (0.5 / n + 0.5 / c)
+
+
+def write_controlnet(model: Path, work: Path) -> Path:
+    """A random ControlNet for the model, written once (the real control embedding's widths)."""
+    folder = work / f"controlnet-{model.name}"
+    if not (folder / "config.json").exists():
+        started = time.monotonic()
+        build_tiny_controlnet(model, folder, seed=1, embedding=(16, 32, 96, 256))
+        print(f"wrote the ControlNet in {time.monotonic() - started:.0f}s", flush=True)
+    return folder
+
+
+def setting(model: Path, work: Path) -> dict[str, str]:
+    """The worker's settings that serve the ControlNet."""
+    CONTROL_PICTURE[:] = CONTROL_PICTURE or [picture(batching.SIDE)]
+    return {"SDSERVE_CONTROLNETS": f"{NAME}={write_controlnet(model, work)}"}
+
+
+def control_kinds(side: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The kinds a ControlNet unit goes on, each with one."""
+    served = ("txt2img", "img2img", "inpaint", "hires latent")
+    return {f"{name} + ControlNet": (route, body | {"controlnets": [unit()]})
+            for name, (route, body) in kinds(side).items() if name in served}  # fmt: skip
+
+
+async def every_kind(url: str, side: int) -> list[dict[str, Any]]:
+    from bench.gpu_check import one
+
+    rows = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for name, (route, body) in control_kinds(side).items():
+            status, seconds = await one(http, route, body)
+            rows.append({"kind": name, "status": status, "seconds": seconds,
+                         "recompiles": recompiles()})  # fmt: skip
+            print(f"kind {name}: {status} in {seconds:.2f}s", flush=True)
+    return rows
+
+
+async def alone(url: str, requests: int) -> dict[str, float]:
+    """One request at a time, p50: without control and with it."""
+    out = {}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for name, body in (("plain", plain), ("controlled", controlled)):
+            times = []
+            for k in range(requests):
+                done = await one_request(http, body(70_000 + k), poll_s=0.005)
+                times.append(done.finished - done.submitted)
+                await asyncio.sleep(0.2)
+            out[f"{name}_p50_s"] = statistics.median(times)
+    return out
+
+
+def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> None:
+    cache = work / "inductor-controlnets"
+    shutil.rmtree(cache, ignore_errors=True)
+    extra = setting(Path(args.model), work)
+    with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
+        result["cold_start_s"] = startup
+        print(f"ready in {startup:.0f}s", flush=True)
+        result["kinds"] = asyncio.run(every_kind(url, args.side))
+        save()
+        for name, body in (("n", plain), ("c", controlled), ("h", half)):
+            result[name] = asyncio.run(closed_loop(url, args.clients, body, args.warmup,
+                                                   args.seconds))  # fmt: skip
+            print(f"({name}): {result[name]}", flush=True)
+            save()
+        result["alone"] = asyncio.run(alone(url, 5))
+        print(f"alone: {result['alone']}", flush=True)
+        result["recompiles"] = recompiles()
+        said = ("ControlNet", "warmed up", "compiled while")
+        result["worker_log"] = [line for line in log.read_text().splitlines()
+                                if any(word in line for word in said)]  # fmt: skip
+        save()
+
+
+# -- diffusers ------------------------------------------------------------------------------
+
+
+def diffusers_stage(args: Any, controlnet: Path, batches: list[int]) -> dict[str, Any]:
+    import torch
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionXLControlNetPipeline,
+    )
+    from PIL import Image
+
+    device = args.device
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    xl = "text_encoder_2" in json.loads(Path(args.model, "model_index.json").read_text())
+    kind = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
+    net = ControlNetModel.from_pretrained(str(controlnet), torch_dtype=dtype)
+    pipe = kind.from_pretrained(args.model, controlnet=net, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(io.BytesIO(base64.b64decode(picture(args.side)))).convert("RGB")
+
+    def call(count: int, seed: int) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        seeds = [torch.Generator(device).manual_seed(seed + k) for k in range(count)]
+        pipe([prompt(seed + k) for k in range(count)], image=image, num_inference_steps=25,
+             guidance_scale=7.5, controlnet_conditioning_scale=WEIGHT, height=args.side,
+             width=args.side, output_type="np", generator=seeds)  # fmt: skip
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    call(1, 0)  # the first call's kernel choices
+    rates = {}
+    for count in batches:
+        call(count, 100)
+        rates[count] = count / statistics.median(call(count, 200 + k) for k in range(2))
+        print(f"diffusers ControlNet batch {count}: {rates[count]:.3f} img/s", flush=True)
+    best = max(rates, key=lambda k: rates[k])
+    return {"batches_img_s": rates, "best_batch": best, "best_img_s": rates[best],
+            "alone_s": 1.0 / rates[1] if 1 in rates else None}  # fmt: skip
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"ControlNet per row, {r['gpu']}, {r['date']}, commit {r['commit']},"
+             f" `{r['command']}`", "", "| figure | measured | target |",
+             "|---|---|---|"]  # fmt: skip
+    s, d = r.get("service", {}), r.get("diffusers")
+    rows: list[tuple[str, str, str]] = []
+    for k in s.get("kinds", []):
+        rows.append((f"kind: {k['kind']}", f"{k['status']}, {k['seconds']:.2f} s", "succeeded"))
+    for key, name in (("n", "(n) no control"), ("c", "(c) every request controlled")):
+        if key in s:
+            rows.append((f"sdserve {name} img/s", f"{s[key]['img_s']:.2f}", ""))
+    if all(key in s for key in "nch"):
+        expected = predicted(s["n"]["img_s"], s["c"]["img_s"])
+        share = s["h"]["img_s"] / expected
+        verdict = "met" if share >= 0.95 else "**missed**"
+        rows.append(("sdserve (h) half controlled img/s, / (n)+(c)'s prediction",
+                     f"{s['h']['img_s']:.2f} / {expected:.2f} = {share:.2f}",
+                     f"≥ 0.95 {verdict}"))  # fmt: skip
+    if d:
+        rows.append((f"diffusers ControlNet pipeline, best batch ({d['best_batch']}) img/s",
+                     f"{d['best_img_s']:.2f}", ""))  # fmt: skip
+        for key in ("c", "h"):
+            if key in s:
+                rows.append((f"sdserve ({key}) / diffusers' best batch",
+                             f"{s[key]['img_s'] / d['best_img_s']:.2f}", ""))  # fmt: skip
+    if "alone" in s:
+        a = s["alone"]
+        rows.append(("alone p50 s: no control / controlled",
+                     f"{a['plain_p50_s']:.3f} / {a['controlled_p50_s']:.3f}", ""))  # fmt: skip
+        if d and d.get("alone_s"):
+            rows.append(("diffusers ControlNet alone s (eager)", f"{d['alone_s']:.3f}", ""))
+    if "recompiles" in s:
+        rows.append(("recompiles while serving", f"{s['recompiles']:.0f}",
+                     "0 " + ("met" if s["recompiles"] == 0 else "**missed**")))  # fmt: skip
+    if "cold_start_s" in s:
+        rows.append(("start s (no compile cache)", f"{s['cold_start_s']:.0f}", ""))
+    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
+
+
+def main() -> None:
+    parser = batching.service_parser(__doc__ or "", seconds=15)
+    parser.set_defaults(warmup=5)
+    parser.add_argument("--stages", default="service,diffusers")
+    parser.add_argument("--batches", default="1,8,16", help="diffusers' images a call")
+    args = parser.parse_args()
+    work = prepare(args)
+    batching.SOURCE_PICTURE.append(batching.source_picture())
+    results, save = batching.recorded(args.out, "controlnets", args.device)
+    for stage in args.stages.split(","):
+        if stage == "service":
+            results["service"] = {}
+            service_stage(args, work, results["service"], save)
+        elif stage == "diffusers":
+            folder = write_controlnet(Path(args.model), work)
+            batches = [int(b) for b in args.batches.split(",")]
+            results["diffusers"] = diffusers_stage(args, folder, batches)
+        save()
+    (args.out / "controlnets.md").write_text(table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
