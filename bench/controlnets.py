@@ -8,8 +8,9 @@ embedding's widths). Every request is (a)'s of the GPU check (25 steps DPM++ 2M,
 controlled one with one unit (weight 0.8) on a picture of the image's size. Stages, each writing
 OUT/controlnets.json as it goes:
 
-  service    the whole service as processes with SDSERVE_CONTROLNETS: its start; the kinds with
-             a unit (txt2img, img2img, inpainting, the hires fix), none may compile; (n) the
+  service    the whole service as processes with SDSERVE_CONTROLNETS: its start; every kind of
+             the GPU check, then those a unit goes on (txt2img, img2img, inpainting, the hires
+             fix) with one: none may compile; (n) the
              uniform closed loop without control, (c) every request controlled, (h) half of
              them controlled; one request alone without and with control; recompiles
   diffusers  `StableDiffusionControlNetPipeline` (or the SDXL one) at batches of --batches
@@ -39,7 +40,7 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, prepare, service
 from bench.bench import one_request, prompt
-from bench.gpu_check import kinds, picture, recompiles
+from bench.gpu_check import every_kind, kinds, picture, recompiles
 from worker.tiny_addons import build_tiny_controlnet
 
 NAME = "edges"
@@ -48,6 +49,8 @@ CONTROL_PICTURE: list[str] = []  # base64 PNG at the benchmark's side, made once
 
 
 def unit() -> dict[str, Any]:
+    if not CONTROL_PICTURE:  # after prepare() set the side
+        CONTROL_PICTURE.append(picture(batching.SIDE))
     return {"model": NAME, "image": CONTROL_PICTURE[0], "weight": WEIGHT}
 
 
@@ -80,7 +83,6 @@ def write_controlnet(model: Path, work: Path) -> Path:
 
 def setting(model: Path, work: Path) -> dict[str, str]:
     """The worker's settings that serve the ControlNet."""
-    CONTROL_PICTURE[:] = CONTROL_PICTURE or [picture(batching.SIDE)]
     return {"SDSERVE_CONTROLNETS": f"{NAME}={write_controlnet(model, work)}"}
 
 
@@ -89,19 +91,6 @@ def control_kinds(side: int) -> dict[str, tuple[str, dict[str, Any]]]:
     served = ("txt2img", "img2img", "inpaint", "hires latent")
     return {f"{name} + ControlNet": (route, body | {"controlnets": [unit()]})
             for name, (route, body) in kinds(side).items() if name in served}  # fmt: skip
-
-
-async def every_kind(url: str, side: int) -> list[dict[str, Any]]:
-    from bench.gpu_check import one
-
-    rows = []
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        for name, (route, body) in control_kinds(side).items():
-            status, seconds = await one(http, route, body)
-            rows.append({"kind": name, "status": status, "seconds": seconds,
-                         "recompiles": recompiles()})  # fmt: skip
-            print(f"kind {name}: {status} in {seconds:.2f}s", flush=True)
-    return rows
 
 
 async def alone(url: str, requests: int) -> dict[str, float]:
@@ -125,7 +114,7 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
     with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
         result["cold_start_s"] = startup
         print(f"ready in {startup:.0f}s", flush=True)
-        result["kinds"] = asyncio.run(every_kind(url, args.side))
+        result["kinds"] = asyncio.run(every_kind(url, args.side, controls=True))
         save()
         for name, body in (("n", plain), ("c", controlled), ("h", half)):
             result[name] = asyncio.run(closed_loop(url, args.clients, body, args.warmup,

@@ -114,9 +114,15 @@ def lora_kinds(side: int) -> dict[str, tuple[str, dict[str, Any]]]:
             for k, (name, (route, body)) in enumerate(kinds(side).items())}  # fmt: skip
 
 
-async def every_kind(url: str, side: int, loras: bool = False) -> list[dict[str, Any]]:
+async def every_kind(
+    url: str, side: int, loras: bool = False, controls: bool = False
+) -> list[dict[str, Any]]:
     rows = []
     cases = kinds(side) | (lora_kinds(side) if loras else {})
+    if controls:
+        from bench.controlnets import control_kinds
+
+        cases |= control_kinds(side)
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         for name, (route, body) in cases.items():
             status, seconds = await one(http, route, body)
