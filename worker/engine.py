@@ -191,11 +191,7 @@ class Engine:
             if why is not None:
                 log.warning("ControlNet %s skipped for %s: %s", name, self.model, why)
                 continue
-            held[name] = model = model.to(self.device).eval().requires_grad_(False)
-            if tuning.fuse:  # laid out as the UNet (its rows arrive channels-last), one
-                # attention projection; no LoRA wraps a ControlNet's layers
-                model.fuse_qkv_projections()
-                model.to(memory_format=torch.channels_last)
+            held[name] = model.to(self.device).eval()
             log.info("ControlNet %s for %s: %.0f MiB", name, self.model,
                      sum(p.nbytes for p in model.parameters()) / 2**20)  # fmt: skip
         return ControlNets(held, self.unet) if held else None
