@@ -120,9 +120,10 @@ def test_what_a_worker_refuses(served: Any, tmp_path: Any) -> None:
 
 
 def test_controlnet_rows_never_compile_and_equal_eager_ones(served: Any) -> None:
-    """A compiled UNet (dynamo's guards, eager backend) warmed up without any control: rows
-    with and without ControlNets, txt2img and img2img, in every bucket, compile nothing, and
-    make the images the eager engine makes (residuals are the graph's inputs, not constants)."""
+    """A compiled UNet and compiled ControlNets (dynamo's guards, eager backend) warmed up
+    without any control: rows with and without ControlNets, txt2img and img2img, prompts of one
+    and two chunks, in every bucket, compile nothing, and make the images the eager engine makes
+    (residuals are the graph's inputs, not constants)."""
     import dataclasses
 
     from worker.inputs import Source
@@ -133,19 +134,59 @@ def test_controlnet_rows_never_compile_and_equal_eager_ones(served: Any) -> None
                                  prompt_chunks=2)  # fmt: skip
     engine = Engine(str(model), CPU, tuning)
     engine.warm_up()
+    assert engine.calls.compiled_controls() == ["depth", "edges"]
     shape = BatchShape(64, 64, 3, "euler")
     source = Source(image=DEPTH, strength=0.7)
     images: dict[str, dict[str, Any]] = {}
     for name, which in (("compiled", engine), ("eager", eager)):
         lanes = []
         for k, (key, uses) in enumerate(ROWS.items()):
-            spec = ImageSpec("a red fox " * (1 + 8 * (k == 1)), "blurry", 6.0, 7, controls=uses)
+            words = "a red fox " * (1 + 8 * (k in (1, 4)))  # two chunks, with and without
+            spec = ImageSpec(words, "blurry", 6.0, 7, controls=uses)
             lanes.append(which.prepare(key, [spec], shape, source if k % 2 else None))
         with torch.compiler.set_stance("fail_on_recompile"):
             images[name] = run(which, lanes)
     assert engine.calls.recompiles == 0
     for key in ROWS:
         assert max_diff(images["compiled"][key][0], images["eager"][key][0]) <= 1, key
+
+
+def test_a_controlnet_that_fails_to_compile_is_served_eagerly(
+    served: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compiler failure at a ControlNet's warm-up is said, and the worker serves that
+    ControlNet eagerly (the same images) rather than not start."""
+    import dataclasses
+
+    from worker import compiled
+
+    model, _nets, eager = served
+    tuning = dataclasses.replace(eager.tuning, max_batch=2, compile=True, compile_backend="eager",
+                                 compiled_sizes=((64, 64),), prompt_chunks=1)  # fmt: skip
+    engine = Engine(str(model), CPU, tuning)
+    made = compiled.CompiledCalls._compiled
+
+    def broken(self: Any, module: Any) -> Any:
+        fast = made(self, module)
+        if module is not engine.controls.models.get("edges"):  # type: ignore[union-attr]
+            return fast
+
+        def fails(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("an inductor failure")
+
+        return fails
+
+    monkeypatch.setattr(compiled.CompiledCalls, "_compiled", broken)
+    engine.calls.serve_controls(engine.controls)  # type: ignore[arg-type]
+    with caplog.at_level("ERROR", "sdserve.compiled"):
+        engine.warm_up()
+    assert "ControlNet edges did not compile (it runs eagerly): an inductor failure" in caplog.text
+    assert engine.calls.compiled_controls() == ["depth"]
+    shape = BatchShape(64, 64, 3, "euler")
+    spec = ImageSpec("a red fox", "blurry", 6.0, 7, controls=ROWS["two"])
+    ours = run(engine, [engine.prepare("k", [spec], shape)])
+    theirs = run(eager, [eager.prepare("k", [spec], shape)])
+    assert max_diff(ours["k"][0], theirs["k"][0]) <= 1
 
 
 def test_img2img_rows_equal_diffusers_controlnet_img2img(served: Any) -> None:

@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from worker.adapters import RowBuffers, RowMix
-from worker.controls import split
+from worker.controls import ControlNets, split
 from worker.devices import on_device
 
 log = logging.getLogger("sdserve.compiled")
@@ -47,6 +47,7 @@ ROW_LIMIT = 62
 CHUNK_TOKENS = 77
 
 Size = tuple[int, int]  # (width, height) in pixels
+Out = TypeVar("Out")
 
 
 @dataclass(frozen=True)
@@ -154,20 +155,40 @@ class CompiledCalls:
         # Told of each such call, with the guard that failed (the worker counts it).
         self.on_recompile: Callable[[str], None] | None = None
         self.serving = False
-        # Where ControlNets are served, the residuals of no control for (rows, latent height,
-        # latent width): every call takes residuals, so the compiled UNet has one signature.
+        # Where ControlNets are served (`serve_controls`), the residuals of no control for
+        # (rows, latent height, latent width): every call takes residuals, so the compiled UNet
+        # has one signature; and each ControlNet's compiled forward, by name.
         self.control_zeros: Callable[[int, int, int], dict[str, torch.Tensor]] | None = None
+        self.controls: ControlNets | None = None
+        self._fast_controls: dict[str, Callable[..., Any]] = {}
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
+        inductor = tuning.compile_backend == "inductor"
+        self._options: dict[str, Any] = {"mode": tuning.compile_mode} if inductor else {}
         if tuning.compile:
-            inductor = tuning.compile_backend == "inductor"
-            options: dict[str, Any] = {"mode": tuning.compile_mode} if inductor else {}
-            self._fast_unet = torch.compile(
-                unet, backend=tuning.compile_backend, fullgraph=True, **options
-            )
+            self._fast_unet = self._compiled(unet)
             self._fast_decode = torch.compile(
                 vae.decode, backend=tuning.compile_backend, fullgraph=True
             )
+
+    def compiled_controls(self) -> list[str]:
+        """The ControlNets whose forward runs compiled (at the compiled sizes)."""
+        return sorted(self._fast_controls)
+
+    def _compiled(self, module: Any) -> Callable[..., Any]:
+        compiled: Callable[..., Any] = torch.compile(
+            module, backend=self.tuning.compile_backend, fullgraph=True, **self._options
+        )
+        return compiled
+
+    def serve_controls(self, controls: ControlNets) -> None:
+        """Serve ControlNets: every UNet call takes residuals from now on (zeros without
+        control), and each ControlNet's forward is compiled as the UNet is (before warm-up)."""
+        self.controls = controls
+        self.control_zeros = controls.zeros
+        if self._fast_unet is not None:
+            self._fast_controls = {name: self._compiled(model)
+                                   for name, model in controls.models.items()}  # fmt: skip
 
     # -- what is compiled, and its warm-up -----------------------------------------------------
 
@@ -228,7 +249,96 @@ class CompiledCalls:
         if entries:  # where a cold start's minutes go
             log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs", len(entries),
                      unet_s, time.perf_counter() - began)  # fmt: skip
+        for name in list(self._fast_controls):
+            self._warm_control(name, entries, latent_scale)
         self.serving = True
+
+    def _warm_control(self, name: str, entries: list[Warm], latent_scale: int) -> None:
+        """A ControlNet's forward at every entry of the warm-up list (its rows are some of a
+        call's); one that fails to compile runs eagerly from then on, said (the worker serves
+        it slower rather than not at all)."""
+        assert self.controls is not None
+        model = self.controls.models[name]
+        config = model.config
+        began = time.perf_counter()
+        try:
+            for warm in entries:
+                width, height = warm.size
+                latent = (height // latent_scale, width // latent_scale)
+                sample = torch.zeros(warm.rows, config.in_channels, *latent, device=self.device,
+                                     dtype=self.dtype)  # fmt: skip
+                t = torch.full((warm.rows,), 500.0, device=self.device)
+                context = torch.zeros(warm.rows, warm.tokens, config.cross_attention_dim,
+                                      device=self.device, dtype=self.dtype)  # fmt: skip
+                cond = torch.zeros(warm.rows, *self.controls.cond_shape(name, *latent),
+                                   device=self.device, dtype=self.dtype)  # fmt: skip
+                added = {k: torch.zeros(warm.rows, n, device=self.device, dtype=self.dtype)
+                         for k, n in self.added_shapes.items()} or None  # fmt: skip
+                for _ in range(2):
+                    self.run_control(name, sample, t, context, cond, added, warm.size)
+        except Exception as e:  # any compiler failure: that ControlNet is served eagerly
+            del self._fast_controls[name]
+            log.error("ControlNet %s did not compile (it runs eagerly): %s", name, e)
+            return
+        log.info("warmed up ControlNet %s: %d entries in %.1fs", name, len(entries),
+                 time.perf_counter() - began)  # fmt: skip
+
+    def run_control(
+        self,
+        name: str,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        cond: torch.Tensor,
+        added: dict[str, torch.Tensor] | None,
+        size: Size,
+    ) -> list[torch.Tensor]:
+        """A ControlNet's residuals for its rows of a call (the down path's, then the middle
+        block's): compiled at the compiled sizes, padded to a row bucket as the UNet's rows
+        are; eager elsewhere."""
+        assert self.controls is not None
+        sample = sample.to(self.dtype).contiguous()
+        t = canonical_timesteps(t, len(sample)).contiguous()
+        context = context.to(self.dtype).contiguous()
+        cond = cond.to(self.dtype).contiguous()
+        if added is not None:
+            added = {k: v.to(self.dtype).contiguous() for k, v in added.items()}
+        rows = len(sample)
+        fast = self._fast_controls.get(name)
+        if fast is None or not self.compiled(size) or rows > max(2, self.tuning.row_cap()):
+            return list(self.controls.eager(name, sample, t, context, cond, added))
+        padding = self.tuning.row_bucket(rows) - rows
+        if padding:
+            sample, t, context, cond = (padded_rows(x, padding) for x in (sample, t, context, cond))
+            if added is not None:
+                added = {k: padded_rows(v, padding) for k, v in added.items()}
+        self._mark_rows([sample, t, context, cond, *(added or {}).values()], context)
+
+        def run() -> list[torch.Tensor]:
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
+            down, mid = fast(sample, t, context, cond, added_cond_kwargs=added, return_dict=False)
+            return [r[:rows].clone() for r in (*down, mid)]  # out of the graph's pool
+
+        def eager() -> list[torch.Tensor]:
+            assert self.controls is not None
+            outputs = self.controls.eager(name, sample, t, context, cond, added)
+            return [r[:rows] for r in outputs]
+
+        what = f"ControlNet {name} {tuple(sample.shape)} x {tuple(context.shape)}"
+        return self._serve(run, eager, what)
+
+    def _mark_rows(self, row_tensors: list[torch.Tensor], context: torch.Tensor) -> None:
+        """Dynamic over the row buckets (first dimension) and the prompt's chunks (the
+        context's second), so no bucket or prompt length is a guard."""
+        # Continuous batching bounds the rows (one graph); static batches grow to 2 x max_batch,
+        # past ROW_LIMIT (a second graph, compiled at warm-up).
+        # (Bounds on one side only break inductor's range analysis: none, or both.)
+        bounds = {"min": 2, "max": max(2, self.tuning.row_cap())} if self.tuning.rows else {}
+        for tensor in row_tensors:
+            torch._dynamo.mark_dynamic(tensor, 0, **bounds)
+        if self.tuning.prompt_chunks > 1:
+            most = CHUNK_TOKENS * self.tuning.prompt_chunks
+            torch._dynamo.mark_dynamic(context, 1, min=CHUNK_TOKENS, max=most)
 
     # -- the calls ------------------------------------------------------------------------------
 
@@ -348,17 +458,9 @@ class CompiledCalls:
             out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels,
                             **extra)  # fmt: skip
             return out.sample  # type: ignore[no-any-return]
-        # Continuous batching bounds the rows (one graph); static batches grow to 2 x max_batch,
-        # past ROW_LIMIT (a second graph, compiled at warm-up).
-        # (Bounds on one side only break inductor's range analysis: none, or both.)
-        bounds = {"min": 2, "max": max(2, self.tuning.row_cap())} if self.tuning.rows else {}
         row_tensors = [sample, context, t, *extra.get("added_cond_kwargs", {}).values(),
                        *residuals]  # fmt: skip
-        for tensor in row_tensors:
-            torch._dynamo.mark_dynamic(tensor, 0, **bounds)
-        if self.tuning.prompt_chunks > 1:
-            most = CHUNK_TOKENS * self.tuning.prompt_chunks
-            torch._dynamo.mark_dynamic(context, 1, min=CHUNK_TOKENS, max=most)
+        self._mark_rows(row_tensors, context)
         fast = self._fast_unet
 
         def run() -> torch.Tensor:
@@ -382,15 +484,16 @@ class CompiledCalls:
         if not compiled or self._fast_decode is None:
             return self.vae.decode(latents).sample  # type: ignore[no-any-return]
         fast = self._fast_decode
-        return self._serve(
-            lambda: fast(latents).sample,
-            lambda: self.vae.decode(latents).sample,
-            f"VAE decode {tuple(latents.shape)}",
-        )
 
-    def _serve(
-        self, fast: Callable[[], torch.Tensor], eager: Callable[[], torch.Tensor], what: str
-    ) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            return fast(latents).sample  # type: ignore[no-any-return]
+
+        def eager() -> torch.Tensor:
+            return self.vae.decode(latents).sample  # type: ignore[no-any-return]
+
+        return self._serve(run, eager, f"VAE decode {tuple(latents.shape)}")
+
+    def _serve(self, fast: Callable[[], Out], eager: Callable[[], Out], what: str) -> Out:
         """A compiled call; once serving, one that would compile runs eagerly instead, said and
         counted (a guard failed: an input the warm-up did not cover)."""
         if not self.serving:

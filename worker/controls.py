@@ -14,13 +14,17 @@ row add up, as diffusers' `MultiControlNetModel` adds them.
 The residuals travel with the call's other per-row tensors (`worker/compiled.py` pads, splits
 and orders them as it does SDXL's added conditioning), under the keys `control.down.K` and
 `control.mid`; a worker that serves ControlNets gives them to every call (zeros when no row has
-control), so its compiled UNet has one signature. The ControlNets themselves run eagerly.
+control), so its compiled UNet has one signature. The ControlNets are compiled beside the UNet
+(`worker/compiled.py` `run_control`: the same row buckets and prompt lengths, warmed up before
+serving), since an eager ControlNet costs a launch-bound 18 ms per call at 2 rows on an H200
+(3 ms compiled) and is far from linear in its rows; each starts from its control images'
+embeddings, made once per job.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -55,12 +59,13 @@ class ControlUse:
 
 @dataclass(frozen=True)
 class RowControl:
-    """A unit on one cond row of a lane, its control image ready: (3, height, width) in [0, 1],
-    as diffusers' ControlNet pipelines prepare it, on the device in the model's dtype."""
+    """A unit on one cond row of a lane, its control image ready: prepared as diffusers'
+    ControlNet pipelines prepare it, then through its ControlNet's image embedding (the
+    model's first channels x the latents' size), on the device in the model's dtype."""
 
     row: int
     use: ControlUse
-    image: torch.Tensor
+    cond: torch.Tensor
 
 
 class Block(NamedTuple):
@@ -84,6 +89,15 @@ def steering(use: ControlUse, step: int, steps: int) -> bool:
     return not (step / steps < use.start or (step + 1) / steps > use.end)
 
 
+# One ControlNet forward: (name, latents, timesteps, context, embedded control images, SDXL's
+# added conditioning) -> the residuals, the down path's then the middle block's. The
+# compiled-call boundary gives the compiled one (worker/compiled.py `run_control`).
+ControlForward = Callable[
+    [str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None],
+    Sequence[torch.Tensor],
+]
+
+
 class ControlNets:
     """The ControlNets of one model, by name, and the per-row residuals of a call."""
 
@@ -91,6 +105,45 @@ class ControlNets:
         self.models = models
         self.unet = unet
         self._shapes: dict[tuple[int, int], list[tuple[int, ...]]] = {}
+        # A control image's embedding (a few convolutions at the picture's full size) depends
+        # on the picture alone: it is computed once, when the unit's job joins (`embed`), not
+        # at every step (on an H200, 14 of a ControlNet forward's 81 ms at 62 rows; the
+        # result is the same). Each model's forward then starts from the embedding.
+        self.embedders: dict[str, Any] = {}
+        for name, model in models.items():
+            self.embedders[name] = model.controlnet_cond_embedding
+            model.controlnet_cond_embedding = torch.nn.Identity()
+
+    @torch.inference_mode()
+    def embed(self, name: str, pixels: torch.Tensor) -> torch.Tensor:
+        """A unit's control image (3, height, width) as its ControlNet's down path takes it."""
+        embedder = self.embedders[name]
+        weight = next(embedder.parameters())
+        out: torch.Tensor = embedder(pixels[None].to(weight.device, weight.dtype))[0]
+        return out
+
+    def cond_shape(self, name: str, height: int, width: int) -> tuple[int, ...]:
+        """An embedded control image's shape for latents of this size."""
+        pixels = torch.zeros(3, height * 8, width * 8)
+        return tuple(self.embed(name, pixels).shape)
+
+    def eager(
+        self,
+        name: str,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        cond: torch.Tensor,
+        added: dict[str, torch.Tensor] | None,
+    ) -> Sequence[torch.Tensor]:
+        """One ControlNet forward as loaded (no compilation), in the model's dtype."""
+        model = self.models[name]
+        dtype = model.dtype
+        if added is not None:
+            added = {k: v.to(dtype) for k, v in added.items()}
+        down, mid = model(sample.to(dtype), t, context.to(dtype), cond.to(dtype),
+                          added_cond_kwargs=added, return_dict=False)  # fmt: skip
+        return [*down, mid]
 
     @staticmethod
     def fits(controlnet: Any, unet: Any) -> str | None:
@@ -115,18 +168,17 @@ class ControlNets:
         """The residuals' shapes (without the row) for latents of this size: the down path's
         outputs, then the middle block's (learnt once per size from a ControlNet's own call)."""
         if (height, width) not in self._shapes:
-            controlnet = next(iter(self.models.values()))
+            name, controlnet = next(iter(self.models.items()))
             config = controlnet.config
             device, dtype = controlnet.device, controlnet.dtype
             sample = torch.zeros(1, config.in_channels, height, width, device=device, dtype=dtype)
             context = torch.zeros(1, 77, config.cross_attention_dim, device=device, dtype=dtype)
-            image = torch.zeros(1, 3, height * 8, width * 8, device=device, dtype=dtype)
+            cond = self.embed(name, torch.zeros(3, height * 8, width * 8))[None]
             added = _zero_added(self.unet, 1, device, dtype)
             with torch.inference_mode():
                 t = torch.tensor([500.0], device=device)
-                down, mid = controlnet(sample, t, context, image, added_cond_kwargs=added,
-                                       return_dict=False)  # fmt: skip
-            self._shapes[(height, width)] = [tuple(r.shape[1:]) for r in (*down, mid)]
+                outputs = self.eager(name, sample, t, context, cond, added)
+            self._shapes[(height, width)] = [tuple(r.shape[1:]) for r in outputs]
         return self._shapes[(height, width)]
 
     def zeros(self, rows: int, height: int, width: int) -> dict[str, torch.Tensor]:
@@ -145,9 +197,12 @@ class ControlNets:
         t: torch.Tensor,
         blocks: Sequence[torch.Tensor],
         added: dict[str, torch.Tensor] | None,
+        forward: ControlForward | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every row's residuals for one step, in the call's row order: `parts` and `blocks`
-        (their prompt embeddings) row block for row block."""
+        (their prompt embeddings) row block for row block; each ControlNet run by `forward`
+        (eagerly without one) on its rows only."""
+        forward = forward or self.eager
         channels = self.unet.config.in_channels
         height, width = sample.shape[-2:]
         out = self.zeros(len(sample), height, width)
@@ -164,30 +219,23 @@ class ControlNets:
         for entry in entries:
             groups.setdefault((entry[3].use.model, blocks[entry[1]].shape[1]), []).append(entry)
         for (name, _tokens), members in groups.items():
-            controlnet = self.models[name]
             index = on_device([m[0] for m in members], torch.long, sample.device)
             context = torch.stack([blocks[m[1]][m[2]] for m in members])
-            images = torch.stack([m[3].image for m in members])
+            conds = torch.stack([m[3].cond for m in members])
             mine = None
             if added is not None:
                 mine = {k: v.index_select(0, index) for k, v in added.items()}
-            down, mid = controlnet(
-                sample.index_select(0, index)[:, :channels].to(controlnet.dtype),
-                t.index_select(0, index),
-                context.to(controlnet.dtype),
-                images.to(controlnet.dtype),
-                added_cond_kwargs=mine,
-                return_dict=False,
-            )
+            outputs = forward(name, sample.index_select(0, index)[:, :channels],
+                              t.index_select(0, index), context, conds, mine)  # fmt: skip
             weights = [m[3].use.weight for m in members]
-            levels = len(down) + 1
+            levels = len(outputs)
             guess = torch.logspace(-1, 0, levels).tolist()  # diffusers' guess-mode scales
             soft = [0.825 ** (levels - 1 - k) for k in range(levels)]  # A1111's soft injection
-            for k, residual in enumerate((*down, mid)):
+            for k, residual in enumerate(outputs):
                 scale = [w * (guess[k] if m[3].use.guess else soft[k] if m[3].use.soft else 1.0)
                          for w, m in zip(weights, members, strict=True)]  # fmt: skip
                 factor = on_device(scale, residual.dtype, residual.device).view(-1, 1, 1, 1)
-                key = MID if k == len(down) else f"{DOWN}{k}"
+                key = MID if k == levels - 1 else f"{DOWN}{k}"
                 out[key].index_add_(0, index, (residual * factor).to(out[key].dtype))
         return out
 

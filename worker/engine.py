@@ -22,6 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -145,7 +146,7 @@ class Engine:
         self.controls = self._controlnets(tuning)
         self.latents.controls = self.controls
         if self.controls is not None:
-            self.calls.control_zeros = self.controls.zeros
+            self.calls.serve_controls(self.controls)
         # What previews need of the schedule: the signal left at each timestep, and what the
         # UNet predicts.
         self._alphas_cumprod = (
@@ -378,7 +379,9 @@ class Engine:
                           for lane in lanes]  # fmt: skip
             row_blocks += [Block(lanes[i].rows, lanes[i].step, lanes[i].steps, lanes[i].controls,
                                  False) for i in guided]  # fmt: skip
-            residuals = self.controls.residuals(row_blocks, sample, t_rows, blocks, added)
+            forward = partial(self.calls.run_control, size=lanes[0].size)
+            residuals = self.controls.residuals(row_blocks, sample, t_rows, blocks, added,
+                                                forward)  # fmt: skip
             added = (added or {}) | residuals
         mix = None
         if self.adapters is not None:  # each row's LoRAs, in the same order

@@ -298,8 +298,9 @@ class LatentMaker:
                                  " ControlNets are not served")  # fmt: skip
         self.controls.check(uses)
         width, height = size
-        return tuple(RowControl(row, use, control_image(self.control_processor, use, width,
-                                                        height, self.device, self.dtype))
+        controls = self.controls
+        return tuple(RowControl(row, use, controls.embed(use.model, control_image(
+                         self.control_processor, use, width, height, self.device, self.dtype)))
                      for row, spec in enumerate(specs) for use in spec.controls)  # fmt: skip
 
     def _from_source(
