@@ -16,13 +16,18 @@ With `--loras` (issue 23) the worker serves 8 LoRAs (bench/loras.py writes them)
 are run again with LoRAs on them, and (l) is (a) with half the requests carrying LoRAs, against
 (a) on the same worker (≥ 0.90).
 
+With `--controlnets` (issue 24) the worker serves a ControlNet of the model's size
+(bench/controlnets.py writes it): the kinds a unit goes on are run again with one, (k) is (a)
+with every request controlled and (h) with half of them, against what (a) and (k) predict for
+half and half (≥ 0.95). bench/controlnets.py adds diffusers' ControlNet pipeline beside it.
+
 (Static batching's side, `--static`, went with static batching on 2026-12-04; BENCHMARKS.md
 keeps the comparisons.)
 Prints one table, every figure beside its target, writes OUT/gpu_check.{json,md}, and exits 1
 when a target is missed (2 when a kind failed or compiled while serving).
 
     python3 -m bench.gpu_check --out DIR [--seconds 15] [--warmup 5] [--kinds-only --arch ARCH]
-        [--loras]
+        [--loras] [--controlnets]
 """
 
 from __future__ import annotations
@@ -202,10 +207,14 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         folder = work / f"loras-{Path(args.model).name}"
         write_loras(Path(args.model), folder)
         extra = {"SDSERVE_LORA_DIR": str(folder), "SDSERVE_LORA_SLOTS": "10"}
+    if args.controlnets:
+        from bench.controlnets import setting
+
+        extra |= setting(Path(args.model), work)
     with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
         result["cold_start_s"] = startup
         print(f"continuous: ready in {startup:.0f}s (no compile cache)", flush=True)
-        result["kinds"] = asyncio.run(every_kind(url, args.side, args.loras))
+        result["kinds"] = asyncio.run(every_kind(url, args.side, args.loras, args.controlnets))
         if args.kinds_only:
             result["alone"] = asyncio.run(idle(url, 6, args.side))
             result["recompiles"] = recompiles()
@@ -218,6 +227,10 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             from bench.loras import with_loras
 
             loads["l"] = with_loras
+        if args.controlnets:
+            from bench.controlnets import controlled, half
+
+            loads |= {"k": controlled, "h": half}
         for name, body in loads.items():
             sums = in_window(warm, secs)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
@@ -256,6 +269,14 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         share = r["l"]["img_s"] / a["img_s"] if a["img_s"] else 0.0
         rows.append(("(l) half with LoRAs img/s, / (a)", f"{r['l']['img_s']:.2f} = {share:.2f}",
                      "≥ 0.90", share >= 0.90))  # fmt: skip
+    if "h" in r:
+        from bench.controlnets import predicted
+
+        expected = predicted(a["img_s"], r["k"]["img_s"])
+        share = r["h"]["img_s"] / expected
+        rows.append(("(h) half controlled img/s, / what (a) and (k) predict",
+                     f"{r['h']['img_s']:.2f} / {expected:.2f} = {share:.2f}", "≥ 0.95",
+                     share >= 0.95))  # fmt: skip
     c = r["c"]
     rows.append((f"(c) Poisson {c['rate_per_s']:.2f}/s p50 / p95 s",
                  f"{c['latency_p50_s']:.2f} / {c['latency_p95_s']:.2f}", "≤ 1.0 / 2.0",
@@ -280,7 +301,7 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines += ["", "| load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |"
               " GPU in steps / decodes / encodes | step ms | rows a step |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for key in [k for k in ("a", "b", "c", "d", "e", "l") if k in r]:
+    for key in [k for k in ("a", "b", "c", "d", "e", "l", "k", "h") if k in r]:
         x = r[key]
         g = x.get("gpu")
         gpu = "| | |"
@@ -304,6 +325,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--loras", action="store_true", help="serve 8 LoRAs: kinds with LoRAs, (l) half with"
+    )
+    parser.add_argument(
+        "--controlnets",
+        action="store_true",
+        help="serve a ControlNet: kinds with a unit, (k) every request and (h) half controlled",
     )
     args = parser.parse_args()
     work = batching.prepare(args)
