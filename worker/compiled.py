@@ -221,14 +221,7 @@ class CompiledCalls:
         for warm in entries:
             started = time.perf_counter()
             width, height = warm.size
-            latent = (height // latent_scale, width // latent_scale)
-            sample = torch.zeros(warm.rows, config.in_channels, *latent, device=self.device,
-                                 dtype=self.dtype)  # fmt: skip
-            t = torch.full((warm.rows,), 500.0, device=self.device)
-            context = torch.zeros(warm.rows, warm.tokens, config.cross_attention_dim,
-                                  device=self.device, dtype=self.dtype)  # fmt: skip
-            added = {name: torch.zeros(warm.rows, width, device=self.device, dtype=self.dtype)
-                     for name, width in self.added_shapes.items()} or None  # fmt: skip
+            latent, sample, t, context, added = self._warm_inputs(warm, config, latent_scale)
             if self.control_zeros is not None:
                 added = (added or {}) | self.control_zeros(warm.rows, *latent)
             for _ in range(2):
@@ -253,6 +246,20 @@ class CompiledCalls:
             self._warm_control(name, entries, latent_scale)
         self.serving = True
 
+    def _warm_inputs(self, warm: Warm, config: Any, latent_scale: int) -> tuple[Any, ...]:
+        """A warm-up entry's inputs for a model of this configuration (a UNet's, a
+        ControlNet's): (latent size, sample, timesteps, context, SDXL's added conditioning)."""
+        width, height = warm.size
+        latent = (height // latent_scale, width // latent_scale)
+        sample = torch.zeros(warm.rows, config.in_channels, *latent, device=self.device,
+                             dtype=self.dtype)  # fmt: skip
+        t = torch.full((warm.rows,), 500.0, device=self.device)
+        context = torch.zeros(warm.rows, warm.tokens, config.cross_attention_dim,
+                              device=self.device, dtype=self.dtype)  # fmt: skip
+        added = {name: torch.zeros(warm.rows, n, device=self.device, dtype=self.dtype)
+                 for name, n in self.added_shapes.items()} or None  # fmt: skip
+        return latent, sample, t, context, added
+
     def _warm_control(self, name: str, entries: list[Warm], latent_scale: int) -> None:
         """A ControlNet's forward at every entry of the warm-up list (its rows are some of a
         call's); one that fails to compile runs eagerly from then on, said (the worker serves
@@ -263,17 +270,9 @@ class CompiledCalls:
         began = time.perf_counter()
         try:
             for warm in entries:
-                width, height = warm.size
-                latent = (height // latent_scale, width // latent_scale)
-                sample = torch.zeros(warm.rows, config.in_channels, *latent, device=self.device,
-                                     dtype=self.dtype)  # fmt: skip
-                t = torch.full((warm.rows,), 500.0, device=self.device)
-                context = torch.zeros(warm.rows, warm.tokens, config.cross_attention_dim,
-                                      device=self.device, dtype=self.dtype)  # fmt: skip
+                latent, sample, t, context, added = self._warm_inputs(warm, config, latent_scale)
                 cond = torch.zeros(warm.rows, *self.controls.cond_shape(name, *latent),
                                    device=self.device, dtype=self.dtype)  # fmt: skip
-                added = {k: torch.zeros(warm.rows, n, device=self.device, dtype=self.dtype)
-                         for k, n in self.added_shapes.items()} or None  # fmt: skip
                 for _ in range(2):
                     self.run_control(name, sample, t, context, cond, added, warm.size)
         except Exception as e:  # any compiler failure: that ControlNet is served eagerly
