@@ -115,6 +115,45 @@ def test_the_tracker_measures_the_pace_and_counts_down() -> None:
     assert report.finish_in_s == pytest.approx(7 * pace.step_s(2), abs=0.03)
 
 
+def test_the_tracker_averages_the_rows_in_flight_over_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pace carries the rows now and their recent average, which follows the rows held,
+    weighted by how long they were held."""
+    from worker import progress
+
+    monkeypatch.setattr(progress, "ROWS_MEAN_S", 0.2)
+    tracker = Tracker(row_cap=64)
+    assert tracker.pace().rows_mean == 0.0
+    tracker.at("a", 0, 10, 40)
+    time.sleep(0.05)  # 40 rows for a quarter of the average's time: about 40 x (1 - e^-0.25)
+    held = tracker.pace().rows_mean
+    assert held is not None and 5 < held < 15
+    time.sleep(1.0)  # five times its time: the average is the rows held
+    assert tracker.pace().rows_mean == pytest.approx(40, abs=0.5)
+    tracker.remove("a")
+    time.sleep(0.05)
+    pace = tracker.pace()
+    assert pace.rows == 0 and pace.rows_mean is not None and 25 < pace.rows_mean < 35
+
+
+def test_a_queued_job_runs_beside_the_rows_now_and_their_average() -> None:
+    """A job that joins runs beside half the rows in flight now and half their recent average
+    (the heartbeat's rows are seconds old, and arrivals replace the jobs that finish); a
+    worker that does not publish the average is read as before."""
+    from app.jobs.contract import Txt2ImgRequest
+    from app.jobs.eta import Pace, queued_eta
+
+    request = Txt2ImgRequest(prompt="x", steps=10, guidance_scale=7.5)
+    fields = {"base_s": 0.1, "row_s": 0.01, "rows": 4, "row_cap": 62, "finish_s": 1.0}
+    averaged = Pace.parse(json.dumps(fields | {"rows_mean": 20.0}))
+    now_only = Pace.parse(json.dumps(fields))
+    assert averaged is not None and now_only is not None and now_only.rows_mean is None
+    # 10 steps of 0.1 + 0.01 x (12 beside + its own 2) s, and a finish.
+    assert queued_eta(0, request, [averaged]) == pytest.approx(10 * (0.1 + 0.01 * 14) + 1.0)
+    assert queued_eta(0, request, [now_only]) == pytest.approx(10 * (0.1 + 0.01 * 6) + 1.0)
+
+
 def slow_unet(engine: Any, seconds: float) -> Any:
     """Every UNet call takes at least `seconds`: the job runs long enough to be watched."""
     return engine.unet.register_forward_pre_hook(lambda *_: time.sleep(seconds))

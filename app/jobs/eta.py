@@ -5,7 +5,8 @@ in flight, fitted as a line over the rows (worker/progress.py). A running job's 
 from its worker: its steps left at the pace of the rows in flight now, plus a finish (decode,
 PNGs, storage); the worker writes the finishing time with each progress report. A queued job's
 comes from here, from the pace every live worker publishes with its heartbeat: the job runs as
-soon as there are rows free for it (continuous batching takes it between two steps), and rows
+soon as there are rows free for it (continuous batching takes it between two steps), beside
+rows that change while it runs (`Pace.beside`: the rows now and their recent average), and rows
 come free as fast as the workers finish their jobs.
 """
 
@@ -30,12 +31,21 @@ class Pace:
     finish_s: float  # from a job's last step to its images stored
     tile: int = TILE  # pictures of more than `tile` x `tile` pixels run in tiles
     tile_overlap: int = TILE_OVERLAP
+    rows_mean: float | None = None  # the rows in flight averaged over recent seconds
+
+    def beside(self) -> float:
+        """The rows a job that joins now will run beside, on average over its run: half of
+        those in flight now will still be (they are halfway through, on average), and the rest
+        are what arrives, as many as the recent average holds."""
+        if self.rows_mean is None:  # a worker that does not publish it
+            return float(self.rows)
+        return (self.rows + self.rows_mean) / 2
 
     @property
     def measured(self) -> bool:
         return self.base_s + self.row_s > 0
 
-    def step_s(self, rows: int) -> float:
+    def step_s(self, rows: float) -> float:
         return self.base_s + self.row_s * rows
 
     def fields(self) -> dict[str, float | int]:
@@ -46,10 +56,12 @@ class Pace:
         """From a heartbeat's info; None for one without a pace (an older worker)."""
         try:
             fields = json.loads(info)
+            mean = fields.get("rows_mean")
             return cls(float(fields["base_s"]), float(fields["row_s"]), int(fields["rows"]),
                        int(fields["row_cap"]), float(fields["finish_s"]),
                        int(fields.get("tile", TILE)),
-                       int(fields.get("tile_overlap", TILE_OVERLAP)))  # fmt: skip
+                       int(fields.get("tile_overlap", TILE_OVERLAP)),
+                       None if mean is None else float(mean))  # fmt: skip
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -84,8 +96,8 @@ def queued_eta(position: int, request: JobRequest, paces: list[Pace]) -> float |
     rows = unet_rows(request, measured[0].tile, measured[0].tile_overlap)
     roomiest = max(measured, key=lambda p: p.row_cap - p.rows)
     waiting = (position + 1) * rows - sum(max(0, p.row_cap - p.rows) for p in measured)
-    if waiting <= 0:  # it joins the rows in flight now
-        return steps * roomiest.step_s(roomiest.rows + rows) + roomiest.finish_s
+    if waiting <= 0:  # it joins the rows in flight now, and runs beside those that follow
+        return steps * roomiest.step_s(roomiest.beside() + rows) + roomiest.finish_s
     # Full: each worker finishes a full load of rows every run of a job at full load.
     runs = [steps * p.step_s(p.row_cap) + p.finish_s for p in measured]
     per_second = sum(p.row_cap / run for p, run in zip(measured, runs, strict=True))
