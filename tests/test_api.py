@@ -84,6 +84,16 @@ def test_invalid_fields_are_named_in_a_422(
     assert field in fields(api.post("/v1/txt2img", json=body))
 
 
+@pytest.mark.parametrize("key", ["³", "2", "a.1.b", "x.²"])
+def test_a_refused_setting_of_any_name_is_a_422_naming_it(api: httpx.Client, key: str) -> None:
+    """A1111's settings cannot change here: whatever the key (the fuzzer sent "³", which
+    `str.isdigit` calls a digit and `int` refuses: a 500 then), a 422 names it."""
+    r = api.post("/sdapi/v1/options", json={key: 1})
+    assert r.status_code == 422, r.text
+    loc = r.json()["detail"][0]["loc"]
+    assert ".".join(str(part) for part in loc[1:]) == key
+
+
 def test_edges_are_accepted(api: httpx.Client) -> None:
     for body in [
         {"prompt": "x" * 2000, "width": 1024, "height": 1024, "steps": 100, "n": 8},

@@ -139,7 +139,8 @@ def fitted_size(width: int, height: int) -> tuple[int, int]:
 
 def invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
     """A 422 naming the field (dotted: `controlnets.0.image` is located as a path)."""
-    path = tuple(int(p) if p.isdigit() else p for p in field.split("."))
+    # Only ASCII digits are a list index ("³".isdigit() is true, and int() refuses it).
+    path = tuple(int(p) if p.isascii() and p.isdigit() else p for p in field.split("."))
     return RequestValidationError([{"loc": ("body", *path), "msg": message, "type": kind}])
 
 
