@@ -3,10 +3,11 @@ uniform ControlNet load, without it, and half and half; and plain diffusers' Con
 at its best batch.
 
 SD1.5-sized (`--arch sd15`) or SDXL-sized (`--arch sdxl --side 1024 --max-batch 16`) random
-weights, and a random ControlNet of the model's size (`worker/tiny_addons.py`, the real control
-embedding's widths). Every request is (a)'s of the GPU check (25 steps DPM++ 2M, CFG 7.5), a
-controlled one with one unit (weight 0.8) on a picture of the image's size. Stages, each writing
-OUT/controlnets.json as it goes:
+weights, and two random ControlNets of the model's size (`worker/tiny_addons.py`, the real
+control embedding's widths; two, as deployments serve several, whose compiled forwards share one
+graph). Every request is (a)'s of the GPU check (25 steps DPM++ 2M, CFG 7.5), a controlled one
+with one unit (weight 0.8, one ControlNet or the other by turns) on a picture of the image's
+size. Stages, each writing OUT/controlnets.json as it goes:
 
   service    the whole service as processes with SDSERVE_CONTROLNETS: its start; every kind of
              the GPU check, then those a unit goes on (txt2img, img2img, inpainting, the hires
@@ -43,15 +44,16 @@ from bench.bench import one_request, prompt
 from bench.gpu_check import every_kind, kinds, picture, recompiles
 from worker.tiny_addons import build_tiny_controlnet
 
-NAME = "edges"
+NAMES = ("edges", "depth")
 WEIGHT = 0.8
 CONTROL_PICTURE: list[str] = []  # base64 PNG at the benchmark's side, made once
 
 
-def unit() -> dict[str, Any]:
+def unit(k: int = 0) -> dict[str, Any]:
+    """A unit of the k-th turn's ControlNet."""
     if not CONTROL_PICTURE:  # after prepare() set the side
         CONTROL_PICTURE.append(picture(batching.SIDE))
-    return {"model": NAME, "image": CONTROL_PICTURE[0], "weight": WEIGHT}
+    return {"model": NAMES[k % len(NAMES)], "image": CONTROL_PICTURE[0], "weight": WEIGHT}
 
 
 def plain(i: int) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def plain(i: int) -> dict[str, Any]:
 
 
 def controlled(i: int) -> dict[str, Any]:
-    return batching.uniform(i) | {"controlnets": [unit()]}
+    return batching.uniform(i) | {"controlnets": [unit(i // 2)]}  # (h)'s odd i by turns too
 
 
 def half(i: int) -> dict[str, Any]:
@@ -71,26 +73,29 @@ def predicted(n: float, c: float) -> float:
     return 1.0 / (0.5 / n + 0.5 / c)
 
 
-def write_controlnet(model: Path, work: Path) -> Path:
-    """A random ControlNet for the model, written once (the real control embedding's widths)."""
-    folder = work / f"controlnet-{model.name}"
+def write_controlnet(model: Path, work: Path, k: int = 0) -> Path:
+    """The k-th random ControlNet for the model, written once (the real control embedding's
+    widths)."""
+    folder = work / f"controlnet-{model.name}-{NAMES[k]}"
     if not (folder / "config.json").exists():
         started = time.monotonic()
-        build_tiny_controlnet(model, folder, seed=1, embedding=(16, 32, 96, 256))
-        print(f"wrote the ControlNet in {time.monotonic() - started:.0f}s", flush=True)
+        build_tiny_controlnet(model, folder, seed=1 + k, embedding=(16, 32, 96, 256))
+        print(f"wrote ControlNet {NAMES[k]} in {time.monotonic() - started:.0f}s", flush=True)
     return folder
 
 
 def setting(model: Path, work: Path) -> dict[str, str]:
-    """The worker's settings that serve the ControlNet."""
-    return {"SDSERVE_CONTROLNETS": f"{NAME}={write_controlnet(model, work)}"}
+    """The worker's settings that serve the ControlNets."""
+    held = [f"{name}={write_controlnet(model, work, k)}" for k, name in enumerate(NAMES)]
+    return {"SDSERVE_CONTROLNETS": ",".join(held)}
 
 
 def control_kinds(side: int) -> dict[str, tuple[str, dict[str, Any]]]:
     """The kinds a ControlNet unit goes on, each with one."""
     served = ("txt2img", "img2img", "inpaint", "hires latent")
-    return {f"{name} + ControlNet": (route, body | {"controlnets": [unit()]})
-            for name, (route, body) in kinds(side).items() if name in served}  # fmt: skip
+    chosen = [(name, case) for name, case in kinds(side).items() if name in served]
+    return {f"{name} + ControlNet {NAMES[k % 2]}": (route, body | {"controlnets": [unit(k)]})
+            for k, (name, (route, body)) in enumerate(chosen)}  # fmt: skip
 
 
 async def alone(url: str, requests: int) -> dict[str, float]:
@@ -124,7 +129,7 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
         result["alone"] = asyncio.run(alone(url, 5))
         print(f"alone: {result['alone']}", flush=True)
         result["recompiles"] = recompiles()
-        said = ("ControlNet", "warmed up", "compiled while")
+        said = ("ControlNet", "warmed up", "compiled while", "cudagraph", "CUDAGraph")
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if any(word in line for word in said)]  # fmt: skip
         save()
@@ -236,6 +241,8 @@ def main() -> None:
         save()
     (args.out / "controlnets.md").write_text(table(results))
     print(table(results))
+    for line in results.get("service", {}).get("worker_log", []):  # compiles, CUDA graphs
+        print(line)
 
 
 if __name__ == "__main__":
