@@ -155,10 +155,9 @@ class CompiledCalls:
         # Told of each such call, with the guard that failed (the worker counts it).
         self.on_recompile: Callable[[str], None] | None = None
         self.serving = False
-        # Where ControlNets are served (`serve_controls`), the residuals of no control for
-        # (rows, latent height, latent width): every call takes residuals, so the compiled UNet
-        # has one signature; and each ControlNet's compiled forward, by name.
-        self.control_zeros: Callable[[int, int, int], dict[str, torch.Tensor]] | None = None
+        # Where ControlNets are served (`serve_controls`): every call takes residuals (zeros
+        # without control), so the compiled UNet has one signature; and each ControlNet's
+        # compiled forward, by name.
         self.controls: ControlNets | None = None
         self._fast_controls: dict[str, Callable[..., Any]] = {}
         self._fast_unet: Callable[..., Any] | None = None
@@ -185,7 +184,6 @@ class CompiledCalls:
         """Serve ControlNets: every UNet call takes residuals from now on (zeros without
         control), and each ControlNet's forward is compiled as the UNet is (before warm-up)."""
         self.controls = controls
-        self.control_zeros = controls.zeros
         if self._fast_unet is not None:
             self._fast_controls = {name: self._compiled(model)
                                    for name, model in controls.models.items()}  # fmt: skip
@@ -222,8 +220,8 @@ class CompiledCalls:
             started = time.perf_counter()
             width, height = warm.size
             latent, sample, t, context, added = self._warm_inputs(warm, config, latent_scale)
-            if self.control_zeros is not None:
-                added = (added or {}) | self.control_zeros(warm.rows, *latent)
+            if self.controls is not None:
+                added = (added or {}) | self.controls.zeros(warm.rows, *latent)
             for _ in range(2):
                 self._unet_call(sample, t, context, None, True, added)
             took = time.perf_counter() - started

@@ -123,9 +123,9 @@ class ControlNets:
         return out
 
     def cond_shape(self, name: str, height: int, width: int) -> tuple[int, ...]:
-        """An embedded control image's shape for latents of this size."""
-        pixels = torch.zeros(3, height * 8, width * 8)
-        return tuple(self.embed(name, pixels).shape)
+        """An embedded control image's shape for latents of this size: what the forward adds it
+        to, the output of the ControlNet's first convolution."""
+        return (self.models[name].config.block_out_channels[0], height, width)
 
     def eager(
         self,
@@ -173,7 +173,8 @@ class ControlNets:
             device, dtype = controlnet.device, controlnet.dtype
             sample = torch.zeros(1, config.in_channels, height, width, device=device, dtype=dtype)
             context = torch.zeros(1, 77, config.cross_attention_dim, device=device, dtype=dtype)
-            cond = self.embed(name, torch.zeros(3, height * 8, width * 8))[None]
+            cond = torch.zeros(1, *self.cond_shape(name, height, width), device=device,
+                               dtype=dtype)  # fmt: skip
             added = _zero_added(self.unet, 1, device, dtype)
             with torch.inference_mode():
                 t = torch.tensor([500.0], device=device)
@@ -197,12 +198,11 @@ class ControlNets:
         t: torch.Tensor,
         blocks: Sequence[torch.Tensor],
         added: dict[str, torch.Tensor] | None,
-        forward: ControlForward | None = None,
+        forward: ControlForward,
     ) -> dict[str, torch.Tensor]:
         """Every row's residuals for one step, in the call's row order: `parts` and `blocks`
-        (their prompt embeddings) row block for row block; each ControlNet run by `forward`
-        (eagerly without one) on its rows only."""
-        forward = forward or self.eager
+        (their prompt embeddings) row block for row block; each ControlNet run by `forward` on
+        its rows only."""
         channels = self.unet.config.in_channels
         height, width = sample.shape[-2:]
         out = self.zeros(len(sample), height, width)
