@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -245,6 +245,19 @@ def iso_seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
+async def again(send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
+    """A request sent once more if the server closed its kept-alive connection as it went out
+    (uvicorn closes one idle for 5 s; a pool of 64 clients' connections reuses such one now
+    and then): the request never reached the application, and a load is not lost to it."""
+    for attempt in range(3):
+        try:
+            return await send()
+        except httpx.RemoteProtocolError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: float) -> Done:
     """One job through the API: a body with an `image` is an img2img job (with a `scale`, an
     upscaling one)."""
@@ -252,10 +265,10 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
     route = "/v1/txt2img"
     if "image" in body:
         route = "/v1/upscale" if "scale" in body else "/v1/img2img"
-    job = (await http.post(route, json=body)).json()
+    job = (await again(lambda: http.post(route, json=body))).json()
     at_submission = at_half = None
     while True:
-        view = (await http.get(job["url"])).json()
+        view = (await again(lambda: http.get(job["url"]))).json()
         looked = time.monotonic()
         if view["status"] in TERMINAL:
             break
@@ -267,7 +280,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
             at_half = (eta, looked)
         await asyncio.sleep(poll_s)
     if view["status"] == "succeeded":
-        png = await http.get(view["images"][0])
+        png = await again(lambda: http.get(view["images"][0]))
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     started = view["started_at"] or view["created_at"]  # a job canceled while queued never started
     wait = iso_seconds(started) - iso_seconds(view["created_at"])
