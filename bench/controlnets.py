@@ -41,7 +41,7 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, prepare, service
 from bench.bench import one_request, prompt
-from bench.gpu_check import every_kind, kinds, picture, recompiles
+from bench.gpu_check import every_kind, gpu_share, in_window, kinds, picture, recompiles
 from worker.tiny_addons import build_tiny_controlnet
 
 NAMES = ("edges", "depth")
@@ -119,11 +119,15 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
     with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
         result["cold_start_s"] = startup
         print(f"ready in {startup:.0f}s", flush=True)
-        result["kinds"] = asyncio.run(every_kind(url, args.side, controls=True))
-        save()
-        for name, body in (("n", plain), ("c", controlled), ("h", half)):
-            result[name] = asyncio.run(closed_loop(url, args.clients, body, args.warmup,
+        if not args.no_kinds:
+            result["kinds"] = asyncio.run(every_kind(url, args.side, controls=True))
+            save()
+        bodies = {"n": plain, "c": controlled, "h": half}
+        for name in args.loads.split(","):
+            sums = in_window(args.warmup, args.seconds)  # the worker's GPU timers
+            result[name] = asyncio.run(closed_loop(url, args.clients, bodies[name], args.warmup,
                                                    args.seconds))  # fmt: skip
+            result[name]["gpu"] = gpu_share(*sums) if len(sums) == 2 else None
             print(f"({name}): {result[name]}", flush=True)
             save()
         result["alone"] = asyncio.run(alone(url, 5))
@@ -218,7 +222,15 @@ def table(r: dict[str, Any]) -> str:
                      "0 " + ("met" if s["recompiles"] == 0 else "**missed**")))  # fmt: skip
     if "cold_start_s" in s:
         rows.append(("start s (no compile cache)", f"{s['cold_start_s']:.0f}", ""))
-    return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"
+    out = lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    timed = [(key, s[key]["gpu"]) for key in "nch" if s.get(key, {}).get("gpu")]
+    if timed:  # where (h)'s time goes against (n)'s and (c)'s
+        out += ["", "| load | GPU in steps / decodes / encodes | step ms | rows a step |",
+                "|---|---|---|---|"]  # fmt: skip
+        out += [f"| ({key}) | {g['step_share']:.0%} / {g['decode_share']:.0%} /"
+                f" {g['encode_share']:.0%} | {g['step_ms']:.1f} | {g['rows_per_step']:.1f} |"
+                for key, g in timed]  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
@@ -226,6 +238,8 @@ def main() -> None:
     parser.set_defaults(warmup=5)
     parser.add_argument("--stages", default="service,diffusers")
     parser.add_argument("--batches", default="1,8,16", help="diffusers' images a call")
+    parser.add_argument("--loads", default="n,c,h", help="the service's closed loops")
+    parser.add_argument("--no-kinds", action="store_true", help="skip the kinds' requests")
     args = parser.parse_args()
     work = prepare(args)
     batching.SOURCE_PICTURE.append(batching.source_picture())

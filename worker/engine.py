@@ -374,6 +374,8 @@ class Engine:
         # SDXL: each row's added conditioning, in the rows' order (cond, then guided uncond).
         added = joined([lane.cond_added for lane in lanes]
                        + [lanes[i].uncond_added for i in guided])  # fmt: skip
+        # A step's time, ControlNets' forwards included (they are part of what a row costs).
+        timer = GpuTimer(self.device) if self.observer is not None else None
         if self.controls is not None:  # each row's ControlNet residuals (zero without control)
             row_blocks = [Block(lane.rows, lane.step, lane.steps, lane.controls, True)
                           for lane in lanes]  # fmt: skip
@@ -387,7 +389,6 @@ class Engine:
         if self.adapters is not None:  # each row's LoRAs, in the same order
             mixes = [lane.mix or self.adapters.zero(lane.rows) for lane in lanes]
             mix = RowMix.joined(mixes + [mixes[i] for i in guided])
-        timer = GpuTimer(self.device) if self.observer is not None else None
         noise, padding = self.calls.run_unet(sample, t_rows, blocks, lanes[0].size, labels, added,
                                              mix)  # fmt: skip
         called = len(sample)
