@@ -90,8 +90,9 @@ class WorkerMetrics:
         )
         self.row_step = Histogram(
             "sdserve_worker_row_step_seconds",
-            "One UNet call of continuous batching, by its row bucket (the rows, rounded up to"
-            " a bucket; compiled calls are padded to it).",
+            "One step of continuous batching (its UNet call, with its rows' ControlNet forwards),"
+            " by its row bucket (the rows, rounded up to a bucket; compiled calls are padded to"
+            " it).",
             ["bucket"],
             buckets=STEP_SECONDS_BUCKETS,
             registry=r,
