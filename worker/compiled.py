@@ -162,12 +162,19 @@ class CompiledCalls:
         self._fast_controls: dict[str, Callable[..., Any]] = {}
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
+        self._fast_encode: Callable[..., Any] | None = None
         inductor = tuning.compile_backend == "inductor"
         self._options: dict[str, Any] = {"mode": tuning.compile_mode} if inductor else {}
         if tuning.compile:
             self._fast_unet = self._compiled(unet)
             self._fast_decode = torch.compile(
                 vae.decode, backend=tuning.compile_backend, fullgraph=True
+            )
+            # The encoder too: eager, a 512x512 picture's encode took 14.5 ms of an H200 against
+            # the compiled decoder's 8.7 (which does twice its work); img2img, inpainting and a
+            # pixel hires fix encode one picture per job.
+            self._fast_encode = torch.compile(
+                self._moments, backend=tuning.compile_backend, fullgraph=True
             )
 
     def compiled_controls(self) -> list[str]:
@@ -237,9 +244,16 @@ class CompiledCalls:
                                       width // latent_scale, device=self.device,
                                       dtype=self.vae.dtype)  # fmt: skip
                 self.decode(latents, compiled=True)
+        decoder_s = time.perf_counter() - began
+        began = time.perf_counter()
+        if self._fast_encode is not None:
+            for width, height in self.tuning.compiled_sizes:
+                picture = torch.zeros(1, 3, height, width, device=self.device)
+                self.encode(picture, compiled=True)
         if entries:  # where a cold start's minutes go
-            log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs", len(entries),
-                     unet_s, time.perf_counter() - began)  # fmt: skip
+            log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs, its encoder"
+                     " in %.1fs", len(entries), unet_s, decoder_s,
+                     time.perf_counter() - began)  # fmt: skip
         for name in list(self._fast_controls):
             self._warm_control(name, entries, latent_scale)
         self.serving = True
@@ -489,6 +503,30 @@ class CompiledCalls:
             return self.vae.decode(latents).sample  # type: ignore[no-any-return]
 
         return self._serve(run, eager, f"VAE decode {tuple(latents.shape)}")
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, compiled: bool) -> torch.Tensor:
+        """The VAE's posterior parameters (`_moments`) of pictures in [-1, 1]: compiled for one
+        picture of a compiled size, eager otherwise."""
+        # A copy made here: whoever made the picture (a loading thread, the loop; in inference
+        # mode or not), the compiled call sees one kind of tensor, in the VAE's dtype.
+        pixels = pixels.to(self.vae.dtype, memory_format=torch.contiguous_format, copy=True)
+        if not compiled or self._fast_encode is None or len(pixels) != 1:
+            return self._moments(pixels)
+        fast = self._fast_encode
+
+        def run() -> torch.Tensor:
+            return fast(pixels)  # type: ignore[no-any-return]
+
+        return self._serve(run, lambda: self._moments(pixels), f"VAE encode {tuple(pixels.shape)}")
+
+    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What diffusers' `AutoencoderKL.encode` makes its latent distribution of (its `_encode`:
+        the encoder, then the quantizing convolution where the VAE has one; its tiling and
+        slicing are never switched on here)."""
+        moments: torch.Tensor = self.vae.encoder(pixels)
+        quant = getattr(self.vae, "quant_conv", None)
+        return moments if quant is None else quant(moments)
 
     def _serve(self, fast: Callable[[], Out], eager: Callable[[], Out], what: str) -> Out:
         """A compiled call; once serving, one that would compile runs eagerly instead, said and

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from worker.compiled import CompiledCalls
 from worker.components import Components
@@ -25,7 +26,8 @@ class Vae:
         self, parts: Components, calls: CompiledCalls, chunk: int, module: Any = None
     ) -> None:
         """`module`: another VAE than the model's (SDSERVE_VAES), run eagerly: only the
-        model's own decoder is compiled (no VAE a request chooses compiles while serving)."""
+        model's own decoder and encoder are compiled (no VAE a request chooses compiles while
+        serving)."""
         self.parts = parts
         self.calls = calls
         self.chunk = chunk  # images per decode call: its memory grows with the pixels
@@ -58,7 +60,11 @@ class Vae:
     def _encode(self, image: torch.Tensor) -> Any:
         timer = GpuTimer(self.parts.device)
         vae = self.module
-        posterior = vae.encode(image.to(vae.dtype)).latent_dist  # an upcast VAE's: fp32
+        if self.own:  # compiled for a picture of a compiled size (worker/compiled.py)
+            compiled = self.calls.compiled((image.shape[-1], image.shape[-2]))
+            posterior = DiagonalGaussianDistribution(self.calls.encode(image, compiled))
+        else:
+            posterior = vae.encode(image.to(vae.dtype)).latent_dist  # an upcast VAE's: fp32
         self._encodes.append(timer.stop())
         while self._encodes and self._encodes[0].ready():
             done = self._encodes.popleft()
