@@ -133,7 +133,7 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
         result["alone"] = asyncio.run(alone(url, 5))
         print(f"alone: {result['alone']}", flush=True)
         result["recompiles"] = recompiles()
-        said = ("ControlNet", "warmed up", "compiled while", "cudagraph", "CUDAGraph")
+        said = ("ControlNet", "warmed up", "compiled while", "cudagraph", "CUDAGraph", "CUDA gr")
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if any(word in line for word in said)]  # fmt: skip
         save()

@@ -218,7 +218,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         if args.kinds_only:
             result["alone"] = asyncio.run(idle(url, 6, args.side))
             result["recompiles"] = recompiles()
-            said = r"warmed up|warm-up:|loaded in|compiled while|weights"
+            said = r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs"
             result["worker_log"] = [line for line in log.read_text().splitlines()
                                     if re.search(said, line)]  # fmt: skip
             return result
@@ -241,7 +241,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         print(f"(c): {result['c']}", flush=True)
         result["alone"] = asyncio.run(idle(url, 12))
         result["recompiles"] = recompiles()
-        said = r"warmed up|warm-up:|loaded in|compiled while"
+        said = r"warmed up|warm-up:|loaded in|compiled while|CUDA graphs"
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(said, line)]  # fmt: skip
     with service(args.model, "continuous", args, work, cache, extra) as (_url, startup, _log):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch._dynamo.utils import counters
 
 from worker.adapters import RowBuffers, RowMix
 from worker.controls import ControlNets, split
@@ -256,6 +257,12 @@ class CompiledCalls:
                      time.perf_counter() - began)  # fmt: skip
         for name in list(self._fast_controls):
             self._warm_control(name, entries, latent_scale)
+        # A compiled call that CUDA graphs could not capture runs without them, slower and
+        # silently (torch says why only under TORCH_LOGS=cudagraphs): say how many did.
+        skipped = counters["inductor"]["cudagraph_skips"]
+        if skipped:
+            log.warning("CUDA graphs skipped %d times in the warm-up (TORCH_LOGS=cudagraphs says"
+                        " why): those calls run without them", skipped)  # fmt: skip
         self.serving = True
 
     def _warm_inputs(self, warm: Warm, config: Any, latent_scale: int) -> tuple[Any, ...]:
