@@ -41,7 +41,15 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, prepare, service
 from bench.bench import one_request, prompt
-from bench.gpu_check import every_kind, gpu_share, in_window, kinds, picture, recompiles
+from bench.gpu_check import (
+    cudagraph_skips,
+    every_kind,
+    gpu_share,
+    in_window,
+    kinds,
+    picture,
+    recompiles,
+)
 from worker.tiny_addons import build_tiny_controlnet
 
 NAMES = ("edges", "depth")
@@ -133,6 +141,7 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
         result["alone"] = asyncio.run(alone(url, 5))
         print(f"alone: {result['alone']}", flush=True)
         result["recompiles"] = recompiles()
+        result["cudagraph_skips"] = cudagraph_skips()
         said = ("ControlNet", "warmed up", "compiled while", "cudagraph", "CUDAGraph", "CUDA gr")
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if any(word in line for word in said)]  # fmt: skip
@@ -220,6 +229,9 @@ def table(r: dict[str, Any]) -> str:
     if "recompiles" in s:
         rows.append(("recompiles while serving", f"{s['recompiles']:.0f}",
                      "0 " + ("met" if s["recompiles"] == 0 else "**missed**")))  # fmt: skip
+    if "cudagraph_skips" in s:
+        rows.append(("compiled calls CUDA graphs skipped", f"{s['cudagraph_skips']:.0f}",
+                     "0 " + ("met" if s["cudagraph_skips"] == 0 else "**missed**")))  # fmt: skip
     if "cold_start_s" in s:
         rows.append(("start s (no compile cache)", f"{s['cold_start_s']:.0f}", ""))
     out = lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]

@@ -153,6 +153,11 @@ def recompiles() -> float:
     return metric("sdserve_worker_recompiles_total")
 
 
+def cudagraph_skips() -> float:
+    """Compiled calls CUDA graphs did not capture, in the warm-up and since (run slower)."""
+    return metric("sdserve_worker_cudagraph_skips")
+
+
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
             'sdserve_worker_unet_rows_total{kind="real"}',
@@ -218,6 +223,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         if args.kinds_only:
             result["alone"] = asyncio.run(idle(url, 6, args.side))
             result["recompiles"] = recompiles()
+            result["cudagraph_skips"] = cudagraph_skips()
             said = r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs"
             result["worker_log"] = [line for line in log.read_text().splitlines()
                                     if re.search(said, line)]  # fmt: skip
@@ -241,6 +247,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         print(f"(c): {result['c']}", flush=True)
         result["alone"] = asyncio.run(idle(url, 12))
         result["recompiles"] = recompiles()
+        result["cudagraph_skips"] = cudagraph_skips()
         said = r"warmed up|warm-up:|loaded in|compiled while|CUDA graphs"
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(said, line)]  # fmt: skip
@@ -258,6 +265,9 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
                      "succeeded, no compile", k["status"] == "succeeded"))  # fmt: skip
     rows.append(("recompiles while serving (all of the above and the loads)",
                  f"{r['recompiles']:.0f}", "0", r["recompiles"] == 0))  # fmt: skip
+    if "cudagraph_skips" in r:  # an older run's results have none
+        rows.append(("compiled calls CUDA graphs skipped", f"{r['cudagraph_skips']:.0f}", "0",
+                     r["cudagraph_skips"] == 0))  # fmt: skip
     a = r["a"]
     rows.append(("(a) uniform img/s", f"{a['img_s']:.2f}", "≥ 10", a["img_s"] >= 10.0))
     for key, name in (("b", "(b) mixed"), ("d", "(d) 50/50 img2img"), ("e", "(e) 2-3 chunks")):

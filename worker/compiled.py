@@ -259,7 +259,7 @@ class CompiledCalls:
             self._warm_control(name, entries, latent_scale)
         # A compiled call that CUDA graphs could not capture runs without them, slower and
         # silently (torch says why only under TORCH_LOGS=cudagraphs): say how many did.
-        skipped = counters["inductor"]["cudagraph_skips"]
+        skipped = cudagraph_skips()
         if skipped:
             log.warning("CUDA graphs skipped %d times in the warm-up (TORCH_LOGS=cudagraphs says"
                         " why): those calls run without them", skipped)  # fmt: skip
@@ -552,6 +552,11 @@ class CompiledCalls:
             if self.on_recompile is not None:
                 self.on_recompile(str(e))
             return eager()
+
+
+def cudagraph_skips() -> int:
+    """Compiled calls in this process that CUDA graphs could not capture (torch's count)."""
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def padded_rows(tensor: torch.Tensor, padding: int) -> torch.Tensor:

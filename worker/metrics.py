@@ -62,6 +62,12 @@ class WorkerMetrics:
             " cover failed); each ran eagerly instead. Should stay 0.",
             registry=r,
         )
+        self.cudagraph_skips = Gauge(
+            "sdserve_worker_cudagraph_skips",
+            "Compiled calls that CUDA graphs could not capture since the worker started; each ran"
+            " without them, slower (TORCH_LOGS=cudagraphs says why). Should stay 0.",
+            registry=r,
+        )
         self.model_load = Gauge(
             "sdserve_worker_model_load_seconds", "Time to load the model at start.", registry=r
         )

@@ -23,6 +23,7 @@ from app.jobs.contract import Delivery, ErrorCode, Job
 from app.jobs.storage import Storage
 from app.jobs.store import is_transient
 from app.jobs.worker_store import WorkerStore
+from worker.compiled import cudagraph_skips
 from worker.completions import Completions, Failed
 from worker.continuous import RowLoop
 from worker.engine import Engine
@@ -70,6 +71,7 @@ class Runner:
             each.calls.on_recompile = lambda _reason: self.metrics.recompiles.inc()
         held = [e.adapters for e in engines.values() if e.adapters is not None]
         self.metrics.loras_resident.set_function(lambda: sum(len(a.resident) for a in held))
+        self.metrics.cudagraph_skips.set_function(cudagraph_skips)
         self.shutdown = Shutdown(settings.stop_grace_s)
         self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
         self.lease = Lease(settings, store, self.inbox, self.shutdown, self._info)
