@@ -124,6 +124,8 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
     cache = work / "inductor-controlnets"
     shutil.rmtree(cache, ignore_errors=True)
     extra = setting(Path(args.model), work)
+    if args.torch_logs:  # e.g. cudagraphs: why a compiled call ran without CUDA graphs
+        extra["TORCH_LOGS"] = args.torch_logs
     with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
         result["cold_start_s"] = startup
         print(f"ready in {startup:.0f}s", flush=True)
@@ -252,6 +254,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,16", help="diffusers' images a call")
     parser.add_argument("--loads", default="n,c,h", help="the service's closed loops")
     parser.add_argument("--no-kinds", action="store_true", help="skip the kinds' requests")
+    parser.add_argument("--torch-logs", default="", help="TORCH_LOGS for the worker")
     args = parser.parse_args()
     work = prepare(args)
     batching.SOURCE_PICTURE.append(batching.source_picture())
