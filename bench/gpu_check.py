@@ -251,9 +251,12 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         said = r"warmed up|warm-up:|loaded in|compiled while|CUDA graphs"
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(said, line)]  # fmt: skip
-    with service(args.model, "continuous", args, work, cache, extra) as (_url, startup, _log):
+    with service(args.model, "continuous", args, work, cache, extra) as (_url, startup, log):
         result["warm_start_s"] = startup
         print(f"continuous: ready in {startup:.0f}s (with the compile cache)", flush=True)
+        # Where a cached start's seconds go (the target is 30): the worker's own timings.
+        result["warm_worker_log"] = [line for line in log.read_text().splitlines()
+                                     if re.search(said, line)]  # fmt: skip
     return result
 
 
@@ -363,6 +366,8 @@ def main() -> None:
     text = table(results, rows)
     (args.out / "gpu_check.md").write_text(text)
     print(text)
+    for when in ("worker_log", "warm_worker_log"):  # the cold start's, then the cached one's
+        print(f"{when}:", *results.get(when, []), sep="\n")
     kinds_ok = all(ok for name, _, _, ok in rows if name.startswith(("kind", "recompiles")))
     sys.exit(0 if all(ok for *_, ok in rows) else 1 if kinds_ok else 2)
 
