@@ -110,10 +110,11 @@ def control_part(
                            dtype=dtype)  # fmt: skip
         inputs = (sample, t, context, cond)
 
-        def call(turn: list[int] = [0], given: tuple[Any, ...] = inputs) -> Any:  # noqa: B006
+        def call(turn: list[int] = [0], given: tuple[torch.Tensor, ...] = inputs) -> Any:  # noqa: B006
             turn[0] += 1  # the two by turns, as the benchmarks' controlled requests take them
             name = ("edges", "depth")[turn[0] % 2]
-            return calls.run_control(name, *given, None, (side, side))
+            x, steps, text, image = given
+            return calls.run_control(name, x, steps, text, image, None, (side, side))
 
         out[f"control ms @ {rows}"] = timed(call, device.type)
         print(f"control @ {rows} rows: {out[f'control ms @ {rows}']:.2f} ms", flush=True)
