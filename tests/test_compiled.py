@@ -285,6 +285,55 @@ def test_a_call_that_would_compile_runs_eagerly_and_is_counted(row_engine: Engin
     assert torch.allclose(out, eager, atol=1e-5)
 
 
+def test_the_vae_encoder_is_compiled_at_the_compiled_sizes(row_engine: Engine) -> None:
+    """A picture of a compiled size goes through the compiled encoder (warmed: no compile),
+    with the VAE's own numbers; another size runs eagerly."""
+    calls = row_engine.calls
+    assert calls._fast_encode is not None
+    taken: list[tuple[int, ...]] = []
+    fast = calls._fast_encode
+
+    def seen(pixels: torch.Tensor) -> torch.Tensor:
+        taken.append(tuple(pixels.shape))
+        out: torch.Tensor = fast(pixels)
+        return out
+
+    calls._fast_encode = seen
+    try:
+        with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
+            for side in (SIDE, BIG, 96):
+                picture = torch.rand(1, 3, side, side) * 2 - 1
+                out = calls.encode(picture, compiled=row_engine.calls.compiled((side, side)))
+                theirs = row_engine.vae.encode(picture).latent_dist.parameters
+                assert torch.allclose(out, theirs, atol=1e-5)
+    finally:
+        calls._fast_encode = fast
+    assert taken == [(1, 3, SIDE, SIDE), (1, 3, BIG, BIG)] and calls.recompiles == 0
+
+
+def test_an_encoder_that_fails_to_compile_runs_eagerly(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compiler failure at the encoder's warm-up is said, and the worker starts with the
+    encoder eager rather than not at all."""
+    tuning = Tuning(max_batch=2, compile=True, compile_backend="eager", rows=True,
+                    compiled_sizes=((SIDE, SIDE),), prompt_chunks=1)  # fmt: skip
+    engine = Engine(str(tiny_model), torch.device("cpu"), tuning)
+
+    def fails(pixels: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("an inductor failure")
+
+    engine.calls._fast_encode = fails
+    with caplog.at_level("ERROR", "sdserve.compiled"):
+        engine.warm_up()
+    assert "the VAE encoder did not compile (it runs eagerly): an inductor failure" in caplog.text
+    assert engine.calls._fast_encode is None and engine.calls.serving
+    picture = torch.rand(1, 3, SIDE, SIDE) * 2 - 1
+    with torch.inference_mode():
+        out = engine.calls.encode(picture, compiled=True)
+        assert torch.allclose(out, engine.vae.encode(picture).latent_dist.parameters)
+
+
 # Rows' LoRAs: several, one, none, at other weights (issue 23, 2).
 LORA_SETS = [
     (LoraUse("a", 0.7, 0.7),),

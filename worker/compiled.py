@@ -248,9 +248,13 @@ class CompiledCalls:
         decoder_s = time.perf_counter() - began
         began = time.perf_counter()
         if self._fast_encode is not None:
-            for width, height in self.tuning.compiled_sizes:
-                picture = torch.zeros(1, 3, height, width, device=self.device)
-                self.encode(picture, compiled=True)
+            try:
+                for width, height in self.tuning.compiled_sizes:
+                    picture = torch.zeros(1, 3, height, width, device=self.device)
+                    self.encode(picture, compiled=True)
+            except Exception as e:  # any compiler failure: the encoder runs eagerly, as it did
+                self._fast_encode = None
+                log.error("the VAE encoder did not compile (it runs eagerly): %s", e)
         if entries:  # where a cold start's minutes go
             log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs, its encoder"
                      " in %.1fs", len(entries), unet_s, decoder_s,
