@@ -293,9 +293,9 @@ def test_the_vae_encoder_is_compiled_at_the_compiled_sizes(row_engine: Engine) -
     taken: list[tuple[int, ...]] = []
     fast = calls._fast_encode
 
-    def seen(pixels: torch.Tensor) -> torch.Tensor:
+    def seen(vae: typing.Any, pixels: torch.Tensor) -> torch.Tensor:
         taken.append(tuple(pixels.shape))
-        out: torch.Tensor = fast(pixels)
+        out: torch.Tensor = fast(vae, pixels)
         return out
 
     calls._fast_encode = seen
@@ -320,7 +320,7 @@ def test_an_encoder_that_fails_to_compile_runs_eagerly(
                     compiled_sizes=((SIDE, SIDE),), prompt_chunks=1)  # fmt: skip
     engine = Engine(str(tiny_model), torch.device("cpu"), tuning)
 
-    def fails(pixels: torch.Tensor) -> torch.Tensor:
+    def fails(vae: typing.Any, pixels: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("an inductor failure")
 
     engine.calls._fast_encode = fails
@@ -332,6 +332,29 @@ def test_an_encoder_that_fails_to_compile_runs_eagerly(
     with torch.inference_mode():
         out = engine.calls.encode(picture, compiled=True)
         assert torch.allclose(out, engine.vae.encode(picture).latent_dist.parameters)
+
+
+def test_a_worker_of_many_models_compiles_each_at_warm_up() -> None:
+    """Twelve VAEs of twelve architectures, each its engine's compiled encoder, in one process:
+    one code object, an entry each, past dynamo's own limit of 8 (a fullgraph compile past it
+    fails: a worker of many models would not start)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from worker.compiled import CompiledCalls
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=4,
+                                down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=8, layers_per_block=1)  # fmt: skip
+    tuning = Tuning(max_batch=2, compile=True, compile_backend="eager", rows=True,
+                    compiled_sizes=((SIDE, SIDE),), prompt_chunks=1)  # fmt: skip
+    for k in range(1, 13):
+        vae = AutoencoderKL(block_out_channels=(4 * k,), norm_num_groups=2, latent_channels=4)
+        calls = CompiledCalls(unet, vae.eval(), tuning, torch.device("cpu"))
+        picture = torch.rand(1, 3, SIDE, SIDE) * 2 - 1
+        with torch.inference_mode():
+            ours = calls.encode(picture, compiled=True)
+            assert torch.allclose(ours, vae.encode(picture).latent_dist.parameters, atol=1e-5)
 
 
 # Rows' LoRAs: several, one, none, at other weights (issue 23, 2).

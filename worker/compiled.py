@@ -44,6 +44,12 @@ log = logging.getLogger("sdserve.compiled")
 # (31 guided images); static batches of 2 x max_batch rows past it compile a second graph.
 ROW_LIMIT = 62
 
+# Compiled entries one code object may hold (dynamo's own limit is 8, then it refuses, and a
+# fullgraph compile fails): a worker holding several models (SD 1.x, SDXL, an inpainting UNet,
+# the x4 upscaler, their ControlNets) compiles one UNet forward per architecture and dtype, at
+# warm-up; while serving nothing compiles whatever the limit (`fail_on_recompile`).
+RECOMPILE_LIMIT = 64
+
 # A chunk of a prompt as CLIP reads it: start, 75 tokens, end.
 CHUNK_TOKENS = 77
 
@@ -167,6 +173,8 @@ class CompiledCalls:
         inductor = tuning.compile_backend == "inductor"
         self._options: dict[str, Any] = {"mode": tuning.compile_mode} if inductor else {}
         if tuning.compile:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
             self._fast_unet = self._compiled(unet)
             self._fast_decode = torch.compile(
                 vae.decode, backend=tuning.compile_backend, fullgraph=True
@@ -174,8 +182,12 @@ class CompiledCalls:
             # The encoder too: eager, a 512x512 picture's encode took 14.5 ms of an H200 against
             # the compiled decoder's 8.7 (which does twice its work); img2img, inpainting and a
             # pixel hires fix encode one picture per job.
+            # A function of the VAE, not a method of this object: dynamo would guard on this
+            # object's identity, and every engine of the process (a worker holds several
+            # models) would recompile it, up to dynamo's limit of 8; a module argument is
+            # guarded by its structure, its weights are inputs.
             self._fast_encode = torch.compile(
-                self._moments, backend=tuning.compile_backend, fullgraph=True
+                moments, backend=tuning.compile_backend, fullgraph=True
             )
 
     def compiled_controls(self) -> list[str]:
@@ -517,27 +529,20 @@ class CompiledCalls:
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, compiled: bool) -> torch.Tensor:
-        """The VAE's posterior parameters (`_moments`) of pictures in [-1, 1]: compiled for one
+        """The VAE's posterior parameters (`moments`) of pictures in [-1, 1]: compiled for one
         picture of a compiled size, eager otherwise."""
         # A copy made here: whoever made the picture (a loading thread, the loop; in inference
         # mode or not), the compiled call sees one kind of tensor, in the VAE's dtype.
         pixels = pixels.to(self.vae.dtype, memory_format=torch.contiguous_format, copy=True)
         if not compiled or self._fast_encode is None or len(pixels) != 1:
-            return self._moments(pixels)
+            return moments(self.vae, pixels)
         fast = self._fast_encode
 
         def run() -> torch.Tensor:
-            return fast(pixels)  # type: ignore[no-any-return]
+            return fast(self.vae, pixels)  # type: ignore[no-any-return]
 
-        return self._serve(run, lambda: self._moments(pixels), f"VAE encode {tuple(pixels.shape)}")
-
-    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
-        """What diffusers' `AutoencoderKL.encode` makes its latent distribution of (its `_encode`:
-        the encoder, then the quantizing convolution where the VAE has one; its tiling and
-        slicing are never switched on here)."""
-        moments: torch.Tensor = self.vae.encoder(pixels)
-        quant = getattr(self.vae, "quant_conv", None)
-        return moments if quant is None else quant(moments)
+        return self._serve(run, lambda: moments(self.vae, pixels),
+                           f"VAE encode {tuple(pixels.shape)}")  # fmt: skip
 
     def _serve(self, fast: Callable[[], Out], eager: Callable[[], Out], what: str) -> Out:
         """A compiled call; once serving, one that would compile runs eagerly instead, said and
@@ -556,6 +561,15 @@ class CompiledCalls:
             if self.on_recompile is not None:
                 self.on_recompile(str(e))
             return eager()
+
+
+def moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """What diffusers' `AutoencoderKL.encode` makes its latent distribution of (its `_encode`:
+    the encoder, then the quantizing convolution where the VAE has one; its tiling and slicing
+    are never switched on here)."""
+    out: torch.Tensor = vae.encoder(pixels)
+    quant = getattr(vae, "quant_conv", None)
+    return out if quant is None else quant(out)
 
 
 def cudagraph_skips() -> int:
