@@ -14,14 +14,13 @@ PORT ?= 8000
 run: install
 	$(BIN)/sdserve dev --host $(HOST) --port $(PORT)
 
-# Two test processes (pytest-xdist): most tests wait on processes and sockets, not the CPU;
-# an idle one takes tests from the other (worksteal), so a few long ones do not end the run alone.
+# Two test processes (pytest-xdist): most tests wait on processes and sockets, not the CPU.
 test: install tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/pytest -n 2 --dist worksteal
+	$(BIN)/pytest -n 2
 
 # The fault tests alone (make test runs them too); both print the faults table at the end.
 chaos: install
