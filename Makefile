@@ -14,13 +14,18 @@ PORT ?= 8000
 run: install
 	$(BIN)/sdserve dev --host $(HOST) --port $(PORT)
 
-# Two test processes (pytest-xdist): most tests wait on processes and sockets, not the CPU.
+# Three test processes (pytest-xdist) on CI's two cores: many tests wait on processes and
+# sockets, not the CPU. One torch thread each (and in every worker process they start): torch's
+# threads spin while they wait, and two test processes plus their workers, each with a thread a
+# core, spent a third of the cores spinning (the fault tests took 5:41 with two threads a
+# process, 3:45 with one). Measured on two cores: 11:12 with -n 2 and two threads, 10:17 with
+# one, 7:35 with -n 3 and one.
 test: install tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/pytest -n 2
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n 3
 
 # The fault tests alone (make test runs them too); both print the faults table at the end.
 chaos: install

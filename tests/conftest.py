@@ -50,6 +50,21 @@ def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     del os.environ["SDSERVE_STORAGE"]
 
 
+# GPU loops a test runs in threads of this process (tests/test_continuous.py `serve`): each
+# (stop event, thread). One left stepping by a failed test would take the next test's jobs from
+# the session's Redis, and fail that test too.
+SERVED: list[tuple[threading.Event, threading.Thread]] = []
+
+
+@pytest.fixture(autouse=True)
+def _served_loops_stop() -> Iterator[None]:
+    yield
+    while SERVED:
+        until, thread = SERVED.pop()
+        until.set()
+        thread.join(60)
+
+
 def stored_image(job_id: str, index: int) -> bytes | None:
     """Image `index` of a job, read from the session's storage as the API reads it."""
     return open_storage(os.environ["SDSERVE_STORAGE"]).get(result_key(job_id, index))

@@ -432,8 +432,9 @@ def test_the_openai_client_makes_one_job_per_call(tmp_path: Path, tiny_model: Pa
         canceler.join()
         assert isinstance(canceled, openai.APIStatusError) and canceled.status_code == 409
         # Behind a slow job, its deadline passes before the worker takes it: the job fails
-        # (500 with its code, not retried).
-        slow = c.submit({**MEDIUM, "steps": 60, "seed": 4})
+        # (500 with its code, not retried). The slow job runs for seconds on any CPU (60 steps
+        # at 256x256 once ended within the 1-s deadline).
+        slow = c.submit({**SLOW, "steps": 100, "seed": 4})
         wait_for(lambda: running_on(c, slow), 60, "the slow job to run")
         failed = generate(steps=2, seed=2, timeout_s=1)
         assert isinstance(failed, openai.APIStatusError) and failed.status_code == 500

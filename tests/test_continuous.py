@@ -15,7 +15,7 @@ import redis
 
 from app.jobs.contract import Status
 from app.jobs.keys import GROUP, STREAM
-from tests.conftest import JobStore, wait_for
+from tests.conftest import SERVED, JobStore, wait_for
 from tests.test_worker import alone, max_diff, png, runner, submit
 from worker.runner import Runner
 
@@ -27,6 +27,7 @@ def serve(r: Runner, until: threading.Event) -> threading.Thread:
 
     thread = threading.Thread(target=loop)
     thread.start()
+    SERVED.append((until, thread))  # stopped after the test if the test did not stop it
     return thread
 
 
@@ -88,7 +89,9 @@ def test_a_job_joins_between_steps_and_cancel_leaves_at_the_next_one(
 def test_stopping_finishes_the_rows_in_flight_and_hands_back_the_rest(
     store: JobStore, tiny_model: Path, redis_url: str
 ) -> None:
-    running = submit(store, steps=30, width=256, height=256)
+    # Long enough that it is still running after the half second below on any CPU (30 steps
+    # at 256x256 once ended within it, and the queued job was taken).
+    running = submit(store, steps=100, width=384, height=384)
     r = continuous(store, tiny_model, redis_url, max_batch=1)
     r.open()
     done = threading.Event()
