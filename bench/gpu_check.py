@@ -49,6 +49,7 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, half_img2img, mixed, poisson, service, uniform
 from bench.bench import idle
+from bench.paces import parts_lines
 
 METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
@@ -216,7 +217,8 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         from bench.controlnets import setting
 
         extra |= setting(Path(args.model), work)
-    with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
+    with service(args.model, "continuous", args, work, cache, extra) as running:
+        url, startup, log = running
         result["cold_start_s"] = startup
         print(f"continuous: ready in {startup:.0f}s (no compile cache)", flush=True)
         result["kinds"] = asyncio.run(every_kind(url, args.side, args.loras, args.controlnets))
@@ -243,7 +245,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             result[name]["gpu"] = gpu_share(*sums) if len(sums) == 2 else None
             print(f"({name}): {result[name]}", flush=True)
         rate = max(0.6 * result["a"]["img_s"], 0.05)
-        result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
+        result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs, running.redis_url))
         print(f"(c): {result['c']}", flush=True)
         result["alone"] = asyncio.run(idle(url, 12))
         result["recompiles"] = recompiles()
@@ -324,6 +326,9 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
         ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"
         waits = f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f}"
         lines.append(f"| ({key}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | {ends} | {waits} | {gpu}")
+    parts = r["c"]["eta"].get("parts")  # an older run's results have none
+    if parts:
+        lines += ["", *parts_lines(parts)]
     return "\n".join(lines) + "\n"
 
 

@@ -1,14 +1,19 @@
-"""The benchmarks' own client: a load must not be lost to a kept-alive connection that the
-server closed as a request went out (seen on the H200: one such disconnect ended a run)."""
+"""The benchmarks' own parts: their client (a load must not be lost to a kept-alive connection
+that the server closed as a request went out: seen on the H200, one such disconnect ended a run),
+and how they take a missed ETA apart."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
 
-from bench.bench import again
+from app.jobs.eta import Pace
+from bench.bench import Done, again
+from bench.paces import PaceLog, eta_parts, parts_lines
+from tests.conftest import JobStore
 
 
 async def serve_closing_first(seen: list[bytes]) -> asyncio.Server:
@@ -40,3 +45,32 @@ def test_a_request_dropped_unanswered_is_sent_again() -> None:
         assert len(seen) == 2 and all(r.startswith(b"GET /jobs/x ") for r in seen)
 
     asyncio.run(main())
+
+
+def test_the_eta_at_submission_is_taken_apart_from_the_heartbeat_it_used(
+    store: JobStore, redis_url: str
+) -> None:
+    """bench/paces.py reads the worker's pace from a real heartbeat and sets what the estimate
+    assumed (steps x the step at the rows it predicted, plus the finish) beside the run."""
+    pace = Pace(base_s=0.01, row_s=0.002, rows=10, row_cap=64, finish_s=0.1, rows_mean=6.0)
+    info = json.dumps({"models": ["default"]} | pace.fields())
+    assert store.heartbeat("gpu0", "token", 15, info)
+    log = PaceLog(redis_url)
+    log.read()
+    [sample] = log.samples
+    assert sample.pace == pace
+    submitted = sample.at + 0.5
+    # Read at submission: 1.5 s; it ended 2 s later, after a 0.2-s wait and a 1.8-s run.
+    done = Done(submitted, submitted + 2.1, 0.2, "succeeded", submitted + 2.0,
+                (1.5, submitted), None, 1.8)  # fmt: skip
+    parts = eta_parts([(done, 25, 2)], log)
+    step_s = 0.01 + 0.002 * ((10 + 6.0) / 2 + 2)  # beside: half now, half the recent mean
+    assert parts["jobs"] == 1
+    assert parts["predicted_step_ms_p50"] == pytest.approx(step_s * 1000)
+    assert parts["predicted_ran_s_p50"] == pytest.approx(25 * step_s + 0.1)
+    assert parts["run_step_ms_p50"] == pytest.approx((1.8 - 0.1) / 25 * 1000)
+    assert (parts["eta_s_p50"], parts["actual_s_p50"], parts["wait_s_p50"]) == (1.5, 2.0, 0.2)
+    assert parts["beat_age_s_p50"] == pytest.approx(0.5)
+    assert log.at(sample.at - 1) is None  # nothing read before the first sample
+    table = "\n".join(parts_lines(parts))
+    assert "| a step, ms | 30.0 | 68.0" in table
