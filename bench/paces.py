@@ -1,11 +1,12 @@
 """Where a queued job's `eta_s` goes wrong: the pace it was computed from, beside what happened.
 
-The API estimates a queued job from the pace its worker's heartbeat carries (app/jobs/eta.py):
-a step's seconds as a line over the UNet rows in flight, the rows now and their recent mean, and
-a finish (decode, PNGs, storage). `PaceLog` reads that heartbeat from Redis while a load runs;
-`eta_parts` puts, for each job read at submission, what the estimate assumed (the wait, the
-step time at the rows it predicted, the finish) beside what the job's record says happened (its
-wait and its run), so that a miss names its part: the rows, the step line or the finish.
+The API estimates a queued job from the pace its worker publishes (app/jobs/eta.py; with each
+progress report, and in its heartbeat): a step's seconds as a line over the UNet rows in flight,
+the rows now and their recent mean, and a finish (decode, PNGs, storage). `PaceLog` reads that
+pace from Redis while a load runs; `eta_parts` puts, for each job read at submission, what the
+estimate assumed (the wait, the step time at the rows it predicted, the finish) beside what the
+job's record says happened (its wait and its run), so that a miss names its part: the rows, the
+step line or the finish.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
+from app.jobs.api_store import ApiStore
 from app.jobs.eta import Pace
-from app.jobs.keys import WORKERS, worker_key
 from bench.bench import Done
 
 
@@ -29,23 +28,22 @@ from bench.bench import Done
 class Sample:
     at: float  # monotonic, when read
     pace: Pace
-    beat_at: float  # monotonic, the first read that saw this heartbeat
+    beat_at: float  # monotonic, the first read that saw this pace (heartbeat or written since)
 
 
 class PaceLog:
-    """The live workers' heartbeat paces, read every `every_s` (the first worker's: the
+    """The live workers' paces, read every `every_s` (the first worker's: the
     benchmarks run one)."""
 
     def __init__(self, redis_url: str, every_s: float = 0.1) -> None:
-        self._r = redis.Redis.from_url(redis_url)
+        self._store = ApiStore.connect(redis_url, 3600, 5)
         self.every_s = every_s
         self.samples: list[Sample] = []
 
     def read(self) -> None:
-        names = sorted(n.decode() for n in self._r.smembers(WORKERS))  # type: ignore[union-attr]
-        for name in names:
-            info = self._r.hget(worker_key(name), "info")
-            pace = Pace.parse(info.decode()) if isinstance(info, bytes) else None
+        """What the API reads (the heartbeat's info, with the pace written since)."""
+        for _name, info in sorted(self._store.worker_infos().items()):
+            pace = Pace.parse(info)
             if pace is None:
                 continue
             now = time.monotonic()
@@ -88,7 +86,7 @@ def eta_parts(jobs: Sequence[tuple[Done, int, int]], log: PaceLog) -> dict[str, 
             "ran_s": done.ran_s,
             "predicted_ran_s": steps * step_s + pace.finish_s,
             "predicted_step_ms": step_s * 1000,
-            # The run less the finish the heartbeat said, per step: near the step time the job
+            # The run less the finish the pace said, per step: near the step time the job
             # saw, if the finish is right.
             "run_step_ms": max(0.0, done.ran_s - pace.finish_s) / steps * 1000,
             "finish_s": pace.finish_s,
@@ -122,7 +120,7 @@ def parts_lines(parts: dict[str, Any]) -> list[str]:
         f"| a step, ms | {f('predicted_step_ms', digits=1)} | {f('run_step_ms', digits=1)}"
         " (the run less the finish, a step) |",
         f"| finish, s | {f('finish_s')} | |",
-        f"| rows now / recent mean (heartbeat) | {f('rows', digits=1)} /"
+        f"| rows now / recent mean (the pace) | {f('rows', digits=1)} /"
         f" {f('rows_mean', digits=1)} | |",
-        f"| the heartbeat's age, s | {f('beat_age_s')} | |",
+        f"| the pace's age, s | {f('beat_age_s')} | |",
     ]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from app.jobs.contract import Status, Txt2ImgRequest
 from app.jobs.eta import Pace, queued_eta
+from app.jobs.keys import worker_key
 from tests.conftest import JobStore, wait_for
 from tests.test_continuous import continuous, serve
 from tests.test_worker import submit
@@ -173,6 +174,14 @@ def test_a_running_job_shows_its_preview_and_eta_everywhere(
     try:
         wait_for(lambda: (api.get(f"/jobs/{job_id}").json().get("preview_url") or "") != "",
                  60, "a preview")  # fmt: skip
+
+        # Its pace is written as it runs (the heartbeat's, written before it started, says no
+        # rows): its 4 rows in flight (two guided images).
+        def rows_written() -> bool:
+            pace = Pace.parse(store.worker_infos().get(r.name, "{}"))
+            return pace is not None and pace.rows == 4
+
+        wait_for(rows_written, 10, "the pace with the job's rows")
         view = api.get(f"/jobs/{job_id}").json()
         picture = api.get(view["preview_url"])
         assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
@@ -217,6 +226,17 @@ def test_a_queued_job_has_an_eta_once_a_worker_measured_its_pace(
     time.sleep(1.1)  # the API reads paces at most once a second
     # 10 steps of its 2 rows at 0.1 + 0.05 x 2 s, and a finish.
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(3.0)
+    # Between heartbeats the worker writes its pace as it moves (4 rows in flight now): that
+    # one counts; a process that does not hold the name writes nothing.
+    moved = {"base_s": 0.1, "row_s": 0.05, "rows": 4, "row_cap": 8, "finish_s": 1.0}
+    assert not store.publish_pace("paced", "not-its-token", json.dumps(moved | {"rows": 0}))
+    assert not store.publish_pace("gone", "token", json.dumps(moved))  # no heartbeat, no key
+    assert store.publish_pace("paced", "token", json.dumps(moved))
+    assert not store.client.exists(worker_key("gone"))
+    time.sleep(1.1)
+    # Beside 4 rows: 10 steps at 0.1 + 0.05 x (4 + 2) s, and a finish.
+    assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(5.0)
+    assert json.loads(store.worker_infos()["paced"])["device"] == "cpu"  # the rest kept
 
 
 def test_a_picture_in_tiles_has_a_preview_beside_whole_ones(tiny_model: Path) -> None:

@@ -193,6 +193,7 @@ class Runner:
         and still counts as alive.
         """
         next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
+        published = ""  # the pace last written between heartbeats
         while not self._closed.wait(REPORT_INTERVAL_S):
             try:
                 running = self.tracker.running()
@@ -202,6 +203,13 @@ class Runner:
                         for job_id, (step, pictures) in self.tracker.take_previews().items()
                     }
                     self.tracker.mark_gone(self.store.report(running, previews))
+                # The rows in flight turn over within a job's run (a second or two at 60%
+                # load), several times between two heartbeats: queued jobs' ETAs (the API)
+                # read the pace written here.
+                pace = json.dumps(self.tracker.pace().fields())
+                if pace != published:
+                    self.store.publish_pace(self.name, self.lease.token, pace)
+                    published = pace
                 if time.monotonic() >= next_beat:
                     self.lease.beat()
                     next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3

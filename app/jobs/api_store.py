@@ -50,9 +50,21 @@ from app.jobs.views import QueueState, durations, job_view
 # that Redis runs later than that (it stalled, then resumed) creates nothing: the API has
 # answered 503 by then, or is about to.
 _SUBMIT_WINDOW = 0.5
-# Queued jobs' ETAs use the workers' pace from their heartbeats (every few seconds): reading
-# them once a second is fresh enough, and keeps polling clients off Redis.
+# Queued jobs' ETAs use the workers' pace (written a few times a second, and in every heartbeat):
+# reading it once a second is fresh enough, and keeps polling clients off Redis.
 PACE_MAX_AGE_S = 1.0
+
+
+def with_pace(info: bytes, pace: bytes) -> str:
+    """A heartbeat's info with a later pace's fields in place of its own (the info as it is if
+    either is not a JSON object)."""
+    try:
+        fields, fresher = json.loads(info), json.loads(pace)
+        if isinstance(fields, dict) and isinstance(fresher, dict):
+            return json.dumps(fields | fresher)
+    except ValueError:
+        pass
+    return info.decode()
 
 
 class ApiStore(Store):
@@ -223,7 +235,7 @@ class ApiStore(Store):
     def holders(self) -> dict[str, list[str]]:
         """Each model's live workers (by name), as their heartbeats say."""
         held: dict[str, list[str]] = {model: [] for model in self.models}
-        for name, info in self._worker_infos_by_name().items():
+        for name, info in self.worker_infos().items():
             for model in Beat.parse(info).models:
                 held.setdefault(model, []).append(name)
         return held
@@ -265,15 +277,20 @@ class ApiStore(Store):
         return failed
 
     def _worker_infos(self) -> list[str]:
-        return list(self._worker_infos_by_name().values())
+        return list(self.worker_infos().values())
 
-    def _worker_infos_by_name(self) -> dict[str, str]:
+    def worker_infos(self) -> dict[str, str]:
+        """What each live worker says (JSON, by name): its heartbeat's info, with the pace it
+        wrote since (fresher) in place of the heartbeat's."""
         names = self.live_workers()
         tx = self._r.pipeline(transaction=False)
         for name in names:
-            tx.hget(worker_key(name), "info")
-        return {name: raw.decode() for name, raw in zip(names, tx.execute(), strict=True)
-                if isinstance(raw, bytes)}  # fmt: skip
+            tx.hmget(worker_key(name), ["info", "pace"])
+        infos = {}
+        for name, (info, pace) in zip(names, tx.execute(), strict=True):
+            if isinstance(info, bytes):
+                infos[name] = info.decode() if pace is None else with_pace(info, pace)
+        return infos
 
     def preview(self, job_id: str) -> bytes | None:
         """The job's latest preview JPEG, if it has one."""

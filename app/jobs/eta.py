@@ -4,10 +4,11 @@ A worker measures its pace: the time between two steps of a job, which grows wit
 in flight, fitted as a line over the rows (worker/progress.py). A running job's estimate comes
 from its worker: its steps left at the pace of the rows in flight now, plus a finish (decode,
 PNGs, storage); the worker writes the finishing time with each progress report. A queued job's
-comes from here, from the pace every live worker publishes with its heartbeat: the job runs as
-soon as there are rows free for it (continuous batching takes it between two steps), beside
-rows that change while it runs (`Pace.beside`: the rows now and their recent average), and rows
-come free as fast as the workers finish their jobs.
+comes from here, from the pace every live worker publishes (with its progress reports, a few
+times a second, and in its heartbeat): the job runs as soon as there are rows free for it
+(continuous batching takes it between two steps), beside rows that change while it runs
+(`Pace.beside`: the rows now and their recent average), and rows come free as fast as the
+workers finish their jobs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from app.jobs.tiles import TILE, TILE_OVERLAP
 
 @dataclass(frozen=True)
 class Pace:
-    """How a worker is going, as its heartbeat says."""
+    """How a worker is going, as it last said (its pace, or its heartbeat's)."""
 
     base_s: float  # a step takes base_s + row_s x UNet rows in flight
     row_s: float

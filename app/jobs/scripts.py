@@ -178,6 +178,20 @@ return 1
 """
 )
 
+# KEYS: the worker's heartbeat. ARGV: this process's token, its pace (JSON). Between two
+# heartbeats (a third of their TTL apart) the pace moves with every job that joins or leaves;
+# it is written as often as progress, only while this process holds the name (never making a
+# heartbeat key of its own: one that lapsed stays gone). A full Redis takes it, as it takes the
+# heartbeat: a field the size of the one it replaces.
+PACE = (
+    _ALLOW_OOM
+    + """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'pace', ARGV[2])
+return 1
+"""
+)
+
 # KEYS: the worker's heartbeat, the set of workers. ARGV: this process's token, name. Gives up
 # the name only if this process holds it.
 RETIRE = """

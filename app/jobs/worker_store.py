@@ -56,6 +56,7 @@ class WorkerStore(Store):
         self._report = client.register_script(scripts.REPORT)
         self._hand_back = client.register_script(scripts.HAND_BACK)
         self._heartbeat = client.register_script(scripts.HEARTBEAT)
+        self._pace = client.register_script(scripts.PACE)
         self._retire = client.register_script(scripts.RETIRE)
 
     def ensure_group(self) -> None:
@@ -306,6 +307,11 @@ class WorkerStore(Store):
         """Renew this process's hold on its name; False when another process holds it."""
         keys = [worker_key(worker), WORKERS]
         return bool(self._heartbeat(keys=keys, args=[worker, token, info, ttl_s]))
+
+    def publish_pace(self, worker: str, token: str, pace: str) -> bool:
+        """The worker's pace (JSON), fresher than its last heartbeat's; False when this
+        process does not hold the name (nothing written)."""
+        return bool(self._pace(keys=[worker_key(worker)], args=[token, pace]))
 
     def publish_tokenizer(self, model: str, fields: dict[str, str]) -> None:
         """Publish a model's tokenizer for the API, unless it is there already (a check of
