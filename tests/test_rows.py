@@ -114,8 +114,11 @@ def test_a_lane_joins_while_another_is_half_way(engine: Engine) -> None:
     alone = run(engine, [engine.prepare("late", [ImageSpec("a tree", "", 5.0, 2)], shape)])
     assert max_diff(together["late"][0], alone["late"][0]) <= 1
     assert engine.tuning.row_bucket(3) == 4 and engine.tuning.row_bucket(1) == 2
-    assert Tuning(max_batch=32, rows=True).row_buckets() == [2, 4, 8, 16, 24, 32, 40, 48, 56, 62]
+    every = [2, 4, 8, 12, 16, 20, 24, 32, 40, 48, 56, 62]
+    assert Tuning(max_batch=32, rows=True).row_buckets() == every
+    assert Tuning(max_batch=8, rows=True).row_buckets() == [2, 4, 8, 12, 16]
     assert Tuning(max_batch=4, rows=True).row_buckets() == [2, 4, 8]
+    assert Tuning(max_batch=14, rows=True).row_buckets() == [2, 4, 8, 12, 16, 20, 24, 28]
     # Static batches' rows (twice a power of two, up to twice max_batch) are buckets too.
     assert Tuning(max_batch=32).row_buckets()[-1] == 64
 

@@ -43,6 +43,8 @@ log = logging.getLogger("sdserve.compiled")
 # over 2..64, the trace fails). Continuous batching stays within one graph: at most 62 rows
 # (31 guided images); static batches of 2 x max_batch rows past it compile a second graph.
 ROW_LIMIT = 62
+# Row buckets are 4 apart up to here, 8 apart above (Tuning.row_buckets).
+FINE_ROWS = 24
 
 # Compiled entries one code object may hold (dynamo's own limit is 8, then it refuses, and a
 # fullgraph compile fails): a worker holding several models (SD 1.x, SDXL, an inpainting UNet,
@@ -114,12 +116,17 @@ class Tuning:
         return min(2 * self.max_batch, ROW_LIMIT) if self.rows else 2 * self.max_batch
 
     def row_buckets(self) -> list[int]:
-        """UNet rows a compiled call is padded up to: 2, 4, 8, then every 8, up to the cap.
-        Fine steps waste little on padding; each bucket is one CUDA graph of the one compiled
-        UNet. None is 1: dynamo specializes a size of 1, and a second row costs next to
-        nothing. A static batch's rows (twice a power of two) are buckets too."""
+        """UNet rows a compiled call is padded up to: 2, 4, 8, every 4 up to FINE_ROWS, then
+        every 8, up to the cap. Each bucket is one CUDA graph of the one compiled UNet (a
+        warm-up entry a prompt length: about half a second of the start). Fine steps where
+        padding is dear: from 8 rows on, a step's time grows about linearly with its rows (an
+        H200: 20 ms at 8, 37 at 16), so a padded row costs what a real one does; and a load at
+        60% holds few rows (the GPU check's Poisson load: 5.6 jobs a second of about a second
+        each, two rows a job: about 11), where a bucket every 8 padded 9-15 rows to 16. None is
+        1: dynamo specializes a size of 1, and a second row costs next to nothing."""
         top = max(2, self.row_cap())
-        return sorted({b for b in (2, 4, 8) if b < top} | set(range(8, top, 8)) | {top})
+        fine = {2, 4, *range(8, FINE_ROWS + 1, 4)}
+        return sorted({b for b in fine | set(range(FINE_ROWS, top, 8)) if b < top} | {top})
 
     def row_bucket(self, rows: int) -> int:
         return next((b for b in self.row_buckets() if b >= rows), rows)
