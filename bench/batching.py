@@ -140,22 +140,20 @@ async def poisson(
 ) -> Any:  # fmt: skip
     """Poisson arrivals of `body` requests at `rate` a second; with `redis_url`, the worker's
     pace is read meanwhile and the ETA at submission is taken apart (bench/paces.py)."""
-    done: list[tuple[Done, int]] = []
-    rows: dict[int, int] = {}  # id(Done): its UNet rows
+    jobs: list[tuple[Done, int, int]] = []  # each with the steps it ran and its UNet rows
     rng = random.Random(7)
     start = time.monotonic()
     stop = start + warmup_s + seconds
     paces = PaceLog(redis_url) if redis_url else None
+    sampler = asyncio.create_task(paces.run()) if paces is not None else None
 
     async def one(i: int, http: httpx.AsyncClient) -> None:
         request = body(9_000_000 + i)
         finished = await one_request(http, request, poll_s=0.02)
-        done.append((finished, steps_run(request)))
-        rows[id(finished)] = unet_rows(Txt2ImgRequest.model_validate(request))
+        rows = unet_rows(Txt2ImgRequest.model_validate(request))
+        jobs.append((finished, steps_run(request), rows))
 
     tasks = []
-    if paces is not None:
-        tasks.append(asyncio.create_task(paces.run(stop + 600)))  # canceled at the end
     limits = httpx.Limits(max_connections=512)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         i, at = 0, start
@@ -164,15 +162,15 @@ async def poisson(
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             tasks.append(asyncio.create_task(one(i, http)))
             i += 1
-        sampler = tasks.pop(0) if paces is not None else None
         await asyncio.gather(*tasks)
-        if sampler is not None:
-            sampler.cancel()
-    window = [(d, steps) for d, steps in done if start + warmup_s <= d.finished <= stop]
-    measured = [d for d, _ in window]
+    if sampler is not None:
+        sampler.cancel()
+    done = [(d, steps) for d, steps, _ in jobs]
+    window = [job for job in jobs if start + warmup_s <= job[0].finished <= stop]
+    measured = [d for d, _, _ in window]
     eta = {moment: eta_errors(measured, f"eta_{moment}") for moment in ("at_submission", "at_half")}
     if paces is not None:
-        eta["parts"] = eta_parts([(d, steps, rows[id(d)]) for d, steps in window], paces)
+        eta["parts"] = eta_parts(window, paces)
     return summary(done, start + warmup_s, stop) | {"rate_per_s": rate, "eta": eta}
 
 

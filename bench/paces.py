@@ -52,8 +52,9 @@ class PaceLog:
             self.samples.append(Sample(now, pace, beat_at))
             return
 
-    async def run(self, until: float) -> None:
-        while time.monotonic() < until:
+    async def run(self) -> None:
+        """Read until canceled."""
+        while True:
             await asyncio.to_thread(self.read)
             await asyncio.sleep(self.every_s)
 
