@@ -132,6 +132,17 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
             log.error("redis error on %s %s", request.method, request.url.path, exc_info=exc)
         return _answer(request, 503, "the job queue is unavailable", headers=headers)
 
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        document = generate_openapi()
+        if fresh:
+            lift_definitions(document)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     ctx = make_context(store, storage, settings)
     submitter = submit.Submitter(ctx)
     app.include_router(sources.router(ctx, submitter))
@@ -160,3 +171,23 @@ def _answer(
     else:
         body = {"detail": message if detail is None else detail}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def lift_definitions(document: dict[str, Any]) -> None:
+    """Move the nested models of request bodies published by hand (pydantic's `$defs`, whose
+    references already point at the components) into the document's components, where those
+    references look. FastAPI does this only for the bodies it reads itself."""
+    schemas: dict[str, Any] = document.setdefault("components", {}).setdefault("schemas", {})
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for name, schema in node.pop("$defs", {}).items():
+                schemas.setdefault(name, schema)
+                walk(schema)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document["paths"])
