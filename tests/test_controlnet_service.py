@@ -22,7 +22,7 @@ from PIL import Image
 
 from app.api import create_app
 from app.settings import ApiSettings
-from tests.conftest import JobStore, serving
+from tests.conftest import JobStore, serving, wait_for
 from tests.test_rows import max_diff, run
 from tests.test_sdxl_service import SMALL, all_succeed, working
 from tests.test_worker import png
@@ -68,6 +68,46 @@ def worker_parts(
     tuning = Tuning(max_batch=4, rows=True, controlnets=tuple(nets.items()))
     engines = {"sd": Engine(str(model), torch.device("cpu"), tuning)}
     return settings, engines, JobStore.connect(redis_url, 3600, 5)
+
+
+def test_a_controlnet_that_does_not_fit_the_model_is_refused_once_its_workers_said(
+    redis_url: str, tiny_model: Path, nets: dict[str, str], tmp_path: Path
+) -> None:
+    """An SDXL ControlNet on an SD 1.x model: the worker skips it at load (it cannot steer that
+    UNet) and says so in its heartbeat; the API then refuses the unit with a 422 naming
+    `controlnets[0].model`, not a job that fails at the worker. Before any worker has said,
+    the job is taken (it waits for a worker, as any job does)."""
+    from worker.tiny import build_tiny_model
+
+    xl = build_tiny_model(tmp_path / "xl", "tiny-sdxl")
+    both = {**nets, "xl-edges": str(build_tiny_controlnet(xl, tmp_path / "xl-edges"))}
+    api = ApiSettings(redis_url=redis_url, auth="off", models={"sd": str(tiny_model)},
+                      controlnets=both)  # fmt: skip
+    store = JobStore.connect(redis_url, 3600, 5)
+    unit = {"model": "xl-edges", "image": b64(noisy(64, 64, 1))}
+    with serving(create_app(store, api)) as url, httpx.Client(base_url=url) as client:
+        early = client.post("/v1/txt2img", json={**SMALL, "controlnets": [unit]})
+        assert early.status_code == 202, early.text
+        assert client.delete(f"/jobs/{early.json()['id']}").status_code == 200
+        settings, engines, _ = worker_parts(redis_url, tiny_model, both, "misfit")
+        assert sorted(engines["sd"].controls.models) == ["depth", "edges"]  # type: ignore[union-attr]
+        with working(settings, store, engines):
+
+            def refused() -> bool:
+                answer = client.post("/v1/txt2img", json={**SMALL, "controlnets": [unit]})
+                return answer.status_code == 422
+
+            wait_for(refused, 30, "a 422 once the worker said what it holds")
+            answer = client.post("/v1/txt2img", json={**SMALL, "controlnets": [
+                {**unit, "model": "edges"}, unit]})  # fmt: skip
+            assert answer.status_code == 422, answer.text
+            error = answer.json()["detail"][0]
+            assert error["loc"] == ["body", "controlnets", 1, "model"]
+            assert "'xl-edges' does not fit model sd" in error["msg"]
+            fitting = client.post("/v1/txt2img", json={**SMALL, "controlnets": [
+                {**unit, "model": "edges"}]})  # fmt: skip
+            assert fitting.status_code == 202, fitting.text
+            all_succeed(client, {"fitting": fitting.json()["id"]})
 
 
 def test_controlnets_through_the_service(

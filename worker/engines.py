@@ -81,8 +81,12 @@ class Engines:
 
     def info(self) -> dict[str, object]:
         """What the heartbeat says of them."""
+        # Each model's ControlNets (those that fit its UNet): the API refuses a unit that no
+        # live worker of the job's model holds, where a worker would fail the job.
+        controlnets = {name: sorted(e.controls.models) if e.controls else []
+                       for name, e in self.models.items()}  # fmt: skip
         return {"device": str(self.device), "models": list(self.models),
-                "upscaler": self.upscaler is not None}  # fmt: skip
+                "upscaler": self.upscaler is not None, "controlnets": controlnets}  # fmt: skip
 
     def tokenizers(self) -> dict[str, dict[str, str]]:
         """Each model's tokenizer as the API reads it (to count a prompt's chunks)."""

@@ -70,21 +70,27 @@ class Pace:
 @dataclass(frozen=True)
 class Beat:
     """What a live worker's heartbeat says: the models it holds, whether it has the x4
-    upscaler, and its pace (None before it has measured one, or from an older worker)."""
+    upscaler, each model's ControlNets (None from an older worker, which did not say), and its
+    pace (None before it has measured one, or from an older worker)."""
 
     models: tuple[str, ...]
     upscaler: bool
     pace: Pace | None
+    controlnets: dict[str, tuple[str, ...]] | None = None
 
     @classmethod
     def parse(cls, info: str) -> Beat:
+        controlnets = None
         try:
             fields = json.loads(info)
             models = tuple(str(m) for m in fields.get("models", ()))
             upscaler = bool(fields.get("upscaler", False))
+            if isinstance(fields.get("controlnets"), dict):
+                controlnets = {str(model): tuple(str(name) for name in names)
+                               for model, names in fields["controlnets"].items()}  # fmt: skip
         except (ValueError, TypeError, AttributeError):
             models, upscaler = (), False
-        return cls(models, upscaler, Pace.parse(info))
+        return cls(models, upscaler, Pace.parse(info), controlnets)
 
 
 def queued_eta(position: int, request: JobRequest, paces: list[Pace]) -> float | None:

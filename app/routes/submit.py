@@ -80,7 +80,7 @@ class Submitter:
         _check_hires(request, self.ctx.settings)
         self._check_refiner(request, model)
         self._check_loras(request, model)
-        self._check_controlnets(request)
+        self._check_controlnets(request, model)
         if request.vae is not None and request.vae not in self.ctx.settings.vaes:
             served = ", ".join(self.ctx.settings.vaes) or "none"
             problem = f"unknown VAE {request.vae!r}; this server's: {served} (SDSERVE_VAES)"
@@ -188,16 +188,32 @@ class Submitter:
             where = ("body", "loras", k, "name")
             raise RequestValidationError([{"loc": where, "msg": problem, "type": "value_error"}])
 
-    def _check_controlnets(self, request: JobRequest) -> None:
-        """Each unit's ControlNet must be one of the deployment's (SDSERVE_CONTROLNETS): a
-        422 naming `controlnets[k].model` otherwise. (A worker whose model it does not fit
-        fails the job `invalid_request`.)"""
+    def _check_controlnets(self, request: JobRequest, model: str) -> None:
+        """Each unit's ControlNet must be one of the deployment's (SDSERVE_CONTROLNETS) and,
+        where live workers of the model have said which they hold, one that fits the model
+        (an SDXL ControlNet on an SD 1.x model does not): a 422 naming
+        `controlnets[k].model` otherwise. (No live worker has said: the job waits, and a
+        worker whose model it does not fit fails it `invalid_request`.)"""
+        units = getattr(request, "controlnets", [])
+        if not units:
+            return
         served = self.ctx.settings.controlnets
-        for k, unit in enumerate(getattr(request, "controlnets", [])):
+        said = [beat.controlnets for beat in self.ctx.store.workers_of(model)
+                if beat.controlnets is not None]  # fmt: skip
+        for k, unit in enumerate(units):
+            problem = None
             if unit.model not in served:
                 names = ", ".join(served) or "none"
                 problem = (f"unknown ControlNet {unit.model!r}; this server's: {names}"
                            " (GET /v1/controlnets)")  # fmt: skip
+            elif said and not any(unit.model in held.get(model, ()) for held in said):
+                fits = sorted({other for held in said for other, names in held.items()
+                               if unit.model in names})  # fmt: skip
+                problem = (
+                    f"ControlNet {unit.model!r} does not fit model {model} (another"
+                    f" family or size); it fits: {', '.join(fits) or 'no model here'}"
+                )
+            if problem is not None:
                 where = ("body", "controlnets", k, "model")
                 raise RequestValidationError([{"loc": where, "msg": problem,
                                                "type": "value_error"}])  # fmt: skip
