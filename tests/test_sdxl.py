@@ -297,6 +297,40 @@ def test_base_then_refiner_matches_diffusers_ensemble(
         assert max_diff(image, pixels(theirs[key])[0]) <= 1, key
 
 
+@pytest.mark.parametrize(("switch_at", "base_steps"), [(0.9995, 2), (0.0001, 0)])
+def test_a_switch_at_either_end_matches_diffusers_ensemble(
+    xl: Engine,
+    xl_model: Path,
+    refiner: Engine,
+    refiner_model: Path,
+    switch_at: float,
+    base_steps: int,
+) -> None:
+    """Two steps and a switch at 0.9995: every timestep is above it, so the base runs both and
+    the refiner none (diffusers' `denoising_start` then runs no step and decodes); at 0.0001
+    the base runs none and the refiner all. Neither fails the job."""
+    from app.jobs.contract import Refiner, Txt2ImgRequest
+    from worker.tasks import task
+
+    base_pipe = pipeline(StableDiffusionXLPipeline, xl_model, xl, "euler")
+    refiner_pipe = pipeline(StableDiffusionXLImg2ImgPipeline, refiner_model, refiner, "euler")
+    common = {"num_inference_steps": 2, "guidance_scale": 6.0}
+    generator = [torch.Generator().manual_seed(71)]
+    latents = base_pipe("a cat", height=HEIGHT, width=WIDTH, denoising_end=switch_at,
+                        generator=generator, output_type="latent", **common).images  # fmt: skip
+    theirs = refiner_pipe("a cat", image=latents, denoising_start=switch_at, generator=generator,
+                          output_type="np", **common).images  # fmt: skip
+    request = Txt2ImgRequest(prompt="a cat", width=WIDTH, height=HEIGHT, steps=2,
+                             guidance_scale=6.0, scheduler="euler", seed=71,
+                             refiner=Refiner(model="refiner", switch_at=switch_at))  # fmt: skip
+    work = task(request)
+    lane = work.begin(xl, "j", work.shape(request), None, request, refiner)
+    assert lane.job_steps == 2
+    assert lane.steps == base_steps if lane.model is None else base_steps == 0
+    ours = run_passes(xl, refiner, {"j": (request, lane)})["j"]
+    assert max_diff(ours, pixels(theirs)[0]) <= 1
+
+
 @pytest.mark.parametrize("strength", [0.9, 0.2])
 def test_img2img_then_refiner_matches_diffusers_ensemble(
     xl: Engine, xl_model: Path, refiner: Engine, refiner_model: Path, strength: float

@@ -198,21 +198,28 @@ class LatentMaker:
         made.earlier_steps = lane.earlier_steps + lane.steps
         return made
 
-    def refiner_plan(self, shape: BatchShape, switch_at: float) -> Plan:
-        """This model's plan as a refiner: its schedule of `shape`'s steps from the switch."""
+    def refiner_plan(self, shape: BatchShape, switch_at: float) -> Plan | None:
+        """This model's plan as a refiner: its schedule of `shape`'s steps from the switch;
+        None where no step of it falls below the switch (a switch near 1, few steps): the
+        refiner runs none, as diffusers' `denoising_start` then does."""
         config = self.parts.scheduler_config
         start = refiner_start(shape.scheduler, shape.steps, config, switch_at)
+        if start >= shape.steps:
+            return None
         return self.plan(shape.scheduler, shape.steps, start)
 
     @torch.inference_mode()
     def refined(
         self, lane: Lane, specs: Sequence[ImageSpec], shape: BatchShape, switch_at: float
-    ) -> Lane:
+    ) -> Lane | None:
         """A refiner's pass (this model is the refiner) of a lane its base model denoised to
         the switch, as diffusers' ensemble hands the base's latents to the refiner's
         `denoising_start`: the same latents, no noise added, on from the switch in this
-        model's schedule, its own prompt conditioning, each image's generator going on."""
+        model's schedule, its own prompt conditioning, each image's generator going on. None
+        where the refiner has no step to run: the base's lane is the job's last."""
         plan = self.refiner_plan(shape, switch_at)
+        if plan is None:
+            return None
         latents = lane.latents.to(self.dtype)
         made = self._lane(lane.key, specs, shape, plan, lane.generators, latents)
         made.earlier_steps = lane.earlier_steps + lane.steps

@@ -53,8 +53,11 @@ class TaskWork:
         if wanted is None:
             return lane
         assert refiner is not None, "the loop finds the refiner's engine"
+        later = refiner.latents.refiner_plan(shape, wanted.switch_at)
+        if later is None:  # the switch is below the schedule's last step: no refiner pass
+            return lane
         lane.plan = until_switch(lane.plan, engine.scheduler_config, wanted.switch_at)
-        lane.later_steps = len(refiner.latents.refiner_plan(shape, wanted.switch_at).steps)
+        lane.later_steps = len(later.steps)
         if lane.done:
             refined = self.next_pass(engine, request, lane, refiner)
             assert refined is not None
@@ -95,7 +98,8 @@ class TaskWork:
         # The job's LoRAs, VAE and ControlNets are its model's: the refiner runs without.
         specs = [replace(spec, loras=(), vae=None) for spec in image_specs(request)]
         made = refiner.latents.refined(lane, specs, self.shape(request), wanted.switch_at)
-        made.model = wanted.model
+        if made is not None:
+            made.model = wanted.model
         return made
 
     def finished(
