@@ -315,3 +315,59 @@ def test_a_single_file_controlnet_steers_as_its_folder(served: Any, tmp_path: An
     spec = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(ControlUse("edges", EDGES),))
     images = [run(e, [e.prepare("k", [spec], shape)])["k"][0] for e in (single, engine)]
     assert np.array_equal(images[0], images[1])
+
+
+def test_a_9_channel_inpainting_unet_takes_a_controlnet_as_diffusers_does(
+    served: Any, tmp_path: Any
+) -> None:
+    """An SD 1.x ControlNet on an inpainting UNet (9 input channels: the latents, the mask and
+    the masked picture's latents): the ControlNet reads the 4 latent channels only, as
+    `StableDiffusionControlNetInpaintPipeline` gives it; a text-to-image row (the whole
+    picture masked) beside it takes none."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
+    from worker.inputs import Source
+
+    _, nets, _ = served
+    model = build_tiny_model(tmp_path / "inpaint", "sd15-inpaint")
+    tuning = Tuning(max_batch=8, rows=True, controlnets=(("depth", str(nets["depth"])),))
+    engine = Engine(str(model), CPU, tuning)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:, 20:] = 255
+    hole = Image.fromarray(mask, "L")
+    use = ControlUse("depth", EDGES, weight=1.1)
+    shape = BatchShape(64, 64, 4, "euler")
+    lane = engine.prepare("k", [ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))],
+                          shape, Source(DEPTH, 1.0, hole))  # fmt: skip
+    plain = engine.prepare("plain", [ImageSpec("a red fox", "blurry", 6.0, 5)], shape)
+    ours = run(engine, [lane, plain])
+    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        str(model), controlnet=ControlNetModel.from_pretrained(str(nets["depth"])),
+        safety_checker=None,
+    )  # fmt: skip
+    pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red fox", image=DEPTH, mask_image=hole, control_image=EDGES, height=64,
+                  width=64, num_inference_steps=4, guidance_scale=6.0, negative_prompt="blurry",
+                  controlnet_conditioning_scale=1.1, output_type="np", strength=1.0,
+                  generator=[torch.Generator().manual_seed(5)]).images  # fmt: skip
+    assert max_diff(ours["k"][0], pixels(theirs)) <= 1
+    alone = run(engine, [engine.prepare("plain", [ImageSpec("a red fox", "blurry", 6.0, 5)],
+                                        shape)])  # fmt: skip
+    assert max_diff(ours["plain"][0], alone["plain"][0]) <= 1
+    # Compiled as on a GPU (dynamo's guards, eager backend), warmed without control: the
+    # ControlNet's 4 of the UNet's 9 channels compile nothing, and make the same images.
+    import dataclasses
+
+    compiled = Engine(str(model), CPU, dataclasses.replace(
+        tuning, max_batch=4, fuse=True, compile=True, compile_backend="eager",
+        compiled_sizes=((64, 64),)))  # fmt: skip
+    compiled.warm_up()
+    controlled = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))
+    unguided = ImageSpec("a red fox", "blurry", 6.0, 5)
+    lanes = [compiled.prepare("k", [controlled], shape, Source(DEPTH, 1.0, hole)),
+             compiled.prepare("plain", [unguided], shape)]  # fmt: skip
+    with torch.compiler.set_stance("fail_on_recompile"):
+        fast = run(compiled, lanes)
+    assert compiled.calls.recompiles == 0
+    assert max_diff(fast["k"][0], ours["k"][0]) <= 1

@@ -147,7 +147,11 @@ class ControlNets:
 
     @staticmethod
     def fits(controlnet: Any, unet: Any) -> str | None:
-        """Why the ControlNet cannot steer this UNet (None: it can): another family or size."""
+        """Why the ControlNet cannot steer this UNet (None: it can): another family or size,
+        or more input channels than the UNet's (a ControlNet reads the first of them)."""
+        if controlnet.config.in_channels > unet.config.in_channels:
+            return (f"it reads {controlnet.config.in_channels} input channels, the model has"
+                    f" {unet.config.in_channels}")  # fmt: skip
         for key in ("cross_attention_dim", "block_out_channels", "addition_embed_type"):
             theirs, ours = controlnet.config.get(key), unet.config.get(key)
             if (list(theirs) if isinstance(theirs, tuple) else theirs) != (
@@ -203,7 +207,6 @@ class ControlNets:
         """Every row's residuals for one step, in the call's row order: `parts` and `blocks`
         (their prompt embeddings) row block for row block; each ControlNet run by `forward` on
         its rows only."""
-        channels = self.unet.config.in_channels
         height, width = sample.shape[-2:]
         out = self.zeros(len(sample), height, width)
         # (row in the call, its block, its row in the block, the unit's row control)
@@ -225,6 +228,10 @@ class ControlNets:
             mine = None
             if added is not None:
                 mine = {k: v.index_select(0, index) for k, v in added.items()}
+            # The latents alone: an inpainting UNet's input carries the mask and the masked
+            # picture's latents after them, which a ControlNet never reads (as diffusers'
+            # inpainting ControlNet pipeline gives it its latents only).
+            channels = self.models[name].config.in_channels
             outputs = forward(name, sample.index_select(0, index)[:, :channels],
                               t.index_select(0, index), context, conds, mine)  # fmt: skip
             weights = [m[3].use.weight for m in members]
