@@ -364,9 +364,9 @@ def test_a_9_channel_inpainting_unet_takes_a_controlnet_as_diffusers_does(
         compiled_sizes=((64, 64),)))  # fmt: skip
     compiled.warm_up()
     controlled = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))
-    unguided = ImageSpec("a red fox", "blurry", 6.0, 5)
+    uncontrolled = ImageSpec("a red fox", "blurry", 6.0, 5)
     lanes = [compiled.prepare("k", [controlled], shape, Source(DEPTH, 1.0, hole)),
-             compiled.prepare("plain", [unguided], shape)]  # fmt: skip
+             compiled.prepare("plain", [uncontrolled], shape)]  # fmt: skip
     with torch.compiler.set_stance("fail_on_recompile"):
         fast = run(compiled, lanes)
     assert compiled.calls.recompiles == 0
