@@ -358,6 +358,45 @@ def test_x4_at_scale_2_is_held_to_the_side_limit_it_draws(redis_url: str) -> Non
     assert unet_rows(x4) > unet_rows(pixel)  # 1280 drawn: tiles; 640: one piece
 
 
+def test_x4_takes_no_loras_and_no_vae_choice(redis_url: str, upscaler: tuple[Engine, Path]) -> None:
+    """The x4 upscaler is a model of its own: the job's model's LoRAs and VAEs do not fit it.
+    The API refuses either with a 422 naming the field (pixel upscaling takes both); a worker
+    given such a job anyway refuses it when it joins (`invalid_request`), not at the decode."""
+    import base64
+    import io
+
+    import httpx
+
+    from app.api import create_app
+    from app.jobs.contract import StoredImage, UpscaleRequest
+    from app.settings import ApiSettings
+    from tests.conftest import JobStore, serving
+    from worker.inputs import NoVae
+    from worker.tasks import task
+
+    buffer = io.BytesIO()
+    picture(64, 64).save(buffer, format="PNG")
+    body = {"image": base64.b64encode(buffer.getvalue()).decode(), "scale": 2, "steps": 2}
+    store = JobStore.connect(redis_url, 3600, 5)
+    settings = ApiSettings(redis_url=redis_url, auth="off", upscaler="x4-model",
+                           vaes={"ft": "/vaes/ft"})  # fmt: skip
+    with serving(create_app(store, settings)) as url:
+        for field, value in (("loras", [{"name": "style"}]), ("vae", "ft")):
+            refused = httpx.post(f"{url}/v1/upscale", json=body | {"method": "x4", field: value})
+            assert refused.status_code == 422, refused.text
+            (problem,) = refused.json()["detail"]
+            assert problem["loc"] == ["body", field] and "x4 upscaler takes no" in problem["msg"]
+        taken = httpx.post(f"{url}/v1/upscale", json=body | {"method": "pixel", "vae": "ft"})
+        assert taken.status_code == 202, taken.text
+    engine, _ = upscaler
+    image = StoredImage(sha256="0" * 64, width=32, height=24)
+    request = UpscaleRequest(image=image, width=128, height=96, method="x4", scale=4, seed=1,
+                             steps=2, vae="ft")  # fmt: skip
+    work = task(request)
+    with pytest.raises(NoVae, match="'ft' is not a VAE"):
+        work.prepare(engine, "j", work.shape(request), Source(picture(32, 24), 1.0), request)
+
+
 def test_a_picture_of_one_tiles_pixels_in_any_shape_is_drawn_whole() -> None:
     """SDXL's wide sizes (1344x768, 1536x640: no more pixels than 1024x1024) are one piece, as
     diffusers draws them; past 1024x1024 pixels, tiles (the API counts the same rows)."""

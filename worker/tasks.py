@@ -222,7 +222,9 @@ class X4(TaskWork):
     ) -> Lane:
         """Noise beside the picture noised to the request's level."""
         assert source is not None, "the x4 upscaler reads a picture"
-        return engine.latents.from_low_res(key, image_specs(request), shape, source)
+        specs = image_specs(request)
+        engine.latents.codec(specs)  # a VAE it does not hold: refused now, not at the decode
+        return engine.latents.from_low_res(key, specs, shape, source)
 
     def finished(
         self, images: list[np.ndarray | None], source: Source | None, request: Any

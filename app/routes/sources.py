@@ -369,6 +369,12 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 if body.method == "x4" and not ctx.settings.upscaler:
                     raise invalid("method", "this server has no x4 upscaler (SDSERVE_UPSCALER)")
                 if body.method == "x4":
+                    # The upscaler is a model of its own: the job's model's LoRAs and VAEs
+                    # do not fit it.
+                    for field, what in (("loras", "LoRAs"), ("vae", "VAE choice")):
+                        if getattr(body, field):
+                            why = f"the x4 upscaler takes no {what} (pixel or latent: the model)"
+                            raise invalid(field, why)
                     model = body.model or ctx.store.models[0]
                     held = await run_in_threadpool(ctx.store.workers_of, model)
                     # Live workers of the model, none with the upscaler: nothing can run it.
