@@ -126,6 +126,11 @@ def test_controlnets_through_the_service(
     assert "unknown ControlNet 'sketch'" in unknown and '"controlnets",0,"model"' in unknown
     assert "must come after start" in refused({**SMALL, "controlnets": [{**unit, "start": 0.6,
                                                                         "end": 0.5}]})  # fmt: skip
+    # A hires fix's second pass past a tile's pixels runs in tiles, which ControlNets do not
+    # steer: refused up front, not failed at the worker after the first pass.
+    tiled = refused({**SMALL, "width": 1024, "height": 1024, "hires": {"scale": 1.5},
+                     "controlnets": [unit]})  # fmt: skip
+    assert '"hires","scale"' in tiled and "1536x1536, over the 1024x1024 pixels" in tiled
     unread = refused({**SMALL, "controlnets": [{**unit, "image": "bm90IGFuIGltYWdl"}]})
     assert '"controlnets",0,"image"' in unread and "not a PNG, JPEG or WebP" in unread
     assert "'none', 'invert' or 'canny'" in refused(

@@ -287,6 +287,9 @@ class RowLoop:
             refiner = engines.refiner(job)
             then = task(job.request).next_pass(engines.of(job), job.request, lane, refiner,
                                                self.controls.get(job.id, ()))  # fmt: skip
+        except (NotHeld, ControlRefused) as e:  # what the request asks cannot run here
+            self._fail(job, ErrorCode.INVALID, str(e))
+            return
         except Exception as e:  # out of memory included: the job fails alone
             log.exception("a second pass failed to start", extra={"job_id": job.id})
             self._fail(job, ErrorCode.ENGINE, f"{type(e).__name__}: {e}")

@@ -25,6 +25,7 @@ from app.jobs.contract import (
     Txt2ImgRequest,
 )
 from app.jobs.prompts import CHUNK, count
+from app.jobs.tiles import TILE, whole
 from app.jobs.vocabulary import PromptMeter
 from app.routes.context import (
     NO_RETRY,
@@ -81,6 +82,7 @@ class Submitter:
         self._check_refiner(request, model)
         self._check_loras(request, model)
         self._check_controlnets(request, model)
+        self._check_controlled_hires(request, model)
         if request.vae is not None and request.vae not in self.ctx.settings.vaes:
             served = ", ".join(self.ctx.settings.vaes) or "none"
             problem = f"unknown VAE {request.vae!r}; this server's: {served} (SDSERVE_VAES)"
@@ -217,6 +219,26 @@ class Submitter:
                 where = ("body", "controlnets", k, "model")
                 raise RequestValidationError([{"loc": where, "msg": problem,
                                                "type": "value_error"}])  # fmt: skip
+
+    def _check_controlled_hires(self, request: JobRequest, model: str) -> None:
+        """A hires fix whose second pass is larger than a tile is denoised in tiles, where
+        ControlNets do not steer: a 422 naming `hires.scale` for a job with ControlNets (the
+        tile as the model's live workers have said, the default before any has)."""
+        if not isinstance(request, Txt2ImgRequest) or not request.controlnets:
+            return
+        size = request.hires_size()
+        if size is None:
+            return
+        said = [beat.pace.tile for beat in self.ctx.store.workers_of(model) if beat.pace]
+        tile = min(said, default=TILE)
+        if whole(size, tile):
+            return
+        message = (f"makes {size[0]}x{size[1]}, over the {tile}x{tile} pixels of a tile: it is"
+                   " denoised in tiles, where ControlNets do not steer (a smaller scale, or no"
+                   " ControlNet)")  # fmt: skip
+        raise RequestValidationError(
+            [{"loc": ("body", "hires", "scale"), "msg": message, "type": "value_error"}]
+        )
 
     def side_of(self, model: str | None) -> int:
         """The default side of a model's text-to-image job (its workers publish it; 512 before
