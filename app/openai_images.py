@@ -39,6 +39,7 @@ from app.jobs.contract import (
 
 PREFIX = "/v1/images/"
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+AUTO = "auto"  # OpenAI's size for "the model's own": here its default side
 
 
 class ImagesRequest(BaseModel):
@@ -59,7 +60,11 @@ class ImagesRequest(BaseModel):
 
     prompt: Prompt
     n: Count = 1
-    size: str = Field(default="512x512", description="WIDTHxHEIGHT, each 64-1024, multiples of 8.")
+    size: str = Field(
+        default="auto",
+        description="WIDTHxHEIGHT (sides multiples of 8 from 64 to 2048, at most 1024x1024"
+        " pixels), or auto: the model's default (1024x1024 for an SDXL model, 512x512 otherwise).",
+    )
     response_format: Literal["url", "b64_json"] = "url"
     model: str | None = Field(
         default=None,
@@ -81,9 +86,11 @@ class ImagesRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _size(cls, size: str) -> str:
+        if size == AUTO:
+            return size
         match = _SIZE.fullmatch(size)
         if match is None:
-            raise ValueError("size is WIDTHxHEIGHT, like 512x512")
+            raise ValueError("size is WIDTHxHEIGHT, like 512x512, or auto")
         if not all(is_side(int(side)) for side in match.groups()):
             raise ValueError("each side is a multiple of 8 from 64 to 2048")
         problem = size_problem(*(int(side) for side in match.groups()))
@@ -92,9 +99,11 @@ class ImagesRequest(BaseModel):
         return size
 
     def job(self) -> Txt2ImgRequest:
-        width, height = (int(side) for side in self.size.split("x"))
         fields = self.model_dump(exclude={"size", "response_format", "user"})
-        return Txt2ImgRequest.model_validate({**fields, "width": width, "height": height})
+        if self.size != AUTO:  # auto: no size, so the model's default side (app/routes/submit.py)
+            width, height = (int(side) for side in self.size.split("x"))
+            fields |= {"width": width, "height": height}
+        return Txt2ImgRequest.model_validate(fields)
 
 
 class EditsRequest(ImagesRequest):
@@ -103,7 +112,7 @@ class EditsRequest(ImagesRequest):
     without, image to image."""
 
     size: str | None = Field(  # type: ignore[assignment]
-        default=None, description="WIDTHxHEIGHT; the image's own size (fitted) if absent."
+        default=None, description="WIDTHxHEIGHT; the image's own size (fitted) if absent or auto."
     )
     strength: Strength | None = Field(
         default=None, description="1.0 with a mask, 0.75 without, when absent."
@@ -125,7 +134,7 @@ class EditsRequest(ImagesRequest):
         return value
 
     def sides(self) -> tuple[int | None, int | None]:
-        if self.size is None:
+        if self.size is None or self.size == AUTO:
             return None, None
         width, height = (int(side) for side in self.size.split("x"))
         return width, height

@@ -103,6 +103,11 @@ def test_the_openai_package_generates_images(service: str) -> None:
     assert by_url.data is not None and by_url.data[0].url is not None
     fetched = httpx.get(by_url.data[0].url, headers={"Authorization": f"Bearer {KEY}"})
     assert png(fetched.content).size == (64, 64)
+    # "auto" (the newer models' default) is the model's default side: 512 here, 1024 on SDXL.
+    auto = client.images.generate(prompt="a red fox", size="auto", response_format="b64_json",
+                                  extra_body={"seed": 40, "steps": 1})  # fmt: skip
+    assert auto.data is not None and auto.data[0].b64_json is not None
+    assert png(base64.b64decode(auto.data[0].b64_json)).size == (512, 512)
 
 
 def test_the_openai_package_sees_errors_it_understands(service: str) -> None:
