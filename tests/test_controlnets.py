@@ -249,29 +249,34 @@ def test_sdxl_rows_equal_diffusers_sdxl_controlnet(tmp_path: Any) -> None:
 def test_inpaint_rows_equal_diffusers_controlnet_inpaint(served: Any) -> None:
     """Inpainting with a ControlNet equals `StableDiffusionControlNetInpaintPipeline` (the
     4-channel UNet's blend after every step, as our inpainting does)."""
-    from diffusers import StableDiffusionControlNetInpaintPipeline
-
     from worker.inputs import Source
 
     model, nets, engine = served
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:, 20:] = 255
-    hole = Image.fromarray(mask, "L")
     use = ControlUse("depth", EDGES, weight=1.1)
     spec = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))
-    lane = engine.prepare("k", [spec], BatchShape(64, 64, 4, "euler"), Source(DEPTH, 1.0, hole))
+    lane = engine.prepare("k", [spec], BatchShape(64, 64, 4, "euler"), Source(DEPTH, 1.0, HOLE))
     ours = run(engine, [lane])["k"][0]
+    assert max_diff(ours, controlnet_inpainted(model, nets["depth"], engine)) <= 1
+
+
+HOLE = Image.fromarray(np.pad(np.full((48, 44), 255, np.uint8), ((16, 0), (20, 0))), "L")
+
+
+def controlnet_inpainted(model: Any, net: Any, engine: Engine) -> np.ndarray:
+    """`StableDiffusionControlNetInpaintPipeline`'s image for the inpainting tests' request:
+    DEPTH repainted in HOLE, EDGES the control image at weight 1.1."""
+    from diffusers import StableDiffusionControlNetInpaintPipeline
+
     pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
-        str(model), controlnet=ControlNetModel.from_pretrained(str(nets["depth"])),
-        safety_checker=None,
-    )  # fmt: skip
+        str(model), controlnet=ControlNetModel.from_pretrained(str(net)), safety_checker=None
+    )
     pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a red fox", image=DEPTH, mask_image=hole, control_image=EDGES, height=64,
+    theirs = pipe("a red fox", image=DEPTH, mask_image=HOLE, control_image=EDGES, height=64,
                   width=64, num_inference_steps=4, guidance_scale=6.0, negative_prompt="blurry",
                   controlnet_conditioning_scale=1.1, output_type="np", strength=1.0,
                   generator=[torch.Generator().manual_seed(5)]).images  # fmt: skip
-    assert max_diff(ours, pixels(theirs)) <= 1
+    return pixels(theirs)
 
 
 def test_make_tiny_model_writes_controlnets_for_each_family(served: Any, tmp_path: Any) -> None:
@@ -324,34 +329,19 @@ def test_a_9_channel_inpainting_unet_takes_a_controlnet_as_diffusers_does(
     the masked picture's latents): the ControlNet reads the 4 latent channels only, as
     `StableDiffusionControlNetInpaintPipeline` gives it; a text-to-image row (the whole
     picture masked) beside it takes none."""
-    from diffusers import StableDiffusionControlNetInpaintPipeline
-
     from worker.inputs import Source
 
     _, nets, _ = served
     model = build_tiny_model(tmp_path / "inpaint", "sd15-inpaint")
     tuning = Tuning(max_batch=8, rows=True, controlnets=(("depth", str(nets["depth"])),))
     engine = Engine(str(model), CPU, tuning)
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:, 20:] = 255
-    hole = Image.fromarray(mask, "L")
     use = ControlUse("depth", EDGES, weight=1.1)
     shape = BatchShape(64, 64, 4, "euler")
     lane = engine.prepare("k", [ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))],
-                          shape, Source(DEPTH, 1.0, hole))  # fmt: skip
+                          shape, Source(DEPTH, 1.0, HOLE))  # fmt: skip
     plain = engine.prepare("plain", [ImageSpec("a red fox", "blurry", 6.0, 5)], shape)
     ours = run(engine, [lane, plain])
-    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
-        str(model), controlnet=ControlNetModel.from_pretrained(str(nets["depth"])),
-        safety_checker=None,
-    )  # fmt: skip
-    pipe.scheduler = make_scheduler("euler", engine.scheduler_config)
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe("a red fox", image=DEPTH, mask_image=hole, control_image=EDGES, height=64,
-                  width=64, num_inference_steps=4, guidance_scale=6.0, negative_prompt="blurry",
-                  controlnet_conditioning_scale=1.1, output_type="np", strength=1.0,
-                  generator=[torch.Generator().manual_seed(5)]).images  # fmt: skip
-    assert max_diff(ours["k"][0], pixels(theirs)) <= 1
+    assert max_diff(ours["k"][0], controlnet_inpainted(model, nets["depth"], engine)) <= 1
     alone = run(engine, [engine.prepare("plain", [ImageSpec("a red fox", "blurry", 6.0, 5)],
                                         shape)])  # fmt: skip
     assert max_diff(ours["plain"][0], alone["plain"][0]) <= 1
@@ -365,7 +355,7 @@ def test_a_9_channel_inpainting_unet_takes_a_controlnet_as_diffusers_does(
     compiled.warm_up()
     controlled = ImageSpec("a red fox", "blurry", 6.0, 5, controls=(use,))
     uncontrolled = ImageSpec("a red fox", "blurry", 6.0, 5)
-    lanes = [compiled.prepare("k", [controlled], shape, Source(DEPTH, 1.0, hole)),
+    lanes = [compiled.prepare("k", [controlled], shape, Source(DEPTH, 1.0, HOLE)),
              compiled.prepare("plain", [uncontrolled], shape)]  # fmt: skip
     with torch.compiler.set_stance("fail_on_recompile"):
         fast = run(compiled, lanes)
