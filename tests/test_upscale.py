@@ -360,7 +360,7 @@ def test_x4_at_scale_2_is_held_to_the_side_limit_it_draws(redis_url: str) -> Non
 
 def test_x4_takes_no_loras_and_no_vae_choice(redis_url: str, upscaler: tuple[Engine, Path]) -> None:
     """The x4 upscaler is a model of its own: the job's model's LoRAs and VAEs do not fit it.
-    The API refuses either with a 422 naming the field (pixel upscaling takes both); a worker
+    The API refuses either with a 422 naming the field (pixel upscaling takes the VAE); a worker
     given such a job anyway refuses it when it joins (`invalid_request`), not at the decode."""
     import base64
     import io
