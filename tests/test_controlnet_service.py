@@ -103,7 +103,7 @@ def test_a_controlnet_that_does_not_fit_the_model_is_refused_once_its_workers_sa
             assert answer.status_code == 422, answer.text
             error = answer.json()["detail"][0]
             assert error["loc"] == ["body", "controlnets", 1, "model"]
-            assert "'xl-edges' does not fit model sd" in error["msg"]
+            assert "no live worker of model sd holds ControlNet 'xl-edges'" in error["msg"]
             fitting = client.post("/v1/txt2img", json={**SMALL, "controlnets": [
                 {**unit, "model": "edges"}]})  # fmt: skip
             assert fitting.status_code == 202, fitting.text

@@ -211,9 +211,11 @@ class Submitter:
             elif said and not any(unit.model in held.get(model, ()) for held in said):
                 fits = sorted({other for held in said for other, names in held.items()
                                if unit.model in names})  # fmt: skip
+                holders = ", ".join(fits) or "none"
                 problem = (
-                    f"ControlNet {unit.model!r} does not fit model {model} (another"
-                    f" family or size); it fits: {', '.join(fits) or 'no model here'}"
+                    f"no live worker of model {model} holds ControlNet {unit.model!r}: it does"
+                    " not fit the model (another family or size), or the workers do not load it"
+                    f" (SDSERVE_CONTROLNETS); models whose workers hold it: {holders}"
                 )
             if problem is not None:
                 where = ("body", "controlnets", k, "model")
