@@ -160,3 +160,30 @@ def test_list_settings_read_plain_text_as_well_as_json() -> None:
     finally:
         for name in env:
             del os.environ[name]
+
+
+def test_an_empty_variable_is_an_unset_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Compose passes `${SDSERVE_LORA_DIR:-}` when the operator sets nothing: an empty path
+    # must not become the working directory, scanned for LoRAs.
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
+
+    for name in ("LORA_DIR", "EMBEDDINGS_DIR", "UPSCALER", "CONTROLNETS", "VAES", "MODELS",
+                 "COMPILE_CACHE", "API_KEYS_FILE", "WEBHOOK_SECRET"):  # fmt: skip
+        monkeypatch.setenv(f"SDSERVE_{name}", "")
+    worker = WorkerSettings()
+    assert worker.lora_dir is None and worker.embeddings_dir is None
+    assert worker.upscaler == "" and worker.controlnets == {} and worker.vaes == {}
+    assert worker.compile_cache == WorkerSettings.model_fields["compile_cache"].default
+    api = ApiSettings(auth="off")
+    assert api.api_keys_file is None and api.webhook_secret is None and api.models == {}
+
+
+def test_a_lora_or_embeddings_folder_that_is_not_there_stops_the_worker(tmp_path: Path) -> None:
+    for name in ("SDSERVE_LORA_DIR", "SDSERVE_EMBEDDINGS_DIR"):
+        env = sdserve_env("redis://127.0.0.1:1/0", **{name[8:].lower(): str(tmp_path / "nope")})
+        done = subprocess.run([SDSERVE, "worker"], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert name in done.stderr and "no such folder" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -82,6 +82,28 @@ def test_compose_api_and_workers_share_one_image_store() -> None:
     assert "images" in compose()["volumes"]
 
 
+def test_compose_passes_the_weights_people_have_to_the_processes_that_read_them() -> None:
+    from app.settings import ApiSettings
+    from worker.settings import WorkerSettings
+
+    services = compose()["services"]
+    workers = [v for k, v in services.items() if k.startswith("worker")]
+    added = ["models", "vaes", "controlnets", "upscaler", "lora_dir", "lora_slots",
+             "embeddings_dir"]  # fmt: skip
+    for field in added:
+        variable = f"SDSERVE_{field.upper()}"
+        readers = [*workers, *([services["api"]] if field in ApiSettings.model_fields else [])]
+        assert field in WorkerSettings.model_fields
+        for service in readers:  # from .env, empty (an unset setting) when .env says nothing
+            assert service["environment"][variable].startswith(f"${{{variable}:-"), variable
+    for worker in workers:  # the files themselves: a host folder, read-only
+        assert "${SDSERVE_ADDONS:-./addons}:/addons:ro" in worker["volumes"]
+    example = (ROOT / ".env.example").read_text()
+    for field in ("lora_dir", "embeddings_dir", "controlnets"):
+        assert re.search(rf"^# SDSERVE_{field.upper()}=\S*/addons/", example, re.M), field
+    assert "addons" in (ROOT / ".dockerignore").read_text().split()  # not in the build context
+
+
 def test_compose_metrics_stack_is_under_a_profile() -> None:
     services = compose()["services"]
     for name in ["prometheus", "grafana"]:

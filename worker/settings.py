@@ -235,6 +235,17 @@ class WorkerSettings(CommonSettings):
     def _model_exists(cls, model: str) -> str:
         return _checked_entry(model)
 
+    @field_validator("lora_dir", "embeddings_dir")
+    @classmethod
+    def _folder_exists(cls, folder: Path | None) -> Path | None:
+        # A misspelt folder would serve no LoRAs without a word; an empty one is fine (files
+        # come later, with a refresh).
+        if folder is None:
+            return None
+        if not folder.expanduser().is_dir():
+            raise ValueError(f"no such folder: {folder}")
+        return folder.expanduser()
+
     @field_validator("upscaler")
     @classmethod
     def _upscaler_exists(cls, upscaler: str) -> str:
