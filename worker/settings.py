@@ -235,6 +235,13 @@ class WorkerSettings(CommonSettings):
     def _model_exists(cls, model: str) -> str:
         return _checked_entry(model)
 
+    @field_validator("lora_dir", "embeddings_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, folder: object) -> object:
+        # Compose passes `${SDSERVE_LORA_DIR:-}` when an operator sets nothing; an empty path
+        # would be the working directory, scanned for LoRAs.
+        return None if folder == "" else folder
+
     @field_validator("lora_dir", "embeddings_dir")
     @classmethod
     def _folder_exists(cls, folder: Path | None) -> Path | None:

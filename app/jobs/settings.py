@@ -22,9 +22,7 @@ PREFIX = "SDSERVE_"
 class CommonSettings(BaseSettings):
     """What the API and the workers both read."""
 
-    # An empty variable is an unset one: compose files pass `${SDSERVE_X:-}` for settings an
-    # operator may leave out, and an empty path would otherwise be the working directory.
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Redis (or Valkey) server URL."
