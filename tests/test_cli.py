@@ -179,7 +179,8 @@ def test_an_empty_folder_or_list_setting_is_unset(monkeypatch: pytest.MonkeyPatc
 
 def test_a_lora_or_embeddings_folder_that_is_not_there_stops_the_worker(tmp_path: Path) -> None:
     for name in ("SDSERVE_LORA_DIR", "SDSERVE_EMBEDDINGS_DIR"):
-        env = sdserve_env("redis://127.0.0.1:1/0", **{name[8:].lower(): str(tmp_path / "nope")})
+        missing = {name.removeprefix("SDSERVE_").lower(): str(tmp_path / "nope")}
+        env = sdserve_env("redis://127.0.0.1:1/0", None, **missing)
         done = subprocess.run([SDSERVE, "worker"], env=env, capture_output=True, text=True,
                               timeout=60)  # fmt: skip
         assert done.returncode == 2, done.stderr
