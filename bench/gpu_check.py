@@ -50,6 +50,7 @@ from bench import batching
 from bench.batching import closed_loop, half_img2img, mixed, poisson, service, uniform
 from bench.bench import idle
 from bench.paces import parts_lines
+from worker.metrics import LOOP_PHASES
 
 METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
@@ -159,10 +160,12 @@ def cudagraph_skips() -> float:
     return metric("sdserve_worker_cudagraph_skips")
 
 
+LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
             'sdserve_worker_unet_rows_total{kind="real"}',
-            'sdserve_worker_unet_rows_total{kind="padding"}')  # fmt: skip
+            'sdserve_worker_unet_rows_total{kind="padding"}',
+            *LOOP_SUMS)  # fmt: skip
 
 
 def gpu_sums() -> dict[str, float]:
@@ -179,7 +182,7 @@ def in_window(warm: float, seconds: float) -> list[dict[str, float]]:
     return sums
 
 
-def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
+def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
     """Where a load's time went, from the worker's own timers (CUDA events): the share of the
     wall time the GPU spent in UNet steps, decodes and encodes, the mean step and its rows. A share
     near 1 says the GPU's work, not the host, bounds the load."""
@@ -193,6 +196,9 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         "step_ms": 1000 * d["sdserve_worker_row_step_seconds_sum"] / steps,
         "rows_per_step": real / steps,
         "padding_share": d['sdserve_worker_unet_rows_total{kind="padding"}'] / (real or 1),
+        # The loop thread's host time by phase, as shares of the wall time (a worker without
+        # the counter, before 2026-12-05: zeros).
+        "loop": {p: d[name] / d["wall"] for p, name in zip(LOOP_PHASES, LOOP_SUMS, strict=True)},
     }
 
 
@@ -230,7 +236,9 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             result["worker_log"] = [line for line in log.read_text().splitlines()
                                     if re.search(said, line)]  # fmt: skip
             return result
-        loads = {"a": uniform, "b": mixed, "d": half_img2img, "e": long_prompts}
+        # (d) next to (a): a call cut short by its time limit has printed both (the loop's
+        # phases under each say where (d)'s time goes).
+        loads = {"a": uniform, "d": half_img2img, "b": mixed, "e": long_prompts}
         if args.loras:
             from bench.loras import with_loras
 
@@ -318,16 +326,18 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
              "| figure | measured | target | |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
     lines += ["", "| load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |"
-              " GPU in steps / decodes / encodes | step ms | rows a step | padding rows |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              " GPU in steps / decodes / encodes | step ms | rows a step | padding rows |"
+              f" loop's host time: {' / '.join(LOOP_PHASES)} |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in [k for k in ("a", "b", "c", "d", "e", "l", "k", "h") if k in r]:
         x = r[key]
         g = x.get("gpu")
-        gpu = "| | | |"
+        gpu = "| | | | |"
         if g:
             shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
+            loop = " / ".join(f"{share:.0%}" for share in g.get("loop", {}).values())
             gpu = (f"{shares} | {g['step_ms']:.1f} | {g['rows_per_step']:.1f} |"
-                   f" {g['padding_share']:.0%} |")  # fmt: skip
+                   f" {g['padding_share']:.0%} | {loop} |")  # fmt: skip
         ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"
         waits = f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f}"
         lines.append(f"| ({key}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | {ends} | {waits} | {gpu}")

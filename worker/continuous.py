@@ -35,6 +35,7 @@ from worker.rows import Lane, Size
 from worker.sources import MissingInput, control_uses, image_specs
 from worker.stepping import Candidate, Turns, admit
 from worker.tasks import task
+from worker.timing import Phases
 from worker.vae import Decoding
 
 log = logging.getLogger("sdserve.worker")
@@ -75,6 +76,7 @@ class RowLoop:
 
     def step(self) -> int:
         p = self.p
+        phases = Phases(p.metrics.loop_seconds)
         for engine in p.engines.models.values():  # between steps: no prompt is being read
             if engine.embeddings_asked:
                 engine.refresh_embeddings()
@@ -91,14 +93,18 @@ class RowLoop:
             for job in p.start(deliveries):
                 self.waiting[job.id] = (job, now)
                 self.loading[job.id] = self._load(job)
+        phases.done("take")
         self._leave_canceled()
         if p.shutdown.stopping.is_set():
             self._hand_back_waiting()
         self._join()
+        phases.done("join")
         if self.lanes:
             self._step_one_size()
+        phases.done("step")
         # With nothing left to step, wait for the decodes rather than spin.
         self._deliver(wait=not self.lanes)
+        phases.done("deliver")
         p.metrics.rows_in_flight.set(sum(lane.images for _, lane in self.lanes.values()))
         return len(deliveries)
 

@@ -13,6 +13,9 @@ from app.jobs.contract import JOB_SECONDS_BUCKETS, ErrorCode
 # Seconds a step or a decode takes: milliseconds on a GPU, up to seconds on a CPU.
 STEP_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
+# The phases of a continuous-batching step, in order (worker/continuous.py).
+LOOP_PHASES = ("take", "join", "step", "deliver")
+
 
 class WorkerMetrics:
     def __init__(self, row_buckets: list[int]) -> None:
@@ -121,6 +124,17 @@ class WorkerMetrics:
             buckets=STEP_SECONDS_BUCKETS,
             registry=r,
         )
+        self.loop_seconds = Counter(
+            "sdserve_worker_loop_seconds",
+            "Host seconds the loop's thread spent in each phase of its steps (continuous"
+            " batching): take (the queue, starting jobs), join (jobs' first latents: encodes,"
+            " noise), step (UNet calls, and the decodes of jobs whose last step it was), deliver"
+            " (finished decodes handed on). Waits for the GPU count in the phase that waits.",
+            ["phase"],
+            registry=r,
+        )
+        for phase in LOOP_PHASES:
+            self.loop_seconds.labels(phase)
         self.completion_backlog = Gauge(
             "sdserve_worker_completion_backlog",
             "Jobs whose images wait to be encoded and stored (bounded: the GPU waits when full).",

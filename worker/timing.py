@@ -39,3 +39,17 @@ class GpuTimer:
         if self._events is not None:
             return float(self._events[0].elapsed_time(self._events[1])) / 1000
         return self._ended - self._started
+
+
+class Phases:
+    """Host time between marks, summed per phase into a labelled counter: where a loop's
+    thread spends its seconds (a wait for the GPU counts in the phase that waits)."""
+
+    def __init__(self, counter: Any) -> None:
+        self._counter = counter
+        self._at = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._counter.labels(phase).inc(now - self._at)
+        self._at = now
