@@ -197,7 +197,7 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, An
         "rows_per_step": real / steps,
         "padding_share": d['sdserve_worker_unet_rows_total{kind="padding"}'] / (real or 1),
         # The loop thread's host time by phase, as shares of the wall time (a worker without
-        # the counter, before 2026-12-05: zeros).
+        # the counter, before 2026-12-05: NaN).
         "loop": {p: d[name] / d["wall"] for p, name in zip(LOOP_PHASES, LOOP_SUMS, strict=True)},
     }
 

@@ -1,4 +1,5 @@
-"""GPU time without waiting for the GPU: CUDA events read when the GPU has got there."""
+"""GPU time without waiting for the GPU (CUDA events read when the GPU has got there), and the
+host time of a loop's phases."""
 
 from __future__ import annotations
 
