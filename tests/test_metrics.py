@@ -131,8 +131,8 @@ def test_the_worker_counts_what_it_did(scraped: tuple[Samples, ...]) -> None:
     )
     assert moved("sdserve_worker_vae_decode_seconds_count") == 3
     assert moved("sdserve_worker_join_wait_seconds_count") == 3
-    # The loop's host time by phase: every phase ran; on the CPU the UNet calls (step) and
-    # the decodes that end each job (deliver) outweigh joining (noise, no encode here).
+    # The loop's host time by phase: every phase ran; on the CPU the UNet calls (and the
+    # decodes started at a job's last step: the step phase) outweigh joining (noise only).
     phases = {p: moved("sdserve_worker_loop_seconds_total", phase=p) for p in LOOP_PHASES}
     assert all(seconds > 0 for seconds in phases.values()), phases
     assert phases["step"] > phases["join"], phases
