@@ -505,8 +505,9 @@ def test_the_playground_puts_loras_on_a_job(service: str) -> None:
 
 
 def test_the_playground_steers_a_job_with_a_controlnet(service: str, tmp_path: Path) -> None:
-    """The ControlNets served are offered; one chosen with a control picture, its weight and
-    preprocessor goes with the job (the picture as base64), and the job succeeds."""
+    """The ControlNets served are offered; one chosen without a control picture is refused in the
+    page; with one, its weight and preprocessor go with the job (the picture as base64, sent even
+    if Go comes before the file is read), and the job succeeds."""
     from playwright.sync_api import expect
 
     Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "shape.png")
@@ -518,11 +519,15 @@ def test_the_playground_steers_a_job_with_a_controlnet(service: str, tmp_path: P
         page.fill("#width", "64")
         page.fill("#height", "64")
         page.select_option("#controlnet", "edges")
+        posted: list[str] = []
+        page.on("request", lambda r: posted.append(r.url) if r.url.endswith("/txt2img") else None)
+        page.click("#go")  # no control picture yet: said, and nothing sent
+        expect(page.locator("#status")).to_have_text("a ControlNet needs a control picture")
+        assert posted == []
         page.set_input_files("#control-image", str(tmp_path / "shape.png"))
         page.locator("#control-weight").fill("0.7")
         page.select_option("#control-preprocess", "canny")
-        page.wait_for_function("() => document.querySelector('#control-image').files.length")
-        page.wait_for_timeout(200)  # the picture read as a data URL
+        # no wait for the file to be read: a job sent meanwhile waits for its control picture
         with page.expect_request("**/v1/txt2img") as sent:
             page.click("#go")
         [unit] = sent.value.post_data_json["controlnets"]

@@ -23,7 +23,7 @@ function show(text, isError = false) {
   $("status").className = isError ? "error" : "";
 }
 
-function request() {
+async function request() {
   const body = { prompt: $("prompt").value, scheduler: $("scheduler").value };
   if ($("model").value) body.model = $("model").value;
   if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
@@ -36,10 +36,12 @@ function request() {
     weight: parseFloat(row.querySelector("input").value),
   }));
   if (loras.length) body.loras = loras;
-  if ($("controlnet").value && controlPicture) {
+  if ($("controlnet").value) {
+    const image = await controlPicture;
+    if (!image) throw new Error("a ControlNet needs a control picture");
     body.controlnets = [{
       model: $("controlnet").value,
-      image: controlPicture,
+      image,
       weight: parseFloat($("control-weight").value),
       preprocess: $("control-preprocess").value,
     }];
@@ -47,15 +49,18 @@ function request() {
   return body;
 }
 
-// The control picture, read as a data URL when chosen (a request carries it as base64).
-let controlPicture = null;
+// The control picture, read as a data URL when chosen (a request carries it as base64). It is
+// kept as a promise: a job sent while the file is still being read waits for it instead of
+// going without its control.
+let controlPicture = Promise.resolve(null);
 function chooseControlPicture() {
   const file = $("control-image").files[0];
-  controlPicture = null;
-  if (!file) return;
-  const reader = new FileReader();
-  reader.onload = () => { controlPicture = reader.result; };
-  reader.readAsDataURL(file);
+  controlPicture = !file ? Promise.resolve(null) : new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("the control picture could not be read"));
+    reader.readAsDataURL(file);
+  });
 }
 
 async function problem(response) {
@@ -172,12 +177,12 @@ async function submission() {
     return fetch("/v1/txt2img", {
       method: "POST",
       headers: { ...headers(), "Content-Type": "application/json" },
-      body: JSON.stringify(request()),
+      body: JSON.stringify(await request()),
     });
   }
   const form = new FormData();
   const upscale = $("upscale").value;
-  const fields = request();
+  const fields = await request();
   if (upscale) { // the size is the picture's times the scale
     delete fields.width;
     delete fields.height;
