@@ -547,7 +547,7 @@ def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Pa
         page.fill("#steps", "3")
         page.fill("#seed", "5")
         page.set_input_files("#image", str(tmp_path / "field.png"))
-        expect(page.locator("#canvas-box")).to_be_visible()
+        expect(page.locator("#canvas-box")).to_be_visible(timeout=10_000)
         assert page.input_value("#width") == "" and page.input_value("#height") == ""
         page.locator("#mask").scroll_into_view_if_needed()  # the mouse paints what it sees
         box = page.locator("#mask").bounding_box()
@@ -578,7 +578,7 @@ def test_the_playground_lists_the_models_and_upscales_a_picture(
     Image.new("RGB", (96, 64), (200, 120, 40)).save(tmp_path / "small.png")
     with playground(service) as page:
         page.dispatch_event("#key", "change")  # the models list, read with the key
-        expect(page.locator("#model option")).to_have_count(2)
+        expect(page.locator("#model option")).to_have_count(2, timeout=10_000)
         assert "default (default)" in page.locator("#model option").all_text_contents()[1]
         page.select_option("#model", "default")
         page.fill("#prompt", "a desert")
