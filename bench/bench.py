@@ -241,6 +241,9 @@ class Done:
     eta_at_half: tuple[float, float] | None = None
     # From the job's record: taken by a worker until its outcome written (its steps and finish).
     ran_s: float | None = None
+    # The status when `eta_at_submission` was read: "queued" (the API's estimate from the
+    # pace) or "running" (its worker's, from its progress).
+    status_at_submission: str | None = None
 
 
 def iso_seconds(stamp: str) -> float:
@@ -269,6 +272,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
         route = "/v1/upscale" if "scale" in body else "/v1/img2img"
     job = (await again(lambda: http.post(route, json=body))).json()
     at_submission = at_half = None
+    read_status = None
     while True:
         view = (await again(lambda: http.get(job["url"]))).json()
         looked = time.monotonic()
@@ -276,7 +280,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
             break
         eta, progress = view.get("eta_s"), view.get("progress")
         if eta is not None and at_submission is None:
-            at_submission = (eta, looked)
+            at_submission, read_status = (eta, looked), view["status"]
         half = progress is not None and progress["step"] * 2 >= progress["steps"]
         if eta is not None and at_half is None and half:
             at_half = (eta, looked)
@@ -290,7 +294,7 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
     if view["started_at"] and view["finished_at"]:
         ran = iso_seconds(view["finished_at"]) - iso_seconds(view["started_at"])
     return Done(submitted, time.monotonic(), wait, view["status"], looked, at_submission, at_half,
-                ran)  # fmt: skip
+                ran, read_status)  # fmt: skip
 
 
 def eta_errors(done: Sequence[Done], moment: str) -> dict[str, Any]:

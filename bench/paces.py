@@ -69,7 +69,8 @@ def eta_parts(jobs: Sequence[tuple[Done, int, int]], log: PaceLog) -> dict[str, 
     (its Done, the steps it ran, its UNet rows): what the estimate took and what happened."""
     parts: dict[str, list[float]] = {k: [] for k in (
         "eta_s", "actual_s", "wait_s", "ran_s", "predicted_ran_s", "predicted_step_ms",
-        "run_step_ms", "finish_s", "rows", "rows_mean", "beat_age_s")}  # fmt: skip
+        "run_step_ms", "finish_s", "rows", "rows_mean", "beat_age_s", "steps", "job_rows",
+        "base_ms", "row_ms", "read_at", "read_running")}  # fmt: skip
     for done, steps, rows in jobs:
         read = done.eta_at_submission
         if read is None or done.status != "succeeded" or done.ran_s is None:
@@ -94,13 +95,21 @@ def eta_parts(jobs: Sequence[tuple[Done, int, int]], log: PaceLog) -> dict[str, 
             "rows": pace.rows,
             "rows_mean": pace.rows if pace.rows_mean is None else pace.rows_mean,
             "beat_age_s": when - sample.beat_at,
+            "steps": steps,
+            "job_rows": rows,
+            "base_ms": pace.base_s * 1000,
+            "row_ms": pace.row_s * 1000,
+            "read_at": when,
+            "read_running": float(done.status_at_submission == "running"),
         }
         for key, value in values.items():
             parts[key].append(value)
     medians: dict[str, Any] = {
         f"{k}_p50": statistics.median(v) if v else None for k, v in parts.items()
     }
-    return {"jobs": len(parts["eta_s"])} | medians
+    # Job by job too, for reading a spread that medians hide.
+    each = [dict(zip(parts, values, strict=True)) for values in zip(*parts.values(), strict=True)]
+    return {"jobs": len(parts["eta_s"])} | medians | {"each": each}
 
 
 def parts_lines(parts: dict[str, Any]) -> list[str]:

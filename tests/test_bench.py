@@ -62,7 +62,7 @@ def test_the_eta_at_submission_is_taken_apart_from_the_heartbeat_it_used(
     submitted = sample.at + 0.5
     # Read at submission: 1.5 s; it ended 2 s later, after a 0.2-s wait and a 1.8-s run.
     done = Done(submitted, submitted + 2.1, 0.2, "succeeded", submitted + 2.0,
-                (1.5, submitted), None, 1.8)  # fmt: skip
+                (1.5, submitted), None, 1.8, "queued")  # fmt: skip
     parts = eta_parts([(done, 25, 2)], log)
     step_s = 0.01 + 0.002 * ((10 + 6.0) / 2 + 2)  # beside: half now, half the recent mean
     assert parts["jobs"] == 1
@@ -74,3 +74,7 @@ def test_the_eta_at_submission_is_taken_apart_from_the_heartbeat_it_used(
     assert log.at(sample.at - 1) is None  # nothing read before the first sample
     table = "\n".join(parts_lines(parts))
     assert "| a step, ms | 30.0 | 68.0" in table
+    # And job by job, for the spread the medians hide: read while queued, 25 steps of 2 rows.
+    [each] = parts["each"]
+    assert (each["eta_s"], each["steps"], each["job_rows"], each["read_running"]) == (1.5, 25, 2, 0)
+    assert each["row_ms"] == pytest.approx(2.0) and each["read_at"] == submitted

@@ -221,21 +221,22 @@ def test_a_queued_job_has_an_eta_once_a_worker_measured_its_pace(
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] is None  # no worker
     # As a worker's heartbeat says it: the models it holds (the job's among them), its pace.
     info = {"models": ["default"], "device": "cpu", "base_s": 0.1, "row_s": 0.05, "rows": 0,
-            "row_cap": 8, "finish_s": 1.0}  # fmt: skip
+            "row_cap": 8, "finish_s": 1.03}  # fmt: skip
     store.heartbeat("paced", "token", 30, json.dumps(info))
     time.sleep(1.1)  # the API reads paces at most once a second
-    # 10 steps of its 2 rows at 0.1 + 0.05 x 2 s, and a finish.
-    assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(3.0)
+    # 10 steps of its 2 rows at 0.1 + 0.05 x 2 s, and a finish: to the hundredth (a tenth is a
+    # tenth of a second-long job).
+    assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(3.03)
     # Between heartbeats the worker writes its pace as it moves (4 rows in flight now): that
     # one counts; a process that does not hold the name writes nothing.
-    moved = {"base_s": 0.1, "row_s": 0.05, "rows": 4, "row_cap": 8, "finish_s": 1.0}
+    moved = {"base_s": 0.1, "row_s": 0.05, "rows": 4, "row_cap": 8, "finish_s": 1.03}
     assert not store.publish_pace("paced", "not-its-token", json.dumps(moved | {"rows": 0}))
     assert not store.publish_pace("gone", "token", json.dumps(moved))  # no heartbeat, no key
     assert store.publish_pace("paced", "token", json.dumps(moved))
     assert not store.client.exists(worker_key("gone"))
     time.sleep(1.1)
     # Beside 4 rows: 10 steps at 0.1 + 0.05 x (4 + 2) s, and a finish.
-    assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(5.0)
+    assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(5.03)
     assert json.loads(store.worker_infos()["paced"])["device"] == "cpu"  # the rest kept
 
 

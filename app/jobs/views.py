@@ -99,9 +99,9 @@ def _eta(
     paces: list[Pace],
 ) -> float | None:
     if status is Status.RUNNING and "finish_at" in record:
-        return round(max(0.0, float(record["finish_at"]) - now), 1)
+        return round(max(0.0, float(record["finish_at"]) - now), 2)
     # Queued; or just started, before its worker's first report: as the first in the queue.
     if (status is Status.QUEUED and position is not None) or status is Status.RUNNING:
         eta = queued_eta(position or 0, request, paces)
-        return None if eta is None else round(eta, 1)
+        return None if eta is None else round(eta, 2)
     return None
