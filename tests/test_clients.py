@@ -507,7 +507,8 @@ def test_the_playground_puts_loras_on_a_job(service: str) -> None:
 def test_the_playground_steers_a_job_with_a_controlnet(service: str, tmp_path: Path) -> None:
     """The ControlNets served are offered; one chosen without a control picture is refused in the
     page; with one, its weight and preprocessor go with the job (the picture as base64, sent even
-    if Go comes before the file is read), and the job succeeds."""
+    if Go comes before the file is read), and the job succeeds; with a picture to start from,
+    the unit goes with the img2img job's form."""
     from playwright.sync_api import expect
 
     Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "shape.png")
@@ -534,6 +535,15 @@ def test_the_playground_steers_a_job_with_a_controlnet(service: str, tmp_path: P
         assert unit["image"].startswith("data:image/png;base64,")
         assert (unit["model"], unit["weight"], unit["preprocess"]) == ("edges", 0.7, "canny")
         expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+        # With a picture to start from, the unit goes in the img2img job's form.
+        page.set_input_files("#image", str(tmp_path / "shape.png"))
+        with page.expect_response("**/v1/img2img") as answered:
+            page.click("#go")
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+        job = httpx.get(service + answered.value.json()["url"], timeout=10,
+                        headers={"Authorization": f"Bearer {KEY}"}).json()  # fmt: skip
+        [unit] = job["request"]["controlnets"]
+        assert (job["request"]["kind"], unit["model"], unit["weight"]) == ("img2img", "edges", 0.7)
 
 
 def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Path) -> None:
