@@ -105,7 +105,9 @@ def eta_parts(jobs: Sequence[tuple[Done, int, int]], log: PaceLog) -> dict[str, 
         for key, value in values.items():
             parts[key].append(value)
     medians: dict[str, Any] = {
-        f"{k}_p50": statistics.median(v) if v else None for k, v in parts.items()
+        f"{k}_p50": statistics.median(v) if v else None
+        for k, v in parts.items()
+        if k != "read_at"  # a monotonic clock's reading: no median to it
     }
     # Job by job too, for reading a spread that medians hide.
     each = [dict(zip(parts, values, strict=True)) for values in zip(*parts.values(), strict=True)]
