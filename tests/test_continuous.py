@@ -5,18 +5,23 @@ progress is per job."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import pytest
 import redis
 
 from app.jobs.contract import Status
 from app.jobs.keys import GROUP, STREAM
 from tests.conftest import SERVED, JobStore, wait_for
-from tests.test_worker import alone, max_diff, png, runner, submit
+from tests.test_sources import picture
+from tests.test_uploads import encoded
+from tests.test_worker import alone, max_diff, png, record_steps, run_until_done, runner, submit
 from worker.runner import Runner
 
 
@@ -84,6 +89,43 @@ def test_a_job_joins_between_steps_and_cancel_leaves_at_the_next_one(
     assert 0 < at_cancel < 60 and _status(store, doomed) is Status.CANCELED
     assert max_diff(png(store, late, 0), alone(r.engines.first, store, late, 0)) <= 1
     assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 0
+
+
+def test_a_job_is_taken_in_the_step_that_frees_its_room_and_joins_at_the_next(
+    api: httpx.Client,
+    store: JobStore,
+    tiny_model: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An img2img job's picture is read while the step that frees its room runs, so it joins
+    at the next step; taken only once its room was free, it joined a step later (its picture
+    still being read) and its rows stayed empty that step."""
+    leaving = submit(store, steps=2, seed=1)
+    staying = submit(store, steps=8, seed=2)
+    r = continuous(store, tiny_model, redis_url, max_batch=2)
+    steps = record_steps(r, monkeypatch)
+    r.open()
+    try:
+        wait_for(lambda: r.inbox.room() <= r.inbox.capacity - 2, 30, "both jobs read")
+        r.step()
+        assert steps == [[leaving, staying]]
+        image = base64.b64encode(encoded(picture(), "PNG")).decode()
+        made = api.post("/v1/img2img", json={"prompt": "x", "image": image, "strength": 0.5,
+                                             "steps": 4, "seed": 3})  # fmt: skip
+        assert made.status_code == 202, made.text
+        later = made.json()["id"]
+        wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the img2img job read")
+        r.step()  # `leaving`'s last: the images in flight are at max_batch until it ends
+        assert steps[-1] == [leaving, staying]
+        assert _status(store, later) is Status.RUNNING  # taken for the room this step freed
+        wait_for(lambda: r.loop.loading[later].done(), 30, "its picture read")
+        r.step()
+        assert steps[-1] == [staying, later]  # no step went by without it
+        run_until_done(r, store, [leaving, staying, later])
+    finally:
+        r.close()
+    assert all(_status(store, i) is Status.SUCCEEDED for i in (leaving, staying, later))
 
 
 def test_stopping_finishes_the_rows_in_flight_and_hands_back_the_rest(

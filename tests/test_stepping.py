@@ -51,6 +51,10 @@ def test_sizes_take_turns_and_a_new_size_goes_first() -> None:
     turns.forget([B])
     assert turns.next([A, B]) == A
     assert turns.next([]) is None
+    # What the next call will step, asked ahead (the loop takes jobs for the room it frees):
+    # the same answer, and asking takes no turn.
+    assert [turns.peek([A, B]) for _ in range(2)] == [B, B]
+    assert turns.next([A, B]) == B and turns.peek([A, B]) == A and turns.peek([]) is None
 
 
 @given(st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=40),

@@ -84,7 +84,7 @@ class RowLoop:
         # Only as many jobs are taken (and so started: `running`) as there are images free in
         # flight; the rest stay queued, with their place and their deadline. With rows in
         # flight, never wait for company: the next step is due now.
-        room = p.settings.max_batch - self._images()
+        room = p.settings.max_batch - self._images() + self._leaving()
         deliveries = []
         if room > 0:
             deliveries = p.inbox.take(0 if self.busy else idle_wait, 0 if self.busy else 1.0, room)
@@ -135,6 +135,23 @@ class RowLoop:
             return source, controls
 
         return self._readers.submit(read)
+
+    def _leaving(self) -> int:
+        """Images whose lanes the coming step finishes (their last step, no pass after it).
+        Jobs are taken for them now: a job's picture is read while that step runs, and it
+        joins at the next, when the room is free. Taken only once the room is free, an
+        img2img job would join a step later (its picture still being read) and its rows would
+        stay empty that step. (It joins no earlier than the room frees: the rows in flight
+        still count at this step's join.)"""
+        key = self.turns.peek(self._keys())
+        return sum(lane.images for job, lane in self.lanes.values()
+                   if (self.p.engines.key(job, lane), lane.size) == key
+                   and lane.step + 1 >= lane.steps and not lane.later_steps)  # fmt: skip
+
+    def _keys(self) -> list[tuple[str, Size]]:
+        """The keys of the rows in flight (a model and size: rows that share a UNet call)."""
+        return list(dict.fromkeys((self.p.engines.key(job, lane), lane.size)
+                                  for job, lane in self.lanes.values()))  # fmt: skip
 
     def _images(self) -> int:
         """Images taken and not yet finished: in flight, and started but not joined."""
@@ -233,8 +250,7 @@ class RowLoop:
         """One UNet call: the rows of one model and size, whichever has waited longest (a
         refiner's pass is its model's rows: they batch with other jobs' refiner passes)."""
         p = self.p
-        keys = list(dict.fromkeys((p.engines.key(job, lane), lane.size)
-                                  for job, lane in self.lanes.values()))  # fmt: skip
+        keys = self._keys()
         self.turns.forget(keys)
         key = self.turns.next(keys)
         group = [(job, lane) for job, lane in self.lanes.values()

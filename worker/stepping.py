@@ -58,11 +58,17 @@ class Turns(Generic[K]):
         self._last: dict[K, int] = {}
         self._calls = 0
 
-    def next(self, sizes: Sequence[K]) -> K | None:
+    def peek(self, sizes: Sequence[K]) -> K | None:
+        """The size `next` would pick now, without taking its turn."""
         if not sizes:
             return None
         # Never stepped counts as longest ago; ties go to the size listed first (older work).
-        size = min(sizes, key=lambda s: self._last.get(s, -1))
+        return min(sizes, key=lambda s: self._last.get(s, -1))
+
+    def next(self, sizes: Sequence[K]) -> K | None:
+        size = self.peek(sizes)
+        if size is None:
+            return None
         self._calls += 1
         self._last[size] = self._calls
         return size
