@@ -21,13 +21,18 @@ With `--controlnets` (issue 24) the worker serves a ControlNet of the model's si
 with every request controlled and (h) with half of them, against what (a) and (k) predict for
 half and half (≥ 0.95). bench/controlnets.py adds diffusers' ControlNet pipeline beside it.
 
+With `--masked-contexts` the worker puts rows of every prompt length in one UNet call, shorter
+contexts padded and masked (`SDSERVE_MASKED_CONTEXTS`): its (a) and (e) against a run without
+say whether the mask costs the uniform load what it gains the mixed one (bench/masked.py times
+the UNet call alone).
+
 (Static batching's side, `--static`, went with static batching on 2026-12-04; BENCHMARKS.md
 keeps the comparisons.)
 Prints one table, every figure beside its target, writes OUT/gpu_check.{json,md}, and exits 1
 when a target is missed (2 when a kind failed or compiled while serving).
 
     python3 -m bench.gpu_check --out DIR [--seconds 15] [--warmup 5] [--kinds-only --arch ARCH]
-        [--loras] [--controlnets]
+        [--loras] [--controlnets] [--masked-contexts]
 """
 
 from __future__ import annotations
@@ -223,6 +228,8 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         from bench.controlnets import setting
 
         extra |= setting(Path(args.model), work)
+    if args.masked_contexts:
+        extra["SDSERVE_MASKED_CONTEXTS"] = "true"
     with service(args.model, "continuous", args, work, cache, extra) as running:
         url, startup, log = running
         result["cold_start_s"] = startup
@@ -363,6 +370,11 @@ def main() -> None:
         "--controlnets",
         action="store_true",
         help="serve a ControlNet: kinds with a unit, (k) every request and (h) half controlled",
+    )
+    parser.add_argument(
+        "--masked-contexts",
+        action="store_true",
+        help="the worker with SDSERVE_MASKED_CONTEXTS: rows of every prompt length in one call",
     )
     args = parser.parse_args()
     work = batching.prepare(args)

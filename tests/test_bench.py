@@ -1,16 +1,19 @@
 """The benchmarks' own parts: their client (a load must not be lost to a kept-alive connection
 that the server closed as a request went out: seen on the H200, one such disconnect ended a run),
-and how they take a missed ETA apart."""
+how they take a missed ETA apart, and the masked-context comparison's CPU smoke run."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from argparse import Namespace
+from pathlib import Path
 
 import httpx
 import pytest
 
 from app.jobs.eta import Pace
+from bench import masked
 from bench.bench import Done, again
 from bench.paces import PaceLog, eta_parts, parts_lines
 from tests.conftest import JobStore
@@ -78,3 +81,19 @@ def test_the_eta_at_submission_is_taken_apart_from_the_heartbeat_it_used(
     [each] = parts["each"]
     assert (each["eta_s"], each["steps"], each["job_rows"], each["read_running"]) == (1.5, 25, 2, 0)
     assert each["row_ms"] == pytest.approx(2.0) and each["read_at"] == submitted
+
+
+def test_the_masked_comparison_runs_both_variants_on_one_unet(tiny_model: Path) -> None:
+    """Per length and masked through the compiled boundary (dynamo's guards, the "eager"
+    backend on the CPU): every load timed in both, the same rows out of both, one table."""
+    args = Namespace(model=str(tiny_model), device="cpu", backend="eager", side=64, rows=6,
+                     repeats=2)  # fmt: skip
+    found = masked.run(args)
+    for variant in ("per length", "masked"):
+        assert {k for k in found["results"][variant] if k.startswith("step_ms")} == {
+            f"step_ms {load}" for load in masked.LOADS
+        }
+    assert all(d <= 1e-4 for d in found["largest_difference"].values())
+    text = masked.table(found["results"], found["largest_difference"])
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # past the head
+    assert [row.split(" | ")[0] for row in rows] == [f"| {load}" for load in masked.LOADS]

@@ -165,11 +165,13 @@ def png(picture: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def compiled_engine(model: Path, rows: bool, loras: Path | None = None) -> Engine:
+def compiled_engine(
+    model: Path, rows: bool, loras: Path | None = None, masked: bool = False
+) -> Engine:
     sizes = ((SIDE, SIDE), (BIG, BIG))
     tuning = Tuning(max_batch=4, fuse=True, compile=True, compile_backend="eager",
                     compiled_sizes=sizes, rows=rows, prompt_chunks=2, loras=loras,
-                    lora_slots=3, lora_row_rank=16)  # fmt: skip
+                    lora_slots=3, lora_row_rank=16, masked_contexts=masked)  # fmt: skip
     engine = Engine(str(model), torch.device("cpu"), tuning)
     engine.warm_up()
     return engine
@@ -226,6 +228,61 @@ def test_no_request_kind_compiles_while_serving_rows(
     kind: str, row_engine: Engine, storage: Storage
 ) -> None:
     serve_every_case(row_engine, storage, kind)
+
+
+@pytest.fixture(scope="module")
+def masked_engine(tiny_model: Path) -> Engine:
+    return compiled_engine(tiny_model, rows=True, masked=True)
+
+
+@pytest.mark.parametrize("kind", ["txt2img", "img2img"])
+def test_masked_contexts_compile_nothing_while_serving(
+    kind: str, masked_engine: Engine, storage: Storage
+) -> None:
+    """`masked_contexts`: every call takes a mask, warmed with it; the kinds whose cases mix
+    one- and two-chunk prompts in one call compile nothing."""
+    serve_every_case(masked_engine, storage, kind)
+
+
+def test_masked_contexts_step_every_length_in_one_call_with_the_same_images(
+    masked_engine: Engine, row_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lanes of one- and two-chunk prompts, guided and not: one UNet call a step, padded and
+    masked, where the unmasked engine makes one per length; each lane's latents as the
+    unmasked engine makes them (the padded tokens get no attention weight)."""
+    unguided = Txt2ImgRequest(prompt=LONG, guidance_scale=1.0, width=SIDE, height=SIDE,
+                              steps=3, seed=8)  # fmt: skip
+    jobs: dict[str, JobRequest] = {
+        "short": CASES["txt2img"][0],
+        "long": CASES["txt2img"][2],
+        "unguided": CASES["txt2img"][1],
+        "long-unguided": unguided,
+    }
+    calls = {id(masked_engine): 0, id(row_engine): 0}
+    for engine in (masked_engine, row_engine):
+        call = engine.calls._unet_call
+
+        def counted(*args: typing.Any, _e: Engine = engine, _c: typing.Any = call,
+                    **kw: typing.Any) -> torch.Tensor:  # fmt: skip
+            calls[id(_e)] += 1
+            out: torch.Tensor = _c(*args, **kw)
+            return out
+
+        monkeypatch.setattr(engine.calls, "_unet_call", counted)
+    latents = []
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for engine in (masked_engine, row_engine):
+            lanes = []
+            for key, request in jobs.items():
+                work = task(request)
+                lanes.append(work.prepare(engine, key, work.shape(request), None, request))
+            while not all(lane.done for lane in lanes):
+                engine.step(lanes)
+            latents.append([lane.latents for lane in lanes])
+    assert calls == {id(masked_engine): 3, id(row_engine): 6}  # 3 steps: 1 call, or 2, each
+    for masked_lane, plain in zip(*latents, strict=True):  # fp32 rounding: the sums' order
+        assert float((masked_lane - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
+    assert masked_engine.calls.recompiles == 0
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,12 @@ class Tuning:
     rows: bool = False
     # The longest prompt encoded, in chunks of 75 tokens.
     prompt_chunks: int = 4
+    # Rows of different prompt lengths in one UNet call: each context padded to the call's
+    # longest and masked (the cross-attention gives padded tokens no weight, so a row's image
+    # stays its own). Off: one call per length, where no call takes a mask. Every call then
+    # takes a mask (one compiled graph), which moves the cross-attention off the kernels
+    # that take none: its price against a call per length is bench/masked.py's to say.
+    masked_contexts: bool = False
     # Pictures of more than `tile` x `tile` pixels are denoised in tiles of `tile` overlapping by
     # `tile_overlap` (worker/tiles.py); smaller ones in one piece.
     tile: int = 1024
@@ -249,8 +255,11 @@ class CompiledCalls:
             latent, sample, t, context, added = self._warm_inputs(warm, config, latent_scale)
             if self.controls is not None:
                 added = (added or {}) | self.controls.zeros(warm.rows, *latent)
+            mask = None
+            if self.tuning.masked_contexts:
+                mask = torch.ones(warm.rows, warm.tokens, device=self.device, dtype=self.dtype)
             for _ in range(2):
-                self._unet_call(sample, t, context, None, True, added)
+                self._unet_call(sample, t, context, None, True, added, mask)
             took = time.perf_counter() - started
             level = logging.INFO if took > 1 else logging.DEBUG
             log.log(level, "warmed up %dx%d at %d UNet rows, %d tokens in %.1fs",
@@ -368,9 +377,9 @@ class CompiledCalls:
         what = f"ControlNet {name} {tuple(sample.shape)} x {tuple(context.shape)}"
         return self._serve(run, eager, what)
 
-    def _mark_rows(self, row_tensors: list[torch.Tensor], context: torch.Tensor) -> None:
+    def _mark_rows(self, row_tensors: list[torch.Tensor], *contexts: torch.Tensor) -> None:
         """Dynamic over the row buckets (first dimension) and the prompt's chunks (the
-        context's second), so no bucket or prompt length is a guard."""
+        context's second, and its mask's), so no bucket or prompt length is a guard."""
         # Continuous batching bounds the rows (one graph); static batches grow to 2 x max_batch,
         # past ROW_LIMIT (a second graph, compiled at warm-up).
         # (Bounds on one side only break inductor's range analysis: none, or both.)
@@ -379,7 +388,8 @@ class CompiledCalls:
             torch._dynamo.mark_dynamic(tensor, 0, **bounds)
         if self.tuning.prompt_chunks > 1:
             most = CHUNK_TOKENS * self.tuning.prompt_chunks
-            torch._dynamo.mark_dynamic(context, 1, min=CHUNK_TOKENS, max=most)
+            for context in contexts:
+                torch._dynamo.mark_dynamic(context, 1, min=CHUNK_TOKENS, max=most)
 
     # -- the calls ------------------------------------------------------------------------------
 
@@ -399,9 +409,13 @@ class CompiledCalls:
         and the rows of padding it ran. Rows whose
         prompts have more chunks see a longer context: they run in a call of their own (one
         per length), since padding a shorter context would change what its rows attend to, and
-        so their images. Most calls have one length."""
+        so their images; or, with `masked_contexts`, in one call, shorter contexts padded and
+        masked. Most calls have one length."""
         t = canonical_timesteps(t, len(sample))
         compiled = self.compiled(size) and labels is None
+        if self.tuning.masked_contexts:
+            context, mask = masked(blocks)
+            return self._padded(sample, t, context, labels, compiled, added, mix, mask)
         lengths = [block.shape[1] for block in blocks]
         if len(set(lengths)) == 1:
             return self._padded(sample, t, torch.cat(blocks), labels, compiled, added, mix)
@@ -439,6 +453,7 @@ class CompiledCalls:
         compiled: bool,
         added: dict[str, torch.Tensor] | None = None,
         mix: RowMix | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """One UNet call; a compiled one is padded to its row bucket (copies of the last row,
         whose outputs are dropped): CUDA graphs need the shape, and an eager call computes no
@@ -452,7 +467,8 @@ class CompiledCalls:
                                   None if labels is None else labels[at : at + cap], compiled,
                                   None if added is None
                                   else {k: v[at : at + cap] for k, v in added.items()},
-                                  None if mix is None else mix.sliced(at, at + cap))
+                                  None if mix is None else mix.sliced(at, at + cap),
+                                  None if mask is None else mask[at : at + cap])
                      for at in range(0, rows, cap)]  # fmt: skip
             return torch.cat([part for part, _ in parts]), sum(pad for _, pad in parts)
         padding = self.tuning.row_bucket(rows) - rows if compiled else 0
@@ -462,12 +478,14 @@ class CompiledCalls:
                 added = {k: padded_rows(v, padding) for k, v in added.items()}
             if mix is not None:
                 mix = mix.padded(padding)
+            if mask is not None:
+                mask = padded_rows(mask, padding)
         if self.lora_rows is not None:  # rows without LoRAs: unit 0 at scale 0
             if mix is None:
                 self.lora_rows.clear()
             else:
                 self.lora_rows.write(mix)
-        return self._unet_call(sample, t, context, labels, compiled, added)[:rows], padding
+        return self._unet_call(sample, t, context, labels, compiled, added, mask)[:rows], padding
 
     def _unet_call(
         self,
@@ -477,6 +495,7 @@ class CompiledCalls:
         labels: torch.Tensor | None,
         compiled: bool,
         added: dict[str, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         sample = sample.to(self.dtype).contiguous()
         context = context.to(self.dtype).contiguous()
@@ -485,6 +504,11 @@ class CompiledCalls:
         t = t.to(torch.float32).contiguous()
         # SDXL's added conditioning in the model's dtype, as diffusers' pipelines give it.
         extra: dict[str, Any] = {}
+        contexts = [context]
+        if mask is not None:  # 1 a token the row attends to, 0 padding (diffusers' convention)
+            mask = mask.to(self.dtype).contiguous()
+            extra["encoder_attention_mask"] = mask
+            contexts.append(mask)
         residuals: list[torch.Tensor] = []
         if added is not None:
             conditioning, control = split({k: v.to(self.dtype).contiguous()
@@ -499,9 +523,9 @@ class CompiledCalls:
             out = self.unet(sample, t, encoder_hidden_states=context, class_labels=labels,
                             **extra)  # fmt: skip
             return out.sample  # type: ignore[no-any-return]
-        row_tensors = [sample, context, t, *extra.get("added_cond_kwargs", {}).values(),
+        row_tensors = [sample, *contexts, t, *extra.get("added_cond_kwargs", {}).values(),
                        *residuals]  # fmt: skip
-        self._mark_rows(row_tensors, context)
+        self._mark_rows(row_tensors, *contexts)
         fast = self._fast_unet
 
         def run() -> torch.Tensor:
@@ -582,6 +606,18 @@ def moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
 def cudagraph_skips() -> int:
     """Compiled calls in this process that CUDA graphs could not capture (torch's count)."""
     return int(counters["inductor"]["cudagraph_skips"])
+
+
+def masked(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings of any lengths as one context, each block padded with zeros to the
+    longest, and its mask: 1 where a row has a token, 0 where it is padded."""
+    longest = max(block.shape[1] for block in blocks)
+    context = torch.cat([torch.nn.functional.pad(block, (0, 0, 0, longest - block.shape[1]))
+                         for block in blocks])  # fmt: skip
+    lengths = on_device([block.shape[1] for block in blocks for _ in range(len(block))],
+                        torch.long, context.device)  # fmt: skip
+    mask = torch.arange(longest, device=context.device) < lengths[:, None]
+    return context, mask.to(context.dtype)
 
 
 def padded_rows(tensor: torch.Tensor, padding: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
         vae_chunk=settings.vae_chunk,
         rows=True,  # continuous batching: rows of many jobs per UNet call
         prompt_chunks=settings.max_prompt_chunks,
+        masked_contexts=settings.masked_contexts,
         tile=settings.tile,
         tile_overlap=settings.tile_overlap,
         loras=settings.lora_dir,

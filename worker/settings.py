@@ -158,6 +158,12 @@ class WorkerSettings(CommonSettings):
         description="The longest prompt encoded, in chunks of 75 tokens (a longer one is a 422"
         " at the API). Each chunk lengthens the UNet's cross-attention for that row.",
     )
+    masked_contexts: bool = Field(
+        default=False,
+        description="Rows of different prompt lengths in one UNet call, the shorter contexts"
+        " padded and masked (their images unchanged); false: one call per length. Every call"
+        " then takes a mask: `python3 -m bench.masked` weighs the two on a GPU.",
+    )
     tile: int = Field(
         default=TILE,
         ge=64,
