@@ -97,8 +97,10 @@ class WorkerSettings(CommonSettings):
         " guidance join the rows in flight between UNet steps.",
     )
     # Only an idle GPU waits: under load the next batch is gathered while the last one runs.
+    # 0: with continuous batching a job that comes a moment later joins at the next step (a
+    # few ms on a GPU), so an idle worker that waited for company only delayed the first job.
     batch_window_ms: int = Field(
-        default=10, ge=0, le=10_000, description="How long an idle GPU waits for company."
+        default=0, ge=0, le=10_000, description="How long an idle GPU waits for company."
     )
     heartbeat_ttl_s: int = Field(
         default=15, ge=3, le=600, description="A worker silent this long counts as gone."
