@@ -8,9 +8,9 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from app.jobs.contract import ControlNetUnit, JobRequest, Lora
+from worker import png
 from worker.schedulers import SAMPLERS
 from worker.tasks import task
 
@@ -90,14 +90,9 @@ def lora_tag(lora: Lora) -> str:
 
 
 def encode_png(pixels: np.ndarray, text: str) -> bytes:
-    """HxWx3 uint8 to PNG bytes."""
-    info = PngInfo()
-    info.add_text("parameters", text)
-    out = io.BytesIO()
-    # Level 1: several times faster than the default 6 for ~10% larger files; encoding runs
-    # beside the GPU loop and must keep up with it.
-    Image.fromarray(pixels, "RGB").save(out, format="PNG", pnginfo=info, compress_level=1)
-    return out.getvalue()
+    """HxWx3 uint8 to PNG bytes with the infotext as its `parameters` (worker/png.py: faster
+    than Pillow's fastest, the same size)."""
+    return png.encode(pixels, {"parameters": text})
 
 
 PREVIEW_QUALITY = 85
