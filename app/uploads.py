@@ -119,6 +119,10 @@ def as_mask(image: Image.Image) -> Image.Image:
 
 
 def to_png(image: Image.Image) -> bytes:
+    """The picture as the API stores it. Zlib's fastest level: it is written on the request's
+    path, and Pillow's default level took 2.3 s for a 2048x2048 picture (an upscale's input,
+    stored enlarged) against 0.3 s, for files about 15% larger (2 CPUs; `bench.png`'s
+    smooth picture, enlarged)."""
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", compress_level=1)
     return out.getvalue()
