@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from app import openai_images
+from app.endings import Endings
 from app.jobs.api_store import ApiStore
 from app.jobs.storage import open_storage
 from app.jobs.store import is_full
@@ -53,6 +54,7 @@ for never matters, and who shares a call changes a pixel by at most one level of
 def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
     storage = open_storage(settings.storage)
     store.models = settings.model_names()
+    endings = Endings(store.client)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -66,7 +68,9 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
             sender.start()
         sweeper = Sweeper(store, storage, settings)
         sweeper.start()
+        endings.start()
         yield
+        endings.stop()
         sweeper.stop()
         if sender is not None:
             sender.stop()
@@ -143,7 +147,7 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    ctx = make_context(store, storage, settings)
+    ctx = make_context(store, storage, settings, endings)
     submitter = submit.Submitter(ctx)
     app.include_router(sources.router(ctx, submitter))
     app.include_router(jobs.router(ctx))

@@ -32,6 +32,8 @@ All keys live under the ``sdserve:`` prefix:
 - ``sdserve:embeddings``        JSON of the textual-inversion embeddings the model's workers
                                 loaded and skipped (A1111's shape), set at each heartbeat with a
                                 TTL; ``sdserve:embeddings:<model>`` for each named model
+- ``sdserve:ended``             pub/sub channel: a job's id, published when it ends (any
+                                terminal status), for the API's routes that wait for it
 - ``sdserve:refresh:<what>``    counter (``loras``, ``embeddings``): A1111's refresh-loras and
                                 refresh-embeddings bump it; workers read their folders again
                                 when it moves
@@ -55,6 +57,7 @@ SWEEP_LOCK = "sdserve:sweep"
 TOKENIZER = "sdserve:tokenizer"
 LORAS = "sdserve:loras"
 EMBEDDINGS = "sdserve:embeddings"
+ENDED = "sdserve:ended"
 
 
 def _per_model(key: str, model: str) -> str:

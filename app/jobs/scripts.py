@@ -95,8 +95,9 @@ return 1
 
 # KEYS: job, queued, owner's in-flight set, duration histogram, webhook events. ARGV: job id,
 # status, now, result ttl, record ttl, error code, error message, histogram bounds
-# ("0.5,1.0,..."), number of images (already in storage). A terminal state never changes: a
-# late or repeated completion writes nothing, counts nothing and sends nothing.
+# ("0.5,1.0,..."), number of images (already in storage), the channel jobs' ends are published
+# on (app/endings.py). A terminal state never changes: a late or repeated completion writes
+# nothing, counts nothing and sends nothing.
 FINISH = (
     _ALLOW_OOM
     + _WEBHOOK_EVENT
@@ -121,6 +122,7 @@ webhook_event(KEYS[1], KEYS[5], ARGV[1], ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[10], ARGV[1])
 return 1
 """
 )

@@ -12,6 +12,7 @@ from redis.retry import Retry
 from app.jobs import scripts
 from app.jobs.contract import DEFAULT_MODEL, JOB_SECONDS_BUCKETS, Status
 from app.jobs.keys import (
+    ENDED,
     GROUP,
     JOB_SECONDS,
     WEBHOOKS,
@@ -142,7 +143,8 @@ class Store:
         transaction: the ack never comes before the result is stored."""
         keys = [job_key(job_id), queued_key(model), inflight_key(owner), JOB_SECONDS, WEBHOOKS]
         args: list[str | int] = [job_id, status.value, repr(time.time()), self.result_ttl_s,
-                                 self.record_ttl(), code, message, BOUNDS, images]  # fmt: skip
+                                 self.record_ttl(), code, message, BOUNDS, images,
+                                 ENDED]  # fmt: skip
         tx = self._r.pipeline(transaction=True)
         self._finish(keys=keys, args=args, client=tx)
         if entry_id is not None:

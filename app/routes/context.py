@@ -16,6 +16,7 @@ from fastapi.security import (
 from pydantic import BaseModel
 
 from app.auth import ANONYMOUS, Caller
+from app.endings import Endings
 from app.jobs.api_store import ApiStore
 from app.jobs.contract import JobView, is_job_id
 from app.jobs.storage import Storage
@@ -61,9 +62,13 @@ class Context:
     authenticated: Any
     # Decodes of uploaded pictures under way in this process, at most SDSERVE_MAX_DECODES.
     decodes: asyncio.Semaphore
+    # Jobs' ends as Redis publishes them: what a request that waits for its job waits on.
+    endings: Endings
 
 
-def make_context(store: ApiStore, storage: Storage, settings: ApiSettings) -> Context:
+def make_context(
+    store: ApiStore, storage: Storage, settings: ApiSettings, endings: Endings
+) -> Context:
     keyring = settings.keyring()
     bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
     # What A1111's clients send (`webuiapi`'s set_auth, `--api-auth` users): any user name, the
@@ -85,7 +90,7 @@ def make_context(store: ApiStore, storage: Storage, settings: ApiSettings) -> Co
         return caller
 
     decodes = asyncio.Semaphore(settings.max_decodes)
-    return Context(store, storage, settings, Depends(authenticate), decodes)
+    return Context(store, storage, settings, Depends(authenticate), decodes, endings)
 
 
 def find_job(store: ApiStore, job_id: str, caller: Caller) -> JobView:

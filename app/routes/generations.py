@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 from typing import Any
 
@@ -151,23 +152,34 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     return routes
 
 
+# A waiting request looks at its job this often besides its end's message: a client that hung
+# up is found within it, and an end whose message was lost costs at most this.
+LOOK_S = 0.1
+
+
 async def finished_job(ctx: Context, job_id: str, http: Request, caller: Caller) -> JobView:
     """Wait for the job to succeed (at most SDSERVE_SYNC_TIMEOUT_S: then a 504, the job goes
     on); a failed or canceled job is an error answer, and a client that hangs up cancels it."""
     deadline = time.monotonic() + ctx.settings.sync_timeout_s
-    while True:
-        view = await run_in_threadpool(find_job, ctx.store, job_id, caller)
-        if view.status in TERMINAL:
-            break
-        if await http.is_disconnected():  # nobody waits: free the GPU
-            await run_in_threadpool(ctx.store.cancel, job_id, caller.key_id)
-            raise JobEnded(409, "the client hung up: job canceled", "canceled")
-        if time.monotonic() > deadline:
-            message = f"not done in {ctx.settings.sync_timeout_s}s; it goes on at /jobs/{job_id}"
-            if view.workers == 0:  # say why: nothing runs it until a worker of its model starts
-                message += f" (no live worker holds model {view.request.model})"
-            raise JobEnded(504, message, "timeout")
-        await asyncio.sleep(0.1)
+    with ctx.endings.watch(job_id) as ended:  # before the first look: no end is missed
+        while True:
+            view = await run_in_threadpool(find_job, ctx.store, job_id, caller)
+            if view.status in TERMINAL:
+                break
+            if await http.is_disconnected():  # nobody waits: free the GPU
+                await run_in_threadpool(ctx.store.cancel, job_id, caller.key_id)
+                raise JobEnded(409, "the client hung up: job canceled", "canceled")
+            if time.monotonic() > deadline:
+                message = (f"not done in {ctx.settings.sync_timeout_s}s; it goes on at"
+                           f" /jobs/{job_id}")  # fmt: skip
+                if view.workers == 0:  # say why: nothing runs it until a worker of its model
+                    message += f" (no live worker holds model {view.request.model})"
+                raise JobEnded(504, message, "timeout")
+            # Its end, as published (app/endings.py); a look every LOOK_S whatever happens
+            # (a hang-up, the deadline, a message lost while Redis restarted).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), LOOK_S)
+            ended.clear()  # the look that follows finds the end, which stays
     if view.status is not Status.SUCCEEDED:
         error = view.error
         if error is not None:

@@ -4,6 +4,8 @@ to cancel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.auth import Caller
+from app.endings import Endings
 from app.jobs.api_store import ApiStore
 from app.jobs.contract import TERMINAL, JobView, Status
 from app.jobs.storage import result_key
@@ -125,7 +128,7 @@ def router(ctx: Context) -> APIRouter:
     def job_events(job_id: str, caller: Caller = authenticated) -> StreamingResponse:
         find_job(store, job_id, caller)  # a 404 now, not a stream that ends at once
         return StreamingResponse(
-            _events(store, job_id, caller.key_id),
+            _events(store, job_id, caller.key_id, ctx.endings),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -137,22 +140,27 @@ EVENT_POLL_S = 0.25
 KEEPALIVE_S = 15.0
 
 
-async def _events(store: ApiStore, job_id: str, owner: str) -> AsyncIterator[str]:
-    """SSE: the job whenever what a watcher sees of it changes, until it ends."""
+async def _events(store: ApiStore, job_id: str, owner: str, endings: Endings) -> AsyncIterator[str]:
+    """SSE: the job whenever what a watcher sees of it changes, until it ends (its end as soon
+    as it is published: app/endings.py)."""
     last: tuple[Any, ...] | None = None
     quiet = 0.0
-    while True:
-        view = await run_in_threadpool(store.view, job_id, owner)
-        if view is None:  # the record itself expired
-            return
-        seen = (view.status, view.position, view.progress, view.preview_url)
-        if seen != last:
-            yield f"event: {view.status.value}\ndata: {view.model_dump_json()}\n\n"
-            last, quiet = seen, 0.0
-        elif quiet >= KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            quiet = 0.0
-        if view.status in TERMINAL:
-            return
-        await asyncio.sleep(EVENT_POLL_S)
-        quiet += EVENT_POLL_S
+    with endings.watch(job_id) as ended:
+        while True:
+            view = await run_in_threadpool(store.view, job_id, owner)
+            if view is None:  # the record itself expired
+                return
+            seen = (view.status, view.position, view.progress, view.preview_url)
+            if seen != last:
+                yield f"event: {view.status.value}\ndata: {view.model_dump_json()}\n\n"
+                last, quiet = seen, 0.0
+            elif quiet >= KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet = 0.0
+            if view.status in TERMINAL:
+                return
+            began = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), EVENT_POLL_S)
+            ended.clear()
+            quiet += time.monotonic() - began
