@@ -77,7 +77,7 @@ class Endings:
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None and message["type"] == "message":
                         self.ended(message["data"].decode())
-            except (redis.RedisError, OSError) as e:
+            except Exception as e:  # Redis away, or anything else: the thread never dies
                 self.subscribed.clear()
                 log.warning("listening for jobs' ends failed (the routes look every 0.1 s"
                             " meanwhile): %s", e)  # fmt: skip

@@ -82,8 +82,9 @@ class RowLoop:
                 engine.refresh_embeddings()
         idle_wait = p.settings.batch_window_ms / 1000
         # Only as many jobs are taken (and so started: `running`) as there are images free in
-        # flight; the rest stay queued, with their place and their deadline. With rows in
-        # flight, never wait for company: the next step is due now.
+        # flight, counting those the coming step finishes (`_leaving`); the rest stay queued,
+        # with their place and their deadline. With rows in flight, never wait for company:
+        # the next step is due now.
         room = p.settings.max_batch - self._images() + self._leaving()
         deliveries = []
         if room > 0:
