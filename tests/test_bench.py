@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.jobs.eta import Pace
-from bench import masked
+from bench import gpu_check, masked
 from bench.bench import Done, again
 from bench.paces import PaceLog, eta_parts, parts_lines
 from tests.conftest import JobStore
@@ -97,3 +97,24 @@ def test_the_masked_comparison_runs_both_variants_on_one_unet(tiny_model: Path) 
     text = masked.table(found["results"], found["largest_difference"])
     rows = [line for line in text.splitlines() if line.startswith("| ")][1:]  # past the head
     assert [row.split(" | ")[0] for row in rows] == [f"| {load}" for load in masked.LOADS]
+
+
+def test_a_shorter_check_reads_the_loads_it_ran() -> None:
+    """`--loads a,e --no-restart` (a comparison of two settings in a few minutes): its rows are
+    those of the loads it ran, (a) always among them; an unknown load is refused by name."""
+    assert gpu_check.chosen_loads("e") == {"a", "e"}
+    assert gpu_check.chosen_loads(None) == set(gpu_check.LOADS)
+    with pytest.raises(SystemExit, match="no load named z"):
+        gpu_check.chosen_loads("a,z")
+    closed = {"img_s": 9.0, "eq25_s": 9.0, "latency_p50_s": 7.0, "latency_p95_s": 9.0,
+              "queue_wait_p50_s": 2.0, "queue_wait_p95_s": 3.0, "gpu": None}  # fmt: skip
+    run = {"kinds": [{"kind": "txt2img", "status": "succeeded", "seconds": 0.3}],
+           "recompiles": 0, "a": closed, "e": closed | {"eq25_s": 8.2},
+           "alone": {"latency_p50_s": 0.24}, "cold_start_s": 150.0,
+           "gpu": "NVIDIA H200", "date": "2026-12-05", "commit": "x", "command": "c"}  # fmt: skip
+    rows = {row[0]: row for row in gpu_check.checks(run)}
+    assert rows["(e) 2-3 chunks, 25-step eq./s of (a)'s"][1:] == ("8.20 = 0.91", "≥ 0.90", True)
+    assert rows["cold start s"][1:] == ("150", "≤ 90", False)
+    assert not any(name.startswith(("(b)", "(d)", "(c)")) for name in rows)
+    text = gpu_check.table(run, list(rows.values()))
+    assert "| (e) | 9.00 | 8.20 |" in text and "| (b) |" not in text
