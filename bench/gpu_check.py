@@ -385,35 +385,27 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SWITCHES = {
+    "--kinds-only": "only the start, every kind once (no compile while serving) and alone: a"
+    " model too large for the loads in one call (SDXL: --arch sdxl --side 1024 --max-batch 8)",
+    "--loras": "serve 8 LoRAs: kinds with LoRAs, (l) half with",
+    "--controlnets": "serve a ControlNet: kinds with a unit, (k) every request and (h) half"
+    " controlled",
+    "--no-restart": "no second start with the compile cache",
+    "--masked-contexts": "the worker with SDSERVE_MASKED_CONTEXTS: rows of every prompt length"
+    " in one call",
+}
+
+
 def main() -> None:
     parser = batching.service_parser(__doc__ or "", seconds=15)
     parser.set_defaults(warmup=5)
-    parser.add_argument(
-        "--kinds-only",
-        action="store_true",
-        help="only the start, every kind once (no compile while serving) and alone: a model"
-        " too large for the loads in one call (SDXL: --arch sdxl --side 1024 --max-batch 8)",
-    )
-    parser.add_argument(
-        "--loras", action="store_true", help="serve 8 LoRAs: kinds with LoRAs, (l) half with"
-    )
-    parser.add_argument(
-        "--controlnets",
-        action="store_true",
-        help="serve a ControlNet: kinds with a unit, (k) every request and (h) half controlled",
-    )
+    for flag, what in SWITCHES.items():
+        parser.add_argument(flag, action="store_true", help=what)
     parser.add_argument(
         "--loads",
         help="the loads to run, comma-separated (a is always run; default: all): a shorter"
         " check, e.g. --loads a,e --no-restart beside --masked-contexts",
-    )
-    parser.add_argument(
-        "--no-restart", action="store_true", help="no second start with the compile cache"
-    )
-    parser.add_argument(
-        "--masked-contexts",
-        action="store_true",
-        help="the worker with SDSERVE_MASKED_CONTEXTS: rows of every prompt length in one call",
     )
     args = parser.parse_args()
     work = batching.prepare(args)

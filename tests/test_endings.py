@@ -74,11 +74,11 @@ def test_the_listener_comes_back_when_its_connection_is_killed(
 
 
 def test_a1111_answers_at_its_jobs_end_not_its_next_look(
+    monkeypatch: pytest.MonkeyPatch,
     api: httpx.Client,
     store: JobStore,
     tiny_model: Path,
     redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With looks 30 s apart the answer still comes as soon as the job is done."""
     monkeypatch.setattr(generations, "LOOK_S", 30.0)
