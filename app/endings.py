@@ -12,6 +12,7 @@ costs only latency: the waiters still look at the job every tenth of a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,14 @@ from app.jobs.keys import ENDED
 log = logging.getLogger("sdserve.api")
 
 RECONNECT_S = 1.0  # between attempts, while Redis is away
+
+
+async def ended_or_after(ended: asyncio.Event, seconds: float) -> None:
+    """Back when the watched job's end is published, or after `seconds`: the caller looks at
+    the job either way (the end, once written, stays)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ended.wait(), seconds)
+    ended.clear()
 
 
 class Endings:

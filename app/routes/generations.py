@@ -3,9 +3,7 @@ wait for its images."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import time
 from typing import Any
 
@@ -19,6 +17,7 @@ from starlette.requests import Request
 
 from app import openai_images
 from app.auth import Caller
+from app.endings import ended_or_after
 from app.jobs.contract import TERMINAL, JobView, Status
 from app.jobs.storage import result_key
 from app.routes import sources
@@ -175,11 +174,9 @@ async def finished_job(ctx: Context, job_id: str, http: Request, caller: Caller)
                 if view.workers == 0:  # say why: nothing runs it until a worker of its model
                     message += f" (no live worker holds model {view.request.model})"
                 raise JobEnded(504, message, "timeout")
-            # Its end, as published (app/endings.py); a look every LOOK_S whatever happens
-            # (a hang-up, the deadline, a message lost while Redis restarted).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), LOOK_S)
-            ended.clear()  # the look that follows finds the end, which stays
+            # Its end, as published; a look every LOOK_S whatever happens (a hang-up, the
+            # deadline, a message lost while Redis restarted).
+            await ended_or_after(ended, LOOK_S)
     if view.status is not Status.SUCCEEDED:
         error = view.error
         if error is not None:

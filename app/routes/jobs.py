@@ -3,8 +3,6 @@ to cancel."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.auth import Caller
-from app.endings import Endings
+from app.endings import Endings, ended_or_after
 from app.jobs.api_store import ApiStore
 from app.jobs.contract import TERMINAL, JobView, Status
 from app.jobs.storage import result_key
@@ -160,7 +158,5 @@ async def _events(store: ApiStore, job_id: str, owner: str, endings: Endings) ->
             if view.status in TERMINAL:
                 return
             began = time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), EVENT_POLL_S)
-            ended.clear()
+            await ended_or_after(ended, EVENT_POLL_S)
             quiet += time.monotonic() - began
