@@ -47,6 +47,7 @@ from app.jobs.contract import Txt2ImgRequest
 from app.jobs.tasks import unet_rows
 from bench.bench import Done, eta_errors, one_request, percentile, prompt, wait_ready
 from bench.paces import PaceLog, eta_parts
+from bench.worker_metrics import REAL_ROWS, Window
 from worker.tiny import build_tiny_model
 
 SIDE = 512  # --side sets it (a CPU smoke run uses small images)
@@ -116,7 +117,66 @@ def summary(done: list[tuple[Done, int]], start: float, stop: float) -> dict[str
     }
 
 
-async def closed_loop(url: str, clients: int, body: Body, warmup_s: float, seconds: float) -> Any:
+def load_shape(body: Body, sample: int = 200) -> tuple[float, float]:
+    """What a load's requests are on average, from a sample of its bodies: the image-steps a
+    UNet row-step makes (1/2 where every image is guided: its cond and uncond rows) and the
+    steps an image runs."""
+    image_steps = row_steps = images = 0
+    for i in range(sample):
+        request = body(i)
+        n, steps = int(request.get("n", 1)), steps_run(request)
+        fields = {k: v for k, v in request.items() if k in ROW_FIELDS}
+        image_steps += steps * n
+        row_steps += steps * unet_rows(Txt2ImgRequest.model_validate(fields))
+        images += n
+    return image_steps / row_steps, image_steps / images
+
+
+# What a request's UNet rows depend on (its guidance, size and images; the kind does not).
+ROW_FIELDS = ("prompt", "guidance_scale", "width", "height", "n", "steps")
+
+
+def steady(body: Body, ends: tuple[dict[str, float], dict[str, float]] | None) -> Any:
+    """A closed loop's throughput from the worker's count of UNet rows over the measured
+    window: the image-steps it made a second, as 25-step equivalents and as images of the
+    load's average steps. Counting the jobs that end in a window says less: jobs that start
+    together (every step of a uniform load frees and fills room for a cohort of them) end
+    together, so a window of a few cohorts holds one cohort more or less by where its edges
+    fall (`python3 -m bench.window`: 15 s of a uniform load at 9.3 img/s reads anything from
+    8.3 to 10.3 that way). None when the worker's metrics did not answer."""
+    if ends is None:
+        return None
+    before, after = ends
+    rows_s = (after[REAL_ROWS] - before[REAL_ROWS]) / (after["wall"] - before["wall"])
+    per_row_step, steps_per_image = load_shape(body)
+    image_steps_s = rows_s * per_row_step
+    return {"image_steps_s": image_steps_s, "eq25_s": image_steps_s / 25,
+            "img_s": image_steps_s / steps_per_image}  # fmt: skip
+
+
+def rate(load: dict[str, Any], key: str) -> float:
+    """A closed loop's `img_s` or `eq25_s`: the steady figure where the worker gave one (the
+    jobs that ended in the window otherwise)."""
+    return float((load.get("steady") or load)[key])
+
+
+# A closed loop's throughput as a table's cells (`throughput`): the jobs that ended in its
+# window, then the steady figures (the worker's rows over the window).
+THROUGHPUT_HEADS = "ended in the window, img/s | img/s | 25-step eq./s"
+
+
+def throughput(x: dict[str, Any]) -> str:
+    s = x.get("steady")
+    return f"{x['img_s']:.2f} | " + (f"{s['img_s']:.2f} | {s['eq25_s']:.2f}" if s else "- | -")
+
+
+async def closed_loop(
+    url: str, clients: int, body: Body, warmup_s: float, seconds: float,
+    window: Window | None = None,
+) -> Any:  # fmt: skip
+    """`clients` clients, each sending `body` requests one after another; `window`, the
+    worker's sums read over the measured window (one reading its count of rows by default)."""
+    window = window or Window(warmup_s, seconds, (REAL_ROWS,))
     done: list[tuple[Done, int]] = []
     start = time.monotonic()
     stop = start + warmup_s + seconds
@@ -131,7 +191,11 @@ async def closed_loop(url: str, clients: int, body: Body, warmup_s: float, secon
     limits = httpx.Limits(max_connections=clients + 8)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         await asyncio.gather(*(client(c, http) for c in range(clients)))
-    return summary(done, start + warmup_s, stop) | {"clients": clients}
+    ends = await asyncio.to_thread(window.ends)
+    return summary(done, start + warmup_s, stop) | {
+        "clients": clients,
+        "steady": steady(body, ends),
+    }
 
 
 async def poisson(
@@ -246,8 +310,8 @@ def run_mode(model: str, batching: str, args: argparse.Namespace, work: Path) ->
         print(f"{batching} (a): {result['a']}", flush=True)
         result["b"] = asyncio.run(closed_loop(url, args.clients, mixed, warm, secs))
         print(f"{batching} (b): {result['b']}", flush=True)
-        rate = max(0.6 * (args.rate_of or result["a"]["img_s"]), 0.05)
-        result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
+        rate_s = max(0.6 * (args.rate_of or rate(result["a"], "img_s")), 0.05)
+        result["c"] = asyncio.run(poisson(url, rate_s, mixed, warm, secs))
         print(f"{batching} (c): {result['c']}", flush=True)
         result["d"] = asyncio.run(closed_loop(url, args.clients, half_img2img, warm, secs))
         print(f"{batching} (d): {result['d']}", flush=True)
@@ -342,8 +406,8 @@ def seed_contract(model: str, args: argparse.Namespace, work: Path) -> list[dict
 
 def table(results: dict[str, Any]) -> str:
     lines = [f"GPU: {results['gpu']}, {results['date']}, `{results['command']}`", "",
-             "| mode | load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             f"| mode | load | {THROUGHPUT_HEADS} | p50 / p95 s | queue wait p50 / p95 s |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for mode in ("continuous",):  # static batching was removed on 2026-12-04
         r = results.get(mode)
         if not r:
@@ -353,15 +417,15 @@ def table(results: dict[str, Any]) -> str:
                 continue
             x = r[load]
             lines.append(
-                f"| {mode} | ({load}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | "
+                f"| {mode} | ({load}) | {throughput(x)} | "
                 f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f} | "
                 f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f} |"
             )
         lines.append(f"| {mode} | start-up cold / cached | {r['cold_start_s']:.0f} s / "
-                     f"{r['warm_start_s']:.0f} s | | | |")  # fmt: skip
+                     f"{r['warm_start_s']:.0f} s | | | | |")  # fmt: skip
     if base := results.get("diffusers"):
         lines.append(f"| plain diffusers | one at a time / batch 16, uniform | "
-                     f"{base['single_img_s']:.2f} / {base['batch16_img_s']:.2f} | | "
+                     f"{base['single_img_s']:.2f} / {base['batch16_img_s']:.2f} | | | "
                      f"{base['single_latency_s']:.2f} (alone) | |")  # fmt: skip
     if seeds := results.get("seeds"):
         lines += ["", "| seed contract, continuous: alone against | sampler | max abs pixel "
@@ -454,7 +518,7 @@ def main() -> None:
         else:
             results[mode] = run_mode(args.model, mode, args, work)
             # Every mode meets the same Poisson arrivals: 60% of the first mode's uniform rate.
-            args.rate_of = args.rate_of or results[mode]["a"]["img_s"]
+            args.rate_of = args.rate_of or rate(results[mode]["a"], "img_s")
         path.write_text(json.dumps(results, indent=2))
         (args.out / "batching.md").write_text(table(results))
     print(table(results))

@@ -39,17 +39,18 @@ from typing import Any
 import httpx
 
 from bench import batching
-from bench.batching import closed_loop, prepare, service
+from bench.batching import closed_loop, prepare, rate, service
 from bench.bench import one_request, prompt
 from bench.gpu_check import (
+    GPU_SUMS,
     cudagraph_skips,
     every_kind,
     gpu_share,
-    in_window,
     kinds,
     picture,
     recompiles,
 )
+from bench.worker_metrics import Window
 from worker.tiny_addons import build_tiny_controlnet
 
 NAMES = ("edges", "depth")
@@ -134,10 +135,11 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
             save()
         bodies = {"n": plain, "c": controlled, "h": half}
         for name in args.loads.split(","):
-            sums = in_window(args.warmup, args.seconds)  # the worker's GPU timers
+            window = Window(args.warmup, args.seconds, GPU_SUMS)  # the worker's GPU timers
             result[name] = asyncio.run(closed_loop(url, args.clients, bodies[name], args.warmup,
-                                                   args.seconds))  # fmt: skip
-            result[name]["gpu"] = gpu_share(*sums) if len(sums) == 2 else None
+                                                   args.seconds, window))  # fmt: skip
+            ends = window.ends()
+            result[name]["gpu"] = gpu_share(*ends) if ends else None
             print(f"({name}): {result[name]}", flush=True)
             save()
         result["alone"] = asyncio.run(alone(url, 5))
@@ -207,13 +209,13 @@ def table(r: dict[str, Any]) -> str:
         rows.append((f"kind: {k['kind']}", f"{k['status']}, {k['seconds']:.2f} s", "succeeded"))
     for key, name in (("n", "(n) no control"), ("c", "(c) every request controlled")):
         if key in s:
-            rows.append((f"sdserve {name} img/s", f"{s[key]['img_s']:.2f}", ""))
+            rows.append((f"sdserve {name} img/s", f"{rate(s[key], 'img_s'):.2f}", ""))
     if all(key in s for key in "nch"):
-        expected = predicted(s["n"]["img_s"], s["c"]["img_s"])
-        share = s["h"]["img_s"] / expected
+        expected = predicted(rate(s["n"], "img_s"), rate(s["c"], "img_s"))
+        share = rate(s["h"], "img_s") / expected
         verdict = "met" if share >= 0.95 else "**missed**"
         rows.append(("sdserve (h) half controlled img/s, / (n)+(c)'s prediction",
-                     f"{s['h']['img_s']:.2f} / {expected:.2f} = {share:.2f}",
+                     f"{rate(s['h'], 'img_s'):.2f} / {expected:.2f} = {share:.2f}",
                      f"≥ 0.95 {verdict}"))  # fmt: skip
     if d:
         rows.append((f"diffusers ControlNet pipeline, best batch ({d['best_batch']}) img/s",
@@ -221,7 +223,7 @@ def table(r: dict[str, Any]) -> str:
         for key in ("c", "h"):
             if key in s:
                 rows.append((f"sdserve ({key}) / diffusers' best batch",
-                             f"{s[key]['img_s'] / d['best_img_s']:.2f}", ""))  # fmt: skip
+                             f"{rate(s[key], 'img_s') / d['best_img_s']:.2f}", ""))  # fmt: skip
     if "alone" in s:
         a = s["alone"]
         rows.append(("alone p50 s: no control / controlled",

@@ -19,7 +19,16 @@ import sys
 import time
 from typing import Any
 
-from bench.batching import closed_loop, mixed, poisson, prepare, service, service_parser, uniform
+from bench.batching import (
+    closed_loop,
+    mixed,
+    poisson,
+    prepare,
+    rate,
+    service,
+    service_parser,
+    uniform,
+)
 from bench.paces import parts_lines
 
 
@@ -54,9 +63,10 @@ def main() -> None:
     with service(args.model, "continuous", args, work, work / "inductor-eta") as running:
         url = running.url
         capacity = asyncio.run(closed_loop(url, args.clients, uniform, args.warmup, 20))
-        results["capacity_img_s"] = capacity["img_s"]
-        results["rate_per_s"] = rate = max(0.6 * capacity["img_s"], 0.05)
-        load = asyncio.run(poisson(url, rate, mixed, args.warmup, args.seconds, running.redis_url))
+        results["capacity_img_s"] = rate(capacity, "img_s")
+        results["rate_per_s"] = rate_s = max(0.6 * results["capacity_img_s"], 0.05)
+        poissons = poisson(url, rate_s, mixed, args.warmup, args.seconds, running.redis_url)
+        load = asyncio.run(poissons)
     results["failed"] = load["failed"]
     results |= load["eta"]
     (args.out / "eta.json").write_text(json.dumps(results, indent=2))

@@ -47,7 +47,6 @@ import json
 import re
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,12 +54,22 @@ from typing import Any
 import httpx
 
 from bench import batching
-from bench.batching import closed_loop, half_img2img, mixed, poisson, service, uniform
+from bench.batching import (
+    THROUGHPUT_HEADS,
+    closed_loop,
+    half_img2img,
+    mixed,
+    poisson,
+    rate,
+    service,
+    throughput,
+    uniform,
+)
 from bench.bench import idle
 from bench.paces import parts_lines
+from bench.worker_metrics import REAL_ROWS, Window, metric
 from worker.metrics import LOOP_PHASES
 
-METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 CHUNK_PROMPT = "a red fox in deep snow, golden hour, "  # 37 tokens of the byte tokenizer
 
@@ -147,18 +156,6 @@ async def every_kind(
     return rows
 
 
-def metric(name: str, text: str | None = None) -> float:
-    """A sample of the worker's metrics, summed over its labels but those named
-    (`name{kind="real"}`); NaN when the worker has none."""
-    text = text if text is not None else httpx.get(METRICS, timeout=5).text
-    base, _, wanted = name.partition("{")
-    pairs = wanted.rstrip("}").split(",")
-    values = [float(value) for series, labels, value
-              in re.findall(r"^(\w+)(\{[^}]*\})? ([0-9.e+-]+)$", text, re.M)
-              if series == base and all(pair in labels for pair in pairs)]  # fmt: skip
-    return sum(values) if values else float("nan")
-
-
 def recompiles() -> float:
     return metric("sdserve_worker_recompiles_total")
 
@@ -174,23 +171,9 @@ LOADS = ("a", "b", "c", "d", "e", "l", "k", "h")
 LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
-            'sdserve_worker_unet_rows_total{kind="real"}',
+            REAL_ROWS,
             'sdserve_worker_unet_rows_total{kind="padding"}',
             *LOOP_SUMS)  # fmt: skip
-
-
-def gpu_sums() -> dict[str, float]:
-    text = httpx.get(METRICS, timeout=5).text
-    return {name: metric(name, text) for name in GPU_SUMS} | {"wall": time.monotonic()}
-
-
-def in_window(warm: float, seconds: float) -> list[dict[str, float]]:
-    """The sums at the start and the end of a load's measured window (after its ramp-up,
-    before its drain), filled in by timers while the load runs."""
-    sums: list[dict[str, float]] = []
-    for at in (warm, warm + seconds):
-        threading.Timer(at, lambda: sums.append(gpu_sums())).start()
-    return sums
 
 
 def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
@@ -262,18 +245,20 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             loads |= {"k": controlled, "h": half}
         chosen = chosen_loads(args.loads)
         for name, body in [(n, b) for n, b in loads.items() if n in chosen]:
-            sums = in_window(warm, secs)
-            result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
-            result[name]["gpu"] = gpu_share(*sums) if len(sums) == 2 else None
+            window = Window(warm, secs, GPU_SUMS)
+            result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs, window))
+            ends = window.ends()
+            result[name]["gpu"] = gpu_share(*ends) if ends else None
             print(f"({name}): {result[name]}", flush=True)
         if "c" in chosen:
-            rate = max(0.6 * result["a"]["img_s"], 0.05)
-            sums = in_window(warm, secs)
-            result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs, running.redis_url))
+            rate_s = max(0.6 * rate(result["a"], "img_s"), 0.05)
+            window = Window(warm, secs, GPU_SUMS)
+            result["c"] = asyncio.run(poisson(url, rate_s, mixed, warm, secs, running.redis_url))
             # Where a Poisson job's second goes: its steps' time at the rows in flight, and
             # the rows padded up to a bucket (the latency target is a step-time target at
             # these rows).
-            result["c"]["gpu"] = gpu_share(*sums) if len(sums) == 2 else None
+            ends = window.ends()
+            result["c"]["gpu"] = gpu_share(*ends) if ends else None
             print(f"(c): {result['c']}", flush=True)
         result["alone"] = asyncio.run(idle(url, 12))
         result["recompiles"] = recompiles()
@@ -315,26 +300,30 @@ def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     if "cudagraph_skips" in r:  # an older run's results have none
         rows.append(("compiled calls CUDA graphs skipped", f"{r['cudagraph_skips']:.0f}", "0",
                      r["cudagraph_skips"] == 0))  # fmt: skip
-    a = r["a"]
-    rows.append(("(a) uniform img/s", f"{a['img_s']:.2f}", "≥ 10", a["img_s"] >= 10.0))
+    # Throughput is the steady figure (the worker's rows over the window) where there is one:
+    # the jobs that end in a 15 s window come in cohorts (bench/batching.py `steady`).
+    a_img, a_eq = rate(r["a"], "img_s"), rate(r["a"], "eq25_s")
+    rows.append(("(a) uniform img/s", f"{a_img:.2f}", "≥ 10", a_img >= 10.0))
     for key, name in (("b", "(b) mixed"), ("d", "(d) 50/50 img2img"), ("e", "(e) 2-3 chunks")):
         if key not in r:
             continue
-        share = r[key]["eq25_s"] / a["eq25_s"] if a["eq25_s"] else 0.0
+        eq = rate(r[key], "eq25_s")
+        share = eq / a_eq if a_eq else 0.0
         target = 0.90 if key == "e" else 0.95
-        rows.append((f"{name}, 25-step eq./s of (a)'s", f"{r[key]['eq25_s']:.2f} = {share:.2f}",
+        rows.append((f"{name}, 25-step eq./s of (a)'s", f"{eq:.2f} = {share:.2f}",
                      f"≥ {target:.2f}", share >= target))  # fmt: skip
     if "l" in r:
-        share = r["l"]["img_s"] / a["img_s"] if a["img_s"] else 0.0
-        rows.append(("(l) half with LoRAs img/s, / (a)", f"{r['l']['img_s']:.2f} = {share:.2f}",
+        img = rate(r["l"], "img_s")
+        share = img / a_img if a_img else 0.0
+        rows.append(("(l) half with LoRAs img/s, / (a)", f"{img:.2f} = {share:.2f}",
                      "≥ 0.90", share >= 0.90))  # fmt: skip
     if "h" in r:
         from bench.controlnets import predicted
 
-        expected = predicted(a["img_s"], r["k"]["img_s"])
-        share = r["h"]["img_s"] / expected
+        expected = predicted(a_img, rate(r["k"], "img_s"))
+        share = rate(r["h"], "img_s") / expected
         rows.append(("(h) half controlled img/s, / what (a) and (k) predict",
-                     f"{r['h']['img_s']:.2f} / {expected:.2f} = {share:.2f}", "≥ 0.95",
+                     f"{rate(r['h'], 'img_s'):.2f} / {expected:.2f} = {share:.2f}", "≥ 0.95",
                      share >= 0.95))  # fmt: skip
     if "c" in r:
         c = r["c"]
@@ -363,10 +352,10 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines = [f"GPU: {r['gpu']}, {r['date']}, commit {r['commit']}, `{r['command']}`", "",
              "| figure | measured | target | |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
-    lines += ["", "| load | img/s | 25-step eq./s | p50 / p95 s | queue wait p50 / p95 s |"
+    lines += ["", f"| load | {THROUGHPUT_HEADS} | p50 / p95 s | queue wait p50 / p95 s |"
               " GPU in steps / decodes / encodes | step ms | rows a step | padding rows |"
               f" loop's host time: {' / '.join(LOOP_PHASES)} |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in [k for k in ("a", "b", "c", "d", "e", "l", "k", "h") if k in r]:
         x = r[key]
         g = x.get("gpu")
@@ -378,7 +367,7 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
                    f" {g['padding_share']:.0%} | {loop} |")  # fmt: skip
         ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"
         waits = f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f}"
-        lines.append(f"| ({key}) | {x['img_s']:.2f} | {x['eq25_s']:.2f} | {ends} | {waits} | {gpu}")
+        lines.append(f"| ({key}) | {throughput(x)} | {ends} | {waits} | {gpu}")
     parts = r["c"]["eta"].get("parts") if "c" in r else None  # an older run's have none
     if parts:
         lines += ["", *parts_lines(parts)]

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from bench import batching
-from bench.batching import closed_loop, prepare, service
+from bench.batching import closed_loop, prepare, rate, service
 from bench.bench import one_request
 from worker.tiny_addons import build_tiny_lora
 
@@ -140,7 +140,7 @@ async def alone_pair(url: str) -> dict[str, float]:
 
 
 def batching_metric(name: str) -> float:
-    from bench.gpu_check import metric
+    from bench.worker_metrics import metric
 
     return metric(name)
 
@@ -210,19 +210,20 @@ def table(r: dict[str, Any]) -> str:
     s, d = r.get("service", {}), r.get("diffusers")
     rows: list[tuple[str, str, str]] = []
     if "n" in s:
-        rows.append(("sdserve (n) no LoRA img/s", f"{s['n']['img_s']:.2f}", ""))
+        rows.append(("sdserve (n) no LoRA img/s", f"{rate(s['n'], 'img_s'):.2f}", ""))
     if "l" in s:
-        share = s["l"]["img_s"] / s["n"]["img_s"]
+        img = rate(s["l"], "img_s")
+        share = img / rate(s["n"], "img_s")
         verdict = "met" if share >= 0.9 else "**missed**"
         rows.append(("sdserve (l) half with LoRAs img/s, / (n)",
-                     f"{s['l']['img_s']:.2f} = {share:.2f}", f"≥ 0.90 {verdict}"))  # fmt: skip
+                     f"{img:.2f} = {share:.2f}", f"≥ 0.90 {verdict}"))  # fmt: skip
     if d:
         share = d["grouped_img_s"] / d["plain_img_s"]
         rows.append(("diffusers grouped by LoRA set img/s, / its no-LoRA",
                      f"{d['grouped_img_s']:.2f} = {share:.2f}", ""))  # fmt: skip
         if "l" in s:
             rows.append(("sdserve (l) / diffusers grouped",
-                         f"{s['l']['img_s'] / d['grouped_img_s']:.2f}", ""))  # fmt: skip
+                         f"{rate(s['l'], 'img_s') / d['grouped_img_s']:.2f}", ""))  # fmt: skip
     if s.get("first_loads"):
         loads = [float(t) for _name, t in s["first_loads"]]
         rows.append(("a LoRA's first load s, median / max",

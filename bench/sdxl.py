@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from bench import batching
-from bench.batching import closed_loop, poisson, service
+from bench.batching import closed_loop, poisson, rate, service
 from bench.bench import one_request, percentile, prompt
 from worker.tiny import build_tiny_model
 
@@ -166,8 +166,8 @@ def service_stage(
             result["recompiles"] = batching_metric("sdserve_worker_recompiles_total")
             print(f"({name}): {result[name]}", flush=True)
             save()
-        rate = max(0.6 * result["a"]["img_s"], 0.05)
-        result["c"] = asyncio.run(poisson(url, rate, mixed, warm, secs))
+        rate_s = max(0.6 * rate(result["a"], "img_s"), 0.05)
+        result["c"] = asyncio.run(poisson(url, rate_s, mixed, warm, secs))
         result["recompiles"] = batching_metric("sdserve_worker_recompiles_total")
         print(f"(c): {result['c']}", flush=True)
         save()
@@ -185,7 +185,7 @@ def restart(args: Any, work: Path, made: dict[str, Path], result: dict[str, Any]
 
 
 def batching_metric(name: str) -> float:
-    from bench.gpu_check import metric
+    from bench.worker_metrics import metric
 
     return metric(name)
 
@@ -217,7 +217,7 @@ def service_rows(s: dict[str, Any], d: dict[str, Any] | None) -> list[tuple[str,
         return "met" if ok else "**missed**"
 
     def eq30(key: str) -> float:
-        return float(s[key]["eq25_s"]) * 25 / STEPS
+        return rate(s[key], "eq25_s") * 25 / STEPS
 
     rows.append(
         (
@@ -238,9 +238,9 @@ def service_rows(s: dict[str, Any], d: dict[str, Any] | None) -> list[tuple[str,
             )
         )
     if "a" in s:
-        rows.append(("(a) uniform img/s", f"{s['a']['img_s']:.3f}", ""))
+        rows.append(("(a) uniform img/s", f"{rate(s['a'], 'img_s'):.3f}", ""))
         if d:
-            ratio = s["a"]["img_s"] / d["best_img_s"]
+            ratio = rate(s["a"], "img_s") / d["best_img_s"]
             rows.append(
                 ("(a) / diffusers' best batch", f"{ratio:.2f}", f"≥ 1.3 {verdict(ratio >= 1.3)}")
             )

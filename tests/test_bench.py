@@ -8,15 +8,17 @@ import asyncio
 import json
 from argparse import Namespace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from app.jobs.eta import Pace
-from bench import gpu_check, masked
+from bench import batching, gpu_check, masked, window, worker_metrics
 from bench.bench import Done, again
 from bench.paces import PaceLog, eta_parts, parts_lines
-from tests.conftest import JobStore
+from bench.worker_metrics import REAL_ROWS
+from tests.conftest import JobStore, free_port, process, sdserve_env, wait_for
 
 
 async def serve_closing_first(seen: list[bytes]) -> asyncio.Server:
@@ -108,13 +110,72 @@ def test_a_shorter_check_reads_the_loads_it_ran() -> None:
         gpu_check.chosen_loads("a,z")
     closed = {"img_s": 9.0, "eq25_s": 9.0, "latency_p50_s": 7.0, "latency_p95_s": 9.0,
               "queue_wait_p50_s": 2.0, "queue_wait_p95_s": 3.0, "gpu": None}  # fmt: skip
+    # (a) with the worker's steady figures (which count), (e) from an older run without.
+    steady = {"image_steps_s": 250.0, "eq25_s": 10.0, "img_s": 10.0}
     run = {"kinds": [{"kind": "txt2img", "status": "succeeded", "seconds": 0.3}],
-           "recompiles": 0, "a": closed, "e": closed | {"eq25_s": 8.2},
+           "recompiles": 0, "a": closed | {"steady": steady}, "e": closed | {"eq25_s": 9.1},
            "alone": {"latency_p50_s": 0.24}, "cold_start_s": 150.0,
            "gpu": "NVIDIA H200", "date": "2026-12-05", "commit": "x", "command": "c"}  # fmt: skip
     rows = {row[0]: row for row in gpu_check.checks(run)}
-    assert rows["(e) 2-3 chunks, 25-step eq./s of (a)'s"][1:] == ("8.20 = 0.91", "≥ 0.90", True)
+    assert rows["(a) uniform img/s"][1:] == ("10.00", "≥ 10", True)
+    assert rows["(e) 2-3 chunks, 25-step eq./s of (a)'s"][1:] == ("9.10 = 0.91", "≥ 0.90", True)
     assert rows["cold start s"][1:] == ("150", "≤ 90", False)
     assert not any(name.startswith(("(b)", "(d)", "(c)")) for name in rows)
     text = gpu_check.table(run, list(rows.values()))
-    assert "| (e) | 9.00 | 8.20 |" in text and "| (b) |" not in text
+    assert "| (a) | 9.00 | 10.00 | 10.00 |" in text and "| (e) | 9.00 | - | - |" in text
+    assert "| (b) |" not in text
+
+
+def test_a_load_is_read_as_image_steps_from_the_worker_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The steady figures: UNet rows a second, as image-steps by what the load's requests are
+    (every image guided: two rows a step; half img2img at strength 0.75: 18 of 25 steps)."""
+    monkeypatch.setattr(batching, "SOURCE_PICTURE", ["a picture"])  # made at a run's start
+    assert batching.load_shape(batching.uniform) == (0.5, 25.0)
+    assert batching.load_shape(batching.half_img2img) == (0.5, (25 + 18) / 2)
+    unguided = batching.load_shape(lambda i: batching.uniform(i) | {"guidance_scale": 1.0})
+    assert unguided == (1.0, 25.0)
+    ends = ({REAL_ROWS: 100.0, "wall": 50.0}, {REAL_ROWS: 5100.0, "wall": 60.0})
+    found = batching.steady(batching.half_img2img, ends)
+    assert found == {"image_steps_s": 250.0, "eq25_s": 10.0, "img_s": 250.0 / 21.5}
+    assert batching.steady(batching.uniform, None) is None
+    assert batching.rate({"img_s": 9.0, "steady": found}, "eq25_s") == 10.0
+    assert batching.rate({"img_s": 9.0, "steady": None}, "img_s") == 9.0
+
+
+def test_a_closed_loop_counts_what_the_worker_stepped(
+    api: httpx.Client, redis_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Against the real service (a worker process on the tiny model): the image-steps the
+    worker's rows say it made in the window agree with the jobs the clients saw end in it,
+    within the jobs in flight at its two edges."""
+    port = free_port()
+    env = sdserve_env(redis_url, tiny_model, metrics_port=str(port), max_batch="8")
+    clients, steps, warm, seconds = 3, 6, 4.0, 6.0
+
+    def small(i: int) -> dict[str, Any]:
+        return batching.uniform(i) | {"width": 64, "height": 64, "steps": steps}
+
+    with process(["worker"], env, tmp_path / "worker.log"):
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for(lambda: worker_metrics.sums([REAL_ROWS], url), 60, "the worker's metrics")
+        measured = worker_metrics.Window(warm, seconds, [REAL_ROWS], url)
+        load = asyncio.run(batching.closed_loop(str(api.base_url), clients, small, warm,
+                                                seconds, measured))  # fmt: skip
+    assert load["failed"] == 0 and load["requests"] > 3
+    made = load["steady"]["image_steps_s"] * seconds
+    seen = load["requests"] * steps  # the steps of the jobs that ended in the window
+    assert abs(made - seen) <= 2 * clients * steps, (made, seen)
+    assert load["steady"]["img_s"] == pytest.approx(made / seconds / steps)
+
+
+def test_jobs_ended_in_a_short_window_misread_a_cohort_load() -> None:
+    """bench.window's model of the uniform load: by where a 15-s window's edges fall, the jobs
+    that end in it read anything within about 2 img/s, the image-steps made in it within a
+    few hundredths of one another."""
+    found = [window.readings(window.Uniform(), k, 5.0, 15.0) for k in range(12)]
+    ended, made = [e for e, _ in found], [m for _, m in found]
+    assert max(ended) - min(ended) > 1.5
+    assert max(made) - min(made) < 0.3
+    assert min(ended) < min(made) and max(ended) > max(made)

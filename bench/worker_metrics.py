@@ -1,0 +1,68 @@
+"""The worker's own metrics, read by the benchmarks while a load runs.
+
+`bench.batching.service` starts the worker with its metrics on port 9470. A load reads the
+sums it needs at the start and at the end of its measured window (after its ramp-up, before
+its drain): the difference is what the worker did in the window, whatever the client saw
+finish in it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+
+import httpx
+
+METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
+REAL_ROWS = 'sdserve_worker_unet_rows_total{kind="real"}'  # UNet rows computed, padding apart
+
+
+def metric(name: str, text: str | None = None) -> float:
+    """A sample of the worker's metrics, summed over its labels but those named
+    (`name{kind="real"}`); NaN when the worker has none."""
+    text = text if text is not None else httpx.get(METRICS, timeout=5).text
+    base, _, wanted = name.partition("{")
+    pairs = wanted.rstrip("}").split(",")
+    values = [float(value) for series, labels, value
+              in re.findall(r"^(\w+)(\{[^}]*\})? ([0-9.e+-]+)$", text, re.M)
+              if series == base and all(pair in labels for pair in pairs)]  # fmt: skip
+    return sum(values) if values else float("nan")
+
+
+def sums(names: Sequence[str], url: str = METRICS) -> dict[str, float] | None:
+    """The named sums now, with the moment read (`wall`); None when the worker does not
+    answer."""
+    try:
+        text = httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return None
+    return {name: metric(name, text) for name in names} | {"wall": time.monotonic()}
+
+
+class Window:
+    """The sums at the start and the end of a load's measured window, `warm` and
+    `warm + seconds` from its making, read by timers while the load runs."""
+
+    def __init__(
+        self, warm: float, seconds: float, names: Sequence[str], url: str = METRICS
+    ) -> None:
+        self.names, self.url = tuple(names), url
+        self.read: list[dict[str, float]] = []
+        self._timers = [threading.Timer(at, self._take) for at in (warm, warm + seconds)]
+        for timer in self._timers:
+            timer.daemon = True
+            timer.start()
+
+    def _take(self) -> None:
+        now = sums(self.names, self.url)
+        if now is not None:
+            self.read.append(now)
+
+    def ends(self) -> tuple[dict[str, float], dict[str, float]] | None:
+        """The sums at its start and its end (waiting for the end's reading if it is due);
+        None when the worker did not answer both times."""
+        for timer in self._timers:
+            timer.join()
+        return (self.read[0], self.read[1]) if len(self.read) == 2 else None
