@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,13 @@ def worker(
     service_redis: str,
     tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[None]:
+) -> Iterator[Path]:
+    """A worker process; yields its log."""
     env = sdserve_env(service_redis, tiny_model, worker_name="e2e", batch_window_ms="100")
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with process(["worker"], env, log):
         wait_for(lambda: api.get("/readyz").status_code == 200, 120, "a ready worker")
-        yield
+        yield log
 
 
 def finished(api: httpx.Client, url: str, timeout: float = 120) -> dict[str, Any]:
@@ -82,6 +84,18 @@ def test_without_a_worker_jobs_wait_in_line_and_can_be_canceled(api: httpx.Clien
     view = api.get(second["url"]).json()
     assert view["status"] == "queued" and view["position"] == 0
     api.delete(second["url"])
+
+
+def test_the_worker_says_where_its_start_went(worker: Path) -> None:
+    """From its process's beginning (imports included, which no timer inside sees) to ready,
+    in parts that add up: the cold start's target is a sum of these."""
+    said = worker.read_text()
+    found = re.search(r"started in ([\d.]+)s: imports ([\d.]+)s, models loaded ([\d.]+)s,"
+                      r" warmed up ([\d.]+)s, the rest (-?[\d.]+)s", said)  # fmt: skip
+    assert found, said
+    total, *parts = (float(x) for x in found.groups())
+    assert 0 < total < 120 and parts[0] > 0.5  # torch alone takes longer than that to import
+    assert sum(parts) == pytest.approx(total, abs=0.2) and parts[-1] > -0.1
 
 
 @pytest.mark.usefixtures("worker")
