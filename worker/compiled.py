@@ -243,28 +243,65 @@ class CompiledCalls:
         ]
 
     @torch.inference_mode()
-    def warm_up(self, latent_scale: int) -> None:
+    def warm_up(self, latent_scale: int, helped: Callable[[], None] | None = None) -> None:
         """Compile and record every entry of the warm-up list (each twice: CUDA graph trees
-        record a shape at its second call) and the decoder at each compiled size; then serve."""
-        config = self.unet.config
+        record a shape at its second call) and the decoder at each compiled size; then serve.
+        `helped` is called before the parts a helper process compiles (worker/helpers.py):
+        it returns once their compiled code is in the cache, or the helper has failed."""
         began = time.perf_counter()
         entries = self.warm_list()
         for warm in entries:
-            started = time.perf_counter()
-            width, height = warm.size
-            latent, sample, t, context, added = self._warm_inputs(warm, config, latent_scale)
-            if self.controls is not None:
-                added = (added or {}) | self.controls.zeros(warm.rows, *latent)
-            mask = None
-            if self.tuning.masked_contexts:
-                mask = torch.ones(warm.rows, warm.tokens, device=self.device, dtype=self.dtype)
-            for _ in range(2):
-                self._unet_call(sample, t, context, None, True, added, mask)
-            took = time.perf_counter() - started
-            level = logging.INFO if took > 1 else logging.DEBUG
-            log.log(level, "warmed up %dx%d at %d UNet rows, %d tokens in %.1fs",
-                    width, height, warm.rows, warm.tokens, took)  # fmt: skip
+            self._warm_entry(warm, latent_scale)
         unet_s = time.perf_counter() - began
+        if helped is not None:
+            helped()
+        decoder_s, encoder_s = self._warm_vae(latent_scale)
+        if entries:  # where a cold start's minutes go
+            log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs, its encoder"
+                     " in %.1fs", len(entries), unet_s, decoder_s, encoder_s)  # fmt: skip
+        for name in list(self._fast_controls):
+            self._warm_control(name, entries, latent_scale)
+        # A compiled call that CUDA graphs could not capture runs without them, slower and
+        # silently (torch says why only under TORCH_LOGS=cudagraphs): say how many did.
+        skipped = cudagraph_skips()
+        if skipped:
+            log.warning("CUDA graphs skipped %d times in the warm-up (TORCH_LOGS=cudagraphs says"
+                        " why): those calls run without them", skipped)  # fmt: skip
+        self.serving = True
+
+    @torch.inference_mode()
+    def precompile(self, latent_scale: int, unet: bool) -> None:
+        """What a helper process compiles for a worker's warm-up, into the compile cache the
+        warm-up then reads (worker/helpers.py): the VAE's decoder and encoder, each
+        ControlNet's forward, and with `unet` the UNet (its first entry: rows and context
+        length are dynamic, so one trace serves every entry). Nothing is recorded for serving:
+        CUDA graphs live in the process that replays them."""
+        entries = self.warm_list()
+        if unet and entries:
+            self._warm_entry(entries[0], latent_scale)
+        self._warm_vae(latent_scale)
+        for name in list(self._fast_controls):
+            self._warm_control(name, entries[:1], latent_scale)
+
+    def _warm_entry(self, warm: Warm, latent_scale: int) -> None:
+        started = time.perf_counter()
+        width, height = warm.size
+        latent, sample, t, context, added = self._warm_inputs(warm, self.unet.config,
+                                                              latent_scale)  # fmt: skip
+        if self.controls is not None:
+            added = (added or {}) | self.controls.zeros(warm.rows, *latent)
+        mask = None
+        if self.tuning.masked_contexts:
+            mask = torch.ones(warm.rows, warm.tokens, device=self.device, dtype=self.dtype)
+        for _ in range(2):
+            self._unet_call(sample, t, context, None, True, added, mask)
+        took = time.perf_counter() - started
+        level = logging.INFO if took > 1 else logging.DEBUG
+        log.log(level, "warmed up %dx%d at %d UNet rows, %d tokens in %.1fs",
+                width, height, warm.rows, warm.tokens, took)  # fmt: skip
+
+    def _warm_vae(self, latent_scale: int) -> tuple[float, float]:
+        """The decoder and the encoder at each compiled size; the seconds each took."""
         began = time.perf_counter()
         if self._fast_decode is not None:
             channels = self.vae.config.latent_channels
@@ -283,19 +320,7 @@ class CompiledCalls:
             except Exception as e:  # any compiler failure: the encoder runs eagerly, as it did
                 self._fast_encode = None
                 log.error("the VAE encoder did not compile (it runs eagerly): %s", e)
-        if entries:  # where a cold start's minutes go
-            log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs, its encoder"
-                     " in %.1fs", len(entries), unet_s, decoder_s,
-                     time.perf_counter() - began)  # fmt: skip
-        for name in list(self._fast_controls):
-            self._warm_control(name, entries, latent_scale)
-        # A compiled call that CUDA graphs could not capture runs without them, slower and
-        # silently (torch says why only under TORCH_LOGS=cudagraphs): say how many did.
-        skipped = cudagraph_skips()
-        if skipped:
-            log.warning("CUDA graphs skipped %d times in the warm-up (TORCH_LOGS=cudagraphs says"
-                        " why): those calls run without them", skipped)  # fmt: skip
-        self.serving = True
+        return decoder_s, time.perf_counter() - began
 
     def _warm_inputs(self, warm: Warm, config: Any, latent_scale: int) -> tuple[Any, ...]:
         """A warm-up entry's inputs for a model of this configuration (a UNet's, a

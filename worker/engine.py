@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from typing import Any
 
@@ -232,13 +232,13 @@ class Engine:
     def weight_bytes(self) -> int:
         return self.parts.weight_bytes()
 
-    def warm_up(self) -> None:
+    def warm_up(self, helped: Callable[[], None] | None = None) -> None:
         """Compile and record every compiled call the worker can make (the boundary's warm-up
         list), then run a small job through the path the worker serves at each compiled size
         (or one small batch uncompiled): no first-call costs (compilation, CUDA graph capture,
-        kernel selection) are left for a job to pay."""
+        kernel selection) are left for a job to pay. `helped`: see `CompiledCalls.warm_up`."""
         spec = ImageSpec(prompt="warm-up", negative_prompt="", guidance_scale=7.5, seed=0)
-        self.calls.warm_up(self.latent_scale)
+        self.calls.warm_up(self.latent_scale, helped)
         sizes = self.tuning.compiled_sizes if self.tuning.compile else ((64, 64),)
         for width, height in sizes:
             shape = BatchShape(width, height, 2, "dpmpp_2m")
@@ -252,6 +252,10 @@ class Engine:
                 self.generate([spec], shape)
             log.info("warmed up a %dx%d job in %.1fs", width, height,
                      time.perf_counter() - started)  # fmt: skip
+
+    def precompile(self, unet: bool) -> None:
+        """A helper process's share of this model's warm-up (`CompiledCalls.precompile`)."""
+        self.calls.precompile(self.latent_scale, unet)
 
     @torch.inference_mode()
     def generate(

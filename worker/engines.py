@@ -6,6 +6,7 @@ refiner's."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 import time
@@ -18,10 +19,11 @@ from app.jobs.settings import refuse
 from app.jobs.tasks import task_of
 from worker.compiled import Tuning
 from worker.engine import Engine
+from worker.helpers import Helpers
 from worker.images import Provenance
 from worker.inputs import NoRefiner, NoUpscaler
 from worker.rows import Lane
-from worker.settings import TINY_MODEL_DIR, split_source
+from worker.settings import TINY_MODEL_DIR, WorkerSettings, split_source
 from worker.single_file import as_folder
 
 log = logging.getLogger("sdserve.worker")
@@ -93,6 +95,29 @@ class Engines:
         return {name: e.published_tokenizer.fields() for name, e in self.models.items()}
 
 
+def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
+    cuda = device.type == "cuda"
+    return Tuning(
+        max_batch=settings.max_batch,
+        fuse=cuda,
+        compile=settings.compile == "on" or (settings.compile == "auto" and cuda),
+        compiled_sizes=tuple(settings.compiled_sizes),
+        vae_chunk=settings.vae_chunk,
+        rows=True,  # continuous batching: rows of many jobs per UNet call
+        prompt_chunks=settings.max_prompt_chunks,
+        masked_contexts=settings.masked_contexts,
+        tile=settings.tile,
+        tile_overlap=settings.tile_overlap,
+        loras=settings.lora_dir,
+        lora_slots=settings.lora_slots,
+        lora_row_rank=settings.lora_row_rank,
+        lora_kernels=settings.lora_kernels,
+        controlnets=tuple(settings.controlnets.items()),
+        embeddings=settings.embeddings_dir,
+        vaes=tuple(settings.vaes.items()),
+    )
+
+
 def prepare_model(model: str) -> str:
     """The model to load; the default tiny model is built on first use."""
     if model == str(TINY_MODEL_DIR) and not (TINY_MODEL_DIR / "model_index.json").exists():
@@ -108,28 +133,43 @@ def prepare_model(model: str) -> str:
     return model
 
 
+def build_engine(source: str, device: torch.device, tuning: Tuning) -> Engine:
+    """A model's engine, loaded (a single-file checkpoint's folder made first), not warmed."""
+    model, vae, config = split_source(source)
+    if model.endswith(".safetensors") and config is not None:
+        model = as_folder(model, config)
+    return Engine(prepare_model(model), device, tuning, vae=vae)
+
+
 def load_engines(
-    models: dict[str, str], device: torch.device, tuning: Tuning
+    models: dict[str, str], device: torch.device, tuning: Tuning, helpers: Helpers | None = None
 ) -> tuple[dict[str, Engine], float, float]:
     """Load and warm up each model, saying what each holds in memory; and the seconds all the
     loading and all the warming took. Models that do not fit beside each other stop the worker
-    (exit 2) naming them: hold fewer per worker."""
+    (exit 2) naming them: hold fewer per worker. `helpers`: the compile helpers started for
+    these models (worker/helpers.py); each model's warm-up waits for its helper's part."""
     engines: dict[str, Engine] = {}
     load_s = warm_s = 0.0
     for name, source in models.items():
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         started = time.perf_counter()
         try:
-            model, vae, config = split_source(source)
-            if model.endswith(".safetensors") and config is not None:
-                model = as_folder(model, config)
-            engine = Engine(prepare_model(model), device, tuning, vae=vae)
+            engine = build_engine(source, device, tuning)
             loaded = time.perf_counter()
-            engine.warm_up()
+            if helpers is None:
+                engine.warm_up()
+            elif helpers.compiles_unet(name):  # all of it compiled aside: wait, then read it
+                helpers.wait(name)
+                engine.warm_up()
+            else:  # the UNet compiled here meanwhile, the rest aside
+                engine.warm_up(helped=functools.partial(helpers.wait, name))
         except torch.cuda.OutOfMemoryError:
             beside = f" beside {', '.join(engines)}" if engines else ""
             refuse(f"model {name} does not fit in {device}'s memory{beside}: give this worker"
                    " fewer models (SDSERVE_WORKER_MODELS) or a larger GPU")  # fmt: skip
+        finally:
+            if helpers is not None:
+                helpers.stop(name)
         warmed = time.perf_counter()
         engines[name] = engine
         load_s, warm_s = load_s + loaded - started, warm_s + warmed - loaded

@@ -25,7 +25,8 @@ from app.jobs.storage import open_storage
 from app.jobs.worker_store import WorkerStore
 from worker.compiled import Tuning
 from worker.engine import Engine, resolve_device
-from worker.engines import load_engines
+from worker.engines import load_engines, tuning_of
+from worker.helpers import Helpers
 from worker.lease import READ_BLOCK_MS, NameTaken
 from worker.metrics import WorkerMetrics
 from worker.runner import Runner
@@ -33,28 +34,9 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger("sdserve.worker")
 
-
-def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
-    cuda = device.type == "cuda"
-    return Tuning(
-        max_batch=settings.max_batch,
-        fuse=cuda,
-        compile=settings.compile == "on" or (settings.compile == "auto" and cuda),
-        compiled_sizes=tuple(settings.compiled_sizes),
-        vae_chunk=settings.vae_chunk,
-        rows=True,  # continuous batching: rows of many jobs per UNet call
-        prompt_chunks=settings.max_prompt_chunks,
-        masked_contexts=settings.masked_contexts,
-        tile=settings.tile,
-        tile_overlap=settings.tile_overlap,
-        loras=settings.lora_dir,
-        lora_slots=settings.lora_slots,
-        lora_row_rank=settings.lora_row_rank,
-        lora_kernels=settings.lora_kernels,
-        controlnets=tuple(settings.controlnets.items()),
-        embeddings=settings.embeddings_dir,
-        vaes=tuple(settings.vaes.items()),
-    )
+# Compile helpers by default on GPUs of this much memory or more (a helper holds a second copy
+# of its model and its largest call's activations while it compiles).
+HELPED_MEMORY = 40 * 2**30
 
 
 def process_age_s() -> float | None:
@@ -67,6 +49,16 @@ def process_age_s() -> float | None:
         return max(0.0, uptime - began / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
+
+
+def helped(settings: WorkerSettings, device: torch.device, tuning: Tuning) -> bool:
+    """Whether compile helpers (worker/helpers.py) compile beside the warm-up: as set, or
+    (auto) where inductor compiles on a GPU with room for a helper's copy of a model."""
+    if settings.compile_helpers != "auto":
+        return settings.compile_helpers == "on" and tuning.compile
+    if not tuning.compile or tuning.compile_backend != "inductor" or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).total_memory >= HELPED_MEMORY
 
 
 def serve(settings: WorkerSettings) -> None:
@@ -90,7 +82,14 @@ def serve(settings: WorkerSettings) -> None:
             refuse(f"SDSERVE_METRICS_PORT={settings.metrics_port}: {e.strerror}")
     # Compiled kernels are reused from here by the next start: seconds instead of minutes.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
-    engines, load_s, warm_s = load_engines(settings.held_models(), device, tuning)
+    helpers = None
+    if helped(settings, device, tuning):
+        helpers = Helpers(list(settings.held_models()))
+    try:
+        engines, load_s, warm_s = load_engines(settings.held_models(), device, tuning, helpers)
+    finally:
+        if helpers is not None:
+            helpers.stop()
     upscaler = None
     if settings.upscaler:
         # Uncompiled: its shapes differ from the models' and vary with each picture.

@@ -1,0 +1,133 @@
+"""Compile helpers (worker/helpers.py): processes that compile parts of the warm-up beside it,
+into the compile cache the warm-up then reads."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import sdserve_env
+from worker import helpers
+from worker.compiled import Tuning
+from worker.engines import load_engines
+from worker.helpers import Helpers
+from worker.process import helped
+from worker.settings import WorkerSettings
+
+HELPER_SAYS = re.compile(
+    r"compile helper: model (\S+) \((\w+)\) loaded in [\d.]+s, compiled in ([\d.]+)s"
+    r" \(compile cache: (\d+) graphs found, (\d+) compiled\)"
+)
+
+
+def helper_env(tiny_model: Path, cache: Path) -> dict[str, str]:
+    """The worker's settings as a helper reads them: inductor on the CPU (the GPU's compiler,
+    C++ kernels in place of Triton ones), its cache in `cache`."""
+    env = sdserve_env("redis://127.0.0.1:1/0", tiny_model, compile="on", device="cpu")
+    return env | {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+
+
+def test_what_a_helper_compiles_the_warm_up_finds_in_the_cache(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A helper compiles the VAE's decoder and encoder with inductor; a process that compiles
+    another graph first and then the same parts by the warm-up's code (as a worker does after
+    its UNet) finds both in the cache and compiles only its own."""
+    env = helper_env(tiny_model, tmp_path / "cache")
+    cold = subprocess.run([sys.executable, "-m", "worker.compile_helper", "default", "rest"],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    said = HELPER_SAYS.search(cold.stderr)
+    assert cold.returncode == 0 and said, cold.stderr[-3000:]
+    assert said.groups()[:2] == ("default", "rest") and said.groups()[3:] == ("0", "2")
+    after_another = (
+        "import torch\n"
+        "torch.compile(lambda x: (x * 2).sin(), backend='inductor')(torch.ones(3))\n"
+        "from worker.compile_helper import main\n"
+        "main(['default', 'rest'])\n"
+    )
+    warm = subprocess.run([sys.executable, "-c", after_another], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    found = HELPER_SAYS.search(warm.stderr)
+    assert warm.returncode == 0 and found, warm.stderr[-3000:]
+    assert found.groups()[3:] == ("2", "1")  # the decoder and the encoder found; its own made
+    assert float(found.group(3)) < float(said.group(3)) / 2
+
+
+def test_a_helper_that_fails_or_hangs_leaves_its_part_to_the_warm_up(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A helper that exits with an error is said and waited for no longer; one that takes too
+    long is stopped (its process gone) when the warm-up reaches its part."""
+    for key, value in helper_env(tiny_model, tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    caplog.set_level(logging.INFO, "sdserve.worker")
+    failing = Helpers(["not-a-model"])  # not among the settings' models: the helper exits 1
+    failing.wait("not-a-model")
+    assert "the compile helper of not-a-model exited with 1" in caplog.text
+    monkeypatch.setattr(helpers, "WAIT_S", 1.0)
+    slow = Helpers(["default"])  # an inductor compile on this CPU: tens of seconds
+    process = slow._running["default"]
+    started = time.monotonic()
+    slow.wait("default")
+    assert time.monotonic() - started < 10 and process.poll() is not None
+    assert "the compile helper of default took over 1s: stopped" in caplog.text
+    slow.wait("default")  # stopped already: nothing to wait for
+    slow.stop()
+
+
+class Recorded:
+    """Helpers as load_engines uses them, saying when it asks what: the first model's helper
+    compiles its rest, the second's all of it."""
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def compiles_unet(self, name: str) -> bool:
+        return name == "second"
+
+    def wait(self, name: str) -> None:
+        self.said.append(f"wait {name}")
+
+    def stop(self, name: str | None = None) -> None:
+        self.said.append(f"stop {name}")
+
+
+def test_each_model_warms_up_from_its_helper(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first model's warm-up waits for its helper after its UNet and before its VAE; a
+    further model's before its warm-up; each helper is stopped once its model is warm."""
+    from worker import compiled
+
+    tuning = Tuning(max_batch=2, compile=True, compile_backend="eager", rows=True,
+                    compiled_sizes=((64, 64),), prompt_chunks=1)  # fmt: skip
+    recorded = Recorded()
+    vae_warmed = compiled.CompiledCalls._warm_vae
+
+    def warm_vae(calls: compiled.CompiledCalls, latent_scale: int) -> tuple[float, float]:
+        recorded.said.append("vae")
+        return vae_warmed(calls, latent_scale)
+
+    monkeypatch.setattr(compiled.CompiledCalls, "_warm_vae", warm_vae)
+    models = {"first": str(tiny_model), "second": str(tiny_model)}
+    engines, _, _ = load_engines(models, torch.device("cpu"), tuning, recorded)  # type: ignore[arg-type]
+    assert list(engines) == ["first", "second"]
+    assert recorded.said == ["wait first", "vae", "stop first", "wait second", "vae",
+                             "stop second"]  # fmt: skip
+
+
+def test_helpers_are_on_where_inductor_compiles_on_a_large_gpu() -> None:
+    cpu = torch.device("cpu")
+    compiling = Tuning(max_batch=2, compile=True)
+    assert not helped(WorkerSettings(), cpu, compiling)  # auto: a GPU's
+    assert helped(WorkerSettings(compile_helpers="on"), cpu, compiling)
+    assert not helped(WorkerSettings(compile_helpers="on"), cpu, Tuning(max_batch=2))
+    assert not helped(WorkerSettings(compile_helpers="off"), cpu, compiling)

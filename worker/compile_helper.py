@@ -1,0 +1,43 @@
+"""A compile helper's process (worker/helpers.py): `python -m worker.compile_helper MODEL PART`
+builds MODEL's engine from the worker's settings (its environment) and compiles PART of its
+warm-up into the compile cache: `rest` (the VAE's decoder and encoder, the ControlNets) or
+`all` (the UNet too). Exit 0 once that is in the cache; anything else means the warm-up
+compiles it itself."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from torch._dynamo.utils import counters
+
+from app.jobs import logs
+from worker.engine import resolve_device
+from worker.engines import build_engine, tuning_of
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("sdserve.worker")
+
+
+def main(args: list[str]) -> int:
+    name, part = args
+    settings = WorkerSettings()
+    logs.configure(settings.log_json)
+    device = resolve_device(settings.device)
+    started = time.perf_counter()
+    engine = build_engine(settings.held_models()[name], device, tuning_of(settings, device))
+    built = time.perf_counter()
+    engine.precompile(unet=part == "all")
+    # Whether the cache had them already (a start after an earlier one): graphs found there
+    # against graphs compiled.
+    found = counters["inductor"]["fxgraph_cache_hit"]
+    compiled = counters["inductor"]["fxgraph_cache_miss"]
+    log.info("compile helper: model %s (%s) loaded in %.1fs, compiled in %.1fs (compile cache:"
+             " %d graphs found, %d compiled)", name, part, built - started,
+             time.perf_counter() - built, found, compiled)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

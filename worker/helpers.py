@@ -1,0 +1,79 @@
+"""Compile helpers: processes that compile parts of the warm-up beside it.
+
+A cold start's minutes are compiles, one after another in the worker's process: the UNet's
+(about 100 s of an H200's host), then the VAE's decoder and encoder (25 and 18 s), each
+ControlNet's, and each further model's UNet and VAE. Most of a compile is the host's work on
+one core. A helper process (`python -m worker.compile_helper MODEL PART`) builds the same engine
+from the same settings and compiles some of these at the same time, into the compile cache
+(TORCHINDUCTOR_CACHE_DIR) that the warm-up then reads: there they load in a second or two. The
+first model's UNet is the worker's own work (its warm-up starts with it) and the rest of that
+model its helper's; every further model is a helper's whole. What a helper compiles is what
+the warm-up would, by the same code (`CompiledCalls.precompile`): the same graphs, the same
+cache entries. A helper that fails or hangs costs its time only: the warm-up compiles whatever
+the cache lacks, as without helpers. Nothing here changes what is served.
+
+`SDSERVE_COMPILE_HELPERS` (auto: where the worker compiles with inductor on a GPU of 40 GiB or
+more, since a helper holds a second copy of its model and its largest call's activations for
+as long as it runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+log = logging.getLogger("sdserve.worker")
+
+# A helper is waited for at most this long after the warm-up reaches its part (it started with
+# the worker, so it has had the first model's UNet compile's minutes already); then it is
+# stopped and the warm-up compiles that part itself.
+WAIT_S = 600.0
+
+
+class Helpers:
+    """One helper process per model, started at once: the first model's without its UNet
+    (`rest`), the others' whole (`all`)."""
+
+    def __init__(self, models: list[str]) -> None:
+        self._parts = {name: "rest" if i == 0 else "all" for i, name in enumerate(models)}
+        self._running = {
+            name: subprocess.Popen([sys.executable, "-m", "worker.compile_helper", name, part])
+            for name, part in self._parts.items()
+        }
+        self._started = time.monotonic()
+        log.info("compile helpers started: %s",
+                 ", ".join(f"{name} ({part})" for name, part in self._parts.items()))  # fmt: skip
+
+    def compiles_unet(self, name: str) -> bool:
+        return self._parts.get(name) == "all"
+
+    def wait(self, name: str) -> None:
+        """Until `name`'s helper has finished (its compiled code then in the cache), failed, or
+        taken too long (stopped: the warm-up compiles its part)."""
+        process = self._running.get(name)
+        if process is None:
+            return
+        try:
+            code = process.wait(WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("the compile helper of %s took over %.0fs: stopped; the warm-up"
+                        " compiles its part", name, WAIT_S)  # fmt: skip
+            self.stop(name)
+            return
+        if code != 0:
+            log.warning("the compile helper of %s exited with %d: the warm-up compiles its"
+                        " part", name, code)  # fmt: skip
+        else:
+            log.info("the compile helper of %s was done %.1fs after the start", name,
+                     time.monotonic() - self._started)  # fmt: skip
+
+    def stop(self, name: str | None = None) -> None:
+        """Stop `name`'s helper (every one: None) if it still runs: its work is no longer
+        wanted (its model warmed up, or the worker is stopping)."""
+        for key in [name] if name is not None else list(self._running):
+            process = self._running.pop(key, None)
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
