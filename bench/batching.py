@@ -258,9 +258,11 @@ def service(
     work: Path,
     cache: Path,
     extra: dict[str, str] | None = None,
+    worker: tuple[str, ...] = ("app", "worker"),
 ) -> Iterator[Any]:
-    """The service as processes, with `extra` settings; yields a `Running` (it unpacks as
-    (URL, seconds until ready, the worker's log path))."""
+    """The service as processes, with `extra` settings (and `worker`: the module that runs
+    the worker, and its arguments); yields a `Running` (it unpacks as (URL, seconds until
+    ready, the worker's log path))."""
     tag = f"{batching}-{time.monotonic_ns()}"
     redis_server = ValkeyServer(data_dir=work / f"valkey-{tag}")
     redis_server.start()
@@ -274,7 +276,7 @@ def service(
     children = [
         subprocess.Popen([sys.executable, "-m", "app", "api", "--port", "8870"], env=env,
                          stdout=logs[0], stderr=subprocess.STDOUT),
-        subprocess.Popen([sys.executable, "-m", "app", "worker"], env=env, stdout=logs[1],
+        subprocess.Popen([sys.executable, "-m", *worker], env=env, stdout=logs[1],
                          stderr=subprocess.STDOUT),
     ]  # fmt: skip
     spawned = time.monotonic()
