@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.jobs.eta import Pace
-from bench import batching, gpu_check, masked, window, worker_metrics
+from bench import batching, eta_lab, gpu_check, masked, window, worker_metrics
 from bench.bench import Done, again
 from bench.paces import PaceLog, eta_parts, parts_lines
 from bench.worker_metrics import REAL_ROWS
@@ -183,3 +183,12 @@ def test_jobs_ended_in_a_short_window_misread_a_cohort_load() -> None:
     assert max(ended) - min(ended) > 1.5
     assert max(made) - min(made) < 0.3
     assert min(ended) < min(made) and max(ended) > max(made)
+
+
+def test_the_eta_model_bounds_an_estimate_made_at_submission() -> None:
+    """bench.eta_lab's model of the Poisson load: the service's estimate is off by some
+    percent from what happened (arrivals are unknowable), and knowing when each job in flight
+    ends narrows it."""
+    found = eta_lab.modelled(6.0, seconds=300.0)
+    assert found["jobs"] > 1000 and 5 < found["rows_now"] < 25
+    assert 0.05 < found["knowing_ends"] < found["service"] < 0.35
