@@ -83,6 +83,39 @@ def test_a_helper_that_fails_or_hangs_leaves_its_part_to_the_warm_up(
     slow.stop()
 
 
+def test_a_helper_leaves_when_its_worker_is_killed(tiny_model: Path, tmp_path: Path) -> None:
+    """A worker killed before it could stop its helpers (SIGKILL, an orchestrator's): the helper
+    notices within seconds and exits, rather than compile on for nobody."""
+    spawner = (
+        "import subprocess, sys, time\n"
+        "helper = subprocess.Popen([sys.executable, '-m', 'worker.compile_helper', 'default',"
+        " 'rest'])\n"
+        "print(helper.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = helper_env(tiny_model, tmp_path / "cache")
+    worker = subprocess.Popen([sys.executable, "-c", spawner], env=env, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    assert worker.stdout is not None
+    helper = int(worker.stdout.readline())
+    time.sleep(3)  # the helper is loading or compiling by now
+    assert alive(helper)
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 15
+    while alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(helper), "the helper outlived its worker"
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, nor a zombie waiting for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class Recorded:
     """Helpers as load_engines uses them, saying when it asks what: the first model's helper
     compiles its rest, the second's all of it."""

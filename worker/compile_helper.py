@@ -7,7 +7,9 @@ compiles it itself."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 
 from torch._dynamo.utils import counters
@@ -20,8 +22,21 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("sdserve.worker")
 
 
+def leave_with(parent: int) -> None:
+    """Exit when the worker that started this helper has gone (killed before it could stop
+    its helpers): a compile nobody will read holds a GPU's memory for nothing."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def main(args: list[str]) -> int:
     name, part = args
+    leave_with(os.getppid())
     settings = WorkerSettings()
     logs.configure(settings.log_json)
     device = resolve_device(settings.device)
