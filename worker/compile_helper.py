@@ -1,8 +1,9 @@
-"""A compile helper's process (worker/helpers.py): `python -m worker.compile_helper MODEL PART`
-builds MODEL's engine from the worker's settings (its environment) and compiles PART of its
-warm-up into the compile cache: `rest` (the VAE's decoder and encoder, the ControlNets) or
-`all` (the UNet too). Exit 0 once that is in the cache; anything else means the warm-up
-compiles it itself."""
+"""A compile helper's process (worker/helpers.py):
+`python -m worker.compile_helper MODEL PART WORKER` builds MODEL's engine from the worker's
+settings (its environment) and compiles PART of its warm-up into the compile cache: `rest` (the
+VAE's decoder and encoder, the ControlNets) or `all` (the UNet too). WORKER is the worker's
+process id: the helper leaves when that process has gone. Exit 0 once PART is in the cache;
+anything else means the warm-up compiles it itself."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ log = logging.getLogger("sdserve.worker")
 
 
 def leave_with(parent: int) -> None:
-    """Exit when the worker that started this helper has gone (killed before it could stop
-    its helpers): a compile nobody will read holds a GPU's memory for nothing."""
+    """Exit when the worker that started this helper (process `parent`) has gone, killed
+    before it could stop its helpers, even while this one was still importing: a compile
+    nobody will read holds a GPU's memory for nothing."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -35,8 +37,8 @@ def leave_with(parent: int) -> None:
 
 
 def main(args: list[str]) -> int:
-    name, part = args
-    leave_with(os.getppid())
+    name, part, parent = args
+    leave_with(int(parent))
     settings = WorkerSettings()
     logs.configure(settings.log_json)
     device = resolve_device(settings.device)

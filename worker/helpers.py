@@ -3,7 +3,7 @@
 A cold start's minutes are compiles, one after another in the worker's process: the UNet's
 (about 100 s of an H200's host), then the VAE's decoder and encoder (25 and 18 s), each
 ControlNet's, and each further model's UNet and VAE. Most of a compile is the host's work on
-one core. A helper process (`python -m worker.compile_helper MODEL PART`) builds the same engine
+one core. A helper process (`python -m worker.compile_helper`) builds the same engine
 from the same settings and compiles some of these at the same time, into the compile cache
 (TORCHINDUCTOR_CACHE_DIR) that the warm-up then reads: there they load in a second or two. The
 first model's UNet is the worker's own work (its warm-up starts with it) and the rest of that
@@ -20,6 +20,7 @@ as long as it runs).
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -38,8 +39,9 @@ class Helpers:
 
     def __init__(self, models: list[str]) -> None:
         self._parts = {name: "rest" if i == 0 else "all" for i, name in enumerate(models)}
+        helper = [sys.executable, "-m", "worker.compile_helper"]
         self._running = {
-            name: subprocess.Popen([sys.executable, "-m", "worker.compile_helper", name, part])
+            name: subprocess.Popen([*helper, name, part, str(os.getpid())])
             for name, part in self._parts.items()
         }
         self._started = time.monotonic()
