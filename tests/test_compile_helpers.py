@@ -32,7 +32,8 @@ def helper_env(tiny_model: Path, cache: Path) -> dict[str, str]:
     """The worker's settings as a helper reads them: inductor on the CPU (the GPU's compiler,
     C++ kernels in place of Triton ones), its cache in `cache`."""
     env = sdserve_env("redis://127.0.0.1:1/0", tiny_model, compile="on", device="cpu")
-    return env | {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    # One compile thread: the suite runs beside it on few cores.
+    return env | {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 
 
 def test_what_a_helper_compiles_the_warm_up_finds_in_the_cache(
