@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,9 +72,14 @@ def test_a_helper_that_fails_or_hangs_leaves_its_part_to_the_warm_up(
     for key, value in helper_env(tiny_model, tmp_path / "cache").items():
         monkeypatch.setenv(key, value)
     caplog.set_level(logging.INFO, "sdserve.worker")
-    failing = Helpers(["not-a-model"])  # not among the settings' models: the helper exits 1
+    # Not among the settings' models: each helper exits 1. A third model gets none.
+    failing = Helpers(["not-a-model", "nor-this", "nor-that"])
+    assert sorted(failing._running) == ["nor-this", "not-a-model"]
+    assert failing.compiles_unet("nor-this") and not failing.compiles_unet("nor-that")
     failing.wait("not-a-model")
+    failing.wait("nor-that")  # no helper: nothing to wait for
     assert "the compile helper of not-a-model exited with 1" in caplog.text
+    failing.stop()
     monkeypatch.setattr(helpers, "WAIT_S", 1.0)
     slow = Helpers(["default"])  # an inductor compile on this CPU: tens of seconds
     process = slow._running["default"]
@@ -134,6 +140,9 @@ class Recorded:
     def stop(self, name: str | None = None) -> None:
         self.said.append(f"stop {name}")
 
+    def running(self) -> bool:
+        return True
+
 
 def test_each_model_warms_up_from_its_helper(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
@@ -166,3 +175,30 @@ def test_helpers_are_on_where_inductor_compiles_on_a_large_gpu() -> None:
     assert helped(WorkerSettings(compile_helpers="on"), cpu, compiling)
     assert not helped(WorkerSettings(compile_helpers="on"), cpu, Tuning(max_batch=2))
     assert not helped(WorkerSettings(compile_helpers="off"), cpu, compiling)
+
+
+def test_a_warm_up_out_of_memory_beside_helpers_starts_again_without_them(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helpers' copies of models may take the GPU memory a warm-up needs: then they are all
+    stopped and the warm-up runs again alone (the worker starts, slower), where before helpers
+    the model fitted."""
+    from worker.engine import Engine
+
+    tuning = Tuning(max_batch=2, rows=True, compiled_sizes=((64, 64),), prompt_chunks=1)
+    recorded = Recorded()
+    warmed = Engine.warm_up
+    calls = []
+
+    def warm_up(engine: Engine, helped: Any = None) -> None:
+        calls.append(helped)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a helper holds the rest)")
+        warmed(engine, helped)
+
+    monkeypatch.setattr(Engine, "warm_up", warm_up)
+    models = {"first": str(tiny_model), "second": str(tiny_model)}
+    engines, _, _ = load_engines(models, torch.device("cpu"), tuning, recorded)  # type: ignore[arg-type]
+    assert list(engines) == ["first", "second"]
+    assert recorded.said == ["stop None"]  # all stopped; none waited for again
+    assert calls[0] is not None and calls[1:] == [None, None]  # again, then the second: alone

@@ -141,6 +141,23 @@ def build_engine(source: str, device: torch.device, tuning: Tuning) -> Engine:
     return Engine(prepare_model(model), device, tuning, vae=vae)
 
 
+def _warmed(
+    name: str, source: str, device: torch.device, tuning: Tuning, helpers: Helpers | None
+) -> tuple[Engine, float]:
+    """A model's engine, warmed up (from what its helper compiled, where it has one); and when
+    its loading ended."""
+    engine = build_engine(source, device, tuning)
+    loaded = time.perf_counter()
+    if helpers is None:
+        engine.warm_up()
+    elif helpers.compiles_unet(name):  # all of it compiled aside: wait, then read it
+        helpers.wait(name)
+        engine.warm_up()
+    else:  # the UNet compiled here meanwhile, the rest aside
+        engine.warm_up(helped=functools.partial(helpers.wait, name))
+    return engine, loaded
+
+
 def load_engines(
     models: dict[str, str], device: torch.device, tuning: Tuning, helpers: Helpers | None = None
 ) -> tuple[dict[str, Engine], float, float]:
@@ -154,15 +171,18 @@ def load_engines(
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         started = time.perf_counter()
         try:
-            engine = build_engine(source, device, tuning)
-            loaded = time.perf_counter()
-            if helpers is None:
-                engine.warm_up()
-            elif helpers.compiles_unet(name):  # all of it compiled aside: wait, then read it
-                helpers.wait(name)
-                engine.warm_up()
-            else:  # the UNet compiled here meanwhile, the rest aside
-                engine.warm_up(helped=functools.partial(helpers.wait, name))
+            try:
+                engine, loaded = _warmed(name, source, device, tuning, helpers)
+            except torch.cuda.OutOfMemoryError:
+                if helpers is None or not helpers.running():
+                    raise
+                # The helpers' copies of models took the room: without them, once more.
+                log.warning("model %s ran out of GPU memory beside the compile helpers: they"
+                            " are stopped, and its warm-up starts again", name)  # fmt: skip
+                helpers.stop()
+                helpers = None
+                torch.cuda.empty_cache()
+                engine, loaded = _warmed(name, source, device, tuning, None)
         except torch.cuda.OutOfMemoryError:
             beside = f" beside {', '.join(engines)}" if engines else ""
             refuse(f"model {name} does not fit in {device}'s memory{beside}: give this worker"

@@ -7,10 +7,13 @@ one core. A helper process (`python -m worker.compile_helper`) builds the same e
 from the same settings and compiles some of these at the same time, into the compile cache
 (TORCHINDUCTOR_CACHE_DIR) that the warm-up then reads: there they load in a second or two. The
 first model's UNet is the worker's own work (its warm-up starts with it) and the rest of that
-model its helper's; every further model is a helper's whole. What a helper compiles is what
-the warm-up would, by the same code (`CompiledCalls.precompile`): the same graphs, the same
-cache entries. A helper that fails or hangs costs its time only: the warm-up compiles whatever
-the cache lacks, as without helpers. Nothing here changes what is served.
+model its helper's; a second model is a helper's whole (a third and more compile in the
+warm-up, as without helpers: each helper holds a copy of its model). What a helper compiles is
+what the warm-up would, by the same code (`CompiledCalls.precompile`): the same graphs, the
+same cache entries. A helper that fails or hangs costs its time only: the warm-up compiles
+whatever the cache lacks, as without helpers; a warm-up that runs out of GPU memory beside the
+helpers stops them all and starts again alone (worker/engines.py). Nothing here changes what is
+served.
 
 `SDSERVE_COMPILE_HELPERS` (auto: where the worker compiles with inductor on a GPU of 40 GiB or
 more, since a helper holds a second copy of its model and its largest call's activations for
@@ -33,12 +36,18 @@ log = logging.getLogger("sdserve.worker")
 WAIT_S = 600.0
 
 
+# Models that get a helper: the first two (the first model's rest, the second whole). Each
+# helper holds a copy of its model while it runs; a third model's warm-up compiles it itself.
+HELPED_MODELS = 2
+
+
 class Helpers:
-    """One helper process per model, started at once: the first model's without its UNet
-    (`rest`), the others' whole (`all`)."""
+    """A helper process for each of the first models, started at once: the first model's
+    without its UNet (`rest`), the second's whole (`all`)."""
 
     def __init__(self, models: list[str]) -> None:
-        self._parts = {name: "rest" if i == 0 else "all" for i, name in enumerate(models)}
+        self._parts = {name: "rest" if i == 0 else "all"
+                       for i, name in enumerate(models[:HELPED_MODELS])}  # fmt: skip
         helper = [sys.executable, "-m", "worker.compile_helper"]
         self._running = {
             name: subprocess.Popen([*helper, name, part, str(os.getpid())])
@@ -70,6 +79,9 @@ class Helpers:
         else:
             log.info("the compile helper of %s was done %.1fs after the start", name,
                      time.monotonic() - self._started)  # fmt: skip
+
+    def running(self) -> bool:
+        return any(process.poll() is None for process in self._running.values())
 
     def stop(self, name: str | None = None) -> None:
         """Stop `name`'s helper (every one: None) if it still runs: its work is no longer

@@ -139,7 +139,7 @@ class WorkerSettings(CommonSettings):
     compile_helpers: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Helper processes that compile parts of the warm-up beside it (the VAE,"
-        " ControlNets, further models) into the compile cache it reads: a shorter cold start"
+        " ControlNets, a second model) into the compile cache it reads: a shorter cold start"
         " (auto: with inductor on a GPU of 40 GiB or more; each holds a copy of its model"
         " while it compiles).",
     )
