@@ -233,7 +233,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             result["alone"] = asyncio.run(idle(url, 6, args.side))
             result["recompiles"] = recompiles()
             result["cudagraph_skips"] = cudagraph_skips()
-            said = r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs"
+            said = r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs|compile helper"
             result["worker_log"] = [line for line in log.read_text().splitlines()
                                     if re.search(said, line)]  # fmt: skip
             return result
@@ -268,7 +268,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         result["alone"] = asyncio.run(idle(url, 12))
         result["recompiles"] = recompiles()
         result["cudagraph_skips"] = cudagraph_skips()
-        said = r"warmed up|warm-up:|loaded in|compiled while|CUDA graphs"
+        said = r"warmed up|warm-up:|loaded in|compiled while|CUDA graphs|compile helper"
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(said, line)]  # fmt: skip
     if args.no_restart:

@@ -156,8 +156,9 @@ def service_stage(
         result["cold_start_s"] = startup
         result["memory"] = held_memory(log)
         print(f"ready in {startup:.0f}s: {result['memory']}", flush=True)
+        said = r"warmed up|warm-up:|loaded in|compile helper"
         result["worker_log"] = [line for line in log.read_text().splitlines()
-                                if re.search(r"warmed up|warm-up:|loaded in", line)]  # fmt: skip
+                                if re.search(said, line)]  # fmt: skip
         save()
         result["alone"] = asyncio.run(alone(url, 5))
         print(f"alone: {result['alone']}", flush=True)
