@@ -117,6 +117,10 @@ def summary(done: list[tuple[Done, int]], start: float, stop: float) -> dict[str
     }
 
 
+# What a request's UNet rows depend on (its guidance, size and images; the kind does not).
+ROW_FIELDS = ("prompt", "guidance_scale", "width", "height", "n", "steps")
+
+
 def load_shape(body: Body, sample: int = 200) -> tuple[float, float]:
     """What a load's requests are on average, from a sample of its bodies: the image-steps a
     UNet row-step makes (1/2 where every image is guided: its cond and uncond rows) and the
@@ -130,10 +134,6 @@ def load_shape(body: Body, sample: int = 200) -> tuple[float, float]:
         row_steps += steps * unet_rows(Txt2ImgRequest.model_validate(fields))
         images += n
     return image_steps / row_steps, image_steps / images
-
-
-# What a request's UNet rows depend on (its guidance, size and images; the kind does not).
-ROW_FIELDS = ("prompt", "guidance_scale", "width", "height", "n", "steps")
 
 
 def steady(body: Body, ends: tuple[dict[str, float], dict[str, float]] | None) -> Any:

@@ -184,7 +184,7 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, An
     near 1 says the GPU's work, not the host, bounds the load."""
     d = {name: after[name] - before[name] for name in after}
     steps = d["sdserve_worker_row_step_seconds_count"] or float("nan")
-    real = d['sdserve_worker_unet_rows_total{kind="real"}']
+    real = d[REAL_ROWS]
     return {
         "step_share": d["sdserve_worker_row_step_seconds_sum"] / d["wall"],
         "decode_share": d["sdserve_worker_vae_decode_seconds_sum"] / d["wall"],
