@@ -153,7 +153,8 @@ def test_a_closed_loop_counts_what_the_worker_stepped(
 ) -> None:
     """Against the real service (a worker process on the tiny model): the image-steps the
     worker's rows say it made in the window agree with the jobs the clients saw end in it,
-    within the jobs in flight at its two edges."""
+    within the jobs in flight at its two edges and a tenth for the moments each reading took
+    (a scrape and a poll apart; a wrong count of rows an image-step would be off by half)."""
     port = free_port()
     env = sdserve_env(redis_url, tiny_model, metrics_port=str(port), max_batch="8")
     clients, steps, warm, seconds = 3, 6, 4.0, 6.0
@@ -170,7 +171,7 @@ def test_a_closed_loop_counts_what_the_worker_stepped(
     assert load["failed"] == 0 and load["requests"] > 3
     made = load["steady"]["image_steps_s"] * seconds
     seen = load["requests"] * steps  # the steps of the jobs that ended in the window
-    assert abs(made - seen) <= 2 * clients * steps, (made, seen)
+    assert abs(made - seen) <= 2 * clients * steps + 0.1 * seen, (made, seen)
     assert load["steady"]["img_s"] == pytest.approx(made / seconds / steps)
 
 
