@@ -34,6 +34,7 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, prepare, rate, service
 from bench.bench import one_request
+from bench.worker_metrics import metric
 from worker.tiny_addons import build_tiny_lora
 
 RANKS = (16, 32, 64, 128, 16, 32, 64, 128)
@@ -106,7 +107,7 @@ def service_stage(args: Any, work: Path, folder: Path, result: dict[str, Any], s
         aside.rename(cold)
         result["alone"] = asyncio.run(alone_pair(url))
         print(f"alone: {result['alone']}", flush=True)
-        result["recompiles"] = batching_metric("sdserve_worker_recompiles_total")
+        result["recompiles"] = metric("sdserve_worker_recompiles_total")
         save()
 
 
@@ -137,12 +138,6 @@ async def alone_pair(url: str) -> dict[str, float]:
     return {"plain_p50_s": statistics.median(times),
             "uncached_lora_s": done.finished - done.submitted,
             "cached_lora_s": warm.finished - warm.submitted}  # fmt: skip
-
-
-def batching_metric(name: str) -> float:
-    from bench.worker_metrics import metric
-
-    return metric(name)
 
 
 # -- diffusers ------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, poisson, rate, service
 from bench.bench import one_request, percentile, prompt
+from bench.worker_metrics import metric
 from worker.tiny import build_tiny_model
 
 SIDE, STEPS, GUIDANCE, SAMPLER = 1024, 30, 7.0, "euler"
@@ -164,12 +165,12 @@ def service_stage(
         print(f"alone: {result['alone']}", flush=True)
         for name, body in (("a", uniform), ("b", mixed), ("r", refined)):
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
-            result["recompiles"] = batching_metric("sdserve_worker_recompiles_total")
+            result["recompiles"] = metric("sdserve_worker_recompiles_total")
             print(f"({name}): {result[name]}", flush=True)
             save()
         rate_s = max(0.6 * rate(result["a"], "img_s"), 0.05)
         result["c"] = asyncio.run(poisson(url, rate_s, mixed, warm, secs))
-        result["recompiles"] = batching_metric("sdserve_worker_recompiles_total")
+        result["recompiles"] = metric("sdserve_worker_recompiles_total")
         print(f"(c): {result['c']}", flush=True)
         save()
     if args.restart:
@@ -183,12 +184,6 @@ def restart(args: Any, work: Path, made: dict[str, Path], result: dict[str, Any]
     with service(str(made["xl"]), "continuous", args, work, cache, extra) as (_u, took, _l):
         result["warm_start_s"] = took
         print(f"ready in {took:.0f}s with the compile cache", flush=True)
-
-
-def batching_metric(name: str) -> float:
-    from bench.worker_metrics import metric
-
-    return metric(name)
 
 
 # -- the table ------------------------------------------------------------------------------
