@@ -38,10 +38,12 @@ log = logging.getLogger("sdserve.api")
 MAX_BODY_BYTES = 64 * 1024
 
 API_DESCRIPTION = """
-Asynchronous image generation: text to image, image to image, inpainting and upscaling.
-`POST /v1/txt2img` (or `/v1/img2img`, `/v1/inpaint`, `/v1/upscale`) answers `202` at once with
-a job id; poll `GET /jobs/{id}` until `status` is `succeeded`, then download
-`GET /jobs/{id}/images/{k}.png`.
+Asynchronous image generation: text to image, image to image, inpainting, upscaling and the
+hires fix, for SD 1.x/2.x and SDXL models (with a refiner), with LoRAs, embeddings and
+ControlNets per request. `POST /v1/txt2img` (or `/v1/img2img`, `/v1/inpaint`, `/v1/upscale`)
+answers `202` at once with a job id; poll `GET /jobs/{id}` until `status` is `succeeded`, then
+download `GET /jobs/{id}/images/{k}.png`. A1111's `/sdapi/v1/...` and OpenAI's
+`/v1/images/...` routes answer when the job is done.
 
 Workers step many users' images together, one UNet call per step (continuous batching: any mix
 of kinds, steps, samplers and guidance; a job joins between two steps). Prompt, negative prompt,
