@@ -119,7 +119,8 @@ def test_a_job_is_taken_in_the_step_that_frees_its_room_and_joins_at_the_next(
         r.step()  # `leaving`'s last: the images in flight are at max_batch until it ends
         assert steps[-1] == [leaving, staying]
         assert _status(store, later) is Status.RUNNING  # taken for the room this step freed
-        wait_for(lambda: r.loop.loading[later].done(), 30, "its picture read")
+        wait_for(lambda: r.loop.loading[later].done() and r.loop.prompts[later].done(), 30,
+                 "its picture and prompt read")  # fmt: skip
         r.step()
         assert steps[-1] == [staying, later]  # no step went by without it
         run_until_done(r, store, [leaving, staying, later])
@@ -175,3 +176,46 @@ def test_the_seed_contract_holds_across_modes(
     image = np.asarray(png(store, job_id, 0))
     assert max_diff(png(store, job_id, 0), alone(r.engines.first, store, job_id, 0)) <= 1
     assert image.shape == (96, 64, 3)
+
+
+def test_the_prompts_of_jobs_taken_together_are_read_off_the_loop_in_one_encoder_call(
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs taken while rows are in flight have their prompts encoded by the prompt reader's
+    thread, batched (five prompts: one call of the encoder's fixed 8 rows), and join once
+    read: at their joins the loop's thread encodes nothing. (Each joined alone, every join
+    ran the text encoder on the GPU's thread, one job at a time.)"""
+    first = submit(store, steps=30, seed=1, prompt="the first")
+    r = continuous(store, tiny_model, redis_url, max_batch=8)
+    encoder = r.engines.first.parts.text_encoder
+    forward = encoder.forward
+    calls: list[tuple[str, int]] = []
+
+    def recording(ids: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, len(ids)))
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", recording)
+    steps = record_steps(r, monkeypatch)
+    r.open()
+    try:
+        wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the first job read")
+        r.step()
+        assert steps == [[first]]
+        calls.clear()
+        others = [submit(store, steps=3, seed=2 + k, prompt=f"prompt {k}") for k in range(5)]
+        wait_for(lambda: r.inbox.room() <= r.inbox.capacity - 5, 30, "the five jobs read")
+        r.step()  # takes them, while the first job's rows are in flight
+        assert set(others) <= set(r.loop.prompts) | set(r.loop.lanes)  # taken
+        wait_for(lambda: all(r.loop.prompts[k].done() for k in others if k in r.loop.prompts),
+                 30, "their prompts read")  # fmt: skip
+        r.step()
+        assert set(others) <= set(steps[-1])  # all joined
+        run_until_done(r, store, [first, *others])
+    finally:
+        r.close()
+    assert [name.startswith("prompts") for name, _rows in calls] == [True]
+    assert calls[0][1] == 8  # five prompts padded to one fixed batch
+    for job_id in others:
+        assert _status(store, job_id) is Status.SUCCEEDED
+        assert max_diff(png(store, job_id, 0), alone(r.engines.first, store, job_id, 0)) <= 1

@@ -4,6 +4,7 @@ different prompt lengths batched together without changing anyone's image."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ from tests.conftest import JobStore
 from tests.test_rows import max_diff, run
 from tests.test_worker import run_once, runner, submit
 from worker.engine import BatchShape, Engine, ImageSpec, PromptTooLong, emphasized
+from worker.prompting import Prompt, Remembered
 from worker.schedulers import make_scheduler
 
 # A1111's own examples of its syntax, with the weights it gives them.
@@ -212,3 +214,54 @@ def test_a_job_queued_before_the_count_fails_at_the_worker_naming_the_prompt(
     assert view is not None and view.status is Status.FAILED and view.error is not None
     assert view.error.code == "invalid_request"
     assert "prompt: 5 chunks of 75 tokens" in view.error.message
+
+
+def test_the_cache_of_encodings_serves_two_threads_and_encodes_each_prompt_once() -> None:
+    """The loop's thread and the prompt reader's share the cache: a prompt asked by both while
+    one encodes it is encoded once; a thread whose prompts are all there does not wait for
+    another's encode; what was encoded before a `clear` is not remembered after it."""
+    reading = threading.Lock()
+    cache: Remembered[str] = Remembered(reading)
+    encoded: list[list[str]] = []
+    started, release = threading.Event(), threading.Event()
+
+    def slow(prompts: list[Prompt]) -> list[str]:
+        encoded.append([p.text for p in prompts])
+        started.set()
+        release.wait(10)
+        return [f"<{p.text}>" for p in prompts]
+
+    release.set()
+    assert cache.each([Prompt("kept")], slow) == ["<kept>"]
+    release.clear()
+    results: dict[str, list[str]] = {}
+    first = threading.Thread(target=lambda: results.update(a=cache.each([Prompt("a")], slow)))
+    first.start()
+    started.wait(10)  # the reader is encoding "a", holding `reading`
+    second = threading.Thread(target=lambda: results.update(b=cache.each([Prompt("a")], slow)))
+    second.start()
+    # Remembered prompts come back at once, the encode in flight notwithstanding.
+    meanwhile = threading.Thread(target=lambda: results.update(k=cache.each([Prompt("kept")],
+                                                                             slow)))  # fmt: skip
+    meanwhile.start()
+    meanwhile.join(5)
+    assert results.get("k") == ["<kept>"]
+    assert second.is_alive()  # "a" is being encoded: it waits for that encode
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert results == {"a": ["<a>"], "b": ["<a>"], "k": ["<kept>"]}
+    assert encoded == [["kept"], ["a"]]
+
+    release.clear()
+    started.clear()
+    late = threading.Thread(target=lambda: results.update(c=cache.each([Prompt("c")], slow)))
+    late.start()
+    started.wait(10)
+    cache.clear()  # e.g. a LoRA's file changed while "c" was being encoded with its old one
+    release.set()
+    late.join(10)
+    assert results["c"] == ["<c>"]  # its caller has what was encoded
+    release.set()
+    assert cache.each([Prompt("c")], slow) == ["<c>"] and encoded[-1] == ["c"]  # afresh
+    assert len(encoded) == 4

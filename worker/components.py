@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Lock
 from typing import Any
 
 import torch
@@ -45,6 +46,9 @@ class Components:
     # Textual-inversion embeddings of several vectors: first token id -> all of them
     # (worker/embeddings.py); what the published tokenizer expands.
     expansions: dict[int, list[int]] = field(default_factory=dict)
+    # Held while the text encoders read prompts, and while embeddings change their token
+    # tables: two threads read prompts (worker/prompting.py `Remembered`).
+    reading: Lock = field(default_factory=Lock, compare=False, repr=False)
 
     @property
     def family(self) -> str:

@@ -199,11 +199,15 @@ class Engine:
 
     def refresh_embeddings(self) -> None:
         """Take the embeddings added to the folder since (on the GPU's thread, between steps:
-        the tokenizer, the token table and the family's published tokenizer change)."""
+        the tokenizer, the token table and the family's published tokenizer change; and while
+        no prompt is read: the prompt reader reads them too)."""
         self.embeddings_asked = False
-        if self.embeddings is None or not self.embeddings.install(self.parts):
+        if self.embeddings is None:
             return
-        self.family = family_of(self.parts, self.tuning.prompt_chunks, self.adapters)
+        with self.parts.reading:
+            if not self.embeddings.install(self.parts):
+                return
+            self.family = family_of(self.parts, self.tuning.prompt_chunks, self.adapters)
         self.latents.family = self.family
         self.published_tokenizer = self.family.published
         self.vocabulary = self.family.vocabulary
@@ -469,6 +473,12 @@ class Engine:
             cumulative = float(np.interp(timestep, np.arange(len(alphas)), alphas))
             self._signals[timestep] = cumulative**0.5
         return self._signals[timestep]
+
+    @torch.inference_mode()
+    def read_prompts(self, jobs: Sequence[Sequence[ImageSpec]]) -> None:
+        """Encode these jobs' prompts ahead of their lanes (the prompt reader's thread, off the
+        GPU's: worker/continuous.py), into the family's cache, where their lanes find them."""
+        self.family.remember(jobs)
 
     @torch.inference_mode()
     def finish(self, lane: Lane) -> Decoding:

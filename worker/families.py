@@ -93,6 +93,14 @@ class Family:
         """Each prompt's context, (77 x its chunks, dim)."""
         return self.encoder.embeddings(texts)
 
+    def remember(self, jobs: Sequence[Sequence[ImageSpec]]) -> None:
+        """Encode the prompts (and, where guided, negative prompts) of these jobs' images
+        now, in as few encoder calls as they fill, so that their lanes find them encoded."""
+        texts = [read(spec, negative) for specs in jobs
+                 for negative in (False, True)[: 1 + any(s.guidance_scale > 1 for s in specs)]
+                 for spec in specs]  # fmt: skip
+        self.contexts(texts)
+
     def added(
         self, texts: Sequence[Prompt], size: Size, negative: bool = False
     ) -> dict[str, torch.Tensor] | None:
@@ -128,7 +136,7 @@ class Xl(Family):
             max_chunks,
             adapters,
         )
-        self._cache: Remembered[XlPrompt] = Remembered()
+        self._cache: Remembered[XlPrompt] = Remembered(parts.reading)
         # diffusers' SDXL pipelines: no negative prompt is zeros, not the encoding of "" (the
         # base model's setting; its refiner encodes "").
         self.zeros_for_empty = bool(parts.options.get("force_zeros_for_empty_prompt", True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from threading import Lock
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
@@ -66,7 +67,7 @@ class PromptEncoder:
         self.published = publishable(parts.model, parts.tokenizer, max_chunks,
                                      expansions=parts.expansions)  # fmt: skip
         self.vocabulary = self.published.vocabulary()
-        self._cache: Remembered[torch.Tensor] = Remembered()
+        self._cache: Remembered[torch.Tensor] = Remembered(parts.reading)
 
     def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
         """CLIP embeddings of prompts of one length in chunks, (len(prompts), 77 x chunks,
@@ -171,33 +172,54 @@ V = TypeVar("V")
 
 class Remembered(Generic[V]):
     """The encodings of the last EMBEDDING_CACHE_SIZE prompts: a prompt met again (the negative
-    prompt most users share, a retried job) is not encoded again."""
+    prompt most users share, a retried job) is not encoded again.
 
-    def __init__(self, size: int = EMBEDDING_CACHE_SIZE) -> None:
+    Two threads use it: the loop's reads a lane's prompts at its join, and the prompt reader
+    (worker/continuous.py) reads the prompts of jobs just taken, so that the join finds them
+    here. Encodes run one at a time under `reading` (the components' lock: the text encoders'
+    LoRA rows and token table are shared state); a thread whose prompts are all here never
+    waits for another's encode."""
+
+    def __init__(self, reading: Lock, size: int = EMBEDDING_CACHE_SIZE) -> None:
+        self.reading = reading
         self.size = size
         self._items: OrderedDict[Prompt, V] = OrderedDict()
-        self._stale = False
+        self._guard = Lock()  # the dictionary's (held for moments, never across an encode)
+        # Bumped by `clear`: an encode that began before it is not remembered after it.
+        self._generation = 0
 
     def clear(self) -> None:
-        """Forget everything, before the next use (any thread may ask; the one that encodes
-        clears)."""
-        self._stale = True
+        """Forget everything (any thread may ask)."""
+        with self._guard:
+            self._items.clear()
+            self._generation += 1
 
     def each(self, prompts: Sequence[Prompt], encode: Callable[[list[Prompt]], list[V]]) -> list[V]:
         """Each prompt's encoding, `encode` called once for those not remembered."""
-        if self._stale:
-            self._stale = False
-            self._items.clear()
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._items))
+        found = self._found(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in found))
         if missing:
-            for prompt, value in zip(missing, encode(missing), strict=True):
-                self._items[prompt] = value
-        for p in prompts:
-            self._items.move_to_end(p)
-        out = [self._items[p] for p in prompts]
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return out
+            with self.reading:
+                found |= self._found(missing)  # encoded meanwhile by the other thread
+                missing = [p for p in missing if p not in found]
+                if missing:
+                    with self._guard:
+                        generation = self._generation
+                    encoded = dict(zip(missing, encode(missing), strict=True))
+                    found |= encoded
+                    with self._guard:
+                        if generation == self._generation:
+                            self._items.update(encoded)
+                        while len(self._items) > self.size:
+                            self._items.popitem(last=False)
+        return [found[p] for p in prompts]
+
+    def _found(self, prompts: Sequence[Prompt]) -> dict[Prompt, V]:
+        with self._guard:
+            found = {p: self._items[p] for p in prompts if p in self._items}
+            for p in found:
+                self._items.move_to_end(p)
+            return found
 
 
 def fixed_batches(
