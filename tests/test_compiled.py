@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from app.jobs.contract import (
 )
 from app.jobs.storage import Storage, input_key, open_storage
 from worker.adapters import LoraUse
-from worker.compiled import CHUNK_TOKENS, Tuning
+from worker.compiled import CHUNK_TOKENS, CompiledCalls, Tuning
 from worker.engine import BatchShape, Engine, ImageSpec
 from worker.rows import Lane
 from worker.tasks import task
@@ -242,6 +243,31 @@ def test_masked_contexts_compile_nothing_while_serving(
     """`masked_contexts`: every call takes a mask, warmed with it; the kinds whose cases mix
     one- and two-chunk prompts in one call compile nothing."""
     serve_every_case(masked_engine, storage, kind)
+
+
+def test_masked_contexts_that_do_not_compile_leave_the_worker_serving_per_length(
+    tiny_model: Path,
+    storage: Storage,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where the masked UNet fails to compile (an H100 with torch 2.11: its trace specialized
+    the rows), the warm-up says so and warms the calls per prompt length instead: the worker
+    starts and serves every length without compiling, where it exited before."""
+    real = CompiledCalls._unet_call
+
+    def failing(self: CompiledCalls, *args: typing.Any, **kw: typing.Any) -> torch.Tensor:
+        if kw.get("mask", args[6] if len(args) > 6 else None) is not None:
+            raise RuntimeError("Constraints violated (L['args'][0].size()[0])! specialized")
+        out: torch.Tensor = real(self, *args, **kw)
+        return out
+
+    monkeypatch.setattr(CompiledCalls, "_unet_call", failing)
+    with caplog.at_level(logging.ERROR, logger="sdserve.compiled"):
+        engine = compiled_engine(tiny_model, rows=True, masked=True)
+    assert not engine.calls.tuning.masked_contexts
+    assert any("SDSERVE_MASKED_CONTEXTS" in r.getMessage() for r in caplog.records)
+    serve_every_case(engine, storage, "txt2img")  # one- and two-chunk prompts, none compiles
 
 
 def test_masked_contexts_step_every_length_in_one_call_with_the_same_images(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -251,7 +251,20 @@ class CompiledCalls:
         began = time.perf_counter()
         entries = self.warm_list()
         for warm in entries:
-            self._warm_entry(warm, latent_scale)
+            try:
+                self._warm_entry(warm, latent_scale)
+            except Exception as e:
+                if not self.tuning.masked_contexts:
+                    raise
+                # Seen on an H100 with torch 2.11 (2026-12-05): the masked graph's trace
+                # specializes the rows (diffusers repeats the mask per head) and the compile
+                # fails. The worker then serves as without the setting, rather than not at all.
+                log.error("SDSERVE_MASKED_CONTEXTS: the UNet with a mask did not compile (%s);"
+                          " rows of each prompt length run in calls of their own",
+                          str(e).splitlines()[0][:300])  # fmt: skip
+                self.tuning = replace(self.tuning, masked_contexts=False)
+                self.warm_up(latent_scale, helped)
+                return
         unet_s = time.perf_counter() - began
         if helped is not None:
             helped()
