@@ -219,3 +219,39 @@ def test_the_prompts_of_jobs_taken_together_are_read_off_the_loop_in_one_encoder
     for job_id in others:
         assert _status(store, job_id) is Status.SUCCEEDED
         assert max_diff(png(store, job_id, 0), alone(r.engines.first, store, job_id, 0)) <= 1
+
+
+def test_a_prompt_that_cannot_be_read_ahead_fails_its_job_alone(
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Among jobs taken together, one whose prompt is over the worker's chunks: the others'
+    prompts are still read ahead (one encoder call each, on the prompt reader's thread), and
+    that job fails at its join with the reason, the others succeed."""
+    first = submit(store, steps=30, seed=1, prompt="the first")
+    r = continuous(store, tiny_model, redis_url, max_batch=8)
+    encoder = r.engines.first.parts.text_encoder
+    forward = encoder.forward
+    calls: list[str] = []
+
+    def recording(ids: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", recording)
+    r.open()
+    try:
+        wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the first job read")
+        r.step()
+        calls.clear()
+        too_long = "word " * 400  # over the engine's 4 chunks of 75 tokens
+        ids = [submit(store, steps=3, seed=2, prompt="fine one"),
+               submit(store, steps=3, seed=3, prompt=too_long),
+               submit(store, steps=3, seed=4, prompt="fine two")]  # fmt: skip
+        wait_for(lambda: r.inbox.room() <= r.inbox.capacity - 3, 30, "the three jobs read")
+        run_until_done(r, store, [first, *ids])
+    finally:
+        r.close()
+    assert calls and all(name.startswith("prompts") for name in calls)
+    assert [_status(store, i) for i in ids] == [Status.SUCCEEDED, Status.FAILED, Status.SUCCEEDED]
+    view = store.view(ids[1])
+    assert view is not None and view.error is not None and "chunks" in view.error.message

@@ -60,12 +60,16 @@ def read_ahead(engine: Engine, jobs: list[list[ImageSpec]]) -> None:
     the job with the reason; the others' are read all the same."""
     try:
         engine.read_prompts(jobs)
-    except Exception:
-        for specs in jobs if len(jobs) > 1 else []:
-            try:
-                engine.read_prompts([specs])
-            except Exception as e:
-                log.debug("a prompt was not read ahead: %s", e)
+        return
+    except Exception as e:
+        if len(jobs) == 1:
+            log.debug("a prompt was not read ahead: %s", e)
+            return
+    for specs in jobs:  # one job at a time: all but the one that failed
+        try:
+            engine.read_prompts([specs])
+        except Exception as e:
+            log.debug("a prompt was not read ahead: %s", e)
 
 
 class RowLoop:

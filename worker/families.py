@@ -96,9 +96,11 @@ class Family:
     def remember(self, jobs: Sequence[Sequence[ImageSpec]]) -> None:
         """Encode the prompts (and, where guided, negative prompts) of these jobs' images
         now, in as few encoder calls as they fill, so that their lanes find them encoded."""
-        texts = [read(spec, negative) for specs in jobs
-                 for negative in (False, True)[: 1 + any(s.guidance_scale > 1 for s in specs)]
-                 for spec in specs]  # fmt: skip
+        texts: list[Prompt] = []
+        for specs in jobs:
+            texts += [read(spec, negative=False) for spec in specs]
+            if any(spec.guidance_scale > 1 for spec in specs):  # as the lane reads them
+                texts += [read(spec, negative=True) for spec in specs]
         self.contexts(texts)
 
     def added(
