@@ -116,6 +116,25 @@ def test_the_tracker_measures_the_pace_and_counts_down() -> None:
     assert report.finish_in_s == pytest.approx(7 * pace.step_s(2), abs=0.03)
 
 
+def test_a_job_denoised_no_longer_counts_as_rows_in_flight() -> None:
+    """Jobs whose steps are done are decoded and stored while others step: their rows are not
+    in flight, neither in the pace nor in the estimate of the jobs that took their place."""
+    tracker = Tracker(row_cap=16)
+    tracker.at("old", 0, 3, 8)
+    for step in range(1, 4):
+        time.sleep(0.01)
+        tracker.at("old", step, 3, 8)
+    tracker.denoised("old")
+    tracker.at("new", 0, 10, 2)
+    pace = tracker.pace()
+    assert pace.rows == 2
+    reports = tracker.running()
+    assert reports["old"].step == 3
+    assert reports["new"].finish_in_s == pytest.approx(10 * pace.step_s(2), abs=0.01)
+    tracker.at("new", 0, 10, 4)  # a second pass of other rows
+    assert tracker.pace().rows == 4
+
+
 def test_the_tracker_averages_the_rows_in_flight_over_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -114,11 +114,15 @@ class Tracker:
 
     def at(self, job_id: str, step: int, steps: int, rows: int) -> None:
         with self._lock:
-            if job_id in self._jobs:
-                self._move(job_id, step)
-            else:
+            job = self._jobs.get(job_id)
+            if job is None:
                 self._average()
                 self._jobs[job_id] = _Job(step, steps, rows, time.monotonic())
+                return
+            self._move(job_id, step)
+            if job.rows != rows:  # a second pass (a hires fix's, a refiner's) of other rows
+                self._average()
+                job.rows = rows
 
     def remove(self, job_id: str) -> None:
         with self._lock:
@@ -131,7 +135,8 @@ class Tracker:
         if step > job.step:
             taken = (now - job.at) / (step - job.step)
             # Every job of a step says about the same: together they count as one step.
-            self._fit.add(self._rows(), taken, 1 / len(self._jobs))
+            stepping = sum(1 for other in self._jobs.values() if other.rows)
+            self._fit.add(self._rows(), taken, 1 / max(stepping, 1))
             job.step, job.at = step, now
 
     def _rows(self) -> int:
@@ -146,9 +151,16 @@ class Tracker:
         self._mean_at = now
 
     def denoised(self, job_id: str) -> None:
-        """The job's last step is done: what follows (decode, PNGs, storage) is timed."""
+        """The job's last step is done: what follows (decode, PNGs, storage) is timed, and its
+        rows no longer count as in flight. They did until it was stored: a cohort that ended
+        together still counted while the jobs that took its place stepped, and their estimates
+        and the pace's rows said a step of both."""
         with self._lock:
             self._denoised[job_id] = time.monotonic()
+            job = self._jobs.get(job_id)
+            if job is not None:
+                self._average()
+                job.step, job.rows = job.steps, 0
 
     def stored(self, job_id: str) -> None:
         """The job's outcome is written: how long its finish took feeds the estimate."""
