@@ -12,7 +12,9 @@ WORKDIR /srv
 COPY docker/constraints.txt pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
-RUN pip install --no-compile -c constraints.txt '.[api]' \
+# With its bytecode: the user the image runs as cannot write it beside the sources, and without
+# it every start compiles them again (a worker's imports on a 2-core host: 14-15 s instead of 6).
+RUN pip install -c constraints.txt '.[api]' \
     && useradd --create-home --uid 10001 sdserve \
     && mkdir -p /images && chown sdserve /images
 USER 10001:10001
@@ -30,7 +32,7 @@ WORKDIR /srv
 COPY docker/constraints.txt pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
-RUN pip install --no-compile -c constraints.txt '.[worker]' \
+RUN pip install -c constraints.txt '.[worker]' \
     && useradd --create-home --uid 10001 sdserve \
     && mkdir -p /models /images && chown sdserve /models /images
 USER 10001:10001
