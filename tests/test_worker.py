@@ -319,3 +319,21 @@ def test_suspects_are_taken_over_one_at_a_time_and_run_alone(
     r.close()
     assert steps and all(len(lanes) == 1 for lanes in steps)  # each alone
     assert {key for lanes in steps for key in lanes} == set(ids)
+
+
+def test_a_package_without_cached_bytecode_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker says at start which of its largest imports had no bytecode to read (each start
+    then compiles their sources again); compiled, the package is not named."""
+    import py_compile
+
+    from worker.process import without_bytecode
+
+    package = tmp_path / "sourceonly"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert without_bytecode(("sourceonly", "no_such_package")) == ["sourceonly"]
+    py_compile.compile(str(package / "__init__.py"), doraise=True)
+    assert without_bytecode(("sourceonly",)) == []
