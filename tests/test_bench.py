@@ -69,7 +69,7 @@ def test_the_eta_at_submission_is_taken_apart_from_the_heartbeat_it_used(
     done = Done(submitted, submitted + 2.1, 0.2, "succeeded", submitted + 2.0,
                 (1.5, submitted), None, 1.8, "queued")  # fmt: skip
     parts = eta_parts([(done, 25, 2)], log)
-    step_s = 0.01 + 0.002 * ((10 + 6.0) / 2 + 2)  # beside: half now, half the recent mean
+    step_s = 0.01 + 0.002 * (10 + 2)  # beside the rows now, and its own
     assert parts["jobs"] == 1
     assert parts["predicted_step_ms_p50"] == pytest.approx(step_s * 1000)
     assert parts["predicted_ran_s_p50"] == pytest.approx(25 * step_s + 0.1)
@@ -78,7 +78,7 @@ def test_the_eta_at_submission_is_taken_apart_from_the_heartbeat_it_used(
     assert parts["beat_age_s_p50"] == pytest.approx(0.5)
     assert log.at(sample.at - 1) is None  # nothing read before the first sample
     table = "\n".join(parts_lines(parts))
-    assert "| a step, ms | 30.0 | 68.0" in table
+    assert "| a step, ms | 34.0 | 68.0" in table
     # And job by job, for the spread the medians hide: read while queued, 25 steps of 2 rows.
     [each] = parts["each"]
     assert (each["eta_s"], each["steps"], each["job_rows"], each["read_running"]) == (1.5, 25, 2, 0)

@@ -27,13 +27,10 @@ from app.jobs.worker_store import Report
 FORGET = 0.98
 # How much each job's finish (decode, PNGs, storage) moves its estimate.
 SMOOTHING = 0.2
-# The rows in flight are also averaged over about this many seconds (exponentially, over time):
-# a queued job's estimate (app/jobs/eta.py) takes the rows it will run beside from that and the
-# rows now, since the heartbeat that carries them is up to a third of its TTL old, and under
-# random arrivals the rows of one instant say little about the next seconds (measured on an
-# H200, Poisson at 60%: the estimate at submission was off by 28-46% in the median). About a
-# few runs of a job at that load (1-2 s each): averaged over 10 s, the estimate carried a full
-# load's rows (62) for tens of seconds after the load fell, and said +68% in the median.
+# The rows in flight are also averaged over about this many seconds (exponentially, over time)
+# and published with the pace, for the benchmarks' records of each estimate: the estimate
+# itself takes the rows now (app/jobs/eta.py, `Pace.beside`, says why). Averaged over 10 s, a
+# full load's rows (62) stayed in the mean for tens of seconds after the load fell.
 ROWS_MEAN_S = 3.0
 
 
