@@ -15,6 +15,7 @@ import logging
 import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -438,6 +439,51 @@ def test_a_worker_of_many_models_compiles_each_at_warm_up() -> None:
         with torch.inference_mode():
             ours = calls.encode(picture, compiled=True)
             assert torch.allclose(ours, vae.encode(picture).latent_dist.parameters, atol=1e-5)
+
+
+GRAPHS: list[tuple[int, tuple[str, ...]]] = []
+
+
+@torch._dynamo.register_backend
+def graph_record(gm: torch.fx.GraphModule, _inputs: list[Any]) -> Any:
+    """A backend that runs the traced graph as it is and records its size and dynamic sizes."""
+    symbols: set[str] = set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        sizes = value.shape if isinstance(value, torch.Tensor) else [value]
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                symbols |= {str(s) for s in size.node.expr.free_symbols}
+    GRAPHS.append((len(gm.graph.nodes), tuple(sorted(symbols))))
+    return gm.forward
+
+
+def test_a_second_model_compiles_the_graph_it_compiles_alone(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A refiner's UNet compiled after its base's (one UNet class: one forward's code) traces
+    the graph it traces alone, with no size made dynamic for differing from the base's: the
+    graph its compile helper put in the compile cache (worker/helpers.py), found there."""
+    from worker.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("two-models")
+    tuning = Tuning(max_batch=2, fuse=True, compile=True, compile_backend="graph_record",
+                    compiled_sizes=((SIDE, SIDE),), rows=True, prompt_chunks=2)  # fmt: skip
+    first_unet: list[tuple[int, tuple[str, ...]]] = []
+    # The refiner alone (as its helper compiles it), then in a fresh state the base and the
+    # refiner (as the worker warms them up).
+    for arch in ("tiny-sdxl-refiner", None, "tiny-sdxl", "tiny-sdxl-refiner"):
+        if arch is None:
+            torch._dynamo.reset()
+            continue
+        path = root / arch
+        if not path.exists():
+            build_tiny_model(path, arch)
+        GRAPHS.clear()
+        Engine(str(path), torch.device("cpu"), tuning).warm_up()
+        first_unet.append(max(GRAPHS))  # the UNet's: the largest graph
+    alone, _base, after_base = first_unet
+    assert after_base == alone and alone[1]  # rows and context length dynamic, nothing else
 
 
 # Rows' LoRAs: several, one, none, at other weights (issue 23, 2).

@@ -188,6 +188,13 @@ class CompiledCalls:
         if tuning.compile:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            # Only the sizes marked here are dynamic (rows, context length). Dynamo otherwise
+            # makes dynamic whatever size differs from an earlier compile of the same code:
+            # every model of a worker runs one UNet class's forward, so a second model's (an
+            # SDXL refiner after its base) was traced with its widths symbolic, a graph that
+            # differs from the one its compile helper put in the cache (seen on an H100: the
+            # refiner's first entry compiled again, 127 s, after its helper's 149 s).
+            config.automatic_dynamic_shapes = False
             self._fast_unet = self._compiled(unet)
             self._fast_decode = torch.compile(
                 vae.decode, backend=tuning.compile_backend, fullgraph=True
