@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
+import subprocess
+import sys
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -441,48 +444,56 @@ def test_a_worker_of_many_models_compiles_each_at_warm_up() -> None:
             assert torch.allclose(ours, vae.encode(picture).latent_dist.parameters, atol=1e-5)
 
 
-GRAPHS: list[tuple[int, tuple[str, ...]]] = []
+# Warms up the models named on its command line, in order, in one process, and prints the
+# size and the dynamic sizes of the last one's UNet graph (the largest graph it traced).
+TRACE_MODELS = """
+import json, sys, torch
+from worker.compiled import Tuning
+from worker.engine import Engine
 
+graphs = []
 
 @torch._dynamo.register_backend
-def graph_record(gm: torch.fx.GraphModule, _inputs: list[Any]) -> Any:
-    """A backend that runs the traced graph as it is and records its size and dynamic sizes."""
-    symbols: set[str] = set()
+def graph_record(gm, _inputs):
+    symbols = set()
     for node in gm.graph.find_nodes(op="placeholder"):
         value = node.meta.get("example_value")
-        sizes = value.shape if isinstance(value, torch.Tensor) else [value]
-        for size in sizes:
+        for size in value.shape if isinstance(value, torch.Tensor) else [value]:
             if isinstance(size, torch.SymInt):
                 symbols |= {str(s) for s in size.node.expr.free_symbols}
-    GRAPHS.append((len(gm.graph.nodes), tuple(sorted(symbols))))
+    graphs.append((len(gm.graph.nodes), sorted(symbols)))
     return gm.forward
+
+tuning = Tuning(max_batch=2, fuse=True, compile=True, compile_backend="graph_record",
+                compiled_sizes=((64, 64),), rows=True, prompt_chunks=2)
+for path in sys.argv[1:]:
+    graphs.clear()
+    Engine(path, torch.device("cpu"), tuning).warm_up()
+print(json.dumps(max(graphs)))
+"""
 
 
 def test_a_second_model_compiles_the_graph_it_compiles_alone(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """A refiner's UNet compiled after its base's (one UNet class: one forward's code) traces
+    """A refiner's UNet warmed up after its base's (one UNet class: one forward's code) traces
     the graph it traces alone, with no size made dynamic for differing from the base's: the
-    graph its compile helper put in the compile cache (worker/helpers.py), found there."""
+    graph its compile helper, a process of its own, put in the compile cache
+    (worker/helpers.py). Each in a process of its own, as the worker and the helper are."""
     from worker.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("two-models")
-    tuning = Tuning(max_batch=2, fuse=True, compile=True, compile_backend="graph_record",
-                    compiled_sizes=((SIDE, SIDE),), rows=True, prompt_chunks=2)  # fmt: skip
-    first_unet: list[tuple[int, tuple[str, ...]]] = []
-    # The refiner alone (as its helper compiles it), then in a fresh state the base and the
-    # refiner (as the worker warms them up).
-    for arch in ("tiny-sdxl-refiner", None, "tiny-sdxl", "tiny-sdxl-refiner"):
-        if arch is None:
-            torch._dynamo.reset()
-            continue
-        path = root / arch
-        if not path.exists():
-            build_tiny_model(path, arch)
-        GRAPHS.clear()
-        Engine(str(path), torch.device("cpu"), tuning).warm_up()
-        first_unet.append(max(GRAPHS))  # the UNet's: the largest graph
-    alone, _base, after_base = first_unet
+    paths = {arch: str(build_tiny_model(root / arch, arch))
+             for arch in ("tiny-sdxl", "tiny-sdxl-refiner")}  # fmt: skip
+
+    def last_graph(*archs: str) -> Any:
+        done = subprocess.run([sys.executable, "-c", TRACE_MODELS, *(paths[a] for a in archs)],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    alone = last_graph("tiny-sdxl-refiner")
+    after_base = last_graph("tiny-sdxl", "tiny-sdxl-refiner")
     assert after_base == alone and alone[1]  # rows and context length dynamic, nothing else
 
 
