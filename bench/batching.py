@@ -452,6 +452,18 @@ def service_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
     return parser
 
 
+def chosen_loads(loads: str | None, known: tuple[str, ...]) -> set[str]:
+    """The loads `--loads` names, of `known` (every one by default); (a) always: the others are
+    read against it."""
+    if not loads:
+        return set(known)
+    chosen = {name.strip() for name in loads.split(",") if name.strip()}
+    unknown = chosen - set(known)
+    if unknown:
+        raise SystemExit(f"--loads: no load named {', '.join(sorted(unknown))} (of {known})")
+    return chosen | {"a"}
+
+
 def provenance(device: str) -> dict[str, str]:
     """Where a run's figures come from: the GPU, the date, the commit and the command line. A
     copy of a working tree (the lent GPU machines get one) may sit on an older HEAD: its

@@ -58,6 +58,7 @@ import httpx
 from bench import batching
 from bench.batching import (
     THROUGHPUT_HEADS,
+    chosen_loads,
     closed_loop,
     half_img2img,
     mixed,
@@ -248,7 +249,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             from bench.controlnets import controlled, half
 
             loads |= {"k": controlled, "h": half}
-        chosen = chosen_loads(args.loads)
+        chosen = chosen_loads(args.loads, LOADS)
         for name, body in [(n, b) for n, b in loads.items() if n in chosen]:
             window = Window(warm, secs, GPU_SUMS)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs, window))
@@ -280,18 +281,6 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         result["warm_worker_log"] = [line for line in log.read_text().splitlines()
                                      if re.search(said, line)]  # fmt: skip
     return result
-
-
-def chosen_loads(loads: str | None) -> set[str]:
-    """The loads `--loads` names (every one by default); (a) always: the others are read
-    against it."""
-    if not loads:
-        return set(LOADS)
-    chosen = {name.strip() for name in loads.split(",") if name.strip()}
-    unknown = chosen - set(LOADS)
-    if unknown:
-        raise SystemExit(f"--loads: no load named {', '.join(sorted(unknown))} (of {LOADS})")
-    return chosen | {"a"}
 
 
 def checks(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:

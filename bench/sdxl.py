@@ -18,7 +18,7 @@ Throughput in images/s and in 30-step equivalents/s (steps run / 30; a refined j
 are its base's and its refiner's). The table, with the issue's targets, goes to OUT/sdxl.md.
 
     python3 -m bench.sdxl --out DIR [--stages service,diffusers,restart] [--seconds 30]
-        [--warmup 15] [--restart]
+        [--warmup 15] [--restart] [--loads a,b,r,c]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from bench import batching
-from bench.batching import closed_loop, poisson, rate, service
+from bench.batching import chosen_loads, closed_loop, poisson, rate, service
 from bench.bench import one_request, percentile, prompt
 from bench.worker_metrics import metric
 from worker.tiny import build_tiny_model
@@ -46,6 +46,7 @@ SWITCH = 0.8
 MIX_STEPS = (20, 30, 40)
 MIX_SAMPLERS = ("euler", "dpmpp_2m", "euler_a")
 BATCHES = (1, 2, 4, 8)
+LOADS = ("a", "b", "r", "c")  # the service's loads, in the order they run
 
 
 def uniform(i: int) -> dict[str, Any]:
@@ -149,6 +150,7 @@ def service_stage(
     args: Any, work: Path, made: dict[str, Path], result: dict[str, Any], save: Callable[[], None]
 ) -> None:
     """Fills `result` in, saving after each figure (a call cut short keeps what it had)."""
+    chosen = chosen_loads(args.loads, LOADS)  # refused before a start of minutes
     cache = work / "inductor-sdxl"
     shutil.rmtree(cache, ignore_errors=True)
     extra = {"SDSERVE_MODELS": ",".join(f"{name}={path}" for name, path in made.items())}
@@ -164,15 +166,18 @@ def service_stage(
         result["alone"] = asyncio.run(alone(url, 5))
         print(f"alone: {result['alone']}", flush=True)
         for name, body in (("a", uniform), ("b", mixed), ("r", refined)):
+            if name not in chosen:
+                continue
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
             result["recompiles"] = metric("sdserve_worker_recompiles_total")
             print(f"({name}): {result[name]}", flush=True)
             save()
-        rate_s = max(0.6 * rate(result["a"], "img_s"), 0.05)
-        result["c"] = asyncio.run(poisson(url, rate_s, mixed, warm, secs))
-        result["recompiles"] = metric("sdserve_worker_recompiles_total")
-        print(f"(c): {result['c']}", flush=True)
-        save()
+        if "c" in chosen:
+            rate_s = max(0.6 * rate(result["a"], "img_s"), 0.05)
+            result["c"] = asyncio.run(poisson(url, rate_s, mixed, warm, secs))
+            result["recompiles"] = metric("sdserve_worker_recompiles_total")
+            print(f"(c): {result['c']}", flush=True)
+            save()
     if args.restart:
         restart(args, work, made, result)
 
@@ -269,6 +274,11 @@ def main() -> None:
     parser = batching.service_parser(__doc__ or "", seconds=30)
     parser.set_defaults(max_batch=8, clients=16, warmup=15, side=1024, model="")
     parser.add_argument("--stages", default="service,diffusers")
+    parser.add_argument(
+        "--loads",
+        help="the service's loads, comma-separated (a is always run; default: a,b,r,c), e.g."
+        " --loads a,c to fit a start and the Poisson load in one device call",
+    )
     parser.add_argument(
         "--restart",
         action="store_true",

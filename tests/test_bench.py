@@ -15,6 +15,7 @@ import pytest
 
 from app.jobs.eta import Pace
 from bench import batching, eta_lab, gpu_check, masked, window, worker_metrics
+from bench.batching import chosen_loads
 from bench.bench import Done, again
 from bench.paces import PaceLog, eta_parts, parts_lines
 from bench.worker_metrics import REAL_ROWS
@@ -104,10 +105,10 @@ def test_the_masked_comparison_runs_both_variants_on_one_unet(tiny_model: Path) 
 def test_a_shorter_check_reads_the_loads_it_ran() -> None:
     """`--loads a,e --no-restart` (a comparison of two settings in a few minutes): its rows are
     those of the loads it ran, (a) always among them; an unknown load is refused by name."""
-    assert gpu_check.chosen_loads("e") == {"a", "e"}
-    assert gpu_check.chosen_loads(None) == set(gpu_check.LOADS)
+    assert chosen_loads("e", gpu_check.LOADS) == {"a", "e"}
+    assert chosen_loads(None, gpu_check.LOADS) == set(gpu_check.LOADS)
     with pytest.raises(SystemExit, match="no load named z"):
-        gpu_check.chosen_loads("a,z")
+        chosen_loads("a,z", gpu_check.LOADS)
     closed = {"img_s": 9.0, "eq25_s": 9.0, "latency_p50_s": 7.0, "latency_p95_s": 9.0,
               "queue_wait_p50_s": 2.0, "queue_wait_p95_s": 3.0, "gpu": None}  # fmt: skip
     # (a) with the worker's steady figures (which count), (e) from an older run without.
