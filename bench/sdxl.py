@@ -18,7 +18,7 @@ Throughput in images/s and in 30-step equivalents/s (steps run / 30; a refined j
 are its base's and its refiner's). The table, with the issue's targets, goes to OUT/sdxl.md.
 
     python3 -m bench.sdxl --out DIR [--stages service,diffusers,restart] [--seconds 30]
-        [--warmup 15] [--restart] [--loads a,b,r,c]
+        [--warmup 15] [--restart] [--loads a,b,r,c] [--sd15]
 """
 
 from __future__ import annotations
@@ -61,19 +61,29 @@ def mixed(i: int) -> dict[str, Any]:
                          "guidance_scale": round(rng.uniform(4, 9), 2)}  # fmt: skip
 
 
+def sd_request(i: int) -> dict[str, Any]:
+    """A request for the SD 1.5-sized model at its own default size (`--sd15`)."""
+    side = max(SIDE // 2, 64)  # 512 beside SDXL's 1024; 64 in the CPU smoke run
+    return uniform(i) | {"model": "sd", "width": side, "height": side}
+
+
 def refined(i: int) -> dict[str, Any]:
     return uniform(i) | {"refiner": {"model": "refiner", "switch_at": SWITCH}}
 
 
-def models(work: Path, tiny: bool) -> dict[str, Path]:
+def models(work: Path, tiny: bool, sd15: bool = False) -> dict[str, Path]:
     """The base and the refiner at SDXL's sizes, built once (random weights, fp16); at the tiny
-    sizes for a CPU smoke run."""
+    sizes for a CPU smoke run. With `sd15`, an SD 1.5-sized model too (`sd`), served beside
+    them by the same worker."""
     arch = "tiny-sdxl" if tiny else "sdxl"
-    made = {"xl": work / arch, "refiner": work / f"{arch}-refiner"}
+    archs = {"xl": arch, "refiner": f"{arch}-refiner"}
+    if sd15:
+        archs["sd"] = "tiny" if tiny else "sd15"
+    made = {name: work / arch for name, arch in archs.items()}
     for name, path in made.items():
         if not (path / "model_index.json").exists():
             started = time.monotonic()
-            build_tiny_model(path, arch if name == "xl" else f"{arch}-refiner")
+            build_tiny_model(path, archs[name])
             print(f"built {name} in {time.monotonic() - started:.0f}s", flush=True)
     return made
 
@@ -130,12 +140,14 @@ def diffusers_stage(base: Path) -> dict[str, Any]:
 # -- the service ----------------------------------------------------------------------------
 
 
-async def alone(url: str, requests: int) -> dict[str, Any]:
+async def alone(
+    url: str, requests: int, body: Callable[[int], dict[str, Any]] = uniform
+) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
-        await one_request(http, uniform(0), poll_s=0.01)
+        await one_request(http, body(0), poll_s=0.01)
         latencies = []
         for i in range(requests):
-            done = await one_request(http, uniform(50_000 + i), poll_s=0.01)
+            done = await one_request(http, body(50_000 + i), poll_s=0.01)
             latencies.append(done.finished - done.submitted)
     return {"latency_p50_s": percentile(sorted(latencies), 50), "requests": requests}
 
@@ -165,6 +177,10 @@ def service_stage(
         save()
         result["alone"] = asyncio.run(alone(url, 5))
         print(f"alone: {result['alone']}", flush=True)
+        if "sd" in made:  # the SD 1.5 model served beside SDXL's: its own size, its own rows
+            result["alone_sd"] = asyncio.run(alone(url, 5, sd_request))
+            result["recompiles"] = metric("sdserve_worker_recompiles_total")
+            print(f"alone, SD 1.5: {result['alone_sd']}", flush=True)
         for name, body in (("a", uniform), ("b", mixed), ("r", refined)):
             if name not in chosen:
                 continue
@@ -238,6 +254,10 @@ def service_rows(s: dict[str, Any], d: dict[str, Any] | None) -> list[tuple[str,
                 f"≤ 1.10 {verdict(ratio <= 1.10)}",
             )
         )
+    if "alone_sd" in s:
+        rows.append(
+            ("alone p50 s, SD 1.5 beside SDXL", f"{s['alone_sd']['latency_p50_s']:.2f}", "")
+        )
     if "a" in s:
         rows.append(("(a) uniform img/s", f"{rate(s['a'], 'img_s'):.3f}", ""))
         if d:
@@ -275,6 +295,12 @@ def main() -> None:
     parser.set_defaults(max_batch=8, clients=16, warmup=15, side=1024, model="")
     parser.add_argument("--stages", default="service,diffusers")
     parser.add_argument(
+        "--sd15",
+        action="store_true",
+        help="the worker holds an SD 1.5-sized model too (issue 22: the start of a worker"
+        " holding both families), and one SD 1.5 request runs alone",
+    )
+    parser.add_argument(
         "--loads",
         help="the service's loads, comma-separated (a is always run; default: a,b,r,c), e.g."
         " --loads a,c to fit a start and the Poisson load in one device call",
@@ -290,7 +316,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
-    made = models(work, args.device == "cpu")
+    made = models(work, args.device == "cpu", args.sd15)
     results, save = batching.recorded(args.out, "sdxl", args.device)
 
     for stage in args.stages.split(","):
