@@ -452,16 +452,20 @@ def service_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
     return parser
 
 
-def chosen_loads(loads: str | None, known: tuple[str, ...]) -> set[str]:
+def chosen_loads(
+    loads: str | None, known: tuple[str, ...], needs: dict[str, str] | None = None
+) -> set[str]:
     """The loads `--loads` names, of `known` (every one by default); (a) always: the others are
-    read against it."""
+    read against it; and each load that another chosen one is read against (`needs`: a load's
+    name to the one its figure needs, as (h)'s prediction needs (k)'s rate)."""
     if not loads:
         return set(known)
     chosen = {name.strip() for name in loads.split(",") if name.strip()}
     unknown = chosen - set(known)
     if unknown:
         raise SystemExit(f"--loads: no load named {', '.join(sorted(unknown))} (of {known})")
-    return chosen | {"a"}
+    chosen |= {"a"} | {(needs or {})[name] for name in chosen if name in (needs or {})}
+    return chosen
 
 
 def provenance(device: str) -> dict[str, str]:

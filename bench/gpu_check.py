@@ -171,6 +171,7 @@ def cudagraph_skips() -> float:
 # Every load the check can run: the closed loops (l with --loras, k and h with --controlnets)
 # and the Poisson one (c).
 LOADS = ("a", "b", "c", "d", "e", "l", "k", "h")
+NEEDS = {"h": "k"}  # (h) is read against what (a) and (k) predict
 LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
@@ -212,6 +213,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
     else:
         shutil.rmtree(cache, ignore_errors=True)
     warm, secs = args.warmup, args.seconds
+    chosen = chosen_loads(args.loads, LOADS, NEEDS)  # refused before a start of minutes
     extra = {}
     if args.loras:
         from bench.loras import write_loras
@@ -249,7 +251,6 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             from bench.controlnets import controlled, half
 
             loads |= {"k": controlled, "h": half}
-        chosen = chosen_loads(args.loads, LOADS)
         for name, body in [(n, b) for n, b in loads.items() if n in chosen]:
             window = Window(warm, secs, GPU_SUMS)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs, window))

@@ -107,6 +107,9 @@ def test_a_shorter_check_reads_the_loads_it_ran() -> None:
     those of the loads it ran, (a) always among them; an unknown load is refused by name."""
     assert chosen_loads("e", gpu_check.LOADS) == {"a", "e"}
     assert chosen_loads(None, gpu_check.LOADS) == set(gpu_check.LOADS)
+    # (h) is read against what (a) and (k) predict: asked alone, it brings (k) (a run on
+    # 2026-12-05 that named l,h ran both and then failed at its table for want of (k)).
+    assert chosen_loads("l,h", gpu_check.LOADS, gpu_check.NEEDS) == {"a", "l", "h", "k"}
     with pytest.raises(SystemExit, match="no load named z"):
         chosen_loads("a,z", gpu_check.LOADS)
     closed = {"img_s": 9.0, "eq25_s": 9.0, "latency_p50_s": 7.0, "latency_p95_s": 9.0,
