@@ -241,7 +241,7 @@ def test_a_queued_job_has_an_eta_once_a_worker_measured_its_pace(
     info = {"models": ["default"], "device": "cpu", "base_s": 0.1, "row_s": 0.05, "rows": 0,
             "row_cap": 8, "finish_s": 1.03}  # fmt: skip
     store.heartbeat("paced", "token", 30, json.dumps(info))
-    time.sleep(1.1)  # the API reads paces at most once a second
+    time.sleep(1.1)  # the API reads who is live and what they hold at most once a second
     # 10 steps of its 2 rows at 0.1 + 0.05 x 2 s, and a finish: to the hundredth (a tenth is a
     # tenth of a second-long job).
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(3.03)
@@ -252,9 +252,13 @@ def test_a_queued_job_has_an_eta_once_a_worker_measured_its_pace(
     assert not store.publish_pace("gone", "token", json.dumps(moved))  # no heartbeat, no key
     assert store.publish_pace("paced", "token", json.dumps(moved))
     assert not store.client.exists(worker_key("gone"))
-    time.sleep(1.1)
-    # Beside 4 rows: 10 steps at 0.1 + 0.05 x (4 + 2) s, and a finish.
+    # Beside 4 rows: 10 steps at 0.1 + 0.05 x (4 + 2) s, and a finish; read at once (the
+    # pace is read with each view: a queued job's ETA from a pace up to a second old missed
+    # more, 2026-12-05), though the API read the workers a moment ago.
     assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(5.03)
+    moved["rows"] = 6
+    assert store.publish_pace("paced", "token", json.dumps(moved))
+    assert api.get(f"/jobs/{job_id}").json()["eta_s"] == pytest.approx(6.03)
     assert json.loads(store.worker_infos()["paced"])["device"] == "cpu"  # the rest kept
 
 
