@@ -172,12 +172,13 @@ def cudagraph_skips() -> float:
 # and the Poisson one (c).
 LOADS = ("a", "b", "c", "d", "e", "l", "k", "h")
 NEEDS = {"h": "k"}  # (h) is read against what (a) and (k) predict
+JOIN_WAIT = ("sdserve_worker_join_wait_seconds_sum", "sdserve_worker_join_wait_seconds_count")
 LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
             REAL_ROWS,
             'sdserve_worker_unet_rows_total{kind="padding"}',
-            *LOOP_SUMS)  # fmt: skip
+            *LOOP_SUMS, *JOIN_WAIT)  # fmt: skip
 
 
 def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
@@ -197,6 +198,9 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, An
         # The loop thread's host time by phase, as shares of the wall time (a worker without
         # the counter, before 2026-12-05: NaN).
         "loop": {p: d[name] / d["wall"] for p, name in zip(LOOP_PHASES, LOOP_SUMS, strict=True)},
+        # From taken (started, its images counted in flight) to joined: a job still being read
+        # (its picture, its LoRAs, its prompts) holds room that no other job can take.
+        "join_wait_ms": 1000 * d[JOIN_WAIT[0]] / (d[JOIN_WAIT[1]] or float("nan")),
     }
 
 
@@ -352,17 +356,18 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
     lines += ["", f"| load | {THROUGHPUT_HEADS} | p50 / p95 s | queue wait p50 / p95 s |"
               " GPU in steps / decodes / encodes | step ms | rows a step | padding rows |"
-              f" loop's host time: {' / '.join(LOOP_PHASES)} |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              f" loop's host time: {' / '.join(LOOP_PHASES)} | taken to joined, mean ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in [k for k in ("a", "b", "c", "d", "e", "l", "k", "h") if k in r]:
         x = r[key]
         g = x.get("gpu")
-        gpu = "| | | | |"
+        gpu = "| | | | | |"
         if g:
             shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
             loop = " / ".join(f"{share:.0%}" for share in g.get("loop", {}).values())
+            joins = g.get("join_wait_ms", float("nan"))  # an older run's have none
             gpu = (f"{shares} | {g['step_ms']:.1f} | {g['rows_per_step']:.1f} |"
-                   f" {g['padding_share']:.0%} | {loop} |")  # fmt: skip
+                   f" {g['padding_share']:.0%} | {loop} | {joins:.0f} |")  # fmt: skip
         ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"
         waits = f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f}"
         lines.append(f"| ({key}) | {throughput(x)} | {ends} | {waits} | {gpu}")
