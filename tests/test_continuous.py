@@ -221,6 +221,103 @@ def test_the_prompts_of_jobs_taken_together_are_read_off_the_loop_in_one_encoder
         assert max_diff(png(store, job_id, 0), alone(r.engines.first, store, job_id, 0)) <= 1
 
 
+def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_resident(
+    store: JobStore,
+    tiny_model: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Jobs with LoRAs taken together wait (not joined) while their LoRAs are made resident,
+    then their prompts are read in one encoder call on the prompt reader's thread, each row
+    with its own LoRAs, and each image equals its job made alone with its LoRAs. (Read one job
+    at a time by each job's reader thread, they joined late: on an H200, half of a uniform
+    load with LoRAs stepped 48 rows of 62, 2026-12-05.)"""
+    import torch
+
+    from app.jobs.storage import open_storage
+    from worker.adapters import LoraUse
+    from worker.engine import BatchShape, Engine, ImageSpec, Tuning
+    from worker.settings import WorkerSettings
+    from worker.tiny_addons import build_tiny_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    build_tiny_lora(tiny_model, folder / "style.safetensors", "peft", rank=4, seed=1)
+    build_tiny_lora(tiny_model, folder / "detail.safetensors", "kohya", rank=8, seed=2)
+    settings = WorkerSettings(redis_url=redis_url, max_batch=8, batch_window_ms=200,
+                              worker_name="test-worker", batching="continuous",
+                              lora_dir=folder)  # fmt: skip
+    engine = Engine(str(tiny_model), torch.device("cpu"),
+                    Tuning(max_batch=8, rows=True, loras=folder, lora_slots=4,
+                           lora_row_rank=16))  # fmt: skip
+    adapters = engine.adapters
+    assert adapters is not None
+    first = submit(store, steps=30, seed=1, prompt="the first")
+    r = Runner(settings, store, engine, open_storage(settings.storage))
+    encoder = engine.parts.text_encoder
+    forward = encoder.forward
+    calls: list[tuple[str, int]] = []
+
+    def recording(ids: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, len(ids)))
+        return forward(ids, *args, **kwargs)
+
+    gate = threading.Event()  # the LoRAs come when the test says
+    fetch = adapters.fetch
+
+    def held(key: str, uses: Any) -> None:
+        assert gate.wait(30)
+        fetch(key, uses)
+
+    monkeypatch.setattr(encoder, "forward", recording)
+    monkeypatch.setattr(adapters, "fetch", held)
+    steps = record_steps(r, monkeypatch)
+    r.open()
+    try:
+        wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the first job read")
+        r.step()
+        calls.clear()
+        loras = [[{"name": "style", "weight": 0.8}], [{"name": "detail", "weight": 1.1}],
+                 [{"name": "style", "weight": 0.5}, {"name": "detail", "weight": 0.7}]]  # fmt: skip
+        with_loras = [submit(store, steps=3, seed=2 + k, prompt=f"prompt {k}", loras=uses)
+                      for k, uses in enumerate(loras)]  # fmt: skip
+        plain = submit(store, steps=3, seed=9, prompt="no lora")
+        wait_for(lambda: r.inbox.room() <= r.inbox.capacity - 4, 30, "the four jobs read")
+        r.step()  # takes them: the plain job's prompt is read, the others' wait
+        wait_for(lambda: r.loop.prompts[plain].done(), 30, "the plain job's prompt read")
+        r.step()
+        assert plain in steps[-1] and not set(with_loras) & set(steps[-1])
+        assert set(with_loras) <= set(r.loop.waiting)  # taken, waiting for their LoRAs
+        gate.set()
+        wait_for(lambda: all(r.loop.loading[k].done() for k in with_loras), 30, "their LoRAs")
+        r.step()  # their prompts, read together
+        wait_for(lambda: all(r.loop.prompts[k].done() for k in with_loras), 30, "read")
+        r.step()
+        assert set(with_loras) <= set(steps[-1])  # all joined
+        run_until_done(r, store, [first, *with_loras, plain])
+    finally:
+        gate.set()
+        r.close()
+    # The plain job's prompt (its negative is the first job's), then the six of the three
+    # jobs with LoRAs (each prompt and negative prompt read with its job's LoRAs): 8 rows each.
+    assert calls == [("prompts_0", 8), ("prompts_0", 8)], calls
+    for job_id, uses in zip(with_loras, loras, strict=True):
+        assert _status(store, job_id) is Status.SUCCEEDED
+        view = store.view(job_id)
+        assert view is not None
+        rows = tuple(LoraUse(u["name"], u["weight"], u["weight"]) for u in uses)
+        fetch("alone", rows)
+        try:
+            spec = ImageSpec(view.request.prompt, "", view.request.guidance_scale, view.seeds[0],
+                             loras=rows)  # fmt: skip
+            [image] = engine.generate([spec], BatchShape(64, 96, 3, view.request.scheduler))
+        finally:
+            adapters.release("alone")
+        assert image is not None and max_diff(png(store, job_id, 0), image) <= 1
+    assert max_diff(png(store, plain, 0), alone(engine, store, plain, 0)) <= 1
+
+
 def test_a_prompt_that_cannot_be_read_ahead_fails_its_job_alone(
     store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

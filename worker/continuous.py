@@ -87,8 +87,10 @@ class RowLoop:
         # the job's start: at its join the picture is there, and no step waits for it.
         self.loading: dict[str, Future[Loaded]] = {}
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="source")
-        # The prompts of jobs taken, being encoded off the GPU's thread (`_read_prompts`).
+        # The prompts of jobs taken, being encoded off the GPU's thread (`_read_prompts`); a
+        # job with LoRAs has a pending one until its LoRAs are resident (`fetching`).
         self.prompts: dict[str, Future[None]] = {}
+        self.fetching: dict[str, Job] = {}
         self._prompt_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
         # (engine, size): the rows of one UNet call (an engine: a model, or the x4 upscaler).
         self.turns: Turns[tuple[str, Size]] = Turns()
@@ -119,6 +121,8 @@ class RowLoop:
                 self.waiting[job.id] = (job, now)
                 self.loading[job.id] = self._load(job)
             self._read_prompts(started)
+        elif self.fetching:
+            self._read_prompts([])
         phases.done("take")
         self._leave_canceled()
         if p.shutdown.stopping.is_set():
@@ -136,8 +140,8 @@ class RowLoop:
 
     def _load(self, job: Job) -> Future[Loaded]:
         """The job's source picture, read and preprocessed by a reader thread, its ControlNet
-        units' control images read there, and its LoRAs made resident there, then its prompts
-        read with them (none of these: no thread hop)."""
+        units' control images read there, and its LoRAs made resident there (its prompts are
+        read once they are: `_fetched`); none of these: no thread hop."""
         work = task(job.request)
         loras = image_specs(job.request)[0].loras
         controlled = bool(getattr(job.request, "controlnets", None))
@@ -152,7 +156,6 @@ class RowLoop:
                 if engine.adapters is None:
                     raise LoraRefused("this worker serves no LoRAs (SDSERVE_LORA_DIR)")
                 engine.adapters.fetch(job.id, loras)
-                read_ahead(engine, [image_specs(job.request)])  # its prompts, with them
             controls = control_uses(storage, job.id, job.request) if controlled else ()
             if not work.reads_picture:
                 return None, controls
@@ -169,20 +172,31 @@ class RowLoop:
         cache where their lanes find them. Read at each join, they were encoded one job at a
         time on the GPU's thread: when a uniform load's jobs end together and 31 join at once,
         the GPU waited for those encodes (7% of its time; 19% with the text encoders' LoRA
-        layers: H100, 2026-12-05). A job joins rows in flight once its prompts are read. A job
-        with LoRAs has its prompts read by its own reader, once its LoRAs are resident
-        (`_load`): here it would hold up the others' while it waits for a LoRA slot."""
+        layers: H100, 2026-12-05). A job joins rows in flight once its prompts are read.
+
+        A job with LoRAs waits here until its LoRAs are resident (a reader thread makes them
+        so, `_load`; the text encoders read them): `_fetched` brings it back, with the others
+        whose LoRAs came since, and their prompts are read together, LoRAs per row. (Read by
+        each job's reader thread, one encoder call a job, on an H200 half of a uniform load
+        with LoRAs joined so late that its steps ran 48 rows of 62, 2026-12-05.)"""
         groups: dict[int, tuple[Engine, list[list[ImageSpec]]]] = {}
         read: list[str] = []
+        taken = []
         for job in jobs:
+            if getattr(job.request, "loras", None):
+                self.fetching[job.id] = job
+                self.prompts[job.id] = Future()  # pending: the job does not join yet
+            else:
+                taken.append(job)
+        for job in taken + self._fetched():
             try:
                 specs = image_specs(job.request)
                 engine = self.p.engines.of(job)
             except Exception:  # the join says what (NotHeld and the like)
+                self._unread(job.id)
                 continue
-            if not specs[0].loras:
-                groups.setdefault(id(engine), (engine, []))[1].append(specs)
-                read.append(job.id)
+            groups.setdefault(id(engine), (engine, []))[1].append(specs)
+            read.append(job.id)
         if not read:
             return
 
@@ -193,6 +207,26 @@ class RowLoop:
         reading = self._prompt_reader.submit(encode)
         for key in read:
             self.prompts[key] = reading
+
+    def _fetched(self) -> list[Job]:
+        """The jobs whose LoRAs have come since the last step (their prompts to read now);
+        one whose LoRAs failed joins as it is, and its join says why."""
+        came = []
+        for key, job in list(self.fetching.items()):
+            loading = self.loading.get(key)
+            if loading is not None and not loading.done():
+                continue
+            self.fetching.pop(key)
+            if loading is not None and loading.exception() is None:
+                came.append(job)
+            else:
+                self.prompts.pop(key, None)
+        return came
+
+    def _unread(self, key: str) -> None:
+        """Nothing more to read for the job (it joined, left or failed)."""
+        self.prompts.pop(key, None)
+        self.fetching.pop(key, None)
 
     def _leaving(self) -> int:
         """Images whose lanes the coming step finishes (their last step, no pass after it).
@@ -245,7 +279,7 @@ class RowLoop:
             for job in jobs:
                 p.lease.settle({job.id})
                 self.loading.pop(job.id, None)
-                self.prompts.pop(job.id, None)
+                self._unread(job.id)
                 self._release_loras(job)
         self.waiting.clear()
 
@@ -280,7 +314,7 @@ class RowLoop:
         alone = any(job.delivery.suspect for job, _ in self.lanes.values())
         for candidate in admit(candidates, in_flight, p.engines.tuning.row_cap(), alone):
             job, since = self.waiting.pop(candidate.key)
-            self.prompts.pop(job.id, None)
+            self._unread(job.id)
             p.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request
             work = task(request)
@@ -432,7 +466,7 @@ class RowLoop:
         self.sources.pop(job.id, None)
         self.controls.pop(job.id, None)
         self.loading.pop(job.id, None)
-        self.prompts.pop(job.id, None)
+        self._unread(job.id)
         if tracked:
             p.tracker.remove(job.id)
         p.tracker.forget({job.id})
