@@ -278,8 +278,9 @@ def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_r
         wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the first job read")
         r.step()
         calls.clear()
-        loras = [[{"name": "style", "weight": 0.8}], [{"name": "detail", "weight": 1.1}],
-                 [{"name": "style", "weight": 0.5}, {"name": "detail", "weight": 0.7}]]  # fmt: skip
+        loras: list[list[dict[str, Any]]] = [
+            [{"name": "style", "weight": 0.8}], [{"name": "detail", "weight": 1.1}],
+            [{"name": "style", "weight": 0.5}, {"name": "detail", "weight": 0.7}]]  # fmt: skip
         with_loras = [submit(store, steps=3, seed=2 + k, prompt=f"prompt {k}", loras=uses)
                       for k, uses in enumerate(loras)]  # fmt: skip
         plain = submit(store, steps=3, seed=9, prompt="no lora")
@@ -311,7 +312,9 @@ def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_r
         try:
             spec = ImageSpec(view.request.prompt, "", view.request.guidance_scale, view.seeds[0],
                              loras=rows)  # fmt: skip
-            [image] = engine.generate([spec], BatchShape(64, 96, 3, view.request.scheduler))
+            [image] = engine.generate([spec], BatchShape(64, 96, 3, view.request.scheduler)) or [
+                None
+            ]
         finally:
             adapters.release("alone")
         assert image is not None and max_diff(png(store, job_id, 0), image) <= 1
