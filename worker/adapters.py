@@ -117,11 +117,10 @@ class RowMix(NamedTuple):
         return RowMix(self.units[start:stop], self.scales[start:stop])
 
     def padded(self, padding: int) -> RowMix:
-        """With its last row repeated `padding` more times (a compiled call's padding)."""
-        last = len(self.units) - 1
-        index = torch.tensor([*range(len(self.units)), *[last] * padding],
-                             device=self.units.device)  # fmt: skip
-        return self.rows(index)
+        """With its last row repeated `padding` more times (a compiled call's padding). On the
+        device: an index built on the host and copied there would make the loop's thread wait
+        for the GPU's queued steps at every padded step (a pageable copy synchronizes)."""
+        return RowMix(*(torch.cat([t, t[-1:].expand(padding, -1)]) for t in self))
 
     @staticmethod
     def joined(parts: Sequence[RowMix]) -> RowMix:

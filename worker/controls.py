@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
-from worker.devices import on_device
+from worker.devices import on_device, placed
 
 log = logging.getLogger("sdserve.controls")
 
@@ -274,6 +274,8 @@ def _zero_added(unet: Any, rows: int, device: Any, dtype: Any) -> dict[str, torc
 def control_image(processor: Any, use: ControlUse, width: int, height: int, device: Any,
                   dtype: Any) -> torch.Tensor:  # fmt: skip
     """The unit's image as diffusers' ControlNet pipelines prepare it: RGB, resized to the
-    picture, in [0, 1], not normalized."""
+    picture, in [0, 1], not normalized. Placed without waiting for the GPU (it is read at the
+    job's join, on the loop's thread: a pageable copy would wait for every step queued)."""
     pixels: torch.Tensor = processor.preprocess(use.image, height=height, width=width)
-    return pixels[0].to(device=device, dtype=dtype)
+    placed_pixels: torch.Tensor = placed(pixels[0], device, dtype)
+    return placed_pixels

@@ -1,0 +1,65 @@
+"""The GPU loop's thread must not wait for the GPU by accident. A device tensor made from host
+values by `torch.tensor(..., device=...)` is a pageable copy, and PyTorch synchronizes the stream
+after one: the host waits for every step it has queued. `RowMix.padded` did so at every padded
+step of rows with LoRAs (an H100's half-LoRA load stepped 44 rows of 62 with its GPU busy 80% of
+the time, 2026-12-05). Host values go to the device through `worker.devices` (pinned memory, no
+wait), or are made on the device."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+
+from worker.adapters import RowMix
+
+WORKER = Path(__file__).resolve().parent.parent / "worker"
+# Where a wait is harmless, and why.
+ALLOWED = {
+    ("adapters.py", "_write"): "a LoRA's load, off the loop's thread; it synchronizes anyway",
+    ("controls.py", "shapes"): "once per size, a ControlNet's output shapes",
+}
+
+
+def _device_tensors(tree: ast.AST) -> list[tuple[str, int]]:
+    """(the enclosing function, line) of each torch.tensor/as_tensor call given a device."""
+    found: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = function
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                name = child.name
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Attribute)
+                and child.func.attr in ("tensor", "as_tensor")
+                and isinstance(child.func.value, ast.Name)
+                and child.func.value.id == "torch"
+                and any(k.arg == "device" for k in child.keywords)
+            ):
+                found.append((function, child.lineno))
+            visit(child, name)
+
+    visit(tree, "")
+    return found
+
+
+def test_no_worker_module_copies_host_values_to_the_device_with_a_wait() -> None:
+    offenders = []
+    for path in sorted(WORKER.glob("*.py")):
+        if path.name.startswith("tiny"):  # the offline model builders, never in the loop
+            continue
+        for function, line in _device_tensors(ast.parse(path.read_text())):
+            if (path.name, function) not in ALLOWED:
+                offenders.append(f"{path.name}:{line} in {function}")
+    assert offenders == [], "use worker.devices.on_device: " + ", ".join(offenders)
+
+
+def test_a_row_mix_padded_repeats_its_last_row() -> None:
+    units = torch.tensor([[1, 2], [3, 4]])
+    scales = torch.tensor([[0.5, 0.25], [0.75, 1.0]])
+    padded = RowMix(units, scales).padded(3)
+    assert padded.units.tolist() == [[1, 2], [3, 4], [3, 4], [3, 4], [3, 4]]
+    assert padded.scales.tolist() == [[0.5, 0.25], [0.75, 1.0], *[[0.75, 1.0]] * 3]
