@@ -42,15 +42,13 @@ from bench import batching
 from bench.batching import closed_loop, prepare, rate, service
 from bench.bench import one_request, prompt
 from bench.gpu_check import (
-    GPU_SUMS,
     cudagraph_skips,
     every_kind,
-    gpu_share,
     kinds,
     picture,
     recompiles,
 )
-from bench.worker_metrics import Window
+from bench.worker_metrics import GPU_SUMS, Window, gpu_share
 from worker.tiny_addons import build_tiny_controlnet
 
 NAMES = ("edges", "depth")

@@ -70,7 +70,7 @@ from bench.batching import (
 )
 from bench.bench import idle
 from bench.paces import parts_lines
-from bench.worker_metrics import REAL_ROWS, Window, metric
+from bench.worker_metrics import GPU_SUMS, Window, gpu_share, metric
 from worker.metrics import LOOP_PHASES
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
@@ -172,36 +172,6 @@ def cudagraph_skips() -> float:
 # and the Poisson one (c).
 LOADS = ("a", "b", "c", "d", "e", "l", "k", "h")
 NEEDS = {"h": "k"}  # (h) is read against what (a) and (k) predict
-JOIN_WAIT = ("sdserve_worker_join_wait_seconds_sum", "sdserve_worker_join_wait_seconds_count")
-LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
-GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
-            "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
-            REAL_ROWS,
-            'sdserve_worker_unet_rows_total{kind="padding"}',
-            *LOOP_SUMS, *JOIN_WAIT)  # fmt: skip
-
-
-def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
-    """Where a load's time went, from the worker's own timers (CUDA events): the share of the
-    wall time the GPU spent in UNet steps, decodes and encodes, the mean step and its rows. A share
-    near 1 says the GPU's work, not the host, bounds the load."""
-    d = {name: after[name] - before[name] for name in after}
-    steps = d["sdserve_worker_row_step_seconds_count"] or float("nan")
-    real = d[REAL_ROWS]
-    return {
-        "step_share": d["sdserve_worker_row_step_seconds_sum"] / d["wall"],
-        "decode_share": d["sdserve_worker_vae_decode_seconds_sum"] / d["wall"],
-        "encode_share": d["sdserve_worker_vae_encode_seconds_sum"] / d["wall"],
-        "step_ms": 1000 * d["sdserve_worker_row_step_seconds_sum"] / steps,
-        "rows_per_step": real / steps,
-        "padding_share": d['sdserve_worker_unet_rows_total{kind="padding"}'] / (real or 1),
-        # The loop thread's host time by phase, as shares of the wall time (a worker without
-        # the counter, before 2026-12-05: NaN).
-        "loop": {p: d[name] / d["wall"] for p, name in zip(LOOP_PHASES, LOOP_SUMS, strict=True)},
-        # From taken (started, its images counted in flight) to joined: a job still being read
-        # (its picture, its LoRAs, its prompts) holds room that no other job can take.
-        "join_wait_ms": 1000 * d[JOIN_WAIT[0]] / (d[JOIN_WAIT[1]] or float("nan")),
-    }
 
 
 def long_prompts(i: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import httpx
 from bench import batching
 from bench.batching import chosen_loads, closed_loop, poisson, rate, service
 from bench.bench import one_request, percentile, prompt
-from bench.worker_metrics import metric
+from bench.worker_metrics import GPU_SUMS, Window, gpu_share, metric
 from worker.tiny import build_tiny_model
 
 SIDE, STEPS, GUIDANCE, SAMPLER = 1024, 30, 7.0, "euler"
@@ -184,7 +184,10 @@ def service_stage(
         for name, body in (("a", uniform), ("b", mixed), ("r", refined)):
             if name not in chosen:
                 continue
+            window = Window(warm, secs, GPU_SUMS)  # where the GPU's time went (its decodes)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs))
+            ends = window.ends()
+            result[name]["gpu"] = gpu_share(*ends) if ends else None
             result["recompiles"] = metric("sdserve_worker_recompiles_total")
             print(f"({name}): {result[name]}", flush=True)
             save()
@@ -260,6 +263,11 @@ def service_rows(s: dict[str, Any], d: dict[str, Any] | None) -> list[tuple[str,
         )
     if "a" in s:
         rows.append(("(a) uniform img/s", f"{rate(s['a'], 'img_s'):.3f}", ""))
+        g = s["a"].get("gpu")  # an older run's have none
+        if g:
+            rows.append(("(a) GPU in steps / decodes; step ms at rows a step",
+                         f"{g['step_share']:.0%} / {g['decode_share']:.0%};"
+                         f" {g['step_ms']:.0f} at {g['rows_per_step']:.1f}", ""))  # fmt: skip
         if d:
             ratio = rate(s["a"], "img_s") / d["best_img_s"]
             rows.append(

@@ -12,8 +12,11 @@ import re
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
+
+from worker.metrics import LOOP_PHASES
 
 METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
 REAL_ROWS = 'sdserve_worker_unet_rows_total{kind="real"}'  # UNet rows computed, padding apart
@@ -66,3 +69,36 @@ class Window:
         for timer in self._timers:
             timer.join()
         return (self.read[0], self.read[1]) if len(self.read) == 2 else None
+
+
+# What a load's window reads to say where its time went (`gpu_share`).
+JOIN_WAIT = ("sdserve_worker_join_wait_seconds_sum", "sdserve_worker_join_wait_seconds_count")
+LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
+GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
+            "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
+            REAL_ROWS,
+            'sdserve_worker_unet_rows_total{kind="padding"}',
+            *LOOP_SUMS, *JOIN_WAIT)  # fmt: skip
+
+
+def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
+    """Where a load's time went, from the worker's own timers (CUDA events): the share of the
+    wall time the GPU spent in UNet steps, decodes and encodes, the mean step and its rows. A share
+    near 1 says the GPU's work, not the host, bounds the load."""
+    d = {name: after[name] - before[name] for name in after}
+    steps = d["sdserve_worker_row_step_seconds_count"] or float("nan")
+    real = d[REAL_ROWS]
+    return {
+        "step_share": d["sdserve_worker_row_step_seconds_sum"] / d["wall"],
+        "decode_share": d["sdserve_worker_vae_decode_seconds_sum"] / d["wall"],
+        "encode_share": d["sdserve_worker_vae_encode_seconds_sum"] / d["wall"],
+        "step_ms": 1000 * d["sdserve_worker_row_step_seconds_sum"] / steps,
+        "rows_per_step": real / steps,
+        "padding_share": d['sdserve_worker_unet_rows_total{kind="padding"}'] / (real or 1),
+        # The loop thread's host time by phase, as shares of the wall time (a worker without
+        # the counter, before 2026-12-05: NaN).
+        "loop": {p: d[name] / d["wall"] for p, name in zip(LOOP_PHASES, LOOP_SUMS, strict=True)},
+        # From taken (started, its images counted in flight) to joined: a job still being read
+        # (its picture, its LoRAs, its prompts) holds room that no other job can take.
+        "join_wait_ms": 1000 * d[JOIN_WAIT[0]] / (d[JOIN_WAIT[1]] or float("nan")),
+    }
