@@ -71,7 +71,7 @@ from bench.batching import (
 from bench.bench import idle
 from bench.paces import parts_lines
 from bench.worker_metrics import GPU_SUMS, Window, gpu_share, metric
-from worker.metrics import LOOP_PHASES
+from worker.metrics import JOIN_PARTS, LOOP_PHASES
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
 CHUNK_PROMPT = "a red fox in deep snow, golden hour, "  # 37 tokens of the byte tokenizer
@@ -326,7 +326,8 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
     lines += ["", f"| load | {THROUGHPUT_HEADS} | p50 / p95 s | queue wait p50 / p95 s |"
               " GPU in steps / decodes / encodes | step ms | rows a step | padding rows |"
-              f" loop's host time: {' / '.join(LOOP_PHASES)} | taken to joined, mean ms |",
+              f" loop's host time: {' / '.join(LOOP_PHASES)} |"
+              f" taken to joined, mean ms ({' / '.join(JOIN_PARTS)}) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in [k for k in ("a", "b", "c", "d", "e", "l", "k", "h") if k in r]:
         x = r[key]
@@ -335,9 +336,10 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
         if g:
             shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
             loop = " / ".join(f"{share:.0%}" for share in g.get("loop", {}).values())
-            joins = g.get("join_wait_ms", float("nan"))  # an older run's have none
+            split = " / ".join(f"{ms:.0f}" for ms in g.get("join_parts_ms", {}).values())
+            joins = f"{g.get('join_wait_ms', float('nan')):.0f} ({split})"  # older runs: nan
             gpu = (f"{shares} | {g['step_ms']:.1f} | {g['rows_per_step']:.1f} |"
-                   f" {g['padding_share']:.0%} | {loop} | {joins:.0f} |")  # fmt: skip
+                   f" {g['padding_share']:.0%} | {loop} | {joins} |")  # fmt: skip
         ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"
         waits = f"{x['queue_wait_p50_s']:.2f} / {x['queue_wait_p95_s']:.2f}"
         lines.append(f"| ({key}) | {throughput(x)} | {ends} | {waits} | {gpu}")

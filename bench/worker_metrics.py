@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from worker.metrics import LOOP_PHASES
+from worker.metrics import JOIN_PARTS, LOOP_PHASES
 
 METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
 REAL_ROWS = 'sdserve_worker_unet_rows_total{kind="real"}'  # UNet rows computed, padding apart
@@ -73,12 +73,14 @@ class Window:
 
 # What a load's window reads to say where its time went (`gpu_share`).
 JOIN_WAIT = ("sdserve_worker_join_wait_seconds_sum", "sdserve_worker_join_wait_seconds_count")
+JOIN_PART_SUMS = tuple(f'sdserve_worker_join_wait_parts_seconds_total{{part="{p}"}}'
+                       for p in JOIN_PARTS)  # fmt: skip
 LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
             REAL_ROWS,
             'sdserve_worker_unet_rows_total{kind="padding"}',
-            *LOOP_SUMS, *JOIN_WAIT)  # fmt: skip
+            *LOOP_SUMS, *JOIN_WAIT, *JOIN_PART_SUMS)  # fmt: skip
 
 
 def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
@@ -88,6 +90,7 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, An
     d = {name: after[name] - before[name] for name in after}
     steps = d["sdserve_worker_row_step_seconds_count"] or float("nan")
     real = d[REAL_ROWS]
+    joins = d[JOIN_WAIT[1]] or float("nan")
     return {
         "step_share": d["sdserve_worker_row_step_seconds_sum"] / d["wall"],
         "decode_share": d["sdserve_worker_vae_decode_seconds_sum"] / d["wall"],
@@ -100,5 +103,9 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, An
         "loop": {p: d[name] / d["wall"] for p, name in zip(LOOP_PHASES, LOOP_SUMS, strict=True)},
         # From taken (started, its images counted in flight) to joined: a job still being read
         # (its picture, its LoRAs, its prompts) holds room that no other job can take.
-        "join_wait_ms": 1000 * d[JOIN_WAIT[0]] / (d[JOIN_WAIT[1]] or float("nan")),
+        "join_wait_ms": 1000 * d[JOIN_WAIT[0]] / joins,
+        # Its parts: the job's inputs read (picture, LoRAs), then its prompts, then room.
+        "join_parts_ms": {
+            p: 1000 * d[name] / joins for p, name in zip(JOIN_PARTS, JOIN_PART_SUMS, strict=True)
+        },
     }

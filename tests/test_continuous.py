@@ -290,6 +290,7 @@ def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_r
         r.step()
         assert plain in steps[-1] and not set(with_loras) & set(steps[-1])
         assert set(with_loras) <= set(r.loop.waiting)  # taken, waiting for their LoRAs
+        time.sleep(0.3)  # their LoRAs take a while: the join wait's inputs part says so
         gate.set()
         wait_for(lambda: all(r.loop.loading[k].done() for k in with_loras), 30, "their LoRAs")
         r.step()  # their prompts, read together
@@ -297,6 +298,18 @@ def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_r
         r.step()
         assert set(with_loras) <= set(steps[-1])  # all joined
         run_until_done(r, store, [first, *with_loras, plain])
+        registry = r.metrics.registry
+
+        def waited(part: str) -> float:
+            value = registry.get_sample_value("sdserve_worker_join_wait_parts_seconds_total",
+                                              {"part": part})  # fmt: skip
+            assert value is not None
+            return value
+
+        assert waited("inputs") >= 3 * 0.3  # the three jobs' LoRAs, held
+        total = registry.get_sample_value("sdserve_worker_join_wait_seconds_sum")
+        parts = sum(waited(part) for part in ("inputs", "prompts", "room"))
+        assert total is not None and parts == pytest.approx(total, abs=1e-6)
     finally:
         gate.set()
         r.close()

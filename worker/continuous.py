@@ -20,6 +20,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ from worker.engine import Engine
 from worker.inputs import ImageSpec, NotHeld, Source
 from worker.loop import Parts
 from worker.lora_files import LoraUnreadable
+from worker.metrics import JOIN_PARTS
 from worker.previews import Previews
 from worker.rows import Lane, Size
 from worker.sources import MissingInput, control_uses, image_specs
@@ -91,6 +93,9 @@ class RowLoop:
         # job with LoRAs has a pending one until its LoRAs are resident (`fetching`).
         self.prompts: dict[str, Future[None]] = {}
         self.fetching: dict[str, Job] = {}
+        # When each waiting job's inputs and prompts were read (monotonic): its join wait's
+        # parts (metrics `join_wait_parts`).
+        self.read_at: dict[str, dict[str, float]] = {}
         self._prompt_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
         # (engine, size): the rows of one UNet call (an engine: a model, or the x4 upscaler).
         self.turns: Turns[tuple[str, Size]] = Turns()
@@ -120,6 +125,7 @@ class RowLoop:
             for job in started:
                 self.waiting[job.id] = (job, now)
                 self.loading[job.id] = self._load(job)
+                self._stamp(job.id, "inputs", self.loading[job.id])
             self._read_prompts(started)
         elif self.fetching:
             self._read_prompts([])
@@ -207,6 +213,12 @@ class RowLoop:
         reading = self._prompt_reader.submit(encode)
         for key in read:
             self.prompts[key] = reading
+            self._stamp(key, "prompts", reading)
+
+    def _stamp(self, key: str, part: str, reading: Future[Any]) -> None:
+        """Note when `reading` is done (in whichever thread finishes it)."""
+        stamps = self.read_at.setdefault(key, {})
+        reading.add_done_callback(lambda _done: stamps.__setitem__(part, time.monotonic()))
 
     def _fetched(self) -> list[Job]:
         """The jobs whose LoRAs have come since the last step (their prompts to read now);
@@ -227,6 +239,20 @@ class RowLoop:
         """Nothing more to read for the job (it joined, left or failed)."""
         self.prompts.pop(key, None)
         self.fetching.pop(key, None)
+        self.read_at.pop(key, None)
+
+    def _waited(self, key: str, since: float) -> None:
+        """A job joins: its wait since taken, and its parts: its inputs, then its prompts
+        (those read after its inputs were), then room in flight or its turn."""
+        now = time.monotonic()
+        metrics = self.p.metrics
+        metrics.join_wait.observe(now - since)
+        stamps = self.read_at.get(key, {})
+        inputs = min(max(since, stamps.get("inputs", now)), now)
+        prompts = min(max(inputs, stamps.get("prompts", inputs)), now)
+        for part, seconds in zip(JOIN_PARTS, (inputs - since, prompts - inputs, now - prompts),
+                                 strict=True):  # fmt: skip
+            metrics.join_wait_parts.labels(part).inc(seconds)
 
     def _leaving(self) -> int:
         """Images whose lanes the coming step finishes (their last step, no pass after it).
@@ -314,8 +340,8 @@ class RowLoop:
         alone = any(job.delivery.suspect for job, _ in self.lanes.values())
         for candidate in admit(candidates, in_flight, p.engines.tuning.row_cap(), alone):
             job, since = self.waiting.pop(candidate.key)
+            self._waited(job.id, since)
             self._unread(job.id)
-            p.metrics.join_wait.observe(time.monotonic() - since)
             request = job.request
             work = task(request)
             shape = work.shape(request)

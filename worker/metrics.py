@@ -15,6 +15,7 @@ STEP_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
 
 # The phases of a continuous-batching step, in order (worker/continuous.py).
 LOOP_PHASES = ("take", "join", "step", "deliver")
+JOIN_PARTS = ("inputs", "prompts", "room")  # where a join wait goes (RowLoop._join)
 
 
 class WorkerMetrics:
@@ -124,6 +125,16 @@ class WorkerMetrics:
             buckets=STEP_SECONDS_BUCKETS,
             registry=r,
         )
+        self.join_wait_parts = Counter(
+            "sdserve_worker_join_wait_parts_seconds",
+            "The join wait (taken to joined) in its parts, summed over jobs: inputs (its picture,"
+            " control images read, its LoRAs made resident), prompts (read after those), room"
+            " (then waiting for room or its turn in flight).",
+            ["part"],
+            registry=r,
+        )
+        for part in JOIN_PARTS:
+            self.join_wait_parts.labels(part)
         self.loop_seconds = Counter(
             "sdserve_worker_loop_seconds",
             "Host seconds the loop's thread spent in each phase of its steps (continuous"
