@@ -253,6 +253,7 @@ class LatentMaker:
             (shape.height // scale, shape.width // scale),
             self.tuning.tile // scale,
             self.tuning.tile_overlap // scale,
+            self.device,
         )
         size = picture
         if tiles is not None:  # every per-row tensor gets a row per tile

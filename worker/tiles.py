@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from app.jobs.tiles import starts, whole
+from worker.devices import placed
 
 
 def _ramp(length: int, start: int, tile: int, overlap: int) -> torch.Tensor:
@@ -55,17 +56,20 @@ class Tiling:
         th, tw = self.tile
         images = len(rows) // self.count
         tiles = rows.view(images, self.count, *rows.shape[1:]).float()
-        weighted = tiles * self.shares.to(rows.device)
+        weighted = tiles * self.shares
         out = rows.new_zeros((images, rows.shape[1], *self.canvas), dtype=torch.float32)
         for k, (y, x) in enumerate(self.corners):
             out[:, :, y : y + th, x : x + tw] += weighted[:, k]
         return out.to(rows.dtype)
 
 
-def tiling(canvas: tuple[int, int], tile: int, overlap: int) -> Tiling | None:
+def tiling(
+    canvas: tuple[int, int], tile: int, overlap: int, device: torch.device | None = None
+) -> Tiling | None:
     """The tiles of a canvas of latents (height, width), tiles of at most `tile` latents a side
     overlapping by `overlap`; None when it has no more than one tile's latents, in any shape
-    (app/jobs/tiles.py `whole`)."""
+    (app/jobs/tiles.py `whole`). The shares on `device` (where the lane's outputs are merged:
+    a copy there at every step would make the loop's thread wait for the GPU)."""
     height, width = canvas
     rows, columns = starts(height, tile, overlap), starts(width, tile, overlap)
     if whole(canvas, tile) or (len(rows) == 1 and len(columns) == 1):
@@ -83,4 +87,6 @@ def tiling(canvas: tuple[int, int], tile: int, overlap: int) -> Tiling | None:
         weight / total[y : y + th, x : x + tw] for (y, x), weight in zip(corners, weights,
                                                                           strict=True)
     ])[:, None]  # fmt: skip
+    if device is not None:
+        shares = placed(shares, device)
     return Tiling(canvas, (th, tw), corners, shares)
