@@ -77,6 +77,8 @@ class Tuning:
     compiled_sizes: tuple[Size, ...] = ((512, 512),)
     # Images per VAE decode call: its memory grows with the pixels, not the latents.
     vae_chunk: int = 1
+    # On a GPU, the dtype of a VAE that overflows in fp16 (SDSERVE_VAE_UPCAST).
+    vae_upcast: str = "float32"
     # Continuous batching (rows of many jobs per call, at most ROW_LIMIT) or static batches.
     rows: bool = False
     # The longest prompt encoded, in chunks of 75 tokens.

@@ -74,17 +74,31 @@ class Components:
                    for p in m.parameters())  # fmt: skip
 
 
+# SDSERVE_VAE_UPCAST: what a VAE that overflows in fp16 runs in on a GPU.
+UPCASTS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def vae_dtype_of(force_upcast: bool, dtype: torch.dtype, upcast: str) -> torch.dtype:
+    """An SDXL-family VAE's dtype beside parts of `dtype`: theirs, unless its config says it
+    overflows there (`force_upcast`) and they are fp16 (a GPU's): then `upcast`'s."""
+    if force_upcast and dtype == torch.float16:
+        return UPCASTS[upcast]
+    return dtype
+
+
 def load_components(
     model: str,
     device: torch.device,
     fuse: bool,
     fuse_projections: bool = True,
     vae_source: str | None = None,
+    upcast: str = "float32",
 ) -> Components:
     """The parts in fp16 on GPUs (fp32 on the CPU, which has no fast fp16 kernels); with `fuse`,
     channels-last convolutions and (unless `fuse_projections` is off: LoRAs adapt the q, k and
     v projections apart) fused attention projections (faster on GPUs). `vae_source`: another
-    VAE than the model's (a VAE folder, or a model folder whose `vae` it is)."""
+    VAE than the model's (a VAE folder, or a model folder whose `vae` it is); `upcast`: the
+    dtype on a GPU of a VAE that overflows in fp16 (`UPCASTS`)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     def place(module: torch.nn.Module) -> Any:
@@ -92,8 +106,9 @@ def load_components(
 
     unet = place(UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype))
     # SDXL's VAE overflows in fp16 (black or NaN pictures): where its config says so
-    # (`force_upcast`), it runs in fp32, as diffusers' SDXL pipelines run it. Other families'
-    # pipelines never upcast (AutoencoderKL's config says so by default).
+    # (`force_upcast`), it runs in fp32, as diffusers' SDXL pipelines run it, or in bf16 where
+    # `upcast` asks (fp32's range, half its bytes). Other families' pipelines never upcast
+    # (AutoencoderKL's config says so by default).
     vae_folder: str = model
     vae_subfolder: str | None = "vae"  # a model's own: its `vae` (a hub id's too)
     if vae_source is not None:
@@ -103,8 +118,7 @@ def load_components(
         config_folder = model if single_file(vae_folder) else vae_folder
         config_subfolder = "vae" if single_file(vae_folder) else vae_subfolder
         vae_config = AutoencoderKL.load_config(config_folder, subfolder=config_subfolder)
-        if vae_config.get("force_upcast", True):
-            vae_dtype = torch.float32
+        vae_dtype = vae_dtype_of(bool(vae_config.get("force_upcast", True)), dtype, upcast)
     vae = place(read_vae(vae_folder, vae_subfolder, vae_dtype, model))
     if fuse:
         for module in (unet, vae):

@@ -104,7 +104,7 @@ class Engine:
         self.device = device
         tuning = tuning or Tuning()
         parts = self.parts = load_components(model, device, tuning.fuse, tuning.loras is None,
-                                             vae)  # fmt: skip
+                                             vae, tuning.vae_upcast)  # fmt: skip
         # LoRAs per row: their layers wrapped before anything is compiled (worker/adapters.py).
         self.adapters = adapters_of(parts, tuning)
         # Embeddings' tokens and vectors, before the family publishes its tokenizer.

@@ -103,6 +103,7 @@ def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
         compile=settings.compile == "on" or (settings.compile == "auto" and cuda),
         compiled_sizes=tuple(settings.compiled_sizes),
         vae_chunk=settings.vae_chunk,
+        vae_upcast=settings.vae_upcast,
         rows=True,  # continuous batching: rows of many jobs per UNet call
         prompt_chunks=settings.max_prompt_chunks,
         masked_contexts=settings.masked_contexts,

@@ -148,6 +148,12 @@ class WorkerSettings(CommonSettings):
         description="Compiled kernels, kept across restarts (a volume in containers).",
     )
     vae_chunk: int = Field(default=1, ge=1, le=64, description="Images per VAE decode call.")
+    vae_upcast: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="On a GPU, the dtype of a VAE that overflows in fp16 (SDXL's: its config's"
+        " force_upcast): float32 as diffusers runs it, or bfloat16 (float32's range: never a"
+        " black picture; pixels half a level from float32's on average).",
+    )
     sync_debug: bool = Field(
         default=False,
         description="Warn (with where, in the log) at every call that makes the host wait for"
