@@ -8,16 +8,23 @@
            forward at 2 to 62 rows, the two by turns: ms a call, and torch's count of calls that
            CUDA graphs skipped (a skipped call runs kernel by kernel, launch-bound)
 
+  decode   one picture's VAE decode (`--side 1024`: SDXL's, whose VAE has SD's sizes) in each of
+           `--vae-dtypes` (SDSERVE_VAE_UPCAST's float32 and bfloat16, float16 beside them):
+           eager and compiled ms a call, and the pixels' largest and mean difference to
+           float32's in levels of 255 (issue 22: SDXL's VAE runs in float32, as diffusers'
+           `force_upcast` asks)
+
 Random weights made on the device from `worker/tiny.py`'s sd15 sizes (nothing written to disk).
 A ControlNet's step cost a + b x rows: issue 24's half-controlled load pays `a` once more a step
 than the prediction from uniform loads, so `a` is what (h) needs small.
 
-    python3 -m bench.compiled_parts --out DIR [--parts encode,control] [--device cpu]
+    python3 -m bench.compiled_parts --out DIR [--parts encode,control,decode] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -79,6 +86,35 @@ def encode_part(calls: CompiledCalls, side: int, device: torch.device, out: dict
     print({k: round(v, 2) for k, v in out.items() if k.startswith("encode")}, flush=True)
 
 
+def decode_part(
+    unet: Any, vae: Any, tuning: Tuning, side: int, dtypes: list[str], out: dict[str, Any]
+) -> None:
+    """The VAE's decode of one picture in each dtype, eager and compiled (the worker's
+    `CompiledCalls.decode`), its pixels against float32's."""
+    device = unet.device
+    latents = torch.randn(1, 4, side // 8, side // 8, device=device, generator=None)
+    reference: torch.Tensor | None = None
+    for name in dtypes:
+        module = copy.deepcopy(vae).to(getattr(torch, name))
+        calls = CompiledCalls(unet, module, tuning, device)
+        out[f"decode {name} eager ms"] = timed(lambda c=calls: c.decode(latents, False),
+                                               device.type)  # fmt: skip
+        started = time.monotonic()
+        pixels = calls.decode(latents, True)
+        out[f"decode {name} compile s"] = time.monotonic() - started
+        out[f"decode {name} compiled ms"] = timed(lambda c=calls: c.decode(latents, True),
+                                                  device.type)  # fmt: skip
+        levels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+        if reference is None:
+            reference = levels
+        apart = (levels - reference).abs()
+        out[f"decode {name} largest / mean levels from {dtypes[0]}"] = (
+            f"{apart.max().item():.0f} / {apart.mean().item():.2f}"
+        )
+        print({k: v for k, v in out.items() if k.startswith(f"decode {name}")}, flush=True)
+        del calls, module
+
+
 def control_part(
     calls: CompiledCalls, unet: Any, kind: Any, side: int, out: dict[str, Any]
 ) -> None:
@@ -129,6 +165,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--arch", default="sd15", help="worker/tiny.py's sizes (tiny: a smoke run)")
     parser.add_argument("--side", type=int, default=512)
+    parser.add_argument("--vae-dtypes", default="float32,bfloat16,float16",
+                        help="the decode part's dtypes, the first the reference")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -144,10 +182,14 @@ def main() -> None:
                 encode_part(calls, args.side, device, results)
             elif part == "control":
                 control_part(calls, unet, kind, args.side, results)
+            elif part == "decode":
+                decode_part(unet, vae, tuning, args.side, args.vae_dtypes.split(","), results)
             (args.out / "compiled_parts.json").write_text(json.dumps(results, indent=2))
     lines = [f"Compiled parts, {results['gpu']}, {results['date']}, commit {results['commit']},"
              f" `{results['command']}`", "", "| figure | value |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v:.2f} |" for k, v in results.items() if isinstance(v, int | float)]
+    lines += [f"| {k} | {v} |" for k, v in results.items() if k.startswith("decode") and
+              isinstance(v, str)]  # fmt: skip
     text = "\n".join(lines) + "\n"
     (args.out / "compiled_parts.md").write_text(text)
     print(text)
