@@ -172,6 +172,11 @@ def cudagraph_skips() -> float:
 # and the Poisson one (c).
 LOADS = ("a", "b", "c", "d", "e", "l", "k", "h")
 NEEDS = {"h": "k"}  # (h) is read against what (a) and (k) predict
+# The worker's log lines a check keeps: its start's parts, its weights, compiles while serving,
+# calls without CUDA graphs, and (with SDSERVE_SYNC_DEBUG=1) each place the host waited for the
+# GPU.
+LOGGED = (r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs|compile helper"
+          r"|synchroniz")  # fmt: skip
 
 
 def long_prompts(i: int) -> dict[str, Any]:
@@ -210,9 +215,8 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             result["alone"] = asyncio.run(idle(url, 6, args.side))
             result["recompiles"] = recompiles()
             result["cudagraph_skips"] = cudagraph_skips()
-            said = r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs|compile helper"
             result["worker_log"] = [line for line in log.read_text().splitlines()
-                                    if re.search(said, line)]  # fmt: skip
+                                    if re.search(LOGGED, line)]  # fmt: skip
             return result
         # (d) next to (a): a call cut short by its time limit has printed both (the loop's
         # phases under each say where (d)'s time goes).
@@ -244,9 +248,8 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         result["alone"] = asyncio.run(idle(url, 12))
         result["recompiles"] = recompiles()
         result["cudagraph_skips"] = cudagraph_skips()
-        said = r"warmed up|warm-up:|loaded in|compiled while|CUDA graphs|compile helper"
         result["worker_log"] = [line for line in log.read_text().splitlines()
-                                if re.search(said, line)]  # fmt: skip
+                                if re.search(LOGGED, line)]  # fmt: skip
     if args.no_restart:
         return result
     with service(args.model, "continuous", args, work, cache, extra) as (_url, startup, log):
@@ -254,7 +257,7 @@ def run(args: Any, work: Path) -> dict[str, Any]:
         print(f"continuous: ready in {startup:.0f}s (with the compile cache)", flush=True)
         # Where a cached start's seconds go (the target is 30): the worker's own timings.
         result["warm_worker_log"] = [line for line in log.read_text().splitlines()
-                                     if re.search(said, line)]  # fmt: skip
+                                     if re.search(LOGGED, line)]  # fmt: skip
     return result
 
 

@@ -171,7 +171,7 @@ def service_stage(
         result["cold_start_s"] = startup
         result["memory"] = held_memory(log)
         print(f"ready in {startup:.0f}s: {result['memory']}", flush=True)
-        said = r"warmed up|warm-up:|loaded in|compile helper"
+        said = r"warmed up|warm-up:|loaded in|compile helper|synchroniz"
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(said, line)]  # fmt: skip
         save()
