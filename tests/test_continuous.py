@@ -178,6 +178,21 @@ def test_the_seed_contract_holds_across_modes(
     assert image.shape == (96, 64, 3)
 
 
+def encoder_calls(engine: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every call of the engine's text encoder (it still runs): the thread that made it, and
+    the rows it encoded."""
+    encoder = engine.parts.text_encoder
+    forward = encoder.forward
+    calls: list[tuple[str, int]] = []
+
+    def recording(ids: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread().name, len(ids)))
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", recording)
+    return calls
+
+
 def test_the_prompts_of_jobs_taken_together_are_read_off_the_loop_in_one_encoder_call(
     store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,15 +202,7 @@ def test_the_prompts_of_jobs_taken_together_are_read_off_the_loop_in_one_encoder
     ran the text encoder on the GPU's thread, one job at a time.)"""
     first = submit(store, steps=30, seed=1, prompt="the first")
     r = continuous(store, tiny_model, redis_url, max_batch=8)
-    encoder = r.engines.first.parts.text_encoder
-    forward = encoder.forward
-    calls: list[tuple[str, int]] = []
-
-    def recording(ids: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append((threading.current_thread().name, len(ids)))
-        return forward(ids, *args, **kwargs)
-
-    monkeypatch.setattr(encoder, "forward", recording)
+    calls = encoder_calls(r.engines.first, monkeypatch)
     steps = record_steps(r, monkeypatch)
     r.open()
     try:
@@ -255,14 +262,7 @@ def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_r
     assert adapters is not None
     first = submit(store, steps=30, seed=1, prompt="the first")
     r = Runner(settings, store, engine, open_storage(settings.storage))
-    encoder = engine.parts.text_encoder
-    forward = encoder.forward
-    calls: list[tuple[str, int]] = []
-
-    def recording(ids: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append((threading.current_thread().name, len(ids)))
-        return forward(ids, *args, **kwargs)
-
+    calls = encoder_calls(engine, monkeypatch)
     gate = threading.Event()  # the LoRAs come when the test says
     fetch = adapters.fetch
 
@@ -270,7 +270,6 @@ def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_r
         assert gate.wait(30)
         fetch(key, uses)
 
-    monkeypatch.setattr(encoder, "forward", recording)
     monkeypatch.setattr(adapters, "fetch", held)
     steps = record_steps(r, monkeypatch)
     r.open()
@@ -342,15 +341,7 @@ def test_a_prompt_that_cannot_be_read_ahead_fails_its_job_alone(
     that job fails at its join with the reason, the others succeed."""
     first = submit(store, steps=30, seed=1, prompt="the first")
     r = continuous(store, tiny_model, redis_url, max_batch=8)
-    encoder = r.engines.first.parts.text_encoder
-    forward = encoder.forward
-    calls: list[str] = []
-
-    def recording(ids: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(threading.current_thread().name)
-        return forward(ids, *args, **kwargs)
-
-    monkeypatch.setattr(encoder, "forward", recording)
+    calls = encoder_calls(r.engines.first, monkeypatch)
     r.open()
     try:
         wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the first job read")
@@ -364,7 +355,7 @@ def test_a_prompt_that_cannot_be_read_ahead_fails_its_job_alone(
         run_until_done(r, store, [first, *ids])
     finally:
         r.close()
-    assert calls and all(name.startswith("prompts") for name in calls)
+    assert calls and all(name.startswith("prompts") for name, _rows in calls)
     assert [_status(store, i) for i in ids] == [Status.SUCCEEDED, Status.FAILED, Status.SUCCEEDED]
     view = store.view(ids[1])
     assert view is not None and view.error is not None and "chunks" in view.error.message
