@@ -92,7 +92,7 @@ def decode_part(
     """The VAE's decode of one picture in each dtype, eager and compiled (the worker's
     `CompiledCalls.decode`), its pixels against float32's."""
     device = unet.device
-    latents = torch.randn(1, 4, side // 8, side // 8, device=device, generator=None)
+    latents = torch.randn(1, 4, side // 8, side // 8, device=device)
     reference: torch.Tensor | None = None
     for name in dtypes:
         module = copy.deepcopy(vae).to(getattr(torch, name))

@@ -70,7 +70,7 @@ from bench.batching import (
 )
 from bench.bench import idle
 from bench.paces import parts_lines
-from bench.worker_metrics import GPU_SUMS, Window, gpu_share, metric
+from bench.worker_metrics import GPU_SUMS, LOGGED, Window, gpu_share, metric
 from worker.metrics import JOIN_PARTS, LOOP_PHASES
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
@@ -172,11 +172,6 @@ def cudagraph_skips() -> float:
 # and the Poisson one (c).
 LOADS = ("a", "b", "c", "d", "e", "l", "k", "h")
 NEEDS = {"h": "k"}  # (h) is read against what (a) and (k) predict
-# The worker's log lines a check keeps: its start's parts, its weights, compiles while serving,
-# calls without CUDA graphs, and (with SDSERVE_SYNC_DEBUG=1) each place the host waited for the
-# GPU.
-LOGGED = (r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs|compile helper"
-          r"|synchroniz")  # fmt: skip
 
 
 def long_prompts(i: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import httpx
 from bench import batching
 from bench.batching import chosen_loads, closed_loop, poisson, rate, service
 from bench.bench import one_request, percentile, prompt
-from bench.worker_metrics import GPU_SUMS, Window, gpu_share, metric
+from bench.worker_metrics import GPU_SUMS, LOGGED, Window, gpu_share, metric
 from worker.tiny import build_tiny_model
 
 SIDE, STEPS, GUIDANCE, SAMPLER = 1024, 30, 7.0, "euler"
@@ -171,9 +171,8 @@ def service_stage(
         result["cold_start_s"] = startup
         result["memory"] = held_memory(log)
         print(f"ready in {startup:.0f}s: {result['memory']}", flush=True)
-        said = r"warmed up|warm-up:|loaded in|compile helper|synchroniz"
         result["worker_log"] = [line for line in log.read_text().splitlines()
-                                if re.search(said, line)]  # fmt: skip
+                                if re.search(LOGGED, line)]  # fmt: skip
         save()
         result["alone"] = asyncio.run(alone(url, 5))
         print(f"alone: {result['alone']}", flush=True)
