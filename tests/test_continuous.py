@@ -129,6 +129,40 @@ def test_a_job_is_taken_in_the_step_that_frees_its_room_and_joins_at_the_next(
     assert all(_status(store, i) is Status.SUCCEEDED for i in (leaving, staying, later))
 
 
+def test_jobs_slow_to_be_ready_are_taken_calls_ahead_and_join_when_the_room_frees(
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When jobs take several calls to be ready (LoRAs, pictures, prompts read beside busy
+    steps), they are taken that many calls before their room frees, so they are ready by then;
+    they still join only once it is free."""
+    leaving = submit(store, steps=4, seed=1)
+    staying = submit(store, steps=12, seed=2)
+    r = continuous(store, tiny_model, redis_url, max_batch=2)
+    steps = record_steps(r, monkeypatch)
+    r.open()
+    monkeypatch.setattr(r.loop.readiness, "ahead", lambda: 3)
+    try:
+        wait_for(lambda: r.inbox.room() <= r.inbox.capacity - 2, 30, "both jobs read")
+        r.step()
+        assert steps == [[leaving, staying]]
+        early = submit(store, steps=4, seed=3)
+        wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the new job read")
+        r.step()  # `leaving` has 3 calls left then: its room is 3 calls ahead
+        assert _status(store, early) is Status.RUNNING  # taken, not joined
+        assert steps[-1] == [leaving, staying]
+        wait_for(lambda: r.loop.prompts.get(early) is None or r.loop.prompts[early].done(), 30,
+                 "its prompt read")  # fmt: skip
+        r.step()
+        r.step()  # `leaving`'s last
+        assert steps[-2:] == [[leaving, staying]] * 2  # the room was not free: it waited
+        r.step()
+        assert steps[-1] == [staying, early]  # joined at the call after the room freed
+        run_until_done(r, store, [leaving, staying, early])
+    finally:
+        r.close()
+    assert all(_status(store, i) is Status.SUCCEEDED for i in (leaving, staying, early))
+
+
 def test_stopping_finishes_the_rows_in_flight_and_hands_back_the_rest(
     store: JobStore, tiny_model: Path, redis_url: str
 ) -> None:

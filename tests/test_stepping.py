@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.stepping import Candidate, Turns, admit
+from worker.stepping import AHEAD_MAX, Candidate, Readiness, Turns, admit, leaving
 
 A, B = (512, 512), (768, 512)
 
@@ -84,3 +84,27 @@ def test_no_size_waits_more_than_one_round(sizes: list[tuple[int, int]], calls: 
     for k in range(len(picked) - len(sizes) + 1):
         window = picked[k : k + len(sizes)]
         assert sorted(window) == sorted(sizes)  # each size once in every len(sizes) calls
+
+
+def test_jobs_are_taken_as_many_calls_ahead_as_they_take_to_be_ready() -> None:
+    readiness = Readiness()
+    assert readiness.ahead() == 1  # nothing measured: in the call that frees the room
+    readiness.called(0.14)
+    readiness.joined(0.05)
+    assert readiness.ahead() == 1  # ready within a call
+    for _ in range(40):  # LoRA jobs: 1.4 s to be ready, calls of 0.14 s
+        readiness.joined(1.4)
+    assert readiness.ahead() == AHEAD_MAX  # 10 calls' worth, held to the most
+    for _ in range(40):
+        readiness.joined(0.3)
+    assert readiness.ahead() == 3  # the running mean follows what joins take now
+
+
+def test_lanes_leave_within_the_calls_ahead() -> None:
+    # (calls left, of the key that steps next)
+    lanes = [(1, True), (1, False), (2, True), (4, True), (25, True)]
+    assert leaving(lanes, keys=2, ahead=1) == [0]  # the coming call finishes lane 0 only
+    assert leaving(lanes, keys=1, ahead=1) == [0]
+    assert leaving(lanes, keys=1, ahead=4) == [0, 1, 2, 3]
+    assert leaving(lanes, keys=2, ahead=4) == [0, 1, 2]  # two keys: a lane's call is every other
+    assert leaving([], keys=0, ahead=8) == []

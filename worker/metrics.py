@@ -98,6 +98,12 @@ class WorkerMetrics:
             "Images being denoised now (continuous batching).",
             registry=r,
         )
+        self.take_ahead = Gauge(
+            "sdserve_worker_take_ahead_calls",
+            "How many UNet calls before their room frees jobs are taken: what jobs took to be"
+            " ready to join (inputs, LoRAs, prompts) against a call (continuous batching).",
+            registry=r,
+        )
         self.row_step = Histogram(
             "sdserve_worker_row_step_seconds",
             "One step of continuous batching (its UNet call, with its rows' ControlNet forwards),"

@@ -6,12 +6,17 @@ takes the next UNet call. Pure (no torch, no Redis): the runner asks, then does.
   line: a younger, smaller job never overtakes it, so no job waits for ever behind a stream of
   small ones. A job that must run alone (a suspect: its workers died with it before) joins
   only when nothing is in flight, and nothing joins beside it.
+- Jobs are taken ahead of their room: a job taken is ready to join once its inputs and prompts
+  are read, which takes a few UNet calls when the GPU is busy (LoRAs, pictures, encoder calls
+  beside the steps); taken only when its room frees, its rows would stay empty that long.
+  `Readiness` says how many calls ahead to take, from what the last joins and steps took.
 - Sizes take turns: the size that has waited longest since its last UNet call goes next. With
   one size in flight that is every call; with two they alternate; no size starves.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -48,6 +53,49 @@ def admit(
         if job.alone:
             break
     return joined
+
+
+# Calls ahead at most: a busy worker holds no job much longer than it needs to get it ready
+# (another worker, idle, could have started it).
+AHEAD_MAX = 8
+# Weight of the newest sample in the running means (a few joins and steps in the past count).
+RECENT = 0.2
+
+
+@dataclass
+class Readiness:
+    """Running means of how long a job taken takes to be ready to join (its inputs and prompts
+    read: `ready_s`) and of how long one UNet call of the rows in flight takes (`call_s`)."""
+
+    ready_s: float = 0.0
+    call_s: float = 0.0
+
+    def joined(self, ready_s: float) -> None:
+        self.ready_s = _mean(self.ready_s, ready_s)
+
+    def called(self, call_s: float) -> None:
+        self.call_s = _mean(self.call_s, call_s)
+
+    def ahead(self) -> int:
+        """How many UNet calls before its room frees a job is taken (1: in the call that frees
+        it, so it joins at the next)."""
+        if self.call_s <= 0 or self.ready_s <= self.call_s:
+            return 1
+        return min(AHEAD_MAX, math.ceil(self.ready_s / self.call_s))
+
+
+def _mean(mean: float, sample: float) -> float:
+    return sample if mean <= 0 else mean + RECENT * (sample - mean)
+
+
+def leaving(remaining: Sequence[tuple[int, bool]], keys: int, ahead: int) -> list[int]:
+    """Which of the lanes in flight (each: UNet calls left in its pass, whether it is of the
+    key that steps next) leave within `ahead` calls: a lane of the next key with one call
+    left leaves in the coming call; beyond that, with `keys` keys taking turns, each of a
+    lane's calls is one of every `keys`."""
+    turns = max(keys, 1)
+    return [i for i, (left, next_key) in enumerate(remaining)
+            if (left <= 1 and next_key) or (ahead > 1 and left * turns <= ahead)]  # fmt: skip
 
 
 class Turns(Generic[K]):
