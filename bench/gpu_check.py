@@ -325,7 +325,7 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines += ["", f"| load | {THROUGHPUT_HEADS} | p50 / p95 s | queue wait p50 / p95 s |"
               " GPU in steps / decodes / encodes | step ms | rows a step | padding rows |"
               f" loop's host time: {' / '.join(LOOP_PHASES)} |"
-              f" taken to joined, mean ms ({' / '.join(JOIN_PARTS)}) |",
+              f" taken to joined, mean ms ({' / '.join(JOIN_PARTS)}); calls ahead |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in [k for k in ("a", "b", "c", "d", "e", "l", "k", "h") if k in r]:
         x = r[key]
@@ -335,7 +335,10 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
             shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
             loop = " / ".join(f"{share:.0%}" for share in g.get("loop", {}).values())
             split = " / ".join(f"{ms:.0f}" for ms in g.get("join_parts_ms", {}).values())
-            joins = f"{g.get('join_wait_ms', float('nan')):.0f} ({split})"  # older runs: nan
+            joins = (
+                f"{g.get('join_wait_ms', float('nan')):.0f} ({split});"
+                f" {g.get('take_ahead', float('nan')):.0f}"
+            )  # older runs: nan
             gpu = (f"{shares} | {g['step_ms']:.1f} | {g['rows_per_step']:.1f} |"
                    f" {g['padding_share']:.0%} | {loop} | {joins} |")  # fmt: skip
         ends = f"{x['latency_p50_s']:.2f} / {x['latency_p95_s']:.2f}"

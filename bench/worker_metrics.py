@@ -81,11 +81,12 @@ JOIN_WAIT = ("sdserve_worker_join_wait_seconds_sum", "sdserve_worker_join_wait_s
 JOIN_PART_SUMS = tuple(f'sdserve_worker_join_wait_parts_seconds_total{{part="{p}"}}'
                        for p in JOIN_PARTS)  # fmt: skip
 LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
+TAKE_AHEAD = "sdserve_worker_take_ahead_calls"  # a gauge: read at the window's end
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
             REAL_ROWS,
             'sdserve_worker_unet_rows_total{kind="padding"}',
-            *LOOP_SUMS, *JOIN_WAIT, *JOIN_PART_SUMS)  # fmt: skip
+            *LOOP_SUMS, *JOIN_WAIT, *JOIN_PART_SUMS, TAKE_AHEAD)  # fmt: skip
 
 
 def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
@@ -113,4 +114,7 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, An
         "join_parts_ms": {
             p: 1000 * d[name] / joins for p, name in zip(JOIN_PARTS, JOIN_PART_SUMS, strict=True)
         },
+        # How many UNet calls ahead of their room jobs were taken at the window's end (a
+        # worker before 2026-12-05's eighteenth session: NaN).
+        "take_ahead": after[TAKE_AHEAD],
     }
