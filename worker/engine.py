@@ -51,7 +51,7 @@ from worker.previews import Previews, clean_latents, colours, fit_colours
 from worker.prompting import ENCODE_CHUNK, Prompt, PromptTooLong, emphasized
 from worker.rows import Lane
 from worker.schedulers import SAMPLERS, make_scheduler
-from worker.timing import GpuTimer
+from worker.timing import GpuTimer, Lead
 from worker.vae import Decoding, Vae
 
 # What callers take from here: the engine and the types its calls take and give.
@@ -157,6 +157,7 @@ class Engine:
         self._signals: dict[float, float] = {}
         self._observer: Observer | None = None
         self._timers: deque[tuple[GpuTimer, int, int]] = deque(maxlen=64)
+        self._lead = Lead(self.device)  # at most RUN_AHEAD calls queued ahead of the GPU
 
     def _vaes(self, tuning: Tuning) -> dict[str, Vae]:
         """The VAEs of SDSERVE_VAES that fit this model (its latents' channels), loaded."""
@@ -416,6 +417,9 @@ class Engine:
         while self._timers and self._timers[0][0].ready() and self.observer is not None:
             done, real, padded = self._timers.popleft()
             self.observer.stepped(done.seconds(), real, self.tuning.row_bucket(real), padded)
+        waited = self._lead.launched()
+        if self.observer is not None:
+            self.observer.waited(waited)
         return made
 
     def _previews(

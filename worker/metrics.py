@@ -98,6 +98,13 @@ class WorkerMetrics:
             "Images being denoised now (continuous batching).",
             registry=r,
         )
+        self.gpu_lead_wait = Counter(
+            "sdserve_worker_gpu_lead_wait_seconds",
+            "Host seconds the loop's thread waited for the GPU to catch up to the call it"
+            " launched RUN_AHEAD calls back (worker/timing.py Lead): the rest of its step"
+            " phase is its own work.",
+            registry=r,
+        )
         self.take_ahead = Gauge(
             "sdserve_worker_take_ahead_calls",
             "How many UNet calls before their room frees jobs are taken: what jobs took to be"
@@ -189,6 +196,9 @@ class WorkerMetrics:
 
     def encoded(self, seconds: float) -> None:
         self.vae_encode.observe(seconds)
+
+    def waited(self, seconds: float) -> None:
+        self.gpu_lead_wait.inc(seconds)
 
     # Each model's LoRAs report here (see worker.adapters.LoraObserver).
     def lora_used(self, hit: bool) -> None:
