@@ -324,7 +324,7 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     lines += [f"| {a} | {b} | {c} | {'met' if ok else '**missed**'} |" for a, b, c, ok in rows]
     lines += ["", f"| load | {THROUGHPUT_HEADS} | p50 / p95 s | queue wait p50 / p95 s |"
               " GPU in steps / decodes / encodes | step ms | rows a step | padding rows |"
-              f" loop's host time: {' / '.join(LOOP_PHASES)} |"
+              f" loop's host time: {' / '.join(LOOP_PHASES)} (of it waiting for the GPU) |"
               f" taken to joined, mean ms ({' / '.join(JOIN_PARTS)}); calls ahead |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key in [k for k in ("a", "b", "c", "d", "e", "l", "k", "h") if k in r]:
@@ -334,6 +334,7 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
         if g:
             shares = f"{g['step_share']:.0%} / {g['decode_share']:.0%} / {g['encode_share']:.0%}"
             loop = " / ".join(f"{share:.0%}" for share in g.get("loop", {}).values())
+            loop += f" ({g.get('lead_wait', float('nan')):.0%})"
             split = " / ".join(f"{ms:.0f}" for ms in g.get("join_parts_ms", {}).values())
             joins = (
                 f"{g.get('join_wait_ms', float('nan')):.0f} ({split});"

@@ -82,11 +82,12 @@ JOIN_PART_SUMS = tuple(f'sdserve_worker_join_wait_parts_seconds_total{{part="{p}
                        for p in JOIN_PARTS)  # fmt: skip
 LOOP_SUMS = tuple(f'sdserve_worker_loop_seconds_total{{phase="{p}"}}' for p in LOOP_PHASES)
 TAKE_AHEAD = "sdserve_worker_take_ahead_calls"  # a gauge: read at the window's end
+LEAD_WAIT = "sdserve_worker_gpu_lead_wait_seconds_total"
 GPU_SUMS = ("sdserve_worker_row_step_seconds_sum", "sdserve_worker_row_step_seconds_count",
             "sdserve_worker_vae_decode_seconds_sum", "sdserve_worker_vae_encode_seconds_sum",
             REAL_ROWS,
             'sdserve_worker_unet_rows_total{kind="padding"}',
-            *LOOP_SUMS, *JOIN_WAIT, *JOIN_PART_SUMS, TAKE_AHEAD)  # fmt: skip
+            *LOOP_SUMS, *JOIN_WAIT, *JOIN_PART_SUMS, TAKE_AHEAD, LEAD_WAIT)  # fmt: skip
 
 
 def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
@@ -107,6 +108,9 @@ def gpu_share(before: dict[str, float], after: dict[str, float]) -> dict[str, An
         # The loop thread's host time by phase, as shares of the wall time (a worker without
         # the counter, before 2026-12-05: NaN).
         "loop": {p: d[name] / d["wall"] for p, name in zip(LOOP_PHASES, LOOP_SUMS, strict=True)},
+        # Of its step phase, the share it waited for the GPU to catch up (worker/timing.py
+        # Lead; a worker before the eighteenth session: NaN): the rest is its own work.
+        "lead_wait": d[LEAD_WAIT] / d["wall"],
         # From taken (started, its images counted in flight) to joined: a job still being read
         # (its picture, its LoRAs, its prompts) holds room that no other job can take.
         "join_wait_ms": 1000 * d[JOIN_WAIT[0]] / joins,
