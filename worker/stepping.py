@@ -55,8 +55,9 @@ def admit(
     return joined
 
 
-# Calls ahead at most: a busy worker holds no job much longer than it needs to get it ready
-# (another worker, idle, could have started it).
+# Calls ahead at most: a job taken shows `running` at step 0 and holds its LoRAs from then, so
+# it is not taken much earlier than it needs (its entry is this worker's already: the reader
+# keeps the inbox filled).
 AHEAD_MAX = 8
 # Weight of the newest sample in the running means (a few joins and steps in the past count).
 RECENT = 0.2
