@@ -129,10 +129,13 @@ def test_touched_entries_are_not_taken(store: JobStore) -> None:
 def test_suspects_come_one_at_a_time_and_poison_is_buried(store: JobStore, redis_url: str) -> None:
     store.ensure_group()
     ids = [enqueue(store, request(prompt=f"p{i}")) for i in range(3)]
-    store.read("w1", 10, 100)  # delivery 1; w1 dies
-    assert len(store.reclaim("w2", 0, cap=3, count=10)) == 3  # delivery 2, together; w2 dies
+    store.start(store.read("w1", 10, 100), "w1")  # delivery 1, run; w1 dies
+    again = store.reclaim("w2", 0, cap=3, count=10)  # delivery 2, together
+    assert len(again) == 3
+    store.start(again, "w2")  # w2 dies with them
     [suspect] = store.reclaim("w3", 0, cap=3, count=10)  # delivery 3: one at a time
     assert suspect.deliveries == 3 and suspect.suspect
+    store.start([suspect], "w3")
     # w3 dies with it. The next reclaim buries it (3 runs = the cap) and takes one more suspect.
     [next_one] = store.reclaim("w4", 0, cap=3, count=10)
     assert next_one.job_id != suspect.job_id
@@ -143,6 +146,32 @@ def test_suspects_come_one_at_a_time_and_poison_is_buried(store: JobStore, redis
     assert letter["job"] == suspect.job_id and letter["deliveries"] == "3"
     assert redis.Redis.from_url(redis_url).xpending(STREAM, GROUP)["pending"] == 2
     assert {suspect.job_id, next_one.job_id} <= set(ids)
+
+
+def test_a_worker_that_dies_holding_entries_it_never_started_did_not_die_with_them(
+    store: JobStore, redis_url: str
+) -> None:
+    """Entries a worker read ahead into its inbox and never started count no death when it
+    dies: however often that happens, they are neither suspects nor buried; the one it had
+    started counts one."""
+    store.ensure_group()
+    ran = enqueue(store, request(prompt="ran"))
+    ids = [enqueue(store, request(prompt=f"held {i}")) for i in range(3)]
+    held = store.read("w1", 10, 100)
+    store.start([d for d in held if d.job_id == ran], "w1")  # w1 dies: the rest never started
+    for _ in range(5):  # the same name restarted, dying each time before it starts them
+        back = {d.job_id: d for d in store.reclaim("w1", 0, cap=3, count=10, owner="w1")}
+        assert {back[i].deliveries for i in ids} == {1} and not any(back[i].suspect for i in ids)
+    assert back[ran].deliveries == 2  # died once with it (then never started again)
+    assert store.dead_letters() == []
+    r = redis.Redis.from_url(redis_url)
+    counts = {e["message_id"]: e["times_delivered"] for e in
+              r.xpending_range(STREAM, GROUP, "-", "+", 10)}  # fmt: skip
+    assert sorted(counts.values()) == [1, 1, 1, 2]  # what the stream says agrees
+    jobs = store.start(list(back.values()), "w1")  # they run, and complete
+    assert sorted(job.id for job in jobs) == sorted([ran, *ids])
+    for job in jobs:
+        assert store.succeed(job, 1)
 
 
 def test_the_queue_cap_refuses_exactly_the_excess(store: JobStore) -> None:

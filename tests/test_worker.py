@@ -304,8 +304,9 @@ def test_suspects_are_taken_over_one_at_a_time_and_run_alone(
 ) -> None:
     ids = [submit(store, prompt=f"p{i}") for i in range(3)]
     store.ensure_group()
-    store.read("died-once", 10, 100)
-    store.reclaim("died-twice", 0, cap=3, count=10)  # delivered twice now, all three
+    store.start(store.read("died-once", 10, 100), "died-once")
+    # Delivered twice now, all three; each time started by a worker that died.
+    store.start(store.reclaim("died-twice", 0, cap=3, count=10), "died-twice")
     options = {"heartbeat_ttl_s": 3, "claim_idle_s": 3, "worker_name": "third"}
     r = runner(store, tiny_model, redis_url, **options)
     steps = record_steps(r, monkeypatch)

@@ -685,6 +685,11 @@ class Delivery:
         """Its workers died twice with it: it runs alone, so it takes no stranger down."""
         return self.deliveries > 2
 
+    @property
+    def started_as(self) -> str:
+        """What the job's record keeps of the delivery that started it."""
+        return f"{self.entry_id}:{self.deliveries}"
+
 
 class Submission(StrEnum):
     QUEUED = "queued"

@@ -71,9 +71,11 @@ local function webhook_event(job_key, events_key, job_id, event)
 end
 """
 
-# KEYS: job, queued, webhook events. ARGV: job id, now, worker. A running job comes back after
-# its worker died. Answers 1 to run it, 0 if it ended meanwhile (or its record is gone), 2 if
-# its deadline passed.
+# KEYS: job, queued, webhook events. ARGV: job id, now, worker, the delivery ("entry id:number
+# of the delivery"). A running job comes back after its worker died. Answers 1 to run it, 0 if
+# it ended meanwhile (or its record is gone), 2 if its deadline passed. The delivery that
+# started it is kept: a worker that dies holding an entry it never started (read ahead into its
+# inbox) did not die with it (WorkerStore._reclaim).
 START = (
     _ALLOW_OOM
     + _WEBHOOK_EVENT
@@ -86,7 +88,8 @@ if s == 'queued' and not redis.call('HGET', KEYS[1], 'started_at') then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[2])
   webhook_event(KEYS[1], KEYS[3], ARGV[1], 'running')
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'step', 0, 'worker', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'step', 0, 'worker', ARGV[3],
+  'delivery', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1

@@ -155,12 +155,27 @@ class WorkerStore(Store):
         # XCLAIM honours min_idle_ms again: of two workers reclaiming at once, one gets each.
         claimed: Any = self._r.xclaim(stream, GROUP, consumer, min_idle_ms, [e for e, _ in chosen])
         times_by_id = dict(chosen)
+        found = [(entry_id, job_id) for entry_id, fields in claimed
+                 if (job_id := self._job_of(model, entry_id, fields)) is not None]  # fmt: skip
+        tx = self._r.pipeline(transaction=False)
+        for _entry_id, job_id in found:
+            tx.hmget(job_key(job_id), ["runs", "delivery"])
+        records = tx.execute()
         out = []
-        for entry_id, fields in claimed:
-            job_id = self._job_of(model, entry_id, fields)
-            if job_id is None:
-                continue
-            delivery = Delivery(entry_id.decode(), job_id, times_by_id[entry_id] + 1, model)
+        for (entry_id, job_id), (runs, started) in zip(found, records, strict=True):
+            times = times_by_id[entry_id]
+            # Started by the worker that held it: under this delivery (a record from before
+            # 2026-12-05 keeps no delivery: started at all, then).
+            this = Delivery(entry_id.decode(), job_id, times, model).started_as
+            ran = bool(int(runs or 0)) and (started is None or started.decode() == this)
+            if not ran:
+                # The dead worker held the entry (read ahead into its inbox) but never started
+                # it: no death to count. The claim's count goes back to what it was.
+                self._r.xclaim(stream, GROUP, consumer, 0, [entry_id], retrycount=times,
+                               justid=True)  # fmt: skip
+                delivery = Delivery(entry_id.decode(), job_id, times, model)
+            else:
+                delivery = Delivery(entry_id.decode(), job_id, times + 1, model)
             if delivery.deliveries > cap:
                 self.bury(delivery)
             else:
@@ -234,7 +249,7 @@ class WorkerStore(Store):
         tx = self._r.pipeline(transaction=False)
         for d in deliveries:
             keys = [job_key(d.job_id), queued_key(d.model), WEBHOOKS]
-            self._start(keys=keys, args=[d.job_id, now, worker], client=tx)
+            self._start(keys=keys, args=[d.job_id, now, worker, d.started_as], client=tx)
             tx.hmget(job_key(d.job_id), ["request", "owner", "created_at", "runs"])
         replies = tx.execute()
         jobs, skipped = [], []
