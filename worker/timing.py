@@ -49,7 +49,7 @@ class GpuTimer:
 # that other threads' GPU work (the prompt reader's encoder calls, LoRAs written into their
 # slots, decodes) waits behind at most that many calls, and that the loop's thread, waiting
 # with Python's lock let go, leaves those threads the lock (running ahead without a bound, it
-# held it for all but its launches).
+# could hold it for all but its launches).
 RUN_AHEAD = 2
 
 
