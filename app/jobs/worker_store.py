@@ -162,6 +162,7 @@ class WorkerStore(Store):
             tx.hmget(job_key(job_id), ["runs", "delivery"])
         records = tx.execute()
         out = []
+        restore = self._r.pipeline(transaction=False)
         for (entry_id, job_id), (runs, started) in zip(found, records, strict=True):
             times = times_by_id[entry_id]
             # Started by the worker that held it: under this delivery (a record from before
@@ -171,15 +172,14 @@ class WorkerStore(Store):
             if not ran:
                 # The dead worker held the entry (read ahead into its inbox) but never started
                 # it: no death to count. The claim's count goes back to what it was.
-                self._r.xclaim(stream, GROUP, consumer, 0, [entry_id], retrycount=times,
+                restore.xclaim(stream, GROUP, consumer, 0, [entry_id], retrycount=times,
                                justid=True)  # fmt: skip
-                delivery = Delivery(entry_id.decode(), job_id, times, model)
-            else:
-                delivery = Delivery(entry_id.decode(), job_id, times + 1, model)
+            delivery = Delivery(entry_id.decode(), job_id, times + 1 if ran else times, model)
             if delivery.deliveries > cap:
                 self.bury(delivery)
             else:
                 out.append(delivery)
+        restore.execute()  # one round trip for all (a restart takes back its whole inbox)
         return out
 
     def touch(self, consumer: str, deliveries: list[Delivery]) -> None:
