@@ -37,7 +37,13 @@ from app.jobs.contract import (
 )
 from app.jobs.storage import Storage, input_key, open_storage
 from worker.adapters import LoraUse
-from worker.compiled import CHUNK_TOKENS, CompiledCalls, Tuning
+from worker.compiled import (
+    CHUNK_TOKENS,
+    COMPILER_PHASES,
+    CompiledCalls,
+    Tuning,
+    compiler_phases,
+)
 from worker.engine import BatchShape, Engine, ImageSpec
 from worker.rows import Lane
 from worker.tasks import task
@@ -342,6 +348,15 @@ def test_the_warm_up_list_covers_every_bucket_and_prompt_length(row_engine: Engi
     # The graph is traced at the largest call (no 32-bit indexing guard below the cap).
     top = row_engine.tuning.row_cap()
     assert (entries[0].rows, entries[0].tokens) == (top, CHUNK_TOKENS * 2)
+
+
+def test_the_compilers_phases_are_read_from_torchs_timers(row_engine: Engine) -> None:
+    """A cold start's minutes in the compiler's phases: the warm-up (done by the fixture)
+    traced the UNet, so tracing and the whole compile have seconds, and nothing else shows."""
+    phases = dict(part.split("=") for part in compiler_phases().split())
+    assert {"bytecode_tracing", "_compile.compile_inner"} <= set(phases)
+    assert set(phases) <= set(COMPILER_PHASES)
+    assert 0 < float(phases["bytecode_tracing"]) <= float(phases["_compile.compile_inner"])
 
 
 def test_a_call_that_would_compile_runs_eagerly_and_is_counted(row_engine: Engine) -> None:

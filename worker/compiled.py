@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import compile_times, counters
 
 from worker.adapters import RowBuffers, RowMix
 from worker.controls import ControlNets, split
@@ -281,6 +281,9 @@ class CompiledCalls:
         if entries:  # where a cold start's minutes go
             log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs, its encoder"
                      " in %.1fs", len(entries), unet_s, decoder_s, encoder_s)  # fmt: skip
+            phases = compiler_phases()
+            if phases:
+                log.info("the compiler's seconds by phase, this process: %s", phases)
         for name in list(self._fast_controls):
             self._warm_control(name, entries, latent_scale)
         # A compiled call that CUDA graphs could not capture runs without them, slower and
@@ -648,6 +651,33 @@ def moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     out: torch.Tensor = vae.encoder(pixels)
     quant = getattr(vae, "quant_conv", None)
     return out if quant is None else quant(out)
+
+
+# The compiler's phases a cold start's minutes divide into (torch's own timers, summed over
+# every compile of the process): tracing, AOT autograd, inductor's lowering, scheduling and
+# code generation, waiting for the Triton kernels' compiles, loading them, guards.
+COMPILER_PHASES = (
+    "bytecode_tracing",
+    "create_aot_dispatcher_function",
+    "GraphLowering.run",
+    "Scheduler.__init__",
+    "Scheduler.codegen",
+    "async_compile.wait",
+    "PyCodeCache.load_by_key_path",
+    "build_guards",
+    "_compile.compile_inner",
+)
+
+
+def compiler_phases() -> str:
+    """`phase=seconds` for each phase torch timed in this process, "" when it timed none."""
+    table = compile_times(repr="str", aggregate=True)
+    seconds: dict[str, str] = {}
+    for line in table.splitlines() if isinstance(table, str) else []:
+        name, _, value = line.rpartition(", ")
+        if name in COMPILER_PHASES:
+            seconds[name] = value
+    return " ".join(f"{name}={seconds[name]}" for name in COMPILER_PHASES if name in seconds)
 
 
 def cudagraph_skips() -> int:
