@@ -20,11 +20,11 @@ from worker.metrics import JOIN_PARTS, LOOP_PHASES
 
 METRICS = "http://127.0.0.1:9470/metrics"  # the worker's, as bench.batching starts it
 REAL_ROWS = 'sdserve_worker_unet_rows_total{kind="real"}'  # UNet rows computed, padding apart
-# The worker's log lines a benchmark keeps: its start's parts, its weights, compiles while
-# serving, calls without CUDA graphs, and (with SDSERVE_SYNC_DEBUG=1) each place the host waited
-# for the GPU.
+# The worker's log lines a benchmark keeps: its start's parts (the compiler's phases among
+# them), its weights, compiles while serving, calls without CUDA graphs, and (with
+# SDSERVE_SYNC_DEBUG=1) each place the host waited for the GPU.
 LOGGED = (r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs|compile helper"
-          r"|synchroniz")  # fmt: skip
+          r"|synchroniz|compiler's seconds")  # fmt: skip
 
 
 def metric(name: str, text: str | None = None) -> float:

@@ -16,6 +16,7 @@ import time
 from torch._dynamo.utils import counters
 
 from app.jobs import logs
+from worker.compiled import compiler_phases
 from worker.engine import resolve_device
 from worker.engines import build_engine, tuning_of
 from worker.settings import WorkerSettings
@@ -53,6 +54,9 @@ def main(args: list[str]) -> int:
     log.info("compile helper: model %s (%s) loaded in %.1fs, compiled in %.1fs (compile cache:"
              " %d graphs found, %d compiled)", name, part, built - started,
              time.perf_counter() - built, found, compiled)  # fmt: skip
+    phases = compiler_phases()
+    if phases:
+        log.info("compile helper: the compiler's seconds by phase: %s", phases)
     return 0
 
 
