@@ -655,7 +655,9 @@ def moments(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 # The compiler's phases a cold start's minutes divide into (torch's own timers, summed over
 # every compile of the process): tracing, AOT autograd, inductor's lowering, scheduling and
-# code generation, waiting for the Triton kernels' compiles, loading them, guards.
+# code generation, waiting for the Triton kernels' compiles, loading them, guards; then, at
+# the first calls, the Triton kernels' configurations timed on the GPU and the CUDA graphs'
+# recordings.
 COMPILER_PHASES = (
     "bytecode_tracing",
     "create_aot_dispatcher_function",
@@ -666,6 +668,8 @@ COMPILER_PHASES = (
     "PyCodeCache.load_by_key_path",
     "build_guards",
     "_compile.compile_inner",
+    "CachingAutotuner.benchmark_all_configs",
+    "CUDAGraphNode.record",
 )
 
 
