@@ -5,6 +5,8 @@ defaults but `enabled: false` is skipped; a field sdserve cannot honour is a 422
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from typing import Any
 
@@ -35,6 +37,13 @@ DEFAULTS: dict[str, tuple[Any, ...]] = {
     "use_preview_as_input": (False, None), "batch_images": ("", None, []),
 }  # fmt: skip
 HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,}\]$")  # the extension's " [d14c016b]" after a name
+# A native unit's fields by the extension's names: a native unit's error names the field sent.
+SENT_AS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode",
+           "resize": "resize_mode", "preprocess": "module", "low_threshold": "threshold_a",
+           "high_threshold": "threshold_b"}  # fmt: skip
+# The extension's bools as its pydantic model reads them.
+TRUE, FALSE = (True, 1, "true", "True", "1", "yes", "on"), (False, 0, "false", "False", "0", "no",
+                                                            "off")  # fmt: skip
 
 
 def units(
@@ -55,7 +64,7 @@ def units(
         where = f"alwayson_scripts.{key}.args.{k}"
         if not isinstance(unit, dict):
             raise A1111Error(where, "must be an object")
-        if unit.get("enabled", True) is False:
+        if not flag(unit.get("enabled"), True, f"{where}.enabled"):
             continue
         out.append((where, native(unit, where, controlnets)))
     return out, others
@@ -79,10 +88,7 @@ def native(unit: dict[str, Any], where: str, controlnets: list[str]) -> dict[str
         served = ", ".join(controlnets) or "none"
         raise A1111Error(f"{where}.model", f"unknown ControlNet {shown(unit.get('model'))};"
                          f" this server's: {served} (/controlnet/model_list)")  # fmt: skip
-    module = unit.get("module") or "none"
-    if module not in PREPROCESSORS:
-        raise A1111Error(f"{where}.module", f"{shown(module)} is not offered; these are:"
-                         f" {', '.join(MODULES.values())} (/controlnet/module_list)")  # fmt: skip
+    preprocess = preprocessor(unit.get("module") or "none", f"{where}.module")
     if unit.get("mask") not in (None, ""):
         raise A1111Error(f"{where}.mask", "a unit's mask is not offered")
     picture = unit.get("image", unit.get("input_image"))
@@ -95,20 +101,51 @@ def native(unit: dict[str, Any], where: str, controlnets: list[str]) -> dict[str
     resize = unit.get("resize_mode", 1)
     mode = unit.get("control_mode", 2 if unit.get("guess_mode") else 0)
     for field, value, table in (("resize_mode", resize, RESIZE), ("control_mode", mode, MODES)):
-        if value not in table:
+        if not isinstance(value, int | str) or value not in table:
             names = ", ".join(repr(k) for k in table)
             raise A1111Error(f"{where}.{field}", f"{shown(value)}: one of {names}")
-    preprocess = PREPROCESSORS[module]
     fields = {"model": model, "image": picture, "weight": unit.get("weight", 1.0),
               "start": unit.get("guidance_start", 0.0), "end": unit.get("guidance_end", 1.0),
               "mode": MODES[mode], "resize": RESIZE[resize], "preprocess": preprocess}  # fmt: skip
-    low, high = unit.get("threshold_a", -1), unit.get("threshold_b", -1)
-    if preprocess == "canny":  # the extension's -1 (or absent): the module's own defaults
-        fields["low_threshold"] = 100 if low in (-1, None) else round(low)
-        fields["high_threshold"] = 200 if high in (-1, None) else round(high)
+    if preprocess == "canny":
+        fields["low_threshold"] = threshold(unit.get("threshold_a"), 100, f"{where}.threshold_a")
+        fields["high_threshold"] = threshold(unit.get("threshold_b"), 200, f"{where}.threshold_b")
     # The preprocessor runs at the job's size here: the extension's pixel-perfect resolution.
     # Another processor_res (with a preprocessor) would detect at another scale.
     resolution = unit.get("processor_res", -1)
-    if preprocess != "none" and not unit.get("pixel_perfect") and resolution not in (-1, None):
+    perfect = flag(unit.get("pixel_perfect"), False, f"{where}.pixel_perfect")
+    if preprocess != "none" and not perfect and resolution not in (-1, None):
         fields["processor_res"] = resolution
     return fields
+
+
+def preprocessor(module: Any, field: str) -> str:
+    """sdserve's preprocessor for the extension's module name."""
+    if not isinstance(module, str) or module not in PREPROCESSORS:
+        raise A1111Error(field, f"{shown(module)} is not offered; these are:"
+                         f" {', '.join(MODULES.values())} (/controlnet/module_list)")  # fmt: skip
+    return PREPROCESSORS[module]
+
+
+def threshold(value: Any, default: int, field: str) -> int:
+    """A canny threshold as the extension sends it: a number (or one written out), or -1 (or
+    none) for the module's own default."""
+    if value in (-1, None):
+        return default
+    number = value
+    if isinstance(value, str):  # "50", as the extension's model reads it
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        raise A1111Error(field, f"{shown(value)}: a threshold is a number (-1: the default)")
+    return round(number)
+
+
+def flag(value: Any, default: bool, field: str) -> bool:
+    """One of the extension's bools (its model reads "false", 0 and the like as False);
+    absent or null: its default."""
+    if value is None:
+        return default
+    if isinstance(value, list | dict) or value not in TRUE + FALSE:
+        raise A1111Error(field, f"{shown(value)}: true or false")
+    return value in TRUE

@@ -195,3 +195,34 @@ def test_info_names_the_jobs_model_and_a_hires_strength() -> None:
               "created_at": str(time.time()), "images": "1"}  # fmt: skip
     said = json.loads(info(job_view("j", record, None, time.time()), "default", [""]))
     assert said["sd_model_name"] == "anime" and said["denoising_strength"] == 0.45
+
+
+def test_controlnet_units_read_the_extensions_bools_and_thresholds() -> None:
+    """A unit's `enabled` and `pixel_perfect` as the extension's model reads them ("false",
+    0, null: its default), its canny thresholds as numbers; anything else names the field."""
+    from app import a1111_controlnet
+    from app.a1111 import A1111Error
+
+    unit = {"module": "canny", "model": "edges", "image": "aGk=", "processor_res": 256}
+
+    def read(**change: Any) -> list[dict[str, Any]]:
+        found, _others = a1111_controlnet.units({"controlnet": {"args": [unit | change]}},
+                                                ["edges"])  # fmt: skip
+        return [fields for _where, fields in found]
+
+    assert read(enabled="false") == [] and read(enabled=0) == []
+    assert len(read(enabled=None)) == len(read(enabled="true")) == 1
+    assert read()[0]["processor_res"] == 256
+    assert "processor_res" not in read(pixel_perfect="True")[0]  # detected at the job's size
+    assert read(pixel_perfect=None)[0]["processor_res"] == 256
+    assert read(threshold_a=50.4, threshold_b=-1)[0] | {"image": ""} == read()[0] | {
+        "image": "", "low_threshold": 50}  # fmt: skip
+    assert read(threshold_a="50")[0]["low_threshold"] == 50
+    for change, field in (({"enabled": "maybe"}, "enabled"), ({"threshold_a": "ab"}, "threshold_a"),
+                          ({"threshold_b": float("nan")}, "threshold_b"),
+                          ({"module": {"canny": 1}}, "module"),
+                          ({"resize_mode": [1]}, "resize_mode"),
+                          ({"pixel_perfect": 2}, "pixel_perfect")):  # fmt: skip
+        with pytest.raises(A1111Error) as refused:
+            read(**change)
+        assert refused.value.field == f"alwayson_scripts.controlnet.args.0.{field}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,16 @@ def test_a1111_controlnet_through_the_service(
         "controlnet_threshold_a": 50, "controlnet_threshold_b": 150}).json()  # fmt: skip
     edges = np.asarray(Image.open(io.BytesIO(base64.b64decode(detected["images"][0]))))
     assert edges.shape[:2] == (64, 96) and set(np.unique(edges)) <= {0, 255}
+    # A value of the wrong kind is a 422 naming the field sent (these were 500s).
+    for field, value in (("controlnet_threshold_a", "abc"), ("controlnet_threshold_a", math.inf),
+                         ("controlnet_threshold_b", [1]), ("controlnet_module", ["canny"]),
+                         ("controlnet_threshold_a", -5),
+                         ("controlnet_processor_res", 100000)):  # fmt: skip
+        answer = served.post("/controlnet/detect", content=json.dumps({  # Infinity too
+            "controlnet_module": "canny", "controlnet_input_images": [b64(noisy(8, 8, 5))],
+            field: value}), headers={"content-type": "application/json"})  # fmt: skip
+        assert answer.status_code == 422, (field, value, answer.text)
+        assert answer.json()["detail"][0]["loc"] == ["body", field], answer.text
 
     picture = noisy(64, 64, 1)
     payload = {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 4,
@@ -219,7 +230,8 @@ def test_a1111_controlnet_through_the_service(
 
     def refused(change: dict[str, Any]) -> str:
         body = {**payload, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}}
-        answer = served.post("/sdapi/v1/txt2img", json=body)
+        answer = served.post("/sdapi/v1/txt2img", content=json.dumps(body),  # Infinity too
+                             headers={"content-type": "application/json"})  # fmt: skip
         assert answer.status_code == 422, answer.text
         return answer.text
 
@@ -227,6 +239,17 @@ def test_a1111_controlnet_through_the_service(
     assert "is not offered" in refused({"module": "openpose"})
     assert "does not know this field" in refused({"foo": 1})
     assert "a unit's mask is not offered" in refused({"mask": b64(picture)})
+    # Values of the wrong kind are 422s naming the extension's field (these were 500s), and a
+    # native field's refusal names the extension's field too.
+    where = '"alwayson_scripts","controlnet","args",0,'
+    for change, field in (({"module": "canny", "threshold_a": "abc"}, "threshold_a"),
+                          ({"module": "canny", "threshold_b": math.inf}, "threshold_b"),
+                          ({"module": "canny", "threshold_a": -5}, "threshold_a"),
+                          ({"module": ["canny"]}, "module"), ({"resize_mode": []}, "resize_mode"),
+                          ({"control_mode": {}}, "control_mode"), ({"enabled": "maybe"}, "enabled"),
+                          ({"pixel_perfect": [True]}, "pixel_perfect"),
+                          ({"guidance_start": "soon"}, "guidance_start")):  # fmt: skip
+        assert f'{where}"{field}"' in refused(change), change
 
     settings, engines, store = worker_parts(redis_url, tiny_model, nets, "controls-a1111")
     with working(settings, store, engines):

@@ -38,6 +38,16 @@ from app.uploads import UploadError, flatten, from_base64, read_image, to_png
 PREFIX = "/sdapi/v1"
 
 
+def native(make: Any) -> Any:
+    """What `make` reads of an A1111 payload; its refusal as a 422 naming the field."""
+    try:
+        return make()
+    except a1111.A1111Error as e:
+        raise sources.invalid(e.field, e.message) from None
+    except ValidationError as e:
+        raise RequestValidationError(sources.located(e)) from None
+
+
 def router(ctx: Context, submit: Submitter) -> APIRouter:
     routes = APIRouter(prefix=PREFIX, tags=["A1111-compatible"], responses=UNAUTHORIZED)
     authenticated, store, storage = ctx.authenticated, ctx.store, ctx.storage
@@ -69,14 +79,6 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         return {"images": images, "parameters": parameters,
                 "info": a1111.info(view, await run_in_threadpool(model), infotexts)}  # fmt: skip
 
-    def native(make: Any) -> Any:
-        try:
-            return make()
-        except a1111.A1111Error as e:
-            raise sources.invalid(e.field, e.message) from None
-        except ValidationError as e:
-            raise RequestValidationError(sources.located(e)) from None
-
     waits = {
         **UNAUTHORIZED,
         **error(409, "The job was canceled (an interrupt)."),
@@ -101,7 +103,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 bodies.append(ControlNetBody.model_validate(fields, strict=False))
             except ValidationError as e:
                 first = e.errors()[0]
-                path = ".".join(str(p) for p in first["loc"])
+                loc = [a1111_controlnet.SENT_AS.get(str(p), str(p)) for p in first["loc"][:1]]
+                path = ".".join(loc + [str(p) for p in first["loc"][1:]])
                 raise sources.invalid(f"{where}.{path}" if path else where, first["msg"]) from None
         try:
             work = partial(sources.control_pictures, bodies, size)
@@ -255,23 +258,28 @@ def controlnet_router(ctx: Context, submit: Submitter) -> APIRouter:
     @routes.post("/detect", summary="A1111 ControlNet: a preprocessor's map of pictures")
     async def detect(body: dict[str, Any], http: Request,
                      caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        module = body.get("controlnet_module", "none")
-        if module not in a1111_controlnet.PREPROCESSORS:
-            raise sources.invalid("controlnet_module", f"{a1111.shown(module)} is not offered;"
-                                  f" these are: {', '.join(MODULES.values())}")  # fmt: skip
         images = body.get("controlnet_input_images") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise sources.invalid("controlnet_input_images", "a list of base64 pictures")
-        low, high = body.get("controlnet_threshold_a", -1), body.get("controlnet_threshold_b", -1)
-        resolution = body.get("controlnet_processor_res", -1)
-        settings = {"model": "detect", "preprocess": a1111_controlnet.PREPROCESSORS[module],
-                    "low_threshold": 100 if low in (-1, None) else round(low),
-                    "high_threshold": 200 if high in (-1, None) else round(high),
-                    "processor_res": None if resolution in (-1, None) else resolution}  # fmt: skip
+        sent = {"preprocess": "controlnet_module", "low_threshold": "controlnet_threshold_a",
+                "high_threshold": "controlnet_threshold_b",
+                "processor_res": "controlnet_processor_res"}  # fmt: skip
+        settings = native(lambda: {
+            "model": "detect",
+            "preprocess": a1111_controlnet.preprocessor(body.get(sent["preprocess"], "none"),
+                                                        sent["preprocess"]),
+            "low_threshold": a1111_controlnet.threshold(body.get(sent["low_threshold"]), 100,
+                                                        sent["low_threshold"]),
+            "high_threshold": a1111_controlnet.threshold(body.get(sent["high_threshold"]), 200,
+                                                         sent["high_threshold"]),
+        })  # fmt: skip
+        resolution = body.get(sent["processor_res"], -1)
+        settings["processor_res"] = None if resolution in (-1, None) else resolution
         try:
             unit = ControlNetSettings.model_validate(settings, strict=False)
         except ValidationError as e:
-            raise sources.invalid("controlnet_module", e.errors()[0]["msg"]) from None
+            first = e.errors()[0]
+            raise sources.invalid(sent.get(str(first["loc"][0]), "body"), first["msg"]) from None
 
         def detected() -> list[str]:
             out = []
