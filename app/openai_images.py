@@ -40,6 +40,9 @@ from app.jobs.contract import (
 PREFIX = "/v1/images/"
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 AUTO = "auto"  # OpenAI's size for "the model's own": here its default side
+# The fields of OpenAI's shape that are not the job's (what comes back, who asks).
+NOT_THE_JOB = {"size", "response_format", "user", "safety_identifier", "quality", "output_format",
+               "background", "moderation"}  # fmt: skip
 
 
 class ImagesRequest(BaseModel):
@@ -72,6 +75,22 @@ class ImagesRequest(BaseModel):
         description="Which of the server's models (`GET /v1/models`); its default when absent.",
     )
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(
+        default=None, max_length=256, description="Accepted and ignored (`user`'s successor)."
+    )
+    # OpenAI's settings of what comes back, accepted at the values that describe what sdserve
+    # makes (opaque PNGs at the model's own quality, nothing filtered); any other value is a
+    # 422 naming the field, never an image that is not what was asked.
+    quality: Literal["auto", "standard"] | None = Field(
+        default=None, description="auto or standard: the model's own (no other is offered)."
+    )
+    output_format: Literal["png"] | None = Field(default=None, description="png: what it makes.")
+    background: Literal["auto", "opaque"] | None = Field(
+        default=None, description="auto or opaque: its images are opaque."
+    )
+    moderation: Literal["auto", "low"] | None = Field(
+        default=None, description="Accepted and ignored: sdserve filters no prompt or image."
+    )
     # sdserve's own parameters, as extra body fields.
     negative_prompt: NegativePrompt = ""
     steps: Steps = 25
@@ -99,7 +118,7 @@ class ImagesRequest(BaseModel):
         return size
 
     def job(self) -> Txt2ImgRequest:
-        fields = self.model_dump(exclude={"size", "response_format", "user"})
+        fields = self.model_dump(exclude=NOT_THE_JOB)
         if self.size != AUTO:  # auto: no size, so the model's default side (app/routes/submit.py)
             width, height = (int(side) for side in self.size.split("x"))
             fields |= {"width": width, "height": height}
@@ -141,8 +160,7 @@ class EditsRequest(ImagesRequest):
 
     def job(self, fields: dict[str, Any]) -> SourceRequest:  # type: ignore[override]
         """The job, given the stored pictures' fields (size, image, and mask if any)."""
-        known = self.model_dump(exclude={"size", "response_format", "user", "strength",
-                                         "mask_blur"})  # fmt: skip
+        known = self.model_dump(exclude=NOT_THE_JOB | {"strength", "mask_blur"})
         known |= fields
         if "mask" in fields:
             return InpaintRequest.model_validate(

@@ -108,6 +108,16 @@ def test_the_openai_package_generates_images(service: str) -> None:
                                   extra_body={"seed": 40, "steps": 1})  # fmt: skip
     assert auto.data is not None and auto.data[0].b64_json is not None
     assert png(base64.b64decode(auto.data[0].b64_json)).size == (512, 512)
+    # The newer models' settings, at the values that say what sdserve makes, change nothing.
+    settings = client.images.generate(prompt="a red fox", size="64x96", response_format="b64_json",
+                                      output_format="png", quality="standard", background="opaque",
+                                      moderation="low", safety_identifier="user-7",
+                                      extra_body={"seed": 40, "steps": 3,
+                                                  "negative_prompt": "blurry"})  # fmt: skip
+    assert settings.data is not None and settings.data[0].b64_json is not None
+    made, first = (np.asarray(png(base64.b64decode(item.b64_json or "")), dtype=np.int16)
+                   for item in (settings.data[0], result.data[0]))  # fmt: skip
+    assert np.abs(made - first).max() <= 1  # the seed contract (the first was one of two)
 
 
 def test_the_openai_package_sees_errors_it_understands(service: str) -> None:
@@ -119,6 +129,10 @@ def test_the_openai_package_sees_errors_it_understands(service: str) -> None:
         client.images.generate(prompt="x", size="1792x1024")
     assert invalid.value.body["param"] == "size"  # type: ignore[index]
     assert "1835008 pixels" in invalid.value.body["message"]  # type: ignore[index]
+    for setting in ({"quality": "hd"}, {"output_format": "webp"}, {"background": "transparent"}):
+        with pytest.raises(openai.UnprocessableEntityError) as invalid:  # not what it makes
+            client.images.generate(prompt="x", size="64x64", **setting)  # type: ignore[call-overload]
+        assert invalid.value.body["param"] == next(iter(setting))  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{service}/v1", api_key="sds_wrong").images.generate(prompt="x")
 
