@@ -43,6 +43,11 @@ ALIASES = {
     "unipc": "UniPC",
 }
 SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
+# A1111 settings whose value here never changes (`GET /sdapi/v1/options` answers them): an
+# `override_settings` entry that asks for that value is honoured as it is.
+FIXED_OPTIONS: dict[str, Any] = {"samples_format": "png", "sd_checkpoint_hash": None,
+                                 "eta_ancestral": 1.0, "eta_ddim": 0.0,
+                                 "eta_noise_seed_delta": 0, "enable_pnginfo": True}  # fmt: skip
 
 
 class A1111Error(ValueError):
@@ -184,9 +189,16 @@ class Txt2ImgPayload(BaseModel):
             if key == "CLIP_stop_at_last_layers" and type(value) is int and 1 <= value <= 12:
                 clip_skip = value
                 continue
-            served = f"it serves {', '.join(models)}"
+            if key in FIXED_OPTIONS and value == FIXED_OPTIONS[key]:
+                continue
+            named = ", ".join(vaes) or "none but each model's own"
+            offered = {"sd_model_checkpoint": f"it serves {', '.join(models)}",
+                       "sd_vae": f"its VAEs: {named}",
+                       "CLIP_stop_at_last_layers": "a whole number from 1 to 12"}  # fmt: skip
+            fixed = {k: v for k, v in FIXED_OPTIONS.items() if v is not None}
+            choices = offered.get(key, f"it honours {', '.join(offered)}, and {fixed}")
             raise A1111Error(f"override_settings.{key}", f"sdserve cannot honour "
-                             f"{shown(value)} ({served})")  # fmt: skip
+                             f"{shown(value)} ({choices})")  # fmt: skip
         scheduler = self.scheduler_name()
         if self.eta not in (None, 0, 1):
             raise A1111Error("eta", "only the samplers' own noise is offered (eta 0 or 1)")

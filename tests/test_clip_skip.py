@@ -81,6 +81,23 @@ def test_a1111_names_it_as_a1111_does_and_the_infotext_says_it() -> None:
             ["default"]
         )
     assert refused.value.field == "override_settings.CLIP_stop_at_last_layers"
+    assert "a whole number from 1 to 12" in refused.value.message
+
+
+def test_a1111_overrides_of_what_the_server_does_anyway_are_honoured() -> None:
+    """Settings that never change here (those `GET /sdapi/v1/options` answers), asked at their
+    value, change nothing; at another value they are a 422 naming the setting and what is
+    honoured."""
+    same = {"samples_format": "png", "eta_noise_seed_delta": 0, "enable_pnginfo": True,
+            "CLIP_stop_at_last_layers": 1}  # fmt: skip
+    plain = Txt2ImgPayload(prompt="a").job_fields(["default"])
+    assert Txt2ImgPayload(prompt="a", override_settings=same).job_fields(["default"]) == plain
+    for key, value in (("samples_format", "jpg"), ("eta_noise_seed_delta", 31337),
+                       ("live_previews_enable", False)):  # fmt: skip
+        with pytest.raises(A1111Error) as refused:
+            Txt2ImgPayload(prompt="a", override_settings={key: value}).job_fields(["default"])
+        assert refused.value.field == f"override_settings.{key}"
+        assert "'samples_format': 'png'" in refused.value.message, refused.value.message
 
 
 def test_deeper_than_the_text_encoder_fails_the_job_alone(

@@ -222,9 +222,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
 
     @routes.get("/options", summary="A1111-compatible: this server's settings, as A1111 names them")
     def options(_caller: Caller = authenticated) -> dict[str, Any]:
-        return {"sd_model_checkpoint": model(), "samples_format": "png",
-                "sd_checkpoint_hash": None, "CLIP_stop_at_last_layers": 1,
-                "eta_ancestral": 1.0, "eta_ddim": 0.0}  # fmt: skip
+        return {"sd_model_checkpoint": model(), "CLIP_stop_at_last_layers": 1,
+                **a1111.FIXED_OPTIONS}  # fmt: skip
 
     @routes.post("/options", summary="A1111-compatible: settings cannot change here")
     def set_options(body: dict[str, Any], _caller: Caller = authenticated) -> dict[str, Any]:
