@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.jobs.contract import SEED_MAX, JobView, Txt2ImgRequest
 
@@ -119,6 +119,16 @@ class Txt2ImgPayload(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     infotext: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        """A1111's API models make every field optional: a client's null is the field's default
+        (`"negative_prompt": null` is the empty negative prompt). An unknown field stays, null
+        or not, to be refused."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
     def refusals(self) -> dict[str, bool]:
         """Fields set to what sdserve cannot honour."""
         return {
@@ -151,6 +161,9 @@ class Txt2ImgPayload(BaseModel):
             "firstpass_image": self.firstpass_image is not None,
             "s_churn": self.s_churn not in (None, 0),
             "s_noise": self.s_noise not in (None, 1),
+            # Skipping the unconditional row below a sigma changes the picture (A1111's
+            # default, 0, skips nothing). s_tmin and s_tmax act only with s_churn.
+            "s_min_uncond": self.s_min_uncond not in (None, 0),
             "distilled_cfg_scale": self.distilled_cfg_scale not in (None, 3.5),
         }
 

@@ -22,6 +22,9 @@ MODES = {0: "balanced", 1: "prompt", 2: "control", "Balanced": "balanced",
 # The extension's module names (and their older aliases) to sdserve's preprocessors.
 PREPROCESSORS = {"none": "none", "None": "none", "canny": "canny", "invert": "invert",
                  "invert (from white bg & black line)": "invert"}  # fmt: skip
+KNOWN = {"enabled", "module", "model", "weight", "image", "input_image", "resize_mode",
+         "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
+         "control_mode", "pixel_perfect", "guess_mode", "mask"}  # fmt: skip
 # Fields that change nothing here (memory and UI settings), or whose only honoured value is
 # their default.
 IGNORED = {"lowvram", "low_vram", "is_ui", "save_detected_map", "advanced_weighting",
@@ -71,13 +74,12 @@ def units(
 
 
 def native(unit: dict[str, Any], where: str, controlnets: list[str]) -> dict[str, Any]:
-    """One extension unit as a native unit."""
+    """One extension unit as a native unit (a null field: its default, as the extension's
+    model reads it)."""
+    unit = {field: value for field, value in unit.items()
+            if value is not None or field not in KNOWN | IGNORED}  # fmt: skip
     for field, value in unit.items():
-        known = {"enabled", "module", "model", "weight", "image", "input_image", "resize_mode",
-                 "processor_res", "threshold_a", "threshold_b", "guidance_start",
-                 "guidance_end", "control_mode", "pixel_perfect", "guess_mode",
-                 "mask"}  # fmt: skip
-        if field in known:
+        if field in KNOWN:
             continue
         if field not in IGNORED:
             raise A1111Error(f"{where}.{field}", "sdserve does not know this field")

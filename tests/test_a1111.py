@@ -226,3 +226,32 @@ def test_controlnet_units_read_the_extensions_bools_and_thresholds() -> None:
         with pytest.raises(A1111Error) as refused:
             read(**change)
         assert refused.value.field == f"alwayson_scripts.controlnet.args.0.{field}"
+
+
+def test_a_null_is_the_fields_default_as_in_a1111s_models() -> None:
+    """A1111's API models make every field optional: clients send null for what they leave
+    alone. A null is the default here too; an unknown field is refused, null or not, and so is
+    an optimization that changes the picture."""
+    from pydantic import ValidationError
+
+    from app import a1111_controlnet
+    from app.a1111 import A1111Error, Img2ImgPayload, Txt2ImgPayload
+
+    nulls = Txt2ImgPayload.model_validate({"prompt": "a", "negative_prompt": None,
+                                           "steps": None, "cfg_scale": None, "seed": None,
+                                           "send_images": None, "enable_hr": None})  # fmt: skip
+    assert nulls == Txt2ImgPayload(prompt="a")
+    assert Img2ImgPayload.model_validate({"denoising_strength": None}).denoising_strength == 0.75
+    with pytest.raises(ValidationError):
+        Txt2ImgPayload.model_validate({"prompt": "a", "sampler": None})
+    with pytest.raises(A1111Error) as refused:
+        Txt2ImgPayload(prompt="a", s_min_uncond=1.0).job_fields(["default"])
+    assert refused.value.field == "s_min_uncond"
+    unit = {"model": "edges", "image": "aGk=", "weight": None, "guidance_end": None,
+            "resize_mode": None, "lowvram": None}  # fmt: skip
+    found, _others = a1111_controlnet.units({"controlnet": {"args": [unit]}}, ["edges"])
+    fields = found[0][1]
+    assert (fields["weight"], fields["end"], fields["resize"]) == (1.0, 1.0, "crop")
+    with pytest.raises(A1111Error) as refused:
+        a1111_controlnet.units({"controlnet": {"args": [unit | {"foo": None}]}}, ["edges"])
+    assert refused.value.field == "alwayson_scripts.controlnet.args.0.foo"
