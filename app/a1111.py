@@ -43,6 +43,9 @@ ALIASES = {
     "unipc": "UniPC",
 }
 SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
+# The hires fix's upscalers: A1111's "Latent" enlarges the latents, "Lanczos" the decoded
+# picture; its others (ESRGAN and kin) are not offered.
+HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "pixel"}
 # A1111 settings whose value here never changes (`GET /sdapi/v1/options` answers them): an
 # `override_settings` entry that asks for that value is honoured as it is.
 FIXED_OPTIONS: dict[str, Any] = {"samples_format": "png", "sd_checkpoint_hash": None,
@@ -243,10 +246,9 @@ class Txt2ImgPayload(BaseModel):
         return {"model": self.refiner_checkpoint, "switch_at": switch}
 
     def hires(self) -> dict[str, Any]:
-        """The hires fix's fields: A1111's "Latent" upscaler enlarges the latents, "Lanczos"
-        the decoded picture; its other upscalers (ESRGAN and kin) are not offered."""
+        """The hires fix's fields (its upscaler one of HIRES_UPSCALERS)."""
         upscaler = self.hr_upscaler or "Latent"
-        methods = {"Latent": "latent", "Lanczos": "pixel"}
+        methods = HIRES_UPSCALERS
         if upscaler not in methods:
             raise A1111Error("hr_upscaler", f"sdserve offers {' and '.join(methods)}, not "
                              f"{upscaler!r}")  # fmt: skip

@@ -54,6 +54,14 @@ def test_what_a_client_asks_about_the_server(service: str) -> None:  # noqa: F81
     assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
     [model] = api.get_sd_models()
     assert api.get_options()["sd_model_checkpoint"] == model["title"]
+    # What clients ask at start-up: the hires fix's upscalers by kind, and empty lists of what
+    # is not offered; the models and VAEs are the deployment's, refreshed as they are.
+    assert [u["name"] for u in api.get_upscalers()] == ["Lanczos"]
+    assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent"]
+    assert api.get_prompt_styles() == api.get_face_restorers() == api.get_hypernetworks() == []
+    assert api.get_realesrgan_models() == []
+    api.refresh_checkpoints()
+    assert httpx.post(f"{service}/sdapi/v1/refresh-vae", auth=("u", KEY)).status_code == 200
     karras = api.txt2img(prompt="x", sampler_name="DPM++ 2M", scheduler="Karras", seed=1, **SMALL)
     assert karras.info["sampler_name"] == "DPM++ 2M Karras"
 

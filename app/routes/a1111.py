@@ -190,6 +190,37 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     def scripts(_caller: Caller = authenticated) -> dict[str, list[str]]:
         return {"txt2img": [], "img2img": []}
 
+    @routes.get("/upscalers", summary="A1111-compatible: the hires fix's picture upscalers")
+    def upscalers(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None,
+                 "scale": None} for name, method in a1111.HIRES_UPSCALERS.items()
+                if method == "pixel"]  # fmt: skip
+
+    @routes.get("/latent-upscale-modes",
+                summary="A1111-compatible: the hires fix's latent upscalers")  # fmt: skip
+    def latent_upscale_modes(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        return [{"name": name} for name, method in a1111.HIRES_UPSCALERS.items()
+                if method == "latent"]  # fmt: skip
+
+    # What A1111 lists that sdserve does not offer (styles, face restoration, hypernetworks,
+    # ESRGAN models): empty lists, so that a client's start-up questions are answered.
+    def none_offered(_caller: Caller = authenticated) -> list[dict[str, Any]]:
+        return []
+
+    for path in ("prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models"):
+        routes.add_api_route(f"/{path}", none_offered, methods=["GET"],
+                             summary="A1111-compatible: none are offered here")  # fmt: skip
+
+    @routes.post(
+        "/refresh-checkpoints",
+        summary="A1111-compatible: the models are the deployment's (SDSERVE_MODELS)",
+    )
+    @routes.post(
+        "/refresh-vae", summary="A1111-compatible: the VAEs are the deployment's (SDSERVE_VAES)"
+    )
+    def refresh_fixed(_caller: Caller = authenticated) -> None:
+        return None
+
     @routes.get("/sd-models", summary="A1111-compatible: the models served")
     def sd_models(_caller: Caller = authenticated) -> list[dict[str, Any]]:
         return [{"title": name, "model_name": name, "hash": None, "sha256": None,
