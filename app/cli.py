@@ -55,6 +55,15 @@ def controlnet_arg(text: str) -> dict[str, object]:
     return {"model": model, "image": base64.b64encode(picture).decode(), "weight": weight}
 
 
+def refiner_arg(text: str) -> dict[str, object]:
+    """`--refiner MODEL[:SWITCH_AT]` as a request's refiner."""
+    model, _, switch = text.partition(":")
+    try:
+        return {"model": model, **({"switch_at": float(switch)} if switch else {})}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: MODEL or MODEL:SWITCH_AT") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +136,19 @@ def main(argv: list[str] | None = None) -> None:
         choices=["none", "canny", "invert"],
         help="with --controlnet: how its pictures become control images (none)",
     )
+    gen.add_argument("--hires", dest="hires_scale", type=float, metavar="SCALE",
+                     help="a hires fix: a second pass SCALE times larger (up to 4)")  # fmt: skip
+    gen.add_argument("--hires-steps", type=int, help="with --hires: its steps (the job's)")
+    gen.add_argument("--hires-strength", type=float,
+                     help="with --hires: how much the second pass redraws, 0-1 (0.5)")  # fmt: skip
+    gen.add_argument("--hires-method", choices=["latent", "pixel"],
+                     help="with --hires: enlarge the latents or the picture (latent)")  # fmt: skip
+    gen.add_argument("--refiner", type=refiner_arg, metavar="MODEL[:SWITCH_AT]",
+                     help="another model (an SDXL refiner) finishes from SWITCH_AT of the"
+                     " schedule (0.8)")  # fmt: skip
+    gen.add_argument("--clip-skip", type=int, help="stop the text encoder this many layers"
+                     " early, as A1111 counts (1: the last layer)")  # fmt: skip
+    gen.add_argument("--vae", help="one of the server's VAEs (GET /sdapi/v1/sd-vae)")
     gen.add_argument("--upscale", dest="scale", type=int, choices=[2, 4],
                      help="with --image: enlarge it so many times (POST /v1/upscale)")  # fmt: skip
     gen.add_argument("--upscale-method", dest="method", choices=["pixel", "latent", "x4"],
@@ -165,8 +187,14 @@ def main(argv: list[str] | None = None) -> None:
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
                   "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur",
                   "prompt_syntax", "model", "scale", "method", "noise_level", "loras",
-                  "controlnets"]  # fmt: skip
+                  "controlnets", "refiner", "clip_skip", "vae"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+        hires = {name: getattr(args, f"hires_{name}") for name in ("steps", "strength", "method")
+                 if getattr(args, f"hires_{name}") is not None}  # fmt: skip
+        if args.hires_scale is not None:
+            request["hires"] = {"scale": args.hires_scale, **hires}
+        elif hires:
+            parser.error("--hires-steps, --hires-strength and --hires-method need --hires")
         if args.controlnet_preprocess is not None:
             if not args.controlnets:
                 parser.error("--controlnet-preprocess needs --controlnet")
@@ -178,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--mask needs --image")
         if not pictures and {"strength", "mask_blur", "scale"} & request.keys():
             parser.error("--strength, --mask-blur and --upscale need --image")
+        if pictures and "hires" in request:
+            parser.error("--hires takes no --image (a hires fix is text to image)")
         if "scale" in request and "mask" in pictures:
             parser.error("--upscale takes no --mask")
         if "scale" in request and "controlnets" in request:

@@ -1,8 +1,9 @@
 """`sdserve generate`: a command-line client. Submits a job (text to image, or from a picture with
-`--image`: inpainting with `--mask`, upscaling with `--upscale`; on any of the server's models
-with `--model`), shows its place in the queue and then its steps as a
-progress bar with the time left (from the job's live events; `--preview` saves its live preview
-as it forms), saves the PNGs and prints their seeds and paths. Ctrl-C cancels the job."""
+`--image`: inpainting with `--mask`, upscaling with `--upscale`; a hires fix with `--hires`, a
+refiner with `--refiner`; on any of the server's models with `--model`), shows its place in the
+queue and then its steps as a progress bar with the time left (from the job's live events;
+`--preview` saves its live preview as it forms), saves the PNGs and prints their seeds and paths.
+Ctrl-C cancels the job."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def generate(
             files = {name: (path.name, _read(path)) for name, path in pictures.items()}
             route = ("/v1/inpaint" if "mask" in pictures
                      else "/v1/upscale" if "scale" in request else "/v1/img2img")  # fmt: skip
-            # Form fields are text: a list (the LoRAs) goes as its JSON.
-            form = {name: json.dumps(value) if isinstance(value, list) else str(value)
+            # Form fields are text: a list (the LoRAs) or an object (a refiner) goes as its JSON.
+            form = {name: json.dumps(value) if isinstance(value, list | dict) else str(value)
                     for name, value in request.items()}  # fmt: skip
             job = _call(http, "POST", route, data=form, files=files)
         else:
@@ -151,7 +152,9 @@ def _check(response: httpx.Response) -> None:
     except ValueError:
         detail = response.text
     if status == 422 and isinstance(detail, list):
-        fields = "; ".join(f"{e['loc'][-1]}: {e['msg']}" for e in detail)
+        # The field's whole path (`refiner.model`, `loras.0.name`), the body's place left out.
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+                           for e in detail)  # fmt: skip
         raise ClientError(f"invalid request: {fields}", 2)
     if status == 401:
         raise ClientError(f"unauthorized ({detail}): pass --key or set SDSERVE_KEY", 2)

@@ -427,6 +427,26 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     assert unknown_lora.returncode == 2 and "no LoRA named 'detail'" in unknown_lora.stderr
     malformed = run_cli("x", "--lora", "style:abc", "--url", service, cwd=tmp_path)
     assert malformed.returncode == 2 and "NAME:TE:UNET" in malformed.stderr
+    # --hires: a second pass twice as large; --clip-skip; both in the infotext. --refiner and
+    # --vae go as sent: this service has neither to choose, and its refusals name them.
+    hires = run_cli("x", "-o", "hires", "--hires", "2", "--hires-steps", "2", "--hires-strength",
+                    "0.4", "--width", "64", "--height", "64", "--steps", "2", "--clip-skip", "2",
+                    "--url", service, "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert hires.returncode == 0, hires.stderr
+    [large] = (tmp_path / "hires").glob("*.png")
+    info = png(large.read_bytes()).info["parameters"]
+    assert png(large.read_bytes()).size == (128, 128)
+    for words in ("Denoising strength: 0.4", "Hires upscale: 2.0", "Hires steps: 2",
+                  "Clip skip: 2"):  # fmt: skip
+        assert words in info, info
+    for option, value, named in (("--refiner", "nope:0.7", "refiner.model"),
+                                 ("--vae", "nope", "vae")):  # fmt: skip
+        refused = run_cli("x", option, value, "--url", service, "--key", KEY, cwd=tmp_path)
+        assert refused.returncode == 2 and f"invalid request: {named}" in refused.stderr, (
+            refused.stderr
+        )
+    alone = run_cli("x", "--hires-steps", "2", "--url", service, cwd=tmp_path)
+    assert alone.returncode == 2 and "need --hires" in alone.stderr
     # --controlnet: the unit on the images (the infotext says it), an unknown one named.
     steered = run_cli("x", "-o", "cn", "--controlnet", "edges:src.png:0.7", "--width", "96",
                       "--height", "64", "--controlnet-preprocess", "canny", "--steps", "2",
