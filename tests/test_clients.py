@@ -64,9 +64,10 @@ def service(
     log = work / "worker.log"
     build_tiny_lora(tiny_model, work / "loras" / "style.safetensors", "kohya", rank=4)
     nets = json.dumps({"edges": str(build_tiny_controlnet(tiny_model, work / "edges"))})
+    vaes = json.dumps({"other": str(tiny_model)})  # a VAE to choose: the model's own, by name
     env = sdserve_env(url, tiny_model, batch_window_ms="20", lora_dir=str(work / "loras"),
-                      controlnets=nets)  # fmt: skip
-    settings = api_settings(url, controlnets=json.loads(nets))
+                      controlnets=nets, vaes=vaes)  # fmt: skip
+    settings = api_settings(url, controlnets=json.loads(nets), vaes=json.loads(vaes))
     with (
         serving(create_app(JobStore.connect(url, 3600, 5), settings)) as api_url,
         process(["worker"], env, log),
@@ -536,6 +537,48 @@ def test_the_playground_puts_loras_on_a_job(service: str) -> None:
             page.click("#go")
         assert "loras" not in sent.value.post_data_json
         expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+
+
+def test_the_playground_sends_a_hires_fix_a_refiner_clip_skip_and_a_vae(
+    service: str, tmp_path: Path
+) -> None:
+    """The "More" settings go with the job as the native fields: a hires fix (the images twice
+    the size), a refiner among the served models, clip skip, a VAE among the served ones; a
+    hires fix with a picture to start from is refused in the page."""
+    from playwright.sync_api import expect
+
+    with playground(service) as page:
+        page.dispatch_event("#key", "change")  # the models and VAEs, read with the key
+        expect(page.locator("#vae option")).to_have_count(2, timeout=10_000)
+        expect(page.locator("#refiner option")).to_have_count(2, timeout=10_000)
+        page.fill("#prompt", "a lighthouse")
+        page.fill("#steps", "2")
+        page.fill("#width", "64")
+        page.fill("#height", "64")
+        page.select_option("#hires", "2")
+        page.fill("#hires-strength", "0.4")
+        page.select_option("#refiner", "default")
+        page.fill("#refiner-switch", "0.6")
+        page.fill("#clip_skip", "2")
+        page.select_option("#vae", "other")
+        with page.expect_request("**/v1/txt2img") as sent:
+            page.click("#go")
+        body = sent.value.post_data_json
+        assert body["hires"] == {"scale": 2, "strength": 0.4, "method": "latent"}
+        assert body["refiner"] == {"model": "default", "switch_at": 0.6}
+        assert (body["clip_skip"], body["vae"]) == (2, "other")
+        # A refiner and a hires fix do not go together: the server's 422 is shown, then
+        # without the refiner the job runs.
+        expect(page.locator("#status")).to_contain_text("422: ", timeout=10_000)
+        page.select_option("#refiner", "")
+        page.click("#go")
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+        widths = page.locator("figure img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+        assert widths == [128]
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "start.png")
+        page.set_input_files("#image", str(tmp_path / "start.png"))
+        page.click("#go")
+        expect(page.locator("#status")).to_contain_text("a hires fix is for text to image")
 
 
 def test_the_playground_steers_a_job_with_a_controlnet(service: str, tmp_path: Path) -> None:

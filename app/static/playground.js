@@ -6,7 +6,9 @@
 // inpainting job: multipart, the picture as chosen and the mask as a PNG (white repaints); or,
 // with Upscale set, an upscaling job. The models come from GET /v1/models, the LoRAs from
 // GET /v1/loras (a row each: which, and its weight), the ControlNets from GET /v1/controlnets
-// (one unit: which, its control picture as base64, its weight and preprocessor).
+// (one unit: which, its control picture as base64, its weight and preprocessor); a hires fix,
+// a refiner (a model of GET /v1/models), clip skip and a VAE (GET /sdapi/v1/sd-vae) go as the
+// native request's fields.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -36,6 +38,18 @@ async function request() {
     weight: parseFloat(row.querySelector("input").value),
   }));
   if (loras.length) body.loras = loras;
+  if ($("hires").value) {
+    body.hires = {
+      scale: parseFloat($("hires").value),
+      strength: parseFloat($("hires-strength").value),
+      method: $("hires-method").value,
+    };
+  }
+  if ($("refiner").value) {
+    body.refiner = { model: $("refiner").value, switch_at: parseFloat($("refiner-switch").value) };
+  }
+  if ($("clip_skip").value !== "") body.clip_skip = parseInt($("clip_skip").value, 10);
+  if ($("vae").value) body.vae = $("vae").value;
   if ($("controlnet").value) {
     const image = await controlPicture;
     if (!image) throw new Error("a ControlNet needs a control picture");
@@ -183,6 +197,7 @@ async function submission() {
   const form = new FormData();
   const upscale = $("upscale").value;
   const fields = await request();
+  if (fields.hires) throw new Error("a hires fix is for text to image: choose no picture, or no hires fix");
   if (upscale) { // the size is the picture's times the scale
     delete fields.width;
     delete fields.height;
@@ -250,20 +265,38 @@ async function run(event) {
   }
 }
 
-// The models to choose from; the default stays selected (a failure leaves only the default).
+// The models to choose from, as the job's model and as its refiner; the default stays selected
+// (a failure leaves only the default).
 async function models() {
   const response = await fetch("/v1/models", { headers: headers() });
   if (!response.ok) return;
-  const select = $("model");
-  const chosen = select.value;
+  const data = (await response.json()).data;
+  for (const id of ["model", "refiner"]) {
+    const select = $(id);
+    const chosen = select.value;
+    select.replaceChildren(select.options[0]);
+    for (const model of data) {
+      const option = document.createElement("option");
+      option.value = model.id;
+      option.textContent = `${model.id}${model.default ? " (default)" : ""}: ${model.workers.length} worker(s)`;
+      select.append(option);
+    }
+    select.value = chosen;
+  }
+}
+
+// The VAEs a job may choose (A1111's list); "the model's" stays first.
+async function vaes() {
+  const response = await fetch("/sdapi/v1/sd-vae", { headers: headers() });
+  if (!response.ok) return;
+  const select = $("vae");
   select.replaceChildren(select.options[0]);
-  for (const model of (await response.json()).data) {
+  for (const vae of await response.json()) {
     const option = document.createElement("option");
-    option.value = model.id;
-    option.textContent = `${model.id}${model.default ? " (default)" : ""}: ${model.workers.length} worker(s)`;
+    option.value = vae.model_name;
+    option.textContent = vae.model_name;
     select.append(option);
   }
-  select.value = chosen;
 }
 
 // The LoRAs to choose from (GET /v1/loras), with the models each fits.
@@ -325,6 +358,8 @@ $("key").addEventListener("change", models);
 $("key").addEventListener("change", loras);
 controlnets();
 $("key").addEventListener("change", controlnets);
+vaes();
+$("key").addEventListener("change", vaes);
 $("control-image").addEventListener("change", chooseControlPicture);
 $("control-weight").addEventListener("input", () => { $("control-weight-value").value = $("control-weight").value; });
 $("add-lora").addEventListener("click", addLora);
