@@ -186,35 +186,20 @@ class Txt2ImgPayload(BaseModel):
             name = "DPM++ 2M Karras"
         return SAMPLERS[name]
 
-    def job_fields(self, models: list[str], vaes: Sequence[str] = ()) -> dict[str, Any]:
+    def job_fields(
+        self, models: list[str], vaes: Sequence[str] = (), defaults: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The native request's fields (validated by its model afterwards); `models`: the
-        names served, the default first; `vaes`: the VAEs a request may choose."""
+        names served, the default first; `vaes`: the VAEs a request may choose; `defaults`: the
+        caller's settings (`POST /sdapi/v1/options`), which `override_settings` override."""
         for field, refused in self.refusals().items():
             if refused:
                 raise A1111Error(field, f"sdserve cannot honour {shown(getattr(self, field))}")
-        model = models[0]
-        clip_skip = 1
-        vae = None
-        for key, value in (self.override_settings or {}).items():
-            if key == "sd_vae" and value in (*vaes, None, "", "Automatic", "None"):
-                vae = value if value in vaes else None  # A1111's Automatic: the model's
-                continue
-            if key == "sd_model_checkpoint" and value in (*models, None, ""):
-                model = value or model
-                continue
-            if key == "CLIP_stop_at_last_layers" and type(value) is int and 1 <= value <= 12:
-                clip_skip = value
-                continue
-            if key in FIXED_OPTIONS and value == FIXED_OPTIONS[key]:
-                continue
-            named = ", ".join(vaes) or "none but each model's own"
-            offered = {"sd_model_checkpoint": f"it serves {', '.join(models)}",
-                       "sd_vae": f"its VAEs: {named}",
-                       "CLIP_stop_at_last_layers": "a whole number from 1 to 12"}  # fmt: skip
-            fixed = {k: v for k, v in FIXED_OPTIONS.items() if v is not None}
-            choices = offered.get(key, f"it honours {', '.join(offered)}, and {fixed}")
-            raise A1111Error(f"override_settings.{key}", f"sdserve cannot honour "
-                             f"{shown(value)} ({choices})")  # fmt: skip
+        chosen = read_settings(defaults or {}, models, vaes, "options.") | read_settings(
+            self.override_settings or {}, models, vaes, "override_settings."
+        )
+        model, vae = chosen.get("model") or models[0], chosen.get("vae")
+        clip_skip = chosen.get("clip_skip", 1)
         scheduler = self.scheduler_name()
         if self.eta not in (None, 0, 1):
             raise A1111Error("eta", "only the samplers' own noise is offered (eta 0 or 1)")
@@ -360,3 +345,37 @@ def progress(view: JobView | None, preview: bytes | None = None) -> dict[str, An
     image = base64.b64encode(preview).decode() if preview else None
     return {"progress": done if state["job_count"] else 0.0, "eta_relative": eta,
             "state": state, "current_image": image, "textinfo": None}  # fmt: skip
+
+
+# The A1111 settings a caller may choose (`override_settings`, or `POST /sdapi/v1/options` for
+# its later jobs), each as the native field it sets.
+CHOSEN = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
+
+
+def read_settings(
+    settings: dict[str, Any], models: Sequence[str], vaes: Sequence[str], where: str
+) -> dict[str, Any]:
+    """A1111 settings as native fields (`model`, `vae`, `clip_skip`; absent where the setting
+    asks for the default). Settings that never change here pass at their value (FIXED_OPTIONS);
+    anything else is an A1111Error naming `where` + the setting, and what is honoured."""
+    chosen: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key == "sd_vae" and value in (*vaes, None, "", "Automatic", "None"):
+            chosen["vae"] = value if value in vaes else None  # A1111's Automatic: the model's
+            continue
+        if key == "sd_model_checkpoint" and value in (*models, None, ""):
+            chosen["model"] = value or None
+            continue
+        if key == "CLIP_stop_at_last_layers" and type(value) is int and 1 <= value <= 12:
+            chosen["clip_skip"] = value
+            continue
+        if key in FIXED_OPTIONS and value == FIXED_OPTIONS[key]:
+            continue
+        named = ", ".join(vaes) or "none but each model's own"
+        offered = {"sd_model_checkpoint": f"it serves {', '.join(models)}",
+                   "sd_vae": f"its VAEs: {named}",
+                   "CLIP_stop_at_last_layers": "a whole number from 1 to 12"}  # fmt: skip
+        fixed = {k: v for k, v in FIXED_OPTIONS.items() if v is not None}
+        choices = offered.get(key, f"it honours {', '.join(offered)}, and {fixed}")
+        raise A1111Error(f"{where}{key}", f"sdserve cannot honour {shown(value)} ({choices})")
+    return chosen

@@ -66,6 +66,37 @@ def test_what_a_client_asks_about_the_server(service: str) -> None:  # noqa: F81
     assert karras.info["sampler_name"] == "DPM++ 2M Karras"
 
 
+def test_a_callers_settings_hold_for_its_later_jobs(service: str) -> None:  # noqa: F811
+    """`POST /sdapi/v1/options` (webuiapi's `set_options`, `util_set_model`) keeps the caller's
+    model, VAE and clip skip for its later A1111 jobs, under `override_settings`; what cannot
+    be honoured is a 422 naming it, and nothing of that call is kept."""
+    api = client(service)
+    options = f"{service}/sdapi/v1/options"
+    try:
+        api.util_set_model("default")
+        api.set_options({"CLIP_stop_at_last_layers": 2, "sd_vae": "other",
+                         "samples_format": "png"})  # fmt: skip
+        kept = api.get_options()
+        assert (kept["sd_model_checkpoint"], kept["sd_vae"]) == ("default", "other")
+        assert api.util_get_current_model() == "default" and kept["CLIP_stop_at_last_layers"] == 2
+        made = api.txt2img(prompt="x", seed=1, **SMALL).info["infotexts"][0]
+        assert "Clip skip: 2" in made and "VAE: other" in made, made
+        plain = api.txt2img(prompt="x", seed=1, **SMALL, override_settings={
+            "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}).info["infotexts"][0]  # fmt: skip
+        assert "Clip skip" not in plain and "VAE" not in plain, plain
+        for refused, field in (({"CLIP_stop_at_last_layers": 13}, "CLIP_stop_at_last_layers"),
+                               ({"sd_vae": "nope", "CLIP_stop_at_last_layers": 1}, "sd_vae"),
+                               ({"samples_format": "jpg"}, "samples_format")):  # fmt: skip
+            answer = httpx.post(options, json=refused, auth=("u", KEY))
+            assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == [
+                "body", field]  # fmt: skip
+        assert api.get_options()["CLIP_stop_at_last_layers"] == 2  # nothing of those kept
+    finally:  # the module's other tests share this key
+        api.set_options({"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+                         "sd_model_checkpoint": ""})  # fmt: skip
+    assert api.get_options()["sd_vae"] == "Automatic"
+
+
 def test_progress_while_a_job_runs_and_interrupt(service: str) -> None:  # noqa: F811
     api = client(service)
     outcome: list[Any] = []

@@ -86,7 +86,7 @@ def test_invalid_fields_are_named_in_a_422(
 
 @pytest.mark.parametrize("key", ["³", "2", "a.1.b", "x.²"])
 def test_a_refused_setting_of_any_name_is_a_422_naming_it(api: httpx.Client, key: str) -> None:
-    """A1111's settings cannot change here: whatever the key (the fuzzer sent "³", which
+    """A setting the caller cannot choose here: whatever the key (the fuzzer sent "³", which
     `str.isdigit` calls a digit and `int` refuses: a 500 then), a 422 names it."""
     r = api.post("/sdapi/v1/options", json={key: 1})
     assert r.status_code == 422, r.text

@@ -34,6 +34,7 @@ from app.jobs.keys import (
     job_key,
     latest_key,
     loras_key,
+    options_key,
     preview_key,
     queued_key,
     ratelimit_key,
@@ -227,6 +228,18 @@ class ApiStore(Store):
     def remember_latest(self, owner: str, job_id: str) -> None:
         """A1111's progress and interrupt are about the caller's latest job."""
         self._r.set(latest_key(owner), job_id, ex=self.record_ttl())
+
+    def set_options(self, owner: str, settings: dict[str, Any]) -> None:
+        """Keep the caller's A1111 settings (checked by the route), each as its JSON; no TTL:
+        they are a caller's choice, as A1111's are its server's, one small hash a key."""
+        if settings:
+            kept = {key: json.dumps(value) for key, value in settings.items()}
+            self._r.hset(options_key(owner), mapping=dict[Any, Any](kept))
+
+    def options(self, owner: str) -> dict[str, Any]:
+        """The caller's A1111 settings, as `set_options` kept them."""
+        kept: dict[bytes, bytes] = self._r.hgetall(options_key(owner))  # type: ignore[assignment]
+        return {key.decode(): json.loads(value) for key, value in kept.items()}
 
     def latest(self, owner: str) -> str | None:
         value = self._r.get(latest_key(owner))

@@ -34,6 +34,10 @@ All keys live under the ``sdserve:`` prefix:
                                 TTL; ``sdserve:embeddings:<model>`` for each named model
 - ``sdserve:ended``             pub/sub channel: a job's id, published when it ends (any
                                 terminal status), for the API's routes that wait for it
+- ``sdserve:latest:<key id>``    the caller's latest job from A1111's routes (its progress and
+                                interrupt)
+- ``sdserve:options:<key id>``   hash: the caller's A1111 settings (``POST /sdapi/v1/options``:
+                                model, VAE, clip skip), JSON values, for its later A1111 jobs
 - ``sdserve:refresh:<what>``    counter (``loras``, ``embeddings``): A1111's refresh-loras and
                                 refresh-embeddings bump it; workers read their folders again
                                 when it moves
@@ -121,6 +125,11 @@ def inflight_key(owner: str) -> str:
 
 def ratelimit_key(owner: str) -> str:
     return f"sdserve:ratelimit:{owner}"
+
+
+def options_key(owner: str) -> str:
+    """The caller's A1111 settings: what its A1111 jobs take where `override_settings` is silent."""
+    return f"sdserve:options:{owner}"
 
 
 def latest_key(owner: str) -> str:

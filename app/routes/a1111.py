@@ -115,7 +115,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     @routes.post("/txt2img", summary="A1111-compatible text to image (waits)", responses=waits)
     async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes)))
+        chosen = await run_in_threadpool(store.options, caller.key_id)
+        fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes), chosen))
         if len(await http.body()) > sources.TEXT_BODY_BYTES and not payload.alwayson_scripts:
             raise HTTPException(413, f"body over {sources.TEXT_BODY_BYTES} bytes")
         units, pngs = await controls(http, caller, payload, (payload.width, payload.height))
@@ -127,7 +128,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                  responses=waits)  # fmt: skip
     async def img2img(payload: a1111.Img2ImgPayload, http: Request,
                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
-        fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes)))
+        chosen = await run_in_threadpool(store.options, caller.key_id)
+        fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes), chosen))
         try:
             data = {"image": from_base64("init_images", payload.init_images[0])}
             if payload.mask is not None:
@@ -251,18 +253,23 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     def refresh_embeddings(_caller: Caller = authenticated) -> None:
         store.refresh("embeddings")
 
-    @routes.get("/options", summary="A1111-compatible: this server's settings, as A1111 names them")
-    def options(_caller: Caller = authenticated) -> dict[str, Any]:
-        return {"sd_model_checkpoint": model(), "CLIP_stop_at_last_layers": 1,
+    @routes.get("/options", summary="A1111-compatible: the caller's settings, as A1111 names them")
+    def options(caller: Caller = authenticated) -> dict[str, Any]:
+        kept = store.options(caller.key_id)
+        return {"sd_model_checkpoint": kept.get("sd_model_checkpoint") or model(),
+                "sd_vae": kept.get("sd_vae") or "Automatic",
+                "CLIP_stop_at_last_layers": kept.get("CLIP_stop_at_last_layers", 1),
                 **a1111.FIXED_OPTIONS}  # fmt: skip
 
-    @routes.post("/options", summary="A1111-compatible: settings cannot change here")
-    def set_options(body: dict[str, Any], _caller: Caller = authenticated) -> dict[str, Any]:
-        current = options(_caller)
-        refused = [key for key, value in body.items() if current.get(key, object()) != value]
-        if refused:
-            raise sources.invalid(refused[0], "this server's settings cannot be changed over "
-                                  "the API")  # fmt: skip
+    @routes.post("/options", summary="A1111-compatible: the caller's model, VAE and clip skip")
+    def set_options(body: dict[str, Any], caller: Caller = authenticated) -> dict[str, Any]:
+        """A1111 clients choose the model (webuiapi's `util_set_model`), the VAE and clip skip
+        here for the jobs that follow. A1111 keeps them for its one user; here each API key
+        keeps its own (its later A1111 jobs take them where `override_settings` is silent).
+        The settings that never change pass at their value; others are a 422 naming them."""
+        native(lambda: a1111.read_settings(body, store.models, list(ctx.settings.vaes), ""))
+        store.set_options(caller.key_id, {key: value for key, value in body.items()
+                                          if key in a1111.CHOSEN})  # fmt: skip
         return {}
 
     return routes
