@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -379,3 +380,38 @@ def read_settings(
         choices = offered.get(key, f"it honours {', '.join(offered)}, and {fixed}")
         raise A1111Error(f"{where}{key}", f"sdserve cannot honour {shown(value)} ({choices})")
     return chosen
+
+
+# One setting of an infotext's last line: `Name: value`, the value quoted where it holds commas
+# (`Lora hashes: "a: 1, b: 2"`), as A1111 writes and reads them.
+_SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"(\d+)x(\d+)")
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """An infotext (the PNG `parameters` chunk) as A1111's png-info gives it: `Prompt`,
+    `Negative prompt` where there is one, then each setting of the last line (quotes taken off;
+    `Size` also as `Size-1` and `Size-2`)."""
+    *lines, last = text.strip().split("\n")
+    found = _SETTING.findall(last)
+    if len(found) < 3:  # not a line of settings (as A1111 tells): the prompt's
+        lines, found = [*lines, last], []
+    settings: dict[str, str] = {}
+    for name, value in found:
+        if value.startswith('"') and value.endswith('"') and len(value) > 1:
+            value = json.loads(value) if "\\" in value else value[1:-1]
+        settings[name.strip()] = value.strip()
+    prompt: list[str] = []
+    negative: list[str] = []
+    into_negative = False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            into_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if into_negative else prompt).append(line)
+    parsed = {"Prompt": "\n".join(prompt)}
+    if into_negative:
+        parsed["Negative prompt"] = "\n".join(negative)
+    size = _SIZE.fullmatch(settings.get("Size", ""))
+    if size is not None:
+        settings |= {"Size-1": size[1], "Size-2": size[2]}
+    return parsed | settings

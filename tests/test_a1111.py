@@ -97,6 +97,28 @@ def test_a_callers_settings_hold_for_its_later_jobs(service: str) -> None:  # no
     assert api.get_options()["sd_vae"] == "Automatic"
 
 
+def test_png_info_reads_how_a_picture_was_made(service: str) -> None:  # noqa: F811
+    """webuiapi's `png_info`: an image made here gives back its infotext, read into its
+    settings as A1111 reads them; a picture without one gives an empty infotext; a picture
+    that is not one is a 422 naming `image`."""
+    api = client(service)
+    made = api.txt2img(prompt="a red fox", negative_prompt="blurry, dark", seed=9, **SMALL)
+    read = api.png_info(made.image)
+    assert read.info == made.info["infotexts"][0]
+    settings = read.parameters
+    assert (settings["Prompt"], settings["Negative prompt"], settings["Seed"]) == (
+        "a red fox", "blurry, dark", "9")  # fmt: skip
+    assert settings["Size-1"] == str(SMALL["width"]) and settings["Sampler"] == made.info[
+        "sampler_name"]  # fmt: skip
+    bare = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(bare, "JPEG")
+    empty = api.png_info(Image.open(bare))
+    assert (empty.info, empty.parameters) == ("", {"Prompt": ""})
+    refused = httpx.post(f"{service}/sdapi/v1/png-info", json={"image": "bm90IGEgcGljdHVyZQ=="},
+                         auth=("u", KEY))  # fmt: skip
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "image"]
+
+
 def test_progress_while_a_job_runs_and_interrupt(service: str) -> None:  # noqa: F811
     api = client(service)
     outcome: list[Any] = []
@@ -294,3 +316,17 @@ def test_a_null_is_the_fields_default_as_in_a1111s_models() -> None:
     with pytest.raises(A1111Error) as refused:
         a1111_controlnet.units({"controlnet": {"args": [unit | {"foo": None}]}}, ["edges"])
     assert refused.value.field == "alwayson_scripts.controlnet.args.0.foo"
+
+
+def test_an_infotext_is_read_as_a1111_reads_it() -> None:
+    """Quoted settings keep their commas; a prompt of several lines stays whole; a last line
+    with fewer than three settings is the prompt's."""
+    from app.a1111 import parse_infotext
+
+    text = ('a fox\nin snow\nNegative prompt: blurry, dark\nSteps: 3, Seed: 9, Size: 64x96, '
+            'Lora hashes: "style: ab12, soft: cd34", Model: tiny')  # fmt: skip
+    assert parse_infotext(text) == {
+        "Prompt": "a fox\nin snow", "Negative prompt": "blurry, dark", "Steps": "3",
+        "Seed": "9", "Size": "64x96", "Lora hashes": "style: ab12, soft: cd34", "Model": "tiny",
+        "Size-1": "64", "Size-2": "96"}  # fmt: skip
+    assert parse_infotext("a fox\nnote: one") == {"Prompt": "a fox\nnote: one"}

@@ -223,6 +223,27 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     def refresh_fixed(_caller: Caller = authenticated) -> None:
         return None
 
+    @routes.post("/png-info", summary="A1111-compatible: how a PNG was made (its infotext)")
+    async def png_info(body: dict[str, Any], http: Request,
+                       caller: Caller = authenticated) -> dict[str, Any]:  # fmt: skip
+        """A picture's `parameters` text chunk as `info`, its other text chunks as `items`,
+        and the infotext read into its settings as `parameters`."""
+        sent = body.get("image")
+        if not isinstance(sent, str) or not sent:
+            raise sources.invalid("image", "a base64 picture")
+
+        def read() -> dict[str, Any]:
+            picture = read_image("image", from_base64("image", sent)).image
+            items = {key: value for key, value in picture.info.items()
+                     if isinstance(value, str | int | float)}  # fmt: skip
+            info = str(items.pop("parameters", ""))
+            return {"info": info, "items": items, "parameters": a1111.parse_infotext(info)}
+
+        try:
+            return await sources.decoded(ctx, submit, http, caller, None, read)
+        except UploadError as e:
+            raise sources.as_http_error(e) from None
+
     @routes.get("/sd-models", summary="A1111-compatible: the models served")
     def sd_models(_caller: Caller = authenticated) -> list[dict[str, Any]]:
         return [{"title": name, "model_name": name, "hash": None, "sha256": None,
