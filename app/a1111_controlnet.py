@@ -44,9 +44,8 @@ HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,}\]$")  # the extension's " [d14c016b]" a
 SENT_AS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode",
            "resize": "resize_mode", "preprocess": "module", "low_threshold": "threshold_a",
            "high_threshold": "threshold_b"}  # fmt: skip
-# The extension's bools as its pydantic model reads them.
-TRUE, FALSE = (True, 1, "true", "True", "1", "yes", "on"), (False, 0, "false", "False", "0", "no",
-                                                            "off")  # fmt: skip
+# The extension's bools as its pydantic model reads them (strings in any case).
+TRUE, FALSE = {"1", "on", "t", "true", "y", "yes"}, {"0", "off", "f", "false", "n", "no"}
 
 
 def units(
@@ -148,6 +147,8 @@ def flag(value: Any, default: bool, field: str) -> bool:
     absent or null: its default."""
     if value is None:
         return default
-    if isinstance(value, list | dict) or value not in TRUE + FALSE:
-        raise A1111Error(field, f"{shown(value)}: true or false")
-    return value in TRUE
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE | FALSE:
+        return value.strip().lower() in TRUE
+    raise A1111Error(field, f"{shown(value)}: true or false")
