@@ -319,25 +319,27 @@ def controlnet_router(ctx: Context, submit: Submitter) -> APIRouter:
         images = body.get("controlnet_input_images") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise sources.invalid("controlnet_input_images", "a list of base64 pictures")
-        sent = {"preprocess": "controlnet_module", "low_threshold": "controlnet_threshold_a",
-                "high_threshold": "controlnet_threshold_b",
-                "processor_res": "controlnet_processor_res"}  # fmt: skip
+
+        def sent(field: str) -> str:
+            """A native unit's field by the name detect's body gives it."""
+            return f"controlnet_{a1111_controlnet.SENT_AS.get(field, field)}"
+
         settings = native(lambda: {
             "model": "detect",
-            "preprocess": a1111_controlnet.preprocessor(body.get(sent["preprocess"], "none"),
-                                                        sent["preprocess"]),
-            "low_threshold": a1111_controlnet.threshold(body.get(sent["low_threshold"]), 100,
-                                                        sent["low_threshold"]),
-            "high_threshold": a1111_controlnet.threshold(body.get(sent["high_threshold"]), 200,
-                                                         sent["high_threshold"]),
+            "preprocess": a1111_controlnet.preprocessor(body.get(sent("preprocess"), "none"),
+                                                        sent("preprocess")),
+            "low_threshold": a1111_controlnet.threshold(body.get(sent("low_threshold")), 100,
+                                                        sent("low_threshold")),
+            "high_threshold": a1111_controlnet.threshold(body.get(sent("high_threshold")), 200,
+                                                         sent("high_threshold")),
         })  # fmt: skip
-        resolution = body.get(sent["processor_res"], -1)
+        resolution = body.get(sent("processor_res"), -1)
         settings["processor_res"] = None if resolution in (-1, None) else resolution
         try:
             unit = ControlNetSettings.model_validate(settings, strict=False)
         except ValidationError as e:
             first = e.errors()[0]
-            raise sources.invalid(sent.get(str(first["loc"][0]), "body"), first["msg"]) from None
+            raise sources.invalid(sent(str(first["loc"][0])), first["msg"]) from None
 
         def detected() -> list[str]:
             out = []
