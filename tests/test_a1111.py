@@ -203,7 +203,6 @@ def test_a_hires_fix_is_one_job_of_two_passes(service: str, upscaler: Any) -> No
         ({"seed_resize_from_w": 256, "seed_resize_from_h": 256}, "seed_resize_from_w"),
         ({"enable_hr": True, "hr_scheduler": "Karras"}, "hr_scheduler"),
         ({"steps": 0}, "steps"),
-        ({"prompt": ""}, "prompt"),
         ({"negative_prompt": "(e:1.1) " * 301}, "negative_prompt"),  # 5 chunks, the limit 4
     ],
 )  # fmt: skip
@@ -239,6 +238,13 @@ def test_a_refusal_names_the_field_without_echoing_the_value(service: str) -> No
     assert "a list of 2 items" in answer.text
     made = client(service).txt2img(prompt="x", script_name="", **SMALL)
     assert len(made.images) == 1
+
+
+def test_an_empty_prompt_is_taken_as_a1111_takes_it(service: str) -> None:  # noqa: F811
+    """A1111's default prompt is empty; here it was a 422."""
+    made = client(service).txt2img(prompt="", **SMALL)
+    assert len(made.images) == 1 and made.info["prompt"] == ""
+    assert made.info["infotexts"][0].startswith("\nSteps: ")
 
 
 def test_info_names_the_jobs_model_and_a_hires_strength() -> None:

@@ -135,3 +135,39 @@ def test_a_generated_picture_has_at_most_1024_x_1024_pixels_in_any_shape(
     naming `height`, with the count."""
     fields = error_fields({"prompt": "x", "width": size[0], "height": size[1]})
     assert fields == (set() if fine else {"height"}), size
+
+
+@pytest.mark.parametrize(
+    "prompt", ["<lora:style:0.8>", " <lora:style> ", "", "a cat <lora:style:0.5:1.2>"]
+)
+def test_what_a1111_syntax_accepts_reads_back_from_its_record(prompt: str) -> None:
+    """A prompt of LoRA tags only was accepted, then stored as an empty prompt that the
+    contract refused: every `GET /jobs/{id}` of it was a 500 and the worker failed it as
+    unreadable. A1111 takes an empty prompt and one of tags only; the record reads back."""
+    from app.jobs.contract import parse_request
+    from worker.images import parameters
+
+    request = Txt2ImgRequest(prompt=prompt, prompt_syntax="a1111", seed=1)
+    again = parse_request(request.model_dump_json())
+    assert again == request and again.prompt == prompt.split("<")[0].strip()
+    assert [lora.name for lora in again.loras] == ["style"] * ("<lora" in prompt)
+    said = parameters(again, 1, "m").split("\n")[0]
+    assert said == said.strip() and ("<lora:style:" in said) == ("<lora" in prompt), said
+
+
+@pytest.mark.parametrize(
+    ("body", "named", "says"),
+    [
+        ({"prompt": ""}, "prompt", "is empty"),
+        ({"prompt": "a <lora:style:abc>", "prompt_syntax": "a1111"}, "prompt", "not a weight"),
+        ({"prompt": "a <lora:style:9>", "prompt_syntax": "a1111"}, "prompt", "from -4 to 4"),
+        ({"prompt": " ".join(f"<lora:l{k}:1>" for k in range(9)), "prompt_syntax": "a1111"},
+         "loras", "at most 8"),
+    ],
+)  # fmt: skip
+def test_a_prompts_tags_refused_name_the_field(body: dict[str, Any], named: str, says: str) -> None:
+    """Refused tags named the whole body (`loc: ["body"]`), not the prompt."""
+    with pytest.raises(ValidationError) as refused:
+        Txt2ImgRequest.model_validate(body)
+    (error,) = refused.value.errors()
+    assert error["loc"] == (named,) and says in error["msg"], error

@@ -95,6 +95,7 @@ def test_loras_through_the_service(
                                                                        "weight": 5}]})  # fmt: skip
         tag = refused("/sdapi/v1/txt2img", {"prompt": "a cat <lora:style:abc>"})
         assert "<lora:style:abc>: 'abc' is not a weight" in tag, tag
+        assert '"loc":["body","prompt"]' in tag, tag  # it named the body
 
         ids = {
             "plain": served.post("/v1/txt2img", json=SMALL).json()["id"],
@@ -106,6 +107,10 @@ def test_loras_through_the_service(
             ).json()["id"],
             "xl": served.post("/v1/txt2img", json={
                 **SMALL, "model": "xl", "loras": [{"name": "xlstyle"}]}).json()["id"],
+            # Tags only: accepted, then stored as a prompt that did not read back (a 500 on
+            # every GET of the job, and the worker failed it as unreadable).
+            "tags only": served.post("/v1/txt2img", json={
+                **SMALL, "prompt": "<lora:style:0.8>", "prompt_syntax": "a1111"}).json()["id"],
         }  # fmt: skip
         # "both" the A1111 way: its LoRAs as tags, its sampler and guidance named (A1111's
         # defaults are Euler a and 7).

@@ -35,7 +35,8 @@ def parameters(
     job's LoRAs are in the prompt as A1111's tags (a request's `loras`, or the tags its prompt
     had on A1111's routes), and their hashes as A1111 writes them."""
     tags = [lora_tag(lora) for lora in request.loras]
-    lines = [" ".join([request.prompt, *[t for t in tags if t not in request.prompt]])]
+    words = [request.prompt, *[t for t in tags if t not in request.prompt]]
+    lines = [" ".join(w for w in words if w)]  # a prompt of tags only: no leading space
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     settings = {

@@ -111,6 +111,11 @@ class ApiStore(Store):
         model = request.model or self.models[0]  # none named: the default's queue
         if request.model is None:
             request = request.model_copy(update={"model": model})
+        record = request.model_dump_json()
+        # What the workers and every later GET read: a request that would not read back would
+        # be queued, failed as unreadable and never shown (a 500 for each GET). Refused here
+        # instead, before anything is written.
+        parse_request(record)
         job_id, now = job_id or new_job_id(), time.time()
         client_key, sent = idempotency or ("", "")
         rate_per_s, burst = rate or (0.0, 0)
@@ -123,7 +128,7 @@ class ApiStore(Store):
             keys=[job_key(job_id), queued_key(model), stream_key(model), inflight_key(owner),
                   idempotency_key(owner, client_key), ratelimit_key(owner),
                   retry_key(owner, retry_hash)],
-            args=[job_id, repr(now), request.model_dump_json(), repr(now + timeout_s),
+            args=[job_id, repr(now), record, repr(now + timeout_s),
                   max_queued, sent or retry_hash, self.record_ttl(), owner, max_in_flight,
                   int(idempotency is not None), request.webhook_url or "",
                   f",{','.join(request.webhook_events)},", rate_per_s, burst, repr(not_after),

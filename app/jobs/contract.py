@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.jobs.prompts import Syntax
 
@@ -179,6 +180,14 @@ class Lora(BaseModel):
 LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 
 
+def field_error(field: str, message: str, value: Any) -> ValidationError:
+    """A rule across fields, checked by a model validator, refused as one field's error (a
+    plain ValueError there names the whole body)."""
+    detail = InitErrorDetails(type=PydanticCustomError("value_error", message), loc=(field,),
+                              input=value)  # fmt: skip
+    return ValidationError.from_exception_data("request", [detail])
+
+
 def lora_tags(prompt: str) -> tuple[str, list[Lora]]:
     """A prompt without its A1111 LoRA tags, and the LoRAs they name: `<lora:name>`,
     `<lora:name:weight>`, `<lora:name:te:unet>`, `<lora:name:te=0.5:unet=1>`. A tag that is
@@ -241,7 +250,11 @@ class Generation(BaseModel):
         description="Which of the deployment's models draws it (`GET /v1/models`); its first"
         " when absent. The server writes the name in.",
     )
-    prompt: Prompt
+    prompt: str = Field(
+        max_length=2000,
+        description="What to draw. Empty only in A1111's syntax, as A1111 takes it: no text, or"
+        " LoRA tags only.",
+    )
     negative_prompt: NegativePrompt = ""
     prompt_syntax: Syntax = Field(
         default="plain",
@@ -297,16 +310,26 @@ class Generation(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _lora_tags(self) -> Generation:
-        """A1111's way: `<lora:name:weight>` tags in a prompt read as A1111 reads it are LoRAs,
-        and leave the text encoded."""
-        if self.prompt_syntax != "a1111" or "<lora:" not in self.prompt:
+    def _prompt_read(self) -> Generation:
+        """A plain prompt that a kind requires is text; in A1111's syntax, `<lora:name:weight>`
+        tags are LoRAs, and the text left is encoded (A1111 takes it empty)."""
+        if self.prompt_syntax == "plain":
+            if not self.prompt and type(self).model_fields["prompt"].is_required():
+                raise field_error("prompt", "is empty (A1111's syntax takes an empty prompt)",
+                                  self.prompt)  # fmt: skip
             return self
-        text, tagged = lora_tags(self.prompt)
+        if "<lora:" not in self.prompt:
+            return self
+        try:
+            text, tagged = lora_tags(self.prompt)
+        except ValueError as e:
+            raise field_error("prompt", str(e), self.prompt) from None
         loras = [*self.loras, *tagged]
         if len(loras) > LORAS_MAX:
-            raise ValueError(f"{len(loras)} LoRAs; at most {LORAS_MAX} on an image")
-        # Set past validation: this validator runs again on the assigned copy otherwise.
+            raise field_error("loras", f"{len(loras)} LoRAs, the prompt's tags with them; at"
+                              f" most {LORAS_MAX} on an image", len(loras))  # fmt: skip
+        # Set past validation: this validator runs again on the assigned copy otherwise. The
+        # stored request keeps the text and the LoRAs apart, and reads back the same.
         object.__setattr__(self, "prompt", text)
         object.__setattr__(self, "loras", loras)
         return self
