@@ -54,6 +54,34 @@ FIXED_OPTIONS: dict[str, Any] = {"samples_format": "png", "sd_checkpoint_hash": 
                                  "eta_noise_seed_delta": 0, "enable_pnginfo": True}  # fmt: skip
 
 
+# The A1111 field each native field is read from: a refusal of the native request names what
+# the client sent (`hr_scale`, not `hires.scale`). Paths as pydantic locates them.
+SENT_AS: dict[tuple[str, ...], tuple[str | int, ...]] = {
+    ("guidance_scale",): ("cfg_scale",),
+    ("n",): ("batch_size",),
+    ("scheduler",): ("sampler_name",),
+    ("strength",): ("denoising_strength",),
+    ("hires", "scale"): ("hr_scale",),
+    ("hires", "steps"): ("hr_second_pass_steps",),
+    ("hires", "strength"): ("denoising_strength",),
+    ("hires", "method"): ("hr_upscaler",),
+    ("clip_skip",): ("override_settings", "CLIP_stop_at_last_layers"),
+    ("model",): ("override_settings", "sd_model_checkpoint"),
+    ("vae",): ("override_settings", "sd_vae"),
+    ("refiner", "model"): ("refiner_checkpoint",),
+    ("refiner", "switch_at"): ("refiner_switch_at",),
+    ("image",): ("init_images", 0),
+}
+
+
+def sent_as(path: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """A native field's path as the A1111 field it came from (others as they are)."""
+    for native in sorted(SENT_AS, key=len, reverse=True):
+        if path[: len(native)] == native:
+            return SENT_AS[native] + path[len(native) :]
+    return path
+
+
 class A1111Error(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")

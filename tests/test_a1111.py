@@ -161,6 +161,14 @@ def test_img2img_and_inpainting(service: str) -> None:  # noqa: F811
         api.img2img(images=[source], mask_image=mask, prompt="x", inpaint_full_res=False,
                     **SMALL)  # fmt: skip
     assert filled.value.args[0] == 422 and "inpainting_fill" in filled.value.args[1]
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"denoising_strength": 1.5}, '["body","denoising_strength"]'),
+        ({"init_images": [""]}, '["body","init_images",0]'),
+    ]
+    for sent, named in refused:
+        body = {"prompt": "x", "init_images": [webuiapi.raw_b64_img(source)], **SMALL, **sent}
+        answer = httpx.post(f"{service}/sdapi/v1/img2img", auth=("u", KEY), json=body)
+        assert answer.status_code == 422 and named in answer.text, answer.text  # not strength
 
 
 @pytest.mark.parametrize(
@@ -190,8 +198,14 @@ def test_a_hires_fix_is_one_job_of_two_passes(service: str, upscaler: Any) -> No
         ({"restore_faces": True}, "restore_faces"),
         ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
         ({"enable_hr": True, "hr_resize_x": 1000}, "hr_resize_x"),
-        ({"enable_hr": True, "hr_scale": 4.5}, "hires.scale"),
-        ({"enable_hr": True, "hr_scale": 2.5, "width": 1024}, "hires.scale"),  # over 2048
+        # Refusals of the native request named its fields (hires.scale, guidance_scale, n),
+        # not the ones sent.
+        ({"enable_hr": True, "hr_scale": 4.5}, "hr_scale"),
+        ({"enable_hr": True, "hr_scale": 2.5, "width": 1024}, "hr_scale"),  # over 2048
+        ({"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 500}, "hr_second_pass_steps"),
+        ({"enable_hr": True, "hr_scale": 2, "denoising_strength": 0}, "denoising_strength"),
+        ({"cfg_scale": 100}, "cfg_scale"),
+        ({"batch_size": 5, "n_iter": 5}, "batch_size"),
         ({"sampler_name": "Heun++ 9"}, "sampler_name"),
         ({"scheduler": "Karras", "sampler_name": "Euler a"}, "scheduler"),
         ({"override_settings": {"sd_model_checkpoint": "another.safetensors"}},

@@ -39,13 +39,27 @@ PREFIX = "/sdapi/v1"
 
 
 def native(make: Any) -> Any:
-    """What `make` reads of an A1111 payload; its refusal as a 422 naming the field."""
+    """What `make` reads of an A1111 payload, or queues; its refusal as a 422 naming the
+    field the client sent (A1111's name, not the native request's)."""
     try:
         return make()
     except a1111.A1111Error as e:
         raise sources.invalid(e.field, e.message) from None
     except ValidationError as e:
-        raise RequestValidationError(sources.located(e)) from None
+        raise renamed(RequestValidationError(sources.located(e))) from None
+    except RequestValidationError as e:
+        raise renamed(e) from None
+    except UploadError as e:
+        raise renamed(sources.as_http_error(e)) from None
+
+
+def renamed(error: Exception) -> Exception:
+    """A 422 about the native request, located at the A1111 fields it was read from."""
+    if not isinstance(error, RequestValidationError):
+        return error
+    return RequestValidationError([
+        {**e, "loc": ("body", *a1111.sent_as(tuple(e["loc"][1:])))} for e in error.errors()
+    ])  # fmt: skip
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
@@ -59,12 +73,11 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                   request: JobRequest, pngs: dict[str, bytes]) -> dict[str, Any]:  # fmt: skip
         """Queue the job, remember it as the caller's latest, wait, answer A1111's shape."""
         if pngs:
-            job_id, _status, _replayed = await run_in_threadpool(
-                sources.queue_with_pictures, ctx, submit, request, pngs, http, caller, None
-            )
+            work = partial(sources.queue_with_pictures, ctx, submit, request, pngs, http,
+                           caller, None)  # fmt: skip
         else:
-            job_id, _status, _replayed = await run_in_threadpool(submit, request, http, caller,
-                                                                 None)  # fmt: skip
+            work = partial(submit, request, http, caller, None)
+        job_id, _status, _replayed = await run_in_threadpool(native, work)
         await run_in_threadpool(store.remember_latest, caller.key_id, job_id)
         view = await finished_job(ctx, job_id, http, caller)
         images, infotexts = [], []
@@ -139,7 +152,9 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             stored, pngs = await run_in_threadpool(sources.fit, pictures, payload.width,
                                                    payload.height)  # fmt: skip
         except UploadError as e:
-            raise sources.as_http_error(e) from None
+            raise renamed(sources.as_http_error(e)) from None
+        except RequestValidationError as e:
+            raise renamed(e) from None
         strength = payload.denoising_strength if payload.denoising_strength is not None else 0.75
         units, controls_pngs = await controls(http, caller, payload,
                                               (stored["width"], stored["height"]))  # fmt: skip
