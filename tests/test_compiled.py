@@ -350,13 +350,25 @@ def test_the_warm_up_list_covers_every_bucket_and_prompt_length(row_engine: Engi
     assert (entries[0].rows, entries[0].tokens) == (top, CHUNK_TOKENS * 2)
 
 
-def test_the_compilers_phases_are_read_from_torchs_timers(row_engine: Engine) -> None:
+def test_the_compilers_phases_are_read_from_torchs_timers(
+    row_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A cold start's minutes in the compiler's phases: the warm-up (done by the fixture)
     traced the UNet, so tracing and the whole compile have seconds, and nothing else shows."""
     phases = dict(part.split("=") for part in compiler_phases().split())
     assert {"bytecode_tracing", "_compile.compile_inner"} <= set(phases)
     assert set(phases) <= set(COMPILER_PHASES)
     assert 0 < float(phases["bytecode_tracing"]) <= float(phases["_compile.compile_inner"])
+    # The same where torch's printable table is laid out in columns (`tabulate` installed, as
+    # on the GPU image): the first GPU run logged nothing, its rows read as commas only.
+    import torch._dynamo.utils as dynamo_utils
+
+    def columns(rows: list[tuple[str, str]], headers: tuple[str, ...]) -> str:
+        return "\n".join(f"{a:<48}{b:>12}" for a, b in [headers, *rows])
+
+    monkeypatch.setattr(dynamo_utils, "tabulate", columns)
+    assert "Runtimes" in str(dynamo_utils.compile_times(repr="str", aggregate=True))
+    assert dict(part.split("=") for part in compiler_phases().split()) == phases
 
 
 def test_a_call_that_would_compile_runs_eagerly_and_is_counted(row_engine: Engine) -> None:

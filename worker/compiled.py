@@ -675,12 +675,11 @@ COMPILER_PHASES = (
 
 def compiler_phases() -> str:
     """`phase=seconds` for each phase torch timed in this process, "" when it timed none."""
-    table = compile_times(repr="str", aggregate=True)
-    seconds: dict[str, str] = {}
-    for line in table.splitlines() if isinstance(table, str) else []:
-        name, _, value = line.rpartition(", ")
-        if name in COMPILER_PHASES:
-            seconds[name] = value
+    # The CSV form: the printable one is a table laid out by `tabulate` where it is installed
+    # (the GPU image has it), and by commas where not, and only the commas were read.
+    table = compile_times(repr="csv", aggregate=True)
+    names, values = table if isinstance(table, tuple) else ([], [])
+    seconds = {str(n): f"{float(str(v)):.2f}" for n, v in zip(names, values, strict=True)}
     return " ".join(f"{name}={seconds[name]}" for name in COMPILER_PHASES if name in seconds)
 
 
