@@ -244,6 +244,7 @@ class Running:
     startup_s: float
     log: Path
     redis_url: str
+    worker_pid: int = 0
 
     def __iter__(self) -> Iterator[Any]:
         """(url, startup_s, log): what most benchmarks take."""
@@ -283,7 +284,8 @@ def service(
     try:
         url = "http://127.0.0.1:8870"
         ready = wait_ready(url, 1, children) - spawned
-        yield Running(url, ready, work / f"worker-{tag}.log", f"{redis_server.connection_url}/0")
+        yield Running(url, ready, work / f"worker-{tag}.log", f"{redis_server.connection_url}/0",
+                      children[1].pid)  # fmt: skip
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)

@@ -50,12 +50,13 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench import batching
+from bench import batching, threads
 from bench.batching import (
     THROUGHPUT_HEADS,
     chosen_loads,
@@ -179,6 +180,22 @@ def long_prompts(i: int) -> dict[str, Any]:
     return uniform(i) | {"prompt": f"{i} " + CHUNK_PROMPT * (3 if i % 2 else 5)}
 
 
+PROFILED = ("a", "l")  # --profile: the loads whose worker threads py-spy samples
+
+
+def sampled(args: Any, pid: int, work: Path, name: str) -> Future[dict[str, Any]] | None:
+    """With --profile, the worker's threads sampled over the load's measured window (after
+    its warm-up), on a thread of its own while the load runs."""
+    if not args.profile or name not in PROFILED:
+        return None
+
+    def later() -> dict[str, Any]:
+        time.sleep(args.warmup)
+        return threads.profile(pid, args.seconds, work, name)
+
+    return ThreadPoolExecutor(1, thread_name_prefix="py-spy").submit(later)
+
+
 def run(args: Any, work: Path) -> dict[str, Any]:
     cache = work / "inductor-gpu-check"
     result: dict[str, Any] = {}
@@ -226,9 +243,12 @@ def run(args: Any, work: Path) -> dict[str, Any]:
             loads |= {"k": controlled, "h": half}
         for name, body in [(n, b) for n, b in loads.items() if n in chosen]:
             window = Window(warm, secs, GPU_SUMS)
+            sampling = sampled(args, running.worker_pid, work, name)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, warm, secs, window))
             ends = window.ends()
             result[name]["gpu"] = gpu_share(*ends) if ends else None
+            if sampling is not None:
+                result[name]["threads"] = sampling.result()
             print(f"({name}): {result[name]}", flush=True)
         if "c" in chosen:
             rate_s = max(0.6 * rate(result["a"], "img_s"), 0.05)
@@ -348,6 +368,8 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
     parts = r["c"]["eta"].get("parts") if "c" in r else None  # an older run's have none
     if parts:
         lines += ["", *parts_lines(parts)]
+    for profiled in [k for k in PROFILED if r.get(k, {}).get("threads")]:
+        lines += ["", *threads.lines(profiled, r[profiled]["threads"])]
     return "\n".join(lines) + "\n"
 
 
@@ -362,6 +384,8 @@ SWITCHES = {
     " variant's run beside a full check's, in the minutes of one device call",
     "--masked-contexts": "the worker with SDSERVE_MASKED_CONTEXTS: rows of every prompt length"
     " in one call",
+    "--profile": "sample the worker's threads with py-spy during (a) and (l): where each one"
+    " waits, and which holds Python's lock (bench/threads.py)",
 }
 
 

@@ -197,3 +197,31 @@ def test_the_eta_model_bounds_an_estimate_made_at_submission() -> None:
     found = eta_lab.modelled(6.0, seconds=300.0)
     assert found["jobs"] > 1000 and 5 < found["rows_now"] < 25
     assert 0.05 < found["knowing_ends"] < found["service"] < 0.35
+
+
+def test_the_threads_profile_sums_py_spys_samples_per_thread_and_frame(tmp_path: Path) -> None:
+    """bench/threads.py reads py-spy's raw samples: pool threads as one, each sample's leaf and
+    its deepest frame of the project's code."""
+    from bench import threads
+
+    raw = tmp_path / "threads-a.txt"
+    raw.write_text(
+        "thread (0x1): MainThread;run (worker/runner.py:10);step (worker/continuous.py:140);"
+        "replay (torch/cuda/graphs.py:88);cudaGraphLaunch (libcudart.so) 30\n"
+        "thread (0x1): MainThread;run (worker/runner.py:10);wait (worker/timing.py:39) 10\n"
+        "thread (0x2): prompts_0;_worker (concurrent/futures/thread.py:83);"
+        "encode (worker/continuous.py:221);forward (transformers/clip.py:5) 6\n"
+        "thread (0x3): source_0;_worker (concurrent/futures/thread.py:83);"
+        "fetch (worker/adapters.py:330) 3\n"
+        "thread (0x4): source_1;_worker (concurrent/futures/thread.py:83) 1\n"
+    )
+    found = threads.summary(raw)
+    assert found is not None and list(found) == ["MainThread", "prompts", "source"]
+    main = found["MainThread"]
+    assert main["samples"] == 40 and main["share"] == 40 / 50
+    assert main["ours"][0] == ("step (worker/continuous.py:140)", 0.75)
+    assert main["leaves"][0] == ("cudaGraphLaunch (libcudart.so)", 0.75)
+    assert found["source"]["samples"] == 4  # source_0 and source_1: one pool
+    assert ("(outside sdserve)", 0.25) in found["source"]["ours"]
+    text = "\n".join(threads.lines("a", {"threads": found, "gil": None}))
+    assert "MainThread 80%" in text and "holding the lock: no samples" in text
