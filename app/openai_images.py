@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.jobs.contract import (
     LORAS_MAX,
@@ -43,6 +43,8 @@ AUTO = "auto"  # OpenAI's size for "the model's own": here its default side
 # The fields of OpenAI's shape that are not the job's (what comes back, who asks).
 NOT_THE_JOB = {"size", "response_format", "user", "safety_identifier", "quality", "output_format",
                "background", "moderation"}  # fmt: skip
+# OpenAI's fields that its API lets a client send as null, meaning the default.
+NULLABLE = NOT_THE_JOB | {"n", "model"}
 
 
 class ImagesRequest(BaseModel):
@@ -101,6 +103,15 @@ class ImagesRequest(BaseModel):
     loras: list[Lora] = Field(
         default=[], max_length=LORAS_MAX, description="LoRAs on its images (`GET /v1/loras`)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        """OpenAI's own optional fields are nullable in its API: a client's null (the `openai`
+        package sends `n=None` as one) is the field's default. sdserve's fields keep theirs."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in NULLABLE}
+        return data
 
     @field_validator("size")
     @classmethod
