@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--upscale-method and --noise-level need --upscale")
         generate(args.url.rstrip("/"), args.key, request, args.out, pictures, args.preview)
     else:
+        for folder in (args.dir, *([] if args.single_file is None else [args.single_file.parent])):
+            try:  # said as a usage error, not a traceback after the model's imports
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                parser.error(f"cannot write {folder}: {e.strerror or e}")
         from worker.tiny import build_tiny_model
 
         if args.arch.endswith("-controlnet"):

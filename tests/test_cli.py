@@ -69,6 +69,12 @@ def test_make_tiny_model_writes_a_diffusers_folder(tmp_path: Path) -> None:
     for part in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]:
         assert (target / part).is_dir() and index[part][1]
     assert (target / "tokenizer" / "tokenizer.json").is_file()
+    # A folder it cannot write is a usage error, not a traceback after torch's imports.
+    (tmp_path / "a-file").write_text("")
+    refused = subprocess.run([SDSERVE, "make-tiny-model", str(tmp_path / "a-file" / "tiny")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"cannot write {tmp_path / 'a-file' / 'tiny'}" in refused.stderr, refused.stderr
 
 
 def _imports(modules: list[str]) -> set[str]:
