@@ -131,6 +131,10 @@ def base_url(redis_server: ValkeyServer) -> Iterator[str]:
         yield served
 
 
+# Each call's wait for an answer. schemathesis's 10 s default failed one call (a 422 at once
+# when run again) while CI's two cores compiled models in the other test processes; a server
+# that hangs still fails here.
+CALL_TIMEOUT_S = 60
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]  # fmt: skip
 
@@ -140,7 +144,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def test_the_api_keeps_its_schema(case: schemathesis.Case[Any], base_url: str) -> None:
     """No 5xx, every answer documented and shaped as documented, for valid input."""
     case.call_and_validate(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"},
-                           checks=CHECKS)  # fmt: skip
+                           checks=CHECKS, timeout=CALL_TIMEOUT_S)  # fmt: skip
 
 
 @invalid.parametrize()
@@ -150,7 +154,7 @@ def test_the_api_refuses_invalid_input_as_documented(
 ) -> None:
     """Invalid input of every kind: a documented 4xx, never a 5xx."""
     case.call_and_validate(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"},
-                           checks=CHECKS)  # fmt: skip
+                           checks=CHECKS, timeout=CALL_TIMEOUT_S)  # fmt: skip
 
 
 def only_the_documented_timeout(
@@ -180,4 +184,4 @@ def test_the_waiting_upload_route_answers_as_documented(
 def _call_waiting(case: schemathesis.Case[Any], base_url: str) -> None:
     checks = [only_the_documented_timeout, *CHECKS[1:]]
     case.call_and_validate(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"},
-                           checks=checks)  # fmt: skip
+                           checks=checks, timeout=CALL_TIMEOUT_S)  # fmt: skip
