@@ -193,7 +193,10 @@ def sampled(args: Any, pid: int, work: Path, name: str) -> Future[dict[str, Any]
         time.sleep(args.warmup)
         return threads.profile(pid, args.seconds, work, name)
 
-    return ThreadPoolExecutor(1, thread_name_prefix="py-spy").submit(later)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="py-spy")
+    sampling = pool.submit(later)
+    pool.shutdown(wait=False)  # its thread ends with the sampling, not with the check
+    return sampling
 
 
 def run(args: Any, work: Path) -> dict[str, Any]:
