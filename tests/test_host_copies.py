@@ -79,3 +79,21 @@ def test_a_row_mix_padded_repeats_its_last_row() -> None:
     padded = RowMix(units, scales).padded(3)
     assert padded.units.tolist() == [[1, 2], [3, 4], [3, 4], [3, 4], [3, 4]]
     assert padded.scales.tolist() == [[0.5, 0.25], [0.75, 1.0], *[[0.75, 1.0]] * 3]
+
+
+def test_what_the_prompt_reader_makes_is_found_for_the_loop() -> None:
+    """SDSERVE_READ_STREAM: every tensor of an encoding (SD's context, SDXL's context and
+    pooled) is marked for the loop's stream; off CUDA there is no stream and nothing to mark,
+    and the block runs as it would."""
+    from worker.devices import _tensors, beside_the_loop, for_the_loop, read_stream
+    from worker.xl_prompts import XlPrompt
+
+    context, pooled, plain = torch.zeros(2, 3), torch.ones(4), torch.zeros(5)
+    found = list(_tensors([XlPrompt(context, pooled), plain, (plain, [context])]))
+    assert [id(t) for t in found] == [id(context), id(pooled), id(plain), id(plain), id(context)]
+    assert read_stream(torch.device("cpu")) is None
+    ran = []
+    with beside_the_loop(None):
+        ran.append(True)
+    for_the_loop([XlPrompt(context, pooled)])  # CPU tensors: nothing to do, no error
+    assert ran == [True]

@@ -29,6 +29,7 @@ from app.jobs.tasks import unet_rows
 from worker.adapters import LoraRefused
 from worker.completions import Failed, Succeeded
 from worker.controls import ControlRefused, ControlUse
+from worker.devices import beside_the_loop, read_stream
 from worker.engine import Engine
 from worker.inputs import ImageSpec, NotHeld, Source
 from worker.loop import Parts
@@ -97,6 +98,9 @@ class RowLoop:
         # parts (metrics `join_wait_parts`).
         self.read_at: dict[str, dict[str, float]] = {}
         self._prompt_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
+        # Its encoder calls on a stream of their own (SDSERVE_READ_STREAM; worker/devices.py).
+        stream = parts.settings.read_stream
+        self._read_stream = read_stream(parts.engines.device) if stream else None
         # (engine, size): the rows of one UNet call (an engine: a model, or the x4 upscaler).
         self.turns: Turns[tuple[str, Size]] = Turns()
         # How long jobs take to be ready against how long a UNet call takes: how many calls
@@ -215,8 +219,9 @@ class RowLoop:
             return
 
         def encode() -> None:
-            for engine, specs in groups.values():
-                read_ahead(engine, specs)
+            with beside_the_loop(self._read_stream):
+                for engine, specs in groups.values():
+                    read_ahead(engine, specs)
 
         reading = self._prompt_reader.submit(encode)
         for key in read:

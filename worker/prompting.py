@@ -15,7 +15,7 @@ from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
 from app.jobs.vocabulary import PublishedTokenizer
 from worker.adapters import Adapters, LoraUse
 from worker.components import Components
-from worker.devices import on_device
+from worker.devices import for_the_loop, on_device
 
 # Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
 # not depend on how many other prompts arrived with it.
@@ -206,6 +206,7 @@ class Remembered(Generic[V]):
                     with self._guard:
                         generation = self._generation
                     encoded = dict(zip(missing, encode(missing), strict=True))
+                    for_the_loop(encoded.values())  # made beside the loop: its to read
                     found |= encoded
                     with self._guard:
                         if generation == self._generation:

@@ -159,6 +159,12 @@ class WorkerSettings(CommonSettings):
         description="Warn (with where, in the log) at every call that makes the host wait for"
         " the GPU once serving: a stall of the loop shows as idle GPU time.",
     )
+    read_stream: bool = Field(
+        default=False,
+        description="On a GPU, the prompt reader encodes the prompts of jobs about to join on a"
+        " CUDA stream of its own, above the steps' in priority, instead of queuing behind the"
+        " UNet calls in flight.",
+    )
     preview_every: int = Field(
         default=5,
         ge=0,
