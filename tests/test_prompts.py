@@ -205,6 +205,27 @@ def test_the_api_counts_as_the_workers_do_and_refuses_a_prompt_over_the_limit(
     }
 
 
+def test_the_api_refuses_a_clip_skip_deeper_than_the_model_once_its_workers_said(
+    api: httpx.Client, store: JobStore, engine: Engine
+) -> None:
+    """The tiny model's text encoder has 2 layers: a clip skip of 3 was accepted, then failed
+    at the worker. Its workers publish the layers with the tokenizer, and the API refuses it,
+    naming `clip_skip` (A1111's name on its routes)."""
+    layers = engine.family.clip_layers
+    store.publish_tokenizer("default", engine.published_tokenizer.fields())
+    refused = api.post("/v1/txt2img", json={"prompt": "x", "clip_skip": layers + 1})
+    assert refused.status_code == 422
+    (problem,) = refused.json()["detail"]
+    assert problem["loc"] == ["body", "clip_skip"]
+    assert f"this model's text encoder has {layers}" in problem["msg"]
+    assert api.post("/v1/txt2img", json={"prompt": "x", "clip_skip": layers}).status_code == 202
+    a1111 = api.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": layers + 1}})  # fmt: skip
+    assert a1111.status_code == 422
+    (problem,) = a1111.json()["detail"]
+    assert problem["loc"] == ["body", "override_settings", "CLIP_stop_at_last_layers"]
+
+
 def test_a_job_queued_before_the_count_fails_at_the_worker_naming_the_prompt(
     store: JobStore, tiny_model: Path, redis_url: str
 ) -> None:

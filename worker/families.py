@@ -12,7 +12,7 @@ added tensors to the compiled-call boundary row for row with the context.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,7 +62,9 @@ class Family:
     ) -> None:
         self.parts = parts
         self.encoder = PromptEncoder(parts, max_chunks, adapters)
-        self.published: PublishedTokenizer = self.encoder.published
+        # The API refuses a clip skip deeper than the text encoder (a 422 naming the field).
+        self.published: PublishedTokenizer = replace(self.encoder.published,
+                                                     clip_layers=self.clip_layers)  # fmt: skip
         self.vocabulary = self.encoder.vocabulary
 
     def chunk_count(self, prompt: str, syntax: Syntax) -> int:
@@ -128,8 +130,11 @@ class Xl(Family):
                   (parts.text_encoder_2, parts.tokenizer_2)) if tokenizer is not None]  # fmt: skip
         assert pairs and parts.text_encoder_2 is not None, "SDXL reads with its second encoder"
         # Both tokenizers cut text alike (one vocabulary); they differ in their padding only.
-        self.published = publishable(parts.model, pairs[0][1], max_chunks, DEFAULT_SIDE, self.name,
-                                     parts.expansions)  # fmt: skip
+        self.published = replace(
+            publishable(parts.model, pairs[0][1], max_chunks, DEFAULT_SIDE, self.name,
+                        parts.expansions),
+            clip_layers=self.clip_layers,
+        )  # fmt: skip
         self.vocabulary = self.published.vocabulary()
         self.encoder_xl = XlPromptEncoder(
             self.vocabulary,

@@ -274,9 +274,11 @@ class Generation(BaseModel):
         default=1,
         ge=1,
         le=12,
-        description="Which of the text encoder's layers both prompts are read at, counted from"
+        description="Which of the text encoder's layers the prompt is read at, counted from"
         " the last (A1111's clip skip, `CLIP_stop_at_last_layers`): 1 the last (SDXL: its own"
-        " penultimate), 2 the one before.",
+        " penultimate), 2 the one before. The negative prompt is read at the model's own layer,"
+        " as diffusers' `clip_skip` reads it. At most the model's text encoder's layers (a 422"
+        " once its workers have said how many: 12 for SD 1.x).",
     )
     loras: list[Lora] = Field(
         default=[],

@@ -37,6 +37,8 @@ class PublishedTokenizer:
     # Textual-inversion embeddings of several vectors: the token a prompt names (its id, as
     # text) read as all of theirs (worker/embeddings.py).
     expansions: dict[str, list[int]] = field(default_factory=dict)
+    # The deepest clip skip its text encoders take (their layers; None from an older worker).
+    clip_layers: int | None = None
 
     @property
     def digest(self) -> str:

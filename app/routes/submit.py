@@ -260,13 +260,18 @@ class Submitter:
 
     def _lengths(self, request: JobRequest, model: str) -> PromptLengths | None:
         """Both prompts' lengths, as the model's tokenizer counts them (its workers publish
-        it); a 422 naming the field for one over the model's limit. None (the worker then
-        checks) before any worker has published its tokenizer."""
+        it); a 422 naming the field for one over the model's limit, or for a clip skip deeper
+        than its text encoder. None (the worker then checks) before any worker has published
+        its tokenizer."""
         current = self.prompts[model].current()
         if current is None:
             return None
         published, vocabulary = current
         lengths, problems = {}, []
+        layers = published.clip_layers
+        if layers is not None and request.clip_skip > layers:
+            message = f"{request.clip_skip} layers: this model's text encoder has {layers}"
+            problems.append({"loc": ("body", "clip_skip"), "msg": message, "type": "value_error"})
         for field in ("prompt", "negative_prompt"):
             tokens, pieces = count(getattr(request, field), request.prompt_syntax, vocabulary)
             lengths[field] = PromptLength(tokens=tokens, chunks=pieces)
