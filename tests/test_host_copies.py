@@ -83,9 +83,9 @@ def test_a_row_mix_padded_repeats_its_last_row() -> None:
 
 def test_what_the_prompt_reader_makes_is_found_for_the_loop() -> None:
     """SDSERVE_READ_STREAM: every tensor of an encoding (SD's context, SDXL's context and
-    pooled) is marked for the loop's stream; off CUDA there is no stream and nothing to mark,
-    and the block runs as it would."""
-    from worker.devices import _tensors, beside_the_loop, for_the_loop, read_stream
+    pooled) is found to be handed to the loop's stream; off CUDA there is no stream and nothing
+    to order or mark, and the block runs as it would."""
+    from worker.devices import Handover, _tensors, beside_the_loop, read_stream
     from worker.xl_prompts import XlPrompt
 
     context, pooled, plain = torch.zeros(2, 3), torch.ones(4), torch.zeros(5)
@@ -95,5 +95,7 @@ def test_what_the_prompt_reader_makes_is_found_for_the_loop() -> None:
     ran = []
     with beside_the_loop(None):
         ran.append(True)
-    for_the_loop([XlPrompt(context, pooled)])  # CPU tensors: nothing to do, no error
+    handover = Handover(torch.device("cpu"))
+    handover.before()
+    handover.after([XlPrompt(context, pooled)])  # CPU tensors: nothing to do, no error
     assert ran == [True]

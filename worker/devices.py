@@ -32,10 +32,12 @@ def read_stream(device: torch.device) -> torch.cuda.Stream | None:
     """A CUDA stream of its own, above the loop's in priority, for the prompt reader's encoder
     calls (worker/continuous.py); None off CUDA. On the loop's stream an encoder call queues
     behind the UNet calls the loop has launched (up to two, `worker/timing.py` `Lead`), and
-    anything in it that makes the host wait (a read of a GPU value) waits for those too: a
-    uniform load's cohort of 31 prompts took 1.2 s to read beside steps of 0.14 s (H100,
-    2026-12-05). On a stream of its own it waits for its own work only, and its kernels take
-    the GPU's next free room between the UNet's."""
+    whatever in it makes the host wait (a read of a GPU value) waits for those too: a uniform
+    load's cohort of 31 prompts took 1.2 s to read beside steps of 0.14 s (H100, 2026-12-05),
+    for encoder calls of a few milliseconds. On a stream of its own it would wait for its own
+    work only, its kernels taking the GPU's next free room between the UNet's (`Handover`
+    keeps the two threads' calls in order). Whether that was the wait is for the GPU check
+    to say: SDSERVE_READ_STREAM is off until it has."""
     if device.type != "cuda":
         return None
     return torch.cuda.Stream(device, priority=-1)  # type: ignore[no-untyped-call]
@@ -53,17 +55,51 @@ def beside_the_loop(stream: torch.cuda.Stream | None) -> Iterator[None]:
     stream.synchronize()  # this stream's work only: short
 
 
-def for_the_loop(made: Iterable[Any]) -> None:
-    """Tensors this thread made on a stream other than the loop's, marked as used by the
-    loop's stream too: the caching allocator then lends their memory again only once the
-    loop's stream has done with them (not as soon as the making stream has, while UNet calls
-    queued on the loop's stream may still read them)."""
-    for tensor in _tensors(made):
-        if not tensor.is_cuda:
-            continue
-        loop = torch.cuda.default_stream(tensor.device)
-        if torch.cuda.current_stream(tensor.device) != loop:
-            tensor.record_stream(loop)
+class Handover:
+    """Encoder calls that take turns under one lock (a model's `reading`) from two threads: the
+    loop's, on the loop's stream, and the prompt reader's, on its own (`read_stream`). They
+    share state on the GPU (the text encoders' LoRA rows), and the cache of encodings hands
+    what one made to the other, so on the GPU too each call must follow the last, and what the
+    reader made must be whole, and stay allocated, for the loop's stream:
+
+    - a call on the reader's stream starts on the GPU after the loop's last one ended (its
+      kernels may still be queued behind UNet calls when the lock is let go);
+    - what a call on the reader's stream made is done before the lock is let go (the reader's
+      thread waits for its own stream only), and is marked as used by the loop's stream too,
+      so the caching allocator lends that memory again only once the loop's stream has done
+      with it (not as soon as the reader's has)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._loop_done: torch.cuda.Event | None = None
+
+    def _streams(self) -> tuple[torch.cuda.Stream, torch.cuda.Stream] | None:
+        """(this thread's stream, the loop's), on CUDA."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.current_stream(self.device), torch.cuda.default_stream(self.device)
+
+    def before(self) -> None:
+        """Under the lock, before a call's work is queued."""
+        streams = self._streams()
+        if streams is not None and streams[0] != streams[1] and self._loop_done is not None:
+            streams[0].wait_event(self._loop_done)
+
+    def after(self, made: Iterable[Any]) -> None:
+        """Under the lock, after a call's work is queued; `made`: what it made."""
+        streams = self._streams()
+        if streams is None:
+            return
+        mine, loop = streams
+        if mine == loop:
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(loop)
+            self._loop_done = done
+            return
+        for tensor in _tensors(made):
+            if tensor.is_cuda:
+                tensor.record_stream(loop)
+        mine.synchronize()
 
 
 def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:

@@ -143,7 +143,7 @@ class Xl(Family):
             max_chunks,
             adapters,
         )
-        self._cache: Remembered[XlPrompt] = Remembered(parts.reading)
+        self._cache: Remembered[XlPrompt] = Remembered(parts.reading, parts.device)
         # diffusers' SDXL pipelines: no negative prompt is zeros, not the encoding of "" (the
         # base model's setting; its refiner encodes "").
         self.zeros_for_empty = bool(parts.options.get("force_zeros_for_empty_prompt", True))

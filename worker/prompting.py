@@ -15,7 +15,7 @@ from app.jobs.prompts import Chunk, Syntax, Vocabulary, chunks, token_ids
 from app.jobs.vocabulary import PublishedTokenizer
 from worker.adapters import Adapters, LoraUse
 from worker.components import Components
-from worker.devices import for_the_loop, on_device
+from worker.devices import Handover, on_device
 
 # Prompts are encoded in chunks of this many rows (padded), so that a prompt's embedding does
 # not depend on how many other prompts arrived with it.
@@ -67,7 +67,7 @@ class PromptEncoder:
         self.published = publishable(parts.model, parts.tokenizer, max_chunks,
                                      expansions=parts.expansions)  # fmt: skip
         self.vocabulary = self.published.vocabulary()
-        self._cache: Remembered[torch.Tensor] = Remembered(parts.reading)
+        self._cache: Remembered[torch.Tensor] = Remembered(parts.reading, parts.device)
 
     def encode(self, prompts: Sequence[str], syntax: Syntax = "plain") -> torch.Tensor:
         """CLIP embeddings of prompts of one length in chunks, (len(prompts), 77 x chunks,
@@ -180,8 +180,12 @@ class Remembered(Generic[V]):
     LoRA rows and token table are shared state); a thread whose prompts are all here never
     waits for another's encode."""
 
-    def __init__(self, reading: Lock, size: int = EMBEDDING_CACHE_SIZE) -> None:
+    def __init__(
+        self, reading: Lock, device: torch.device | None = None, size: int = EMBEDDING_CACHE_SIZE
+    ) -> None:
         self.reading = reading
+        # The two threads' encoder calls in order on the GPU too (worker/devices.py).
+        self.handover = Handover(device or torch.device("cpu"))
         self.size = size
         self._items: OrderedDict[Prompt, V] = OrderedDict()
         self._guard = Lock()  # the dictionary's (held for moments, never across an encode)
@@ -205,8 +209,9 @@ class Remembered(Generic[V]):
                 if missing:
                     with self._guard:
                         generation = self._generation
+                    self.handover.before()
                     encoded = dict(zip(missing, encode(missing), strict=True))
-                    for_the_loop(encoded.values())  # made beside the loop: its to read
+                    self.handover.after(encoded.values())
                     found |= encoded
                     with self._guard:
                         if generation == self._generation:
