@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
+from app.api import create_app
 from app.jobs.contract import Status
 from app.jobs.prompts import CHUNK, chunks, count, fragments, token_ids
-from tests.conftest import JobStore
+from app.settings import ApiSettings
+from tests.conftest import JobStore, serving
+from tests.test_image_jobs import b64
 from tests.test_rows import max_diff, run
 from tests.test_worker import run_once, runner, submit
 from worker.engine import BatchShape, Engine, ImageSpec, PromptTooLong, emphasized
@@ -206,7 +210,7 @@ def test_the_api_counts_as_the_workers_do_and_refuses_a_prompt_over_the_limit(
 
 
 def test_the_api_refuses_a_clip_skip_deeper_than_the_model_once_its_workers_said(
-    api: httpx.Client, store: JobStore, engine: Engine
+    api: httpx.Client, store: JobStore, engine: Engine, api_settings: ApiSettings
 ) -> None:
     """The tiny model's text encoder has 2 layers: a clip skip of 3 was accepted, then failed
     at the worker. Its workers publish the layers with the tokenizer, and the API refuses it,
@@ -224,6 +228,12 @@ def test_the_api_refuses_a_clip_skip_deeper_than_the_model_once_its_workers_said
     assert a1111.status_code == 422
     (problem,) = a1111.json()["detail"]
     assert problem["loc"] == ["body", "override_settings", "CLIP_stop_at_last_layers"]
+    # The x4 upscaler reads its prompt with a text encoder of its own: its worker checks.
+    settings = api_settings.model_copy(update={"upscaler": "x4-upscaler"})
+    with serving(create_app(store, settings)) as url:
+        x4 = {"image": b64(Image.new("RGB", (64, 64))), "method": "x4", "clip_skip": layers + 1}
+        answer = httpx.post(f"{url}/v1/upscale", json=x4)
+        assert answer.status_code == 202, answer.text
 
 
 def test_a_job_queued_before_the_count_fails_at_the_worker_naming_the_prompt(

@@ -25,6 +25,7 @@ from app.jobs.contract import (
     Txt2ImgRequest,
 )
 from app.jobs.prompts import CHUNK, count
+from app.jobs.tasks import task_of
 from app.jobs.tiles import TILE, whole
 from app.jobs.vocabulary import PromptMeter
 from app.routes.context import (
@@ -268,7 +269,8 @@ class Submitter:
             return None
         published, vocabulary = current
         lengths, problems = {}, []
-        layers = published.clip_layers
+        # The x4 upscaler reads prompts with its own text encoder: its worker checks.
+        layers = published.clip_layers if task_of(request).engine == "model" else None
         if layers is not None and request.clip_skip > layers:
             message = f"{request.clip_skip} layers: this model's text encoder has {layers}"
             problems.append({"loc": ("body", "clip_skip"), "msg": message, "type": "value_error"})
