@@ -38,7 +38,7 @@ class ImageSpec:
     guidance_scale: float
     seed: int
     syntax: Syntax = "plain"  # how both prompts read (app/jobs/prompts.py)
-    clip_skip: int = 1  # the text encoder's layer both prompts are read at: 1 its last
+    clip_skip: int = 1  # the layer the prompt is read at (1: the last); the negative reads at 1
     loras: tuple[LoraUse, ...] = ()  # its LoRAs, on both prompts' rows (worker/adapters.py)
     vae: str | None = None  # the VAE that encodes and decodes it (SDSERVE_VAES); None: the model's
     controls: tuple[ControlUse, ...] = ()  # its ControlNet units (worker/controls.py)
