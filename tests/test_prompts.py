@@ -4,6 +4,7 @@ different prompt lengths batched together without changing anyone's image."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from app.api import create_app
 from app.jobs.contract import Status
 from app.jobs.prompts import CHUNK, chunks, count, fragments, token_ids
+from app.jobs.vocabulary import PublishedTokenizer
 from app.settings import ApiSettings
 from tests.conftest import JobStore, serving
 from tests.test_image_jobs import b64
@@ -234,6 +236,17 @@ def test_the_api_refuses_a_clip_skip_deeper_than_the_model_once_its_workers_said
         x4 = {"image": b64(Image.new("RGB", (64, 64))), "method": "x4", "clip_skip": layers + 1}
         answer = httpx.post(f"{url}/v1/upscale", json=x4)
         assert answer.status_code == 202, answer.text
+
+
+def test_the_published_record_reads_across_versions(engine: Engine) -> None:
+    """A record from an older worker (no clip_layers) reads with the field unknown, and one
+    from a newer worker (a field this API does not know) reads without it, not as a 500 on
+    every submission while a deployment is half upgraded."""
+    record = json.loads(engine.published_tokenizer.fields()["record"])
+    older = {k: v for k, v in record.items() if k != "clip_layers"}
+    assert PublishedTokenizer.parse(json.dumps(older)).clip_layers is None
+    newer = PublishedTokenizer.parse(json.dumps(record | {"added_later": 1}))
+    assert newer == engine.published_tokenizer
 
 
 def test_a_job_queued_before_the_count_fails_at_the_worker_naming_the_prompt(

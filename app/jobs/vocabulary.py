@@ -49,7 +49,10 @@ class PublishedTokenizer:
 
     @classmethod
     def parse(cls, record: str) -> PublishedTokenizer:
-        return cls(**json.loads(record))
+        """A worker's record; fields a newer worker adds are left out (an API and its workers
+        are upgraded one after the other)."""
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in json.loads(record).items() if k in known})
 
     def vocabulary(self) -> Vocabulary:
         tokenizer = Tokenizer.from_str(self.tokenizer)
