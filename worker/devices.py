@@ -45,14 +45,13 @@ def read_stream(device: torch.device) -> torch.cuda.Stream | None:
 
 @contextmanager
 def beside_the_loop(stream: torch.cuda.Stream | None) -> Iterator[None]:
-    """GPU work of this thread on `stream` (on the current one where None), and done on the
-    GPU when the block ends: whatever it made is whole before the loop's thread reads it."""
+    """GPU work of this thread on `stream` (on the current one where None). What it hands the
+    loop is whole before the loop can see it: `Handover` waits for it."""
     if stream is None:
         yield
         return
     with torch.cuda.stream(stream):
         yield
-    stream.synchronize()  # this stream's work only: short
 
 
 class Handover:

@@ -84,6 +84,7 @@ class Submitter:
         self._check_loras(request, model)
         self._check_controlnets(request, model)
         self._check_controlled_hires(request, model)
+        self._check_clip_skip(request, model)
         if request.vae is not None and request.vae not in self.ctx.settings.vaes:
             served = ", ".join(self.ctx.settings.vaes) or "none"
             problem = f"unknown VAE {request.vae!r}; this server's: {served} (SDSERVE_VAES)"
@@ -243,6 +244,20 @@ class Submitter:
             [{"loc": ("body", "hires", "scale"), "msg": message, "type": "value_error"}]
         )
 
+    def _check_clip_skip(self, request: JobRequest, model: str) -> None:
+        """A 422 naming `clip_skip` for one deeper than the model's text encoder, as its workers
+        have published it (nothing published: the worker checks). The x4 upscaler reads prompts
+        with a text encoder of its own: its worker checks those."""
+        current = self.prompts[model].current()
+        if current is None or task_of(request).engine != "model":
+            return
+        layers = current[0].clip_layers
+        if layers is not None and request.clip_skip > layers:
+            message = f"{request.clip_skip} layers: this model's text encoder has {layers}"
+            raise RequestValidationError(
+                [{"loc": ("body", "clip_skip"), "msg": message, "type": "value_error"}]
+            )
+
     def side_of(self, model: str | None) -> int:
         """The default side of a model's text-to-image job (its workers publish it; 512 before
         any has)."""
@@ -261,19 +276,13 @@ class Submitter:
 
     def _lengths(self, request: JobRequest, model: str) -> PromptLengths | None:
         """Both prompts' lengths, as the model's tokenizer counts them (its workers publish
-        it); a 422 naming the field for one over the model's limit, or for a clip skip deeper
-        than its text encoder. None (the worker then checks) before any worker has published
-        its tokenizer."""
+        it); a 422 naming the field for one over the model's limit. None (the worker then
+        checks) before any worker has published its tokenizer."""
         current = self.prompts[model].current()
         if current is None:
             return None
         published, vocabulary = current
         lengths, problems = {}, []
-        # The x4 upscaler reads prompts with its own text encoder: its worker checks.
-        layers = published.clip_layers if task_of(request).engine == "model" else None
-        if layers is not None and request.clip_skip > layers:
-            message = f"{request.clip_skip} layers: this model's text encoder has {layers}"
-            problems.append({"loc": ("body", "clip_skip"), "msg": message, "type": "value_error"})
         for field in ("prompt", "negative_prompt"):
             tokens, pieces = count(getattr(request, field), request.prompt_syntax, vocabulary)
             lengths[field] = PromptLength(tokens=tokens, chunks=pieces)
