@@ -145,3 +145,26 @@ def test_least_recently_used_leaves_first_and_held_ones_stay(served: Any) -> Non
         for k in range(5):
             (folder / f"extra{k}.safetensors").unlink()
         adapters.refresh()
+
+
+def test_resident_loras_are_held_at_the_take_others_are_fetched(served: Any) -> None:
+    """`hold` takes a job's LoRAs on the loop's thread only where each is resident and written
+    (no file read, no write); otherwise it holds nothing and the job's reader fetches them."""
+    _arch, _model, _folder, engine = served
+    adapters = engine.adapters
+    adapters.refresh()  # nothing resident, nothing read
+    both = [LoraUse("peft", 1, 1), LoraUse("kohya", 0.5, 0.5)]
+    assert not adapters.hold("early", both), "nothing is resident yet"
+    assert not any(adapters.resident.get(n) for n in ("peft", "kohya"))
+    adapters.fetch("first", both[:1])
+    assert not adapters.hold("mixed", both), "kohya is not resident: the reader fetches it"
+    assert "mixed" not in adapters.resident["peft"].users, "nothing held for a refused hold"
+    hits = adapters.hits
+    assert adapters.hold("second", both[:1])
+    assert adapters.hits == hits + 1 and adapters.resident["peft"].users == {"first", "second"}
+    adapters.release("first")
+    adapters.release("second")
+    assert not adapters.resident["peft"].users, "a held LoRA is let go as a fetched one is"
+    assert not adapters.hold("ghost", [LoraUse("missing", 1, 1)])
+    with pytest.raises(LoraRefused, match="no LoRA named 'missing'"):
+        adapters.fetch("ghost", [LoraUse("missing", 1, 1)])

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from worker import lora_kernel
-from worker.devices import placed
+from worker.devices import beside_the_loop, placed, side_stream
 from worker.lora_files import Deltas, LoraUnreadable, lora_names, read, shapes, short_hash
 
 log = logging.getLogger("sdserve.adapters")
@@ -229,8 +229,15 @@ class Adapters:
         self.observer: LoraObserver | None = None
         self._lock = threading.Condition()
         self._shapes: dict[str, Deltas | str] = {}  # each file's layers, or why it is refused
+        self._verdicts: dict[str, str | None] = {}  # `problem`'s, once its file is read
         self._hashes: dict[tuple[str, int], str] = {}
         self._zeros: dict[int, RowMix] = {}  # `zero`'s, by row count
+        # LoRA weights are written on a stream of their own: on the loop's, each of a LoRA's
+        # few hundred copies queued behind the UNet calls in flight, and a LoRA that took
+        # 0.2 s to load alone took 1.8-2.3 s under load (an H200, 2026-12-06). Nothing on the
+        # loop's stream reads the units written: they were free, and a LoRA's units are freed
+        # only once no job holds it, each job's last step decoded (`release`).
+        self._copies = side_stream(device)
 
     def pool_bytes(self) -> int:
         """What the pools take on the GPU (allocated at start, whatever is loaded)."""
@@ -249,6 +256,7 @@ class Adapters:
         with self._lock:
             self.rescan()
             self._shapes.clear()
+            self._verdicts.clear()
             for name in [n for n, r in self.resident.items() if not r.users]:
                 self._evict(name)
 
@@ -258,6 +266,11 @@ class Adapters:
         path = self.files.get(name)
         if path is None:
             return f"no LoRA named {name!r}"
+        if name not in self._verdicts:  # its layers checked once (hundreds of them)
+            self._verdicts[name] = self._verdict(name, path)
+        return self._verdicts[name]
+
+    def _verdict(self, name: str, path: Path) -> str | None:
         if name not in self._shapes:
             try:
                 self._shapes[name] = shapes(path)
@@ -311,32 +324,16 @@ class Adapters:
         names = list(dict.fromkeys(use.name for use in uses))
         if not names:
             return
-        for name in names:
-            problem = self.problem(name)
-            if problem is not None:
-                raise LoraRefused(problem)
-        units = sum(self._units_of(name) for name in names)
-        if units > self.row_units:
-            raise LoraRefused(
-                f"LoRAs of {units * UNIT} ranks in all; a row takes at most"
-                f" {self.row_units * UNIT} (SDSERVE_LORA_ROW_RANK)"
-            )
-        if len(names) > self.slots:
-            raise LoraRefused(f"{len(names)} LoRAs; this worker holds {self.slots} at once"
-                              " (SDSERVE_LORA_SLOTS)")  # fmt: skip
+        refused = self._refused(names)
+        if refused is not None:
+            raise LoraRefused(refused)
         with self._lock:
             while True:
                 missing = [name for name in names if name not in self.resident]
                 if self._room(sum(self._units_of(n) for n in missing), len(missing), names):
                     break
                 self._lock.wait(1.0)
-            for name in names:
-                if name in self.resident:
-                    self.hits += 1
-                    if self.observer is not None:
-                        self.observer.lora_used(hit=True)
-                    self.resident[name].users.add(key)
-                    self.resident.move_to_end(name)
+            self._take([name for name in names if name in self.resident], key)
             for name in missing:
                 taken = [self.free.pop() for _ in range(self._units_of(name))]
                 self.resident[name] = Resident(taken, users={key})
@@ -369,6 +366,49 @@ class Adapters:
             if held is None or self.resident.get(name) is not held:
                 raise LoraUnreadable(f"LoRA {name!r} failed to load (for another job too)")
 
+    def hold(self, key: str, uses: Sequence[LoraUse]) -> bool:
+        """Hold the job's LoRAs for it (until `release`) where every one is resident, its
+        weights written, and all of them taken once already: then nothing is read or written,
+        and the loop's thread holds them at the job's take, no reader thread's hop. False:
+        `fetch` them (on a reader thread). With the hop, half of a load with LoRAs took 1.2 s
+        more than the other half from taken to ready, its LoRAs resident (an H200,
+        2026-12-06), and its rows stayed empty meanwhile."""
+        names = list(dict.fromkeys(use.name for use in uses))
+        with self._lock:
+            held = [self.resident.get(name) for name in names]
+            if not names or any(r is None or not r.ready.is_set() for r in held):
+                return False
+            if any(name not in self._verdicts for name in names):  # a file to read: a reader's
+                return False
+            if self._refused(names) is not None:  # the reader's fetch says why
+                return False
+            self._take(names, key)
+        return True
+
+    def _take(self, names: Sequence[str], key: str) -> None:
+        """Resident LoRAs held for the job: hits, and the most recently used. Under the lock."""
+        for name in names:
+            self.hits += 1
+            if self.observer is not None:
+                self.observer.lora_used(hit=True)
+            self.resident[name].users.add(key)
+            self.resident.move_to_end(name)
+
+    def _refused(self, names: Sequence[str]) -> str | None:
+        """Why a job cannot take these LoRAs together (None: it can)."""
+        for name in names:
+            problem = self.problem(name)
+            if problem is not None:
+                return problem
+        units = sum(self._units_of(name) for name in names)
+        if units > self.row_units:
+            return (f"LoRAs of {units * UNIT} ranks in all; a row takes at most"
+                    f" {self.row_units * UNIT} (SDSERVE_LORA_ROW_RANK)")  # fmt: skip
+        if len(names) > self.slots:
+            return (f"{len(names)} LoRAs; this worker holds {self.slots} at once"
+                    " (SDSERVE_LORA_SLOTS)")  # fmt: skip
+        return None
+
     def _units_of(self, name: str) -> int:
         deltas = self._shapes[name]
         assert not isinstance(deltas, str), "a LoRA without a problem has its layers"
@@ -396,9 +436,18 @@ class Adapters:
     @torch.inference_mode()
     def _write(self, name: str, units: list[int]) -> None:
         """The LoRA's weights into its units of every wrapped layer (zeros where it adapts
-        nothing)."""
+        nothing), on a CUDA stream of their own (`_copies`)."""
+        if self._copies is not None:
+            # After what the loop has queued: a job that left early (canceled, failed) may
+            # have freed these units with its calls still queued, and a prompt encoding that
+            # reads them may yet be cached for another job.
+            self._copies.wait_stream(torch.cuda.default_stream(self.device))
+        with beside_the_loop(self._copies):
+            self._write_units(name, units)
+
+    def _write_units(self, name: str, units: list[int]) -> None:
         deltas = read(self.files[name])
-        index = torch.tensor(units, device=self.device)
+        index = placed(torch.tensor(units), self.device)
         ranks = len(units) * UNIT
         for component, layers in self.layers.items():
             mine = deltas.get(component, {})
@@ -410,11 +459,11 @@ class Adapters:
                     down[: delta.rank] = delta.down.reshape(delta.rank, -1)
                     up[: delta.rank] = delta.up.reshape(layer.outputs, delta.rank).T
                 dtype = layer.down.dtype
-                layer.down.index_copy_(
-                    0, index, down.view(len(units), UNIT, -1).to(self.device, dtype)
-                )
-                layer.up.index_copy_(0, index, up.view(len(units), UNIT, -1).to(self.device, dtype))
-        if self.device.type == "cuda":
+                down = placed(down.view(len(units), UNIT, -1), self.device, dtype)
+                layer.down.index_copy_(0, index, down)
+                layer.up.index_copy_(0, index, placed(up.view(len(units), UNIT, -1),
+                                                      self.device, dtype))  # fmt: skip
+        if self.device.type == "cuda":  # written before a job that reads them is ready
             torch.cuda.current_stream().synchronize()
 
     def release(self, key: str) -> None:

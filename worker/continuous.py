@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 from app.jobs.contract import ErrorCode, Job
 from app.jobs.tasks import unet_rows
-from worker.adapters import LoraRefused
+from worker.adapters import LoraRefused, LoraUse
 from worker.completions import Failed, Succeeded
 from worker.controls import ControlRefused, ControlUse
 from worker.devices import beside_the_loop, read_stream
@@ -163,7 +164,8 @@ class RowLoop:
         work = task(job.request)
         loras = image_specs(job.request)[0].loras
         controlled = bool(getattr(job.request, "controlnets", None))
-        if not work.reads_picture and not loras and not controlled:
+        nothing_read = not work.reads_picture and not controlled
+        if nothing_read and (not loras or self._held(job, loras)):
             done: Future[Loaded] = Future()
             done.set_result((None, ()))
             return done
@@ -184,6 +186,15 @@ class RowLoop:
 
         return self._readers.submit(read)
 
+    def _held(self, job: Job, loras: Sequence[LoraUse]) -> bool:
+        """The job's LoRAs held at its take, all of them resident (`Adapters.hold`): its
+        prompts are read with the others' taken with it."""
+        try:
+            adapters = self.p.engines.of(job).adapters
+        except NotHeld:  # the reader's path says so
+            return False
+        return adapters is not None and adapters.hold(job.id, loras)
+
     def _read_prompts(self, jobs: list[Job]) -> None:
         """The prompts of the jobs just taken, encoded by the prompt reader's thread while the
         coming step runs, in as few encoder calls as they fill (8 prompts a call), into the
@@ -201,7 +212,7 @@ class RowLoop:
         read: list[str] = []
         taken = []
         for job in jobs:
-            if getattr(job.request, "loras", None):
+            if getattr(job.request, "loras", None) and not self._loaded(job.id):
                 self.fetching[job.id] = job
                 self.prompts[job.id] = Future()  # pending: the job does not join yet
             else:
@@ -227,6 +238,11 @@ class RowLoop:
         for key in read:
             self.prompts[key] = reading
             self._stamp(key, "prompts", reading)
+
+    def _loaded(self, key: str) -> bool:
+        """The job's inputs are in, without a problem (its LoRAs held at its take)."""
+        loading = self.loading.get(key)
+        return loading is not None and loading.done() and loading.exception() is None
 
     def _stamp(self, key: str, part: str, reading: Future[Any]) -> None:
         """Note when `reading` is done (in whichever thread finishes it)."""

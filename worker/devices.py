@@ -1,5 +1,5 @@
-"""Host numbers on the device without stalling the GPU's stream; the stream the prompt reader
-encodes on beside the loop's."""
+"""Host numbers on the device without stalling the GPU's stream; the streams beside the loop's
+(the prompt reader's encoder calls, LoRA weights written)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,14 @@ def read_stream(device: torch.device) -> torch.cuda.Stream | None:
     work only, its kernels taking the GPU's next free room between the UNet's (`Handover`
     keeps the two threads' calls in order). Whether that was the wait is for the GPU check
     to say: SDSERVE_READ_STREAM is off until it has."""
+    return side_stream(device, priority=-1)
+
+
+def side_stream(device: torch.device, priority: int = 0) -> torch.cuda.Stream | None:
+    """A CUDA stream beside the loop's (None off CUDA): work on it waits for its own only."""
     if device.type != "cuda":
         return None
-    return torch.cuda.Stream(device, priority=-1)  # type: ignore[no-untyped-call]
+    return torch.cuda.Stream(device, priority=priority)  # type: ignore[no-untyped-call]
 
 
 @contextmanager
