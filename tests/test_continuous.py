@@ -262,23 +262,12 @@ def test_the_prompts_of_jobs_taken_together_are_read_off_the_loop_in_one_encoder
         assert max_diff(png(store, job_id, 0), alone(r.engines.first, store, job_id, 0)) <= 1
 
 
-def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_resident(
-    store: JobStore,
-    tiny_model: Path,
-    redis_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:
-    """Jobs with LoRAs taken together wait (not joined) while their LoRAs are made resident,
-    then their prompts are read in one encoder call on the prompt reader's thread, each row
-    with its own LoRAs, and each image equals its job made alone with its LoRAs. (Read one job
-    at a time by each job's reader thread, they joined late: on an H200, half of a uniform
-    load with LoRAs stepped 48 rows of 62, 2026-12-05.)"""
+def lora_worker(tiny_model: Path, redis_url: str, tmp_path: Path) -> tuple[Any, Any]:
+    """A continuous worker's settings and CPU engine serving two LoRAs the test writes
+    (`style`, PEFT rank 4; `detail`, kohya rank 8)."""
     import torch
 
-    from app.jobs.storage import open_storage
-    from worker.adapters import LoraUse
-    from worker.engine import BatchShape, Engine, ImageSpec, Tuning
+    from worker.engine import Engine, Tuning
     from worker.settings import WorkerSettings
     from worker.tiny_addons import build_tiny_lora
 
@@ -292,6 +281,26 @@ def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_r
     engine = Engine(str(tiny_model), torch.device("cpu"),
                     Tuning(max_batch=8, rows=True, loras=folder, lora_slots=4,
                            lora_row_rank=16))  # fmt: skip
+    return settings, engine
+
+
+def test_jobs_with_loras_have_their_prompts_read_together_once_their_loras_are_resident(
+    store: JobStore,
+    tiny_model: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Jobs with LoRAs taken together wait (not joined) while their LoRAs are made resident,
+    then their prompts are read in one encoder call on the prompt reader's thread, each row
+    with its own LoRAs, and each image equals its job made alone with its LoRAs. (Read one job
+    at a time by each job's reader thread, they joined late: on an H200, half of a uniform
+    load with LoRAs stepped 48 rows of 62, 2026-12-05.)"""
+    from app.jobs.storage import open_storage
+    from worker.adapters import LoraUse
+    from worker.engine import BatchShape, ImageSpec
+
+    settings, engine = lora_worker(tiny_model, redis_url, tmp_path)
     adapters = engine.adapters
     assert adapters is not None
     first = submit(store, steps=30, seed=1, prompt="the first")
@@ -379,23 +388,11 @@ def test_a_job_whose_loras_are_resident_is_read_with_the_others_at_its_take(
     job's taken with it, it joins at the same step, and its image equals the job made alone.
     (Through a reader's hop, half of a load with LoRAs took 1.2 s more from taken to ready
     than the other half, its LoRAs resident: an H200, 2026-12-06.)"""
-    import torch
-
     from app.jobs.storage import open_storage
     from worker.adapters import LoraUse
-    from worker.engine import BatchShape, Engine, ImageSpec, Tuning
-    from worker.settings import WorkerSettings
-    from worker.tiny_addons import build_tiny_lora
+    from worker.engine import BatchShape, ImageSpec
 
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    build_tiny_lora(tiny_model, folder / "style.safetensors", "peft", rank=4, seed=1)
-    settings = WorkerSettings(redis_url=redis_url, max_batch=8, batch_window_ms=200,
-                              worker_name="test-worker", batching="continuous",
-                              lora_dir=folder)  # fmt: skip
-    engine = Engine(str(tiny_model), torch.device("cpu"),
-                    Tuning(max_batch=8, rows=True, loras=folder, lora_slots=4,
-                           lora_row_rank=16))  # fmt: skip
+    settings, engine = lora_worker(tiny_model, redis_url, tmp_path)
     adapters = engine.adapters
     assert adapters is not None
     rows = (LoraUse("style", 0.8, 0.8),)
