@@ -74,8 +74,8 @@ class ApiSettings(CommonSettings):
     webhook_allow_private: bool = Field(
         default=False, description="Allow webhooks to private, loopback and link-local hosts."
     )
-    sync_timeout_s: int = Field(
-        default=300, ge=1, le=3600, description="How long POST /v1/images/generations waits."
+    sync_timeout_s: float = Field(
+        default=300, gt=0, le=3600, description="How long POST /v1/images/generations waits."
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default=[],

@@ -169,7 +169,7 @@ async def finished_job(ctx: Context, job_id: str, http: Request, caller: Caller)
                 await run_in_threadpool(ctx.store.cancel, job_id, caller.key_id)
                 raise JobEnded(409, "the client hung up: job canceled", "canceled")
             if time.monotonic() > deadline:
-                message = (f"not done in {ctx.settings.sync_timeout_s}s; it goes on at"
+                message = (f"not done in {ctx.settings.sync_timeout_s:g}s; it goes on at"
                            f" /jobs/{job_id}")  # fmt: skip
                 if view.workers == 0:  # say why: nothing runs it until a worker of its model
                     message += f" (no live worker holds model {view.request.model})"
