@@ -234,9 +234,10 @@ class Adapters:
         self._zeros: dict[int, RowMix] = {}  # `zero`'s, by row count
         # LoRA weights are written on a stream of their own: on the loop's, each of a LoRA's
         # few hundred copies queued behind the UNet calls in flight, and a LoRA that took
-        # 0.2 s to load alone took 1.8-2.3 s under load (an H200, 2026-12-06). Nothing on the
-        # loop's stream reads the units written: they were free, and a LoRA's units are freed
-        # only once no job holds it, each job's last step decoded (`release`).
+        # 0.2 s to load alone took 1.8-2.3 s under load (an H200, 2026-12-06). On its own
+        # stream it took 0.9-1.7 s (an H100, the same day): it still waits once for the calls
+        # queued (`_write`). The loop's stream reads no unit written: they were free, and a
+        # LoRA's units are freed only once no job holds it (`release`).
         self._copies = side_stream(device)
 
     def pool_bytes(self) -> int:
