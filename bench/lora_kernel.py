@@ -5,15 +5,18 @@ SD1.5's largest LoRA layers (32 rows, 64x64 latents: 4096 tokens of 320 features
 1x1 convolution, channels-last), fp16, a stack of 8 layers, compiled as the worker compiles
 (reduce-overhead: CUDA graphs; fullgraph). For each mix (no row with a LoRA, half the rows with
 a rank-64 LoRA, every row at rank 128): ms per stack call for the base layers alone, the tensor
-path and the kernels, and the largest difference between the two paths.
+path and the kernel, and the largest difference between the two paths. `--sweep` first times
+the kernel alone (eager launches, the same layers and mixes) for each way of cutting its work
+(`worker.lora_kernel.Tiles`), to choose the defaults.
 
-    python3 -m bench.lora_kernel --out DIR
+    python3 -m bench.lora_kernel --out DIR [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 from pathlib import Path
@@ -62,13 +65,65 @@ def timed(fn: Any, x: torch.Tensor, turns: int = 30) -> float:
     return (time.perf_counter() - started) / turns * 1000
 
 
+def layer_inputs(conv: bool) -> torch.Tensor:
+    if conv:
+        x = torch.randn(ROWS, FEATURES, SIDE, SIDE, device="cuda", dtype=torch.half)
+        return x.to(memory_format=torch.channels_last)
+    return torch.randn(ROWS, SIDE * SIDE, FEATURES, device="cuda", dtype=torch.half)
+
+
+def kernel_alone(conv: bool, buffers: RowBuffers, tiles: Any) -> Any:
+    """The 8 layers' kernel launches alone, on one output (what `timed` calls)."""
+    from worker import lora_kernel
+
+    layers: list[RowLora] = list(stack(conv, buffers))  # type: ignore[arg-type]
+    out = layers[0].base(layer_inputs(conv))
+
+    def call(x: torch.Tensor) -> None:
+        for layer in layers:
+            lora_kernel.add_rows(
+                out, x, layer.down, layer.up, buffers.units, buffers.scales, conv, tiles
+            )
+
+    return call
+
+
+def sweep(lines: list[str], result: dict[str, Any]) -> None:
+    """ms for the kernel alone over the stack's 8 layers, for each tiling, mix and layer kind."""
+    from worker import lora_kernel
+
+    lines += [
+        "| layers | mix | tokens | features | warps | kernel ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for conv in (False, True):
+        buffers = RowBuffers(ROWS, ROW_UNITS, torch.device("cuda"))
+        x = layer_inputs(conv)
+        kind = "1x1 conv" if conv else "linear"
+        for mix in ("half64", "all128"):
+            write_mix(buffers, mix)
+            for tokens, features, warps in itertools.product((32, 64, 128), (32, 64), (4, 8)):
+                tiles = lora_kernel.Tiles(tokens, features, warps)
+                ms = timed(kernel_alone(conv, buffers, tiles), x)
+                result["sweep"].append({"layers": kind, "mix": mix, "tiles": tiles.__dict__,
+                                        "ms": ms})  # fmt: skip
+                lines.append(f"| {kind} | {mix} | {tokens} | {features} | {warps} | {ms:.3f} |")
+                print(lines[-1], flush=True)
+    lines.append("")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sweep", action="store_true", help="time each tiling first")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": []}
-    lines = ["| layers | mix | base ms | tensor path ms | kernels ms | max diff |",
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": [], "sweep": []}
+    lines: list[str] = []
+    if args.sweep:
+        with torch.no_grad():
+            sweep(lines, result)
+    lines += ["| layers | mix | base ms | tensor path ms | kernels ms | max diff |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for conv in (False, True):
         torch._dynamo.reset()
@@ -76,11 +131,7 @@ def main() -> None:
         buffers = RowBuffers(ROWS, ROW_UNITS, torch.device("cuda"))
         model = stack(conv, buffers)
         bases = nn.Sequential(*[layer.base for layer in model])  # type: ignore[arg-type]
-        if conv:
-            x = torch.randn(ROWS, FEATURES, SIDE, SIDE, device="cuda", dtype=torch.half)
-            x = x.to(memory_format=torch.channels_last)
-        else:
-            x = torch.randn(ROWS, SIDE * SIDE, FEATURES, device="cuda", dtype=torch.half)
+        x = layer_inputs(conv)
         # Two stacks of the same weights and pools: one takes the tensor path, one the kernels.
         buffers_k = RowBuffers(ROWS, ROW_UNITS, torch.device("cuda"), kernels=True)
         twin = copy.deepcopy(model)

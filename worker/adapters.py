@@ -152,17 +152,17 @@ class RowLora(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.base(x)
         rows = x.shape[0]
         buffers: RowBuffers = self.buffers_  # type: ignore[assignment]
-        if (
-            buffers.kernels
-            and lora_kernel.usable(x)
-            and lora_kernel.add_rows(
-                out, x, self.down, self.up, buffers.units, buffers.scales, self.conv
+        if buffers.kernels and lora_kernel.usable(x):
+            # On CUDA: rows without LoRA and ranks a row does not use cost nothing.
+            out, added = lora_kernel.layer(
+                self.base, x, self.down, self.up, buffers.units, buffers.scales
             )
-        ):  # on CUDA: rows without LoRA and ranks a row does not use cost nothing
-            return out
+            if added:
+                return out
+        else:
+            out = self.base(x)
         units = buffers.units[:rows]
         scales = buffers.scales[:rows].to(x.dtype)
         down = self.down[units].flatten(1, 2)  # (rows, ranks, in)

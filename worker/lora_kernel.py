@@ -1,28 +1,36 @@
-"""LoRA rows on CUDA: two Triton kernels that add each row's LoRA units to a layer's output
-and skip what a row does not use (worker/adapters.py, `RowLora`).
+"""LoRA rows on CUDA: one Triton kernel that adds each row's LoRA units to a layer's output
+and skips what a row does not use (worker/adapters.py, `RowLora`).
 
 Why: the plain tensor path (`RowLora.forward`'s gather and two batched products) computes
 `row_rank` ranks on every row of every call, LoRA or not: about a seventh of the UNet's time at
 rank 128 on a LoRA-serving worker, paid by rows that carry no LoRA. Here every program looks
-at its row's scales first: a 16-rank block whose scales are all 0 (a row without LoRA, or
-ranks past its LoRAs' own) costs two loads and nothing else. The grids depend only on the
-call's shapes, never on the mix, so CUDA graphs replay them as they are and nothing compiles
-again when the mix changes (dynamo traces user Triton kernels into the compiled graph).
+at its row's scales first: a row without LoRA costs one load of its scales and nothing else,
+and ranks past its LoRAs' own are never read. The grid depends only on the call's shapes, never
+on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes
+(dynamo traces user Triton kernels into the compiled graph).
 
-    shrink  h[b, n, r] = scale[b, r] * sum_k x[b, n, k] * down[unit[b, r // 8], r % 8, k]
-    expand  out[b, n, o] += sum_r h[b, n, r] * up[unit[b, r // 8], r % 8, o]
+One program takes one row's tile of tokens through both products, so the layer's input is
+read once and its output read and written once, the least a LoRA added after the base layer
+can move (the twenty-third session measured the earlier two kernels, which wrote the rank
+activations out and read each row's input once per 16 ranks):
+
+    h[n, r]    = scale[b, r] * sum_k x[b, n, k] * down[unit[b, r // 8], r % 8, k]   (registers)
+    out[b, n, o] += sum_r h[n, r] * up[unit[b, r // 8], r % 8, o]
 
 x and out are seen as (rows, tokens, features) through their strides (a 1x1 convolution's
-channels are its features, in either memory format). CPU tests run the kernels in Triton's
+channels are its features, in either memory format). CPU tests run the kernel in Triton's
 interpreter (TRITON_INTERPRET=1, tests/test_lora_kernel.py) against the tensor path.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 try:
     import triton
@@ -30,9 +38,20 @@ try:
 except ImportError:  # CPU images: the tensor path serves
     triton = None
 
-BLOCK = 16  # ranks a program takes at once (tl.dot's least side); two units
-TOKENS = 64  # tokens a program takes
-FEATURES = 64  # input features per loop turn (shrink), output features a program takes
+
+@dataclass(frozen=True)
+class Tiles:
+    """How one program's work is cut: `tokens` a program takes, features per loop turn of
+    either product, and the warps that run it. The defaults were chosen on an H100 by
+    `python3 -m bench.lora_kernel --sweep` (BENCHMARKS.md)."""
+
+    tokens: int = 128
+    features: int = 64
+    warps: int = 4
+
+
+TILES = Tiles()
+LEAST = 16  # tl.dot's least side: a call's rank width is padded up to it
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -61,6 +80,45 @@ def as_tokens(t: torch.Tensor, conv: bool) -> torch.Tensor | None:
     return None
 
 
+def layer(
+    base: nn.Linear | nn.Conv2d,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+) -> tuple[torch.Tensor, bool]:
+    """base(x), and whether each row's LoRA units were added to it here (False: the caller
+    adds them by the tensor path).
+
+    A 1x1 convolution on channels-last input runs as the linear layer it is, on a view of x
+    as (rows, tokens, channels): the kernel then adds to that product's own output. Added
+    through the convolution's NCHW view instead, the compiled graph copied the output out and
+    back around every call (inductor keeps a mutation through a view functional: 1.2 ms of
+    copies over 8 layers at 32 rows of 64x64 where the kernel had nothing to add)."""
+    if isinstance(base, nn.Conv2d) and pointwise(base) and channels_last(x):
+        rows, _, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(rows, height * width, base.in_channels)
+        out = F.linear(tokens, base.weight.flatten(1), base.bias)
+        add_rows(out, tokens, down, up, units, scales, conv=False)
+        return out.view(rows, height, width, base.out_channels).permute(0, 3, 1, 2), True
+    out = base(x)
+    return out, add_rows(out, x, down, up, units, scales, isinstance(base, nn.Conv2d))
+
+
+def pointwise(conv: nn.Conv2d) -> bool:
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+    )
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
+
+
 def add_rows(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -69,6 +127,7 @@ def add_rows(
     units: torch.Tensor,
     scales: torch.Tensor,
     conv: bool,
+    tiles: Tiles = TILES,
 ) -> bool:
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
@@ -80,53 +139,39 @@ def add_rows(
     outputs = outs.shape[2]
     row_units = units.shape[1]
     ranks = scales.shape[1]
-    blocks = triton.cdiv(ranks, BLOCK)
-    h = torch.empty(rows, tokens, blocks * BLOCK, device=x.device, dtype=x.dtype)
-    token_tiles = triton.cdiv(tokens, TOKENS)
-    common: dict[str, Any] = {
-        "RANKS": ranks,
-        "ROW_UNITS": row_units,
-        "BLOCK": BLOCK,
-        "TOKENS": TOKENS,
-        "FEATURES": FEATURES,
-    }
-    _shrink[(rows, token_tiles, blocks)](
+    # Triton's own default is 4 warps; passed only when it differs (dynamo wraps a launch that
+    # names its warps in an autotuner of one config, a kernel record of its own per call).
+    launch: dict[str, Any] = {} if tiles.warps == 4 else {"num_warps": tiles.warps}
+    # Token tiles vary fastest: the programs of one row run side by side and share its units'
+    # weights in the L2 cache.
+    _rows[(triton.cdiv(tokens, tiles.tokens), rows)](
         xs,
         down,
+        up,
         units,
         scales,
-        h,
+        outs,
         tokens,
         inputs,
+        outputs,
         xs.stride(0),
         xs.stride(1),
         xs.stride(2),
         down.stride(0),
         down.stride(1),
         down.stride(2),
-        h.stride(0),
-        h.stride(1),
-        **common,
-    )
-    _expand[(rows, token_tiles, triton.cdiv(outputs, FEATURES))](
-        h,
-        up,
-        units,
-        scales,
-        outs,
-        tokens,
-        outputs,
-        h.stride(0),
-        h.stride(1),
         up.stride(0),
         up.stride(1),
         up.stride(2),
         outs.stride(0),
         outs.stride(1),
         outs.stride(2),
-        BLOCKS=blocks,
-        RANKS_P2=triton.next_power_of_2(ranks),
-        **common,
+        RANKS=ranks,
+        RANKS_P2=max(LEAST, triton.next_power_of_2(ranks)),
+        ROW_UNITS=row_units,
+        TOKENS=tiles.tokens,
+        FEATURES=tiles.features,
+        **launch,
     )
     return True
 
@@ -134,106 +179,67 @@ def add_rows(
 if triton is not None:
 
     @triton.jit
-    def _shrink(
+    def _rows(
         x,
         down,
+        up,
         units,
         scales,
-        h,
+        out,
         tokens,
         inputs,
+        outputs,
         sxb,
         sxn,
         sxk,
         sdu,
         sdr,
         sdk,
-        shb,
-        shn,
-        RANKS: tl.constexpr,
-        ROW_UNITS: tl.constexpr,
-        BLOCK: tl.constexpr,
-        TOKENS: tl.constexpr,
-        FEATURES: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        n = tl.program_id(1) * TOKENS + tl.arange(0, TOKENS)
-        r = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-        in_rank = r < RANKS
-        s = tl.load(scales + b * RANKS + r, mask=in_rank, other=0.0)
-        if tl.max(tl.abs(s), axis=0) != 0.0:
-            unit = tl.load(units + b * ROW_UNITS + r // 8, mask=in_rank, other=0)
-            acc = tl.zeros((TOKENS, BLOCK), dtype=tl.float32)
-            for k0 in range(0, inputs, FEATURES):
-                k = k0 + tl.arange(0, FEATURES)
-                xt = tl.load(
-                    x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
-                    mask=(n[:, None] < tokens) & (k[None, :] < inputs),
-                    other=0.0,
-                )
-                wt = tl.load(
-                    down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
-                    mask=(k[:, None] < inputs) & in_rank[None, :],
-                    other=0.0,
-                )
-                acc += tl.dot(xt, wt)
-            acc = acc * s[None, :]
-            tl.store(
-                h + b * shb + n[:, None] * shn + r[None, :],
-                acc.to(h.dtype.element_ty),
-                mask=n[:, None] < tokens,
-            )
-
-    @triton.jit
-    def _expand(
-        h,
-        up,
-        units,
-        scales,
-        out,
-        tokens,
-        outputs,
-        shb,
-        shn,
         suu,
         sur,
         suo,
         sob,
         son,
         soo,
-        BLOCKS: tl.constexpr,
-        RANKS_P2: tl.constexpr,
         RANKS: tl.constexpr,
+        RANKS_P2: tl.constexpr,
         ROW_UNITS: tl.constexpr,
-        BLOCK: tl.constexpr,
         TOKENS: tl.constexpr,
         FEATURES: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        n = tl.program_id(1) * TOKENS + tl.arange(0, TOKENS)
-        o = tl.program_id(2) * FEATURES + tl.arange(0, FEATURES)
-        row = tl.arange(0, RANKS_P2)
-        row_scales = tl.load(scales + b * RANKS + row, mask=row < RANKS, other=0.0)
-        if tl.max(tl.abs(row_scales), axis=0) != 0.0:  # a row without LoRA: out as it is
-            acc = tl.zeros((TOKENS, FEATURES), dtype=tl.float32)
-            for block in range(BLOCKS):
-                r = block * BLOCK + tl.arange(0, BLOCK)
-                in_rank = r < RANKS
-                s = tl.load(scales + b * RANKS + r, mask=in_rank, other=0.0)
-                if tl.max(tl.abs(s), axis=0) != 0.0:
-                    unit = tl.load(units + b * ROW_UNITS + r // 8, mask=in_rank, other=0)
-                    ht = tl.load(
-                        h + b * shb + n[:, None] * shn + r[None, :],
-                        mask=n[:, None] < tokens,
-                        other=0.0,
-                    )
-                    wt = tl.load(
-                        up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
-                        mask=in_rank[:, None] & (o[None, :] < outputs),
-                        other=0.0,
-                    )
-                    acc += tl.dot(ht, wt)
-            at = out + b * sob + n[:, None] * son + o[None, :] * soo
-            keep = (n[:, None] < tokens) & (o[None, :] < outputs)
-            base = tl.load(at, mask=keep, other=0.0)
-            tl.store(at, (base.to(tl.float32) + acc).to(out.dtype.element_ty), mask=keep)
+        n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        b = tl.program_id(1)
+        r = tl.arange(0, RANKS_P2)
+        s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
+        if tl.max(tl.abs(s), axis=0) != 0.0:  # a row without LoRA: out as it is
+            used = s != 0.0  # ranks past the row's LoRAs (or at weight 0): never read
+            unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
+            in_tokens = n < tokens
+            h = tl.zeros((TOKENS, RANKS_P2), dtype=tl.float32)
+            for k0 in range(0, inputs, FEATURES):
+                k = k0 + tl.arange(0, FEATURES)
+                xt = tl.load(
+                    x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
+                    mask=in_tokens[:, None] & (k[None, :] < inputs),
+                    other=0.0,
+                )
+                dt = tl.load(
+                    down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
+                    mask=(k[:, None] < inputs) & used[None, :],
+                    other=0.0,
+                )
+                h += tl.dot(xt, dt)
+            # Rounded to the layer's dtype as the tensor path's product is.
+            ht = (h * s[None, :]).to(out.dtype.element_ty)
+            for o0 in range(0, outputs, FEATURES):
+                o = o0 + tl.arange(0, FEATURES)
+                ut = tl.load(
+                    up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
+                    mask=used[:, None] & (o[None, :] < outputs),
+                    other=0.0,
+                )
+                at = out + b * sob + n[:, None] * son + o[None, :] * soo
+                keep = in_tokens[:, None] & (o[None, :] < outputs)
+                base = tl.load(at, mask=keep, other=0.0)
+                total = base.to(tl.float32) + tl.dot(ht, ut)
+                tl.store(at, total.to(out.dtype.element_ty), mask=keep)
