@@ -451,7 +451,27 @@ def service_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run with a small model")
     parser.add_argument("--side", type=int, default=512, help="image width and height")
     parser.add_argument("--arch", default="sd15", help="what make-tiny-model builds if missing")
+    parser.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="start from the compile cache an earlier run on this machine left (no cold start):"
+        " a variant's run beside a full one, or a start too long for one device call done in"
+        " two (what the first compiled before it was cut off is kept)",
+    )
     return parser
+
+
+def start_name(result: dict[str, Any]) -> str:
+    """What a result's first start was: cold, or from a cache an earlier run kept."""
+    return "from the compile cache kept" if result.get("cache_kept") else "no compile cache"
+
+
+def compile_cache(work: Path, name: str, args: Any) -> Path:
+    """The benchmark's compile cache: emptied first for a cold start, unless --keep-cache."""
+    cache = work / f"inductor-{name}"
+    if not args.keep_cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    return cache
 
 
 def chosen_loads(

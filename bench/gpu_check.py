@@ -47,7 +47,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -200,12 +199,10 @@ def sampled(args: Any, pid: int, work: Path, name: str) -> Future[dict[str, Any]
 
 
 def run(args: Any, work: Path) -> dict[str, Any]:
-    cache = work / "inductor-gpu-check"
+    cache = batching.compile_cache(work, "gpu-check", args)
     result: dict[str, Any] = {}
     if args.keep_cache:
         result["cache_kept"] = True  # its start is no cold start
-    else:
-        shutil.rmtree(cache, ignore_errors=True)
     warm, secs = args.warmup, args.seconds
     chosen = chosen_loads(args.loads, LOADS, NEEDS)  # refused before a start of minutes
     extra = {}
@@ -383,8 +380,6 @@ SWITCHES = {
     "--controlnets": "serve a ControlNet: kinds with a unit, (k) every request and (h) half"
     " controlled",
     "--no-restart": "no second start with the compile cache",
-    "--keep-cache": "start from the compile cache an earlier run left (no cold start): a"
-    " variant's run beside a full check's, in the minutes of one device call",
     "--masked-contexts": "the worker with SDSERVE_MASKED_CONTEXTS: rows of every prompt length"
     " in one call",
     "--profile": "sample the worker's threads with py-spy during (a) and (l): where each one"

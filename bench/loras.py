@@ -23,7 +23,6 @@ import asyncio
 import json
 import random
 import re
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import httpx
 
 from bench import batching
-from bench.batching import closed_loop, prepare, rate, service
+from bench.batching import closed_loop, compile_cache, prepare, rate, service
 from bench.bench import one_request
 from bench.worker_metrics import metric
 from worker.tiny_addons import build_tiny_lora
@@ -81,8 +80,8 @@ def write_loras(model: Path, folder: Path) -> dict[str, float]:
 
 
 def service_stage(args: Any, work: Path, folder: Path, result: dict[str, Any], save: Any) -> None:
-    cache = work / "inductor-loras"
-    shutil.rmtree(cache, ignore_errors=True)
+    cache = compile_cache(work, "loras", args)
+    result["cache_kept"] = args.keep_cache  # then its start is no cold start
     # `cold` is not there at start: it comes later, for the uncached request.
     cold = folder / "cold.safetensors"
     aside = folder.parent / "cold.safetensors"
@@ -231,6 +230,8 @@ def table(r: dict[str, Any]) -> str:
     if "recompiles" in s:
         rows.append(("recompiles while serving", f"{s['recompiles']:.0f}",
                      "0 " + ("met" if s["recompiles"] == 0 else "**missed**")))  # fmt: skip
+    if "cold_start_s" in s:
+        rows.append((f"start s ({batching.start_name(s)})", f"{s['cold_start_s']:.0f}", ""))
     for pool in s.get("pools", []):
         rows.append(("pools", pool.split(": ", 1)[-1], ""))
     return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]) + "\n"

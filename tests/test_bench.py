@@ -225,3 +225,21 @@ def test_the_threads_profile_sums_py_spys_samples_per_thread_and_frame(tmp_path:
     assert ("(outside sdserve)", 0.25) in found["source"]["ours"]
     text = "\n".join(threads.lines("a", {"threads": found, "gil": None}))
     assert "MainThread 80%" in text and "holding the lock: no samples" in text
+
+
+def test_a_start_too_long_for_one_call_goes_on_from_the_cache_the_first_left(
+    tmp_path: Path,
+) -> None:
+    """--keep-cache (every service benchmark): what an earlier run compiled, even one cut off
+    in its start, stays for the next run; without it the cache is emptied for a cold start,
+    and the tables name which start they show."""
+    parser = batching.service_parser("a benchmark", seconds=1)
+    cold, kept = parser.parse_args([]), parser.parse_args(["--keep-cache"])
+    cache = batching.compile_cache(tmp_path, "loras", cold)
+    (cache / "fxgraph").mkdir(parents=True)
+    (cache / "fxgraph" / "entry").write_text("compiled")
+    assert batching.compile_cache(tmp_path, "loras", kept) == cache
+    assert (cache / "fxgraph" / "entry").read_text() == "compiled"
+    assert not batching.compile_cache(tmp_path, "loras", cold).exists()
+    assert batching.start_name({"cache_kept": True}) == "from the compile cache kept"
+    assert batching.start_name({"cache_kept": False}) == "no compile cache"
