@@ -1,7 +1,8 @@
-"""The LoRA rows' Triton kernels (worker/lora_kernel.py) against the tensor path they stand in
-for on CUDA, run in Triton's interpreter on the CPU (a process of its own: the interpreter is
-chosen when the kernels are defined). Skipped where Triton is not installed; the GPU check
-runs the same comparison compiled on the GPU (`python3 -m bench.lora_kernel`)."""
+"""The LoRA rows' Triton kernel (worker/lora_kernel.py) against the tensor path it stands in
+for on CUDA, and in the whole pipeline against diffusers, run in Triton's interpreter on the
+CPU (a process of its own: the interpreter is chosen when the kernel is defined). Skipped where
+Triton is not installed; `python3 -m bench.lora_kernel` runs the comparison compiled on the
+GPU."""
 
 from __future__ import annotations
 
@@ -107,3 +108,35 @@ def test_the_tensor_path_serves_where_no_kernel_does() -> None:
     with torch.no_grad():
         got, plain = layer(x), layer.base(x)
     assert torch.equal(got[0], plain[0]) and not torch.allclose(got[1], plain[1])
+
+
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("triton") is None, reason="no Triton here"
+)
+def test_rows_through_the_kernel_make_diffusers_images() -> None:
+    """The whole pipeline with the kernel in the LoRA layers (Triton's interpreter standing in
+    for CUDA): each row with its LoRAs, and rows without, equal to diffusers' pipeline with
+    the same files loaded, for both families (tests/test_loras.py's comparison, which on the
+    CPU otherwise runs the tensor path). The kernel is counted, so a run that fell back to the
+    tensor path fails."""
+    script = (
+        "import sys, pytest\n"
+        "from worker import lora_kernel\n"
+        "calls = []\n"
+        "real = lora_kernel.add_rows\n"
+        "def counted(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    return real(*args, **kwargs)\n"
+        "lora_kernel.add_rows = counted\n"
+        "code = pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:xdist',"
+        " 'tests/test_loras.py::test_each_row_takes_its_loras_as_diffusers_does'])\n"
+        "print('kernel calls', len(calls))\n"
+        "sys.exit(int(code))\n"
+    )
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "2 passed" in done.stdout, done.stdout[-4000:]
+    calls = int(done.stdout.rsplit("kernel calls", 1)[1].split()[0])
+    assert calls > 0, done.stdout[-4000:]
