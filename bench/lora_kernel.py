@@ -72,12 +72,11 @@ def layer_inputs(conv: bool) -> torch.Tensor:
     return torch.randn(ROWS, SIDE * SIDE, FEATURES, device="cuda", dtype=torch.half)
 
 
-def kernel_alone(conv: bool, buffers: RowBuffers, tiles: Any) -> Any:
+def kernel_alone(
+    layers: list[RowLora], out: torch.Tensor, buffers: RowBuffers, conv: bool, tiles: Any
+) -> Any:
     """The 8 layers' kernel launches alone, on one output (what `timed` calls)."""
     from worker import lora_kernel
-
-    layers: list[RowLora] = list(stack(conv, buffers))  # type: ignore[arg-type]
-    out = layers[0].base(layer_inputs(conv))
 
     def call(x: torch.Tensor) -> None:
         for layer in layers:
@@ -99,12 +98,14 @@ def sweep(lines: list[str], result: dict[str, Any]) -> None:
     for conv in (False, True):
         buffers = RowBuffers(ROWS, ROW_UNITS, torch.device("cuda"))
         x = layer_inputs(conv)
+        layers: list[RowLora] = list(stack(conv, buffers))  # type: ignore[arg-type]
+        out = layers[0].base(x)  # one output the launches add to, made once per layer kind
         kind = "1x1 conv" if conv else "linear"
         for mix in ("half64", "all128"):
             write_mix(buffers, mix)
             for tokens, features, warps in itertools.product((32, 64, 128), (32, 64), (4, 8)):
                 tiles = lora_kernel.Tiles(tokens, features, warps)
-                ms = timed(kernel_alone(conv, buffers, tiles), x)
+                ms = timed(kernel_alone(layers, out, buffers, conv, tiles), x)
                 result["sweep"].append({"layers": kind, "mix": mix, "tiles": tiles.__dict__,
                                         "ms": ms})  # fmt: skip
                 lines.append(f"| {kind} | {mix} | {tokens} | {features} | {warps} | {ms:.3f} |")
