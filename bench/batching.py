@@ -443,7 +443,8 @@ def service_parser(doc: str, seconds: float) -> argparse.ArgumentParser:
     """The options of every benchmark that runs the service as processes."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
-    parser.add_argument("--model", default="/tmp/sdserve-bench/sd15")
+    what = "the model's folder (default: /tmp/sdserve-bench/ARCH, built there if missing)"
+    parser.add_argument("--model", default=None, help=what)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--warmup", type=float, default=10)
@@ -529,6 +530,10 @@ def prepare(args: argparse.Namespace) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
+    # By architecture: an SDXL run on a machine that an SD1.5 run used before must not find
+    # the SD1.5 model in a shared default folder and serve it.
+    if args.model is None:
+        args.model = str(work / args.arch)
     if not Path(args.model, "model_index.json").exists():
         build_tiny_model(Path(args.model), args.arch)
     return work
