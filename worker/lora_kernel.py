@@ -6,8 +6,8 @@ Why: the plain tensor path (`RowLora.forward`'s gather and two batched products)
 rank 128 on a LoRA-serving worker, paid by rows that carry no LoRA. Here every program looks
 at its row's scales first: a row without LoRA costs one load of its scales and nothing else,
 and ranks past its LoRAs' own are never read. The grid depends only on the call's shapes, never
-on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes
-(dynamo traces user Triton kernels into the compiled graph).
+on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes.
+In a compiled graph the kernel is one opaque op (`sdserve::lora_rows`, see `add_rows`).
 
 One program takes one row's tile of tokens through both products, so the layer's input is
 read once and its output read and written once, the least a LoRA added after the base layer
@@ -19,7 +19,8 @@ activations out and read each row's input once per 16 ranks):
 
 x and out are seen as (rows, tokens, features) through their strides (a 1x1 convolution's
 channels are its features, in either memory format). CPU tests run the kernel in Triton's
-interpreter (TRITON_INTERPRET=1, tests/test_lora_kernel.py) against the tensor path.
+interpreter (TRITON_INTERPRET=1, tests/test_lora_kernel.py) against the tensor path, eager and
+inside a graph inductor compiled.
 """
 
 from __future__ import annotations
@@ -132,16 +133,71 @@ def add_rows(
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
     float32. False (and out untouched) when the shapes suit only the tensor path."""
-    xs, outs = as_tokens(x, conv), as_tokens(out, conv)
-    if xs is None or outs is None:
+    if as_tokens(x, conv) is None or as_tokens(out, conv) is None:
         return False
+    if torch.compiler.is_compiling():
+        # One opaque op in the compiled graph (`lora_rows` below). A Triton kernel launched
+        # here would be traced instead, and dynamo works out what a user kernel writes from
+        # its Triton IR, compiled again at every call site: hundreds in a UNet with LoRA
+        # layers (192 in SD1.5's, about 700 in SDXL's), in every compiled size.
+        torch.ops.sdserve.lora_rows(
+            out, x, down, up, units, scales, conv, tiles.tokens, tiles.features, tiles.warps
+        )
+    else:
+        launch(out, x, down, up, units, scales, conv, tiles)
+    return True
+
+
+@torch.library.custom_op("sdserve::lora_rows", mutates_args=("out",))
+def lora_rows(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+    conv: bool,
+    tokens: int,
+    features: int,
+    warps: int,
+) -> None:
+    """`add_rows` as the compiled graph calls it: it writes `out` in place and nothing else."""
+    launch(out, x, down, up, units, scales, conv, Tiles(tokens, features, warps))
+
+
+@lora_rows.register_fake
+def _lora_rows_traced(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+    conv: bool,
+    tokens: int,
+    features: int,
+    warps: int,
+) -> None:
+    return None
+
+
+def launch(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+    conv: bool,
+    tiles: Tiles,
+) -> None:
+    xs, outs = as_tokens(x, conv), as_tokens(out, conv)
+    assert xs is not None and outs is not None  # add_rows looked
     rows, tokens, inputs = xs.shape
     outputs = outs.shape[2]
     row_units = units.shape[1]
     ranks = scales.shape[1]
-    # Triton's own default is 4 warps; passed only when it differs (dynamo wraps a launch that
-    # names its warps in an autotuner of one config, a kernel record of its own per call).
-    launch: dict[str, Any] = {} if tiles.warps == 4 else {"num_warps": tiles.warps}
+    config: dict[str, Any] = {} if tiles.warps == 4 else {"num_warps": tiles.warps}
     # Token tiles vary fastest: the programs of one row run side by side and share its units'
     # weights in the L2 cache.
     _rows[(triton.cdiv(tokens, tiles.tokens), rows)](
@@ -171,9 +227,8 @@ def add_rows(
         ROW_UNITS=row_units,
         TOKENS=tiles.tokens,
         FEATURES=tiles.features,
-        **launch,
+        **config,
     )
-    return True
 
 
 if triton is not None:
