@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,50 +134,13 @@ def add_rows(
     float32. False (and out untouched) when the shapes suit only the tensor path."""
     if as_tokens(x, conv) is None or as_tokens(out, conv) is None:
         return False
-    if torch.compiler.is_compiling():
-        # One opaque op in the compiled graph (`lora_rows` below). A Triton kernel launched
-        # here would be traced instead, and dynamo works out what a user kernel writes from
-        # its Triton IR, compiled again at every call site: hundreds in a UNet with LoRA
-        # layers (192 in SD1.5's, about 700 in SDXL's), in every compiled size.
-        torch.ops.sdserve.lora_rows(
-            out, x, down, up, units, scales, conv, tiles.tokens, tiles.features, tiles.warps
-        )
-    else:
-        launch(out, x, down, up, units, scales, conv, tiles)
+    # In a compiled graph, one opaque op (`lora_rows` below). The kernel launched there
+    # would be traced instead, and dynamo works out what a user kernel writes from its Triton
+    # IR, built again at every call site: hundreds in a UNet with LoRA layers (192 in SD1.5's,
+    # about 700 in SDXL's), in every compiled size.
+    run = torch.ops.sdserve.lora_rows if torch.compiler.is_compiling() else launch
+    run(out, x, down, up, units, scales, conv, tiles.tokens, tiles.features, tiles.warps)
     return True
-
-
-@torch.library.custom_op("sdserve::lora_rows", mutates_args=("out",))
-def lora_rows(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    units: torch.Tensor,
-    scales: torch.Tensor,
-    conv: bool,
-    tokens: int,
-    features: int,
-    warps: int,
-) -> None:
-    """`add_rows` as the compiled graph calls it: it writes `out` in place and nothing else."""
-    launch(out, x, down, up, units, scales, conv, Tiles(tokens, features, warps))
-
-
-@lora_rows.register_fake
-def _lora_rows_traced(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    units: torch.Tensor,
-    scales: torch.Tensor,
-    conv: bool,
-    tokens: int,
-    features: int,
-    warps: int,
-) -> None:
-    return None
 
 
 def launch(
@@ -189,18 +151,20 @@ def launch(
     units: torch.Tensor,
     scales: torch.Tensor,
     conv: bool,
-    tiles: Tiles,
+    tile_tokens: int,
+    tile_features: int,
+    warps: int,
 ) -> None:
+    """`add_rows`'s launch (its checks done); the op's body in compiled graphs."""
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
     assert xs is not None and outs is not None  # add_rows looked
     rows, tokens, inputs = xs.shape
     outputs = outs.shape[2]
     row_units = units.shape[1]
     ranks = scales.shape[1]
-    config: dict[str, Any] = {} if tiles.warps == 4 else {"num_warps": tiles.warps}
     # Token tiles vary fastest: the programs of one row run side by side and share its units'
     # weights in the L2 cache.
-    _rows[(triton.cdiv(tokens, tiles.tokens), rows)](
+    _rows[(triton.cdiv(tokens, tile_tokens), rows)](
         xs,
         down,
         up,
@@ -225,10 +189,16 @@ def launch(
         RANKS=ranks,
         RANKS_P2=max(LEAST, triton.next_power_of_2(ranks)),
         ROW_UNITS=row_units,
-        TOKENS=tiles.tokens,
-        FEATURES=tiles.features,
-        **config,
+        TOKENS=tile_tokens,
+        FEATURES=tile_features,
+        num_warps=warps,
     )
+
+
+# The op that compiled graphs call: it writes `out` in place and nothing else, and tracing
+# sees only that (its fake returns nothing).
+lora_rows = torch.library.custom_op("sdserve::lora_rows", mutates_args=("out",))(launch)
+lora_rows.register_fake(lambda *args: None)
 
 
 if triton is not None:
