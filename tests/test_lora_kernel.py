@@ -72,8 +72,8 @@ def compare() -> None:
             got = layer(x)
             plain = base(x)
         assert got.shape == want.shape
-        # A channels-last 1x1 convolution runs as a linear layer: its output keeps the layout
-        # the convolution gives, which the compiled graph's next layers were traced with.
+        # The layout the base layer gives, which a compiled graph's next layers were traced
+        # with.
         assert got.stride() == plain.stride(), (got.stride(), plain.stride())
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for r in range(x.shape[0]):
@@ -116,9 +116,8 @@ def write_rows(buffers: RowBuffers, scales: dict[int, float]) -> None:
 def compiled() -> None:
     """The kernel inside a graph compiled by inductor, as the worker compiles the UNet: equal
     to the tensor path; a new mix of LoRA rows replays without compiling again; each adapted
-    layer is one call of the `sdserve::lora_rows` op, in place on its base product's output,
-    with no copy of any output around it (a kernel that wrote through a view of the output
-    made inductor copy it out and back)."""
+    layer is one call of the `sdserve::lora_layer` op (its base product and the kernel), with
+    no copy of any input or output around it."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -140,7 +139,7 @@ def compiled() -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             assert got.is_contiguous(memory_format=torch.channels_last)
     code = "\n".join(codes)
-    assert code.count("torch.ops.sdserve.lora_rows.default(") == 3, code
+    assert code.count("torch.ops.sdserve.lora_layer.default(") == 3, code
     for copy in ("cpp_fused", "clone", "copy_"):
         assert copy not in code, f"{copy} in the compiled graph:\n{code}"
     print("compiled: equal, no copies")

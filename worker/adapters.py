@@ -156,13 +156,12 @@ class RowLora(nn.Module):
         buffers: RowBuffers = self.buffers_  # type: ignore[assignment]
         if buffers.kernels and lora_kernel.usable(x):
             # On CUDA: rows without LoRA and ranks a row does not use cost nothing.
-            out, added = lora_kernel.layer(
+            added = lora_kernel.layer(
                 self.base, x, self.down, self.up, buffers.units, buffers.scales
             )
-            if added:
-                return out
-        else:
-            out = self.base(x)
+            if added is not None:
+                return added
+        out: torch.Tensor = self.base(x)
         units = buffers.units[:rows]
         scales = buffers.scales[:rows].to(x.dtype)
         down = self.down[units].flatten(1, 2)  # (rows, ranks, in)

@@ -7,7 +7,8 @@ rank 128 on a LoRA-serving worker, paid by rows that carry no LoRA. Here every p
 at its row's scales first: a row without LoRA costs one load of its scales and nothing else,
 and ranks past its LoRAs' own are never read. The grid depends only on the call's shapes, never
 on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes.
-In a compiled graph the kernel is one opaque op (`sdserve::lora_rows`, see `add_rows`).
+In a compiled graph a whole adapted layer, its base product and the kernel, is one opaque op
+(`sdserve::lora_layer`, see `layer`).
 
 One program takes one row's tile of tokens through both products, so the layer's input is
 read once and its output read and written once, the least a LoRA added after the base layer
@@ -87,23 +88,53 @@ def layer(
     up: torch.Tensor,
     units: torch.Tensor,
     scales: torch.Tensor,
-) -> tuple[torch.Tensor, bool]:
-    """base(x), and whether each row's LoRA units were added to it here (False: the caller
-    adds them by the tensor path).
+) -> torch.Tensor | None:
+    """base(x) with each row's LoRA units added, or None where the shapes suit only the
+    tensor path (the caller takes it).
 
-    A 1x1 convolution on channels-last input runs as the linear layer it is, on a view of x
-    as (rows, tokens, channels): the kernel then adds to that product's own output. Added
-    through the convolution's NCHW view instead, the compiled graph copied the output out and
-    back around every call (inductor keeps a mutation through a view functional: 1.2 ms of
-    copies over 8 layers at 32 rows of 64x64 where the kernel had nothing to add)."""
-    if isinstance(base, nn.Conv2d) and pointwise(base) and channels_last(x):
-        rows, _, height, width = x.shape
-        tokens = x.permute(0, 2, 3, 1).reshape(rows, height * width, base.in_channels)
-        out = F.linear(tokens, base.weight.flatten(1), base.bias)
-        add_rows(out, tokens, down, up, units, scales, conv=False)
-        return out.view(rows, height, width, base.out_channels).permute(0, 3, 1, 2), True
-    out = base(x)
-    return out, add_rows(out, x, down, up, units, scales, isinstance(base, nn.Conv2d))
+    In a compiled graph the whole layer, its base product and the kernel, is one opaque op
+    (`sdserve::lora_layer`) that returns a new tensor. Traced through instead, the layer's
+    views and the kernel's in-place write cost dynamo and AOT autograd most of what the whole
+    UNet without LoRA layers costs (on a CPU: 13.7 s without LoRA layers, 21.8 s with them
+    traced, 16.0 s as one op each for SD1.5's 224 adapted layers; 32.8, 61.8 and 38.0 s for
+    SDXL's 862: BENCHMARKS.md, twenty-fourth session), and inductor kept a write through a
+    view functional, copying the output out and back."""
+    if isinstance(base, nn.Linear):
+        if x.dim() not in (2, 3):
+            return None
+    elif not pointwise(base) or x.dim() != 4 or as_tokens(x, conv=True) is None:
+        return None
+    op = torch.ops.sdserve.lora_layer if torch.compiler.is_compiling() else layer_rows
+    return op(x, base.weight, base.bias, down, up, units, scales)
+
+
+def layer_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+) -> torch.Tensor:
+    """`layer`'s body: the base product (a linear layer's, or a 1x1 convolution's in either
+    memory format), then the kernel adds the rows' units to it in place, its own new output."""
+    conv = weight.dim() == 4
+    out = F.conv2d(x, weight, bias) if conv else F.linear(x, weight, bias)
+    if not add_rows(out, x, down, up, units, scales, conv):
+        raise ValueError(f"no kernel view of the layer's output {tuple(out.stride())}")
+    return out
+
+
+def base_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *rest: torch.Tensor
+) -> torch.Tensor:
+    """What the op returns, as tracing sees it: the base product's shape and strides."""
+    return F.conv2d(x, weight, bias) if weight.dim() == 4 else F.linear(x, weight, bias)
+
+
+lora_layer = torch.library.custom_op("sdserve::lora_layer", mutates_args=())(layer_rows)
+lora_layer.register_fake(base_product)
 
 
 def pointwise(conv: nn.Conv2d) -> bool:
@@ -113,10 +144,6 @@ def pointwise(conv: nn.Conv2d) -> bool:
         and conv.padding == (0, 0)
         and conv.groups == 1
     )
-
-
-def channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
 
 
 def add_rows(
@@ -134,12 +161,7 @@ def add_rows(
     float32. False (and out untouched) when the shapes suit only the tensor path."""
     if as_tokens(x, conv) is None or as_tokens(out, conv) is None:
         return False
-    # In a compiled graph, one opaque op (`lora_rows` below). The kernel launched there
-    # would be traced instead, and dynamo works out what a user kernel writes from its Triton
-    # IR, built again at every call site: hundreds in a UNet with LoRA layers (192 in SD1.5's,
-    # about 700 in SDXL's), in every compiled size.
-    run = torch.ops.sdserve.lora_rows if torch.compiler.is_compiling() else launch
-    run(out, x, down, up, units, scales, conv, tiles.tokens, tiles.features, tiles.warps)
+    launch(out, x, down, up, units, scales, conv, tiles.tokens, tiles.features, tiles.warps)
     return True
 
 
@@ -155,7 +177,7 @@ def launch(
     tile_features: int,
     warps: int,
 ) -> None:
-    """`add_rows`'s launch (its checks done); the op's body in compiled graphs."""
+    """`add_rows`'s launch (its checks done)."""
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
     assert xs is not None and outs is not None  # add_rows looked
     rows, tokens, inputs = xs.shape
@@ -193,12 +215,6 @@ def launch(
         FEATURES=tile_features,
         num_warps=warps,
     )
-
-
-# The op that compiled graphs call: it writes `out` in place and nothing else, and tracing
-# sees only that (its fake returns nothing).
-lora_rows = torch.library.custom_op("sdserve::lora_rows", mutates_args=("out",))(launch)
-lora_rows.register_fake(lambda *args: None)
 
 
 if triton is not None:
