@@ -167,34 +167,16 @@ def add_rows(
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
     float32. False (and out untouched) when the shapes suit only the tensor path."""
-    if as_tokens(x, conv) is None or as_tokens(out, conv) is None:
-        return False
-    launch(out, x, down, up, units, scales, conv, tiles.tokens, tiles.features, tiles.warps)
-    return True
-
-
-def launch(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    units: torch.Tensor,
-    scales: torch.Tensor,
-    conv: bool,
-    tile_tokens: int,
-    tile_features: int,
-    warps: int,
-) -> None:
-    """`add_rows`'s launch (its checks done)."""
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
-    assert xs is not None and outs is not None  # add_rows looked
+    if xs is None or outs is None:
+        return False
     rows, tokens, inputs = xs.shape
     outputs = outs.shape[2]
     row_units = units.shape[1]
     ranks = scales.shape[1]
     # Token tiles vary fastest: the programs of one row run side by side and share its units'
     # weights in the L2 cache.
-    _rows[(triton.cdiv(tokens, tile_tokens), rows)](
+    _rows[(triton.cdiv(tokens, tiles.tokens), rows)](
         xs,
         down,
         up,
@@ -219,10 +201,11 @@ def launch(
         RANKS=ranks,
         RANKS_P2=max(LEAST, triton.next_power_of_2(ranks)),
         ROW_UNITS=row_units,
-        TOKENS=tile_tokens,
-        FEATURES=tile_features,
-        num_warps=warps,
+        TOKENS=tiles.tokens,
+        FEATURES=tiles.features,
+        num_warps=tiles.warps,
     )
+    return True
 
 
 if triton is not None:
