@@ -27,7 +27,6 @@ def variant(arch: str, lora: bool, backend: str) -> None:
     """One compile, printed as `seconds <compile_inner> <layers>`."""
     os.environ["TRITON_INTERPRET"] = "1"  # the LoRA layers take the kernel's side on the CPU
     import torch
-    import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
     from torch._dynamo.utils import compile_times
 
@@ -38,7 +37,7 @@ def variant(arch: str, lora: bool, backend: str) -> None:
     @lora_kernel.lora_layer.register_kernel("cpu")
     def _tensor_path(x, weight, bias, down, up, units, scales):  # type: ignore[no-untyped-def]
         conv = weight.dim() == 4
-        out = F.conv2d(x, weight, bias) if conv else F.linear(x, weight, bias)
+        out = lora_kernel.base_product(x, weight, bias)
         rows = x.shape[0]
         xs, outs = lora_kernel.as_tokens(x, conv), lora_kernel.as_tokens(out, conv)
         assert xs is not None and outs is not None  # `layer` looked
