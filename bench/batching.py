@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -492,20 +493,35 @@ def chosen_loads(
 
 
 def provenance(device: str) -> dict[str, str]:
-    """Where a run's figures come from: the GPU, the date, the commit and the command line. A
-    copy of a working tree (the lent GPU machines get one) may sit on an older HEAD: its
-    uncommitted changes are said."""
+    """Where a run's figures come from: the GPU, the date, the commit and the command line."""
     import torch
 
-    def git(*words: str) -> str:
-        return subprocess.run(["git", *words], capture_output=True, text=True).stdout.strip()
-
-    commit = (git("rev-parse", "--short", "HEAD") or "?") + (
-        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
-    )
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    return {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+    return {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "commit": source_tree(),
             "command": " ".join(sys.argv)}  # fmt: skip
+
+
+def source_tree(where: Path | None = None) -> str:
+    """The commit the code was run from, or, where the working tree differs from its HEAD,
+    the HEAD and the git tree of the files as they are (tracked and untracked, less the
+    ignored), so a run on a copy of a working tree that sits on an older HEAD (the lent GPU
+    machines get one) still names its code: `git log --format='%h %T'` finds the commit whose
+    tree it is. The tree is written through an index of its own, so the repository's index
+    and HEAD are left alone (its new blobs stay unreferenced until git's own clean-up)."""
+
+    def git(*words: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(["git", *words], capture_output=True, text=True, cwd=where,
+                              env=env)  # fmt: skip
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    if not git("status", "--porcelain"):
+        return head
+    with tempfile.TemporaryDirectory() as scratch:
+        index = os.environ | {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        git("add", "-A", env=index)
+        tree = git("write-tree", env=index)
+    return f"{head} + uncommitted changes (tree {tree[:12] or '?'})"
 
 
 def recorded(out: Path, name: str, device: str) -> tuple[dict[str, Any], Callable[[], None]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,32 @@ def test_a_start_too_long_for_one_call_goes_on_from_the_cache_the_first_left(
     assert not batching.compile_cache(tmp_path, "loras", cold).exists()
     assert batching.start_name({"cache_kept": True}) == "from the compile cache kept"
     assert batching.start_name({"cache_kept": False}) == "no compile cache"
+
+
+def test_a_run_names_the_code_it_ran_even_on_a_copy_with_an_older_head(tmp_path: Path) -> None:
+    """`source_tree`: a clean checkout is its commit; a copy whose files differ from its HEAD
+    (the lent GPU machines get one, its .git older than the files) names the git tree of the
+    files as they are, which is the tree of the commit that holds them, untracked new files
+    included; the copy's own index is left as it was."""
+    from bench.batching import source_tree
+
+    def git(*words: str) -> str:
+        done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *words],
+                              cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "worker.py").write_text("old\n")
+    git("add", "-A")
+    git("commit", "-qm", "old")
+    old = git("rev-parse", "--short", "HEAD")
+    assert source_tree(tmp_path) == old
+    (tmp_path / "worker.py").write_text("new\n")
+    (tmp_path / "added.py").write_text("a file the old HEAD lacks\n")
+    said = source_tree(tmp_path)
+    # The copy's index is untouched: nothing staged, the new file still untracked.
+    assert git("diff", "--cached", "--name-only") == "" and git("ls-files") == "worker.py"
+    git("add", "-A")
+    git("commit", "-qm", "new")
+    tree = git("rev-parse", "HEAD^{tree}")
+    assert said == f"{old} + uncommitted changes (tree {tree[:12]})"
