@@ -7,9 +7,13 @@ SD1.5's largest LoRA layers (32 rows, 64x64 latents: 4096 tokens of 320 features
 a rank-64 LoRA, every row at rank 128): ms per stack call for the base layers alone, the tensor
 path and the kernel, and the largest difference between the two paths. `--sweep` first times
 the kernel alone (eager launches, the same layers and mixes) for each way of cutting its work
-(`worker.lora_kernel.Tiles`), to choose the defaults.
+(`worker.lora_kernel.Tiles`), to choose the defaults. `--shapes` first times the kernel on the
+UNets' other layer shapes (deep levels, feed-forward, cross-attention, time embedding) at 2
+rows (one request alone) and 32, every row with a rank-64 LoRA, with its outputs spread over
+the GPU (`worker.lora_kernel.cut`) and without, beside the base linear layer: 8 launches
+replayed from a CUDA graph, so Python's launch costs are not counted.
 
-    python3 -m bench.lora_kernel --out DIR [--sweep]
+    python3 -m bench.lora_kernel --out DIR [--sweep] [--shapes]
 """
 
 from __future__ import annotations
@@ -113,16 +117,103 @@ def sweep(lines: list[str], result: dict[str, Any]) -> None:
     lines.append("")
 
 
+# (what, tokens, input features, output features): the layers `stack` leaves out.
+SHAPES = [
+    ("SD1.5 16x16 feed-forward in", 256, 1280, 10240),
+    ("SD1.5 16x16 feed-forward out", 256, 5120, 1280),
+    ("SD1.5 cross-attention key", 77, 768, 1280),
+    ("SD1.5 64x64 attention", 4096, 320, 320),
+    ("SDXL 32x32 attention", 1024, 1280, 1280),
+    ("SDXL 32x32 feed-forward in", 1024, 1280, 10240),
+    ("SDXL 32x32 feed-forward out", 1024, 5120, 1280),
+    ("time embedding", 1, 1280, 1280),
+]
+
+
+def graphed_ms(call: Any, turns: int = 20) -> float:
+    """ms per call of `call` (8 launches), captured once in a CUDA graph and replayed."""
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(turns):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / turns * 1000
+
+
+def shape_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, float]:
+    """ms over 8 launches of one layer shape: the base linear layer, the kernel with one
+    program a token tile, and with its outputs spread (every row a rank-64 LoRA)."""
+    import torch.nn.functional as F
+
+    from worker import lora_kernel
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.half) * 0.02
+
+    x, weight = randn(rows, tokens, inputs), randn(outputs, inputs)
+    out = F.linear(x, weight)
+    down, up = randn(POOL, UNIT, inputs), randn(POOL, UNIT, outputs)
+    units = torch.arange(1, 9, device="cuda").repeat(rows, 2)  # rank 64 of 128
+    scales = torch.zeros(rows, ROW_UNITS * UNIT, device="cuda")
+    scales[:, : 8 * UNIT] = 0.8
+
+    def kernel(tiles: Any) -> Any:
+        def call() -> None:
+            for _ in range(DEPTH):
+                lora_kernel.add_rows(out, x, down, up, units, scales, False, tiles)
+
+        return call
+
+    def base() -> None:
+        for _ in range(DEPTH):
+            F.linear(x, weight)
+
+    return {
+        "base": graphed_ms(base),
+        "one": graphed_ms(kernel(lora_kernel.Tiles(spread=False))),
+        "spread": graphed_ms(kernel(lora_kernel.Tiles())),
+    }
+
+
+def shapes(lines: list[str], result: dict[str, Any]) -> None:
+    """The kernel's ms over 8 launches for each of `SHAPES`, spread and not, beside the base."""
+    lines += [
+        "| layer (tokens, in, out) | rows | base ms | kernel, one program a token tile ms |"
+        " kernel, outputs spread ms | spread / one |",
+        "|---|---|---|---|---|---|",
+    ]
+    result["shapes"] = []
+    for (what, tokens, inputs, outputs), rows in itertools.product(SHAPES, (2, 32)):
+        ms = shape_ms(tokens, inputs, outputs, rows)
+        result["shapes"].append({"layer": what, "tokens": tokens, "inputs": inputs,
+                                 "outputs": outputs, "rows": rows, "ms": ms})  # fmt: skip
+        lines.append(
+            f"| {what} ({tokens}, {inputs}, {outputs}) | {rows} | {ms['base']:.3f} |"
+            f" {ms['one']:.3f} | {ms['spread']:.3f} | {ms['spread'] / ms['one']:.2f} |"
+        )
+        print(lines[-1], flush=True)
+    lines.append("")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="time each tiling first")
+    parser.add_argument("--shapes", action="store_true", help="time the other layer shapes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": [], "sweep": []}
     lines: list[str] = []
-    if args.sweep:
-        with torch.no_grad():
+    with torch.no_grad():
+        if args.shapes:
+            shapes(lines, result)
+        if args.sweep:
             sweep(lines, result)
     lines += ["| layers | mix | base ms | tensor path ms | kernels ms | max diff |",
              "|---|---|---|---|---|---|"]  # fmt: skip

@@ -62,6 +62,9 @@ def compare() -> None:
         (nn.Conv2d(24, 48, 1), torch.randn(6, 24, 9, 7), 4),
         (nn.Conv2d(24, 48, 1), torch.randn(6, 24, 9, 7).to(memory_format=torch.channels_last), 6),
         (nn.Linear(32, 20), torch.randn(6, 3, 32), 1),
+        # Outputs split among programs (`cut`: 4 spans of 64), one token a row (a time
+        # embedding's layer): a 16-token tile.
+        (nn.Linear(48, 230), torch.randn(5, 48), 4),
     ]
     for base, x, row_units in cases:
         layer, buffers = layer_and_rows(base, x.shape[0], row_units, pool=8)
@@ -156,7 +159,33 @@ def test_kernel_equals_the_tensor_path_in_the_interpreter(check: str) -> None:
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("equal") == (5 if check == "compare" else 1), done.stdout
+    assert done.stdout.count("equal") == (6 if check == "compare" else 1), done.stdout
+
+
+def test_a_small_call_spreads_over_the_gpu_and_a_large_one_does_not() -> None:
+    """`cut`: one request alone (2 rows) on SDXL's deep feed-forward layer splits its 10240
+    outputs until about two programs an SM run; 62 rows at SD1.5's 64x64 level already fill
+    the GPU and keep one program per token tile; tiles shrink to what few tokens need, never
+    below tl.dot's 16; every split but the last is whole tiles, and the spans cover the
+    outputs once."""
+    from worker.lora_kernel import Cut, Tiles, cut
+
+    tiles = Tiles()
+    alone = cut(rows=2, tokens=1024, outputs=10240, tiles=tiles, sms=132)
+    programs = 2 * (1024 // alone.tokens) * -(-10240 // alone.span)
+    assert alone.tokens == 128 and 132 < programs <= 2 * 132 + 2 * 8, alone
+    assert cut(rows=62, tokens=4096, outputs=320, tiles=tiles, sms=132) == Cut(128, 320)
+    assert cut(rows=2, tokens=1, outputs=1280, tiles=tiles, sms=132).tokens == 16
+    assert cut(rows=2, tokens=77, outputs=1280, tiles=tiles, sms=132).tokens == 128
+    assert cut(rows=2, tokens=40, outputs=1280, tiles=tiles, sms=132).tokens == 64
+    one = Tiles(spread=False)
+    assert cut(rows=2, tokens=1024, outputs=10240, tiles=one, sms=132) == Cut(128, 10240)
+    for outputs in (1, 63, 64, 65, 230, 1280, 10240):
+        for rows in (1, 2, 7, 64):
+            got = cut(rows, 256, outputs, tiles, sms=132)
+            spans = -(-outputs // got.span)
+            assert got.span % tiles.features == 0
+            assert (spans - 1) * got.span < outputs <= spans * got.span
 
 
 def test_the_tensor_path_serves_where_no_kernel_does() -> None:

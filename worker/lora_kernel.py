@@ -13,7 +13,8 @@ In a compiled graph a whole adapted layer, its base product and the kernel, is o
 One program takes one row's tile of tokens through both products, so the layer's input is
 read once and its output read and written once, the least a LoRA added after the base layer
 can move (the twenty-third session measured the earlier two kernels, which wrote the rank
-activations out and read each row's input once per 16 ranks):
+activations out and read each row's input once per 16 ranks); a call too small to fill the
+GPU that way also splits its outputs among programs (`cut`):
 
     h[n, r]    = scale[b, r] * sum_k x[b, n, k] * down[unit[b, r // 8], r % 8, k]   (registers)
     out[b, n, o] += sum_r h[n, r] * up[unit[b, r // 8], r % 8, o]
@@ -26,6 +27,7 @@ inside a graph inductor compiled.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -42,13 +44,16 @@ except ImportError:  # CPU images: the tensor path serves
 
 @dataclass(frozen=True)
 class Tiles:
-    """How one program's work is cut: `tokens` a program takes, features per loop turn of
-    either product, and the warps that run it. The defaults were chosen on an H100 by
-    `python3 -m bench.lora_kernel --sweep` (BENCHMARKS.md)."""
+    """How one program's work is cut: `tokens` a program takes (at most), features per loop
+    turn of either product, and the warps that run it. The defaults were chosen on an H100 by
+    `python3 -m bench.lora_kernel --sweep` (BENCHMARKS.md). `spread`: a call too small to
+    fill the GPU with one program per row's token tile also splits the layer's outputs among
+    programs (see `cut`)."""
 
     tokens: int = 128
     features: int = 64
     warps: int = 4
+    spread: bool = True
 
 
 TILES = Tiles()
@@ -145,6 +150,47 @@ lora_layer = torch.library.custom_op("sdserve::lora_layer", mutates_args=())(lay
 lora_layer.register_fake(base_product)
 
 
+@dataclass(frozen=True)
+class Cut:
+    """One call's grid: `tokens` per program (a power of two, at least tl.dot's 16), and
+    `span` output features per program (a multiple of the tiles' features), so that the grid
+    is (token tiles, rows, output spans)."""
+
+    tokens: int
+    span: int
+
+
+def cut(rows: int, tokens: int, outputs: int, tiles: Tiles, sms: int) -> Cut:
+    """How a call's work is shared among programs; a function of the call's shapes only, so a
+    CUDA graph replays it whatever the mix of LoRA rows.
+
+    Why split the outputs: one program per row's token tile runs the down product over every
+    input feature and then the up product over every output feature, in order. Where a call
+    has few programs (one request alone: 2 rows; the UNet's deep levels: 64 to 1024 tokens)
+    the GPU's SMs stand idle while a few programs walk chains of up to 160 turns (SDXL's
+    feed-forward layers, 1280 to 10240 features): a cached LoRA made one SDXL image alone
+    take 2.34 s against 1.07 s without (bench.loras, BENCHMARKS.md, twenty-sixth session).
+    Split, each program recomputes its tile's low-rank activations (the down product, ranks
+    x inputs per token, cheap beside the layer) and adds them to its own outputs only, so the
+    sums and their rounding are the same as unsplit, and the grid is about two programs an SM."""
+    token_tile = min(tiles.tokens, max(LEAST, 1 << (tokens - 1).bit_length()))
+    whole = -(-outputs // tiles.features)  # output tiles in all
+    splits = 1
+    if tiles.spread:
+        programs = rows * -(-tokens // token_tile)
+        splits = max(1, min(whole, -(-2 * sms // programs)))
+    span = -(-whole // splits) * tiles.features
+    return Cut(token_tile, span)
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The SMs the grid should fill (Triton's interpreter: an H100's 132)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def pointwise(conv: nn.Conv2d) -> bool:
     return (
         conv.kernel_size == (1, 1)
@@ -174,9 +220,11 @@ def add_rows(
     outputs = outs.shape[2]
     row_units = units.shape[1]
     ranks = scales.shape[1]
+    grid = cut(rows, tokens, outputs, tiles, multiprocessors(out.device))
     # Token tiles vary fastest: the programs of one row run side by side and share its units'
     # weights in the L2 cache.
-    _rows[(triton.cdiv(tokens, tiles.tokens), rows)](
+    spans = triton.cdiv(outputs, grid.span)
+    _rows[(triton.cdiv(tokens, grid.tokens), rows, spans)](
         xs,
         down,
         up,
@@ -198,10 +246,11 @@ def add_rows(
         outs.stride(0),
         outs.stride(1),
         outs.stride(2),
+        grid.span,
         RANKS=ranks,
         RANKS_P2=max(LEAST, triton.next_power_of_2(ranks)),
         ROW_UNITS=row_units,
-        TOKENS=tiles.tokens,
+        TOKENS=grid.tokens,
         FEATURES=tiles.features,
         num_warps=tiles.warps,
     )
@@ -233,6 +282,7 @@ if triton is not None:
         sob,
         son,
         soo,
+        span,
         RANKS: tl.constexpr,
         RANKS_P2: tl.constexpr,
         ROW_UNITS: tl.constexpr,
@@ -263,7 +313,8 @@ if triton is not None:
                 h += tl.dot(xt, dt)
             # Rounded to the layer's dtype as the tensor path's product is.
             ht = (h * s[None, :]).to(out.dtype.element_ty)
-            for o0 in range(0, outputs, FEATURES):
+            first = tl.program_id(2) * span
+            for o0 in range(first, first + span, FEATURES):
                 o = o0 + tl.arange(0, FEATURES)
                 ut = tl.load(
                     up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
