@@ -164,25 +164,29 @@ def test_kernel_equals_the_tensor_path_in_the_interpreter(check: str) -> None:
 
 def test_a_small_call_spreads_over_the_gpu_and_a_large_one_does_not() -> None:
     """`cut`: one request alone (2 rows) on SDXL's deep feed-forward layer splits its 10240
-    outputs until about two programs an SM run; 62 rows at SD1.5's 64x64 level already fill
-    the GPU and keep one program per token tile; tiles shrink to what few tokens need, never
-    below tl.dot's 16; every split but the last is whole tiles, and the spans cover the
-    outputs once."""
+    outputs until about two programs an SM run; calls that already keep a quarter of the SMs
+    busy split only as far as outputs outnumber inputs (62 rows at SD1.5's 64x64 level, 32
+    rows of a feed-forward output layer: not at all); tiles shrink to what few tokens need,
+    never below tl.dot's 16; every split but the last is whole tiles, and the spans cover
+    the outputs once."""
     from worker.lora_kernel import Cut, Tiles, cut
 
     tiles = Tiles()
-    alone = cut(rows=2, tokens=1024, outputs=10240, tiles=tiles, sms=132)
+    alone = cut(rows=2, tokens=1024, inputs=1280, outputs=10240, tiles=tiles, sms=132)
     programs = 2 * (1024 // alone.tokens) * -(-10240 // alone.span)
     assert alone.tokens == 128 and 132 < programs <= 2 * 132 + 2 * 8, alone
-    assert cut(rows=62, tokens=4096, outputs=320, tiles=tiles, sms=132) == Cut(128, 320)
-    assert cut(rows=2, tokens=1, outputs=1280, tiles=tiles, sms=132).tokens == 16
-    assert cut(rows=2, tokens=77, outputs=1280, tiles=tiles, sms=132).tokens == 128
-    assert cut(rows=2, tokens=40, outputs=1280, tiles=tiles, sms=132).tokens == 64
+    assert cut(62, 4096, 320, 320, tiles, sms=132) == Cut(128, 320)
+    assert cut(32, 256, 5120, 1280, tiles, sms=132) == Cut(128, 1280)
+    assert cut(32, 256, 1280, 10240, tiles, sms=132) == Cut(128, 2048)  # 5 of 160 tiles
+    assert cut(32, 1024, 1280, 10240, tiles, sms=132) == Cut(128, 5120)  # 2: occupancy
+    assert cut(2, 1, 1280, 1280, tiles, sms=132).tokens == 16
+    assert cut(2, 77, 768, 1280, tiles, sms=132).tokens == 128
+    assert cut(2, 40, 768, 1280, tiles, sms=132).tokens == 64
     one = Tiles(spread=False)
-    assert cut(rows=2, tokens=1024, outputs=10240, tiles=one, sms=132) == Cut(128, 10240)
+    assert cut(2, 1024, 1280, 10240, one, sms=132) == Cut(128, 10240)
     for outputs in (1, 63, 64, 65, 230, 1280, 10240):
         for rows in (1, 2, 7, 64):
-            got = cut(rows, 256, outputs, tiles, sms=132)
+            got = cut(rows, 256, 320, outputs, tiles, sms=132)
             spans = -(-outputs // got.span)
             assert got.span % tiles.features == 0
             assert (spans - 1) * got.span < outputs <= spans * got.span

@@ -160,7 +160,7 @@ class Cut:
     span: int
 
 
-def cut(rows: int, tokens: int, outputs: int, tiles: Tiles, sms: int) -> Cut:
+def cut(rows: int, tokens: int, inputs: int, outputs: int, tiles: Tiles, sms: int) -> Cut:
     """How a call's work is shared among programs; a function of the call's shapes only, so a
     CUDA graph replays it whatever the mix of LoRA rows.
 
@@ -170,15 +170,23 @@ def cut(rows: int, tokens: int, outputs: int, tiles: Tiles, sms: int) -> Cut:
     the GPU's SMs stand idle while a few programs walk chains of up to 160 turns (SDXL's
     feed-forward layers, 1280 to 10240 features): a cached LoRA made one SDXL image alone
     take 2.34 s against 1.07 s without (bench.loras, BENCHMARKS.md, twenty-sixth session).
-    Split, each program recomputes its tile's low-rank activations (the down product, ranks
-    x inputs per token, cheap beside the layer) and adds them to its own outputs only, so the
-    sums and their rounding are the same as unsplit, and the grid is about two programs an SM."""
+    Split, each program recomputes its tile's low-rank activations (the down product) and
+    adds them to its own outputs only, so the sums and their rounding are the same as unsplit,
+    and the grid is at most about two programs an SM. The recomputing is free only while the
+    GPU is mostly idle (fewer programs than a quarter of its SMs); past that a layer splits
+    only as far as its outputs outnumber its inputs (each program's up product at least as
+    long as its down product): on an H100, 32 rows of SD1.5's 16x16 feed-forward output
+    layer (5120 to 1280 features) split five ways took 1.64 times as long as unsplit, SDXL's
+    32x32 attention layers at 32 rows split two ways 1.25 times (bench.lora_kernel --shapes,
+    BENCHMARKS.md, twenty-sixth session)."""
     token_tile = min(tiles.tokens, max(LEAST, 1 << (tokens - 1).bit_length()))
     whole = -(-outputs // tiles.features)  # output tiles in all
     splits = 1
     if tiles.spread:
         programs = rows * -(-tokens // token_tile)
         splits = max(1, min(whole, -(-2 * sms // programs)))
+        if 4 * programs > sms:
+            splits = min(splits, max(1, outputs // inputs))
     span = -(-whole // splits) * tiles.features
     return Cut(token_tile, span)
 
@@ -220,7 +228,7 @@ def add_rows(
     outputs = outs.shape[2]
     row_units = units.shape[1]
     ranks = scales.shape[1]
-    grid = cut(rows, tokens, outputs, tiles, multiprocessors(out.device))
+    grid = cut(rows, tokens, inputs, outputs, tiles, multiprocessors(out.device))
     # Token tiles vary fastest: the programs of one row run side by side and share its units'
     # weights in the L2 cache.
     spans = triton.cdiv(outputs, grid.span)
