@@ -92,7 +92,8 @@ def service_stage(args: Any, work: Path, folder: Path, result: dict[str, Any], s
     with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
         result["cold_start_s"] = startup
         text = log.read_text()
-        result["pools"] = re.findall(r"LoRAs from .*", text)
+        # Once per engine: on CUDA the compile helpers (worker/helpers.py) log it too.
+        result["pools"] = sorted(set(re.findall(r"LoRAs from .*", text)))
         print(f"ready in {startup:.0f}s: {result['pools']}", flush=True)
         save()
         for name, body in (("n", plain), ("l", with_loras)):
