@@ -58,7 +58,7 @@ def write_mix(buffers: RowBuffers, mix: str) -> None:
     buffers.scales.copy_(scales)
 
 
-def timed(fn: Any, x: torch.Tensor, turns: int = 30) -> float:
+def timed(fn: Any, x: Any, turns: int = 30) -> float:
     for _ in range(3):
         fn(x)
     torch.cuda.synchronize()
@@ -130,20 +130,14 @@ SHAPES = [
 ]
 
 
-def graphed_ms(call: Any, turns: int = 20) -> float:
+def graphed_ms(call: Any) -> float:
     """ms per call of `call` (8 launches), captured once in a CUDA graph and replayed."""
-    call()
+    call()  # compiled (Triton) before the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    graph.replay()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(turns):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / turns * 1000
+    return timed(lambda _: graph.replay(), None, turns=20)
 
 
 def shape_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, float]:
