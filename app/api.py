@@ -24,6 +24,7 @@ from app.jobs.api_store import ApiStore
 from app.jobs.storage import open_storage
 from app.jobs.store import is_full
 from app.jobs.webhook_store import WebhookStore
+from app.malloc import map_large_blocks
 from app.metrics import ApiMetrics, HttpMetrics
 from app.middleware import BodyLimit, NoSniff
 from app.openai_images import first_error
@@ -60,6 +61,7 @@ def create_app(store: ApiStore, settings: ApiSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        map_large_blocks()  # in each serving process: decodes give their memory back
         sender = None
         if settings.webhook_secret is not None:
             secret = settings.webhook_secret.get_secret_value().encode()
