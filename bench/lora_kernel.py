@@ -11,7 +11,8 @@ the kernel alone (eager launches, the same layers and mixes) for each way of cut
 UNets' other layer shapes (deep levels, feed-forward, cross-attention, time embedding) at 2
 rows (one request alone) and 32, every row with a rank-64 LoRA, with its outputs spread over
 the GPU (`worker.lora_kernel.cut`) and without, beside the base linear layer: 8 launches
-replayed from a CUDA graph, so Python's launch costs are not counted.
+replayed from a CUDA graph, so Python's launch costs are not counted; and each way's error
+against the rows' deltas summed in float32 (a wrong grid would miss or double outputs).
 
     python3 -m bench.lora_kernel --out DIR [--sweep] [--shapes]
 """
@@ -168,10 +169,23 @@ def shape_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, flo
         for _ in range(DEPTH):
             F.linear(x, weight)
 
+    # Each row's delta in float32 from the weights as the kernel reads them.
+    picked = (down[units].flatten(1, 2).float(), up[units].flatten(1, 2).float())
+    low = torch.einsum("rti,rki->rtk", x.float(), picked[0]) * scales[:, None, :]
+    delta = torch.einsum("rtk,rko->rto", low, picked[1])
+
+    def error(tiles: Any) -> float:
+        """The largest error of one launch against `delta`, relative to its largest value."""
+        summed = torch.zeros_like(out)  # the delta alone: fp16 rounds it, not a larger sum
+        lora_kernel.add_rows(summed, x, down, up, units, scales, False, tiles)
+        return ((summed.float() - delta).abs().max() / delta.abs().max()).item()
+
     return {
         "base": graphed_ms(base),
         "one": graphed_ms(kernel(lora_kernel.Tiles(spread=False))),
         "spread": graphed_ms(kernel(lora_kernel.Tiles())),
+        "one_error": error(lora_kernel.Tiles(spread=False)),
+        "spread_error": error(lora_kernel.Tiles()),
     }
 
 
@@ -179,8 +193,8 @@ def shapes(lines: list[str], result: dict[str, Any]) -> None:
     """The kernel's ms over 8 launches for each of `SHAPES`, spread and not, beside the base."""
     lines += [
         "| layer (tokens, in, out) | rows | base ms | kernel, one program a token tile ms |"
-        " kernel, outputs spread ms | spread / one |",
-        "|---|---|---|---|---|---|",
+        " kernel, outputs spread ms | spread / one | error one / spread |",
+        "|---|---|---|---|---|---|---|",
     ]
     result["shapes"] = []
     for (what, tokens, inputs, outputs), rows in itertools.product(SHAPES, (2, 32)):
@@ -190,8 +204,12 @@ def shapes(lines: list[str], result: dict[str, Any]) -> None:
         lines.append(
             f"| {what} ({tokens}, {inputs}, {outputs}) | {rows} | {ms['base']:.3f} |"
             f" {ms['one']:.3f} | {ms['spread']:.3f} | {ms['spread'] / ms['one']:.2f} |"
+            f" {ms['one_error']:.4f} / {ms['spread_error']:.4f} |"
         )
         print(lines[-1], flush=True)
+        # fp16 activations and outputs: parts in a thousand of the delta; a missed or doubled
+        # output span would be the whole delta.
+        assert max(ms["one_error"], ms["spread_error"]) < 0.05, lines[-1]
     lines.append("")
 
 
