@@ -3,7 +3,9 @@ SDXL models and a real Valkey: workers publish the LoRAs each model takes (`GET 
 `/sdapi/v1/loras`, no server paths); native `loras` and A1111's `<lora:name:w>` tags reach the
 rows; each image equals the engine's for the same LoRAs alone; what cannot run is a 422 naming
 the field or the tag; a file corrupted after it was listed fails its job `lora_unreadable` and
-the worker goes on; refresh-loras makes the workers read their folders again; the infotext
+the worker goes on; where the live workers take no LoRAs (no LoRA folder) a LoRA is a 422, and
+a job that a worker without LoRAs took fails `invalid_request`, a 422 on the routes that wait;
+refresh-loras makes the workers read their folders again; the infotext
 carries the tags and A1111's `Lora hashes`. Embeddings: A1111's `/sdapi/v1/embeddings` lists
 what the default model's workers loaded and skipped, a prompt that names one is counted with
 its vectors and the infotext says `TI hashes`, refresh-embeddings takes a new file."""
@@ -13,15 +15,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import redis
 import torch
 from PIL import Image
 
-from tests.conftest import JobStore, wait_for
+from app.api import create_app
+from app.jobs.keys import stream_key
+from app.settings import ApiSettings
+from tests.conftest import JobStore, serving, wait_for
 from tests.test_rows import max_diff, run
 from tests.test_sdxl_service import SMALL, all_succeed, working
 from tests.test_worker import png
@@ -197,3 +204,48 @@ def test_loras_through_the_service(
     assert first == "a cat <lora:style:0.5> <lora:detail:0.3:1.2>", first
     hashes = {name: short_hash(folder / f"{name}.safetensors") for name in ("style", "detail")}
     assert f'Lora hashes: "style: {hashes["style"]}, detail: {hashes["detail"]}"' in info
+
+
+def test_loras_where_no_worker_takes_them(redis_url: str, models: dict[str, str]) -> None:
+    """Workers without SDSERVE_LORA_DIR: once their heartbeat says so, a LoRA is a 422 naming
+    it, natively and as an A1111 tag. A1111's call queued before any worker had said waits for
+    its job, which such a worker fails `invalid_request`: a 422 too (it was a 500)."""
+    api = ApiSettings(redis_url=redis_url, auth="off", models={"sd": models["sd"]},
+                      sync_timeout_s=120)  # fmt: skip
+    store = JobStore.connect(redis_url, 3600, 5)
+    settings = WorkerSettings(redis_url=redis_url, models={"sd": models["sd"]},
+                              worker_name="plain", max_batch=4, batching="continuous",
+                              heartbeat_ttl_s=3)  # fmt: skip
+    engines = {"sd": Engine(models["sd"], torch.device("cpu"), Tuning(max_batch=4, rows=True))}
+    tagged = {"prompt": "a cat <lora:style:0.8>", "width": 64, "height": 64, "steps": 2}
+    queue = redis.Redis.from_url(redis_url)  # the job is queued before a worker starts
+    with (
+        serving(create_app(store, api)) as url,
+        httpx.Client(base_url=url, timeout=150) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        waiting = pool.submit(client.post, "/sdapi/v1/txt2img", json=tagged)
+        openai = pool.submit(client.post, "/v1/images/generations", json={
+            "prompt": "a cat", "size": "64x64", "steps": 2,
+            "loras": [{"name": "style"}]})  # fmt: skip
+        wait_for(lambda: queue.xlen(stream_key("sd")) == 2, 30, "the queued jobs")
+        with working(settings, store, engines):
+            answer = waiting.result(150)
+            assert answer.status_code == 422, answer.text
+            assert "serves no LoRAs" in answer.text, answer.text
+            answer = openai.result(150)
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["error"]["code"] == "invalid_request", answer.text
+
+            def refused() -> bool:
+                return client.post("/v1/txt2img", json={
+                    **SMALL, "loras": [{"name": "style"}]}).status_code == 422  # fmt: skip
+
+            wait_for(refused, 30, "the heartbeat that says no LoRAs")
+            native = client.post("/v1/txt2img", json={**SMALL, "loras": [{"name": "style"}]})
+            assert "no live worker of model sd takes LoRAs" in native.text, native.text
+            assert '"loras",0,"name"' in native.text, native.text
+            tag = client.post("/sdapi/v1/txt2img", json=tagged)
+            assert tag.status_code == 422 and "takes LoRAs" in tag.text, tag.text
+            plain = client.post("/sdapi/v1/txt2img", json={**tagged, "prompt": "a cat"})
+            assert plain.status_code == 200, plain.text  # without a LoRA: served

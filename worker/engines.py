@@ -87,8 +87,13 @@ class Engines:
         # live worker of the job's model holds, where a worker would fail the job.
         controlnets = {name: sorted(e.controls.models) if e.controls else []
                        for name, e in self.models.items()}  # fmt: skip
+        # Whether each model takes LoRAs at all (SDSERVE_LORA_DIR): from the first heartbeat
+        # on, before the LoRA list is published, so the API refuses a LoRA that no live worker
+        # could apply where this worker would fail the job.
+        loras = {name: e.adapters is not None for name, e in self.models.items()}
         return {"device": str(self.device), "models": list(self.models),
-                "upscaler": self.upscaler is not None, "controlnets": controlnets}  # fmt: skip
+                "upscaler": self.upscaler is not None, "controlnets": controlnets,
+                "loras": loras}  # fmt: skip
 
     def tokenizers(self) -> dict[str, dict[str, str]]:
         """Each model's tokenizer as the API reads it (to count a prompt's chunks)."""

@@ -71,17 +71,19 @@ class Pace:
 @dataclass(frozen=True)
 class Beat:
     """What a live worker's heartbeat says: the models it holds, whether it has the x4
-    upscaler, each model's ControlNets (None from an older worker, which did not say), and its
-    pace (None before it has measured one, or from an older worker)."""
+    upscaler, each model's ControlNets and whether each model takes LoRAs (None from an older
+    worker, which did not say), and its pace (None before it has measured one, or from an
+    older worker)."""
 
     models: tuple[str, ...]
     upscaler: bool
     pace: Pace | None
     controlnets: dict[str, tuple[str, ...]] | None = None
+    loras: dict[str, bool] | None = None
 
     @classmethod
     def parse(cls, info: str) -> Beat:
-        controlnets = None
+        controlnets = loras = None
         try:
             fields = json.loads(info)
             models = tuple(str(m) for m in fields.get("models", ()))
@@ -89,9 +91,11 @@ class Beat:
             if isinstance(fields.get("controlnets"), dict):
                 controlnets = {str(model): tuple(str(name) for name in names)
                                for model, names in fields["controlnets"].items()}  # fmt: skip
+            if isinstance(fields.get("loras"), dict):
+                loras = {str(model): bool(takes) for model, takes in fields["loras"].items()}
         except (ValueError, TypeError, AttributeError):
             models, upscaler = (), False
-        return cls(models, upscaler, Pace.parse(info), controlnets)
+        return cls(models, upscaler, Pace.parse(info), controlnets, loras)
 
 
 def queued_eta(position: int, request: JobRequest, paces: list[Pace]) -> float | None:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from app import openai_images
 from app.auth import Caller
 from app.endings import ended_or_after
-from app.jobs.contract import TERMINAL, JobView, Status
+from app.jobs.contract import TERMINAL, ErrorCode, JobView, Status
 from app.jobs.storage import result_key
 from app.routes import sources
 from app.routes.context import IDEMPOTENCY_KEY, Context, JobEnded, find_job
@@ -37,7 +37,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             **openai_error(401, "Missing, malformed or unknown API key."),
             **openai_error(409, "The job was canceled, or the Idempotency-Key reused."),
             **openai_error(413, "Body over 64 KiB."),
-            **openai_error(422, "Invalid field (`param` names it)."),
+            **openai_error(422, "Invalid field (`param` names it), or a job its worker refused"
+                            " (`code` invalid_request)."),
             **openai_error(429, "Queue full, or this key's rate or jobs in flight at a limit."),
             **openai_error(500, "The job failed (`code` says why: numerical, out_of_memory, ...)."),
             **openai_error(503, "The queue (Redis) or the image storage is unreachable."),
@@ -68,7 +69,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             **openai_error(409, "The job was canceled, or the Idempotency-Key reused."),
             **openai_error(413, "Body over SDSERVE_MAX_UPLOAD_BYTES, or an image too large."),
             **openai_error(415, "Not multipart/form-data."),
-            **openai_error(422, "Invalid field or picture (`param` names it)."),
+            **openai_error(422, "Invalid field or picture (`param` names it), or a job its"
+                            " worker refused (`code` invalid_request)."),
             **openai_error(429, "Queue full, or this key's rate or jobs in flight at a limit."),
             **openai_error(500, "The job failed (`code` says why)."),
             **openai_error(503, "The queue (Redis) or the image storage is unreachable."),
@@ -179,8 +181,9 @@ async def finished_job(ctx: Context, job_id: str, http: Request, caller: Caller)
             await ended_or_after(ended, LOOK_S)
     if view.status is not Status.SUCCEEDED:
         error = view.error
-        if error is not None:
-            raise JobEnded(500, error.message, error.code)
+        if error is not None:  # a request its worker could not honour is the caller's to fix
+            status = 422 if error.code == ErrorCode.INVALID else 500
+            raise JobEnded(status, error.message, error.code)
         raise JobEnded(409, f"the job was {view.status.value}", view.status.value)
     return view
 

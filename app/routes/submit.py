@@ -176,11 +176,17 @@ class Submitter:
     def _check_loras(self, request: JobRequest, model: str) -> None:
         """Each LoRA must be one the model's workers take (as they have published: nothing
         published, nothing is refused here, and a worker without it fails the job): a 422
-        naming it otherwise, and the models that do take it."""
-        store = self.ctx.store
-        taken = store.loras(model) if request.loras else None
-        if taken is None:
+        naming it otherwise, and the models that do take it. Where the model's live workers
+        have all said they take no LoRAs (no SDSERVE_LORA_DIR), any LoRA is refused."""
+        if not request.loras:
             return
+        store = self.ctx.store
+        taken, takes_none = store.loras(model), False
+        if taken is None:
+            said = [beat.loras for beat in store.workers_of(model) if beat.loras is not None]
+            if not said or any(takes.get(model, False) for takes in said):
+                return
+            taken, takes_none = [], True
         for k, lora in enumerate(request.loras):
             if lora.name in taken:
                 continue
@@ -189,6 +195,9 @@ class Submitter:
             if others:
                 problem = (f"LoRA {lora.name!r} is for {', '.join(others)}, not {model}"
                            " (another family or size)")  # fmt: skip
+            elif takes_none:
+                problem = (f"no live worker of model {model} takes LoRAs (they run without"
+                           " SDSERVE_LORA_DIR)")  # fmt: skip
             where = ("body", "loras", k, "name")
             raise RequestValidationError([{"loc": where, "msg": problem, "type": "value_error"}])
 
