@@ -96,8 +96,10 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         **UNAUTHORIZED,
         **error(409, "The job was canceled (an interrupt)."),
         **error(413, "Body over the limit (pictures: SDSERVE_MAX_UPLOAD_BYTES)."),
-        422: {"description": "A field sdserve cannot honour, or an invalid one (named); or a"
-              " job its worker refused (`invalid_request`)."},
+        422: {
+            "description": "A field sdserve cannot honour, or an invalid one (named); or a"
+            " job its worker refused (`invalid_request`)."
+        },
         **error(429, "The queue is full, or this key is at its limit; see `Retry-After`."),
         **error(500, "The job failed."),
         **error(504, "Not done within SDSERVE_SYNC_TIMEOUT_S; the job goes on."),

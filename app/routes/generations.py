@@ -37,8 +37,11 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             **openai_error(401, "Missing, malformed or unknown API key."),
             **openai_error(409, "The job was canceled, or the Idempotency-Key reused."),
             **openai_error(413, "Body over 64 KiB."),
-            **openai_error(422, "Invalid field (`param` names it), or a job its worker refused"
-                            " (`code` invalid_request)."),
+            **openai_error(
+                422,
+                "Invalid field (`param` names it), or a job its worker refused"
+                " (`code` invalid_request).",
+            ),
             **openai_error(429, "Queue full, or this key's rate or jobs in flight at a limit."),
             **openai_error(500, "The job failed (`code` says why: numerical, out_of_memory, ...)."),
             **openai_error(503, "The queue (Redis) or the image storage is unreachable."),
@@ -69,8 +72,11 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             **openai_error(409, "The job was canceled, or the Idempotency-Key reused."),
             **openai_error(413, "Body over SDSERVE_MAX_UPLOAD_BYTES, or an image too large."),
             **openai_error(415, "Not multipart/form-data."),
-            **openai_error(422, "Invalid field or picture (`param` names it), or a job its"
-                            " worker refused (`code` invalid_request)."),
+            **openai_error(
+                422,
+                "Invalid field or picture (`param` names it), or a job its"
+                " worker refused (`code` invalid_request).",
+            ),
             **openai_error(429, "Queue full, or this key's rate or jobs in flight at a limit."),
             **openai_error(500, "The job failed (`code` says why)."),
             **openai_error(503, "The queue (Redis) or the image storage is unreachable."),
