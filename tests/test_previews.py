@@ -173,6 +173,52 @@ def test_a_queued_job_runs_beside_the_rows_in_flight_now() -> None:
     assert queued_eta(0, request, [now_only]) == pytest.approx(10 * (0.1 + 0.01 * 6) + 1.0)
 
 
+def test_a_queued_job_runs_beside_the_jobs_taken_and_queued_before_it() -> None:
+    """Jobs a worker has taken (their inputs being read) and jobs queued ahead join before this
+    one and step beside it: their rows count, once each (a job taken but not yet reported
+    may itself be among the rows taken)."""
+    request = Txt2ImgRequest(prompt="x", steps=10, guidance_scale=7.5)  # 2 UNet rows
+    fields = {"base_s": 0.1, "row_s": 0.01, "rows": 4, "row_cap": 62, "finish_s": 1.0}
+    pace = Pace.parse(json.dumps(fields | {"taken": 6}))
+    older = Pace.parse(json.dumps(fields))  # a worker from before the field: none taken
+    assert pace is not None and pace.taken == 6 and older is not None and older.taken == 0
+    # 4 in flight + 6 taken + 3 jobs of 2 rows ahead, and its own 2.
+    assert queued_eta(3, request, [pace]) == pytest.approx(10 * (0.1 + 0.01 * 18) + 1.0)
+    assert queued_eta(0, request, [older]) == pytest.approx(10 * (0.1 + 0.01 * 6) + 1.0)
+    # Started, not yet reported: its own 2 rows are among the 6 taken (4 + 4 others + 2).
+    assert queued_eta(0, request, [pace], started=True) == pytest.approx(
+        10 * (0.1 + 0.01 * 10) + 1.0
+    )
+    # Rows taken take room: 56 in flight and 6 taken leave none, so it waits for rows to free.
+    full = Pace.parse(json.dumps(fields | {"rows": 56, "taken": 6}))
+    assert full is not None and full.free == 0
+    run = 10 * (0.1 + 0.01 * 62) + 1.0
+    assert queued_eta(0, request, [full]) == pytest.approx(2 / 62 * run + run)
+
+
+def test_the_tracker_counts_jobs_taken_until_they_join_or_leave() -> None:
+    """Rows taken count in the pace from the take until the job joins (then as rows in
+    flight), is refused or handed back; each change wakes the reporter."""
+    tracker = Tracker(row_cap=62)
+    tracker.taken({"a": 2, "b": 4, "c": 2})
+    assert tracker.changed.is_set()
+    tracker.changed.clear()
+    assert (tracker.pace().rows, tracker.pace().taken) == (0, 8)
+    tracker.at("a", 0, 10, 2)  # joined
+    assert (tracker.pace().rows, tracker.pace().taken) == (2, 6)
+    assert tracker.changed.is_set()
+    tracker.untaken("b")  # refused at its join
+    tracker.remove("c")  # canceled while waiting to join
+    assert (tracker.pace().rows, tracker.pace().taken) == (2, 0)
+    tracker.changed.clear()
+    tracker.untaken("b")  # already gone: nothing changes
+    assert not tracker.changed.is_set()
+    tracker.at("a", 1, 10, 2)  # a step of the same rows: the reporter's own turn says it
+    assert not tracker.changed.is_set()
+    tracker.denoised("a")
+    assert tracker.changed.is_set() and tracker.pace().rows == 0
+
+
 def slow_unet(engine: Any, seconds: float) -> Any:
     """Every UNet call takes at least `seconds`: the job runs long enough to be watched."""
     return engine.unet.register_forward_pre_hook(lambda *_: time.sleep(seconds))

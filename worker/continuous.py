@@ -132,10 +132,14 @@ class RowLoop:
         if deliveries:
             now = time.monotonic()
             started = list(p.start(deliveries))
+            tuning = p.engines.tuning
             for job in started:
                 self.waiting[job.id] = (job, now)
                 self.loading[job.id] = self._load(job)
                 self._stamp(job.id, "inputs", self.loading[job.id])
+            # Their rows count in the pace from now: a job queued next runs beside them.
+            p.tracker.taken({job.id: unet_rows(job.request, tuning.tile, tuning.tile_overlap)
+                             for job in started})  # fmt: skip
             self._read_prompts(started)
         elif self.fetching:
             self._read_prompts([])
@@ -350,6 +354,7 @@ class RowLoop:
             p.lease.hand_back([job.delivery for job in jobs])
             for job in jobs:
                 p.lease.settle({job.id})
+                p.tracker.untaken(job.id)
                 self.loading.pop(job.id, None)
                 self._unread(job.id)
                 self._release_loras(job)
@@ -541,5 +546,7 @@ class RowLoop:
         self._unread(job.id)
         if tracked:
             p.tracker.remove(job.id)
+        else:  # it never joined: refused at its join
+            p.tracker.untaken(job.id)
         p.tracker.forget({job.id})
         p.lease.settle({job.id})

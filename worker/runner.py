@@ -41,6 +41,9 @@ from worker.shutdown import Shutdown
 log = logging.getLogger("sdserve.worker")
 
 REPORT_INTERVAL_S = 0.25
+# The pace is written again as soon as jobs are taken, join or leave, at most this often: a job
+# submitted between two reports reads the rows that joined since.
+PACE_INTERVAL_S = 0.01
 
 
 class Runner:
@@ -133,6 +136,7 @@ class Runner:
         self.lease.hand_back(self.inbox.drain())
         self.completions.close()
         self._closed.set()
+        self.tracker.changed.set()  # the reporter's wait ends now
         self._reporter.join()
         self.shutdown.redis(self.lease.retire)
         log.info("worker %s stopped", self.name)
@@ -193,16 +197,25 @@ class Runner:
         and still counts as alive.
         """
         next_beat = time.monotonic() + self.settings.heartbeat_ttl_s / 3
+        next_report = time.monotonic() + REPORT_INTERVAL_S
         published = ""  # the pace last written between heartbeats
-        while not self._closed.wait(REPORT_INTERVAL_S):
+        while not self._closed.is_set():
+            # Between two reports, the pace alone as soon as jobs are taken, join or leave
+            # (`Tracker.changed`), at most every PACE_INTERVAL_S.
+            self.tracker.changed.wait(max(0.0, next_report - time.monotonic()))
+            self.tracker.changed.clear()
+            if self._closed.wait(PACE_INTERVAL_S):
+                break
             try:
-                running = self.tracker.running()
-                if running:
-                    previews = {
-                        job_id: (step, encode_preview(pictures))
-                        for job_id, (step, pictures) in self.tracker.take_previews().items()
-                    }
-                    self.tracker.mark_gone(self.store.report(running, previews))
+                if time.monotonic() >= next_report:
+                    next_report = time.monotonic() + REPORT_INTERVAL_S
+                    running = self.tracker.running()
+                    if running:
+                        previews = {
+                            job_id: (step, encode_preview(pictures))
+                            for job_id, (step, pictures) in self.tracker.take_previews().items()
+                        }
+                        self.tracker.mark_gone(self.store.report(running, previews))
                 # The rows in flight turn over within a job's run (a second or two at 60%
                 # load), several times between two heartbeats: queued jobs' ETAs (the API)
                 # read the pace written here.

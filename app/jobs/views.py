@@ -102,6 +102,6 @@ def _eta(
         return round(max(0.0, float(record["finish_at"]) - now), 2)
     # Queued; or just started, before its worker's first report: as the first in the queue.
     if (status is Status.QUEUED and position is not None) or status is Status.RUNNING:
-        eta = queued_eta(position or 0, request, paces)
+        eta = queued_eta(position or 0, request, paces, started=status is Status.RUNNING)
         return None if eta is None else round(eta, 2)
     return None
