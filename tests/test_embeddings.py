@@ -123,3 +123,21 @@ def test_a_refresh_takes_new_files(tiny_model: Path, tmp_path: Path) -> None:
         "k", [ImageSpec("a late cat", "", 6.0, 1)], BatchShape(64, 64, 2, "euler")
     )
     assert run(engine, [lane])["k"][0].shape == (64, 64, 3)
+
+
+def test_a_refresh_reads_again_the_files_it_skipped(tiny_model: Path, tmp_path: Path) -> None:
+    """A file skipped at start (met half-copied) loads at a refresh once it is whole; one
+    skipped and removed since is no longer listed."""
+    folder = tmp_path / "embeddings"
+    whole = build_tiny_embedding(tiny_model, tmp_path / "glow.safetensors", "a1111", 1)
+    folder.mkdir()
+    (folder / "glow.safetensors").write_bytes(whole.read_bytes()[:40])  # half-copied
+    (folder / "gone.pt").write_bytes(b"not an embedding")
+    engine = Engine(str(tiny_model), CPU, Tuning(max_batch=4, rows=True, embeddings=folder))
+    assert engine.embeddings is not None and set(engine.embeddings.skipped) == {"glow", "gone"}
+    (folder / "glow.safetensors").write_bytes(whole.read_bytes())
+    (folder / "gone.pt").unlink()
+    engine.embeddings_asked = True
+    engine.refresh_embeddings()
+    assert set(engine.embeddings.loaded) == {"glow"} and engine.embeddings.skipped == {}
+    assert count("glow", "plain", engine.vocabulary)[0] == 1

@@ -105,9 +105,12 @@ class Embeddings:
         tokenizers = [t for _e, t in pairs.values() if t is not None]
         added = 0
         files = sorted(p for p in self.folder.glob("*") if p.suffix in SUFFIXES and p.is_file())
+        # The files skipped are read again (one replaced, or copied in whole since a scan that
+        # met it half-written, loads now; one removed is no longer listed), as A1111 does.
+        self.skipped = {}
         for path in files:
             name = path.stem
-            if name in self.loaded or name in self.skipped:
+            if name in self.loaded:
                 continue
             try:
                 embedding = read_embedding(path)
