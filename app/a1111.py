@@ -223,7 +223,8 @@ class Txt2ImgPayload(BaseModel):
         caller's settings (`POST /sdapi/v1/options`), which `override_settings` override."""
         for field, refused in self.refusals().items():
             if refused:
-                raise A1111Error(field, f"sdserve cannot honour {shown(getattr(self, field))}")
+                why = f": {WHY[field]}" if field in WHY else ""
+                raise A1111Error(field, f"sdserve cannot honour {shown(getattr(self, field))}{why}")
         chosen = read_settings(defaults or {}, models, vaes, "options.") | read_settings(
             self.override_settings or {}, models, vaes, "override_settings."
         )
@@ -309,6 +310,19 @@ class Img2ImgPayload(Txt2ImgPayload):
             "refiner_checkpoint": self.mask is not None
             and self.refiner_checkpoint not in (None, "", "None"),
         }  # fmt: skip
+
+
+# Why a refusal whose reason is not plain from its field's name is one (said in its 422).
+WHY = {
+    "refiner_checkpoint": "a refiner finishes text-to-image and image-to-image jobs, not"
+    " inpainting",
+    "inpainting_fill": "under the mask the picture is noised as it is (A1111's 'original', 1), or"
+    " redrawn whole (denoising_strength 1)",
+    "inpaint_full_res": "the whole picture is inpainted (A1111's 'only masked' is not offered)",
+    "enable_hr": "img2img has no hires fix (A1111's has none either)",
+    "resize_mode": "the picture is stretched to the size asked (A1111's 'just resize', 0)",
+    "init_images": "one picture a request",
+}
 
 
 def shown(value: Any) -> str:

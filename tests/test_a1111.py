@@ -350,3 +350,19 @@ def test_an_infotext_is_read_as_a1111_reads_it() -> None:
         "Seed": "9", "Size": "64x96", "Lora hashes": "style: ab12, soft: cd34", "Model": "tiny",
         "Size-1": "64", "Size-2": "96"}  # fmt: skip
     assert parse_infotext("a fox\nnote: one") == {"Prompt": "a fox\nnote: one"}
+
+
+def test_a_refusal_whose_reason_is_not_plain_says_it() -> None:
+    """A field refused for a reason its name does not tell (a refiner on an inpainting job,
+    A1111's inpainting options) says the reason beside the field."""
+    from app.a1111 import A1111Error, Img2ImgPayload
+
+    base = {"init_images": ["x"], "mask": "m", "denoising_strength": 0.5}
+    for change, field, reason in (
+        ({"refiner_checkpoint": "xlr"}, "refiner_checkpoint", "not inpainting"),
+        ({"inpaint_full_res": True}, "inpaint_full_res", "'only masked' is not offered"),
+        ({"inpainting_fill": 0}, "inpainting_fill", "'original'"),
+    ):
+        with pytest.raises(A1111Error) as refused:
+            Img2ImgPayload.model_validate(base | change).job_fields(["sd", "xl", "xlr"])
+        assert refused.value.field == field and reason in str(refused.value)
