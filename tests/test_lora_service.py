@@ -170,12 +170,12 @@ def test_loras_through_the_service(
         wait_for(lambda: served.get(f"/jobs/{bad['id']}").json()["status"] == "failed", 30, "bad")
         error = served.get(f"/jobs/{bad['id']}").json()["error"]
         assert error["code"] == "lora_unreadable" and "fragile" in error["message"]
-        # refresh-loras: the workers read the folder again; the broken file leaves the list.
+        # refresh-loras: the workers read the folder again; the broken file leaves the list,
+        # and a request naming it is told why.
         assert served.post("/sdapi/v1/refresh-loras").status_code == 200
         wait_for(lambda: "fragile" not in listed(served), 30, "the refreshed list")
-        assert "no LoRA named 'fragile'" in refused(
-            "/v1/txt2img", {**SMALL, "loras": [{"name": "fragile"}]}
-        )
+        why = refused("/v1/txt2img", {**SMALL, "loras": [{"name": "fragile"}]})
+        assert "skip LoRA 'fragile'" in why and '"loras",0,"name"' in why, why
 
     def alone(model: str, uses: tuple[LoraUse, ...], prompt: str = "a cat") -> np.ndarray:
         engine = engines[model]

@@ -267,7 +267,11 @@ class Adapters:
         if path is None:
             return f"no LoRA named {name!r}"
         if name not in self._verdicts:  # its layers checked once (hundreds of them)
-            self._verdicts[name] = self._verdict(name, path)
+            self._verdicts[name] = verdict = self._verdict(name, path)
+            if verdict is not None:  # said once a file version (a refresh reads it again)
+                unreadable = isinstance(self._shapes.get(name), str)
+                log.log(logging.WARNING if unreadable else logging.INFO,
+                        "LoRA %s skipped for this model: %s", path.name, verdict)  # fmt: skip
         return self._verdicts[name]
 
     def _verdict(self, name: str, path: Path) -> str | None:
@@ -313,6 +317,11 @@ class Adapters:
     def names(self) -> list[str]:
         """The folder's LoRAs this model takes."""
         return [name for name in self.files if self.problem(name) is None]
+
+    def skipped(self) -> dict[str, str]:
+        """The folder's other files, with why this model does not take each."""
+        return {name: problem for name in self.files
+                if (problem := self.problem(name)) is not None}  # fmt: skip
 
     # -- loading, off the GPU's thread ----------------------------------------------------
 

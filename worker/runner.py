@@ -253,7 +253,8 @@ class Runner:
                 engine.family.forget()  # prompts encoded with the files' old weights
             else:
                 engine.adapters.rescan()
-            self.store.publish_loras(model, engine.adapters.names(), ttl)
+            self.store.publish_loras(model, engine.adapters.names(), ttl,
+                                     engine.adapters.skipped())  # fmt: skip
 
     def _asked(self, what: str) -> bool:
         """Whether refresh-`what` was asked for since the last beat."""

@@ -34,6 +34,7 @@ from app.jobs.keys import (
     job_key,
     latest_key,
     loras_key,
+    loras_skipped_key,
     options_key,
     preview_key,
     queued_key,
@@ -349,6 +350,15 @@ class ApiStore(Store):
             return None
         names: list[str] = json.loads(value)
         return names
+
+    def loras_skipped(self, model: str) -> dict[str, str]:
+        """The files of the LoRA folder the model's workers skip, with why (unreadable, too
+        high a rank, another model's layers)."""
+        value = self._r.get(loras_skipped_key(model))
+        if not isinstance(value, bytes):
+            return {}
+        skipped: dict[str, str] = json.loads(value)
+        return skipped
 
     def lora_models(self) -> dict[str, list[str]]:
         """Each LoRA the workers take, by name, with the models that take it."""

@@ -29,6 +29,9 @@ All keys live under the ``sdserve:`` prefix:
 - ``sdserve:loras``             JSON list of the LoRAs the model's workers take (names), set at
                                 each heartbeat with a TTL; ``sdserve:loras:<model>`` for each
                                 named model
+- ``sdserve:loras-skipped``     JSON object: the folder's other LoRA files, each with why the
+                                model's workers skip it (unreadable, rank, another model), set
+                                with ``sdserve:loras``; ``sdserve:loras-skipped:<model>``
 - ``sdserve:embeddings``        JSON of the textual-inversion embeddings the model's workers
                                 loaded and skipped (A1111's shape), set at each heartbeat with a
                                 TTL; ``sdserve:embeddings:<model>`` for each named model
@@ -60,6 +63,7 @@ JOB_SECONDS = "sdserve:stats:job_seconds"
 SWEEP_LOCK = "sdserve:sweep"
 TOKENIZER = "sdserve:tokenizer"
 LORAS = "sdserve:loras"
+LORAS_SKIPPED = "sdserve:loras-skipped"
 EMBEDDINGS = "sdserve:embeddings"
 ENDED = "sdserve:ended"
 
@@ -83,6 +87,10 @@ def tokenizer_key(model: str) -> str:
 
 def loras_key(model: str) -> str:
     return _per_model(LORAS, model)
+
+
+def loras_skipped_key(model: str) -> str:
+    return _per_model(LORAS_SKIPPED, model)
 
 
 def embeddings_key(model: str) -> str:

@@ -25,6 +25,7 @@ from app.jobs.keys import (
     embeddings_key,
     job_key,
     loras_key,
+    loras_skipped_key,
     preview_key,
     queued_key,
     refresh_key,
@@ -335,10 +336,17 @@ class WorkerStore(Store):
         if self._r.hget(key, "digest") != fields["digest"].encode():
             self._r.hset(key, mapping=dict[Any, Any](fields))
 
-    def publish_loras(self, model: str, names: list[str], ttl_s: int) -> None:
-        """The LoRAs the model's workers take, for the API to check requests against; gone
-        after `ttl_s` unless published again (a worker that left takes its list along)."""
-        self._r.set(loras_key(model), json.dumps(sorted(names)), ex=ttl_s)
+    def publish_loras(
+        self, model: str, names: list[str], ttl_s: int, skipped: Mapping[str, str] | None = None
+    ) -> None:
+        """The LoRAs the model's workers take, for the API to check requests against, and
+        why they skip the folder's others (`skipped`: name -> reason); gone after `ttl_s`
+        unless published again (a worker that left takes its list along)."""
+        tx = self._r.pipeline(transaction=False)
+        tx.set(loras_key(model), json.dumps(sorted(names)), ex=ttl_s)
+        tx.set(loras_skipped_key(model), json.dumps(dict(sorted((skipped or {}).items()))),
+               ex=ttl_s)  # fmt: skip
+        tx.execute()
 
     def publish_embeddings(self, model: str, record: Mapping[str, object], ttl_s: int) -> None:
         """The embeddings the model's workers loaded and skipped (A1111's shape)."""

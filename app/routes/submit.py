@@ -198,6 +198,8 @@ class Submitter:
             elif takes_none:
                 problem = (f"no live worker of model {model} takes LoRAs (they run without"
                            " SDSERVE_LORA_DIR)")  # fmt: skip
+            elif lora.name in (skipped := store.loras_skipped(model)):
+                problem = f"the workers of {model} skip LoRA {lora.name!r}: {skipped[lora.name]}"
             where = ("body", "loras", k, "name")
             raise RequestValidationError([{"loc": where, "msg": problem, "type": "value_error"}])
 
