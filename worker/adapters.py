@@ -267,11 +267,7 @@ class Adapters:
         if path is None:
             return f"no LoRA named {name!r}"
         if name not in self._verdicts:  # its layers checked once (hundreds of them)
-            self._verdicts[name] = verdict = self._verdict(name, path)
-            if verdict is not None:  # said once a file version (a refresh reads it again)
-                unreadable = isinstance(self._shapes.get(name), str)
-                log.log(logging.WARNING if unreadable else logging.INFO,
-                        "LoRA %s skipped for this model: %s", path.name, verdict)  # fmt: skip
+            self._verdicts[name] = self._verdict(name, path)
         return self._verdicts[name]
 
     def _verdict(self, name: str, path: Path) -> str | None:
@@ -317,6 +313,10 @@ class Adapters:
     def names(self) -> list[str]:
         """The folder's LoRAs this model takes."""
         return [name for name in self.files if self.problem(name) is None]
+
+    def unreadable(self, name: str) -> bool:
+        """Whether the file failed to read (not merely another model's)."""
+        return isinstance(self._shapes.get(name), str)
 
     def skipped(self) -> dict[str, str]:
         """The folder's other files, with why this model does not take each."""

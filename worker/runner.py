@@ -82,6 +82,7 @@ class Runner:
         self.lease.on_beat.append(self._publish_tokenizers)
         self.lease.on_beat.append(self._publish_loras)
         self._refreshes: dict[str, int] = {}  # A1111's refresh-loras/-embeddings: times asked
+        self._skipped_said: dict[str, dict[str, str]] = {}  # model -> LoRA files it skips, why
         self.lease.on_beat.append(self.metrics.last_heartbeat.set_to_current_time)
         self.completions = Completions(
             2 * settings.max_batch, store, storage, self.lease, self.tracker, self.metrics,
@@ -253,8 +254,14 @@ class Runner:
                 engine.family.forget()  # prompts encoded with the files' old weights
             else:
                 engine.adapters.rescan()
-            self.store.publish_loras(model, engine.adapters.names(), ttl,
-                                     engine.adapters.skipped())  # fmt: skip
+            skipped = engine.adapters.skipped()
+            for name, why in skipped.items():  # each file's reason said once in the log
+                if self._skipped_said.setdefault(model, {}).get(name) != why:
+                    # Another model's LoRA is expected where families share a folder.
+                    level = logging.WARNING if engine.adapters.unreadable(name) else logging.INFO
+                    log.log(level, "model %s skips LoRA %s: %s", model, name, why)
+            self._skipped_said[model] = skipped
+            self.store.publish_loras(model, engine.adapters.names(), ttl, skipped)
 
     def _asked(self, what: str) -> bool:
         """Whether refresh-`what` was asked for since the last beat."""
