@@ -69,7 +69,7 @@ def eta_parts(jobs: Sequence[tuple[Done, int, int]], log: PaceLog) -> dict[str, 
     (its Done, the steps it ran, its UNet rows): what the estimate took and what happened."""
     parts: dict[str, list[float]] = {k: [] for k in (
         "eta_s", "actual_s", "wait_s", "ran_s", "predicted_ran_s", "predicted_step_ms",
-        "run_step_ms", "finish_s", "rows", "rows_mean", "beat_age_s", "steps", "job_rows",
+        "run_step_ms", "finish_s", "rows", "taken", "rows_mean", "beat_age_s", "steps", "job_rows",
         "base_ms", "row_ms", "read_at", "read_running")}  # fmt: skip
     for done, steps, rows in jobs:
         read = done.eta_at_submission
@@ -93,6 +93,7 @@ def eta_parts(jobs: Sequence[tuple[Done, int, int]], log: PaceLog) -> dict[str, 
             "run_step_ms": max(0.0, done.ran_s - pace.finish_s) / steps * 1000,
             "finish_s": pace.finish_s,
             "rows": pace.rows,
+            "taken": pace.taken,  # rows taken to join (0 from a worker before the field)
             "rows_mean": pace.rows if pace.rows_mean is None else pace.rows_mean,
             "beat_age_s": when - sample.beat_at,
             "steps": steps,
@@ -132,7 +133,7 @@ def parts_lines(parts: dict[str, Any]) -> list[str]:
         f"| a step, ms | {f('predicted_step_ms', digits=1)} | {f('run_step_ms', digits=1)}"
         " (the run less the finish, a step) |",
         f"| finish, s | {f('finish_s')} | |",
-        f"| rows now / recent mean (the pace) | {f('rows', digits=1)} /"
-        f" {f('rows_mean', digits=1)} | |",
+        f"| rows now / taken to join / recent mean (the pace) | {f('rows', digits=1)} /"
+        f" {f('taken', digits=1)} / {f('rows_mean', digits=1)} | |",
         f"| the pace's age, s | {f('beat_age_s')} | |",
     ]
