@@ -155,6 +155,15 @@ def test_what_a1111_syntax_accepts_reads_back_from_its_record(prompt: str) -> No
     assert said == said.strip() and ("<lora:style:" in said) == ("<lora" in prompt), said
 
 
+def test_a1111s_lyco_tag_is_a_lora_tag() -> None:
+    """A1111 reads `<lyco:name:w>` as `<lora:name:w>` (an alias its LoRA extension registers):
+    it was left in the text, encoded as words, and no LoRA applied."""
+    lyco = Txt2ImgRequest(prompt="a cat <lyco:style:0.5:1.2>", prompt_syntax="a1111", seed=1)
+    lora = Txt2ImgRequest(prompt="a cat <lora:style:0.5:1.2>", prompt_syntax="a1111", seed=1)
+    assert lyco == lora and lyco.prompt == "a cat"
+    assert [(x.name, x.weight, x.text_weight) for x in lyco.loras] == [("style", 1.2, 0.5)]
+
+
 @pytest.mark.parametrize(
     ("body", "named", "says"),
     [

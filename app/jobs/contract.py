@@ -177,7 +177,8 @@ class Lora(BaseModel):
     )
 
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
+# A1111 reads `<lyco:...>` as `<lora:...>` (an alias its LoRA extension registers).
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
 
 
 def field_error(field: str, message: str, value: Any) -> ValidationError:
@@ -190,8 +191,8 @@ def field_error(field: str, message: str, value: Any) -> ValidationError:
 
 def lora_tags(prompt: str) -> tuple[str, list[Lora]]:
     """A prompt without its A1111 LoRA tags, and the LoRAs they name: `<lora:name>`,
-    `<lora:name:weight>`, `<lora:name:te:unet>`, `<lora:name:te=0.5:unet=1>`. A tag that is
-    not one of these is an error naming it."""
+    `<lora:name:weight>`, `<lora:name:te:unet>`, `<lora:name:te=0.5:unet=1>` (and the same
+    with `lyco`). A tag that is not one of these is an error naming it."""
     loras: list[Lora] = []
 
     def taken(match: re.Match[str]) -> str:
@@ -320,7 +321,7 @@ class Generation(BaseModel):
                 raise field_error("prompt", "is empty (A1111's syntax takes an empty prompt)",
                                   self.prompt)  # fmt: skip
             return self
-        if "<lora:" not in self.prompt:
+        if LORA_TAG.search(self.prompt) is None:
             return self
         try:
             text, tagged = lora_tags(self.prompt)
