@@ -172,6 +172,10 @@ def test_a1111s_lyco_tag_is_a_lora_tag() -> None:
         ({"prompt": "a <lora:style:9>", "prompt_syntax": "a1111"}, "prompt", "from -4 to 4"),
         ({"prompt": " ".join(f"<lora:l{k}:1>" for k in range(9)), "prompt_syntax": "a1111"},
          "loras", "at most 8"),
+        ({"prompt": "a <hypernet:anime:0.6>", "prompt_syntax": "a1111"}, "prompt",
+         "hypernetworks are not served"),
+        ({"prompt": "a", "negative_prompt": "<hypernet:x>", "prompt_syntax": "a1111"},
+         "negative_prompt", "<hypernet:x>: hypernetworks"),
     ],
 )  # fmt: skip
 def test_a_prompts_tags_refused_name_the_field(body: dict[str, Any], named: str, says: str) -> None:

@@ -179,6 +179,8 @@ class Lora(BaseModel):
 
 # A1111 reads `<lyco:...>` as `<lora:...>` (an alias its LoRA extension registers).
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
+# A1111's other extra network: not served, so refused rather than encoded as words.
+HYPERNET_TAG = re.compile(r"<hypernet:[^>]*>")
 
 
 def field_error(field: str, message: str, value: Any) -> ValidationError:
@@ -321,6 +323,12 @@ class Generation(BaseModel):
                 raise field_error("prompt", "is empty (A1111's syntax takes an empty prompt)",
                                   self.prompt)  # fmt: skip
             return self
+        for field in ("prompt", "negative_prompt"):
+            network = HYPERNET_TAG.search(getattr(self, field))
+            if network is not None:  # A1111 would apply it: drawn without, the image differs
+                raise field_error(field, f"{network.group(0)}: hypernetworks are not served"
+                                  " (GET /sdapi/v1/hypernetworks lists none)",
+                                  getattr(self, field))  # fmt: skip
         if LORA_TAG.search(self.prompt) is None:
             return self
         try:
