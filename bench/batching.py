@@ -261,10 +261,12 @@ def service(
     cache: Path,
     extra: dict[str, str] | None = None,
     worker: tuple[str, ...] = ("app", "worker"),
+    spawned_worker: Callable[[int], None] | None = None,
 ) -> Iterator[Any]:
     """The service as processes, with `extra` settings (and `worker`: the module that runs
     the worker, and its arguments); yields a `Running` (it unpacks as (URL, seconds until
-    ready, the worker's log path))."""
+    ready, the worker's log path)). `spawned_worker` is told the worker's pid as soon as it
+    is spawned (a sampler of its start)."""
     tag = f"{batching}-{time.monotonic_ns()}"
     redis_server = ValkeyServer(data_dir=work / f"valkey-{tag}")
     redis_server.start()
@@ -282,6 +284,8 @@ def service(
                          stderr=subprocess.STDOUT),
     ]  # fmt: skip
     spawned = time.monotonic()
+    if spawned_worker is not None:
+        spawned_worker(children[1].pid)
     try:
         url = "http://127.0.0.1:8870"
         ready = wait_ready(url, 1, children) - spawned

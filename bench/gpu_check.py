@@ -33,7 +33,7 @@ when a target is missed (2 when a kind failed or compiled while serving).
 
     python3 -m bench.gpu_check --out DIR [--seconds 15] [--warmup 5] [--kinds-only --arch ARCH]
         [--loras] [--controlnets] [--masked-contexts] [--loads a,e] [--no-restart]
-        [--keep-cache]
+        [--keep-cache] [--profile] [--profile-start]
 
 `--loads` runs some loads only ((a) always: the others are read against it), `--no-restart`
 skips the cached start, and `--keep-cache` starts from the compile cache an earlier run on the
@@ -267,12 +267,28 @@ def run(args: Any, work: Path) -> dict[str, Any]:
                                 if re.search(LOGGED, line)]  # fmt: skip
     if args.no_restart:
         return result
-    with service(args.model, "continuous", args, work, cache, extra) as (_url, startup, log):
+    # With --profile-start, py-spy samples the cached start from the worker's spawn: where its
+    # seconds go by stage (imports, loading, each part of the warm-up) and what torch does in
+    # each (dynamo's trace, the cache's graphs read, CUDA graphs recorded).
+    start_sampling: list[Future[Path | None]] = []
+
+    def sample(pid: int) -> None:
+        if args.profile_start:
+            seconds = result["cold_start_s"] + 10  # a cached start takes less
+            start_sampling.append(threads.start_sampler(pid, seconds, work / "start.txt"))
+
+    with service(args.model, "continuous", args, work, cache, extra,
+                 spawned_worker=sample) as (_url, startup, log):  # fmt: skip
         result["warm_start_s"] = startup
         print(f"continuous: ready in {startup:.0f}s (with the compile cache)", flush=True)
         # Where a cached start's seconds go (the target is 30): the worker's own timings.
         result["warm_worker_log"] = [line for line in log.read_text().splitlines()
                                      if re.search(LOGGED, line)]  # fmt: skip
+    if start_sampling:  # py-spy stops when the worker does
+        samples = start_sampling[0].result()
+        result["start_phases"] = threads.start_phases(samples)
+        if samples is not None:  # the raw samples too, for a closer look
+            (args.out / "start-samples.txt").write_text(samples.read_text())
     return result
 
 
@@ -370,6 +386,8 @@ def table(r: dict[str, Any], rows: list[tuple[str, str, str, bool]]) -> str:
         lines += ["", *parts_lines(parts)]
     for profiled in [k for k in PROFILED if r.get(k, {}).get("threads")]:
         lines += ["", *threads.lines(profiled, r[profiled]["threads"])]
+    if r.get("start_phases"):
+        lines += ["", *threads.start_lines(r["start_phases"])]
     return "\n".join(lines) + "\n"
 
 
@@ -384,6 +402,8 @@ SWITCHES = {
     " in one call",
     "--profile": "sample the worker's threads with py-spy during (a) and (l): where each one"
     " waits, and which holds Python's lock (bench/threads.py)",
+    "--profile-start": "sample the cached start with py-spy: its seconds by stage and what"
+    " torch does in each (bench/threads.py)",
 }
 
 

@@ -16,7 +16,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,4 +129,126 @@ def lines(name: str, found: dict[str, Any], top: int = 4) -> list[str]:
             ours = "; ".join(f"{f} {share:.0%}" for f, share in t["ours"][:top])
             leaves = "; ".join(f"{f} {share:.0%}" for f, share in t["leaves"][:top])
             out.append(f"- {title}, {thread} {t['share']:.0%}: ours: {ours} | leaves: {leaves}")
+    return [*out, ""]
+
+
+# -- a worker's start -------------------------------------------------------------------------
+
+
+# Where a start's main thread is, from the outermost frame in: (stage, frame it is under).
+def _called(function: str, module: str = r"[^)]*") -> re.Pattern[str]:
+    """A frame of `function` (a method's name after its class's, as py-spy writes it) in
+    `module`."""
+    return re.compile(rf"^(?:\w+\.)?{function} \((?:.*/)?{module}:\d+\)$")
+
+
+STAGES = (
+    ("serving", _called("run", r"worker/runner\.py")),
+    ("helper wait", _called("wait", r"worker/helpers\.py")),
+    ("warm-up: VAE", _called("_warm_vae")),
+    ("warm-up: ControlNets", _called("_warm_control")),
+    ("warm-up: UNet entries", _called("_warm_entry")),
+    ("warm-up: a job", _called("warm_up", r"worker/engine\.py")),
+    ("load", _called("load_engines")),
+    ("settings, storage, metrics", _called("serve", r"worker/process\.py")),
+)
+# Within a stage, what torch is doing: the first of these with a frame in the stack.
+DOING = (
+    (
+        "inductor: cached graph loaded",
+        re.compile(r"FxGraphCache|AOTAutogradCache|load_by_key_path|PyCodeCache"),
+    ),
+    (
+        "triton: kernels compiled or loaded",
+        re.compile(r"triton/compiler/|precompile|async_compile|_load_kernel"),
+    ),
+    ("CUDA graphs: recorded", re.compile(r"^\S*record\S* \(.*cudagraph_trees\.py")),
+    ("CUDA graphs: warm-up run", re.compile(r"^\S*(?:warmup|Warmup|run_eager)\S* \(")),
+    ("CUDA graphs: other", re.compile(r"cudagraph_trees\.py")),
+    ("dynamo: guards built", re.compile(r"build_guards|_dynamo/guards\.py")),
+    ("dynamo: traced", re.compile(r"symbolic_convert|_dynamo/variables/|convert_frame")),
+    ("inductor: compiled", re.compile(r"compile_fx|aot_autograd|_inductor/|_functorch/")),
+    ("weights read", re.compile(r"safetensors|from_pretrained|load_state_dict")),
+    ("CUDA synchronize", re.compile(r"synchronize")),
+    ("imported", re.compile(r"_find_and_load")),
+)
+
+
+IMPORTS = "interpreter and imports"
+# A module's body run by an import: "<module> (torch/nn/functional.py:1)", the path as py-spy
+# shortens it (from a folder on sys.path, or whole).
+MODULE = re.compile(r"^<module> \((.+):\d+\)$")
+OWN = {"app", "worker", "bench", "__main__"}
+
+
+def package(path: str) -> str:
+    """The top package of a module's path: after site-packages, else its first folder (a
+    shortened path) or its last (a whole one: one of sdserve's own)."""
+    parts = path.split("/")
+    for installed in ("site-packages", "dist-packages"):
+        if installed in parts[:-1]:
+            return parts[parts.index(installed) + 1].removesuffix(".py")
+    if path.startswith("/") or len(parts) == 1:
+        return parts[-2] if len(parts) > 1 else parts[0].removesuffix(".py")
+    return parts[0]
+
+
+def imported(frames: list[str]) -> str | None:
+    """The package a sample of the start's imports is in: the outermost module not sdserve's
+    that an import is running (what sdserve imported, not what that imported)."""
+    for frame in frames:
+        found = MODULE.match(frame)
+        if found and package(found.group(1)) not in OWN and not found.group(1).startswith("<"):
+            return f"import {package(found.group(1))}"
+    return None
+
+
+def start_sampler(pid: int, seconds: float, out: Path) -> Future[Path | None]:
+    """py-spy's samples of a worker from its spawn, every thread waiting or not, for
+    `seconds`, on a thread of its own (py-spy cannot read an interpreter that has not begun:
+    it is tried again for two seconds)."""
+
+    def sample() -> Path | None:
+        began = time.monotonic()
+        while True:
+            found = record(pid, seconds - (time.monotonic() - began), out)
+            if found is not None or time.monotonic() - began > 2:
+                return found
+            time.sleep(0.05)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="py-spy-start")
+    sampling = pool.submit(sample)
+    pool.shutdown(wait=False)
+    return sampling
+
+
+def start_phases(path: Path | None, rate_hz: int = RATE_HZ) -> dict[str, dict[str, float]] | None:
+    """Seconds of the main thread's start by stage, and within each by what torch was doing
+    (bench/gpu_check.py --profile-start): where a start's seconds go."""
+    if path is None:
+        return None
+    stages: dict[str, Counter[str]] = defaultdict(Counter)
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count.isdigit() or "MainThread" not in frames[0]:
+            continue
+        body = frames[1:]
+        stage = next((name for name, under in STAGES if any(under.search(f) for f in body)),
+                     IMPORTS)  # fmt: skip
+        doing = (imported(body) if stage == IMPORTS else None) or next(
+            (name for name, marker in DOING if any(marker.search(f) for f in body)),
+            body[-1].split(" (")[0] if body else "(no frame)")  # fmt: skip
+        stages[stage][doing] += int(count)
+    order = sorted(stages.items(), key=lambda kv: -sum(kv[1].values()))
+    return {stage: {what: n / rate_hz for what, n in doings.most_common(8)}
+            for stage, doings in order}  # fmt: skip
+
+
+def start_lines(phases: dict[str, dict[str, float]]) -> list[str]:
+    """The cached start's seconds as markdown lines."""
+    out = ["Where the cached start's main thread went (py-spy, seconds):", ""]
+    for stage, doings in phases.items():
+        parts = "; ".join(f"{what} {s:.1f}" for what, s in doings.items())
+        out.append(f"- {stage} {sum(doings.values()):.1f}: {parts}")
     return [*out, ""]
