@@ -126,7 +126,7 @@ def load_components(
             if fuse_projections:
                 module.fuse_qkv_projections()
             module.to(memory_format=torch.channels_last)
-    cross_attention_kernels(unet)  # no cuDNN graph to build per prompt length (its module)
+    cross_attention_kernels(unet, device)  # no cuDNN graph per prompt length (its module)
     # A 7-channel UNet (the x4 upscaler) takes a noised low-resolution picture beside the
     # latents, and its noise level as a class label.
     low_res = None

@@ -194,7 +194,7 @@ class Engine:
             if why is not None:
                 log.warning("ControlNet %s skipped for %s: %s", name, self.model, why)
                 continue
-            cross_attention_kernels(model)  # as the UNet's (worker/attention.py)
+            cross_attention_kernels(model, self.device)  # as the UNet's (worker/attention.py)
             held[name] = model.to(self.device).eval()
             log.info("ControlNet %s for %s: %.0f MiB", name, self.model,
                      sum(p.nbytes for p in model.parameters()) / 2**20)  # fmt: skip
