@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.api import create_app
 from app.jobs.contract import Status
-from app.jobs.prompts import CHUNK, chunks, count, fragments, token_ids
+from app.jobs.prompts import CHUNK, changing, chunks, count, fragments, token_ids
 from app.jobs.vocabulary import PublishedTokenizer
 from app.settings import ApiSettings
 from tests.conftest import JobStore, serving
@@ -52,6 +52,31 @@ def test_emphasis_weighs_as_a1111(prompt: str, expected: list[tuple[str, float]]
     got = fragments(prompt, "a1111")
     assert [f.text for f in got] == [text for text, _ in expected]
     assert [f.weight for f in got] == pytest.approx([weight for _, weight in expected])
+
+
+@pytest.mark.parametrize(
+    ("prompt", "found"),
+    [
+        ("a [cat:dog:0.5]", "[cat:dog:0.5]"),  # editing: from, to, when
+        ("a [dog:10] b", "[dog:10]"),  # added at step 10
+        ("[cat::0.3] x", "[cat::0.3]"),  # removed at 30%
+        ("[cat|dog]", "[cat|dog]"),  # alternation
+        ("[a:[b]:0.5]", "[a:[b]:0.5]"),  # emphasis inside an edit: the edit
+        ("[(a:1.2):b:0.5]", "[(a:1.2):b:0.5]"),
+        ("[[a]|b]", "[[a]|b]"),
+        ("rock AND roll", "AND"),
+        ("[a]", None),  # emphasis
+        ("[a: b]", None),  # a colon that is text
+        ("(a:1.2) [y]", None),
+        ("\\[a:0.5\\]", None),  # escaped: literal brackets
+        ("and, Anderson", None),
+    ],
+)
+def test_changing_prompts_are_found(prompt: str, found: str | None) -> None:
+    """What A1111 reads as a prompt that changes during the steps, or several prompts: the
+    API refuses it (app/jobs/contract.py) rather than encode it as emphasized words."""
+    assert changing(prompt) == found
+    assert changing("a AND b", composable=False) is None  # a negative prompt's AND is text
 
 
 def test_plain_prompts_keep_every_character() -> None:

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from app.jobs.prompts import Syntax
+from app.jobs.prompts import Syntax, changing
 
 # A deployment's models have names (SDSERVE_MODELS); one that names none serves one model,
 # called this.
@@ -181,6 +181,13 @@ class Lora(BaseModel):
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
 # A1111's other extra network: not served, so refused rather than encoded as words.
 HYPERNET_TAG = re.compile(r"<hypernet:[^>]*>")
+# A1111's prompt syntax that sdserve does not serve (app/jobs/prompts.py `changing`), by its
+# sign: refused rather than encoded as words.
+UNSERVED_SYNTAX = {
+    ":": "A1111's prompt editing (a prompt that changes at a step) is not served",
+    "|": "A1111's alternating prompt (words that change every step) is not served",
+    "AND": "A1111's composable prompts (several prompts combined with AND) are not served",
+}
 
 
 def field_error(field: str, message: str, value: Any) -> ValidationError:
@@ -328,6 +335,12 @@ class Generation(BaseModel):
             if network is not None:  # A1111 would apply it: drawn without, the image differs
                 raise field_error(field, f"{network.group(0)}: hypernetworks are not served"
                                   " (GET /sdapi/v1/hypernetworks lists none)",
+                                  getattr(self, field))  # fmt: skip
+            change = changing(getattr(self, field), composable=field == "prompt")
+            if change is not None:
+                what = UNSERVED_SYNTAX["AND" if change == "AND" else
+                                       "|" if "|" in change else ":"]  # fmt: skip
+                raise field_error(field, f"{change}: {what} (escape a literal bracket: \\[)",
                                   getattr(self, field))  # fmt: skip
         if LORA_TAG.search(self.prompt) is None:
             return self

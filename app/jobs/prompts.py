@@ -32,6 +32,31 @@ _PIECE = re.compile(
     r"\\[\\()\[\]]|\\|\(|\[|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:"
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+# A1111's prompt editing, `[from:to:when]`, `[to:when]`, `[from::when]` (the text changes at a
+# step), and alternation, `[a|b]` (it changes every step): a square bracket whose text ends in
+# `:number` or holds a `|`. And composable prompts, `a AND b` (several prompts combined).
+_SQUARE = re.compile(r"\[([^\[\]]*)\]")
+_WHEN = re.compile(r":\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)\s*$")
+_AND = re.compile(r"\bAND\b")
+
+
+def changing(prompt: str, composable: bool = True) -> str | None:
+    """The first piece of the prompt that A1111 reads as a prompt that changes during the
+    steps (editing, alternation) or, with `composable`, as several prompts (`AND`); None when
+    there is none. Not served (a row's prompt is encoded once, as one prompt), so refused where
+    the A1111 syntax is read, rather than read as emphasized words: A1111 would draw another
+    picture. (A1111 reads `AND` in a positive prompt only.)"""
+    text = re.sub(r"\\.", "__", prompt)  # escaped characters are text; spans keep their place
+    while True:
+        for group in _SQUARE.finditer(text):
+            if _WHEN.search(group.group(1)) or "|" in group.group(1):
+                return prompt[group.start() : group.end()]
+        outer = _SQUARE.sub(lambda group: "_" * len(group.group(0)), text)  # the next level
+        if outer == text:
+            break
+        text = outer
+    found = _AND.search(text) if composable else None
+    return found.group(0) if found else None
 
 
 @dataclass(frozen=True)
