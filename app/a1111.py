@@ -304,6 +304,9 @@ class Img2ImgPayload(Txt2ImgPayload):
             # The whole picture is inpainted; A1111's "only masked" crop is not offered.
             "inpaint_full_res": self.mask is not None and self.inpaint_full_res,
             "inpainting_mask_invert": self.inpainting_mask_invert != 0,
+            # One blur both ways: A1111's `mask_blur` sets x and y alike.
+            "mask_blur_y": self.mask is not None and self.mask_blur is None
+            and self.mask_blur_y != self.mask_blur_x,
             "latent_mask": self.latent_mask is not None,
             "initial_noise_multiplier": self.initial_noise_multiplier not in (None, 1),
             # A refiner finishes text-to-image and image-to-image jobs, not inpainting.
@@ -322,6 +325,8 @@ WHY = {
     "enable_hr": "img2img has no hires fix (A1111's has none either)",
     "resize_mode": "the picture is stretched to the size asked (A1111's 'just resize', 0)",
     "init_images": "one picture a request",
+    "mask_blur_y": "the mask's edge is blurred alike across and down (mask_blur, or mask_blur_x"
+    " equal to mask_blur_y)",
 }
 
 

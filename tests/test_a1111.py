@@ -362,7 +362,11 @@ def test_a_refusal_whose_reason_is_not_plain_says_it() -> None:
         ({"refiner_checkpoint": "xlr"}, "refiner_checkpoint", "not inpainting"),
         ({"inpaint_full_res": True}, "inpaint_full_res", "'only masked' is not offered"),
         ({"inpainting_fill": 0}, "inpainting_fill", "'original'"),
+        ({"mask_blur_x": 4, "mask_blur_y": 8}, "mask_blur_y", "alike across and down"),
     ):
         with pytest.raises(A1111Error) as refused:
             Img2ImgPayload.model_validate(base | change).job_fields(["sd", "xl", "xlr"])
         assert refused.value.field == field and reason in str(refused.value)
+    # One blur both ways is served: `mask_blur` (it sets both), or x and y alike.
+    for same in ({"mask_blur": 8, "mask_blur_y": 2}, {"mask_blur_x": 6, "mask_blur_y": 6}):
+        Img2ImgPayload.model_validate(base | same).job_fields(["sd"])
