@@ -206,6 +206,16 @@ def test_bad_pictures_and_fields_are_4xx_naming_the_field(
         assert any(field in [str(p) for p in e["loc"]] for e in answer.json()["detail"])
 
 
+def test_an_upscale_too_small_once_rounded_says_so(api: httpx.Client) -> None:
+    """A picture under 8 pixels a side upscales to nothing: the 422 says why (its sides are
+    rounded down to multiples of 8 first), not only "x4 makes 0x0"."""
+    answer = api.post("/v1/upscale", json={**FIELDS, "image": b64(Image.new("RGB", (3, 3))),
+                                           "scale": 4})  # fmt: skip
+    assert answer.status_code == 422, answer.text
+    (error,) = answer.json()["detail"]
+    assert "rounded down to multiples of 8: 0x0" in error["msg"] and "image" in error["loc"]
+
+
 def test_bodies_multipart_files_and_limits(api: httpx.Client) -> None:
     # A text file in a file part, an empty part: 422 naming the field.
     empty = api.post("/v1/img2img", data={"prompt": "x"},

@@ -258,7 +258,9 @@ def enlarge(pictures: dict[str, Image.Image], scale: int, method: str,
     own = (source.width // SIDE_STEP * SIDE_STEP, source.height // SIDE_STEP * SIDE_STEP)
     size = (own[0] * scale, own[1] * scale)
     if min(size) < SIDE_MIN:
-        raise invalid("image", f"is {source.width}x{source.height}: x{scale} makes "
+        rounded = "" if own == source.size else (f" (its sides rounded down to multiples of"
+                                                 f" {SIDE_STEP}: {own[0]}x{own[1]})")  # fmt: skip
+        raise invalid("image", f"is {source.width}x{source.height}{rounded}: x{scale} makes "
                       f"{size[0]}x{size[1]}, under {SIDE_MIN} pixels a side")  # fmt: skip
     drawn = upscale_drawn(own, scale, method)  # x4 draws four times, whatever the scale
     if max(drawn) > largest:
