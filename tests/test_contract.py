@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.jobs.contract import SCHEDULERS, Txt2ImgRequest, is_job_id, new_job_id
+from app.jobs.contract import (
+    SCHEDULERS,
+    Txt2ImgRequest,
+    is_job_id,
+    new_job_id,
+    parse_request,
+)
 
 
 def error_fields(body: dict[str, Any]) -> set[str]:
@@ -190,3 +196,16 @@ def test_a_prompts_tags_refused_name_the_field(body: dict[str, Any], named: str,
         Txt2ImgRequest.model_validate(body)
     (error,) = refused.value.errors()
     assert error["loc"] == (named,) and says in error["msg"], error
+
+
+def test_a_stored_request_refused_now_is_still_read() -> None:
+    """A job accepted before a refusal existed (A1111's prompt editing, a hypernetwork tag,
+    until 2026-12-06) is read back as stored: its view and its worker do not fail on it."""
+    import json
+
+    body = {"prompt": "a [cat:dog:0.5] <hypernet:x>", "negative_prompt": "[a|b]",
+            "prompt_syntax": "a1111"}  # fmt: skip
+    with pytest.raises(ValidationError):
+        Txt2ImgRequest.model_validate(body)
+    read = parse_request(json.dumps({"kind": "txt2img", **body}))
+    assert (read.prompt, read.negative_prompt) == (body["prompt"], body["negative_prompt"])

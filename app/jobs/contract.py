@@ -181,6 +181,9 @@ class Lora(BaseModel):
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
 # A1111's other extra network: not served, so refused rather than encoded as words.
 HYPERNET_TAG = re.compile(r"<hypernet:[^>]*>")
+# Validation context of a stored request read back (`parse_request`): refusals that only a new
+# request meets are not made again.
+STORED = "stored"
 # A1111's prompt syntax that sdserve does not serve (app/jobs/prompts.py `changing`), by its
 # sign: refused rather than encoded as words.
 UNSERVED_SYNTAX = {
@@ -322,15 +325,18 @@ class Generation(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _prompt_read(self) -> Generation:
+    def _prompt_read(self, info: ValidationInfo) -> Generation:
         """A plain prompt that a kind requires is text; in A1111's syntax, `<lora:name:weight>`
-        tags are LoRAs, and the text left is encoded (A1111 takes it empty)."""
+        tags are LoRAs, and the text left is encoded (A1111 takes it empty). A1111's syntax
+        that is not served is refused when a request comes, not when a stored one is read
+        (`parse_request`): a job accepted before the refusal existed stays readable."""
         if self.prompt_syntax == "plain":
             if not self.prompt and type(self).model_fields["prompt"].is_required():
                 raise field_error("prompt", "is empty (A1111's syntax takes an empty prompt)",
                                   self.prompt)  # fmt: skip
             return self
-        for field in ("prompt", "negative_prompt"):
+        stored = bool(info.context and info.context.get(STORED))
+        for field in () if stored else ("prompt", "negative_prompt"):
             network = HYPERNET_TAG.search(getattr(self, field))
             if network is not None:  # A1111 would apply it: drawn without, the image differs
                 raise field_error(field, f"{network.group(0)}: hypernetworks are not served"
@@ -670,8 +676,8 @@ _JOB_REQUEST: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 
 
 def parse_request(raw: str | bytes) -> JobRequest:
-    """A job's stored request, whatever its kind."""
-    return _JOB_REQUEST.validate_json(raw)
+    """A job's stored request, whatever its kind (validated as stored: `STORED`)."""
+    return _JOB_REQUEST.validate_json(raw, context={STORED: True})
 
 
 class Progress(BaseModel):
