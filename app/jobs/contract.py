@@ -335,19 +335,8 @@ class Generation(BaseModel):
                 raise field_error("prompt", "is empty (A1111's syntax takes an empty prompt)",
                                   self.prompt)  # fmt: skip
             return self
-        stored = bool(info.context and info.context.get(STORED))
-        for field in () if stored else ("prompt", "negative_prompt"):
-            network = HYPERNET_TAG.search(getattr(self, field))
-            if network is not None:  # A1111 would apply it: drawn without, the image differs
-                raise field_error(field, f"{network.group(0)}: hypernetworks are not served"
-                                  " (GET /sdapi/v1/hypernetworks lists none)",
-                                  getattr(self, field))  # fmt: skip
-            change = changing(getattr(self, field), composable=field == "prompt")
-            if change is not None:
-                what = UNSERVED_SYNTAX["AND" if change == "AND" else
-                                       "|" if "|" in change else ":"]  # fmt: skip
-                raise field_error(field, f"{change}: {what} (escape a literal bracket: \\[)",
-                                  getattr(self, field))  # fmt: skip
+        if not (info.context and info.context.get(STORED)):
+            self._refuse_unserved_syntax()
         if LORA_TAG.search(self.prompt) is None:
             return self
         try:
@@ -363,6 +352,22 @@ class Generation(BaseModel):
         object.__setattr__(self, "prompt", text)
         object.__setattr__(self, "loras", loras)
         return self
+
+    def _refuse_unserved_syntax(self) -> None:
+        """A1111 syntax that A1111 would honour and sdserve does not serve: a 422 naming its
+        field, rather than the words encoded (another picture than A1111's)."""
+        for field in ("prompt", "negative_prompt"):
+            text = getattr(self, field)
+            network = HYPERNET_TAG.search(text)
+            if network is not None:
+                raise field_error(field, f"{network.group(0)}: hypernetworks are not served"
+                                  " (GET /sdapi/v1/hypernetworks lists none)", text)  # fmt: skip
+            change = changing(text, composable=field == "prompt")
+            if change is not None:
+                what = UNSERVED_SYNTAX["AND" if change == "AND" else
+                                       "|" if "|" in change else ":"]  # fmt: skip
+                raise field_error(field, f"{change}: {what} (escape a literal bracket: \\[)",
+                                  text)  # fmt: skip
 
     def seeds(self) -> list[int]:
         """One seed per image; each one, sent back alone with n=1, reproduces that image."""
