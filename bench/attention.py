@@ -1,7 +1,11 @@
 """The UNet's attention shapes timed alone, per kernel: where the step's attention time goes and
-whether any kernel at hand runs SD1.5's head size of 40 faster than the default.
+whether any kernel at hand runs SD1.5's head size of 40 faster than the default. Self- and
+cross-attention are summed apart (worker/attention.py runs cross-attention on flash attention
+on such GPUs: what that costs a step is the `cross` sum's flash less its default).
 
-    python -m bench.attention --out DIR     (one GPU; 32 images = 64 rows with CFG)
+    python -m bench.attention --out DIR [--family sd15|sdxl] [--rows N]
+        (one GPU; SD 1.5 at 512x512, 64 rows = 32 images with CFG by default;
+         SDXL at 1024x1024, 16 rows = its max batch of 8 with CFG)
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from bench.timing import event_times_ms
 
-ROWS = 64
-HEADS = 8
 TEXT_TOKENS = 77
-# (name, tokens, channels, transformer blocks at that level) of SD1.5's UNet at 512x512
-LEVELS = [("64x64", 4096, 320, 5), ("32x32", 1024, 640, 5), ("16x16", 256, 1280, 5),
-          ("8x8", 64, 1280, 1)]  # fmt: skip
+# Per family: rows by default, heads' width, and (name, tokens, channels, transformer blocks at
+# that level) of its UNet: SD1.5's at 512x512 (8 heads), SDXL's at 1024x1024 (heads of 64).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "sd15": {"rows": 64, "heads": lambda channels: 8,
+             "levels": [("64x64", 4096, 320, 5), ("32x32", 1024, 640, 5),
+                        ("16x16", 256, 1280, 5), ("8x8", 64, 1280, 1)]},
+    "sdxl": {"rows": 16, "heads": lambda channels: channels // 64,
+             "levels": [("64x64", 4096, 640, 10), ("32x32", 1024, 1280, 60)]},
+}  # fmt: skip
 
 
 def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], Any]]:
@@ -65,20 +73,25 @@ def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Call
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "attention-out")))
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
+    parser.add_argument("--rows", type=int, help="UNet rows (default: the family's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "rows": ROWS, "levels": []}
-    totals: dict[str, float] = {}
+    family = FAMILIES[args.family]
+    rows = args.rows or family["rows"]
+    results: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "family": args.family,
+                               "rows": rows, "levels": []}  # fmt: skip
+    totals: dict[str, dict[str, float]] = {"self": {}, "cross": {}}
     with torch.inference_mode():
-        for name, tokens, channels, blocks in LEVELS:
-            head = channels // HEADS
+        for name, tokens, channels, blocks in family["levels"]:
+            heads = family["heads"](channels)
+            head = channels // heads
             for kind, keys in (("self", tokens), ("cross", TEXT_TOKENS)):
-                shape_q = (ROWS, HEADS, tokens, head)
-                q = torch.randn(shape_q, device="cuda", dtype=torch.float16)
-                k = torch.randn(ROWS, HEADS, keys, head, device="cuda", dtype=torch.float16)
+                q = torch.randn(rows, heads, tokens, head, device="cuda", dtype=torch.float16)
+                k = torch.randn(rows, heads, keys, head, device="cuda", dtype=torch.float16)
                 v = torch.randn_like(k)
                 reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-                flop = 4 * ROWS * HEADS * tokens * keys * head
+                flop = 4 * rows * heads * tokens * keys * head
                 row: dict[str, Any] = {"level": name, "kind": kind, "head": head,
                                        "blocks": blocks}  # fmt: skip
                 for label, fn in kernels(q, k, v).items():
@@ -90,11 +103,12 @@ def main() -> None:
                         continue
                     row[label] = {"ms": round(ms, 3), "tflop_s": round(flop / ms / 1e9),
                                   "rel_error": float(f"{error:.1e}")}  # fmt: skip
-                    totals[label] = totals.get(label, 0.0) + ms * blocks
+                    totals[kind][label] = totals[kind].get(label, 0.0) + ms * blocks
                 results["levels"].append(row)
                 print(json.dumps(row), flush=True)
-    results["per_unet_step_ms"] = {k: round(v, 2) for k, v in totals.items()}
-    (args.out / "attention.json").write_text(json.dumps(results, indent=2))
+    results["per_unet_step_ms"] = {kind: {k: round(v, 2) for k, v in sums.items()}
+                                   for kind, sums in totals.items()}  # fmt: skip
+    (args.out / f"attention-{args.family}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results["per_unet_step_ms"], indent=2))
 
 

@@ -70,12 +70,12 @@ def refined(i: int) -> dict[str, Any]:
     return uniform(i) | {"refiner": {"model": "refiner", "switch_at": SWITCH}}
 
 
-def models(work: Path, tiny: bool, sd15: bool = False) -> dict[str, Path]:
+def models(work: Path, tiny: bool, sd15: bool = False, refiner: bool = True) -> dict[str, Path]:
     """The base and the refiner at SDXL's sizes, built once (random weights, fp16); at the tiny
     sizes for a CPU smoke run. With `sd15`, an SD 1.5-sized model too (`sd`), served beside
-    them by the same worker."""
+    them by the same worker; without `refiner`, the base alone (or with SD 1.5)."""
     arch = "tiny-sdxl" if tiny else "sdxl"
-    archs = {"xl": arch, "refiner": f"{arch}-refiner"}
+    archs = {"xl": arch, "refiner": f"{arch}-refiner"} if refiner else {"xl": arch}
     if sd15:
         archs["sd"] = "tiny" if tiny else "sd15"
     made = {name: work / arch for name, arch in archs.items()}
@@ -307,6 +307,12 @@ def main() -> None:
         " holding both families), and one SD 1.5 request runs alone",
     )
     parser.add_argument(
+        "--no-refiner",
+        action="store_true",
+        help="the worker holds no refiner (issue 22: the start of a worker holding SD 1.5 and"
+        " SDXL, with --sd15); the load (r) is then refused",
+    )
+    parser.add_argument(
         "--loads",
         help="the service's loads, comma-separated (a is always run; default: a,b,r,c), e.g."
         " --loads a,c to fit a start and the Poisson load in one device call",
@@ -322,7 +328,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path("/tmp/sdserve-bench")
     work.mkdir(parents=True, exist_ok=True)
-    made = models(work, args.device == "cpu", args.sd15)
+    if args.no_refiner and "r" in chosen_loads(args.loads, LOADS):
+        parser.error("--no-refiner leaves no refiner for the load (r): choose --loads without r")
+    made = models(work, args.device == "cpu", args.sd15, refiner=not args.no_refiner)
     results, save = batching.recorded(args.out, "sdxl", args.device)
 
     for stage in args.stages.split(","):
