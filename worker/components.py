@@ -17,7 +17,6 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizerFast
 from transformers.utils import logging as transformers_logging
 
-from worker.attention import cross_attention_kernels
 from worker.schedulers import load_schedule
 
 # Progress bars and advice about optional packages are noise in a service's log.
@@ -126,7 +125,6 @@ def load_components(
             if fuse_projections:
                 module.fuse_qkv_projections()
             module.to(memory_format=torch.channels_last)
-    cross_attention_kernels(unet, device)  # no cuDNN graph per prompt length (its module)
     # A 7-channel UNet (the x4 upscaler) takes a noised low-resolution picture beside the
     # latents, and its noise level as a class label.
     low_res = None

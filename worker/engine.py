@@ -32,7 +32,6 @@ from app.jobs.contract import Hires
 from app.jobs.prompts import Syntax
 from worker import lora_kernel
 from worker.adapters import Adapters, RowMix
-from worker.attention import cross_attention_kernels
 from worker.compiled import CompiledCalls, Tuning
 from worker.components import Components, load_components, load_vae
 from worker.controls import Block, ControlNets
@@ -194,7 +193,6 @@ class Engine:
             if why is not None:
                 log.warning("ControlNet %s skipped for %s: %s", name, self.model, why)
                 continue
-            cross_attention_kernels(model, self.device)  # as the UNet's (worker/attention.py)
             held[name] = model.to(self.device).eval()
             log.info("ControlNet %s for %s: %.0f MiB", name, self.model,
                      sum(p.nbytes for p in model.parameters()) / 2**20)  # fmt: skip
