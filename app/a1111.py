@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.jobs.contract import SEED_MAX, JobView, Txt2ImgRequest
+from app.jobs.contract import COUNT_MAX, SEED_MAX, JobView, Txt2ImgRequest
 
 # A1111's sampler names (and the older names with the schedule in them) to sdserve's schedulers.
 # With `scheduler: "Karras"`, DPM++ 2M is its Karras variant; other samplers take only the
@@ -197,6 +197,9 @@ class Txt2ImgPayload(BaseModel):
             # default, 0, skips nothing). s_tmin and s_tmax act only with s_churn.
             "s_min_uncond": self.s_min_uncond not in (None, 0),
             "distilled_cfg_scale": self.distilled_cfg_scale not in (None, 3.5),
+            # A1111 fills the fields a request leaves unset from the infotext's settings:
+            # ignored, the picture would be another than A1111's.
+            "infotext": bool(self.infotext and self.infotext.strip()),
         }
 
     def scheduler_name(self) -> str:
@@ -228,6 +231,10 @@ class Txt2ImgPayload(BaseModel):
         chosen = read_settings(defaults or {}, models, vaes, "options.") | read_settings(
             self.override_settings or {}, models, vaes, "override_settings."
         )
+        images = self.batch_size * self.n_iter
+        if self.n_iter > 1 and images > COUNT_MAX:  # else the native `n` names batch_size
+            raise A1111Error("n_iter", f"batch_size x n_iter makes {images} images; a request"
+                             f" makes at most {COUNT_MAX}")  # fmt: skip
         model, vae = chosen.get("model") or models[0], chosen.get("vae")
         clip_skip = chosen.get("clip_skip", 1)
         scheduler = self.scheduler_name()
@@ -327,6 +334,8 @@ WHY = {
     "init_images": "one picture a request",
     "mask_blur_y": "the mask's edge is blurred alike across and down (mask_blur, or mask_blur_x"
     " equal to mask_blur_y)",
+    "infotext": "its settings are not read into the request; send them as the request's fields"
+    " (POST /sdapi/v1/png-info parses an infotext)",
 }
 
 

@@ -370,3 +370,22 @@ def test_a_refusal_whose_reason_is_not_plain_says_it() -> None:
     # One blur both ways is served: `mask_blur` (it sets both), or x and y alike.
     for same in ({"mask_blur": 8, "mask_blur_y": 2}, {"mask_blur_x": 6, "mask_blur_y": 6}):
         Img2ImgPayload.model_validate(base | same).job_fields(["sd"])
+
+
+def test_an_infotext_and_too_many_iterations_are_named() -> None:
+    """A1111 fills a request's unset fields from `infotext`: not read here, so a non-empty one
+    is refused (an empty one is A1111's "none"). `n_iter` past the images a request makes
+    is named as sent, not as the `batch_size` the native count is read from."""
+    from app.a1111 import A1111Error, Txt2ImgPayload
+
+    base = {"prompt": "a fox", "steps": 2}
+    with pytest.raises(A1111Error) as refused:
+        Txt2ImgPayload.model_validate(base | {"infotext": "a fox\nSteps: 3, Seed: 9, Size: 64x64"}
+                                      ).job_fields(["sd"])  # fmt: skip
+    assert refused.value.field == "infotext" and "png-info" in str(refused.value)
+    assert Txt2ImgPayload.model_validate(base | {"infotext": " "}).job_fields(["sd"])["n"] == 1
+    with pytest.raises(A1111Error) as refused:
+        Txt2ImgPayload.model_validate(base | {"n_iter": 100}).job_fields(["sd"])
+    assert refused.value.field == "n_iter" and "100 images" in str(refused.value)
+    fields = Txt2ImgPayload.model_validate(base | {"batch_size": 2, "n_iter": 4}).job_fields(["sd"])
+    assert fields["n"] == 8

@@ -117,7 +117,8 @@ Seed = Annotated[
         description="Seed of image 0; image k uses (seed + k) mod 2^32. Chosen when absent.",
     ),
 ]
-Count = Annotated[int, Field(ge=1, le=8, description="Number of images.")]
+COUNT_MAX = 8  # images a request makes
+Count = Annotated[int, Field(ge=1, le=COUNT_MAX, description="Number of images.")]
 Timeout = Annotated[
     int,
     Field(
