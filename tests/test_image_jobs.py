@@ -250,6 +250,16 @@ def test_malformed_multipart_and_repeated_fields_are_named(api: httpx.Client) ->
     ]  # fmt: skip
     twice = api.post("/v1/images/edits", files=parts)
     assert twice.status_code == 422 and "given twice" in twice.text, twice.text
+    # A file part under a text field's name, or a name the route lacks: named, with why.
+    for route, name, said in (("/v1/img2img", "prompt", "is a text field"),
+                              ("/v1/img2img", "mask", "no field of this route"),
+                              ("/v1/images/edits", "prompt", "is a text field"),
+                              ("/v1/images/edits", "bogus", "no field of this route")):  # fmt: skip
+        stray = api.post(route, files=[("image", ("a.png", png, "image/png")),
+                                       (name, ("p.txt", b"a fox", "text/plain"))])  # fmt: skip
+        assert stray.status_code == 422 and said in stray.text and name in stray.text, stray.text
+    two = api.post("/v1/img2img", data={"prompt": "x"}, files=files[:2])
+    assert two.status_code == 422 and "takes one picture" in two.text, two.text
     huge = api.post("/v1/images/generations", content=b"{" + b" " * 70_000 + b"}",
                     headers={"content-type": "application/json"})  # fmt: skip
     assert huge.status_code == 413

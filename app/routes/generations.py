@@ -105,7 +105,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             key = "image" if name == "image[]" else name
             if isinstance(value, UploadFile):
                 if key not in ("image", "mask"):
-                    raise sources.invalid(key, "is not a file field")
+                    raise sources.not_a_file(key, openai_images.EditsRequest, ("image", "mask"))
                 if key in data:
                     raise sources.invalid(key, "takes one picture")
                 data[key] = await value.read()

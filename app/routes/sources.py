@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -144,6 +144,15 @@ def invalid(field: str, message: str, kind: str = "value_error") -> RequestValid
     return RequestValidationError([{"loc": ("body", *path), "msg": message, "type": kind}])
 
 
+def not_a_file(name: str, model: type[BaseModel], files: Sequence[str]) -> RequestValidationError:
+    """A 422 for a file part under a name that takes none: one of the route's text fields sent
+    as a file, or a name the route does not have."""
+    if name in model.model_fields:
+        return invalid(name, "is a text field: send it as a form field, not a file")
+    return invalid(name, f"is no field of this route (its pictures: {', '.join(files)})",
+                   "extra_forbidden")  # fmt: skip
+
+
 def as_http_error(error: UploadError) -> Exception:
     """A picture that cannot be used: 413 if too large, else 422 naming its field."""
     if error.status == 413:
@@ -167,12 +176,16 @@ async def _read(http: Request, model: type[BaseModel], files: tuple[str, ...],
         return body, data
     if content_type != "multipart/form-data":
         raise HTTPException(415, "send application/json or multipart/form-data")
-    form = await http.form(max_files=len(files), max_fields=64, max_part_size=limit)
+    # One file part more than the route's pictures: a stray one is named (below), not
+    # counted by the form parser's "too many files".
+    form = await http.form(max_files=len(files) + 1, max_fields=64, max_part_size=limit)
     raw = {}
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name not in files:
-                raise invalid(name, "is not a file field")
+                raise not_a_file(name, model, files)
+            if name in data:
+                raise invalid(name, "takes one picture")
             data[name] = await value.read()
             raw[name] = ""  # present; its bytes are in `data`
         elif name == "webhook_events":
