@@ -368,6 +368,13 @@ def test_webhooks_to_private_hosts_are_refused_unless_allowed(
             assert r.status_code == 422, r.text
             [error] = r.json()["detail"]
             assert error["loc"] == ["body", "webhook_url"] and reason in error["msg"]
+    # Events chosen without an address: a mistake said, not a job that never calls back.
+    with serving(create_app(store, api_settings(redis_url))) as url:
+        r = httpx.post(f"{url}/v1/txt2img", json={"prompt": "x", "webhook_events": ["failed"]},
+                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 422, r.text
+        [error] = r.json()["detail"]
+        assert error["loc"] == ["body", "webhook_events"] and "webhook_url" in error["msg"]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -322,7 +322,8 @@ class Generation(BaseModel):
         default=["succeeded", "failed", "canceled"],
         min_length=1,
         max_length=4,
-        description="Which changes to send: running, succeeded, failed, canceled.",
+        description="Which changes to send: running, succeeded, failed, canceled (with"
+        " webhook_url only).",
     )
 
     @model_validator(mode="after")

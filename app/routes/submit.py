@@ -75,6 +75,10 @@ class Submitter:
 
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, self.ctx.settings)
+        elif "webhook_events" in request.model_fields_set:  # chosen, for no webhook at all
+            raise RequestValidationError([{"loc": ("body", "webhook_events"), "type": "value_error",
+                                           "msg": "chooses the changes a webhook sends: give"
+                                           " webhook_url too"}])  # fmt: skip
         model = self._model(request.model)
         # What the client sent, before the server fills anything in, identifies a retry.
         sent = hashlib.sha256(request.model_dump_json().encode()).hexdigest()
