@@ -35,6 +35,7 @@ def generate(
     from them, sent as multipart files; with
     `preview`, each new live preview is written there."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    _writable(out)  # before the job runs, not after: its images would be lost
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
         if pictures:
             files = {name: (path.name, _read(path)) for name, path in pictures.items()}
@@ -55,7 +56,6 @@ def generate(
             error = view.get("error") or {}
             reason = f"{error.get('code')}: {error.get('message')}" if error else view["status"]
             raise ClientError(f"job {view['id']} {view['status']}: {reason}")
-        out.mkdir(parents=True, exist_ok=True)
         paths = []
         for image_url, seed in zip(view["images"], view["seeds"], strict=True):
             path = out / f"{view['id']}-{seed}.png"
@@ -63,6 +63,16 @@ def generate(
             paths.append(path)
             print(f"seed {seed}: {path}")
         return paths
+
+
+def _writable(out: Path) -> None:
+    """The folder for the images, made if missing; a clear error if it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ClientError(f"cannot save into {out}: it is a file, not a folder", 2) from None
+    except OSError as e:
+        raise ClientError(f"cannot save into {out}: {e.strerror}", 2) from None
 
 
 def _read(path: Path) -> bytes:

@@ -429,6 +429,9 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     assert missing.returncode == 2 and "cannot read nope.png" in missing.stderr
     lonely = run_cli("x", "--mask", "mask.png", "--url", service, cwd=tmp_path)
     assert lonely.returncode == 2 and "--mask needs --image" in lonely.stderr
+    (tmp_path / "taken").write_text("a file")  # -o names a file: said before any job runs
+    taken = run_cli("x", "-o", "taken", "--url", service, "--key", KEY, cwd=tmp_path)
+    assert taken.returncode == 2 and "taken: it is a file" in taken.stderr, taken.stderr
     # --lora: the LoRA on the images (the infotext says it), an unknown one named.
     lora = run_cli("x", "-o", "lora", "--lora", "style:0.3:0.5", "--steps", "2", "--url",
                    service, "--key", KEY, cwd=tmp_path)  # fmt: skip

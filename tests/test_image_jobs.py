@@ -258,6 +258,10 @@ def test_malformed_multipart_and_repeated_fields_are_named(api: httpx.Client) ->
         stray = api.post(route, files=[("image", ("a.png", png, "image/png")),
                                        (name, ("p.txt", b"a fox", "text/plain"))])  # fmt: skip
         assert stray.status_code == 422 and said in stray.text and name in stray.text, stray.text
+    # Webhook events without an address, on a picture route too (its body is read apart).
+    alone = api.post("/v1/img2img", data={"prompt": "x", "webhook_events": "failed"},
+                     files=files[:1])  # fmt: skip
+    assert alone.status_code == 422 and "webhook_url" in alone.text, alone.text
     two = api.post("/v1/img2img", data={"prompt": "x"}, files=files[:2])
     assert two.status_code == 422 and "takes one picture" in two.text, two.text
     huge = api.post("/v1/images/generations", content=b"{" + b" " * 70_000 + b"}",
