@@ -232,7 +232,8 @@ class Txt2ImgPayload(BaseModel):
             self.override_settings or {}, models, vaes, "override_settings."
         )
         images = self.batch_size * self.n_iter
-        if self.n_iter > 1 and images > COUNT_MAX:  # else the native `n` names batch_size
+        # Over by n_iter: named so (else the native `n`'s refusal names batch_size).
+        if self.n_iter > 1 and self.batch_size <= COUNT_MAX < images:
             raise A1111Error("n_iter", f"batch_size x n_iter makes {images} images; a request"
                              f" makes at most {COUNT_MAX}")  # fmt: skip
         model, vae = chosen.get("model") or models[0], chosen.get("vae")
