@@ -49,10 +49,11 @@ TRUE, FALSE = {"1", "on", "t", "true", "y", "yes"}, {"0", "off", "f", "false", "
 
 
 def units(
-    alwayson: dict[str, Any], controlnets: list[str]
+    alwayson: dict[str, Any], controlnets: list[str], source: str | None = None
 ) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
     """The native units (each with its picture as base64), each with where it was in the
-    payload, of a payload's `alwayson_scripts`; and whether it had any other script."""
+    payload, of a payload's `alwayson_scripts`; and whether it had any other script. A unit
+    without a picture takes `source` (img2img's picture, as the extension gives it one)."""
     key = next((k for k in KEYS if k in alwayson), None)
     others = any(k not in KEYS for k in alwayson)
     if key is None:
@@ -68,13 +69,15 @@ def units(
             raise A1111Error(where, "must be an object")
         if not flag(unit.get("enabled"), True, f"{where}.enabled"):
             continue
-        out.append((where, native(unit, where, controlnets)))
+        out.append((where, native(unit, where, controlnets, source)))
     return out, others
 
 
-def native(unit: dict[str, Any], where: str, controlnets: list[str]) -> dict[str, Any]:
+def native(
+    unit: dict[str, Any], where: str, controlnets: list[str], source: str | None = None
+) -> dict[str, Any]:
     """One extension unit as a native unit (a null field: its default, as the extension's
-    model reads it)."""
+    model reads it); without a picture of its own, `source`'s (img2img's)."""
     unit = {field: value for field, value in unit.items()
             if value is not None or field not in KNOWN | IGNORED}  # fmt: skip
     for field, value in unit.items():
@@ -97,8 +100,11 @@ def native(unit: dict[str, Any], where: str, controlnets: list[str]) -> dict[str
         if picture.get("mask") not in (None, ""):
             raise A1111Error(f"{where}.image.mask", "a unit's mask is not offered")
         picture = picture.get("image")
+    if picture in (None, "") and source:
+        picture = source
     if not isinstance(picture, str) or not picture:
-        raise A1111Error(f"{where}.image", "a unit needs its picture (base64)")
+        raise A1111Error(f"{where}.image", "a unit needs its picture (base64; in img2img it"
+                         " takes the init image's when it has none)")  # fmt: skip
     resize = unit.get("resize_mode", 1)
     mode = unit.get("control_mode", 2 if unit.get("guess_mode") else 0)
     for field, value, table in (("resize_mode", resize, RESIZE), ("control_mode", mode, MODES)):

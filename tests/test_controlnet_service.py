@@ -105,6 +105,19 @@ def test_a_controlnet_that_does_not_fit_the_model_is_refused_once_its_workers_sa
             error = answer.json()["detail"][0]
             assert error["loc"] == ["body", "controlnets", 1, "model"]
             assert "no live worker of model sd holds ControlNet 'xl-edges'" in error["msg"]
+            # A1111's units: named where they were sent (a disabled one before it is skipped).
+            a1111 = client.post(
+                "/sdapi/v1/txt2img",
+                json={
+                    **SMALL,
+                    "alwayson_scripts": {
+                        "controlnet": {"args": [{"enabled": False}, {**unit, "enabled": True}]}
+                    },
+                },
+            )
+            assert a1111.status_code == 422, a1111.text
+            assert a1111.json()["detail"][0]["loc"] == [
+                "body", "alwayson_scripts", "controlnet", "args", 1, "model"]  # fmt: skip
             fitting = client.post("/v1/txt2img", json={**SMALL, "controlnets": [
                 {**unit, "model": "edges"}]})  # fmt: skip
             assert fitting.status_code == 202, fitting.text
@@ -250,6 +263,11 @@ def test_a1111_controlnet_through_the_service(
                           ({"pixel_perfect": [True]}, "pixel_perfect"),
                           ({"guidance_start": "soon"}, "guidance_start")):  # fmt: skip
         assert f'{where}"{field}"' in refused(change), change
+    # A refusal of the native request names the extension's units: five units (four at most).
+    five = {**payload, "alwayson_scripts": {"controlnet": {"args": [unit] * 5}}}
+    answer = served.post("/sdapi/v1/txt2img", json=five)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["loc"] == ["body", "alwayson_scripts", "controlnet", "args"]
 
     settings, engines, store = worker_parts(redis_url, tiny_model, nets, "controls-a1111")
     with working(settings, store, engines):
@@ -265,6 +283,14 @@ def test_a1111_controlnet_through_the_service(
                               controlnet_units=[webuiapi.ControlNetUnit(
                                   image=picture, model="edges", weight=0.8,
                                   resize_mode="Just Resize")])  # fmt: skip
+        # img2img: a unit without a picture takes the init image, as the extension does.
+        sourced = served.post("/sdapi/v1/img2img", json={
+            **payload, "init_images": [b64(picture)], "denoising_strength": 0.5,
+            "alwayson_scripts": {"controlnet": {"args": [
+                {k: v for k, v in unit.items() if k != "image"}]}}})  # fmt: skip
+        assert sourced.status_code == 200, sourced.text
+        infotext = json.loads(sourced.json()["info"])["infotexts"][0]
+        assert 'ControlNet 0: "Module: none, Model: edges' in infotext
     assert 'ControlNet 0: "Module: none, Model: edges, Weight: 0.8' in made.info["infotexts"][0]
     ours = np.asarray(png(store, native, 0))
     assert max_diff(np.asarray(made.image.convert("RGB")), ours) <= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -38,28 +39,48 @@ from app.uploads import UploadError, flatten, from_base64, read_image, to_png
 PREFIX = "/sdapi/v1"
 
 
-def native(make: Any) -> Any:
+# Where the extension's units are (Forge's "ControlNet" key is read too).
+UNITS_AT = ("alwayson_scripts", "controlnet", "args")
+
+
+def native(make: Any, units: Sequence[str] = ()) -> Any:
     """What `make` reads of an A1111 payload, or queues; its refusal as a 422 naming the
-    field the client sent (A1111's name, not the native request's)."""
+    field the client sent (A1111's name, not the native request's). `units`: where each
+    native ControlNet unit was among the extension's."""
     try:
         return make()
     except a1111.A1111Error as e:
         raise sources.invalid(e.field, e.message) from None
     except ValidationError as e:
-        raise renamed(RequestValidationError(sources.located(e))) from None
+        raise renamed(RequestValidationError(sources.located(e)), units) from None
     except RequestValidationError as e:
-        raise renamed(e) from None
+        raise renamed(e, units) from None
     except UploadError as e:
-        raise renamed(sources.as_http_error(e)) from None
+        raise renamed(sources.as_http_error(e), units) from None
 
 
-def renamed(error: Exception) -> Exception:
+def renamed(error: Exception, units: Sequence[str] = ()) -> Exception:
     """A 422 about the native request, located at the A1111 fields it was read from."""
     if not isinstance(error, RequestValidationError):
         return error
     return RequestValidationError([
-        {**e, "loc": ("body", *a1111.sent_as(tuple(e["loc"][1:])))} for e in error.errors()
+        {**e, "loc": ("body", *sent_as(tuple(e["loc"][1:]), units))} for e in error.errors()
     ])  # fmt: skip
+
+
+def sent_as(path: tuple[str | int, ...], units: Sequence[str]) -> tuple[str | int, ...]:
+    """A native field's path as the A1111 field it was read from; a ControlNet unit's as the
+    extension's unit it came from (its disabled units are skipped: the indices differ)."""
+    if path[:1] != ("controlnets",):
+        return a1111.sent_as(path)
+    rest = path[1:]
+    if not (rest and isinstance(rest[0], int) and rest[0] < len(units)):
+        return (*UNITS_AT, *rest)
+    where = tuple(int(p) if p.isdigit() else p for p in units[rest[0]].split("."))
+    field = rest[1:]
+    if field:
+        field = (a1111_controlnet.SENT_AS.get(str(field[0]), field[0]), *field[1:])
+    return (*where, *field)
 
 
 def router(ctx: Context, submit: Submitter) -> APIRouter:
@@ -70,14 +91,15 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         return store.models[0]
 
     async def run(http: Request, caller: Caller, payload: a1111.Txt2ImgPayload,
-                  request: JobRequest, pngs: dict[str, bytes]) -> dict[str, Any]:  # fmt: skip
+                  request: JobRequest, pngs: dict[str, bytes],
+                  units: Sequence[str]) -> dict[str, Any]:  # fmt: skip
         """Queue the job, remember it as the caller's latest, wait, answer A1111's shape."""
         if pngs:
             work = partial(sources.queue_with_pictures, ctx, submit, request, pngs, http,
                            caller, None)  # fmt: skip
         else:
             work = partial(submit, request, http, caller, None)
-        job_id, _status, _replayed = await run_in_threadpool(native, work)
+        job_id, _status, _replayed = await run_in_threadpool(native, work, units)
         await run_in_threadpool(store.remember_latest, caller.key_id, job_id)
         view = await finished_job(ctx, job_id, http, caller)
         images, infotexts = [], []
@@ -106,13 +128,17 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
     }
 
     async def controls(
-        http: Request, caller: Caller, payload: a1111.Txt2ImgPayload, size: tuple[int, int]
-    ) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
-        """The payload's ControlNet units as queued, and their control images to store."""
+        http: Request, caller: Caller, payload: a1111.Txt2ImgPayload, size: tuple[int, int],
+        source: str | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, bytes], list[str]]:  # fmt: skip
+        """The payload's ControlNet units as queued, their control images to store, and where
+        each was among the extension's units. `source`: img2img's picture, a unit's that has
+        none of its own."""
         served = list(ctx.settings.controlnets)
-        found = native(lambda: a1111_controlnet.units(payload.alwayson_scripts, served))[0]
+        found = native(lambda: a1111_controlnet.units(payload.alwayson_scripts, served,
+                                                      source))[0]  # fmt: skip
         if not found:
-            return [], {}
+            return [], {}, []
         bodies = []
         for where, fields in found:
             try:
@@ -124,9 +150,10 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 raise sources.invalid(f"{where}.{path}" if path else where, first["msg"]) from None
         try:
             work = partial(sources.control_pictures, bodies, size)
-            return await sources.decoded(ctx, submit, http, caller, None, work)
+            units, pngs = await sources.decoded(ctx, submit, http, caller, None, work)
         except UploadError as e:
             raise sources.as_http_error(e) from None
+        return units, pngs, [where for where, _ in found]
 
     @routes.post("/txt2img", summary="A1111-compatible text to image (waits)", responses=waits)
     async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
@@ -135,10 +162,11 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         fields = native(lambda: payload.job_fields(store.models, list(ctx.settings.vaes), chosen))
         if len(await http.body()) > sources.TEXT_BODY_BYTES and not payload.alwayson_scripts:
             raise HTTPException(413, f"body over {sources.TEXT_BODY_BYTES} bytes")
-        units, pngs = await controls(http, caller, payload, (payload.width, payload.height))
+        units, pngs, wheres = await controls(http, caller, payload,
+                                             (payload.width, payload.height))  # fmt: skip
         request = native(lambda: Txt2ImgRequest.model_validate(fields | {"controlnets": units},
-                                                               strict=False))  # fmt: skip
-        return await run(http, caller, payload, request, pngs)
+                                                               strict=False), wheres)  # fmt: skip
+        return await run(http, caller, payload, request, pngs, wheres)
 
     @routes.post("/img2img", summary="A1111-compatible image to image and inpainting (waits)",
                  responses=waits)  # fmt: skip
@@ -159,8 +187,9 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
         except RequestValidationError as e:
             raise renamed(e) from None
         strength = payload.denoising_strength if payload.denoising_strength is not None else 0.75
-        units, controls_pngs = await controls(http, caller, payload,
-                                              (stored["width"], stored["height"]))  # fmt: skip
+        units, controls_pngs, wheres = await controls(
+            http, caller, payload, (stored["width"], stored["height"]), payload.init_images[0]
+        )
         pngs |= controls_pngs
         known = {**fields, **stored, "strength": strength, "controlnets": units}
         if "mask" in stored:
@@ -169,8 +198,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                                                               strict=False)  # fmt: skip
         else:
             make = lambda: Img2ImgRequest.model_validate(known, strict=False)  # noqa: E731
-        request: SourceRequest = native(make)
-        return await run(http, caller, payload, request, pngs)
+        request: SourceRequest = native(make, wheres)
+        return await run(http, caller, payload, request, pngs, wheres)
 
     @routes.get("/progress", summary="A1111-compatible progress of the caller's latest job")
     def progress(
