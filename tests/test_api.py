@@ -260,11 +260,15 @@ def test_expired_images_answer_410(redis_url: str) -> None:
     with serving(create_app(store, settings)) as url, httpx.Client(base_url=url) as client:
         store.succeed(job, 1)
         assert client.get(f"/jobs/{job_id}/images/0.png").status_code == 200
+        head = client.head(f"/jobs/{job_id}/images/0.png")  # as GET, without the body
+        assert head.status_code == 200 and head.headers["content-type"] == "image/png"
+        assert head.content == b"" and head.headers["content-length"] == str(len(b"\x89PNG..."))
         deadline = time.monotonic() + 10
         while client.get(f"/jobs/{job_id}").json()["status"] != "expired":
             assert time.monotonic() < deadline, "the result never expired"
             time.sleep(0.1)
         assert client.get(f"/jobs/{job_id}/images/0.png").status_code == 410
+        assert client.head(f"/jobs/{job_id}/images/0.png").status_code == 410
 
 
 def test_made_up_http_methods_add_no_metric_series(api: httpx.Client) -> None:

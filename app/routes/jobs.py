@@ -83,6 +83,11 @@ def router(ctx: Context) -> APIRouter:
             raise HTTPException(410, "the images of this job have expired")
         return Response(data, media_type="image/png")
 
+    # HEAD as GET without the body (uvicorn drops it): link checkers and download tools ask
+    # first. Not in the OpenAPI text, which lists the GET.
+    routes.add_api_route("/jobs/{job_id}/images/{index}.png", get_image, methods=["HEAD"],
+                         response_class=Response, include_in_schema=False)  # fmt: skip
+
     @routes.get(
         "/jobs/{job_id}/preview.jpg",
         response_class=Response,
