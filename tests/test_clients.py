@@ -375,6 +375,15 @@ def test_webhooks_to_private_hosts_are_refused_unless_allowed(
         assert r.status_code == 422, r.text
         [error] = r.json()["detail"]
         assert error["loc"] == ["body", "webhook_events"] and "webhook_url" in error["msg"]
+        # A job's own request sent again (its default events, no address) is no such mistake.
+        first = httpx.post(f"{url}/v1/txt2img", json={"prompt": "x"},
+                           headers={"Authorization": f"Bearer {KEY}"}).json()  # fmt: skip
+        again = httpx.get(f"{url}{first['url']}", headers={"Authorization": f"Bearer {KEY}"})
+        resent = again.json()["request"]
+        assert resent["webhook_events"] and resent["webhook_url"] is None
+        r = httpx.post(f"{url}/v1/txt2img", json=resent,
+                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 202, r.text
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

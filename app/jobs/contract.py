@@ -322,8 +322,8 @@ class Generation(BaseModel):
         default=["succeeded", "failed", "canceled"],
         min_length=1,
         max_length=4,
-        description="Which changes to send: running, succeeded, failed, canceled (with"
-        " webhook_url only).",
+        description="Which changes to send: running, succeeded, failed, canceled (others than"
+        " the default need webhook_url).",
     )
 
     @model_validator(mode="after")

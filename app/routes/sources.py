@@ -412,10 +412,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 pngs |= controls
         except UploadError as e:
             raise as_http_error(e) from None
-        # webhook_events stays unset where the client left it so: the submitter refuses
-        # events chosen without a webhook_url.
-        unset = {"webhook_events"} - body.model_fields_set
-        known = {**body.model_dump(exclude={*files, "controlnets", *unset}), **fields}
+        known = {**body.model_dump(exclude={*files, "controlnets"}), **fields}
         request = as_request(lambda: make(known))
         found_id, status, replayed = await run_in_threadpool(
             queue_with_pictures, ctx, submit, request, pngs, http, caller, idempotency_key

@@ -75,7 +75,7 @@ class Submitter:
 
         if request.webhook_url is not None:
             _check_webhook(request.webhook_url, self.ctx.settings)
-        elif "webhook_events" in request.model_fields_set:  # chosen, for no webhook at all
+        elif _events_chosen(request):  # for no webhook at all
             raise RequestValidationError([{"loc": ("body", "webhook_events"), "type": "value_error",
                                            "msg": "chooses the changes a webhook sends: give"
                                            " webhook_url too"}])  # fmt: skip
@@ -339,6 +339,16 @@ def _check_hires(request: JobRequest, settings: ApiSettings) -> None:
         raise RequestValidationError(
             [{"loc": ("body", "hires", "scale"), "msg": message, "type": "value_error"}]
         )
+
+
+def _events_chosen(request: JobRequest) -> bool:
+    """Whether the request chose webhook events other than the default. The default sent
+    explicitly is not a choice: a job's own `request` (GET /jobs/{id}), sent again, carries
+    it."""
+    if "webhook_events" not in request.model_fields_set:
+        return False
+    default = type(request).model_fields["webhook_events"].default
+    return set(request.webhook_events) != set(default)
 
 
 def _check_webhook(url: str, settings: ApiSettings) -> None:
