@@ -75,7 +75,8 @@ def sent_as(path: tuple[str | int, ...], units: Sequence[str]) -> tuple[str | in
         return a1111.sent_as(path)
     rest = path[1:]
     if not (rest and isinstance(rest[0], int) and rest[0] < len(units)):
-        return (*UNITS_AT, *rest)
+        at = tuple(units[0].split(".")[:-1]) if units else UNITS_AT  # Forge's key, if sent
+        return (*at, *rest)
     where = tuple(int(p) if p.isdigit() else p for p in units[rest[0]].split("."))
     field = rest[1:]
     if field:
@@ -139,21 +140,21 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                                                       source))[0]  # fmt: skip
         if not found:
             return [], {}, []
+        wheres = [where for where, _ in found]
         bodies = []
-        for where, fields in found:
+        for k, (_, fields) in enumerate(found):
             try:
                 bodies.append(ControlNetBody.model_validate(fields, strict=False))
             except ValidationError as e:
                 first = e.errors()[0]
-                loc = [a1111_controlnet.SENT_AS.get(str(p), str(p)) for p in first["loc"][:1]]
-                path = ".".join(loc + [str(p) for p in first["loc"][1:]])
-                raise sources.invalid(f"{where}.{path}" if path else where, first["msg"]) from None
+                path = sent_as(("controlnets", k, *first["loc"]), wheres)
+                raise sources.invalid(".".join(map(str, path)), first["msg"]) from None
         try:
             work = partial(sources.control_pictures, bodies, size)
             units, pngs = await sources.decoded(ctx, submit, http, caller, None, work)
         except UploadError as e:
             raise sources.as_http_error(e) from None
-        return units, pngs, [where for where, _ in found]
+        return units, pngs, wheres
 
     @routes.post("/txt2img", summary="A1111-compatible text to image (waits)", responses=waits)
     async def txt2img(payload: a1111.Txt2ImgPayload, http: Request,
