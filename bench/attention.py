@@ -1,7 +1,7 @@
 """The UNet's attention shapes timed alone, per kernel: where the step's attention time goes and
 whether any kernel at hand runs SD1.5's head size of 40 faster than the default. Self- and
-cross-attention are summed apart (worker/attention.py runs cross-attention on flash attention
-on such GPUs: what that costs a step is the `cross` sum's flash less its default).
+cross-attention are summed apart (branch `cross-flash` ran cross-attention on flash attention:
+what that costs a step is the `cross` sum's flash less its default; BENCHMARKS.md).
 
     python -m bench.attention --out DIR [--family sd15|sdxl] [--rows N]
         (one GPU; SD 1.5 at 512x512, 64 rows = 32 images with CFG by default;
