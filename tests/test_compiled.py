@@ -350,6 +350,42 @@ def test_the_warm_up_list_covers_every_bucket_and_prompt_length(row_engine: Engi
     assert (entries[0].rows, entries[0].tokens) == (top, CHUNK_TOKENS * 2)
 
 
+def test_longer_prompts_entries_are_left_for_idle_time_and_compile_nothing(
+    row_engine: Engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start warms the trace's entry and every one-chunk entry; the longer prompts' entries
+    (CUDA graph recordings on a GPU, nothing to compile: the context's length is dynamic) are
+    left for the loop's idle time, warmed one a call, under the serving stance, without a
+    recompile. The cases above ran two-chunk prompts before any of them was warmed."""
+    calls = row_engine.calls
+    now, later = calls.now_and_later()
+    assert now[0] == calls.warm_list()[0] and now[0].tokens == CHUNK_TOKENS * 2
+    assert {w.tokens for w in now[1:]} == {CHUNK_TOKENS}
+    assert len(now) == 1 + len(calls.warm_list()) // 2 and set(now) | set(later) == set(
+        calls.warm_list()
+    )
+    assert calls.serving and calls.warming()
+    warmed: list[tuple[int, int]] = []
+    entry = calls._warm_entry
+
+    def counted(warm: Any, latent_scale: int) -> None:
+        warmed.append((warm.rows, warm.tokens))
+        entry(warm, latent_scale)
+
+    monkeypatch.setattr(calls, "_warm_entry", counted)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        while row_engine.warm_next():
+            pass
+    assert warmed == [(w.rows, w.tokens) for w in later]
+    assert not calls.warming() and calls.recompiles == 0
+    assert not row_engine.warm_next()
+    static = CompiledCalls(row_engine.parts.unet, row_engine.parts.vae,
+                           dataclasses.replace(row_engine.tuning, rows=False, compile=False),
+                           torch.device("cpu"))  # fmt: skip
+    static._fast_unet = calls._fast_unet  # a list to split, without compiling again
+    assert static.now_and_later() == (static.warm_list(), [])
+
+
 def test_the_compilers_phases_are_read_from_torchs_timers(
     row_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

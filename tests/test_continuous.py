@@ -462,3 +462,38 @@ def test_a_prompt_that_cannot_be_read_ahead_fails_its_job_alone(
     assert [_status(store, i) for i in ids] == [Status.SUCCEEDED, Status.FAILED, Status.SUCCEEDED]
     view = store.view(ids[1])
     assert view is not None and view.error is not None and "chunks" in view.error.message
+
+
+def test_an_idle_loop_warms_what_the_start_left_one_entry_a_step_and_takes_jobs_first(
+    store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With warm-up entries left for idle time (a compiled worker's longer prompts), an idle
+    step looks for jobs without waiting its idle second and records one entry; a step that
+    finds a job takes it and records none."""
+    r = continuous(store, tiny_model, redis_url, max_batch=2)
+    left = [3]
+    monkeypatch.setattr(r.engines, "warming", lambda: left[0] > 0)
+
+    def warm_next() -> bool:
+        left[0] -= 1
+        return True
+
+    monkeypatch.setattr(r.engines, "warm_next", warm_next)
+    r.open()
+    try:
+        began = time.monotonic()
+        r.step()
+        assert left == [2] and time.monotonic() - began < 0.5
+        job = submit(store, steps=2, seed=1)
+        wait_for(lambda: r.inbox.room() < r.inbox.capacity, 30, "the job read")
+        r.step()
+        assert left == [2] and _status(store, job) is Status.RUNNING
+        run_until_done(r, store, [job])
+        while left[0]:
+            r.step()
+        began = time.monotonic()
+        r.step()  # nothing left to warm: an idle step waits for jobs again
+        assert time.monotonic() - began >= 0.9
+    finally:
+        r.close()
+    assert _status(store, job) is Status.SUCCEEDED

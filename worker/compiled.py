@@ -11,10 +11,15 @@ minute or more on a GPU, while every job on the worker waits. So:
   so), one dtype, and one timestep per row (a 0-d timestep is another rank);
 - the batch dimension is dynamic over the row buckets, and the context's length over 1 to
   `prompt_chunks` chunks of 77 tokens, so no request's size or prompt length is a guard;
-- `warm_up` runs every entry of `warm_list` (compiled size x row bucket x prompt length) and the
-  decoder at every compiled size, then serving starts: a call that would compile runs eagerly
-  instead (`torch.compiler.set_stance("fail_on_recompile")`, caught), is logged with the guard
-  that failed and counted (`sdserve_worker_recompiles_total`);
+- `warm_up` compiles the UNet at the first entry of `warm_list` (compiled size x row bucket x
+  prompt length) and records the entries of one-chunk prompts, and the decoder at every compiled
+  size, then serving starts: a call that would compile runs eagerly instead
+  (`torch.compiler.set_stance("fail_on_recompile")`, caught), is logged with the guard that
+  failed and counted (`sdserve_worker_recompiles_total`);
+- the entries of longer prompts compile nothing (the context's length is dynamic): each is a
+  CUDA graph recording and cuDNN's attention plans, about 0.4 s of a GPU, 36 of a start's 48.
+  The row loop records them one at a time while it has no rows (`warm_next`); a call that meets
+  one first records it then;
 - CUDA graphs reuse their output buffers at the next replay: an output is copied out before
   another call can overwrite it.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -185,6 +191,8 @@ class CompiledCalls:
         self._fast_unet: Callable[..., Any] | None = None
         self._fast_decode: Callable[..., Any] | None = None
         self._fast_encode: Callable[..., Any] | None = None
+        # Entries of the warm-up list left for the loop's idle time (`warm_next`).
+        self._later: deque[Warm] = deque()
         inductor = tuning.compile_backend == "inductor"
         self._options: dict[str, Any] = {"mode": tuning.compile_mode} if inductor else {}
         if tuning.compile:
@@ -251,6 +259,35 @@ class CompiledCalls:
             for tokens in reversed(lengths)
         ]
 
+    def now_and_later(self) -> tuple[list[Warm], list[Warm]]:
+        """The warm-up list split into what the start warms and what the row loop warms when
+        idle: the first entry (the trace) and every one-chunk entry now (most prompts, and the
+        worker's own warm-up job), longer prompts later. Static batches have no idle hook:
+        everything now."""
+        entries = self.warm_list()
+        if not self.tuning.rows:
+            return entries, []
+        later = [w for w in entries[1:] if w.tokens != CHUNK_TOKENS]
+        return [w for w in entries if w not in later], later
+
+    def warming(self) -> bool:
+        """Whether entries are left for idle time."""
+        return bool(self._later)
+
+    @torch.inference_mode()
+    def warm_next(self, latent_scale: int) -> bool:
+        """Record the next entry left for idle time, if any is left (under the serving stance:
+        one that would compile runs eagerly and is counted, as a request's would)."""
+        if not self._later:
+            return False
+        warm = self._later.popleft()
+        if self.lora_rows is not None:
+            self.lora_rows.clear()
+        self._warm_entry(warm, latent_scale)
+        if not self._later:
+            log.info("warmed up the UNet entries left for idle time")
+        return True
+
     @torch.inference_mode()
     def warm_up(self, latent_scale: int, helped: Callable[[], None] | None = None) -> None:
         """Compile and record every entry of the warm-up list (each twice: CUDA graph trees
@@ -258,7 +295,7 @@ class CompiledCalls:
         `helped` is called before the parts a helper process compiles (worker/helpers.py):
         it returns once their compiled code is in the cache, or the helper has failed."""
         began = time.perf_counter()
-        entries = self.warm_list()
+        entries, later = self.now_and_later()
         for warm in entries:
             try:
                 self._warm_entry(warm, latent_scale)
@@ -279,19 +316,21 @@ class CompiledCalls:
             helped()
         decoder_s, encoder_s = self._warm_vae(latent_scale)
         if entries:  # where a cold start's minutes go
-            log.info("warm-up: %d UNet entries in %.1fs, the VAE decoder in %.1fs, its encoder"
-                     " in %.1fs", len(entries), unet_s, decoder_s, encoder_s)  # fmt: skip
+            log.info("warm-up: %d UNet entries in %.1fs (%d left for idle time), the VAE decoder"
+                     " in %.1fs, its encoder in %.1fs", len(entries), unet_s, len(later),
+                     decoder_s, encoder_s)  # fmt: skip
             phases = compiler_phases()
             if phases:
                 log.info("the compiler's seconds by phase, this process: %s", phases)
         for name in list(self._fast_controls):
-            self._warm_control(name, entries, latent_scale)
+            self._warm_control(name, self.warm_list(), latent_scale)
         # A compiled call that CUDA graphs could not capture runs without them, slower and
         # silently (torch says why only under TORCH_LOGS=cudagraphs): say how many did.
         skipped = cudagraph_skips()
         if skipped:
             log.warning("CUDA graphs skipped %d times in the warm-up (TORCH_LOGS=cudagraphs says"
                         " why): those calls run without them", skipped)  # fmt: skip
+        self._later = deque(later)
         self.serving = True
 
     @torch.inference_mode()

@@ -127,8 +127,14 @@ class RowLoop:
         # in flight, never wait for company: the next step is due now.
         room = p.settings.max_batch - self._images() + self._leaving()
         deliveries = []
+        # Idle with warm-up entries left (longer prompts' CUDA graphs, after the start): look
+        # for jobs without waiting, and record one entry if none came (about 0.4 s).
+        warming = not self.busy and p.engines.warming()
         if room > 0:
-            deliveries = p.inbox.take(0 if self.busy else idle_wait, 0 if self.busy else 1.0, room)
+            deliveries = p.inbox.take(0 if self.busy else idle_wait,
+                                      0 if self.busy or warming else 1.0, room)  # fmt: skip
+        if warming and not deliveries:
+            p.engines.warm_next()
         if deliveries:
             now = time.monotonic()
             started = list(p.start(deliveries))

@@ -258,6 +258,11 @@ class Engine:
             log.info("warmed up a %dx%d job in %.1fs", width, height,
                      time.perf_counter() - started)  # fmt: skip
 
+    def warm_next(self) -> bool:
+        """Warm one entry the start left for idle time (`CompiledCalls.warm_next`); False
+        when none is left."""
+        return self.calls.warm_next(self.latent_scale)
+
     def precompile(self, unet: bool) -> None:
         """A helper process's share of this model's warm-up (`CompiledCalls.precompile`)."""
         self.calls.precompile(self.latent_scale, unet)

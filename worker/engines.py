@@ -56,6 +56,17 @@ class Engines:
             return self.upscaler
         return self.models[key]
 
+    def all(self) -> list[Engine]:
+        return [*self.models.values(), *([self.upscaler] if self.upscaler else [])]
+
+    def warming(self) -> bool:
+        """Whether an engine has warm-up entries left for the loop's idle time."""
+        return any(engine.calls.warming() for engine in self.all())
+
+    def warm_next(self) -> bool:
+        """Warm one entry left for idle time, of the first engine that has one."""
+        return any(engine.warm_next() for engine in self.all())
+
     def refiner(self, job: Job) -> Engine | None:
         """The engine of the job's refiner; None when it has none. A refiner this worker does
         not hold fails the job: base and refiner are served by the same workers."""
