@@ -364,7 +364,7 @@ def test_longer_prompts_entries_are_left_for_idle_time_and_compile_nothing(
     assert len(now) == 1 + len(calls.warm_list()) // 2 and set(now) | set(later) == set(
         calls.warm_list()
     )
-    assert calls.serving and calls.warming()
+    assert calls.serving and calls.entries_left() == len(later)
     warmed: list[tuple[int, int]] = []
     entry = calls._warm_entry
 
@@ -377,7 +377,7 @@ def test_longer_prompts_entries_are_left_for_idle_time_and_compile_nothing(
         while row_engine.warm_next():
             pass
     assert warmed == [(w.rows, w.tokens) for w in later]
-    assert not calls.warming() and calls.recompiles == 0
+    assert calls.entries_left() == 0 and calls.recompiles == 0
     assert not row_engine.warm_next()
     static = CompiledCalls(row_engine.parts.unet, row_engine.parts.vae,
                            dataclasses.replace(row_engine.tuning, rows=False, compile=False),

@@ -270,9 +270,9 @@ class CompiledCalls:
         later = [w for w in entries[1:] if w.tokens != CHUNK_TOKENS]
         return [w for w in entries if w not in later], later
 
-    def warming(self) -> bool:
-        """Whether entries are left for idle time."""
-        return bool(self._later)
+    def entries_left(self) -> int:
+        """Entries left for idle time."""
+        return len(self._later)
 
     @torch.inference_mode()
     def warm_next(self, latent_scale: int) -> bool:

@@ -59,9 +59,12 @@ class Engines:
     def all(self) -> list[Engine]:
         return [*self.models.values(), *([self.upscaler] if self.upscaler else [])]
 
+    def warm_entries_left(self) -> int:
+        """Warm-up entries left for the loop's idle time, all engines."""
+        return sum(engine.calls.entries_left() for engine in self.all())
+
     def warming(self) -> bool:
-        """Whether an engine has warm-up entries left for the loop's idle time."""
-        return any(engine.calls.warming() for engine in self.all())
+        return self.warm_entries_left() > 0
 
     def warm_next(self) -> bool:
         """Warm one entry left for idle time, of the first engine that has one."""

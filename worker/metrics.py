@@ -72,6 +72,13 @@ class WorkerMetrics:
             " without them, slower (TORCH_LOGS=cudagraphs says why). Should stay 0.",
             registry=r,
         )
+        self.warm_entries_left = Gauge(
+            "sdserve_worker_warm_entries_left",
+            "Warm-up entries the start left for idle time (longer prompts' CUDA graph"
+            " recordings; none compiles): the loop records one whenever it has no rows. 0 once"
+            " the worker is fully warm.",
+            registry=r,
+        )
         self.model_load = Gauge(
             "sdserve_worker_model_load_seconds", "Time to load the model at start.", registry=r
         )

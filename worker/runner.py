@@ -75,6 +75,7 @@ class Runner:
         held = [e.adapters for e in engines.values() if e.adapters is not None]
         self.metrics.loras_resident.set_function(lambda: sum(len(a.resident) for a in held))
         self.metrics.cudagraph_skips.set_function(cudagraph_skips)
+        self.metrics.warm_entries_left.set_function(self.engines.warm_entries_left)
         self.shutdown = Shutdown(settings.stop_grace_s)
         self.inbox: Inbox[Delivery] = Inbox(settings.max_batch)
         self.lease = Lease(settings, store, self.inbox, self.shutdown, self._info)
