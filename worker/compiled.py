@@ -262,13 +262,15 @@ class CompiledCalls:
     def now_and_later(self) -> tuple[list[Warm], list[Warm]]:
         """The warm-up list split into what the start warms and what the row loop warms when
         idle: the first entry (the trace) and every one-chunk entry now (most prompts, and the
-        worker's own warm-up job), longer prompts later. Static batches have no idle hook:
+        worker's own warm-up job), longer prompts later: the shortest first, few rows first
+        (the calls a worker just started meets first). Static batches have no idle hook:
         everything now."""
         entries = self.warm_list()
         if not self.tuning.rows:
             return entries, []
         later = [w for w in entries[1:] if w.tokens != CHUNK_TOKENS]
-        return [w for w in entries if w not in later], later
+        now = [w for w in entries if w not in later]
+        return now, sorted(later, key=lambda w: (w.tokens, w.rows, w.size))
 
     def entries_left(self) -> int:
         """Entries left for idle time."""
