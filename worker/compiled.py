@@ -17,7 +17,7 @@ minute or more on a GPU, while every job on the worker waits. So:
   (`torch.compiler.set_stance("fail_on_recompile")`, caught), is logged with the guard that
   failed and counted (`sdserve_worker_recompiles_total`);
 - the entries of longer prompts compile nothing (the context's length is dynamic): each is a
-  CUDA graph recording and cuDNN's attention plans, about 0.4 s of a GPU, 36 of a start's 48.
+  CUDA graph recording and cuDNN's attention plans, about 0.4 s of a GPU, 35 of a start's 48.
   The row loop records them one at a time while it has no rows (`warm_next`); a call that meets
   one first records it then;
 - CUDA graphs reuse their output buffers at the next replay: an output is copied out before
@@ -292,8 +292,9 @@ class CompiledCalls:
 
     @torch.inference_mode()
     def warm_up(self, latent_scale: int, helped: Callable[[], None] | None = None) -> None:
-        """Compile and record every entry of the warm-up list (each twice: CUDA graph trees
-        record a shape at its second call) and the decoder at each compiled size; then serve.
+        """Compile and record the entries the start warms (`now_and_later`; each twice: CUDA
+        graph trees record a shape at its second call) and the decoder at each compiled size;
+        then serve, the rest left for `warm_next`.
         `helped` is called before the parts a helper process compiles (worker/helpers.py):
         it returns once their compiled code is in the cache, or the helper has failed."""
         began = time.perf_counter()
