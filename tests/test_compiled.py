@@ -350,20 +350,28 @@ def test_the_warm_up_list_covers_every_bucket_and_prompt_length(row_engine: Engi
     assert (entries[0].rows, entries[0].tokens) == (top, CHUNK_TOKENS * 2)
 
 
-def test_longer_prompts_entries_are_left_for_idle_time_and_compile_nothing(
+def test_entries_past_the_starts_are_left_for_idle_time_and_compile_nothing(
     row_engine: Engine, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The start warms the trace's entry and every one-chunk entry; the longer prompts' entries
-    (CUDA graph recordings on a GPU, nothing to compile: the context's length is dynamic) are
-    left for the loop's idle time, warmed one a call, under the serving stance, without a
-    recompile. The cases above ran two-chunk prompts before any of them was warmed."""
+    """The start warms the trace's entry and, for one-chunk prompts, the fewest and the most
+    rows at each compiled size; the other entries (CUDA graph recordings on a GPU, nothing to
+    compile: rows and the context's length are dynamic) are left for the loop's idle time,
+    one-chunk prompts and few rows first, warmed one a call, under the serving stance, without
+    a recompile. The cases above ran two-chunk prompts and the middle buckets before any of
+    them was warmed."""
     calls = row_engine.calls
+    buckets = row_engine.tuning.row_buckets()
+    assert len(buckets) > 2  # middle buckets to leave
     now, later = calls.now_and_later()
     assert now[0] == calls.warm_list()[0] and now[0].tokens == CHUNK_TOKENS * 2
-    assert {w.tokens for w in now[1:]} == {CHUNK_TOKENS}
-    assert len(now) == 1 + len(calls.warm_list()) // 2 and set(now) | set(later) == set(
-        calls.warm_list()
+    assert sorted((w.size, w.rows, w.tokens) for w in now[1:]) == sorted(
+        ((side, side), rows, CHUNK_TOKENS)
+        for side in (SIDE, BIG)
+        for rows in (buckets[0], buckets[-1])
     )
+    assert set(now).isdisjoint(later) and set(now) | set(later) == set(calls.warm_list())
+    assert later == sorted(later, key=lambda w: (w.tokens, w.rows, w.size))
+    assert later[0].tokens == CHUNK_TOKENS and later[0].rows == buckets[1]
     assert calls.serving and calls.entries_left() == len(later)
     warmed: list[tuple[int, int]] = []
     entry = calls._warm_entry

@@ -261,14 +261,19 @@ class CompiledCalls:
 
     def now_and_later(self) -> tuple[list[Warm], list[Warm]]:
         """The warm-up list split into what the start warms and what the row loop warms when
-        idle: the first entry (the trace) and every one-chunk entry now (most prompts, and the
-        worker's own warm-up job), longer prompts later: the shortest first, few rows first
-        (the calls a worker just started meets first). Static batches have no idle hook:
-        everything now."""
+        idle. Now: the first entry (the trace) and, for one-chunk prompts, the fewest and the
+        most rows (one request alone, the worker's own warm-up job; a full step). Later, the
+        shortest prompts first, few rows first (the calls a worker just started meets first).
+        Rows and the context's length are dynamic, so no later entry compiles: each is a CUDA
+        graph recording and cuDNN's first calls at its shapes (0.4-0.9 s of an H100), paid
+        once by the call that meets it before the idle loop did. Static batches have no idle
+        hook: everything now."""
         entries = self.warm_list()
         if not self.tuning.rows:
             return entries, []
-        later = [w for w in entries[1:] if w.tokens != CHUNK_TOKENS]
+        buckets = self.tuning.row_buckets()
+        ends = {buckets[0], buckets[-1]}
+        later = [w for w in entries[1:] if w.tokens != CHUNK_TOKENS or w.rows not in ends]
         now = [w for w in entries if w not in later]
         return now, sorted(later, key=lambda w: (w.tokens, w.rows, w.size))
 
