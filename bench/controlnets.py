@@ -47,7 +47,7 @@ from bench.gpu_check import (
     picture,
     recompiles,
 )
-from bench.worker_metrics import GPU_SUMS, Window, gpu_share
+from bench.worker_metrics import GPU_SUMS, Window, fully_warm, gpu_share
 from worker.tiny_addons import build_tiny_controlnet
 
 NAMES = ("edges", "depth")
@@ -127,6 +127,7 @@ def service_stage(args: Any, work: Path, result: dict[str, Any], save: Any) -> N
     with service(args.model, "continuous", args, work, cache, extra) as (url, startup, log):
         result["cold_start_s"] = startup
         print(f"ready in {startup:.0f}s", flush=True)
+        result["fully_warm_s"] = fully_warm(startup, time.monotonic())  # loads on a warm worker
         if not args.no_kinds:
             result["kinds"] = asyncio.run(every_kind(url, args.side, controls=True))
             save()

@@ -70,7 +70,7 @@ from bench.batching import (
 )
 from bench.bench import idle
 from bench.paces import parts_lines
-from bench.worker_metrics import GPU_SUMS, LOGGED, Window, gpu_share, metric
+from bench.worker_metrics import GPU_SUMS, LOGGED, Window, fully_warm, gpu_share, metric
 from worker.metrics import JOIN_PARTS, LOOP_PHASES
 
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
@@ -157,23 +157,6 @@ async def every_kind(
                          "recompiles": recompiles()})  # fmt: skip
             print(f"kind {name}: {status} in {seconds:.2f}s", flush=True)
     return rows
-
-
-def fully_warm(startup: float, ready_at: float, limit_s: float = 180) -> float:
-    """Seconds from the start until the worker had recorded the warm-up entries its start left
-    for idle time (`sdserve_worker_warm_entries_left` at 0); NaN when not within `limit_s`
-    (or the worker has no such gauge). The loads after it then measure a fully warm worker:
-    while entries are left, each idle moment records one (about 0.4 s a job arriving then
-    waits), which the first minute after a start pays and a steady load does not."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        left = metric("sdserve_worker_warm_entries_left")
-        if left == 0:
-            return startup + time.monotonic() - ready_at
-        if left != left:  # NaN: a worker without the gauge
-            break
-        time.sleep(0.2)
-    return float("nan")
 
 
 def recompiles() -> float:

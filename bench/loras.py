@@ -33,7 +33,7 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, compile_cache, prepare, rate, service
 from bench.bench import one_request
-from bench.worker_metrics import metric
+from bench.worker_metrics import fully_warm, metric
 from worker.tiny_addons import build_tiny_lora
 
 RANKS = (16, 32, 64, 128, 16, 32, 64, 128)
@@ -95,6 +95,7 @@ def service_stage(args: Any, work: Path, folder: Path, result: dict[str, Any], s
         # Once per engine: on CUDA the compile helpers (worker/helpers.py) log it too.
         result["pools"] = sorted(set(re.findall(r"LoRAs from .*", text)))
         print(f"ready in {startup:.0f}s: {result['pools']}", flush=True)
+        result["fully_warm_s"] = fully_warm(startup, time.monotonic())  # loads on a warm worker
         save()
         for name, body in (("n", plain), ("l", with_loras)):
             if name == "l":  # each LoRA's first load is a figure of its own, not in (l)'s window

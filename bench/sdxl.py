@@ -38,7 +38,7 @@ import httpx
 from bench import batching
 from bench.batching import chosen_loads, closed_loop, compile_cache, poisson, rate, service
 from bench.bench import one_request, percentile, prompt
-from bench.worker_metrics import GPU_SUMS, LOGGED, Window, gpu_share, metric
+from bench.worker_metrics import GPU_SUMS, LOGGED, Window, fully_warm, gpu_share, metric
 from worker.tiny import build_tiny_model
 
 SIDE, STEPS, GUIDANCE, SAMPLER = 1024, 30, 7.0, "euler"
@@ -175,6 +175,10 @@ def service_stage(
         result["cold_start_s"] = startup
         result["memory"] = held_memory(log)
         print(f"ready in {startup:.0f}s: {result['memory']}", flush=True)
+        # Alone and the loads on a fully warm worker: while the start's entries left for idle
+        # time are recorded (about 1 s each at 1024x1024), a job arriving waits for one.
+        result["fully_warm_s"] = fully_warm(startup, time.monotonic())
+        print(f"fully warm {result['fully_warm_s']:.0f}s after the start", flush=True)
         result["worker_log"] = [line for line in log.read_text().splitlines()
                                 if re.search(LOGGED, line)]  # fmt: skip
         save()
@@ -250,6 +254,8 @@ def service_rows(s: dict[str, Any], d: dict[str, Any] | None) -> list[tuple[str,
             "",
         )
     )
+    if "fully_warm_s" in s:  # an older run's results have none
+        rows.append(("fully warm s after the start (idle)", f"{s['fully_warm_s']:.0f}", ""))
     for name, held in s["memory"].items():
         rows.append((f"GPU memory, model {name}", held, ""))
     if "alone" in s and d and "alone_compiled_s" in d:

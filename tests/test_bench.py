@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 from argparse import Namespace
 from pathlib import Path
@@ -273,3 +274,21 @@ def test_a_run_names_the_code_it_ran_even_on_a_copy_with_an_older_head(tmp_path:
     git("commit", "-qm", "new")
     tree = git("rev-parse", "HEAD^{tree}")
     assert said == f"{old} + uncommitted changes (tree {tree[:12]})"
+
+
+def test_loads_wait_until_the_starts_idle_entries_are_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`fully_warm` (the benches' loads wait for it): seconds from the start until the worker's
+    gauge of entries left for idle time reads 0; NaN for a worker without it, or past the
+    limit."""
+    left = iter([3.0, 1.0, 0.0])
+    monkeypatch.setattr(worker_metrics, "metric", lambda name: next(left))
+    monkeypatch.setattr(worker_metrics.time, "sleep", lambda s: None)
+    ready = worker_metrics.time.monotonic()
+    took = worker_metrics.fully_warm(40.0, ready)
+    assert 40.0 <= took < 41.0
+    monkeypatch.setattr(worker_metrics, "metric", lambda name: float("nan"))
+    assert math.isnan(worker_metrics.fully_warm(40.0, ready))
+    monkeypatch.setattr(worker_metrics, "metric", lambda name: 2.0)
+    assert math.isnan(worker_metrics.fully_warm(40.0, ready, limit_s=0.01))
