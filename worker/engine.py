@@ -238,10 +238,11 @@ class Engine:
         return self.parts.weight_bytes()
 
     def warm_up(self, helped: Callable[[], None] | None = None) -> None:
-        """Compile every compiled call the worker can make and record those of one-chunk
-        prompts (the boundary's warm-up; longer prompts' recordings follow in the loop's idle
-        time, `warm_next`), then run a small job through the path the worker serves at each
-        compiled size (or one small batch uncompiled): no compilation is left for a job to pay.
+        """Compile every compiled call the worker can make and record the start's share of
+        them (the boundary's warm-up, `CompiledCalls.now_and_later`; the rest are recorded in
+        the loop's idle time, `warm_next`), then run a small job through the path the worker
+        serves at each compiled size (or one small batch uncompiled): no compilation is left
+        for a job to pay.
         `helped`: see `CompiledCalls.warm_up`."""
         spec = ImageSpec(prompt="warm-up", negative_prompt="", guidance_scale=7.5, seed=0)
         self.calls.warm_up(self.latent_scale, helped)
