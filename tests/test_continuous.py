@@ -467,9 +467,9 @@ def test_a_prompt_that_cannot_be_read_ahead_fails_its_job_alone(
 def test_an_idle_loop_warms_what_the_start_left_one_entry_a_step_and_takes_jobs_first(
     store: JobStore, tiny_model: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With warm-up entries left for idle time (a compiled worker's longer prompts), an idle
-    step looks for jobs without waiting its idle second and records one entry; a step that
-    finds a job takes it and records none."""
+    """With warm-up entries left for idle time (a compiled worker's middle row buckets and
+    longer prompts), an idle step looks for jobs without waiting its idle second and records
+    one entry; a step that finds a job takes it and records none."""
     r = continuous(store, tiny_model, redis_url, max_batch=2)
     left = [3]
     monkeypatch.setattr(r.engines, "warming", lambda: left[0] > 0)

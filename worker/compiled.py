@@ -265,7 +265,7 @@ class CompiledCalls:
         most rows (one request alone, the worker's own warm-up job; a full step). Later, the
         shortest prompts first, few rows first (the calls a worker just started meets first).
         Rows and the context's length are dynamic, so no later entry compiles: each is a CUDA
-        graph recording and cuDNN's first calls at its shapes (0.4-0.9 s of an H100), paid
+        graph recording and cuDNN's first calls at its shapes (0.4-0.7 s of an H100), paid
         once by the call that meets it before the idle loop did. Static batches have no idle
         hook: everything now."""
         entries = self.warm_list()

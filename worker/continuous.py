@@ -127,7 +127,7 @@ class RowLoop:
         # in flight, never wait for company: the next step is due now.
         room = p.settings.max_batch - self._images() + self._leaving()
         deliveries = []
-        # Idle with warm-up entries left (longer prompts' CUDA graphs, after the start): look
+        # Idle with warm-up entries left (CUDA graphs the start left, `now_and_later`): look
         # for jobs without waiting, and record one entry if none came (about 0.4 s).
         warming = not self.busy and p.engines.warming()
         if room > 0:

@@ -74,9 +74,9 @@ class WorkerMetrics:
         )
         self.warm_entries_left = Gauge(
             "sdserve_worker_warm_entries_left",
-            "Warm-up entries the start left for idle time (longer prompts' CUDA graph"
-            " recordings; none compiles): the loop records one whenever it has no rows. 0 once"
-            " the worker is fully warm.",
+            "Warm-up entries the start left for idle time (CUDA graph recordings of the"
+            " middle row buckets and longer prompts; none compiles): the loop records one"
+            " whenever it has no rows. 0 once the worker is fully warm.",
             registry=r,
         )
         self.model_load = Gauge(
