@@ -3,6 +3,7 @@ into the compile cache the warm-up then reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -202,3 +203,42 @@ def test_a_warm_up_out_of_memory_beside_helpers_starts_again_without_them(
     assert list(engines) == ["first", "second"]
     assert recorded.said == ["stop None"]  # all stopped; none waited for again
     assert calls[0] is not None and calls[1:] == [None, None]  # again, then the second: alone
+
+
+def test_a_start_from_a_cache_its_models_warmed_up_with_starts_no_helper_for_them(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start marks its models warmed in the compile cache; a start after it with that cache
+    starts no helper for them (a helper there only imports and loads before it reads what the
+    worker reads in seconds); a mark made under other compile settings, or a cache without
+    marks, leaves the helpers on; a model not yet warmed keeps its helper beside one that
+    was."""
+    from worker import process
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SDSERVE_MODELS", f"first={tiny_model},second={tiny_model}")
+    settings = WorkerSettings(compile_helpers="on")
+    tuning, cpu = Tuning(max_batch=2, compile=True), torch.device("cpu")
+    started: list[dict[str, str]] = []
+
+    def helpers_of(models: list[str], warmed: Any = ()) -> dict[str, str]:
+        started.append(helpers.helped_parts(models, warmed))
+        return started[-1]
+
+    monkeypatch.setattr(process, "Helpers", helpers_of)
+    first = process.warm_marks(settings.held_models(), cpu, tuning)
+    assert first.warmed() == []
+    assert process.started_helpers(settings, cpu, tuning, first) == {"first": "rest",
+                                                                     "second": "all"}  # fmt: skip
+    first.mark()
+    again = process.warm_marks(settings.held_models(), cpu, tuning)
+    assert again.warmed() == ["first", "second"]
+    assert process.started_helpers(settings, cpu, tuning, again) is None
+    other = dataclasses.replace(tuning, compiled_sizes=((768, 768),))
+    assert process.warm_marks(settings.held_models(), cpu, other).warmed() == []
+    assert helpers.helped_parts(["first", "second"], ["first"]) == {"second": "all"}
+    assert len(started) == 1
+    # Nothing compiles: no cache, no marks (and none written).
+    plain = process.warm_marks(settings.held_models(), cpu, Tuning(max_batch=2))
+    plain.mark()
+    assert plain.warmed() == [] and len(list((tmp_path / "cache").rglob("*"))) == 3

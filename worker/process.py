@@ -27,7 +27,7 @@ from app.jobs.worker_store import WorkerStore
 from worker.compiled import Tuning
 from worker.engine import Engine, resolve_device
 from worker.engines import load_engines, tuning_of
-from worker.helpers import Helpers
+from worker.helpers import Helpers, WarmMarks, helped_parts
 from worker.lease import READ_BLOCK_MS, NameTaken
 from worker.metrics import WorkerMetrics
 from worker.runner import Runner
@@ -83,6 +83,31 @@ def helped(settings: WorkerSettings, device: torch.device, tuning: Tuning) -> bo
     return torch.cuda.get_device_properties(device).total_memory >= HELPED_MEMORY
 
 
+def warm_marks(models: dict[str, str], device: torch.device, tuning: Tuning) -> WarmMarks:
+    """Where the compile cache says which models warmed up with it before (worker/helpers.py):
+    each model's mark is keyed by what its compiled code depends on; none where nothing
+    compiles."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") if tuning.compile else None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return WarmMarks(Path(cache) if cache else None,
+                     {name: f"{torch.__version__} {gpu} {name}={source} {tuning!r}"
+                      for name, source in models.items()})  # fmt: skip
+
+
+def started_helpers(
+    settings: WorkerSettings, device: torch.device, tuning: Tuning, marks: WarmMarks
+) -> Helpers | None:
+    """The compile helpers for this start (`helped`), but none for a model that warmed up with
+    this compile cache before: its parts are read there in seconds."""
+    if not helped(settings, device, tuning):
+        return None
+    models, warmed = list(settings.held_models()), marks.warmed()
+    if warmed:
+        log.info("no compile helper for %s: warmed up with this compile cache before",
+                 ", ".join(warmed))  # fmt: skip
+    return Helpers(models, warmed) if helped_parts(models, warmed) else None
+
+
 def serve(settings: WorkerSettings) -> None:
     logs.configure(settings.log_json)
     imported = process_age_s()  # the interpreter, torch, diffusers: before any line here
@@ -104,14 +129,15 @@ def serve(settings: WorkerSettings) -> None:
             refuse(f"SDSERVE_METRICS_PORT={settings.metrics_port}: {e.strerror}")
     # Compiled kernels are reused from here by the next start: seconds instead of minutes.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
-    helpers = None
-    if helped(settings, device, tuning):
-        helpers = Helpers(list(settings.held_models()))
+    models = settings.held_models()
+    marks = warm_marks(models, device, tuning)
+    helpers = started_helpers(settings, device, tuning, marks)
     try:
-        engines, load_s, warm_s = load_engines(settings.held_models(), device, tuning, helpers)
+        engines, load_s, warm_s = load_engines(models, device, tuning, helpers)
     finally:
         if helpers is not None:
             helpers.stop()
+    marks.mark()
     upscaler = None
     if settings.upscaler:
         # Uncompiled: its shapes differ from the models' and vary with each picture.
