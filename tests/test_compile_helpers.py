@@ -228,8 +228,8 @@ def test_a_start_from_a_cache_its_models_warmed_up_with_starts_no_helper_for_the
     monkeypatch.setattr(process, "Helpers", helpers_of)
     first = process.warm_marks(settings.held_models(), cpu, tuning)
     assert first.warmed() == []
-    assert process.started_helpers(settings, cpu, tuning, first) == {"first": "rest",
-                                                                     "second": "all"}  # fmt: skip
+    process.started_helpers(settings, cpu, tuning, first)
+    assert started == [{"first": "rest", "second": "all"}]
     first.mark()
     again = process.warm_marks(settings.held_models(), cpu, tuning)
     assert again.warmed() == ["first", "second"]
