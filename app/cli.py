@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         from worker.settings import WorkerSettings
 
         settings = load(WorkerSettings)  # before torch is imported: a bad setting fails fast
+        from worker.bytecode import use
+
+        use(settings.cache_in_use())  # bytecode an earlier start kept, before torch's imports
         from worker.process import serve
 
         serve(settings)

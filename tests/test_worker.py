@@ -329,7 +329,7 @@ def test_a_package_without_cached_bytecode_is_named(
     then compiles their sources again); compiled, the package is not named."""
     import py_compile
 
-    from worker.process import without_bytecode
+    from worker.bytecode import without_bytecode
 
     package = tmp_path / "sourceonly"
     package.mkdir()

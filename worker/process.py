@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from app.jobs import logs
 from app.jobs.settings import refuse
 from app.jobs.storage import open_storage
 from app.jobs.worker_store import WorkerStore
+from worker.bytecode import keep as keep_bytecode
 from worker.compiled import Tuning
 from worker.engine import Engine, resolve_device
 from worker.engines import load_engines, tuning_of
@@ -50,27 +50,6 @@ def process_age_s() -> float | None:
         return max(0.0, uptime - began / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
-
-
-# The largest packages a worker imports: without their bytecode cached, each start compiles
-# their sources again (diffusers and transformers: 14-15 s of imports on a 2-core host instead of
-# 6), as where the packages are installed with `pip --no-compile` and the user the worker runs
-# as cannot write beside them.
-LARGEST_IMPORTS = ("diffusers", "transformers", "torch")
-
-
-def without_bytecode(packages: tuple[str, ...] = LARGEST_IMPORTS) -> list[str]:
-    """Those of `packages` whose top module was imported from source, no bytecode cached for
-    it (Python's own lookup: beside the source, or under PYTHONPYCACHEPREFIX)."""
-    missing = []
-    for name in packages:
-        spec = importlib.util.find_spec(name)
-        origin = spec.origin if spec is not None else None
-        if origin is None or not origin.endswith(".py"):
-            continue
-        if not Path(importlib.util.cache_from_source(origin)).exists():
-            missing.append(name)
-    return missing
 
 
 def helped(settings: WorkerSettings, device: torch.device, tuning: Tuning) -> bool:
@@ -128,7 +107,7 @@ def serve(settings: WorkerSettings) -> None:
         except OSError as e:
             refuse(f"SDSERVE_METRICS_PORT={settings.metrics_port}: {e.strerror}")
     # Compiled kernels are reused from here by the next start: seconds instead of minutes.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.cache_in_use())
     models = settings.held_models()
     marks = warm_marks(models, device, tuning)
     helpers = started_helpers(settings, device, tuning, marks)
@@ -163,11 +142,7 @@ def serve(settings: WorkerSettings) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     age = process_age_s()
-    missing = without_bytecode()
-    if missing:
-        log.warning("%s imported without cached bytecode: every start compiles their sources"
-                    " again (install them with it: pip without --no-compile, or let this user"
-                    " write beside them)", ", ".join(missing))  # fmt: skip
+    keep_bytecode(settings.cache_in_use())  # where the install has none: for the next start
     if age is not None and imported is not None:
         # Where a start's seconds go (a cold start's target is 90 s, a cached one's 30).
         log.info("started in %.1fs: imports %.1fs, models loaded %.1fs, warmed up %.1fs,"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from pathlib import Path
@@ -239,6 +240,11 @@ class WorkerSettings(CommonSettings):
         pattern=r"^[A-Za-z0-9_.:-]{1,100}$",
         description="Consumer name; unique per worker (several workers on one host: set it).",
     )
+
+    def cache_in_use(self) -> Path:
+        """The compile cache the worker uses: torch's own TORCHINDUCTOR_CACHE_DIR where it is
+        set, else `compile_cache` (also where worker/bytecode.py keeps bytecode)."""
+        return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or self.compile_cache)
 
     def held_models(self) -> dict[str, str]:
         """The models this worker holds: name to source, the deployment's order."""
