@@ -24,7 +24,7 @@ REAL_ROWS = 'sdserve_worker_unet_rows_total{kind="real"}'  # UNet rows computed,
 # them), its weights, compiles while serving, calls without CUDA graphs, and (with
 # SDSERVE_SYNC_DEBUG=1) each place the host waited for the GPU.
 LOGGED = (r"warmed up|warm-up:|loaded in|compiled while|weights|CUDA graphs|compile helper"
-          r"|synchroniz|compiler's seconds|left the GPU")  # fmt: skip
+          r"|synchroniz|compiler's seconds|left the GPU|bytecode")  # fmt: skip
 
 
 def metric(name: str, text: str | None = None) -> float:
