@@ -226,9 +226,14 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
         # A GPU of one SM: no call spreads its outputs (`cut`), so no program repeats a down
         # product, the interpreter's dearest part (`compare` covers the spread; 155 -> 134 s).
         "lora_kernel.multiprocessors = lambda device: 1\n"
+        # Two steps, not four: every LoRA layer of every step goes through the interpreter
+        # (about 0.1 s a call); a second step already takes each row's own LoRA mix again.
+        "import tests.test_loras as compared\n"
+        "compared.STEPS = 2\n"
         "code = pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:xdist',"
         " 'tests/test_loras.py::test_each_row_takes_its_loras_as_diffusers_does'])\n"
         "print('kernel calls', len(calls))\n"
+        "print('steps patched', sys.modules['tests.test_loras'] is compared)\n"
         "sys.exit(int(code))\n"
     )
     env = os.environ | {"TRITON_INTERPRET": "1"}
@@ -238,3 +243,4 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
     assert "2 passed" in done.stdout, done.stdout[-4000:]
     calls = int(done.stdout.rsplit("kernel calls", 1)[1].split()[0])
     assert calls > 0, done.stdout[-4000:]
+    assert "steps patched True" in done.stdout, done.stdout[-4000:]
