@@ -25,10 +25,11 @@ from worker.tiny_addons import build_tiny_lora
 
 CPU = torch.device("cpu")
 
-# Each row's LoRAs: (name, text encoders' weight, UNet's weight).
 # Steps of the comparison with diffusers; tests/test_lora_kernel.py runs it with fewer, since
 # each step there is Triton's interpreter stepping every LoRA layer.
 STEPS = 4
+
+# Each row's LoRAs: (name, text encoders' weight, UNet's weight).
 ROWS: dict[str, tuple[LoraUse, ...]] = {
     "peft": (LoraUse("peft", 0.8, 0.8),),
     "both": (LoraUse("peft", 0.5, 0.5), LoraUse("kohya", 1.0, 1.0)),
