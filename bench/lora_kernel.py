@@ -4,7 +4,8 @@ compiled again when the mix changes, and what they cost beside the base layers.
 SD1.5's largest LoRA layers (32 rows, 64x64 latents: 4096 tokens of 320 features; linear and
 1x1 convolution, channels-last), fp16, a stack of 8 layers, compiled as the worker compiles
 (reduce-overhead: CUDA graphs; fullgraph). For each mix (no row with a LoRA, half the rows with
-a rank-64 LoRA, every row at rank 128): ms per stack call for the base layers alone, the tensor
+a LoRA of rank 16 to 128 as in the (l) load, half the rows with a rank-64 LoRA, every row at
+rank 128): ms per stack call for the base layers alone, the tensor
 path and the kernel, and the largest difference between the two paths. `--sweep` first times
 the kernel alone (eager launches, the same layers and mixes) for each way of cutting its work
 (`worker.lora_kernel.Tiles`), to choose the defaults. `--shapes` first times the kernel on the
@@ -13,8 +14,10 @@ rows (one request alone) and 32, every row with a rank-64 LoRA, with its outputs
 the GPU (`worker.lora_kernel.cut`) and without, beside the base linear layer: 8 launches
 replayed from a CUDA graph, so Python's launch costs are not counted; and each way's error
 against the rows' deltas summed in float32 (a wrong grid would miss or double outputs).
+`--widths` first times the kernel alone with each LoRA row at its own rank width (the default,
+`Tiles.narrow`) against every LoRA row at the call's width (the kernel before it).
 
-    python3 -m bench.lora_kernel --out DIR [--sweep] [--shapes]
+    python3 -m bench.lora_kernel --out DIR [--sweep] [--shapes] [--widths]
 """
 
 from __future__ import annotations
@@ -47,12 +50,17 @@ def stack(conv: bool, buffers: RowBuffers) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# The (l) load's rows (bench/loras.py): half without LoRA, half with one of ranks 16 to 128.
+MIXED_UNITS = (2, 4, 8, 16)
+
+
 def write_mix(buffers: RowBuffers, mix: str) -> None:
     units = torch.zeros(ROWS, ROW_UNITS, dtype=torch.long)
     scales = torch.zeros(ROWS, ROW_UNITS * UNIT)
     for r in range(ROWS):
-        if mix == "all128" or (mix == "half64" and r % 2):
-            take = ROW_UNITS if mix == "all128" else ROW_UNITS // 2
+        take = {"all128": ROW_UNITS, "half64": ROW_UNITS // 2 if r % 2 else 0,
+                "mixed": MIXED_UNITS[r // 2 % 4] if r % 2 else 0}.get(mix, 0)  # fmt: skip
+        if take:
             units[r, :take] = torch.arange(1, take + 1) + (r % 3) * 16
             scales[r, : take * UNIT] = 0.8
     buffers.units.copy_(units)
@@ -129,6 +137,44 @@ SHAPES = [
     ("SDXL 32x32 feed-forward out", 1024, 5120, 1280),
     ("time embedding", 1, 1280, 1280),
 ]
+
+
+def widths(lines: list[str], result: dict[str, Any]) -> None:
+    """The kernel alone over the stack's 8 layers, each LoRA row at the call's rank width (the
+    kernel before `Tiles.narrow`) against each at its own, for each mix; and the largest
+    difference between their outputs (the same sums: none but rounding)."""
+    from worker import lora_kernel
+
+    lines += [
+        "| layers | mix | kernel, one rank width ms | kernel, each row's width ms | ratio |"
+        " max diff |",
+        "|---|---|---|---|---|---|",
+    ]
+    result["widths"] = []
+    for conv in (False, True):
+        buffers = RowBuffers(ROWS, ROW_UNITS, torch.device("cuda"))
+        x = layer_inputs(conv)
+        layers: list[RowLora] = list(stack(conv, buffers))  # type: ignore[arg-type]
+        out = layers[0].base(x)
+        kind = "1x1 conv" if conv else "linear"
+        for mix in ("mixed", "half64", "all128"):
+            write_mix(buffers, mix)
+            ms, outs = {}, {}
+            for narrow in (False, True):
+                tiles = lora_kernel.Tiles(narrow=narrow)
+                ms[narrow] = timed(kernel_alone(layers, out, buffers, conv, tiles), x)
+                once = layers[0].base(x)
+                lora_kernel.add_rows(once, x, layers[0].down, layers[0].up, buffers.units,
+                                     buffers.scales, conv, tiles)  # fmt: skip
+                outs[narrow] = once.float()
+            diff = (outs[True] - outs[False]).abs().max().item()
+            result["widths"].append({"layers": kind, "mix": mix, "one_ms": ms[False],
+                                     "own_ms": ms[True], "max_diff": diff})  # fmt: skip
+            lines.append(f"| {kind} | {mix} | {ms[False]:.3f} | {ms[True]:.3f} |"
+                         f" {ms[True] / ms[False]:.2f} | {diff:.5f} |")  # fmt: skip
+            print(lines[-1], flush=True)
+            assert diff < 0.01, lines[-1]
+    lines.append("")
 
 
 def graphed_ms(call: Any) -> float:
@@ -218,6 +264,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="time each tiling first")
     parser.add_argument("--shapes", action="store_true", help="time the other layer shapes")
+    parser.add_argument("--widths", action="store_true",
+                        help="time each row at its own rank width against one width")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": [], "sweep": []}
@@ -227,6 +275,8 @@ def main() -> None:
             shapes(lines, result)
         if args.sweep:
             sweep(lines, result)
+        if args.widths:
+            widths(lines, result)
     lines += ["| layers | mix | base ms | tensor path ms | kernels ms | max diff |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for conv in (False, True):
@@ -252,7 +302,7 @@ def main() -> None:
                 fn(x)  # compiled here, once: the mixes below only replay
             torch._dynamo.config.error_on_recompile = True  # a mix that compiles again fails
             base_ms = timed(compiled["base"], x)
-            for mix in ("none", "half64", "all128"):
+            for mix in ("none", "mixed", "half64", "all128"):
                 ms, outs = {}, {}
                 for path in ("tensor", "kernels"):
                     write_mix(stacks[path][1], mix)

@@ -21,7 +21,9 @@ def layer_and_rows(
     base: nn.Module, rows: int, row_units: int, pool: int, seed: int = 0
 ) -> tuple[RowLora, RowBuffers]:
     """A wrapped layer with random pool units and rows of every kind: none, one LoRA of one
-    unit, one of three units, two LoRAs end to end, a weight of 0, a negative weight."""
+    unit, one of three units, two LoRAs end to end, a weight of 0, a negative weight, and a
+    row of five units and one of nine (as many as the row holds): rank widths 16 to 128 in one
+    call, each through the kernel's branch for its width."""
     g = torch.Generator().manual_seed(seed)
     buffers = RowBuffers(rows, row_units, torch.device("cpu"))
     layer = RowLora(base, pool, buffers)  # type: ignore[arg-type]
@@ -35,6 +37,8 @@ def layer_and_rows(
         [([5], 0.5), ([2, 3, 4], -0.7)],
         [([1], 0.0)],
         [([6, 7], -1.5)],
+        [([1, 2, 3, 4, 5, 6, 7], 0.4), ([3, 2], 0.9)],
+        [([7, 6, 5, 4, 3], 0.6)],
     ]
     units = torch.zeros(rows, row_units, dtype=torch.long)
     scales = torch.zeros(rows, row_units * UNIT)
@@ -65,6 +69,8 @@ def compare() -> None:
         # Outputs split among programs (`cut`: 4 spans of 64), one token a row (a time
         # embedding's layer): a 16-token tile.
         (nn.Linear(48, 230), torch.randn(5, 48), 4),
+        # Rows of 1 to 9 units beside each other (rank widths 16, 32, 64 and 128).
+        (nn.Linear(40, 72), torch.randn(14, 33, 40), 16),
     ]
     for base, x, row_units in cases:
         layer, buffers = layer_and_rows(base, x.shape[0], row_units, pool=8)
@@ -80,7 +86,7 @@ def compare() -> None:
         assert got.stride() == plain.stride(), (got.stride(), plain.stride())
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for r in range(x.shape[0]):
-            if r % 6 in (0, 4):  # no LoRA, or weight 0
+            if not buffers.scales[r].any():  # no LoRA, or weight 0
                 assert torch.equal(got[r], plain[r]), f"row {r} changed without a LoRA"
             else:
                 assert not torch.allclose(got[r], plain[r]), f"row {r} lost its LoRA"

@@ -19,6 +19,12 @@ GPU that way also splits its outputs among programs (`cut`):
     h[n, r]    = scale[b, r] * sum_k x[b, n, k] * down[unit[b, r // 8], r % 8, k]   (registers)
     out[b, n, o] += sum_r h[n, r] * up[unit[b, r // 8], r % 8, o]
 
+Each row's products run at its own rank width, its LoRAs' ranks rounded up to a power of two
+(16 to the call's width), not at the call's: a rank-16 LoRA beside a row of rank 128 no longer
+multiplies 112 columns of zeros (`_rows` picks one of four bodies, the same code at constant
+widths; `Tiles.narrow=False` is the kernel before, which `bench.lora_kernel --widths` times
+against it).
+
 x and out are seen as (rows, tokens, features) through their strides (a 1x1 convolution's
 channels are its features, in either memory format). CPU tests run the kernel in Triton's
 interpreter (TRITON_INTERPRET=1, tests/test_lora_kernel.py) against the tensor path, eager and
@@ -48,12 +54,13 @@ class Tiles:
     turn of either product, and the warps that run it. The defaults were chosen on an H100 by
     `python3 -m bench.lora_kernel --sweep` (BENCHMARKS.md). `spread`: a call too small to
     fill the GPU with one program per row's token tile also splits the layer's outputs among
-    programs (see `cut`)."""
+    programs (see `cut`). `narrow`: each row at its own rank width (see the module's text)."""
 
     tokens: int = 128
     features: int = 64
     warps: int = 4
     spread: bool = True
+    narrow: bool = True
 
 
 TILES = Tiles()
@@ -229,6 +236,7 @@ def add_rows(
     row_units = units.shape[1]
     ranks = scales.shape[1]
     grid = cut(rows, tokens, inputs, outputs, tiles, multiprocessors(out.device))
+    rank_width = max(LEAST, triton.next_power_of_2(ranks))
     # Token tiles vary fastest: the programs of one row run side by side and share its units'
     # weights in the L2 cache.
     spans = triton.cdiv(outputs, grid.span)
@@ -256,10 +264,13 @@ def add_rows(
         outs.stride(2),
         grid.span,
         RANKS=ranks,
-        RANKS_P2=max(LEAST, triton.next_power_of_2(ranks)),
+        RANKS_P2=rank_width,
         ROW_UNITS=row_units,
         TOKENS=grid.tokens,
         FEATURES=tiles.features,
+        NARROW=tiles.narrow,
+        W32=min(32, rank_width),
+        W64=min(64, rank_width),
         num_warps=tiles.warps,
     )
     return True
@@ -296,41 +307,103 @@ if triton is not None:
         ROW_UNITS: tl.constexpr,
         TOKENS: tl.constexpr,
         FEATURES: tl.constexpr,
+        NARROW: tl.constexpr,
+        W32: tl.constexpr,
+        W64: tl.constexpr,
     ):
-        n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
         b = tl.program_id(1)
         r = tl.arange(0, RANKS_P2)
         s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
-        if tl.max(tl.abs(s), axis=0) != 0.0:  # a row without LoRA: out as it is
-            used = s != 0.0  # ranks past the row's LoRAs (or at weight 0): never read
-            unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
-            in_tokens = n < tokens
-            h = tl.zeros((TOKENS, RANKS_P2), dtype=tl.float32)
-            for k0 in range(0, inputs, FEATURES):
-                k = k0 + tl.arange(0, FEATURES)
-                xt = tl.load(
-                    x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
-                    mask=in_tokens[:, None] & (k[None, :] < inputs),
-                    other=0.0,
-                )
-                dt = tl.load(
-                    down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
-                    mask=(k[:, None] < inputs) & used[None, :],
-                    other=0.0,
-                )
-                h += tl.dot(xt, dt)
-            # Rounded to the layer's dtype as the tensor path's product is.
-            ht = (h * s[None, :]).to(out.dtype.element_ty)
-            first = tl.program_id(2) * span
-            for o0 in range(first, first + span, FEATURES):
-                o = o0 + tl.arange(0, FEATURES)
-                ut = tl.load(
-                    up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
-                    mask=used[:, None] & (o[None, :] < outputs),
-                    other=0.0,
-                )
-                at = out + b * sob + n[:, None] * son + o[None, :] * soo
-                keep = in_tokens[:, None] & (o[None, :] < outputs)
-                base = tl.load(at, mask=keep, other=0.0)
-                total = base.to(tl.float32) + tl.dot(ht, ut)
-                tl.store(at, total.to(out.dtype.element_ty), mask=keep)
+        # The row's rank width: its LoRAs' units lie end to end from the first, so past the
+        # last rank with a scale there is nothing to add (0 for a row without LoRA: out as
+        # it is).
+        width = tl.max(tl.where(s != 0.0, r + 1, 0), axis=0)
+        if not NARROW:  # every LoRA row at the call's rank width (the kernel before)
+            width = tl.where(width > 0, RANKS_P2, 0)
+        # Each branch is the same body at its own constant rank width (tl.dot's sides are
+        # constants): a row pays for the ranks it has, rounded up to a power of two, not for
+        # the widest row's.
+        if width > W64:
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES)  # fmt: skip
+        elif width > W32:
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES)  # fmt: skip
+        elif width > 16:
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES)  # fmt: skip
+        elif width > 0:
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES)  # fmt: skip
+
+    @triton.jit
+    def _add(
+        x,
+        down,
+        up,
+        units,
+        scales,
+        out,
+        b,
+        tokens,
+        inputs,
+        outputs,
+        sxb,
+        sxn,
+        sxk,
+        sdu,
+        sdr,
+        sdk,
+        suu,
+        sur,
+        suo,
+        sob,
+        son,
+        soo,
+        span,
+        RANKS: tl.constexpr,
+        ROW_UNITS: tl.constexpr,
+        WIDTH: tl.constexpr,
+        TOKENS: tl.constexpr,
+        FEATURES: tl.constexpr,
+    ):
+        """Row b's units over its first WIDTH ranks, added to its tile of out."""
+        n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        r = tl.arange(0, WIDTH)
+        s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
+        used = s != 0.0  # ranks past the row's LoRAs (or at weight 0): never read
+        unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
+        in_tokens = n < tokens
+        h = tl.zeros((TOKENS, WIDTH), dtype=tl.float32)
+        for k0 in range(0, inputs, FEATURES):
+            k = k0 + tl.arange(0, FEATURES)
+            xt = tl.load(
+                x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
+                mask=in_tokens[:, None] & (k[None, :] < inputs),
+                other=0.0,
+            )
+            dt = tl.load(
+                down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
+                mask=(k[:, None] < inputs) & used[None, :],
+                other=0.0,
+            )
+            h += tl.dot(xt, dt)
+        # Rounded to the layer's dtype as the tensor path's product is.
+        ht = (h * s[None, :]).to(out.dtype.element_ty)
+        first = tl.program_id(2) * span
+        for o0 in range(first, first + span, FEATURES):
+            o = o0 + tl.arange(0, FEATURES)
+            ut = tl.load(
+                up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
+                mask=used[:, None] & (o[None, :] < outputs),
+                other=0.0,
+            )
+            at = out + b * sob + n[:, None] * son + o[None, :] * soo
+            keep = in_tokens[:, None] & (o[None, :] < outputs)
+            base = tl.load(at, mask=keep, other=0.0)
+            total = base.to(tl.float32) + tl.dot(ht, ut)
+            tl.store(at, total.to(out.dtype.element_ty), mask=keep)
