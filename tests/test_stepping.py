@@ -100,19 +100,6 @@ def test_jobs_are_taken_as_many_calls_ahead_as_they_take_to_be_ready() -> None:
     assert readiness.ahead() == 3  # the running mean follows what joins take now
 
 
-def test_jobs_slower_than_the_mean_are_taken_early_enough_to_join_in_time() -> None:
-    """Half the jobs with LoRAs (0.6 s to be ready), half without (0.2 s): taken for the mean
-    (0.4 s, 3 calls of 0.15 s) a LoRA job's rows would wait a call; taken for the mean and
-    its spread, both kinds are ready when their room frees."""
-    readiness = Readiness()
-    readiness.called(0.15)
-    for k in range(60):
-        readiness.joined(0.6 if k % 2 else 0.2)
-    assert 0.35 < readiness.ready_s < 0.45 and 0.15 < readiness.spread_s < 0.25
-    assert readiness.ahead() * 0.15 >= 0.6
-    assert readiness.ahead() < AHEAD_MAX
-
-
 def test_lanes_leave_within_the_calls_ahead() -> None:
     # (calls left, of the key that steps next)
     lanes = [(1, True), (1, False), (2, True), (4, True), (25, True)]

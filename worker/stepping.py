@@ -66,16 +66,12 @@ RECENT = 0.2
 @dataclass
 class Readiness:
     """Running means of how long a job taken takes to be ready to join (its inputs and prompts
-    read: `ready_s`, and how far from that mean a job's time falls: `spread_s`) and of how long
-    one UNet call of the rows in flight takes (`call_s`)."""
+    read: `ready_s`) and of how long one UNet call of the rows in flight takes (`call_s`)."""
 
     ready_s: float = 0.0
-    spread_s: float = 0.0
     call_s: float = 0.0
 
     def joined(self, ready_s: float) -> None:
-        if self.ready_s > 0:
-            self.spread_s = _mean(self.spread_s, abs(ready_s - self.ready_s), first=False)
         self.ready_s = _mean(self.ready_s, ready_s)
 
     def called(self, call_s: float) -> None:
@@ -83,20 +79,14 @@ class Readiness:
 
     def ahead(self) -> int:
         """How many UNet calls before its room frees a job is taken (1: in the call that frees
-        it, so it joins at the next). Taken for the mean, a job slower than the mean joins
-        late and its rows stay empty until it does: on an H100 a load of half LoRA jobs
-        (their LoRAs and prompts read in about 0.6 s, the others' in 0.2) took 3 calls ahead
-        and stepped 60.5 rows of 62 (2026-12-07); so jobs are taken for the mean and twice the
-        spread, as a retransmission timer allows for a round trip's jitter."""
-        slow_s = self.ready_s + 2 * self.spread_s
-        if self.call_s <= 0 or slow_s <= self.call_s:
+        it, so it joins at the next)."""
+        if self.call_s <= 0 or self.ready_s <= self.call_s:
             return 1
-        return min(AHEAD_MAX, math.ceil(slow_s / self.call_s))
+        return min(AHEAD_MAX, math.ceil(self.ready_s / self.call_s))
 
 
-def _mean(mean: float, sample: float, first: bool = True) -> float:
-    """The running mean with `sample` added (`sample` itself for the first, with `first`)."""
-    return sample if first and mean <= 0 else mean + RECENT * (sample - mean)
+def _mean(mean: float, sample: float) -> float:
+    return sample if mean <= 0 else mean + RECENT * (sample - mean)
 
 
 def leaving(remaining: Sequence[tuple[int, bool]], keys: int, ahead: int) -> list[int]:
