@@ -91,6 +91,20 @@ def models(work: Path, tiny: bool, sd15: bool = False, refiner: bool = True) -> 
 # -- diffusers ------------------------------------------------------------------------------
 
 
+def free_gpu() -> None:
+    """Hand back what diffusers' stage left in this process's allocator, for a service stage
+    after it: its batch of 16 at 1024x1024 held so much that a worker started next ran out of
+    memory at its warm-up (an H100, 2026-12-07)."""
+    import gc
+
+    import torch
+
+    torch._dynamo.reset()  # the compiled run's graphs hold its UNet and their memory pool
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def diffusers_stage(
     base: Path, batches_run: tuple[int, ...] = BATCHES, compiled: bool = True
 ) -> dict[str, Any]:
@@ -365,6 +379,7 @@ def main() -> None:
         elif stage == "diffusers":
             batches = tuple(int(b) for b in args.diffusers_batches.split(","))
             results["diffusers"] = diffusers_stage(made["xl"], batches, not args.no_compiled)
+            free_gpu()
         save()
     (args.out / "sdxl.md").write_text(table(results))
     print(table(results))
