@@ -132,6 +132,10 @@ def test_a_shorter_check_reads_the_loads_it_ran() -> None:
     assert kept["start s, from the compile cache kept"][1:] == ("150", "≤ 30", False)
     assert "cold start s" not in kept
     assert not any(name.startswith(("(b)", "(d)", "(c)")) for name in rows)
+    # (l) says its LoRAs were made resident before its window, and how long that took.
+    with_l = run | {"l": closed | {"img_s": 8.1}, "l_preload_s": 2.04}
+    l_row = {row[0]: row for row in gpu_check.checks(with_l)}["(l) half with LoRAs img/s, / (a)"]
+    assert l_row[1:] == ("8.10 = 0.81 (its 8 LoRAs made resident first in 2.0 s)", "≥ 0.90", False)
     text = gpu_check.table(run, list(rows.values()))
     assert "| (a) | 9.00 | 10.00 | 10.00 |" in text and "| (e) | 9.00 | - | - |" in text
     assert "| (b) |" not in text
