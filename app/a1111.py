@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.jobs.contract import COUNT_MAX, SEED_MAX, JobView, Txt2ImgRequest
+from app.jobs.contract import COUNT_MAX, SEED_MAX, SIDE_MAX, SIDE_MIN, JobView, Txt2ImgRequest
 
 # A1111's sampler names (and the older names with the schedule in them) to sdserve's schedulers.
 # With `scheduler: "Karras"`, DPM++ 2M is its Karras variant; other samplers take only the
@@ -110,8 +110,10 @@ class Txt2ImgPayload(BaseModel):
     steps: int = 50
     cfg_scale: float = 7.0
     distilled_cfg_scale: float | None = None
-    width: int = 512
-    height: int = 512
+    # Bounded here, not only by the job's own model: a ControlNet's picture (and img2img's) is
+    # resized to this size before that model reads it (2**40 was Pillow's OverflowError, a 500).
+    width: int = Field(512, ge=SIDE_MIN, le=SIDE_MAX)
+    height: int = Field(512, ge=SIDE_MIN, le=SIDE_MAX)
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
@@ -284,6 +286,9 @@ class Img2ImgPayload(Txt2ImgPayload):
     """A1111's img2img API model: the txt2img fields and the picture's."""
 
     init_images: list[str] = Field(default_factory=list)
+    # 0: the picture's own size, fitted (`sources.fit`).
+    width: int = Field(512, ge=0, le=SIDE_MAX)
+    height: int = Field(512, ge=0, le=SIDE_MAX)
     resize_mode: int = 0
     image_cfg_scale: float | None = None
     mask: str | None = None

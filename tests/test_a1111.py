@@ -232,6 +232,40 @@ def test_what_cannot_be_honoured_is_a_422_naming_the_field(
     assert any(named == ".".join(str(p) for p in e["loc"][1:]) for e in answer.json()["detail"])
 
 
+@pytest.mark.parametrize("side", [2**40, 2**31, 30000, -64, 8])
+def test_a_size_out_of_range_is_named_before_a_picture_is_resized(
+    service: str,  # noqa: F811
+    side: int,
+) -> None:
+    """img2img resized its picture (and txt2img its ControlNet pictures) to the payload's
+    width before the job's own model bounded it: 2**40 was Pillow's OverflowError, a 500, and
+    30000 a resize to 30000 pixels for nothing (a QA pass, thirty-eighth session)."""
+    from app.a1111 import Img2ImgPayload, Txt2ImgPayload
+
+    sent = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 30, 200)).save(sent, "PNG")
+    picture = webuiapi.b64_img(Image.open(sent))
+    answer = httpx.post(f"{service}/sdapi/v1/img2img", auth=("u", KEY),
+                        json={"prompt": "x", "init_images": [picture], "steps": 3,
+                              "width": side, "height": 64})  # fmt: skip
+    assert answer.status_code == 422, answer.text
+    assert [e["loc"] for e in answer.json()["detail"]] == [["body", "width"]]
+    # The payloads' own bounds, which run before any picture is read: 0 is img2img's "the
+    # picture's own size"; a generated picture's sides are 64 to 2048.
+    for payload, least in ((Txt2ImgPayload, 64), (Img2ImgPayload, 0)):
+        for value, ok in ((side, False), (least, True), (2048, True), (2049, False)):
+            if least == 0 and value == 8:
+                continue  # in the payload's range; `sources.fit` names it (above)
+            for name in ("width", "height"):
+                try:
+                    payload.model_validate({name: value})
+                except ValueError:
+                    assert not ok, (payload, name, value)
+                else:
+                    assert ok, (payload, name, value)
+    assert Img2ImgPayload.model_validate({"width": None}).width == 512
+
+
 def test_keys_bearer_or_basic(service: str) -> None:  # noqa: F811
     assert httpx.get(f"{service}/sdapi/v1/samplers").status_code == 401
     assert httpx.get(f"{service}/sdapi/v1/samplers", auth=("u", "sds_wrong")).status_code == 401
