@@ -247,8 +247,10 @@ def fit(pictures: dict[str, Image.Image], width: int | None,
     the request's size and stored-image fields, and the PNGs to store by name."""
     for name, side in (("width", width), ("height", height)):
         if side and not SIDE_MIN <= side <= SIDE_MAX:  # before Pillow is asked for that size
-            raise invalid(name, f"is {side}: from {SIDE_MIN} to {SIDE_MAX} pixels, or 0 for "
-                          "the picture's own size")
+            raise invalid(
+                name,
+                f"is {side}: from {SIDE_MIN} to {SIDE_MAX} pixels, or 0 for the picture's own size",
+            )
     source = pictures["image"]
     fitted = fitted_size(*source.size)
     size = (width or fitted[0], height or fitted[1])
