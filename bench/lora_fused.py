@@ -124,6 +124,15 @@ if triton is not None:
         return (last + 15) // 16 * 16
 
     @triton.jit
+    def _inputs(x, b, n, k, tokens, inputs, sxb, sxn, sxk):
+        """Row b's input at tokens n and features k (0 past either end)."""
+        return tl.load(
+            x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
+            mask=(n[:, None] < tokens) & (k[None, :] < inputs),
+            other=0.0,
+        )
+
+    @triton.jit
     def _low(
         x, down, units, scales, h, tokens, inputs,
         sxb, sxn, sxk, sdu, sdr, sdk, shb, shn, shr,
@@ -141,11 +150,7 @@ if triton is not None:
             acc = tl.zeros((TOKENS, RANKS_P2), dtype=tl.float32)
             for k0 in range(0, inputs, FEATURES):
                 k = k0 + tl.arange(0, FEATURES)
-                xt = tl.load(
-                    x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
-                    mask=(n[:, None] < tokens) & (k[None, :] < inputs),
-                    other=0.0,
-                )
+                xt = _inputs(x, b, n, k, tokens, inputs, sxb, sxn, sxk)
                 dt = tl.load(
                     down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
                     mask=(k[:, None] < inputs) & used[None, :],
@@ -173,11 +178,7 @@ if triton is not None:
         acc = tl.zeros((TOKENS, OUTPUTS), dtype=tl.float32)
         for k0 in range(0, inputs, FEATURES):
             k = k0 + tl.arange(0, FEATURES)
-            xt = tl.load(
-                x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
-                mask=(n[:, None] < tokens) & (k[None, :] < inputs),
-                other=0.0,
-            )
+            xt = _inputs(x, b, n, k, tokens, inputs, sxb, sxn, sxk)
             wt = tl.load(
                 weight + o[None, :] * swo + k[:, None] * swk,
                 mask=(o[None, :] < outputs) & (k[:, None] < inputs),
