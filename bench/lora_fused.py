@@ -19,7 +19,8 @@ LoRA is the base product alone. What it costs: every row's base product runs in 
 cuBLAS, so the question for the GPU is whether Triton's product keeps up with cuBLAS on the
 UNets' shapes (rows without LoRA must not lose) while LoRA rows gain.
 
-    python3 -m bench.lora_fused --out DIR
+    python3 -m bench.lora_fused --out DIR [--rows 32]
+    TRITON_INTERPRET=1 python3 -m bench.lora_fused --out DIR --device cpu   (a smoke run)
 
 prints, for each layer shape of `bench.lora_kernel.SHAPES` at 32 rows and each mix (no LoRA
 row, half the rows rank 64, every row rank 64), ms over 8 launches replayed from a CUDA graph:
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -268,19 +270,34 @@ def check() -> None:
         print(f"{(rows, tokens, inputs, outputs)} bias {has_bias}: equal")
 
 
-def timings(tokens: int, inputs: int, outputs: int, rows: int, mix: str) -> dict[str, Any]:
-    """ms over 8 launches of one layer shape and mix (see the module's text), and errors."""
+def tiling_name(t: Tiling) -> str:
+    return f"{t.tokens}x{t.outputs}x{t.inputs} w{t.warps} s{t.stages}"
+
+
+def timings(
+    tokens: int, inputs: int, outputs: int, rows: int, mix: str, tilings: list[Tiling], device: str
+) -> dict[str, Any]:
+    """ms over 8 launches of one layer shape and mix (see the module's text), and errors. On a
+    CPU (Triton's interpreter, float32) the launches are timed as they run: a smoke run of
+    this bench, not a figure."""
     import torch.nn.functional as F
 
     from bench.lora_kernel import DEPTH, POOL, ROW_UNITS, graphed_ms
     from worker import lora_kernel
 
+    dtype = torch.half if device == "cuda" else torch.float32
+
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=torch.half) * 0.02
+        return torch.randn(*shape, device=device, dtype=dtype) * 0.02
+
+    def measured(call: Any) -> float:
+        if device == "cuda":
+            return graphed_ms(call)
+        return _wall_ms(call)
 
     x, weight, bias = randn(rows, tokens, inputs), randn(outputs, inputs), randn(outputs)
     down, up = randn(POOL, UNIT, inputs), randn(POOL, UNIT, outputs)
-    units, scales = mixed(rows, ROW_UNITS, POOL, mix, "cuda")
+    units, scales = mixed(rows, ROW_UNITS, POOL, mix, device)
     want = reference(x, weight, bias, down, up, units, scales)
 
     def error(got: torch.Tensor) -> float:
@@ -293,45 +310,62 @@ def timings(tokens: int, inputs: int, outputs: int, rows: int, mix: str) -> dict
         return lambda: [call() for _ in range(DEPTH)]
 
     result: dict[str, Any] = {
-        "cublas": graphed_ms(repeated(lambda: F.linear(x, weight, bias))),
-        "worker": graphed_ms(repeated(worker_layer)),
+        "cublas": measured(repeated(lambda: F.linear(x, weight, bias))),
+        "worker": measured(repeated(worker_layer)),
         "worker_error": error(worker_layer()),
         "fused": {},
     }
-    for tiling in TILINGS:
+    for tiling in tilings:
 
         def fused(tiling: Tiling = tiling) -> torch.Tensor:
             return fused_linear(x, weight, bias, down, up, units, scales, tiling)
 
-        name = f"{tiling.tokens}x{tiling.outputs}x{tiling.inputs} w{tiling.warps} s{tiling.stages}"
-        result["fused"][name] = {"ms": graphed_ms(repeated(fused)), "error": error(fused())}
+        result["fused"][tiling_name(tiling)] = {
+            "ms": measured(repeated(fused)),
+            "error": error(fused()),
+        }
     return result
+
+
+def _wall_ms(call: Any) -> float:
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        help="cpu: a smoke run in Triton's interpreter (TRITON_INTERPRET=1)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from bench.lora_kernel import SHAPES
 
-    names = [f"{t.tokens}x{t.outputs}x{t.inputs} w{t.warps} s{t.stages}" for t in TILINGS]
+    if args.device == "cuda":
+        shapes, tilings, rows, gpu = SHAPES, TILINGS, args.rows, torch.cuda.get_device_name()
+    else:
+        shapes, tilings, rows, gpu = [("tiny", 40, 48, 72)], [Tiling(16, 32, 16, 4, 1)], 4, "cpu"
+    names = [tiling_name(t) for t in tilings]
     lines = [
-        f"LoRA units inside the product, {torch.cuda.get_device_name()}, {args.rows} rows,"
+        f"LoRA units inside the product, {gpu}, {rows} rows,"
         " ms over 8 launches (a CUDA graph's replay)",
         "",
         "| layer (tokens, in, out) | mix | cuBLAS | cuBLAS + worker's kernel | "
         + " | ".join(f"fused {n}" for n in names) + " | best fused / worker's | errors |",
         "|---|---|---|---|" + "---|" * len(names) + "---|---|",
     ]  # fmt: skip
-    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": args.rows,
-                              "tilings": [asdict(t) for t in TILINGS], "shapes": []}  # fmt: skip
+    result: dict[str, Any] = {"gpu": gpu, "rows": rows,
+                              "tilings": [asdict(t) for t in tilings], "shapes": []}  # fmt: skip
     with torch.no_grad():
         for (what, tokens, inputs, outputs), mix in itertools.product(
-            SHAPES, ("none", "half64", "all64")
+            shapes, ("none", "half64", "all64")
         ):
-            ms = timings(tokens, inputs, outputs, args.rows, mix)
+            ms = timings(tokens, inputs, outputs, rows, mix, tilings, args.device)
             result["shapes"].append({"layer": what, "mix": mix, **ms})
             best = min(v["ms"] for v in ms["fused"].values())
             errors = [ms["worker_error"], *(v["error"] for v in ms["fused"].values())]
