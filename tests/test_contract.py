@@ -187,7 +187,10 @@ def test_a1111s_lyco_tag_is_a_lora_tag() -> None:
         ({"prompt": "a", "negative_prompt": "[blur|noise]", "prompt_syntax": "a1111"},
          "negative_prompt", "[blur|noise]: A1111's alternating prompt"),
         ({"prompt": "a cat AND a dog", "prompt_syntax": "a1111"}, "prompt",
-         "AND: A1111's composable prompts"),
+         "AND: A1111's composable prompts (several prompts combined with AND) are not served"
+         " (a literal 'and': lower case)"),
+        ({"prompt": "a [cat:dog:0.5]", "prompt_syntax": "a1111"}, "prompt",
+         "(escape a literal bracket: \\[)"),
     ],
 )  # fmt: skip
 def test_a_prompts_tags_refused_name_the_field(body: dict[str, Any], named: str, says: str) -> None:

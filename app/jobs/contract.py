@@ -366,9 +366,11 @@ class Generation(BaseModel):
                                   " (GET /sdapi/v1/hypernetworks lists none)", text)  # fmt: skip
             change = changing(text, composable=field == "prompt")
             if change is not None:
-                what = UNSERVED_SYNTAX["AND" if change == "AND" else
-                                       "|" if "|" in change else ":"]  # fmt: skip
-                raise field_error(field, f"{change}: {what} (escape a literal bracket: \\[)",
+                sign = "AND" if change == "AND" else "|" if "|" in change else ":"
+                # How to say the same words literally: A1111 reads only an upper-case AND.
+                literal = ("a literal 'and': lower case" if sign == "AND"
+                           else "escape a literal bracket: \\[")  # fmt: skip
+                raise field_error(field, f"{change}: {UNSERVED_SYNTAX[sign]} ({literal})",
                                   text)  # fmt: skip
 
     def seeds(self) -> list[int]:
