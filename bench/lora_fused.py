@@ -19,6 +19,13 @@ LoRA is the base product alone. What it costs: every row's base product runs in 
 cuBLAS, so the question for the GPU is whether Triton's product keeps up with cuBLAS on the
 UNets' shapes (rows without LoRA must not lose) while LoRA rows gain.
 
+The twenty-fourth session built this design once (branch `lora-gemm`, one tiling) and the
+twenty-fifth timed it on SD1.5's 64x64 layers only (4096 tokens, 320 features: a product bound
+by memory): 0.12-0.17 ms slower over 8 layers at every mix, its base product 13% behind cuBLAS
+(BENCHMARKS.md). What was never measured is the rest: SDXL's layers, where the base product is
+bound by arithmetic and where the LoRA pass costs most, and other tilings. This bench times
+every shape of `bench.lora_kernel.SHAPES` at each of `TILINGS`, so that one run settles it.
+
     python3 -m bench.lora_fused --out DIR [--rows 32]
     TRITON_INTERPRET=1 python3 -m bench.lora_fused --out DIR --device cpu   (a smoke run)
 
