@@ -259,6 +259,93 @@ def shapes(lines: list[str], result: dict[str, Any]) -> None:
     lines.append("")
 
 
+# The tilings `--tiles` times at each of `SHAPES`: (tokens, features, warps, stages, splits).
+# Each (tokens, features, warps, stages) is one Triton build (about 3 s); splits are free.
+TILINGS = [
+    (tokens, features, warps, stages, splits)
+    for tokens, features, warps, stages in itertools.product(
+        (32, 64, 128), (64, 128), (4, 8), (2, 3)
+    )
+    if tokens * features < 128 * 128 or warps == 8
+    for splits in (0, 2)
+]
+
+
+def tiling_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, Any]:
+    """One layer shape at `rows` rows, half of them with a rank-64 LoRA (the (l) load's
+    share): ms over 8 launches of the base product, of the kernel at its default tiles, and
+    at each of `TILINGS` that builds (each checked against the default's output)."""
+    import torch.nn.functional as F
+
+    from worker import lora_kernel
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.half) * 0.02
+
+    x, weight = randn(rows, tokens, inputs), randn(outputs, inputs)
+    out = F.linear(x, weight)
+    down, up = randn(POOL, UNIT, inputs), randn(POOL, UNIT, outputs)
+    units = torch.arange(1, 9, device="cuda").repeat(rows, 2)
+    scales = torch.zeros(rows, ROW_UNITS * UNIT, device="cuda")
+    scales[1::2, : 8 * UNIT] = 0.8  # odd rows: rank 64; even rows: none
+    expected = out.clone()
+    lora_kernel.add_rows(expected, x, down, up, units, scales, False)
+
+    def kernel(tiles: Any) -> Any:
+        def call() -> None:
+            for _ in range(DEPTH):
+                lora_kernel.add_rows(out, x, down, up, units, scales, False, tiles)
+
+        return call
+
+    def base() -> None:
+        for _ in range(DEPTH):
+            F.linear(x, weight)
+
+    timings = {}
+    for tiling in TILINGS:
+        tiles = lora_kernel.Tiles(*tiling[:3], stages=tiling[3], splits=tiling[4])
+        once = F.linear(x, weight)
+        try:
+            lora_kernel.add_rows(once, x, down, up, units, scales, False, tiles)
+        except Exception as error:  # past the SM's shared memory: not a candidate
+            print(f"({tokens}, {inputs}, {outputs}) {rows} {tiling}: {error!r}"[:200], flush=True)
+            continue
+        err = (once.float() - expected.float()).abs().max().item()
+        assert err < 0.01, f"({tokens}, {inputs}, {outputs}) {rows} {tiling}: off by {err}"
+        timings[tiling] = graphed_ms(kernel(tiles))
+    return {"base": graphed_ms(base), "default": graphed_ms(kernel(lora_kernel.TILES)),
+            "timings": timings}  # fmt: skip
+
+
+def tiles_by_shape(lines: list[str], result: dict[str, Any], rows_list: tuple[int, ...]) -> None:
+    """`tiling_ms` for each of `SHAPES` with many tokens at each of `rows_list`: the default's
+    ms, the best tiling and its ms. The defaults were chosen on SD1.5's 64x64 layers only
+    (`--sweep`); SDXL's are where LoRA rows cost most (BENCHMARKS.md, thirty-eighth session).
+    A short prompt's or the time embedding's shapes are left out: each is a Triton build of
+    its own (token counts not a multiple of 16) for little of a step."""
+    lines += [
+        "| layer (tokens, in, out) | rows | base ms | default tiles ms | best tiles"
+        " (tokens, features, warps, stages, splits) | best ms | best / default |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    result["tiles"] = []
+    shapes = [shape for shape in SHAPES if shape[1] >= 256]
+    for (what, tokens, inputs, outputs), rows in itertools.product(shapes, rows_list):
+        ms = tiling_ms(tokens, inputs, outputs, rows)
+        timings = ms["timings"]
+        best = min(timings, key=timings.__getitem__)
+        result["tiles"].append({"layer": what, "tokens": tokens, "inputs": inputs,
+                                "outputs": outputs, "rows": rows, "base": ms["base"],
+                                "default": ms["default"], "best": list(best),
+                                "timings": [[*k, v] for k, v in timings.items()]})  # fmt: skip
+        lines.append(f"| {what} ({tokens}, {inputs}, {outputs}) | {rows} | {ms['base']:.3f} |"
+                     f" {ms['default']:.3f} | {best} | {timings[best]:.3f} |"
+                     f" {timings[best] / ms['default']:.2f} |")  # fmt: skip
+        print(lines[-1], flush=True)
+    lines.append("")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -266,11 +353,20 @@ def main() -> None:
     parser.add_argument("--shapes", action="store_true", help="time the other layer shapes")
     parser.add_argument("--widths", action="store_true",
                         help="time each row at its own rank width against one width")  # fmt: skip
+    parser.add_argument("--tiles", action="store_true",
+                        help="time each tiling at each shape, half the rows with LoRA")  # fmt: skip
+    parser.add_argument("--tiles-only", action="store_true", help="--tiles, then stop")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "rows": [], "sweep": []}
     lines: list[str] = []
     with torch.no_grad():
+        if args.tiles or args.tiles_only:
+            tiles_by_shape(lines, result, (16, 32))
+            if args.tiles_only:
+                (args.out / "lora_kernel.md").write_text("\n".join(lines) + "\n")
+                (args.out / "lora_kernel.json").write_text(json.dumps(result, indent=2))
+                return
         if args.shapes:
             shapes(lines, result)
         if args.sweep:

@@ -54,13 +54,17 @@ class Tiles:
     turn of either product, and the warps that run it. The defaults were chosen on an H100 by
     `python3 -m bench.lora_kernel --sweep` (BENCHMARKS.md). `spread`: a call too small to
     fill the GPU with one program per row's token tile also splits the layer's outputs among
-    programs (see `cut`). `narrow`: each row at its own rank width (see the module's text)."""
+    programs (see `cut`). `narrow`: each row at its own rank width (see the module's text).
+    `stages`: Triton's software pipelining depth of the loops; `splits`, when not 0, how many
+    ways the outputs are split whatever `cut` would choose (for `bench.lora_kernel --tiles`)."""
 
     tokens: int = 128
     features: int = 64
     warps: int = 4
     spread: bool = True
     narrow: bool = True
+    stages: int = 3
+    splits: int = 0
 
 
 TILES = Tiles()
@@ -189,7 +193,9 @@ def cut(rows: int, tokens: int, inputs: int, outputs: int, tiles: Tiles, sms: in
     token_tile = min(tiles.tokens, max(LEAST, 1 << (tokens - 1).bit_length()))
     whole = -(-outputs // tiles.features)  # output tiles in all
     splits = 1
-    if tiles.spread:
+    if tiles.splits:
+        splits = min(whole, tiles.splits)
+    elif tiles.spread:
         programs = rows * -(-tokens // token_tile)
         splits = max(1, min(whole, -(-2 * sms // programs)))
         if 4 * programs > sms:
@@ -272,6 +278,7 @@ def add_rows(
         W32=min(32, rank_width),
         W64=min(64, rank_width),
         num_warps=tiles.warps,
+        num_stages=tiles.stages,
     )
     return True
 
