@@ -68,15 +68,6 @@ class Tiles:
 
 
 TILES = Tiles()
-# Layers whose features are multiples of 128 (SD1.5's 640- and 1280-wide levels, every SDXL
-# transformer layer, the text encoders'): 32 tokens a program, 128 features a turn. Over
-# SD1.5's 16x16 feed-forward layers and SDXL's 32x32 attention and feed-forward layers at 16
-# and 32 rows, half with a rank-64 LoRA, the kernel took 7.90 ms against 9.62 at `TILES`,
-# where each shape's best of 44 tilings sums to 7.50; at SDXL's size and 16 rows the
-# attention layers took 0.61 of `TILES`' time, feed-forward output 0.59 (`python3 -m
-# bench.lora_kernel --tiles-only`, BENCHMARKS.md, thirty-ninth session). SD1.5's 64x64 layers
-# (320 features) keep `TILES`: a 128-feature turn would mask a fifth of its loads.
-WIDE = Tiles(tokens=32, features=128, warps=4, stages=3)
 LEAST = 16  # tl.dot's least side: a call's rank width is padded up to it
 
 
@@ -213,12 +204,6 @@ def cut(rows: int, tokens: int, inputs: int, outputs: int, tiles: Tiles, sms: in
     return Cut(token_tile, span)
 
 
-def tiles_for(inputs: int, outputs: int) -> Tiles:
-    """The tiles for a layer's shape (see `WIDE`); a function of its features only, so every
-    call of a layer launches the same build whatever its rows or mix."""
-    return WIDE if inputs % WIDE.features == 0 and outputs % WIDE.features == 0 else TILES
-
-
 @functools.cache
 def multiprocessors(device: torch.device) -> int:
     """The SMs the grid should fill (Triton's interpreter: an H100's 132)."""
@@ -244,7 +229,7 @@ def add_rows(
     units: torch.Tensor,
     scales: torch.Tensor,
     conv: bool,
-    tiles: Tiles | None = None,
+    tiles: Tiles = TILES,
 ) -> bool:
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
@@ -254,8 +239,6 @@ def add_rows(
         return False
     rows, tokens, inputs = xs.shape
     outputs = outs.shape[2]
-    if tiles is None:
-        tiles = tiles_for(inputs, outputs)
     row_units = units.shape[1]
     ranks = scales.shape[1]
     grid = cut(rows, tokens, inputs, outputs, tiles, multiprocessors(out.device))
