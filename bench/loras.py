@@ -33,7 +33,7 @@ import httpx
 from bench import batching
 from bench.batching import closed_loop, compile_cache, prepare, rate, service
 from bench.bench import one_request
-from bench.worker_metrics import fully_warm, metric
+from bench.worker_metrics import GPU_SUMS, Window, fully_warm, gpu_share, metric
 from worker.tiny_addons import build_tiny_lora
 
 RANKS = (16, 32, 64, 128, 16, 32, 64, 128)
@@ -100,8 +100,13 @@ def service_stage(args: Any, work: Path, folder: Path, result: dict[str, Any], s
         for name, body in (("n", plain), ("l", with_loras)):
             if name == "l":  # each LoRA's first load is a figure of its own, not in (l)'s window
                 result["preload_s"] = asyncio.run(preload(url))
+            # Where the worker's time went: a slower step, or fewer rows a step (jobs waiting
+            # to join), tell apart what (l) loses to the kernel and what to the loop.
+            window = Window(args.warmup, args.seconds, GPU_SUMS)
             result[name] = asyncio.run(closed_loop(url, args.clients, body, args.warmup,
-                                                   args.seconds))  # fmt: skip
+                                                   args.seconds, window))  # fmt: skip
+            ends = window.ends()
+            result[name]["gpu"] = gpu_share(*ends) if ends else None
             print(f"({name}): {result[name]}", flush=True)
             save()
         result["first_loads"] = re.findall(r"LoRA (\S+) loaded in ([\d.]+)s", log.read_text())
@@ -213,6 +218,17 @@ def table(r: dict[str, Any]) -> str:
         verdict = "met" if share >= 0.9 else "**missed**"
         rows.append(("sdserve (l) half with LoRAs img/s, / (n)",
                      f"{img:.2f} = {share:.2f}", f"≥ 0.90 {verdict}"))  # fmt: skip
+    gpu = {k: s[k]["gpu"] for k in ("n", "l") if s.get(k, {}).get("gpu")}
+    if len(gpu) == 2:
+        off, on = gpu["n"], gpu["l"]
+        rows.append(("step ms at rows a step: (n) / (l)",
+                     f"{off['step_ms']:.1f} at {off['rows_per_step']:.1f} /"
+                     f" {on['step_ms']:.1f} at {on['rows_per_step']:.1f}", ""))  # fmt: skip
+        rows.append(("GPU in steps / decodes: (n) / (l)",
+                     f"{off['step_share']:.0%} / {off['decode_share']:.0%} /"
+                     f" {on['step_share']:.0%} / {on['decode_share']:.0%}", ""))  # fmt: skip
+        rows.append(("taken to joined ms: (n) / (l)",
+                     f"{off['join_wait_ms']:.0f} / {on['join_wait_ms']:.0f}", ""))  # fmt: skip
     if d:
         share = d["grouped_img_s"] / d["plain_img_s"]
         rows.append(("diffusers grouped by LoRA set img/s, / its no-LoRA",
