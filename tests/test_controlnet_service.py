@@ -227,12 +227,21 @@ def test_a1111_controlnet_through_the_service(
     for field, value in (("controlnet_threshold_a", "abc"), ("controlnet_threshold_a", math.inf),
                          ("controlnet_threshold_b", [1]), ("controlnet_module", ["canny"]),
                          ("controlnet_threshold_a", -5),
+                         # Below the lower threshold's default of 100 (a 500 before).
+                         ("controlnet_threshold_b", 1),
                          ("controlnet_processor_res", 100000)):  # fmt: skip
         answer = served.post("/controlnet/detect", content=json.dumps({  # Infinity too
             "controlnet_module": "canny", "controlnet_input_images": [b64(noisy(8, 8, 5))],
             field: value}), headers={"content-type": "application/json"})  # fmt: skip
         assert answer.status_code == 422, (field, value, answer.text)
         assert answer.json()["detail"][0]["loc"] == ["body", field], answer.text
+    answer = served.post("/controlnet/detect", json={
+        "controlnet_module": "canny", "controlnet_input_images": [b64(noisy(8, 8, 5))],
+        "controlnet_threshold_a": 120, "controlnet_threshold_b": 110})  # fmt: skip
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["msg"] == (
+        "Value error, controlnet_threshold_b must not be below controlnet_threshold_a"
+    ), answer.text
 
     picture = noisy(64, 64, 1)
     payload = {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 4,

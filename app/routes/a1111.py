@@ -387,7 +387,13 @@ def controlnet_router(ctx: Context, submit: Submitter) -> APIRouter:
             unit = ControlNetSettings.model_validate(settings, strict=False)
         except ValidationError as e:
             first = e.errors()[0]
-            raise sources.invalid(sent(str(first["loc"][0])), first["msg"]) from None
+            # A check across fields has no field of its own; the only one detect can fail is
+            # the thresholds' order, named by the upper one, as the body names both.
+            field = str(first["loc"][0]) if first["loc"] else "high_threshold"
+            message = first["msg"]
+            for name in ("high_threshold", "low_threshold"):
+                message = message.replace(name, sent(name))
+            raise sources.invalid(sent(field), message) from None
 
         def detected() -> list[str]:
             out = []
