@@ -44,6 +44,16 @@ HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,}\]$")  # the extension's " [d14c016b]" a
 SENT_AS = {"start": "guidance_start", "end": "guidance_end", "mode": "control_mode",
            "resize": "resize_mode", "preprocess": "module", "low_threshold": "threshold_a",
            "high_threshold": "threshold_b"}  # fmt: skip
+SENT_NAMES = re.compile(r"\b(" + "|".join(SENT_AS) + r")\b")
+
+
+def in_sent_names(message: str, prefix: str = "") -> str:
+    """A native unit's check across its fields ("end (0.2) must come after start (0.8)") in
+    the names the extension sent (`guidance_end`, `guidance_start`; detect's body puts
+    `controlnet_` before each)."""
+    return SENT_NAMES.sub(lambda m: prefix + SENT_AS[m.group(1)], message)
+
+
 # The extension's bools as its pydantic model reads them (strings in any case).
 TRUE, FALSE = {"1", "on", "t", "true", "y", "yes"}, {"0", "off", "f", "false", "n", "no"}
 

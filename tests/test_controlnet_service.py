@@ -272,6 +272,13 @@ def test_a1111_controlnet_through_the_service(
                           ({"pixel_perfect": [True]}, "pixel_perfect"),
                           ({"guidance_start": "soon"}, "guidance_start")):  # fmt: skip
         assert f'{where}"{field}"' in refused(change), change
+    # A check across a unit's fields says it in the extension's names.
+    assert "guidance_end (0.2) must come after guidance_start (0.8)" in refused(
+        {"guidance_start": 0.8, "guidance_end": 0.2}
+    )
+    assert "threshold_b must not be below threshold_a" in refused(
+        {"module": "canny", "threshold_a": 200, "threshold_b": 100}
+    )
     # A refusal of the native request names the extension's units: five units (four at most).
     five = {**payload, "alwayson_scripts": {"controlnet": {"args": [unit] * 5}}}
     answer = served.post("/sdapi/v1/txt2img", json=five)

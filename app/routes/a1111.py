@@ -148,7 +148,10 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             except ValidationError as e:
                 first = e.errors()[0]
                 path = sent_as(("controlnets", k, *first["loc"]), wheres)
-                raise sources.invalid(".".join(map(str, path)), first["msg"]) from None
+                message = first["msg"]
+                if not first["loc"]:  # a check across the unit's fields, in the names sent
+                    message = a1111_controlnet.in_sent_names(message)
+                raise sources.invalid(".".join(map(str, path)), message) from None
         try:
             work = partial(sources.control_pictures, bodies, size)
             units, pngs = await sources.decoded(ctx, submit, http, caller, None, work)
@@ -389,11 +392,10 @@ def controlnet_router(ctx: Context, submit: Submitter) -> APIRouter:
             first = e.errors()[0]
             # A check across fields has no field of its own; the only one detect can fail is
             # the thresholds' order, named by the upper one, as the body names both.
-            field = str(first["loc"][0]) if first["loc"] else "high_threshold"
-            message = first["msg"]
-            for name in ("high_threshold", "low_threshold"):
-                message = message.replace(name, sent(name))
-            raise sources.invalid(sent(field), message) from None
+            if first["loc"]:
+                raise sources.invalid(sent(str(first["loc"][0])), first["msg"]) from None
+            message = a1111_controlnet.in_sent_names(first["msg"], "controlnet_")
+            raise sources.invalid(sent("high_threshold"), message) from None
 
         def detected() -> list[str]:
             out = []
