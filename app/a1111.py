@@ -74,8 +74,16 @@ SENT_AS: dict[tuple[str, ...], tuple[str | int, ...]] = {
 }
 
 
+# Native fields an A1111 payload gives only inside a text: its LoRAs are the prompt's
+# `<lora:name:weight>` tags, so a refused LoRA is the prompt's (no index into a list it lacks).
+IN_TEXT: dict[tuple[str, ...], tuple[str, ...]] = {("loras",): ("prompt",)}
+
+
 def sent_as(path: tuple[str | int, ...]) -> tuple[str | int, ...]:
     """A native field's path as the A1111 field it came from (others as they are)."""
+    for native, text in IN_TEXT.items():
+        if path[: len(native)] == native:
+            return text
     for native in sorted(SENT_AS, key=len, reverse=True):
         if path[: len(native)] == native:
             return SENT_AS[native] + path[len(native) :]

@@ -103,6 +103,9 @@ def test_loras_through_the_service(
         tag = refused("/sdapi/v1/txt2img", {"prompt": "a cat <lora:style:abc>"})
         assert "<lora:style:abc>: 'abc' is not a weight" in tag, tag
         assert '"loc":["body","prompt"]' in tag, tag  # it named the body
+        # A tag naming an unknown LoRA: the prompt it was sent in, not a `loras` list.
+        tag = refused("/sdapi/v1/txt2img", {"prompt": "a cat <lora:nope:1>"})
+        assert "no LoRA named 'nope'" in tag and '"loc":["body","prompt"]' in tag, tag
 
         ids = {
             "plain": served.post("/v1/txt2img", json=SMALL).json()["id"],
