@@ -27,6 +27,7 @@ import copy
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,33 +188,64 @@ def graphed_ms(call: Any) -> float:
     return timed(lambda _: graph.replay(), None, turns=20)
 
 
-def shape_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, float]:
-    """ms over 8 launches of one layer shape: the base linear layer, the kernel with one
-    program a token tile, and with its outputs spread (every row a rank-64 LoRA)."""
-    import torch.nn.functional as F
+@dataclass
+class Case:
+    """One linear layer's shape at some rows: its input, base weight and output, a pool of
+    units, and each row's units and scales (a rank-64 LoRA on every row or every other one)."""
 
-    from worker import lora_kernel
+    x: torch.Tensor
+    weight: torch.Tensor
+    out: torch.Tensor
+    down: torch.Tensor
+    up: torch.Tensor
+    units: torch.Tensor
+    scales: torch.Tensor
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=torch.half) * 0.02
+    @classmethod
+    def make(cls, tokens: int, inputs: int, outputs: int, rows: int, every: bool) -> Case:
+        import torch.nn.functional as F
 
-    x, weight = randn(rows, tokens, inputs), randn(outputs, inputs)
-    out = F.linear(x, weight)
-    down, up = randn(POOL, UNIT, inputs), randn(POOL, UNIT, outputs)
-    units = torch.arange(1, 9, device="cuda").repeat(rows, 2)  # rank 64 of 128
-    scales = torch.zeros(rows, ROW_UNITS * UNIT, device="cuda")
-    scales[:, : 8 * UNIT] = 0.8
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device="cuda", dtype=torch.half) * 0.02
 
-    def kernel(tiles: Any) -> Any:
+        x, weight = randn(rows, tokens, inputs), randn(outputs, inputs)
+        units = torch.arange(1, 9, device="cuda").repeat(rows, 2)  # rank 64 of 128
+        scales = torch.zeros(rows, ROW_UNITS * UNIT, device="cuda")
+        scales[:: 1 if every else 2][:, : 8 * UNIT] = 0.8  # every other row: the even ones
+        down, up = randn(POOL, UNIT, inputs), randn(POOL, UNIT, outputs)
+        return cls(x, weight, F.linear(x, weight), down, up, units, scales)
+
+    def add(self, out: torch.Tensor, tiles: Any = None) -> None:
+        """The rows' units added to `out` in place (at the kernel's default tiles if None)."""
+        from worker import lora_kernel
+
+        lora_kernel.add_rows(out, self.x, self.down, self.up, self.units, self.scales, False,
+                             tiles if tiles is not None else lora_kernel.TILES)  # fmt: skip
+
+    def kernel(self, tiles: Any) -> Any:
+        """8 launches of the kernel adding to the layer's output (what `graphed_ms` times)."""
+
         def call() -> None:
             for _ in range(DEPTH):
-                lora_kernel.add_rows(out, x, down, up, units, scales, False, tiles)
+                self.add(self.out, tiles)
 
         return call
 
-    def base() -> None:
+    def base(self) -> None:
+        """8 of the base layer's products."""
+        import torch.nn.functional as F
+
         for _ in range(DEPTH):
-            F.linear(x, weight)
+            F.linear(self.x, self.weight)
+
+
+def shape_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, float]:
+    """ms over 8 launches of one layer shape: the base linear layer, the kernel with one
+    program a token tile, and with its outputs spread (every row a rank-64 LoRA)."""
+    from worker import lora_kernel
+
+    case = Case.make(tokens, inputs, outputs, rows, every=True)
+    x, down, up, units, scales, out = case.x, case.down, case.up, case.units, case.scales, case.out
 
     # Each row's delta in float32 from the weights as the kernel reads them.
     picked = (down[units].flatten(1, 2).float(), up[units].flatten(1, 2).float())
@@ -223,13 +255,13 @@ def shape_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, flo
     def error(tiles: Any) -> float:
         """The largest error of one launch against `delta`, relative to its largest value."""
         summed = torch.zeros_like(out)  # the delta alone: fp16 rounds it, not a larger sum
-        lora_kernel.add_rows(summed, x, down, up, units, scales, False, tiles)
+        case.add(summed, tiles)
         return ((summed.float() - delta).abs().max() / delta.abs().max()).item()
 
     return {
-        "base": graphed_ms(base),
-        "one": graphed_ms(kernel(lora_kernel.Tiles(spread=False))),
-        "spread": graphed_ms(kernel(lora_kernel.Tiles())),
+        "base": graphed_ms(case.base),
+        "one": graphed_ms(case.kernel(lora_kernel.Tiles(spread=False))),
+        "spread": graphed_ms(case.kernel(lora_kernel.Tiles())),
         "one_error": error(lora_kernel.Tiles(spread=False)),
         "spread_error": error(lora_kernel.Tiles()),
     }
@@ -279,42 +311,23 @@ def tiling_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, An
 
     from worker import lora_kernel
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=torch.half) * 0.02
-
-    x, weight = randn(rows, tokens, inputs), randn(outputs, inputs)
-    out = F.linear(x, weight)
-    down, up = randn(POOL, UNIT, inputs), randn(POOL, UNIT, outputs)
-    units = torch.arange(1, 9, device="cuda").repeat(rows, 2)
-    scales = torch.zeros(rows, ROW_UNITS * UNIT, device="cuda")
-    scales[1::2, : 8 * UNIT] = 0.8  # odd rows: rank 64; even rows: none
-    expected = out.clone()
-    lora_kernel.add_rows(expected, x, down, up, units, scales, False)
-
-    def kernel(tiles: Any) -> Any:
-        def call() -> None:
-            for _ in range(DEPTH):
-                lora_kernel.add_rows(out, x, down, up, units, scales, False, tiles)
-
-        return call
-
-    def base() -> None:
-        for _ in range(DEPTH):
-            F.linear(x, weight)
+    case = Case.make(tokens, inputs, outputs, rows, every=False)
+    expected = case.out.clone()
+    case.add(expected)
 
     timings = {}
     for tiling in TILINGS:
         tiles = lora_kernel.Tiles(*tiling[:3], stages=tiling[3], splits=tiling[4])
-        once = F.linear(x, weight)
+        once = F.linear(case.x, case.weight)
         try:
-            lora_kernel.add_rows(once, x, down, up, units, scales, False, tiles)
+            case.add(once, tiles)
         except Exception as error:  # past the SM's shared memory: not a candidate
             print(f"({tokens}, {inputs}, {outputs}) {rows} {tiling}: {error!r}"[:200], flush=True)
             continue
         err = (once.float() - expected.float()).abs().max().item()
         assert err < 0.01, f"({tokens}, {inputs}, {outputs}) {rows} {tiling}: off by {err}"
-        timings[tiling] = graphed_ms(kernel(tiles))
-    return {"base": graphed_ms(base), "default": graphed_ms(kernel(lora_kernel.TILES)),
+        timings[tiling] = graphed_ms(case.kernel(tiles))
+    return {"base": graphed_ms(case.base), "default": graphed_ms(case.kernel(lora_kernel.TILES)),
             "timings": timings}  # fmt: skip
 
 
