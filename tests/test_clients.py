@@ -622,6 +622,10 @@ def test_the_playground_steers_a_job_with_a_controlnet(service: str, tmp_path: P
         page.fill("#width", "64")
         page.fill("#height", "64")
         page.select_option("#controlnet", "edges")
+        # The list read again (the page's first read racing the key's: under load the later
+        # one came back after the choice and dropped it, so the job went without its unit).
+        page.evaluate("() => Promise.all([controlnets(), vaes(), models()])")
+        expect(page.locator("#controlnet")).to_have_value("edges")
         posted: list[str] = []
         page.on("request", lambda r: posted.append(r.url) if r.url.endswith("/txt2img") else None)
         page.click("#go")  # no control picture yet: said, and nothing sent

@@ -281,8 +281,15 @@ async function models() {
       option.textContent = `${model.id}${model.default ? " (default)" : ""}: ${model.workers.length} worker(s)`;
       select.append(option);
     }
-    select.value = chosen;
+    keep(select, chosen);
   }
+}
+
+// A list read again (the page's first read and the key's change race each other) keeps what
+// was chosen in it while it is still offered: a ControlNet chosen between the two reads went
+// unsent otherwise.
+function keep(select, chosen) {
+  if ([...select.options].some((option) => option.value === chosen)) select.value = chosen;
 }
 
 // The VAEs a job may choose (A1111's list); "the model's" stays first.
@@ -290,6 +297,7 @@ async function vaes() {
   const response = await fetch("/sdapi/v1/sd-vae", { headers: headers() });
   if (!response.ok) return;
   const select = $("vae");
+  const chosen = select.value;
   select.replaceChildren(select.options[0]);
   for (const vae of await response.json()) {
     const option = document.createElement("option");
@@ -297,6 +305,7 @@ async function vaes() {
     option.textContent = vae.model_name;
     select.append(option);
   }
+  keep(select, chosen);
 }
 
 // The LoRAs to choose from (GET /v1/loras), with the models each fits.
@@ -342,6 +351,7 @@ async function controlnets() {
   const response = await fetch("/v1/controlnets", { headers: headers() });
   if (!response.ok) return;
   const select = $("controlnet");
+  const chosen = select.value;
   select.replaceChildren(select.options[0]);
   for (const net of (await response.json()).data) {
     const option = document.createElement("option");
@@ -349,6 +359,7 @@ async function controlnets() {
     option.textContent = net.name;
     select.append(option);
   }
+  keep(select, chosen);
 }
 
 $("key").value = localStorage.getItem("sdserve-key") || "";
