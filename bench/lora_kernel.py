@@ -239,22 +239,30 @@ class Case:
             F.linear(self.x, self.weight)
 
 
+def row_deltas(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+) -> torch.Tensor:
+    """Each row's LoRA delta in float32 from the weights as the kernels read them: what their
+    sums are checked against (here and in `bench.lora_fused`)."""
+    low = torch.einsum("rti,rki->rtk", x.float(), down[units].flatten(1, 2).float())
+    return torch.einsum("rtk,rko->rto", low * scales[:, None, :], up[units].flatten(1, 2).float())
+
+
 def shape_ms(tokens: int, inputs: int, outputs: int, rows: int) -> dict[str, float]:
     """ms over 8 launches of one layer shape: the base linear layer, the kernel with one
     program a token tile, and with its outputs spread (every row a rank-64 LoRA)."""
     from worker import lora_kernel
 
     case = Case.make(tokens, inputs, outputs, rows, every=True)
-    x, down, up, units, scales, out = case.x, case.down, case.up, case.units, case.scales, case.out
-
-    # Each row's delta in float32 from the weights as the kernel reads them.
-    picked = (down[units].flatten(1, 2).float(), up[units].flatten(1, 2).float())
-    low = torch.einsum("rti,rki->rtk", x.float(), picked[0]) * scales[:, None, :]
-    delta = torch.einsum("rtk,rko->rto", low, picked[1])
+    delta = row_deltas(case.x, case.down, case.up, case.units, case.scales)
 
     def error(tiles: Any) -> float:
         """The largest error of one launch against `delta`, relative to its largest value."""
-        summed = torch.zeros_like(out)  # the delta alone: fp16 rounds it, not a larger sum
+        summed = torch.zeros_like(case.out)  # the delta alone: fp16 rounds it, not a larger sum
         case.add(summed, tiles)
         return ((summed.float() - delta).abs().max() / delta.abs().max()).item()
 
