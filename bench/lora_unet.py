@@ -1,0 +1,201 @@
+"""What LoRA rows cost in one whole UNet call, on one GPU, without the service: the question
+the (l) load leaves (issue 23, 8: SDXL's (l)/(n) is 0.84-0.88 where SD1.5's is 0.90).
+
+The UNet at its real sizes with random weights (`worker/tiny.py`), fp16, laid out as a CUDA
+worker lays it out (fused projections, channels-last), its adaptable layers wrapped as the
+worker wraps them (`worker.adapters.wrap`, pools of random LoRA units), called at `--rows`
+rows (a closed loop's full step: 8 images with CFG is 16) for each mix:
+
+  none   no row with a LoRA (the (n) load's steps)
+  half   every other row with one LoRA of rank 16 to 128, one in five of those two (the (l)
+         load's rows, bench/loras.py)
+  all64  every row with a rank-64 LoRA
+
+and beside them the same UNet without the wrapped layers (`plain`: what the adapted layers'
+op costs with no LoRA row). For each: ms a call, eager and (`--compile`) compiled as the
+worker compiles (inductor, fullgraph; no CUDA graphs here: the rows' steps are GPU-bound),
+and from torch's profiler the GPU time of the LoRA kernel (`_rows`) against every kernel's.
+
+    python3 -m bench.lora_unet --out DIR [--arch sdxl|sd15] [--rows 16] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.lora_kernel import MIXED_UNITS
+from worker.adapters import UNIT, RowBuffers, wrap
+
+ROW_UNITS = 16  # rank 128 a row, as the worker's default SDSERVE_LORA_ROW_RANK
+POOL = 1 + 6 * ROW_UNITS
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke test
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def unet_of(arch: str) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    from worker.tiny import ARCHITECTURES, xl_unet
+
+    torch.manual_seed(0)
+    if arch == "sd15":
+        unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4,
+                                    **ARCHITECTURES["sd15"]["unet"])  # fmt: skip
+    else:
+        unet = xl_unet(arch)
+    unet = unet.eval().half().to(DEVICE)
+    unet.fuse_qkv_projections()
+    unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def write_mix(buffers: RowBuffers, rows: int, mix: str) -> None:
+    units = torch.zeros(rows, ROW_UNITS, dtype=torch.long)
+    scales = torch.zeros(rows, ROW_UNITS * UNIT)
+    for r in range(rows):
+        take = {"all64": ROW_UNITS // 2,
+                "half": MIXED_UNITS[r // 2 % 4] if r % 2 else 0}.get(mix, 0)  # fmt: skip
+        if mix == "half" and take and r % 10 == 1:  # two LoRAs, their ranks within the row's
+            take = min(ROW_UNITS, take + 4)
+        if take:
+            units[r, :take] = torch.arange(1, take + 1) + (r % 5) * ROW_UNITS
+            scales[r, : take * UNIT] = 0.8
+    buffers.units.copy_(units)
+    buffers.scales.copy_(scales)
+
+
+def inputs(unet: Any, arch: str, rows: int, side: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    latent, c = side // 8, unet.config
+    sample = torch.randn(rows, unet.config.in_channels, latent, latent, device=DEVICE,
+                         dtype=torch.half).to(memory_format=torch.channels_last)  # fmt: skip
+    t = torch.full((rows,), 500.0, device=DEVICE)
+    context = torch.randn(rows, 77, unet.config.cross_attention_dim, device=DEVICE,
+                          dtype=torch.half)  # fmt: skip
+    extra: dict[str, Any] = {"encoder_hidden_states": context}
+    if arch != "sd15":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(rows, pooled, device=DEVICE, dtype=torch.half),
+            "time_ids": torch.tensor(
+                [side, side, 0, 0, side, side], device=DEVICE, dtype=torch.half
+            ).repeat(rows, 1),
+        }
+    return (sample, t), extra
+
+
+def timed(fn: Any, args: tuple[Any, ...], kw: dict[str, Any], turns: int) -> float:
+    with torch.inference_mode():
+        for _ in range(2):
+            fn(*args, **kw)
+        sync()
+        each = []
+        for _ in range(turns):
+            began = time.perf_counter()
+            fn(*args, **kw)
+            sync()
+            each.append((time.perf_counter() - began) * 1000)
+    return statistics.median(each)
+
+
+def kernel_share(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> dict[str, float]:
+    """GPU ms of one call: every kernel, the LoRA kernel, and the five largest by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = {"cuda": ProfilerActivity.CUDA, "cpu": ProfilerActivity.CPU}
+
+    with torch.inference_mode(), profile(activities=[activity[DEVICE.type]]) as prof:
+        fn(*args, **kw)
+        sync()
+    sums: dict[str, float] = {}
+    for e in prof.key_averages():
+        gpu = e.self_device_time_total if DEVICE.type == "cuda" else e.self_cpu_time_total
+        if str(e.device_type).endswith(DEVICE.type.upper()) and gpu:
+            sums[e.key] = sums.get(e.key, 0.0) + gpu / 1000
+    lora = sum(v for k, v in sums.items() if "_rows" in k)
+    top = dict(sorted(sums.items(), key=lambda kv: -kv[1])[:5])
+    return {"gpu_ms": sum(sums.values()), "lora_ms": lora, "top": top}  # type: ignore[dict-item]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arch", default="sdxl")
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--side", type=int, default=0, help="default: 1024 for sdxl, 512")
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    side = args.side or (1024 if args.arch == "sdxl" else 512)
+    args.out.mkdir(parents=True, exist_ok=True)
+    unet = unet_of(args.arch)
+    call_args, kw = inputs(unet, args.arch, args.rows, side)
+    gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    result: dict[str, Any] = {"arch": args.arch, "rows": args.rows, "side": side, "gpu": gpu}
+    plain_ms = timed(unet, call_args, kw, args.turns)
+    result["plain"] = {"eager_ms": plain_ms, **kernel_share(unet, call_args, kw)}
+    buffers = RowBuffers(args.rows, ROW_UNITS, DEVICE)
+    layers = wrap("unet", unet, POOL, buffers)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.down[1:].normal_(0, 0.02)
+            layer.up[1:].normal_(0, 0.02)
+    result["layers"] = len(layers)
+    fast = None
+    if args.compile:
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        fast = torch.compile(unet, fullgraph=True)
+        write_mix(buffers, args.rows, "none")
+        began = time.perf_counter()
+        timed(fast, call_args, kw, 1)
+        result["compile_s"] = time.perf_counter() - began
+    for mix in ("none", "half", "all64"):
+        write_mix(buffers, args.rows, mix)
+        row: dict[str, Any] = {"eager_ms": timed(unet, call_args, kw, args.turns)}
+        row.update(kernel_share(unet, call_args, kw))
+        if fast is not None:
+            row["compiled_ms"] = timed(fast, call_args, kw, args.turns)
+            row["compiled"] = kernel_share(fast, call_args, kw)
+        result[mix] = row
+        (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+    print(table(result))
+    (args.out / "lora_unet.md").write_text(table(result))
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [f"\n{r['arch']} UNet, {r['rows']} rows at {r['side']}x{r['side']}, {r['gpu']}, "
+             f"{r['layers']} adapted layers\n",
+             "| mix | eager ms | / none | GPU ms | LoRA kernel ms | compiled ms | / none "
+             "| compiled LoRA kernel ms |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    none = r["none"]
+    for mix in ("plain", "none", "half", "all64"):
+        m = r[mix]
+        comp = m.get("compiled_ms")
+        lines.append(
+            f"| {mix} | {m['eager_ms']:.1f} | {m['eager_ms'] / none['eager_ms']:.3f} "
+            f"| {m['gpu_ms']:.1f} | {m['lora_ms']:.1f} "
+            + (
+                f"| {comp:.1f} | {comp / none['compiled_ms']:.3f} "
+                f"| {m['compiled']['lora_ms']:.1f} |"
+                if comp
+                else "| | | |"
+            )
+        )
+    for mix in ("none", "half"):
+        biggest = ", ".join(f"{k[:60]} {v:.1f}" for k, v in r[mix]["top"].items())
+        lines.append(f"\n{mix}: largest kernels (GPU ms): {biggest}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
