@@ -16,7 +16,13 @@ op costs with no LoRA row). For each: ms a call, eager and (`--compile`) compile
 worker compiles (inductor, fullgraph; no CUDA graphs here: the rows' steps are GPU-bound),
 and from torch's profiler the GPU time of the LoRA kernel (`_rows`) against every kernel's.
 
+`--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel for each of the
+kernel's tilings ("tokens,features,warps[,stages]", as `SDSERVE_LORA_TILES` takes them): a
+tiling chosen inside a whole UNet call, where the kernels share the GPU's caches with the base
+layers, not on one layer shape at a time (`bench.lora_kernel --tiles`).
+
     python3 -m bench.lora_unet --out DIR [--arch sdxl|sd15] [--rows 16] [--compile]
+        [--tiles "32,128,4;64,64,4"]
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=0, help="default: 1024 for sdxl, 512")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--tiles", default="", help='tilings to time, "t,f,w[,s];..."')
     args = parser.parse_args()
     side = args.side or (1024 if args.arch == "sdxl" else 512)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -168,8 +175,35 @@ def main() -> None:
             row["compiled"] = kernel_share(fast, call_args, kw)
         result[mix] = row
         (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+    if args.tiles:
+        result["tilings"] = tilings(unet, call_args, kw, buffers, args, result)
     print(table(result))
     (args.out / "lora_unet.md").write_text(table(result))
+
+
+def tilings(
+    unet: Any, call_args: Any, kw: dict[str, Any], buffers: RowBuffers, args: Any, result: Any
+) -> dict[str, Any]:
+    """The half mix at each of the kernel's tilings (the module's tiling, as the worker's
+    `SDSERVE_LORA_TILES` sets it at import)."""
+    from worker import lora_kernel
+
+    write_mix(buffers, args.rows, "half")
+    found: dict[str, Any] = {}
+    default = lora_kernel.TILES
+    try:
+        for text in ["", *args.tiles.split(";")]:
+            lora_kernel.TILES = lora_kernel.tiles_from(text)
+            began = time.perf_counter()
+            ms = timed(unet, call_args, kw, args.turns)
+            found[text or "default"] = {"eager_ms": ms, **kernel_share(unet, call_args, kw),
+                                        "s": time.perf_counter() - began}  # fmt: skip
+            print("tiles", text or "default", found[text or "default"]["lora_ms"], flush=True)
+            result["tilings"] = found
+            (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+    finally:
+        lora_kernel.TILES = default
+    return found
 
 
 def table(r: dict[str, Any]) -> str:
@@ -191,6 +225,14 @@ def table(r: dict[str, Any]) -> str:
                 else "| | | |"
             )
         )
+    if r.get("tilings"):
+        lines += ["", "half mix at each tiling (tokens,features,warps[,stages]):", "",
+                  "| tiling | eager ms | LoRA kernel ms | / default |",
+                  "|---|---|---|---|"]  # fmt: skip
+        first = r["tilings"]["default"]["lora_ms"] or float("nan")  # the CPU: no kernel
+        for name, m in r["tilings"].items():
+            lines.append(f"| {name} | {m['eager_ms']:.1f} | {m['lora_ms']:.1f} "
+                         f"| {m['lora_ms'] / first:.3f} |")  # fmt: skip
     for mix in ("none", "half"):
         biggest = ", ".join(f"{k[:60]} {v:.1f}" for k, v in r[mix]["top"].items())
         lines.append(f"\n{mix}: largest kernels (GPU ms): {biggest}")

@@ -67,7 +67,20 @@ class Tiles:
     splits: int = 0
 
 
-TILES = Tiles()
+def tiles_from(text: str) -> Tiles:
+    """`SDSERVE_LORA_TILES` ("tokens,features,warps[,stages]", empty: the defaults): the
+    kernel's tiling tried on another GPU without a new build (`bench.lora_unet --tiles` times
+    tilings inside a whole UNet call)."""
+    if not text.strip():
+        return Tiles()
+    parts = [int(p) for p in text.split(",")]
+    if not 3 <= len(parts) <= 4 or any(p <= 0 for p in parts):
+        raise ValueError(f"SDSERVE_LORA_TILES={text!r}: tokens,features,warps[,stages]")
+    stages = parts[3] if len(parts) == 4 else Tiles.stages
+    return Tiles(tokens=parts[0], features=parts[1], warps=parts[2], stages=stages)
+
+
+TILES = tiles_from(os.environ.get("SDSERVE_LORA_TILES", ""))
 LEAST = 16  # tl.dot's least side: a call's rank width is padded up to it
 
 
@@ -229,11 +242,12 @@ def add_rows(
     units: torch.Tensor,
     scales: torch.Tensor,
     conv: bool,
-    tiles: Tiles = TILES,
+    tiles: Tiles | None = None,
 ) -> bool:
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
     float32. False (and out untouched) when the shapes suit only the tensor path."""
+    tiles = tiles or TILES  # read at the call: a benchmark may set the module's tiling
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
     if xs is None or outs is None:
         return False
