@@ -250,3 +250,17 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
     calls = int(done.stdout.rsplit("kernel calls", 1)[1].split()[0])
     assert calls > 0, done.stdout[-4000:]
     assert "steps patched True" in done.stdout, done.stdout[-4000:]
+
+
+def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
+    """`SDSERVE_LORA_TILES`: empty is the defaults; three or four positive numbers are tokens,
+    features, warps and stages; anything else stops the worker's import with the setting's
+    name, not a kernel launched with a grid that cannot be."""
+    from worker.lora_kernel import Tiles, tiles_from
+
+    assert tiles_from("") == Tiles() and tiles_from("  ") == Tiles()
+    assert tiles_from("32,128,4") == Tiles(tokens=32, features=128, warps=4)
+    assert tiles_from("64, 64, 8, 2") == Tiles(tokens=64, features=64, warps=8, stages=2)
+    for bad in ("32,128", "32,128,4,3,1", "32,0,4", "a,b,c", "48,128,4", "8,128,4", "32,128,3"):
+        with pytest.raises(ValueError, match="SDSERVE_LORA_TILES"):
+            tiles_from(bad)
