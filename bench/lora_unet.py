@@ -16,13 +16,15 @@ op costs with no LoRA row). For each: ms a call, eager and (`--compile`) compile
 worker compiles (inductor, fullgraph; no CUDA graphs here: the rows' steps are GPU-bound),
 and from torch's profiler the GPU time of the LoRA kernel (`_rows`) against every kernel's.
 
+`--phases` then times each mix with bench/lora_phases.py's two kernels (a prototype) in the
+worker's kernel's place, with the largest difference of the UNet's output to the worker's.
 `--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel for each of the
 kernel's tilings ("tokens,features,warps[,stages]", as `SDSERVE_LORA_TILES` takes them): a
 tiling chosen inside a whole UNet call, where the kernels share the GPU's caches with the base
 layers, not on one layer shape at a time (`bench.lora_kernel --tiles`).
 
     python3 -m bench.lora_unet --out DIR [--arch sdxl|sd15] [--rows 16] [--compile]
-        [--tiles "32,128,4;64,64,4"]
+        [--phases] [--tiles "32,128,4;64,64,4"]
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from worker.adapters import UNIT, RowBuffers, wrap
 ROW_UNITS = 16  # rank 128 a row, as the worker's default SDSERVE_LORA_ROW_RANK
 POOL = 1 + 6 * ROW_UNITS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke test
+
+
+LORA_KERNELS = ("_rows", "_down", "_up")  # Triton's kernels by name: the worker's, the phases'
 
 
 def sync() -> None:
@@ -128,7 +133,7 @@ def kernel_share(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> dict[str
         gpu = e.self_device_time_total if DEVICE.type == "cuda" else e.self_cpu_time_total
         if str(e.device_type).endswith(DEVICE.type.upper()) and gpu:
             sums[e.key] = sums.get(e.key, 0.0) + gpu / 1000
-    lora = sum(v for k, v in sums.items() if "_rows" in k)
+    lora = sum(v for k, v in sums.items() if k in LORA_KERNELS)
     top = dict(sorted(sums.items(), key=lambda kv: -kv[1])[:5])
     return {"gpu_ms": sum(sums.values()), "lora_ms": lora, "top": top}  # type: ignore[dict-item]
 
@@ -141,6 +146,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=0, help="default: 1024 for sdxl, 512")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time bench/lora_phases.py's two kernels")  # fmt: skip
     parser.add_argument("--tiles", default="", help='tilings to time, "t,f,w[,s];..."')
     args = parser.parse_args()
     side = args.side or (1024 if args.arch == "sdxl" else 512)
@@ -177,8 +184,40 @@ def main() -> None:
         (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
     if args.tiles:
         result["tilings"] = tilings(unet, call_args, kw, buffers, args, result)
+    if args.phases:
+        result["phases"] = phases(unet, call_args, kw, buffers, args, result)
     print(table(result))
     (args.out / "lora_unet.md").write_text(table(result))
+
+
+def phases(
+    unet: Any, call_args: Any, kw: dict[str, Any], buffers: RowBuffers, args: Any, result: Any
+) -> dict[str, Any]:
+    """Each mix with bench/lora_phases.py's two kernels in the worker's kernel's place (eager),
+    and the largest difference of the UNet's output to the worker's kernel's."""
+    from bench import lora_phases
+    from worker import lora_kernel
+
+    found: dict[str, Any] = {}
+    worker_kernel = lora_kernel.add_rows
+    for mix in ("none", "half", "all64"):
+        write_mix(buffers, args.rows, mix)
+        with torch.inference_mode():
+            lora_kernel.add_rows = worker_kernel
+            want = unet(*call_args, **kw).sample.float()
+            try:
+                lora_kernel.add_rows = lora_phases.add_rows
+                got = unet(*call_args, **kw).sample.float()
+                row: dict[str, Any] = {"eager_ms": timed(unet, call_args, kw, args.turns)}
+                row.update(kernel_share(unet, call_args, kw))
+            finally:
+                lora_kernel.add_rows = worker_kernel
+        row["largest_difference"] = float((got - want).abs().max())
+        found[mix] = row
+        print("phases", mix, row["lora_ms"], row["largest_difference"], flush=True)
+        result["phases"] = found
+        (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+    return found
 
 
 def tilings(
@@ -233,6 +272,15 @@ def table(r: dict[str, Any]) -> str:
         for name, m in r["tilings"].items():
             lines.append(f"| {name} | {m['eager_ms']:.1f} | {m['lora_ms']:.1f} "
                          f"| {m['lora_ms'] / first:.3f} |")  # fmt: skip
+    if r.get("phases"):
+        lines += ["", "two phases (bench/lora_phases.py) in the worker's kernel's place:", "",
+                  "| mix | eager ms | LoRA kernels ms | / worker's kernel | largest difference |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for mix, m in r["phases"].items():
+            mine = r[mix]["lora_ms"] or float("nan")
+            ratio = m["lora_ms"] / mine
+            lines.append(f"| {mix} | {m['eager_ms']:.1f} | {m['lora_ms']:.1f} | {ratio:.3f} "
+                         f"| {m['largest_difference']:.2g} |")  # fmt: skip
     for mix in ("none", "half"):
         biggest = ", ".join(f"{k[:60]} {v:.1f}" for k, v in r[mix]["top"].items())
         lines.append(f"\n{mix}: largest kernels (GPU ms): {biggest}")

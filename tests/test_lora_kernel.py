@@ -93,6 +93,16 @@ def compare() -> None:
         print(f"{type(base).__name__} {tuple(x.shape)} row_units {row_units}: equal")
 
 
+def compare_phases() -> None:
+    """`compare` with the two-phase prototype (bench/lora_phases.py) in the worker's place:
+    what `bench.lora_unet --phases` times on a GPU must add the same deltas."""
+    from bench import lora_phases
+    from worker import lora_kernel
+
+    lora_kernel.add_rows = lora_phases.add_rows
+    compare()
+
+
 class Blocks(nn.Module):
     """A linear layer, then two 1x1 convolutions on its output as channels-last pictures: the
     two ways a UNet's transformer block meets the kernel."""
@@ -157,7 +167,7 @@ def compiled() -> None:
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("triton") is None, reason="no Triton here"
 )
-@pytest.mark.parametrize("check", ["compare", "compiled"])
+@pytest.mark.parametrize("check", ["compare", "compiled", "compare_phases"])
 def test_kernel_equals_the_tensor_path_in_the_interpreter(check: str) -> None:
     env = os.environ | {"TRITON_INTERPRET": "1"}
     done = subprocess.run(
@@ -165,7 +175,7 @@ def test_kernel_equals_the_tensor_path_in_the_interpreter(check: str) -> None:
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("equal") == (7 if check == "compare" else 1), done.stdout
+    assert done.stdout.count("equal") == (1 if check == "compiled" else 7), done.stdout
 
 
 def test_a_small_call_spreads_over_the_gpu_and_a_large_one_does_not() -> None:
