@@ -40,6 +40,7 @@ import torch
 
 from bench.lora_kernel import MIXED_UNITS
 from worker.adapters import UNIT, RowBuffers, wrap
+from worker.settings import lora_tiling
 
 ROW_UNITS = 16  # rank 128 a row, as the worker's default SDSERVE_LORA_ROW_RANK
 POOL = 1 + 6 * ROW_UNITS
@@ -232,7 +233,7 @@ def tilings(
     default = lora_kernel.TILES
     try:
         for text in ["", *args.tiles.split(";")]:
-            lora_kernel.TILES = lora_kernel.tiles_from(text)
+            lora_kernel.TILES = lora_kernel.tiles_of(lora_tiling(text))
             began = time.perf_counter()
             ms = timed(unet, call_args, kw, args.turns)
             found[text or "default"] = {"eager_ms": ms, **kernel_share(unet, call_args, kw),

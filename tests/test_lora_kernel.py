@@ -263,14 +263,20 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
 
 
 def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
-    """`SDSERVE_LORA_TILES`: empty is the defaults; three or four positive numbers are tokens,
-    features, warps and stages; anything else stops the worker's import with the setting's
-    name, not a kernel launched with a grid that cannot be."""
-    from worker.lora_kernel import Tiles, tiles_from
+    """`SDSERVE_LORA_TILES`: empty is the defaults; three or four numbers are tokens, features,
+    warps and stages; anything else is refused at start with the setting's name, not a kernel
+    launched with a grid that cannot be."""
+    from pydantic import ValidationError
 
-    assert tiles_from("") == Tiles() and tiles_from("  ") == Tiles()
-    assert tiles_from("32,128,4") == Tiles(tokens=32, features=128, warps=4)
-    assert tiles_from("64, 64, 8, 2") == Tiles(tokens=64, features=64, warps=8, stages=2)
+    from worker.lora_kernel import Tiles, tiles_of
+    from worker.settings import WorkerSettings
+
+    def tiles(text: str) -> Tiles:
+        return tiles_of(WorkerSettings(lora_tiles=text).lora_tiles)
+
+    assert tiles("") == Tiles() and tiles("  ") == Tiles()
+    assert tiles("32,128,4") == Tiles(tokens=32, features=128, warps=4)
+    assert tiles("64, 64, 8, 2") == Tiles(tokens=64, features=64, warps=8, stages=2)
     for bad in ("32,128", "32,128,4,3,1", "32,0,4", "a,b,c", "48,128,4", "8,128,4", "32,128,3"):
-        with pytest.raises(ValueError, match="SDSERVE_LORA_TILES"):
-            tiles_from(bad)
+        with pytest.raises(ValidationError, match="lora_tiles"):
+            tiles(bad)

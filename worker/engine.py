@@ -66,6 +66,7 @@ def adapters_of(parts: Components, tuning: Tuning) -> Adapters | None:
     """The model's LoRA layers, where LoRAs are served (not by the x4 upscaler)."""
     if tuning.loras is None or parts.low_res_scheduler is not None:
         return None
+    lora_kernel.TILES = lora_kernel.tiles_of(tuning.lora_tiles)  # one tiling a process
     modules = {"unet": parts.unet, "text_encoder": parts.text_encoder,
                "text_encoder_2": parts.text_encoder_2}  # fmt: skip
     adapters = Adapters(

@@ -70,27 +70,17 @@ class Tiles:
 LEAST = 16  # tl.dot's least side: a call's rank width is padded up to it
 
 
-def tiles_from(text: str) -> Tiles:
-    """`SDSERVE_LORA_TILES` ("tokens,features,warps[,stages]", empty: the defaults): the
-    kernel's tiling tried on another GPU without a new build (`bench.lora_unet --tiles` times
-    tilings inside a whole UNet call)."""
-    if not text.strip():
+def tiles_of(tiling: tuple[int, ...]) -> Tiles:
+    """The tiling SDSERVE_LORA_TILES gives (`worker.settings.lora_tiling`): () the defaults."""
+    if not tiling:
         return Tiles()
-    wrong = (f"SDSERVE_LORA_TILES={text!r}: tokens,features,warps[,stages]; tokens, features"
-             " and warps powers of two, tokens and features at least 16")  # fmt: skip
-    try:
-        parts = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise ValueError(wrong) from None
-    if not 3 <= len(parts) <= 4 or any(p <= 0 for p in parts):
-        raise ValueError(wrong)
-    if any(p & (p - 1) for p in parts[:3]) or min(parts[:2]) < LEAST:  # tl.dot's sides
-        raise ValueError(wrong)
-    stages = parts[3] if len(parts) == 4 else Tiles.stages
-    return Tiles(tokens=parts[0], features=parts[1], warps=parts[2], stages=stages)
+    stages = tiling[3] if len(tiling) == 4 else Tiles.stages
+    return Tiles(tokens=tiling[0], features=tiling[1], warps=tiling[2], stages=stages)
 
 
-TILES = tiles_from(os.environ.get("SDSERVE_LORA_TILES", ""))
+# The process's tiling: the worker sets it at start from SDSERVE_LORA_TILES (engine.py), a
+# benchmark between its timings; read at every call.
+TILES = Tiles()
 
 
 def usable(x: torch.Tensor) -> bool:

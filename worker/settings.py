@@ -22,6 +22,24 @@ from app.jobs.tiles import TILE, TILE_OVERLAP
 TINY_MODEL_DIR = cache_dir() / "models" / "tiny-model"
 
 
+def lora_tiling(text: str) -> tuple[int, ...]:
+    """SDSERVE_LORA_TILES, "tokens,features,warps[,stages]": () for empty (the kernel's
+    defaults, worker/lora_kernel.py `Tiles`)."""
+    if not text.strip():
+        return ()
+    wrong = (f"{text!r}: tokens,features,warps[,stages]; tokens, features and warps powers of"
+             " two, tokens and features at least 16 (tl.dot's least side)")  # fmt: skip
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(wrong) from None
+    if not 3 <= len(parts) <= 4 or any(p <= 0 for p in parts):
+        raise ValueError(wrong)
+    if any(p & (p - 1) for p in parts[:3]) or min(parts[:2]) < 16:
+        raise ValueError(wrong)
+    return parts
+
+
 class Source(NamedTuple):
     """A model's source as SDSERVE_MODELS gives it: the model (a hub id, a diffusers folder, or
     one `.safetensors` checkpoint of the original layout), the VAE it runs with instead of its
@@ -227,6 +245,12 @@ class WorkerSettings(CommonSettings):
         description="On CUDA, LoRA rows through the Triton kernels that skip rows without LoRA"
         " and unused ranks; false: the plain tensor path (every row pays the row rank).",
     )
+    lora_tiles: Annotated[tuple[int, ...], NoDecode] = Field(
+        default=(),
+        description="The LoRA kernel's tiling, tokens,features,warps[,stages] (powers of two);"
+        " empty: its defaults, chosen on an H100. For trying another GPU's best without a new"
+        " build (python3 -m bench.lora_unet --tiles times tilings in a whole UNet call).",
+    )
     embeddings_dir: Path | None = Field(
         default=None,
         description="A folder of textual-inversion embeddings (A1111 .pt/.safetensors, SDXL's"
@@ -332,6 +356,11 @@ class WorkerSettings(CommonSettings):
                 f" among SDSERVE_MODELS ({', '.join(self.model_names())})"
             )
         return self
+
+    @field_validator("lora_tiles", mode="before")
+    @classmethod
+    def _tiling_text(cls, value: object) -> object:
+        return lora_tiling(value) if isinstance(value, str) else value
 
     @field_validator("compiled_sizes", mode="before")
     @classmethod
