@@ -18,10 +18,11 @@ and from torch's profiler the GPU time of the LoRA kernel (`_rows`) against ever
 
 `--phases` then times each mix with bench/lora_phases.py's two kernels (a prototype) in the
 worker's kernel's place, with the largest difference of the UNet's output to the worker's.
-`--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel for each of the
-kernel's tilings ("tokens,features,warps[,stages]", as `SDSERVE_LORA_TILES` takes them): a
-tiling chosen inside a whole UNet call, where the kernels share the GPU's caches with the base
-layers, not on one layer shape at a time (`bench.lora_kernel --tiles`).
+`--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel (and with `--phases`
+the prototype's) for each of the kernel's tilings ("tokens,features,warps[,stages]", as
+`SDSERVE_LORA_TILES` takes them): a tiling chosen inside a whole UNet call, where the kernels
+share the GPU's caches with the base layers, not on one layer shape at a time
+(`bench.lora_kernel --tiles`).
 
     python3 -m bench.lora_unet --out DIR [--arch sdxl|sd15] [--rows 16] [--compile]
         [--phases] [--tiles "32,128,4;64,64,4"]
@@ -224,25 +225,30 @@ def phases(
 def tilings(
     unet: Any, call_args: Any, kw: dict[str, Any], buffers: RowBuffers, args: Any, result: Any
 ) -> dict[str, Any]:
-    """The half mix at each of the kernel's tilings (the module's tiling, as the worker's
-    `SDSERVE_LORA_TILES` sets it at import)."""
+    """The half mix at each of the kernel's tilings (the module's tiling, as the worker sets
+    it from `SDSERVE_LORA_TILES`); with `--phases`, the two-phase prototype's at each too."""
+    from bench import lora_phases
     from worker import lora_kernel
 
     write_mix(buffers, args.rows, "half")
     found: dict[str, Any] = {}
-    default = lora_kernel.TILES
+    default, worker_kernel = lora_kernel.TILES, lora_kernel.add_rows
+    kernels = {"": worker_kernel, " phases": lora_phases.add_rows}
     try:
         for text in ["", *args.tiles.split(";")]:
             lora_kernel.TILES = lora_kernel.tiles_of(lora_tiling(text))
-            began = time.perf_counter()
-            ms = timed(unet, call_args, kw, args.turns)
-            found[text or "default"] = {"eager_ms": ms, **kernel_share(unet, call_args, kw),
-                                        "s": time.perf_counter() - began}  # fmt: skip
-            print("tiles", text or "default", found[text or "default"]["lora_ms"], flush=True)
-            result["tilings"] = found
-            (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+            for suffix, kernel in kernels.items() if args.phases else [("", worker_kernel)]:
+                lora_kernel.add_rows = kernel
+                name = (text or "default") + suffix
+                began = time.perf_counter()
+                ms = timed(unet, call_args, kw, args.turns)
+                found[name] = {"eager_ms": ms, **kernel_share(unet, call_args, kw),
+                               "s": time.perf_counter() - began}  # fmt: skip
+                print("tiles", name, found[name]["lora_ms"], flush=True)
+                result["tilings"] = found
+                (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
     finally:
-        lora_kernel.TILES = default
+        lora_kernel.TILES, lora_kernel.add_rows = default, worker_kernel
     return found
 
 
