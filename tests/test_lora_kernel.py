@@ -280,3 +280,6 @@ def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
     for bad in ("32,128", "32,128,4,3,1", "32,0,4", "a,b,c", "48,128,4", "8,128,4", "32,128,3"):
         with pytest.raises(ValidationError, match="lora_tiles"):
             tiles(bad)
+    assert WorkerSettings(lora_tiles=(64, 64, 8)).lora_tiles == (64, 64, 8)
+    with pytest.raises(ValidationError, match="lora_tiles"):
+        WorkerSettings(lora_tiles=(48, 128, 4))

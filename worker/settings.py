@@ -360,6 +360,8 @@ class WorkerSettings(CommonSettings):
     @field_validator("lora_tiles", mode="before")
     @classmethod
     def _tiling_text(cls, value: object) -> object:
+        if isinstance(value, list | tuple):  # given as numbers (JSON, or in code): checked too
+            value = ",".join(str(v) for v in value)
         return lora_tiling(value) if isinstance(value, str) else value
 
     @field_validator("compiled_sizes", mode="before")
