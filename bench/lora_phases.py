@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from worker import lora_kernel
-from worker.lora_kernel import LEAST, Tiles, as_tokens
+from worker.lora_kernel import LEAST, Tiles, as_tokens, cut
 
 try:
     import triton
@@ -57,7 +57,7 @@ def add_rows(
     row_units = units.shape[1]
     ranks = scales.shape[1]
     rank_width = max(LEAST, triton.next_power_of_2(ranks))
-    token_tile = min(tiles.tokens, max(LEAST, 1 << (tokens - 1).bit_length()))
+    token_tile = cut(rows, tokens, inputs, outputs, tiles, sms=1).tokens  # the worker's tile rule
     acts = torch.empty(rows, tokens, rank_width, device=out.device, dtype=out.dtype)
     shared = dict(RANKS=ranks, RANKS_P2=rank_width, ROW_UNITS=row_units, TOKENS=token_tile,
                   FEATURES=tiles.features, W32=min(32, rank_width), W64=min(64, rank_width),
