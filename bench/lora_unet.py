@@ -16,16 +16,18 @@ op costs with no LoRA row). For each: ms a call, eager and (`--compile`) compile
 worker compiles (inductor, fullgraph; no CUDA graphs here: the rows' steps are GPU-bound),
 and from torch's profiler the GPU time of the LoRA kernel (`_rows`) against every kernel's.
 
-`--phases` then times each mix with bench/lora_phases.py's two kernels (a prototype) in the
-worker's kernel's place, with the largest difference of the UNet's output to the worker's.
-`--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel (and with `--phases`
-the prototype's) for each of the kernel's tilings ("tokens,features,warps[,stages]", as
+With the worker's GEGLUs (`worker.adapters.RowGeglu`) the kernel also gates every row of
+each feed-forward block's input layer, LoRA or not: `none`'s kernel time is that gate's
+(`plain` has it in the eager GELU and product instead).
+
+`--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel for each of the
+kernel's tilings ("tokens,features,warps[,stages]", as
 `SDSERVE_LORA_TILES` takes them): a tiling chosen inside a whole UNet call, where the kernels
 share the GPU's caches with the base layers, not on one layer shape at a time
 (`bench.lora_kernel --tiles`).
 
     python3 -m bench.lora_unet --out DIR [--arch sdxl|sd15] [--rows 16] [--compile]
-        [--phases] [--tiles "32,128,4;64,64,4"]
+        [--tiles "32,128,4;64,64,4"]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ POOL = 1 + 6 * ROW_UNITS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke test
 
 
-LORA_KERNELS = ("_rows", "_down", "_up")  # Triton's kernels by name: the worker's, the phases'
+LORA_KERNELS = ("_rows",)  # Triton's kernels by name: the worker's
 
 
 def sync() -> None:
@@ -148,8 +150,6 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=0, help="default: 1024 for sdxl, 512")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--phases", action="store_true",
-                        help="also time bench/lora_phases.py's two kernels")  # fmt: skip
     parser.add_argument("--tiles", default="", help='tilings to time, "t,f,w[,s];..."')
     args = parser.parse_args()
     side = args.side or (1024 if args.arch == "sdxl" else 512)
@@ -184,77 +184,60 @@ def main() -> None:
             row["compiled"] = kernel_share(fast, call_args, kw)
         result[mix] = row
         (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+    result["difference"] = difference(unet, call_args, kw, buffers, args.rows)
+    print("largest difference to the tensor path, half mix:", result["difference"], flush=True)
     if args.tiles:
         result["tilings"] = tilings(unet, call_args, kw, buffers, args, result)
-    if args.phases:
-        result["phases"] = phases(unet, call_args, kw, buffers, args, result)
     print(table(result))
     (args.out / "lora_unet.md").write_text(table(result))
 
 
-def phases(
-    unet: Any, call_args: Any, kw: dict[str, Any], buffers: RowBuffers, args: Any, result: Any
-) -> dict[str, Any]:
-    """Each mix with bench/lora_phases.py's two kernels in the worker's kernel's place (eager),
-    and the largest difference of the UNet's output to the worker's kernel's."""
-    from bench import lora_phases
-    from worker import lora_kernel
-
-    found: dict[str, Any] = {}
-    worker_kernel = lora_kernel.add_rows
-    for mix in ("none", "half", "all64"):
-        write_mix(buffers, args.rows, mix)
-        with torch.inference_mode():
-            lora_kernel.add_rows = worker_kernel
+def difference(
+    unet: Any, call_args: Any, kw: dict[str, Any], buffers: RowBuffers, rows: int
+) -> float:
+    """The half mix's UNet output through the kernels against the tensor path's (the largest
+    absolute difference): the kernels' sums on this GPU at the real sizes."""
+    write_mix(buffers, rows, "half")
+    with torch.inference_mode():
+        try:
+            buffers.kernels = False
             want = unet(*call_args, **kw).sample.float()
-            try:
-                lora_kernel.add_rows = lora_phases.add_rows
-                got = unet(*call_args, **kw).sample.float()
-                row: dict[str, Any] = {"eager_ms": timed(unet, call_args, kw, args.turns)}
-                row.update(kernel_share(unet, call_args, kw))
-            finally:
-                lora_kernel.add_rows = worker_kernel
-        row["largest_difference"] = float((got - want).abs().max())
-        found[mix] = row
-        print("phases", mix, row["lora_ms"], row["largest_difference"], flush=True)
-        result["phases"] = found
-        (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
-    return found
+        finally:
+            buffers.kernels = True
+        got = unet(*call_args, **kw).sample.float()
+    return float((got - want).abs().max())
 
 
 def tilings(
     unet: Any, call_args: Any, kw: dict[str, Any], buffers: RowBuffers, args: Any, result: Any
 ) -> dict[str, Any]:
     """The half mix at each of the kernel's tilings (the module's tiling, as the worker sets
-    it from `SDSERVE_LORA_TILES`); with `--phases`, the two-phase prototype's at each too."""
-    from bench import lora_phases
+    it from `SDSERVE_LORA_TILES`)."""
     from worker import lora_kernel
 
     write_mix(buffers, args.rows, "half")
     found: dict[str, Any] = {}
-    default, worker_kernel = lora_kernel.TILES, lora_kernel.add_rows
-    kernels = {"": worker_kernel, " phases": lora_phases.add_rows}
+    default = lora_kernel.TILES
     try:
         for text in ["", *args.tiles.split(";")]:
             lora_kernel.TILES = lora_kernel.tiles_of(lora_tiling(text))
-            for suffix, kernel in kernels.items() if args.phases else [("", worker_kernel)]:
-                lora_kernel.add_rows = kernel
-                name = (text or "default") + suffix
-                began = time.perf_counter()
-                ms = timed(unet, call_args, kw, args.turns)
-                found[name] = {"eager_ms": ms, **kernel_share(unet, call_args, kw),
-                               "s": time.perf_counter() - began}  # fmt: skip
-                print("tiles", name, found[name]["lora_ms"], flush=True)
-                result["tilings"] = found
-                (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+            name = text or "default"
+            began = time.perf_counter()
+            ms = timed(unet, call_args, kw, args.turns)
+            found[name] = {"eager_ms": ms, **kernel_share(unet, call_args, kw),
+                           "s": time.perf_counter() - began}  # fmt: skip
+            print("tiles", name, found[name]["lora_ms"], flush=True)
+            result["tilings"] = found
+            (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
     finally:
-        lora_kernel.TILES, lora_kernel.add_rows = default, worker_kernel
+        lora_kernel.TILES = default
     return found
 
 
 def table(r: dict[str, Any]) -> str:
     lines = [f"\n{r['arch']} UNet, {r['rows']} rows at {r['side']}x{r['side']}, {r['gpu']}, "
-             f"{r['layers']} adapted layers\n",
+             f"{r['layers']} adapted layers; the half mix's output, kernels against the tensor "
+             f"path: largest difference {r['difference']:.2g}\n",
              "| mix | eager ms | / none | GPU ms | LoRA kernel ms | compiled ms | / none "
              "| compiled LoRA kernel ms |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     none = r["none"]
@@ -279,15 +262,6 @@ def table(r: dict[str, Any]) -> str:
         for name, m in r["tilings"].items():
             lines.append(f"| {name} | {m['eager_ms']:.1f} | {m['lora_ms']:.1f} "
                          f"| {m['lora_ms'] / first:.3f} |")  # fmt: skip
-    if r.get("phases"):
-        lines += ["", "two phases (bench/lora_phases.py) in the worker's kernel's place:", "",
-                  "| mix | eager ms | LoRA kernels ms | / worker's kernel | largest difference |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for mix, m in r["phases"].items():
-            mine = r[mix]["lora_ms"] or float("nan")
-            ratio = m["lora_ms"] / mine
-            lines.append(f"| {mix} | {m['eager_ms']:.1f} | {m['lora_ms']:.1f} | {ratio:.3f} "
-                         f"| {m['largest_difference']:.2g} |")  # fmt: skip
     for mix in ("none", "half"):
         biggest = ", ".join(f"{k[:60]} {v:.1f}" for k, v in r[mix]["top"].items())
         lines.append(f"\n{mix}: largest kernels (GPU ms): {biggest}")

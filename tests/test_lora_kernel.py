@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from worker.adapters import UNIT, RowBuffers, RowLora
+from worker.adapters import UNIT, RowBuffers, RowGeglu, RowLora
 
 
 def layer_and_rows(
@@ -93,14 +94,47 @@ def compare() -> None:
         print(f"{type(base).__name__} {tuple(x.shape)} row_units {row_units}: equal")
 
 
-def compare_phases() -> None:
-    """`compare` with the two-phase prototype (bench/lora_phases.py) in the worker's place:
-    what `bench.lora_unet --phases` times on a GPU must add the same deltas."""
-    from bench import lora_phases
+def compare_gated() -> None:
+    """A feed-forward block's input layer and its gate as one op (`RowGeglu`,
+    `lora_kernel.gated`): for every row of the mix equal to GEGLU's arithmetic on the LoRA
+    layer's tensor path, rows without LoRA to the plain GEGLU's; the output as GEGLU's is
+    (contiguous, half the layer's features), tokens and features not multiples of the tiles,
+    one token a row with its outputs split among programs."""
     from worker import lora_kernel
 
-    lora_kernel.add_rows = lora_phases.add_rows
-    compare()
+    real, calls = lora_kernel.add_rows, []
+
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        calls.append(kwargs.get("gated") is not None)
+        return real(*args, **kwargs)
+
+    lora_kernel.add_rows = counted
+    torch.manual_seed(0)
+    cases: list[tuple[nn.Linear, torch.Tensor, int]] = [
+        (nn.Linear(40, 2 * 36), torch.randn(6, 70, 40), 4),
+        (nn.Linear(48, 2 * 230), torch.randn(5, 48), 4),
+        (nn.Linear(40, 2 * 72), torch.randn(14, 33, 40), 16),
+    ]
+    for base, x, row_units in cases:
+        proj, buffers = layer_and_rows(base, x.shape[0], row_units, pool=8)
+        layer = RowGeglu(proj)
+        with torch.no_grad():
+            buffers.kernels = False
+            want = layer(x)
+            buffers.kernels = True
+            calls.clear()
+            got = layer(x)
+            assert calls == [True], calls  # the kernel gated, not the tensor path
+            hidden, gate = base(x).chunk(2, dim=-1)
+            plain = hidden * torch.nn.functional.gelu(gate)
+        assert got.shape == plain.shape and got.is_contiguous(), (got.shape, got.stride())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for r in range(x.shape[0]):
+            if not buffers.scales[r].any():  # no LoRA, or weight 0
+                torch.testing.assert_close(got[r], plain[r], rtol=1e-5, atol=1e-6)
+            else:
+                assert not torch.allclose(got[r], plain[r]), f"row {r} lost its LoRA"
+        print(f"gated {tuple(x.shape)} row_units {row_units}: equal")
 
 
 class Blocks(nn.Module):
@@ -110,17 +144,20 @@ class Blocks(nn.Module):
     def __init__(self, buffers: RowBuffers) -> None:
         super().__init__()
         self.layers = nn.ModuleList()
-        for base in (nn.Linear(16, 16), nn.Conv2d(16, 24, 1), nn.Conv2d(24, 16, 1)):
+        bases = (nn.Linear(16, 32), nn.Linear(16, 16), nn.Conv2d(16, 24, 1), nn.Conv2d(24, 16, 1))
+        for base in bases:
             layer = RowLora(base, 8, buffers)
             with torch.no_grad():
                 layer.down[1:].normal_(0, 0.3)
                 layer.up[1:].normal_(0, 0.3)
             self.layers.append(layer)
+            if len(self.layers) == 1:  # a feed-forward block's input and its gate: one op
+                self.gate = RowGeglu(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, 20 tokens, 16)
-        y = self.layers[0](x).transpose(1, 2).reshape(x.shape[0], 16, 4, 5)
+        y = self.layers[1](self.gate(x)).transpose(1, 2).reshape(x.shape[0], 16, 4, 5)
         y = y.contiguous(memory_format=torch.channels_last)
-        return self.layers[2](self.layers[1](y))  # type: ignore[no-any-return]
+        return self.layers[3](self.layers[2](y))  # type: ignore[no-any-return]
 
 
 def write_rows(buffers: RowBuffers, scales: dict[int, float]) -> None:
@@ -135,8 +172,9 @@ def write_rows(buffers: RowBuffers, scales: dict[int, float]) -> None:
 def compiled() -> None:
     """The kernel inside a graph compiled by inductor, as the worker compiles the UNet: equal
     to the tensor path; a new mix of LoRA rows replays without compiling again; each adapted
-    layer is one call of the `sdserve::lora_layer` op (its base product and the kernel), with
-    no copy of any input or output around it."""
+    layer is one call of the `sdserve::lora_layer` op (its base product and the kernel), a
+    GEGLU one of `sdserve::lora_geglu` (with its gate: no kernel of inductor's), with no copy
+    of any input or output around them."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -159,6 +197,7 @@ def compiled() -> None:
             assert got.is_contiguous(memory_format=torch.channels_last)
     code = "\n".join(codes)
     assert code.count("torch.ops.sdserve.lora_layer.default(") == 3, code
+    assert code.count("torch.ops.sdserve.lora_geglu.default(") == 1, code
     for copy in ("cpp_fused", "clone", "copy_"):
         assert copy not in code, f"{copy} in the compiled graph:\n{code}"
     print("compiled: equal, no copies")
@@ -167,7 +206,7 @@ def compiled() -> None:
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("triton") is None, reason="no Triton here"
 )
-@pytest.mark.parametrize("check", ["compare", "compiled", "compare_phases"])
+@pytest.mark.parametrize("check", ["compare", "compiled", "compare_gated"])
 def test_kernel_equals_the_tensor_path_in_the_interpreter(check: str) -> None:
     env = os.environ | {"TRITON_INTERPRET": "1"}
     done = subprocess.run(
@@ -175,7 +214,8 @@ def test_kernel_equals_the_tensor_path_in_the_interpreter(check: str) -> None:
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("equal") == (1 if check == "compiled" else 7), done.stdout
+    cases = {"compiled": 1, "compare_gated": 3}.get(check, 7)
+    assert done.stdout.count("equal") == cases, done.stdout
 
 
 def test_a_small_call_spreads_over_the_gpu_and_a_large_one_does_not() -> None:

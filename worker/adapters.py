@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
 from torch import nn
 
 from worker import lora_kernel
@@ -172,6 +174,30 @@ class RowLora(nn.Module):
         h = torch.bmm(x.reshape(rows, -1, self.inputs), down.transpose(1, 2))
         h = h * scales[:, None, :]
         return out + torch.bmm(h, up).view_as(out)
+
+
+class RowGeglu(nn.Module):
+    """diffusers' GEGLU (a feed-forward block's input layer and its gate) over its RowLora: on
+    CUDA one op makes the layer's base product, then adds each row's units and gates in one
+    pass over it (`lora_kernel.gated`: why). Elsewhere GEGLU's own arithmetic on the RowLora's
+    output. Its layer keeps its name (`proj`), which LoRA files and `Adapters` know it by."""
+
+    def __init__(self, proj: RowLora) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        proj = self.proj
+        buffers: RowBuffers = proj.buffers_  # type: ignore[assignment]
+        if buffers.kernels and lora_kernel.usable(x) and isinstance(proj.base, nn.Linear):
+            made = lora_kernel.gated(
+                proj.base, x, proj.down, proj.up, buffers.units, buffers.scales
+            )
+            if made is not None:
+                return made
+        hidden, gate = proj(x).chunk(2, dim=-1)
+        gated: torch.Tensor = hidden * F.gelu(gate)
+        return gated
 
 
 def adaptable(component: str, name: str, module: nn.Module) -> bool:
@@ -536,4 +562,8 @@ def wrap(component: str, model: nn.Module, units: int, buffers: RowBuffers) -> d
         # By the name LoRA files give it (worker/lora_files.py): transformers' CLIP text models
         # differ in a leading `text_model.` between classes and versions.
         out[name.removeprefix("text_model.")] = wrapped
+    for name, module in list(model.named_modules()):
+        if type(module) is GEGLU and isinstance(module.proj, RowLora):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, RowGeglu(module.proj))
     return out

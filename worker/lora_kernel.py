@@ -173,6 +173,53 @@ lora_layer = torch.library.custom_op("sdserve::lora_layer", mutates_args=())(lay
 lora_layer.register_fake(base_product)
 
 
+def gated(
+    base: nn.Linear,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+) -> torch.Tensor | None:
+    """A GEGLU's `hidden * gelu(gate)` of base(x)'s two halves, each row's LoRA units added to
+    both first (worker/adapters.py, `RowGeglu`); None where only the tensor path serves.
+
+    Why: a feed-forward's input layer has eight times its block's width in outputs, half of
+    what the LoRA rows' kernel reads and writes in an SDXL UNet. Added in place and then gated
+    by the next op, each LoRA row's output there is read twice and written once more; here
+    the kernel reads it once, adds the units, gates and writes the gated half: the pass the
+    gate made anyway (inductor's, in a compiled graph), now for every row, LoRA or not."""
+    if x.dim() not in (2, 3):
+        return None
+    op = torch.ops.sdserve.lora_geglu if torch.compiler.is_compiling() else gated_rows
+    return op(x, base.weight, base.bias, down, up, units, scales)
+
+
+def gated_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+) -> torch.Tensor:
+    """`gated`'s body: the base product, then the kernel from it into the op's new output."""
+    both = F.linear(x, weight, bias)
+    out = gated_shape(x, weight)
+    if not add_rows(out, x, down, up, units, scales, conv=False, gated=both):
+        raise ValueError(f"no kernel view of the layer's output {tuple(both.stride())}")
+    return out
+
+
+def gated_shape(x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
+lora_geglu = torch.library.custom_op("sdserve::lora_geglu", mutates_args=())(gated_rows)
+lora_geglu.register_fake(gated_shape)
+
+
 @dataclass(frozen=True)
 class Cut:
     """One call's grid: `tokens` per program (a power of two, at least tl.dot's 16), and
@@ -242,13 +289,19 @@ def add_rows(
     scales: torch.Tensor,
     conv: bool,
     tiles: Tiles | None = None,
+    gated: torch.Tensor | None = None,
 ) -> bool:
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
-    float32. False (and out untouched) when the shapes suit only the tensor path."""
+    float32. False (and out untouched) when the shapes suit only the tensor path.
+
+    With `gated` (a GEGLU's layer output, 2 * out's features, the units' `up` that wide):
+    out = hidden * gelu(gate) of gated's halves, each with the rows' units added first; every
+    row is written, a row without LoRA as the gate alone (see `gate`)."""
     tiles = tiles or TILES  # read at the call: a benchmark may set the module's tiling
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
-    if xs is None or outs is None:
+    sources = outs if gated is None else as_tokens(gated, conv)
+    if xs is None or outs is None or sources is None:
         return False
     rows, tokens, inputs = xs.shape
     outputs = outs.shape[2]
@@ -278,6 +331,10 @@ def add_rows(
         up.stride(0),
         up.stride(1),
         up.stride(2),
+        sources,
+        sources.stride(0),
+        sources.stride(1),
+        sources.stride(2),
         outs.stride(0),
         outs.stride(1),
         outs.stride(2),
@@ -290,6 +347,7 @@ def add_rows(
         NARROW=tiles.narrow,
         W32=min(32, rank_width),
         W64=min(64, rank_width),
+        GATED=gated is not None,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
     )
@@ -318,6 +376,10 @@ if triton is not None:
         suu,
         sur,
         suo,
+        y,
+        syb,
+        syn,
+        syo,
         sob,
         son,
         soo,
@@ -330,6 +392,7 @@ if triton is not None:
         NARROW: tl.constexpr,
         W32: tl.constexpr,
         W64: tl.constexpr,
+        GATED: tl.constexpr,
     ):
         b = tl.program_id(1)
         r = tl.arange(0, RANKS_P2)
@@ -344,21 +407,25 @@ if triton is not None:
         # constants): a row pays for the ranks it has, rounded up to a power of two, not for
         # the widest row's.
         if width > W64:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES)  # fmt: skip
+            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES, True, GATED)  # fmt: skip
         elif width > W32:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES)  # fmt: skip
+            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES, True, GATED)  # fmt: skip
         elif width > 16:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES)  # fmt: skip
+            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES, True, GATED)  # fmt: skip
         elif width > 0:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES)  # fmt: skip
+            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, True, GATED)  # fmt: skip
+        elif GATED:  # no LoRA: the gate alone, which the op stands in for on every row
+            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, False, GATED)  # fmt: skip
 
     @triton.jit
     def _add(
@@ -367,6 +434,7 @@ if triton is not None:
         up,
         units,
         scales,
+        y,
         out,
         b,
         tokens,
@@ -381,6 +449,9 @@ if triton is not None:
         suu,
         sur,
         suo,
+        syb,
+        syn,
+        syo,
         sob,
         son,
         soo,
@@ -390,40 +461,62 @@ if triton is not None:
         WIDTH: tl.constexpr,
         TOKENS: tl.constexpr,
         FEATURES: tl.constexpr,
+        LORA: tl.constexpr,
+        GATED: tl.constexpr,
     ):
-        """Row b's units over its first WIDTH ranks, added to its tile of out."""
+        """Row b's units over its first WIDTH ranks (none without LORA) added to its tile of
+        y, written to out (y itself but GATED: see `add_rows`)."""
         n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-        r = tl.arange(0, WIDTH)
-        s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
-        used = s != 0.0  # ranks past the row's LoRAs (or at weight 0): never read
-        unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
         in_tokens = n < tokens
-        h = tl.zeros((TOKENS, WIDTH), dtype=tl.float32)
-        for k0 in range(0, inputs, FEATURES):
-            k = k0 + tl.arange(0, FEATURES)
-            xt = tl.load(
-                x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
-                mask=in_tokens[:, None] & (k[None, :] < inputs),
-                other=0.0,
-            )
-            dt = tl.load(
-                down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
-                mask=(k[:, None] < inputs) & used[None, :],
-                other=0.0,
-            )
-            h += tl.dot(xt, dt)
-        # Rounded to the layer's dtype as the tensor path's product is.
-        ht = (h * s[None, :]).to(out.dtype.element_ty)
+        if LORA:
+            r = tl.arange(0, WIDTH)
+            s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
+            used = s != 0.0  # ranks past the row's LoRAs (or at weight 0): never read
+            unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
+            h = tl.zeros((TOKENS, WIDTH), dtype=tl.float32)
+            for k0 in range(0, inputs, FEATURES):
+                k = k0 + tl.arange(0, FEATURES)
+                xt = tl.load(
+                    x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
+                    mask=in_tokens[:, None] & (k[None, :] < inputs),
+                    other=0.0,
+                )
+                dt = tl.load(
+                    down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
+                    mask=(k[:, None] < inputs) & used[None, :],
+                    other=0.0,
+                )
+                h += tl.dot(xt, dt)
+            # Rounded to the layer's dtype as the tensor path's product is.
+            ht = (h * s[None, :]).to(out.dtype.element_ty)
         first = tl.program_id(2) * span
         for o0 in range(first, first + span, FEATURES):
             o = o0 + tl.arange(0, FEATURES)
-            ut = tl.load(
-                up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
-                mask=used[:, None] & (o[None, :] < outputs),
-                other=0.0,
-            )
-            at = out + b * sob + n[:, None] * son + o[None, :] * soo
             keep = in_tokens[:, None] & (o[None, :] < outputs)
-            base = tl.load(at, mask=keep, other=0.0)
-            total = base.to(tl.float32) + tl.dot(ht, ut)
-            tl.store(at, total.to(out.dtype.element_ty), mask=keep)
+            at = y + b * syb + n[:, None] * syn + o[None, :] * syo
+            total = tl.load(at, mask=keep, other=0.0)
+            if LORA:
+                ut = tl.load(
+                    up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
+                    mask=used[:, None] & (o[None, :] < outputs),
+                    other=0.0,
+                )
+                # The layer's output as the tensor path rounds it, before any gate.
+                total = (total.to(tl.float32) + tl.dot(ht, ut)).to(out.dtype.element_ty)
+            if GATED:  # the gate's half lies `outputs` features on
+                gate = tl.load(at + outputs * syo, mask=keep, other=0.0)
+                if LORA:
+                    ug = tl.load(
+                        up + unit[:, None] * suu + (r % 8)[:, None] * sur
+                        + (o + outputs)[None, :] * suo,
+                        mask=used[:, None] & (o[None, :] < outputs),
+                        other=0.0,
+                    )  # fmt: skip
+                    gate = (gate.to(tl.float32) + tl.dot(ht, ug)).to(out.dtype.element_ty)
+                g = gate.to(tl.float32)
+                total = total.to(tl.float32) * (0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)))
+            tl.store(
+                out + b * sob + n[:, None] * son + o[None, :] * soo,
+                total.to(out.dtype.element_ty),
+                mask=keep,
+            )
