@@ -17,6 +17,9 @@ that row's units:
   batched matrix products: the cost is that of one rank-`row_rank` LoRA on every row,
   whatever the mix, and nothing about the mix is a shape, so nothing compiles again.
 
+On CUDA each layer is one op (worker/lora_kernel.py), and a feed-forward block's input layer
+with its GELU gate another (`RowGeglu`): its outputs, the widest of a block, are read once.
+
 Rows without a LoRA name unit 0 at scale 0 (their output is the base layer's exactly); a
 worker started without SDSERVE_LORA_DIR wraps nothing and pays nothing. Fused QKV projections
 are not made when LoRAs are served (a LoRA adapts q, k and v apart). LoRAs load off the GPU's

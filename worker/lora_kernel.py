@@ -8,7 +8,8 @@ at its row's scales first: a row without LoRA costs one load of its scales and n
 and ranks past its LoRAs' own are never read. The grid depends only on the call's shapes, never
 on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes.
 In a compiled graph a whole adapted layer, its base product and the kernel, is one opaque op
-(`sdserve::lora_layer`, see `layer`).
+(`sdserve::lora_layer`, see `layer`); a feed-forward block's input layer and its GEGLU gate
+another (`sdserve::lora_geglu`, see `gated`).
 
 One program takes one row's tile of tokens through both products, so the layer's input is
 read once and its output read and written once, the least a LoRA added after the base layer
