@@ -16,9 +16,11 @@ op costs with no LoRA row). For each: ms a call, eager and (`--compile`) compile
 worker compiles (inductor, fullgraph; no CUDA graphs here: the rows' steps are GPU-bound),
 and from torch's profiler the GPU time of the LoRA kernel (`_rows`) against every kernel's.
 
-With the worker's GEGLUs (`worker.adapters.RowGeglu`) the kernel also gates every row of
-each feed-forward block's input layer, LoRA or not: `none`'s kernel time is that gate's
-(`plain` has it in the eager GELU and product instead).
+Each mix runs twice: as the worker runs it by default, and `gated`, with each feed-forward
+block's input layer, its LoRA rows and its GELU gate as one op (`SDSERVE_LORA_GATED`,
+`worker.adapters.RowGeglu`): there the kernel gates every row, LoRA or not, so `none gated`'s
+kernel time is that gate's (the others have it in the eager GELU and product instead). Both
+report the largest difference of the half mix's output to the tensor path's.
 
 `--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel for each of the
 kernel's tilings ("tokens,features,warps[,stages]", as
@@ -51,6 +53,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU
 
 
 LORA_KERNELS = ("_rows",)  # Triton's kernels by name: the worker's
+MIXES = ("none", "half", "all64")
+GATED = {False: "", True: " gated"}  # each mix as the worker's default, and with its GEGLU op
 
 
 def sync() -> None:
@@ -175,17 +179,21 @@ def main() -> None:
         began = time.perf_counter()
         timed(fast, call_args, kw, 1)
         result["compile_s"] = time.perf_counter() - began
-    for mix in ("none", "half", "all64"):
-        write_mix(buffers, args.rows, mix)
-        row: dict[str, Any] = {"eager_ms": timed(unet, call_args, kw, args.turns)}
-        row.update(kernel_share(unet, call_args, kw))
-        if fast is not None:
-            row["compiled_ms"] = timed(fast, call_args, kw, args.turns)
-            row["compiled"] = kernel_share(fast, call_args, kw)
-        result[mix] = row
-        (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
-    result["difference"] = difference(unet, call_args, kw, buffers, args.rows)
-    print("largest difference to the tensor path, half mix:", result["difference"], flush=True)
+    for gated in (False, True):
+        buffers.gated = gated
+        for mix in MIXES:
+            write_mix(buffers, args.rows, mix)
+            row: dict[str, Any] = {"eager_ms": timed(unet, call_args, kw, args.turns)}
+            row.update(kernel_share(unet, call_args, kw))
+            if fast is not None:
+                row["compiled_ms"] = timed(fast, call_args, kw, args.turns)
+                row["compiled"] = kernel_share(fast, call_args, kw)
+            result[mix + GATED[gated]] = row
+            (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+        result["difference" + GATED[gated]] = difference(unet, call_args, kw, buffers, args.rows)
+        print(f"largest difference to the tensor path, half mix{GATED[gated]}:",
+              result["difference" + GATED[gated]], flush=True)  # fmt: skip
+    buffers.gated = False
     if args.tiles:
         result["tilings"] = tilings(unet, call_args, kw, buffers, args, result)
     print(table(result))
@@ -237,12 +245,13 @@ def tilings(
 def table(r: dict[str, Any]) -> str:
     lines = [f"\n{r['arch']} UNet, {r['rows']} rows at {r['side']}x{r['side']}, {r['gpu']}, "
              f"{r['layers']} adapted layers; the half mix's output, kernels against the tensor "
-             f"path: largest difference {r['difference']:.2g}\n",
+             f"path: largest difference {r['difference']:.2g}, gated "
+             f"{r['difference gated']:.2g}\n",
              "| mix | eager ms | / none | GPU ms | LoRA kernel ms | compiled ms | / none "
              "| compiled LoRA kernel ms |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    none = r["none"]
-    for mix in ("plain", "none", "half", "all64"):
+    for mix in ("plain", *MIXES, *(m + GATED[True] for m in MIXES)):
         m = r[mix]
+        none = r["none" + GATED[mix.endswith(GATED[True])]]
         comp = m.get("compiled_ms")
         lines.append(
             f"| {mix} | {m['eager_ms']:.1f} | {m['eager_ms'] / none['eager_ms']:.3f} "
@@ -262,7 +271,7 @@ def table(r: dict[str, Any]) -> str:
         for name, m in r["tilings"].items():
             lines.append(f"| {name} | {m['eager_ms']:.1f} | {m['lora_ms']:.1f} "
                          f"| {m['lora_ms'] / first:.3f} |")  # fmt: skip
-    for mix in ("none", "half"):
+    for mix in ("none", "half", "half gated"):
         biggest = ", ".join(f"{k[:60]} {v:.1f}" for k, v in r[mix]["top"].items())
         lines.append(f"\n{mix}: largest kernels (GPU ms): {biggest}")
     return "\n".join(lines)

@@ -117,6 +117,7 @@ def compare_gated() -> None:
     ]
     for base, x, row_units in cases:
         proj, buffers = layer_and_rows(base, x.shape[0], row_units, pool=8)
+        buffers.gated = True
         layer = RowGeglu(proj)
         with torch.no_grad():
             buffers.kernels = False
@@ -178,7 +179,7 @@ def compiled() -> None:
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
-    buffers = RowBuffers(6, 4, torch.device("cpu"))
+    buffers = RowBuffers(6, 4, torch.device("cpu"), gated=True)
     model = Blocks(buffers)
     x = torch.randn(6, 20, 16)
     with torch.no_grad():
@@ -268,15 +269,16 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
     """The whole pipeline with the kernel in the LoRA layers (Triton's interpreter standing in
     for CUDA): each row with its LoRAs, and rows without, equal to diffusers' pipeline with
     the same files loaded, for both families (tests/test_loras.py's comparison, which on the
-    CPU otherwise runs the tensor path). The kernel is counted, so a run that fell back to the
+    CPU otherwise runs the tensor path), with SDSERVE_LORA_GATED on, so that the feed-forward
+    blocks' gated op is compared too. Both kernels are counted: a run that fell back to the
     tensor path fails."""
     script = (
         "import sys, pytest\n"
         "from worker import lora_kernel\n"
-        "calls = []\n"
+        "calls, gated = [], []\n"
         "real = lora_kernel.add_rows\n"
         "def counted(*args, **kwargs):\n"
-        "    calls.append(1)\n"
+        "    (calls if kwargs.get('gated') is None else gated).append(1)\n"
         "    return real(*args, **kwargs)\n"
         "lora_kernel.add_rows = counted\n"
         # A GPU of one SM: no call spreads its outputs (`cut`), so no program repeats a down
@@ -286,9 +288,11 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
         # (about 0.1 s a call); a second step already takes each row's own LoRA mix again.
         "import tests.test_loras as compared\n"
         "compared.STEPS = 2\n"
+        # SDSERVE_LORA_GATED on: the feed-forward blocks' input layers and gates as one op.
+        "compared.GATED = True\n"
         "code = pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:xdist',"
         " 'tests/test_loras.py::test_each_row_takes_its_loras_as_diffusers_does'])\n"
-        "print('kernel calls', len(calls))\n"
+        "print('kernel calls', len(calls), 'gated', len(gated))\n"
         "print('steps patched', sys.modules['tests.test_loras'] is compared)\n"
         "sys.exit(int(code))\n"
     )
@@ -297,8 +301,8 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
                           text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "2 passed" in done.stdout, done.stdout[-4000:]
-    calls = int(done.stdout.rsplit("kernel calls", 1)[1].split()[0])
-    assert calls > 0, done.stdout[-4000:]
+    counts = done.stdout.rsplit("kernel calls", 1)[1].split()
+    assert int(counts[0]) > 0 and int(counts[2]) > 0, done.stdout[-4000:]
     assert "steps patched True" in done.stdout, done.stdout[-4000:]
 
 

@@ -17,8 +17,9 @@ that row's units:
   batched matrix products: the cost is that of one rank-`row_rank` LoRA on every row,
   whatever the mix, and nothing about the mix is a shape, so nothing compiles again.
 
-On CUDA each layer is one op (worker/lora_kernel.py), and a feed-forward block's input layer
-with its GELU gate another (`RowGeglu`): its outputs, the widest of a block, are read once.
+On CUDA each layer is one op (worker/lora_kernel.py); with SDSERVE_LORA_GATED a feed-forward
+block's input layer and its GELU gate are another (`RowGeglu`): its outputs, the widest of a
+block, read once.
 
 Rows without a LoRA name unit 0 at scale 0 (their output is the base layer's exactly); a
 worker started without SDSERVE_LORA_DIR wraps nothing and pays nothing. Fused QKV projections
@@ -84,10 +85,16 @@ class RowBuffers(nn.Module):
     scales: torch.Tensor
 
     def __init__(
-        self, rows: int, row_units: int, device: torch.device, kernels: bool = True
+        self,
+        rows: int,
+        row_units: int,
+        device: torch.device,
+        kernels: bool = True,
+        gated: bool = False,
     ) -> None:
         super().__init__()
         self.kernels = kernels  # worker/lora_kernel.py where it can serve (SDSERVE_LORA_KERNELS)
+        self.gated = gated  # and RowGeglu's one op with its gate (SDSERVE_LORA_GATED)
         self.register_buffer("units", torch.zeros(rows, row_units, dtype=torch.long,
                                                   device=device), persistent=False)  # fmt: skip
         self.register_buffer("scales", torch.zeros(rows, row_units * UNIT, device=device),
@@ -181,9 +188,10 @@ class RowLora(nn.Module):
 
 class RowGeglu(nn.Module):
     """diffusers' GEGLU (a feed-forward block's input layer and its gate) over its RowLora: on
-    CUDA one op makes the layer's base product, then adds each row's units and gates in one
-    pass over it (`lora_kernel.gated`: why). Elsewhere GEGLU's own arithmetic on the RowLora's
-    output. Its layer keeps its name (`proj`), which LoRA files and `Adapters` know it by."""
+    CUDA with SDSERVE_LORA_GATED one op makes the layer's base product, then adds each row's
+    units and gates in one pass over it (`lora_kernel.gated`: why). Otherwise GEGLU's own
+    arithmetic on the RowLora's output, as diffusers' GEGLU does it. Its layer keeps its name
+    (`proj`), which LoRA files and `Adapters` know it by."""
 
     def __init__(self, proj: RowLora) -> None:
         super().__init__()
@@ -192,7 +200,8 @@ class RowGeglu(nn.Module):
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         proj = self.proj
         buffers: RowBuffers = proj.buffers_  # type: ignore[assignment]
-        if buffers.kernels and lora_kernel.usable(x) and isinstance(proj.base, nn.Linear):
+        if (buffers.gated and buffers.kernels and lora_kernel.usable(x)
+                and isinstance(proj.base, nn.Linear)):  # fmt: skip
             made = lora_kernel.gated(
                 proj.base, x, proj.down, proj.up, buffers.units, buffers.scales
             )
@@ -236,6 +245,7 @@ class Adapters:
         text_rows: int,
         device: torch.device,
         kernels: bool = True,
+        gated: bool = False,
     ) -> None:
         """`modules`: the model's UNet and text encoders by component name. `rows`: the most
         rows of a UNet call, `text_rows` of a text-encoder call."""
@@ -244,7 +254,7 @@ class Adapters:
         self.row_units = max(1, math.ceil(row_rank / UNIT))
         self.device = device
         self.unit_count = 1 + slots * self.row_units
-        self.unet_rows = RowBuffers(rows, self.row_units, device, kernels)
+        self.unet_rows = RowBuffers(rows, self.row_units, device, kernels, gated)
         self.text_rows = RowBuffers(text_rows, self.row_units, device, kernels)
         self.layers: dict[str, dict[str, RowLora]] = {}
         for component, model in modules.items():
