@@ -164,7 +164,7 @@ def main() -> None:
     result: dict[str, Any] = {"arch": args.arch, "rows": args.rows, "side": side, "gpu": gpu}
     plain_ms = timed(unet, call_args, kw, args.turns)
     result["plain"] = {"eager_ms": plain_ms, **kernel_share(unet, call_args, kw)}
-    buffers = RowBuffers(args.rows, ROW_UNITS, DEVICE)
+    buffers = RowBuffers(args.rows, ROW_UNITS, DEVICE, gated=True)  # its RowGeglus, toggled
     layers = wrap("unet", unet, POOL, buffers)
     with torch.no_grad():
         for layer in layers.values():

@@ -102,13 +102,13 @@ def compare_gated() -> None:
     one token a row with its outputs split among programs."""
     from worker import lora_kernel
 
-    real, calls = lora_kernel.add_rows, []
+    real, calls = lora_kernel.gate_rows, []
 
     def counted(*args: Any, **kwargs: Any) -> bool:
-        calls.append(kwargs.get("gated") is not None)
+        calls.append(True)
         return real(*args, **kwargs)
 
-    lora_kernel.add_rows = counted
+    lora_kernel.gate_rows = counted
     torch.manual_seed(0)
     cases: list[tuple[nn.Linear, torch.Tensor, int]] = [
         (nn.Linear(40, 2 * 36), torch.randn(6, 70, 40), 4),
@@ -276,11 +276,13 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
         "import sys, pytest\n"
         "from worker import lora_kernel\n"
         "calls, gated = [], []\n"
-        "real = lora_kernel.add_rows\n"
-        "def counted(*args, **kwargs):\n"
-        "    (calls if kwargs.get('gated') is None else gated).append(1)\n"
-        "    return real(*args, **kwargs)\n"
-        "lora_kernel.add_rows = counted\n"
+        "def counted(real, seen):\n"
+        "    def call(*args, **kwargs):\n"
+        "        seen.append(1)\n"
+        "        return real(*args, **kwargs)\n"
+        "    return call\n"
+        "lora_kernel.add_rows = counted(lora_kernel.add_rows, calls)\n"
+        "lora_kernel.gate_rows = counted(lora_kernel.gate_rows, gated)\n"
         # A GPU of one SM: no call spreads its outputs (`cut`), so no program repeats a down
         # product, the interpreter's dearest part (`compare` covers the spread; 155 -> 134 s).
         "lora_kernel.multiprocessors = lambda device: 1\n"
@@ -327,3 +329,29 @@ def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
     assert WorkerSettings(lora_tiles=(64, 64, 8)).lora_tiles == (64, 64, 8)
     with pytest.raises(ValidationError, match="lora_tiles"):
         WorkerSettings(lora_tiles=(48, 128, 4))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_geglu_is_replaced_only_when_the_gated_op_is_asked_for(gated: bool) -> None:
+    """`wrap`: a feed-forward block's GEGLU becomes a RowGeglu only with SDSERVE_LORA_GATED
+    (otherwise the module tree the GPU check last ran); its layer keeps the name LoRA files
+    give it, and off the kernels (this CPU) its output is GEGLU's on the LoRA layer's."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import FeedForward
+
+    from worker.adapters import wrap
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.attentions = nn.ModuleList([FeedForward(16, activation_fn="geglu")])
+    want_block = FeedForward(16, activation_fn="geglu")
+    want_block.load_state_dict(block.attentions[0].state_dict())
+    buffers = RowBuffers(3, 2, torch.device("cpu"), gated=gated)
+    layers = wrap("unet", block, 4, buffers)
+    assert "attentions.0.net.0.proj" in layers
+    first = block.get_submodule("attentions.0.net.0")
+    assert type(first) is (RowGeglu if gated else GEGLU)
+    assert first.proj is layers["attentions.0.net.0.proj"]
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block.attentions[0](x), want_block(x))  # no LoRA rows

@@ -562,7 +562,8 @@ class Adapters:
 
 
 def wrap(component: str, model: nn.Module, units: int, buffers: RowBuffers) -> dict[str, RowLora]:
-    """Every adaptable layer of the model replaced by its RowLora; by name."""
+    """Every adaptable layer of the model replaced by its RowLora, by name; with
+    `buffers.gated`, every GEGLU over one by a RowGeglu."""
     targets = [(name, module) for name, module in model.named_modules()
                if adaptable(component, name, module)
                and isinstance(module, nn.Linear | nn.Conv2d)]  # fmt: skip
@@ -575,7 +576,8 @@ def wrap(component: str, model: nn.Module, units: int, buffers: RowBuffers) -> d
         # By the name LoRA files give it (worker/lora_files.py): transformers' CLIP text models
         # differ in a leading `text_model.` between classes and versions.
         out[name.removeprefix("text_model.")] = wrapped
-    for name, module in list(model.named_modules()):
+    # Only where asked for: otherwise the worker's module tree is the one the GPU check last ran.
+    for name, module in list(model.named_modules()) if buffers.gated else []:
         if type(module) is GEGLU and isinstance(module.proj, RowLora):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, RowGeglu(module.proj))

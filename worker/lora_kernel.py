@@ -8,8 +8,8 @@ at its row's scales first: a row without LoRA costs one load of its scales and n
 and ranks past its LoRAs' own are never read. The grid depends only on the call's shapes, never
 on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes.
 In a compiled graph a whole adapted layer, its base product and the kernel, is one opaque op
-(`sdserve::lora_layer`, see `layer`); a feed-forward block's input layer and its GEGLU gate
-another (`sdserve::lora_geglu`, see `gated`).
+(`sdserve::lora_layer`, see `layer`); with SDSERVE_LORA_GATED a feed-forward block's input
+layer and its GEGLU gate another (`sdserve::lora_geglu`, see `gated`).
 
 One program takes one row's tile of tokens through both products, so the layer's input is
 read once and its output read and written once, the least a LoRA added after the base layer
@@ -208,7 +208,7 @@ def gated_rows(
     """`gated`'s body: the base product, then the kernel from it into the op's new output."""
     both = F.linear(x, weight, bias)
     out = gated_shape(x, weight)
-    if not add_rows(out, x, down, up, units, scales, conv=False, gated=both):
+    if not gate_rows(out, both, x, down, up, units, scales):
         raise ValueError(f"no kernel view of the layer's output {tuple(both.stride())}")
     return out
 
@@ -290,19 +290,13 @@ def add_rows(
     scales: torch.Tensor,
     conv: bool,
     tiles: Tiles | None = None,
-    gated: torch.Tensor | None = None,
 ) -> bool:
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
-    float32. False (and out untouched) when the shapes suit only the tensor path.
-
-    With `gated` (a GEGLU's layer output, 2 * out's features, the units' `up` that wide):
-    out = hidden * gelu(gate) of gated's halves, each with the rows' units added first; every
-    row is written, a row without LoRA as the gate alone (see `gate`)."""
+    float32. False (and out untouched) when the shapes suit only the tensor path."""
     tiles = tiles or TILES  # read at the call: a benchmark may set the module's tiling
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
-    sources = outs if gated is None else as_tokens(gated, conv)
-    if xs is None or outs is None or sources is None:
+    if xs is None or outs is None:
         return False
     rows, tokens, inputs = xs.shape
     outputs = outs.shape[2]
@@ -332,10 +326,6 @@ def add_rows(
         up.stride(0),
         up.stride(1),
         up.stride(2),
-        sources,
-        sources.stride(0),
-        sources.stride(1),
-        sources.stride(2),
         outs.stride(0),
         outs.stride(1),
         outs.stride(2),
@@ -348,10 +338,49 @@ def add_rows(
         NARROW=tiles.narrow,
         W32=min(32, rank_width),
         W64=min(64, rank_width),
-        GATED=gated is not None,
         num_warps=tiles.warps,
         num_stages=tiles.stages,
     )
+    return True
+
+
+def gate_rows(
+    out: torch.Tensor,
+    both: torch.Tensor,
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    units: torch.Tensor,
+    scales: torch.Tensor,
+    tiles: Tiles | None = None,
+) -> bool:
+    """out = hidden * gelu(gate) of `both`'s halves (a GEGLU's layer output, twice out's
+    features; `up` that wide), each row's LoRA units added to both halves first and rounded
+    to the layer's dtype as the tensor path rounds the layer's output; every row written, a
+    row without LoRA gated alone. The arguments as `add_rows`' (linear layers only).
+
+    A kernel of its own (`_gated`), not a flag of `_rows`: the worker's default path stays the
+    kernel the GPU check last ran until a GPU has measured this one (SDSERVE_LORA_GATED)."""
+    tiles = tiles or TILES
+    xs, outs, boths = as_tokens(x, False), as_tokens(out, False), as_tokens(both, False)
+    if xs is None or outs is None or boths is None:
+        return False
+    rows, tokens, inputs = xs.shape
+    outputs = outs.shape[2]
+    ranks = scales.shape[1]
+    grid = cut(rows, tokens, inputs, outputs, tiles, multiprocessors(out.device))
+    rank_width = max(LEAST, triton.next_power_of_2(ranks))
+    _gated[(triton.cdiv(tokens, grid.tokens), rows, triton.cdiv(outputs, grid.span))](
+        xs, down, up, units, scales, boths, outs, tokens, inputs, outputs,
+        xs.stride(0), xs.stride(1), xs.stride(2),
+        down.stride(0), down.stride(1), down.stride(2),
+        up.stride(0), up.stride(1), up.stride(2),
+        boths.stride(0), boths.stride(1), boths.stride(2),
+        outs.stride(0), outs.stride(1), outs.stride(2), grid.span,
+        RANKS=ranks, RANKS_P2=rank_width, ROW_UNITS=units.shape[1], TOKENS=grid.tokens,
+        FEATURES=tiles.features, W32=min(32, rank_width), W64=min(64, rank_width),
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
     return True
 
 
@@ -377,10 +406,6 @@ if triton is not None:
         suu,
         sur,
         suo,
-        y,
-        syb,
-        syn,
-        syo,
         sob,
         son,
         soo,
@@ -393,7 +418,6 @@ if triton is not None:
         NARROW: tl.constexpr,
         W32: tl.constexpr,
         W64: tl.constexpr,
-        GATED: tl.constexpr,
     ):
         b = tl.program_id(1)
         r = tl.arange(0, RANKS_P2)
@@ -408,25 +432,21 @@ if triton is not None:
         # constants): a row pays for the ranks it has, rounded up to a power of two, not for
         # the widest row's.
         if width > W64:
-            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES, True, GATED)  # fmt: skip
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES)  # fmt: skip
         elif width > W32:
-            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES, True, GATED)  # fmt: skip
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES)  # fmt: skip
         elif width > 16:
-            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES, True, GATED)  # fmt: skip
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES)  # fmt: skip
         elif width > 0:
-            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, True, GATED)  # fmt: skip
-        elif GATED:  # no LoRA: the gate alone, which the op stands in for on every row
-            _add(x, down, up, units, scales, y, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, False, GATED)  # fmt: skip
+            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES)  # fmt: skip
 
     @triton.jit
     def _add(
@@ -435,7 +455,6 @@ if triton is not None:
         up,
         units,
         scales,
-        y,
         out,
         b,
         tokens,
@@ -450,9 +469,6 @@ if triton is not None:
         suu,
         sur,
         suo,
-        syb,
-        syn,
-        syo,
         sob,
         son,
         soo,
@@ -462,62 +478,121 @@ if triton is not None:
         WIDTH: tl.constexpr,
         TOKENS: tl.constexpr,
         FEATURES: tl.constexpr,
-        LORA: tl.constexpr,
-        GATED: tl.constexpr,
     ):
-        """Row b's units over its first WIDTH ranks (none without LORA) added to its tile of
-        y, written to out (y itself but GATED: see `add_rows`)."""
+        """Row b's units over its first WIDTH ranks, added to its tile of out."""
+        n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        r = tl.arange(0, WIDTH)
+        s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
+        used = s != 0.0  # ranks past the row's LoRAs (or at weight 0): never read
+        unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
+        in_tokens = n < tokens
+        h = tl.zeros((TOKENS, WIDTH), dtype=tl.float32)
+        for k0 in range(0, inputs, FEATURES):
+            k = k0 + tl.arange(0, FEATURES)
+            xt = tl.load(
+                x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
+                mask=in_tokens[:, None] & (k[None, :] < inputs),
+                other=0.0,
+            )
+            dt = tl.load(
+                down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
+                mask=(k[:, None] < inputs) & used[None, :],
+                other=0.0,
+            )
+            h += tl.dot(xt, dt)
+        # Rounded to the layer's dtype as the tensor path's product is.
+        ht = (h * s[None, :]).to(out.dtype.element_ty)
+        first = tl.program_id(2) * span
+        for o0 in range(first, first + span, FEATURES):
+            o = o0 + tl.arange(0, FEATURES)
+            ut = tl.load(
+                up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
+                mask=used[:, None] & (o[None, :] < outputs),
+                other=0.0,
+            )
+            at = out + b * sob + n[:, None] * son + o[None, :] * soo
+            keep = in_tokens[:, None] & (o[None, :] < outputs)
+            base = tl.load(at, mask=keep, other=0.0)
+            total = base.to(tl.float32) + tl.dot(ht, ut)
+            tl.store(at, total.to(out.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _gated(
+        x, down, up, units, scales, both, out, tokens, inputs, outputs,
+        sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo, span,
+        RANKS: tl.constexpr, RANKS_P2: tl.constexpr, ROW_UNITS: tl.constexpr,
+        TOKENS: tl.constexpr, FEATURES: tl.constexpr, W32: tl.constexpr, W64: tl.constexpr,
+    ):  # fmt: skip
+        """`gate_rows`: `_rows`' choice of a body by the row's rank width, and a row without
+        LoRA gated alone."""
+        b = tl.program_id(1)
+        r = tl.arange(0, RANKS_P2)
+        s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
+        width = tl.max(tl.where(s != 0.0, r + 1, 0), axis=0)
+        if width > W64:
+            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
+                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                  span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES, True)  # fmt: skip
+        elif width > W32:
+            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
+                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                  span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES, True)  # fmt: skip
+        elif width > 16:
+            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
+                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                  span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES, True)  # fmt: skip
+        elif width > 0:
+            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
+                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                  span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, True)  # fmt: skip
+        else:
+            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
+                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
+                  span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, False)  # fmt: skip
+
+    @triton.jit
+    def _gate(
+        x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
+        sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo, span,
+        RANKS: tl.constexpr, ROW_UNITS: tl.constexpr, WIDTH: tl.constexpr,
+        TOKENS: tl.constexpr, FEATURES: tl.constexpr, LORA: tl.constexpr,
+    ):  # fmt: skip
+        """Row b's tile: its units over its first WIDTH ranks (none without LORA) added to
+        both halves of `both`, gated into out."""
         n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
         in_tokens = n < tokens
-        if LORA:
+        if LORA:  # the down product, as `_add`'s
             r = tl.arange(0, WIDTH)
             s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
-            used = s != 0.0  # ranks past the row's LoRAs (or at weight 0): never read
+            used = s != 0.0
             unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
             h = tl.zeros((TOKENS, WIDTH), dtype=tl.float32)
             for k0 in range(0, inputs, FEATURES):
                 k = k0 + tl.arange(0, FEATURES)
-                xt = tl.load(
-                    x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
-                    mask=in_tokens[:, None] & (k[None, :] < inputs),
-                    other=0.0,
-                )
-                dt = tl.load(
-                    down + unit[None, :] * sdu + (r % 8)[None, :] * sdr + k[:, None] * sdk,
-                    mask=(k[:, None] < inputs) & used[None, :],
-                    other=0.0,
-                )
-                h += tl.dot(xt, dt)
-            # Rounded to the layer's dtype as the tensor path's product is.
+                h += tl.dot(
+                    tl.load(x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
+                            mask=in_tokens[:, None] & (k[None, :] < inputs), other=0.0),
+                    tl.load(down + unit[None, :] * sdu + (r % 8)[None, :] * sdr
+                            + k[:, None] * sdk,
+                            mask=(k[:, None] < inputs) & used[None, :], other=0.0),
+                )  # fmt: skip
             ht = (h * s[None, :]).to(out.dtype.element_ty)
         first = tl.program_id(2) * span
         for o0 in range(first, first + span, FEATURES):
             o = o0 + tl.arange(0, FEATURES)
             keep = in_tokens[:, None] & (o[None, :] < outputs)
-            at = y + b * syb + n[:, None] * syn + o[None, :] * syo
-            total = tl.load(at, mask=keep, other=0.0)
+            at = both + b * syb + n[:, None] * syn + o[None, :] * syo
+            hidden = tl.load(at, mask=keep, other=0.0)
+            gate = tl.load(at + outputs * syo, mask=keep, other=0.0)  # the second half
             if LORA:
-                ut = tl.load(
-                    up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
-                    mask=used[:, None] & (o[None, :] < outputs),
-                    other=0.0,
-                )
-                # The layer's output as the tensor path rounds it, before any gate.
-                total = (total.to(tl.float32) + tl.dot(ht, ut)).to(out.dtype.element_ty)
-            if GATED:  # the gate's half lies `outputs` features on
-                gate = tl.load(at + outputs * syo, mask=keep, other=0.0)
-                if LORA:
-                    ug = tl.load(
-                        up + unit[:, None] * suu + (r % 8)[:, None] * sur
-                        + (o + outputs)[None, :] * suo,
-                        mask=used[:, None] & (o[None, :] < outputs),
-                        other=0.0,
-                    )  # fmt: skip
-                    gate = (gate.to(tl.float32) + tl.dot(ht, ug)).to(out.dtype.element_ty)
-                g = gate.to(tl.float32)
-                total = total.to(tl.float32) * (0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)))
-            tl.store(
-                out + b * sob + n[:, None] * son + o[None, :] * soo,
-                total.to(out.dtype.element_ty),
-                mask=keep,
-            )
+                ups = up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo
+                upmask = used[:, None] & (o[None, :] < outputs)
+                hu = tl.load(ups, mask=upmask, other=0.0)
+                gu = tl.load(ups + outputs * suo, mask=upmask, other=0.0)
+                # The layer's output as the tensor path rounds it, before the gate.
+                hidden = (hidden.to(tl.float32) + tl.dot(ht, hu)).to(out.dtype.element_ty)
+                gate = (gate.to(tl.float32) + tl.dot(ht, gu)).to(out.dtype.element_ty)
+            g = gate.to(tl.float32)
+            gelu = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))  # exact, as F.gelu's
+            gated = (hidden.to(tl.float32) * gelu).to(out.dtype.element_ty)
+            tl.store(out + b * sob + n[:, None] * son + o[None, :] * soo, gated, mask=keep)
