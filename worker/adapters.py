@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -197,14 +197,12 @@ class RowGeglu(nn.Module):
         super().__init__()
         self.proj = proj
 
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.proj
         buffers: RowBuffers = proj.buffers_  # type: ignore[assignment]
-        if (buffers.gated and buffers.kernels and lora_kernel.usable(x)
-                and isinstance(proj.base, nn.Linear)):  # fmt: skip
-            made = lora_kernel.gated(
-                proj.base, x, proj.down, proj.up, buffers.units, buffers.scales
-            )
+        if buffers.gated and buffers.kernels and lora_kernel.usable(x):
+            base = cast(nn.Linear, proj.base)  # a GEGLU's layer is linear
+            made = lora_kernel.gated(base, x, proj.down, proj.up, buffers.units, buffers.scales)
             if made is not None:
                 return made
         hidden, gate = proj(x).chunk(2, dim=-1)
