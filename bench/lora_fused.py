@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from worker.adapters import UNIT
+from worker.adapters import UNIT, row_order
 from worker.lora_kernel import LEAST, as_tokens
 
 try:
@@ -305,13 +305,14 @@ def timings(
     x, weight, bias = randn(rows, tokens, inputs), randn(outputs, inputs), randn(outputs)
     down, up = randn(POOL, UNIT, inputs), randn(POOL, UNIT, outputs)
     units, scales = mixed(rows, ROW_UNITS, POOL, mix, device)
+    order = row_order(scales)
     want = reference(x, weight, bias, down, up, units, scales)
 
     def error(got: torch.Tensor) -> float:
         return ((got.float() - want).abs().max() / want.abs().max()).item()
 
     def worker_layer() -> torch.Tensor:
-        return lora_kernel.layer_rows(x, weight, bias, down, up, units, scales)
+        return lora_kernel.layer_rows(x, weight, bias, down, up, units, scales, order)
 
     def repeated(call: Any) -> Any:
         return lambda: [call() for _ in range(DEPTH)]

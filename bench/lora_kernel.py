@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.adapters import UNIT, RowBuffers, RowLora
+from worker.adapters import UNIT, RowBuffers, RowLora, RowMix, row_order
 
 ROWS, SIDE, FEATURES, ROW_UNITS, POOL, DEPTH = 32, 64, 320, 16, 1 + 4 * 16, 8
 
@@ -64,8 +64,7 @@ def write_mix(buffers: RowBuffers, mix: str) -> None:
         if take:
             units[r, :take] = torch.arange(1, take + 1) + (r % 3) * 16
             scales[r, : take * UNIT] = 0.8
-    buffers.units.copy_(units)
-    buffers.scales.copy_(scales)
+    buffers.write(RowMix(units.to(buffers.units.device), scales.to(buffers.scales.device)))
 
 
 def timed(fn: Any, x: Any, turns: int = 30) -> float:
@@ -94,9 +93,8 @@ def kernel_alone(
 
     def call(x: torch.Tensor) -> None:
         for layer in layers:
-            lora_kernel.add_rows(
-                out, x, layer.down, layer.up, buffers.units, buffers.scales, conv, tiles
-            )
+            lora_kernel.add_rows(out, x, layer.down, layer.up, buffers.units, buffers.scales,
+                                 buffers.order, conv, tiles)  # fmt: skip
 
     return call
 
@@ -166,7 +164,7 @@ def widths(lines: list[str], result: dict[str, Any]) -> None:
                 ms[narrow] = timed(kernel_alone(layers, out, buffers, conv, tiles), x)
                 once = layers[0].base(x)
                 lora_kernel.add_rows(once, x, layers[0].down, layers[0].up, buffers.units,
-                                     buffers.scales, conv, tiles)  # fmt: skip
+                                     buffers.scales, buffers.order, conv, tiles)  # fmt: skip
                 outs[narrow] = once.float()
             diff = (outs[True] - outs[False]).abs().max().item()
             result["widths"].append({"layers": kind, "mix": mix, "one_ms": ms[False],
@@ -219,7 +217,8 @@ class Case:
         """The rows' units added to `out` in place (at the kernel's default tiles if None)."""
         from worker import lora_kernel
 
-        lora_kernel.add_rows(out, self.x, self.down, self.up, self.units, self.scales, False,
+        lora_kernel.add_rows(out, self.x, self.down, self.up, self.units, self.scales,
+                             row_order(self.scales), False,
                              tiles if tiles is not None else lora_kernel.TILES)  # fmt: skip
 
     def kernel(self, tiles: Any) -> Any:

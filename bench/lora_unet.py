@@ -16,11 +16,10 @@ op costs with no LoRA row). For each: ms a call, eager and (`--compile`) compile
 worker compiles (inductor, fullgraph; no CUDA graphs here: the rows' steps are GPU-bound),
 and from torch's profiler the GPU time of the LoRA kernel (`_rows`) against every kernel's.
 
-Each mix runs twice: as the worker runs it by default, and `gated`, with each feed-forward
-block's input layer, its LoRA rows and its GELU gate as one op (`SDSERVE_LORA_GATED`,
-`worker.adapters.RowGeglu`): there the kernel gates every row, LoRA or not, so `none gated`'s
-kernel time is that gate's (the others have it in the eager GELU and product instead). Both
-report the largest difference of the half mix's output to the tensor path's.
+Each mix runs at each of `--deals` ("fan,fill;..."): how the kernel deals its programs among
+the LoRA rows (`worker.lora_kernel.Tiles.fan` and `fill`; "1,0" is one program a row's token
+tile, as the kernel was before the deal). Each deal reports the largest difference of the
+half mix's output to the tensor path's.
 
 `--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel for each of the
 kernel's tilings ("tokens,features,warps[,stages]", as
@@ -29,12 +28,13 @@ share the GPU's caches with the base layers, not on one layer shape at a time
 (`bench.lora_kernel --tiles`).
 
     python3 -m bench.lora_unet --out DIR [--arch sdxl|sd15] [--rows 16] [--compile]
-        [--tiles "32,128,4;64,64,4"]
+        [--deals "1,0;1,2;2,2"] [--tiles "32,128,4;64,64,4"]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bench.lora_kernel import MIXED_UNITS
-from worker.adapters import UNIT, RowBuffers, wrap
+from worker.adapters import UNIT, RowBuffers, RowMix, wrap
 from worker.settings import lora_tiling
 
 ROW_UNITS = 16  # rank 128 a row, as the worker's default SDSERVE_LORA_ROW_RANK
@@ -54,7 +54,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU
 
 LORA_KERNELS = ("_rows",)  # Triton's kernels by name: the worker's
 MIXES = ("none", "half", "all64")
-GATED = {False: "", True: " gated"}  # each mix as the worker's default, and with its GEGLU op
 
 
 def sync() -> None:
@@ -90,8 +89,7 @@ def write_mix(buffers: RowBuffers, rows: int, mix: str) -> None:
         if take:
             units[r, :take] = torch.arange(1, take + 1) + (r % 5) * ROW_UNITS
             scales[r, : take * UNIT] = 0.8
-    buffers.units.copy_(units)
-    buffers.scales.copy_(scales)
+    buffers.write(RowMix(units.to(DEVICE), scales.to(DEVICE)))
 
 
 def inputs(unet: Any, arch: str, rows: int, side: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -154,6 +152,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=0, help="default: 1024 for sdxl, 512")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--deals", default="1,0;1,2;2,2;4,2", help='"fan,fill;...", the first'
+                        " the baseline")  # fmt: skip
     parser.add_argument("--tiles", default="", help='tilings to time, "t,f,w[,s];..."')
     args = parser.parse_args()
     side = args.side or (1024 if args.arch == "sdxl" else 512)
@@ -164,7 +164,7 @@ def main() -> None:
     result: dict[str, Any] = {"arch": args.arch, "rows": args.rows, "side": side, "gpu": gpu}
     plain_ms = timed(unet, call_args, kw, args.turns)
     result["plain"] = {"eager_ms": plain_ms, **kernel_share(unet, call_args, kw)}
-    buffers = RowBuffers(args.rows, ROW_UNITS, DEVICE, gated=True)  # its RowGeglus, toggled
+    buffers = RowBuffers(args.rows, ROW_UNITS, DEVICE)
     layers = wrap("unet", unet, POOL, buffers)
     with torch.no_grad():
         for layer in layers.values():
@@ -179,21 +179,30 @@ def main() -> None:
         began = time.perf_counter()
         timed(fast, call_args, kw, 1)
         result["compile_s"] = time.perf_counter() - began
-    for gated in (False, True):
-        buffers.gated = gated
-        for mix in MIXES:
-            write_mix(buffers, args.rows, mix)
-            row: dict[str, Any] = {"eager_ms": timed(unet, call_args, kw, args.turns)}
-            row.update(kernel_share(unet, call_args, kw))
-            if fast is not None:
-                row["compiled_ms"] = timed(fast, call_args, kw, args.turns)
-                row["compiled"] = kernel_share(fast, call_args, kw)
-            result[mix + GATED[gated]] = row
-            (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
-        result["difference" + GATED[gated]] = difference(unet, call_args, kw, buffers, args.rows)
-        print(f"largest difference to the tensor path, half mix{GATED[gated]}:",
-              result["difference" + GATED[gated]], flush=True)  # fmt: skip
-    buffers.gated = False
+    from worker import lora_kernel
+
+    default = lora_kernel.TILES
+    result["deals"] = args.deals.split(";")
+    try:
+        for deal in result["deals"]:
+            fan, fill = (int(n) for n in deal.split(","))
+            lora_kernel.TILES = dataclasses.replace(default, fan=fan, fill=fill)
+            for mix in MIXES:
+                write_mix(buffers, args.rows, mix)
+                row: dict[str, Any] = {"eager_ms": timed(unet, call_args, kw, args.turns)}
+                row.update(kernel_share(unet, call_args, kw))
+                if fast is not None:
+                    row["compiled_ms"] = timed(fast, call_args, kw, args.turns)
+                    row["compiled"] = kernel_share(fast, call_args, kw)
+                result[f"{mix} {deal}"] = row
+                print(deal, mix, f"{row['eager_ms']:.1f} ms, LoRA kernel {row['lora_ms']:.1f}",
+                      flush=True)  # fmt: skip
+                (args.out / "lora_unet.json").write_text(json.dumps(result, indent=1))
+            result[f"difference {deal}"] = difference(unet, call_args, kw, buffers, args.rows)
+            print(f"largest difference to the tensor path, half mix, {deal}:",
+                  result[f"difference {deal}"], flush=True)  # fmt: skip
+    finally:
+        lora_kernel.TILES = default
     if args.tiles:
         result["tilings"] = tilings(unet, call_args, kw, buffers, args, result)
     print(table(result))
@@ -243,26 +252,31 @@ def tilings(
 
 
 def table(r: dict[str, Any]) -> str:
+    base = r["deals"][0]
     lines = [f"\n{r['arch']} UNet, {r['rows']} rows at {r['side']}x{r['side']}, {r['gpu']}, "
-             f"{r['layers']} adapted layers; the half mix's output, kernels against the tensor "
-             f"path: largest difference {r['difference']:.2g}, gated "
-             f"{r['difference gated']:.2g}\n",
-             "| mix | eager ms | / none | GPU ms | LoRA kernel ms | compiled ms | / none "
-             "| compiled LoRA kernel ms |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for mix in ("plain", *MIXES, *(m + GATED[True] for m in MIXES)):
-        m = r[mix]
-        none = r["none" + GATED[mix.endswith(GATED[True])]]
-        comp = m.get("compiled_ms")
-        lines.append(
-            f"| {mix} | {m['eager_ms']:.1f} | {m['eager_ms'] / none['eager_ms']:.3f} "
-            f"| {m['gpu_ms']:.1f} | {m['lora_ms']:.1f} "
-            + (
-                f"| {comp:.1f} | {comp / none['compiled_ms']:.3f} "
-                f"| {m['compiled']['lora_ms']:.1f} |"
-                if comp
-                else "| | | |"
+             f"{r['layers']} adapted layers; deals (fan,fill) against {base}; the half mix's "
+             "output against the tensor path: largest difference "
+             + ", ".join(f"{d} {r['difference ' + d]:.2g}" for d in r["deals"]) + "\n",
+             "| mix | deal | eager ms | / none | GPU ms | LoRA kernel ms | / the first deal's "
+             "| compiled ms | / none | compiled LoRA kernel ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    m = r["plain"]
+    lines.append(f"| plain | | {m['eager_ms']:.1f} | | {m['gpu_ms']:.1f} | | | | | |")
+    for mix in MIXES:
+        for deal in r["deals"]:
+            m, none = r[f"{mix} {deal}"], r[f"none {deal}"]
+            first = r[f"{mix} {base}"]["lora_ms"] or float("nan")
+            comp = m.get("compiled_ms")
+            lines.append(
+                f"| {mix} | {deal} | {m['eager_ms']:.1f} | {m['eager_ms'] / none['eager_ms']:.3f} "
+                f"| {m['gpu_ms']:.1f} | {m['lora_ms']:.1f} | {m['lora_ms'] / first:.3f} "
+                + (
+                    f"| {comp:.1f} | {comp / none['compiled_ms']:.3f} "
+                    f"| {m['compiled']['lora_ms']:.1f} |"
+                    if comp
+                    else "| | | |"
+                )
             )
-        )
     if r.get("tilings"):
         lines += ["", "half mix at each tiling (tokens,features,warps[,stages]):", "",
                   "| tiling | eager ms | LoRA kernel ms | / default |",
@@ -271,9 +285,9 @@ def table(r: dict[str, Any]) -> str:
         for name, m in r["tilings"].items():
             lines.append(f"| {name} | {m['eager_ms']:.1f} | {m['lora_ms']:.1f} "
                          f"| {m['lora_ms'] / first:.3f} |")  # fmt: skip
-    for mix in ("none", "half", "half gated"):
-        biggest = ", ".join(f"{k[:60]} {v:.1f}" for k, v in r[mix]["top"].items())
-        lines.append(f"\n{mix}: largest kernels (GPU ms): {biggest}")
+    for mix in ("none", "half"):
+        biggest = ", ".join(f"{k[:60]} {v:.1f}" for k, v in r[f"{mix} {base}"]["top"].items())
+        lines.append(f"\n{mix} {base}: largest kernels (GPU ms): {biggest}")
     return "\n".join(lines)
 
 

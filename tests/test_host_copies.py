@@ -73,12 +73,13 @@ def test_no_worker_module_copies_host_values_to_the_device_with_a_wait() -> None
     assert offenders == [], "use worker.devices (placed, on_device): " + ", ".join(offenders)
 
 
-def test_a_row_mix_padded_repeats_its_last_row() -> None:
+def test_a_row_mix_is_padded_with_rows_without_loras() -> None:
     units = torch.tensor([[1, 2], [3, 4]])
     scales = torch.tensor([[0.5, 0.25], [0.75, 1.0]])
     padded = RowMix(units, scales).padded(3)
-    assert padded.units.tolist() == [[1, 2], [3, 4], [3, 4], [3, 4], [3, 4]]
-    assert padded.scales.tolist() == [[0.5, 0.25], [0.75, 1.0], *[[0.75, 1.0]] * 3]
+    assert padded.units.tolist() == [[1, 2], [3, 4], *[[0, 0]] * 3]
+    assert padded.scales.tolist() == [[0.5, 0.25], [0.75, 1.0], *[[0.0, 0.0]] * 3]
+    assert padded.units.dtype == torch.long and padded.scales.dtype == torch.float32
 
 
 def test_what_the_prompt_reader_makes_is_found_for_the_loop() -> None:

@@ -28,7 +28,6 @@ CPU = torch.device("cpu")
 # Steps of the comparison with diffusers; tests/test_lora_kernel.py runs it with fewer, since
 # each step there is Triton's interpreter stepping every LoRA layer.
 STEPS = 4
-GATED = False  # SDSERVE_LORA_GATED: tests/test_lora_kernel.py runs these with it on
 
 # Each row's LoRAs: (name, text encoders' weight, UNet's weight).
 ROWS: dict[str, tuple[LoraUse, ...]] = {
@@ -47,8 +46,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     folder = root / "loras"
     build_tiny_lora(model, folder / "peft.safetensors", "peft", rank=4, seed=1)
     build_tiny_lora(model, folder / "kohya.safetensors", "kohya", rank=8, seed=2)
-    tuning = Tuning(max_batch=4, rows=True, loras=folder, lora_slots=4, lora_row_rank=16,
-                    lora_gated=GATED)  # fmt: skip
+    tuning = Tuning(max_batch=4, rows=True, loras=folder, lora_slots=4, lora_row_rank=16)
     return arch, model, folder, Engine(str(model), CPU, tuning)
 
 

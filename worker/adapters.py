@@ -17,10 +17,6 @@ that row's units:
   batched matrix products: the cost is that of one rank-`row_rank` LoRA on every row,
   whatever the mix, and nothing about the mix is a shape, so nothing compiles again.
 
-On CUDA each layer is one op (worker/lora_kernel.py); with SDSERVE_LORA_GATED a feed-forward
-block's input layer and its GELU gate are another (`RowGeglu`): its outputs, the widest of a
-block, read once.
-
 Rows without a LoRA name unit 0 at scale 0 (their output is the base layer's exactly); a
 worker started without SDSERVE_LORA_DIR wraps nothing and pays nothing. Fused QKV projections
 are not made when LoRAs are served (a LoRA adapts q, k and v apart). LoRAs load off the GPU's
@@ -39,11 +35,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol, cast
+from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.activations import GEGLU
 from torch import nn
 
 from worker import lora_kernel
@@ -83,21 +77,20 @@ class RowBuffers(nn.Module):
 
     units: torch.Tensor
     scales: torch.Tensor
+    order: torch.Tensor
 
     def __init__(
-        self,
-        rows: int,
-        row_units: int,
-        device: torch.device,
-        kernels: bool = True,
-        gated: bool = False,
+        self, rows: int, row_units: int, device: torch.device, kernels: bool = True
     ) -> None:
         super().__init__()
         self.kernels = kernels  # worker/lora_kernel.py where it can serve (SDSERVE_LORA_KERNELS)
-        self.gated = gated  # and RowGeglu's one op with its gate (SDSERVE_LORA_GATED)
         self.register_buffer("units", torch.zeros(rows, row_units, dtype=torch.long,
                                                   device=device), persistent=False)  # fmt: skip
         self.register_buffer("scales", torch.zeros(rows, row_units * UNIT, device=device),
+                             persistent=False)  # fmt: skip
+        # The kernel's work list (lora_kernel.add_rows): how many rows carry LoRAs, then
+        # which, the others after them.
+        self.register_buffer("order", torch.zeros(rows + 1, dtype=torch.int32, device=device),
                              persistent=False)  # fmt: skip
 
     def write(self, mix: RowMix) -> None:
@@ -105,10 +98,25 @@ class RowBuffers(nn.Module):
         assert rows <= len(self.units), f"{rows} rows; the buffers hold {len(self.units)}"
         self.units[:rows].copy_(mix.units, non_blocking=True)
         self.scales[:rows].copy_(mix.scales, non_blocking=True)
+        self.sort(rows)
+
+    def sort(self, rows: int) -> None:
+        """The work list of a call of `rows` rows: once a call for all its adapted layers."""
+        self.order[: rows + 1].copy_(row_order(self.scales[:rows]))
 
     def clear(self) -> None:
         """Every row without LoRAs."""
         self.scales.zero_()
+        self.order.zero_()
+
+
+def row_order(scales: torch.Tensor) -> torch.Tensor:
+    """The kernel's work list for rows with these scales (rows, ranks): how many rows carry
+    LoRAs, then their indices, then the others' (int32). Made on the device, with nothing read
+    back: the loop's thread never waits for the GPU's queued steps here."""
+    lora = (scales != 0).any(1)
+    ranked = torch.argsort(lora.logical_not().int(), stable=True)
+    return torch.cat([lora.sum().view(1), ranked]).int()
 
 
 class RowMix(NamedTuple):
@@ -129,10 +137,11 @@ class RowMix(NamedTuple):
         return RowMix(self.units[start:stop], self.scales[start:stop])
 
     def padded(self, padding: int) -> RowMix:
-        """With its last row repeated `padding` more times (a compiled call's padding). On the
-        device: an index built on the host and copied there would make the loop's thread wait
-        for the GPU's queued steps at every padded step (a pageable copy synchronizes)."""
-        return RowMix(*(torch.cat([t, t[-1:].expand(padding, -1)]) for t in self))
+        """With `padding` more rows without LoRAs (a compiled call's padding: their outputs
+        are dropped, so the kernel skips them). On the device: a mix built on the host and
+        copied there would make the loop's thread wait for the GPU's queued steps at every
+        padded step (a pageable copy synchronizes)."""
+        return RowMix(*(torch.cat([t, t.new_zeros(padding, t.shape[1])]) for t in self))
 
     @staticmethod
     def joined(parts: Sequence[RowMix]) -> RowMix:
@@ -169,7 +178,7 @@ class RowLora(nn.Module):
         if buffers.kernels and lora_kernel.usable(x):
             # On CUDA: rows without LoRA and ranks a row does not use cost nothing.
             added = lora_kernel.layer(
-                self.base, x, self.down, self.up, buffers.units, buffers.scales
+                self.base, x, self.down, self.up, buffers.units, buffers.scales, buffers.order
             )
             if added is not None:
                 return added
@@ -184,30 +193,6 @@ class RowLora(nn.Module):
         h = torch.bmm(x.reshape(rows, -1, self.inputs), down.transpose(1, 2))
         h = h * scales[:, None, :]
         return out + torch.bmm(h, up).view_as(out)
-
-
-class RowGeglu(nn.Module):
-    """diffusers' GEGLU (a feed-forward block's input layer and its gate) over its RowLora: on
-    CUDA with SDSERVE_LORA_GATED one op makes the layer's base product, then adds each row's
-    units and gates in one pass over it (`lora_kernel.gated`: why). Otherwise GEGLU's own
-    arithmetic on the RowLora's output, as diffusers' GEGLU does it. Its layer keeps its name
-    (`proj`), which LoRA files and `Adapters` know it by."""
-
-    def __init__(self, proj: RowLora) -> None:
-        super().__init__()
-        self.proj = proj
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.proj
-        buffers: RowBuffers = proj.buffers_  # type: ignore[assignment]
-        if buffers.gated and buffers.kernels and lora_kernel.usable(x):
-            base = cast(nn.Linear, proj.base)  # a GEGLU's layer is linear
-            made = lora_kernel.gated(base, x, proj.down, proj.up, buffers.units, buffers.scales)
-            if made is not None:
-                return made
-        hidden, gate = proj(x).chunk(2, dim=-1)
-        gated: torch.Tensor = hidden * F.gelu(gate)
-        return gated
 
 
 def adaptable(component: str, name: str, module: nn.Module) -> bool:
@@ -243,7 +228,6 @@ class Adapters:
         text_rows: int,
         device: torch.device,
         kernels: bool = True,
-        gated: bool = False,
     ) -> None:
         """`modules`: the model's UNet and text encoders by component name. `rows`: the most
         rows of a UNet call, `text_rows` of a text-encoder call."""
@@ -252,7 +236,7 @@ class Adapters:
         self.row_units = max(1, math.ceil(row_rank / UNIT))
         self.device = device
         self.unit_count = 1 + slots * self.row_units
-        self.unet_rows = RowBuffers(rows, self.row_units, device, kernels, gated)
+        self.unet_rows = RowBuffers(rows, self.row_units, device, kernels)
         self.text_rows = RowBuffers(text_rows, self.row_units, device, kernels)
         self.layers: dict[str, dict[str, RowLora]] = {}
         for component, model in modules.items():
@@ -560,8 +544,7 @@ class Adapters:
 
 
 def wrap(component: str, model: nn.Module, units: int, buffers: RowBuffers) -> dict[str, RowLora]:
-    """Every adaptable layer of the model replaced by its RowLora, by name; with
-    `buffers.gated`, every GEGLU over one by a RowGeglu."""
+    """Every adaptable layer of the model replaced by its RowLora; by name."""
     targets = [(name, module) for name, module in model.named_modules()
                if adaptable(component, name, module)
                and isinstance(module, nn.Linear | nn.Conv2d)]  # fmt: skip
@@ -574,9 +557,4 @@ def wrap(component: str, model: nn.Module, units: int, buffers: RowBuffers) -> d
         # By the name LoRA files give it (worker/lora_files.py): transformers' CLIP text models
         # differ in a leading `text_model.` between classes and versions.
         out[name.removeprefix("text_model.")] = wrapped
-    # Only where asked for: otherwise the worker's module tree is the one the GPU check last ran.
-    for name, module in list(model.named_modules()) if buffers.gated else []:
-        if type(module) is GEGLU and isinstance(module.proj, RowLora):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, RowGeglu(module.proj))
     return out

@@ -105,7 +105,6 @@ class Tuning:
     lora_slots: int = 8
     lora_row_rank: int = 128
     lora_kernels: bool = True  # worker/lora_kernel.py on CUDA (False: the tensor path)
-    lora_gated: bool = False  # GEGLUs through `sdserve::lora_geglu` (SDSERVE_LORA_GATED)
     lora_tiles: tuple[int, ...] = ()  # its tiling (SDSERVE_LORA_TILES); (): its defaults
     # ControlNets (worker/controls.py): (name, diffusers folder), loaded beside every model
     # whose UNet they fit.

@@ -78,7 +78,6 @@ def adapters_of(parts: Components, tuning: Tuning) -> Adapters | None:
         text_rows=ENCODE_CHUNK,
         device=parts.device,
         kernels=tuning.lora_kernels,
-        gated=tuning.lora_gated,
     )
     log.info("LoRAs from %s: %d layers per row, %d slots of %d ranks, %.0f MiB of pools, %s",
              tuning.loras, sum(len(v) for v in adapters.layers.values()), tuning.lora_slots,

@@ -132,7 +132,6 @@ def tuning_of(settings: WorkerSettings, device: torch.device) -> Tuning:
         lora_slots=settings.lora_slots,
         lora_row_rank=settings.lora_row_rank,
         lora_kernels=settings.lora_kernels,
-        lora_gated=settings.lora_gated,
         lora_tiles=settings.lora_tiles,
         controlnets=tuple(settings.controlnets.items()),
         embeddings=settings.embeddings_dir,

@@ -8,8 +8,7 @@ at its row's scales first: a row without LoRA costs one load of its scales and n
 and ranks past its LoRAs' own are never read. The grid depends only on the call's shapes, never
 on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes.
 In a compiled graph a whole adapted layer, its base product and the kernel, is one opaque op
-(`sdserve::lora_layer`, see `layer`); with SDSERVE_LORA_GATED a feed-forward block's input
-layer and its GEGLU gate another (`sdserve::lora_geglu`, see `gated`).
+(`sdserve::lora_layer`, see `layer`).
 
 One program takes one row's tile of tokens through both products, so the layer's input is
 read once and its output read and written once, the least a LoRA added after the base layer
@@ -57,7 +56,10 @@ class Tiles:
     fill the GPU with one program per row's token tile also splits the layer's outputs among
     programs (see `cut`). `narrow`: each row at its own rank width (see the module's text).
     `stages`: Triton's software pipelining depth of the loops; `splits`, when not 0, how many
-    ways the outputs are split whatever `cut` would choose (for `bench.lora_kernel --tiles`)."""
+    ways the outputs are split whatever `cut` would choose (for `bench.lora_kernel --tiles`).
+    `fan`: programs a call's grid has for each row (see `add_rows`: the programs of rows
+    without LoRA take the LoRA rows' work); `fill`, programs an SM the LoRA rows' work is
+    split towards."""
 
     tokens: int = 128
     features: int = 64
@@ -66,6 +68,8 @@ class Tiles:
     narrow: bool = True
     stages: int = 3
     splits: int = 0
+    fan: int = 1
+    fill: int = 2
 
 
 LEAST = 16  # tl.dot's least side: a call's rank width is padded up to it
@@ -117,6 +121,7 @@ def layer(
     up: torch.Tensor,
     units: torch.Tensor,
     scales: torch.Tensor,
+    order: torch.Tensor,
 ) -> torch.Tensor | None:
     """base(x) with each row's LoRA units added, or None where the shapes suit only the
     tensor path (the caller takes it).
@@ -134,7 +139,7 @@ def layer(
     elif not pointwise(base) or x.dim() != 4 or as_tokens(x, conv=True) is None:
         return None
     op = torch.ops.sdserve.lora_layer if torch.compiler.is_compiling() else layer_rows
-    return op(x, base.weight, base.bias, down, up, units, scales)
+    return op(x, base.weight, base.bias, down, up, units, scales, order)
 
 
 def layer_rows(
@@ -145,12 +150,13 @@ def layer_rows(
     up: torch.Tensor,
     units: torch.Tensor,
     scales: torch.Tensor,
+    order: torch.Tensor,
 ) -> torch.Tensor:
     """`layer`'s body: the base product (`base_product`), then the kernel adds the rows' units
     to it in place: the op's own new output."""
     conv = weight.dim() == 4
     out = base_product(x, weight, bias)
-    if not add_rows(out, x, down, up, units, scales, conv):
+    if not add_rows(out, x, down, up, units, scales, order, conv):
         raise ValueError(f"no kernel view of the layer's output {tuple(out.stride())}")
     return out
 
@@ -172,53 +178,6 @@ def base_product(
 
 lora_layer = torch.library.custom_op("sdserve::lora_layer", mutates_args=())(layer_rows)
 lora_layer.register_fake(base_product)
-
-
-def gated(
-    base: nn.Linear,
-    x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    units: torch.Tensor,
-    scales: torch.Tensor,
-) -> torch.Tensor | None:
-    """A GEGLU's `hidden * gelu(gate)` of base(x)'s two halves, each row's LoRA units added to
-    both first (worker/adapters.py, `RowGeglu`); None where only the tensor path serves.
-
-    Why: a feed-forward's input layer has eight times its block's width in outputs, half of
-    what the LoRA rows' kernel reads and writes in an SDXL UNet. Added in place and then gated
-    by the next op, each LoRA row's output there is read twice and written once more; here
-    the kernel reads it once, adds the units, gates and writes the gated half: the pass the
-    gate made anyway (inductor's, in a compiled graph), now for every row, LoRA or not."""
-    if x.dim() not in (2, 3):
-        return None
-    op = torch.ops.sdserve.lora_geglu if torch.compiler.is_compiling() else gated_rows
-    return op(x, base.weight, base.bias, down, up, units, scales)
-
-
-def gated_rows(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    units: torch.Tensor,
-    scales: torch.Tensor,
-) -> torch.Tensor:
-    """`gated`'s body: the base product, then the kernel from it into the op's new output."""
-    both = F.linear(x, weight, bias)
-    out = gated_shape(x, weight)
-    if not gate_rows(out, both, x, down, up, units, scales):
-        raise ValueError(f"no kernel view of the layer's output {tuple(both.stride())}")
-    return out
-
-
-def gated_shape(x: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
-
-
-lora_geglu = torch.library.custom_op("sdserve::lora_geglu", mutates_args=())(gated_rows)
-lora_geglu.register_fake(gated_shape)
 
 
 @dataclass(frozen=True)
@@ -288,12 +247,23 @@ def add_rows(
     up: torch.Tensor,
     units: torch.Tensor,
     scales: torch.Tensor,
+    order: torch.Tensor,
     conv: bool,
     tiles: Tiles | None = None,
 ) -> bool:
     """out += each row's LoRA units applied to x, in place. `down`: (pool, 8, in), `up`:
     (pool, 8, out), `units`: (≥ rows, row_units) long, `scales`: (≥ rows, row_units * 8)
-    float32. False (and out untouched) when the shapes suit only the tensor path."""
+    float32, `order`: the call's LoRA rows (`worker.adapters.RowBuffers.sort`). False (and out
+    untouched) when the shapes suit only the tensor path.
+
+    Why `order`: the grid is fixed by the call's shapes (a CUDA graph replays it), yet only
+    the rows with LoRAs have work. Were each program bound to one row, half LoRA rows would
+    leave half the programs idle, and SDXL's deep layers (16 rows of 1024 tokens: 128 programs)
+    would run one busy program on every other SM. Instead the programs of axis 1 (`fan` a
+    row) are dealt out among the LoRA rows: each LoRA row's token tile has several programs,
+    each of them a part of its outputs (recomputing the tile's down product, as `cut`'s
+    splits do), as many as take the work towards `fill` programs an SM; with every row a
+    LoRA row and `fan` 1 the grid works as one program a row's tile."""
     tiles = tiles or TILES  # read at the call: a benchmark may set the module's tiling
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
     if xs is None or outs is None:
@@ -307,78 +277,16 @@ def add_rows(
     # Token tiles vary fastest: the programs of one row run side by side and share its units'
     # weights in the L2 cache.
     spans = triton.cdiv(outputs, grid.span)
-    _rows[(triton.cdiv(tokens, grid.tokens), rows, spans)](
-        xs,
-        down,
-        up,
-        units,
-        scales,
-        outs,
-        tokens,
-        inputs,
-        outputs,
-        xs.stride(0),
-        xs.stride(1),
-        xs.stride(2),
-        down.stride(0),
-        down.stride(1),
-        down.stride(2),
-        up.stride(0),
-        up.stride(1),
-        up.stride(2),
-        outs.stride(0),
-        outs.stride(1),
-        outs.stride(2),
-        grid.span,
-        RANKS=ranks,
-        RANKS_P2=rank_width,
-        ROW_UNITS=row_units,
-        TOKENS=grid.tokens,
-        FEATURES=tiles.features,
-        NARROW=tiles.narrow,
-        W32=min(32, rank_width),
-        W64=min(64, rank_width),
-        num_warps=tiles.warps,
-        num_stages=tiles.stages,
-    )
-    return True
-
-
-def gate_rows(
-    out: torch.Tensor,
-    both: torch.Tensor,
-    x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
-    units: torch.Tensor,
-    scales: torch.Tensor,
-    tiles: Tiles | None = None,
-) -> bool:
-    """out = hidden * gelu(gate) of `both`'s halves (a GEGLU's layer output, twice out's
-    features; `up` that wide), each row's LoRA units added to both halves first and rounded
-    to the layer's dtype as the tensor path rounds the layer's output; every row written, a
-    row without LoRA gated alone. The arguments as `add_rows`' (linear layers only).
-
-    A kernel of its own (`_gated`), not a flag of `_rows`: the worker's default path stays the
-    kernel the GPU check last ran until a GPU has measured this one (SDSERVE_LORA_GATED)."""
-    tiles = tiles or TILES
-    xs, outs, boths = as_tokens(x, False), as_tokens(out, False), as_tokens(both, False)
-    if xs is None or outs is None or boths is None:
-        return False
-    rows, tokens, inputs = xs.shape
-    outputs = outs.shape[2]
-    ranks = scales.shape[1]
-    grid = cut(rows, tokens, inputs, outputs, tiles, multiprocessors(out.device))
-    rank_width = max(LEAST, triton.next_power_of_2(ranks))
-    _gated[(triton.cdiv(tokens, grid.tokens), rows, triton.cdiv(outputs, grid.span))](
-        xs, down, up, units, scales, boths, outs, tokens, inputs, outputs,
+    _rows[(triton.cdiv(tokens, grid.tokens), rows * tiles.fan, spans)](
+        xs, down, up, units, scales, order, outs, rows, tokens, inputs, outputs,
         xs.stride(0), xs.stride(1), xs.stride(2),
         down.stride(0), down.stride(1), down.stride(2),
         up.stride(0), up.stride(1), up.stride(2),
-        boths.stride(0), boths.stride(1), boths.stride(2),
-        outs.stride(0), outs.stride(1), outs.stride(2), grid.span,
-        RANKS=ranks, RANKS_P2=rank_width, ROW_UNITS=units.shape[1], TOKENS=grid.tokens,
-        FEATURES=tiles.features, W32=min(32, rank_width), W64=min(64, rank_width),
+        outs.stride(0), outs.stride(1), outs.stride(2),
+        grid.span, tiles.fill * multiprocessors(out.device),
+        RANKS=ranks, RANKS_P2=rank_width, ROW_UNITS=row_units, TOKENS=grid.tokens,
+        FEATURES=tiles.features, NARROW=tiles.narrow,
+        W32=min(32, rank_width), W64=min(64, rank_width),
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return True
@@ -388,65 +296,56 @@ if triton is not None:
 
     @triton.jit
     def _rows(
-        x,
-        down,
-        up,
-        units,
-        scales,
-        out,
-        tokens,
-        inputs,
-        outputs,
-        sxb,
-        sxn,
-        sxk,
-        sdu,
-        sdr,
-        sdk,
-        suu,
-        sur,
-        suo,
-        sob,
-        son,
-        soo,
-        span,
-        RANKS: tl.constexpr,
-        RANKS_P2: tl.constexpr,
-        ROW_UNITS: tl.constexpr,
-        TOKENS: tl.constexpr,
-        FEATURES: tl.constexpr,
-        NARROW: tl.constexpr,
-        W32: tl.constexpr,
-        W64: tl.constexpr,
-    ):
-        b = tl.program_id(1)
-        r = tl.arange(0, RANKS_P2)
-        s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
-        # The row's rank width: its LoRAs' units lie end to end from the first, so past the
-        # last rank with a scale there is nothing to add (0 for a row without LoRA: out as
-        # it is).
-        width = tl.max(tl.where(s != 0.0, r + 1, 0), axis=0)
-        if not NARROW:  # every LoRA row at the call's rank width (the kernel before)
-            width = tl.where(width > 0, RANKS_P2, 0)
-        # Each branch is the same body at its own constant rank width (tl.dot's sides are
-        # constants): a row pays for the ranks it has, rounded up to a power of two, not for
-        # the widest row's.
-        if width > W64:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES)  # fmt: skip
-        elif width > W32:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES)  # fmt: skip
-        elif width > 16:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES)  # fmt: skip
-        elif width > 0:
-            _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
-                 sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                 span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES)  # fmt: skip
+        x, down, up, units, scales, order, out, rows, tokens, inputs, outputs,
+        sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+        span, fill,
+        RANKS: tl.constexpr, RANKS_P2: tl.constexpr, ROW_UNITS: tl.constexpr,
+        TOKENS: tl.constexpr, FEATURES: tl.constexpr, NARROW: tl.constexpr,
+        W32: tl.constexpr, W64: tl.constexpr,
+    ):  # fmt: skip
+        count = tl.load(order)  # the call's LoRA rows (0: nothing to add anywhere)
+        # Programs a LoRA row's tile gets: what the grid's axis 1 holds for each, at most
+        # what fills the GPU, and at most one an output tile of the span.
+        tiles_in_span = span // FEATURES
+        active = tl.maximum(count, 1) * tl.num_programs(0) * tl.num_programs(2)
+        parts = tl.num_programs(1) // tl.maximum(count, 1)
+        parts = tl.minimum(parts, (fill + active - 1) // active)
+        parts = tl.maximum(tl.minimum(parts, tiles_in_span), 1)
+        slot = tl.program_id(1) // parts
+        part = tl.program_id(1) - slot * parts
+        if slot < count:
+            b = tl.load(order + 1 + slot)
+            per = tl.cdiv(tiles_in_span, parts) * FEATURES
+            first = tl.program_id(2) * span + part * per
+            last = tl.minimum(first + per, tl.program_id(2) * span + span)
+            r = tl.arange(0, RANKS_P2)
+            s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
+            # The row's rank width: its LoRAs' units lie end to end from the first, so past
+            # the last rank with a scale there is nothing to add.
+            width = tl.max(tl.where(s != 0.0, r + 1, 0), axis=0)
+            if not NARROW:  # every LoRA row at the call's rank width (the kernel before)
+                width = tl.where(width > 0, RANKS_P2, 0)
+            # Each branch is the same body at its own constant rank width (tl.dot's sides
+            # are constants): a row pays for the ranks it has, rounded up to a power of
+            # two, not for the widest row's.
+            if b >= rows or first >= last:  # an order not this call's (never met); no part
+                width = 0
+            if width > W64:
+                _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                     sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                     first, last, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES)  # fmt: skip
+            elif width > W32:
+                _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                     sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                     first, last, RANKS, ROW_UNITS, W64, TOKENS, FEATURES)  # fmt: skip
+            elif width > 16:
+                _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                     sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                     first, last, RANKS, ROW_UNITS, W32, TOKENS, FEATURES)  # fmt: skip
+            elif width > 0:
+                _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
+                     sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
+                     first, last, RANKS, ROW_UNITS, 16, TOKENS, FEATURES)  # fmt: skip
 
     @triton.jit
     def _add(
@@ -472,14 +371,16 @@ if triton is not None:
         sob,
         son,
         soo,
-        span,
+        first,
+        last,
         RANKS: tl.constexpr,
         ROW_UNITS: tl.constexpr,
         WIDTH: tl.constexpr,
         TOKENS: tl.constexpr,
         FEATURES: tl.constexpr,
     ):
-        """Row b's units over its first WIDTH ranks, added to its tile of out."""
+        """Row b's units over its first WIDTH ranks, added to its tile of out's features
+        first to last."""
         n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
         r = tl.arange(0, WIDTH)
         s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
@@ -502,8 +403,7 @@ if triton is not None:
             h += tl.dot(xt, dt)
         # Rounded to the layer's dtype as the tensor path's product is.
         ht = (h * s[None, :]).to(out.dtype.element_ty)
-        first = tl.program_id(2) * span
-        for o0 in range(first, first + span, FEATURES):
+        for o0 in range(first, last, FEATURES):
             o = o0 + tl.arange(0, FEATURES)
             ut = tl.load(
                 up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
@@ -515,84 +415,3 @@ if triton is not None:
             base = tl.load(at, mask=keep, other=0.0)
             total = base.to(tl.float32) + tl.dot(ht, ut)
             tl.store(at, total.to(out.dtype.element_ty), mask=keep)
-
-    @triton.jit
-    def _gated(
-        x, down, up, units, scales, both, out, tokens, inputs, outputs,
-        sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo, span,
-        RANKS: tl.constexpr, RANKS_P2: tl.constexpr, ROW_UNITS: tl.constexpr,
-        TOKENS: tl.constexpr, FEATURES: tl.constexpr, W32: tl.constexpr, W64: tl.constexpr,
-    ):  # fmt: skip
-        """`gate_rows`: `_rows`' choice of a body by the row's rank width, and a row without
-        LoRA gated alone."""
-        b = tl.program_id(1)
-        r = tl.arange(0, RANKS_P2)
-        s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
-        width = tl.max(tl.where(s != 0.0, r + 1, 0), axis=0)
-        if width > W64:
-            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
-                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                  span, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES, True)  # fmt: skip
-        elif width > W32:
-            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
-                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                  span, RANKS, ROW_UNITS, W64, TOKENS, FEATURES, True)  # fmt: skip
-        elif width > 16:
-            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
-                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                  span, RANKS, ROW_UNITS, W32, TOKENS, FEATURES, True)  # fmt: skip
-        elif width > 0:
-            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
-                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                  span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, True)  # fmt: skip
-        else:
-            _gate(x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
-                  sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo,
-                  span, RANKS, ROW_UNITS, 16, TOKENS, FEATURES, False)  # fmt: skip
-
-    @triton.jit
-    def _gate(
-        x, down, up, units, scales, both, out, b, tokens, inputs, outputs,
-        sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, syb, syn, syo, sob, son, soo, span,
-        RANKS: tl.constexpr, ROW_UNITS: tl.constexpr, WIDTH: tl.constexpr,
-        TOKENS: tl.constexpr, FEATURES: tl.constexpr, LORA: tl.constexpr,
-    ):  # fmt: skip
-        """Row b's tile: its units over its first WIDTH ranks (none without LORA) added to
-        both halves of `both`, gated into out."""
-        n = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-        in_tokens = n < tokens
-        if LORA:  # the down product, as `_add`'s
-            r = tl.arange(0, WIDTH)
-            s = tl.load(scales + b * RANKS + r, mask=r < RANKS, other=0.0)
-            used = s != 0.0
-            unit = tl.load(units + b * ROW_UNITS + r // 8, mask=used, other=0)
-            h = tl.zeros((TOKENS, WIDTH), dtype=tl.float32)
-            for k0 in range(0, inputs, FEATURES):
-                k = k0 + tl.arange(0, FEATURES)
-                h += tl.dot(
-                    tl.load(x + b * sxb + n[:, None] * sxn + k[None, :] * sxk,
-                            mask=in_tokens[:, None] & (k[None, :] < inputs), other=0.0),
-                    tl.load(down + unit[None, :] * sdu + (r % 8)[None, :] * sdr
-                            + k[:, None] * sdk,
-                            mask=(k[:, None] < inputs) & used[None, :], other=0.0),
-                )  # fmt: skip
-            ht = (h * s[None, :]).to(out.dtype.element_ty)
-        first = tl.program_id(2) * span
-        for o0 in range(first, first + span, FEATURES):
-            o = o0 + tl.arange(0, FEATURES)
-            keep = in_tokens[:, None] & (o[None, :] < outputs)
-            at = both + b * syb + n[:, None] * syn + o[None, :] * syo
-            hidden = tl.load(at, mask=keep, other=0.0)
-            gate = tl.load(at + outputs * syo, mask=keep, other=0.0)  # the second half
-            if LORA:
-                ups = up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo
-                upmask = used[:, None] & (o[None, :] < outputs)
-                hu = tl.load(ups, mask=upmask, other=0.0)
-                gu = tl.load(ups + outputs * suo, mask=upmask, other=0.0)
-                # The layer's output as the tensor path rounds it, before the gate.
-                hidden = (hidden.to(tl.float32) + tl.dot(ht, hu)).to(out.dtype.element_ty)
-                gate = (gate.to(tl.float32) + tl.dot(ht, gu)).to(out.dtype.element_ty)
-            g = gate.to(tl.float32)
-            gelu = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))  # exact, as F.gelu's
-            gated = (hidden.to(tl.float32) * gelu).to(out.dtype.element_ty)
-            tl.store(out + b * sob + n[:, None] * son + o[None, :] * soo, gated, mask=keep)

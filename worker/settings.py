@@ -245,12 +245,6 @@ class WorkerSettings(CommonSettings):
         description="On CUDA, LoRA rows through the Triton kernels that skip rows without LoRA"
         " and unused ranks; false: the plain tensor path (every row pays the row rank).",
     )
-    lora_gated: bool = Field(
-        default=False,
-        description="On CUDA, each feed-forward block's input layer, its rows' LoRAs and its"
-        " GELU gate as one kernel pass (its LoRA rows' outputs read once, not three times);"
-        " off until a GPU has measured it (BENCHMARKS.md, forty-first session).",
-    )
     lora_tiles: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(),
         description="The LoRA kernel's tiling, tokens,features,warps[,stages] (powers of two);"
