@@ -309,7 +309,7 @@ if triton is not None:
         tiles_in_span = span // FEATURES
         active = tl.maximum(count, 1) * tl.num_programs(0) * tl.num_programs(2)
         parts = tl.num_programs(1) // tl.maximum(count, 1)
-        parts = tl.minimum(parts, (fill + active - 1) // active)
+        parts = tl.minimum(parts, fill // active)  # down: a near-full grid is not split
         parts = tl.maximum(tl.minimum(parts, tiles_in_span), 1)
         slot = tl.program_id(1) // parts
         part = tl.program_id(1) - slot * parts
