@@ -434,9 +434,16 @@ def test_the_openai_client_makes_one_job_per_call(tmp_path: Path, tiny_model: Pa
         # Behind a slow job, its deadline passes before the worker takes it: the job fails
         # (500 with its code, not retried). The slow job runs for seconds on any CPU (60 steps
         # at 256x256 once ended within the 1-s deadline).
+        # The slow job is canceled once the next call's job has waited past its deadline, so
+        # the worker takes that job at once, however long the slow one would run on a busy
+        # CPU (else the call's 6-s wait can end first: a 504, not the job's failure).
         slow = c.submit({**SLOW, "steps": 100, "seed": 4})
         wait_for(lambda: running_on(c, slow), 60, "the slow job to run")
+        known = set(c.store.client.keys("sdserve:job:*"))
+        canceler = threading.Thread(target=_cancel_past_deadline, args=(c, slow, known, 1.0))
+        canceler.start()
         failed = generate(steps=2, seed=2, timeout_s=1)
+        canceler.join()
         assert isinstance(failed, openai.APIStatusError) and failed.status_code == 500
         c.wait_until_ended(calls, 120)
         statuses = {i: r["status"] for i, r in zip(calls, c.records(calls), strict=True)}
@@ -446,6 +453,13 @@ def test_the_openai_client_makes_one_job_per_call(tmp_path: Path, tiny_model: Pa
         assert row.lost == 0, statuses
     finally:
         c.close()
+
+
+def _cancel_past_deadline(c: Cluster, slow: str, known: set[bytes], deadline_s: float) -> None:
+    """Cancel `slow` once a job not in `known` has been queued for longer than its deadline."""
+    wait_for(lambda: set(c.store.client.keys("sdserve:job:*")) - known, 60, "the next job")
+    time.sleep(deadline_s + 0.5)
+    c.http.delete(f"/jobs/{slow}")  # 409 if it ended meanwhile: nothing to do
 
 
 def _cancel_soon(c: Cluster, spare: set[str]) -> None:
