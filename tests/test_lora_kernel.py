@@ -307,3 +307,33 @@ def test_the_work_list_puts_lora_rows_first_and_counts_them() -> None:
     assert buffers.order[:6].tolist() == [2, 0, 2, 1, 3, 4]
     buffers.clear()
     assert buffers.order.tolist() == [0] * 9 and not buffers.scales.any()
+
+
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("triton") is None, reason="no Triton here"
+)
+@pytest.mark.parametrize("ranks", [128, 8])
+def test_the_kernel_compiles_for_an_h100(ranks: int) -> None:
+    """Triton's own compiler, down to the machine code of an H100/H200 (sm_90), on this CPU:
+    what the interpreter tests above cannot see (Triton's typing of the kernel's branches and
+    loops, its layouts), checked without a GPU. The default tiling, the call's rank width at
+    the worker's default row rank (128) and at one unit (8, padded up to 16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from worker import lora_kernel
+
+    tiles, width = lora_kernel.Tiles(), max(lora_kernel.LEAST, triton.next_power_of_2(ranks))
+    constants = {"RANKS": ranks, "RANKS_P2": width, "ROW_UNITS": -(-ranks // UNIT),
+                 "TOKENS": tiles.tokens, "FEATURES": tiles.features, "NARROW": tiles.narrow,
+                 "W32": min(32, width), "W64": min(64, width)}  # fmt: skip
+    pointers = {"x": "*fp16", "down": "*fp16", "up": "*fp16", "units": "*i64",
+                "scales": "*fp32", "order": "*i32", "out": "*fp16"}  # fmt: skip
+    names = lora_kernel._rows.arg_names
+    signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
+    source = ASTSource(fn=lora_kernel._rows, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()})  # fmt: skip
+    options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]

@@ -328,8 +328,8 @@ if triton is not None:
             # Each branch is the same body at its own constant rank width (tl.dot's sides
             # are constants): a row pays for the ranks it has, rounded up to a power of
             # two, not for the widest row's.
-            if b >= rows or first >= last:  # an order not this call's (never met); no part
-                width = 0
+            # Nothing for an order not this call's (never met) or a part past the span's end.
+            width = tl.where((b < rows) & (first < last), width, 0)
             if width > W64:
                 _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
                      sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
