@@ -59,13 +59,16 @@ def compare() -> None:
     tiles), 1x1 convolutions in both memory formats, row ranks not a multiple of 16 (one row
     unit: ranks padded up to tl.dot's least side); each row's output equal to the tensor
     path's in shape, layout and values, rows without LoRA exactly the base layer's. Under
-    each way of dealing programs to the LoRA rows: the defaults on an H100's 132 SMs (where
-    these small calls split their outputs down to single tiles: `cut`), one program a row's
-    tile (fill 0), and on a GPU of 4 SMs (spans of several tiles) three programs a row (fan
-    3: a LoRA row's span dealt out in parts) and the defaults."""
+    each way of dealing programs to the LoRA rows: on an H100's 132 SMs (where these small
+    calls split their outputs down to single tiles: `cut`) one program a row's tile (fill 0,
+    the default) and the programs of rows without LoRA dealt out (fill 2), and on a GPU of 4
+    SMs (spans of several tiles) three programs a row (fan 3: a LoRA row's span dealt out in
+    parts) and fill 2."""
     from worker import lora_kernel
 
-    for deal, sms in ((Tiles(), 132), (Tiles(fill=0), 132), (Tiles(fan=3), 4), (Tiles(), 4)):
+    deals = ((Tiles(fill=0), 132), (Tiles(fill=2), 132), (Tiles(fan=3, fill=2), 4),
+             (Tiles(fill=2), 4))  # fmt: skip
+    for deal, sms in deals:
         lora_kernel.TILES = deal
         lora_kernel.multiprocessors = lambda device, sms=sms: sms  # type: ignore[assignment]
         compare_cases()
@@ -268,9 +271,9 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
 
 
 def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
-    """`SDSERVE_LORA_TILES`: empty is the defaults; three or four numbers are tokens, features,
-    warps and stages; anything else is refused at start with the setting's name, not a kernel
-    launched with a grid that cannot be."""
+    """`SDSERVE_LORA_TILES`: empty is the defaults; three, four or six numbers are tokens,
+    features, warps, stages, fan and fill (fill may be 0); anything else is refused at start
+    with the setting's name, not a kernel launched with a grid that cannot be."""
     from pydantic import ValidationError
 
     from worker.lora_kernel import Tiles, tiles_of
@@ -282,7 +285,21 @@ def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
     assert tiles("") == Tiles() and tiles("  ") == Tiles()
     assert tiles("32,128,4") == Tiles(tokens=32, features=128, warps=4)
     assert tiles("64, 64, 8, 2") == Tiles(tokens=64, features=64, warps=8, stages=2)
-    for bad in ("32,128", "32,128,4,3,1", "32,0,4", "a,b,c", "48,128,4", "8,128,4", "32,128,3"):
+    assert tiles("128,64,4,3,2,4") == Tiles(stages=3, fan=2, fill=4)
+    assert tiles("128,64,4,3,1,0") == Tiles(fill=0)
+    for bad in (
+        "32,128",
+        "32,128,4,3,1",
+        "32,0,4",
+        "a,b,c",
+        "48,128,4",
+        "8,128,4",
+        "32,128,3",
+        "128,64,4,3,0,2",
+        "128,64,4,3,1,-1",
+        "128,64,4,0,1,2",
+        "128,64,4,3,1,2,1",
+    ):
         with pytest.raises(ValidationError, match="lora_tiles"):
             tiles(bad)
     assert WorkerSettings(lora_tiles=(64, 64, 8)).lora_tiles == (64, 64, 8)

@@ -69,7 +69,10 @@ class Tiles:
     stages: int = 3
     splits: int = 0
     fan: int = 1
-    fill: int = 2
+    # 0 until a GPU has measured the deal (BENCHMARKS.md, forty-second session): one program
+    # a LoRA row's tile, the work each program did before; 2 deals the programs of rows without
+    # LoRA out to the LoRA rows (SDSERVE_LORA_TILES=128,64,4,3,1,2).
+    fill: int = 0
 
 
 LEAST = 16  # tl.dot's least side: a call's rank width is padded up to it
@@ -79,8 +82,10 @@ def tiles_of(tiling: tuple[int, ...]) -> Tiles:
     """The tiling SDSERVE_LORA_TILES gives (`worker.settings.lora_tiling`): () the defaults."""
     if not tiling:
         return Tiles()
-    stages = tiling[3] if len(tiling) == 4 else Tiles.stages
-    return Tiles(tokens=tiling[0], features=tiling[1], warps=tiling[2], stages=stages)
+    stages = tiling[3] if len(tiling) >= 4 else Tiles.stages
+    fan, fill = tiling[4:6] if len(tiling) == 6 else (Tiles.fan, Tiles.fill)
+    return Tiles(tokens=tiling[0], features=tiling[1], warps=tiling[2], stages=stages, fan=fan,
+                 fill=fill)  # fmt: skip
 
 
 # The process's tiling: the worker sets it at start from SDSERVE_LORA_TILES (engine.py), a
@@ -263,7 +268,8 @@ def add_rows(
     row) are dealt out among the LoRA rows: each LoRA row's token tile has several programs,
     each of them a part of its outputs (recomputing the tile's down product, as `cut`'s
     splits do), as many as take the work towards `fill` programs an SM; with every row a
-    LoRA row and `fan` 1 the grid works as one program a row's tile."""
+    LoRA row and `fan` 1, or `fill` 0 (the default until a GPU has timed the deal), the grid
+    works as one program a row's tile, each program's work what it was before the deal."""
     tiles = tiles or TILES  # read at the call: a benchmark may set the module's tiling
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
     if xs is None or outs is None:
