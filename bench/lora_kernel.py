@@ -246,7 +246,7 @@ def row_deltas(
     scales: torch.Tensor,
 ) -> torch.Tensor:
     """Each row's LoRA delta in float32 from the weights as the kernels read them: what their
-    sums are checked against (here and in `bench.lora_fused`)."""
+    sums are checked against."""
     low = torch.einsum("rti,rki->rtk", x.float(), down[units].flatten(1, 2).float())
     return torch.einsum("rtk,rko->rto", low * scales[:, None, :], up[units].flatten(1, 2).float())
 
