@@ -3,10 +3,11 @@ and skips what a row does not use (worker/adapters.py, `RowLora`).
 
 Why: the plain tensor path (`RowLora.forward`'s gather and two batched products) computes
 `row_rank` ranks on every row of every call, LoRA or not: about a seventh of the UNet's time at
-rank 128 on a LoRA-serving worker, paid by rows that carry no LoRA. Here every program looks
-at its row's scales first: a row without LoRA costs one load of its scales and nothing else,
-and ranks past its LoRAs' own are never read. The grid depends only on the call's shapes, never
-on the mix, so CUDA graphs replay it as it is and nothing compiles again when the mix changes.
+rank 128 on a LoRA-serving worker, paid by rows that carry no LoRA. Here the programs work
+from the call's list of LoRA rows (`add_rows`, `worker.adapters.row_order`): a row without
+LoRA costs nothing, and ranks past its LoRAs' own are never read. The grid depends only on
+the call's shapes, never on the mix, so CUDA graphs replay it as it is and nothing compiles
+again when the mix changes.
 In a compiled graph a whole adapted layer, its base product and the kernel, is one opaque op
 (`sdserve::lora_layer`, see `layer`).
 
@@ -331,11 +332,11 @@ if triton is not None:
             width = tl.max(tl.where(s != 0.0, r + 1, 0), axis=0)
             if not NARROW:  # every LoRA row at the call's rank width (the kernel before)
                 width = tl.where(width > 0, RANKS_P2, 0)
+            # Nothing for an order not this call's (never met) or a part past the span's end.
+            width = tl.where((b < rows) & (first < last), width, 0)
             # Each branch is the same body at its own constant rank width (tl.dot's sides
             # are constants): a row pays for the ranks it has, rounded up to a power of
             # two, not for the widest row's.
-            # Nothing for an order not this call's (never met) or a part past the span's end.
-            width = tl.where((b < rows) & (first < last), width, 0)
             if width > W64:
                 _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
                      sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
