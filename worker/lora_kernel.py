@@ -70,9 +70,10 @@ class Tiles:
     stages: int = 3
     splits: int = 0
     fan: int = 1
-    # 0 until a GPU has measured the deal (BENCHMARKS.md, forty-second session): one program
-    # a LoRA row's tile, the work each program did before; 2 deals the programs of rows without
-    # LoRA out to the LoRA rows (SDSERVE_LORA_TILES=128,64,4,3,1,2).
+    # 0: one program a LoRA row's tile, the work each program did before the deal. 2 deals the
+    # programs of rows without LoRA out to the LoRA rows (SDSERVE_LORA_TILES=128,64,4,3,1,2):
+    # on an H100, SDXL's half mix 44.5 -> 40.1 ms, 0.99 of the call (BENCHMARKS.md,
+    # forty-third session); 0 until a GPU check with it on shows no compile while serving.
     fill: int = 0
 
 
@@ -269,7 +270,7 @@ def add_rows(
     row) are dealt out among the LoRA rows: each LoRA row's token tile has several programs,
     each of them a part of its outputs (recomputing the tile's down product, as `cut`'s
     splits do), as many as take the work towards `fill` programs an SM; with every row a
-    LoRA row and `fan` 1, or `fill` 0 (the default until a GPU has timed the deal), the grid
+    LoRA row and `fan` 1, or `fill` 0 (the default: see `Tiles.fill`), the grid
     works as one program a row's tile, each program's work what it was before the deal."""
     tiles = tiles or TILES  # read at the call: a benchmark may set the module's tiling
     xs, outs = as_tokens(x, conv), as_tokens(out, conv)
