@@ -178,6 +178,28 @@ def test_helpers_are_on_where_inductor_compiles_on_a_large_gpu() -> None:
     assert not helped(WorkerSettings(compile_helpers="off"), cpu, compiling)
 
 
+@pytest.mark.parametrize(("gib", "auto", "on"), [(24, 0, 2), (40, 2, 2), (48, 2, 2),
+                                                 (79.1, 3, 3), (139.8, 6, 6)])  # fmt: skip
+def test_a_gpu_with_room_for_more_copies_gives_more_models_a_helper(
+    gib: float, auto: int, on: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two models get a helper on a GPU of 40 GiB, and one more for each further 20 GiB (an
+    H100's 79 GiB: three, so SD 1.5 beside SDXL's base and refiner compiles aside too); set
+    on, a smaller GPU still gets two; models past the count, or warmed, get none."""
+    memory = type("Properties", (), {"total_memory": int(gib * 2**30)})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: memory)
+    gpu, compiling = torch.device("cuda"), Tuning(max_batch=2, compile=True)
+    assert helped(WorkerSettings(), gpu, compiling) == auto
+    assert helped(WorkerSettings(compile_helpers="on"), gpu, compiling) == on
+    eager_backend = dataclasses.replace(compiling, compile_backend="eager")
+    assert helped(WorkerSettings(), gpu, eager_backend) == 0
+    models = ["base", "refiner", "sd15", "other"]
+    assert helpers.helped_parts(models, ["refiner"], 3) == {"base": "rest", "sd15": "all"}
+    assert helpers.helped_parts(models, (), auto) == dict(
+        list({"base": "rest", "refiner": "all", "sd15": "all", "other": "all"}.items())[:auto]
+    )
+
+
 def test_a_warm_up_out_of_memory_beside_helpers_starts_again_without_them(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,8 +243,8 @@ def test_a_start_from_a_cache_its_models_warmed_up_with_starts_no_helper_for_the
     tuning, cpu = Tuning(max_batch=2, compile=True), torch.device("cpu")
     started: list[dict[str, str]] = []
 
-    def helpers_of(models: list[str], warmed: Any = ()) -> dict[str, str]:
-        started.append(helpers.helped_parts(models, warmed))
+    def helpers_of(models: list[str], warmed: Any = (), count: int = 2) -> dict[str, str]:
+        started.append(helpers.helped_parts(models, warmed, count))
         return started[-1]
 
     monkeypatch.setattr(process, "Helpers", helpers_of)

@@ -7,8 +7,9 @@ one core. A helper process (`python -m worker.compile_helper`) builds the same e
 from the same settings and compiles some of these at the same time, into the compile cache
 (TORCHINDUCTOR_CACHE_DIR) that the warm-up then reads: there they load in a second or two. The
 first model's UNet is the worker's own work (its warm-up starts with it) and the rest of that
-model its helper's; a second model is a helper's whole (a third and more compile in the
-warm-up, as without helpers: each helper holds a copy of its model). What a helper compiles is
+model its helper's; a second model is a helper's whole, and so is a third and more where the
+GPU has room for their copies (worker/process.py `helped`: one an extra 20 GiB past 40; a
+model past them compiles in the warm-up, as without helpers). What a helper compiles is
 what the warm-up would, by the same code (`CompiledCalls.precompile`): the same graphs, the
 same cache entries. A helper that fails or hangs costs its time only: the warm-up compiles
 whatever the cache lacks, as without helpers; a warm-up that runs out of GPU memory beside the
@@ -44,15 +45,19 @@ log = logging.getLogger("sdserve.worker")
 WAIT_S = 600.0
 
 
-# Models that get a helper: the first two (the first model's rest, the second whole). Each
-# helper holds a copy of its model while it runs; a third model's warm-up compiles it itself.
+# Models that get a helper, at the least: the first two (the first model's rest, the second
+# whole). Each helper holds a copy of its model while it runs, so the worker gives more models
+# one only where the GPU has the room (worker/process.py `helped`); a model past them compiles
+# in its warm-up.
 HELPED_MODELS = 2
 
 
-def helped_parts(models: list[str], warmed: Iterable[str] = ()) -> dict[str, str]:
-    """The part a helper compiles for each of the first models, but those `warmed` (their
-    parts are in the compile cache): the first model's rest, the second's all."""
-    parts = {name: "rest" if i == 0 else "all" for i, name in enumerate(models[:HELPED_MODELS])}
+def helped_parts(
+    models: list[str], warmed: Iterable[str] = (), count: int = HELPED_MODELS
+) -> dict[str, str]:
+    """The part a helper compiles for each of the first `count` models, but those `warmed`
+    (their parts are in the compile cache): the first model's rest, the others' all."""
+    parts = {name: "rest" if i == 0 else "all" for i, name in enumerate(models[:count])}
     return {name: part for name, part in parts.items() if name not in set(warmed)}
 
 
@@ -86,11 +91,13 @@ class WarmMarks:
 
 
 class Helpers:
-    """A helper process for each of the first models, started at once: the first model's
-    without its UNet (`rest`), the second's whole (`all`); none for a model `warmed`."""
+    """A helper process for each of the first `count` models, started at once: the first
+    model's without its UNet (`rest`), the others' whole (`all`); none for a model `warmed`."""
 
-    def __init__(self, models: list[str], warmed: Iterable[str] = ()) -> None:
-        self._parts = helped_parts(models, warmed)
+    def __init__(
+        self, models: list[str], warmed: Iterable[str] = (), count: int = HELPED_MODELS
+    ) -> None:
+        self._parts = helped_parts(models, warmed, count)
         helper = [sys.executable, "-m", "worker.compile_helper"]
         self._running = {
             name: subprocess.Popen([*helper, name, part, str(os.getpid())])

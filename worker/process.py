@@ -27,7 +27,7 @@ from worker.bytecode import keep as keep_bytecode
 from worker.compiled import Tuning
 from worker.engine import Engine, resolve_device
 from worker.engines import load_engines, tuning_of
-from worker.helpers import Helpers, WarmMarks, helped_parts
+from worker.helpers import HELPED_MODELS, Helpers, WarmMarks, helped_parts
 from worker.lease import READ_BLOCK_MS, NameTaken
 from worker.metrics import WorkerMetrics
 from worker.runner import Runner
@@ -36,8 +36,14 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("sdserve.worker")
 
 # Compile helpers by default on GPUs of this much memory or more (a helper holds a second copy
-# of its model and its largest call's activations while it compiles).
+# of its model and its largest call's activations while it compiles): two models' helpers there,
+# and one more model's for each further HELPER_MEMORY (SDXL's weights and its 16-row call's
+# activations, about 8 GiB each). Without a helper a model compiles in the warm-up: SD 1.5 as a
+# third model beside SDXL's base and refiner took 97 s there against 22 s with one (H100,
+# thirtieth and thirty-first sessions). A guess too high costs the start once: a warm-up out of
+# GPU memory beside the helpers stops them and goes on alone (worker/engines.py).
 HELPED_MEMORY = 40 * 2**30
+HELPER_MEMORY = 20 * 2**30
 
 
 def process_age_s() -> float | None:
@@ -52,14 +58,20 @@ def process_age_s() -> float | None:
         return None
 
 
-def helped(settings: WorkerSettings, device: torch.device, tuning: Tuning) -> bool:
-    """Whether compile helpers (worker/helpers.py) compile beside the warm-up: as set, or
-    (auto) where inductor compiles on a GPU with room for a helper's copy of a model."""
-    if settings.compile_helpers != "auto":
-        return settings.compile_helpers == "on" and tuning.compile
-    if not tuning.compile or tuning.compile_backend != "inductor" or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_properties(device).total_memory >= HELPED_MEMORY
+def helped(settings: WorkerSettings, device: torch.device, tuning: Tuning) -> int:
+    """How many of the models get a compile helper (worker/helpers.py), 0 for none: as set,
+    or (auto) where inductor compiles on a GPU with room for a helper's copy of a model; as
+    many as the GPU's memory has room for (`HELPER_MEMORY`), at least `HELPED_MODELS`."""
+    if settings.compile_helpers == "off" or not tuning.compile:
+        return 0
+    if device.type != "cuda":  # "on" on a CPU: the tests' helpers
+        return HELPED_MODELS if settings.compile_helpers == "on" else 0
+    if settings.compile_helpers == "auto" and tuning.compile_backend != "inductor":
+        return 0
+    total = torch.cuda.get_device_properties(device).total_memory
+    if total < HELPED_MEMORY:
+        return HELPED_MODELS if settings.compile_helpers == "on" else 0
+    return HELPED_MODELS + (total - HELPED_MEMORY) // HELPER_MEMORY
 
 
 def warm_marks(models: dict[str, str], device: torch.device, tuning: Tuning) -> WarmMarks:
@@ -78,13 +90,14 @@ def started_helpers(
 ) -> Helpers | None:
     """The compile helpers for this start (`helped`), but none for a model that warmed up with
     this compile cache before: its parts are read there in seconds."""
-    if not helped(settings, device, tuning):
+    count = helped(settings, device, tuning)
+    if not count:
         return None
     models, warmed = list(settings.held_models()), marks.warmed()
     if warmed:
         log.info("no compile helper for %s: warmed up with this compile cache before",
                  ", ".join(warmed))  # fmt: skip
-    return Helpers(models, warmed) if helped_parts(models, warmed) else None
+    return Helpers(models, warmed, count) if helped_parts(models, warmed, count) else None
 
 
 def serve(settings: WorkerSettings) -> None:

@@ -161,7 +161,8 @@ class WorkerSettings(CommonSettings):
         description="Helper processes that compile parts of the warm-up beside it (the VAE,"
         " ControlNets, a second model) into the compile cache it reads: a shorter cold start"
         " (auto: with inductor on a GPU of 40 GiB or more; each holds a copy of its model"
-        " while it compiles).",
+        " while it compiles, so two models get one at 40 GiB and one more model each further"
+        " 20 GiB).",
     )
     compile_cache: Path = Field(
         default=cache_dir() / "inductor",
