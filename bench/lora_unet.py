@@ -22,7 +22,7 @@ tile, as the kernel was before the deal). Each deal reports the largest differen
 half mix's output to the tensor path's.
 
 `--tiles T;T;...` then times the `half` mix's eager call and LoRA kernel for each of the
-kernel's tilings ("tokens,features,warps[,stages]", as
+kernel's tilings ("tokens,features,warps[,stages[,fan,fill[,out_stages]]]", as
 `SDSERVE_LORA_TILES` takes them): a tiling chosen inside a whole UNet call, where the kernels
 share the GPU's caches with the base layers, not on one layer shape at a time
 (`bench.lora_kernel --tiles`).
@@ -154,7 +154,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--deals", default="1,0;1,2;2,2;4,2", help='"fan,fill;...", the first'
                         " the baseline")  # fmt: skip
-    parser.add_argument("--tiles", default="", help='tilings to time, "t,f,w[,s];..."')
+    parser.add_argument(
+        "--tiles", default="", help="tilings to time: t,f,w[,s[,fan,fill[,out_stages]]];..."
+    )
     args = parser.parse_args()
     side = args.side or (1024 if args.arch == "sdxl" else 512)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -63,11 +63,11 @@ def compare() -> None:
     calls split their outputs down to single tiles: `cut`) one program a row's tile (fill 0,
     the default) and the programs of rows without LoRA dealt out (fill 2), and on a GPU of 4
     SMs (spans of several tiles) three programs a row (fan 3: a LoRA row's span dealt out in
-    parts) and fill 2."""
+    parts) and fill 2 with the output loop pipelined (out_stages 3)."""
     from worker import lora_kernel
 
     deals = ((Tiles(fill=0), 132), (Tiles(fill=2), 132), (Tiles(fan=3, fill=2), 4),
-             (Tiles(fill=2), 4))  # fmt: skip
+             (Tiles(fill=2, out_stages=3), 4))  # fmt: skip
     for deal, sms in deals:
         lora_kernel.TILES = deal
         lora_kernel.multiprocessors = lambda device, sms=sms: sms  # type: ignore[assignment]
@@ -271,8 +271,9 @@ def test_rows_through_the_kernel_make_diffusers_images() -> None:
 
 
 def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
-    """`SDSERVE_LORA_TILES`: empty is the defaults; three, four or six numbers are tokens,
-    features, warps, stages, fan and fill (fill may be 0); anything else is refused at start
+    """`SDSERVE_LORA_TILES`: empty is the defaults; three, four, six or seven numbers are
+    tokens, features, warps, stages, fan, fill and out_stages (fill and out_stages may be 0);
+    anything else is refused at start
     with the setting's name, not a kernel launched with a grid that cannot be."""
     from pydantic import ValidationError
 
@@ -287,6 +288,7 @@ def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
     assert tiles("64, 64, 8, 2") == Tiles(tokens=64, features=64, warps=8, stages=2)
     assert tiles("128,64,4,3,2,4") == Tiles(stages=3, fan=2, fill=4)
     assert tiles("128,64,4,3,1,0") == Tiles(fill=0)
+    assert tiles("128,64,4,3,1,2,3") == Tiles(fill=2, out_stages=3)
     for bad in (
         "32,128",
         "32,128,4,3,1",
@@ -298,7 +300,8 @@ def test_a_tiling_is_read_from_its_setting_and_a_bad_one_is_refused() -> None:
         "128,64,4,3,0,2",
         "128,64,4,3,1,-1",
         "128,64,4,0,1,2",
-        "128,64,4,3,1,2,1",
+        "128,64,4,3,1,2,-1",
+        "128,64,4,3,1,2,3,1",
     ):
         with pytest.raises(ValidationError, match="lora_tiles"):
             tiles(bad)
@@ -326,31 +329,55 @@ def test_the_work_list_puts_lora_rows_first_and_counts_them() -> None:
     assert buffers.order.tolist() == [0] * 9 and not buffers.scales.any()
 
 
+# A call's integer arguments as SDXL's feed-forward input layer at 32x32 gives them (16 rows of
+# 1024 tokens, 1280 to 10240 features, the outputs cut in three spans of 3456), to specialize
+# the compiled kernel as Triton's launcher does: 1 a constant, a multiple of 16 marked so.
+A_CALL = {"rows": 16, "tokens": 1024, "inputs": 1280, "outputs": 10240, "sxb": 1024 * 1280,
+          "sxn": 1280, "sxk": 1, "sdu": 8 * 1280, "sdr": 1280, "sdk": 1, "suu": 8 * 10240,
+          "sur": 10240, "suo": 1, "sob": 1024 * 10240, "son": 10240, "soo": 1, "span": 3456,
+          "fill": 264}  # fmt: skip
+
+
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("triton") is None, reason="no Triton here"
 )
-@pytest.mark.parametrize("ranks", [128, 8])
-def test_the_kernel_compiles_for_an_h100(ranks: int) -> None:
+@pytest.mark.parametrize(("ranks", "out_stages"), [(128, 0), (8, 0), (128, 3)])
+def test_the_kernel_compiles_for_an_h100(ranks: int, out_stages: int) -> None:
     """Triton's own compiler, down to the machine code of an H100/H200 (sm_90), on this CPU:
     what the interpreter tests above cannot see (Triton's typing of the kernel's branches and
     loops, its layouts), checked without a GPU. The default tiling, the call's rank width at
-    the worker's default row rank (128) and at one unit (8, padded up to 16)."""
+    the worker's default row rank (128) and at one unit (8, padded up to 16); and what
+    `Tiles.out_stages` changes: by default the output loop reads each output tile when it
+    adds to it (a load the turn waits for), pipelined it reads them by asynchronous copies
+    turns ahead, and no such load is left."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from worker import lora_kernel
 
-    tiles, width = lora_kernel.Tiles(), max(lora_kernel.LEAST, triton.next_power_of_2(ranks))
+    tiles = lora_kernel.Tiles(out_stages=out_stages)
+    width = max(lora_kernel.LEAST, triton.next_power_of_2(ranks))
     constants = {"RANKS": ranks, "RANKS_P2": width, "ROW_UNITS": -(-ranks // UNIT),
                  "TOKENS": tiles.tokens, "FEATURES": tiles.features, "NARROW": tiles.narrow,
-                 "W32": min(32, width), "W64": min(64, width)}  # fmt: skip
+                 "W32": min(32, width), "W64": min(64, width),
+                 "OUT_STAGES": tiles.out_stages}  # fmt: skip
+    constants |= {name: 1 for name, value in A_CALL.items() if value == 1}
     pointers = {"x": "*fp16", "down": "*fp16", "up": "*fp16", "units": "*i64",
                 "scales": "*fp32", "order": "*i32", "out": "*fp16"}  # fmt: skip
     names = lora_kernel._rows.arg_names
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
+    aligned = [n for n in ("x", "down", "up", "out") if n in pointers] + [
+        n for n, value in A_CALL.items() if n not in constants and value % 16 == 0
+    ]
+    divisible = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     source = ASTSource(fn=lora_kernel._rows, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()})  # fmt: skip
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs=divisible)  # fmt: skip
     options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
+    tile = f"tensor<{tiles.tokens}x{tiles.features}x!tt.ptr<f16>"
+    waited = [line for line in compiled.asm["ttgir"].splitlines()
+              if "tt.load" in line and tile in line]  # fmt: skip
+    assert bool(waited) == (out_stages == 0), waited

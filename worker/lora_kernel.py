@@ -60,7 +60,8 @@ class Tiles:
     ways the outputs are split whatever `cut` would choose (for `bench.lora_kernel --tiles`).
     `fan`: programs a call's grid has for each row (see `add_rows`: the programs of rows
     without LoRA take the LoRA rows' work); `fill`, programs an SM the LoRA rows' work is
-    split towards."""
+    split towards; `out_stages`, how far ahead the output loop reads its tiles (0: as Triton
+    pipelines a plain loop)."""
 
     tokens: int = 128
     features: int = 64
@@ -75,6 +76,12 @@ class Tiles:
     # on an H100, SDXL's half mix 44.5 -> 40.1 ms, 0.99 of the call (BENCHMARKS.md,
     # forty-third session); 0 until a GPU check with it on shows no compile while serving.
     fill: int = 0
+    # 0: the output loop as Triton pipelines a plain loop, which prefetches the up weights but
+    # reads each output tile when it adds to it: a wait on memory every turn, with one or two
+    # programs an SM to hide it (read from the sm_90 code on a CPU: `tests/test_lora_kernel.py`).
+    # N: `tl.range(num_stages=N)`, the output tiles read N - 1 turns ahead as well. Not yet
+    # timed on a GPU: 0 until `bench.lora_unet --tiles` shows it faster.
+    out_stages: int = 0
 
 
 LEAST = 16  # tl.dot's least side: a call's rank width is padded up to it
@@ -85,9 +92,10 @@ def tiles_of(tiling: tuple[int, ...]) -> Tiles:
     if not tiling:
         return Tiles()
     stages = tiling[3] if len(tiling) >= 4 else Tiles.stages
-    fan, fill = tiling[4:6] if len(tiling) == 6 else (Tiles.fan, Tiles.fill)
+    fan, fill = tiling[4:6] if len(tiling) >= 6 else (Tiles.fan, Tiles.fill)
+    out_stages = tiling[6] if len(tiling) == 7 else Tiles.out_stages
     return Tiles(tokens=tiling[0], features=tiling[1], warps=tiling[2], stages=stages, fan=fan,
-                 fill=fill)  # fmt: skip
+                 fill=fill, out_stages=out_stages)  # fmt: skip
 
 
 # The process's tiling: the worker sets it at start from SDSERVE_LORA_TILES (engine.py), a
@@ -293,7 +301,7 @@ def add_rows(
         outs.stride(0), outs.stride(1), outs.stride(2),
         grid.span, tiles.fill * multiprocessors(out.device),
         RANKS=ranks, RANKS_P2=rank_width, ROW_UNITS=row_units, TOKENS=grid.tokens,
-        FEATURES=tiles.features, NARROW=tiles.narrow,
+        FEATURES=tiles.features, NARROW=tiles.narrow, OUT_STAGES=tiles.out_stages,
         W32=min(32, rank_width), W64=min(64, rank_width),
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
@@ -309,7 +317,7 @@ if triton is not None:
         span, fill,
         RANKS: tl.constexpr, RANKS_P2: tl.constexpr, ROW_UNITS: tl.constexpr,
         TOKENS: tl.constexpr, FEATURES: tl.constexpr, NARROW: tl.constexpr,
-        W32: tl.constexpr, W64: tl.constexpr,
+        W32: tl.constexpr, W64: tl.constexpr, OUT_STAGES: tl.constexpr,
     ):  # fmt: skip
         count = tl.load(order)  # the call's LoRA rows (0: nothing to add anywhere)
         # Programs a LoRA row's tile gets: what the grid's axis 1 holds for each, at most
@@ -341,19 +349,23 @@ if triton is not None:
             if width > W64:
                 _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
                      sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                     first, last, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES)  # fmt: skip
+                     first, last, RANKS, ROW_UNITS, RANKS_P2, TOKENS, FEATURES,
+                     OUT_STAGES)  # fmt: skip
             elif width > W32:
                 _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
                      sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                     first, last, RANKS, ROW_UNITS, W64, TOKENS, FEATURES)  # fmt: skip
+                     first, last, RANKS, ROW_UNITS, W64, TOKENS, FEATURES,
+                     OUT_STAGES)  # fmt: skip
             elif width > 16:
                 _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
                      sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                     first, last, RANKS, ROW_UNITS, W32, TOKENS, FEATURES)  # fmt: skip
+                     first, last, RANKS, ROW_UNITS, W32, TOKENS, FEATURES,
+                     OUT_STAGES)  # fmt: skip
             elif width > 0:
                 _add(x, down, up, units, scales, out, b, tokens, inputs, outputs,
                      sxb, sxn, sxk, sdu, sdr, sdk, suu, sur, suo, sob, son, soo,
-                     first, last, RANKS, ROW_UNITS, 16, TOKENS, FEATURES)  # fmt: skip
+                     first, last, RANKS, ROW_UNITS, 16, TOKENS, FEATURES,
+                     OUT_STAGES)  # fmt: skip
 
     @triton.jit
     def _add(
@@ -386,6 +398,7 @@ if triton is not None:
         WIDTH: tl.constexpr,
         TOKENS: tl.constexpr,
         FEATURES: tl.constexpr,
+        OUT_STAGES: tl.constexpr,
     ):
         """Row b's units over its first WIDTH ranks, added to its tile of out's features
         first to last."""
@@ -411,15 +424,29 @@ if triton is not None:
             h += tl.dot(xt, dt)
         # Rounded to the layer's dtype as the tensor path's product is.
         ht = (h * s[None, :]).to(out.dtype.element_ty)
-        for o0 in range(first, last, FEATURES):
-            o = o0 + tl.arange(0, FEATURES)
-            ut = tl.load(
-                up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
-                mask=used[:, None] & (o[None, :] < outputs),
-                other=0.0,
-            )
-            at = out + b * sob + n[:, None] * son + o[None, :] * soo
-            keep = in_tokens[:, None] & (o[None, :] < outputs)
-            base = tl.load(at, mask=keep, other=0.0)
-            total = base.to(tl.float32) + tl.dot(ht, ut)
-            tl.store(at, total.to(out.dtype.element_ty), mask=keep)
+        if OUT_STAGES == 0:  # the loop as Triton pipelines a plain one (see Tiles.out_stages)
+            for o0 in range(first, last, FEATURES):
+                _add_tile(up, out, unit, r, used, ht, n, in_tokens, o0, b, outputs,
+                          suu, sur, suo, sob, son, soo, FEATURES)  # fmt: skip
+        else:
+            for o0 in tl.range(first, last, FEATURES, num_stages=OUT_STAGES):
+                _add_tile(up, out, unit, r, used, ht, n, in_tokens, o0, b, outputs,
+                          suu, sur, suo, sob, son, soo, FEATURES)  # fmt: skip
+
+    @triton.jit
+    def _add_tile(
+        up, out, unit, r, used, ht, n, in_tokens, o0, b, outputs,
+        suu, sur, suo, sob, son, soo, FEATURES: tl.constexpr,
+    ):  # fmt: skip
+        """ht's product with the up weights added to row b's output tile of features o0 on."""
+        o = o0 + tl.arange(0, FEATURES)
+        ut = tl.load(
+            up + unit[:, None] * suu + (r % 8)[:, None] * sur + o[None, :] * suo,
+            mask=used[:, None] & (o[None, :] < outputs),
+            other=0.0,
+        )
+        at = out + b * sob + n[:, None] * son + o[None, :] * soo
+        keep = in_tokens[:, None] & (o[None, :] < outputs)
+        base = tl.load(at, mask=keep, other=0.0)
+        total = base.to(tl.float32) + tl.dot(ht, ut)
+        tl.store(at, total.to(out.dtype.element_ty), mask=keep)

@@ -23,18 +23,18 @@ TINY_MODEL_DIR = cache_dir() / "models" / "tiny-model"
 
 
 def lora_tiling(text: str) -> tuple[int, ...]:
-    """SDSERVE_LORA_TILES, "tokens,features,warps[,stages[,fan,fill]]": () for empty (the
-    kernel's defaults, worker/lora_kernel.py `Tiles`)."""
+    """SDSERVE_LORA_TILES, "tokens,features,warps[,stages[,fan,fill[,out_stages]]]": () for
+    empty (the kernel's defaults, worker/lora_kernel.py `Tiles`)."""
     if not text.strip():
         return ()
-    wrong = (f"{text!r}: tokens,features,warps[,stages[,fan,fill]]; tokens, features and warps"
-             " powers of two, tokens and features at least 16 (tl.dot's least side), fill 0 or"
-             " more, the others at least 1")  # fmt: skip
+    wrong = (f"{text!r}: tokens,features,warps[,stages[,fan,fill[,out_stages]]]; tokens,"
+             " features and warps powers of two, tokens and features at least 16 (tl.dot's"
+             " least side), fill and out_stages 0 or more, the others at least 1")  # fmt: skip
     try:
         parts = tuple(int(p) for p in text.split(","))
     except ValueError:
         raise ValueError(wrong) from None
-    if len(parts) not in (3, 4, 6) or any(p <= 0 for p in parts[:5]) or min(parts) < 0:
+    if len(parts) not in (3, 4, 6, 7) or any(p <= 0 for p in parts[:5]) or min(parts) < 0:
         raise ValueError(wrong)
     if any(p & (p - 1) for p in parts[:3]) or min(parts[:2]) < 16:
         raise ValueError(wrong)
@@ -249,9 +249,10 @@ class WorkerSettings(CommonSettings):
     )
     lora_tiles: Annotated[tuple[int, ...], NoDecode] = Field(
         default=(),
-        description="The LoRA kernel's tiling, tokens,features,warps[,stages[,fan,fill]]"
-        " (the first three powers of two; fan and fill: how its programs are dealt out among"
-        " a call's LoRA rows, worker/lora_kernel.py Tiles); empty: its defaults, chosen on an"
+        description="The LoRA kernel's tiling, tokens,features,warps[,stages[,fan,fill"
+        "[,out_stages]]] (the first three powers of two; fan and fill: how its programs are"
+        " dealt out among a call's LoRA rows; out_stages: the output loop's pipelining depth,"
+        " 0 Triton's own; worker/lora_kernel.py Tiles); empty: its defaults, chosen on an"
         " H100. For trying another GPU's best without a new build (python3 -m bench.lora_unet"
         " --tiles and --deals time them in a whole UNet call).",
     )
