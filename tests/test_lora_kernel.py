@@ -329,15 +329,6 @@ def test_the_work_list_puts_lora_rows_first_and_counts_them() -> None:
     assert buffers.order.tolist() == [0] * 9 and not buffers.scales.any()
 
 
-# A call's integer arguments as SDXL's feed-forward input layer at 32x32 gives them (16 rows of
-# 1024 tokens, 1280 to 10240 features, the outputs cut in three spans of 3456), to specialize
-# the compiled kernel as Triton's launcher does: 1 a constant, a multiple of 16 marked so.
-A_CALL = {"rows": 16, "tokens": 1024, "inputs": 1280, "outputs": 10240, "sxb": 1024 * 1280,
-          "sxn": 1280, "sxk": 1, "sdu": 8 * 1280, "sdr": 1280, "sdk": 1, "suu": 8 * 10240,
-          "sur": 10240, "suo": 1, "sob": 1024 * 10240, "son": 10240, "soo": 1, "span": 3456,
-          "fill": 264}  # fmt: skip
-
-
 @pytest.mark.skipif(
     __import__("importlib.util").util.find_spec("triton") is None, reason="no Triton here"
 )
@@ -345,39 +336,14 @@ A_CALL = {"rows": 16, "tokens": 1024, "inputs": 1280, "outputs": 10240, "sxb": 1
 def test_the_kernel_compiles_for_an_h100(ranks: int, out_stages: int) -> None:
     """Triton's own compiler, down to the machine code of an H100/H200 (sm_90), on this CPU:
     what the interpreter tests above cannot see (Triton's typing of the kernel's branches and
-    loops, its layouts), checked without a GPU. The default tiling, the call's rank width at
-    the worker's default row rank (128) and at one unit (8, padded up to 16); and what
-    `Tiles.out_stages` changes: by default the output loop reads each output tile when it
-    adds to it (a load the turn waits for), pipelined it reads them by asynchronous copies
-    turns ahead, and no such load is left."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    loops, its layouts), checked without a GPU, specialized as its launcher specializes a real
+    call (bench/lora_code.py). The default tiling, the call's rank width at the worker's
+    default row rank (128) and at one unit (8, padded up to 16); and what `Tiles.out_stages`
+    changes: by default the output loop reads each output tile when it adds to it (a load the
+    turn waits for), pipelined it reads them by asynchronous copies turns ahead instead."""
+    from bench import lora_code
 
-    from worker import lora_kernel
-
-    tiles = lora_kernel.Tiles(out_stages=out_stages)
-    width = max(lora_kernel.LEAST, triton.next_power_of_2(ranks))
-    constants = {"RANKS": ranks, "RANKS_P2": width, "ROW_UNITS": -(-ranks // UNIT),
-                 "TOKENS": tiles.tokens, "FEATURES": tiles.features, "NARROW": tiles.narrow,
-                 "W32": min(32, width), "W64": min(64, width),
-                 "OUT_STAGES": tiles.out_stages}  # fmt: skip
-    constants |= {name: 1 for name, value in A_CALL.items() if value == 1}
-    pointers = {"x": "*fp16", "down": "*fp16", "up": "*fp16", "units": "*i64",
-                "scales": "*fp32", "order": "*i32", "out": "*fp16"}  # fmt: skip
-    names = lora_kernel._rows.arg_names
-    signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
-    aligned = [n for n in ("x", "down", "up", "out") if n in pointers] + [
-        n for n, value in A_CALL.items() if n not in constants and value % 16 == 0
-    ]
-    divisible = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = ASTSource(fn=lora_kernel._rows, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs=divisible)  # fmt: skip
-    options = {"num_warps": tiles.warps, "num_stages": tiles.stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    assert ".target sm_90" in compiled.asm["ptx"] and compiled.asm["cubin"]
-    tile = f"tensor<{tiles.tokens}x{tiles.features}x!tt.ptr<f16>"
-    waited = [line for line in compiled.asm["ttgir"].splitlines()
-              if "tt.load" in line and tile in line]  # fmt: skip
-    assert bool(waited) == (out_stages == 0), waited
+    tiles = Tiles(out_stages=out_stages)
+    code = lora_code.compiled(tiles, ranks)
+    assert ".target sm_90" in code.asm["ptx"] and code.asm["cubin"]
+    assert lora_code.waits_for_outputs(code, tiles) == (out_stages == 0)
