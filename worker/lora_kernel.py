@@ -78,7 +78,7 @@ class Tiles:
     fill: int = 0
     # 0: the output loop as Triton pipelines a plain loop, which prefetches the up weights but
     # reads each output tile when it adds to it: a wait on memory every turn, with one or two
-    # programs an SM to hide it (read from the sm_90 code on a CPU: `tests/test_lora_kernel.py`).
+    # programs an SM to hide it (read from its sm_90 code on a CPU: `python3 -m bench.lora_code`).
     # N: `tl.range(num_stages=N)`, the output tiles read N - 1 turns ahead as well. Not yet
     # timed on a GPU: 0 until `bench.lora_unet --tiles` shows it faster.
     out_stages: int = 0
