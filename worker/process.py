@@ -37,11 +37,12 @@ log = logging.getLogger("sdserve.worker")
 
 # Compile helpers by default on GPUs of this much memory or more (a helper holds a second copy
 # of its model and its largest call's activations while it compiles): two models' helpers there,
-# and one more model's for each further HELPER_MEMORY (SDXL's weights and its 16-row call's
-# activations, about 8 GiB each). Without a helper a model compiles in the warm-up: SD 1.5 as a
-# third model beside SDXL's base and refiner took 97 s there against 22 s with one (H100,
-# thirtieth and thirty-first sessions). A guess too high costs the start once: a warm-up out of
-# GPU memory beside the helpers stops them and goes on alone (worker/engines.py).
+# and one more model's for each further HELPER_MEMORY (SDXL's weights are 8 GiB; its largest
+# call's activations taken as about as much again, a guess not yet measured). Without a helper
+# a model compiles in the warm-up: SD 1.5 as a third model beside SDXL's base and refiner took
+# 97 s there against 22 s with one (H100, thirtieth and thirty-first sessions). A guess too
+# high costs the start once: a warm-up out of GPU memory beside the helpers stops them and goes
+# on alone (worker/engines.py).
 HELPED_MEMORY = 40 * 2**30
 HELPER_MEMORY = 20 * 2**30
 
