@@ -65,14 +65,11 @@ def helped(settings: WorkerSettings, device: torch.device, tuning: Tuning) -> in
     many as the GPU's memory has room for (`HELPER_MEMORY`), at least `HELPED_MODELS`."""
     if settings.compile_helpers == "off" or not tuning.compile:
         return 0
-    if device.type != "cuda":  # "on" on a CPU: the tests' helpers
-        return HELPED_MODELS if settings.compile_helpers == "on" else 0
-    if settings.compile_helpers == "auto" and tuning.compile_backend != "inductor":
-        return 0
-    total = torch.cuda.get_device_properties(device).total_memory
-    if total < HELPED_MEMORY:
-        return HELPED_MODELS if settings.compile_helpers == "on" else 0
-    return HELPED_MODELS + (total - HELPED_MEMORY) // HELPER_MEMORY
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    room = HELPED_MODELS + (total - HELPED_MEMORY) // HELPER_MEMORY if total >= HELPED_MEMORY else 0
+    if settings.compile_helpers == "on":  # a CPU's (the tests') or a small GPU's: the first two
+        return max(room, HELPED_MODELS)
+    return room if tuning.compile_backend == "inductor" else 0
 
 
 def warm_marks(models: dict[str, str], device: torch.device, tuning: Tuning) -> WarmMarks:
