@@ -71,6 +71,8 @@ SENT_AS: dict[tuple[str, ...], tuple[str | int, ...]] = {
     ("refiner", "model"): ("refiner_checkpoint",),
     ("refiner", "switch_at"): ("refiner_switch_at",),
     ("image",): ("init_images", 0),
+    ("mask_crop",): ("inpaint_full_res_padding",),
+    ("masked_content",): ("inpainting_fill",),
 }
 
 
@@ -304,27 +306,32 @@ class Img2ImgPayload(Txt2ImgPayload):
     mask_blur_y: int = 4
     mask_blur: int | None = None
     mask_round: bool = True
-    inpainting_fill: int = 1
-    inpaint_full_res: bool = False
-    inpaint_full_res_padding: int = 0
+    # A1111's defaults: a mask's area alone is drawn (padding 0), filled before it is noised.
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(0, ge=0, le=SIDE_MAX)
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     include_init_images: bool = False
     denoising_strength: float | None = 0.75
 
+    def inpainting(self) -> dict[str, Any]:
+        """The native inpainting fields this payload's mask settings make."""
+        return {"mask_blur": self.mask_blur if self.mask_blur is not None else self.mask_blur_x,
+                "mask_crop": self.inpaint_full_res_padding if self.inpaint_full_res else None,
+                "masked_content": "fill" if self.inpainting_fill == 0 else "original"}  # fmt: skip
+
     def refusals(self) -> dict[str, bool]:
         return super().refusals() | {
             "init_images": len(self.init_images) != 1,
             "enable_hr": self.enable_hr,  # A1111's img2img has no hires fix either
             "resize_mode": self.resize_mode != 0,
-            # Under the mask the source is noised as it is (A1111's "original", 1); its other
-            # fills change nothing only when everything is redrawn.
-            "inpainting_fill": self.mask is not None and self.inpainting_fill != 1
+            # Under the mask the source is filled (0) or noised as it is (1); A1111's latent
+            # noise and latent nothing change nothing only when everything is redrawn.
+            "inpainting_fill": self.mask is not None and self.inpainting_fill not in (0, 1)
             and self.denoising_strength not in (None, 1),
-            # The whole picture is inpainted; A1111's "only masked" crop is not offered.
-            "inpaint_full_res": self.mask is not None and self.inpaint_full_res,
-            "inpainting_mask_invert": self.inpainting_mask_invert != 0,
+            "inpainting_mask_invert": self.inpainting_mask_invert not in (0, 1),
             # One blur both ways: A1111's `mask_blur` sets x and y alike.
             "mask_blur_y": self.mask is not None and self.mask_blur is None
             and self.mask_blur_y != self.mask_blur_x,
@@ -340,9 +347,9 @@ class Img2ImgPayload(Txt2ImgPayload):
 WHY = {
     "refiner_checkpoint": "a refiner finishes text-to-image and image-to-image jobs, not"
     " inpainting",
-    "inpainting_fill": "under the mask the picture is noised as it is (A1111's 'original', 1), or"
-    " redrawn whole (denoising_strength 1)",
-    "inpaint_full_res": "the whole picture is inpainted (A1111's 'only masked' is not offered)",
+    "inpainting_fill": "under the mask the picture is filled (0) or noised as it is (1); A1111's"
+    " latent noise and latent nothing only where it is redrawn whole (denoising_strength 1)",
+    "inpainting_mask_invert": "0 repaints where the mask is white, 1 where it is black",
     "enable_hr": "img2img has no hires fix (A1111's has none either)",
     "resize_mode": "the picture is stretched to the size asked (A1111's 'just resize', 0)",
     "init_images": "one picture a request",

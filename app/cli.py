@@ -123,6 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--mask", type=Path, help="with --image: repaint where this is white")
     gen.add_argument("--strength", type=float, help="with --image: how much is redrawn, 0-1")
     gen.add_argument("--mask-blur", type=int, help="with --mask: pixels of blur on its edge")
+    gen.add_argument("--mask-crop", type=int, metavar="PADDING",
+                     help="with --mask: draw the masked area only, this many pixels around it,"
+                     " at the job's size (A1111's 'only masked')")  # fmt: skip
+    gen.add_argument(
+        "--masked-content",
+        choices=["original", "fill"],
+        help="with --mask: fill under the mask from around it before noising",
+    )
     gen.add_argument("--model", help="which of the server's models (sdserve: GET /v1/models)")
     gen.add_argument("--lora", dest="loras", action="append", type=lora_arg, metavar="NAME:WEIGHT",
                      help="a LoRA (GET /v1/loras) at a weight (1 when absent; NAME:TE:UNET for"
@@ -188,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         from app.client import main as generate
 
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
-                  "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur",
+                  "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur", "mask_crop",
+                  "masked_content",
                   "prompt_syntax", "model", "scale", "method", "noise_level", "loras",
                   "controlnets", "refiner", "clip_skip", "vae"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
@@ -209,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--mask needs --image")
         if not pictures and {"strength", "mask_blur", "scale"} & request.keys():
             parser.error("--strength, --mask-blur and --upscale need --image")
+        if "mask" not in pictures and {"mask_crop", "masked_content"} & request.keys():
+            parser.error("--mask-crop and --masked-content need --mask")
         if pictures and "hires" in request:
             parser.error("--hires takes no --image (a hires fix is text to image)")
         if "scale" in request and "mask" in pictures:

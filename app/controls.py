@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 from pydantic import Field
 
 from app.jobs.contract import ControlNetSettings, ControlResize
+from app.jobs.masks import Cut
 from app.uploads import flatten, read_image
 
 # What A1111's /controlnet/module_list calls the preprocessors served (ours: native names).
@@ -50,15 +51,22 @@ def preprocessed(picture: Image.Image, unit: ControlNetSettings) -> Image.Image:
     return picture
 
 
-def control_picture(field: str, data: bytes, unit: ControlNetSettings,
-                    size: tuple[int, int]) -> Image.Image:  # fmt: skip
+def control_picture(field: str, data: bytes, unit: ControlNetSettings, size: tuple[int, int],
+                    cut: Cut | None = None) -> Image.Image:  # fmt: skip
     """A unit's sent bytes as its control image for a job of `size` (UploadError naming
     `field` for a picture that cannot be read): fitted, then preprocessed at the job's size;
-    or, with a `processor_res`, preprocessed with its short side at that, then fitted."""
+    or, with a `processor_res`, preprocessed with its short side at that, then fitted. With a
+    `cut` (inpainting of the masked area only): fitted to the whole source, then cut as it
+    is."""
     picture = flatten(read_image(field, data).image)
+
+    def fit(picture: Image.Image) -> Image.Image:
+        return fitted(picture, size, unit.resize) if cut is None else cut.of(
+            fitted(picture, cut.whole, unit.resize))  # fmt: skip
+
     if unit.processor_res is None or unit.preprocess == "none":
-        return preprocessed(fitted(picture, size, unit.resize), unit)
-    return fitted(preprocessed(at_processor_res(picture, unit), unit), size, unit.resize)
+        return preprocessed(fit(picture), unit)
+    return fit(preprocessed(at_processor_res(picture, unit), unit))
 
 
 def at_processor_res(picture: Image.Image, unit: ControlNetSettings) -> Image.Image:

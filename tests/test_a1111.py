@@ -153,14 +153,30 @@ def test_img2img_and_inpainting(service: str) -> None:  # noqa: F811
     pixels = np.asarray(painted.images[0])
     assert (pixels[:8, :8] == (200, 30, 30)).all()  # outside the mask: the source
     assert "Mask blur: 0" in painted.info["infotexts"][0]
-    with pytest.raises(RuntimeError) as only_masked:  # A1111's default crop is not offered
-        api.img2img(images=[source], mask_image=mask, prompt="x", denoising_strength=1.0,
-                    **SMALL)  # fmt: skip
-    assert only_masked.value.args[0] == 422 and "inpaint_full_res" in only_masked.value.args[1]
-    with pytest.raises(RuntimeError) as filled:  # nor its fills (webuiapi's default), below 1
-        api.img2img(images=[source], mask_image=mask, prompt="x", inpaint_full_res=False,
-                    **SMALL)  # fmt: skip
-    assert filled.value.args[0] == 422 and "inpainting_fill" in filled.value.args[1]
+    # A1111's defaults (webuiapi sends them): the mask's area alone, filled, then laid back
+    # into the picture at its own size.
+    wide = Image.new("RGB", (128, 96), (200, 30, 30))
+    wide_mask = Image.new("L", wide.size, 0)
+    wide_mask.paste(255, (80, 20, 100, 40))
+    cropped = api.img2img(images=[wide], mask_image=wide_mask, prompt="a bird", seed=3,
+                          alwayson_scripts={}, **SMALL)  # fmt: skip
+    assert cropped.images[0].size == (128, 96)
+    changed = (np.asarray(cropped.images[0]) != np.asarray(wide)).any(-1)
+    rows, cols = np.nonzero(changed)
+    assert changed.any() and cols.min() >= 80 - 12 and cols.max() < 100 + 12  # the blur's reach
+    assert rows.min() >= 20 - 12 and rows.max() < 40 + 12
+    words = cropped.info["infotexts"][0]
+    assert "Inpaint area: Only masked, Masked area padding: 0" in words
+    assert "Masked content: fill" in words
+    inverted = api.img2img(images=[wide], mask_image=wide_mask, prompt="a bird", seed=3,
+                           inpainting_mask_invert=1, inpaint_full_res=False, mask_blur=0,
+                           alwayson_scripts={}, **SMALL)  # fmt: skip
+    kept = np.asarray(inverted.images[0])[24:36, 84:96]  # inside the mask: kept, inverted
+    assert (kept == (200, 30, 30)).all()
+    with pytest.raises(RuntimeError) as noise:  # latent noise, below strength 1
+        api.img2img(images=[source], mask_image=mask, prompt="x", inpainting_fill=2,
+                    alwayson_scripts={}, **SMALL)  # fmt: skip
+    assert noise.value.args[0] == 422 and "inpainting_fill" in noise.value.args[1]
     refused: list[tuple[dict[str, Any], str]] = [
         ({"denoising_strength": 1.5}, '["body","denoising_strength"]'),
         ({"init_images": [""]}, '["body","init_images",0]'),
@@ -395,8 +411,8 @@ def test_a_refusal_whose_reason_is_not_plain_says_it() -> None:
     base = {"init_images": ["x"], "mask": "m", "denoising_strength": 0.5}
     for change, field, reason in (
         ({"refiner_checkpoint": "xlr"}, "refiner_checkpoint", "not inpainting"),
-        ({"inpaint_full_res": True}, "inpaint_full_res", "'only masked' is not offered"),
-        ({"inpainting_fill": 0}, "inpainting_fill", "'original'"),
+        ({"inpainting_fill": 2}, "inpainting_fill", "latent noise"),
+        ({"inpainting_mask_invert": 2}, "inpainting_mask_invert", "where it is black"),
         ({"mask_blur_x": 4, "mask_blur_y": 8}, "mask_blur_y", "alike across and down"),
     ):
         with pytest.raises(A1111Error) as refused:

@@ -423,6 +423,20 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     pixels = np.asarray(png(made.read_bytes()))
     assert pixels.shape == (64, 96, 3) and (pixels[:, 48:] == (20, 30, 200)).all()
     assert "Mask blur: 0" in png(made.read_bytes()).info["parameters"]
+    # The masked area only, drawn at 64x64 and laid back: the picture comes back at its size.
+    cropped = run_cli("a sun", "-o", "crop", "--image", "src.png", "--mask", "mask.png",
+                      "--mask-crop", "8", "--masked-content", "fill", "--width", "64",
+                      "--height", "64", "--steps", "3", "--url", service, "--key", KEY,
+                      cwd=tmp_path)  # fmt: skip
+    assert cropped.returncode == 0, cropped.stderr
+    [made] = (tmp_path / "crop").glob("*.png")
+    assert png(made.read_bytes()).size == (96, 64)
+    assert "Inpaint area: Only masked, Masked area padding: 8" in png(made.read_bytes()).info[
+        "parameters"]  # fmt: skip
+    no_mask = run_cli("x", "--image", "src.png", "--mask-crop", "8", "--url", service,
+                      cwd=tmp_path)  # fmt: skip
+    assert no_mask.returncode == 2 and "--mask-crop and --masked-content need --mask" in (
+        no_mask.stderr)  # fmt: skip
     # The upscale action, and the model choice.
     upscaled = run_cli("", "-o", "up", "--image", "src.png", "--upscale", "2", "--upscale-method",
                        "latent", "--steps", "3", "--model", "default", "--url", service,
@@ -676,14 +690,32 @@ def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Pa
         page.click("#go")
         expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
         assert page.locator("figcaption").all_text_contents() == ["seed 5 (inpaint)"]
-        pixels = page.locator("figure img").evaluate(
+        pixels = page.locator("figure img").first.evaluate(
             """img => { const c = document.createElement('canvas');
                  c.width = img.naturalWidth; c.height = img.naturalHeight;
                  const g = c.getContext('2d'); g.drawImage(img, 0, 0);
                  return [c.width, c.height, Array.from(g.getImageData(2, 2, 1, 1).data)]; }"""
         )
+        # The masked area only, filled: drawn at 64x64, back at the picture's size.
+        page.select_option("#inpaint-area", "masked")
+        page.fill("#mask-crop", "8")
+        page.select_option("#masked-content", "fill")
+        page.fill("#width", "64")
+        page.fill("#height", "64")
+        with page.expect_response("**/v1/inpaint") as answered:
+            page.click("#go")
+        expect(page.locator("#status")).to_have_text("done: 1 image(s)", timeout=60_000)
+        job = httpx.get(service + answered.value.json()["url"], timeout=10,
+                        headers={"Authorization": f"Bearer {KEY}"}).json()  # fmt: skip
     assert pixels[:2] == [96, 64]
     assert pixels[2][:3] == [30, 160, 90]  # far from the paint: the picture, exactly
+    sent = job["request"]
+    assert (sent["mask_crop"], sent["masked_content"], sent["width"]) == (8, "fill", 64)
+    left, top, right, bottom = sent["crop_box"]
+    assert sent["image"]["width"] == 96 and 0 <= left < right <= 96 and 0 <= top < bottom <= 64
+    result = httpx.get(service + job["images"][0], timeout=10,
+                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert job["status"] == "succeeded" and png(result.content).size == (96, 64)
 
 
 def test_the_playground_lists_the_models_and_upscales_a_picture(

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -520,11 +521,12 @@ class RowLoop:
             job, engine, decoding = self.decodings.popleft()
             try:
                 images = engine.images(decoding)
-                images = task(job.request).finished(images, self.sources.get(job.id), job.request)
             except Exception as e:
                 self._decode_failed(job, e)
                 continue
-            p.completions.complete(job, Succeeded(images))
+            finish = partial(task(job.request).finished, source=self.sources.get(job.id),
+                             request=job.request)  # fmt: skip
+            p.completions.complete(job, Succeeded(images, finish))
             self._forget(job)
 
     def _release_loras(self, job: Job) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from app.jobs.masks import Cut
 from app.jobs.prompts import Syntax
 from worker.adapters import LoraUse
 from worker.controls import ControlUse
@@ -45,6 +46,15 @@ class ImageSpec:
 
 
 @dataclass(frozen=True)
+class Uncut:
+    """A masked-area inpainting job's picture and mask at their own size, and its cut."""
+
+    image: Image.Image  # RGB
+    mask: Image.Image  # L, white repaints
+    cut: Cut
+
+
+@dataclass(frozen=True)
 class Source:
     """img2img and inpainting: the picture a job starts from, at the job's size."""
 
@@ -57,6 +67,13 @@ class Source:
     # The x4 upscaler: the picture, at its own size, noised to this level, is what the UNet
     # sees beside the latents (the whole schedule runs; `strength` is not used).
     noise_level: int | None = None
+    # Inpainting: the picture the VAE encodes where it is not `image` (masked content "fill":
+    # the masked part filled in from around it). `image` is still what the result is laid
+    # over.
+    encoded: Image.Image | None = None
+    # Inpainting of the masked area only: the picture and mask at their own size, and the cut
+    # of them that `image` and `mask` are; the result is laid back into the picture.
+    uncut: Uncut | None = None
     # The picture and mask as the VAE and the mask's blend take them (CPU tensors, pinned),
     # made by `LatentMaker.ready` in the thread that read them: a job's join then does no
     # image work on the GPU's thread. None: made at the join.

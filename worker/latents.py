@@ -363,7 +363,8 @@ class LatentMaker:
         size = {"height": shape.height, "width": shape.width}
         if source.enlarge:  # latent upscaling encodes the picture at its own size
             size = {"height": source.image.height, "width": source.image.width}
-        pixels = self.image_processor.preprocess(source.image, **size)
+        encoded = source.image if source.encoded is None else source.encoded
+        pixels = self.image_processor.preprocess(encoded, **size)
         mask = None
         if source.mask is not None:
             mask = pinned(self.mask_processor.preprocess(source.mask, **size), self.device)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from app.jobs.contract import JobRequest
+from app.jobs.masks import repainted
 from app.jobs.storage import Storage, input_key
 from worker.adapters import LoraUse
 from worker.controls import ControlUse
@@ -64,11 +65,33 @@ def picture(storage: Storage, job_id: str, name: str) -> Image.Image:
 
 def overlay(pixels: np.ndarray, source: Source, blur: int) -> np.ndarray:
     """The result where the mask is white, the source where it is black, blended across the
-    mask's edge blurred by `blur` pixels. The mask is first made black or white as the
-    denoising saw it."""
-    assert source.mask is not None, "an overlay needs a mask"
-    mask = source.mask.point(lambda v: 255 if v >= 128 else 0)
-    if blur:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    mask's edge blurred by `blur` pixels (`repainted`). A masked-area job's result is laid
+    back into the whole picture, at its size."""
     made = Image.fromarray(pixels, "RGB")
-    return np.asarray(Image.composite(made, source.image, mask))
+    if source.uncut is not None:
+        whole = source.uncut
+        return np.asarray(whole.cut.back(made, whole.image, whole.mask, blur))
+    assert source.mask is not None, "an overlay needs a mask"
+    return np.asarray(Image.composite(made, source.image, repainted(source.mask, blur)))
+
+
+# A1111's "fill": the blur radii of the layers laid over each other, widest first, and how
+# many times each is laid. The wide ones reach a large mask's middle; the narrow ones, laid
+# last, keep the colours near its edge those of their neighbours.
+FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+
+def filled(picture: Image.Image, mask: Image.Image, blur: int) -> Image.Image:
+    """The picture with what the mask repaints replaced by colours spread in from around it
+    (masked content "fill"), for the VAE to encode: the rest of the picture is blurred at
+    each of `FILL_LAYERS`' radii, premultiplied (a blur of it averages only the picture's
+    colours, its coverage the alpha), and each blur laid over the last; the sharp picture,
+    laid last, leaves what the mask keeps as it was."""
+    kept = Image.new("RGBa", picture.size)
+    kept.paste(picture.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(repainted(mask, blur)))
+    made = Image.new("RGBA", picture.size)
+    for radius, times in FILL_LAYERS:
+        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            made.alpha_composite(layer)
+    return made.convert("RGB")

@@ -14,13 +14,14 @@ from PIL import Image
 
 from app.jobs import tasks as shared
 from app.jobs.contract import InpaintRequest, JobRequest, Txt2ImgRequest, UpscaleRequest
+from app.jobs.masks import Cut
 from app.jobs.storage import Storage
 from worker.controls import ControlUse
 from worker.engine import Engine
-from worker.inputs import BatchShape, Source
+from worker.inputs import BatchShape, Source, Uncut
 from worker.plans import until_switch
 from worker.rows import Lane
-from worker.sources import image_specs, overlay, picture
+from worker.sources import filled, image_specs, overlay, picture
 
 Words = dict[str, Any]  # infotext settings, in A1111's order
 
@@ -174,20 +175,38 @@ class Inpaint(TaskWork):
     rule = shared.TASKS["inpaint"]
 
     def source(self, storage: Storage, job_id: str, request: Any) -> Source | None:
+        """The picture and mask; of the masked area only (`crop_box`), their cut, drawn at
+        the job's size. With masked content "fill", the picture the VAE encodes is filled
+        under the mask."""
+        image = source_picture(storage, job_id)
         mask = picture(storage, job_id, "mask").convert("L")
-        return Source(source_picture(storage, job_id), request.strength, mask)
+        uncut = None
+        if request.crop_box is not None:
+            cut = Cut(request.crop_box, image.size, (request.width, request.height))
+            uncut = Uncut(image, mask, cut)
+            image, mask = cut.of(image), cut.of(mask)
+        encoded = (
+            filled(image, mask, request.mask_blur) if request.masked_content == "fill" else None
+        )
+        return Source(image, request.strength, mask, encoded=encoded, uncut=uncut)
 
     def finished(
         self, images: list[np.ndarray | None], source: Source | None, request: Any
     ) -> list[np.ndarray | None]:
         """Laid over the source through the blurred mask: outside it the source's pixels come
-        back exactly (the VAE alone would only come close)."""
+        back exactly (the VAE alone would only come close). Of the masked area only: laid
+        back into the whole picture, at its size."""
         assert isinstance(request, InpaintRequest) and source is not None
         return [None if image is None else overlay(image, source, request.mask_blur)
                 for image in images]  # fmt: skip
 
     def words(self, request: Any) -> Words:
-        return super().words(request) | {"Mask blur": request.mask_blur}
+        words = super().words(request) | {"Mask blur": request.mask_blur}
+        if request.masked_content == "fill":
+            words["Masked content"] = "fill"
+        if request.mask_crop is not None:
+            words |= {"Inpaint area": "Only masked", "Masked area padding": request.mask_crop}
+        return words
 
 
 class Upscale(TaskWork):

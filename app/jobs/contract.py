@@ -596,14 +596,44 @@ class Img2ImgRequest(GenerationRequest):
     refiner: RefinerField = None
 
 
+MaskCrop = Annotated[
+    int | None,
+    Field(
+        ge=0,
+        le=SIDE_MAX,
+        description="Inpaint the masked area only (A1111's 'only masked', diffusers'"
+        " `padding_mask_crop`): the box around what the mask repaints, this many pixels wider"
+        " on each side and widened to the job's aspect, is cut from the picture, drawn at"
+        " `width` x `height`, and laid back into the picture, which comes back at its own size"
+        " (more detail where a small area is repainted). null: the whole picture is drawn at"
+        " `width` x `height`.",
+    ),
+]
+MaskedContent = Annotated[
+    Literal["original", "fill"],
+    Field(
+        description="What is under the mask before it is noised: original: the picture as it"
+        " is; fill: colours spread in from around the mask (A1111's 'fill'), so that the old"
+        " content does not steer the new. The same at strength 1 (all noise).",
+    ),
+]
+
+
 class InpaintRequest(GenerationRequest):
     """Inpainting: only where the mask is white is redrawn."""
 
     kind: Literal["inpaint"] = "inpaint"
     strength: Strength = 1.0
     mask_blur: MaskBlur = 4
+    mask_crop: MaskCrop = None
+    masked_content: MaskedContent = "original"
     image: StoredImage
     mask: StoredImage
+    crop_box: tuple[int, int, int, int] | None = Field(
+        default=None,
+        description="Set by the server with `mask_crop`: the box (left, top, right, bottom) of"
+        " the picture that is drawn.",
+    )
 
 
 class Upscaling(Generation):

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import ValidationError
 from starlette.requests import Request
 
@@ -29,6 +29,7 @@ from app.jobs.contract import (
     SourceRequest,
     Txt2ImgRequest,
 )
+from app.jobs.masks import Cut
 from app.jobs.storage import result_key
 from app.routes import sources
 from app.routes.context import UNAUTHORIZED, Context, error
@@ -130,11 +131,11 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
 
     async def controls(
         http: Request, caller: Caller, payload: a1111.Txt2ImgPayload, size: tuple[int, int],
-        source: str | None = None,
+        source: str | None = None, cut: Cut | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, bytes], list[str]]:  # fmt: skip
         """The payload's ControlNet units as queued, their control images to store, and where
         each was among the extension's units. `source`: img2img's picture, a unit's that has
-        none of its own."""
+        none of its own; `cut`: the part of it a masked-area job draws."""
         served = list(ctx.settings.controlnets)
         found = native(lambda: a1111_controlnet.units(payload.alwayson_scripts, served,
                                                       source))[0]  # fmt: skip
@@ -153,7 +154,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                     message = a1111_controlnet.in_sent_names(message)
                 raise sources.invalid(".".join(map(str, path)), message) from None
         try:
-            work = partial(sources.control_pictures, bodies, size)
+            work = partial(sources.control_pictures, bodies, size, cut)
             units, pngs = await sources.decoded(ctx, submit, http, caller, None, work)
         except UploadError as e:
             raise sources.as_http_error(e) from None
@@ -184,21 +185,30 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 data["mask"] = from_base64("mask", payload.mask)
             pictures = await sources.decoded(ctx, submit, http, caller, None,
                                              partial(sources.read_pictures, data))  # fmt: skip
-            stored, pngs = await run_in_threadpool(sources.fit, pictures, payload.width,
-                                                   payload.height)  # fmt: skip
+            masking = payload.inpainting()
+            if "mask" in pictures and payload.inpainting_mask_invert:
+                pictures["mask"] = ImageOps.invert(pictures["mask"])
+            stored, pngs = await run_in_threadpool(
+                sources.fit, pictures, payload.width, payload.height,
+                masking["mask_crop"], masking["mask_blur"],
+            )  # fmt: skip
         except UploadError as e:
             raise renamed(sources.as_http_error(e)) from None
         except RequestValidationError as e:
             raise renamed(e) from None
         strength = payload.denoising_strength if payload.denoising_strength is not None else 0.75
         units, controls_pngs, wheres = await controls(
-            http, caller, payload, (stored["width"], stored["height"]), payload.init_images[0]
+            http,
+            caller,
+            payload,
+            (stored["width"], stored["height"]),
+            payload.init_images[0],
+            sources.cut_of(stored),
         )
         pngs |= controls_pngs
         known = {**fields, **stored, "strength": strength, "controlnets": units}
         if "mask" in stored:
-            blur = payload.mask_blur if payload.mask_blur is not None else payload.mask_blur_x
-            make: Any = lambda: InpaintRequest.model_validate({**known, "mask_blur": blur},  # noqa: E731
+            make: Any = lambda: InpaintRequest.model_validate({**known, **masking},  # noqa: E731
                                                               strict=False)  # fmt: skip
         else:
             make = lambda: Img2ImgRequest.model_validate(known, strict=False)  # noqa: E731

@@ -39,6 +39,8 @@ from app.jobs.contract import (
     Img2ImgRequest,
     InpaintRequest,
     MaskBlur,
+    MaskCrop,
+    MaskedContent,
     RefinerField,
     Side,
     SourceRequest,
@@ -51,6 +53,7 @@ from app.jobs.contract import (
     new_job_id,
     upscale_drawn,
 )
+from app.jobs.masks import Cut, mask_box
 from app.jobs.storage import INPUTS, input_key
 from app.routes.context import (
     IDEMPOTENCY_KEY,
@@ -116,6 +119,8 @@ class Img2ImgBody(SourceBody):
 class InpaintBody(SourceBody):
     strength: Strength = 1.0
     mask_blur: MaskBlur = 4
+    mask_crop: MaskCrop = None
+    masked_content: MaskedContent = "original"
     mask: str = Field(
         description="Same size as the image. White repaints, black keeps; a mask with "
         "transparency: transparent (alpha 0) repaints, as OpenAI's edits read it. Base64 or a "
@@ -241,10 +246,13 @@ def read_pictures(data: dict[str, bytes]) -> dict[str, Image.Image]:
     return pictures
 
 
-def fit(pictures: dict[str, Image.Image], width: int | None,
-        height: int | None) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
+def fit(pictures: dict[str, Image.Image], width: int | None, height: int | None,
+        crop: int | None = None, blur: int = 0,
+        ) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
     """The job's size (missing sides from the source, fitted) and the pictures at that size:
-    the request's size and stored-image fields, and the PNGs to store by name."""
+    the request's size and stored-image fields, and the PNGs to store by name. With `crop`
+    (inpainting of the masked area only, its margin; `blur`: the mask's) the pictures are
+    stored at their own size, and the box of them drawn at the job's size is `crop_box`."""
     for name, side in (("width", width), ("height", height)):
         if side and not SIDE_MIN <= side <= SIDE_MAX:  # before Pillow is asked for that size
             raise invalid(
@@ -260,6 +268,9 @@ def fit(pictures: dict[str, Image.Image], width: int | None,
     # Resized as diffusers' pipelines resize (Lanczos, the aspect not kept if width and height
     # say otherwise), once, here.
     fields: dict[str, Any] = {"width": size[0], "height": size[1]}
+    if crop is not None and "mask" in pictures:
+        fields["crop_box"] = mask_box(pictures["mask"], crop, blur, size)
+        size = source.size
     pngs = {}
     for name, picture in pictures.items():
         if picture.size != size:
@@ -293,15 +304,25 @@ def enlarge(pictures: dict[str, Image.Image], scale: int, method: str,
     return {"width": size[0], "height": size[1], "image": fields}, {"image": png}
 
 
+def cut_of(fields: dict[str, Any]) -> Cut | None:
+    """The cut a masked-area inpainting job draws (`fit`'s fields); None for a whole one."""
+    if fields.get("crop_box") is None:
+        return None
+    whole = (fields["image"].width, fields["image"].height)
+    return Cut(fields["crop_box"], whole, (fields["width"], fields["height"]))
+
+
 def control_pictures(
-    units: list[ControlNetBody], size: tuple[int, int]
+    units: list[ControlNetBody], size: tuple[int, int], cut: Cut | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """The units as queued (each picture fitted, preprocessed and described) and the control
-    images to store, `control{k}`."""
+    images to store, `control{k}`. With a `cut` (inpainting of the masked area only) each
+    picture is fitted to the whole source and cut as it is, so that it lines up with the
+    part drawn."""
     queued, pngs = [], {}
     for k, unit in enumerate(units):
         field = f"controlnets.{k}.image"
-        picture = control_picture(field, from_base64(field, unit.image), unit, size)
+        picture = control_picture(field, from_base64(field, unit.image), unit, size, cut)
         pngs[f"control{k}"], stored = _stored(picture)
         queued.append({**unit.model_dump(exclude={"image"}), "image": stored.model_dump()})
     return queued, pngs
@@ -407,13 +428,15 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                     enlarge, pictures, body.scale, body.method, ctx.settings.max_upscale_side
                 )
             else:
-                fields, pngs = await run_in_threadpool(fit, pictures, body.width, body.height)
+                crop = getattr(body, "mask_crop", None), getattr(body, "mask_blur", 0)
+                fields, pngs = await run_in_threadpool(fit, pictures, body.width, body.height,
+                                                       *crop)  # fmt: skip
             units = getattr(body, "controlnets", [])  # upscaling takes none
             if units:
                 size = (fields["width"], fields["height"])
                 async with ctx.decodes:
                     fields["controlnets"], controls = await run_in_threadpool(
-                        control_pictures, units, size
+                        control_pictures, units, size, cut_of(fields)
                     )
                 pngs |= controls
         except UploadError as e:

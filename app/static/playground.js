@@ -209,7 +209,11 @@ async function submission() {
   }
   form.append("strength", $("strength").value);
   form.append("image", picture, picture.name);
-  if (painted && !upscale) form.append("mask", await maskPng(), "mask.png");
+  if (painted && !upscale) {
+    form.append("mask", await maskPng(), "mask.png");
+    if ($("inpaint-area").value === "masked") form.append("mask_crop", $("mask-crop").value);
+    form.append("masked_content", $("masked-content").value);
+  }
   const route = upscale ? "/v1/upscale" : painted ? "/v1/inpaint" : "/v1/img2img";
   return fetch(route, { method: "POST", headers: headers(), body: form });
 }
