@@ -21,11 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.jobs.contract import COUNT_MAX, SEED_MAX, SIDE_MAX, SIDE_MIN, JobView, Txt2ImgRequest
 
 # A1111's sampler names (and the older names with the schedule in them) to sdserve's schedulers.
-# With `scheduler: "Karras"`, DPM++ 2M is its Karras variant; other samplers take only the
-# automatic schedule. worker/schedulers.py writes the same names into the PNGs' infotext.
+# With `scheduler: "Karras"`, DPM++ 2M (and its SDE form) is its Karras variant; other samplers
+# take only the automatic schedule. worker/schedulers.py writes the same names into the PNGs'
+# infotext.
 SAMPLERS = {
     "DPM++ 2M": "dpmpp_2m",
     "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Karras": "dpmpp_2m_sde_karras",
     "Euler a": "euler_a",
     "Euler": "euler",
     "DDIM": "ddim",
@@ -33,9 +36,14 @@ SAMPLERS = {
     "PLMS": "pndm",
     "UniPC": "unipc",
 }
+# A sampler named with A1111's Karras schedule: its Karras variant.
+KARRAS = {"DPM++ 2M": "DPM++ 2M Karras", "DPM++ 2M SDE": "DPM++ 2M SDE Karras"}
+KARRAS |= {variant: variant for variant in KARRAS.values()}
 ALIASES = {
     "k_dpmpp_2m": "DPM++ 2M",
     "k_dpmpp_2m_ka": "DPM++ 2M Karras",
+    "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde_ka": "DPM++ 2M SDE Karras",
     "k_euler_a": "Euler a",
     "k_euler": "Euler",
     "ddim": "DDIM",
@@ -225,9 +233,10 @@ class Txt2ImgPayload(BaseModel):
             raise A1111Error("scheduler", f"unknown schedule {self.scheduler!r}; see "
                              "/sdapi/v1/schedulers")  # fmt: skip
         if schedule == "karras":
-            if name not in ("DPM++ 2M", "DPM++ 2M Karras"):
-                raise A1111Error("scheduler", f"Karras is offered with DPM++ 2M, not {name}")
-            name = "DPM++ 2M Karras"
+            if name not in KARRAS:
+                raise A1111Error("scheduler", f"Karras is offered with {' and '.join(KARRAS)},"
+                                 f" not {name}")  # fmt: skip
+            name = KARRAS[name]
         return SAMPLERS[name]
 
     def job_fields(

@@ -64,6 +64,9 @@ def test_what_a_client_asks_about_the_server(service: str) -> None:  # noqa: F81
     assert httpx.post(f"{service}/sdapi/v1/refresh-vae", auth=("u", KEY)).status_code == 200
     karras = api.txt2img(prompt="x", sampler_name="DPM++ 2M", scheduler="Karras", seed=1, **SMALL)
     assert karras.info["sampler_name"] == "DPM++ 2M Karras"
+    sde = api.txt2img(prompt="x", sampler_name="DPM++ 2M SDE", scheduler="Karras", seed=1, **SMALL)
+    assert sde.info["sampler_name"] == "DPM++ 2M SDE Karras"
+    assert "Sampler: DPM++ 2M SDE Karras" in sde.info["infotexts"][0]
 
 
 def test_a_callers_settings_hold_for_its_later_jobs(service: str) -> None:  # noqa: F811

@@ -27,6 +27,8 @@ class Sampler:
 
 
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+# Its SDE form: the same multistep update, with fresh noise each step (A1111's "DPM++ 2M SDE").
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 
 SAMPLERS: dict[str, Sampler] = {
     "ddim": Sampler(DDIMScheduler, "DDIM"),
@@ -37,6 +39,15 @@ SAMPLERS: dict[str, Sampler] = {
         DPMSolverMultistepScheduler,
         "DPM++ 2M Karras",
         options={**_DPMPP_2M, "use_karras_sigmas": True},
+    ),
+    "dpmpp_2m_sde": Sampler(
+        DPMSolverMultistepScheduler, "DPM++ 2M SDE", ancestral=True, options=_DPMPP_2M_SDE
+    ),
+    "dpmpp_2m_sde_karras": Sampler(
+        DPMSolverMultistepScheduler,
+        "DPM++ 2M SDE Karras",
+        ancestral=True,
+        options={**_DPMPP_2M_SDE, "use_karras_sigmas": True},
     ),
     "lms": Sampler(LMSDiscreteScheduler, "LMS"),
     "pndm": Sampler(PNDMScheduler, "PLMS", options={"skip_prk_steps": True}),
