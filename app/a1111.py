@@ -35,6 +35,7 @@ SAMPLERS = {
     "LMS": "lms",
     "PLMS": "pndm",
     "UniPC": "unipc",
+    "LCM": "lcm",
 }
 # A sampler named with A1111's Karras schedule: its Karras variant.
 KARRAS = {"DPM++ 2M": "DPM++ 2M Karras", "DPM++ 2M SDE": "DPM++ 2M SDE Karras"}
@@ -50,6 +51,7 @@ ALIASES = {
     "k_lms": "LMS",
     "plms": "PLMS",
     "unipc": "UniPC",
+    "lcm": "LCM",
 }
 SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
 # The hires fix's upscalers: A1111's "Latent" enlarges the latents, "Lanczos" the decoded

@@ -51,7 +51,8 @@ def ours(engine: Engine, sampler: str, seeds: list[int], source: Source) -> list
     return run(engine, [lane])["job"]
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a", "ddim", "unipc", "pndm"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a", "ddim", "unipc", "pndm",
+                                     "dpmpp_2m_sde", "lcm"])  # fmt: skip
 def test_img2img_matches_the_diffusers_pipeline(
     engine: Engine, tiny_model: Path, sampler: str
 ) -> None:

@@ -10,6 +10,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -52,6 +53,9 @@ SAMPLERS: dict[str, Sampler] = {
     "lms": Sampler(LMSDiscreteScheduler, "LMS"),
     "pndm": Sampler(PNDMScheduler, "PLMS", options={"skip_prk_steps": True}),
     "unipc": Sampler(UniPCMultistepScheduler, "UniPC"),
+    # Latent consistency: a few steps (4-8) and guidance near 1, with an LCM LoRA or model;
+    # each step predicts the image and noises it again to the next, from each image's seed.
+    "lcm": Sampler(LCMScheduler, "LCM", ancestral=True),
 }
 
 

@@ -36,7 +36,7 @@ MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 SchedulerName = Literal[
     "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde",
-    "dpmpp_2m_sde_karras", "lms", "pndm", "unipc",
+    "dpmpp_2m_sde_karras", "lms", "pndm", "unipc", "lcm",
 ]  # fmt: skip
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 SEED_MAX = 2**32 - 1
