@@ -18,7 +18,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.jobs.contract import COUNT_MAX, SEED_MAX, SIDE_MAX, SIDE_MIN, JobView, Txt2ImgRequest
+from app.jobs.contract import (
+    COUNT_MAX,
+    SEED_MAX,
+    SIDE_MAX,
+    SIDE_MIN,
+    JobView,
+    SourceResize,
+    Txt2ImgRequest,
+)
 
 # A1111's sampler names (and the older names with the schedule in them) to sdserve's schedulers.
 # With `scheduler: "Karras"`, DPM++ 2M (and its SDE form) is its Karras variant; other samplers
@@ -37,6 +45,8 @@ SAMPLERS = {
     "UniPC": "unipc",
     "LCM": "lcm",
 }
+# A1111's img2img resize modes: just resize, crop and resize, resize and fill.
+RESIZE_MODES: dict[int, SourceResize] = {0: "resize", 1: "crop", 2: "fill"}
 # A sampler named with A1111's Karras schedule: its Karras variant.
 KARRAS = {"DPM++ 2M": "DPM++ 2M Karras", "DPM++ 2M SDE": "DPM++ 2M SDE Karras"}
 KARRAS |= {variant: variant for variant in KARRAS.values()}
@@ -327,6 +337,10 @@ class Img2ImgPayload(Txt2ImgPayload):
     include_init_images: bool = False
     denoising_strength: float | None = 0.75
 
+    def resizing(self) -> SourceResize:
+        """The native `resize_mode` of A1111's."""
+        return RESIZE_MODES[self.resize_mode]
+
     def inpainting(self) -> dict[str, Any]:
         """The native inpainting fields this payload's mask settings make."""
         return {"mask_blur": self.mask_blur if self.mask_blur is not None else self.mask_blur_x,
@@ -337,7 +351,7 @@ class Img2ImgPayload(Txt2ImgPayload):
         return super().refusals() | {
             "init_images": len(self.init_images) != 1,
             "enable_hr": self.enable_hr,  # A1111's img2img has no hires fix either
-            "resize_mode": self.resize_mode != 0,
+            "resize_mode": self.resize_mode not in RESIZE_MODES,
             # Under the mask the source is filled (0) or noised as it is (1); A1111's latent
             # noise and latent nothing change nothing only when everything is redrawn.
             "inpainting_fill": self.mask is not None and self.inpainting_fill not in (0, 1)
@@ -362,7 +376,8 @@ WHY = {
     " latent noise and latent nothing only where it is redrawn whole (denoising_strength 1)",
     "inpainting_mask_invert": "0 repaints where the mask is white, 1 where it is black",
     "enable_hr": "img2img has no hires fix (A1111's has none either)",
-    "resize_mode": "the picture is stretched to the size asked (A1111's 'just resize', 0)",
+    "resize_mode": "0 (just resize), 1 (crop and resize) or 2 (resize and fill); A1111's latent"
+    " upscale (3) is not offered",
     "init_images": "one picture a request",
     "mask_blur_y": "the mask's edge is blurred alike across and down (mask_blur, or mask_blur_x"
     " equal to mask_blur_y)",

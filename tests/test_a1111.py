@@ -176,6 +176,15 @@ def test_img2img_and_inpainting(service: str) -> None:  # noqa: F811
                            alwayson_scripts={}, **SMALL)  # fmt: skip
     kept = np.asarray(inverted.images[0])[24:36, 84:96]  # inside the mask: kept, inverted
     assert (kept == (200, 30, 30)).all()
+    # Crop and resize (1): the wide picture's middle, scaled to cover 64x64; latent upscale (3)
+    # is not offered.
+    cropped_middle = api.img2img(images=[wide], prompt="a bird", seed=3, resize_mode=1,
+                                 denoising_strength=0.5, alwayson_scripts={}, **SMALL)  # fmt: skip
+    assert cropped_middle.images[0].size == (64, 64)
+    with pytest.raises(RuntimeError) as latent:
+        api.img2img(images=[wide], prompt="x", resize_mode=3, alwayson_scripts={}, **SMALL)
+    assert latent.value.args[0] == 422 and "latent upscale (3) is not offered" in (
+        latent.value.args[1])  # fmt: skip
     with pytest.raises(RuntimeError) as noise:  # latent noise, below strength 1
         api.img2img(images=[source], mask_image=mask, prompt="x", inpainting_fill=2,
                     alwayson_scripts={}, **SMALL)  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import random
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageFilter
 
+from app.framing import framed
 from app.jobs.contract import InpaintRequest, Txt2ImgRequest
 from app.jobs.storage import input_key, open_storage
 from tests.conftest import JobStore, wait_for
@@ -116,6 +119,43 @@ def test_the_size_comes_from_the_source_fitted(api: httpx.Client, store: JobStor
     assert size_of(Image.new("RGB", (203, 150))) == (200, 144)  # rounded down to 8
     assert size_of(Image.new("RGB", (2000, 1000))) == (1448, 720)  # within 1024 x 1024 pixels
     assert size_of(Image.new("RGB", (90, 90)), width=128, height=64) == (128, 64)
+
+
+def test_crop_and_fill_fit_a_picture_as_diffusers_and_a1111_do() -> None:
+    """`resize_mode` crop and fill equal diffusers' image processor's (A1111's resize modes 1
+    and 2), for pictures and masks of every shape against the frame."""
+    processor = VaeImageProcessor()
+    draw = random.Random(5)
+    for k in range(60):
+        size = (draw.randrange(20, 300), draw.randrange(20, 300))
+        frame = (draw.randrange(8, 40) * 8, draw.randrange(8, 40) * 8)
+        pixels = np.random.default_rng(k).integers(0, 255, (size[1], size[0], 3), np.uint8)
+        for sent in (Image.fromarray(pixels), Image.fromarray(pixels[..., 0], "L")):
+            for how in ("crop", "fill"):
+                theirs = processor.resize(sent, frame[1], frame[0], resize_mode=how)
+                mine = framed(sent, frame, how)
+                assert mine.size == frame and mine.mode == sent.mode
+                assert np.array_equal(np.asarray(mine), np.asarray(theirs.convert(mine.mode)))
+
+
+def test_the_resize_mode_fits_the_stored_pictures(api: httpx.Client) -> None:
+    wide = picture().resize((128, 64))
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (56, 16, 72, 48))
+    for how in ("crop", "fill"):
+        body = {**FIELDS, "image": b64(wide), "mask": b64(mask), "width": 64, "height": 64,
+                "resize_mode": how}  # fmt: skip
+        answer = api.post("/v1/inpaint", json=body)
+        assert answer.status_code == 202, answer.text
+        job = api.get(answer.json()["url"]).json()
+        assert job["request"]["resize_mode"] == how
+        for name, sent in (("image", wide), ("mask", mask)):
+            stored = Image.open(
+                io.BytesIO(api.get(f"{answer.json()['url']}/inputs/{name}.png").content)
+            )
+            assert np.array_equal(np.asarray(stored), np.asarray(framed(sent, (64, 64), how)))
+    bad = api.post("/v1/img2img", json={**FIELDS, "image": b64(wide), "resize_mode": "pad"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "resize_mode"
 
 
 def test_upscaling_pixel_and_latent_in_tiles_beside_text_jobs(

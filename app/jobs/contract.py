@@ -588,11 +588,24 @@ MaskBlur = Annotated[
 ]
 
 
+SourceResize = Literal["resize", "crop", "fill"]
+ResizeMode = Annotated[
+    SourceResize,
+    Field(
+        description="How the picture (and mask) is fitted to `width` x `height` where their"
+        " shapes differ (A1111's resize modes 0, 1, 2): resize: stretched; crop: scaled to"
+        " cover, centred, the overflow cut off; fill: scaled to fit, centred, the bands filled"
+        " with its edge rows or columns drawn out.",
+    ),
+]
+
+
 class Img2ImgRequest(GenerationRequest):
     """Image to image: the source noised to `strength`, then denoised toward the prompt."""
 
     kind: Literal["img2img"] = "img2img"
     strength: Strength = 0.75
+    resize_mode: ResizeMode = "resize"
     image: StoredImage
     refiner: RefinerField = None
 
@@ -628,6 +641,7 @@ class InpaintRequest(GenerationRequest):
     mask_blur: MaskBlur = 4
     mask_crop: MaskCrop = None
     masked_content: MaskedContent = "original"
+    resize_mode: ResizeMode = "resize"
     image: StoredImage
     mask: StoredImage
     crop_box: tuple[int, int, int, int] | None = Field(

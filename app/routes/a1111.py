@@ -190,7 +190,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
                 pictures["mask"] = ImageOps.invert(pictures["mask"])
             stored, pngs = await run_in_threadpool(
                 sources.fit, pictures, payload.width, payload.height,
-                masking["mask_crop"], masking["mask_blur"],
+                masking["mask_crop"], masking["mask_blur"], payload.resizing(),
             )  # fmt: skip
         except UploadError as e:
             raise renamed(sources.as_http_error(e)) from None
@@ -206,7 +206,8 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             sources.cut_of(stored),
         )
         pngs |= controls_pngs
-        known = {**fields, **stored, "strength": strength, "controlnets": units}
+        known = {**fields, **stored, "strength": strength, "controlnets": units,
+                 "resize_mode": payload.resizing()}  # fmt: skip
         if "mask" in stored:
             make: Any = lambda: InpaintRequest.model_validate({**known, **masking},  # noqa: E731
                                                               strict=False)  # fmt: skip

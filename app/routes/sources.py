@@ -29,6 +29,7 @@ from starlette.requests import Request
 
 from app.auth import Caller
 from app.controls import ControlNetBody, control_picture
+from app.framing import framed
 from app.jobs.contract import (
     CONTROLNETS_MAX,
     PIXELS_MAX,
@@ -42,8 +43,10 @@ from app.jobs.contract import (
     MaskCrop,
     MaskedContent,
     RefinerField,
+    ResizeMode,
     Side,
     SourceRequest,
+    SourceResize,
     Status,
     StoredImage,
     Strength,
@@ -93,6 +96,7 @@ class SourceBody(GenerationRequest):
     width: Side | None = Field(default=None, description="Pixels; the source's width if absent.")  # type: ignore[assignment]
     height: Side | None = Field(default=None, description="Pixels; the source's height if absent.")  # type: ignore[assignment]
     image: str = IMAGE_FIELD
+    resize_mode: ResizeMode = "resize"
     controlnets: list[ControlNetBody] = CONTROLNETS_FIELD  # type: ignore[assignment]
 
     # A multipart form's field is text: there, the LoRAs and ControlNets are its JSON list's.
@@ -247,12 +251,13 @@ def read_pictures(data: dict[str, bytes]) -> dict[str, Image.Image]:
 
 
 def fit(pictures: dict[str, Image.Image], width: int | None, height: int | None,
-        crop: int | None = None, blur: int = 0,
+        crop: int | None = None, blur: int = 0, how: SourceResize = "resize",
         ) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
-    """The job's size (missing sides from the source, fitted) and the pictures at that size:
-    the request's size and stored-image fields, and the PNGs to store by name. With `crop`
-    (inpainting of the masked area only, its margin; `blur`: the mask's) the pictures are
-    stored at their own size, and the box of them drawn at the job's size is `crop_box`."""
+    """The job's size (missing sides from the source, fitted) and the pictures at that size,
+    fitted `how` (`framed`): the request's size and stored-image fields, and the PNGs to store
+    by name. With `crop` (inpainting of the masked area only, its margin; `blur`: the mask's)
+    the pictures are stored at their own size, and the box of them drawn at the job's size is
+    `crop_box`."""
     for name, side in (("width", width), ("height", height)):
         if side and not SIDE_MIN <= side <= SIDE_MAX:  # before Pillow is asked for that size
             raise invalid(
@@ -265,17 +270,15 @@ def fit(pictures: dict[str, Image.Image], width: int | None, height: int | None,
     if min(size) < SIDE_MIN:
         raise invalid("image", f"is {source.width}x{source.height}: under {SIDE_MIN} pixels a "
                        "side once fitted; give width and height")  # fmt: skip
-    # Resized as diffusers' pipelines resize (Lanczos, the aspect not kept if width and height
-    # say otherwise), once, here.
+    # Resized as diffusers' pipelines resize (Lanczos; stretched unless `how` keeps the aspect),
+    # once, here.
     fields: dict[str, Any] = {"width": size[0], "height": size[1]}
     if crop is not None and "mask" in pictures:
         fields["crop_box"] = mask_box(pictures["mask"], crop, blur, size)
         size = source.size
     pngs = {}
     for name, picture in pictures.items():
-        if picture.size != size:
-            picture = picture.resize(size, Image.Resampling.LANCZOS)
-        pngs[name], fields[name] = _stored(picture)
+        pngs[name], fields[name] = _stored(framed(picture, size, how))
     return fields, pngs
 
 
@@ -430,7 +433,7 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
             else:
                 crop = getattr(body, "mask_crop", None), getattr(body, "mask_blur", 0)
                 fields, pngs = await run_in_threadpool(fit, pictures, body.width, body.height,
-                                                       *crop)  # fmt: skip
+                                                       *crop, body.resize_mode)  # fmt: skip
             units = getattr(body, "controlnets", [])  # upscaling takes none
             if units:
                 size = (fields["width"], fields["height"])
