@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--mask", type=Path, help="with --image: repaint where this is white")
     gen.add_argument("--strength", type=float, help="with --image: how much is redrawn, 0-1")
     gen.add_argument("--mask-blur", type=int, help="with --mask: pixels of blur on its edge")
+    gen.add_argument("--resize-mode", choices=["resize", "crop", "fill"],
+                     help="with --image and --width/--height of another shape: stretch it, crop"
+                     " it to cover, or fit it and fill the bands")  # fmt: skip
     gen.add_argument("--mask-crop", type=int, metavar="PADDING",
                      help="with --mask: draw the masked area only, this many pixels around it,"
                      " at the job's size (A1111's 'only masked')")  # fmt: skip
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
 
         fields = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
                   "scheduler", "seed", "n", "timeout_s", "strength", "mask_blur", "mask_crop",
-                  "masked_content",
+                  "masked_content", "resize_mode",
                   "prompt_syntax", "model", "scale", "method", "noise_level", "loras",
                   "controlnets", "refiner", "clip_skip", "vae"]  # fmt: skip
         request = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
@@ -216,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                     if getattr(args, name) is not None}  # fmt: skip
         if pictures and "image" not in pictures:
             parser.error("--mask needs --image")
-        if not pictures and {"strength", "mask_blur", "scale"} & request.keys():
-            parser.error("--strength, --mask-blur and --upscale need --image")
+        if not pictures and {"strength", "mask_blur", "scale", "resize_mode"} & request.keys():
+            parser.error("--strength, --mask-blur, --resize-mode and --upscale need --image")
         if "mask" not in pictures and {"mask_crop", "masked_content"} & request.keys():
             parser.error("--mask-crop and --masked-content need --mask")
         if pictures and "hires" in request:

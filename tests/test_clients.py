@@ -424,6 +424,12 @@ def test_the_cli_saves_images_and_says_what_went_wrong(service: str, tmp_path: P
     assert pixels.shape == (64, 96, 3) and (pixels[:, 48:] == (20, 30, 200)).all()
     assert "Mask blur: 0" in png(made.read_bytes()).info["parameters"]
     # The masked area only, drawn at 64x64 and laid back: the picture comes back at its size.
+    fitted = run_cli("a sun", "-o", "fit", "--image", "src.png", "--resize-mode", "fill",
+                     "--width", "64", "--height", "64", "--steps", "2", "--url", service,
+                     "--key", KEY, cwd=tmp_path)  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    [made] = (tmp_path / "fit").glob("*.png")
+    assert png(made.read_bytes()).size == (64, 64)
     cropped = run_cli("a sun", "-o", "crop", "--image", "src.png", "--mask", "mask.png",
                       "--mask-crop", "8", "--masked-content", "fill", "--width", "64",
                       "--height", "64", "--steps", "3", "--url", service, "--key", KEY,
