@@ -706,6 +706,7 @@ def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Pa
         page.select_option("#inpaint-area", "masked")
         page.fill("#mask-crop", "8")
         page.select_option("#masked-content", "fill")
+        page.select_option("#resize-mode", "crop")
         page.fill("#width", "64")
         page.fill("#height", "64")
         with page.expect_response("**/v1/inpaint") as answered:
@@ -717,6 +718,7 @@ def test_the_playground_inpaints_a_picture_painted_on(service: str, tmp_path: Pa
     assert pixels[2][:3] == [30, 160, 90]  # far from the paint: the picture, exactly
     sent = job["request"]
     assert (sent["mask_crop"], sent["masked_content"], sent["width"]) == (8, "fill", 64)
+    assert sent["resize_mode"] == "crop"
     left, top, right, bottom = sent["crop_box"]
     assert sent["image"]["width"] == 96 and 0 <= left < right <= 96 and 0 <= top < bottom <= 64
     result = httpx.get(service + job["images"][0], timeout=10,

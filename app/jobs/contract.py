@@ -628,7 +628,7 @@ MaskedContent = Annotated[
     Field(
         description="What is under the mask before it is noised: original: the picture as it"
         " is; fill: colours spread in from around the mask (A1111's 'fill'), so that the old"
-        " content does not steer the new. The same at strength 1 (all noise).",
+        " content does not steer the new (it matters below strength 1).",
     ),
 ]
 

@@ -208,6 +208,7 @@ async function submission() {
     form.append(field, typeof value === "object" ? JSON.stringify(value) : String(value));
   }
   form.append("strength", $("strength").value);
+  if (!upscale) form.append("resize_mode", $("resize-mode").value);
   form.append("image", picture, picture.name);
   if (painted && !upscale) {
     form.append("mask", await maskPng(), "mask.png");
