@@ -24,8 +24,11 @@ from app.jobs.contract import (
     InpaintRequest,
     Lora,
     MaskBlur,
+    MaskCrop,
+    MaskedContent,
     NegativePrompt,
     Prompt,
+    ResizeMode,
     SchedulerName,
     Seed,
     SourceRequest,
@@ -148,6 +151,9 @@ class EditsRequest(ImagesRequest):
         default=None, description="1.0 with a mask, 0.75 without, when absent."
     )
     mask_blur: MaskBlur = 4
+    mask_crop: MaskCrop = None
+    masked_content: MaskedContent = "original"
+    resize_mode: ResizeMode = "resize"
 
     @field_validator("size")
     @classmethod
@@ -171,11 +177,12 @@ class EditsRequest(ImagesRequest):
 
     def job(self, fields: dict[str, Any]) -> SourceRequest:  # type: ignore[override]
         """The job, given the stored pictures' fields (size, image, and mask if any)."""
-        known = self.model_dump(exclude=NOT_THE_JOB | {"strength", "mask_blur"})
+        masking = {"mask_blur", "mask_crop", "masked_content"}
+        known = self.model_dump(exclude=NOT_THE_JOB | masking | {"strength"})
         known |= fields
         if "mask" in fields:
             return InpaintRequest.model_validate(
-                {**known, "strength": self.strength or 1.0, "mask_blur": self.mask_blur},
+                {**known, **self.model_dump(include=masking), "strength": self.strength or 1.0},
                 strict=False,
             )
         return Img2ImgRequest.model_validate(

@@ -168,6 +168,14 @@ def test_the_openai_package_edits_pictures(service: str, tmp_path: Path) -> None
         ).any()
     info = png(base64.b64decode(result.data[0].b64_json or "")).info["parameters"]
     assert "Seed: 5," in info and "Denoising strength: 1.0" in info and "Mask blur: 0" in info
+    with (tmp_path / "source.png").open("rb") as image, (tmp_path / "mask.png").open("rb") as m:
+        cropped = client.images.edit(image=image, mask=m, prompt="a blue bird", size="64x64",
+                                     response_format="b64_json",
+                                     extra_body={"seed": 5, "steps": 3, "mask_crop": 8,
+                                                 "masked_content": "fill"})  # fmt: skip
+    made = png(base64.b64decode(cropped.data[0].b64_json or ""))  # type: ignore[index]
+    assert made.size == (96, 64)  # the masked area drawn at 64x64, laid back into the source
+    assert "Inpaint area: Only masked, Masked area padding: 8" in made.info["parameters"]
     holed = Image.new("RGBA", (64, 64), (10, 200, 10, 255))
     holed.paste((0, 0, 0, 0), (0, 0, 32, 64))  # no mask: its own transparency is the mask
     holed.save(tmp_path / "holed.png")

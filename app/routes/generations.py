@@ -129,7 +129,10 @@ def router(ctx: Context, submit: Submitter) -> APIRouter:
 
             pictures = await sources.decoded(ctx, submit, http, caller, idempotency_key, read)
             width, height = request.sides()
-            stored, pngs = await run_in_threadpool(sources.fit, pictures, width, height)
+            stored, pngs = await run_in_threadpool(
+                sources.fit, pictures, width, height, request.mask_crop, request.mask_blur,
+                request.resize_mode,
+            )  # fmt: skip
         except UploadError as e:
             raise sources.as_http_error(e) from None
         job = sources.as_request(lambda: request.job(stored))
